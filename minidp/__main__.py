@@ -1,0 +1,5 @@
+import sys
+
+from minidp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,179 @@
+r"""The se_e2_a energy model: descriptor -> per-type fitting net -> atomic energies,
+and the forces and virials that follow from them by hand-written backprop.
+
+The energy of a frame is a sum of atomic energies, each a function of the
+atom's descriptor only:
+
+.. math::
+
+    E = \sum_i E_i, \qquad E_i = \mathcal F_{t_i}(D_i) + b_{t_i},
+
+with one fitting net :math:`\mathcal F_t` per atom type and a constant
+per-type bias ``b`` (deepmd-kit's ``bias_atom_e`` plus the atomic model's
+``out_bias``). Everything the energy depends on enters through the pair
+displacements :math:`\mathbf r_{ij} = \mathbf r_j - \mathbf r_i`, so one
+backward pass gives :math:`\mathbf g_{ij} = \partial E / \partial \mathbf r_{ij}`
+and from it
+
+.. math::
+
+    \mathbf F_k = -\frac{\partial E}{\partial \mathbf r_k}
+        = \sum_{j} \mathbf g_{kj} - \sum_{i:\, j(i)=k} \mathbf g_{ij},
+    \qquad
+    W_{ab} = -\frac{\partial E}{\partial \varepsilon_{ab}} = -\sum_{ij} g_{ij,a}\, r_{ij,b},
+
+where :math:`\varepsilon` is a homogeneous strain of the cell and all
+coordinates (:math:`\mathbf r \to (1+\varepsilon)\mathbf r` scales every
+:math:`\mathbf r_{ij}` the same way). The atomic virial gives each pair's term
+to the neighbour j, as deepmd-kit does.
+
+Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from minidp.nn import Net, net_backward, net_forward
+from minidp.se_e2_a import SeA, descriptor, descriptor_backward
+
+
+@dataclass
+class EnergyModel:
+    """Parameters of an se_e2_a + ener model."""
+
+    type_map: list[str]  # element name of each atom type
+    descriptor: SeA  # the se_e2_a descriptor
+    fitting: list[Net]  # fitting[t]: net from D (ng * m2) to the atomic energy of a type-t atom
+    bias: np.ndarray  # (ntypes,) constant atomic energy per type (bias_atom_e + out_bias)
+
+    @property
+    def ntypes(self) -> int:
+        return len(self.type_map)
+
+    def n_params(self) -> int:
+        nets = {id(n): n for row in self.descriptor.nets for n in row}
+        return sum(n.n_params() for n in nets.values()) + sum(n.n_params() for n in self.fitting)
+
+
+# ---------------------------------------------------------------------------
+# Atomic energies from descriptors
+# ---------------------------------------------------------------------------
+
+
+class FitCache(NamedTuple):
+    """One atom type's block of the fitting step."""
+
+    atoms: np.ndarray  # (na,) atoms of this type
+    net: Net  # its fitting net
+    net_caches: list  # the net's layer caches
+
+
+def atomic_energy(
+    D: np.ndarray, atom_types: np.ndarray, model: EnergyModel
+) -> tuple[np.ndarray, list[FitCache]]:
+    """E_i = F_{t_i}(D_i) + b_{t_i}; returns E_atom (nf, nloc) and the caches."""
+    nf, nloc, dim = D.shape
+    # (nf, nloc)
+    E_atom = np.zeros((nf, nloc), dtype=D.dtype)
+    caches = []
+    for t in range(model.ntypes):
+        atoms = np.flatnonzero(atom_types == t)
+        if atoms.size == 0:
+            continue
+        # (nb, 1) with nb = nf * na: every atom of type t is one row
+        y, net_caches = net_forward(model.fitting[t], D[:, atoms].reshape(-1, dim))
+        E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
+        caches.append(FitCache(atoms, model.fitting[t], net_caches))
+    return E_atom, caches
+
+
+def atomic_energy_backward(dE_atom: np.ndarray, caches: list[FitCache], dim: int) -> np.ndarray:
+    """dL/dD (nf, nloc, ng * m2) from dL/dE_atom (nf, nloc): each type's net backward."""
+    nf, nloc = dE_atom.shape
+    # (nf, nloc, ng * m2)
+    dD = np.zeros((nf, nloc, dim), dtype=dE_atom.dtype)
+    for atoms, net, net_caches in caches:
+        # (nb, dim)
+        dx, _ = net_backward(net, net_caches, dE_atom[:, atoms].reshape(-1, 1), param_grads=False)
+        dD[:, atoms] = dx.reshape(nf, atoms.size, dim)
+    return dD
+
+
+# ---------------------------------------------------------------------------
+# Forces and virials from the pair gradients g_ij = dE/d r_ij
+# ---------------------------------------------------------------------------
+
+
+def pair_forces(g: np.ndarray, nlist: np.ndarray) -> np.ndarray:
+    r"""F_k = sum_j g_kj - sum_{(i,j): j = k} g_ij  (math in the module docstring).
+
+    g: (nf, nloc, nnei, 3) dE/d r_ij, zero on padded slots; returns F (nf, nloc, 3).
+    """
+    nf, nloc, nnei, _ = g.shape
+    # (nf, nloc, 3)  the centre atom's share: r_ij = r_j - r_i moves against r_i
+    F = g.sum(axis=2)
+    # Scatter -g_ij onto the neighbours j. Padded slots (j = -1) carry g = 0, so
+    # sending them to atom 0 adds nothing; offsets separate the frames.
+    # (nf * nloc * nnei,)
+    j = (np.maximum(nlist, 0) + nloc * np.arange(nf)[:, None, None]).reshape(-1)
+    for a in range(3):
+        F[..., a] -= np.bincount(j, weights=g[..., a].reshape(-1), minlength=nf * nloc).reshape(nf, nloc)
+    return F
+
+
+def pair_virials(g: np.ndarray, rij: np.ndarray, nlist: np.ndarray) -> np.ndarray:
+    r"""Atomic virials W_k = -sum_{(i,j): j = k} g_ij (x) r_ij, flattened to 9 (a*3 + b).
+
+    Returns (nf, nloc, 9); the frame virial is their sum over atoms.
+    """
+    nf, nloc, nnei, _ = g.shape
+    # (nf, nloc, nnei, 3, 3)  each pair's virial -g_a r_b
+    w = -g[..., :, None] * rij[..., None, :]
+    # (nf * nloc * nnei,)  the atom each pair's term goes to (its neighbour j)
+    j = (np.maximum(nlist, 0) + nloc * np.arange(nf)[:, None, None]).reshape(-1)
+    # (nf * nloc * nnei, 9)
+    w = w.reshape(-1, 9)
+    # (nf, nloc, 9)
+    return np.stack(
+        [np.bincount(j, weights=w[:, k], minlength=nf * nloc) for k in range(9)], axis=-1
+    ).reshape(nf, nloc, 9)
+
+
+# ---------------------------------------------------------------------------
+# The whole model: energy, forces, virials
+# ---------------------------------------------------------------------------
+
+
+class Prediction(NamedTuple):
+    """Outputs for a batch of frames (deepmd-kit's shapes, less the trailing 1 on energies)."""
+
+    energy: np.ndarray  # (nf,) total energy
+    force: np.ndarray  # (nf, nloc, 3)
+    virial: np.ndarray  # (nf, 9)
+    atom_energy: np.ndarray  # (nf, nloc)
+    atom_virial: np.ndarray  # (nf, nloc, 9)
+
+
+def energy_forces(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel
+) -> Prediction:
+    """Forward to E, then backward with dL/dE_i = 1 to g_ij, then forces and virials."""
+    se = model.descriptor
+    D, dcache = descriptor(rij, nlist, atom_types, se)
+    E_atom, fcaches = atomic_energy(D, atom_types, model)
+    # dE/dE_i = 1 for every atom: the energy is their plain sum
+    dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
+    # (nf, nloc, nnei, 3)
+    g = descriptor_backward(dD, dcache, se)
+    atom_virial = pair_virials(g, rij, nlist)
+    return Prediction(
+        energy=E_atom.sum(axis=1),
+        force=pair_forces(g, nlist),
+        virial=atom_virial.sum(axis=1),
+        atom_energy=E_atom,
+        atom_virial=atom_virial,
+    )

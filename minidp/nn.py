@@ -1,0 +1,355 @@
+"""Multi-layer perceptrons with hand-written backpropagation.
+
+Everything a Deep Potential learns lives in small dense networks: the
+*embedding nets* that turn a neighbour's scaled inverse distance into ``ng``
+features, and the *fitting nets* that turn an atom's descriptor into its
+energy. This module builds them from one dense layer, whose backward sits
+right below its forward.
+
+A layer computes
+
+.. math::
+
+    z = x W + b, \\qquad a = \\phi(z), \\qquad
+    y = \\begin{cases}
+        a \\odot \\mathrm{idt} + x            & n_{out} = n_{in}   \\text{ (resnet)}\\\\
+        a \\odot \\mathrm{idt} + [x, x]       & n_{out} = 2 n_{in} \\text{ (resnet)}\\\\
+        a \\odot \\mathrm{idt}                & \\text{otherwise}
+    \\end{cases}
+
+where ``idt`` (deepmd-kit's "timestep", present only with ``resnet_dt``) is a
+learnable per-feature scale, and is 1 when absent.
+
+Shape symbols (shared by the whole package):
+
+- ``nb``: rows pushed through a net at once (batch; for an embedding net,
+  every (atom, neighbour) pair)
+- ``n_in``, ``n_out``: a layer's input and output widths
+- ``nf, nloc, nall, nnei, ng, m2``: see :mod:`minidp.se_e2_a`.
+
+Conventions: a forward returns ``(output, cache)``; the cache holds exactly
+what the backward needs, so nothing is recomputed and nothing is stored on
+the parameter objects. A backward takes the cache and ``dL/d(output)`` and
+returns ``dL/d(input)`` and the parameter gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Activations: each is phi(z) and phi'(z), the derivative written from z and
+# the already computed a = phi(z) so the backward recomputes nothing costly.
+# ---------------------------------------------------------------------------
+
+_GELU_C = np.sqrt(2.0 / np.pi)  # deepmd-kit's gelu is the tanh approximation
+
+
+def _gelu(z):
+    """gelu(z) = z/2 (1 + tanh(c (z + 0.044715 z^3))), c = sqrt(2/pi)."""
+    return 0.5 * z * (1.0 + np.tanh(_GELU_C * (z + 0.044715 * z**3)))
+
+
+def _gelu_grad(z, a):
+    """d gelu/dz = (1+t)/2 + z/2 (1-t^2) c (1 + 3*0.044715 z^2), t = tanh(...)."""
+    t = np.tanh(_GELU_C * (z + 0.044715 * z**3))
+    return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * z * z)
+
+
+def _softplus(z):
+    """softplus(z) = log(1 + e^z), written so large |z| neither overflows nor loses digits."""
+    return np.logaddexp(0.0, z)
+
+
+def _sigmoid(z):
+    """sigmoid(z) = 1 / (1 + e^-z), through tanh so that large |z| cannot overflow."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+class Activation(NamedTuple):
+    """An activation function phi and its derivative phi'(z) given (z, a=phi(z))."""
+
+    f: Callable[[np.ndarray], np.ndarray]
+    grad: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    # tanh' = 1 - tanh^2: from a alone
+    "tanh": Activation(np.tanh, lambda z, a: 1.0 - a * a),
+    # relu' is 0 at z = 0 (the sub-gradient PyTorch also picks)
+    "relu": Activation(lambda z: np.maximum(z, 0.0), lambda z, a: (z > 0).astype(z.dtype)),
+    "relu6": Activation(lambda z: np.clip(z, 0.0, 6.0), lambda z, a: ((z > 0) & (z < 6)).astype(z.dtype)),
+    "gelu": Activation(_gelu, _gelu_grad),
+    "softplus": Activation(_softplus, lambda z, a: _sigmoid(z)),
+    "sigmoid": Activation(_sigmoid, lambda z, a: a * (1.0 - a)),
+    "linear": Activation(lambda z: z, lambda z, a: np.ones_like(z)),
+}
+# deepmd-kit spells some activations more than one way
+ACTIVATIONS["none"] = ACTIVATIONS["linear"]
+ACTIVATIONS["gelu_tf"] = ACTIVATIONS["gelu"]
+
+
+def get_activation(name: str) -> Activation:
+    """Look up an activation by deepmd-kit's name (case-insensitive)."""
+    if not isinstance(name, str):
+        raise TypeError(f"activation must be a string, got {type(name).__name__}")
+    key = name.lower()
+    if key not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[key]
+
+
+# ---------------------------------------------------------------------------
+# The dense layer
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    """Parameters and configuration of one dense layer (math in the module docstring)."""
+
+    W: np.ndarray  # (n_in, n_out) weights
+    b: np.ndarray  # (n_out,) bias
+    idt: np.ndarray | None = None  # (n_out,) resnet timestep, or None
+    activation: str = "tanh"  # name in ACTIVATIONS
+    resnet: bool = False  # add the input back when n_out is n_in or 2 n_in
+
+    @property
+    def n_in(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def n_out(self) -> int:
+        return self.W.shape[1]
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The trainable arrays by name (idt only when present)."""
+        p = {"W": self.W, "b": self.b}
+        if self.idt is not None:
+            p["idt"] = self.idt
+        return p
+
+
+class LayerCache(NamedTuple):
+    """What layer_backward needs from layer_forward."""
+
+    x: np.ndarray  # (nb, n_in) input
+    z: np.ndarray  # (nb, n_out) pre-activation xW + b
+    a: np.ndarray  # (nb, n_out) phi(z)
+
+
+def residual_kind(n_in: int, n_out: int, resnet: bool) -> str:
+    """'same' (y += x), 'double' (y += [x, x]) or 'none', deepmd-kit's rule."""
+    if resnet and n_out == n_in:
+        return "same"
+    if resnet and n_out == 2 * n_in:
+        return "double"
+    return "none"
+
+
+def layer_forward(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, LayerCache]:
+    """y = phi(xW + b) * idt (+ x or [x, x] with resnet); returns (y, cache)."""
+    # (nb, n_out)
+    z = x @ layer.W + layer.b
+    # (nb, n_out)
+    a = get_activation(layer.activation).f(z)
+    # (nb, n_out)
+    y = a * layer.idt if layer.idt is not None else a
+    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
+    if kind == "same":
+        y = y + x
+    elif kind == "double":
+        y = y + np.concatenate([x, x], axis=-1)
+    return y, LayerCache(x, z, a)
+
+
+def layer_backward(
+    layer: Layer, cache: LayerCache, dy: np.ndarray, param_grads: bool = True
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Backward of layer_forward.
+
+    With g = dL/dy:  dL/d idt = sum_rows(g * a);  dL/dz = g * idt * phi'(z);
+    dL/dW = x^T dL/dz;  dL/db = sum_rows(dL/dz);  dL/dx = dL/dz W^T + (g, or
+    g[:, :n] + g[:, n:] for the doubling residual).
+    """
+    x, z, a = cache
+    grads: dict[str, np.ndarray] = {}
+    if layer.idt is not None:
+        if param_grads:
+            # (n_out,)
+            grads["idt"] = np.sum(dy * a, axis=0)
+        dy_a = dy * layer.idt
+    else:
+        dy_a = dy
+    # (nb, n_out)
+    dz = dy_a * get_activation(layer.activation).grad(z, a)
+    if param_grads:
+        # (n_in, n_out)
+        grads["W"] = x.T @ dz
+        # (n_out,)
+        grads["b"] = np.sum(dz, axis=0)
+    # (nb, n_in)
+    dx = dz @ layer.W.T
+    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
+    if kind == "same":
+        dx = dx + dy
+    elif kind == "double":
+        dx = dx + dy[:, : layer.n_in] + dy[:, layer.n_in :]
+    return dx, grads
+
+
+# ---------------------------------------------------------------------------
+# Networks: a list of layers
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Net:
+    """A stack of dense layers, applied in order."""
+
+    layers: list[Layer] = field(default_factory=list)
+
+    @property
+    def n_in(self) -> int:
+        return self.layers[0].n_in
+
+    @property
+    def n_out(self) -> int:
+        return self.layers[-1].n_out
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.layers[0].W.dtype
+
+    def params(self) -> list[dict[str, np.ndarray]]:
+        """Trainable arrays, one dict per layer (the layout of net_backward's grads)."""
+        return [layer.params() for layer in self.layers]
+
+    def n_params(self) -> int:
+        return sum(p.size for d in self.params() for p in d.values())
+
+    def astype(self, dtype) -> "Net":
+        """A copy with every parameter cast to dtype (float64 or float32)."""
+        return Net(
+            [
+                replace(
+                    layer,
+                    W=layer.W.astype(dtype),
+                    b=layer.b.astype(dtype),
+                    idt=None if layer.idt is None else layer.idt.astype(dtype),
+                )
+                for layer in self.layers
+            ]
+        )
+
+
+def net_forward(net: Net, x: np.ndarray) -> tuple[np.ndarray, list[LayerCache]]:
+    """y = layer_L(... layer_1(x)); returns (y, one cache per layer)."""
+    caches = []
+    for layer in net.layers:
+        x, cache = layer_forward(layer, x)
+        caches.append(cache)
+    return x, caches
+
+
+def net_backward(
+    net: Net, caches: list[LayerCache], dy: np.ndarray, param_grads: bool = True
+) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """Backward of net_forward: the chain rule through the layers in reverse.
+
+    Returns dL/dx and a list (in layer order) of per-layer parameter gradients;
+    with ``param_grads=False`` only dL/dx is computed (the lists are empty dicts),
+    which is all that forces need.
+    """
+    grads: list[dict[str, np.ndarray]] = [{} for _ in net.layers]
+    for i in reversed(range(len(net.layers))):
+        dy, grads[i] = layer_backward(net.layers[i], caches[i], dy, param_grads)
+    return dy, grads
+
+
+# ---------------------------------------------------------------------------
+# Builders for the three shapes of net used in this package
+# ---------------------------------------------------------------------------
+
+
+def _init_layer(rng, n_in, n_out, dtype, activation, resnet, resnet_dt, init) -> Layer:
+    """One freshly initialized layer.
+
+    ``init="deepmd"``: W ~ N(0, 1/(n_in+n_out)), b ~ N(0, 1), idt ~ N(0.1, 0.001^2)
+    (deepmd-kit's choice); ``init="torch"``: W, b ~ U(-k, k), k = 1/sqrt(n_in)
+    (PyTorch's nn.Linear default, used by the tutorial).
+    """
+    if init == "deepmd":
+        W = rng.normal(0.0, 1.0 / np.sqrt(n_in + n_out), size=(n_in, n_out))
+        b = rng.normal(0.0, 1.0, size=n_out)
+    elif init == "torch":
+        k = 1.0 / np.sqrt(n_in)
+        W = rng.uniform(-k, k, size=(n_in, n_out))
+        b = rng.uniform(-k, k, size=n_out)
+    else:
+        raise ValueError(f"init must be 'deepmd' or 'torch', got {init!r}")
+    idt = rng.normal(0.1, 0.001, size=n_out).astype(dtype) if resnet_dt else None
+    return Layer(W.astype(dtype), b.astype(dtype), idt, activation, resnet)
+
+
+def _check_sizes(name: str, sizes) -> list[int]:
+    sizes = list(sizes)
+    if not sizes or any((not isinstance(n, (int, np.integer))) or n < 1 for n in sizes):
+        raise ValueError(f"{name} must be a non-empty list of positive integers, got {sizes!r}")
+    return [int(n) for n in sizes]
+
+
+def embedding_net(
+    neuron, n_in: int = 1, activation: str = "tanh", resnet_dt: bool = False,
+    dtype=np.float64, seed: int | None = None,
+) -> Net:
+    """deepmd-kit's embedding net: every layer activated, resnet where widths allow.
+
+    Widths n_in -> neuron[0] -> ... -> neuron[-1]; layer k adds its input when
+    neuron[k] == neuron[k-1] and [x, x] when neuron[k] == 2 neuron[k-1].
+    """
+    neuron = _check_sizes("neuron", neuron)
+    get_activation(activation)
+    rng = np.random.default_rng(seed)
+    widths = [n_in] + neuron
+    return Net([
+        _init_layer(rng, widths[k], widths[k + 1], dtype, activation, True, resnet_dt, "deepmd")
+        for k in range(len(neuron))
+    ])
+
+
+def fitting_net(
+    n_in: int, neuron, n_out: int = 1, activation: str = "tanh", resnet_dt: bool = True,
+    dtype=np.float64, seed: int | None = None,
+) -> Net:
+    """deepmd-kit's fitting net: an embedding net of ``neuron`` then a linear layer to n_out."""
+    hidden = embedding_net(neuron, n_in, activation, resnet_dt, dtype, seed)
+    rng = np.random.default_rng(None if seed is None else seed + 1)
+    out = _init_layer(rng, hidden.n_out, n_out, dtype, "linear", False, False, "deepmd")
+    return Net(hidden.layers + [out])
+
+
+def mlp(
+    width: int, depth: int, activation: str = "relu", n_in: int = 1, n_out: int = 1,
+    dtype=np.float64, seed: int | None = None,
+) -> Net:
+    """The tutorial's ``FittingNet(width, depth, activation)``: a plain MLP.
+
+    ``depth`` hidden layers of ``width`` units (no residual connections), then a
+    linear output layer; PyTorch's default initialization.
+    """
+    for name, v in (("width", width), ("depth", depth)):
+        if not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    get_activation(activation)
+    rng = np.random.default_rng(seed)
+    widths = [n_in] + [width] * depth
+    layers = [
+        _init_layer(rng, widths[k], widths[k + 1], dtype, activation, False, False, "torch")
+        for k in range(depth)
+    ]
+    layers.append(_init_layer(rng, width, n_out, dtype, "linear", False, False, "torch"))
+    return Net(layers)

@@ -1,0 +1,335 @@
+r"""The se_e2_a descriptor (DeepPot-SE, Zhang et al., NeurIPS 2018), forward and backward.
+
+The descriptor of atom i is built in four steps, each a pair of functions
+(forward, then its backward right below):
+
+1. **Neighbour list** (:mod:`minidp.neighbor`): for every atom i the
+   displacement :math:`\mathbf r_{ij} = \mathbf r_j - \mathbf r_i` to each
+   neighbour j within ``rcut``, type by type, nearest first, padded to ``sel``.
+2. **Environment matrix** :func:`env_matrix`: one row per neighbour,
+
+   .. math::
+
+       \tilde R_{ij} = s(r_{ij})\,\Big(\frac{1}{r_{ij}},
+           \frac{x_{ij}}{r_{ij}^2}, \frac{y_{ij}}{r_{ij}^2}, \frac{z_{ij}}{r_{ij}^2}\Big),
+       \qquad R_{ij} = (\tilde R_{ij} - \mathrm{davg}) / \mathrm{dstd},
+
+   with the smooth switch :math:`s(r)` (:func:`smooth_switch`) taking the
+   row to zero at ``rcut``.
+3. **Embedding** :func:`embed`: an embedding net per neighbour type maps the
+   first column :math:`s_{ij} = R_{ij,0}` to ``ng`` features
+   :math:`G_{ij} = \mathcal G(s_{ij})`, and contracts them with the rows,
+
+   .. math::
+
+       T_i = \frac{1}{n_{nei}} \sum_j G_{ij}^{\top} R_{ij} \quad (ng \times 4).
+
+4. **Contraction** :func:`contract`: the symmetric, rotation-invariant
+   descriptor :math:`D_i = T_i\, T_i^{<\top}` where :math:`T^{<}` is the first
+   ``m2`` rows of :math:`T` (``axis_neuron``); ``D_i`` has ``ng * m2`` numbers
+   (1600 for the water model).
+
+Shape symbols, shared by the whole package:
+
+- ``nf``: frames evaluated together
+- ``nloc``: atoms of a frame (the "local" atoms whose energies we compute)
+- ``nall``: local atoms plus periodic images; minidp never materialises image
+  atoms (each pair carries its own displacement ``rij``), so it only appears
+  where deepmd-kit's layout is discussed
+- ``nnei``: neighbour slots per atom, ``sum(sel)``
+- ``ng``: width of the embedding nets' last layer (M1 in the paper)
+- ``m2``: ``axis_neuron`` (M2 in the paper)
+- ``nb``: rows pushed through a net at once
+- ``ntypes``: number of atom types
+
+Padded neighbour slots (``nlist == -1``) have ``rij = 0``. Their raw row is
+zero, but after normalization it is ``-davg/dstd``, which is *not* zero, and
+deepmd-kit feeds it through the embedding net like any other row; minidp does
+the same so that the two agree to round-off. Their gradient to ``rij`` is zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from minidp.nn import Net, net_backward, net_forward
+
+
+@dataclass(frozen=True)
+class SeAConfig:
+    """Hyper-parameters of an se_e2_a descriptor (deepmd-kit's names)."""
+
+    rcut: float  # cutoff radius (Angstrom): neighbours farther away are ignored
+    rcut_smth: float  # the switch s(r) starts to fall from 1/r here
+    sel: tuple[int, ...]  # neighbour slots kept per neighbour type
+    neuron: tuple[int, ...]  # embedding-net widths; ng = neuron[-1]
+    axis_neuron: int  # m2: rows of T kept as the "axis" block of D
+    type_one_side: bool  # True: one net per neighbour type; False: per (centre, neighbour) pair
+    activation: str = "tanh"  # activation of the embedding nets
+    resnet_dt: bool = False  # embedding nets carry a resnet timestep
+
+    @property
+    def ntypes(self) -> int:
+        return len(self.sel)
+
+    @property
+    def nnei(self) -> int:
+        return int(sum(self.sel))
+
+    @property
+    def sec(self) -> np.ndarray:
+        """Slot boundaries per neighbour type: type t owns slots sec[t]:sec[t+1]."""
+        return np.concatenate([[0], np.cumsum(self.sel)]).astype(int)
+
+    @property
+    def ng(self) -> int:
+        return int(self.neuron[-1])
+
+    @property
+    def dim_out(self) -> int:
+        """Length of D per atom: ng * m2."""
+        return self.ng * self.axis_neuron
+
+
+@dataclass
+class SeA:
+    """Parameters of an se_e2_a descriptor."""
+
+    config: SeAConfig
+    davg: np.ndarray  # (ntypes, nnei, 4) mean of the environment-matrix rows, per centre type
+    dstd: np.ndarray  # (ntypes, nnei, 4) their standard deviation
+    nets: list[list[Net]]  # nets[ti][tj]: embedding net for centre type ti, neighbour type tj
+    # (with type_one_side, nets[ti][tj] is the same Net for every ti)
+
+    def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """Atoms that share embedding nets: (indices, centre type) per group.
+
+        With ``type_one_side`` every atom uses the same nets, so all atoms form
+        one group (and are pushed through each net in one batch); otherwise
+        there is one group per centre type.
+        """
+        if self.config.type_one_side:
+            return [(np.arange(len(atom_types)), 0)]
+        return [(np.flatnonzero(atom_types == ti), ti) for ti in range(self.config.ntypes)]
+
+
+# ---------------------------------------------------------------------------
+# Step 2: the smooth switch and the environment matrix
+# ---------------------------------------------------------------------------
+
+
+def smooth_switch(r: np.ndarray, rcut_smth: float, rcut: float) -> tuple[np.ndarray, np.ndarray]:
+    r"""The switch s(r) and its derivative ds/dr.
+
+    .. math::
+
+        u = \frac{r - r_s}{r_c - r_s},\qquad
+        s = \begin{cases} 1 & r < r_s \\ u^3(-6u^2 + 15u - 10) + 1 & r_s \le r < r_c \\
+            0 & r \ge r_c \end{cases},\qquad
+        \frac{ds}{dr} = \frac{-30 u^2 (u - 1)^2}{r_c - r_s}
+
+    s, ds/dr and d^2s/dr^2 are continuous at both ends, so energies and forces
+    stay smooth as neighbours enter and leave the cutoff sphere.
+    """
+    u = np.clip((r - rcut_smth) / (rcut - rcut_smth), 0.0, 1.0)
+    sw = u**3 * (-6.0 * u**2 + 15.0 * u - 10.0) + 1.0
+    dsw = -30.0 * u**2 * (u - 1.0) ** 2 / (rcut - rcut_smth)
+    return sw, dsw
+
+
+class EnvCache(NamedTuple):
+    """What env_matrix_backward needs."""
+
+    rij: np.ndarray  # (nf, nloc, nnei, 3) displacements, zero where padded
+    inv_r: np.ndarray  # (nf, nloc, nnei) 1/r, zero where padded
+    sw: np.ndarray  # (nf, nloc, nnei) switch s(r), zero where padded
+    dsw: np.ndarray  # (nf, nloc, nnei) ds/dr, zero where padded
+    inv_dstd: np.ndarray  # (nf or 1, nloc, nnei, 4) 1/dstd of each row's centre type
+
+
+def env_matrix(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, davg: np.ndarray,
+    dstd: np.ndarray, rcut_smth: float, rcut: float,
+) -> tuple[np.ndarray, EnvCache]:
+    r"""The normalized environment matrix R (math in the module docstring).
+
+    R_ij = (s(r) (1/r, x/r^2, y/r^2, z/r^2) - davg[t_i, j]) / dstd[t_i, j]
+    """
+    mask = nlist >= 0
+    # (nf, nloc, nnei)  |r_ij|; padded slots get r = 1 so 1/r stays finite
+    # (their rows are masked to zero below; 1/0 would poison the gradient)
+    r = np.where(mask, np.linalg.norm(rij, axis=-1), 1.0)
+    # (nf, nloc, nnei)
+    inv_r = np.where(mask, 1.0 / r, 0.0)
+    sw, dsw = smooth_switch(r, rcut_smth, rcut)
+    sw, dsw = sw * mask, dsw * mask
+    # (nf, nloc, nnei, 4)  the raw rows s (1/r, rij/r^2)
+    R_raw = np.concatenate([(sw * inv_r)[..., None], (sw * inv_r**2)[..., None] * rij], axis=-1)
+    # (nloc, nnei, 4)  per-atom statistics, chosen by the centre atom's type
+    inv_dstd = 1.0 / dstd[atom_types]
+    # (nf, nloc, nnei, 4)
+    R = (R_raw - davg[atom_types]) * inv_dstd
+    return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None])
+
+
+def env_matrix_backward(dR: np.ndarray, cache: EnvCache) -> np.ndarray:
+    r"""dL/d r_ij from dL/dR.
+
+    With u = 1/r, R~_0 = s u and R~_a = s u^2 x_a (a = x, y, z):
+
+    .. math::
+
+        \frac{\partial \tilde R_0}{\partial x_b} = x_b u^2 (s' - s u),\qquad
+        \frac{\partial \tilde R_a}{\partial x_b} = x_a x_b u^3 (s' - 2 s u) + s u^2 \delta_{ab},
+
+    so dL/dx_b = g_0 x_b u^2 (s' - s u) + (g . x) x_b u^3 (s' - 2 s u) + g_b s u^2,
+    where g = dL/dR~ = dL/dR / dstd.  Padded slots have s = s' = u = 0: no gradient.
+    """
+    rij, u, sw, dsw, inv_dstd = cache
+    # (nf, nloc, nnei, 4)  through the normalization
+    g = dR * inv_dstd
+    # (nf, nloc, nnei)  g . x over the three vector components
+    g_dot_x = np.sum(g[..., 1:] * rij, axis=-1)
+    # (nf, nloc, nnei)  the coefficient of x_b in dL/dx_b
+    coef = g[..., 0] * u**2 * (dsw - sw * u) + g_dot_x * u**3 * (dsw - 2.0 * sw * u)
+    # (nf, nloc, nnei, 3)
+    return coef[..., None] * rij + (sw * u**2)[..., None] * g[..., 1:]
+
+
+# ---------------------------------------------------------------------------
+# Step 3: the embedding nets and the sum over neighbours
+# ---------------------------------------------------------------------------
+
+
+class EmbedPiece(NamedTuple):
+    """One (centre group, neighbour type) block of the embedding step."""
+
+    atoms: np.ndarray  # (na,) centre atoms of the group
+    slots: slice  # the neighbour slots of this neighbour type
+    net: Net  # the embedding net used
+    G: np.ndarray  # (nf, na, n_t, ng) embedding features of each neighbour
+    net_caches: list  # the net's layer caches
+
+
+def embed(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, list[EmbedPiece]]:
+    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, with s_ij = R_ij,0 (one net per neighbour type).
+
+    Returns T (nf, nloc, ng, 4) and the pieces the backward needs.
+    """
+    nf, nloc, nnei, _ = R.shape
+    cfg = se.config
+    # (nf, nloc, ng, 4)
+    T = np.zeros((nf, nloc, cfg.ng, 4), dtype=R.dtype)
+    pieces = []
+    for atoms, ti in se.center_groups(atom_types):
+        for tj in range(cfg.ntypes):
+            slots = slice(cfg.sec[tj], cfg.sec[tj + 1])
+            # (nf, na, n_t, 4)  the rows of this block
+            Rb = R[:, atoms, slots]
+            net = se.nets[ti][tj]
+            # (nb, ng) with nb = nf * na * n_t: every neighbour is one row through the net
+            G, net_caches = net_forward(net, Rb[..., :1].reshape(-1, 1))
+            # (nf, na, n_t, ng)
+            G = G.reshape(Rb.shape[:3] + (cfg.ng,))
+            # (nf, na, ng, 4)  G^T R summed over the block's neighbours
+            T[:, atoms] += np.swapaxes(G, -1, -2) @ Rb / nnei
+            pieces.append(EmbedPiece(atoms, slots, net, G, net_caches))
+    return T, pieces
+
+
+def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece]) -> np.ndarray:
+    r"""dL/dR from dL/dT.
+
+    T depends on R_ij twice, directly and through s_ij = R_ij,0 inside G:
+
+    .. math::
+
+        \frac{\partial L}{\partial R_{ij}} = \frac{1}{n_{nei}} G_{ij}\,\frac{\partial L}{\partial T_i}
+        + \Big(\frac{\partial L}{\partial s_{ij}}, 0, 0, 0\Big),\qquad
+        \frac{\partial L}{\partial G_{ij}} = \frac{1}{n_{nei}} \frac{\partial L}{\partial T_i} R_{ij}^{\top}
+    """
+    nnei = R.shape[2]
+    # (nf, nloc, nnei, 4)
+    dR = np.zeros_like(R)
+    for atoms, slots, net, G, net_caches in pieces:
+        # (nf, na, n_t, 4)
+        Rb = R[:, atoms, slots]
+        # (nf, na, ng, 4)
+        dTb = dT[:, atoms] / nnei
+        # (nf, na, n_t, 4)  the direct path
+        dRb = G @ dTb
+        # (nf, na, n_t, ng)  the path through the embedding net
+        dG = Rb @ np.swapaxes(dTb, -1, -2)
+        # (nb, 1)
+        ds, _ = net_backward(net, net_caches, dG.reshape(-1, G.shape[-1]), param_grads=False)
+        dRb[..., 0] += ds.reshape(dRb.shape[:3])
+        dR[:, atoms, slots] += dRb
+    return dR
+
+
+# ---------------------------------------------------------------------------
+# Step 4: the contraction D = T T<^T
+# ---------------------------------------------------------------------------
+
+
+def contract(T: np.ndarray, m2: int) -> np.ndarray:
+    r"""D_i = T_i (T_i^<)^T, flattened: D[..., a*m2 + b] = sum_c T[a, c] T[b, c], b < m2.
+
+    Returns D (nf, nloc, ng * m2). The cache the backward needs is T itself.
+    """
+    nf, nloc, ng, _ = T.shape
+    # (nf, nloc, ng, m2)
+    D = T @ np.swapaxes(T[:, :, :m2], -1, -2)
+    return D.reshape(nf, nloc, ng * m2)
+
+
+def contract_backward(dD: np.ndarray, T: np.ndarray, m2: int) -> np.ndarray:
+    r"""dL/dT from dL/dD: T appears in D twice, as itself and as its first m2 rows.
+
+    .. math::
+
+        \frac{\partial L}{\partial T_{ac}} = \sum_{b<m_2} \frac{\partial L}{\partial D_{ab}} T_{bc}
+        + [a < m_2] \sum_{b} \frac{\partial L}{\partial D_{ba}} T_{bc}
+    """
+    nf, nloc, ng, _ = T.shape
+    # (nf, nloc, ng, m2)
+    dD = dD.reshape(nf, nloc, ng, m2)
+    # (nf, nloc, ng, 4)
+    dT = dD @ T[:, :, :m2]
+    dT[:, :, :m2] += np.swapaxes(dD, -1, -2) @ T
+    return dT
+
+
+# ---------------------------------------------------------------------------
+# The whole descriptor
+# ---------------------------------------------------------------------------
+
+
+class DescriptorCache(NamedTuple):
+    """What descriptor_backward needs."""
+
+    env: EnvCache
+    R: np.ndarray  # (nf, nloc, nnei, 4) normalized environment matrix
+    pieces: list  # EmbedPiece per (centre group, neighbour type)
+    T: np.ndarray  # (nf, nloc, ng, 4)
+
+
+def descriptor(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA
+) -> tuple[np.ndarray, DescriptorCache]:
+    """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract."""
+    cfg = se.config
+    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut)
+    T, pieces = embed(R, atom_types, se)
+    D = contract(T, cfg.axis_neuron)
+    return D, DescriptorCache(env, R, pieces, T)
+
+
+def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA) -> np.ndarray:
+    """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
+    dT = contract_backward(dD, cache.T, se.config.axis_neuron)
+    dR = embed_backward(dT, cache.R, cache.pieces)
+    return env_matrix_backward(dR, cache.env)

@@ -1,0 +1,225 @@
+"""Reading deepmd-kit models into minidp's :class:`~minidp.model.EnergyModel`.
+
+deepmd-kit 3 describes every model in one backend-neutral nested dict
+(``dp convert-backend`` writes it): ``model.descriptor``, ``model.fitting``,
+per-layer ``@variables`` holding the weights ``w`` (n_in, n_out), ``b`` and
+the resnet timestep ``idt``. On disk it comes in three spellings:
+
+- ``.dp`` (HDF5): the dict as JSON in the file's ``json`` attribute, each
+  array replaced by the name of an HDF5 dataset;
+- ``.yaml`` / ``.yml`` and ``.json``: the dict itself, each array written as
+  ``{"@class": "np.ndarray", "dtype": ..., "value": nested lists}``.
+
+``.pb`` (TensorFlow) and ``.pth`` (PyTorch) models are turned into the same
+dict by deepmd-kit's own converters, so those need deepmd-kit installed; the
+three files above need nothing but h5py and PyYAML.
+
+Only the se_e2_a (``se_a``) descriptor with an ``ener`` fitting is supported;
+anything else is refused with an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from minidp.model import EnergyModel
+from minidp.nn import Layer, Net, get_activation
+from minidp.se_e2_a import SeA, SeAConfig
+
+NATIVE_SUFFIXES = (".dp", ".yaml", ".yml", ".json")
+CONVERTED_SUFFIXES = (".pb", ".pth")
+
+
+# ---------------------------------------------------------------------------
+# Files -> model dict
+# ---------------------------------------------------------------------------
+
+
+def _decode_arrays(obj):
+    """Replace every {"@class": "np.ndarray", ...} node by the array it describes."""
+    if isinstance(obj, dict):
+        if obj.get("@class") == "np.ndarray":
+            return np.asarray(obj["value"], dtype=np.dtype(obj["dtype"]))
+        return {k: _decode_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode_arrays(v) for v in obj]
+    return obj
+
+
+def _read_hdf5(path: Path) -> dict:
+    """A .dp file: JSON in the 'json' attribute, arrays as datasets named inside '@variables'."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "json" not in f.attrs:
+            raise ValueError(f"{path}: HDF5 file has no 'json' attribute; not a deepmd-kit .dp model")
+        tree = json.loads(f.attrs["json"])
+
+        def fetch(node, in_variables=False):
+            if isinstance(node, dict):
+                return {k: fetch(v, in_variables or k == "@variables") for k, v in node.items()}
+            if isinstance(node, list):
+                return [fetch(v, in_variables) for v in node]
+            if in_variables and isinstance(node, str):
+                return f[node][()]
+            return node
+
+        return fetch(tree)
+
+
+def _read_converted(path: Path) -> dict:
+    """A .pb or .pth file, serialized to the neutral dict by deepmd-kit itself."""
+    try:
+        from deepmd.backend.backend import Backend
+    except ImportError as err:
+        raise ImportError(
+            f"reading {path.suffix} models needs deepmd-kit (pip install 'minidp[ref]'), "
+            f"which is not installed ({err}); convert the model with "
+            f"`dp convert-backend {path.name} {path.stem}.dp` and load the .dp file instead"
+        ) from None
+    backend = Backend.detect_backend_by_model(str(path))
+    return backend().serialize_hook(str(path))
+
+
+def read_model_dict(path) -> dict:
+    """The deepmd-kit model dict stored in ``path`` (.dp, .yaml, .yml, .json, .pb, .pth)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in NATIVE_SUFFIXES + CONVERTED_SUFFIXES:
+        raise ValueError(
+            f"unknown model file type {path.suffix!r} for {path}; "
+            f"expected one of {NATIVE_SUFFIXES + CONVERTED_SUFFIXES}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"model file {path} is empty")
+    try:
+        if suffix == ".dp":
+            data = _read_hdf5(path)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = _decode_arrays(yaml.safe_load(path.read_text()))
+        elif suffix == ".json":
+            data = _decode_arrays(json.loads(path.read_text()))
+        else:
+            data = _read_converted(path)
+    except (ValueError, ImportError, FileNotFoundError):
+        raise
+    except Exception as err:  # h5py, yaml, json and TensorFlow each raise their own kinds
+        raise ValueError(f"cannot read model file {path}: {type(err).__name__}: {err}") from None
+    if not isinstance(data, dict) or "model" not in data:
+        raise ValueError(f"{path} holds no deepmd-kit model (no 'model' key at the top level)")
+    return data
+
+
+# ---------------------------------------------------------------------------
+# Model dict -> EnergyModel
+# ---------------------------------------------------------------------------
+
+
+def _refuse(what: str, value, path: str) -> None:
+    raise ValueError(f"unsupported model: {what} = {value!r} (at {path}); minidp supports "
+                     "se_e2_a descriptors with an 'ener' fitting and no extras")
+
+
+def _require(d: dict, key: str, allowed, path: str) -> None:
+    """Refuse the model unless d[key] (if present) is one of the allowed values."""
+    value = d.get(key)
+    ok = value in allowed if not isinstance(value, np.ndarray) else value.size == 0
+    if not ok:
+        _refuse(key, value, path)
+
+
+def _net_from_dict(d: dict) -> Net:
+    """One EmbeddingNetwork / FittingNetwork dict -> Net."""
+    layers = []
+    for ld in d["layers"]:
+        v = ld["@variables"]
+        activation = ld.get("activation_function", "tanh")
+        get_activation(activation)  # fails early, naming an unknown activation
+        b = v.get("b")
+        W = np.asarray(v["w"])
+        layers.append(Layer(
+            W=W,
+            b=np.zeros(W.shape[1], W.dtype) if b is None else np.asarray(b).reshape(-1),
+            idt=None if v.get("idt") is None else np.asarray(v["idt"]).reshape(-1),
+            activation=activation,
+            resnet=bool(ld.get("resnet", False)),
+        ))
+    return Net(layers)
+
+
+def _descriptor_from_dict(d: dict, ntypes: int) -> SeA:
+    where = "model.descriptor"
+    if d.get("type") not in ("se_e2_a", "se_a"):
+        _refuse("descriptor type", d.get("type"), where)
+    for key, allowed in (("exclude_types", ([],)), ("spin", (None,)),
+                         ("env_protection", (0.0, 0)), ("compress", (None, False))):
+        _require(d, key, allowed, where)
+    if d.get("env_mat", {}).get("use_exp_switch", False):
+        _refuse("env_mat.use_exp_switch", True, where)
+    cfg = SeAConfig(
+        rcut=float(d["rcut"]), rcut_smth=float(d["rcut_smth"]),
+        sel=tuple(int(s) for s in d["sel"]), neuron=tuple(int(n) for n in d["neuron"]),
+        axis_neuron=int(d["axis_neuron"]), type_one_side=bool(d.get("type_one_side", True)),
+        activation=d.get("activation_function", "tanh"), resnet_dt=bool(d.get("resnet_dt", False)),
+    )
+    if cfg.ntypes != ntypes:
+        raise ValueError(f"{where}: sel has {cfg.ntypes} types but the type map has {ntypes}")
+    nets = [_net_from_dict(n) for n in d["embeddings"]["networks"]]
+    # deepmd-kit numbers the nets of a (centre ti, neighbour tj) pair ti + tj * ntypes
+    if cfg.type_one_side:
+        table = [[nets[tj] for tj in range(ntypes)] for _ in range(ntypes)]
+    else:
+        table = [[nets[ti + tj * ntypes] for tj in range(ntypes)] for ti in range(ntypes)]
+    v = d["@variables"]
+    davg, dstd = np.asarray(v["davg"]), np.asarray(v["dstd"])
+    if davg.shape != (ntypes, cfg.nnei, 4):
+        raise ValueError(f"{where}: davg has shape {davg.shape}, expected {(ntypes, cfg.nnei, 4)}")
+    return SeA(cfg, davg, dstd, table)
+
+
+def _fitting_from_dict(d: dict, ntypes: int) -> tuple[list[Net], np.ndarray]:
+    where = "model.fitting"
+    if d.get("type") != "ener":
+        _refuse("fitting type", d.get("type"), where)
+    for key, allowed in (("numb_fparam", (0, None)), ("numb_aparam", (0, None)),
+                         ("dim_case_embd", (0, None)), ("mixed_types", (False, None)),
+                         ("atom_ener", ([], None)), ("exclude_types", ([], None)),
+                         ("spin", (None,)), ("dim_out", (1, None)), ("layer_name", (None,))):
+        _require(d, key, allowed, where)
+    nets = [_net_from_dict(n) for n in d["nets"]["networks"]]
+    if len(nets) != ntypes:
+        raise ValueError(f"{where}: {len(nets)} fitting nets for {ntypes} types")
+    bias = np.asarray(d["@variables"]["bias_atom_e"]).reshape(ntypes)
+    return nets, bias
+
+
+def model_from_dict(data: dict) -> EnergyModel:
+    """Build an EnergyModel from deepmd-kit's serialized model dict (with or without the file wrapper)."""
+    m = data.get("model", data)
+    if m.get("type", "standard") != "standard":
+        _refuse("model type", m.get("type"), "model")
+    for key in ("atom_exclude_types", "pair_exclude_types"):
+        _require(m, key, ([], None), "model")
+    if "type_embedding" in m or m["descriptor"].get("type_embedding") is not None:
+        _refuse("type_embedding", "present", "model")
+    type_map = list(m["type_map"])
+    ntypes = len(type_map)
+    se = _descriptor_from_dict(m["descriptor"], ntypes)
+    fitting, bias = _fitting_from_dict(m["fitting"], ntypes)
+    out_bias = m.get("@variables", {}).get("out_bias")
+    if out_bias is not None:
+        # the atomic model's output bias, (n_outputs, ntypes, 1): the energy's is row 0
+        bias = bias + np.asarray(out_bias)[0].reshape(ntypes)
+    return EnergyModel(type_map, se, fitting, bias)
+
+
+def load_model(path) -> EnergyModel:
+    """Read a deepmd-kit se_e2_a energy model from a file (see the module docstring)."""
+    return model_from_dict(read_model_dict(path))
