@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import numpy as np
+
 
 def _add_tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="re-run the experiments of the tutorial minidp grew from")
@@ -20,9 +22,68 @@ def _add_tutorial(sub) -> None:
     tutorial.add_subcommands(tsub)
 
 
+def _cmd_eval(args) -> int:
+    """Evaluate a system and write it, labelled with the model's energy, force and virial."""
+    import dpdata
+
+    from minidp.data import atomic_path, model_types, read_system
+    from minidp.infer import DeepPot
+
+    dp = DeepPot(args.model, batch_size=args.batch_size)
+    system = read_system(args.system, args.format)
+    types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
+    cells = None if system.nopbc else system["cells"]
+    e, f, v = dp.eval(system["coords"], cells, types)
+    data = {
+        "atom_names": list(system["atom_names"]), "atom_numbs": list(system["atom_numbs"]),
+        "atom_types": np.asarray(system["atom_types"]), "orig": np.zeros(3),
+        "cells": system["cells"], "coords": system["coords"], "nopbc": system.nopbc,
+        "energies": e[:, 0], "forces": f, "virials": v.reshape(-1, 3, 3),
+    }
+    labelled = dpdata.LabeledSystem(data=data)
+    with atomic_path(args.output) as tmp:
+        labelled.to("deepmd/npy", str(tmp), set_size=args.set_size)
+    print(f"{len(e)} frames of {types.size} atoms -> {args.output} (energy, force, virial)")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    """Print what a model is: types, cutoff, neighbour selection, network sizes."""
+    from minidp.serialization import load_model
+
+    m = load_model(args.model)
+    cfg = m.descriptor.config
+    fit = m.fitting[0]
+    print(f"model        {args.model}")
+    print(f"type_map     {m.type_map}")
+    print(f"descriptor   se_e2_a  rcut {cfg.rcut}  rcut_smth {cfg.rcut_smth}  sel {list(cfg.sel)}")
+    print(f"embedding    neuron {list(cfg.neuron)}  axis_neuron {cfg.axis_neuron}  "
+          f"type_one_side {cfg.type_one_side}  -> descriptor of {cfg.dim_out}")
+    print(f"fitting      neuron {[layer.n_out for layer in fit.layers[:-1]]}  ({m.ntypes} nets)")
+    print(f"parameters   {m.n_params():,}")
+    print(f"precision    {fit.dtype}")
+    return 0
+
+
+def _add_model_commands(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a system and write it labelled (deepmd/npy)")
+    p.add_argument("-m", "--model", required=True, help="model file (.dp, .yaml, .json; .pb/.pth with deepmd-kit)")
+    p.add_argument("-s", "--system", required=True, help="system to evaluate (any format dpdata reads)")
+    p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
+    p.add_argument("-o", "--output", required=True, help="output deepmd/npy folder")
+    p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk (default: from free memory)")
+    p.add_argument("--set-size", type=int, default=5000, help="frames per set.* folder")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("info", help="describe a model")
+    p.add_argument("model", help="model file")
+    p.set_defaults(func=_cmd_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_model_commands(sub)
     _add_tutorial(sub)
     return parser
 

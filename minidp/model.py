@@ -37,8 +37,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.nn import Net, net_backward, net_forward
-from minidp.se_e2_a import SeA, descriptor, descriptor_backward
+from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward
+from minidp.se_e2_a import SeA, SeAConfig, descriptor, descriptor_backward
 
 
 @dataclass
@@ -57,6 +57,33 @@ class EnergyModel:
     def n_params(self) -> int:
         nets = {id(n): n for row in self.descriptor.nets for n in row}
         return sum(n.n_params() for n in nets.values()) + sum(n.n_params() for n in self.fitting)
+
+
+def new_model(
+    type_map: list[str], config: SeAConfig, fitting_neuron=(240, 240, 240),
+    fitting_resnet_dt: bool = True, seed: int = 0, dtype=np.float64,
+) -> EnergyModel:
+    """A freshly initialized model (deepmd-kit's initialization; davg = 0, dstd = 1, bias = 0).
+
+    Training replaces davg/dstd and the bias by data statistics; tests use it as is.
+    """
+    if len(type_map) != config.ntypes:
+        raise ValueError(f"type_map has {len(type_map)} types but sel has {config.ntypes}")
+    nt = config.ntypes
+    seeds = iter(range(seed * 1000, seed * 1000 + 1000))
+
+    def emb() -> Net:
+        return embedding_net(config.neuron, 1, config.activation, config.resnet_dt, dtype, next(seeds))
+
+    if config.type_one_side:
+        row = [emb() for _ in range(nt)]
+        nets = [row for _ in range(nt)]
+    else:
+        nets = [[emb() for _ in range(nt)] for _ in range(nt)]
+    se = SeA(config, np.zeros((nt, config.nnei, 4), dtype), np.ones((nt, config.nnei, 4), dtype), nets)
+    fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, dtype, next(seeds))
+               for _ in range(nt)]
+    return EnergyModel(list(type_map), se, fitting, np.zeros(nt, dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -159,16 +186,17 @@ class Prediction(NamedTuple):
 
 
 def energy_forces(
-    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel,
+    backend: str = "numba",
 ) -> Prediction:
     """Forward to E, then backward with dL/dE_i = 1 to g_ij, then forces and virials."""
     se = model.descriptor
-    D, dcache = descriptor(rij, nlist, atom_types, se)
+    D, dcache = descriptor(rij, nlist, atom_types, se, backend)
     E_atom, fcaches = atomic_energy(D, atom_types, model)
     # dE/dE_i = 1 for every atom: the energy is their plain sum
     dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
     # (nf, nloc, nnei, 3)
-    g = descriptor_backward(dD, dcache, se)
+    g = descriptor_backward(dD, dcache, se, backend)
     atom_virial = pair_virials(g, rij, nlist)
     return Prediction(
         energy=E_atom.sum(axis=1),

@@ -59,6 +59,12 @@ def _gelu_grad(z, a):
     return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * z * z)
 
 
+def _tanh_grad(z, a):
+    """tanh' = 1 - tanh^2, from a = tanh(z) alone (one temporary, no recomputation)."""
+    g = np.square(a)
+    return np.subtract(1.0, g, out=g)
+
+
 def _softplus(z):
     """softplus(z) = log(1 + e^z), written so large |z| neither overflows nor loses digits."""
     return np.logaddexp(0.0, z)
@@ -78,7 +84,7 @@ class Activation(NamedTuple):
 
 ACTIVATIONS: dict[str, Activation] = {
     # tanh' = 1 - tanh^2: from a alone
-    "tanh": Activation(np.tanh, lambda z, a: 1.0 - a * a),
+    "tanh": Activation(np.tanh, _tanh_grad),
     # relu' is 0 at z = 0 (the sub-gradient PyTorch also picks)
     "relu": Activation(lambda z: np.maximum(z, 0.0), lambda z, a: (z > 0).astype(z.dtype)),
     "relu6": Activation(lambda z: np.clip(z, 0.0, 6.0), lambda z, a: ((z > 0) & (z < 6)).astype(z.dtype)),
@@ -153,16 +159,21 @@ def residual_kind(n_in: int, n_out: int, resnet: bool) -> str:
 def layer_forward(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, LayerCache]:
     """y = phi(xW + b) * idt (+ x or [x, x] with resnet); returns (y, cache)."""
     # (nb, n_out)
-    z = x @ layer.W + layer.b
+    z = x @ layer.W
+    z += layer.b
     # (nb, n_out)
     a = get_activation(layer.activation).f(z)
-    # (nb, n_out)
-    y = a * layer.idt if layer.idt is not None else a
     kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
+    if layer.idt is None and kind == "none":
+        return a, LayerCache(x, z, a)
+    # (nb, n_out)  a fresh array: a itself is kept for the backward
+    y = a * layer.idt if layer.idt is not None else a.copy()
     if kind == "same":
-        y = y + x
+        y += x
     elif kind == "double":
-        y = y + np.concatenate([x, x], axis=-1)
+        # [x, x] added half by half, without building the concatenation
+        y[:, : layer.n_in] += x
+        y[:, layer.n_in :] += x
     return y, LayerCache(x, z, a)
 
 
@@ -185,7 +196,8 @@ def layer_backward(
     else:
         dy_a = dy
     # (nb, n_out)
-    dz = dy_a * get_activation(layer.activation).grad(z, a)
+    dz = get_activation(layer.activation).grad(z, a)
+    dz *= dy_a
     if param_grads:
         # (n_in, n_out)
         grads["W"] = x.T @ dz
@@ -195,10 +207,43 @@ def layer_backward(
     dx = dz @ layer.W.T
     kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
     if kind == "same":
-        dx = dx + dy
+        dx += dy
     elif kind == "double":
-        dx = dx + dy[:, : layer.n_in] + dy[:, layer.n_in :]
+        dx += dy[:, : layer.n_in]
+        dx += dy[:, layer.n_in :]
     return dx, grads
+
+
+def layer_jvp(layer: Layer, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Forward-mode derivative: y = layer(x) and ty = (dy/dx) tx, in one pass.
+
+    With a = phi(z), z = xW + b:  tz = tx W,  ta = phi'(z) * tz,
+    ty = ta * idt + (tx, [tx, tx] or nothing, as the residual of y).
+
+    When a net's input is a scalar s (an embedding net), tx = 1 gives dG/ds
+    for every row at the price of one more matmul per layer, and nothing has
+    to be kept for a backward pass.
+    """
+    act = get_activation(layer.activation)
+    # (nb, n_out)
+    z = x @ layer.W
+    z += layer.b
+    # (nb, n_out)
+    a = act.f(z)
+    # (nb, n_out)
+    ta = act.grad(z, a)
+    ta *= tx @ layer.W
+    if layer.idt is not None:
+        a *= layer.idt
+        ta *= layer.idt
+    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
+    for out, inp in ((a, x), (ta, tx)):
+        if kind == "same":
+            out += inp
+        elif kind == "double":
+            out[:, : layer.n_in] += inp
+            out[:, layer.n_in :] += inp
+    return a, ta
 
 
 # ---------------------------------------------------------------------------
@@ -268,6 +313,13 @@ def net_backward(
     for i in reversed(range(len(net.layers))):
         dy, grads[i] = layer_backward(net.layers[i], caches[i], dy, param_grads)
     return dy, grads
+
+
+def net_jvp(net: Net, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """y = net(x) and its forward-mode derivative ty = (dy/dx) tx, layer by layer."""
+    for layer in net.layers:
+        x, tx = layer_jvp(layer, x, tx)
+    return x, tx
 
 
 # ---------------------------------------------------------------------------

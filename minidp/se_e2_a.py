@@ -55,7 +55,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.nn import Net, net_backward, net_forward
+from minidp import kernels
+from minidp.nn import Net, net_forward, net_jvp
 
 
 @dataclass(frozen=True)
@@ -209,15 +210,105 @@ class EmbedPiece(NamedTuple):
 
     atoms: np.ndarray  # (na,) centre atoms of the group
     slots: slice  # the neighbour slots of this neighbour type
-    net: Net  # the embedding net used
-    G: np.ndarray  # (nf, na, n_t, ng) embedding features of each neighbour
-    net_caches: list  # the net's layer caches
+    real: np.ndarray  # (nf, na, n_t) True where the slot holds a real neighbour
+    owner: np.ndarray  # (nb,) which (frame, atom) of the block, f * na + a, each real row belongs to
+    R_real: np.ndarray  # (nb, 4) the real rows, packed (the rows of one atom are contiguous)
+    G: np.ndarray  # (nb, ng) embedding features G(s) of the real rows
+    dG_ds: np.ndarray  # (nb, ng) their derivatives dG/ds
 
 
-def embed(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, list[EmbedPiece]]:
+# Rows pushed through an embedding net at once: small enough that every
+# layer's arrays stay in the CPU's L2 cache (1024 rows x 100 features x 8 bytes
+# is 800 kB), large enough that NumPy's per-call overhead does not matter.
+ROW_BLOCK = 1024
+
+
+def embedding_features(net: Net, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """G = net(s) and dG/ds for a column of scalars s (nb, 1), block by block.
+
+    The net's input is a scalar, so forward-mode differentiation (nn.net_jvp
+    with ds = 1) gives the whole derivative dG/ds in the same pass; the
+    backward then needs no layer caches, only dL/ds = sum_g dL/dG_g dG_g/ds.
+    """
+    nb = s.shape[0]
+    # (nb, ng), (nb, ng)
+    G = np.empty((nb, net.n_out), dtype=s.dtype)
+    dG_ds = np.empty_like(G)
+    ones = np.ones((min(nb, ROW_BLOCK), 1), dtype=s.dtype)
+    for b0 in range(0, nb, ROW_BLOCK):
+        blk = slice(b0, min(b0 + ROW_BLOCK, nb))
+        G[blk], dG_ds[blk] = net_jvp(net, s[blk], ones[: blk.stop - blk.start])
+    return G, dG_ds
+
+
+def padded_tail_sums(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice) -> np.ndarray:
+    r"""What the padded slots add to T: P[t, k] = sum_{slot >= k} G(s_t,slot)^T R_t,slot.
+
+    A padded slot's row is zero before normalization, so after it the row is
+    R = -davg[t, slot] / dstd[t, slot], known from the centre type t alone.
+    Neighbours are sorted with the padding last, so an atom of type t with c
+    real neighbours of this type receives exactly P[t, c] from its padded
+    slots: a few hundred rows through the net replace the thousands of padded
+    rows of a frame (35% of the water model's slots). Returns
+    (ntypes, n_t + 1, ng, 4), with P[t, n_t] = 0.
+    """
+    # (ntypes, n_t, 4)
+    R_pad = -davg[:, slots] / dstd[:, slots]
+    # (ntypes * n_t, ng)
+    G_pad, _ = net_forward(net, R_pad[..., :1].reshape(-1, 1))
+    # (ntypes, n_t, ng, 4)  each padded slot's G^T R
+    GR = G_pad.reshape(R_pad.shape[:2] + (-1, 1)) * R_pad[:, :, None, :]
+    # (ntypes, n_t + 1, ng, 4)  sums from slot k to the end
+    P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
+    P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
+    return P
+
+
+def sum_rows(G, R_real, owner, n_owner, backend) -> np.ndarray:
+    """T[o] = sum over the rows p owned by o of G[p]^T R[p]; returns (n_owner, ng, 4)."""
+    if backend == "numba":
+        start = np.searchsorted(owner, np.arange(n_owner + 1))
+        # (n_owner, 4, ng)  the kernel accumulates T transposed (see kernels.py)
+        Tt = np.zeros((n_owner, 4, G.shape[1]), dtype=G.dtype)
+        kernels.segment_contract(G, R_real, start, Tt)
+        return Tt.transpose(0, 2, 1)
+    # (n_owner, ng, 4)
+    T = np.zeros((n_owner, G.shape[1], 4), dtype=G.dtype)
+    # (nb, ng, 4) each row's outer product, added onto its owner
+    np.add.at(T, owner, G[:, :, None] * R_real[:, None, :])
+    return T
+
+
+def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
+    r"""dL/dR[p] for each real row p of owner o, through both paths of T = sum G^T R:
+
+    dL/dR[p] = G[p] dT[o]  +  (dL/ds[p], 0, 0, 0),   dL/ds[p] = sum_g (R[p] . dT[o, g]) dG_g/ds[p]
+
+    Returns (nb, 4).
+    """
+    # (nb, 4)
+    dR_real = np.empty_like(R_real)
+    if backend == "numba":
+        start = np.searchsorted(owner, np.arange(dT.shape[0] + 1))
+        kernels.segment_contract_backward(G, dG_ds, R_real, start, np.ascontiguousarray(dT.transpose(0, 2, 1)), dR_real)
+    else:
+        # (nb, ng, 4) each row's owner's gradient
+        dT_rows = dT[owner]
+        dR_real[:] = np.einsum("pg,pgc->pc", G, dT_rows)
+        # (nb, ng)  dL/dG
+        dG = np.einsum("pgc,pc->pg", dT_rows, R_real)
+        dR_real[:, 0] += np.sum(dG * dG_ds, axis=1)
+    return dR_real
+
+
+def embed(
+    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba"
+) -> tuple[np.ndarray, list[EmbedPiece]]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, with s_ij = R_ij,0 (one net per neighbour type).
 
-    Returns T (nf, nloc, ng, 4) and the pieces the backward needs.
+    Only real neighbours go through the net; what the padded slots add comes
+    from :func:`padded_tail_sums`. Returns T (nf, nloc, ng, 4) and the pieces
+    the backward needs.
     """
     nf, nloc, nnei, _ = R.shape
     cfg = se.config
@@ -225,23 +316,30 @@ def embed(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, l
     T = np.zeros((nf, nloc, cfg.ng, 4), dtype=R.dtype)
     pieces = []
     for atoms, ti in se.center_groups(atom_types):
+        na = atoms.size
         for tj in range(cfg.ntypes):
             slots = slice(cfg.sec[tj], cfg.sec[tj + 1])
-            # (nf, na, n_t, 4)  the rows of this block
-            Rb = R[:, atoms, slots]
             net = se.nets[ti][tj]
-            # (nb, ng) with nb = nf * na * n_t: every neighbour is one row through the net
-            G, net_caches = net_forward(net, Rb[..., :1].reshape(-1, 1))
-            # (nf, na, n_t, ng)
-            G = G.reshape(Rb.shape[:3] + (cfg.ng,))
-            # (nf, na, ng, 4)  G^T R summed over the block's neighbours
-            T[:, atoms] += np.swapaxes(G, -1, -2) @ Rb / nnei
-            pieces.append(EmbedPiece(atoms, slots, net, G, net_caches))
+            # (nf, na, n_t)
+            real = nlist[:, atoms, slots] >= 0
+            # (nf, na)  real neighbours per atom: they fill the first slots
+            count = real.sum(axis=-1)
+            assert (real == (np.arange(real.shape[-1]) < count[..., None])).all(), "padding must come last"
+            # (nb, 4) the real rows, packed; (nb,) the (frame, atom) each belongs to
+            R_real = R[:, atoms, slots][real]
+            owner = np.repeat(np.arange(nf * na), count.reshape(-1))
+            # (nb, ng), (nb, ng): each real neighbour is one row through the net
+            G, dG_ds = embedding_features(net, R_real[:, :1])
+            # (nf * na, ng, 4)
+            Tb = sum_rows(G, R_real, owner, nf * na, backend)
+            Tb += padded_tail_sums(net, se.davg, se.dstd, slots)[atom_types[atoms], count.reshape(nf, na)].reshape(Tb.shape)
+            T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
+            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds))
     return T, pieces
 
 
-def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece]) -> np.ndarray:
-    r"""dL/dR from dL/dT.
+def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba") -> np.ndarray:
+    r"""dL/dR from dL/dT, for the real neighbours (padded rows depend on no position).
 
     T depends on R_ij twice, directly and through s_ij = R_ij,0 inside G:
 
@@ -251,22 +349,18 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece]) -> n
         + \Big(\frac{\partial L}{\partial s_{ij}}, 0, 0, 0\Big),\qquad
         \frac{\partial L}{\partial G_{ij}} = \frac{1}{n_{nei}} \frac{\partial L}{\partial T_i} R_{ij}^{\top}
     """
-    nnei = R.shape[2]
-    # (nf, nloc, nnei, 4)
+    nf, nloc, nnei, _ = R.shape
+    # (nf, nloc, nnei, 4)  zero on padded slots
     dR = np.zeros_like(R)
-    for atoms, slots, net, G, net_caches in pieces:
+    for atoms, slots, real, owner, R_real, G, dG_ds in pieces:
+        # (nf * na, ng, 4)
+        dTb = (dT[:, atoms] / nnei).reshape(-1, dT.shape[2], 4)
+        # (nb, 4)
+        dR_real = sum_rows_backward(dTb, G, dG_ds, R_real, owner, backend)
         # (nf, na, n_t, 4)
-        Rb = R[:, atoms, slots]
-        # (nf, na, ng, 4)
-        dTb = dT[:, atoms] / nnei
-        # (nf, na, n_t, 4)  the direct path
-        dRb = G @ dTb
-        # (nf, na, n_t, ng)  the path through the embedding net
-        dG = Rb @ np.swapaxes(dTb, -1, -2)
-        # (nb, 1)
-        ds, _ = net_backward(net, net_caches, dG.reshape(-1, G.shape[-1]), param_grads=False)
-        dRb[..., 0] += ds.reshape(dRb.shape[:3])
-        dR[:, atoms, slots] += dRb
+        dRb = np.zeros(real.shape + (4,), dtype=R.dtype)
+        dRb[real] = dR_real
+        dR[:, atoms, slots] = dRb
     return dR
 
 
@@ -318,18 +412,21 @@ class DescriptorCache(NamedTuple):
 
 
 def descriptor(
-    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba"
 ) -> tuple[np.ndarray, DescriptorCache]:
-    """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract."""
+    """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract.
+
+    ``backend`` picks the Numba kernels or their NumPy twins (same results).
+    """
     cfg = se.config
     R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut)
-    T, pieces = embed(R, atom_types, se)
+    T, pieces = embed(R, nlist, atom_types, se, backend)
     D = contract(T, cfg.axis_neuron)
     return D, DescriptorCache(env, R, pieces, T)
 
 
-def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA) -> np.ndarray:
+def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
     """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
     dT = contract_backward(dD, cache.T, se.config.axis_neuron)
-    dR = embed_backward(dT, cache.R, cache.pieces)
+    dR = embed_backward(dT, cache.R, cache.pieces, backend)
     return env_matrix_backward(dR, cache.env)

@@ -1,0 +1,55 @@
+"""Numba kernels for the loops NumPy cannot vectorize without large temporaries.
+
+Each kernel has a pure-NumPy twin beside the code that calls it (the
+``backend="numpy"`` path), which is the one to read; tests check that the two
+agree. The kernels write into arrays the caller allocates, so no hidden state
+and no allocation happens inside them.
+
+Shape symbols: see :mod:`minidp.se_e2_a`; ``nb`` is the number of real
+(atom, neighbour) pairs of a block, ``na`` the number of centre atoms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def segment_contract(G, R, start, Tt):  # pragma: no cover - compiled
+    """Tt[a] += sum over rows p of atom a of R[p] G[p]^T  (i.e. T[a] = sum G^T R, transposed).
+
+    G: (nb, ng), R: (nb, 4), start: (na + 1,) row offsets (rows of atom a are
+    start[a]:start[a+1]), Tt: (na, 4, ng) accumulated in place. The transposed
+    layout keeps the innermost loop over ng contiguous, so it vectorizes.
+    """
+    ng = G.shape[1]
+    for a in range(start.size - 1):
+        for p in range(start[a], start[a + 1]):
+            for c in range(4):
+                Rpc = R[p, c]
+                for g in range(ng):
+                    Tt[a, c, g] += Rpc * G[p, g]
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def segment_contract_backward(G, dG_ds, R, start, dTt, dR):  # pragma: no cover - compiled
+    """Backward of segment_contract through both of R's paths, for rows p of atom a:
+
+    dR[p, c] = sum_g G[p, g] dT[a, g, c]  +  [c == 0] sum_g (R[p] . dT[a, g]) dG_ds[p, g]
+
+    (the second term is dL/dG pushed through G(s), s = R[p, 0]). dTt: (na, 4, ng),
+    dT transposed; dR (nb, 4) is written.
+    """
+    ng = G.shape[1]
+    for a in range(start.size - 1):
+        for p in range(start[a], start[a + 1]):
+            ds = 0.0
+            for c in range(4):
+                Rpc = R[p, c]
+                dc = 0.0
+                for g in range(ng):
+                    dc += G[p, g] * dTt[a, c, g]
+                    ds += Rpc * dTt[a, c, g] * dG_ds[p, g]
+                dR[p, c] = dc
+            dR[p, 0] += ds
