@@ -7,11 +7,16 @@ tutorial's code runs unchanged after ``from minidp import DeepPot``:
 - ``e``: (nf, 1) energy, ``f``: (nf, natoms, 3) forces, ``v``: (nf, 9) virial;
 - with ``atomic=True`` also ``ae``: (nf, natoms, 1) and ``av``: (nf, natoms, 9).
 
-Frames are evaluated in chunks of at most ``batch_size`` atoms (frames x
-atoms per frame, deepmd-kit's ``DP_INFER_BATCH_SIZE``), so the memory a call
-needs is bounded whatever the number of frames. :meth:`DeepPot.iter_eval`
-yields the results chunk by chunk for datasets that should never be held in
-memory at once.
+How the work is split (:func:`plan_chunks`): frames are taken together up to
+``batch_size`` atoms (deepmd-kit's ``DP_INFER_BATCH_SIZE``); a frame larger
+than that is split over its centre atoms, whose shares of the energy, forces
+and virials add up. ``batch_size`` follows from a byte budget, so the memory a
+call needs is bounded whatever the number or the size of the frames, and the
+results do not depend on it (to round-off). Chunks run on ``workers`` threads:
+NumPy, BLAS and the Numba kernels release the GIL, and each thread's BLAS is
+kept to one core so the threads do not fight over them.
+:meth:`DeepPot.iter_eval` yields the results frame group by frame group, for
+datasets that should never be held in memory at once.
 
 Shape symbols: ``nf`` frames, ``natoms`` atoms per frame (``nloc`` inside the
 model), see :mod:`minidp.se_e2_a`.
@@ -19,61 +24,99 @@ model), see :mod:`minidp.se_e2_a`.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import ctypes
 import os
-from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from minidp.model import EnergyModel, Prediction, energy_forces
-from minidp.neighbor import build_neighbor_list
+from minidp.neighbor import NeighborList, build_neighbor_list
 from minidp.se_e2_a import descriptor
 from minidp.serialization import load_model
 
-# Bytes of working memory per (atom, neighbour slot) in one evaluation: the
-# embedding nets' layer caches (input, pre-activation and activation of every
-# layer), G and the environment matrix, all float64. Used to turn a byte
-# budget into a chunk size.
+# ---------------------------------------------------------------------------
+# How much work goes in one chunk
+# ---------------------------------------------------------------------------
 
 
 def bytes_per_atom(model: EnergyModel) -> int:
-    """Working memory (bytes) one atom needs during energy_forces, estimated from the net sizes.
+    """Working memory (bytes) one centre atom needs in energy_forces, from the model's sizes.
 
-    Per neighbour slot: every embedding layer keeps x (n_in), z and a (n_out)
-    for the backward, plus G (ng), R and its gradient (4 + 4) and r_ij (3);
-    the fitting nets cost the same per atom. float64 = 8 bytes.
+    Per neighbour slot (float64 numbers): the neighbour list and r_ij (4), the
+    environment matrix and its caches (10), the packed row, G and dG/ds
+    (5 + 2 ng), the backward's gradients and temporaries (21). Per atom: T and
+    dT (8 ng), D and dD (2 ng m2), and each fitting layer's caches and
+    gradients (2 (n_in + 2 n_out)). The benchmark checks it against measured
+    peak memory.
     """
-    se = model.descriptor
-    widths = (1,) + tuple(se.config.neuron)
-    per_slot = sum(widths[k] + 2 * widths[k + 1] for k in range(len(widths) - 1))
-    per_slot += se.config.ng + 4 + 4 + 3 + 3
-    fit = model.fitting[0]
-    per_atom_fit = sum(layer.n_in + 2 * layer.n_out for layer in fit.layers) + 3 * se.config.dim_out
-    return 8 * (se.config.nnei * per_slot + per_atom_fit + se.config.ng * 4 * 3)
+    cfg = model.descriptor.config
+    per_slot = 4 + 10 + 5 + 2 * cfg.ng + 21
+    fit = sum(2 * (layer.n_in + 2 * layer.n_out) for layer in model.fitting[0].layers)
+    return 8 * (cfg.nnei * per_slot + 8 * cfg.ng + 2 * cfg.dim_out + fit)
 
 
-@dataclass(frozen=True)
-class ChunkPlan:
-    """How a call is split: frames per chunk."""
+class Chunk(NamedTuple):
+    """One unit of work: some frames, and which of their atoms are centres."""
 
-    frames_per_chunk: int  # frames evaluated together (at least 1)
-
-
-def plan_chunks(natoms: int, batch_size: int) -> ChunkPlan:
-    """Frames per chunk so that frames * natoms <= batch_size (always at least one frame)."""
-    return ChunkPlan(max(1, batch_size // max(natoms, 1)))
+    frames: slice  # frames of the call
+    atoms: slice  # centre atoms (all of them unless a frame is larger than batch_size)
 
 
-def default_batch_size(model: EnergyModel, memory_budget: int | None = None) -> int:
-    """Atoms per chunk: the byte budget (default: a quarter of the machine's free memory,
-    at most 4 GiB) divided by the memory one atom needs."""
+def plan_chunks(nf: int, natoms: int, batch_size: int) -> list[Chunk]:
+    """Split nf frames of natoms atoms into chunks of at most batch_size centre atoms.
+
+    Whole frames go together while they fit; a larger frame is cut into
+    ranges of centre atoms (at least one frame or one atom per chunk).
+    """
+    if natoms <= batch_size:
+        step = batch_size // natoms
+        return [Chunk(slice(f, min(f + step, nf)), slice(0, natoms)) for f in range(0, nf, step)]
+    return [Chunk(slice(f, f + 1), slice(a, min(a + batch_size, natoms)))
+            for f in range(nf) for a in range(0, natoms, batch_size)]
+
+
+def default_workers() -> int:
+    """Threads to use: OMP_NUM_THREADS if set (as deepmd-kit honours it), else the usable cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def default_batch_size(model: EnergyModel, memory_budget: int | None = None, workers: int = 1) -> int:
+    """Atoms per chunk so that the chunks in flight (workers + 1) fit the byte budget.
+
+    The default budget is a quarter of the machine's available memory, at
+    most 4 GiB. Chunks larger than 1,024 atoms gain nothing in speed (the
+    embedding works in fixed row blocks anyway), so that is the ceiling.
+    """
     if memory_budget is None:
         try:
             free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             free = 4 << 30
         memory_budget = min(free // 4, 4 << 30)
-    return max(1, int(memory_budget // bytes_per_atom(model)))
+    return int(max(1, min(1024, memory_budget // ((workers + 1) * bytes_per_atom(model)))))
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed blocks instead of returning them to the kernel.
+
+    Every chunk allocates and frees the same few large arrays; by default
+    glibc hands blocks over 32 MB (or, at first, 128 kB) back to the kernel at
+    once, and each new array then pays a page fault per 4 kB touched, which
+    made NumPy's temporaries 3-4x slower here. Raising the mmap and trim
+    thresholds keeps them in the process. No effect outside glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
 
 
 # ---------------------------------------------------------------------------
@@ -146,22 +189,29 @@ class DeepPot:
 
     Parameters
     ----------
-    model_file : path to a .dp / .yaml / .json model (or .pb / .pth with deepmd-kit installed)
-    batch_size : atoms per chunk (frames x atoms); default from ``memory_budget``
-    memory_budget : bytes a chunk may use (default: a quarter of free memory, at most 4 GiB)
+    model_file : path to a .dp / .yaml / .json model (or .pb / .pth with deepmd-kit installed),
+        or an :class:`~minidp.model.EnergyModel` already in memory
+    batch_size : centre atoms per chunk; default from ``memory_budget``
+    memory_budget : bytes the chunks in flight may use (default: a quarter of available memory, at most 4 GiB)
+    workers : threads evaluating chunks (default: OMP_NUM_THREADS, else the usable cores)
     progress : show a progress bar over chunks (None: only on a terminal)
+    backend : "numba" (default) or "numpy", the readable twins of the Numba kernels
     """
 
-    def __init__(self, model_file, *, batch_size: int | None = None,
-                 memory_budget: int | None = None, progress: bool | None = None,
-                 neighbor_backend: str = "numba"):
+    def __init__(self, model_file, *, batch_size: int | None = None, memory_budget: int | None = None,
+                 workers: int | None = None, progress: bool | None = None, backend: str = "numba"):
+        for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget), ("workers", workers)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if backend not in ("numba", "numpy"):
+            raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
         self.model_file = str(model_file)
-        self.model = load_model(model_file)
-        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer (atoms per chunk), got {batch_size!r}")
-        self.batch_size = int(batch_size or default_batch_size(self.model, memory_budget))
+        self.model = model_file if isinstance(model_file, EnergyModel) else load_model(model_file)
+        self.workers = int(workers or default_workers())
+        self.batch_size = int(batch_size or default_batch_size(self.model, memory_budget, self.workers))
         self.progress = progress
-        self.neighbor_backend = neighbor_backend
+        self.backend = backend
+        _keep_freed_memory()
 
     # --- deepmd-kit's getters ---
     def get_type_map(self) -> list[str]:
@@ -185,30 +235,80 @@ class DeepPot:
     def get_dim_descriptor(self) -> int:
         return self.model.descriptor.config.dim_out
 
-    # --- evaluation ---
-    def _chunks(self, frames: Frames) -> Iterator[tuple[slice, object]]:
-        """(frame slice, neighbour list) per chunk, with a progress bar over chunks."""
+    # --- the chunk machinery, shared by every evaluation ---
+    def _neighbors(self, frames: Frames, fs: slice) -> NeighborList:
+        cfg = self.model.descriptor.config
+        cells = None if frames.cells is None else frames.cells[fs]
+        return build_neighbor_list(frames.coords[fs], cells, frames.atom_types, cfg.rcut, list(cfg.sel),
+                                   backend=self.backend)
+
+    def _run(self, frames: Frames, work: Callable[[NeighborList, Chunk], object]) -> Iterator[tuple[Chunk, object]]:
+        """Yield (chunk, work(neighbours of its centres, chunk)) in order, chunks on worker threads.
+
+        A frame cut into atom ranges has its neighbour list built once, here;
+        whole-frame chunks build theirs on the worker. At most workers + 1
+        chunks are in flight, which bounds the memory.
+        """
+        from threadpoolctl import threadpool_limits
         from tqdm.auto import tqdm
 
         nf, natoms, _ = frames.coords.shape
-        step = plan_chunks(natoms, self.batch_size).frames_per_chunk
-        starts = range(0, nf, step)
-        # disable=None: tqdm shows the bar only when stderr is a terminal
-        bar = tqdm(starts, desc="minidp", unit="chunk", leave=False,
-                   disable=None if self.progress is None else not self.progress)
-        cfg = self.model.descriptor.config
-        for s in bar:
-            sl = slice(s, min(s + step, nf))
-            cells = None if frames.cells is None else frames.cells[sl]
-            nl = build_neighbor_list(frames.coords[sl], cells, frames.atom_types, cfg.rcut,
-                                     list(cfg.sel), backend=self.neighbor_backend)
-            yield sl, nl
+        chunks = plan_chunks(nf, natoms, self.batch_size)
 
+        def task(chunk: Chunk, frame_nl: NeighborList | None):
+            if frame_nl is None:
+                return work(self._neighbors(frames, chunk.frames), chunk)
+            nlist, rij = frame_nl.nlist[:, chunk.atoms], frame_nl.rij[:, chunk.atoms]
+            return work(NeighborList(nlist, rij, frame_nl.n_over), chunk)
+
+        # disable=None: tqdm shows the bar only when stderr is a terminal
+        bar = tqdm(total=len(chunks), desc="minidp", unit="chunk", leave=False,
+                   disable=None if self.progress is None else not self.progress)
+        limits = threadpool_limits(1) if self.workers > 1 else contextlib.nullcontext()
+        frame_nl = None
+        with bar, limits, ThreadPoolExecutor(self.workers) as pool:
+            pending: collections.deque = collections.deque()
+            for chunk in chunks:
+                whole = chunk.atoms.stop - chunk.atoms.start == natoms
+                if not whole and chunk.atoms.start == 0:
+                    frame_nl = None  # let the previous big frame's list go first
+                    frame_nl = self._neighbors(frames, chunk.frames)
+                pending.append((chunk, pool.submit(task, chunk, None if whole else frame_nl)))
+                while len(pending) > self.workers or (chunk is chunks[-1] and pending):
+                    done, future = pending.popleft()
+                    bar.update()
+                    yield done, future.result()
+
+    def _predict(self, frames: Frames) -> Iterator[tuple[slice, Prediction]]:
+        """(frame slice, Prediction) per group of whole frames, summing the atom chunks of big frames."""
+        nf, natoms, _ = frames.coords.shape
+
+        def work(nl: NeighborList, chunk: Chunk) -> Prediction:
+            return energy_forces(nl.rij, nl.nlist, frames.atom_types[chunk.atoms], self.model,
+                                 self.backend, natoms, chunk.atoms.start)
+
+        total = None
+        for chunk, p in self._run(frames, work):
+            if chunk.atoms.stop - chunk.atoms.start == natoms:
+                yield chunk.frames, p
+                continue
+            # a big frame: add this chunk's share; atom energies are per centre
+            ae = np.zeros((1, natoms))
+            ae[:, chunk.atoms] = p.atom_energy
+            p = p._replace(atom_energy=ae)
+            total = p if chunk.atoms.start == 0 else Prediction(*(a + b for a, b in zip(total, p)))
+            if chunk.atoms.stop == natoms:
+                yield chunk.frames, total
+
+    # --- evaluation ---
     def iter_eval(self, coords, cells, atom_types) -> Iterator[tuple[slice, Prediction]]:
-        """Yield (frame slice, Prediction) chunk by chunk; nothing is accumulated."""
+        """Yield (frame slice, Prediction) group by group; nothing is accumulated.
+
+        Prediction fields: energy (n,), force (n, natoms, 3), virial (n, 9),
+        atom_energy (n, natoms), atom_virial (n, natoms, 9) for the n frames of the slice.
+        """
         frames = check_frames(coords, cells, atom_types, self.model.ntypes)
-        for sl, nl in self._chunks(frames):
-            yield sl, energy_forces(nl.rij, nl.nlist, frames.atom_types, self.model)
+        yield from self._predict(frames)
 
     def eval(self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None,
              mixed_type: bool = False, **kwargs):
@@ -219,11 +319,10 @@ class DeepPot:
         nf, natoms, _ = frames.coords.shape
         e, f, v = np.empty((nf, 1)), np.empty((nf, natoms, 3)), np.empty((nf, 9))
         ae, av = (np.empty((nf, natoms, 1)), np.empty((nf, natoms, 9))) if atomic else (None, None)
-        for sl, nl in self._chunks(frames):
-            p = energy_forces(nl.rij, nl.nlist, frames.atom_types, self.model)
-            e[sl, 0], f[sl], v[sl] = p.energy, p.force, p.virial
+        for fs, p in self._predict(frames):
+            e[fs, 0], f[fs], v[fs] = p.energy, p.force, p.virial
             if atomic:
-                ae[sl, :, 0], av[sl] = p.atom_energy, p.atom_virial
+                ae[fs, :, 0], av[fs] = p.atom_energy, p.atom_virial
         return (e, f, v, ae, av) if atomic else (e, f, v)
 
     def eval_descriptor(self, coords, cells, atom_types, fparam=None, aparam=None,
@@ -233,8 +332,13 @@ class DeepPot:
         frames = check_frames(coords, cells, atom_types, self.model.ntypes)
         nf, natoms, _ = frames.coords.shape
         out = np.empty((nf, natoms, self.get_dim_descriptor()))
-        for sl, nl in self._chunks(frames):
-            out[sl], _ = descriptor(nl.rij, nl.nlist, frames.atom_types, self.model.descriptor)
+
+        def work(nl: NeighborList, chunk: Chunk) -> np.ndarray:
+            D, _ = descriptor(nl.rij, nl.nlist, frames.atom_types[chunk.atoms], self.model.descriptor, self.backend)
+            return D
+
+        for chunk, D in self._run(frames, work):
+            out[chunk.frames, chunk.atoms] = D
         return out
 
     @staticmethod

@@ -53,3 +53,26 @@ def segment_contract_backward(G, dG_ds, R, start, dTt, dR):  # pragma: no cover 
                     ds += Rpc * dTt[a, c, g] * dG_ds[p, g]
                 dR[p, c] = dc
             dR[p, 0] += ds
+
+
+@njit(nogil=True, cache=True)
+def scatter_pairs(g, rij, nlist, first, F, W):  # pragma: no cover - compiled
+    """Forces and atomic virials from pair gradients (see model.pair_forces_virials).
+
+    For centre c (atom first + c) and neighbour j = nlist[f, c, k] >= 0:
+    F[f, first + c] += g,  F[f, j] -= g,  W[f, j, 3a + b] -= g_a rij_b.
+    """
+    nf, nc, nnei = nlist.shape
+    for f in range(nf):
+        for c in range(nc):
+            i = first + c
+            for k in range(nnei):
+                j = nlist[f, c, k]
+                if j < 0:
+                    continue
+                for a in range(3):
+                    ga = g[f, c, k, a]
+                    F[f, i, a] += ga
+                    F[f, j, a] -= ga
+                    for b in range(3):
+                        W[f, j, 3 * a + b] -= ga * rij[f, c, k, b]

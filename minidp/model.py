@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from minidp import kernels
 from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward
 from minidp.se_e2_a import SeA, SeAConfig, descriptor, descriptor_backward
 
@@ -135,39 +136,40 @@ def atomic_energy_backward(dE_atom: np.ndarray, caches: list[FitCache], dim: int
 # ---------------------------------------------------------------------------
 
 
-def pair_forces(g: np.ndarray, nlist: np.ndarray) -> np.ndarray:
-    r"""F_k = sum_j g_kj - sum_{(i,j): j = k} g_ij  (math in the module docstring).
+def pair_forces_virials(
+    g: np.ndarray, rij: np.ndarray, nlist: np.ndarray, natoms: int | None = None,
+    first: int = 0, backend: str = "numba",
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Forces and atomic virials from the pair gradients (math in the module docstring).
 
-    g: (nf, nloc, nnei, 3) dE/d r_ij, zero on padded slots; returns F (nf, nloc, 3).
+    F_k = sum_j g_kj - sum_{(i,j): j = k} g_ij,   W_k = -sum_{(i,j): j = k} g_ij (x) r_ij
+
+    g, rij: (nf, nc, nnei, 3) for nc centre atoms first .. first + nc - 1 of a
+    frame of ``natoms`` atoms (all of them by default); nlist holds frame-wide
+    indices. Returns F (nf, natoms, 3) and W (nf, natoms, 9), flattened a*3 + b:
+    the share of these centres' pairs, to be summed over centre chunks.
     """
-    nf, nloc, nnei, _ = g.shape
-    # (nf, nloc, 3)  the centre atom's share: r_ij = r_j - r_i moves against r_i
-    F = g.sum(axis=2)
-    # Scatter -g_ij onto the neighbours j. Padded slots (j = -1) carry g = 0, so
+    nf, nc, nnei, _ = g.shape
+    natoms = nc if natoms is None else natoms
+    # (nf, natoms, 3), (nf, natoms, 9)
+    F = np.zeros((nf, natoms, 3), dtype=g.dtype)
+    W = np.zeros((nf, natoms, 9), dtype=g.dtype)
+    if backend == "numba":
+        kernels.scatter_pairs(g, rij, nlist, first, F, W)
+        return F, W
+    # the centre atom's share: r_ij = r_j - r_i moves against r_i
+    F[:, first:first + nc] = g.sum(axis=2)
+    # Scatter onto the neighbours j. Padded slots (j = -1) carry g = 0, so
     # sending them to atom 0 adds nothing; offsets separate the frames.
-    # (nf * nloc * nnei,)
-    j = (np.maximum(nlist, 0) + nloc * np.arange(nf)[:, None, None]).reshape(-1)
+    # (nf * nc * nnei,)
+    j = (np.maximum(nlist, 0) + natoms * np.arange(nf)[:, None, None]).reshape(-1)
+    # (nf * nc * nnei, 3, 3)  each pair's virial -g_a r_b
+    w = (-g[..., :, None] * rij[..., None, :]).reshape(-1, 3, 3)
     for a in range(3):
-        F[..., a] -= np.bincount(j, weights=g[..., a].reshape(-1), minlength=nf * nloc).reshape(nf, nloc)
-    return F
-
-
-def pair_virials(g: np.ndarray, rij: np.ndarray, nlist: np.ndarray) -> np.ndarray:
-    r"""Atomic virials W_k = -sum_{(i,j): j = k} g_ij (x) r_ij, flattened to 9 (a*3 + b).
-
-    Returns (nf, nloc, 9); the frame virial is their sum over atoms.
-    """
-    nf, nloc, nnei, _ = g.shape
-    # (nf, nloc, nnei, 3, 3)  each pair's virial -g_a r_b
-    w = -g[..., :, None] * rij[..., None, :]
-    # (nf * nloc * nnei,)  the atom each pair's term goes to (its neighbour j)
-    j = (np.maximum(nlist, 0) + nloc * np.arange(nf)[:, None, None]).reshape(-1)
-    # (nf * nloc * nnei, 9)
-    w = w.reshape(-1, 9)
-    # (nf, nloc, 9)
-    return np.stack(
-        [np.bincount(j, weights=w[:, k], minlength=nf * nloc) for k in range(9)], axis=-1
-    ).reshape(nf, nloc, 9)
+        F[..., a] -= np.bincount(j, weights=g[..., a].reshape(-1), minlength=nf * natoms).reshape(nf, natoms)
+        for b in range(3):
+            W[..., 3 * a + b] = np.bincount(j, weights=w[:, a, b], minlength=nf * natoms).reshape(nf, natoms)
+    return F, W
 
 
 # ---------------------------------------------------------------------------
@@ -181,15 +183,22 @@ class Prediction(NamedTuple):
     energy: np.ndarray  # (nf,) total energy
     force: np.ndarray  # (nf, nloc, 3)
     virial: np.ndarray  # (nf, 9)
-    atom_energy: np.ndarray  # (nf, nloc)
+    atom_energy: np.ndarray  # (nf, nc) of the nc centre atoms (all nloc by default)
     atom_virial: np.ndarray  # (nf, nloc, 9)
 
 
 def energy_forces(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel,
-    backend: str = "numba",
+    backend: str = "numba", natoms: int | None = None, first: int = 0,
 ) -> Prediction:
-    """Forward to E, then backward with dL/dE_i = 1 to g_ij, then forces and virials."""
+    """Forward to E, then backward with dL/dE_i = 1 to g_ij, then forces and virials.
+
+    rij, nlist (nf, nc, nnei, ...) and atom_types (nc,) describe nc centre
+    atoms, by default all atoms of the frames. For a chunk of centres
+    first .. first + nc - 1 of larger frames (``natoms`` atoms), energy and
+    virial are these centres' shares and force/atom_virial cover all atoms:
+    summed over the chunks they give the frame's results.
+    """
     se = model.descriptor
     D, dcache = descriptor(rij, nlist, atom_types, se, backend)
     E_atom, fcaches = atomic_energy(D, atom_types, model)
@@ -197,10 +206,10 @@ def energy_forces(
     dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
     # (nf, nloc, nnei, 3)
     g = descriptor_backward(dD, dcache, se, backend)
-    atom_virial = pair_virials(g, rij, nlist)
+    force, atom_virial = pair_forces_virials(g, rij, nlist, natoms, first, backend)
     return Prediction(
         energy=E_atom.sum(axis=1),
-        force=pair_forces(g, nlist),
+        force=force,
         virial=atom_virial.sum(axis=1),
         atom_energy=E_atom,
         atom_virial=atom_virial,

@@ -223,3 +223,131 @@ def model_from_dict(data: dict) -> EnergyModel:
 def load_model(path) -> EnergyModel:
     """Read a deepmd-kit se_e2_a energy model from a file (see the module docstring)."""
     return model_from_dict(read_model_dict(path))
+
+
+# ---------------------------------------------------------------------------
+# EnergyModel -> model dict -> file (the reverse, for models minidp makes)
+# ---------------------------------------------------------------------------
+
+
+def _net_to_dict(net: Net, kind: str, in_dim: int, neuron, resnet_dt: bool) -> dict:
+    layers = [{
+        "@class": "Layer", "@version": 2, "bias": True, "use_timestep": layer.idt is not None,
+        "activation_function": layer.activation, "resnet": layer.resnet,
+        "precision": np.dtype(layer.W.dtype).name, "trainable": True,
+        "@variables": {"w": layer.W, "b": layer.b, "idt": layer.idt},
+    } for layer in net.layers]
+    d = {"@class": kind, "@version": 2 if kind == "EmbeddingNetwork" else 1, "in_dim": in_dim,
+         "neuron": list(neuron), "activation_function": net.layers[0].activation,
+         "resnet_dt": resnet_dt, "precision": np.dtype(net.dtype).name, "layers": layers}
+    if kind == "EmbeddingNetwork":
+        d["bias"] = True
+    else:
+        d.update(out_dim=net.n_out, bias_out=True)
+    return d
+
+
+def model_to_dict(model: EnergyModel) -> dict:
+    """deepmd-kit's serialized dict (as `dp convert-backend` reads it) for an EnergyModel.
+
+    The whole constant bias goes to the fitting's bias_atom_e; the atomic
+    model's out_bias is zero.
+    """
+    se, cfg, nt = model.descriptor, model.descriptor.config, model.ntypes
+    precision = np.dtype(model.fitting[0].dtype).name
+    if cfg.type_one_side:
+        emb = [se.nets[0][tj] for tj in range(nt)]
+    else:  # deepmd-kit's order: index ti + tj * ntypes
+        emb = [se.nets[k % nt][k // nt] for k in range(nt * nt)]
+    descriptor = {
+        "@class": "Descriptor", "type": "se_e2_a", "@version": 2, "rcut": cfg.rcut,
+        "rcut_smth": cfg.rcut_smth, "sel": list(cfg.sel), "neuron": list(cfg.neuron),
+        "axis_neuron": cfg.axis_neuron, "resnet_dt": cfg.resnet_dt, "trainable": True,
+        "type_one_side": cfg.type_one_side, "exclude_types": [], "env_protection": 0.0,
+        "set_davg_zero": False, "activation_function": cfg.activation, "precision": precision,
+        "embeddings": {"@class": "NetworkCollection", "@version": 1, "ndim": 1 if cfg.type_one_side else 2,
+                       "ntypes": nt, "network_type": "embedding_network",
+                       "networks": [_net_to_dict(n, "EmbeddingNetwork", 1, cfg.neuron, cfg.resnet_dt)
+                                    for n in emb]},
+        "env_mat": {"rcut": cfg.rcut, "rcut_smth": cfg.rcut_smth, "protection": 0.0, "use_exp_switch": False},
+        "@variables": {"davg": se.davg, "dstd": se.dstd}, "type_map": list(model.type_map), "spin": None,
+    }
+    hidden = [layer.n_out for layer in model.fitting[0].layers[:-1]]
+    resnet_dt = any(layer.idt is not None for layer in model.fitting[0].layers)
+    fitting = {
+        "@class": "Fitting", "type": "ener", "@version": 4, "var_name": "energy", "ntypes": nt,
+        "dim_descrpt": cfg.dim_out, "mixed_types": False, "dim_out": 1, "neuron": hidden,
+        "resnet_dt": resnet_dt, "numb_fparam": 0, "numb_aparam": 0, "dim_case_embd": 0,
+        "default_fparam": None, "rcond": None, "tot_ener_zero": False, "trainable": [True] * (len(hidden) + 1),
+        "atom_ener": [], "activation_function": model.fitting[0].layers[0].activation,
+        "precision": precision, "layer_name": None, "use_aparam_as_mask": False, "spin": None,
+        "exclude_types": [],
+        "nets": {"@class": "NetworkCollection", "@version": 1, "ndim": 1, "ntypes": nt,
+                 "network_type": "fitting_network",
+                 "networks": [_net_to_dict(n, "FittingNetwork", cfg.dim_out, hidden, resnet_dt)
+                              for n in model.fitting]},
+        "@variables": {"bias_atom_e": model.bias.reshape(nt, 1), "fparam_avg": None, "fparam_inv_std": None,
+                       "aparam_avg": None, "aparam_inv_std": None, "case_embd": None},
+        "type_map": list(model.type_map),
+    }
+    return {
+        "@class": "Model", "type": "standard", "@version": 2, "type_map": list(model.type_map),
+        "descriptor": descriptor, "fitting": fitting, "atom_exclude_types": [], "pair_exclude_types": [],
+        "rcond": None, "preset_out_bias": None,
+        "@variables": {"out_bias": np.zeros((1, nt, 1), precision), "out_std": np.ones((1, nt, 1), precision)},
+    }
+
+
+def _encode_arrays(obj):
+    """The YAML/JSON spelling: every array as {"@class": "np.ndarray", "dtype", "value"}."""
+    if isinstance(obj, np.ndarray):
+        return {"@class": "np.ndarray", "@is_variable": True, "@version": 1,
+                "dtype": obj.dtype.name, "value": obj.tolist()}
+    if isinstance(obj, dict):
+        return {k: _encode_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_encode_arrays(v) for v in obj]
+    if isinstance(obj, np.generic):  # numpy scalars: YAML cannot write them
+        return obj.item()
+    return obj
+
+
+def save_model(path, model: EnergyModel) -> None:
+    """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically."""
+    from minidp import __version__
+    from minidp.data import atomic_path
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in NATIVE_SUFFIXES:
+        raise ValueError(f"cannot write {path.suffix!r} models; expected one of {NATIVE_SUFFIXES}")
+    data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
+            "model_def_script": {}, "@variables": {}}
+    with atomic_path(path) as tmp:
+        if suffix == ".dp":
+            _write_hdf5(tmp, data)
+        elif suffix == ".json":
+            tmp.write_text(json.dumps(_encode_arrays(data)))
+        else:
+            import yaml
+
+            tmp.write_text(yaml.safe_dump(_encode_arrays(data)))
+
+
+def _write_hdf5(path: Path, data: dict) -> None:
+    """Arrays as datasets variable_0000, ...; the dict, naming them, as JSON in attribute 'json'."""
+    import h5py
+
+    counter = iter(range(10**9))
+    with h5py.File(path, "w") as f:
+
+        def store(node):
+            if isinstance(node, np.ndarray):
+                return f.create_dataset(f"variable_{next(counter):04d}", data=node).name
+            if isinstance(node, dict):
+                return {k: store(v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [store(v) for v in node]
+            return node.item() if isinstance(node, np.generic) else node
+
+        f.attrs["json"] = json.dumps(store(data), separators=(",", ":"))
