@@ -47,6 +47,53 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_eval_desc(args) -> int:
+    """Write each system's descriptors to OUT/<system name>.npy, shape (nframes, natoms, ng * m2)."""
+    from pathlib import Path
+
+    from minidp.data import atomic_path, model_types, read_system
+    from minidp.infer import DeepPot
+
+    dp = DeepPot(args.model, batch_size=args.batch_size)
+    out = Path(args.output)
+    for path in args.system:
+        system = read_system(path, args.format)
+        types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
+        D = dp.eval_descriptor(system["coords"], None if system.nopbc else system["cells"], types)
+        target = out / f"{Path(path).resolve().name}.npy"
+        with atomic_path(target) as tmp:
+            np.save(tmp, D)
+        print(f"{path}: descriptors {D.shape} -> {target}")
+    return 0
+
+
+def _cmd_test(args) -> int:
+    """RMSE and MAE of the model against a labelled system's energies, forces and virials."""
+    from pathlib import Path
+
+    from minidp.data import model_types, read_system
+    from minidp.infer import DeepPot
+    from minidp.report import error_table, parity_plots
+
+    dp = DeepPot(args.model, batch_size=args.batch_size)
+    system = read_system(args.system, args.format)
+    if "energies" not in system.data:
+        raise ValueError(f"system {args.system} has no labels (energies) to test against")
+    n = min(args.numb_test or len(system), len(system))
+    types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
+    cells = None if system.nopbc else system["cells"][:n]
+    e, f, v = dp.eval(system["coords"][:n], cells, types)
+    labels = {"energy": system["energies"][:n], "force": system["forces"][:n]}
+    if "virials" in system.data:
+        labels["virial"] = system["virials"][:n].reshape(n, 9)
+    predicted = {"energy": e[:, 0], "force": f, "virial": v}
+    print(error_table(predicted, labels, types.size))
+    if args.plots:
+        for png in parity_plots(predicted, labels, types.size, Path(args.plots)):
+            print(f"parity plot -> {png}")
+    return 0
+
+
 def _cmd_info(args) -> int:
     """Print what a model is: types, cutoff, neighbour selection, network sizes."""
     from minidp.serialization import load_model
@@ -74,6 +121,23 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk (default: from free memory)")
     p.add_argument("--set-size", type=int, default=5000, help="frames per set.* folder")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("eval-desc", help="write descriptors to .npy, one file per system")
+    p.add_argument("-m", "--model", required=True, help="model file")
+    p.add_argument("-s", "--system", required=True, nargs="+", help="systems (any format dpdata reads)")
+    p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk")
+    p.set_defaults(func=_cmd_eval_desc)
+
+    p = sub.add_parser("test", help="RMSE/MAE against a labelled system, like `dp test`")
+    p.add_argument("-m", "--model", required=True, help="model file")
+    p.add_argument("-s", "--system", required=True, help="labelled system (any format dpdata reads)")
+    p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
+    p.add_argument("-n", "--numb-test", type=int, default=0, help="frames to test (default: all)")
+    p.add_argument("--plots", default=None, help="folder for parity plots (PNG)")
+    p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk")
+    p.set_defaults(func=_cmd_test)
 
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model", help="model file")

@@ -1,0 +1,57 @@
+"""An ASE calculator backed by :class:`minidp.DeepPot`.
+
+.. math::
+
+    \\sigma = -\\frac{W}{V}
+
+ASE's stress is minus the virial W over the cell volume V (eV/Å^3), given in
+Voigt order (xx, yy, zz, yz, xz, xy). Atoms are matched to the model's types
+by chemical symbol.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    from ase.calculators.calculator import Calculator, all_changes
+    from ase.stress import full_3x3_to_voigt_6_stress
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError(f"minidp.calculator needs ASE (pip install 'minidp[tools]'): {err}") from None
+
+from minidp.infer import DeepPot
+
+
+class MiniDPCalculator(Calculator):
+    """energy, free_energy, energies (per atom), forces, stress (periodic cells only)."""
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(self, model, **kwargs):
+        """``model``: a path to a model file, or a DeepPot."""
+        super().__init__(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "workers")})
+        self.dp = model if isinstance(model, DeepPot) else DeepPot(
+            model, batch_size=kwargs.get("batch_size"), workers=kwargs.get("workers"))
+        self.type_map = self.dp.get_type_map()
+
+    def atom_types(self, atoms) -> np.ndarray:
+        """The model's type index of every atom, by chemical symbol."""
+        symbols = atoms.get_chemical_symbols()
+        unknown = sorted(set(symbols) - set(self.type_map))
+        if unknown:
+            raise ValueError(f"element(s) {unknown} are not in the model's type map {self.type_map}")
+        return np.array([self.type_map.index(s) for s in symbols])
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        periodic = bool(self.atoms.pbc.any())
+        if periodic and not self.atoms.pbc.all():
+            raise ValueError(f"pbc={self.atoms.pbc.tolist()}: minidp handles fully periodic or open systems only")
+        cell = self.atoms.cell.array[None] if periodic else None
+        e, f, v, ae, _ = self.dp.eval(self.atoms.positions[None], cell, self.atom_types(self.atoms), atomic=True)
+        self.results = {
+            "energy": float(e[0, 0]), "free_energy": float(e[0, 0]),
+            "energies": ae[0, :, 0], "forces": f[0],
+        }
+        if periodic:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(-v[0].reshape(3, 3) / self.atoms.get_volume())

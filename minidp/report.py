@@ -1,0 +1,59 @@
+"""Error statistics and parity plots, as `dp test` reports them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def rmse_mae(predicted: np.ndarray, label: np.ndarray) -> tuple[float, float]:
+    """sqrt(mean((p - l)^2)) and mean(|p - l|) over all entries."""
+    diff = np.asarray(predicted, dtype=np.float64) - np.asarray(label, dtype=np.float64)
+    return float(np.sqrt(np.mean(diff**2))), float(np.mean(np.abs(diff)))
+
+
+def error_table(predicted: dict, labels: dict, natoms: int) -> str:
+    """dp test's figures: energy, energy per atom, force, virial, virial per atom (RMSE and MAE)."""
+    rows = []
+    for key, unit in (("energy", "eV"), ("force", "eV/A"), ("virial", "eV")):
+        if key not in labels:
+            continue
+        rmse, mae = rmse_mae(predicted[key], labels[key])
+        rows.append(f"{key:<18} RMSE {rmse:.6e} {unit:<5} MAE {mae:.6e} {unit}")
+        if key != "force":
+            rows.append(f"{key + '/atom':<18} RMSE {rmse / natoms:.6e} {unit:<5} MAE {mae / natoms:.6e} {unit}")
+    return "\n".join(rows)
+
+
+def parity_plots(predicted: dict, labels: dict, natoms: int, out: Path, names=("minidp", "label")) -> list[Path]:
+    """One PNG per quantity: predicted against label, with the y = x line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minidp.data import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key in ("energy", "force", "virial"):
+        if key not in labels:
+            continue
+        scale = 1.0 / natoms if key in ("energy", "virial") else 1.0
+        x = np.asarray(labels[key], dtype=np.float64).ravel() * scale
+        y = np.asarray(predicted[key], dtype=np.float64).ravel() * scale
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.plot(x, y, ".", ms=2)
+        lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.5)
+        ax.set_xlabel(f"{key}{' per atom' if scale != 1 else ''} ({names[1]})")
+        ax.set_ylabel(f"{key}{' per atom' if scale != 1 else ''} ({names[0]})")
+        ax.set_title(f"RMSE {rmse_mae(y, x)[0]:.3g}")
+        fig.tight_layout()
+        target = out / f"parity-{key}.png"
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+        plt.close(fig)
+        written.append(target)
+    return written
