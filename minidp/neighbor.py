@@ -175,6 +175,16 @@ def _select(i, j, code, r, d, types, nloc, sel):
 
 
 @njit(cache=True, nogil=True)
+def _before(r1, j1, code1, r2, j2, code2):  # pragma: no cover
+    """(r, j, image) ordering of two candidates: is the first one before the second?"""
+    if r1 != r2:
+        return r1 < r2
+    if j1 != j2:
+        return j1 < j2
+    return code1 < code2
+
+
+@njit(cache=True, nogil=True)
 def _cell_list_frame(x, frac, cell, periodic, nbin, reach, types, rcut, sel, nlist, rij):  # pragma: no cover
     """Fill nlist (nloc, nnei) and rij (nloc, nnei, 3) for one frame; returns (n_over, i, j) with
     i, j >= 0 naming two atoms on the same spot (or -1, -1).
@@ -239,13 +249,20 @@ def _cell_list_frame(x, frac, cell, periodic, nbin, reach, types, rcut, sel, nli
                         cj[nc], ccode[nc], cr[nc] = j, code, np.sqrt(r2)
                         cd[nc, 0], cd[nc, 1], cd[nc, 2] = d0, d1, d2
                         nc += 1
-        # sort by (j, image), then stably by distance: ties keep the (j, image) order
-        o1_ = np.argsort(cj[:nc] * (2 * _K + 1) ** 3 + ccode[:nc], kind="mergesort")
-        o2_ = np.argsort(cr[:nc][o1_], kind="mergesort")
+        # sort by distance, then by (j, image) where distances tie: the argsort
+        # leaves ties in any by_r, and an insertion pass only moves within them
+        by_r = np.argsort(cr[:nc])
+        for m in range(1, nc):
+            c = by_r[m]
+            n = m
+            while n > 0 and _before(cr[c], cj[c], ccode[c], cr[by_r[n - 1]], cj[by_r[n - 1]], ccode[by_r[n - 1]]):
+                by_r[n] = by_r[n - 1]
+                n -= 1
+            by_r[n] = c
         filled = np.zeros(ntypes, np.int64)
         counted = np.zeros(ntypes, np.int64)
         for m in range(nc):
-            c = o1_[o2_[m]]
+            c = by_r[m]
             t = types[cj[c]]
             counted[t] += 1
             if filled[t] < sel[t]:

@@ -153,12 +153,20 @@ class EnvCache(NamedTuple):
 
 def env_matrix(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, davg: np.ndarray,
-    dstd: np.ndarray, rcut_smth: float, rcut: float,
+    dstd: np.ndarray, rcut_smth: float, rcut: float, backend: str = "numba",
 ) -> tuple[np.ndarray, EnvCache]:
     r"""The normalized environment matrix R (math in the module docstring).
 
     R_ij = (s(r) (1/r, x/r^2, y/r^2, z/r^2) - davg[t_i, j]) / dstd[t_i, j]
     """
+    # (nloc, nnei, 4)  per-atom statistics, chosen by the centre atom's type
+    inv_dstd = 1.0 / dstd[atom_types]
+    if backend == "numba":
+        # (nf, nloc, nnei, 4), and (nf, nloc, nnei) each for 1/r, s, ds/dr
+        R = np.empty(rij.shape[:3] + (4,))
+        inv_r, sw, dsw = (np.empty(rij.shape[:3]) for _ in range(3))
+        kernels.env_matrix(rij, nlist, davg[atom_types], inv_dstd, rcut_smth, rcut, R, inv_r, sw, dsw)
+        return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None])
     mask = nlist >= 0
     # (nf, nloc, nnei)  |r_ij|; padded slots get r = 1 so 1/r stays finite
     # (their rows are masked to zero below; 1/0 would poison the gradient)
@@ -169,14 +177,12 @@ def env_matrix(
     sw, dsw = sw * mask, dsw * mask
     # (nf, nloc, nnei, 4)  the raw rows s (1/r, rij/r^2)
     R_raw = np.concatenate([(sw * inv_r)[..., None], (sw * inv_r**2)[..., None] * rij], axis=-1)
-    # (nloc, nnei, 4)  per-atom statistics, chosen by the centre atom's type
-    inv_dstd = 1.0 / dstd[atom_types]
     # (nf, nloc, nnei, 4)
     R = (R_raw - davg[atom_types]) * inv_dstd
     return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None])
 
 
-def env_matrix_backward(dR: np.ndarray, cache: EnvCache) -> np.ndarray:
+def env_matrix_backward(dR: np.ndarray, cache: EnvCache, backend: str = "numba") -> np.ndarray:
     r"""dL/d r_ij from dL/dR.
 
     With u = 1/r, R~_0 = s u and R~_a = s u^2 x_a (a = x, y, z):
@@ -190,6 +196,11 @@ def env_matrix_backward(dR: np.ndarray, cache: EnvCache) -> np.ndarray:
     where g = dL/dR~ = dL/dR / dstd.  Padded slots have s = s' = u = 0: no gradient.
     """
     rij, u, sw, dsw, inv_dstd = cache
+    if backend == "numba":
+        # (nf, nloc, nnei, 3)
+        grad = np.empty_like(rij)
+        kernels.env_matrix_backward(dR, rij, u, sw, dsw, inv_dstd[0], grad)
+        return grad
     # (nf, nloc, nnei, 4)  through the normalization
     g = dR * inv_dstd
     # (nf, nloc, nnei)  g . x over the three vector components
@@ -419,7 +430,7 @@ def descriptor(
     ``backend`` picks the Numba kernels or their NumPy twins (same results).
     """
     cfg = se.config
-    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut)
+    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
     T, pieces = embed(R, nlist, atom_types, se, backend)
     D = contract(T, cfg.axis_neuron)
     return D, DescriptorCache(env, R, pieces, T)
@@ -429,4 +440,4 @@ def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend
     """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
     dT = contract_backward(dD, cache.T, se.config.axis_neuron)
     dR = embed_backward(dT, cache.R, cache.pieces, backend)
-    return env_matrix_backward(dR, cache.env)
+    return env_matrix_backward(dR, cache.env, backend)
