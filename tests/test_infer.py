@@ -1,0 +1,144 @@
+"""DeepPot: agreement with deepmd-kit, chunk-size invariance, kernels against their NumPy twins, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minidp import DeepPot
+from minidp.infer import Chunk, bytes_per_atom, plan_chunks
+from tests.conftest import MODEL_DP, MODEL_PB, need
+
+
+def test_shapes_match_deepmd_kit(water_dp, water_frames):
+    coords, cells, types = water_frames
+    e, f, v, ae, av = water_dp.eval(coords, cells, types, atomic=True)
+    assert (e.shape, f.shape, v.shape, ae.shape, av.shape) == ((4, 1), (4, 192, 3), (4, 9), (4, 192, 1), (4, 192, 9))
+    assert water_dp.eval_descriptor(coords, cells, types).shape == (4, 192, 1600)
+    assert water_dp.get_type_map() == ["O", "H"]
+    assert (water_dp.get_rcut(), water_dp.get_ntypes(), water_dp.get_sel()) == (6.0, 2, [46, 92])
+    assert (water_dp.get_dim_fparam(), water_dp.get_dim_aparam()) == (0, 0)
+
+
+def test_agrees_with_deepmd_kit_tensorflow(water_dp, water_frames):
+    """The reference: deepmd-kit's own DeepPot on the frozen .pb, to 1e-10 (per atom for e and v)."""
+    deepmd_infer = pytest.importorskip("deepmd.infer")
+    coords, cells, types = water_frames
+    ref = deepmd_infer.DeepPot(str(need(MODEL_PB))).eval(coords, cells, types, atomic=True)
+    ours = water_dp.eval(coords, cells, types, atomic=True)
+    scale = [192, 1, 192, 1, 1]  # energy and virial per atom
+    for name, a, b, s in zip("e f v ae av".split(), ours, ref, scale):
+        assert np.abs(a - b).max() / s <= 1e-10, name
+    D_ref = deepmd_infer.DeepPot(str(MODEL_PB)).eval_descriptor(coords, cells, types)
+    assert np.abs(water_dp.eval_descriptor(coords, cells, types) - D_ref).max() <= 1e-10
+
+
+def test_pb_and_dp_load_the_same_model(water_frames):
+    pytest.importorskip("deepmd")
+    coords, cells, types = water_frames
+    a = DeepPot(need(MODEL_PB)).eval(coords[:1], cells[:1], types)
+    b = DeepPot(need(MODEL_DP)).eval(coords[:1], cells[:1], types)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("batch_size", [1, 50, 192, 500, 10_000])
+def test_results_do_not_depend_on_chunking(water_frames, batch_size):
+    coords, cells, types = water_frames
+    ref = DeepPot(need(MODEL_DP), batch_size=192, workers=1).eval(coords, cells, types, atomic=True)
+    out = DeepPot(MODEL_DP, batch_size=batch_size, workers=2).eval(coords, cells, types, atomic=True)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
+
+
+def test_numba_kernels_equal_numpy_twins(water_frames):
+    coords, cells, types = water_frames
+    a = DeepPot(need(MODEL_DP), backend="numba").eval(coords[:2], cells[:2], types, atomic=True)
+    b = DeepPot(MODEL_DP, backend="numpy").eval(coords[:2], cells[:2], types, atomic=True)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12 * np.abs(y).max())
+
+
+def test_iter_eval_streams_what_eval_returns(water_dp, water_frames):
+    coords, cells, types = water_frames
+    e, f, v = water_dp.eval(coords, cells, types)
+    dp = DeepPot(need(MODEL_DP), batch_size=200)
+    seen = 0
+    for frames, p in dp.iter_eval(coords, cells, types):
+        np.testing.assert_allclose(p.energy, e[frames, 0], rtol=1e-13)
+        np.testing.assert_allclose(p.force, f[frames], atol=1e-12)
+        seen += p.energy.size
+    assert seen == 4
+
+
+def test_plan_chunks_covers_every_atom_once():
+    assert plan_chunks(5, 192, 400) == [Chunk(slice(0, 2), slice(0, 192)), Chunk(slice(2, 4), slice(0, 192)),
+                                       Chunk(slice(4, 5), slice(0, 192))]
+    chunks = plan_chunks(2, 1000, 300)
+    assert [c.atoms for c in chunks[:4]] == [slice(0, 300), slice(300, 600), slice(600, 900), slice(900, 1000)]
+    assert len(chunks) == 8
+
+
+def test_memory_estimate_is_sane(water_dp):
+    # a 192-atom water frame needs tens of MB, not kB or GB
+    assert 10e6 < 192 * bytes_per_atom(water_dp.model) < 200e6
+
+
+def test_open_boundary_cluster(water_dp, water_frames):
+    """cells=None: no images; the same cluster far inside a huge box gives the same answer."""
+    coords, cells, types = water_frames
+    x = coords[0].reshape(-1, 3)[:30].astype(np.float64)
+    t = types[:30]
+    e1, f1, v1 = water_dp.eval(x[None], None, t)
+    e2, f2, v2 = water_dp.eval(x[None] + 50.0, np.eye(3)[None] * 200.0, t)
+    np.testing.assert_allclose(e1, e2, rtol=1e-12)
+    np.testing.assert_allclose(f1, f2, atol=1e-10)
+    np.testing.assert_allclose(v1, v2, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: an error that names the problem, never silent garbage
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda c, b, t: (c[:, :-1], b, t), ValueError, r"coords has shape \(4, 575\)"),
+    (lambda c, b, t: (np.where(np.arange(c.size).reshape(c.shape) == 7, np.nan, c), b, t), ValueError,
+     r"coords contains nan at index \(0, 7\)"),
+    (lambda c, b, t: (c, np.full_like(b, np.inf), t), ValueError, r"cells contains inf"),
+    (lambda c, b, t: (c, b[:2], t), ValueError, r"cells has shape \(2, 9\); expected \(4, 9\)"),
+    (lambda c, b, t: (c, b, np.where(np.arange(t.size) == 3, 2, t)), ValueError,
+     r"atom type 2 is outside the model's types 0..1"),
+    (lambda c, b, t: (c, b, t.astype(float)), TypeError, r"atom_types must be integers"),
+    (lambda c, b, t: (c.astype(str), b, t), TypeError, r"coords must be an array of real numbers"),
+    (lambda c, b, t: (c, np.zeros_like(b), t), ValueError, r"cell of frame 0 is singular"),
+])
+def test_bad_input_is_named(water_dp, water_frames, mutate, error, match):
+    coords, cells, types = mutate(*water_frames)
+    with pytest.raises(error, match=match):
+        water_dp.eval(coords, cells, types)
+
+
+def test_two_atoms_on_one_spot(water_dp, water_frames):
+    coords, cells, types = water_frames
+    x = coords[:1].reshape(1, -1, 3).copy()
+    x[0, 5] = x[0, 9]
+    with pytest.raises(ValueError, match=r"atoms \d+ and \d+ are on the same spot"):
+        water_dp.eval(x, cells[:1], types)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
+        DeepPot(need(MODEL_DP), batch_size=0)
+    with pytest.raises(ValueError, match=r"backend must be 'numba' or 'numpy', got 'gpu'"):
+        DeepPot(MODEL_DP, backend="gpu")
+    with pytest.raises(FileNotFoundError, match=r"model file .*nothing.dp does not exist"):
+        DeepPot("nothing.dp")
+
+
+def test_extras_are_refused(water_dp, water_frames):
+    coords, cells, types = water_frames
+    with pytest.raises(ValueError, match=r"takes no fparam/aparam"):
+        water_dp.eval(coords, cells, types, fparam=np.zeros(1))
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['bogus'\]"):
+        water_dp.eval(coords, cells, types, bogus=1)
