@@ -361,14 +361,18 @@ def embedding_net(
     """deepmd-kit's embedding net: every layer activated, resnet where widths allow.
 
     Widths n_in -> neuron[0] -> ... -> neuron[-1]; layer k adds its input when
-    neuron[k] == neuron[k-1] and [x, x] when neuron[k] == 2 neuron[k-1].
+    neuron[k] == neuron[k-1] and [x, x] when neuron[k] == 2 neuron[k-1]. With
+    ``resnet_dt`` only those residual layers get a timestep ``idt``: that is
+    what deepmd-kit's TensorFlow backend builds, and a model with an ``idt``
+    elsewhere would change when converted to it.
     """
     neuron = _check_sizes("neuron", neuron)
     get_activation(activation)
     rng = np.random.default_rng(seed)
     widths = [n_in] + neuron
     return Net([
-        _init_layer(rng, widths[k], widths[k + 1], dtype, activation, True, resnet_dt, "deepmd")
+        _init_layer(rng, widths[k], widths[k + 1], dtype, activation, True,
+                    resnet_dt and residual_kind(widths[k], widths[k + 1], True) != "none", "deepmd")
         for k in range(len(neuron))
     ])
 
