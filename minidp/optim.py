@@ -210,19 +210,21 @@ def cosine_warm_restarts(step: int, lr0: float, t_0: int, t_mult: int = 1, eta_m
 # ---------------------------------------------------------------------------
 
 
-def gradient_descent_1d(grad: Callable[[float], float], x0: float, lr: float,
-                        threshold: float = 1e-2, max_iter: int = 1000) -> np.ndarray:
+def gradient_descent_1d(grad: Callable, x0, lr: float, threshold: float = 1e-2,
+                        max_iter: int = 1000) -> np.ndarray:
     r"""x_{n+1} = x_n - lr f'(x_n), from x0, until |x_{n+1} - x_n| < threshold or max_iter steps.
 
+    The tutorial's loop on one number; x0 may also be an array (the positions
+    of a molecule, say), and then |.| is the largest component.
     Returns the path (x_0, x_1, ..., x_N), the stopping point included.
     """
     _check_positive("lr", lr)
     _check_positive("threshold", threshold)
     if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    path = [float(x0)]
+    path = [np.asarray(x0, dtype=np.float64)]
     for _ in range(max_iter):
         path.append(path[-1] - lr * grad(path[-1]))
-        if abs(path[-1] - path[-2]) < threshold:
+        if np.max(np.abs(path[-1] - path[-2])) < threshold:
             break
     return np.array(path)
