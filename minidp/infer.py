@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, NamedTuple
@@ -66,17 +67,20 @@ class Chunk(NamedTuple):
     atoms: slice  # centre atoms (all of them unless a frame is larger than batch_size)
 
 
-def plan_chunks(nf: int, natoms: int, batch_size: int) -> list[Chunk]:
+def plan_chunks(nf: int, natoms: int, batch_size: int, workers: int = 1) -> list[Chunk]:
     """Split nf frames of natoms atoms into chunks of at most batch_size centre atoms.
 
     Whole frames go together while they fit; a larger frame is cut into
-    ranges of centre atoms (at least one frame or one atom per chunk).
+    near-equal ranges of centre atoms. Chunks are also made small enough that
+    every worker gets one (a single frame in an MD step is split over the
+    workers rather than evaluated on one of them).
     """
-    if natoms <= batch_size:
-        step = batch_size // natoms
+    size = max(1, min(batch_size, math.ceil(nf * natoms / workers)))
+    if natoms <= size:
+        step = size // natoms
         return [Chunk(slice(f, min(f + step, nf)), slice(0, natoms)) for f in range(0, nf, step)]
-    return [Chunk(slice(f, f + 1), slice(a, min(a + batch_size, natoms)))
-            for f in range(nf) for a in range(0, natoms, batch_size)]
+    cuts = np.linspace(0, natoms, math.ceil(natoms / size) + 1).round().astype(int)
+    return [Chunk(slice(f, f + 1), slice(int(a), int(b))) for f in range(nf) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def default_workers() -> int:
@@ -253,7 +257,7 @@ class DeepPot:
         from tqdm.auto import tqdm
 
         nf, natoms, _ = frames.coords.shape
-        chunks = plan_chunks(nf, natoms, self.batch_size)
+        chunks = plan_chunks(nf, natoms, self.batch_size, self.workers)
 
         def task(chunk: Chunk, frame_nl: NeighborList | None):
             if frame_nl is None:

@@ -75,8 +75,12 @@ def test_plan_chunks_covers_every_atom_once():
     assert plan_chunks(5, 192, 400) == [Chunk(slice(0, 2), slice(0, 192)), Chunk(slice(2, 4), slice(0, 192)),
                                        Chunk(slice(4, 5), slice(0, 192))]
     chunks = plan_chunks(2, 1000, 300)
-    assert [c.atoms for c in chunks[:4]] == [slice(0, 300), slice(300, 600), slice(600, 900), slice(900, 1000)]
+    assert [c.atoms for c in chunks[:4]] == [slice(0, 250), slice(250, 500), slice(500, 750), slice(750, 1000)]
     assert len(chunks) == 8
+    # one frame, two workers: each gets half of the atoms
+    assert plan_chunks(1, 192, 1024, workers=2) == [Chunk(slice(0, 1), slice(0, 96)), Chunk(slice(0, 1), slice(96, 192))]
+    # many frames: whole frames, as many as fit
+    assert all(c.atoms == slice(0, 192) for c in plan_chunks(40, 192, 1024, workers=2))
 
 
 def test_memory_estimate_is_sane(water_dp):
