@@ -257,7 +257,7 @@ def run(cmd: list[str], cwd: Path, log: Path) -> str:
 
 def dp_test(model: Path, system: Path, cwd: Path, log: Path) -> dict[str, float]:
     """Energy RMSE/atom, force RMSE and virial RMSE/atom that ``dp test`` reports for one system."""
-    out = run(["dp", "--tf", "test", "-m", str(model), "-s", str(system)], cwd, log)
+    out = run(["dp", "--tf", "test", "-m", str(model.resolve()), "-s", str(system.resolve())], cwd, log)
     figures = {}
     for key, label in (("energy_rmse_per_atom", r"Energy RMSE/Natoms"), ("force_rmse", r"Force  RMSE"),
                        ("virial_rmse_per_atom", r"Virial RMSE/Natoms")):
