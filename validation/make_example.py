@@ -341,7 +341,7 @@ cross-checking minidp, not for physics.
 ## Regenerate
 
 ```bash
-. /work/venv/bin/activate   # deepmd-kit 3.2 with its TensorFlow backend, dpdata
+pip install -e ".[ref]"   # deepmd-kit 3.2 with its TensorFlow backend
 OMP_NUM_THREADS=2 python validation/make_example.py --shared ../shared --out minidp/examples/water
 ```
 
