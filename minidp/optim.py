@@ -21,6 +21,12 @@ torch trained from the same start agree to round-off:
 
 Learning-rate schedules are pure functions of the step number: no state,
 so any step's rate can be computed (and plotted, and tested) on its own.
+A schedule with its settings bound (``functools.partial``) is a function of
+the step alone, which is what :func:`warmup` composes with.
+
+Shape symbols: the parameters and gradients keep the shapes of
+:mod:`minidp.nn` (``(n_in, n_out)`` weights, ``(n_out,)`` biases and
+timesteps); nothing here makes an array of a new shape.
 """
 
 from __future__ import annotations
@@ -33,11 +39,30 @@ import numpy as np
 
 Params = list  # list[dict[str, np.ndarray]], as Net.params() returns
 
+_REAL = (int, float, np.integer, np.floating)
 
-def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not (isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value) and ok):
+
+def _check_number(name: str, value, allow_zero: bool = False) -> None:
+    """A finite real number > 0 (>= 0 with allow_zero); bools and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, _REAL):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    """An integer >= minimum (a step, a period); floats such as 2.0 are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_unit(name: str, value) -> None:
+    """A number in [0, 1)."""
+    _check_number(name, value, allow_zero=True)
+    if value >= 1:
+        raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -54,10 +79,10 @@ class SGDConfig:
     weight_decay: float = 0.0  # lambda: L2 penalty added to the gradient
 
     def __post_init__(self):
-        _check_positive("momentum", self.momentum, allow_zero=True)
-        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_number("momentum", self.momentum, allow_zero=True)
+        _check_number("weight_decay", self.weight_decay, allow_zero=True)
         if self.nesterov and self.momentum == 0:
-            raise ValueError("nesterov=True needs a momentum > 0")
+            raise ValueError("nesterov=True needs a momentum > 0, got momentum=0")
 
 
 @dataclass(frozen=True)
@@ -70,16 +95,34 @@ class AdamConfig:
     weight_decay: float = 0.0  # lambda: L2 penalty added to the gradient
 
     def __post_init__(self):
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise ValueError(f"{name} must lie in [0, 1), got {v!r}")
-        _check_positive("eps", self.eps)
-        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_unit("beta1", self.beta1)
+        _check_unit("beta2", self.beta2)
+        _check_number("eps", self.eps)
+        _check_number("weight_decay", self.weight_decay, allow_zero=True)
 
 
 def _zeros_like(params: Params) -> Params:
     return [{k: np.zeros_like(v) for k, v in p.items()} for p in params]
+
+
+def _layout(arrays: Params) -> list[dict[str, tuple]]:
+    """The shape of every array, by layer and name: what grads must match."""
+    return [{k: np.shape(v) for k, v in d.items()} for d in arrays]
+
+
+def _check_grads(layout: list[dict[str, tuple]], grads: Params) -> None:
+    """grads must mirror the parameters: same layers, same names, same shapes.
+
+    NumPy would broadcast a (1,) gradient onto a (n_out,) bias without a word,
+    so the layout is compared at every step (one comprehension: cheap).
+    """
+    if len(grads) == len(layout) and _layout(grads) == layout:
+        return
+    if len(grads) != len(layout):
+        raise ValueError(f"grads has {len(grads)} layers, expected {len(layout)} (one dict per layer of params)")
+    for k, (want, got) in enumerate(zip(layout, _layout(grads))):
+        if got != want:
+            raise ValueError(f"grads[{k}] has arrays of shapes {got}, expected {want}")
 
 
 class SGD:
@@ -87,11 +130,13 @@ class SGD:
 
     def __init__(self, params: Params, config: SGDConfig = SGDConfig()):
         self.params, self.config = params, config
-        self.buffers: Params | None = None  # momentum buffers, made at the first step
+        self.layout = _layout(params)  # the parameters are updated in place: shapes never change
+        self.buffers: Params | None = None  # momentum buffers b, made at the first step
 
     def step(self, grads: Params, lr: float) -> None:
-        """One update with learning rate lr (math in the module docstring)."""
-        _check_positive("lr", lr, allow_zero=True)
+        r"""One update with learning rate lr = :math:`\eta` (math in the module docstring)."""
+        _check_number("lr", lr, allow_zero=True)
+        _check_grads(self.layout, grads)
         mu, wd = self.config.momentum, self.config.weight_decay
         first = self.buffers is None
         if mu and first:
@@ -101,6 +146,8 @@ class SGD:
                 d = g[name] + wd * value if wd else g[name]
                 if mu:
                     buf = self.buffers[k][name]
+                    # torch starts the buffer at g itself, not at mu * 0 + g: the same
+                    # number, but dampening != 0 would tell them apart
                     if first:
                         buf[...] = d
                     else:
@@ -115,21 +162,26 @@ class Adam:
 
     def __init__(self, params: Params, config: AdamConfig = AdamConfig()):
         self.params, self.config = params, config
+        self.layout = _layout(params)  # the parameters are updated in place: shapes never change
         self.m, self.v = _zeros_like(params), _zeros_like(params)
         self.t = 0  # steps taken, for the bias corrections
 
     def step(self, grads: Params, lr: float) -> None:
-        """One update with learning rate lr (math in the module docstring)."""
-        _check_positive("lr", lr, allow_zero=True)
+        r"""One update with learning rate lr = :math:`\eta` (math in the module docstring)."""
+        _check_number("lr", lr, allow_zero=True)
+        _check_grads(self.layout, grads)
         c = self.config
         self.t += 1
         bias1, bias2 = 1.0 - c.beta1**self.t, 1.0 - c.beta2**self.t
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             for name, value in p.items():
                 d = g[name] + c.weight_decay * value if c.weight_decay else g[name]
+                # m + w (d - m) is torch's lerp for w < 1/2, rounding included
                 m[name] += (1.0 - c.beta1) * (d - m[name])
                 v[name] *= c.beta2
                 v[name] += (1.0 - c.beta2) * d * d
+                # eps is added after the bias correction of sqrt(v), as torch does:
+                # early on sqrt(v) is ~|g| sqrt(1 - beta2), far below eps' scale
                 denom = np.sqrt(v[name]) / math.sqrt(bias2) + c.eps
                 value -= (lr / bias1) * (m[name] / denom)
 
@@ -140,8 +192,14 @@ class Adam:
 
 
 def step_decay(step: int, lr0: float, step_size: int, gamma: float) -> float:
-    """lr = lr0 * gamma^floor(step / step_size)   (PyTorch's StepLR, stepped once per epoch)."""
-    _check_positive("step_size", step_size)
+    r"""PyTorch's StepLR (stepped once per epoch in the tutorial).
+
+    .. math:: \eta(t) = \eta_0 \, \gamma^{\lfloor t / s \rfloor}, \qquad s = \mathrm{step\_size}
+    """
+    _check_count("step", step, 0)
+    _check_number("lr0", lr0)
+    _check_count("step_size", step_size, 1)
+    _check_number("gamma", gamma)
     return lr0 * gamma ** (step // step_size)
 
 
@@ -151,57 +209,94 @@ def exp_decay(step: int, start_lr: float, stop_lr: float, decay_steps: int, numb
 
     .. math::
 
-        r = (\mathrm{stop\_lr} / \mathrm{start\_lr})^{s / T}, \qquad
-        lr(t) = \max(\mathrm{start\_lr} \cdot r^{\lfloor t / s \rfloor}, \mathrm{stop\_lr})
+        r = \exp\!\Big(\frac{\ln(\mathrm{stop\_lr} / \mathrm{start\_lr})}{T / s}\Big), \qquad
+        \eta(t) = \max(\mathrm{start\_lr} \cdot r^{\lfloor t / s \rfloor}, \mathrm{stop\_lr})
 
-    with s = decay_steps and T = numb_steps (t / s without the floor when not
-    staircase). As in deepmd-kit, a decay_steps not below numb_steps is
-    replaced by a sensible one (100, or numb_steps // 100 + 1 for short runs).
+    with s = decay_steps and T = numb_steps, the steps of the decay phase (in
+    deepmd-kit, the training steps minus the warm-up ones); t / s without the
+    floor when not staircase (deepmd-kit's ``smooth``). As in deepmd-kit, a
+    decay_steps not below numb_steps is replaced by 100 (or numb_steps // 100
+    + 1 for runs of at most 1000 steps), and the rate never drops below
+    stop_lr, whatever the step.
     """
-    _check_positive("start_lr", start_lr)
-    _check_positive("stop_lr", stop_lr)
-    _check_positive("decay_steps", decay_steps)
-    _check_positive("numb_steps", numb_steps)
+    _check_count("step", step, 0)
+    _check_number("start_lr", start_lr)
+    _check_number("stop_lr", stop_lr)
+    _check_count("decay_steps", decay_steps, 1)
+    _check_count("numb_steps", numb_steps, 1)
     if decay_steps >= numb_steps:
         decay_steps = 100 if numb_steps // 10 > 100 else numb_steps // 100 + 1
+    # deepmd-kit floors stop_lr at 1e-10 inside the log only (stop_lr > 0 here anyway)
     rate = math.exp(math.log(max(stop_lr, 1e-10) / start_lr) / (numb_steps / decay_steps))
     exponent = step // decay_steps if staircase else step / decay_steps
     return max(start_lr * rate**exponent, stop_lr)
 
 
 def warmup(step: int, warmup_steps: int, schedule: Callable[[int], float], start_factor: float = 0.0) -> float:
-    """Linear warm-up to schedule(0) over warmup_steps, then schedule(step - warmup_steps).
+    r"""Linear warm-up to schedule(0) over warmup_steps W, then the schedule, shifted by W.
 
-    lr = schedule(0) * (f + (1 - f) step / warmup_steps) while step < warmup_steps, f = start_factor.
+    .. math::
+
+        \eta(t) = \begin{cases}
+            \eta_s(0) \, (f + (1 - f)\, t / W) & t < W \\
+            \eta_s(t - W) & t \ge W
+        \end{cases}
+
+    with f = start_factor and :math:`\eta_s` = schedule (deepmd-kit's warm-up,
+    composable with any schedule of this module bound with functools.partial).
     """
-    _check_positive("warmup_steps", warmup_steps, allow_zero=True)
+    _check_count("step", step, 0)
+    _check_count("warmup_steps", warmup_steps, 0)
+    if not callable(schedule):
+        raise TypeError(f"schedule must be a function of the step, got {type(schedule).__name__}")
+    _check_number("start_factor", start_factor, allow_zero=True)
+    if start_factor > 1:
+        raise ValueError(f"start_factor must lie in [0, 1], got {start_factor!r}")
     if step < warmup_steps:
         return schedule(0) * (start_factor + (1.0 - start_factor) * step / warmup_steps)
     return schedule(step - warmup_steps)
 
 
 def cosine_annealing(step: int, lr0: float, t_max: int, eta_min: float = 0.0) -> float:
-    """lr = eta_min + (lr0 - eta_min) (1 + cos(pi step / t_max)) / 2   (PyTorch's CosineAnnealingLR)."""
-    _check_positive("t_max", t_max)
+    r"""PyTorch's CosineAnnealingLR, in closed form.
+
+    .. math:: \eta(t) = \eta_{min} + (\eta_0 - \eta_{min}) \frac{1 + \cos(\pi t / T_{max})}{2}
+
+    Beyond T_max the cosine comes back up, as torch's does (it is periodic in 2 T_max).
+    """
+    _check_count("step", step, 0)
+    _check_number("lr0", lr0)
+    _check_count("t_max", t_max, 1)
+    _check_number("eta_min", eta_min, allow_zero=True)
     return eta_min + (lr0 - eta_min) * (1.0 + math.cos(math.pi * step / t_max)) / 2.0
 
 
 def cosine_warm_restarts(step: int, lr0: float, t_0: int, t_mult: int = 1, eta_min: float = 0.0) -> float:
-    """SGDR: cosine annealing restarted after t_0, t_0 t_mult, t_0 t_mult^2, ... steps.
+    r"""SGDR: cosine annealing restarted after T_0, T_0 T_mult, T_0 T_mult^2, ... steps.
 
-    lr = eta_min + (lr0 - eta_min) (1 + cos(pi t_cur / t_i)) / 2, with t_cur the
-    steps since the last restart and t_i the current period
-    (PyTorch's CosineAnnealingWarmRestarts).
+    .. math::
+
+        \eta(t) = \eta_{min} + (\eta_0 - \eta_{min}) \frac{1 + \cos(\pi T_{cur} / T_i)}{2}
+
+    with T_i the current period and T_cur the steps since the last restart
+    (PyTorch's CosineAnnealingWarmRestarts stepped once per step).
     """
-    _check_positive("t_0", t_0)
-    if not isinstance(t_mult, (int, np.integer)) or t_mult < 1:
-        raise ValueError(f"t_mult must be an integer >= 1, got {t_mult!r}")
+    _check_count("step", step, 0)
+    _check_number("lr0", lr0)
+    _check_count("t_0", t_0, 1)
+    _check_count("t_mult", t_mult, 1)
+    _check_number("eta_min", eta_min, allow_zero=True)
     if t_mult == 1:
         t_cur, t_i = step % t_0, t_0
     else:
-        n = int(math.log(step / t_0 * (t_mult - 1) + 1, t_mult))
-        t_cur = step - t_0 * (t_mult**n - 1) / (t_mult - 1)
-        t_i = t_0 * t_mult**n
+        # Whole periods are peeled off in integers. The textbook closed form,
+        # n = floor(log_{T_mult}(t (T_mult - 1) / T_0 + 1)), rounds the log
+        # down at restarts (log_10(1000) = 2.9999999999999996) and would put
+        # step 111 of (T_0 = 1, T_mult = 10) at the bottom of a cosine
+        # instead of at the top. The loop runs log_{T_mult}(t) times.
+        t_cur, t_i = step, t_0
+        while t_cur >= t_i:
+            t_cur, t_i = t_cur - t_i, t_i * t_mult
     return eta_min + (lr0 - eta_min) * (1.0 + math.cos(math.pi * t_cur / t_i)) / 2.0
 
 
@@ -212,19 +307,28 @@ def cosine_warm_restarts(step: int, lr0: float, t_0: int, t_mult: int = 1, eta_m
 
 def gradient_descent_1d(grad: Callable, x0, lr: float, threshold: float = 1e-2,
                         max_iter: int = 1000) -> np.ndarray:
-    r"""x_{n+1} = x_n - lr f'(x_n), from x0, until |x_{n+1} - x_n| < threshold or max_iter steps.
+    r"""The tutorial's loop: :math:`x_{n+1} = x_n - \eta f'(x_n)` from x0.
 
-    The tutorial's loop on one number; x0 may also be an array (the positions
-    of a molecule, say), and then |.| is the largest component.
-    Returns the path (x_0, x_1, ..., x_N), the stopping point included.
+    Stops after the first step with :math:`|x_{n+1} - x_n| < \mathrm{threshold}`
+    (that step is kept), or after max_iter steps. On y = x^2 from 3 with
+    lr 0.1 and threshold 0.01, :math:`x_n = 3 \cdot 0.8^n` and the step
+    :math:`0.6 \cdot 0.8^{n-1}` first falls below 0.01 at n = 20: 21 points.
+
+    x0 may also be an array (the positions of a molecule, say), and then |.|
+    is the largest component. Returns the path (x_0, x_1, ..., x_N): shape
+    (N + 1,) for a number, (N + 1, *x0.shape) for an array.
     """
-    _check_positive("lr", lr)
-    _check_positive("threshold", threshold)
-    if not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if not callable(grad):
+        raise TypeError(f"grad must be a function of x, got {type(grad).__name__}")
+    _check_number("lr", lr)
+    _check_number("threshold", threshold)
+    _check_count("max_iter", max_iter, 1)
     path = [np.asarray(x0, dtype=np.float64)]
+    if not np.all(np.isfinite(path[0])):
+        raise ValueError(f"x0 must be finite, got {x0!r}")
     for _ in range(max_iter):
         path.append(path[-1] - lr * grad(path[-1]))
         if np.max(np.abs(path[-1] - path[-2])) < threshold:
             break
+    # (N + 1,) or (N + 1, *x0.shape)
     return np.array(path)

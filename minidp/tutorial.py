@@ -43,8 +43,18 @@ class FitConfig:
     gamma: float = 0.8  # StepLR: decay factor
     batch_size: int = 10  # samples per SGD step
     epochs: int = 2000  # passes over the data
-    seed: int = 1  # initial weights and shuffling
+    # initial weights and shuffling; seed 1 reaches a loss of 0.0002 by epoch 1800 (the tutorial: 0.0117),
+    # while some seeds (5) start with every relu dead and stall at 0.54
+    seed: int = 1
     report_every: int = 200  # epochs between printed losses
+
+    def __post_init__(self):
+        for name in ("width", "depth", "step_size", "batch_size", "epochs", "report_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not self.lr > 0 or not self.gamma > 0:
+            raise ValueError(f"lr and gamma must be positive, got lr={self.lr!r}, gamma={self.gamma!r}")
 
 
 def cos_data() -> tuple[np.ndarray, np.ndarray]:
@@ -63,30 +73,48 @@ def piecewise(x: np.ndarray) -> np.ndarray:
 
 
 def mse_step(net: Net, x: np.ndarray, y: np.ndarray) -> tuple[float, list]:
-    """L = mean((net(x) - y)^2) and dL/dparams; dL/dy_pred = 2 (y_pred - y) / nb."""
+    """L = mean((net(x) - y)^2) over all nb * n_out entries, and dL/dparams.
+
+    dL/d net(x) = 2 (net(x) - y) / (nb n_out), then backpropagated through the net.
+    """
     pred, caches = net_forward(net, x)
+    # (nb, n_out)
     diff = pred - y
     _, grads = net_backward(net, caches, 2.0 * diff / diff.size)
     return float(np.mean(diff**2)), grads
 
 
-def train(net: Net, x: np.ndarray, y: np.ndarray, cfg: FitConfig, log: Callable[[str], None] = print) -> list[float]:
-    """Minibatch SGD with StepLR; returns the running-mean loss of every epoch."""
+def train(net: Net, x: np.ndarray, y: np.ndarray, cfg: FitConfig,
+          log: Callable[[str], None] | None = None) -> list[float]:
+    """Minibatch SGD with StepLR, stepped per epoch; returns the running-mean loss of every epoch.
+
+    Every epoch visits the rows in a fresh random order, cfg.batch_size at a
+    time (the last batch may be smaller); every cfg.report_every epochs a line
+    goes to ``log`` (default: printed, beside the progress bar).
+    """
+    from tqdm.auto import tqdm
+
+    if x.ndim != 2 or x.shape[1] != net.n_in or y.shape != (len(x), net.n_out):
+        raise ValueError(f"x and y must have shapes (n, {net.n_in}) and (n, {net.n_out}), got {x.shape} and {y.shape}")
     rng = np.random.default_rng(cfg.seed)
     opt = SGD(net.params())
     history = []
-    for epoch in range(cfg.epochs):
-        lr = step_decay(epoch, cfg.lr, cfg.step_size, cfg.gamma)
-        order = rng.permutation(len(x))
-        losses = []
-        for start in range(0, len(x), cfg.batch_size):
-            batch = order[start:start + cfg.batch_size]
-            loss, grads = mse_step(net, x[batch], y[batch])
-            opt.step(grads, lr)
-            losses.append(loss)
-        history.append(float(np.mean(losses)))
-        if (epoch + 1) % cfg.report_every == 0 or epoch == 0:
-            log(f"epoch {epoch + 1:5d}  lr {lr:.5f}  loss {history[-1]:.4f}")
+    # disable=None: the bar shows only when stderr is a terminal
+    with tqdm(range(cfg.epochs), desc="epochs", leave=False, disable=None) as bar:
+        log = log or bar.write
+        for epoch in bar:
+            lr = step_decay(epoch, cfg.lr, cfg.step_size, cfg.gamma)
+            # (n,)
+            order = rng.permutation(len(x))
+            losses = []
+            for start in range(0, len(x), cfg.batch_size):
+                batch = order[start:start + cfg.batch_size]
+                loss, grads = mse_step(net, x[batch], y[batch])
+                opt.step(grads, lr)
+                losses.append(loss)
+            history.append(float(np.mean(losses)))
+            if (epoch + 1) % cfg.report_every == 0:
+                log(f"epoch {epoch + 1:5d}  lr {lr:.5f}  loss {history[-1]:.4f}")
     return history
 
 
@@ -102,11 +130,27 @@ def _figure():
 def _save(fig, path: Path) -> Path:
     from minidp.data import atomic_path
 
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     _figure().close(fig)
     print(f"wrote {path}")
     return path
+
+
+def _plot_fit(net: Net, truth: Callable, window: tuple[float, float], gaps, title: str, path: Path) -> Path:
+    """The net against the truth on window, the stretches without training data shaded."""
+    plt = _figure()
+    # (401, 1)
+    grid = np.linspace(*window, 401)[:, None]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    for k, (lo, hi) in enumerate(gaps):
+        ax.axvspan(lo, hi, color="0.9", label="no training data" if k == 0 else None)
+    ax.plot(grid, truth(grid), "k-", lw=1, label="truth")
+    ax.plot(grid, net_forward(net, grid)[0], "r-", label="MLP")
+    ax.set(title=title, xlabel="x", ylabel="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
 
 
 def run_cos(out: Path, cfg: FitConfig = FitConfig()) -> dict:
@@ -115,38 +159,27 @@ def run_cos(out: Path, cfg: FitConfig = FitConfig()) -> dict:
     x, y = cos_data()
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(x, y, ".", ms=2)
-    ax.set(title="training data: cos(x) on [0, 4] and [6, 8]", xlabel="x", ylabel="y")
+    ax.set(title=f"training data: cos(x), {len(x)} points on [0, 4] and [6, 8]", xlabel="x", ylabel="y")
     _save(fig, out / "cos-data.png")
 
     print("fitting cos(x):")
     net = mlp(cfg.width, cfg.depth, cfg.activation, seed=cfg.seed)
     history = train(net, x, y, cfg)
-    grid = np.linspace(0.0, 8.0, 801)[:, None]
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.axvspan(4, 6, color="0.9", label="no data")
-    ax.plot(grid, np.cos(grid), "k-", lw=1, label="cos(x)")
-    ax.plot(grid, net_forward(net, grid)[0], "r-", label="MLP")
-    ax.set(title="the net interpolates, but cannot know the gap", xlabel="x", ylabel="y")
-    ax.legend()
-    _save(fig, out / "cos-fit.png")
+    _plot_fit(net, np.cos, (0.0, 8.0), [(4.0, 6.0)], "the net interpolates, but cannot know the gap",
+              out / "cos-fit.png")
 
     print("fitting a piecewise function seen on [0, 2.5]:")
+    # (251, 1)
     xp = np.linspace(0.0, 2.5, 251)[:, None]
     net_p = mlp(cfg.width, cfg.depth, cfg.activation, seed=cfg.seed)
     history_p = train(net_p, xp, piecewise(xp), cfg, log=lambda s: None)
     print(f"epoch {cfg.epochs:5d}  loss {history_p[-1]:.4f}")
-    grid = np.linspace(0.0, 4.0, 401)[:, None]
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.axvspan(2.5, 4, color="0.9", label="no data")
-    ax.plot(grid, piecewise(grid), "k-", lw=1, label="truth")
-    ax.plot(grid, net_forward(net_p, grid)[0], "r-", label="MLP")
-    ax.set(title="trained on [0, 2.5], shown on [0, 4]", xlabel="x", ylabel="y")
-    ax.legend()
-    _save(fig, out / "piecewise-fit.png")
+    _plot_fit(net_p, piecewise, (0.0, 4.0), [(2.5, 4.0)], "trained on [0, 2.5], shown on [0, 4]",
+              out / "piecewise-fit.png")
 
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.semilogy(history, label="cos(x)")
-    ax.semilogy(history_p, label="piecewise")
+    ax.semilogy(np.arange(1, cfg.epochs + 1), history, label="cos(x)")
+    ax.semilogy(np.arange(1, cfg.epochs + 1), history_p, label="piecewise")
     ax.set(xlabel="epoch", ylabel="running-mean loss")
     ax.legend()
     _save(fig, out / "cos-loss.png")
@@ -206,10 +239,11 @@ def run_optimize(out: Path) -> dict:
         ax.set(title=f"{d.name}: {len(path)} points", xlabel="x", ylabel="f(x)")
         _save(fig, out / f"descent-{d.name}.png")
 
-    steps = np.arange(0, 20000)
-    exp = partial(exp_decay, start_lr=1e-3, stop_lr=3.51e-8, decay_steps=5000, numb_steps=20000)
+    # deepmd-kit's warm-up + exp over 20000 steps: the decay phase is the 19000 after the warm-up
+    steps = range(20000)
+    exp = partial(exp_decay, start_lr=1e-3, stop_lr=3.51e-8, decay_steps=1000, numb_steps=19000)
     schedules = {
-        "warm-up 1000 + exp decay (deepmd-kit)": [warmup(s, 1000, lambda t: exp(t)) for s in steps],
+        "warm-up 1000 + exp decay (deepmd-kit)": [warmup(s, 1000, exp) for s in steps],
         "cosine annealing, restarts (T0 2000, x2)": [cosine_warm_restarts(s, 1e-3, 2000, 2, 1e-6) for s in steps],
     }
     fig, ax = plt.subplots(figsize=(6, 3.5))
