@@ -81,7 +81,33 @@ def _read_converted(path: Path) -> dict:
             f"`dp convert-backend {path.name} {path.stem}.dp` and load the .dp file instead"
         ) from None
     backend = Backend.detect_backend_by_model(str(path))
-    return backend().serialize_hook(str(path))
+    data = backend().serialize_hook(str(path))
+    if path.suffix.lower() == ".pb":
+        _restore_pb_out_bias(path, data)
+    return data
+
+
+# deepmd-kit 3.2 writes a .pb's output bias under the first name but its
+# reader looks for the second, finds nothing and silently uses zero: every
+# atomic energy would then lack out_bias[type] (forces would not notice).
+_PB_OUT_BIAS = ("model_attr/model_attr/t_out_bias", "model_attr/t_out_bias")
+
+
+def _restore_pb_out_bias(path: Path, data: dict) -> None:
+    """Put the out_bias the TensorFlow graph holds back into the converted model dict."""
+    from deepmd.tf.utils.errors import GraphWithoutTensorError
+    from deepmd.tf.utils.graph import get_tensor_by_name_from_graph, load_graph_def
+
+    graph, _ = load_graph_def(str(path))
+    for name in _PB_OUT_BIAS:
+        try:
+            value = np.asarray(get_tensor_by_name_from_graph(graph, name))
+        except GraphWithoutTensorError:
+            continue
+        variables = data["model"].setdefault("@variables", {})
+        ntypes = len(data["model"]["type_map"])
+        variables["out_bias"] = value.reshape(-1, ntypes, 1)[:1]
+        return
 
 
 def read_model_dict(path) -> dict:

@@ -88,8 +88,13 @@ def shear_matrix(tilt: tuple[float, float, float]) -> np.ndarray:
     return np.array([[1.0, 0.0, 0.0], [t_ba, 1.0, 0.0], [t_ca, t_cb, 1.0]])
 
 
-def sheared(frames: Frames, tilt=(0.3, 0.2, 0.1)) -> Geometry:
-    """Case 2: H' = T H and x' = x H^-1 T H (det T = 1: the volume is kept)."""
+def sheared(frames: Frames, tilt=(0.2, 0.1, 0.1)) -> Geometry:
+    """Case 2: H' = T H and x' = x H^-1 T H (det T = 1: the volume is kept).
+
+    The map also squeezes bonds, by up to the smallest singular value of T
+    (0.90 for the default tilt, 0.86 for (0.3, 0.2, 0.1), which brings some
+    O-H pairs of the water data below 0.8 A).
+    """
     H = _need_cells(frames, "the sheared case")
     T = shear_matrix(tilt)
     # (nf, 3, 3)
@@ -112,6 +117,7 @@ def close_pairs(x: np.ndarray, cell: np.ndarray | None, types: np.ndarray, min_d
     nloc = x.shape[0]
     nl = build_neighbor_list(x[None], None if cell is None else cell[None], types, min_dist,
                              [nloc] * (int(types.max()) + 1))
+    # (npairs_found,) centre i, slot k, neighbour j; each pair is found from both ends
     i, k = np.nonzero(nl.nlist[0] >= 0)
     j = nl.nlist[0][i, k]
     return np.unique(np.stack([np.minimum(i, j), np.maximum(i, j)], axis=1), axis=0).reshape(-1, 2)
@@ -119,11 +125,13 @@ def close_pairs(x: np.ndarray, cell: np.ndarray | None, types: np.ndarray, min_d
 
 def drop_close_atoms(x: np.ndarray, cell: np.ndarray, types: np.ndarray, min_dist: float) -> np.ndarray:
     """Indices of the atoms kept after removing, one by one, the atom in most pairs closer than min_dist."""
+    # (nkept,)
     keep = np.arange(x.shape[0])
     while keep.size > 1:
         pairs = close_pairs(x[keep], cell, types[keep], min_dist)
         if pairs.size == 0:
             break
+        # (nkept,) close pairs each kept atom is in
         counts = np.bincount(pairs.ravel(), minlength=keep.size)
         # the last of the most-involved atoms: deterministic, whatever the order of pairs
         worst = keep.size - 1 - int(np.argmax(counts[::-1]))
@@ -131,20 +139,65 @@ def drop_close_atoms(x: np.ndarray, cell: np.ndarray, types: np.ndarray, min_dis
     return keep
 
 
-def small_cell(frames: Frames, edge: float = 7.5, min_dist: float = 0.8, key: str = "3-small-cell",
-               title: str | None = None) -> Geometry:
-    """Case 3: per frame, the corner s H of the cell (s = edge / narrowest width) as a periodic system of its own."""
+def environment(x: np.ndarray, cell: np.ndarray | None, types: np.ndarray, rcut: float, sel) -> tuple[float, np.ndarray]:
+    """One frame: the closest pair within rcut (inf if none), and (ntypes,) the most neighbours
+    of each type that any atom has, counted up to 4 sel (the list keeps the nearest, so the closest
+    pair is always in it)."""
+    wide = [4 * int(s) for s in sel]
+    sec = np.concatenate([[0], np.cumsum(wide)])
+    with warnings.catch_warnings():
+        # more than 4 sel only caps the count, which the caller sees
+        warnings.simplefilter("ignore", UserWarning)
+        nl = build_neighbor_list(x[None], None if cell is None else cell[None], types, rcut, wide)
+    # (natoms, 4 nnei) slots holding a neighbour
+    real = nl.nlist[0] >= 0
+    closest = float(np.linalg.norm(nl.rij[0][real], axis=-1).min()) if real.any() else np.inf
+    return closest, np.array([real[:, sec[t]:sec[t + 1]].sum(axis=1).max(initial=0) for t in range(len(sel))])
+
+
+def thin_to_sel(x: np.ndarray, cell: np.ndarray, types: np.ndarray, rcut: float, sel) -> np.ndarray:
+    """Indices of the atoms kept after removing, one by one, the last atom of the type most over sel.
+
+    In a cell shorter than rcut every atom counts many images of each atom,
+    so a frame slightly denser than average overflows sel; thinning it keeps
+    the comparison free of truncated neighbour lists.
+    """
+    # (nkept,)
+    keep = np.arange(x.shape[0])
+    while keep.size > 1:
+        # (ntypes,)
+        over = environment(x[keep], cell, types[keep], rcut, sel)[1] - np.array(sel)
+        if over.max() <= 0:
+            break
+        of_type = np.flatnonzero(types[keep] == int(np.argmax(over)))
+        keep = np.delete(keep, of_type[-1])
+    return keep
+
+
+def small_cell(frames: Frames, edge: float = 7.5, min_dist: float = 0.8, fit: tuple | None = None,
+               key: str = "3-small-cell", title: str | None = None) -> Geometry:
+    """Case 3: per frame, the corner s H of the cell (s = edge / narrowest width) as a periodic system of its own.
+
+    fit = (rcut, sel): also thin each frame until no atom has more neighbours than sel.
+    """
     H = _need_cells(frames, "the small-cell case")
     groups, labels = [], []
     for f in range(H.shape[0]):
+        # (natoms, 3) in [0, 1)
         _, frac = wrap(frames.coords[f], H[f])
+        # (3,) perpendicular widths V / |a_l x a_m|
         widths = abs(np.linalg.det(H[f])) / np.linalg.norm(np.cross(H[f][[1, 2, 0]], H[f][[2, 0, 1]]), axis=1)
         scale = min(1.0, edge / widths.min())
+        # (nin,) atoms in the corner
         inside = np.flatnonzero((frac < scale).all(axis=1))
         # atoms near the new faces meet atoms from the opposite faces, which
         # were never their neighbours: drop those that would overlap
+        # (nin, 3), (3, 3), (nin,)
         x, cell, types = frac[inside] @ H[f], scale * H[f], frames.atom_types[inside]
+        # (nkept,)
         kept = drop_close_atoms(x, cell, types, min_dist)
+        if fit is not None:
+            kept = kept[thin_to_sel(x[kept], cell, types[kept], *fit)]
         groups.append(Frames(x[kept][None], cell[None], types[kept]))
         labels.append(f"frame {f}")
     title = title or f"cell shorter than 2 rcut: the corner of each frame's cell, edge {edge:g} A, as a periodic system"
@@ -167,6 +220,7 @@ def cluster(frames: Frames, radius: float = 5.0) -> Geometry:
         x = frames.coords[f]
         if frames.cells is None:
             centre = x.mean(axis=0)
+            # (natoms, 3)
             d = x - centre
         else:
             H = frames.cells[f]
@@ -174,6 +228,7 @@ def cluster(frames: Frames, radius: float = 5.0) -> Geometry:
             # (natoms, 3)  fractional offsets from the centre, to the nearest image
             s = np.linalg.solve(H.T, (x - centre).T).T
             d = (s - np.round(s)) @ H
+        # (nin,)
         inside = np.flatnonzero(np.linalg.norm(d, axis=1) < radius)
         groups.append(Frames((centre + d[inside])[None], None, frames.atom_types[inside]))
         labels.append(f"frame {f}")
@@ -204,27 +259,20 @@ def combined(key: str, title: str, geometries: list[Geometry]) -> Geometry:
 
 
 def neighbour_stats(geometry: Geometry, rcut: float, sel) -> dict:
-    """Closest pair distance (inf if none within rcut) and the most neighbours of each type any atom has.
+    """Closest pair within rcut (inf if none) and the most neighbours of each type any atom has.
 
-    The list is built with 4 sel slots per type, so the counts are exact up
-    to that and the closest pair is always found (lists keep the nearest).
+    Counts are exact up to 4 sel (counts_capped says if reached); the
+    closest pair is always found, since the lists keep the nearest.
     """
-    sel = [int(s) for s in sel]
-    wide = [4 * s for s in sel]
-    sec = np.concatenate([[0], np.cumsum(wide)])
     closest, most = np.inf, np.zeros(len(sel), dtype=int)
     for g in geometry.groups:
-        with warnings.catch_warnings():
-            # overflowing 4 sel only caps the counts reported; it is flagged below
-            warnings.simplefilter("ignore", UserWarning)
-            nl = build_neighbor_list(g.coords, g.cells, g.atom_types, rcut, wide)
-        real = nl.nlist >= 0
-        if real.any():
-            closest = min(closest, float(np.linalg.norm(nl.rij[real], axis=-1).min()))
-        for t in range(len(sel)):
-            most[t] = max(most[t], int(real[..., sec[t]:sec[t + 1]].sum(axis=-1).max()))
-    return {"min_distance": closest, "max_neighbours": most.tolist(), "sel": sel,
-            "sel_exceeded": bool((most > np.array(sel)).any()), "counts_capped": bool((most >= np.array(wide)).any())}
+        for f in range(g.coords.shape[0]):
+            cell = None if g.cells is None else g.cells[f]
+            near, counts = environment(g.coords[f], cell, g.atom_types, rcut, sel)
+            closest, most = min(closest, near), np.maximum(most, counts)
+    sel = np.array([int(s) for s in sel])
+    return {"min_distance": closest, "max_neighbours": most.tolist(), "sel": sel.tolist(),
+            "sel_exceeded": bool((most > sel).any()), "counts_capped": bool((most >= 4 * sel).any())}
 
 
 # ---------------------------------------------------------------------------
@@ -248,18 +296,29 @@ def random_model_config(type_map: list[str], rcut: float, sel, seed: int) -> dic
     }
 
 
-def set_statistics(model_dict: dict, rng: np.random.Generator) -> dict:
+def set_statistics(model_dict: dict, sel, rng: np.random.Generator) -> dict:
     """Give davg, dstd, bias_atom_e and out_bias values far from their defaults (0, 1, 0, 0), in place.
 
-    davg is non-zero in all four columns and on every slot: padded slots then
-    feed (0 - davg) / dstd != 0 to the nets, which minidp treats apart.
+    davg is non-zero in all four columns: padded slots then feed
+    (0 - davg) / dstd != 0 to the nets, which minidp treats apart. davg and
+    dstd vary with centre type, neighbour type and column but not from slot
+    to slot within a neighbour type's section, like deepmd-kit's own
+    statistics (one value per centre type and column). Why it matters:
+    deepmd-kit's TF op sorts neighbours by r^2 in float32 (ties by index),
+    minidp by r in float64, so two neighbours closer than float32 resolves
+    can sit in swapped slots; with per-slot statistics that changed D by
+    2.3e-4 (data_3 frame 5, O atom 48: H atoms 71 and 183, 1.0e-8 A apart).
     out_std stays 1: deepmd-kit's TF graph multiplies atomic energies by it,
     its NumPy backend and minidp do not, so any other value would test that
     difference and not minidp.
     """
     v = model_dict["descriptor"]["@variables"]
-    v["davg"] = rng.uniform(-0.1, 0.3, np.shape(v["davg"]))
-    v["dstd"] = rng.uniform(0.5, 2.0, np.shape(v["dstd"]))
+    ntypes = np.shape(v["davg"])[0]
+    # (ntypes, ntypes, 4): per centre type, neighbour type, column
+    davg = rng.uniform(-0.1, 0.3, (ntypes, len(sel), 4))
+    dstd = rng.uniform(0.5, 2.0, (ntypes, len(sel), 4))
+    section = np.repeat(np.arange(len(sel)), sel)
+    v["davg"], v["dstd"] = davg[:, section], dstd[:, section]
     fit = model_dict["fitting"]["@variables"]
     fit["bias_atom_e"] = rng.normal(0.0, 1.0, np.shape(fit["bias_atom_e"]))
     out = model_dict["@variables"]
@@ -282,7 +341,8 @@ def write_random_model(dp_path, pb_path, config: dict, seed: int) -> dict:
     from deepmd.dpmodel.model.model import get_model
     from deepmd.dpmodel.utils.serialization import save_dp_model
 
-    model_dict = set_statistics(get_model(copy.deepcopy(config)).serialize(), np.random.default_rng(seed))
+    sel = config["descriptor"]["sel"]
+    model_dict = set_statistics(get_model(copy.deepcopy(config)).serialize(), sel, np.random.default_rng(seed))
     with atomic_path(dp_path) as tmp:
         # the wrapper dp convert-backend reads: the model, and the config the
         # TF backend rebuilds its graph from

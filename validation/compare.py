@@ -129,10 +129,38 @@ def parameter_differences(a: EnergyModel, b: EnergyModel) -> dict[str, float]:
     """Largest |a - b| in each parameter group (inf where the shapes differ)."""
     out = {}
     for (name, xs), ys in zip(model_arrays(a).items(), model_arrays(b).values()):
-        same = len(xs) == len(ys) and all(x.shape == y.shape for x, y in zip(xs, ys))
-        out[name] = max((float(np.abs(x - y).max(initial=0.0)) for x, y in zip(xs, ys)), default=0.0) \
-            if same else np.inf
+        if len(xs) != len(ys) or any(x.shape != y.shape for x, y in zip(xs, ys)):
+            out[name] = np.inf
+        else:
+            out[name] = max((float(np.abs(x - y).max(initial=0.0)) for x, y in zip(xs, ys)), default=0.0)
     return out
+
+
+OUT_BIAS_NAMES = ("model_attr/t_out_bias", "model_attr/model_attr/t_out_bias")
+
+
+def pb_out_bias(path) -> dict:
+    """The atomic model's out_bias of a .pb, as its TF graph holds it and as deepmd-kit's converter reads it.
+
+    deepmd-kit 3.2's reader looks for the first of OUT_BIAS_NAMES; its graphs
+    store the second. Returns {"model", "graph": {tensor name: values},
+    "converter": values or None}.
+    """
+    from deepmd.tf.utils.graph import get_tensor_by_name_from_graph, load_graph_def
+    from deepmd.tf.utils.errors import GraphWithoutTensorError
+
+    from minidp.serialization import read_model_dict
+
+    graph, _ = load_graph_def(str(path))
+    found = {}
+    for name in OUT_BIAS_NAMES:
+        try:
+            found[name] = np.ravel(get_tensor_by_name_from_graph(graph, name)).tolist()
+        except GraphWithoutTensorError:
+            continue
+    converted = read_model_dict(path)["model"].get("@variables", {}).get("out_bias")
+    return {"model": str(path), "graph": found,
+            "converter": None if converted is None else np.ravel(converted).tolist()}
 
 
 # ---------------------------------------------------------------------------
