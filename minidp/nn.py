@@ -35,8 +35,9 @@ returns ``dL/d(input)`` and the parameter gradients.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,7 +46,9 @@ import numpy as np
 # the already computed a = phi(z) so the backward recomputes nothing costly.
 # ---------------------------------------------------------------------------
 
-_GELU_C = np.sqrt(2.0 / np.pi)  # deepmd-kit's gelu is the tanh approximation
+# deepmd-kit's gelu is the tanh approximation. A Python float, not np.sqrt's np.float64:
+# under NumPy 2 promotion a NumPy float64 scalar turns a float32 array into float64.
+_GELU_C = float(np.sqrt(2.0 / np.pi))
 
 
 def _gelu(z):
@@ -101,7 +104,7 @@ ACTIVATIONS["gelu_tf"] = ACTIVATIONS["gelu"]
 def get_activation(name: str) -> Activation:
     """Look up an activation by deepmd-kit's name (case-insensitive)."""
     if not isinstance(name, str):
-        raise TypeError(f"activation must be a string, got {type(name).__name__}")
+        raise TypeError(f"activation must be a string, got {name!r} ({type(name).__name__})")
     key = name.lower()
     if key not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
@@ -347,9 +350,23 @@ def _init_layer(rng, n_in, n_out, dtype, activation, resnet, resnet_dt, init) ->
     return Layer(W.astype(dtype), b.astype(dtype), idt, activation, resnet)
 
 
+def _is_size(n) -> bool:
+    """A positive integer (bools are ints to Python, but never widths)."""
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+
+
+def _check_size(name: str, n) -> int:
+    if not _is_size(n):
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    return int(n)
+
+
 def _check_sizes(name: str, sizes) -> list[int]:
+    # a bare int or a string would otherwise fail in list() or be split into characters
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
+        raise TypeError(f"{name} must be a list of positive integers, got {sizes!r}")
     sizes = list(sizes)
-    if not sizes or any((not isinstance(n, (int, np.integer))) or n < 1 for n in sizes):
+    if not sizes or not all(_is_size(n) for n in sizes):
         raise ValueError(f"{name} must be a non-empty list of positive integers, got {sizes!r}")
     return [int(n) for n in sizes]
 
@@ -367,6 +384,7 @@ def embedding_net(
     elsewhere would change when converted to it.
     """
     neuron = _check_sizes("neuron", neuron)
+    n_in = _check_size("n_in", n_in)
     get_activation(activation)
     rng = np.random.default_rng(seed)
     widths = [n_in] + neuron
@@ -382,6 +400,7 @@ def fitting_net(
     dtype=np.float64, seed: int | None = None,
 ) -> Net:
     """deepmd-kit's fitting net: an embedding net of ``neuron`` then a linear layer to n_out."""
+    n_out = _check_size("n_out", n_out)
     hidden = embedding_net(neuron, n_in, activation, resnet_dt, dtype, seed)
     rng = np.random.default_rng(None if seed is None else seed + 1)
     out = _init_layer(rng, hidden.n_out, n_out, dtype, "linear", False, False, "deepmd")
@@ -397,9 +416,8 @@ def mlp(
     ``depth`` hidden layers of ``width`` units (no residual connections), then a
     linear output layer; PyTorch's default initialization.
     """
-    for name, v in (("width", width), ("depth", depth)):
-        if not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    width, depth = _check_size("width", width), _check_size("depth", depth)
+    n_in, n_out = _check_size("n_in", n_in), _check_size("n_out", n_out)
     get_activation(activation)
     rng = np.random.default_rng(seed)
     widths = [n_in] + [width] * depth
