@@ -34,6 +34,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from minidp.checks import positive_int
 from minidp.model import EnergyModel, Prediction, energy_forces
 from minidp.neighbor import NeighborList, build_neighbor_list
 from minidp.se_e2_a import descriptor
@@ -205,8 +206,8 @@ class DeepPot:
     def __init__(self, model_file, *, batch_size: int | None = None, memory_budget: int | None = None,
                  workers: int | None = None, progress: bool | None = None, backend: str = "numba"):
         for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget), ("workers", workers)):
-            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if value is not None:
+                positive_int(name, value)
         if backend not in ("numba", "numpy"):
             raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
         self.model_file = str(model_file)

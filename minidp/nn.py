@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from minidp.checks import is_positive_int, positive_int
+
 # ---------------------------------------------------------------------------
 # Activations: each is phi(z) and phi'(z), the derivative written from z and
 # the already computed a = phi(z) so the backward recomputes nothing costly.
@@ -350,23 +352,12 @@ def _init_layer(rng, n_in, n_out, dtype, activation, resnet, resnet_dt, init) ->
     return Layer(W.astype(dtype), b.astype(dtype), idt, activation, resnet)
 
 
-def _is_size(n) -> bool:
-    """A positive integer (bools are ints to Python, but never widths)."""
-    return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
-
-
-def _check_size(name: str, n) -> int:
-    if not _is_size(n):
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
-    return int(n)
-
-
 def _check_sizes(name: str, sizes) -> list[int]:
     # a bare int or a string would otherwise fail in list() or be split into characters
     if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Iterable):
         raise TypeError(f"{name} must be a list of positive integers, got {sizes!r}")
     sizes = list(sizes)
-    if not sizes or not all(_is_size(n) for n in sizes):
+    if not sizes or not all(is_positive_int(n) for n in sizes):
         raise ValueError(f"{name} must be a non-empty list of positive integers, got {sizes!r}")
     return [int(n) for n in sizes]
 
@@ -384,7 +375,7 @@ def embedding_net(
     elsewhere would change when converted to it.
     """
     neuron = _check_sizes("neuron", neuron)
-    n_in = _check_size("n_in", n_in)
+    n_in = positive_int("n_in", n_in)
     get_activation(activation)
     rng = np.random.default_rng(seed)
     widths = [n_in] + neuron
@@ -400,7 +391,7 @@ def fitting_net(
     dtype=np.float64, seed: int | None = None,
 ) -> Net:
     """deepmd-kit's fitting net: an embedding net of ``neuron`` then a linear layer to n_out."""
-    n_out = _check_size("n_out", n_out)
+    n_out = positive_int("n_out", n_out)
     hidden = embedding_net(neuron, n_in, activation, resnet_dt, dtype, seed)
     rng = np.random.default_rng(None if seed is None else seed + 1)
     out = _init_layer(rng, hidden.n_out, n_out, dtype, "linear", False, False, "deepmd")
@@ -416,8 +407,8 @@ def mlp(
     ``depth`` hidden layers of ``width`` units (no residual connections), then a
     linear output layer; PyTorch's default initialization.
     """
-    width, depth = _check_size("width", width), _check_size("depth", depth)
-    n_in, n_out = _check_size("n_in", n_in), _check_size("n_out", n_out)
+    width, depth = positive_int("width", width), positive_int("depth", depth)
+    n_in, n_out = positive_int("n_in", n_in), positive_int("n_out", n_out)
     get_activation(activation)
     rng = np.random.default_rng(seed)
     widths = [n_in] + [width] * depth

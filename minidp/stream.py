@@ -38,6 +38,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from minidp.checks import positive_int
 from minidp.data import atomic_path, guess_format, model_types
 from minidp.model import Prediction
 
@@ -215,15 +216,9 @@ def read_frames(system: LazySystem, start: int, stop: int) -> Block:
     return Block(slice(start, stop), coords, cells, labels)
 
 
-def _check_count(name: str, value) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def iter_blocks(system: LazySystem, frames_per_chunk: int) -> Iterator[Block]:
     """Blocks of ``frames_per_chunk`` frames (the last one shorter), in order, one in memory at a time."""
-    n = _check_count("frames_per_chunk", frames_per_chunk)
+    n = positive_int("frames_per_chunk", frames_per_chunk)
     for start in range(0, system.nframes, n):
         yield read_frames(system, start, min(start + n, system.nframes))
 
@@ -324,7 +319,7 @@ def write_labelled_stream(dp, system_path, output, frames_per_chunk: int, set_si
     temporary folder beside ``output`` and moved onto it only when every block
     is written: a failed run leaves no ``output``.
     """
-    set_size = _check_count("set_size", set_size)
+    set_size = positive_int("set_size", set_size)
     system = system_path if isinstance(system_path, LazySystem) else lazy_system(system_path)
     with atomic_path(output) as tmp:
         counts = _create_outputs(tmp, system, set_size)
@@ -376,7 +371,7 @@ def chunk_bag(model_path, system_paths, frames_per_chunk: int):
     the systems' paths must be visible to the workers (a shared file system).
     """
     bag = _dask_bag()
-    n = _check_count("frames_per_chunk", frames_per_chunk)
+    n = positive_int("frames_per_chunk", frames_per_chunk)
     if isinstance(system_paths, (str, Path)):
         raise TypeError(f"system_paths must be a list of systems, got the single path {system_paths!r}")
     systems = [lazy_system(p) for p in system_paths]

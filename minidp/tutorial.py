@@ -22,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from minidp.checks import positive_int
 from minidp.nn import Net, mlp, net_backward, net_forward
 from minidp.optim import (SGD, cosine_warm_restarts, exp_decay, gradient_descent_1d, step_decay,
                           warmup)
@@ -50,9 +51,7 @@ class FitConfig:
 
     def __post_init__(self):
         for name in ("width", "depth", "step_size", "batch_size", "epochs", "report_every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            positive_int(name, getattr(self, name))
         if not self.lr > 0 or not self.gamma > 0:
             raise ValueError(f"lr and gamma must be positive, got lr={self.lr!r}, gamma={self.gamma!r}")
 
