@@ -30,7 +30,7 @@ def _cmd_eval(args) -> int:
     from minidp.infer import DeepPot
 
     dp = DeepPot(args.model, batch_size=args.batch_size)
-    system = read_system(args.system, args.format)
+    system = read_system(args.system, args.format, args.type_map)
     types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
     cells = None if system.nopbc else system["cells"]
     e, f, v = dp.eval(system["coords"], cells, types)
@@ -57,7 +57,7 @@ def _cmd_eval_desc(args) -> int:
     dp = DeepPot(args.model, batch_size=args.batch_size)
     out = Path(args.output)
     for path in args.system:
-        system = read_system(path, args.format)
+        system = read_system(path, args.format, args.type_map)
         types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
         D = dp.eval_descriptor(system["coords"], None if system.nopbc else system["cells"], types)
         target = out / f"{Path(path).resolve().name}.npy"
@@ -76,7 +76,7 @@ def _cmd_test(args) -> int:
     from minidp.report import error_table, parity_plots
 
     dp = DeepPot(args.model, batch_size=args.batch_size)
-    system = read_system(args.system, args.format)
+    system = read_system(args.system, args.format, args.type_map)
     if "energies" not in system.data:
         raise ValueError(f"system {args.system} has no labels (energies) to test against")
     n = min(args.numb_test or len(system), len(system))
@@ -117,6 +117,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("-m", "--model", required=True, help="model file (.dp, .yaml, .json; .pb/.pth with deepmd-kit)")
     p.add_argument("-s", "--system", required=True, help="system to evaluate (any format dpdata reads)")
     p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
+    p.add_argument("-t", "--type-map", nargs="+", default=None,
+                   help="element of each numbered type, for formats without names (LAMMPS data/dump)")
     p.add_argument("-o", "--output", required=True, help="output deepmd/npy folder")
     p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk (default: from free memory)")
     p.add_argument("--set-size", type=int, default=5000, help="frames per set.* folder")
@@ -126,6 +128,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("-m", "--model", required=True, help="model file")
     p.add_argument("-s", "--system", required=True, nargs="+", help="systems (any format dpdata reads)")
     p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
+    p.add_argument("-t", "--type-map", nargs="+", default=None,
+                   help="element of each numbered type, for formats without names (LAMMPS data/dump)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk")
     p.set_defaults(func=_cmd_eval_desc)
@@ -134,6 +138,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument("-m", "--model", required=True, help="model file")
     p.add_argument("-s", "--system", required=True, help="labelled system (any format dpdata reads)")
     p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
+    p.add_argument("-t", "--type-map", nargs="+", default=None,
+                   help="element of each numbered type, for formats without names (LAMMPS data/dump)")
     p.add_argument("-n", "--numb-test", type=int, default=0, help="frames to test (default: all)")
     p.add_argument("--plots", default=None, help="folder for parity plots (PNG)")
     p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk")

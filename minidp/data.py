@@ -27,8 +27,12 @@ def guess_format(path: Path) -> str:
     return "auto"
 
 
-def read_system(path, fmt: str | None = None):
-    """Read frames with dpdata; labelled (energies/forces) when the source has labels."""
+def read_system(path, fmt: str | None = None, type_map: list[str] | None = None):
+    """Read frames with dpdata; labelled (energies/forces) when the source has labels.
+
+    ``type_map`` names the types of formats that only number them (a LAMMPS
+    data file's types 1, 2, ... become type_map[0], type_map[1], ...).
+    """
     import dpdata
 
     path = Path(path)
@@ -37,9 +41,9 @@ def read_system(path, fmt: str | None = None):
     fmt = fmt or guess_format(path)
     try:
         try:
-            return dpdata.LabeledSystem(str(path), fmt=fmt)
+            return dpdata.LabeledSystem(str(path), fmt=fmt, type_map=type_map)
         except Exception:  # not labelled (or not readable as such): read the coordinates only
-            return dpdata.System(str(path), fmt=fmt)
+            return dpdata.System(str(path), fmt=fmt, type_map=type_map)
     except Exception as err:
         raise ValueError(f"cannot read system {path} as {fmt!r}: {type(err).__name__}: {err}") from None
 

@@ -125,3 +125,22 @@ def test_every_subcommand_has_help():
     for cmd in (["eval"], ["eval-desc"], ["test"], ["info"], ["tutorial", "cos"], ["tutorial", "optimize"]):
         r = subprocess.run([sys.executable, "-m", "minidp", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: minidp" in r.stdout
+
+
+@pytest.mark.parametrize("fmt, name, extra", [
+    ("vasp/poscar", "POSCAR", []),
+    ("deepmd/hdf5", "w.hdf5", []),
+    ("lammps/lmp", "w.lmp", ["-f", "lammps/lmp", "-t", "O", "H"]),
+])
+def test_eval_reads_other_formats(small_model, small_system, tmp_path, fmt, name, extra):
+    """Any format dpdata reads; numbered types are named with --type-map."""
+    import dpdata
+
+    from minidp import DeepPot
+
+    system = dpdata.System(str(small_system), fmt="deepmd/npy")[:1]
+    system.to(fmt, str(tmp_path / name))
+    out = tmp_path / "labelled"
+    assert main(["eval", "-m", str(small_model), "-s", str(tmp_path / name), *extra, "-o", str(out)]) == 0
+    e, _, _ = DeepPot(small_model).eval(system["coords"], system["cells"], system["atom_types"])
+    assert np.load(out / "set.000" / "energy.npy").ravel() == pytest.approx(e[:, 0], rel=1e-10)
