@@ -247,18 +247,18 @@ class DeepPot:
         return self.model.descriptor.config.dim_out
 
     # --- the chunk machinery, shared by every evaluation ---
-    def _neighbors(self, frames: Frames, fs: slice) -> NeighborList:
+    def _neighbors(self, frames: Frames, chunk: Chunk) -> NeighborList:
+        """The neighbours of a chunk's centre atoms (among all atoms of its frames)."""
         cfg = self.model.descriptor.config
-        cells = None if frames.cells is None else frames.cells[fs]
-        return build_neighbor_list(frames.coords[fs], cells, frames.atom_types, cfg.rcut, list(cfg.sel),
-                                   backend=self.backend)
+        cells = None if frames.cells is None else frames.cells[chunk.frames]
+        return build_neighbor_list(frames.coords[chunk.frames], cells, frames.atom_types, cfg.rcut, list(cfg.sel),
+                                   backend=self.backend, centers=chunk.atoms)
 
     def _run(self, frames: Frames, work: Callable[[NeighborList, Chunk], object]) -> Iterator[tuple[Chunk, object]]:
         """Yield (chunk, work(neighbours of its centres, chunk)) in order, chunks on worker threads.
 
-        A frame cut into atom ranges has its neighbour list built once, here;
-        whole-frame chunks build theirs on the worker. At most workers + 1
-        chunks are in flight, which bounds the memory.
+        Each chunk builds its own neighbour list on its worker. At most
+        workers + 1 chunks are submitted at once, which bounds the memory.
         """
         from threadpoolctl import threadpool_limits
         from tqdm.auto import tqdm
@@ -266,25 +266,17 @@ class DeepPot:
         nf, natoms, _ = frames.coords.shape
         chunks = plan_chunks(nf, natoms, self.batch_size, self.workers)
 
-        def task(chunk: Chunk, frame_nl: NeighborList | None):
-            if frame_nl is None:
-                return work(self._neighbors(frames, chunk.frames), chunk)
-            nlist, rij = frame_nl.nlist[:, chunk.atoms], frame_nl.rij[:, chunk.atoms]
-            return work(NeighborList(nlist, rij, frame_nl.n_over), chunk)
+        def task(chunk: Chunk):
+            return work(self._neighbors(frames, chunk), chunk)
 
         # disable=None: tqdm shows the bar only when stderr is a terminal
         bar = tqdm(total=len(chunks), desc="minidp", unit="chunk", leave=False,
                    disable=None if self.progress is None else not self.progress)
         limits = threadpool_limits(1) if self.workers > 1 else contextlib.nullcontext()
-        frame_nl = None
         with bar, limits, ThreadPoolExecutor(self.workers) as pool:
             pending: collections.deque = collections.deque()
             for chunk in chunks:
-                whole = chunk.atoms.stop - chunk.atoms.start == natoms
-                if not whole and chunk.atoms.start == 0:
-                    frame_nl = None  # let the previous big frame's list go first
-                    frame_nl = self._neighbors(frames, chunk.frames)
-                pending.append((chunk, pool.submit(task, chunk, None if whole else frame_nl)))
+                pending.append((chunk, pool.submit(task, chunk)))
                 while len(pending) > self.workers or (chunk is chunks[-1] and pending):
                     done, future = pending.popleft()
                     bar.update()

@@ -263,12 +263,14 @@ def _select(i, j, code, r2, d, types, nloc, sel):
     return nlist, rij, n_over
 
 
-def _search_numpy(x, frac, box, types, rcut, sel):
-    """Every frame of wrapped positions x by brute force (frac is unused: the signature of _search_numba).
+def _search_numpy(x, frac, box, types, rcut, sel, centers):
+    """Every frame of wrapped positions x by brute force (frac is unused: the signature of _search_numba),
+    for the centre atoms in the range ``centers``.
 
-    Returns (nlist (nf, nloc, nnei), rij (nf, nloc, nnei, 3), n_over).
+    Returns (nlist (nf, nc, nnei), rij (nf, nc, nnei, 3), n_over).
     """
-    nf, nloc, _ = x.shape
+    nf = x.shape[0]
+    nloc = centers.stop - centers.start
     # (nf, nloc, nnei)
     nlist = np.empty((nf, nloc, sum(sel)), dtype=np.int64)
     # (nf, nloc, nnei, 3)
@@ -276,9 +278,13 @@ def _search_numpy(x, frac, box, types, rcut, sel):
     n_over = 0
     for f in range(nf):
         i, j, code, r2, d = _candidates_numpy(x[f], None if box is None else box[f], rcut)
+        # (nc,)  the pairs whose centre is in range, numbered from its start
+        mine = (i >= centers.start) & (i < centers.stop)
+        i, j, code, r2, d = i[mine] - centers.start, j[mine], code[mine], r2[mine], d[mine]
         if r2.size and r2.min() == 0.0:
             k = int(np.argmin(r2))
-            raise ValueError(f"atoms {i[k]} and {j[k]} are on the same spot (frame {f}); expected distinct positions")
+            raise ValueError(f"atoms {i[k] + centers.start} and {j[k]} are on the same spot (frame {f}); "
+                             "expected distinct positions")
         nlist[f], rij[f], over = _select(i, j, code, r2, d, types, nloc, sel)
         n_over += over
     return nlist, rij, n_over
@@ -467,8 +473,9 @@ def _fill_sections(p, by_r, cm, cv, xs, order, vshift, types, sec, counted, nlis
 
 
 @njit(cache=True, nogil=True)
-def _cell_list_frame(x, frac, cell, periodic, nbin, reach, types, rc2, sec, nlist, rij):  # pragma: no cover
-    """One frame: writes every entry of nlist (nloc, nnei) and rij (nloc, nnei, 3).
+def _cell_list_frame(x, frac, cell, periodic, nbin, reach, types, rc2, sec, first, nlist, rij):  # pragma: no cover
+    """One frame: writes every entry of nlist (nc, nnei) and rij (nc, nnei, 3) for the
+    centre atoms first .. first + nc - 1 (all atoms are binned: any can be a neighbour).
 
     Returns (n_over, i, j) with i, j >= 0 naming two atoms on the same spot, else (n_over, -1, -1).
     """
@@ -489,20 +496,23 @@ def _cell_list_frame(x, frac, cell, periodic, nbin, reach, types, rc2, sec, nlis
     counted = np.zeros(sec.size - 1, np.int64)
     n_over = 0
     for p in range(x.shape[0]):
+        if order[p] < first or order[p] >= first + nlist.shape[0]:
+            continue
         nv, own = _visits(bs[p], cell, periodic, nbin, reach, vbin, vshift, vcode)
         nc = _gather(p, xs, start, nv, own, vbin, vshift, rc2, cm, cv, cr2)
         if nc < 0:
             return n_over, order[p], order[-1 - nc]
         by_r = _sort_candidates(nc, cm, cv, cr2, order, vcode, rc2, bucket, count, perm)
         n_over += _fill_sections(p, by_r, cm, cv, xs, order, vshift, types, sec, counted,
-                                 nlist[order[p]], rij[order[p]])
+                                 nlist[order[p] - first], rij[order[p] - first])
     return n_over, -1, -1
 
 
-def _search_numba(x, frac, box, types, rcut, sel):
-    """Every frame of wrapped positions x (fractional frac) through the cell list:
-    (nlist (nf, nloc, nnei), rij (nf, nloc, nnei, 3), n_over)."""
-    nf, nloc, _ = x.shape
+def _search_numba(x, frac, box, types, rcut, sel, centers):
+    """Every frame of wrapped positions x (fractional frac) through the cell list, for the
+    centre atoms in the range ``centers``: (nlist (nf, nc, nnei), rij (nf, nc, nnei, 3), n_over)."""
+    nf = x.shape[0]
+    nloc = centers.stop - centers.start
     frac, nbin, reach = _grid(x, frac, box, rcut)
     # (ntypes + 1,)
     sec = np.concatenate([[0], np.cumsum(sel)]).astype(np.int64)
@@ -516,7 +526,8 @@ def _search_numba(x, frac, box, types, rcut, sel):
     for f in range(nf):
         cell = zero_cell if box is None else np.ascontiguousarray(box[f])
         over, i, j = _cell_list_frame(np.ascontiguousarray(x[f]), np.ascontiguousarray(frac[f]), cell,
-                                      box is not None, nbin[f], reach[f], types, rcut * rcut, sec, nlist[f], rij[f])
+                                      box is not None, nbin[f], reach[f], types, rcut * rcut, sec, centers.start,
+                                      nlist[f], rij[f])
         if i >= 0:
             raise ValueError(f"atoms {i} and {j} are on the same spot (frame {f}); expected distinct positions")
         n_over += over
@@ -528,7 +539,8 @@ def _search_numba(x, frac, box, types, rcut, sel):
 # ---------------------------------------------------------------------------
 
 
-def build_neighbor_list(coords, cells, atom_types, rcut: float, sel, *, backend: str = "numba") -> NeighborList:
+def build_neighbor_list(coords, cells, atom_types, rcut: float, sel, *, backend: str = "numba",
+                        centers: slice | None = None) -> NeighborList:
     """Neighbours of every atom of every frame (the math and the layout are in the module docstring).
 
     coords (nf, nloc, 3), any real dtype (computed in float64); cells (nf, 3, 3)
@@ -537,6 +549,8 @@ def build_neighbor_list(coords, cells, atom_types, rcut: float, sel, *, backend:
     Returns nlist (nf, nloc, nnei), rij (nf, nloc, nnei, 3) = r_j + n.h - r_i
     of the wrapped positions, and n_over, the number of (frame, atom, type)
     sections with more neighbours than sel[t] (a UserWarning says so).
+    ``centers`` (a range of atoms) lists the neighbours of those atoms only:
+    a large frame's chunks each build their own part.
     """
     if backend not in ("numba", "numpy"):
         raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
@@ -547,8 +561,13 @@ def build_neighbor_list(coords, cells, atom_types, rcut: float, sel, *, backend:
     box = None if cells is None else _check_cells(cells, xyz.shape[0], rcut)
     # (nf, nloc, 3), (nf, nloc, 3)  both searches get the same wrapped positions, hence the same r_ij bits
     x, frac = (xyz, None) if box is None else wrap(xyz, box)
+    nloc = xyz.shape[1]
+    centers = slice(0, nloc) if centers is None else centers
+    if not isinstance(centers, slice) or centers.indices(nloc)[2] != 1:
+        raise ValueError(f"centers must be a slice of consecutive atoms, got {centers!r}")
+    centers = slice(*centers.indices(nloc)[:2])
     search = _search_numba if backend == "numba" else _search_numpy
-    nlist, rij, n_over = search(x, frac, box, types, rcut, sel)
+    nlist, rij, n_over = search(x, frac, box, types, rcut, sel, centers)
     if n_over:
         warnings.warn(f"{n_over} (frame, atom, neighbour type) sections have more neighbours within rcut = {rcut} "
                       f"than sel = {sel} allows; the counts that exceed sel were cut to the nearest, so energies "

@@ -368,3 +368,19 @@ def test_small_sheared_cell_matches_deepmd():
     types = np.array([0, 1, 1, 0, 1, 0])
     # room for all of them: deepmd's dpmodel builder truncates to sum(sel) before splitting types
     compare_with_deepmd(coords, cell, types, 4.0, [150, 150])
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_centers_give_the_rows_of_the_full_list(backend):
+    """A range of centre atoms gets exactly those rows of the whole frame's list."""
+    rng = np.random.default_rng(7)
+    coords = rng.uniform(0, 7, size=(2, 30, 3))
+    cells = np.tile(np.eye(3) * 7.0, (2, 1, 1))
+    types = rng.integers(0, 2, 30)
+    full = build_neighbor_list(coords, cells, types, 3.0, [20, 20], backend=backend)
+    for centers in (slice(0, 30), slice(5, 17), slice(29, 30), slice(10, 10)):
+        part = build_neighbor_list(coords, cells, types, 3.0, [20, 20], backend=backend, centers=centers)
+        np.testing.assert_array_equal(part.nlist, full.nlist[:, centers])
+        np.testing.assert_array_equal(part.rij, full.rij[:, centers])
+    with pytest.raises(ValueError, match=r"centers must be a slice of consecutive atoms, got slice\(0, 10, 2\)"):
+        build_neighbor_list(coords, cells, types, 3.0, [20, 20], centers=slice(0, 10, 2))
