@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from minidp.data import atomic_path
+from minidp.report import save_figure
 
 MIB = 1 << 20
 
@@ -322,12 +323,7 @@ def plots(results: dict, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         draw(ax, results)
         ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        target = out / f"{name}.png"
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        written.append(target)
+        written.append(save_figure(fig, out / f"{name}.png"))
     return written
 
 

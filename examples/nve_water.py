@@ -28,6 +28,7 @@ def main() -> None:
     from ase.md.verlet import VelocityVerlet
 
     from minidp.calculator import MiniDPCalculator
+    from minidp.report import save_figure
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None)
@@ -65,9 +66,7 @@ def main() -> None:
     ax.plot(t, (etot - etot[0]) / len(atoms) * 1000, "k", lw=2, label="total")
     ax.set(xlabel="time (fs)", ylabel="energy - E_tot(0) (meV/atom)", title="NVE water: total energy is conserved")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "nve.png", dpi=120)
-    print(f"wrote {args.out / 'nve.png'}")
+    print(f"wrote {save_figure(fig, args.out / 'nve.png')}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def main() -> None:
     from ase.optimize import BFGS, FIRE
 
     from minidp.calculator import MiniDPCalculator
+    from minidp.report import save_figure
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None)
@@ -110,9 +111,7 @@ def main() -> None:
     ax.axhline(args.fmax, color="k", lw=0.5, ls="--")
     ax.set(xlabel="step", ylabel="max |F| (eV/A)", title=f"relaxing {args.molecules} water molecules")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(args.out / "relax.png", dpi=120)
-    print(f"wrote {args.out / 'relax.png'}")
+    print(f"wrote {save_figure(fig, args.out / 'relax.png')}")
 
 
 if __name__ == "__main__":

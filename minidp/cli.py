@@ -112,37 +112,34 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _add_model_commands(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a system and write it labelled (deepmd/npy)")
+def _model_and_system(sub, name: str, help: str, systems: str = "system (any format dpdata reads)",
+                      many: bool = False):
+    """A subcommand taking a model and a system, with the options every such command shares."""
+    p = sub.add_parser(name, help=help)
     p.add_argument("-m", "--model", required=True, help="model file (.dp, .yaml, .json; .pb/.pth with deepmd-kit)")
-    p.add_argument("-s", "--system", required=True, help="system to evaluate (any format dpdata reads)")
+    p.add_argument("-s", "--system", required=True, nargs="+" if many else None, help=systems)
     p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
     p.add_argument("-t", "--type-map", nargs="+", default=None,
                    help="element of each numbered type, for formats without names (LAMMPS data/dump)")
-    p.add_argument("-o", "--output", required=True, help="output deepmd/npy folder")
     p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk (default: from free memory)")
+    return p
+
+
+def _add_model_commands(sub) -> None:
+    p = _model_and_system(sub, "eval", "evaluate a system and write it labelled (deepmd/npy)")
+    p.add_argument("-o", "--output", required=True, help="output deepmd/npy folder")
     p.add_argument("--set-size", type=int, default=5000, help="frames per set.* folder")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("eval-desc", help="write descriptors to .npy, one file per system")
-    p.add_argument("-m", "--model", required=True, help="model file")
-    p.add_argument("-s", "--system", required=True, nargs="+", help="systems (any format dpdata reads)")
-    p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
-    p.add_argument("-t", "--type-map", nargs="+", default=None,
-                   help="element of each numbered type, for formats without names (LAMMPS data/dump)")
+    p = _model_and_system(sub, "eval-desc", "write descriptors to .npy, one file per system",
+                          "systems (any format dpdata reads)", many=True)
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk")
     p.set_defaults(func=_cmd_eval_desc)
 
-    p = sub.add_parser("test", help="RMSE/MAE against a labelled system, like `dp test`")
-    p.add_argument("-m", "--model", required=True, help="model file")
-    p.add_argument("-s", "--system", required=True, help="labelled system (any format dpdata reads)")
-    p.add_argument("-f", "--format", default=None, help="dpdata format (default: guessed)")
-    p.add_argument("-t", "--type-map", nargs="+", default=None,
-                   help="element of each numbered type, for formats without names (LAMMPS data/dump)")
+    p = _model_and_system(sub, "test", "RMSE/MAE against a labelled system, like `dp test`",
+                          "labelled system (any format dpdata reads)")
     p.add_argument("-n", "--numb-test", type=int, default=0, help="frames to test (default: all)")
     p.add_argument("--plots", default=None, help="folder for parity plots (PNG)")
-    p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk")
     p.set_defaults(func=_cmd_test)
 
     p = sub.add_parser("info", help="describe a model")

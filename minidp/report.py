@@ -26,14 +26,25 @@ def error_table(predicted: dict, labels: dict, natoms: int) -> str:
     return "\n".join(rows)
 
 
+def save_figure(fig, path: Path, dpi: int = 120) -> Path:
+    """Lay out, write as PNG (atomically: all of it or nothing) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    from minidp.data import atomic_path
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def parity_plots(predicted: dict, labels: dict, natoms: int, out: Path, names=("minidp", "label")) -> list[Path]:
     """One PNG per quantity: predicted against label, with the y = x line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from minidp.data import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -50,10 +61,5 @@ def parity_plots(predicted: dict, labels: dict, natoms: int, out: Path, names=("
         ax.set_xlabel(f"{key}{' per atom' if scale != 1 else ''} ({names[1]})")
         ax.set_ylabel(f"{key}{' per atom' if scale != 1 else ''} ({names[0]})")
         ax.set_title(f"RMSE {rmse_mae(y, x)[0]:.3g}")
-        fig.tight_layout()
-        target = out / f"parity-{key}.png"
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, dpi=120, format="png")
-        plt.close(fig)
-        written.append(target)
+        written.append(save_figure(fig, out / f"parity-{key}.png"))
     return written

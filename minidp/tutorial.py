@@ -127,13 +127,9 @@ def _figure():
 
 
 def _save(fig, path: Path) -> Path:
-    from minidp.data import atomic_path
+    from minidp.report import save_figure
 
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    _figure().close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {save_figure(fig, path, dpi=110)}")
     return path
 
 

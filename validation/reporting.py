@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from minidp.data import atomic_path
+from minidp.report import save_figure
 from validation.compare import QUANTITIES
 
 UNITS = {"e/atom": "eV", "f": "eV/A", "v/atom": "eV", "ae": "eV", "av": "eV", "D": "1"}
@@ -39,11 +40,7 @@ def parity_figure(ours: list[dict], ref: list[dict], path: Path, title: str) -> 
         ax.set_ylabel(f"minidp {q} ({UNITS[q]})")
         ax.set_title(f"{q}: max|diff| {np.abs(x - y).max():.1e}", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _num(x, digits: int = 1) -> str:
