@@ -429,11 +429,7 @@ def run_all(s: Settings, run=None) -> dict:
         results["budgets"] = bench_budgets(run, s, work / "frames.npz")
         results["scaling"] = bench_scaling(run, s, work / "frames.npz")
         if s.large_replicas is not None:
-            large = bench_large(run, s, work / "frames.npz")
-            if large["status"] == "ok":
-                # the frame-wide neighbour list (int64 index + 3 float64 per slot) that minidp holds outside the chunks
-                large["frame_nlist_mib"] = large["natoms"] * model.descriptor.config.nnei * 32 / MIB
-            results["large"] = large
+            results["large"] = bench_large(run, s, work / "frames.npz")
     results["flops"] = flops_section(model, frames, results)
     results["meta"].update(elapsed_s=time.time() - t0, loadavg_end=os.getloadavg())
     return results
