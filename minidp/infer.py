@@ -190,6 +190,25 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     return Frames(xyz, box.reshape(nf, 3, 3), types)
 
 
+def compact_atoms(nlist: np.ndarray, centers: slice) -> tuple[np.ndarray, np.ndarray, int]:
+    """Number a chunk's atoms compactly: the centres and the neighbours their pairs reach.
+
+    A chunk of a large frame touches only the atoms within rcut of its
+    centres; its forces and atomic virials are computed over those alone
+    (not over the whole frame, which would cost the frame's size per chunk).
+    Returns touched (nt,) frame indices, sorted; nlist renumbered into them
+    (-1 kept); and where the centres start among them.
+    """
+    valid = nlist >= 0
+    # (nt,), (nc + number of real pairs,)
+    touched, local = np.unique(np.concatenate([np.arange(centers.start, centers.stop), nlist[valid]]),
+                               return_inverse=True)
+    # (nf, nc, nnei)
+    renumbered = np.full_like(nlist, -1)
+    renumbered[valid] = local[centers.stop - centers.start:]
+    return touched, renumbered, int(np.searchsorted(touched, centers.start))
+
+
 # ---------------------------------------------------------------------------
 # DeepPot
 # ---------------------------------------------------------------------------
@@ -286,20 +305,27 @@ class DeepPot:
         """(frame slice, Prediction) per group of whole frames, summing the atom chunks of big frames."""
         nf, natoms, _ = frames.coords.shape
 
-        def work(nl: NeighborList, chunk: Chunk) -> Prediction:
-            return energy_forces(nl.rij, nl.nlist, frames.atom_types[chunk.atoms], self.model,
-                                 self.backend, natoms, chunk.atoms.start)
+        def work(nl: NeighborList, chunk: Chunk) -> tuple[np.ndarray | None, Prediction]:
+            types = frames.atom_types[chunk.atoms]
+            if chunk.atoms.stop - chunk.atoms.start == natoms:
+                return None, energy_forces(nl.rij, nl.nlist, types, self.model, self.backend)
+            touched, nlist, first = compact_atoms(nl.nlist, chunk.atoms)
+            return touched, energy_forces(nl.rij, nlist, types, self.model, self.backend, touched.size, first)
 
         total = None
-        for chunk, p in self._run(frames, work):
-            if chunk.atoms.stop - chunk.atoms.start == natoms:
+        for chunk, (touched, p) in self._run(frames, work):
+            if touched is None:
                 yield chunk.frames, p
                 continue
-            # a big frame: add this chunk's share; atom energies are per centre
-            ae = np.zeros((1, natoms))
-            ae[:, chunk.atoms] = p.atom_energy
-            p = p._replace(atom_energy=ae)
-            total = p if chunk.atoms.start == 0 else Prediction(*(a + b for a, b in zip(total, p)))
+            # a big frame: add this chunk's share, on the atoms its pairs touch
+            if chunk.atoms.start == 0:
+                total = Prediction(np.zeros(1), np.zeros((1, natoms, 3)), np.zeros((1, 9)),
+                                   np.zeros((1, natoms)), np.zeros((1, natoms, 9)))
+            total.energy[:] += p.energy
+            total.virial[:] += p.virial
+            total.force[:, touched] += p.force
+            total.atom_virial[:, touched] += p.atom_virial
+            total.atom_energy[:, chunk.atoms] = p.atom_energy
             if chunk.atoms.stop == natoms:
                 yield chunk.frames, total
 
