@@ -34,7 +34,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from minidp.checks import positive_int
+from minidp.checks import positive_int, real_array
 from minidp.model import EnergyModel, Prediction, energy_forces
 from minidp.neighbor import NeighborList, build_neighbor_list
 from minidp.se_e2_a import descriptor
@@ -143,20 +143,6 @@ class Frames(NamedTuple):
     atom_types: np.ndarray  # (natoms,) int
 
 
-def _as_float_array(name: str, x) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must be an array of real numbers, got dtype {arr.dtype}")
-    # float32 data (the water example's coordinates) is widened before any
-    # arithmetic: differences of float32 coordinates would lose 1e-7 relative
-    arr = arr.astype(np.float64)
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name} contains {arr[idx]} at index {idx}; expected finite numbers")
-    return arr
-
-
 def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     """Reshape and validate deepmd-kit-style inputs (raising ValueError/TypeError naming the problem)."""
     types = np.asarray(atom_types)
@@ -173,7 +159,7 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     if types.min() < 0 or types.max() >= ntypes:
         bad = types[(types < 0) | (types >= ntypes)][0]
         raise ValueError(f"atom type {bad} is outside the model's types 0..{ntypes - 1}")
-    xyz = _as_float_array("coords", coords)
+    xyz = real_array("coords", coords)
     if xyz.size % (natoms * 3) != 0 or xyz.size == 0:
         raise ValueError(f"coords has shape {xyz.shape}, which does not hold (nframes, {natoms}, 3) "
                          f"for the {natoms} atoms in atom_types")
@@ -182,7 +168,7 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     nf = xyz.shape[0]
     if cells is None:
         return Frames(xyz, None, types)
-    box = _as_float_array("cells", cells)
+    box = real_array("cells", cells)
     if box.size != nf * 9:
         raise ValueError(f"cells has shape {box.shape}; expected ({nf}, 9) or ({nf}, 3, 3) "
                          f"for {nf} frames, or None for open boundaries")

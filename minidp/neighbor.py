@@ -59,6 +59,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from minidp.checks import real_array
+
 # Images are numbered by one integer, so that both searches break ties in
 # distance alike: code = ((n0 + K)(2K + 1) + n1 + K)(2K + 1) + n2 + K orders
 # shifts lexicographically; it needs |n_k| < K, which _MAX_IMAGES ensures.
@@ -85,26 +87,9 @@ class NeighborList:
 # ---------------------------------------------------------------------------
 
 
-def _real_array(name: str, value) -> np.ndarray:
-    """value as a float64 array; TypeError unless it holds real numbers, ValueError on NaN/inf."""
-    # (any shape)
-    arr = np.asarray(value)
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
-    # float32 data (the water example's coordinates) is widened before any
-    # difference is taken: r_j - r_i in float32 keeps only ~7 digits
-    arr = arr.astype(np.float64)
-    # (nbad, arr.ndim)
-    bad = np.argwhere(~np.isfinite(arr))
-    if bad.size:
-        raise ValueError(f"{name} has a non-finite entry {arr[tuple(bad[0])]} at index {tuple(bad[0].tolist())}; "
-                         "expected finite numbers")
-    return arr
-
-
 def _check_cells(cells, nf: int, rcut: float) -> np.ndarray:
     """(nf, 3, 3) float64 cells, each with a clearly nonzero determinant and not absurdly thin for rcut."""
-    box = _real_array("cells", cells)
+    box = real_array("cells", cells)
     if box.shape != (nf, 3, 3):
         raise ValueError(f"cells must have shape ({nf}, 3, 3) (lattice vectors as rows), got {box.shape}")
     # (nf,)
@@ -554,7 +539,7 @@ def build_neighbor_list(coords, cells, atom_types, rcut: float, sel, *, backend:
     """
     if backend not in ("numba", "numpy"):
         raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
-    xyz = _real_array("coords", coords)
+    xyz = real_array("coords", coords)
     if xyz.ndim != 3 or xyz.shape[-1] != 3:
         raise ValueError(f"coords must have shape (nf, nloc, 3), got {xyz.shape}")
     types, rcut, sel = _check_types_sel(atom_types, xyz.shape[1], rcut, sel)

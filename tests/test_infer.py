@@ -108,13 +108,13 @@ def test_open_boundary_cluster(water_dp, water_frames):
 @pytest.mark.parametrize("mutate, error, match", [
     (lambda c, b, t: (c[:, :-1], b, t), ValueError, r"coords has shape \(4, 575\)"),
     (lambda c, b, t: (np.where(np.arange(c.size).reshape(c.shape) == 7, np.nan, c), b, t), ValueError,
-     r"coords contains nan at index \(0, 7\)"),
-    (lambda c, b, t: (c, np.full_like(b, np.inf), t), ValueError, r"cells contains inf"),
+     r"coords has a non-finite entry nan at index \(0, 7\)"),
+    (lambda c, b, t: (c, np.full_like(b, np.inf), t), ValueError, r"cells has a non-finite entry inf"),
     (lambda c, b, t: (c, b[:2], t), ValueError, r"cells has shape \(2, 9\); expected \(4, 9\)"),
     (lambda c, b, t: (c, b, np.where(np.arange(t.size) == 3, 2, t)), ValueError,
      r"atom type 2 is outside the model's types 0..1"),
     (lambda c, b, t: (c, b, t.astype(float)), TypeError, r"atom_types must be integers"),
-    (lambda c, b, t: (c.astype(str), b, t), TypeError, r"coords must be an array of real numbers"),
+    (lambda c, b, t: (c.astype(str), b, t), TypeError, r"coords must hold real numbers"),
     (lambda c, b, t: (c, np.zeros_like(b), t), ValueError, r"cell of frame 0 is singular"),
 ])
 def test_bad_input_is_named(water_dp, water_frames, mutate, error, match):
