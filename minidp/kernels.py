@@ -129,3 +129,20 @@ def env_matrix_backward(dR, rij, inv_r, sw, dsw, inv_dstd, grad):  # pragma: no 
                 grad[f, i, k, 0] = coef * x + su2 * g1
                 grad[f, i, k, 1] = coef * y + su2 * g2
                 grad[f, i, k, 2] = coef * z + su2 * g3
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def segment_expand(At, B, start, out):  # pragma: no cover - compiled
+    """out[p, g] += sum_c At[a, c, g] B[p, c] for the rows p of atom a (start as in segment_contract).
+
+    The transpose of segment_contract with respect to G: given dL/dT of each
+    atom (transposed, At: (na, 4, ng)) and each row's R (B: (nb, 4)), it gives
+    dL/dG of each row; out (nb, ng) is accumulated in place.
+    """
+    ng = out.shape[1]
+    for a in range(start.size - 1):
+        for p in range(start[a], start[a + 1]):
+            for c in range(4):
+                Bpc = B[p, c]
+                for g in range(ng):
+                    out[p, g] += Bpc * At[a, c, g]

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward
+from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward, net_jvp, net_jvp_backward
 from minidp.se_e2_a import SeA, SeAConfig, descriptor, descriptor_backward
 
 
@@ -55,9 +55,17 @@ class EnergyModel:
     def ntypes(self) -> int:
         return len(self.type_map)
 
+    def nets(self) -> list[Net]:
+        """Every trainable net once: the embedding nets (row by row; shared ones once), then the fitting nets."""
+        unique = {id(n): n for row in self.descriptor.nets for n in row}
+        return list(unique.values()) + list(self.fitting)
+
+    def params(self) -> list[dict[str, np.ndarray]]:
+        """The trainable arrays, one dict per layer of :meth:`nets` in order (what the optimizers update)."""
+        return [p for net in self.nets() for p in net.params()]
+
     def n_params(self) -> int:
-        nets = {id(n): n for row in self.descriptor.nets for n in row}
-        return sum(n.n_params() for n in nets.values()) + sum(n.n_params() for n in self.fitting)
+        return sum(n.n_params() for n in self.nets())
 
 
 def new_model(
@@ -129,6 +137,45 @@ def atomic_energy_backward(dE_atom: np.ndarray, caches: list[FitCache], dim: int
         dx, _ = net_backward(net, net_caches, dE_atom[:, atoms].reshape(-1, 1), param_grads=False)
         dD[:, atoms] = dx.reshape(nf, atoms.size, dim)
     return dD
+
+
+def atomic_energy_jvp(
+    D: np.ndarray, Ddot: np.ndarray, atom_types: np.ndarray, model: EnergyModel
+) -> tuple[np.ndarray, np.ndarray, list[FitCache]]:
+    """E_i and its tangent E'_i = (dF_{t_i}/dD_i) D'_i, for training on forces; (nf, nloc) each, and caches."""
+    nf, nloc, dim = D.shape
+    # (nf, nloc), (nf, nloc)
+    E_atom = np.zeros((nf, nloc), dtype=D.dtype)
+    Edot = np.zeros_like(E_atom)
+    caches = []
+    for t in range(model.ntypes):
+        atoms = np.flatnonzero(atom_types == t)
+        if atoms.size == 0:
+            continue
+        # (nb, 1), (nb, 1)
+        y, ty, net_caches = net_jvp(model.fitting[t], D[:, atoms].reshape(-1, dim), Ddot[:, atoms].reshape(-1, dim))
+        E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
+        Edot[:, atoms] = ty.reshape(nf, atoms.size)
+        caches.append(FitCache(atoms, model.fitting[t], net_caches))
+    return E_atom, Edot, caches
+
+
+def atomic_energy_param_backward(
+    gE: np.ndarray, gEdot: np.ndarray, caches: list[FitCache], dim: int
+) -> tuple[np.ndarray, np.ndarray, dict[int, list]]:
+    """Reverse through atomic_energy_jvp: from dL/dE_i and dL/dE'_i (nf, nloc) to dL/dD,
+    dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {id(net): per-layer grads}."""
+    nf, nloc = gE.shape
+    # (nf, nloc, ng * m2), (nf, nloc, ng * m2)
+    Dbar = np.zeros((nf, nloc, dim), dtype=gE.dtype)
+    Ddotbar = np.zeros_like(Dbar)
+    grads = {}
+    for atoms, net, net_caches in caches:
+        gx, gtx, grads[id(net)] = net_jvp_backward(
+            net, net_caches, gE[:, atoms].reshape(-1, 1), gEdot[:, atoms].reshape(-1, 1))
+        Dbar[:, atoms] = gx.reshape(nf, atoms.size, dim)
+        Ddotbar[:, atoms] = gtx.reshape(nf, atoms.size, dim)
+    return Dbar, Ddotbar, grads
 
 
 # ---------------------------------------------------------------------------

@@ -64,6 +64,14 @@ def _gelu_grad(z, a):
     return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * z * z)
 
 
+def _gelu_grad2(z, a, d1):
+    """d^2 gelu/dz^2 = (1 - t^2) (u' + z/2 (u'' - 2 t u'^2)), u = c (z + 0.044715 z^3)."""
+    t = np.tanh(_GELU_C * (z + 0.044715 * z**3))
+    du = _GELU_C * (1.0 + 3 * 0.044715 * z * z)
+    d2u = _GELU_C * 6 * 0.044715 * z
+    return (1.0 - t * t) * (du + 0.5 * z * (d2u - 2.0 * t * du * du))
+
+
 def _tanh_grad(z, a):
     """tanh' = 1 - tanh^2, from a = tanh(z) alone (one temporary, no recomputation)."""
     g = np.square(a)
@@ -81,22 +89,34 @@ def _sigmoid(z):
 
 
 class Activation(NamedTuple):
-    """An activation function phi and its derivative phi'(z) given (z, a=phi(z))."""
+    """An activation phi, phi'(z) given (z, a = phi(z)), and phi''(z) given (z, a, phi'(z)).
+
+    The second derivative is needed only when training on forces: a force is
+    already a first derivative of the energy, so its gradient with respect to
+    the weights differentiates phi' once more (see :func:`layer_jvp_backward`).
+    """
 
     f: Callable[[np.ndarray], np.ndarray]
     grad: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    grad2: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def _zero2(z, a, d1):
+    """phi'' = 0 (piecewise linear activations; relu's kink has measure zero)."""
+    return np.zeros_like(z)
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    # tanh' = 1 - tanh^2: from a alone
-    "tanh": Activation(np.tanh, _tanh_grad),
+    # tanh' = 1 - tanh^2: from a alone; tanh'' = -2 tanh tanh'
+    "tanh": Activation(np.tanh, _tanh_grad, lambda z, a, d1: -2.0 * a * d1),
     # relu' is 0 at z = 0 (the sub-gradient PyTorch also picks)
-    "relu": Activation(lambda z: np.maximum(z, 0.0), lambda z, a: (z > 0).astype(z.dtype)),
-    "relu6": Activation(lambda z: np.clip(z, 0.0, 6.0), lambda z, a: ((z > 0) & (z < 6)).astype(z.dtype)),
-    "gelu": Activation(_gelu, _gelu_grad),
-    "softplus": Activation(_softplus, lambda z, a: _sigmoid(z)),
-    "sigmoid": Activation(_sigmoid, lambda z, a: a * (1.0 - a)),
-    "linear": Activation(lambda z: z, lambda z, a: np.ones_like(z)),
+    "relu": Activation(lambda z: np.maximum(z, 0.0), lambda z, a: (z > 0).astype(z.dtype), _zero2),
+    "relu6": Activation(lambda z: np.clip(z, 0.0, 6.0), lambda z, a: ((z > 0) & (z < 6)).astype(z.dtype), _zero2),
+    "gelu": Activation(_gelu, _gelu_grad, _gelu_grad2),
+    # softplus' = sigmoid, so softplus'' = sigmoid (1 - sigmoid)
+    "softplus": Activation(_softplus, lambda z, a: _sigmoid(z), lambda z, a, d1: d1 * (1.0 - d1)),
+    "sigmoid": Activation(_sigmoid, lambda z, a: a * (1.0 - a), lambda z, a, d1: d1 * (1.0 - 2.0 * a)),
+    "linear": Activation(lambda z: z, lambda z, a: np.ones_like(z), _zero2),
 }
 # deepmd-kit spells some activations more than one way
 ACTIVATIONS["none"] = ACTIVATIONS["linear"]
@@ -161,6 +181,27 @@ def residual_kind(n_in: int, n_out: int, resnet: bool) -> str:
     return "none"
 
 
+def _add_residual(out: np.ndarray, inp: np.ndarray, kind: str) -> None:
+    """out += inp ('same') or [inp, inp] ('double', half by half, without building
+    the concatenation), in place; nothing for 'none'."""
+    n = inp.shape[1]
+    if kind == "same":
+        out += inp
+    elif kind == "double":
+        out[:, :n] += inp
+        out[:, n:] += inp
+
+
+def _residual_backward(dx: np.ndarray, dy: np.ndarray, kind: str) -> None:
+    """dx += the residual's share of dy (the transpose of _add_residual), in place."""
+    n = dx.shape[1]
+    if kind == "same":
+        dx += dy
+    elif kind == "double":
+        dx += dy[:, :n]
+        dx += dy[:, n:]
+
+
 def layer_forward(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, LayerCache]:
     """y = phi(xW + b) * idt (+ x or [x, x] with resnet); returns (y, cache)."""
     # (nb, n_out)
@@ -173,12 +214,7 @@ def layer_forward(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, LayerCache]:
         return a, LayerCache(x, z, a)
     # (nb, n_out)  a fresh array: a itself is kept for the backward
     y = a * layer.idt if layer.idt is not None else a.copy()
-    if kind == "same":
-        y += x
-    elif kind == "double":
-        # [x, x] added half by half, without building the concatenation
-        y[:, : layer.n_in] += x
-        y[:, layer.n_in :] += x
+    _add_residual(y, x, kind)
     return y, LayerCache(x, z, a)
 
 
@@ -210,45 +246,102 @@ def layer_backward(
         grads["b"] = np.sum(dz, axis=0)
     # (nb, n_in)
     dx = dz @ layer.W.T
-    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
-    if kind == "same":
-        dx += dy
-    elif kind == "double":
-        dx += dy[:, : layer.n_in]
-        dx += dy[:, layer.n_in :]
+    _residual_backward(dx, dy, residual_kind(layer.n_in, layer.n_out, layer.resnet))
     return dx, grads
 
 
-def layer_jvp(layer: Layer, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+class JvpCache(NamedTuple):
+    """What layer_jvp_backward needs from layer_jvp."""
+
+    x: np.ndarray  # (nb, n_in) input
+    tx: np.ndarray  # (nb, n_in) its tangent
+    z: np.ndarray  # (nb, n_out) pre-activation xW + b
+    tz: np.ndarray  # (nb, n_out) its tangent tx W
+    a: np.ndarray  # (nb, n_out) phi(z)
+    d1: np.ndarray  # (nb, n_out) phi'(z)
+    ta: np.ndarray  # (nb, n_out) the tangent of a, phi'(z) tz
+
+
+def layer_jvp(layer: Layer, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.ndarray, JvpCache]:
     """Forward-mode derivative: y = layer(x) and ty = (dy/dx) tx, in one pass.
 
     With a = phi(z), z = xW + b:  tz = tx W,  ta = phi'(z) * tz,
     ty = ta * idt + (tx, [tx, tx] or nothing, as the residual of y).
 
     When a net's input is a scalar s (an embedding net), tx = 1 gives dG/ds
-    for every row at the price of one more matmul per layer, and nothing has
-    to be kept for a backward pass.
+    for every row at the price of one more matmul per layer. Returns
+    (y, ty, cache); the cache is for :func:`layer_jvp_backward` and may be
+    dropped when only y and ty are wanted.
     """
     act = get_activation(layer.activation)
-    # (nb, n_out)
+    # (nb, n_out), (nb, n_out)
     z = x @ layer.W
     z += layer.b
-    # (nb, n_out)
+    tz = tx @ layer.W
+    # (nb, n_out) each: phi(z), phi'(z) and the tangent of a
     a = act.f(z)
-    # (nb, n_out)
-    ta = act.grad(z, a)
-    ta *= tx @ layer.W
-    if layer.idt is not None:
-        a *= layer.idt
-        ta *= layer.idt
+    d1 = act.grad(z, a)
+    ta = d1 * tz
+    cache = JvpCache(x, tx, z, tz, a, d1, ta)
     kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
-    for out, inp in ((a, x), (ta, tx)):
-        if kind == "same":
-            out += inp
-        elif kind == "double":
-            out[:, : layer.n_in] += inp
-            out[:, layer.n_in :] += inp
-    return a, ta
+    if layer.idt is None and kind == "none":
+        return a, ta, cache
+    # (nb, n_out), (nb, n_out)  fresh arrays: a and ta are kept in the cache
+    y = a * layer.idt if layer.idt is not None else a.copy()
+    ty = ta * layer.idt if layer.idt is not None else ta.copy()
+    _add_residual(y, x, kind)
+    _add_residual(ty, tx, kind)
+    return y, ty, cache
+
+
+def layer_jvp_backward(
+    layer: Layer, cache: JvpCache, gy: np.ndarray, gty: np.ndarray, input_grads: bool = True
+) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, np.ndarray]]:
+    r"""Reverse mode through layer_jvp: from dL/dy and dL/d(ty) to dL/dx, dL/d(tx), dL/dparams.
+
+    This is what training on forces needs: the force is a tangent (ty), and
+    its loss must be differentiated with respect to the weights. With
+    gy = dL/dy, gty = dL/d(ty), the chain rule through the forward's lines:
+
+    .. math::
+
+        ar{\mathrm{idt}} = \sum (g_y a + g_{ty} \dot a), \quad
+        ar{\dot z} = g_{ty}\, \mathrm{idt}\, \phi'(z), \quad
+        ar z = g_y\, \mathrm{idt}\, \phi'(z) + g_{ty}\, \mathrm{idt}\, \dot z\, \phi''(z),
+
+        ar W = x^	op ar z + \dot x^	op ar{\dot z}, \quad ar b = \sum ar z, \quad
+        ar x = ar z W^	op + \mathrm{res}^	op(g_y), \quad
+        ar{\dot x} = ar{\dot z} W^	op + \mathrm{res}^	op(g_{ty}).
+
+    The phi'' term is the second derivative: the tangent ta = phi'(z) tz moves
+    when z does. With ``input_grads=False`` (a net's first layer, when its
+    input is data) dL/dx and dL/d(tx) are not computed and None is returned.
+    """
+    x, tx, z, tz, a, d1, ta = cache
+    grads: dict[str, np.ndarray] = {}
+    if layer.idt is not None:
+        # (n_out,)
+        grads["idt"] = np.sum(gy * a, axis=0) + np.sum(gty * ta, axis=0)
+        gy_a, gty_a = gy * layer.idt, gty * layer.idt
+    else:
+        gy_a, gty_a = gy, gty
+    # (nb, n_out) dL/d(tz)
+    gtz = gty_a * d1
+    # (nb, n_out) dL/dz, the second term through phi''
+    gz = gy_a * d1
+    gz += gty_a * tz * get_activation(layer.activation).grad2(z, a, d1)
+    # (n_in, n_out), (n_out,)
+    grads["W"] = x.T @ gz + tx.T @ gtz
+    grads["b"] = np.sum(gz, axis=0)
+    if not input_grads:
+        return None, None, grads
+    # (nb, n_in), (nb, n_in)
+    gx = gz @ layer.W.T
+    gtx = gtz @ layer.W.T
+    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
+    _residual_backward(gx, gy, kind)
+    _residual_backward(gtx, gty, kind)
+    return gx, gtx, grads
 
 
 # ---------------------------------------------------------------------------
@@ -320,11 +413,28 @@ def net_backward(
     return dy, grads
 
 
-def net_jvp(net: Net, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """y = net(x) and its forward-mode derivative ty = (dy/dx) tx, layer by layer."""
+def net_jvp(net: Net, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[JvpCache]]:
+    """y = net(x) and its forward-mode derivative ty = (dy/dx) tx, layer by layer (and the caches)."""
+    caches = []
     for layer in net.layers:
-        x, tx = layer_jvp(layer, x, tx)
-    return x, tx
+        x, tx, cache = layer_jvp(layer, x, tx)
+        caches.append(cache)
+    return x, tx, caches
+
+
+def net_jvp_backward(
+    net: Net, caches: list[JvpCache], gy: np.ndarray, gty: np.ndarray, input_grads: bool = True
+) -> tuple[np.ndarray | None, np.ndarray | None, list[dict[str, np.ndarray]]]:
+    """Reverse mode through net_jvp: layer_jvp_backward from the last layer to the first.
+
+    Returns dL/dx, dL/d(tx) (None with ``input_grads=False``: the input is
+    data) and the per-layer parameter gradients, in net.params() layout.
+    """
+    grads: list[dict[str, np.ndarray]] = [{} for _ in net.layers]
+    for i in reversed(range(len(net.layers))):
+        need = input_grads or i > 0
+        gy, gty, grads[i] = layer_jvp_backward(net.layers[i], caches[i], gy, gty, need)
+    return gy, gty, grads
 
 
 # ---------------------------------------------------------------------------
@@ -418,3 +528,18 @@ def mlp(
     ]
     layers.append(_init_layer(rng, width, n_out, dtype, "linear", False, False, "torch"))
     return Net(layers)
+
+
+def add_grads(grads: list[list[dict[str, np.ndarray]]]) -> list[dict[str, np.ndarray]]:
+    """The sum of several gradients of one net (each a list of per-layer dicts, same layout)."""
+    total = [{k: v.copy() for k, v in layer.items()} for layer in grads[0]]
+    for g in grads[1:]:
+        for t_layer, g_layer in zip(total, g):
+            for k, v in g_layer.items():
+                t_layer[k] += v
+    return total
+
+
+def zeros_like_params(params: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Zeros in the layout of params (per-layer dicts): a zero gradient, an optimizer's fresh buffers."""
+    return [{k: np.zeros_like(v) for k, v in p.items()} for p in params]

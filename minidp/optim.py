@@ -37,6 +37,8 @@ from typing import Callable
 
 import numpy as np
 
+from minidp.nn import zeros_like_params
+
 Params = list  # list[dict[str, np.ndarray]], as Net.params() returns
 
 _REAL = (int, float, np.integer, np.floating)
@@ -101,10 +103,6 @@ class AdamConfig:
         _check_number("weight_decay", self.weight_decay, allow_zero=True)
 
 
-def _zeros_like(params: Params) -> Params:
-    return [{k: np.zeros_like(v) for k, v in p.items()} for p in params]
-
-
 def _layout(arrays: Params) -> list[dict[str, tuple]]:
     """The shape of every array, by layer and name: what grads must match."""
     return [{k: np.shape(v) for k, v in d.items()} for d in arrays]
@@ -140,7 +138,7 @@ class SGD:
         mu, wd = self.config.momentum, self.config.weight_decay
         first = self.buffers is None
         if mu and first:
-            self.buffers = _zeros_like(self.params)
+            self.buffers = zeros_like_params(self.params)
         for k, (p, g) in enumerate(zip(self.params, grads)):
             for name, value in p.items():
                 d = g[name] + wd * value if wd else g[name]
@@ -163,7 +161,7 @@ class Adam:
     def __init__(self, params: Params, config: AdamConfig = AdamConfig()):
         self.params, self.config = params, config
         self.layout = _layout(params)  # the parameters are updated in place: shapes never change
-        self.m, self.v = _zeros_like(params), _zeros_like(params)
+        self.m, self.v = zeros_like_params(params), zeros_like_params(params)
         self.t = 0  # steps taken, for the bias corrections
 
     def step(self, grads: Params, lr: float) -> None:

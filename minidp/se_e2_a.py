@@ -56,7 +56,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.nn import Net, net_forward, net_jvp
+from minidp.nn import Net, add_grads, net_backward, net_forward, net_jvp, net_jvp_backward
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,10 @@ class EmbedPiece(NamedTuple):
     R_real: np.ndarray  # (nb, 4) the real rows, packed (the rows of one atom are contiguous)
     G: np.ndarray  # (nb, ng) embedding features G(s) of the real rows
     dG_ds: np.ndarray  # (nb, ng) their derivatives dG/ds
+    net: Net  # the embedding net of this block
+    count: np.ndarray  # (nf, na) real neighbours of this type per atom
+    net_caches: list  # training only (else empty): (row slice, nn.net_jvp caches) per row block
+    pad_caches: tuple | None  # training only: (R_pad, nn.net_forward caches) of padded_tail_sums
 
 
 # Rows pushed through an embedding net at once: small enough that every
@@ -234,25 +238,31 @@ class EmbedPiece(NamedTuple):
 ROW_BLOCK = 1024
 
 
-def embedding_features(net: Net, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def embedding_features(net: Net, s: np.ndarray, keep: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
     """G = net(s) and dG/ds for a column of scalars s (nb, 1), block by block.
 
     The net's input is a scalar, so forward-mode differentiation (nn.net_jvp
     with ds = 1) gives the whole derivative dG/ds in the same pass; the
-    backward then needs no layer caches, only dL/ds = sum_g dL/dG_g dG_g/ds.
+    backward to the positions then needs no layer caches, only
+    dL/ds = sum_g dL/dG_g dG_g/ds. Training needs the gradient with respect
+    to the weights of both G and dG/ds: ``keep=True`` also returns each
+    block's caches, (row slice, caches), for nn.net_jvp_backward.
     """
     nb = s.shape[0]
     # (nb, ng), (nb, ng)
     G = np.empty((nb, net.n_out), dtype=s.dtype)
     dG_ds = np.empty_like(G)
     ones = np.ones((min(nb, ROW_BLOCK), 1), dtype=s.dtype)
+    kept = []
     for b0 in range(0, nb, ROW_BLOCK):
         blk = slice(b0, min(b0 + ROW_BLOCK, nb))
-        G[blk], dG_ds[blk] = net_jvp(net, s[blk], ones[: blk.stop - blk.start])
-    return G, dG_ds
+        G[blk], dG_ds[blk], caches = net_jvp(net, s[blk], ones[: blk.stop - blk.start])
+        if keep:
+            kept.append((blk, caches))
+    return G, dG_ds, kept
 
 
-def padded_tail_sums(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice) -> np.ndarray:
+def padded_tail_sums(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice) -> tuple[np.ndarray, tuple]:
     r"""What the padded slots add to T: P[t, k] = sum_{slot >= k} G(s_t,slot)^T R_t,slot.
 
     A padded slot's row is zero before normalization, so after it the row is
@@ -260,19 +270,20 @@ def padded_tail_sums(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice)
     Neighbours are sorted with the padding last, so an atom of type t with c
     real neighbours of this type receives exactly P[t, c] from its padded
     slots: a few hundred rows through the net replace the thousands of padded
-    rows of a frame (35% of the water model's slots). Returns
-    (ntypes, n_t + 1, ng, 4), with P[t, n_t] = 0.
+    rows of a frame (35% of the water model's slots). Returns P
+    (ntypes, n_t + 1, ng, 4), with P[t, n_t] = 0, and (R_pad, the net's
+    caches) for training's :func:`embed_param_backward`.
     """
     # (ntypes, n_t, 4)
     R_pad = -davg[:, slots] / dstd[:, slots]
     # (ntypes * n_t, ng)
-    G_pad, _ = net_forward(net, R_pad[..., :1].reshape(-1, 1))
+    G_pad, caches = net_forward(net, R_pad[..., :1].reshape(-1, 1))
     # (ntypes, n_t, ng, 4)  each padded slot's G^T R
     GR = G_pad.reshape(R_pad.shape[:2] + (-1, 1)) * R_pad[:, :, None, :]
     # (ntypes, n_t + 1, ng, 4)  sums from slot k to the end
     P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
     P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
-    return P
+    return P, (R_pad, caches)
 
 
 def sum_rows(G, R_real, owner, n_owner, backend) -> np.ndarray:
@@ -313,13 +324,14 @@ def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
 
 
 def embed(
-    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba"
+    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
+    keep: bool = False,
 ) -> tuple[np.ndarray, list[EmbedPiece]]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, with s_ij = R_ij,0 (one net per neighbour type).
 
     Only real neighbours go through the net; what the padded slots add comes
     from :func:`padded_tail_sums`. Returns T (nf, nloc, ng, 4) and the pieces
-    the backward needs.
+    the backward needs (with the nets' caches when ``keep``: training).
     """
     nf, nloc, nnei, _ = R.shape
     cfg = se.config
@@ -340,12 +352,14 @@ def embed(
             R_real = R[:, atoms, slots][real]
             owner = np.repeat(np.arange(nf * na), count.reshape(-1))
             # (nb, ng), (nb, ng): each real neighbour is one row through the net
-            G, dG_ds = embedding_features(net, R_real[:, :1])
+            G, dG_ds, net_caches = embedding_features(net, R_real[:, :1], keep)
             # (nf * na, ng, 4)
             Tb = sum_rows(G, R_real, owner, nf * na, backend)
-            Tb += padded_tail_sums(net, se.davg, se.dstd, slots)[atom_types[atoms], count.reshape(nf, na)].reshape(Tb.shape)
+            P, pad_caches = padded_tail_sums(net, se.davg, se.dstd, slots)
+            Tb += P[atom_types[atoms], count].reshape(Tb.shape)
             T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
-            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds))
+            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, net, count, net_caches,
+                                     pad_caches if keep else None))
     return T, pieces
 
 
@@ -363,15 +377,15 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], back
     nf, nloc, nnei, _ = R.shape
     # (nf, nloc, nnei, 4)  zero on padded slots
     dR = np.zeros_like(R)
-    for atoms, slots, real, owner, R_real, G, dG_ds in pieces:
+    for pc in pieces:
         # (nf * na, ng, 4)
-        dTb = (dT[:, atoms] / nnei).reshape(-1, dT.shape[2], 4)
+        dTb = (dT[:, pc.atoms] / nnei).reshape(-1, dT.shape[2], 4)
         # (nb, 4)
-        dR_real = sum_rows_backward(dTb, G, dG_ds, R_real, owner, backend)
+        dR_real = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.R_real, pc.owner, backend)
         # (nf, na, n_t, 4)
-        dRb = np.zeros(real.shape + (4,), dtype=R.dtype)
-        dRb[real] = dR_real
-        dR[:, atoms, slots] = dRb
+        dRb = np.zeros(pc.real.shape + (4,), dtype=R.dtype)
+        dRb[pc.real] = dR_real
+        dR[:, pc.atoms, pc.slots] = dRb
     return dR
 
 
@@ -423,15 +437,17 @@ class DescriptorCache(NamedTuple):
 
 
 def descriptor(
-    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba"
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
+    keep: bool = False,
 ) -> tuple[np.ndarray, DescriptorCache]:
     """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract.
 
-    ``backend`` picks the Numba kernels or their NumPy twins (same results).
+    ``backend`` picks the Numba kernels or their NumPy twins (same results);
+    ``keep`` keeps the embedding nets' caches for training.
     """
     cfg = se.config
     R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
-    T, pieces = embed(R, nlist, atom_types, se, backend)
+    T, pieces = embed(R, nlist, atom_types, se, backend, keep)
     D = contract(T, cfg.axis_neuron)
     return D, DescriptorCache(env, R, pieces, T)
 
@@ -441,3 +457,158 @@ def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend
     dT = contract_backward(dD, cache.T, se.config.axis_neuron)
     dR = embed_backward(dT, cache.R, cache.pieces, backend)
     return env_matrix_backward(dR, cache.env, backend)
+
+
+# ---------------------------------------------------------------------------
+# Training on forces: tangents along a displacement, and the weights' gradients
+# ---------------------------------------------------------------------------
+#
+# A force is a first derivative of the energy, so a force loss differentiated
+# with respect to the weights is a second derivative. minidp computes it as
+# "reverse over forward": for a fixed displacement of the pairs, drij (what
+# the loss wants the forces to change along, see minidp.loss), the tangents
+# below give the directional derivative of the energy, E' = sum g . drij; its
+# gradient with respect to the weights is then one more reverse pass, through
+# both the primal values (R, G, T, D) and their tangents (R', G', T', D').
+# R and R' depend on positions only, never on weights, so that reverse pass
+# stops at the embedding nets.
+
+
+def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
+    r"""R' = (dR/d rij) drij, the environment matrix moved along drij.
+
+    The transpose of :func:`env_matrix_backward`'s Jacobian (u = 1/r, d = x . drij):
+
+    .. math::
+
+        \tilde R_0' = d\, u^2 (s' - s u),\qquad
+        \tilde R_a' = x_a\, d\, u^3 (s' - 2 s u) + s u^2\, \delta x_a,\qquad R' = \tilde R' / \mathrm{dstd}
+
+    Padded slots have u = s = s' = 0: their rows do not move. Returns (nf, nloc, nnei, 4).
+    """
+    rij, u, sw, dsw, inv_dstd = cache
+    # (nf, nloc, nnei)
+    d = np.sum(rij * drij, axis=-1)
+    # (nf, nloc, nnei, 4)
+    Rdot = np.empty(rij.shape[:3] + (4,), dtype=rij.dtype)
+    Rdot[..., 0] = d * u**2 * (dsw - sw * u)
+    Rdot[..., 1:] = (d * u**3 * (dsw - 2.0 * sw * u))[..., None] * rij + (sw * u**2)[..., None] * drij
+    Rdot *= inv_dstd
+    return Rdot
+
+
+def embed_jvp(Rdot: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba") -> np.ndarray:
+    r"""T' = (1/n_nei) sum_j (G'_ij{}^T R_ij + G_ij^T R'_ij), with G' = (dG/ds) s' and s' = R'_ij,0.
+
+    Padded slots do not move (R' = 0), so only real rows contribute. Returns (nf, nloc, ng, 4).
+    """
+    nf, nloc, nnei, _ = Rdot.shape
+    ng = pieces[0].G.shape[1]
+    # (nf, nloc, ng, 4)
+    Tdot = np.zeros((nf, nloc, ng, 4), dtype=Rdot.dtype)
+    for pc in pieces:
+        na = pc.atoms.size
+        # (nb, 4)
+        Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
+        # (nb, ng)
+        Gdot = pc.dG_ds * Rdot_real[:, :1]
+        # (nf * na, ng, 4)
+        Tb = sum_rows(pc.G, Rdot_real, pc.owner, nf * na, backend)
+        Tb += sum_rows(Gdot, pc.R_real, pc.owner, nf * na, backend)
+        Tdot[:, pc.atoms] += Tb.reshape(nf, na, ng, 4) / nnei
+    return Tdot
+
+
+def contract_jvp(T: np.ndarray, Tdot: np.ndarray, m2: int) -> np.ndarray:
+    r"""D' = T' (T^<)^T + T (T'^<)^T, flattened as :func:`contract`. Returns (nf, nloc, ng * m2).
+
+    Its reverse needs no function of its own: D' is bilinear in (T, T'), so
+    dL/dT' = contract_backward(dL/dD', T) and it adds contract_backward(dL/dD', T') to dL/dT.
+    """
+    nf, nloc, ng, _ = T.shape
+    # (nf, nloc, ng, m2)
+    Ddot = Tdot @ np.swapaxes(T[:, :, :m2], -1, -2) + T @ np.swapaxes(Tdot[:, :, :m2], -1, -2)
+    return Ddot.reshape(nf, nloc, ng * m2)
+
+
+def expand_rows(At: np.ndarray, B: np.ndarray, owner: np.ndarray, backend: str) -> np.ndarray:
+    """out[p, g] = sum_c A[o(p), g, c] B[p, c], with At = A transposed (n_owner, 4, ng); returns (nb, ng).
+
+    What a row's G receives from its atom's dL/dT (the transpose of :func:`sum_rows`).
+    """
+    if backend == "numba":
+        start = np.searchsorted(owner, np.arange(At.shape[0] + 1))
+        # (nb, ng)
+        out = np.zeros((B.shape[0], At.shape[2]), dtype=B.dtype)
+        kernels.segment_expand(At, B, start, out)
+        return out
+    # (nb, ng)
+    return np.einsum("pcg,pc->pg", At[owner], B)
+
+
+def padded_tail_backward(Tbar: np.ndarray, pc: EmbedPiece, atom_types: np.ndarray) -> np.ndarray:
+    r"""dL/dG of the padded rows of :func:`padded_tail_sums`: (ntypes * n_t, ng).
+
+    Padded slot k of centre type t adds G(s_tk)^T R_tk to every atom of type
+    t with at most k real neighbours, so that row receives
+    :math:`\bar G_{tk} = (\sum_{i:\, t_i = t,\, c_i \le k} \bar T_i) R_{tk}`:
+    the atoms' dL/dT summed by (type, count), then cumulated over counts.
+    """
+    R_pad, _ = pc.pad_caches
+    ntypes, n_t, _ = R_pad.shape
+    nf, na = pc.count.shape
+    # (nf * na,) each atom's (type, count) bin
+    key = (atom_types[pc.atoms][None, :] * (n_t + 1) + pc.count).reshape(-1)
+    # (ntypes * (n_t + 1), ng * 4)  dL/dT summed per bin
+    flat = Tbar.reshape(nf * na, -1)
+    S = np.zeros(((n_t + 1) * ntypes, flat.shape[1]), dtype=Tbar.dtype)
+    np.add.at(S, key, flat)
+    # (ntypes, n_t, ng, 4)  Q[t, k] = sum over counts c <= k
+    Q = np.cumsum(S.reshape(ntypes, n_t + 1, -1, 4), axis=1)[:, :n_t]
+    # (ntypes * n_t, ng)
+    return np.einsum("tkgc,tkc->tkg", Q, R_pad).reshape(ntypes * n_t, -1)
+
+
+def embed_param_backward(
+    Tbar: np.ndarray, Tdotbar: np.ndarray, Rdot: np.ndarray, pieces: list[EmbedPiece],
+    atom_types: np.ndarray, backend: str = "numba",
+) -> dict[int, list[dict[str, np.ndarray]]]:
+    r"""The embedding nets' weight gradients from dL/dT and dL/dT' (pieces made with ``keep``).
+
+    Each real row p of atom i receives, through T and T' (1/n_nei folded into the bars):
+
+    .. math::
+
+        \bar G_p = \bar T_i R_p + \bar T'_i R'_p, \qquad
+        \overline{(dG/ds)}_p = (\bar T'_i R_p)\, s'_p,
+
+    which nn.net_jvp_backward pushes through the net (G and dG/ds are its
+    output and tangent); padded rows get :func:`padded_tail_backward`.
+    Returns {id(net): per-layer gradients}, summed over the pieces a net serves.
+    """
+    nf, nloc, nnei, _ = Rdot.shape
+    grads: dict[int, list] = {}
+    for pc in pieces:
+        # (nf * na, 4, ng) each, dL/dT and dL/dT' of the piece's atoms, transposed for the kernel
+        Tt = np.ascontiguousarray(np.swapaxes(Tbar[:, pc.atoms] / nnei, -1, -2).reshape(-1, 4, Tbar.shape[2]))
+        Tdt = np.ascontiguousarray(np.swapaxes(Tdotbar[:, pc.atoms] / nnei, -1, -2).reshape(-1, 4, Tbar.shape[2]))
+        # (nb, 4)
+        Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
+        # (nb, ng) dL/dG and dL/d(dG/ds) of the real rows
+        Gbar = expand_rows(Tt, pc.R_real, pc.owner, backend) + expand_rows(Tdt, Rdot_real, pc.owner, backend)
+        dGbar = expand_rows(Tdt, pc.R_real, pc.owner, backend) * Rdot_real[:, :1]
+        net_grads = [_net_grads(pc.net, caches, Gbar[blk], dGbar[blk]) for blk, caches in pc.net_caches]
+        # the padded rows: through net_forward's caches, no tangent
+        _, pad_caches = pc.pad_caches
+        Gbar_pad = padded_tail_backward(Tbar[:, pc.atoms] / nnei, pc, atom_types)
+        _, pad_grads = net_backward(pc.net, pad_caches, Gbar_pad)
+        net_grads.append(pad_grads)
+        if id(pc.net) in grads:
+            net_grads.append(grads[id(pc.net)])
+        grads[id(pc.net)] = add_grads(net_grads)
+    return grads
+
+
+def _net_grads(net: Net, caches: list, gy: np.ndarray, gty: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """A net's weight gradients only (its input, s, is data)."""
+    return net_jvp_backward(net, caches, gy, gty, input_grads=False)[2]

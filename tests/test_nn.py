@@ -185,7 +185,7 @@ def check_jvp_and_input_only_backward(net: Net, x: np.ndarray, c: np.ndarray) ->
     np.testing.assert_array_equal(dx_only, dx)
     assert empty == [{} for _ in net.layers]
     tx = np.random.default_rng(1).normal(size=x.shape)
-    y_jvp, ty = net_jvp(net, x, tx)
+    y_jvp, ty, _ = net_jvp(net, x, tx)
     assert y_jvp.shape == y.shape and ty.shape == y.shape
     np.testing.assert_allclose(y_jvp, y, rtol=1e-14, atol=1e-14)
     lhs, rhs = np.sum(c * ty), np.sum(dx * tx)
@@ -230,7 +230,7 @@ def test_layer_jvp_is_the_directional_derivative(n_in, n_out):
     rng = np.random.default_rng(n_out)
     layer = Layer(rng.normal(size=(n_in, n_out)), rng.normal(size=n_out), rng.normal(1.0, 0.5, n_out), "gelu", True)
     x, tx = rng.normal(size=(5, n_in)), rng.normal(size=(5, n_in))
-    y, ty = layer_jvp(layer, x, tx)
+    y, ty, _ = layer_jvp(layer, x, tx)
     yt = [layer_forward(layer, x + t * tx)[0] for t in (2 * H, H, -H, -2 * H)]
     fd = (-yt[0] + 8 * yt[1] - 8 * yt[2] + yt[3]) / (12 * H)
     np.testing.assert_allclose(y, layer_forward(layer, x)[0], rtol=1e-14)
@@ -271,7 +271,7 @@ def test_float32_keeps_its_dtype_and_agrees_with_float64(case):
 
     y32, caches32 = net_forward(net32, x32)
     dx32, grads32 = net_backward(net32, caches32, c32)
-    y_jvp, ty = net_jvp(net32, x32, np.ones_like(x32))
+    y_jvp, ty, _ = net_jvp(net32, x32, np.ones_like(x32))
     assert_shapes(net32, x32, y32, caches32, dx32, grads32)
     arrays32 = [y32, dx32, y_jvp, ty] + [a for cache in caches32 for a in cache] \
         + [g for d in grads32 for g in d.values()]

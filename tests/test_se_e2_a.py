@@ -227,7 +227,7 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
         assert real.shape == (nf, na, n_t)
         assert owner.shape == (nb,) and R_real.shape == (nb, 4)
         assert G.shape == dG_ds.shape == (nb, ng)
-        assert padded_tail_sums(se.nets[0][0], se.davg, se.dstd, slots).shape == (cfg.ntypes, n_t + 1, ng, 4)
+        assert padded_tail_sums(se.nets[0][0], se.davg, se.dstd, slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
     dD = rng.normal(size=D.shape)
     dT = contract_backward(dD, cache.T, m2)
     assert dT.shape == (nf, nloc, ng, 4)

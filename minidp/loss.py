@@ -1,0 +1,175 @@
+r"""deepmd-kit's ``ener`` loss and its exact gradient with respect to every weight.
+
+For a batch of ``nf`` frames of ``N`` atoms with labels :math:`E^*, F^*, W^*`:
+
+.. math::
+
+    L = \frac{p_e}{N} \langle (E - E^*)^2 \rangle
+      + p_f \langle (F - F^*)^2 \rangle
+      + \frac{p_v}{N} \langle (W - W^*)^2 \rangle,
+    \qquad p = p_{limit} + (p_{start} - p_{limit}) \frac{\eta_t}{\eta_0},
+
+where :math:`\langle\cdot\rangle` averages over every number of the batch
+(frames; frames x atoms x 3; frames x 9) and the prefactors move with the
+learning rate :math:`\eta_t` (deepmd-kit's TensorFlow backend; the energy
+term is divided by N once, not twice).
+
+**The gradient.** L depends on the weights :math:`\theta` through E, F and W.
+With the cotangents :math:`c = \partial L/\partial E`,
+:math:`\mathbf v_k = \partial L/\partial \mathbf F_k`, :math:`V = \partial L/\partial W`
+(held fixed), and :math:`F = -\partial E/\partial \mathbf r`,
+:math:`W = -\partial E/\partial \varepsilon`,
+
+.. math::
+
+    \frac{dL}{d\theta} = \frac{\partial}{\partial\theta}\Big( c\,E - \dot E \Big),
+    \qquad \dot E = \sum_{ij} \mathbf g_{ij} \cdot \delta\mathbf r_{ij},
+    \qquad \delta\mathbf r_{ij} = \mathbf v_j - \mathbf v_i + V\,\mathbf r_{ij}:
+
+the force and virial terms are the energy's derivative along one
+displacement of the pairs, in which every atom k moves by
+:math:`\mathbf v_k` and the cell is strained by V. :math:`\dot E` comes from
+forward-mode tangents (``*_jvp`` in :mod:`minidp.se_e2_a` and
+:mod:`minidp.model`), and one reverse pass through the values and their
+tangents gives its gradient: exact second derivatives, no finite
+differences, no graph.
+
+Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from minidp.model import (EnergyModel, atomic_energy, atomic_energy_backward, atomic_energy_jvp,
+                          atomic_energy_param_backward, pair_forces_virials)
+from minidp.nn import zeros_like_params
+from minidp.se_e2_a import (contract_backward, contract_jvp, descriptor, descriptor_backward, embed_jvp,
+                            embed_param_backward, env_matrix_jvp)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """deepmd-kit's ``ener`` loss prefactors (its names and defaults)."""
+
+    start_pref_e: float = 0.02  # energy prefactor at the start learning rate
+    limit_pref_e: float = 1.0  # ... and as the learning rate goes to zero
+    start_pref_f: float = 1000.0  # force prefactor at the start
+    limit_pref_f: float = 1.0  # ... at the end
+    start_pref_v: float = 0.0  # virial prefactor at the start (0 and 0: no virial term)
+    limit_pref_v: float = 0.0  # ... at the end
+
+    def __post_init__(self):
+        for name in ("start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"loss {name} must be a non-negative number, got {value!r}")
+
+
+def prefactors(config: LossConfig, lr: float, start_lr: float) -> tuple[float, float, float]:
+    """(p_e, p_f, p_v) at learning rate lr: p = limit + (start - limit) lr / start_lr."""
+    frac = lr / start_lr
+    c = config
+    return (c.limit_pref_e + (c.start_pref_e - c.limit_pref_e) * frac,
+            c.limit_pref_f + (c.start_pref_f - c.limit_pref_f) * frac,
+            c.limit_pref_v + (c.start_pref_v - c.limit_pref_v) * frac)
+
+
+class Batch(NamedTuple):
+    """Frames of one system with their neighbour lists and labels."""
+
+    rij: np.ndarray  # (nf, nloc, nnei, 3) pair displacements, 0 where padded
+    nlist: np.ndarray  # (nf, nloc, nnei) neighbour indices, -1 where padded
+    atom_types: np.ndarray  # (nloc,)
+    energy: np.ndarray  # (nf,) labels
+    force: np.ndarray  # (nf, nloc, 3)
+    virial: np.ndarray | None  # (nf, 9), or None when the system has no virial labels
+
+
+class LossValue(NamedTuple):
+    """The loss and deepmd-kit's displayed errors for one batch."""
+
+    loss: float  # L
+    rmse: float  # sqrt(L), deepmd-kit's "rmse" column
+    rmse_e: float  # sqrt(<(E - E*)^2>) / N, eV/atom
+    rmse_f: float  # sqrt(<(F - F*)^2>), eV/Angstrom
+    rmse_v: float  # sqrt(<(W - W*)^2>) / N, or nan without virial labels
+
+
+def ener_loss(energy, force, virial, batch: Batch, pref: tuple[float, float, float]):
+    """L (module docstring) and its cotangents dL/dE (nf,), dL/dF (nf, nloc, 3), dL/dW (nf, 9).
+
+    The virial term is left out (its cotangent is zero) when p_v is 0 or the
+    batch has no virial labels, as deepmd-kit does.
+    """
+    pe, pf, pv = pref
+    nf, natoms = force.shape[:2]
+    # (nf,), (nf, nloc, 3)
+    dE, dF = energy - batch.energy, force - batch.force
+    l2_e, l2_f = np.mean(dE**2), np.mean(dF**2)
+    loss = pe / natoms * l2_e + pf * l2_f
+    # (nf, 9)
+    c_W = np.zeros_like(virial)
+    rmse_v = math.nan
+    if batch.virial is not None:
+        dW = virial - batch.virial
+        l2_v = np.mean(dW**2)
+        rmse_v = math.sqrt(l2_v) / natoms
+        if pv:
+            loss += pv / natoms * l2_v
+            c_W = 2.0 * pv / natoms * dW / dW.size
+    value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) / natoms, math.sqrt(l2_f), rmse_v)
+    # the mean's 1/size and the square's 2, by the chain rule
+    return value, 2.0 * pe / natoms * dE / dE.size, 2.0 * pf * dF / dF.size, c_W
+
+
+def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarray) -> np.ndarray:
+    r"""delta r_ij = v_j - v_i + V r_ij (V as 3x3 per frame), zero on padded slots; (nf, nloc, nnei, 3).
+
+    Atom k moved by v_k moves r_ij = r_j - r_i by v_j - v_i, and the strain
+    r -> (1 + V) r moves it by V r_ij, image shifts included.
+    """
+    nf, nloc, nnei = nlist.shape
+    real = nlist >= 0
+    # (nf, nloc, nnei, 3)  v_j, gathered frame by frame; padded slots read atom 0 and are zeroed
+    vj = np.take_along_axis(v, np.where(real, nlist, 0).reshape(nf, -1, 1), axis=1).reshape(nf, nloc, nnei, 3)
+    drij = vj - v[:, :, None, :] + np.einsum("fab,finb->fina", V.reshape(nf, 3, 3), rij)
+    drij *= real[..., None]
+    return drij
+
+
+def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, float], backend: str = "numba"):
+    """The loss of one batch and dL/dtheta in model.params() layout (math in the module docstring).
+
+    Returns (LossValue, grads, (energy, force, virial) predicted).
+    """
+    se, types = model.descriptor, batch.atom_types
+    # forward and the usual backward: energies, forces, virials
+    D, dcache = descriptor(batch.rij, batch.nlist, types, se, backend, keep=True)
+    E_atom, fcaches = atomic_energy(D, types, model)
+    dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
+    g = descriptor_backward(dD, dcache, se, backend)
+    nloc = E_atom.shape[1]
+    force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, nloc, 0, backend)
+    energy, virial = E_atom.sum(axis=1), atom_virial.sum(axis=1)
+    value, c_E, v, V = ener_loss(energy, force, virial, batch, pref)
+    # the tangent pass: every quantity moved along delta r_ij
+    drij = pair_tangent(v, V, batch.rij, batch.nlist)
+    Rdot = env_matrix_jvp(drij, dcache.env)
+    Tdot = embed_jvp(Rdot, dcache.pieces, backend)
+    m2 = se.config.axis_neuron
+    Ddot = contract_jvp(dcache.T, Tdot, m2)
+    # the reverse pass of S = c E - E' through values and tangents
+    _, _, jcaches = atomic_energy_jvp(D, Ddot, types, model)
+    gE = np.broadcast_to(c_E[:, None], E_atom.shape)
+    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
+    Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
+    Tdotbar = contract_backward(Ddotbar, dcache.T, m2)
+    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.pieces, types, backend))
+    # every net's gradient in model.params() order; a net with no atoms in the batch gets zeros
+    flat = [layer for net in model.nets() for layer in grads.get(id(net)) or zeros_like_params(net.params())]
+    return value, flat, (energy, force, virial)
