@@ -132,17 +132,21 @@ def env_matrix_backward(dR, rij, inv_r, sw, dsw, inv_dstd, grad):  # pragma: no 
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def segment_expand(At, B, start, out):  # pragma: no cover - compiled
-    """out[p, g] += sum_c At[a, c, g] B[p, c] for the rows p of atom a (start as in segment_contract).
+def row_cotangents(Tt, Tdt, R, Rdot, start, Gbar, dGbar):  # pragma: no cover - compiled
+    """What each row's G and dG/ds receive from its atom's dL/dT and dL/dT' (se_e2_a.row_cotangents):
 
-    The transpose of segment_contract with respect to G: given dL/dT of each
-    atom (transposed, At: (na, 4, ng)) and each row's R (B: (nb, 4)), it gives
-    dL/dG of each row; out (nb, ng) is accumulated in place.
+    Gbar[p, g] = sum_c Tt[a, c, g] R[p, c] + Tdt[a, c, g] Rdot[p, c]
+    dGbar[p, g] = (sum_c Tdt[a, c, g] R[p, c]) Rdot[p, 0]
+
+    Tt, Tdt: (na, 4, ng) transposed; R, Rdot: (nb, 4); Gbar, dGbar (nb, ng) are written.
     """
-    ng = out.shape[1]
+    ng = Gbar.shape[1]
     for a in range(start.size - 1):
         for p in range(start[a], start[a + 1]):
-            for c in range(4):
-                Bpc = B[p, c]
-                for g in range(ng):
-                    out[p, g] += Bpc * At[a, c, g]
+            r0, r1, r2, r3 = R[p, 0], R[p, 1], R[p, 2], R[p, 3]
+            d0, d1, d2, d3 = Rdot[p, 0], Rdot[p, 1], Rdot[p, 2], Rdot[p, 3]
+            for g in range(ng):
+                t0, t1, t2, t3 = Tt[a, 0, g], Tt[a, 1, g], Tt[a, 2, g], Tt[a, 3, g]
+                u0, u1, u2, u3 = Tdt[a, 0, g], Tdt[a, 1, g], Tdt[a, 2, g], Tdt[a, 3, g]
+                Gbar[p, g] = t0 * r0 + t1 * r1 + t2 * r2 + t3 * r3 + u0 * d0 + u1 * d1 + u2 * d2 + u3 * d3
+                dGbar[p, g] = (u0 * r0 + u1 * r1 + u2 * r2 + u3 * r3) * d0

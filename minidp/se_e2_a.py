@@ -531,19 +531,30 @@ def contract_jvp(T: np.ndarray, Tdot: np.ndarray, m2: int) -> np.ndarray:
     return Ddot.reshape(nf, nloc, ng * m2)
 
 
-def expand_rows(At: np.ndarray, B: np.ndarray, owner: np.ndarray, backend: str) -> np.ndarray:
-    """out[p, g] = sum_c A[o(p), g, c] B[p, c], with At = A transposed (n_owner, 4, ng); returns (nb, ng).
+def row_cotangents(Tbar, Tdotbar, R_real, Rdot_real, owner, backend) -> tuple[np.ndarray, np.ndarray]:
+    r"""dL/dG and dL/d(dG/ds) of each real row p of atom o (the transpose of T and T' = sum_rows ...):
 
-    What a row's G receives from its atom's dL/dT (the transpose of :func:`sum_rows`).
+    .. math::
+
+        \bar G_p = \bar T_o R_p + \bar T'_o R'_p, \qquad
+        \overline{(dG/ds)}_p = (\bar T'_o R_p)\, s'_p,\quad s'_p = R'_{p,0}.
+
+    Tbar, Tdotbar: (n_owner, ng, 4); returns two (nb, ng).
     """
     if backend == "numba":
-        start = np.searchsorted(owner, np.arange(At.shape[0] + 1))
-        # (nb, ng)
-        out = np.zeros((B.shape[0], At.shape[2]), dtype=B.dtype)
-        kernels.segment_expand(At, B, start, out)
-        return out
-    # (nb, ng)
-    return np.einsum("pcg,pc->pg", At[owner], B)
+        start = np.searchsorted(owner, np.arange(Tbar.shape[0] + 1))
+        # (nb, ng), (nb, ng)
+        Gbar = np.empty((R_real.shape[0], Tbar.shape[1]), dtype=R_real.dtype)
+        dGbar = np.empty_like(Gbar)
+        kernels.row_cotangents(np.ascontiguousarray(np.swapaxes(Tbar, -1, -2)),
+                               np.ascontiguousarray(np.swapaxes(Tdotbar, -1, -2)), R_real, Rdot_real, start, Gbar, dGbar)
+        return Gbar, dGbar
+    # (nb, ng, 4), (nb, ng, 4)  each row's atom's bars
+    Tb, Tdb = Tbar[owner], Tdotbar[owner]
+    # (nb, ng), (nb, ng)
+    Gbar = np.einsum("pgc,pc->pg", Tb, R_real) + np.einsum("pgc,pc->pg", Tdb, Rdot_real)
+    dGbar = np.einsum("pgc,pc->pg", Tdb, R_real) * Rdot_real[:, :1]
+    return Gbar, dGbar
 
 
 def padded_tail_backward(Tbar: np.ndarray, pc: EmbedPiece, atom_types: np.ndarray) -> np.ndarray:
@@ -575,28 +586,22 @@ def embed_param_backward(
 ) -> dict[int, list[dict[str, np.ndarray]]]:
     r"""The embedding nets' weight gradients from dL/dT and dL/dT' (pieces made with ``keep``).
 
-    Each real row p of atom i receives, through T and T' (1/n_nei folded into the bars):
-
-    .. math::
-
-        \bar G_p = \bar T_i R_p + \bar T'_i R'_p, \qquad
-        \overline{(dG/ds)}_p = (\bar T'_i R_p)\, s'_p,
-
-    which nn.net_jvp_backward pushes through the net (G and dG/ds are its
-    output and tangent); padded rows get :func:`padded_tail_backward`.
+    Each real row receives its :func:`row_cotangents` (with T's 1/n_nei folded
+    into the bars), which nn.net_jvp_backward pushes through the net (G and
+    dG/ds are its output and tangent); padded rows get :func:`padded_tail_backward`.
     Returns {id(net): per-layer gradients}, summed over the pieces a net serves.
     """
     nf, nloc, nnei, _ = Rdot.shape
     grads: dict[int, list] = {}
     for pc in pieces:
-        # (nf * na, 4, ng) each, dL/dT and dL/dT' of the piece's atoms, transposed for the kernel
-        Tt = np.ascontiguousarray(np.swapaxes(Tbar[:, pc.atoms] / nnei, -1, -2).reshape(-1, 4, Tbar.shape[2]))
-        Tdt = np.ascontiguousarray(np.swapaxes(Tdotbar[:, pc.atoms] / nnei, -1, -2).reshape(-1, 4, Tbar.shape[2]))
+        ng = Tbar.shape[2]
+        # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms
+        Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
+        Tdb = (Tdotbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
         # (nb, 4)
         Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
-        # (nb, ng) dL/dG and dL/d(dG/ds) of the real rows
-        Gbar = expand_rows(Tt, pc.R_real, pc.owner, backend) + expand_rows(Tdt, Rdot_real, pc.owner, backend)
-        dGbar = expand_rows(Tdt, pc.R_real, pc.owner, backend) * Rdot_real[:, :1]
+        # (nb, ng), (nb, ng): dL/dG and dL/d(dG/ds) of the real rows
+        Gbar, dGbar = row_cotangents(Tb, Tdb, pc.R_real, Rdot_real, pc.owner, backend)
         net_grads = [_net_grads(pc.net, caches, Gbar[blk], dGbar[blk]) for blk, caches in pc.net_caches]
         # the padded rows: through net_forward's caches, no tangent
         _, pad_caches = pc.pad_caches

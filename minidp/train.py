@@ -1,0 +1,482 @@
+r"""Training an se_e2_a energy model from deepmd-kit's input.json, every gradient by hand.
+
+The story of one run (:func:`train`):
+
+1. **Input** (:func:`parse_input`): deepmd-kit's training input, the
+   se_e2_a + ``ener`` subset; any other key is refused by name.
+2. **Data** (:func:`load_systems`): deepmd/npy systems read through dpdata,
+   their element names mapped onto the model's ``type_map``.
+3. **Statistics** (:mod:`minidp.stats`): davg/dstd of the environment matrix
+   and the per-type energy bias, from ``data_stat_nbatch`` batches per system.
+4. **Steps**: a batch of frames from one system (systems drawn in proportion
+   to their frames, frames in a shuffled order); the loss and its exact
+   gradient (:func:`minidp.loss.loss_and_grad`); one Adam update at the
+   learning rate of deepmd-kit's ``exp`` schedule,
+   :math:`\eta_t = \eta_0 r^{\lfloor t/s \rfloor}` (:func:`minidp.optim.exp_decay`).
+5. **Record**: every ``disp_freq`` steps a line of ``lcurve.out`` in
+   deepmd-kit's columns; every ``save_freq`` steps a checkpoint
+   (model ``.dp`` + optimizer and sampler state ``.npz``) that ``restart``
+   resumes exactly; at the end the model in deepmd-kit's serialization and
+   a plot of the learning curve.
+
+Step t reports the errors of the weights before its update, so the line of
+step 0 is the untrained model and the last line (t = numb_steps) the final one.
+
+Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from minidp.checks import positive_int
+from minidp.data import atomic_path, model_types, read_system
+from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
+from minidp.model import EnergyModel, energy_forces, new_model
+from minidp.neighbor import build_neighbor_list
+from minidp.optim import Adam, exp_decay
+from minidp.se_e2_a import SeAConfig
+from minidp.serialization import load_model, save_model
+from minidp.stats import energy_bias, env_stats, raw_env_sums
+
+# ---------------------------------------------------------------------------
+# 1. The input
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """training_data / validation_data."""
+
+    systems: tuple[Path, ...]  # deepmd/npy folders, resolved against the input file's folder
+    batch_size: int | str  # frames per batch, or "auto" / "auto:N" (at least N atoms; N = 32)
+    numb_btch: int = 1  # validation: batches evaluated at each display
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a run needs, from deepmd-kit's input.json."""
+
+    type_map: tuple[str, ...]  # element of each atom type
+    descriptor: SeAConfig  # the se_e2_a hyper-parameters
+    fitting_neuron: tuple[int, ...]  # fitting-net widths
+    fitting_resnet_dt: bool  # fitting nets carry a resnet timestep
+    model_seed: int  # initial weights
+    start_lr: float  # learning rate at step 0
+    stop_lr: float  # ... reached at numb_steps
+    decay_steps: int  # the rate drops every decay_steps
+    loss: LossConfig  # prefactors of the energy, force and virial terms
+    training: DataConfig  # training systems
+    validation: DataConfig | None  # validation systems, or None
+    numb_steps: int  # updates
+    seed: int  # batch sampling
+    disp_file: str  # learning-curve file
+    disp_freq: int  # steps between its lines
+    save_freq: int  # steps between checkpoints
+    save_ckpt: str  # checkpoint prefix: <save_ckpt>-<step>.dp / .npz
+    data_stat_nbatch: int  # batches per system for the statistics
+
+
+# What minidp reads of each section; anything else is refused by name.
+# Keys starting with "_" are comments, as in deepmd-kit's examples.
+KEYS = {
+    "": {"model", "learning_rate", "loss", "training"},
+    "model": {"type_map", "descriptor", "fitting_net", "data_stat_nbatch"},
+    "model/descriptor": {"type", "sel", "rcut", "rcut_smth", "neuron", "axis_neuron", "resnet_dt",
+                         "type_one_side", "precision", "seed", "activation_function"},
+    "model/fitting_net": {"type", "neuron", "resnet_dt", "precision", "seed", "activation_function"},
+    "learning_rate": {"type", "start_lr", "stop_lr", "decay_steps"},
+    "loss": {"type", "start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"},
+    "training": {"training_data", "validation_data", "numb_steps", "seed", "disp_file", "disp_freq",
+                 "save_freq", "save_ckpt"},
+    "training/training_data": {"systems", "batch_size"},
+    "training/validation_data": {"systems", "batch_size", "numb_btch"},
+}
+# The one value these keys may take.
+FIXED = {"model/descriptor/type": ("se_e2_a", "se_a"), "model/fitting_net/type": ("ener",),
+         "learning_rate/type": ("exp",), "loss/type": ("ener",), "model/descriptor/precision": ("float64", "default"),
+         "model/fitting_net/precision": ("float64", "default"),
+         "model/descriptor/activation_function": ("tanh",), "model/fitting_net/activation_function": ("tanh",)}
+
+
+def _section(d: dict, where: str) -> dict:
+    """The section at path ``where``, checked: a dict, no unknown keys, fixed values as allowed."""
+    node = d
+    for part in [p for p in where.split("/") if p]:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            raise ValueError(f"input: {where} must be a section (a JSON object), got {node!r}")
+    unknown = sorted(k for k in node if not k.startswith("_") and k not in KEYS[where])
+    if unknown:
+        raise ValueError(f"input: unsupported key(s) {unknown} in {where or 'the top level'}; "
+                         f"minidp reads {sorted(KEYS[where])}")
+    for key, allowed in FIXED.items():
+        sec, _, name = key.rpartition("/")
+        if sec == where and name in node and node[name] not in allowed:
+            raise ValueError(f"input: {key} = {node[name]!r} is not supported; expected one of {list(allowed)}")
+    return node
+
+
+def _data_config(sec: dict, where: str, base: Path) -> DataConfig:
+    systems = sec.get("systems")
+    systems = [systems] if isinstance(systems, str) else systems
+    if not systems or not all(isinstance(s, str) for s in systems):
+        raise ValueError(f"input: {where}/systems must be a path or a list of paths, got {sec.get('systems')!r}")
+    bs = sec.get("batch_size", "auto")
+    if not (isinstance(bs, str) and (bs == "auto" or bs.startswith("auto:"))):
+        bs = positive_int(f"{where}/batch_size", bs)
+    return DataConfig(tuple(base / s for s in systems), bs, positive_int(f"{where}/numb_btch", sec.get("numb_btch", 1)))
+
+
+def _descriptor_config(d: dict) -> SeAConfig:
+    try:
+        return SeAConfig(rcut=float(d["rcut"]), rcut_smth=float(d.get("rcut_smth", 0.5)),
+                         sel=tuple(positive_int("sel", s) for s in d["sel"]), neuron=tuple(d.get("neuron", (10, 20, 40))),
+                         axis_neuron=positive_int("axis_neuron", d.get("axis_neuron", 4)),
+                         type_one_side=bool(d.get("type_one_side", False)), resnet_dt=bool(d.get("resnet_dt", False)))
+    except KeyError as err:
+        raise ValueError(f"input: model/descriptor needs {err.args[0]!r}") from None
+    except TypeError:
+        raise ValueError(f"input: model/descriptor/sel must be a list of positive integers, got {d['sel']!r}") from None
+
+
+def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
+    """A TrainConfig from deepmd-kit's input dict; relative system paths are taken from ``base``."""
+    if not isinstance(d, dict):
+        raise TypeError(f"input must be a JSON object, got {type(d).__name__}")
+    for where in KEYS:
+        if where == "training/validation_data" and "validation_data" not in d.get("training", {}):
+            continue
+        _section(d, where)
+    model, tr = d["model"], d["training"]
+    desc, fit, lr, loss = model["descriptor"], model["fitting_net"], d["learning_rate"], d["loss"]
+    if "type_map" not in model:
+        raise ValueError("input: model/type_map is required (the element of each type)")
+    cfg = _descriptor_config(desc)
+    if len(model["type_map"]) != cfg.ntypes:
+        raise ValueError(f"input: type_map {model['type_map']} has {len(model['type_map'])} types but sel has {cfg.ntypes}")
+    if "numb_steps" not in tr:
+        raise ValueError("input: training/numb_steps is required")
+    return TrainConfig(
+        type_map=tuple(model["type_map"]), descriptor=cfg,
+        fitting_neuron=tuple(fit.get("neuron", (120, 120, 120))), fitting_resnet_dt=bool(fit.get("resnet_dt", True)),
+        model_seed=int(desc.get("seed") or 0),
+        start_lr=float(lr.get("start_lr", 1e-3)), stop_lr=float(lr.get("stop_lr", 1e-8)),
+        decay_steps=positive_int("learning_rate/decay_steps", lr.get("decay_steps", 5000)),
+        loss=LossConfig(**{k: float(v) for k, v in loss.items() if k in KEYS["loss"] - {"type"}}),
+        training=_data_config(tr["training_data"], "training/training_data", base),
+        validation=_data_config(tr["validation_data"], "training/validation_data", base) if "validation_data" in tr else None,
+        numb_steps=positive_int("training/numb_steps", tr["numb_steps"]), seed=int(tr.get("seed") or 0),
+        disp_file=str(tr.get("disp_file", "lcurve.out")), disp_freq=positive_int("disp_freq", tr.get("disp_freq", 1000)),
+        save_freq=positive_int("save_freq", tr.get("save_freq", 1000)), save_ckpt=str(tr.get("save_ckpt", "model.ckpt")),
+        data_stat_nbatch=positive_int("data_stat_nbatch", model.get("data_stat_nbatch", 10)),
+    )
+
+
+def read_input(path) -> TrainConfig:
+    """parse_input of a JSON file, its systems relative to the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"input file {path} is not valid JSON: {err}") from None
+    return parse_input(d, path.parent)
+
+
+# ---------------------------------------------------------------------------
+# 2. The data
+# ---------------------------------------------------------------------------
+
+
+class System(NamedTuple):
+    """One labelled system, in float64 whatever the files hold (coordinates are often float32)."""
+
+    path: Path  # where it was read from
+    coords: np.ndarray  # (nf, nloc, 3)
+    cells: np.ndarray | None  # (nf, 3, 3), or None without periodic boundaries
+    atom_types: np.ndarray  # (nloc,) in the model's type_map
+    energy: np.ndarray  # (nf,)
+    force: np.ndarray  # (nf, nloc, 3)
+    virial: np.ndarray | None  # (nf, 9), or None without virial labels
+
+    @property
+    def nframes(self) -> int:
+        return self.coords.shape[0]
+
+
+def load_systems(paths, type_map) -> list[System]:
+    """Read labelled systems through dpdata (all their set.* folders); types mapped onto type_map."""
+    systems = []
+    for path in paths:
+        s = read_system(path)
+        if "energies" not in s.data or "forces" not in s.data:
+            raise ValueError(f"system {path} has no energy and force labels: it cannot be trained on")
+        nf = s.get_nframes()
+        cells = None if s.nopbc else s["cells"].astype(np.float64)
+        virial = s["virials"].reshape(nf, 9).astype(np.float64) if "virials" in s.data else None
+        systems.append(System(Path(path), s["coords"].astype(np.float64), cells,
+                              model_types(s["atom_names"], s["atom_types"], list(type_map)),
+                              s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial))
+    return systems
+
+
+def batch_size(setting: int | str, natoms: int) -> int:
+    """Frames per batch: an integer as is; "auto:N" enough frames for N atoms ("auto": N = 32)."""
+    if isinstance(setting, int):
+        return setting
+    target = 32 if setting == "auto" else int(setting.partition(":")[2])
+    return max(1, math.ceil(target / natoms))
+
+
+def make_batch(system: System, frames: np.ndarray, cfg: SeAConfig) -> Batch:
+    """The neighbour list and labels of some frames of a system."""
+    cells = None if system.cells is None else system.cells[frames]
+    nl = build_neighbor_list(system.coords[frames], cells, system.atom_types, cfg.rcut, list(cfg.sel))
+    virial = None if system.virial is None else system.virial[frames]
+    return Batch(nl.rij, nl.nlist, system.atom_types, system.energy[frames], system.force[frames], virial)
+
+
+class Sampler:
+    """Batches drawn as deepmd-kit draws them: a system with probability proportional to its
+    frames, then the next frames of its shuffled order (reshuffled when used up).
+
+    Its whole state (the generator's, each order and position) goes into checkpoints.
+    """
+
+    def __init__(self, systems: list[System], setting: int | str, seed: int):
+        self.sizes = [batch_size(setting, s.atom_types.size) for s in systems]
+        frames = np.array([s.nframes for s in systems], dtype=float)
+        self.prob = frames / frames.sum()
+        self.rng = np.random.default_rng(seed)
+        self.orders = [self.rng.permutation(s.nframes) for s in systems]
+        self.pos = [0] * len(systems)
+
+    def next(self) -> tuple[int, np.ndarray]:
+        """(system index, frame indices) of the next batch."""
+        k = int(self.rng.choice(len(self.prob), p=self.prob))
+        n = min(self.sizes[k], self.orders[k].size)
+        if self.pos[k] + n > self.orders[k].size:
+            self.orders[k], self.pos[k] = self.rng.permutation(self.orders[k].size), 0
+        frames = self.orders[k][self.pos[k]:self.pos[k] + n]
+        self.pos[k] += n
+        return k, frames
+
+    def state(self) -> dict:
+        return {"rng": json.dumps(self.rng.bit_generator.state), "pos": np.array(self.pos),
+                **{f"order_{k}": o for k, o in enumerate(self.orders)}}
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = json.loads(str(state["rng"]))
+        self.pos = [int(p) for p in state["pos"]]
+        self.orders = [np.asarray(state[f"order_{k}"]) for k in range(len(self.orders))]
+
+
+# ---------------------------------------------------------------------------
+# 3. A fresh model with the data's statistics
+# ---------------------------------------------------------------------------
+
+
+def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) -> EnergyModel:
+    """new_model, then davg/dstd and the energy bias from data_stat_nbatch batches per system."""
+    cfg = config.descriptor
+    model = new_model(list(config.type_map), cfg, config.fitting_neuron, config.fitting_resnet_dt, config.model_seed)
+    sums = np.zeros((cfg.ntypes, 5))
+    mean_energy, counts = [], []
+    for k, s in enumerate(systems):
+        n = min(s.nframes, config.data_stat_nbatch * sampler.sizes[k])
+        frames = np.sort(sampler.rng.choice(s.nframes, n, replace=False))
+        sums += raw_env_sums(s.coords[frames], None if s.cells is None else s.cells[frames], s.atom_types, cfg)
+        mean_energy.append(s.energy[frames].mean())
+        counts.append(np.bincount(s.atom_types, minlength=cfg.ntypes))
+    model.descriptor.davg, model.descriptor.dstd = env_stats(sums, cfg)
+    model.bias = energy_bias(np.array(mean_energy), np.array(counts))
+    return model
+
+
+# ---------------------------------------------------------------------------
+# 4. Recording: the learning curve and checkpoints
+# ---------------------------------------------------------------------------
+
+
+def lcurve_columns(validation: bool, virial: bool) -> list[str]:
+    """deepmd-kit's lcurve.out columns (validation first, then training, per quantity)."""
+    quantities = ["", "_e", "_f"] + (["_v"] if virial else [])
+    sets = ["val", "trn"] if validation else ["trn"]
+    return ["step"] + [f"rmse{q}_{s}" for q in quantities for s in sets] + ["lr"]
+
+
+def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool) -> str:
+    """One line of lcurve.out: errors maps "val"/"trn" to that set's LossValue."""
+    fields = ["rmse", "rmse_e", "rmse_f"] + (["rmse_v"] if virial else [])
+    values = [getattr(errors[s], f) for f in fields for s in ("val", "trn") if s in errors]
+    return f"{step:7d}" + "".join(f" {v:12.4e}" for v in values) + f" {lr:12.4e}\n"
+
+
+def read_lcurve(path) -> dict[str, np.ndarray]:
+    """An lcurve.out (minidp's or deepmd-kit's) as {column: values}; names from the '#' header."""
+    path = Path(path)
+    names = path.read_text().splitlines()[0].lstrip("#").split()
+    data = np.atleast_2d(np.loadtxt(path))
+    return {name: data[:, k] for k, name in enumerate(names)}
+
+
+def plot_lcurves(curves: dict[str, Path], out: Path) -> Path:
+    """Energy and force RMSE against the step, one line style per curve and set (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from minidp.report import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for (label, path), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+        c = read_lcurve(path)
+        for ax, q, unit in ((axes[0], "e", "eV/atom"), (axes[1], "f", "eV/Å")):
+            for s, style in (("trn", ":"), ("val", "-")):
+                if f"rmse_{q}_{s}" in c:
+                    ax.semilogy(c["step"], c[f"rmse_{q}_{s}"], style, color=color, label=f"{label} {s}")
+            ax.set(xlabel="step", ylabel=f"RMSE ({unit})", title={"e": "energy", "f": "forces"}[q])
+    axes[1].legend()
+    return save_figure(fig, out)
+
+
+def checkpoint_files(path: Path) -> tuple[Path, Path]:
+    """<path>.dp and <path>.npz (appended: a stem such as model.ckpt-1000 has dots of its own)."""
+    return path.parent / f"{path.name}.dp", path.parent / f"{path.name}.npz"
+
+
+def save_checkpoint(stem: Path, step: int, model: EnergyModel, opt: Adam, samplers: dict[str, Sampler]) -> Path:
+    """<stem>-<step>.dp (the model) and <stem>-<step>.npz (Adam's moments, step, sampler states)."""
+    path = stem.parent / f"{stem.name}-{step}"
+    dp_file, npz_file = checkpoint_files(path)
+    save_model(dp_file, model)
+    state = {"step": np.array(step), "adam_t": np.array(opt.t)}
+    for i, (m, v) in enumerate(zip(opt.m, opt.v)):
+        state.update({f"m_{i}_{k}": a for k, a in m.items()})
+        state.update({f"v_{i}_{k}": a for k, a in v.items()})
+    for name, sampler in samplers.items():
+        state.update({f"{name}_{k}": a for k, a in sampler.state().items()})
+    with atomic_path(npz_file) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **state)
+    return path
+
+
+def load_checkpoint(path) -> tuple[EnergyModel, dict]:
+    """The model and state of a checkpoint, given as <stem>-<step>, or its .dp or .npz."""
+    path = Path(path)
+    path = path.parent / path.name.removesuffix(".dp").removesuffix(".npz")
+    dp_file, npz_file = checkpoint_files(path)
+    for need in (dp_file, npz_file):
+        if not need.is_file():
+            raise FileNotFoundError(f"checkpoint {path}: {need} does not exist")
+    with np.load(npz_file) as z:
+        state = {k: z[k] for k in z.files}
+    return load_model(dp_file), state
+
+
+def restore_optimizer(opt: Adam, state: dict) -> None:
+    """Adam's moments and step count from a checkpoint's state."""
+    opt.t = int(state["adam_t"])
+    for i, (m, v) in enumerate(zip(opt.m, opt.v)):
+        for k in m:
+            m[k][...] = state[f"m_{i}_{k}"]
+            v[k][...] = state[f"v_{i}_{k}"]
+
+
+# ---------------------------------------------------------------------------
+# 5. The run
+# ---------------------------------------------------------------------------
+
+
+def evaluate(model: EnergyModel, batches: list[Batch], pref) -> LossValue:
+    """Errors over some batches, each batch's RMSEs weighted by its atoms (deepmd-kit's average)."""
+    values, weights = [], []
+    for b in batches:
+        p = energy_forces(b.rij, b.nlist, b.atom_types, model)
+        values.append(ener_loss(p.energy, p.force, p.virial, b, pref)[0])
+        weights.append(b.atom_types.size)
+    return LossValue(*np.average(np.array(values), axis=0, weights=weights))
+
+
+class TrainResult(NamedTuple):
+    model: EnergyModel  # the trained model
+    seconds_per_step: float  # mean wall time of a training step (loss, gradient, update), after the first 10
+    last: dict[str, LossValue]  # the errors of the last lcurve line, by set ("trn", "val")
+
+
+def _setup(config: TrainConfig, restart):
+    """Systems, samplers, model and optimizer: fresh, or as a checkpoint left them."""
+    train_sys = load_systems(config.training.systems, config.type_map)
+    val_sys = load_systems(config.validation.systems, config.type_map) if config.validation else []
+    samplers = {"trn": Sampler(train_sys, config.training.batch_size, config.seed)}
+    if val_sys:
+        samplers["val"] = Sampler(val_sys, config.validation.batch_size, config.seed + 1)
+    if restart is None:
+        model, step = initial_model(config, train_sys, samplers["trn"]), 0
+    else:
+        model, state = load_checkpoint(restart)
+        step = int(state["step"])
+        for name, sampler in samplers.items():
+            sampler.restore({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "_")})
+    opt = Adam(model.params())
+    if restart is not None:
+        restore_optimizer(opt, state)
+    return train_sys, val_sys, samplers, model, opt, step
+
+
+def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True) -> TrainResult:
+    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output."""
+    import time
+
+    from tqdm import tqdm
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_sys, val_sys, samplers, model, opt, start = _setup(config, restart)
+    cfg, n = config.descriptor, config.numb_steps
+    virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
+    lcurve = workdir / config.disp_file
+    if restart is None or not lcurve.exists():
+        lcurve.write_text("# " + " ".join(lcurve_columns(bool(val_sys), virial)) + "\n")
+    times, last = [], {}
+    bar = tqdm(total=n, initial=start, disable=not progress, unit="step", desc="training")
+    for step in range(start, n + 1):
+        # a checkpoint holds the state at the top of a step: resuming from it repeats nothing
+        if step > start and (step % config.save_freq == 0 or step == n):
+            save_checkpoint(workdir / config.save_ckpt, step, model, opt, samplers)
+        lr = exp_decay(step, config.start_lr, config.stop_lr, config.decay_steps, n)
+        pref = prefactors(config.loss, lr, config.start_lr)
+        k, frames = samplers["trn"].next()
+        t0 = time.perf_counter()
+        value, grads, _ = loss_and_grad(model, make_batch(train_sys[k], frames, cfg), pref)
+        elapsed = time.perf_counter() - t0
+        if step % config.disp_freq == 0 or step == n:
+            # training and validation errors of the same weights, those before this step's update
+            last = {"trn": value}
+            if val_sys:
+                batches = [make_batch(val_sys[j], f, cfg) for j, f in
+                           (samplers["val"].next() for _ in range(config.validation.numb_btch))]
+                last["val"] = evaluate(model, batches, pref)
+            with open(lcurve, "a") as fh:
+                fh.write(lcurve_line(step, last, lr, virial))
+            bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
+        if step < n:
+            t0 = time.perf_counter()
+            opt.step(grads, lr)
+            times.append(elapsed + time.perf_counter() - t0)
+            bar.update(1)
+    bar.close()
+    if output is not None:
+        save_model(output, model)
+    plot_lcurves({"minidp": lcurve}, workdir / "lcurve.png")
+    return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), last)
