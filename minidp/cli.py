@@ -112,6 +112,33 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    """Train a model from deepmd-kit's input.json and write it in deepmd-kit's serialization."""
+    from minidp.train import read_input, train
+
+    config = read_input(args.input)
+    if args.numb_steps is not None:
+        from dataclasses import replace
+
+        config = replace(config, numb_steps=args.numb_steps)
+    result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet)
+    rows = [f"{s}: rmse_e {v.rmse_e:.3e} eV/atom  rmse_f {v.rmse_f:.3e} eV/A" for s, v in result.last.items()]
+    print(f"trained {config.numb_steps} steps, {result.seconds_per_step:.4f} s/step; last line: " + "; ".join(rows))
+    print(f"model written to {args.output}; learning curve in {args.workdir}/{config.disp_file} and lcurve.png")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an se_e2_a model from deepmd-kit's input.json")
+    p.add_argument("input", help="deepmd-kit training input (JSON); systems relative to its folder")
+    p.add_argument("-o", "--output", required=True, help="trained model: .dp, .yaml or .json (deepmd-kit's serialization)")
+    p.add_argument("--restart", default=None, help="resume from a checkpoint (<save_ckpt>-<step>, its .dp or .npz)")
+    p.add_argument("--workdir", default=".", help="folder for lcurve.out, checkpoints and lcurve.png (default: .)")
+    p.add_argument("--numb-steps", type=int, default=None, help="override training/numb_steps")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+
 def _model_and_system(sub, name: str, help: str, systems: str = "system (any format dpdata reads)",
                       many: bool = False):
     """A subcommand taking a model and a system, with the options every such command shares."""
@@ -151,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
+    _add_train(sub)
     _add_tutorial(sub)
     return parser
 

@@ -594,6 +594,8 @@ def embed_param_backward(
     nf, nloc, nnei, _ = Rdot.shape
     grads: dict[int, list] = {}
     for pc in pieces:
+        if pc.atoms.size == 0:  # a centre type absent from the batch: its nets get no gradient here
+            continue
         ng = Tbar.shape[2]
         # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms
         Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)

@@ -17,7 +17,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from minidp.nn import (ACTIVATIONS, Layer, Net, embedding_net, fitting_net, get_activation, layer_forward,
-                       layer_jvp, mlp, net_backward, net_forward, net_jvp, residual_kind)
+                       layer_jvp, layer_jvp_backward, mlp, net_backward, net_forward, net_jvp, residual_kind)
 
 ACTS = sorted(ACTIVATIONS)
 # Where an activation is not differentiable; a difference quotient straddling one is meaningless.
@@ -204,6 +204,50 @@ def test_activation_derivative_matches_central_differences(act):
     f = get_activation(act)
     fd = (-f.f(z + 2 * H) + 8 * f.f(z + H) - 8 * f.f(z - H) + f.f(z - 2 * H)) / (12 * H)
     np.testing.assert_allclose(f.grad(z, f.f(z)), fd, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_activation_second_derivative_matches_central_differences(act):
+    """phi''(z, phi, phi') against differences of phi' (what the force-loss gradient needs)."""
+    z = np.linspace(-12.0, 12.0, 2401) + 0.5 / 2400
+    f = get_activation(act)
+
+    def d1(x):
+        return f.grad(x, f.f(x))
+
+    fd = (-d1(z + 2 * H) + 8 * d1(z + H) - 8 * d1(z - H) + d1(z - 2 * H)) / (12 * H)
+    np.testing.assert_allclose(f.grad2(z, f.f(z), d1(z)), fd, rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_in=st.integers(1, 4), factor=st.sampled_from([1, 2, 3]), act=st.sampled_from(["tanh", "gelu", "softplus", "sigmoid"]),
+       idt=st.booleans(), seed=st.integers(0, 2**16))
+def test_layer_jvp_backward_matches_central_differences(n_in, factor, act, idt, seed):
+    """For L = <gy, y> + <gty, ty>: layer_jvp_backward's dL/dx, dL/d(tx), dL/dparams against differences."""
+    rng = np.random.default_rng(seed)
+    n_out = n_in * factor if factor < 3 else n_in + 1
+    layer = Layer(rng.normal(size=(n_in, n_out)), rng.normal(size=n_out),
+                  rng.normal(1.0, 0.5, n_out) if idt else None, act, True)
+    x, tx = rng.normal(size=(5, n_in)), rng.normal(size=(5, n_in))
+    gy, gty = rng.normal(size=(5, n_out)), rng.normal(size=(5, n_out))
+
+    def L():
+        y, ty, _ = layer_jvp(layer, x, tx)
+        return np.sum(gy * y) + np.sum(gty * ty)
+
+    _, _, cache = layer_jvp(layer, x, tx)
+    gx, gtx, grads = layer_jvp_backward(layer, cache, gy, gty)
+    for name, value, grad in [("x", x, gx), ("tx", tx, gtx)] + [(k, layer.params()[k], grads[k]) for k in grads]:
+        assert grad.shape == value.shape, name
+        fd = np.zeros_like(value)
+        for idx in np.ndindex(value.shape):
+            old = value[idx]
+            value[idx] = old + H
+            up = L()
+            value[idx] = old - H
+            fd[idx] = (up - L()) / (2 * H)
+            value[idx] = old
+        assert rel_err(grad, fd) <= 1e-6, name
 
 
 @fast
