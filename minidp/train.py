@@ -42,7 +42,7 @@ from minidp.model import EnergyModel, energy_forces, new_model
 from minidp.neighbor import build_neighbor_list
 from minidp.optim import Adam, exp_decay
 from minidp.se_e2_a import SeAConfig
-from minidp.serialization import load_model, save_model
+from minidp.serialization import NATIVE_SUFFIXES, load_model, save_model
 from minidp.stats import energy_bias, env_stats, raw_env_sums
 
 # ---------------------------------------------------------------------------
@@ -410,7 +410,8 @@ def evaluate(model: EnergyModel, batches: list[Batch], pref) -> LossValue:
 
 class TrainResult(NamedTuple):
     model: EnergyModel  # the trained model
-    seconds_per_step: float  # mean wall time of a training step (loss, gradient, update), after the first 10
+    seconds_per_step: float  # mean wall time of a training step (batch, loss, gradient, update) after the first 10
+    step_seconds: np.ndarray  # (steps,) each step's wall time, displays and checkpoints excluded
     last: dict[str, LossValue]  # the errors of the last lcurve line, by set ("trn", "val")
 
 
@@ -425,6 +426,9 @@ def _setup(config: TrainConfig, restart):
         model, step = initial_model(config, train_sys, samplers["trn"]), 0
     else:
         model, state = load_checkpoint(restart)
+        if model.descriptor.config != config.descriptor or tuple(model.type_map) != config.type_map:
+            raise ValueError(f"checkpoint {restart} holds a model of another shape than the input describes: "
+                             f"{model.type_map} {model.descriptor.config} vs {list(config.type_map)} {config.descriptor}")
         step = int(state["step"])
         for name, sampler in samplers.items():
             sampler.restore({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "_")})
@@ -440,6 +444,9 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
 
     from tqdm import tqdm
 
+    if output is not None and Path(output).suffix.lower() not in NATIVE_SUFFIXES:
+        # refused now, not after hours of training
+        raise ValueError(f"cannot write {Path(output).suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     train_sys, val_sys, samplers, model, opt, start = _setup(config, restart)
@@ -456,8 +463,8 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
             save_checkpoint(workdir / config.save_ckpt, step, model, opt, samplers)
         lr = exp_decay(step, config.start_lr, config.stop_lr, config.decay_steps, n)
         pref = prefactors(config.loss, lr, config.start_lr)
-        k, frames = samplers["trn"].next()
         t0 = time.perf_counter()
+        k, frames = samplers["trn"].next()
         value, grads, _ = loss_and_grad(model, make_batch(train_sys[k], frames, cfg), pref)
         elapsed = time.perf_counter() - t0
         if step % config.disp_freq == 0 or step == n:
@@ -479,4 +486,4 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
     if output is not None:
         save_model(output, model)
     plot_lcurves({"minidp": lcurve}, workdir / "lcurve.png")
-    return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), last)
+    return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), np.array(times), last)

@@ -248,3 +248,19 @@ def test_trained_model_runs_in_deepmd_kit_after_convert_backend(data_dir, tmp_pa
     ours = DeepPot(model).eval(coords, cells, types, atomic=True)
     for x, y in zip(ours, ref):
         assert np.abs(x - y).max() <= 1e-10
+
+
+def test_an_unwritable_model_suffix_is_refused_before_training(data_dir, tmp_path):
+    config = parse_input(_input(6), data_dir)
+    with pytest.raises(ValueError, match=r"cannot write '.pb' models; expected one of"):
+        train(config, tmp_path / "model.pb", tmp_path, progress=False)
+    assert not (tmp_path / "lcurve.out").exists()
+
+
+def test_restart_with_another_model_shape_is_refused(data_dir, tmp_path):
+    config = parse_input(_input(3), data_dir)
+    train(config, None, tmp_path, progress=False)
+    d = _input(6)
+    d["model"]["descriptor"]["neuron"] = [4, 4]
+    with pytest.raises(ValueError, match=r"checkpoint .* holds a model of another shape than the input describes"):
+        train(parse_input(d, data_dir), None, tmp_path / "b", restart=tmp_path / "model.ckpt-3", progress=False)
