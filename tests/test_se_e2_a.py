@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 from minidp.nn import net_forward
 from minidp.se_e2_a import (contract, contract_backward, descriptor, descriptor_backward, embed, embed_backward,
-                            env_matrix, env_matrix_backward, padded_tail_sums, smooth_switch)
+                            contract_jvp, embed_jvp, env_matrix, env_matrix_backward, env_matrix_jvp,
+                            padded_tail_backward, padded_tail_sums, smooth_switch)
 from tests.conftest import random_model, rel_err, se_configs
 
 BACKENDS = ["numba", "numpy"]
@@ -211,7 +212,7 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
     se = random_model(cfg, seed).descriptor
     types, nlist, rij = random_pairs(cfg, nf, nloc, rng)
     nnei, ng, m2 = cfg.nnei, cfg.ng, cfg.axis_neuron
-    D, cache = descriptor(rij, nlist, types, se)
+    D, cache = descriptor(rij, nlist, types, se, keep=True)
     env = cache.env
     assert cache.R.shape == (nf, nloc, nnei, 4)
     assert env.rij.shape == (nf, nloc, nnei, 3)
@@ -221,13 +222,21 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
     assert D.shape == (nf, nloc, ng * m2) and ng * m2 == cfg.dim_out
     groups = 1 if cfg.type_one_side else cfg.ntypes
     assert len(cache.pieces) == groups * cfg.ntypes
-    for atoms, slots, real, owner, R_real, G, dG_ds in cache.pieces:
-        na, n_t = atoms.size, slots.stop - slots.start
-        nb = int(real.sum())
-        assert real.shape == (nf, na, n_t)
-        assert owner.shape == (nb,) and R_real.shape == (nb, 4)
-        assert G.shape == dG_ds.shape == (nb, ng)
-        assert padded_tail_sums(se.nets[0][0], se.davg, se.dstd, slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
+    for pc in cache.pieces:
+        na, n_t = pc.atoms.size, pc.slots.stop - pc.slots.start
+        nb = int(pc.real.sum())
+        assert pc.real.shape == (nf, na, n_t) and pc.count.shape == (nf, na)
+        assert pc.owner.shape == (nb,) and pc.R_real.shape == (nb, 4)
+        assert pc.G.shape == pc.dG_ds.shape == (nb, ng)
+        assert padded_tail_sums(se.nets[0][0], se.davg, se.dstd, slots=pc.slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
+        if na:
+            assert padded_tail_backward(rng.normal(size=(nf, na, ng, 4)), pc, types).shape == (cfg.ntypes * n_t, ng)
+    # the training tangents
+    Rdot = env_matrix_jvp(rng.normal(size=rij.shape), env)
+    assert Rdot.shape == (nf, nloc, nnei, 4)
+    Tdot = embed_jvp(Rdot, cache.pieces)
+    assert Tdot.shape == (nf, nloc, ng, 4)
+    assert contract_jvp(cache.T, Tdot, m2).shape == (nf, nloc, ng * m2)
     dD = rng.normal(size=D.shape)
     dT = contract_backward(dD, cache.T, m2)
     assert dT.shape == (nf, nloc, ng, 4)
