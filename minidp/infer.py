@@ -114,14 +114,15 @@ def default_batch_size(model: EnergyModel, memory_budget: int | None = None, wor
     return int(max(1, min(FASTEST_CHUNK, memory_budget // (workers * bytes_per_atom(model)))))
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """Ask glibc to keep freed blocks instead of returning them to the kernel.
 
     Every chunk allocates and frees the same few large arrays; by default
     glibc hands blocks over 32 MB (or, at first, 128 kB) back to the kernel at
     once, and each new array then pays a page fault per 4 kB touched, which
     made NumPy's temporaries 3-4x slower here. Raising the mmap and trim
-    thresholds keeps them in the process. No effect outside glibc.
+    thresholds keeps them in the process. No effect outside glibc. Training
+    (minidp.train) calls it too: its steps allocate and free the same arrays.
     """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
@@ -227,7 +228,7 @@ class DeepPot:
         self.batch_size = int(batch_size or default_batch_size(self.model, memory_budget, self.workers))
         self.progress = progress
         self.backend = backend
-        _keep_freed_memory()
+        keep_freed_memory()
 
     # --- deepmd-kit's getters ---
     def get_type_map(self) -> list[str]:

@@ -327,11 +327,15 @@ def layer_jvp_backward(
         gy_a, gty_a = gy, gty
     # (nb, n_out) dL/d(tz)
     gtz = gty_a * d1
-    # (nb, n_out) dL/dz, the second term through phi''
+    # (nb, n_out) dL/dz, the second term through phi'' (built in place: these are the largest arrays)
     gz = gy_a * d1
-    gz += gty_a * tz * get_activation(layer.activation).grad2(z, a, d1)
+    h = get_activation(layer.activation).grad2(z, a, d1)
+    h *= tz
+    h *= gty_a
+    gz += h
     # (n_in, n_out), (n_out,)
-    grads["W"] = x.T @ gz + tx.T @ gtz
+    grads["W"] = x.T @ gz
+    grads["W"] += tx.T @ gtz
     grads["b"] = np.sum(gz, axis=0)
     if not input_grads:
         return None, None, grads

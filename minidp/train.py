@@ -38,6 +38,7 @@ import numpy as np
 from minidp.checks import positive_int
 from minidp.data import atomic_path, model_types, read_system
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
+from minidp.infer import keep_freed_memory
 from minidp.model import EnergyModel, energy_forces, new_model
 from minidp.neighbor import build_neighbor_list
 from minidp.optim import Adam, exp_decay
@@ -408,6 +409,12 @@ def evaluate(model: EnergyModel, batches: list[Batch], pref) -> LossValue:
     return LossValue(*np.average(np.array(values), axis=0, weights=weights))
 
 
+def validation_errors(model: EnergyModel, systems: list[System], sampler: Sampler, config: TrainConfig, pref) -> LossValue:
+    """The errors on the next numb_btch validation batches (deepmd-kit draws new ones at every display)."""
+    draws = [sampler.next() for _ in range(config.validation.numb_btch)]
+    return evaluate(model, [make_batch(systems[k], frames, config.descriptor) for k, frames in draws], pref)
+
+
 class TrainResult(NamedTuple):
     model: EnergyModel  # the trained model
     seconds_per_step: float  # mean wall time of a training step (batch, loss, gradient, update) after the first 10
@@ -449,6 +456,7 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
         raise ValueError(f"cannot write {Path(output).suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()
     train_sys, val_sys, samplers, model, opt, start = _setup(config, restart)
     cfg, n = config.descriptor, config.numb_steps
     virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
@@ -471,9 +479,7 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
             # training and validation errors of the same weights, those before this step's update
             last = {"trn": value}
             if val_sys:
-                batches = [make_batch(val_sys[j], f, cfg) for j, f in
-                           (samplers["val"].next() for _ in range(config.validation.numb_btch))]
-                last["val"] = evaluate(model, batches, pref)
+                last["val"] = validation_errors(model, val_sys, samplers["val"], config, pref)
             with open(lcurve, "a") as fh:
                 fh.write(lcurve_line(step, last, lr, virial))
             bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
