@@ -321,6 +321,14 @@ def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool
     return f"{step:7d}" + "".join(f" {v:12.4e}" for v in values) + f" {lr:12.4e}\n"
 
 
+def trim_lcurve(path: Path, step: int) -> None:
+    """Drop the lines of steps >= step: a run resumed from step's checkpoint writes them again."""
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.startswith("#") or int(ln.split()[0]) < step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(kept))
+
+
 def read_lcurve(path) -> dict[str, np.ndarray]:
     """An lcurve.out (minidp's or deepmd-kit's) as {column: values}; names from the '#' header."""
     path = Path(path)
@@ -463,6 +471,8 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
     lcurve = workdir / config.disp_file
     if restart is None or not lcurve.exists():
         lcurve.write_text("# " + " ".join(lcurve_columns(bool(val_sys), virial)) + "\n")
+    else:
+        trim_lcurve(lcurve, start)
     times, last = [], {}
     bar = tqdm(total=n, initial=start, disable=not progress, unit="step", desc="training")
     for step in range(start, n + 1):

@@ -34,3 +34,17 @@ def test_shipped_water_molecules_are_intact():
     r = np.linalg.norm(d, axis=-1)
     close = (r > 0.8) & (r < 1.2)
     assert (close.sum(axis=1) == 2).all()
+
+
+def test_shipped_training_input_runs_with_minidp_train(tmp_path):
+    """The example's input.json (deepmd-kit's format) trains as is with minidp (30 steps: a smoke test)."""
+    from dataclasses import replace
+
+    from minidp.train import read_input, read_lcurve, train
+
+    config = replace(read_input(EXAMPLE / "input.json"), numb_steps=30, disp_freq=10, save_freq=30)
+    result = train(config, tmp_path / "model.dp", tmp_path, progress=False)
+    curve = read_lcurve(tmp_path / "lcurve.out")
+    assert curve["step"].tolist() == [0, 10, 20, 30]
+    assert np.isfinite(curve["rmse_trn"]).all() and curve["lr"][-1] < curve["lr"][0]
+    assert result.model.descriptor.config.neuron == (8, 16, 32)

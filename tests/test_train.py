@@ -204,6 +204,10 @@ def test_restart_continues_exactly(data_dir, tmp_path):
             np.testing.assert_array_equal(p[k], q[k])
     # the lcurve of a restart in a fresh folder starts at the checkpoint's step
     assert read_lcurve(tmp_path / "b" / "lcurve.out")["step"][0] == 4
+    # in the run's own folder the lines after the checkpoint are replaced, not repeated
+    before = (tmp_path / "a" / "lcurve.out").read_text()
+    train(config, None, tmp_path / "a", restart=tmp_path / "a" / "model.ckpt-3", progress=False)
+    assert (tmp_path / "a" / "lcurve.out").read_text() == before
 
 
 def test_restart_from_a_missing_checkpoint_names_it(data_dir, tmp_path):

@@ -30,10 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
 
-def make_input(base: Path, steps: int, disp_freq: int) -> dict:
-    """The shared water input with this run's length and absolute system paths."""
+def make_input(base: Path, steps: int, disp_freq: int, seed: int | None = None) -> dict:
+    """The shared water input with this run's length, absolute system paths and (optionally) other seeds."""
     d = json.loads((base / "models" / "input.json").read_text())
     tr = d["training"]
+    if seed is not None:
+        # the initial weights of both nets and the order of the batches
+        d["model"]["descriptor"]["seed"] = d["model"]["fitting_net"]["seed"] = seed
+        tr["seed"] = seed + 1
     tr["training_data"]["systems"] = [str(base / "data" / "water" / f"data_{i}") for i in range(3)]
     tr["validation_data"]["systems"] = [str(base / "data" / "water" / "data_3")]
     tr.update(numb_steps=steps, disp_freq=disp_freq, save_freq=steps)
@@ -98,6 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=2000, help="training steps of both runs (default 2000)")
     ap.add_argument("--disp-freq", type=int, default=100, help="steps between lcurve lines (default 100)")
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "train-compare")
+    ap.add_argument("--seed", type=int, default=None, help="other seeds for both programs (default: the input's)")
     ap.add_argument("--skip-deepmd", action="store_true", help="reuse the deepmd-kit run already in --out")
     args = ap.parse_args(argv)
     if not (args.shared / "models" / "input.json").is_file():
@@ -105,11 +110,11 @@ def main(argv=None) -> int:
         return 2
     from minidp.train import load_systems, parse_input, plot_lcurves
 
-    d = make_input(args.shared.resolve(), args.steps, args.disp_freq)
+    d = make_input(args.shared.resolve(), args.steps, args.disp_freq, args.seed)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                TF_INTRA_OP_PARALLELISM_THREADS="2", TF_INTER_OP_PARALLELISM_THREADS="1")
     os.environ.update({k: env[k] for k in ("OMP_NUM_THREADS",)})
-    summary = {"steps": args.steps, "machine": f"{os.cpu_count()} cores, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"}
+    summary = {"steps": args.steps, "seed": args.seed, "machine": f"{os.cpu_count()} cores, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"}
     (args.out / "deepmd").mkdir(parents=True, exist_ok=True)
     (args.out / "deepmd" / "input.json").write_text(json.dumps(d, indent=1))
     if args.skip_deepmd:
