@@ -148,25 +148,33 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     Returns (LossValue, grads, (energy, force, virial) predicted).
     """
     se, types = model.descriptor, batch.atom_types
+    m2 = se.config.axis_neuron
     # forward and the usual backward: energies, forces, virials
+    # (nf, nloc, ng * m2)
     D, dcache = descriptor(batch.rij, batch.nlist, types, se, backend, keep=True)
+    # (nf, nloc)
     E_atom, fcaches = atomic_energy(D, types, model)
+    # (nf, nloc, ng * m2), then (nf, nloc, nnei, 3): g = dE/d r_ij
     dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
     g = descriptor_backward(dD, dcache, se, backend)
-    nloc = E_atom.shape[1]
-    force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, nloc, 0, backend)
+    # (nf, nloc, 3), (nf, nloc, 9)
+    force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, E_atom.shape[1], 0, backend)
+    # (nf,), (nf, 9)
     energy, virial = E_atom.sum(axis=1), atom_virial.sum(axis=1)
     value, c_E, v, V = ener_loss(energy, force, virial, batch, pref)
-    # the tangent pass: every quantity moved along delta r_ij
+    # the tangent pass, every quantity moved along delta r_ij:
+    # (nf, nloc, nnei, 3), (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
     drij = pair_tangent(v, V, batch.rij, batch.nlist)
     Rdot = env_matrix_jvp(drij, dcache.env)
     Tdot = embed_jvp(Rdot, dcache.pieces, backend)
-    m2 = se.config.axis_neuron
     Ddot = contract_jvp(dcache.T, Tdot, m2)
-    # the reverse pass of S = c E - E' through values and tangents
+    # the reverse pass of S = c E - E' through values and tangents, from the fitting nets down
     _, _, jcaches = atomic_energy_jvp(D, Ddot, types, model)
+    # (nf, nloc) dS/dE_i = c of its frame; dS/dE'_i = -1
     gE = np.broadcast_to(c_E[:, None], E_atom.shape)
+    # (nf, nloc, ng * m2) each
     Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
+    # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)
     grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.pieces, types, backend))
