@@ -72,7 +72,7 @@ def flops_per_frame(model: EnergyModel, counts: np.ndarray, atoms_per_type: np.n
     atoms_per_type = np.asarray(atoms_per_type, dtype=float)
     # (ntypes, ntypes)  slots, padding included, and one row pass of each embedding net
     slots = atoms_per_type[:, None] * np.asarray(cfg.sel, dtype=float)[None, :]
-    emb = np.array([[matmul_flops(se.nets[ti][tj]) for tj in range(nt)] for ti in range(nt)], dtype=float)
+    emb = np.array([[matmul_flops(se.nets[ti, tj]) for tj in range(nt)] for ti in range(nt)], dtype=float)
     real, natoms = float(counts.sum()), float(atoms_per_type.sum())
     # D = T T<^T forward, and its two products backward
     contract_d = 3 * 8 * ng * m2 * natoms

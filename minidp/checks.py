@@ -32,3 +32,34 @@ def positive_int(name: str, n) -> int:
     if not is_positive_int(n):
         raise ValueError(f"{name} must be a positive integer, got {n!r}")
     return int(n)
+
+
+# The ways minidp computes a model (see minidp.se_e2_a): the plain reference
+# path, and the fast path in NumPy or with its loops compiled by Numba.
+BACKENDS = ("reference", "numpy", "numba")
+
+
+def check_backend(backend) -> str:
+    """backend, or ValueError naming it: one of BACKENDS."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def atom_types(value, ntypes: int, natoms: int | None = None) -> np.ndarray:
+    """value as an int64 array (natoms,) of types in 0..ntypes-1, or TypeError/ValueError naming the problem.
+
+    The one check of atom types, for DeepPot and build_neighbor_list alike.
+    """
+    # (natoms,)
+    types = np.asarray(value)
+    if types.dtype == bool or not np.issubdtype(types.dtype, np.integer):
+        raise TypeError(f"atom_types must be integers, got dtype {types.dtype}")
+    want = "natoms" if natoms is None else natoms
+    if types.ndim != 1 or (natoms is not None and types.shape != (natoms,)):
+        raise ValueError(f"atom_types must have shape ({want},), one type per atom, got {types.shape}")
+    if types.size and (types.min() < 0 or types.max() >= ntypes):
+        bad = types[(types < 0) | (types >= ntypes)][0]
+        raise ValueError(f"atom type {bad} is outside the model's types 0..{ntypes - 1} "
+                         f"(got types {sorted(set(types.tolist()))})")
+    return types.astype(np.int64)

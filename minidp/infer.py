@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -34,8 +33,9 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from minidp import checks, runtime
 from minidp.checks import positive_int, real_array
-from minidp.model import EnergyModel, Prediction, energy_forces
+from minidp.model import EnergyModel, Prediction, energy_forces, pair_gradients, scatter_pairs
 from minidp.neighbor import NeighborList, build_neighbor_list
 from minidp.se_e2_a import descriptor
 from minidp.serialization import load_model
@@ -45,7 +45,7 @@ from minidp.serialization import load_model
 # ---------------------------------------------------------------------------
 
 
-def bytes_per_atom(model: EnergyModel) -> int:
+def bytes_per_atom(model: EnergyModel, backend: str = "numba") -> int:
     """Working memory (bytes) one centre atom needs in energy_forces, from the model's sizes.
 
     Per neighbour slot (float64 numbers): the neighbour list and r_ij (4), the
@@ -53,10 +53,13 @@ def bytes_per_atom(model: EnergyModel) -> int:
     (5 + 2 ng), the backward's gradients and temporaries (21). Per atom: T and
     dT (8 ng), D and dD (2 ng m2), and each fitting layer's caches and
     gradients (2 (n_in + 2 n_out)). The benchmark checks it against measured
-    peak memory.
+    peak memory. The reference path also keeps, per slot, every embedding
+    layer's caches (3 sum(neuron)) and dL/dG (ng).
     """
     cfg = model.descriptor.config
     per_slot = 4 + 10 + 5 + 2 * cfg.ng + 21
+    if backend == "reference":
+        per_slot += 3 * sum(cfg.neuron) + cfg.ng
     fit = sum(2 * (layer.n_in + 2 * layer.n_out) for layer in model.fitting[0].layers)
     return 8 * (cfg.nnei * per_slot + 8 * cfg.ng + 2 * cfg.dim_out + fit)
 
@@ -98,7 +101,8 @@ def default_workers() -> int:
 FASTEST_CHUNK = 384
 
 
-def default_batch_size(model: EnergyModel, memory_budget: int | None = None, workers: int = 1) -> int:
+def default_batch_size(model: EnergyModel, memory_budget: int | None = None, workers: int = 1,
+                       backend: str = "numba") -> int:
     """Atoms per chunk: at most FASTEST_CHUNK, and few enough that the chunks
     computing at once (one per worker) fit the byte budget.
 
@@ -111,24 +115,7 @@ def default_batch_size(model: EnergyModel, memory_budget: int | None = None, wor
         except (ValueError, OSError, AttributeError):
             free = 4 << 30
         memory_budget = min(free // 4, 4 << 30)
-    return int(max(1, min(FASTEST_CHUNK, memory_budget // (workers * bytes_per_atom(model)))))
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed blocks instead of returning them to the kernel.
-
-    Every chunk allocates and frees the same few large arrays; by default
-    glibc hands blocks over 32 MB (or, at first, 128 kB) back to the kernel at
-    once, and each new array then pays a page fault per 4 kB touched, which
-    made NumPy's temporaries 3-4x slower here. Raising the mmap and trim
-    thresholds keeps them in the process. No effect outside glibc. Training
-    (minidp.train) calls it too: its steps allocate and free the same arrays.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, 1 << 30)
-        libc.mallopt(m_trim_threshold, 1 << 30)
+    return int(max(1, min(FASTEST_CHUNK, memory_budget // (workers * bytes_per_atom(model, backend)))))
 
 
 # ---------------------------------------------------------------------------
@@ -147,19 +134,15 @@ class Frames(NamedTuple):
 def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     """Reshape and validate deepmd-kit-style inputs (raising ValueError/TypeError naming the problem)."""
     types = np.asarray(atom_types)
-    if not np.issubdtype(types.dtype, np.integer):
-        raise TypeError(f"atom_types must be integers, got dtype {types.dtype}")
     if types.ndim == 2 and types.shape[0] >= 1 and (types == types[0]).all():
         types = types[0]  # one row per frame, all alike (deepmd-kit accepts this)
-    if types.ndim != 1:
+    if types.ndim == 2:
         raise ValueError(f"atom_types must have shape (natoms,), got {types.shape} "
                          "(frames with different atom types are not supported)")
+    types = checks.atom_types(types, ntypes)
     natoms = types.size
     if natoms == 0:
         raise ValueError("atom_types is empty; expected at least one atom")
-    if types.min() < 0 or types.max() >= ntypes:
-        bad = types[(types < 0) | (types >= ntypes)][0]
-        raise ValueError(f"atom type {bad} is outside the model's types 0..{ntypes - 1}")
     xyz = real_array("coords", coords)
     if xyz.size % (natoms * 3) != 0 or xyz.size == 0:
         raise ValueError(f"coords has shape {xyz.shape}, which does not hold (nframes, {natoms}, 3) "
@@ -212,23 +195,25 @@ class DeepPot:
     memory_budget : bytes the chunks in flight may use (default: a quarter of available memory, at most 4 GiB)
     workers : threads evaluating chunks (default: OMP_NUM_THREADS, else the usable cores)
     progress : show a progress bar over chunks (None: only on a terminal)
-    backend : "numba" (default) or "numpy", the readable twins of the Numba kernels
+    backend : "numba" (default), "numpy" (the same fast path in NumPy) or "reference"
+        (the plain path of minidp.se_e2_a, every slot through the nets; slower, the one to read)
+    keep_freed_memory : tune glibc to keep freed memory in the process (faster; see minidp.runtime,
+        which also documents the MINIDP_KEEP_FREED_MEMORY=0 opt-out)
     """
 
     def __init__(self, model_file, *, batch_size: int | None = None, memory_budget: int | None = None,
-                 workers: int | None = None, progress: bool | None = None, backend: str = "numba"):
+                 workers: int | None = None, progress: bool | None = None, backend: str = "numba",
+                 keep_freed_memory: bool = True):
         for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget), ("workers", workers)):
             if value is not None:
                 positive_int(name, value)
-        if backend not in ("numba", "numpy"):
-            raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
+        self.backend = checks.check_backend(backend)
         self.model_file = str(model_file)
         self.model = model_file if isinstance(model_file, EnergyModel) else load_model(model_file)
         self.workers = int(workers or default_workers())
-        self.batch_size = int(batch_size or default_batch_size(self.model, memory_budget, self.workers))
+        self.batch_size = int(batch_size or default_batch_size(self.model, memory_budget, self.workers, backend))
         self.progress = progress
-        self.backend = backend
-        keep_freed_memory()
+        runtime.keep_freed_memory(keep_freed_memory)
 
     # --- deepmd-kit's getters ---
     def get_type_map(self) -> list[str]:
@@ -265,21 +250,23 @@ class DeepPot:
 
         Each chunk builds its own neighbour list on its worker. At most
         workers + 1 chunks are submitted at once, which bounds the memory.
+        With several workers each task limits BLAS to one thread while it
+        runs (minidp.runtime.one_blas_thread), not the caller's loop.
         """
-        from threadpoolctl import threadpool_limits
         from tqdm.auto import tqdm
 
         nf, natoms, _ = frames.coords.shape
         chunks = plan_chunks(nf, natoms, self.batch_size, self.workers)
+        limit = runtime.one_blas_thread if self.workers > 1 else contextlib.nullcontext
 
         def task(chunk: Chunk):
-            return work(self._neighbors(frames, chunk), chunk)
+            with limit():
+                return work(self._neighbors(frames, chunk), chunk)
 
         # disable=None: tqdm shows the bar only when stderr is a terminal
         bar = tqdm(total=len(chunks), desc="minidp", unit="chunk", leave=False,
                    disable=None if self.progress is None else not self.progress)
-        limits = threadpool_limits(1) if self.workers > 1 else contextlib.nullcontext()
-        with bar, limits, ThreadPoolExecutor(self.workers) as pool:
+        with bar, ThreadPoolExecutor(self.workers) as pool:
             pending: collections.deque = collections.deque()
             for chunk in chunks:
                 pending.append((chunk, pool.submit(task, chunk)))
@@ -296,8 +283,7 @@ class DeepPot:
             types = frames.atom_types[chunk.atoms]
             if chunk.atoms.stop - chunk.atoms.start == natoms:
                 return None, energy_forces(nl.rij, nl.nlist, types, self.model, self.backend)
-            touched, nlist, first = compact_atoms(nl.nlist, chunk.atoms)
-            return touched, energy_forces(nl.rij, nlist, types, self.model, self.backend, touched.size, first)
+            return self._chunk_shares(nl, chunk, types)
 
         total = None
         for chunk, (touched, p) in self._run(frames, work):
@@ -315,6 +301,17 @@ class DeepPot:
             total.atom_energy[:, chunk.atoms] = p.atom_energy
             if chunk.atoms.stop == natoms:
                 yield chunk.frames, total
+
+    def _chunk_shares(self, nl: NeighborList, chunk: Chunk, types: np.ndarray) -> tuple[np.ndarray, Prediction]:
+        """A chunk of a big frame: its centres' energies, and its pairs' shares of the forces and
+        virials on the atoms they touch (touched (nt,) frame indices; Prediction over those nt atoms)."""
+        E_atom, g = pair_gradients(nl.rij, nl.nlist, types, self.model, self.backend)
+        touched, nlist, first = compact_atoms(nl.nlist, chunk.atoms)
+        # (nf, nt, 3), (nf, nt, 9)  nf = 1: plan_chunks splits one frame at a time
+        F = np.zeros((g.shape[0], touched.size, 3))
+        W = np.zeros((g.shape[0], touched.size, 9))
+        scatter_pairs(g, nl.rij, nlist, F, W, first, self.backend)
+        return touched, Prediction(E_atom.sum(axis=1), F, W.sum(axis=1), E_atom, W)
 
     # --- evaluation ---
     def iter_eval(self, coords, cells, atom_types) -> Iterator[tuple[slice, Prediction]]:

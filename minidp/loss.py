@@ -29,8 +29,8 @@ With the cotangents :math:`c = \partial L/\partial E`,
 the force and virial terms are the energy's derivative along one
 displacement of the pairs, in which every atom k moves by
 :math:`\mathbf v_k` and the cell is strained by V. :math:`\dot E` comes from
-forward-mode tangents (``*_jvp`` in :mod:`minidp.se_e2_a` and
-:mod:`minidp.model`), and one reverse pass through the values and their
+forward-mode tangents (``*_jvp`` in :mod:`minidp.force_training`, the
+training-only second-order step), and one reverse pass through the values and their
 tangents gives its gradient: exact second derivatives, no finite
 differences, no graph.
 
@@ -45,11 +45,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.model import (EnergyModel, atomic_energy, atomic_energy_backward, atomic_energy_jvp,
-                          atomic_energy_param_backward, pair_forces_virials)
+from minidp.checks import check_backend
+from minidp.force_training import (atomic_energy_jvp, atomic_energy_param_backward, contract_jvp, embed_jvp,
+                                   embed_param_backward, env_matrix_jvp)
+from minidp.model import EnergyModel, atomic_energy, atomic_energy_backward, pair_forces_virials
 from minidp.nn import zeros_like_params
-from minidp.se_e2_a import (contract_backward, contract_jvp, descriptor, descriptor_backward, embed_jvp,
-                            embed_param_backward, env_matrix_jvp)
+from minidp.se_e2_a import contract_backward, descriptor, descriptor_backward
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,11 @@ def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarra
 def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, float], backend: str = "numba"):
     """The loss of one batch and dL/dtheta in model.params() layout (math in the module docstring).
 
-    Returns (LossValue, grads, (energy, force, virial) predicted).
+    Returns (LossValue, grads, (energy, force, virial) predicted). ``backend``:
+    "numpy" or "numba" (the fast path; the reference path has no tangents).
     """
+    if check_backend(backend) == "reference":
+        raise ValueError("loss_and_grad needs backend 'numpy' or 'numba', got 'reference'")
     se, types = model.descriptor, batch.atom_types
     m2 = se.config.axis_neuron
     # forward and the usual backward: energies, forces, virials
@@ -158,7 +162,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
     g = descriptor_backward(dD, dcache, se, backend)
     # (nf, nloc, 3), (nf, nloc, 9)
-    force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, E_atom.shape[1], 0, backend)
+    force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, backend)
     # (nf,), (nf, 9)
     energy, virial = E_atom.sum(axis=1), atom_virial.sum(axis=1)
     value, c_E, v, V = ener_loss(energy, force, virial, batch, pref)
@@ -166,7 +170,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     # (nf, nloc, nnei, 3), (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
     drij = pair_tangent(v, V, batch.rij, batch.nlist)
     Rdot = env_matrix_jvp(drij, dcache.env)
-    Tdot = embed_jvp(Rdot, dcache.pieces, backend)
+    Tdot = embed_jvp(Rdot, dcache.embed, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
     # the reverse pass of S = c E - E' through values and tangents, from the fitting nets down
     _, _, jcaches = atomic_energy_jvp(D, Ddot, types, model)
@@ -177,7 +181,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)
-    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.pieces, types, backend))
-    # every net's gradient in model.params() order; a net with no atoms in the batch gets zeros
-    flat = [layer for net in model.nets() for layer in grads.get(id(net)) or zeros_like_params(net.params())]
+    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.embed, types, backend))
+    # every net's gradient in model.params() order, by name; a net with no atoms in the batch gets zeros
+    flat = [layer for name, net in model.named_nets() for layer in grads.get(name) or zeros_like_params(net.params())]
     return value, flat, (energy, force, virial)

@@ -38,8 +38,9 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward, net_jvp, net_jvp_backward
-from minidp.se_e2_a import SeA, SeAConfig, descriptor, descriptor_backward
+from minidp.checks import check_backend
+from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward
+from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig, descriptor, descriptor_backward
 
 
 @dataclass
@@ -55,10 +56,18 @@ class EnergyModel:
     def ntypes(self) -> int:
         return len(self.type_map)
 
+    def named_nets(self) -> list[tuple[tuple, Net]]:
+        """Every trainable net once, with its name: ``("embedding",) + key`` for each net of
+        ``descriptor.nets`` (key (tj,) with type_one_side, else (ti, tj)), then ``("fitting", t)``.
+
+        Gradients (minidp.force_training) are keyed by these names.
+        """
+        emb = [(("embedding",) + key, net) for key, net in self.descriptor.nets.items()]
+        return emb + [(("fitting", t), net) for t, net in enumerate(self.fitting)]
+
     def nets(self) -> list[Net]:
-        """Every trainable net once: the embedding nets (row by row; shared ones once), then the fitting nets."""
-        unique = {id(n): n for row in self.descriptor.nets for n in row}
-        return list(unique.values()) + list(self.fitting)
+        """The nets of :meth:`named_nets`, in order."""
+        return [net for _, net in self.named_nets()]
 
     def params(self) -> list[dict[str, np.ndarray]]:
         """The trainable arrays, one dict per layer of :meth:`nets` in order (what the optimizers update)."""
@@ -84,11 +93,8 @@ def new_model(
     def emb() -> Net:
         return embedding_net(config.neuron, 1, config.activation, config.resnet_dt, dtype, next(seeds))
 
-    if config.type_one_side:
-        row = [emb() for _ in range(nt)]
-        nets = [row for _ in range(nt)]
-    else:
-        nets = [[emb() for _ in range(nt)] for _ in range(nt)]
+    # one net per key: (tj,) with type_one_side (shared by every centre type), else (ti, tj)
+    nets = EmbeddingNets.from_list(nt, config.type_one_side, [emb() for _ in range(nt if config.type_one_side else nt * nt)])
     se = SeA(config, np.zeros((nt, config.nnei, 4), dtype), np.ones((nt, config.nnei, 4), dtype), nets)
     fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, dtype, next(seeds))
                for _ in range(nt)]
@@ -103,6 +109,7 @@ def new_model(
 class FitCache(NamedTuple):
     """One atom type's block of the fitting step."""
 
+    t: int  # the atom type
     atoms: np.ndarray  # (na,) atoms of this type
     net: Net  # its fitting net
     net_caches: list  # the net's layer caches
@@ -123,7 +130,7 @@ def atomic_energy(
         # (nb, 1) with nb = nf * na: every atom of type t is one row
         y, net_caches = net_forward(model.fitting[t], D[:, atoms].reshape(-1, dim))
         E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
-        caches.append(FitCache(atoms, model.fitting[t], net_caches))
+        caches.append(FitCache(t, atoms, model.fitting[t], net_caches))
     return E_atom, caches
 
 
@@ -132,50 +139,11 @@ def atomic_energy_backward(dE_atom: np.ndarray, caches: list[FitCache], dim: int
     nf, nloc = dE_atom.shape
     # (nf, nloc, ng * m2)
     dD = np.zeros((nf, nloc, dim), dtype=dE_atom.dtype)
-    for atoms, net, net_caches in caches:
+    for _, atoms, net, net_caches in caches:
         # (nb, dim)
         dx, _ = net_backward(net, net_caches, dE_atom[:, atoms].reshape(-1, 1), param_grads=False)
         dD[:, atoms] = dx.reshape(nf, atoms.size, dim)
     return dD
-
-
-def atomic_energy_jvp(
-    D: np.ndarray, Ddot: np.ndarray, atom_types: np.ndarray, model: EnergyModel
-) -> tuple[np.ndarray, np.ndarray, list[FitCache]]:
-    """E_i and its tangent E'_i = (dF_{t_i}/dD_i) D'_i, for training on forces; (nf, nloc) each, and caches."""
-    nf, nloc, dim = D.shape
-    # (nf, nloc), (nf, nloc)
-    E_atom = np.zeros((nf, nloc), dtype=D.dtype)
-    Edot = np.zeros_like(E_atom)
-    caches = []
-    for t in range(model.ntypes):
-        atoms = np.flatnonzero(atom_types == t)
-        if atoms.size == 0:
-            continue
-        # (nb, 1), (nb, 1)
-        y, ty, net_caches = net_jvp(model.fitting[t], D[:, atoms].reshape(-1, dim), Ddot[:, atoms].reshape(-1, dim))
-        E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
-        Edot[:, atoms] = ty.reshape(nf, atoms.size)
-        caches.append(FitCache(atoms, model.fitting[t], net_caches))
-    return E_atom, Edot, caches
-
-
-def atomic_energy_param_backward(
-    gE: np.ndarray, gEdot: np.ndarray, caches: list[FitCache], dim: int
-) -> tuple[np.ndarray, np.ndarray, dict[int, list]]:
-    """Reverse through atomic_energy_jvp: from dL/dE_i and dL/dE'_i (nf, nloc) to dL/dD,
-    dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {id(net): per-layer grads}."""
-    nf, nloc = gE.shape
-    # (nf, nloc, ng * m2), (nf, nloc, ng * m2)
-    Dbar = np.zeros((nf, nloc, dim), dtype=gE.dtype)
-    Ddotbar = np.zeros_like(Dbar)
-    grads = {}
-    for atoms, net, net_caches in caches:
-        gx, gtx, grads[id(net)] = net_jvp_backward(
-            net, net_caches, gE[:, atoms].reshape(-1, 1), gEdot[:, atoms].reshape(-1, 1))
-        Dbar[:, atoms] = gx.reshape(nf, atoms.size, dim)
-        Ddotbar[:, atoms] = gtx.reshape(nf, atoms.size, dim)
-    return Dbar, Ddotbar, grads
 
 
 # ---------------------------------------------------------------------------
@@ -183,39 +151,49 @@ def atomic_energy_param_backward(
 # ---------------------------------------------------------------------------
 
 
-def pair_forces_virials(
-    g: np.ndarray, rij: np.ndarray, nlist: np.ndarray, natoms: int | None = None,
-    first: int = 0, backend: str = "numba",
-) -> tuple[np.ndarray, np.ndarray]:
-    r"""Forces and atomic virials from the pair gradients (math in the module docstring).
+def scatter_pairs(g: np.ndarray, rij: np.ndarray, nlist: np.ndarray, F: np.ndarray, W: np.ndarray,
+                  first: int = 0, backend: str = "numba") -> None:
+    r"""Add each pair's terms onto F (nf, n, 3) and W (nf, n, 9), in place (math in the module docstring):
 
-    F_k = sum_j g_kj - sum_{(i,j): j = k} g_ij,   W_k = -sum_{(i,j): j = k} g_ij (x) r_ij
+    F_i += g_ij,  F_j -= g_ij,  W_j -= g_ij (x) r_ij   (W flattened a*3 + b)
 
-    g, rij: (nf, nc, nnei, 3) for nc centre atoms first .. first + nc - 1 of a
-    frame of ``natoms`` atoms (all of them by default); nlist holds frame-wide
-    indices. Returns F (nf, natoms, 3) and W (nf, natoms, 9), flattened a*3 + b:
-    the share of these centres' pairs, to be summed over centre chunks.
+    for the centre atoms i = first + c of g, rij (nf, nc, nnei, 3) and their
+    neighbours j = nlist[f, c, k] >= 0, both numbered in F's n atoms.
+    :func:`pair_forces_virials` calls it on whole frames (first = 0); DeepPot
+    on the chunks of big frames.
     """
     nf, nc, nnei, _ = g.shape
-    natoms = nc if natoms is None else natoms
-    # (nf, natoms, 3), (nf, natoms, 9)
-    F = np.zeros((nf, natoms, 3), dtype=g.dtype)
-    W = np.zeros((nf, natoms, 9), dtype=g.dtype)
+    n = F.shape[1]
     if backend == "numba":
         kernels.scatter_pairs(g, rij, nlist, first, F, W)
-        return F, W
+        return
     # the centre atom's share: r_ij = r_j - r_i moves against r_i
-    F[:, first:first + nc] = g.sum(axis=2)
+    F[:, first:first + nc] += g.sum(axis=2)
     # Scatter onto the neighbours j. Padded slots (j = -1) carry g = 0, so
     # sending them to atom 0 adds nothing; offsets separate the frames.
     # (nf * nc * nnei,)
-    j = (np.maximum(nlist, 0) + natoms * np.arange(nf)[:, None, None]).reshape(-1)
+    j = (np.maximum(nlist, 0) + n * np.arange(nf)[:, None, None]).reshape(-1)
     # (nf * nc * nnei, 3, 3)  each pair's virial -g_a r_b
     w = (-g[..., :, None] * rij[..., None, :]).reshape(-1, 3, 3)
     for a in range(3):
-        F[..., a] -= np.bincount(j, weights=g[..., a].reshape(-1), minlength=nf * natoms).reshape(nf, natoms)
+        F[..., a] -= np.bincount(j, weights=g[..., a].reshape(-1), minlength=nf * n).reshape(nf, n)
         for b in range(3):
-            W[..., 3 * a + b] = np.bincount(j, weights=w[:, a, b], minlength=nf * natoms).reshape(nf, natoms)
+            W[..., 3 * a + b] += np.bincount(j, weights=w[:, a, b], minlength=nf * n).reshape(nf, n)
+
+
+def pair_forces_virials(g: np.ndarray, rij: np.ndarray, nlist: np.ndarray,
+                        backend: str = "numba") -> tuple[np.ndarray, np.ndarray]:
+    r"""Forces F (nf, nloc, 3) and atomic virials W (nf, nloc, 9) of whole frames from the pair gradients:
+
+    F_k = sum_j g_kj - sum_{(i,j): j = k} g_ij,   W_k = -sum_{(i,j): j = k} g_ij (x) r_ij
+
+    g, rij: (nf, nloc, nnei, 3); nlist (nf, nloc, nnei) numbers the neighbours among the nloc atoms.
+    """
+    nf, nloc, _, _ = g.shape
+    # (nf, nloc, 3), (nf, nloc, 9)
+    F = np.zeros((nf, nloc, 3), dtype=g.dtype)
+    W = np.zeros((nf, nloc, 9), dtype=g.dtype)
+    scatter_pairs(g, rij, nlist, F, W, 0, backend)
     return F, W
 
 
@@ -230,30 +208,41 @@ class Prediction(NamedTuple):
     energy: np.ndarray  # (nf,) total energy
     force: np.ndarray  # (nf, nloc, 3)
     virial: np.ndarray  # (nf, 9)
-    atom_energy: np.ndarray  # (nf, nc) of the nc centre atoms (all nloc by default)
+    atom_energy: np.ndarray  # (nf, nloc)
     atom_virial: np.ndarray  # (nf, nloc, 9)
 
 
-def energy_forces(
-    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel,
-    backend: str = "numba", natoms: int | None = None, first: int = 0,
-) -> Prediction:
-    """Forward to E, then backward with dL/dE_i = 1 to g_ij, then forces and virials.
+def pair_gradients(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Atomic energies E_i (nf, nc) and the pair gradients g_ij = dE/d r_ij (nf, nc, nnei, 3).
 
-    rij, nlist (nf, nc, nnei, ...) and atom_types (nc,) describe nc centre
-    atoms, by default all atoms of the frames. For a chunk of centres
-    first .. first + nc - 1 of larger frames (``natoms`` atoms), energy and
-    virial are these centres' shares and force/atom_virial cover all atoms:
-    summed over the chunks they give the frame's results.
+    Forward: D = descriptor(r_ij), E_i = F_{t_i}(D_i) + b_{t_i}; backward with
+    dE/dE_i = 1 (the energy is their plain sum) through the fitting nets and
+    the descriptor. rij, nlist (nf, nc, nnei, ...) and atom_types (nc,) are
+    any nc centre atoms (all of a frame, or a chunk of one).
     """
     se = model.descriptor
     D, dcache = descriptor(rij, nlist, atom_types, se, backend)
     E_atom, fcaches = atomic_energy(D, atom_types, model)
-    # dE/dE_i = 1 for every atom: the energy is their plain sum
+    # (nf, nc, ng * m2)
     dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
-    # (nf, nloc, nnei, 3)
+    # (nf, nc, nnei, 3)
     g = descriptor_backward(dD, dcache, se, backend)
-    force, atom_virial = pair_forces_virials(g, rij, nlist, natoms, first, backend)
+    return E_atom, g
+
+
+def energy_forces(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
+) -> Prediction:
+    """Energy, forces and virials of whole frames: :func:`pair_gradients`, then :func:`pair_forces_virials`.
+
+    rij, nlist (nf, nloc, nnei, ...), atom_types (nloc,); ``backend`` is
+    "reference", "numpy" or "numba" (see minidp.se_e2_a).
+    """
+    check_backend(backend)
+    E_atom, g = pair_gradients(rij, nlist, atom_types, model, backend)
+    force, atom_virial = pair_forces_virials(g, rij, nlist, backend)
     return Prediction(
         energy=E_atom.sum(axis=1),
         force=force,

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from minidp import checks
 from minidp.checks import real_array
 
 # Images are numbered by one integer, so that both searches break ties in
@@ -113,12 +114,6 @@ def _check_cells(cells, nf: int, rcut: float) -> np.ndarray:
 
 def _check_types_sel(atom_types, nloc: int, rcut, sel) -> tuple[np.ndarray, float, list[int]]:
     """atom_types (nloc,) int64, rcut as float, sel as a list of ints, checked against each other."""
-    # (nloc,)
-    types = np.asarray(atom_types)
-    if types.dtype == bool or not np.issubdtype(types.dtype, np.integer):
-        raise TypeError(f"atom_types must be integers, got dtype {types.dtype}")
-    if types.shape != (nloc,):
-        raise ValueError(f"atom_types must have shape ({nloc},), one type per atom, got {types.shape}")
     if isinstance(rcut, bool) or not isinstance(rcut, numbers.Real):
         raise TypeError(f"rcut must be a real number, got {rcut!r}")
     if not (np.isfinite(rcut) and rcut > 0):
@@ -131,10 +126,8 @@ def _check_types_sel(atom_types, nloc: int, rcut, sel) -> tuple[np.ndarray, floa
     sel = [int(s) for s in sel]
     if not sel or min(sel) < 0:
         raise ValueError(f"sel must be a non-empty list of non-negative integers, got {sel}")
-    if types.size and (types.min() < 0 or types.max() >= len(sel)):
-        raise ValueError(f"atom_types must lie in 0..{len(sel) - 1} (one type per sel entry, sel = {sel}), "
-                         f"got types {sorted(set(types.tolist()))}")
-    return types.astype(np.int64), float(rcut), sel
+    # one type per sel entry
+    return checks.atom_types(atom_types, len(sel), nloc), float(rcut), sel
 
 
 # ---------------------------------------------------------------------------
@@ -531,14 +524,14 @@ def build_neighbor_list(coords, cells, atom_types, rcut: float, sel, *, backend:
     coords (nf, nloc, 3), any real dtype (computed in float64); cells (nf, 3, 3)
     with lattice vectors as rows, or None for open boundaries; atom_types
     (nloc,) in [0, len(sel)); rcut > 0; sel: slots per neighbour type.
+    ``backend``: "numba", else the NumPy search ("numpy" and "reference").
     Returns nlist (nf, nloc, nnei), rij (nf, nloc, nnei, 3) = r_j + n.h - r_i
     of the wrapped positions, and n_over, the number of (frame, atom, type)
     sections with more neighbours than sel[t] (a UserWarning says so).
     ``centers`` (a range of atoms) lists the neighbours of those atoms only:
     a large frame's chunks each build their own part.
     """
-    if backend not in ("numba", "numpy"):
-        raise ValueError(f"backend must be 'numba' or 'numpy', got {backend!r}")
+    checks.check_backend(backend)
     xyz = real_array("coords", coords)
     if xyz.ndim != 3 or xyz.shape[-1] != 3:
         raise ValueError(f"coords must have shape (nf, nloc, 3), got {xyz.shape}")

@@ -1,7 +1,12 @@
 r"""The se_e2_a descriptor (DeepPot-SE, Zhang et al., NeurIPS 2018), forward and backward.
 
-The descriptor of atom i is built in four steps, each a pair of functions
-(forward, then its backward right below):
+Read this module top to bottom. It first gives the **reference path**: the
+descriptor exactly as the paper writes it, every array materialised, each
+backward right below its forward (``backend="reference"``). Then the **fast
+path** the other backends run, trick by trick, each saying what it saves and
+tested against the reference (tests/test_reference.py).
+
+The descriptor of atom i is built in four steps:
 
 1. **Neighbour list** (:mod:`minidp.neighbor`): for every atom i the
    displacement :math:`\mathbf r_{ij} = \mathbf r_j - \mathbf r_i` to each
@@ -16,9 +21,9 @@ The descriptor of atom i is built in four steps, each a pair of functions
 
    with the smooth switch :math:`s(r)` (:func:`smooth_switch`) taking the
    row to zero at ``rcut``.
-3. **Embedding** :func:`embed`: an embedding net per neighbour type maps the
-   first column :math:`s_{ij} = R_{ij,0}` to ``ng`` features
-   :math:`G_{ij} = \mathcal G(s_{ij})`, and contracts them with the rows,
+3. **Embedding** :func:`embed_reference`: an embedding net per (centre type,
+   neighbour type) maps the first column :math:`s_{ij} = R_{ij,0}` to ``ng``
+   features :math:`G_{ij} = \mathcal G(s_{ij})`, and contracts them with the rows,
 
    .. math::
 
@@ -36,32 +41,68 @@ Shape symbols, shared by the whole package:
 - ``nall``: local atoms plus periodic images; minidp never materialises image
   atoms (each pair carries its own displacement ``rij``), so it only appears
   where deepmd-kit's layout is discussed
-- ``nnei``: neighbour slots per atom, ``sum(sel)``
+- ``nnei``: neighbour slots per atom, ``sum(sel)``; ``n_t``: the slots of one neighbour type
 - ``ng``: width of the embedding nets' last layer (M1 in the paper)
 - ``m2``: ``axis_neuron`` (M2 in the paper)
-- ``nb``: rows pushed through a net at once
+- ``nb``: rows pushed through a net at once; ``na``: centre atoms of a group
 - ``ntypes``: number of atom types
 
 Padded neighbour slots (``nlist == -1``) have ``rij = 0``. Their raw row is
 zero, but after normalization it is ``-davg/dstd``, which is *not* zero, and
 deepmd-kit feeds it through the embedding net like any other row; minidp does
 the same so that the two agree to round-off. Their gradient to ``rij`` is zero.
+
+Backends: ``"reference"`` (this module's first half, plain NumPy),
+``"numpy"`` (the fast path's tricks in NumPy) and ``"numba"`` (the same
+tricks with the loops compiled, :mod:`minidp.kernels`). The backend is checked
+once, at the public boundary (:func:`minidp.checks.backend`); the functions
+here take a valid one. Training on forces adds tangents and a second reverse
+pass: :mod:`minidp.force_training`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from minidp import kernels
-from minidp.nn import Net, add_grads, net_backward, net_forward, net_jvp, net_jvp_backward
+from minidp.checks import check_backend
+from minidp.nn import ACTIVATIONS, Net, net_backward, net_forward, net_jvp
+
+# ---------------------------------------------------------------------------
+# Configuration and parameters
+# ---------------------------------------------------------------------------
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"se_e2_a {name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"se_e2_a {name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _positive_ints(name: str, values) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"se_e2_a {name} must be a list of positive integers, got {values!r}")
+    values = tuple(values)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1]
+    if not values or bad:
+        raise ValueError(f"se_e2_a {name} must be a non-empty list of positive integers, got {list(values)!r}")
+    return tuple(int(v) for v in values)
 
 
 @dataclass(frozen=True)
 class SeAConfig:
-    """Hyper-parameters of an se_e2_a descriptor (deepmd-kit's names)."""
+    """Hyper-parameters of an se_e2_a descriptor (deepmd-kit's names), validated on creation.
+
+    Raises TypeError/ValueError naming the field and its value: rcut > 0,
+    0 <= rcut_smth < rcut, sel and neuron non-empty lists of positive integers,
+    1 <= axis_neuron <= ng, a known activation, booleans for the flags.
+    """
 
     rcut: float  # cutoff radius (Angstrom): neighbours farther away are ignored
     rcut_smth: float  # the switch s(r) starts to fall from 1/r here
@@ -71,6 +112,30 @@ class SeAConfig:
     type_one_side: bool  # True: one net per neighbour type; False: per (centre, neighbour) pair
     activation: str = "tanh"  # activation of the embedding nets
     resnet_dt: bool = False  # embedding nets carry a resnet timestep
+
+    def __post_init__(self):
+        # frozen: fields are normalised through object.__setattr__
+        rcut, rcut_smth = _number("rcut", self.rcut), _number("rcut_smth", self.rcut_smth)
+        if rcut <= 0:
+            raise ValueError(f"se_e2_a rcut must be positive, got {self.rcut!r}")
+        # deepmd-kit refuses rcut_smth > rcut; at rcut_smth == rcut the switch would be a
+        # step (1/(rcut - rcut_smth) in ds/dr): the forces would be NaN, so minidp refuses it too
+        if not 0 <= rcut_smth < rcut:
+            raise ValueError(f"se_e2_a rcut_smth must satisfy 0 <= rcut_smth < rcut, got rcut_smth={self.rcut_smth!r} "
+                             f"and rcut={self.rcut!r}")
+        sel, neuron = _positive_ints("sel", self.sel), _positive_ints("neuron", self.neuron)
+        m2 = self.axis_neuron
+        if isinstance(m2, bool) or not isinstance(m2, (int, np.integer)) or not 1 <= m2 <= neuron[-1]:
+            raise ValueError(f"se_e2_a axis_neuron must be an integer in 1..neuron[-1] = {neuron[-1]}, got {m2!r}")
+        for flag in ("type_one_side", "resnet_dt"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                raise TypeError(f"se_e2_a {flag} must be true or false, got {getattr(self, flag)!r}")
+        if not isinstance(self.activation, str) or self.activation.lower() not in ACTIVATIONS:
+            raise ValueError(f"se_e2_a activation {self.activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
+        for name, value in (("rcut", rcut), ("rcut_smth", rcut_smth), ("sel", sel), ("neuron", neuron),
+                            ("axis_neuron", int(m2)), ("type_one_side", bool(self.type_one_side)),
+                            ("resnet_dt", bool(self.resnet_dt))):
+            object.__setattr__(self, name, value)
 
     @property
     def ntypes(self) -> int:
@@ -85,6 +150,10 @@ class SeAConfig:
         """Slot boundaries per neighbour type: type t owns slots sec[t]:sec[t+1]."""
         return np.concatenate([[0], np.cumsum(self.sel)]).astype(int)
 
+    def slots(self, tj: int) -> slice:
+        """The neighbour slots of neighbour type tj."""
+        return slice(int(self.sec[tj]), int(self.sec[tj + 1]))
+
     @property
     def ng(self) -> int:
         return int(self.neuron[-1])
@@ -95,6 +164,64 @@ class SeAConfig:
         return self.ng * self.axis_neuron
 
 
+class EmbeddingNets:
+    """The embedding nets, one per (centre type ti, neighbour type tj): ``nets[ti, tj]``.
+
+    With ``type_one_side`` there is one net per neighbour type, shared by all
+    centre types: it is stored once, under the key ``(tj,)``, and
+    ``nets[ti, tj]`` returns it for every ti. Otherwise each net is stored
+    under ``(ti, tj)``. :meth:`items` lists each stored net once, in that key
+    order (deepmd-kit's NetworkCollection with ndim 1 or 2); gradients are
+    keyed the same way, so the sharing is explicit, not a matter of which
+    Python objects happen to be reused. ``nets[ti]`` is the read-only row
+    (nets[ti, 0], ..., nets[ti, ntypes - 1]).
+    """
+
+    def __init__(self, ntypes: int, type_one_side: bool, nets: dict):
+        self.ntypes, self.type_one_side = int(ntypes), bool(type_one_side)
+        want = self.keys()
+        if sorted(nets) != want:
+            raise ValueError(f"embedding nets: expected keys {want}, got {sorted(nets)}")
+        self._nets = {k: nets[k] for k in want}
+
+    @classmethod
+    def from_list(cls, ntypes: int, type_one_side: bool, nets: list) -> "EmbeddingNets":
+        """From a list of nets in :meth:`keys` order."""
+        keys = [(tj,) for tj in range(ntypes)] if type_one_side else [(ti, tj) for ti in range(ntypes)
+                                                                        for tj in range(ntypes)]
+        if len(nets) != len(keys):
+            raise ValueError(f"embedding nets: expected {len(keys)} nets, got {len(nets)}")
+        return cls(ntypes, type_one_side, dict(zip(keys, nets)))
+
+    def keys(self) -> list[tuple[int, ...]]:
+        nt = self.ntypes
+        return [(tj,) for tj in range(nt)] if self.type_one_side else [(ti, tj) for ti in range(nt) for tj in range(nt)]
+
+    def key(self, ti: int, tj: int) -> tuple[int, ...]:
+        """Where the net of centre type ti and neighbour type tj is stored."""
+        if not (0 <= ti < self.ntypes and 0 <= tj < self.ntypes):
+            raise IndexError(f"embedding net ({ti}, {tj}) is outside types 0..{self.ntypes - 1}")
+        return (tj,) if self.type_one_side else (ti, tj)
+
+    def items(self) -> list[tuple[tuple[int, ...], Net]]:
+        """(key, net) for each stored net once, in key order."""
+        return list(self._nets.items())
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            return self._nets[self.key(*index)]
+        return tuple(self[index, tj] for tj in range(self.ntypes))
+
+    def __setitem__(self, index: tuple[int, int], net: Net) -> None:
+        self._nets[self.key(*index)] = net
+
+    def __len__(self) -> int:
+        return len(self._nets)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingNets(ntypes={self.ntypes}, type_one_side={self.type_one_side}, keys={self.keys()})"
+
+
 @dataclass
 class SeA:
     """Parameters of an se_e2_a descriptor."""
@@ -102,8 +229,7 @@ class SeA:
     config: SeAConfig
     davg: np.ndarray  # (ntypes, nnei, 4) mean of the environment-matrix rows, per centre type
     dstd: np.ndarray  # (ntypes, nnei, 4) their standard deviation
-    nets: list[list[Net]]  # nets[ti][tj]: embedding net for centre type ti, neighbour type tj
-    # (with type_one_side, nets[ti][tj] is the same Net for every ti)
+    nets: EmbeddingNets  # nets[ti, tj]: embedding net for centre type ti, neighbour type tj
 
     def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Atoms that share embedding nets: (indices, centre type) per group.
@@ -148,42 +274,43 @@ class EnvCache(NamedTuple):
     inv_r: np.ndarray  # (nf, nloc, nnei) 1/r, zero where padded
     sw: np.ndarray  # (nf, nloc, nnei) switch s(r), zero where padded
     dsw: np.ndarray  # (nf, nloc, nnei) ds/dr, zero where padded
-    inv_dstd: np.ndarray  # (nf or 1, nloc, nnei, 4) 1/dstd of each row's centre type
+    inv_dstd: np.ndarray  # (1, nloc, nnei, 4) 1/dstd of each row's centre type
 
 
 def env_matrix(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, davg: np.ndarray,
     dstd: np.ndarray, rcut_smth: float, rcut: float, backend: str = "numba",
 ) -> tuple[np.ndarray, EnvCache]:
-    r"""The normalized environment matrix R (math in the module docstring).
+    r"""The normalized environment matrix R (nf, nloc, nnei, 4) (math in the module docstring).
 
     R_ij = (s(r) (1/r, x/r^2, y/r^2, z/r^2) - davg[t_i, j]) / dstd[t_i, j]
     """
     # (nloc, nnei, 4)  per-atom statistics, chosen by the centre atom's type
     inv_dstd = 1.0 / dstd[atom_types]
-    if backend == "numba":
-        # (nf, nloc, nnei, 4), and (nf, nloc, nnei) each for 1/r, s, ds/dr
-        R = np.empty(rij.shape[:3] + (4,))
-        inv_r, sw, dsw = (np.empty(rij.shape[:3]) for _ in range(3))
-        kernels.env_matrix(rij, nlist, davg[atom_types], inv_dstd, rcut_smth, rcut, R, inv_r, sw, dsw)
+    if backend != "numba":
+        mask = nlist >= 0
+        # (nf, nloc, nnei)  |r_ij|; padded slots get r = 1 so 1/r stays finite
+        # (their rows are masked to zero below; 1/0 would poison the gradient)
+        r = np.where(mask, np.linalg.norm(rij, axis=-1), 1.0)
+        # (nf, nloc, nnei)
+        inv_r = np.where(mask, 1.0 / r, 0.0)
+        sw, dsw = smooth_switch(r, rcut_smth, rcut)
+        sw, dsw = sw * mask, dsw * mask
+        # (nf, nloc, nnei, 4)  the raw rows s (1/r, rij/r^2)
+        R_raw = np.concatenate([(sw * inv_r)[..., None], (sw * inv_r**2)[..., None] * rij], axis=-1)
+        # (nf, nloc, nnei, 4)
+        R = (R_raw - davg[atom_types]) * inv_dstd
         return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None])
-    mask = nlist >= 0
-    # (nf, nloc, nnei)  |r_ij|; padded slots get r = 1 so 1/r stays finite
-    # (their rows are masked to zero below; 1/0 would poison the gradient)
-    r = np.where(mask, np.linalg.norm(rij, axis=-1), 1.0)
-    # (nf, nloc, nnei)
-    inv_r = np.where(mask, 1.0 / r, 0.0)
-    sw, dsw = smooth_switch(r, rcut_smth, rcut)
-    sw, dsw = sw * mask, dsw * mask
-    # (nf, nloc, nnei, 4)  the raw rows s (1/r, rij/r^2)
-    R_raw = np.concatenate([(sw * inv_r)[..., None], (sw * inv_r**2)[..., None] * rij], axis=-1)
-    # (nf, nloc, nnei, 4)
-    R = (R_raw - davg[atom_types]) * inv_dstd
+    # Numba: the same in one pass, without the temporaries (kernels.env_matrix)
+    # (nf, nloc, nnei, 4), and (nf, nloc, nnei) each for 1/r, s, ds/dr
+    R = np.empty(rij.shape[:3] + (4,))
+    inv_r, sw, dsw = (np.empty(rij.shape[:3]) for _ in range(3))
+    kernels.env_matrix(rij, nlist, davg[atom_types], inv_dstd, rcut_smth, rcut, R, inv_r, sw, dsw)
     return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None])
 
 
 def env_matrix_backward(dR: np.ndarray, cache: EnvCache, backend: str = "numba") -> np.ndarray:
-    r"""dL/d r_ij from dL/dR.
+    r"""dL/d r_ij (nf, nloc, nnei, 3) from dL/dR.
 
     With u = 1/r, R~_0 = s u and R~_a = s u^2 x_a (a = x, y, z):
 
@@ -196,28 +323,190 @@ def env_matrix_backward(dR: np.ndarray, cache: EnvCache, backend: str = "numba")
     where g = dL/dR~ = dL/dR / dstd.  Padded slots have s = s' = u = 0: no gradient.
     """
     rij, u, sw, dsw, inv_dstd = cache
-    if backend == "numba":
+    if backend != "numba":
+        # (nf, nloc, nnei, 4)  through the normalization
+        g = dR * inv_dstd
+        # (nf, nloc, nnei)  g . x over the three vector components
+        g_dot_x = np.sum(g[..., 1:] * rij, axis=-1)
+        # (nf, nloc, nnei)  the coefficient of x_b in dL/dx_b
+        coef = g[..., 0] * u**2 * (dsw - sw * u) + g_dot_x * u**3 * (dsw - 2.0 * sw * u)
         # (nf, nloc, nnei, 3)
-        grad = np.empty_like(rij)
-        kernels.env_matrix_backward(dR, rij, u, sw, dsw, inv_dstd[0], grad)
-        return grad
-    # (nf, nloc, nnei, 4)  through the normalization
-    g = dR * inv_dstd
-    # (nf, nloc, nnei)  g . x over the three vector components
-    g_dot_x = np.sum(g[..., 1:] * rij, axis=-1)
-    # (nf, nloc, nnei)  the coefficient of x_b in dL/dx_b
-    coef = g[..., 0] * u**2 * (dsw - sw * u) + g_dot_x * u**3 * (dsw - 2.0 * sw * u)
+        return coef[..., None] * rij + (sw * u**2)[..., None] * g[..., 1:]
+    # Numba: the same in one pass (kernels.env_matrix_backward)
     # (nf, nloc, nnei, 3)
-    return coef[..., None] * rij + (sw * u**2)[..., None] * g[..., 1:]
+    grad = np.empty_like(rij)
+    kernels.env_matrix_backward(dR, rij, u, sw, dsw, inv_dstd[0], grad)
+    return grad
 
 
 # ---------------------------------------------------------------------------
-# Step 3: the embedding nets and the sum over neighbours
+# Step 3, reference: every slot through its net, G materialised
 # ---------------------------------------------------------------------------
+
+
+class EmbedCache(NamedTuple):
+    """What embed_reference_backward needs."""
+
+    R: np.ndarray  # (nf, nloc, nnei, 4) the rows
+    G: np.ndarray  # (nf, nloc, nnei, ng) their embedding features
+    blocks: list  # (centre atoms, slots, net, nn.net_forward caches) per (centre type, neighbour type)
+
+
+def embed_reference(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, EmbedCache]:
+    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G = nets[t_i, t_j] applied to s_ij = R_ij,0.
+
+    Every slot, padded ones included (their row is -davg/dstd), goes through
+    the net of its (centre type, neighbour type). Returns T (nf, nloc, ng, 4).
+    """
+    nf, nloc, nnei, _ = R.shape
+    cfg = se.config
+    # (nf, nloc, nnei, ng)
+    G = np.empty((nf, nloc, nnei, cfg.ng), dtype=R.dtype)
+    blocks = []
+    for ti in range(cfg.ntypes):
+        atoms = np.flatnonzero(atom_types == ti)
+        for tj in range(cfg.ntypes):
+            slots = cfg.slots(tj)
+            # (nf * na * n_t, 1)  every (frame, atom, slot) is one row
+            s = R[:, atoms, slots, :1].reshape(-1, 1)
+            # (nf * na * n_t, ng)
+            Gb, caches = net_forward(se.nets[ti, tj], s)
+            G[:, atoms, slots] = Gb.reshape(nf, atoms.size, cfg.sel[tj], cfg.ng)
+            blocks.append((atoms, slots, se.nets[ti, tj], caches))
+    # (nf, nloc, ng, 4)
+    T = np.einsum("fing,finc->figc", G, R) / nnei
+    return T, EmbedCache(R, G, blocks)
+
+
+def embed_reference_backward(dT: np.ndarray, cache: EmbedCache) -> np.ndarray:
+    r"""dL/dR (nf, nloc, nnei, 4) from dL/dT, through both places R enters T:
+
+    .. math::
+
+        \frac{\partial L}{\partial G_{ij}} = \frac{1}{n_{nei}} R_{ij} \frac{\partial L}{\partial T_i}^{\top},
+        \qquad
+        \frac{\partial L}{\partial R_{ij}} = \frac{1}{n_{nei}} G_{ij} \frac{\partial L}{\partial T_i}
+        + \Big(\frac{\partial L}{\partial s_{ij}}, 0, 0, 0\Big),
+
+    where dL/ds_ij comes from dL/dG_ij through the net, by nn.net_backward.
+    """
+    R, G, blocks = cache
+    nf, nloc, nnei, _ = R.shape
+    # (nf, nloc, nnei, ng)
+    dG = np.einsum("figc,finc->fing", dT, R) / nnei
+    # (nf, nloc, nnei, 4)  the direct path
+    dR = np.einsum("fing,figc->finc", G, dT) / nnei
+    for atoms, slots, net, caches in blocks:
+        # (nf * na * n_t, 1)  dL/ds, through the net
+        ds, _ = net_backward(net, caches, dG[:, atoms, slots].reshape(-1, G.shape[-1]), param_grads=False)
+        dR[:, atoms, slots, :1] += ds.reshape(nf, atoms.size, slots.stop - slots.start, 1)
+    return dR
+
+
+# ---------------------------------------------------------------------------
+# Step 4: the contraction D = T T<^T
+# ---------------------------------------------------------------------------
+
+
+def contract(T: np.ndarray, m2: int) -> np.ndarray:
+    r"""D_i = T_i (T_i^<)^T, flattened: D[..., a*m2 + b] = sum_c T[a, c] T[b, c], b < m2.
+
+    Returns D (nf, nloc, ng * m2). The cache the backward needs is T itself.
+    """
+    nf, nloc, ng, _ = T.shape
+    # (nf, nloc, ng, m2)
+    D = T @ np.swapaxes(T[:, :, :m2], -1, -2)
+    return D.reshape(nf, nloc, ng * m2)
+
+
+def contract_backward(dD: np.ndarray, T: np.ndarray, m2: int) -> np.ndarray:
+    r"""dL/dT (nf, nloc, ng, 4) from dL/dD: T appears in D twice, as itself and as its first m2 rows.
+
+    .. math::
+
+        \frac{\partial L}{\partial T_{ac}} = \sum_{b<m_2} \frac{\partial L}{\partial D_{ab}} T_{bc}
+        + [a < m_2] \sum_{b} \frac{\partial L}{\partial D_{ba}} T_{bc}
+    """
+    nf, nloc, ng, _ = T.shape
+    # (nf, nloc, ng, m2)
+    dD = dD.reshape(nf, nloc, ng, m2)
+    # (nf, nloc, ng, 4)
+    dT = dD @ T[:, :, :m2]
+    dT[:, :, :m2] += np.swapaxes(dD, -1, -2) @ T
+    return dT
+
+
+# ---------------------------------------------------------------------------
+# The whole descriptor, on any backend
+# ---------------------------------------------------------------------------
+
+
+class DescriptorCache(NamedTuple):
+    """What descriptor_backward needs."""
+
+    env: EnvCache
+    R: np.ndarray  # (nf, nloc, nnei, 4) normalized environment matrix
+    embed: EmbedCache | list  # reference: EmbedCache; fast path: an EmbedPiece per (centre group, neighbour type)
+    T: np.ndarray  # (nf, nloc, ng, 4)
+
+
+def descriptor(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
+    keep: bool = False,
+) -> tuple[np.ndarray, DescriptorCache]:
+    """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract.
+
+    ``backend``: "reference" (:func:`embed_reference`), "numpy" or "numba"
+    (the fast path, :func:`embed`; same results to round-off). ``keep``
+    keeps the fast path's net caches for training (minidp.force_training).
+    """
+    check_backend(backend)
+    if keep and backend == "reference":
+        raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
+    cfg = se.config
+    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
+    if backend == "reference":
+        T, emb = embed_reference(R, atom_types, se)
+    else:
+        T, emb = embed(R, nlist, atom_types, se, backend, keep)
+    D = contract(T, cfg.axis_neuron)
+    return D, DescriptorCache(env, R, emb, T)
+
+
+def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
+    """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
+    dT = contract_backward(dD, cache.T, se.config.axis_neuron)
+    if backend == "reference":
+        dR = embed_reference_backward(dT, cache.embed)
+    else:
+        dR = embed_backward(dT, cache.R, cache.embed, backend)
+    return env_matrix_backward(dR, cache.env, backend)
+
+
+# ---------------------------------------------------------------------------
+# Step 3, fast path: what the reference computes, with less work
+# ---------------------------------------------------------------------------
+#
+# The reference pushes every slot of every atom through a net and keeps G,
+# (nf, nloc, nnei, ng), and every layer's caches for the backward. The fast
+# path (backend "numpy" or "numba") gives the same T and dL/dR with three
+# tricks, each tested against the reference (tests/test_reference.py):
+#
+# 1. Packing: only real neighbours' rows go through the nets, packed
+#    contiguously per (frame, atom) ("owner"); on the water model 35% of the
+#    slots are padding.
+# 2. Padded tails (padded_tail_sums): a padded slot's row -davg/dstd depends
+#    on the centre type and the slot only, and padding comes last, so what the
+#    padded slots add to T is a table P[type, count] of a few hundred rows.
+# 3. Forward-mode dG/ds (embedding_features): the net's input is a scalar, so
+#    one tangent pass gives dG/ds with G; the backward to the positions then
+#    needs dL/ds = sum_g dL/dG_g dG_g/ds and no layer caches (less memory,
+#    and blocks of ROW_BLOCK rows stay in cache).
+# Numba then fuses the loops over rows (kernels.segment_contract ...).
 
 
 class EmbedPiece(NamedTuple):
-    """One (centre group, neighbour type) block of the embedding step."""
+    """One (centre group, neighbour type) block of the fast embedding step."""
 
     atoms: np.ndarray  # (na,) centre atoms of the group
     slots: slice  # the neighbour slots of this neighbour type
@@ -226,6 +515,7 @@ class EmbedPiece(NamedTuple):
     R_real: np.ndarray  # (nb, 4) the real rows, packed (the rows of one atom are contiguous)
     G: np.ndarray  # (nb, ng) embedding features G(s) of the real rows
     dG_ds: np.ndarray  # (nb, ng) their derivatives dG/ds
+    key: tuple  # the net's key in se.nets (see EmbeddingNets)
     net: Net  # the embedding net of this block
     count: np.ndarray  # (nf, na) real neighbours of this type per atom
     net_caches: list  # training only (else empty): (row slice, nn.net_jvp caches) per row block
@@ -252,6 +542,7 @@ def embedding_features(net: Net, s: np.ndarray, keep: bool = False) -> tuple[np.
     # (nb, ng), (nb, ng)
     G = np.empty((nb, net.n_out), dtype=s.dtype)
     dG_ds = np.empty_like(G)
+    # (min(nb, ROW_BLOCK), 1)
     ones = np.ones((min(nb, ROW_BLOCK), 1), dtype=s.dtype)
     kept = []
     for b0 in range(0, nb, ROW_BLOCK):
@@ -272,7 +563,7 @@ def padded_tail_sums(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice)
     slots: a few hundred rows through the net replace the thousands of padded
     rows of a frame (35% of the water model's slots). Returns P
     (ntypes, n_t + 1, ng, 4), with P[t, n_t] = 0, and (R_pad, the net's
-    caches) for training's :func:`embed_param_backward`.
+    caches) for training's embed_param_backward.
     """
     # (ntypes, n_t, 4)
     R_pad = -davg[:, slots] / dstd[:, slots]
@@ -288,17 +579,18 @@ def padded_tail_sums(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice)
 
 def sum_rows(G, R_real, owner, n_owner, backend) -> np.ndarray:
     """T[o] = sum over the rows p owned by o of G[p]^T R[p]; returns (n_owner, ng, 4)."""
-    if backend == "numba":
-        start = np.searchsorted(owner, np.arange(n_owner + 1))
-        # (n_owner, 4, ng)  the kernel accumulates T transposed (see kernels.py)
-        Tt = np.zeros((n_owner, 4, G.shape[1]), dtype=G.dtype)
-        kernels.segment_contract(G, R_real, start, Tt)
-        return Tt.transpose(0, 2, 1)
-    # (n_owner, ng, 4)
-    T = np.zeros((n_owner, G.shape[1], 4), dtype=G.dtype)
-    # (nb, ng, 4) each row's outer product, added onto its owner
-    np.add.at(T, owner, G[:, :, None] * R_real[:, None, :])
-    return T
+    if backend != "numba":
+        # (n_owner, ng, 4)
+        T = np.zeros((n_owner, G.shape[1], 4), dtype=G.dtype)
+        # each row's outer product (nb, ng, 4), added onto its owner
+        np.add.at(T, owner, G[:, :, None] * R_real[:, None, :])
+        return T
+    # Numba: no (nb, ng, 4) temporary
+    start = np.searchsorted(owner, np.arange(n_owner + 1))
+    # (n_owner, 4, ng)  the kernel accumulates T transposed (see kernels.py)
+    Tt = np.zeros((n_owner, 4, G.shape[1]), dtype=G.dtype)
+    kernels.segment_contract(G, R_real, start, Tt)
+    return Tt.transpose(0, 2, 1)
 
 
 def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
@@ -310,24 +602,42 @@ def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
     """
     # (nb, 4)
     dR_real = np.empty_like(R_real)
-    if backend == "numba":
-        start = np.searchsorted(owner, np.arange(dT.shape[0] + 1))
-        kernels.segment_contract_backward(G, dG_ds, R_real, start, np.ascontiguousarray(dT.transpose(0, 2, 1)), dR_real)
-    else:
+    if backend != "numba":
         # (nb, ng, 4) each row's owner's gradient
         dT_rows = dT[owner]
         dR_real[:] = np.einsum("pg,pgc->pc", G, dT_rows)
         # (nb, ng)  dL/dG
         dG = np.einsum("pgc,pc->pg", dT_rows, R_real)
         dR_real[:, 0] += np.sum(dG * dG_ds, axis=1)
+        return dR_real
+    # Numba: no (nb, ng, 4) gather
+    start = np.searchsorted(owner, np.arange(dT.shape[0] + 1))
+    kernels.segment_contract_backward(G, dG_ds, R_real, start, np.ascontiguousarray(dT.transpose(0, 2, 1)), dR_real)
     return dR_real
+
+
+def real_counts(nlist_block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(real (nf, na, n_t), count (nf, na)) of one neighbour type's slots; ValueError unless padding comes last.
+
+    The padded-tail table (:func:`padded_tail_sums`) and the row packing
+    assume each section holds its real neighbours first: a hand-made nlist
+    with a -1 between neighbours would otherwise give a wrong T silently.
+    """
+    # (nf, na, n_t)
+    real = nlist_block >= 0
+    # (nf, na)  real neighbours per atom: they must fill the first slots
+    count = real.sum(axis=-1)
+    if not (real == (np.arange(real.shape[-1]) < count[..., None])).all():
+        raise ValueError("nlist: padded slots (-1) must come after the real neighbours in each type's section, "
+                         "as build_neighbor_list writes them")
+    return real, count
 
 
 def embed(
     R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
     keep: bool = False,
 ) -> tuple[np.ndarray, list[EmbedPiece]]:
-    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, with s_ij = R_ij,0 (one net per neighbour type).
+    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, as :func:`embed_reference`, by the fast path's tricks.
 
     Only real neighbours go through the net; what the padded slots add comes
     from :func:`padded_tail_sums`. Returns T (nf, nloc, ng, 4) and the pieces
@@ -341,13 +651,8 @@ def embed(
     for atoms, ti in se.center_groups(atom_types):
         na = atoms.size
         for tj in range(cfg.ntypes):
-            slots = slice(cfg.sec[tj], cfg.sec[tj + 1])
-            net = se.nets[ti][tj]
-            # (nf, na, n_t)
-            real = nlist[:, atoms, slots] >= 0
-            # (nf, na)  real neighbours per atom: they fill the first slots
-            count = real.sum(axis=-1)
-            assert (real == (np.arange(real.shape[-1]) < count[..., None])).all(), "padding must come last"
+            slots, net = cfg.slots(tj), se.nets[ti, tj]
+            real, count = real_counts(nlist[:, atoms, slots])
             # (nb, 4) the real rows, packed; (nb,) the (frame, atom) each belongs to
             R_real = R[:, atoms, slots][real]
             owner = np.repeat(np.arange(nf * na), count.reshape(-1))
@@ -358,21 +663,16 @@ def embed(
             P, pad_caches = padded_tail_sums(net, se.davg, se.dstd, slots)
             Tb += P[atom_types[atoms], count].reshape(Tb.shape)
             T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
-            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, net, count, net_caches,
-                                     pad_caches if keep else None))
+            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, se.nets.key(ti, tj), net, count,
+                                     net_caches, pad_caches if keep else None))
     return T, pieces
 
 
 def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba") -> np.ndarray:
-    r"""dL/dR from dL/dT, for the real neighbours (padded rows depend on no position).
+    r"""dL/dR (nf, nloc, nnei, 4) from dL/dT, for the real neighbours (padded rows depend on no position).
 
-    T depends on R_ij twice, directly and through s_ij = R_ij,0 inside G:
-
-    .. math::
-
-        \frac{\partial L}{\partial R_{ij}} = \frac{1}{n_{nei}} G_{ij}\,\frac{\partial L}{\partial T_i}
-        + \Big(\frac{\partial L}{\partial s_{ij}}, 0, 0, 0\Big),\qquad
-        \frac{\partial L}{\partial G_{ij}} = \frac{1}{n_{nei}} \frac{\partial L}{\partial T_i} R_{ij}^{\top}
+    The formula of :func:`embed_reference_backward`, with dL/ds from the
+    forward-mode dG/ds instead of a backward through the net.
     """
     nf, nloc, nnei, _ = R.shape
     # (nf, nloc, nnei, 4)  zero on padded slots
@@ -387,235 +687,3 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], back
         dRb[pc.real] = dR_real
         dR[:, pc.atoms, pc.slots] = dRb
     return dR
-
-
-# ---------------------------------------------------------------------------
-# Step 4: the contraction D = T T<^T
-# ---------------------------------------------------------------------------
-
-
-def contract(T: np.ndarray, m2: int) -> np.ndarray:
-    r"""D_i = T_i (T_i^<)^T, flattened: D[..., a*m2 + b] = sum_c T[a, c] T[b, c], b < m2.
-
-    Returns D (nf, nloc, ng * m2). The cache the backward needs is T itself.
-    """
-    nf, nloc, ng, _ = T.shape
-    # (nf, nloc, ng, m2)
-    D = T @ np.swapaxes(T[:, :, :m2], -1, -2)
-    return D.reshape(nf, nloc, ng * m2)
-
-
-def contract_backward(dD: np.ndarray, T: np.ndarray, m2: int) -> np.ndarray:
-    r"""dL/dT from dL/dD: T appears in D twice, as itself and as its first m2 rows.
-
-    .. math::
-
-        \frac{\partial L}{\partial T_{ac}} = \sum_{b<m_2} \frac{\partial L}{\partial D_{ab}} T_{bc}
-        + [a < m_2] \sum_{b} \frac{\partial L}{\partial D_{ba}} T_{bc}
-    """
-    nf, nloc, ng, _ = T.shape
-    # (nf, nloc, ng, m2)
-    dD = dD.reshape(nf, nloc, ng, m2)
-    # (nf, nloc, ng, 4)
-    dT = dD @ T[:, :, :m2]
-    dT[:, :, :m2] += np.swapaxes(dD, -1, -2) @ T
-    return dT
-
-
-# ---------------------------------------------------------------------------
-# The whole descriptor
-# ---------------------------------------------------------------------------
-
-
-class DescriptorCache(NamedTuple):
-    """What descriptor_backward needs."""
-
-    env: EnvCache
-    R: np.ndarray  # (nf, nloc, nnei, 4) normalized environment matrix
-    pieces: list  # EmbedPiece per (centre group, neighbour type)
-    T: np.ndarray  # (nf, nloc, ng, 4)
-
-
-def descriptor(
-    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
-    keep: bool = False,
-) -> tuple[np.ndarray, DescriptorCache]:
-    """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract.
-
-    ``backend`` picks the Numba kernels or their NumPy twins (same results);
-    ``keep`` keeps the embedding nets' caches for training.
-    """
-    cfg = se.config
-    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
-    T, pieces = embed(R, nlist, atom_types, se, backend, keep)
-    D = contract(T, cfg.axis_neuron)
-    return D, DescriptorCache(env, R, pieces, T)
-
-
-def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
-    """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
-    dT = contract_backward(dD, cache.T, se.config.axis_neuron)
-    dR = embed_backward(dT, cache.R, cache.pieces, backend)
-    return env_matrix_backward(dR, cache.env, backend)
-
-
-# ---------------------------------------------------------------------------
-# Training on forces: tangents along a displacement, and the weights' gradients
-# ---------------------------------------------------------------------------
-#
-# A force is a first derivative of the energy, so a force loss differentiated
-# with respect to the weights is a second derivative. minidp computes it as
-# "reverse over forward": for a fixed displacement of the pairs, drij (what
-# the loss wants the forces to change along, see minidp.loss), the tangents
-# below give the directional derivative of the energy, E' = sum g . drij; its
-# gradient with respect to the weights is then one more reverse pass, through
-# both the primal values (R, G, T, D) and their tangents (R', G', T', D').
-# R and R' depend on positions only, never on weights, so that reverse pass
-# stops at the embedding nets.
-
-
-def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
-    r"""R' = (dR/d rij) drij, the environment matrix moved along drij.
-
-    The transpose of :func:`env_matrix_backward`'s Jacobian (u = 1/r, d = x . drij):
-
-    .. math::
-
-        \tilde R_0' = d\, u^2 (s' - s u),\qquad
-        \tilde R_a' = x_a\, d\, u^3 (s' - 2 s u) + s u^2\, \delta x_a,\qquad R' = \tilde R' / \mathrm{dstd}
-
-    Padded slots have u = s = s' = 0: their rows do not move. Returns (nf, nloc, nnei, 4).
-    """
-    rij, u, sw, dsw, inv_dstd = cache
-    # (nf, nloc, nnei)
-    d = np.sum(rij * drij, axis=-1)
-    # (nf, nloc, nnei, 4)
-    Rdot = np.empty(rij.shape[:3] + (4,), dtype=rij.dtype)
-    Rdot[..., 0] = d * u**2 * (dsw - sw * u)
-    Rdot[..., 1:] = (d * u**3 * (dsw - 2.0 * sw * u))[..., None] * rij + (sw * u**2)[..., None] * drij
-    Rdot *= inv_dstd
-    return Rdot
-
-
-def embed_jvp(Rdot: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba") -> np.ndarray:
-    r"""T' = (1/n_nei) sum_j (G'_ij{}^T R_ij + G_ij^T R'_ij), with G' = (dG/ds) s' and s' = R'_ij,0.
-
-    Padded slots do not move (R' = 0), so only real rows contribute. Returns (nf, nloc, ng, 4).
-    """
-    nf, nloc, nnei, _ = Rdot.shape
-    ng = pieces[0].G.shape[1]
-    # (nf, nloc, ng, 4)
-    Tdot = np.zeros((nf, nloc, ng, 4), dtype=Rdot.dtype)
-    for pc in pieces:
-        na = pc.atoms.size
-        # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
-        # (nb, ng)
-        Gdot = pc.dG_ds * Rdot_real[:, :1]
-        # (nf * na, ng, 4)
-        Tb = sum_rows(pc.G, Rdot_real, pc.owner, nf * na, backend)
-        Tb += sum_rows(Gdot, pc.R_real, pc.owner, nf * na, backend)
-        Tdot[:, pc.atoms] += Tb.reshape(nf, na, ng, 4) / nnei
-    return Tdot
-
-
-def contract_jvp(T: np.ndarray, Tdot: np.ndarray, m2: int) -> np.ndarray:
-    r"""D' = T' (T^<)^T + T (T'^<)^T, flattened as :func:`contract`. Returns (nf, nloc, ng * m2).
-
-    Its reverse needs no function of its own: D' is bilinear in (T, T'), so
-    dL/dT' = contract_backward(dL/dD', T) and it adds contract_backward(dL/dD', T') to dL/dT.
-    """
-    nf, nloc, ng, _ = T.shape
-    # (nf, nloc, ng, m2)
-    Ddot = Tdot @ np.swapaxes(T[:, :, :m2], -1, -2) + T @ np.swapaxes(Tdot[:, :, :m2], -1, -2)
-    return Ddot.reshape(nf, nloc, ng * m2)
-
-
-def row_cotangents(Tbar, Tdotbar, R_real, Rdot_real, owner, backend) -> tuple[np.ndarray, np.ndarray]:
-    r"""dL/dG and dL/d(dG/ds) of each real row p of atom o (the transpose of T and T' = sum_rows ...):
-
-    .. math::
-
-        \bar G_p = \bar T_o R_p + \bar T'_o R'_p, \qquad
-        \overline{(dG/ds)}_p = (\bar T'_o R_p)\, s'_p,\quad s'_p = R'_{p,0}.
-
-    Tbar, Tdotbar: (n_owner, ng, 4); returns two (nb, ng).
-    """
-    if backend == "numba":
-        start = np.searchsorted(owner, np.arange(Tbar.shape[0] + 1))
-        # (nb, ng), (nb, ng)
-        Gbar = np.empty((R_real.shape[0], Tbar.shape[1]), dtype=R_real.dtype)
-        dGbar = np.empty_like(Gbar)
-        kernels.row_cotangents(np.ascontiguousarray(np.swapaxes(Tbar, -1, -2)),
-                               np.ascontiguousarray(np.swapaxes(Tdotbar, -1, -2)), R_real, Rdot_real, start, Gbar, dGbar)
-        return Gbar, dGbar
-    # (nb, ng, 4), (nb, ng, 4)  each row's atom's bars
-    Tb, Tdb = Tbar[owner], Tdotbar[owner]
-    # (nb, ng), (nb, ng)
-    Gbar = np.einsum("pgc,pc->pg", Tb, R_real) + np.einsum("pgc,pc->pg", Tdb, Rdot_real)
-    dGbar = np.einsum("pgc,pc->pg", Tdb, R_real) * Rdot_real[:, :1]
-    return Gbar, dGbar
-
-
-def padded_tail_backward(Tbar: np.ndarray, pc: EmbedPiece, atom_types: np.ndarray) -> np.ndarray:
-    r"""dL/dG of the padded rows of :func:`padded_tail_sums`: (ntypes * n_t, ng).
-
-    Padded slot k of centre type t adds G(s_tk)^T R_tk to every atom of type
-    t with at most k real neighbours, so that row receives
-    :math:`\bar G_{tk} = (\sum_{i:\, t_i = t,\, c_i \le k} \bar T_i) R_{tk}`:
-    the atoms' dL/dT summed by (type, count), then cumulated over counts.
-    """
-    R_pad, _ = pc.pad_caches
-    ntypes, n_t, _ = R_pad.shape
-    nf, na = pc.count.shape
-    # (nf * na,) each atom's (type, count) bin
-    key = (atom_types[pc.atoms][None, :] * (n_t + 1) + pc.count).reshape(-1)
-    # (ntypes * (n_t + 1), ng * 4)  dL/dT summed per bin
-    flat = Tbar.reshape(nf * na, -1)
-    S = np.zeros(((n_t + 1) * ntypes, flat.shape[1]), dtype=Tbar.dtype)
-    np.add.at(S, key, flat)
-    # (ntypes, n_t, ng, 4)  Q[t, k] = sum over counts c <= k
-    Q = np.cumsum(S.reshape(ntypes, n_t + 1, -1, 4), axis=1)[:, :n_t]
-    # (ntypes * n_t, ng)
-    return np.einsum("tkgc,tkc->tkg", Q, R_pad).reshape(ntypes * n_t, -1)
-
-
-def embed_param_backward(
-    Tbar: np.ndarray, Tdotbar: np.ndarray, Rdot: np.ndarray, pieces: list[EmbedPiece],
-    atom_types: np.ndarray, backend: str = "numba",
-) -> dict[int, list[dict[str, np.ndarray]]]:
-    r"""The embedding nets' weight gradients from dL/dT and dL/dT' (pieces made with ``keep``).
-
-    Each real row receives its :func:`row_cotangents` (with T's 1/n_nei folded
-    into the bars), which nn.net_jvp_backward pushes through the net (G and
-    dG/ds are its output and tangent); padded rows get :func:`padded_tail_backward`.
-    Returns {id(net): per-layer gradients}, summed over the pieces a net serves.
-    """
-    nf, nloc, nnei, _ = Rdot.shape
-    grads: dict[int, list] = {}
-    for pc in pieces:
-        if pc.atoms.size == 0:  # a centre type absent from the batch: its nets get no gradient here
-            continue
-        ng = Tbar.shape[2]
-        # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms
-        Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
-        Tdb = (Tdotbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
-        # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
-        # (nb, ng), (nb, ng): dL/dG and dL/d(dG/ds) of the real rows
-        Gbar, dGbar = row_cotangents(Tb, Tdb, pc.R_real, Rdot_real, pc.owner, backend)
-        net_grads = [_net_grads(pc.net, caches, Gbar[blk], dGbar[blk]) for blk, caches in pc.net_caches]
-        # the padded rows: through net_forward's caches, no tangent
-        _, pad_caches = pc.pad_caches
-        Gbar_pad = padded_tail_backward(Tbar[:, pc.atoms] / nnei, pc, atom_types)
-        _, pad_grads = net_backward(pc.net, pad_caches, Gbar_pad)
-        net_grads.append(pad_grads)
-        if id(pc.net) in grads:
-            net_grads.append(grads[id(pc.net)])
-        grads[id(pc.net)] = add_grads(net_grads)
-    return grads
-
-
-def _net_grads(net: Net, caches: list, gy: np.ndarray, gty: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """A net's weight gradients only (its input, s, is data)."""
-    return net_jvp_backward(net, caches, gy, gty, input_grads=False)[2]

@@ -27,7 +27,7 @@ import numpy as np
 
 from minidp.model import EnergyModel
 from minidp.nn import Layer, Net, get_activation
-from minidp.se_e2_a import SeA, SeAConfig
+from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig
 
 NATIVE_SUFFIXES = (".dp", ".yaml", ".yml", ".json")
 CONVERTED_SUFFIXES = (".pb", ".pth")
@@ -199,10 +199,14 @@ def _descriptor_from_dict(d: dict, ntypes: int) -> SeA:
         raise ValueError(f"{where}: sel has {cfg.ntypes} types but the type map has {ntypes}")
     nets = [_net_from_dict(n) for n in d["embeddings"]["networks"]]
     # deepmd-kit numbers the nets of a (centre ti, neighbour tj) pair ti + tj * ntypes
+    want = ntypes if cfg.type_one_side else ntypes * ntypes
+    if len(nets) != want:
+        raise ValueError(f"{where}: {len(nets)} embedding nets, expected {want}")
     if cfg.type_one_side:
-        table = [[nets[tj] for tj in range(ntypes)] for _ in range(ntypes)]
+        table = EmbeddingNets.from_list(ntypes, True, nets)
     else:
-        table = [[nets[ti + tj * ntypes] for tj in range(ntypes)] for ti in range(ntypes)]
+        table = EmbeddingNets(ntypes, False, {(ti, tj): nets[ti + tj * ntypes] for ti in range(ntypes)
+                                              for tj in range(ntypes)})
     v = d["@variables"]
     davg, dstd = np.asarray(v["davg"]), np.asarray(v["dstd"])
     if davg.shape != (ntypes, cfg.nnei, 4):
@@ -282,9 +286,9 @@ def model_to_dict(model: EnergyModel) -> dict:
     se, cfg, nt = model.descriptor, model.descriptor.config, model.ntypes
     precision = np.dtype(model.fitting[0].dtype).name
     if cfg.type_one_side:
-        emb = [se.nets[0][tj] for tj in range(nt)]
+        emb = [se.nets[0, tj] for tj in range(nt)]
     else:  # deepmd-kit's order: index ti + tj * ntypes
-        emb = [se.nets[k % nt][k // nt] for k in range(nt * nt)]
+        emb = [se.nets[k % nt, k // nt] for k in range(nt * nt)]
     descriptor = {
         "@class": "Descriptor", "type": "se_e2_a", "@version": 2, "rcut": cfg.rcut,
         "rcut_smth": cfg.rcut_smth, "sel": list(cfg.sel), "neuron": list(cfg.neuron),

@@ -38,10 +38,10 @@ import numpy as np
 from minidp.checks import positive_int
 from minidp.data import atomic_path, model_types, read_system
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
-from minidp.infer import keep_freed_memory
 from minidp.model import EnergyModel, energy_forces, new_model
 from minidp.neighbor import build_neighbor_list
 from minidp.optim import Adam, exp_decay
+from minidp.runtime import keep_freed_memory
 from minidp.se_e2_a import SeAConfig
 from minidp.serialization import NATIVE_SUFFIXES, load_model, save_model
 from minidp.stats import energy_bias, env_stats, raw_env_sums

@@ -134,7 +134,7 @@ def test_two_atoms_on_one_spot(water_dp, water_frames):
 def test_bad_constructor_arguments():
     with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 0"):
         DeepPot(need(MODEL_DP), batch_size=0)
-    with pytest.raises(ValueError, match=r"backend must be 'numba' or 'numpy', got 'gpu'"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['reference', 'numpy', 'numba'\], got 'gpu'"):
         DeepPot(MODEL_DP, backend="gpu")
     with pytest.raises(FileNotFoundError, match=r"model file .*nothing.dp does not exist"):
         DeepPot("nothing.dp")

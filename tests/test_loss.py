@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.loss import Batch, LossConfig, loss_and_grad, pair_tangent, prefactors
-from minidp.model import atomic_energy, atomic_energy_jvp, energy_forces
-from minidp.se_e2_a import (EnvCache, contract_jvp, descriptor, embed_jvp, env_matrix, env_matrix_jvp,
-                            row_cotangents)
+from minidp.force_training import atomic_energy_jvp, contract_jvp, embed_jvp, env_matrix_jvp, row_cotangents
+from minidp.model import atomic_energy, energy_forces
+from minidp.se_e2_a import EnvCache, descriptor, env_matrix
 from tests.test_model import make, neighbors, specs
 
 
@@ -98,7 +98,7 @@ def test_the_tangent_pass_is_minus_force_and_virial_along_the_displacement(spec)
     v, V = rng.normal(size=p.force.shape), rng.normal(size=(1, 9))
     D, cache = descriptor(nl.rij, nl.nlist, types, model.descriptor, keep=True)
     Rdot = env_matrix_jvp(pair_tangent(v, V, nl.rij, nl.nlist), cache.env)
-    Ddot = contract_jvp(cache.T, embed_jvp(Rdot, cache.pieces), model.descriptor.config.axis_neuron)
+    Ddot = contract_jvp(cache.T, embed_jvp(Rdot, cache.embed), model.descriptor.config.axis_neuron)
     _, Edot, _ = atomic_energy_jvp(D, Ddot, types, model)
     expected = -(np.sum(v * p.force) + np.sum(V * p.virial))
     assert abs(Edot.sum() - expected) <= 1e-9 * max(1.0, abs(expected))

@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.nn import net_forward
+from minidp.force_training import contract_jvp, embed_jvp, env_matrix_jvp, padded_tail_backward
 from minidp.se_e2_a import (contract, contract_backward, descriptor, descriptor_backward, embed, embed_backward,
-                            contract_jvp, embed_jvp, env_matrix, env_matrix_backward, env_matrix_jvp,
-                            padded_tail_backward, padded_tail_sums, smooth_switch)
+                            env_matrix, env_matrix_backward, padded_tail_sums, smooth_switch)
 from tests.conftest import random_model, rel_err, se_configs
 
 BACKENDS = ["numba", "numpy"]
@@ -187,7 +187,7 @@ def test_embed_equals_the_plain_sum_over_all_slots(backend, cfg, nf, nloc, seed)
     T_ref = np.zeros((nf, nloc, cfg.ng, 4))
     for f, i, tj in np.ndindex(nf, nloc, cfg.ntypes):
         rows = R[f, i, cfg.sec[tj]:cfg.sec[tj + 1]]
-        G, _ = net_forward(se.nets[types[i]][tj], rows[:, :1])
+        G, _ = net_forward(se.nets[types[i], tj], rows[:, :1])
         T_ref[f, i] += G.T @ rows / cfg.nnei
     T, _ = embed(R, nlist, types, se, backend)
     np.testing.assert_allclose(T, T_ref, rtol=1e-12, atol=1e-13 * np.abs(T_ref).max())
@@ -221,24 +221,24 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
     assert cache.T.shape == (nf, nloc, ng, 4)
     assert D.shape == (nf, nloc, ng * m2) and ng * m2 == cfg.dim_out
     groups = 1 if cfg.type_one_side else cfg.ntypes
-    assert len(cache.pieces) == groups * cfg.ntypes
-    for pc in cache.pieces:
+    assert len(cache.embed) == groups * cfg.ntypes
+    for pc in cache.embed:
         na, n_t = pc.atoms.size, pc.slots.stop - pc.slots.start
         nb = int(pc.real.sum())
         assert pc.real.shape == (nf, na, n_t) and pc.count.shape == (nf, na)
         assert pc.owner.shape == (nb,) and pc.R_real.shape == (nb, 4)
         assert pc.G.shape == pc.dG_ds.shape == (nb, ng)
-        assert padded_tail_sums(se.nets[0][0], se.davg, se.dstd, slots=pc.slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
+        assert padded_tail_sums(se.nets[0, 0], se.davg, se.dstd, slots=pc.slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
         if na:
             assert padded_tail_backward(rng.normal(size=(nf, na, ng, 4)), pc, types).shape == (cfg.ntypes * n_t, ng)
     # the training tangents
     Rdot = env_matrix_jvp(rng.normal(size=rij.shape), env)
     assert Rdot.shape == (nf, nloc, nnei, 4)
-    Tdot = embed_jvp(Rdot, cache.pieces)
+    Tdot = embed_jvp(Rdot, cache.embed)
     assert Tdot.shape == (nf, nloc, ng, 4)
     assert contract_jvp(cache.T, Tdot, m2).shape == (nf, nloc, ng * m2)
     dD = rng.normal(size=D.shape)
     dT = contract_backward(dD, cache.T, m2)
     assert dT.shape == (nf, nloc, ng, 4)
-    assert embed_backward(dT, cache.R, cache.pieces).shape == (nf, nloc, nnei, 4)
+    assert embed_backward(dT, cache.R, cache.embed).shape == (nf, nloc, nnei, 4)
     assert descriptor_backward(dD, cache, se).shape == (nf, nloc, nnei, 3)

@@ -55,15 +55,15 @@ def _torch_model(model, params, coords, eps, nl, types):
     raw = torch.cat([(sw / r)[..., None], (sw / r**2)[..., None] * rij], dim=-1)
     R = (raw - torch.tensor(se.davg[types])) / torch.tensor(se.dstd[types])
     nets = model.nets()
-    index = {id(n): k for k, n in enumerate(nets)}
+    index = {name: k for k, (name, _) in enumerate(model.named_nets())}
     offsets = np.cumsum([0] + [len(n.layers) for n in nets])
     T = 0.0
     for tj in range(cfg.ntypes):
         sl = slice(cfg.sec[tj], cfg.sec[tj + 1])
         G = 0.0
         for ti in range(cfg.ntypes if not cfg.type_one_side else 1):
-            net = se.nets[ti][tj]
-            k = index[id(net)]
+            net = se.nets[ti, tj]
+            k = index[("embedding",) + se.nets.key(ti, tj)]
             Gi = _net(net.layers, params[offsets[k]:offsets[k + 1]], R[:, :, sl, :1])
             mask = torch.ones(nloc, dtype=torch.float64) if cfg.type_one_side else torch.tensor((types == ti) * 1.0)
             G = G + Gi * mask[None, :, None, None]
@@ -71,7 +71,7 @@ def _torch_model(model, params, coords, eps, nl, types):
     D = (T @ T[:, :, : cfg.axis_neuron].transpose(-1, -2)).reshape(nf, nloc, -1)
     E = 0.0
     for t, fit in enumerate(model.fitting):
-        k = index[id(fit)]
+        k = index[("fitting", t)]
         Et = _net(fit.layers, params[offsets[k]:offsets[k + 1]], D)[..., 0] + float(model.bias[t])
         E = E + (Et * torch.tensor((types == t) * 1.0)).sum(dim=1)
     return E

@@ -119,7 +119,7 @@ def model_arrays(model: EnergyModel) -> dict[str, list[np.ndarray]]:
 
     return {
         "davg": [se.davg], "dstd": [se.dstd],
-        "embedding": [x for row in se.nets for net in row for x in net_arrays(net)],
+        "embedding": [x for _, net in se.nets.items() for x in net_arrays(net)],
         "fitting": [x for net in model.fitting for x in net_arrays(net)],
         "bias": [model.bias],
     }

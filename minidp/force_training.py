@@ -1,0 +1,218 @@
+r"""Training on forces: the second-order step of minidp's gradient, apart from inference.
+
+A force is a first derivative of the energy, so a force loss differentiated
+with respect to the weights is a second derivative. minidp computes it as
+"reverse over forward": for a fixed displacement of the pairs, drij (what
+the loss wants the forces to change along, see :mod:`minidp.loss`), the
+tangents below give the directional derivative of the energy,
+E' = sum g . drij; its gradient with respect to the weights is then one more
+reverse pass, through both the primal values (R, G, T, D) and their tangents
+(R', G', T', D'). R and R' depend on positions only, never on weights, so that
+reverse pass stops at the embedding nets.
+
+Only :func:`minidp.loss.loss_and_grad` uses this module; inference never
+does. It works on the fast path's pieces (:class:`minidp.se_e2_a.EmbedPiece`,
+made with ``keep=True``). Gradients are keyed by each net's place in the
+model: ``("embedding",) + key`` (see :class:`minidp.se_e2_a.EmbeddingNets`)
+and ``("fitting", t)``, as :meth:`minidp.model.EnergyModel.named_nets`.
+
+Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2, nb, na, n_t``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minidp import kernels
+from minidp.model import EnergyModel, FitCache
+from minidp.nn import Net, add_grads, net_backward, net_jvp, net_jvp_backward
+from minidp.se_e2_a import EmbedPiece, EnvCache, sum_rows
+
+
+def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
+    r"""R' = (dR/d rij) drij, the environment matrix moved along drij.
+
+    The transpose of :func:`env_matrix_backward`'s Jacobian (u = 1/r, d = x . drij):
+
+    .. math::
+
+        \tilde R_0' = d\, u^2 (s' - s u),\qquad
+        \tilde R_a' = x_a\, d\, u^3 (s' - 2 s u) + s u^2\, \delta x_a,\qquad R' = \tilde R' / \mathrm{dstd}
+
+    Padded slots have u = s = s' = 0: their rows do not move. Returns (nf, nloc, nnei, 4).
+    """
+    rij, u, sw, dsw, inv_dstd = cache
+    # (nf, nloc, nnei)
+    d = np.sum(rij * drij, axis=-1)
+    # (nf, nloc, nnei, 4)
+    Rdot = np.empty(rij.shape[:3] + (4,), dtype=rij.dtype)
+    Rdot[..., 0] = d * u**2 * (dsw - sw * u)
+    Rdot[..., 1:] = (d * u**3 * (dsw - 2.0 * sw * u))[..., None] * rij + (sw * u**2)[..., None] * drij
+    Rdot *= inv_dstd
+    return Rdot
+
+
+def embed_jvp(Rdot: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba") -> np.ndarray:
+    r"""T' = (1/n_nei) sum_j (G'_ij{}^T R_ij + G_ij^T R'_ij), with G' = (dG/ds) s' and s' = R'_ij,0.
+
+    Padded slots do not move (R' = 0), so only real rows contribute. Returns (nf, nloc, ng, 4).
+    """
+    nf, nloc, nnei, _ = Rdot.shape
+    ng = pieces[0].G.shape[1]
+    # (nf, nloc, ng, 4)
+    Tdot = np.zeros((nf, nloc, ng, 4), dtype=Rdot.dtype)
+    for pc in pieces:
+        na = pc.atoms.size
+        # (nb, 4)
+        Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
+        # (nb, ng)
+        Gdot = pc.dG_ds * Rdot_real[:, :1]
+        # (nf * na, ng, 4)
+        Tb = sum_rows(pc.G, Rdot_real, pc.owner, nf * na, backend)
+        Tb += sum_rows(Gdot, pc.R_real, pc.owner, nf * na, backend)
+        Tdot[:, pc.atoms] += Tb.reshape(nf, na, ng, 4) / nnei
+    return Tdot
+
+
+def contract_jvp(T: np.ndarray, Tdot: np.ndarray, m2: int) -> np.ndarray:
+    r"""D' = T' (T^<)^T + T (T'^<)^T, flattened as :func:`contract`. Returns (nf, nloc, ng * m2).
+
+    Its reverse needs no function of its own: D' is bilinear in (T, T'), so
+    dL/dT' = contract_backward(dL/dD', T) and it adds contract_backward(dL/dD', T') to dL/dT.
+    """
+    nf, nloc, ng, _ = T.shape
+    # (nf, nloc, ng, m2)
+    Ddot = Tdot @ np.swapaxes(T[:, :, :m2], -1, -2) + T @ np.swapaxes(Tdot[:, :, :m2], -1, -2)
+    return Ddot.reshape(nf, nloc, ng * m2)
+
+
+def row_cotangents(Tbar, Tdotbar, R_real, Rdot_real, owner, backend) -> tuple[np.ndarray, np.ndarray]:
+    r"""dL/dG and dL/d(dG/ds) of each real row p of atom o (the transpose of T and T' = sum_rows ...):
+
+    .. math::
+
+        \bar G_p = \bar T_o R_p + \bar T'_o R'_p, \qquad
+        \overline{(dG/ds)}_p = (\bar T'_o R_p)\, s'_p,\quad s'_p = R'_{p,0}.
+
+    Tbar, Tdotbar: (n_owner, ng, 4); returns two (nb, ng).
+    """
+    if backend != "numba":
+        # (nb, ng, 4), (nb, ng, 4)  each row's atom's bars
+        Tb, Tdb = Tbar[owner], Tdotbar[owner]
+        # (nb, ng), (nb, ng)
+        Gbar = np.einsum("pgc,pc->pg", Tb, R_real) + np.einsum("pgc,pc->pg", Tdb, Rdot_real)
+        dGbar = np.einsum("pgc,pc->pg", Tdb, R_real) * Rdot_real[:, :1]
+        return Gbar, dGbar
+    # Numba: no (nb, ng, 4) gathers
+    start = np.searchsorted(owner, np.arange(Tbar.shape[0] + 1))
+    # (nb, ng), (nb, ng)
+    Gbar = np.empty((R_real.shape[0], Tbar.shape[1]), dtype=R_real.dtype)
+    dGbar = np.empty_like(Gbar)
+    kernels.row_cotangents(np.ascontiguousarray(np.swapaxes(Tbar, -1, -2)),
+                           np.ascontiguousarray(np.swapaxes(Tdotbar, -1, -2)), R_real, Rdot_real, start, Gbar, dGbar)
+    return Gbar, dGbar
+
+
+def padded_tail_backward(Tbar: np.ndarray, pc: EmbedPiece, atom_types: np.ndarray) -> np.ndarray:
+    r"""dL/dG of the padded rows of :func:`minidp.se_e2_a.padded_tail_sums`: (ntypes * n_t, ng).
+
+    Padded slot k of centre type t adds G(s_tk)^T R_tk to every atom of type
+    t with at most k real neighbours, so that row receives
+    :math:`\bar G_{tk} = (\sum_{i:\, t_i = t,\, c_i \le k} \bar T_i) R_{tk}`:
+    the atoms' dL/dT summed by (type, count), then cumulated over counts.
+    """
+    R_pad, _ = pc.pad_caches
+    ntypes, n_t, _ = R_pad.shape
+    nf, na = pc.count.shape
+    # (nf * na,) each atom's (type, count) bin
+    key = (atom_types[pc.atoms][None, :] * (n_t + 1) + pc.count).reshape(-1)
+    # (ntypes * (n_t + 1), ng * 4)  dL/dT summed per bin
+    flat = Tbar.reshape(nf * na, -1)
+    S = np.zeros(((n_t + 1) * ntypes, flat.shape[1]), dtype=Tbar.dtype)
+    np.add.at(S, key, flat)
+    # (ntypes, n_t, ng, 4)  Q[t, k] = sum over counts c <= k
+    Q = np.cumsum(S.reshape(ntypes, n_t + 1, -1, 4), axis=1)[:, :n_t]
+    # (ntypes * n_t, ng)
+    return np.einsum("tkgc,tkc->tkg", Q, R_pad).reshape(ntypes * n_t, -1)
+
+
+def embed_param_backward(
+    Tbar: np.ndarray, Tdotbar: np.ndarray, Rdot: np.ndarray, pieces: list[EmbedPiece],
+    atom_types: np.ndarray, backend: str = "numba",
+) -> dict[tuple, list[dict[str, np.ndarray]]]:
+    r"""The embedding nets' weight gradients from dL/dT and dL/dT' (pieces made with ``keep``).
+
+    Each real row receives its :func:`row_cotangents` (with T's 1/n_nei folded
+    into the bars), which nn.net_jvp_backward pushes through the net (G and
+    dG/ds are its output and tangent); padded rows get :func:`padded_tail_backward`.
+    Returns {("embedding",) + key: per-layer gradients}, summed over the pieces a net serves
+    (a net shared by every centre type, type_one_side, has one key).
+    """
+    nf, nloc, nnei, _ = Rdot.shape
+    grads: dict[tuple, list] = {}
+    for pc in pieces:
+        if pc.atoms.size == 0:  # a centre type absent from the batch: its nets get no gradient here
+            continue
+        ng = Tbar.shape[2]
+        # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms
+        Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
+        Tdb = (Tdotbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
+        # (nb, 4)
+        Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
+        # (nb, ng), (nb, ng): dL/dG and dL/d(dG/ds) of the real rows
+        Gbar, dGbar = row_cotangents(Tb, Tdb, pc.R_real, Rdot_real, pc.owner, backend)
+        net_grads = [_net_grads(pc.net, caches, Gbar[blk], dGbar[blk]) for blk, caches in pc.net_caches]
+        # the padded rows: through net_forward's caches, no tangent
+        _, pad_caches = pc.pad_caches
+        Gbar_pad = padded_tail_backward(Tbar[:, pc.atoms] / nnei, pc, atom_types)
+        _, pad_grads = net_backward(pc.net, pad_caches, Gbar_pad)
+        net_grads.append(pad_grads)
+        name = ("embedding",) + pc.key
+        if name in grads:
+            net_grads.append(grads[name])
+        grads[name] = add_grads(net_grads)
+    return grads
+
+
+def _net_grads(net: Net, caches: list, gy: np.ndarray, gty: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """A net's weight gradients only (its input, s, is data)."""
+    return net_jvp_backward(net, caches, gy, gty, input_grads=False)[2]
+
+
+def atomic_energy_jvp(
+    D: np.ndarray, Ddot: np.ndarray, atom_types: np.ndarray, model: EnergyModel
+) -> tuple[np.ndarray, np.ndarray, list[FitCache]]:
+    """E_i and its tangent E'_i = (dF_{t_i}/dD_i) D'_i, for training on forces; (nf, nloc) each, and caches."""
+    nf, nloc, dim = D.shape
+    # (nf, nloc), (nf, nloc)
+    E_atom = np.zeros((nf, nloc), dtype=D.dtype)
+    Edot = np.zeros_like(E_atom)
+    caches = []
+    for t in range(model.ntypes):
+        atoms = np.flatnonzero(atom_types == t)
+        if atoms.size == 0:
+            continue
+        # (nb, 1), (nb, 1)
+        y, ty, net_caches = net_jvp(model.fitting[t], D[:, atoms].reshape(-1, dim), Ddot[:, atoms].reshape(-1, dim))
+        E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
+        Edot[:, atoms] = ty.reshape(nf, atoms.size)
+        caches.append(FitCache(t, atoms, model.fitting[t], net_caches))
+    return E_atom, Edot, caches
+
+
+def atomic_energy_param_backward(
+    gE: np.ndarray, gEdot: np.ndarray, caches: list[FitCache], dim: int
+) -> tuple[np.ndarray, np.ndarray, dict[tuple, list]]:
+    """Reverse through atomic_energy_jvp: from dL/dE_i and dL/dE'_i (nf, nloc) to dL/dD,
+    dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {("fitting", t): per-layer grads}."""
+    nf, nloc = gE.shape
+    # (nf, nloc, ng * m2), (nf, nloc, ng * m2)
+    Dbar = np.zeros((nf, nloc, dim), dtype=gE.dtype)
+    Ddotbar = np.zeros_like(Dbar)
+    grads = {}
+    for t, atoms, net, net_caches in caches:
+        gx, gtx, grads[("fitting", t)] = net_jvp_backward(
+            net, net_caches, gE[:, atoms].reshape(-1, 1), gEdot[:, atoms].reshape(-1, 1))
+        Dbar[:, atoms] = gx.reshape(nf, atoms.size, dim)
+        Ddotbar[:, atoms] = gtx.reshape(nf, atoms.size, dim)
+    return Dbar, Ddotbar, grads

@@ -1,0 +1,76 @@
+"""The process-wide settings minidp changes, all in this one module.
+
+Two settings belong to the whole process rather than to one call, so minidp
+changes them only where it must, and says so:
+
+- **malloc** (:func:`keep_freed_memory`): every inference chunk and every
+  training step allocates and frees the same few large arrays. By default
+  glibc hands blocks over 32 MB (or, at first, 128 kB) back to the kernel at
+  once, and each new array then pays a page fault per 4 kB touched, which
+  made NumPy's temporaries 3-4x slower here. minidp raises glibc's mmap and
+  trim thresholds so freed blocks stay in the process. ``DeepPot`` and
+  ``minidp train`` call it. Opt out with the environment variable
+  ``MINIDP_KEEP_FREED_MEMORY=0`` (or ``DeepPot(..., keep_freed_memory=False)``):
+  memory then goes back to the system sooner, at the price of speed.
+  No effect outside glibc.
+- **BLAS threads** (:func:`one_blas_thread`): when DeepPot runs chunks on
+  several worker threads, each chunk's BLAS calls use one core, so the
+  workers do not fight over them. The limit is taken by each worker task and
+  released when the last running task ends: it is never held while no chunk
+  is computing (the caller's loop over ``iter_eval``, an abandoned generator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+
+OPT_OUT = "MINIDP_KEEP_FREED_MEMORY"
+
+
+def keep_freed_memory(enabled: bool = True) -> bool:
+    """Raise glibc's mmap and trim thresholds to 1 GiB (see the module docstring).
+
+    Does nothing when ``enabled`` is False or MINIDP_KEEP_FREED_MEMORY is "0";
+    returns whether the setting was applied.
+    """
+    if not enabled or os.environ.get(OPT_OUT, "1").strip() == "0":
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+        return True
+    return False
+
+
+# BLAS's thread count is one setting for the whole process, so concurrent
+# tasks share one limit: the first task to start sets it, the last to end
+# restores the original (a per-task set/restore would let an early-ending
+# task restore it under a running one, or leave it on for good).
+_lock = threading.Lock()
+_state = {"users": 0, "limiter": None, "controller": None}
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """BLAS limited to one thread while any task inside this context runs (see the module docstring)."""
+    with _lock:
+        if _state["users"] == 0:
+            if _state["controller"] is None:
+                from threadpoolctl import ThreadpoolController
+
+                _state["controller"] = ThreadpoolController()
+            _state["limiter"] = _state["controller"].limit(limits=1, user_api="blas")
+        _state["users"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["users"] -= 1
+            if _state["users"] == 0:
+                _state["limiter"].restore_original_limits()
+                _state["limiter"] = None
