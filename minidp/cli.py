@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 
+from minidp.checks import BACKENDS
+
 
 def _add_tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="re-run the experiments of the tutorial minidp grew from")
@@ -29,7 +31,7 @@ def _cmd_eval(args) -> int:
     from minidp.data import atomic_path, model_types, read_system
     from minidp.infer import DeepPot
 
-    dp = DeepPot(args.model, batch_size=args.batch_size)
+    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
     system = read_system(args.system, args.format, args.type_map)
     types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
     cells = None if system.nopbc else system["cells"]
@@ -54,7 +56,7 @@ def _cmd_eval_desc(args) -> int:
     from minidp.data import atomic_path, model_types, read_system
     from minidp.infer import DeepPot
 
-    dp = DeepPot(args.model, batch_size=args.batch_size)
+    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
     out = Path(args.output)
     for path in args.system:
         system = read_system(path, args.format, args.type_map)
@@ -75,7 +77,7 @@ def _cmd_test(args) -> int:
     from minidp.infer import DeepPot
     from minidp.report import error_table, parity_plots
 
-    dp = DeepPot(args.model, batch_size=args.batch_size)
+    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
     system = read_system(args.system, args.format, args.type_map)
     if "energies" not in system.data:
         raise ValueError(f"system {args.system} has no labels (energies) to test against")
@@ -149,6 +151,9 @@ def _model_and_system(sub, name: str, help: str, systems: str = "system (any for
     p.add_argument("-t", "--type-map", nargs="+", default=None,
                    help="element of each numbered type, for formats without names (LAMMPS data/dump)")
     p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk (default: from free memory)")
+    p.add_argument("--backend", choices=BACKENDS, default="numba",
+                   help="numba (default), numpy (the same fast path), or reference (the plain path of "
+                        "minidp/se_e2_a.py; slower)")
     return p
 
 

@@ -68,6 +68,22 @@ def test_eval_writes_a_labelled_system_that_matches_deeppot(small_model, small_s
     np.testing.assert_allclose(labelled["virials"].reshape(-1, 9), v, atol=1e-12)
 
 
+def test_eval_backend_reference(small_model, small_system, tmp_path, capsys):
+    """--backend reference runs the plain path and writes the labels the default backend writes."""
+    import dpdata
+
+    outs = {}
+    for backend in ("reference", "numba"):
+        outs[backend] = tmp_path / backend
+        assert main(["eval", "-m", str(small_model), "-s", str(small_system), "-o", str(outs[backend]),
+                     "--backend", backend]) == 0
+    a, b = (dpdata.LabeledSystem(str(outs[k]), fmt="deepmd/npy") for k in ("reference", "numba"))
+    np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-12, atol=1e-13)
+    with pytest.raises(SystemExit):
+        main(["eval", "-m", str(small_model), "-s", str(small_system), "-o", str(tmp_path / "x"), "--backend", "gpu"])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+
+
 def test_eval_desc_and_test(small_model, small_system, tmp_path, capsys):
     assert main(["eval-desc", "-m", str(small_model), "-s", str(small_system), "-o", str(tmp_path)]) == 0
     assert np.load(tmp_path / "water3.npy").shape == (3, 9, 16)

@@ -163,6 +163,14 @@ def test_water_model_agrees_with_deepmd_kit(run, case):
         assert comp["passed"]
 
 
+def test_reference_path_is_in_every_case(run):
+    """backend="reference" (the plain path of minidp.se_e2_a) is compared in every case, both models."""
+    _, _, report = run
+    for c in report["cases"]:
+        labels = {comp["label"] for comp in c["comparisons"]}
+        assert "minidp reference (.dp)" in labels, (c["key"], labels)
+
+
 def test_type_one_side_false_model_from_dp_agrees(run):
     _, _, report = run
     (comp,) = [c for _, c in _comparisons(report, "5-") if c["label"] == "minidp (.dp)"]

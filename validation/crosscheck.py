@@ -5,7 +5,8 @@
 
 The reference is deepmd-kit's ``deepmd.infer.DeepPot`` on the .pb (its
 TensorFlow backend). minidp loads the same .pb (through deepmd-kit's
-converter) and, when one sits beside it, the .dp; both are compared. Cases
+converter) and, when one sits beside it, the .dp; both are compared, and so is
+minidp's plain reference path (``backend="reference"``). Cases
 (see :mod:`validation.cases`): the system as given, sheared, cells shorter
 than 2 rcut and than rcut, an open cluster, a ``type_one_side: false`` model
 with random weights on all of those, and lone atoms. Then both codes' RMSE
@@ -111,13 +112,24 @@ def geometries(frames: Frames, rcut: float, sel) -> tuple[list[cases.Geometry], 
 
 
 def minidp_pots(pb: Path) -> dict:
-    """minidp's DeepPot on the .pb and, if there is one beside it, on the .dp: {label: DeepPot}."""
+    """minidp's DeepPot on the .pb and, if there is one beside it, on the .dp, and minidp's reference
+    path (backend "reference", the plain NumPy one of minidp.se_e2_a) on the .dp, else the .pb:
+    {label: DeepPot}."""
     from minidp import DeepPot
 
+    dp = pb.with_suffix(".dp")
     pots = {"minidp (.pb)": DeepPot(pb)}
-    if pb.with_suffix(".dp").is_file():
-        pots["minidp (.dp)"] = DeepPot(pb.with_suffix(".dp"))
+    if dp.is_file():
+        pots["minidp (.dp)"] = DeepPot(dp)
+    suffix = ".dp" if dp.is_file() else ".pb"
+    pots[f"minidp reference ({suffix})"] = DeepPot(dp if dp.is_file() else pb, backend="reference")
     return pots
+
+
+def plot_name(key: str, label: str) -> str:
+    """A file name for one case's parity plot of one minidp model: 'minidp reference (.dp)' -> 'reference-dp'."""
+    slug = re.sub(r"[^a-z0-9]+", "-", label.lower().replace("minidp", "")).strip("-")
+    return f"{key}-{slug}.png"
 
 
 # ---------------------------------------------------------------------------
@@ -154,8 +166,7 @@ def run_case(geometry: cases.Geometry, reference, reference_file: Path, pots: di
     stats["min_distance"] = None if np.isinf(stats["min_distance"]) else stats["min_distance"]
     ref, comparisons = compare_case(geometry, reference, pots, args.tol, some.get_ntypes())
     for comp, ours in comparisons:
-        name = f"{geometry.key}-{comp['label'].split('(')[-1].strip(').')}.png"
-        path = parity_figure(ours, ref, args.out / "plots" / name,
+        path = parity_figure(ours, ref, args.out / "plots" / plot_name(geometry.key, comp["label"]),
                              f"{geometry.key}: {comp['label']} against deepmd-kit")
         comp["plot"] = str(path.relative_to(args.out))
         plots.append(comp["plot"])
@@ -198,8 +209,8 @@ def type_one_side_false(given: list[cases.Geometry], type_map: list[str], rcut: 
 def parameter_rows(*pot_sets: dict) -> list[dict]:
     """For each model minidp read from both .pb and .dp: the largest parameter differences."""
     rows = []
-    for pots in (p for p in pot_sets if len(p) == 2):
-        a, b = pots.values()
+    for pots in (p for p in pot_sets if "minidp (.dp)" in p):
+        a, b = pots["minidp (.pb)"], pots["minidp (.dp)"]
         rows.append({"a": a.model_file, "b": b.model_file, "max_abs_diff": parameter_differences(a.model, b.model)})
     return rows
 
