@@ -1,4 +1,4 @@
-"""Multi-layer perceptrons with hand-written backpropagation.
+r"""Multi-layer perceptrons with hand-written backpropagation.
 
 Everything a Deep Potential learns lives in small dense networks: the
 *embedding nets* that turn a neighbour's scaled inverse distance into ``ng``
@@ -10,12 +10,12 @@ A layer computes
 
 .. math::
 
-    z = x W + b, \\qquad a = \\phi(z), \\qquad
-    y = \\begin{cases}
-        a \\odot \\mathrm{idt} + x            & n_{out} = n_{in}   \\text{ (resnet)}\\\\
-        a \\odot \\mathrm{idt} + [x, x]       & n_{out} = 2 n_{in} \\text{ (resnet)}\\\\
-        a \\odot \\mathrm{idt}                & \\text{otherwise}
-    \\end{cases}
+    z = x W + b, \qquad a = \phi(z), \qquad
+    y = \begin{cases}
+        a \odot \mathrm{idt} + x            & n_{out} = n_{in}   \text{ (resnet)}\\
+        a \odot \mathrm{idt} + [x, x]       & n_{out} = 2 n_{in} \text{ (resnet)}\\
+        a \odot \mathrm{idt}                & \text{otherwise}
+    \end{cases}
 
 where ``idt`` (deepmd-kit's "timestep", present only with ``resnet_dt``) is a
 learnable per-feature scale, and is 1 when absent.
@@ -305,13 +305,13 @@ def layer_jvp_backward(
 
     .. math::
 
-        ar{\mathrm{idt}} = \sum (g_y a + g_{ty} \dot a), \quad
-        ar{\dot z} = g_{ty}\, \mathrm{idt}\, \phi'(z), \quad
-        ar z = g_y\, \mathrm{idt}\, \phi'(z) + g_{ty}\, \mathrm{idt}\, \dot z\, \phi''(z),
+        \bar{\mathrm{idt}} = \sum (g_y a + g_{ty} \dot a), \quad
+        \bar{\dot z} = g_{ty}\, \mathrm{idt}\, \phi'(z), \quad
+        \bar z = g_y\, \mathrm{idt}\, \phi'(z) + g_{ty}\, \mathrm{idt}\, \dot z\, \phi''(z),
 
-        ar W = x^	op ar z + \dot x^	op ar{\dot z}, \quad ar b = \sum ar z, \quad
-        ar x = ar z W^	op + \mathrm{res}^	op(g_y), \quad
-        ar{\dot x} = ar{\dot z} W^	op + \mathrm{res}^	op(g_{ty}).
+        \bar W = x^\top \bar z + \dot x^\top \bar{\dot z}, \quad \bar b = \sum \bar z, \quad
+        \bar x = \bar z W^\top + \mathrm{res}^\top(g_y), \quad
+        \bar{\dot x} = \bar{\dot z} W^\top + \mathrm{res}^\top(g_{ty}).
 
     The phi'' term is the second derivative: the tangent ta = phi'(z) tz moves
     when z does. With ``input_grads=False`` (a net's first layer, when its
