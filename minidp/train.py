@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import positive_int
+from minidp.checks import is_positive_int, positive_int
 from minidp.data import atomic_path, model_types, read_system
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
 from minidp.model import EnergyModel, energy_forces, new_model
@@ -58,6 +58,14 @@ class DataConfig:
     systems: tuple[Path, ...]  # deepmd/npy folders, resolved against the input file's folder
     batch_size: int | str  # frames per batch, or "auto" / "auto:N" (at least N atoms; N = 32)
     numb_btch: int = 1  # validation: batches evaluated at each display
+
+    def __post_init__(self):
+        if not self.systems:
+            raise ValueError("training data: systems is empty; expected at least one system folder")
+        bs = self.batch_size
+        if not (isinstance(bs, str) and (bs == "auto" or (bs.startswith("auto:") and bs[5:].isdigit()))):
+            positive_int("batch_size", bs)
+        positive_int("numb_btch", self.numb_btch)
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,22 @@ class TrainConfig:
     save_freq: int  # steps between checkpoints
     save_ckpt: str  # checkpoint prefix: <save_ckpt>-<step>.dp / .npz
     data_stat_nbatch: int  # batches per system for the statistics
+
+    def __post_init__(self):
+        if not isinstance(self.descriptor, SeAConfig) or not isinstance(self.loss, LossConfig):
+            raise TypeError("TrainConfig: descriptor must be an SeAConfig and loss a LossConfig")
+        if len(self.type_map) != self.descriptor.ntypes or not all(isinstance(t, str) for t in self.type_map):
+            raise ValueError(f"type_map must hold one element name per sel entry ({self.descriptor.ntypes}), "
+                             f"got {list(self.type_map)!r}")
+        for name in ("decay_steps", "numb_steps", "disp_freq", "save_freq", "data_stat_nbatch"):
+            positive_int(name, getattr(self, name))
+        if not self.fitting_neuron or not all(is_positive_int(n) for n in self.fitting_neuron):
+            raise ValueError(f"fitting_net neuron must be a non-empty list of positive integers, "
+                             f"got {list(self.fitting_neuron)!r}")
+        if not (isinstance(self.start_lr, (int, float)) and isinstance(self.stop_lr, (int, float))
+                and 0 < self.stop_lr <= self.start_lr and math.isfinite(self.start_lr)):
+            raise ValueError(f"learning_rate must satisfy 0 < stop_lr <= start_lr, got start_lr={self.start_lr!r} "
+                             f"and stop_lr={self.stop_lr!r}")
 
 
 # What minidp reads of each section; anything else is refused by name.

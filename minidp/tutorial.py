@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from minidp.checks import positive_int
-from minidp.nn import Net, mlp, net_backward, net_forward
+from minidp.nn import Net, get_activation, mlp, net_backward, net_forward
 from minidp.optim import (SGD, cosine_warm_restarts, exp_decay, gradient_descent_1d, step_decay,
                           warmup)
 
@@ -54,6 +54,9 @@ class FitConfig:
             positive_int(name, getattr(self, name))
         if not self.lr > 0 or not self.gamma > 0:
             raise ValueError(f"lr and gamma must be positive, got lr={self.lr!r}, gamma={self.gamma!r}")
+        get_activation(self.activation)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
 
 
 def cos_data() -> tuple[np.ndarray, np.ndarray]:
