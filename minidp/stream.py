@@ -207,7 +207,8 @@ def read_frames(system: LazySystem, start: int, stop: int) -> Block:
     for index, a, b, offset in set_ranges(system.counts, start, stop):
         rows = slice(offset, offset + b - a)
         with _set_arrays(system, index) as arrays:
-            # float32 data is widened here, in the copy (see infer._as_float_array)
+            # float32 data is widened here, in the copy (as minidp.checks.real_array does:
+            # r_j - r_i in float32 would keep only ~7 digits)
             coords[rows] = np.asarray(arrays["coord"][a:b]).reshape(b - a, natoms, 3)
             if cells is not None:
                 cells[rows] = np.asarray(arrays["box"][a:b]).reshape(b - a, 3, 3)
@@ -235,10 +236,18 @@ def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
     of nf frames: energy (nf,), force (nf, natoms, 3), virial (nf, 9),
     atom_energy (nf, natoms), atom_virial (nf, natoms, 9).
     """
-    groups = list(dp.iter_eval(block.coords, block.cells, atom_types))
-    assert [fs.start for fs, _ in groups] == [0] + [fs.stop for fs, _ in groups[:-1]], "groups out of order"
-    # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
-    return Prediction(*(np.concatenate(parts) for parts in zip(*(p for _, p in groups))))
+    nf = block.coords.shape[0]
+    out, filled = None, np.zeros(nf, dtype=bool)
+    for fs, p in dp.iter_eval(block.coords, block.cells, atom_types):
+        if out is None:
+            # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
+            out = Prediction(*(np.empty((nf,) + a.shape[1:]) for a in p))
+        for whole, part in zip(out, p):
+            whole[fs] = part
+        filled[fs] = True
+    if out is None or not filled.all():
+        raise RuntimeError(f"DeepPot.iter_eval returned results for {int(filled.sum())} of the block's {nf} frames")
+    return out
 
 
 def stream_eval(dp, system_path, frames_per_chunk: int, progress: bool | None = None

@@ -309,15 +309,30 @@ class Sampler:
 # ---------------------------------------------------------------------------
 
 
+# The statistics draw their frames from a generator of their own, derived
+# from the training seed: drawing them from the sampler's would shift every
+# batch of the run by how many frames the statistics happened to need.
+STATS_STREAM = 1
+
+
+def stats_rng(seed: int) -> np.random.Generator:
+    """The statistics' generator: seeded by (seed, STATS_STREAM), independent of the batch sampler's."""
+    return np.random.default_rng([seed, STATS_STREAM])
+
+
 def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) -> EnergyModel:
-    """new_model, then davg/dstd and the energy bias from data_stat_nbatch batches per system."""
+    """new_model, then davg/dstd and the energy bias from data_stat_nbatch batches per system.
+
+    The frames are drawn by :func:`stats_rng`; the sampler gives the batch sizes only and is not advanced.
+    """
     cfg = config.descriptor
     model = new_model(list(config.type_map), cfg, config.fitting_neuron, config.fitting_resnet_dt, config.model_seed)
     sums = np.zeros((cfg.ntypes, 5))
     mean_energy, counts = [], []
+    rng = stats_rng(config.seed)
     for k, s in enumerate(systems):
         n = min(s.nframes, config.data_stat_nbatch * sampler.sizes[k])
-        frames = np.sort(sampler.rng.choice(s.nframes, n, replace=False))
+        frames = np.sort(rng.choice(s.nframes, n, replace=False))
         sums += raw_env_sums(s.coords[frames], None if s.cells is None else s.cells[frames], s.atom_types, cfg)
         mean_energy.append(s.energy[frames].mean())
         counts.append(np.bincount(s.atom_types, minlength=cfg.ntypes))

@@ -1,0 +1,228 @@
+"""The internals a reader trips over, each pinned: configurations that check themselves, nets indexed by
+(centre type, neighbour type) with explicit sharing, process-wide settings confined to minidp.runtime,
+checks that survive ``python -O``, statistics that leave the batch sampler alone."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+
+from minidp.model import new_model
+from minidp.se_e2_a import EmbeddingNets, SeAConfig, descriptor
+from tests.conftest import random_model
+from tests.test_train import _input, data_dir  # noqa: F401  (data_dir: a fixture)
+
+BASE = dict(rcut=4.0, rcut_smth=1.0, sel=(3, 4), neuron=(4, 8), axis_neuron=2, type_one_side=True)
+
+
+# ---------------------------------------------------------------------------
+# SeAConfig validates itself
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(rcut_smth=4.0), ValueError, r"rcut_smth must satisfy 0 <= rcut_smth < rcut, got rcut_smth=4.0 and rcut=4.0"),
+    (dict(rcut_smth=5.0), ValueError, r"0 <= rcut_smth < rcut, got rcut_smth=5.0"),
+    (dict(rcut_smth=-0.5), ValueError, r"got rcut_smth=-0.5"),
+    (dict(rcut=0.0, rcut_smth=0.0), ValueError, r"rcut must be positive, got 0.0"),
+    (dict(rcut="6"), TypeError, r"rcut must be a number, got '6'"),
+    (dict(rcut=float("nan")), ValueError, r"rcut must be finite, got nan"),
+    (dict(axis_neuron=9), ValueError, r"axis_neuron must be an integer in 1..neuron\[-1\] = 8, got 9"),
+    (dict(axis_neuron=0), ValueError, r"axis_neuron .* got 0"),
+    (dict(sel=(3, 0)), ValueError, r"sel must be a non-empty list of positive integers, got \[3, 0\]"),
+    (dict(sel=()), ValueError, r"sel must be a non-empty list"),
+    (dict(sel=6), TypeError, r"sel must be a list of positive integers, got 6"),
+    (dict(neuron=(4, 2.5)), ValueError, r"neuron must be a non-empty list of positive integers, got \[4, 2.5\]"),
+    (dict(activation="swish"), ValueError, r"activation 'swish' is unknown; expected one of"),
+    (dict(type_one_side="no"), TypeError, r"type_one_side must be true or false, got 'no'"),
+])
+def test_seaconfig_refuses_bad_values_by_name(change, error, message):
+    with pytest.raises(error, match=message):
+        SeAConfig(**{**BASE, **change})
+
+
+def test_seaconfig_normalises_its_fields():
+    cfg = SeAConfig(**{**BASE, "sel": [np.int64(3), 4], "neuron": [4, 8], "rcut": 4})
+    assert cfg.sel == (3, 4) and isinstance(cfg.sel[0], int) and cfg.neuron == (4, 8) and cfg.rcut == 4.0
+
+
+def test_a_model_file_with_rcut_smth_at_rcut_is_refused():
+    """Before SeAConfig checked itself this loaded, and gave NaN forces with a RuntimeWarning."""
+    from minidp.serialization import model_from_dict, model_to_dict
+
+    d = model_to_dict(new_model(["O", "H"], SeAConfig(**BASE), (4,)))
+    d["descriptor"]["rcut_smth"] = d["descriptor"]["rcut"]
+    with pytest.raises(ValueError, match="rcut_smth must satisfy 0 <= rcut_smth < rcut"):
+        model_from_dict(d)
+
+
+def test_train_config_refuses_an_inverted_learning_rate():
+    from minidp.train import parse_input
+
+    d = _input()
+    d["learning_rate"].update(start_lr=1e-5, stop_lr=1e-3)
+    with pytest.raises(ValueError, match=r"0 < stop_lr <= start_lr, got start_lr=1e-05 and stop_lr=0.001"):
+        parse_input(d)
+
+
+def test_fit_config_refuses_an_unknown_activation():
+    from minidp.tutorial import FitConfig
+
+    with pytest.raises(ValueError, match="unknown activation 'relu7'"):
+        FitConfig(activation="relu7")
+
+
+# ---------------------------------------------------------------------------
+# Nets by (centre type, neighbour type)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("type_one_side", [True, False])
+def test_nets_are_indexed_by_type_pair_and_sharing_is_explicit(type_one_side):
+    model = new_model(["O", "H"], SeAConfig(**{**BASE, "type_one_side": type_one_side}), (4,))
+    nets = model.descriptor.nets
+    n_params = len(model.params())
+    assert len(nets) == (2 if type_one_side else 4)
+    assert nets.keys() == ([(0,), (1,)] if type_one_side else [(0, 0), (0, 1), (1, 0), (1, 1)])
+    assert (nets[0, 1] is nets[1, 1]) == type_one_side
+    assert nets[1] == (nets[1, 0], nets[1, 1])
+    # copying entry by entry (through the accessor) keeps the parameter list: with type_one_side
+    # both centre types' entries are one stored net
+    for ti in range(2):
+        for tj in range(2):
+            nets[ti, tj] = copy.deepcopy(nets[ti, tj])
+    assert len(model.params()) == n_params
+    assert (nets[0, 1] is nets[1, 1]) == type_one_side
+    names = [name for name, _ in model.named_nets()]
+    assert names[:len(nets)] == [("embedding",) + k for k in nets.keys()] and names[-1] == ("fitting", 1)
+    with pytest.raises(TypeError):
+        nets[0][1] = nets[0, 0]  # rows are read-only
+    with pytest.raises(IndexError, match=r"embedding net \(2, 0\) is outside types 0..1"):
+        nets[2, 0]
+
+
+def test_embedding_nets_refuse_a_wrong_key_set():
+    net = new_model(["O"], SeAConfig(**{**BASE, "sel": (3,)}), (4,)).descriptor.nets[0, 0]
+    with pytest.raises(ValueError, match=r"expected keys \[\(0, 0\), \(0, 1\), \(1, 0\), \(1, 1\)\]"):
+        EmbeddingNets(2, False, {(0, 0): net})
+
+
+def test_gradients_follow_the_names_after_a_deep_copy():
+    """loss_and_grad's gradients are matched to nets by name, so a copied model gives the same list."""
+    from minidp.loss import Batch, loss_and_grad
+    from minidp.neighbor import build_neighbor_list
+
+    cfg = SeAConfig(**{**BASE, "sel": (40, 40)})
+    model = random_model(cfg, 0)
+    rng = np.random.default_rng(0)
+    coords = rng.uniform(0, 5, (1, 6, 3))
+    types = np.array([0, 1, 0, 1, 1, 0])
+    nl = build_neighbor_list(coords, np.eye(3)[None] * 5.0, types, cfg.rcut, cfg.sel)
+    batch = Batch(nl.rij, nl.nlist, types, np.zeros(1), np.zeros((1, 6, 3)), None)
+    _, g1, _ = loss_and_grad(model, batch, (1.0, 1.0, 0.0))
+    _, g2, _ = loss_and_grad(copy.deepcopy(model), batch, (1.0, 1.0, 0.0))
+    assert len(g1) == len(model.params()) == len(g2)
+    for a, b in zip(g1, g2):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+# ---------------------------------------------------------------------------
+# Checks that survive python -O
+# ---------------------------------------------------------------------------
+
+
+def test_padding_before_a_neighbour_is_refused():
+    model = random_model(SeAConfig(**{**BASE, "sel": (3,)}), 0)
+    rij = np.zeros((1, 1, 3, 3))
+    rij[0, 0, 1] = [1.0, 0.0, 0.0]
+    nlist = np.array([[[-1, 0, -1]]])
+    with pytest.raises(ValueError, match=r"padded slots \(-1\) must come after the real neighbours"):
+        descriptor(rij, nlist, np.zeros(1, int), model.descriptor, "numpy")
+
+
+def test_predict_block_does_not_rely_on_the_order_of_groups():
+    from minidp.model import Prediction
+    from minidp.stream import Block, predict_block
+
+    class Shuffled:
+        """A DeepPot stand-in that yields its frame groups last first."""
+
+        def iter_eval(self, coords, cells, types):
+            nf = coords.shape[0]
+            for f in reversed(range(nf)):
+                yield slice(f, f + 1), Prediction(np.full(1, f), np.zeros((1, 2, 3)), np.zeros((1, 9)),
+                                                  np.zeros((1, 2)), np.zeros((1, 2, 9)))
+
+    block = Block(slice(0, 3), np.zeros((3, 2, 3)), None, {})
+    assert predict_block(Shuffled(), block, np.zeros(2, int)).energy.tolist() == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------
+# Process-wide settings
+# ---------------------------------------------------------------------------
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+def test_blas_limit_is_released_under_a_suspended_iter_eval(water_dp, water_frames):
+    """The caller's loop body (and an abandoned generator) runs with the original BLAS threads."""
+    from threadpoolctl import threadpool_limits
+
+    from minidp import DeepPot
+
+    coords, cells, types = water_frames
+    with threadpool_limits(2, user_api="blas"):
+        before = _blas_threads()
+        if not before:
+            pytest.skip("no BLAS library to limit")
+        pot = DeepPot(water_dp.model, workers=2, batch_size=192)
+        gen = pot.iter_eval(coords, cells, types)
+        next(gen)
+        # the chunks in flight finish on their own; then no task holds the limit
+        deadline = time.time() + 60
+        while _blas_threads() != before and time.time() < deadline:
+            time.sleep(0.05)
+        assert _blas_threads() == before
+        del gen
+
+
+def test_malloc_tuning_opt_out(monkeypatch):
+    from minidp import runtime
+
+    monkeypatch.setenv(runtime.OPT_OUT, "0")
+    assert runtime.keep_freed_memory() is False
+    monkeypatch.delenv(runtime.OPT_OUT)
+    assert runtime.keep_freed_memory(enabled=False) is False
+
+
+def test_train_does_not_import_infer():
+    import subprocess
+    import sys
+
+    code = "import sys, minidp.train; print('minidp.infer' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# ---------------------------------------------------------------------------
+# Statistics leave the batch sampler alone
+# ---------------------------------------------------------------------------
+
+
+def test_initial_model_leaves_the_sampler_state(data_dir):
+    from minidp.train import Sampler, initial_model, load_systems, parse_input
+
+    config = parse_input(_input(), data_dir)
+    systems = load_systems(config.training.systems, config.type_map)
+    sampler = Sampler(systems, config.training.batch_size, config.seed)
+    state = sampler.rng.bit_generator.state
+    initial_model(config, systems, sampler)
+    assert sampler.rng.bit_generator.state == state
