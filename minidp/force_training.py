@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from minidp import kernels
-from minidp.model import EnergyModel, FitCache
+from minidp.model import EnergyModel, FitCache, type_groups
 from minidp.nn import Net, add_grads, net_backward, net_jvp, net_jvp_backward
 from minidp.se_e2_a import EmbedPiece, EnvCache, sum_rows
 
@@ -188,10 +188,7 @@ def atomic_energy_jvp(
     E_atom = np.zeros((nf, nloc), dtype=D.dtype)
     Edot = np.zeros_like(E_atom)
     caches = []
-    for t in range(model.ntypes):
-        atoms = np.flatnonzero(atom_types == t)
-        if atoms.size == 0:
-            continue
+    for t, atoms in type_groups(atom_types, model.ntypes):
         # (nb, 1), (nb, 1)
         y, ty, net_caches = net_jvp(model.fitting[t], D[:, atoms].reshape(-1, dim), Ddot[:, atoms].reshape(-1, dim))
         E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]

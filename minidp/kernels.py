@@ -1,8 +1,9 @@
 """Numba kernels for the loops NumPy cannot vectorize without large temporaries.
 
-Each kernel has a pure-NumPy twin beside the code that calls it (the
-``backend="numpy"`` path), which is the one to read; tests check that the two
-agree. The kernels write into arrays the caller allocates, so no hidden state
+Each kernel has a pure-NumPy twin, written first in the function that calls
+it (the ``backend="numpy"`` path), which is the one to read; tests check that
+the two agree, and both against the plain reference path of
+:mod:`minidp.se_e2_a` (``backend="reference"``). The kernels write into arrays the caller allocates, so no hidden state
 and no allocation happens inside them.
 
 Shape symbols: see :mod:`minidp.se_e2_a`; ``nb`` is the number of real

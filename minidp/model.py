@@ -115,6 +115,12 @@ class FitCache(NamedTuple):
     net_caches: list  # the net's layer caches
 
 
+def type_groups(atom_types: np.ndarray, ntypes: int) -> list[tuple[int, np.ndarray]]:
+    """(t, indices of the atoms of type t) for each type present: the blocks of the fitting step."""
+    groups = [(t, np.flatnonzero(atom_types == t)) for t in range(ntypes)]
+    return [(t, atoms) for t, atoms in groups if atoms.size]
+
+
 def atomic_energy(
     D: np.ndarray, atom_types: np.ndarray, model: EnergyModel
 ) -> tuple[np.ndarray, list[FitCache]]:
@@ -123,10 +129,7 @@ def atomic_energy(
     # (nf, nloc)
     E_atom = np.zeros((nf, nloc), dtype=D.dtype)
     caches = []
-    for t in range(model.ntypes):
-        atoms = np.flatnonzero(atom_types == t)
-        if atoms.size == 0:
-            continue
+    for t, atoms in type_groups(atom_types, model.ntypes):
         # (nb, 1) with nb = nf * na: every atom of type t is one row
         y, net_caches = net_forward(model.fitting[t], D[:, atoms].reshape(-1, dim))
         E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
