@@ -167,21 +167,22 @@ def scatter_pairs(g: np.ndarray, rij: np.ndarray, nlist: np.ndarray, F: np.ndarr
     """
     nf, nc, nnei, _ = g.shape
     n = F.shape[1]
-    if backend == "numba":
-        kernels.scatter_pairs(g, rij, nlist, first, F, W)
+    if backend != "numba":
+        # the centre atom's share: r_ij = r_j - r_i moves against r_i
+        F[:, first:first + nc] += g.sum(axis=2)
+        # Scatter onto the neighbours j. Padded slots (j = -1) carry g = 0, so
+        # sending them to atom 0 adds nothing; offsets separate the frames.
+        # (nf * nc * nnei,)
+        j = (np.maximum(nlist, 0) + n * np.arange(nf)[:, None, None]).reshape(-1)
+        # (nf * nc * nnei, 3, 3)  each pair's virial -g_a r_b
+        w = (-g[..., :, None] * rij[..., None, :]).reshape(-1, 3, 3)
+        for a in range(3):
+            F[..., a] -= np.bincount(j, weights=g[..., a].reshape(-1), minlength=nf * n).reshape(nf, n)
+            for b in range(3):
+                W[..., 3 * a + b] += np.bincount(j, weights=w[:, a, b], minlength=nf * n).reshape(nf, n)
         return
-    # the centre atom's share: r_ij = r_j - r_i moves against r_i
-    F[:, first:first + nc] += g.sum(axis=2)
-    # Scatter onto the neighbours j. Padded slots (j = -1) carry g = 0, so
-    # sending them to atom 0 adds nothing; offsets separate the frames.
-    # (nf * nc * nnei,)
-    j = (np.maximum(nlist, 0) + n * np.arange(nf)[:, None, None]).reshape(-1)
-    # (nf * nc * nnei, 3, 3)  each pair's virial -g_a r_b
-    w = (-g[..., :, None] * rij[..., None, :]).reshape(-1, 3, 3)
-    for a in range(3):
-        F[..., a] -= np.bincount(j, weights=g[..., a].reshape(-1), minlength=nf * n).reshape(nf, n)
-        for b in range(3):
-            W[..., 3 * a + b] += np.bincount(j, weights=w[:, a, b], minlength=nf * n).reshape(nf, n)
+    # Numba: one pass over the pairs, no (pairs, 3, 3) temporary
+    kernels.scatter_pairs(g, rij, nlist, first, F, W)
 
 
 def pair_forces_virials(g: np.ndarray, rij: np.ndarray, nlist: np.ndarray,

@@ -79,7 +79,7 @@ from minidp.nn import ACTIVATIONS, Net, net_backward, net_forward, net_jvp
 
 def _number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"se_e2_a {name} must be a number, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"se_e2_a {name} must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(value):
         raise ValueError(f"se_e2_a {name} must be finite, got {value!r}")
     return float(value)
@@ -87,7 +87,7 @@ def _number(name: str, value) -> float:
 
 def _positive_ints(name: str, values) -> tuple[int, ...]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"se_e2_a {name} must be a list of positive integers, got {values!r}")
+        raise ValueError(f"se_e2_a {name} must be a list of positive integers, got {values!r}")
     values = tuple(values)
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1]
     if not values or bad:
@@ -99,9 +99,11 @@ def _positive_ints(name: str, values) -> tuple[int, ...]:
 class SeAConfig:
     """Hyper-parameters of an se_e2_a descriptor (deepmd-kit's names), validated on creation.
 
-    Raises TypeError/ValueError naming the field and its value: rcut > 0,
-    0 <= rcut_smth < rcut, sel and neuron non-empty lists of positive integers,
-    1 <= axis_neuron <= ng, a known activation, booleans for the flags.
+    Raises ValueError naming the field, its value and what was expected (a
+    model file's loader adds where it read them): rcut > 0, 0 <= rcut_smth < rcut,
+    sel and neuron non-empty lists of positive integers, 1 <= axis_neuron <= ng,
+    a known activation, booleans for the flags. A wrong type is a bad value
+    here too: these come from files more often than from code.
     """
 
     rcut: float  # cutoff radius (Angstrom): neighbours farther away are ignored
@@ -129,7 +131,7 @@ class SeAConfig:
             raise ValueError(f"se_e2_a axis_neuron must be an integer in 1..neuron[-1] = {neuron[-1]}, got {m2!r}")
         for flag in ("type_one_side", "resnet_dt"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
-                raise TypeError(f"se_e2_a {flag} must be true or false, got {getattr(self, flag)!r}")
+                raise ValueError(f"se_e2_a {flag} must be true or false, got {getattr(self, flag)!r}")
         if not isinstance(self.activation, str) or self.activation.lower() not in ACTIVATIONS:
             raise ValueError(f"se_e2_a activation {self.activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
         for name, value in (("rcut", rcut), ("rcut_smth", rcut_smth), ("sel", sel), ("neuron", neuron),

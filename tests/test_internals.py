@@ -28,16 +28,16 @@ BASE = dict(rcut=4.0, rcut_smth=1.0, sel=(3, 4), neuron=(4, 8), axis_neuron=2, t
     (dict(rcut_smth=5.0), ValueError, r"0 <= rcut_smth < rcut, got rcut_smth=5.0"),
     (dict(rcut_smth=-0.5), ValueError, r"got rcut_smth=-0.5"),
     (dict(rcut=0.0, rcut_smth=0.0), ValueError, r"rcut must be positive, got 0.0"),
-    (dict(rcut="6"), TypeError, r"rcut must be a number, got '6'"),
+    (dict(rcut="6"), ValueError, r"rcut must be a number, got '6'"),
     (dict(rcut=float("nan")), ValueError, r"rcut must be finite, got nan"),
     (dict(axis_neuron=9), ValueError, r"axis_neuron must be an integer in 1..neuron\[-1\] = 8, got 9"),
     (dict(axis_neuron=0), ValueError, r"axis_neuron .* got 0"),
     (dict(sel=(3, 0)), ValueError, r"sel must be a non-empty list of positive integers, got \[3, 0\]"),
     (dict(sel=()), ValueError, r"sel must be a non-empty list"),
-    (dict(sel=6), TypeError, r"sel must be a list of positive integers, got 6"),
+    (dict(sel=6), ValueError, r"sel must be a list of positive integers, got 6"),
     (dict(neuron=(4, 2.5)), ValueError, r"neuron must be a non-empty list of positive integers, got \[4, 2.5\]"),
     (dict(activation="swish"), ValueError, r"activation 'swish' is unknown; expected one of"),
-    (dict(type_one_side="no"), TypeError, r"type_one_side must be true or false, got 'no'"),
+    (dict(type_one_side="no"), ValueError, r"type_one_side must be true or false, got 'no'"),
 ])
 def test_seaconfig_refuses_bad_values_by_name(change, error, message):
     with pytest.raises(error, match=message):
