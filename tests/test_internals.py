@@ -226,3 +226,39 @@ def test_initial_model_leaves_the_sampler_state(data_dir):
     state = sampler.rng.bit_generator.state
     initial_model(config, systems, sampler)
     assert sampler.rng.bit_generator.state == state
+
+
+# ---------------------------------------------------------------------------
+# One check, one wording, one order
+# ---------------------------------------------------------------------------
+
+
+def test_atom_types_are_checked_with_one_wording(water_dp):
+    """DeepPot and build_neighbor_list refuse the same bad types with the same sentence (minidp.checks)."""
+    from minidp.neighbor import build_neighbor_list
+
+    coords, types = np.zeros((1, 3, 3)) + np.arange(3)[None, :, None], np.array([0, 2, 1])
+    messages = []
+    for call in (lambda: water_dp.eval(coords, None, types),
+                 lambda: build_neighbor_list(coords, None, types, 6.0, [46, 92])):
+        with pytest.raises(ValueError) as err:
+            call()
+        messages.append(str(err.value))
+    assert messages[0] == messages[1] == "atom type 2 is outside the model's types 0..1 (got types [0, 1, 2])"
+
+
+def test_physics_functions_take_no_chunk_bookkeeping():
+    import inspect
+
+    from minidp.model import energy_forces, pair_forces_virials
+
+    assert list(inspect.signature(energy_forces).parameters) == ["rij", "nlist", "atom_types", "model", "backend"]
+    assert list(inspect.signature(pair_forces_virials).parameters) == ["g", "rij", "nlist", "backend"]
+
+
+def test_the_numpy_branch_comes_first():
+    """In every two-version function the readable NumPy code is written first (`if backend != "numba":`)."""
+    from tests.conftest import ROOT
+
+    offenders = [p.name for p in (ROOT / "minidp").glob("*.py") if 'if backend == "numba":' in p.read_text()]
+    assert not offenders, offenders
