@@ -77,24 +77,6 @@ from minidp.nn import ACTIVATIONS, Net, net_backward, net_forward, net_jvp
 # ---------------------------------------------------------------------------
 
 
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"se_e2_a {name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"se_e2_a {name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _positive_ints(name: str, values) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"se_e2_a {name} must be a list of positive integers, got {values!r}")
-    values = tuple(values)
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1]
-    if not values or bad:
-        raise ValueError(f"se_e2_a {name} must be a non-empty list of positive integers, got {list(values)!r}")
-    return tuple(int(v) for v in values)
-
-
 @dataclass(frozen=True)
 class SeAConfig:
     """Hyper-parameters of an se_e2_a descriptor (deepmd-kit's names), validated on creation.
@@ -116,28 +98,7 @@ class SeAConfig:
     resnet_dt: bool = False  # embedding nets carry a resnet timestep
 
     def __post_init__(self):
-        # frozen: fields are normalised through object.__setattr__
-        rcut, rcut_smth = _number("rcut", self.rcut), _number("rcut_smth", self.rcut_smth)
-        if rcut <= 0:
-            raise ValueError(f"se_e2_a rcut must be positive, got {self.rcut!r}")
-        # deepmd-kit refuses rcut_smth > rcut; at rcut_smth == rcut the switch would be a
-        # step (1/(rcut - rcut_smth) in ds/dr): the forces would be NaN, so minidp refuses it too
-        if not 0 <= rcut_smth < rcut:
-            raise ValueError(f"se_e2_a rcut_smth must satisfy 0 <= rcut_smth < rcut, got rcut_smth={self.rcut_smth!r} "
-                             f"and rcut={self.rcut!r}")
-        sel, neuron = _positive_ints("sel", self.sel), _positive_ints("neuron", self.neuron)
-        m2 = self.axis_neuron
-        if isinstance(m2, bool) or not isinstance(m2, (int, np.integer)) or not 1 <= m2 <= neuron[-1]:
-            raise ValueError(f"se_e2_a axis_neuron must be an integer in 1..neuron[-1] = {neuron[-1]}, got {m2!r}")
-        for flag in ("type_one_side", "resnet_dt"):
-            if not isinstance(getattr(self, flag), (bool, np.bool_)):
-                raise ValueError(f"se_e2_a {flag} must be true or false, got {getattr(self, flag)!r}")
-        if not isinstance(self.activation, str) or self.activation.lower() not in ACTIVATIONS:
-            raise ValueError(f"se_e2_a activation {self.activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
-        for name, value in (("rcut", rcut), ("rcut_smth", rcut_smth), ("sel", sel), ("neuron", neuron),
-                            ("axis_neuron", int(m2)), ("type_one_side", bool(self.type_one_side)),
-                            ("resnet_dt", bool(self.resnet_dt))):
-            object.__setattr__(self, name, value)
+        _check_config(self)  # deepmd-kit's rules, at the end of this module
 
     @property
     def ntypes(self) -> int:
@@ -166,64 +127,6 @@ class SeAConfig:
         return self.ng * self.axis_neuron
 
 
-class EmbeddingNets:
-    """The embedding nets, one per (centre type ti, neighbour type tj): ``nets[ti, tj]``.
-
-    With ``type_one_side`` there is one net per neighbour type, shared by all
-    centre types: it is stored once, under the key ``(tj,)``, and
-    ``nets[ti, tj]`` returns it for every ti. Otherwise each net is stored
-    under ``(ti, tj)``. :meth:`items` lists each stored net once, in that key
-    order (deepmd-kit's NetworkCollection with ndim 1 or 2); gradients are
-    keyed the same way, so the sharing is explicit, not a matter of which
-    Python objects happen to be reused. ``nets[ti]`` is the read-only row
-    (nets[ti, 0], ..., nets[ti, ntypes - 1]).
-    """
-
-    def __init__(self, ntypes: int, type_one_side: bool, nets: dict):
-        self.ntypes, self.type_one_side = int(ntypes), bool(type_one_side)
-        want = self.keys()
-        if sorted(nets) != want:
-            raise ValueError(f"embedding nets: expected keys {want}, got {sorted(nets)}")
-        self._nets = {k: nets[k] for k in want}
-
-    @classmethod
-    def from_list(cls, ntypes: int, type_one_side: bool, nets: list) -> "EmbeddingNets":
-        """From a list of nets in :meth:`keys` order."""
-        keys = [(tj,) for tj in range(ntypes)] if type_one_side else [(ti, tj) for ti in range(ntypes)
-                                                                        for tj in range(ntypes)]
-        if len(nets) != len(keys):
-            raise ValueError(f"embedding nets: expected {len(keys)} nets, got {len(nets)}")
-        return cls(ntypes, type_one_side, dict(zip(keys, nets)))
-
-    def keys(self) -> list[tuple[int, ...]]:
-        nt = self.ntypes
-        return [(tj,) for tj in range(nt)] if self.type_one_side else [(ti, tj) for ti in range(nt) for tj in range(nt)]
-
-    def key(self, ti: int, tj: int) -> tuple[int, ...]:
-        """Where the net of centre type ti and neighbour type tj is stored."""
-        if not (0 <= ti < self.ntypes and 0 <= tj < self.ntypes):
-            raise IndexError(f"embedding net ({ti}, {tj}) is outside types 0..{self.ntypes - 1}")
-        return (tj,) if self.type_one_side else (ti, tj)
-
-    def items(self) -> list[tuple[tuple[int, ...], Net]]:
-        """(key, net) for each stored net once, in key order."""
-        return list(self._nets.items())
-
-    def __getitem__(self, index):
-        if isinstance(index, tuple):
-            return self._nets[self.key(*index)]
-        return tuple(self[index, tj] for tj in range(self.ntypes))
-
-    def __setitem__(self, index: tuple[int, int], net: Net) -> None:
-        self._nets[self.key(*index)] = net
-
-    def __len__(self) -> int:
-        return len(self._nets)
-
-    def __repr__(self) -> str:
-        return f"EmbeddingNets(ntypes={self.ntypes}, type_one_side={self.type_one_side}, keys={self.keys()})"
-
-
 @dataclass
 class SeA:
     """Parameters of an se_e2_a descriptor."""
@@ -231,7 +134,7 @@ class SeA:
     config: SeAConfig
     davg: np.ndarray  # (ntypes, nnei, 4) mean of the environment-matrix rows, per centre type
     dstd: np.ndarray  # (ntypes, nnei, 4) their standard deviation
-    nets: EmbeddingNets  # nets[ti, tj]: embedding net for centre type ti, neighbour type tj
+    nets: EmbeddingNets  # nets[ti, tj]: embedding net for centre type ti, neighbour type tj (end of module)
 
     def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Atoms that share embedding nets: (indices, centre type) per group.
@@ -689,3 +592,110 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], back
         dRb[pc.real] = dR_real
         dR[:, pc.atoms, pc.slots] = dRb
     return dR
+
+
+# ---------------------------------------------------------------------------
+# Checking and indexing the parameters
+# ---------------------------------------------------------------------------
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"se_e2_a {name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"se_e2_a {name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _positive_ints(name: str, values) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"se_e2_a {name} must be a list of positive integers, got {values!r}")
+    values = tuple(values)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1]
+    if not values or bad:
+        raise ValueError(f"se_e2_a {name} must be a non-empty list of positive integers, got {list(values)!r}")
+    return tuple(int(v) for v in values)
+
+
+def _check_config(cfg: SeAConfig) -> None:
+    """SeAConfig's validation (its docstring lists the rules); normalises the fields in place."""
+    # frozen: fields are normalised through object.__setattr__
+    rcut, rcut_smth = _number("rcut", cfg.rcut), _number("rcut_smth", cfg.rcut_smth)
+    if rcut <= 0:
+        raise ValueError(f"se_e2_a rcut must be positive, got {cfg.rcut!r}")
+    # deepmd-kit refuses rcut_smth > rcut; at rcut_smth == rcut the switch would be a
+    # step (1/(rcut - rcut_smth) in ds/dr): the forces would be NaN, so minidp refuses it too
+    if not 0 <= rcut_smth < rcut:
+        raise ValueError(f"se_e2_a rcut_smth must satisfy 0 <= rcut_smth < rcut, got rcut_smth={cfg.rcut_smth!r} "
+                         f"and rcut={cfg.rcut!r}")
+    sel, neuron = _positive_ints("sel", cfg.sel), _positive_ints("neuron", cfg.neuron)
+    m2 = cfg.axis_neuron
+    if isinstance(m2, bool) or not isinstance(m2, (int, np.integer)) or not 1 <= m2 <= neuron[-1]:
+        raise ValueError(f"se_e2_a axis_neuron must be an integer in 1..neuron[-1] = {neuron[-1]}, got {m2!r}")
+    for flag in ("type_one_side", "resnet_dt"):
+        if not isinstance(getattr(cfg, flag), (bool, np.bool_)):
+            raise ValueError(f"se_e2_a {flag} must be true or false, got {getattr(cfg, flag)!r}")
+    if not isinstance(cfg.activation, str) or cfg.activation.lower() not in ACTIVATIONS:
+        raise ValueError(f"se_e2_a activation {cfg.activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
+    for name, value in (("rcut", rcut), ("rcut_smth", rcut_smth), ("sel", sel), ("neuron", neuron),
+                        ("axis_neuron", int(m2)), ("type_one_side", bool(cfg.type_one_side)),
+                        ("resnet_dt", bool(cfg.resnet_dt))):
+        object.__setattr__(cfg, name, value)
+
+
+class EmbeddingNets:
+    """The embedding nets, one per (centre type ti, neighbour type tj): ``nets[ti, tj]``.
+
+    With ``type_one_side`` there is one net per neighbour type, shared by all
+    centre types: it is stored once, under the key ``(tj,)``, and
+    ``nets[ti, tj]`` returns it for every ti. Otherwise each net is stored
+    under ``(ti, tj)``. :meth:`items` lists each stored net once, in that key
+    order (deepmd-kit's NetworkCollection with ndim 1 or 2); gradients are
+    keyed the same way, so the sharing is explicit, not a matter of which
+    Python objects happen to be reused. ``nets[ti]`` is the read-only row
+    (nets[ti, 0], ..., nets[ti, ntypes - 1]).
+    """
+
+    def __init__(self, ntypes: int, type_one_side: bool, nets: dict):
+        self.ntypes, self.type_one_side = int(ntypes), bool(type_one_side)
+        want = self.keys()
+        if sorted(nets) != want:
+            raise ValueError(f"embedding nets: expected keys {want}, got {sorted(nets)}")
+        self._nets = {k: nets[k] for k in want}
+
+    @classmethod
+    def from_list(cls, ntypes: int, type_one_side: bool, nets: list) -> "EmbeddingNets":
+        """From a list of nets in :meth:`keys` order."""
+        keys = [(tj,) for tj in range(ntypes)] if type_one_side else [(ti, tj) for ti in range(ntypes)
+                                                                        for tj in range(ntypes)]
+        if len(nets) != len(keys):
+            raise ValueError(f"embedding nets: expected {len(keys)} nets, got {len(nets)}")
+        return cls(ntypes, type_one_side, dict(zip(keys, nets)))
+
+    def keys(self) -> list[tuple[int, ...]]:
+        nt = self.ntypes
+        return [(tj,) for tj in range(nt)] if self.type_one_side else [(ti, tj) for ti in range(nt) for tj in range(nt)]
+
+    def key(self, ti: int, tj: int) -> tuple[int, ...]:
+        """Where the net of centre type ti and neighbour type tj is stored."""
+        if not (0 <= ti < self.ntypes and 0 <= tj < self.ntypes):
+            raise IndexError(f"embedding net ({ti}, {tj}) is outside types 0..{self.ntypes - 1}")
+        return (tj,) if self.type_one_side else (ti, tj)
+
+    def items(self) -> list[tuple[tuple[int, ...], Net]]:
+        """(key, net) for each stored net once, in key order."""
+        return list(self._nets.items())
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            return self._nets[self.key(*index)]
+        return tuple(self[index, tj] for tj in range(self.ntypes))
+
+    def __setitem__(self, index: tuple[int, int], net: Net) -> None:
+        self._nets[self.key(*index)] = net
+
+    def __len__(self) -> int:
+        return len(self._nets)
+
+    def __repr__(self) -> str:
+        return f"EmbeddingNets(ntypes={self.ntypes}, type_one_side={self.type_one_side}, keys={self.keys()})"
