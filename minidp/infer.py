@@ -13,8 +13,11 @@ than that is split over its centre atoms, whose shares of the energy, forces
 and virials add up. ``batch_size`` follows from a byte budget, so the memory a
 call needs is bounded whatever the number or the size of the frames, and the
 results do not depend on it (to round-off). Chunks run on ``workers`` threads:
-NumPy, BLAS and the Numba kernels release the GIL, and each thread's BLAS is
-kept to one core so the threads do not fight over them.
+NumPy, BLAS and the Numba kernels release the GIL, and each task's BLAS is
+kept to one core while it runs, so the threads do not fight over them
+(:mod:`minidp.runtime` holds that setting and the malloc tuning, with its
+opt-out). ``backend`` is checked here, once: "numba" (default), "numpy", or
+"reference" (the plain path of :mod:`minidp.se_e2_a`).
 :meth:`DeepPot.iter_eval` yields the results frame group by frame group, for
 datasets that should never be held in memory at once.
 

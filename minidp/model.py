@@ -27,6 +27,12 @@ coordinates (:math:`\mathbf r \to (1+\varepsilon)\mathbf r` scales every
 :math:`\mathbf r_{ij}` the same way). The atomic virial gives each pair's term
 to the neighbour j, as deepmd-kit does.
 
+In code: :func:`pair_gradients` (forward, then backward to g), then
+:func:`pair_forces_virials`; :func:`energy_forces` chains them for whole
+frames, on any backend ("reference", "numpy", "numba"; see
+:mod:`minidp.se_e2_a`). Splitting big frames into chunks of centre atoms is
+DeepPot's business (:mod:`minidp.infer`), through :func:`scatter_pairs`.
+
 Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2``).
 """
 
