@@ -136,6 +136,10 @@ class SeA:
     dstd: np.ndarray  # (ntypes, nnei, 4) their standard deviation
     nets: EmbeddingNets  # nets[ti, tj]: embedding net for centre type ti, neighbour type tj (end of module)
 
+    def __post_init__(self):
+        if not isinstance(self.nets, EmbeddingNets):  # a table nets[ti][tj], as lists
+            self.nets = EmbeddingNets.from_table(self.config.ntypes, self.config.type_one_side, self.nets)
+
     def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Atoms that share embedding nets: (indices, centre type) per group.
 
@@ -671,6 +675,18 @@ class EmbeddingNets:
         if len(nets) != len(keys):
             raise ValueError(f"embedding nets: expected {len(keys)} nets, got {len(nets)}")
         return cls(ntypes, type_one_side, dict(zip(keys, nets)))
+
+    @classmethod
+    def from_table(cls, ntypes: int, type_one_side: bool, table) -> "EmbeddingNets":
+        """From a table ``table[ti][tj]``; with ``type_one_side`` its rows must hold the same nets."""
+        if len(table) != ntypes or any(len(row) != ntypes for row in table):
+            raise ValueError(f"embedding nets: expected a {ntypes} x {ntypes} table of nets")
+        if type_one_side:
+            if any(table[ti][tj] is not table[0][tj] for ti in range(ntypes) for tj in range(ntypes)):
+                raise ValueError("embedding nets: with type_one_side every centre type must use the same net "
+                                 "per neighbour type (one stored net, shared)")
+            return cls.from_list(ntypes, True, list(table[0]))
+        return cls(ntypes, False, {(ti, tj): table[ti][tj] for ti in range(ntypes) for tj in range(ntypes)})
 
     def keys(self) -> list[tuple[int, ...]]:
         nt = self.ntypes

@@ -262,3 +262,15 @@ def test_the_numpy_branch_comes_first():
 
     offenders = [p.name for p in (ROOT / "minidp").glob("*.py") if 'if backend == "numba":' in p.read_text()]
     assert not offenders, offenders
+
+
+def test_a_table_of_nets_becomes_the_collection_and_unshared_rows_are_refused():
+    from minidp.se_e2_a import SeA
+
+    model = new_model(["O", "H"], SeAConfig(**BASE), (4,))
+    se = model.descriptor
+    table = [list(se.nets[ti]) for ti in range(2)]
+    assert SeA(se.config, se.davg, se.dstd, table).nets.keys() == [(0,), (1,)]
+    table[1][0] = copy.deepcopy(table[1][0])
+    with pytest.raises(ValueError, match="with type_one_side every centre type must use the same net"):
+        SeA(se.config, se.davg, se.dstd, table)
