@@ -10,8 +10,8 @@ reverse pass, through both the primal values (R, G, T, D) and their tangents
 (R', G', T', D'). R and R' depend on positions only, never on weights, so that
 reverse pass stops at the embedding nets.
 
-Only :func:`minidp.loss.loss_and_grad` uses this module; inference never
-does. It works on the fast path's pieces (:class:`minidp.se_e2_a.EmbedPiece`,
+:func:`weight_gradients` is the whole step; only
+:func:`minidp.loss.loss_and_grad` calls it, inference never does. It works on the fast path's pieces (:class:`minidp.se_e2_a.EmbedPiece`,
 made with ``keep=True``). Gradients are keyed by each net's place in the
 model: ``("embedding",) + key`` (see :class:`minidp.se_e2_a.EmbeddingNets`)
 and ``("fitting", t)``, as :meth:`minidp.model.EnergyModel.named_nets`.
@@ -26,7 +26,7 @@ import numpy as np
 from minidp import kernels
 from minidp.model import EnergyModel, FitCache, type_groups
 from minidp.nn import Net, add_grads, net_backward, net_jvp, net_jvp_backward
-from minidp.se_e2_a import EmbedPiece, EnvCache, sum_rows
+from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backward, sum_rows
 
 
 def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
@@ -213,3 +213,32 @@ def atomic_energy_param_backward(
         Dbar[:, atoms] = gx.reshape(nf, atoms.size, dim)
         Ddotbar[:, atoms] = gtx.reshape(nf, atoms.size, dim)
     return Dbar, Ddotbar, grads
+
+
+def weight_gradients(
+    model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
+    atom_types: np.ndarray, backend: str = "numba",
+) -> dict[tuple, list[dict[str, np.ndarray]]]:
+    r"""dS/dtheta of S = sum_f c_f E_f - E', E' = sum_ij g_ij . drij (see :mod:`minidp.loss`), by net name.
+
+    D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor(..., keep=True);
+    c_E (nf,) = dL/dE; drij (nf, nloc, nnei, 3) the pairs' displacement.
+    Tangents forward (R', T', D', E'), then one reverse pass through values
+    and tangents, from the fitting nets down to the embedding nets' weights.
+    """
+    m2 = model.descriptor.config.axis_neuron
+    # (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
+    Rdot = env_matrix_jvp(drij, dcache.env)
+    Tdot = embed_jvp(Rdot, dcache.embed, backend)
+    Ddot = contract_jvp(dcache.T, Tdot, m2)
+    # (nf, nloc) each: E_i and its caches with the tangent
+    E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model)
+    # (nf, nloc) dS/dE_i = c of its frame; dS/dE'_i = -1
+    gE = np.broadcast_to(c_E[:, None], E_atom.shape)
+    # (nf, nloc, ng * m2) each
+    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
+    # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
+    Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
+    Tdotbar = contract_backward(Ddotbar, dcache.T, m2)
+    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.embed, atom_types, backend))
+    return grads

@@ -46,11 +46,10 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import check_backend
-from minidp.force_training import (atomic_energy_jvp, atomic_energy_param_backward, contract_jvp, embed_jvp,
-                                   embed_param_backward, env_matrix_jvp)
+from minidp.force_training import weight_gradients
 from minidp.model import EnergyModel, atomic_energy, atomic_energy_backward, pair_forces_virials
 from minidp.nn import zeros_like_params
-from minidp.se_e2_a import contract_backward, descriptor, descriptor_backward
+from minidp.se_e2_a import descriptor, descriptor_backward
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,6 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     if check_backend(backend) == "reference":
         raise ValueError("loss_and_grad needs backend 'numpy' or 'numba', got 'reference'")
     se, types = model.descriptor, batch.atom_types
-    m2 = se.config.axis_neuron
     # forward and the usual backward: energies, forces, virials
     # (nf, nloc, ng * m2)
     D, dcache = descriptor(batch.rij, batch.nlist, types, se, backend, keep=True)
@@ -166,22 +164,10 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     # (nf,), (nf, 9)
     energy, virial = E_atom.sum(axis=1), atom_virial.sum(axis=1)
     value, c_E, v, V = ener_loss(energy, force, virial, batch, pref)
-    # the tangent pass, every quantity moved along delta r_ij:
-    # (nf, nloc, nnei, 3), (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
+    # the second-order step (minidp.force_training): dS/dtheta of S = c E - E', E' along delta r_ij
+    # (nf, nloc, nnei, 3)
     drij = pair_tangent(v, V, batch.rij, batch.nlist)
-    Rdot = env_matrix_jvp(drij, dcache.env)
-    Tdot = embed_jvp(Rdot, dcache.embed, backend)
-    Ddot = contract_jvp(dcache.T, Tdot, m2)
-    # the reverse pass of S = c E - E' through values and tangents, from the fitting nets down
-    _, _, jcaches = atomic_energy_jvp(D, Ddot, types, model)
-    # (nf, nloc) dS/dE_i = c of its frame; dS/dE'_i = -1
-    gE = np.broadcast_to(c_E[:, None], E_atom.shape)
-    # (nf, nloc, ng * m2) each
-    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
-    # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
-    Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
-    Tdotbar = contract_backward(Ddotbar, dcache.T, m2)
-    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.embed, types, backend))
+    grads = weight_gradients(model, D, dcache, c_E, drij, types, backend)
     # every net's gradient in model.params() order, by name; a net with no atoms in the batch gets zeros
     flat = [layer for name, net in model.named_nets() for layer in grads.get(name) or zeros_like_params(net.params())]
     return value, flat, (energy, force, virial)
