@@ -333,6 +333,7 @@ class DeepPot:
         self._refuse_extras(fparam, aparam, mixed_type, kwargs)
         frames = check_frames(coords, cells, atom_types, self.model.ntypes)
         nf, natoms, _ = frames.coords.shape
+        # (nf, 1), (nf, natoms, 3), (nf, 9), and with atomic (nf, natoms, 1), (nf, natoms, 9)
         e, f, v = np.empty((nf, 1)), np.empty((nf, natoms, 3)), np.empty((nf, 9))
         ae, av = (np.empty((nf, natoms, 1)), np.empty((nf, natoms, 9))) if atomic else (None, None)
         for fs, p in self._predict(frames):
@@ -347,6 +348,7 @@ class DeepPot:
         self._refuse_extras(fparam, aparam, mixed_type, kwargs)
         frames = check_frames(coords, cells, atom_types, self.model.ntypes)
         nf, natoms, _ = frames.coords.shape
+        # (nf, natoms, ng * m2)
         out = np.empty((nf, natoms, self.get_dim_descriptor()))
 
         def work(nl: NeighborList, chunk: Chunk) -> np.ndarray:
