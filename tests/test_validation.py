@@ -167,8 +167,9 @@ def test_reference_path_is_in_every_case(run):
     """backend="reference" (the plain path of minidp.se_e2_a) is compared in every case, both models."""
     _, _, report = run
     for c in report["cases"]:
-        labels = {comp["label"] for comp in c["comparisons"]}
-        assert "minidp reference (.dp)" in labels, (c["key"], labels)
+        (comp,) = [comp for comp in c["comparisons"] if comp["label"] == "minidp reference (.dp)"]
+        worst = {q: e["max_abs"] for q, e in comp["errors"].items()}
+        assert set(worst) == set(QUANTITIES) and max(worst.values()) <= TOL, (c["key"], worst)
 
 
 def test_type_one_side_false_model_from_dp_agrees(run):
