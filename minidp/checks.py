@@ -5,12 +5,20 @@ from __future__ import annotations
 import numpy as np
 
 
+class InputError(ValueError):
+    """Bad input from a user (a file, an option, a value): the command line prints it on one line, exit 2."""
+
+
+class InputTypeError(InputError, TypeError):
+    """A value of the wrong type: a TypeError to Python callers, one line on the command line."""
+
+
 def real_array(name: str, value) -> np.ndarray:
     """value as a float64 array; TypeError unless it holds real numbers, ValueError on NaN/inf."""
     # (any shape)
     arr = np.asarray(value)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        raise InputTypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     # float32 data (the water example's coordinates) is widened before any
     # difference is taken: r_j - r_i in float32 keeps only ~7 digits
     arr = arr.astype(np.float64)

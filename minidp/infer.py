@@ -34,7 +34,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from minidp.checks import positive_int, real_array
+from minidp.checks import InputTypeError, positive_int, real_array
 from minidp.model import EnergyModel, Prediction, energy_forces
 from minidp.neighbor import NeighborList, build_neighbor_list
 from minidp.se_e2_a import descriptor
@@ -148,7 +148,8 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     """Reshape and validate deepmd-kit-style inputs (raising ValueError/TypeError naming the problem)."""
     types = np.asarray(atom_types)
     if not np.issubdtype(types.dtype, np.integer):
-        raise TypeError(f"atom_types must be integers, got dtype {types.dtype}")
+        raise InputTypeError(f"atom_types must be integers, got dtype {types.dtype}")
+    rows = types.shape[0] if types.ndim == 2 else None
     if types.ndim == 2 and types.shape[0] >= 1 and (types == types[0]).all():
         types = types[0]  # one row per frame, all alike (deepmd-kit accepts this)
     if types.ndim != 1:
@@ -167,6 +168,8 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     # (nf, natoms, 3)
     xyz = xyz.reshape(-1, natoms, 3)
     nf = xyz.shape[0]
+    if rows is not None and rows != nf:
+        raise ValueError(f"atom_types has {rows} rows (one per frame) but coords holds {nf} frames")
     if cells is None:
         return Frames(xyz, None, types)
     box = real_array("cells", cells)

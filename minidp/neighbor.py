@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
-from minidp.checks import real_array
+from minidp.checks import InputTypeError, real_array
 
 # Images are numbered by one integer, so that both searches break ties in
 # distance alike: code = ((n0 + K)(2K + 1) + n1 + K)(2K + 1) + n2 + K orders
@@ -116,7 +116,7 @@ def _check_types_sel(atom_types, nloc: int, rcut, sel) -> tuple[np.ndarray, floa
     # (nloc,)
     types = np.asarray(atom_types)
     if types.dtype == bool or not np.issubdtype(types.dtype, np.integer):
-        raise TypeError(f"atom_types must be integers, got dtype {types.dtype}")
+        raise InputTypeError(f"atom_types must be integers, got dtype {types.dtype}")
     if types.shape != (nloc,):
         raise ValueError(f"atom_types must have shape ({nloc},), one type per atom, got {types.shape}")
     if isinstance(rcut, bool) or not isinstance(rcut, numbers.Real):

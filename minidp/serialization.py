@@ -338,10 +338,14 @@ def _encode_arrays(obj):
     return obj
 
 
-def save_model(path, model: EnergyModel) -> None:
-    """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically."""
+def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=()) -> None:
+    """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically.
+
+    An existing file is replaced only with ``overwrite`` and only if it is a
+    model minidp wrote (:func:`minidp.data.safe_output`).
+    """
     from minidp import __version__
-    from minidp.data import atomic_path
+    from minidp.data import safe_output
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -349,7 +353,7 @@ def save_model(path, model: EnergyModel) -> None:
         raise ValueError(f"cannot write {path.suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
             "model_def_script": {}, "@variables": {}}
-    with atomic_path(path) as tmp:
+    with safe_output(path, "model", inputs, overwrite) as tmp:
         if suffix == ".dp":
             _write_hdf5(tmp, data)
         elif suffix == ".json":

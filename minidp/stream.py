@@ -16,7 +16,7 @@ On top of that:
 - :func:`stream_eval` yields (:class:`Block`, Prediction) block by block;
 - :func:`write_labelled_stream` writes a system labelled by the model into
   memory-mapped ``.npy`` files, block by block, in a temporary folder that is
-  moved into place only when complete (:func:`minidp.data.atomic_path`);
+  moved into place only when complete (:func:`minidp.data.safe_output`);
 - :func:`chunk_bag` and :func:`dask_eval` spread the blocks of many systems
   over a Dask cluster, each worker process loading the model once.
 
@@ -39,7 +39,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from minidp.checks import positive_int
-from minidp.data import atomic_path, guess_format, model_types
+from minidp.data import guess_format, model_types, safe_output
 from minidp.model import Prediction
 
 # deepmd names of the per-frame arrays, and the numbers each frame holds (times natoms when True)
@@ -310,18 +310,21 @@ def _write_block(folder: Path, counts: tuple[int, ...], block: Block, prediction
 
 
 def write_labelled_stream(dp, system_path, output, frames_per_chunk: int, set_size: int = 5000,
-                          progress: bool | None = None) -> Path:
+                          progress: bool | None = None, overwrite: bool = False) -> Path:
     """Label a system with the model, block by block, as a deepmd/npy system at ``output``.
 
     The output holds the input's types, type map, coordinates and cells and the
     model's energy (nf, 1), force (nf, natoms * 3) and virial (nf, 9) in sets of
     ``set_size`` frames (dpdata's default layout). It is written into a
     temporary folder beside ``output`` and moved onto it only when every block
-    is written: a failed run leaves no ``output``.
+    is written: a failed run leaves no ``output``. An existing ``output`` is
+    refused unless ``overwrite`` and it holds only a previous minidp deepmd/npy
+    output; one that is, holds or lies in the input is always refused
+    (:func:`minidp.data.safe_output`).
     """
     set_size = positive_int("set_size", set_size)
     system = system_path if isinstance(system_path, LazySystem) else lazy_system(system_path)
-    with atomic_path(output) as tmp:
+    with safe_output(output, "deepmd/npy", (system.path,), overwrite) as tmp:
         counts = _create_outputs(tmp, system, set_size)
         for block, prediction in stream_eval(dp, system, frames_per_chunk, progress):
             _write_block(tmp, counts, block, prediction)

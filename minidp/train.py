@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import positive_int
-from minidp.data import atomic_path, model_types, read_system
+from minidp.data import check_output, model_types, read_system, safe_output
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
 from minidp.infer import keep_freed_memory
 from minidp.model import EnergyModel, energy_forces, new_model
@@ -321,12 +321,28 @@ def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool
     return f"{step:7d}" + "".join(f" {v:12.4e}" for v in values) + f" {lr:12.4e}\n"
 
 
-def trim_lcurve(path: Path, step: int) -> None:
-    """Drop the lines of steps >= step: a run resumed from step's checkpoint writes them again."""
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if ln.startswith("#") or int(ln.split()[0]) < step]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(kept))
+def kept_lcurve(path: Path, step: int) -> str:
+    """The lines of an existing lcurve.out before ``step`` (a run resumed from step's checkpoint
+    writes the others again); ValueError unless it is a learning curve minidp wrote."""
+    text = path.read_text()
+    if not text.startswith("# step"):
+        raise ValueError(f"{path} is not a learning curve (no '# step ...' header); refusing to append to it")
+    lines = text.splitlines(keepends=True)
+    return "".join(ln for ln in lines if ln.startswith("#") or (ln.split() and int(ln.split()[0]) < step))
+
+
+def write_lcurve_line(path: Path, line: str, head: str | None = None, replace: bool = False) -> None:
+    """Append a line to lcurve.out; with ``head`` (the header, or the kept lines of a resumed curve)
+    write head + line as a whole new file instead, atomically (``replace``: onto an existing curve).
+
+    The first line of a run goes the second way: a run that fails before it leaves no header-only
+    file, and a run killed later leaves whole lines (each is one small write)."""
+    if head is not None:
+        with safe_output(path, "lcurve", overwrite=replace) as tmp:
+            tmp.write_text(head + line)
+        return
+    with open(path, "a") as fh:
+        fh.write(line)
 
 
 def read_lcurve(path) -> dict[str, np.ndarray]:
@@ -363,43 +379,74 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
     return path.parent / f"{path.name}.dp", path.parent / f"{path.name}.npz"
 
 
-def save_checkpoint(stem: Path, step: int, model: EnergyModel, opt: Adam, samplers: dict[str, Sampler]) -> Path:
-    """<stem>-<step>.dp (the model) and <stem>-<step>.npz (Adam's moments, step, sampler states)."""
+def save_checkpoint(stem: Path, step: int, model: EnergyModel, opt: Adam, samplers: dict[str, Sampler],
+                    data: str = "", overwrite: bool = False) -> Path:
+    """<stem>-<step>.dp (the model) and <stem>-<step>.npz (Adam's moments, step, sampler states and
+    ``data``, the fingerprint of the training data), each written atomically, the .npz last: a
+    checkpoint is complete when both exist. A lone .dp (a run killed between the two) is replaced."""
     path = stem.parent / f"{stem.name}-{step}"
     dp_file, npz_file = checkpoint_files(path)
-    save_model(dp_file, model)
-    state = {"step": np.array(step), "adam_t": np.array(opt.t)}
+    save_model(dp_file, model, overwrite=overwrite or not npz_file.exists())
+    state = {"step": np.array(step), "adam_t": np.array(opt.t), "data": np.array(data)}
     for i, (m, v) in enumerate(zip(opt.m, opt.v)):
         state.update({f"m_{i}_{k}": a for k, a in m.items()})
         state.update({f"v_{i}_{k}": a for k, a in v.items()})
     for name, sampler in samplers.items():
         state.update({f"{name}_{k}": a for k, a in sampler.state().items()})
-    with atomic_path(npz_file) as tmp:
+    with safe_output(npz_file, "checkpoint", overwrite=overwrite) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **state)
     return path
 
 
-def load_checkpoint(path) -> tuple[EnergyModel, dict]:
-    """The model and state of a checkpoint, given as <stem>-<step>, or its .dp or .npz."""
+def _checkpoint_path(path) -> Path:
+    """<stem>-<step> from itself, its .dp or its .npz."""
     path = Path(path)
-    path = path.parent / path.name.removesuffix(".dp").removesuffix(".npz")
+    return path.parent / path.name.removesuffix(".dp").removesuffix(".npz")
+
+
+def load_checkpoint_state(path) -> dict:
+    """The .npz half of a checkpoint (step, optimizer and sampler states); ValueError if it is
+    missing, empty, truncated or lacks a key."""
+    path = _checkpoint_path(path)
     dp_file, npz_file = checkpoint_files(path)
     for need in (dp_file, npz_file):
         if not need.is_file():
             raise FileNotFoundError(f"checkpoint {path}: {need} does not exist")
-    with np.load(npz_file) as z:
-        state = {k: z[k] for k in z.files}
-    return load_model(dp_file), state
+    try:
+        with np.load(npz_file) as z:
+            state = {k: z[k] for k in z.files}
+    except Exception as err:  # zipfile, numpy and OS errors alike: a damaged file
+        raise ValueError(f"checkpoint {path}: {npz_file} is empty, truncated or corrupt "
+                         f"({type(err).__name__}: {err})") from None
+    missing = [k for k in ("step", "adam_t") if k not in state]
+    if missing or state["step"].shape != () or state["step"].dtype.kind not in "iu":
+        raise ValueError(f"checkpoint {path}: {npz_file} lacks {missing or 'an integer step'}; not a minidp checkpoint")
+    return state
+
+
+def load_checkpoint(path) -> tuple[EnergyModel, dict]:
+    """The model and state of a checkpoint, given as <stem>-<step>, or its .dp or .npz."""
+    path = _checkpoint_path(path)
+    state = load_checkpoint_state(path)
+    try:
+        model = load_model(checkpoint_files(path)[0])
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: {err}") from None
+    return model, state
 
 
 def restore_optimizer(opt: Adam, state: dict) -> None:
-    """Adam's moments and step count from a checkpoint's state."""
+    """Adam's moments and step count from a checkpoint's state (ValueError if one is missing or misshapen)."""
     opt.t = int(state["adam_t"])
     for i, (m, v) in enumerate(zip(opt.m, opt.v)):
         for k in m:
-            m[k][...] = state[f"m_{i}_{k}"]
-            v[k][...] = state[f"v_{i}_{k}"]
+            for kind, moments in (("m", m), ("v", v)):
+                saved = state.get(f"{kind}_{i}_{k}")
+                if saved is None or saved.shape != moments[k].shape:
+                    raise ValueError(f"checkpoint: optimizer state {kind}_{i}_{k} is missing or has shape "
+                                     f"{None if saved is None else saved.shape}, expected {moments[k].shape}")
+                moments[k][...] = saved
 
 
 # ---------------------------------------------------------------------------
@@ -430,6 +477,55 @@ class TrainResult(NamedTuple):
     last: dict[str, LossValue]  # the errors of the last lcurve line, by set ("trn", "val")
 
 
+def data_fingerprint(systems: list[System]) -> str:
+    """A digest of the systems' coordinates and labels, in order: a restart on other data is refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for s in systems:
+        for a in (s.coords, s.energy, s.force):
+            digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_mismatch(model: EnergyModel, config: TrainConfig) -> list[str]:
+    """What the input says that the checkpoint's model disagrees with, key by key ([] if nothing)."""
+    from dataclasses import fields
+
+    diffs = []
+    if tuple(model.type_map) != config.type_map:
+        diffs.append(f"model/type_map {list(config.type_map)} (checkpoint: {list(model.type_map)})")
+    saved, wanted = model.descriptor.config, config.descriptor
+    diffs += [f"model/descriptor/{f.name} {getattr(wanted, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+              for f in fields(saved) if getattr(saved, f.name) != getattr(wanted, f.name)]
+    widths = tuple(layer.n_out for layer in model.fitting[0].layers[:-1])
+    if widths != tuple(config.fitting_neuron):
+        diffs.append(f"model/fitting_net/neuron {list(config.fitting_neuron)} (checkpoint: {list(widths)})")
+    elif not diffs:
+        fresh = new_model(list(config.type_map), wanted, config.fitting_neuron, config.fitting_resnet_dt, 0)
+        if [{k: a.shape for k, a in p.items()} for p in fresh.params()] != \
+                [{k: a.shape for k, a in p.items()} for p in model.params()]:
+            diffs.append(f"model/fitting_net/resnet_dt {config.fitting_resnet_dt} "
+                         f"(the checkpoint's nets were made with {not config.fitting_resnet_dt})")
+    return diffs
+
+
+def _restore(model: EnergyModel, state: dict, config: TrainConfig, samplers: dict, data: str, restart) -> int:
+    """Check a checkpoint against the input and the data, restore the samplers; its step."""
+    diffs = checkpoint_mismatch(model, config)
+    if "data" in state and str(state["data"]) not in ("", data):
+        diffs.append("the training data (systems, frames or labels changed since the checkpoint)")
+    if diffs:
+        raise ValueError(f"checkpoint {restart} does not match the input: " + "; ".join(diffs))
+    for name, sampler in samplers.items():
+        try:
+            sampler.restore({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "_")})
+        except (KeyError, ValueError, IndexError, TypeError) as err:
+            raise ValueError(f"checkpoint {restart}: its {name} sampler state is missing or damaged "
+                             f"({type(err).__name__}: {err})") from None
+    return int(state["step"])
+
+
 def _setup(config: TrainConfig, restart):
     """Systems, samplers, model and optimizer: fresh, or as a checkpoint left them."""
     train_sys = load_systems(config.training.systems, config.type_map)
@@ -437,24 +533,84 @@ def _setup(config: TrainConfig, restart):
     samplers = {"trn": Sampler(train_sys, config.training.batch_size, config.seed)}
     if val_sys:
         samplers["val"] = Sampler(val_sys, config.validation.batch_size, config.seed + 1)
+    data = data_fingerprint(train_sys)
     if restart is None:
         model, step = initial_model(config, train_sys, samplers["trn"]), 0
     else:
         model, state = load_checkpoint(restart)
-        if model.descriptor.config != config.descriptor or tuple(model.type_map) != config.type_map:
-            raise ValueError(f"checkpoint {restart} holds a model of another shape than the input describes: "
-                             f"{model.type_map} {model.descriptor.config} vs {list(config.type_map)} {config.descriptor}")
-        step = int(state["step"])
-        for name, sampler in samplers.items():
-            sampler.restore({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "_")})
+        step = _restore(model, state, config, samplers, data, restart)
     opt = Adam(model.params())
     if restart is not None:
         restore_optimizer(opt, state)
-    return train_sys, val_sys, samplers, model, opt, step
+    return train_sys, val_sys, samplers, model, opt, step, data
 
 
-def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True) -> TrainResult:
-    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output."""
+class OutputPlan(NamedTuple):
+    """Where a run writes, checked before any data is read (:func:`plan_outputs`)."""
+
+    lcurve: Path  # workdir/disp_file
+    head: str  # what lcurve.out starts with: the header, or the kept lines of a resumed curve
+    replace_lcurve: bool  # the first write replaces an existing lcurve.out
+    inputs: tuple[Path, ...]  # the training and validation systems: no output may touch them
+
+
+def _later_checkpoints(stem: Path, step: int) -> list[str]:
+    """Complete checkpoints <stem>-<k> in stem's folder with k > step (a run that went further)."""
+    later = []
+    for npz in stem.parent.glob(f"{stem.name}-*.npz"):
+        k = npz.name[len(stem.name) + 1:-len(".npz")]
+        if k.isdigit() and int(k) > step and checkpoint_files(npz.with_suffix(""))[0].exists():
+            later.append((int(k), npz.with_suffix("").name))
+    return [name for _, name in sorted(later)]
+
+
+def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int, overwrite: bool) -> OutputPlan:
+    """Refuse, before any data is read, a run that would write over anything but its own outputs.
+
+    A fresh run refuses an existing lcurve.out, lcurve.png, checkpoint or model unless ``overwrite``
+    (and then only minidp's own files of that kind). A restart continues its curve (dropping the
+    lines after its checkpoint: a killed run's tail) but refuses to go back behind a later complete
+    checkpoint (a finished or longer run: its lines, checkpoints and model would be lost) unless
+    ``overwrite``; restarting into a new ``workdir`` keeps everything. It also refuses a numb_steps
+    below the checkpoint's step.
+    """
+    n = config.numb_steps
+    if start > n:
+        raise ValueError(f"checkpoint {restart} is at step {start}, beyond numb_steps {n}: nothing to train "
+                         f"(give --numb-steps of at least {start}, or restart from an earlier checkpoint)")
+    inputs = tuple(config.training.systems) + (tuple(config.validation.systems) if config.validation else ())
+    stem = workdir / config.save_ckpt
+    later = _later_checkpoints(stem, start) if restart is not None else []
+    if later and not overwrite:
+        raise ValueError(f"{workdir} holds checkpoints after step {start} ({', '.join(later)}): restarting there "
+                         "would replace them, their lines of the learning curve and the model; restart "
+                         "into a new --workdir, or give --overwrite")
+    keep = restart is not None
+    if output is not None:
+        check_output(output, "model", inputs + checkpoint_files(_checkpoint_path(restart)) if keep else inputs,
+                     overwrite)
+    for t in range(start + 1, n + 1):
+        if t % config.save_freq == 0 or t == n:
+            dp_file, npz_file = checkpoint_files(stem.parent / f"{stem.name}-{t}")
+            check_output(dp_file, "model", inputs, overwrite or not npz_file.exists())
+            check_output(npz_file, "checkpoint", inputs, overwrite)
+    check_output(workdir / "lcurve.png", "png", inputs, overwrite or keep)
+    lcurve = workdir / config.disp_file
+    virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
+    if keep and lcurve.exists():
+        check_output(lcurve, "lcurve", inputs, True)
+        return OutputPlan(lcurve, kept_lcurve(lcurve, start), True, inputs)
+    check_output(lcurve, "lcurve", inputs, overwrite)
+    head = "# " + " ".join(lcurve_columns(config.validation is not None, virial)) + "\n"
+    return OutputPlan(lcurve, head, overwrite, inputs)
+
+
+def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True,
+          overwrite: bool = False) -> TrainResult:
+    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output.
+
+    Nothing a user made is written over (:func:`plan_outputs`); ``overwrite`` replaces minidp's own
+    outputs of an earlier run."""
     import time
 
     from tqdm import tqdm
@@ -463,22 +619,20 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
         # refused now, not after hours of training
         raise ValueError(f"cannot write {Path(output).suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     workdir = Path(workdir)
+    begin = 0 if restart is None else int(load_checkpoint_state(restart)["step"])
+    plan = plan_outputs(config, output, workdir, restart, begin, overwrite)
     workdir.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()
-    train_sys, val_sys, samplers, model, opt, start = _setup(config, restart)
+    train_sys, val_sys, samplers, model, opt, start, data = _setup(config, restart)
     cfg, n = config.descriptor, config.numb_steps
     virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
-    lcurve = workdir / config.disp_file
-    if restart is None or not lcurve.exists():
-        lcurve.write_text("# " + " ".join(lcurve_columns(bool(val_sys), virial)) + "\n")
-    else:
-        trim_lcurve(lcurve, start)
+    head = plan.head
     times, last = [], {}
     bar = tqdm(total=n, initial=start, disable=not progress, unit="step", desc="training")
     for step in range(start, n + 1):
         # a checkpoint holds the state at the top of a step: resuming from it repeats nothing
         if step > start and (step % config.save_freq == 0 or step == n):
-            save_checkpoint(workdir / config.save_ckpt, step, model, opt, samplers)
+            save_checkpoint(workdir / config.save_ckpt, step, model, opt, samplers, data, overwrite)
         lr = exp_decay(step, config.start_lr, config.stop_lr, config.decay_steps, n)
         pref = prefactors(config.loss, lr, config.start_lr)
         t0 = time.perf_counter()
@@ -490,8 +644,8 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
             last = {"trn": value}
             if val_sys:
                 last["val"] = validation_errors(model, val_sys, samplers["val"], config, pref)
-            with open(lcurve, "a") as fh:
-                fh.write(lcurve_line(step, last, lr, virial))
+            write_lcurve_line(plan.lcurve, lcurve_line(step, last, lr, virial), head, plan.replace_lcurve)
+            head = None
             bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
         if step < n:
             t0 = time.perf_counter()
@@ -500,6 +654,6 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
             bar.update(1)
     bar.close()
     if output is not None:
-        save_model(output, model)
-    plot_lcurves({"minidp": lcurve}, workdir / "lcurve.png")
+        save_model(output, model, overwrite=overwrite, inputs=plan.inputs)
+    plot_lcurves({"minidp": plan.lcurve}, workdir / "lcurve.png")
     return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), np.array(times), last)
