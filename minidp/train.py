@@ -621,7 +621,6 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
     workdir = Path(workdir)
     begin = 0 if restart is None else int(load_checkpoint_state(restart)["step"])
     plan = plan_outputs(config, output, workdir, restart, begin, overwrite)
-    workdir.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()
     train_sys, val_sys, samplers, model, opt, start, data = _setup(config, restart)
     cfg, n = config.descriptor, config.numb_steps
