@@ -143,16 +143,18 @@ def test_sigkill_at_random_moments_then_restart_equals_an_uninterrupted_run(data
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "minidp", "train", str(path), "-q"]
     ref = tmp_path / "ref"
-    t0 = time.perf_counter()
     subprocess.run(cmd + ["-o", str(ref / "m.dp"), "--workdir", str(ref)], env=env, check=True, capture_output=True)
-    duration = time.perf_counter() - t0
     rng = np.random.default_rng(16)
     killed_at = []
     for trial in range(3):
         w = tmp_path / f"kill{trial}"
         proc = subprocess.Popen(cmd + ["-o", str(w / "m.dp"), "--workdir", str(w)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 0.9) * duration)
+        # a random step of the run, then a random moment within it (while it writes a line or a checkpoint)
+        target, lcurve = rng.integers(3 + 18 * trial, 21 + 18 * trial), w / "lcurve.out"
+        while proc.poll() is None and (not lcurve.exists() or len(lcurve.read_text().splitlines()) < target):
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.05))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         done = _complete_checkpoints(w)
