@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
@@ -38,5 +40,62 @@ def is_positive_int(n) -> bool:
 def positive_int(name: str, n) -> int:
     """n as an int, or ValueError naming it: '<name> must be a positive integer, got <n>'."""
     if not is_positive_int(n):
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+        raise InputError(f"{name} must be a positive integer, got {n!r}")
     return int(n)
+
+
+# ---------------------------------------------------------------------------
+# Values read from files (models, training inputs): no coercion, the key named
+# ---------------------------------------------------------------------------
+
+
+def short(value) -> str:
+    """repr(value), cut to 40 characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def integer(name: str, value, lo: int = 1) -> int:
+    """An integer >= lo; a bool, a float or a string such as "3" is refused."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise InputTypeError(f"{name}: expected an integer, got {type(value).__name__} {short(value)}")
+    if value < lo:
+        raise InputError(f"{name}: {value} is below {lo}")
+    return int(value)
+
+
+def number(name: str, value, lo: float | None = None, positive: bool = False) -> float:
+    """A finite real number (>= lo, > 0 if positive); a bool or a string such as "six" is refused."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise InputTypeError(f"{name}: expected a number, got {type(value).__name__} {short(value)}")
+    if not np.isfinite(value):
+        raise InputError(f"{name}: {value} is not finite")
+    if (lo is not None and value < lo) or (positive and value <= 0):
+        raise InputError(f"{name}: {value} is {'not positive' if positive else f'below {lo}'}")
+    return float(value)
+
+
+def boolean(name: str, value) -> bool:
+    """True or False; the string "false" is refused (it would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputTypeError(f"{name}: expected true or false, got {type(value).__name__} {short(value)}")
+    return bool(value)
+
+
+def integers(name: str, value, n: int | None = None, what: str = "one per type") -> tuple[int, ...]:
+    """A non-empty list of positive integers (of length n if given)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InputTypeError(f"{name}: expected a list of positive integers, got {type(value).__name__} {short(value)}")
+    if n is not None and len(value) != n:
+        raise InputError(f"{name}: {len(value)} entries {list(value)}, expected {n} ({what})")
+    return tuple(integer(f"{name}[{k}]", v) for k, v in enumerate(value))
+
+
+def names(name: str, value) -> list[str]:
+    """A non-empty list of distinct non-empty strings (a type map)."""
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
+        raise InputTypeError(f"{name}: expected a list of element names, got {short(value)}")
+    for t in value:
+        if value.count(t) > 1:
+            raise InputError(f"{name}: {t!r} appears {value.count(t)} times")
+    return list(value)

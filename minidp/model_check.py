@@ -23,11 +23,9 @@ Shape symbols (see :mod:`minidp.se_e2_a`): ``ntypes``, ``nnei`` (sum of sel),
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from minidp.checks import InputError, InputTypeError
+from minidp.checks import InputError, InputTypeError, boolean, integer, integers, names, number, short
 from minidp.se_e2_a import SeAConfig
 
 
@@ -38,7 +36,7 @@ from minidp.se_e2_a import SeAConfig
 
 def _mapping(value, where: str) -> dict:
     if not isinstance(value, dict):
-        raise InputTypeError(f"{where}: expected a mapping, got {type(value).__name__} {_short(value)}")
+        raise InputTypeError(f"{where}: expected a mapping, got {type(value).__name__} {short(value)}")
     return value
 
 
@@ -49,50 +47,11 @@ def _key(d: dict, key: str, where: str):
     return d[key]
 
 
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _int(value, where: str, lo: int = 1) -> int:
-    """An integer >= lo (a bool or a float is refused)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise InputTypeError(f"{where}: expected an integer, got {type(value).__name__} {_short(value)}")
-    if value < lo:
-        raise InputError(f"{where}: {value} is below {lo}")
-    return int(value)
-
-
-def _real(value, where: str) -> float:
-    """A finite real number (a bool or a string is refused)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise InputTypeError(f"{where}: expected a number, got {type(value).__name__} {_short(value)}")
-    if not np.isfinite(value):
-        raise InputError(f"{where}: {value} is not finite")
-    return float(value)
-
-
-def _bool(value, where: str) -> bool:
-    """True or False, never a string such as "false"."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise InputTypeError(f"{where}: expected true or false, got {type(value).__name__} {_short(value)}")
-    return bool(value)
-
-
-def _ints(value, where: str, n: int | None = None) -> tuple[int, ...]:
-    """A non-empty list of positive integers (of length n if given)."""
-    if not isinstance(value, (list, tuple)) or not value:
-        raise InputTypeError(f"{where}: expected a list of positive integers, got {_short(value)}")
-    if n is not None and len(value) != n:
-        raise InputError(f"{where}: {len(value)} entries {list(value)}, expected {n} (one per type of model.type_map)")
-    return tuple(_int(v, f"{where}[{k}]") for k, v in enumerate(value))
-
-
 def _array(value, where: str, shape: tuple, positive: bool = False) -> np.ndarray:
     """A real array of the given shape, finite everywhere (and > 0 if ``positive``)."""
     arr = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
     if arr is None or arr.dtype == bool or arr.dtype.kind not in "iuf":
-        raise InputTypeError(f"{where}: expected an array of numbers, got {type(value).__name__} {_short(value)}")
+        raise InputTypeError(f"{where}: expected an array of numbers, got {type(value).__name__} {short(value)}")
     if arr.shape != shape:
         raise InputError(f"{where}: shape {arr.shape}, expected {shape}")
     bad = np.argwhere(~np.isfinite(arr) | ((arr <= 0) if positive else False))
@@ -112,19 +71,19 @@ def _vector(value, where: str, n: int) -> np.ndarray:
 
 def _optional(d: dict, key: str, check, where: str, *args):
     """check(d[key]) when the key is present and not None."""
-    return None if d.get(key) is None else check(d[key], f"{where}.{key}", *args)
+    return None if d.get(key) is None else check(f"{where}.{key}", d[key], *args)
 
 
 def _one_of(value, where: str, allowed: tuple) -> None:
     if value not in allowed:
-        raise InputError(f"{where}: {_short(value)} is not supported; minidp reads {' or '.join(map(repr, allowed))}")
+        raise InputError(f"{where}: {short(value)} is not supported; minidp reads {' or '.join(map(repr, allowed))}")
 
 
-def _activation(value, where: str) -> None:
+def _activation(where: str, value) -> None:
     from minidp.nn import get_activation
 
     if not isinstance(value, str):
-        raise InputTypeError(f"{where}: expected the name of an activation, got {_short(value)}")
+        raise InputTypeError(f"{where}: expected the name of an activation, got {short(value)}")
     try:
         get_activation(value)
     except ValueError as err:
@@ -140,7 +99,7 @@ def check_net(net, where: str, n_in: int, widths: tuple[int, ...]) -> None:
     """A Net dict: one layer per width; layer k's w (n_{k-1}, n_k), b and idt (n_k,), all finite."""
     layers = _key(net, "layers", where)
     if not isinstance(layers, list) or len(layers) != len(widths):
-        n = len(layers) if isinstance(layers, list) else _short(layers)
+        n = len(layers) if isinstance(layers, list) else short(layers)
         raise InputError(f"{where}.layers: {n} layers, expected {len(widths)} (widths {list(widths)})")
     for k, (layer, n_out) in enumerate(zip(layers, widths)):
         lw = f"{where}.layers[{k}]"
@@ -148,7 +107,7 @@ def check_net(net, where: str, n_in: int, widths: tuple[int, ...]) -> None:
         _array(_key(v, "w", f"{lw}.@variables"), f"{lw}.@variables.w", (n_in, n_out))
         # a layer says whether it has a bias and a timestep: one missing or unasked for is a damaged file
         for name, flag, default in (("b", "bias", True), ("idt", "use_timestep", None)):
-            wanted = _optional(layer, flag, _bool, lw)
+            wanted = _optional(layer, flag, boolean, lw)
             wanted = default if wanted is None else wanted
             if wanted is not None and (v.get(name) is not None) != wanted:
                 raise InputError(f"{lw}.@variables.{name}: {'missing' if wanted else 'present'} "
@@ -156,8 +115,8 @@ def check_net(net, where: str, n_in: int, widths: tuple[int, ...]) -> None:
             if v.get(name) is not None:
                 _vector(v[name], f"{lw}.@variables.{name}", n_out)
         # deepmd-kit writes both for every layer; a default would silently change the net
-        _activation(_key(layer, "activation_function", lw), f"{lw}.activation_function")
-        _bool(_key(layer, "resnet", lw), f"{lw}.resnet")
+        _activation(f"{lw}.activation_function", _key(layer, "activation_function", lw))
+        boolean(f"{lw}.resnet", _key(layer, "resnet", lw))
         n_in = n_out
 
 
@@ -166,17 +125,17 @@ def check_descriptor(d, ntypes: int) -> SeAConfig:
     where = "model.descriptor"
     _one_of(_key(d, "type", where), f"{where}.type", ("se_e2_a", "se_a"))
     kwargs = {name: _optional(d, key, check, where) for name, key, check in (
-        ("type_one_side", "type_one_side", _bool), ("resnet_dt", "resnet_dt", _bool))}
+        ("type_one_side", "type_one_side", boolean), ("resnet_dt", "resnet_dt", boolean))}
     _optional(d, "activation_function", _activation, where)
     if "env_mat" in d:
-        _optional(_mapping(d["env_mat"], f"{where}.env_mat"), "use_exp_switch", _bool, f"{where}.env_mat")
+        _optional(_mapping(d["env_mat"], f"{where}.env_mat"), "use_exp_switch", boolean, f"{where}.env_mat")
     try:
         cfg = SeAConfig(
-            rcut=_real(_key(d, "rcut", where), f"{where}.rcut"),
-            rcut_smth=_real(_key(d, "rcut_smth", where), f"{where}.rcut_smth"),
-            sel=_ints(_key(d, "sel", where), f"{where}.sel", ntypes),
-            neuron=_ints(_key(d, "neuron", where), f"{where}.neuron"),
-            axis_neuron=_int(_key(d, "axis_neuron", where), f"{where}.axis_neuron"),
+            rcut=number(f"{where}.rcut", _key(d, "rcut", where)),
+            rcut_smth=number(f"{where}.rcut_smth", _key(d, "rcut_smth", where)),
+            sel=integers(f"{where}.sel", _key(d, "sel", where), ntypes, "one per type of model.type_map"),
+            neuron=integers(f"{where}.neuron", _key(d, "neuron", where)),
+            axis_neuron=integer(f"{where}.axis_neuron", _key(d, "axis_neuron", where)),
             type_one_side=True if kwargs["type_one_side"] is None else kwargs["type_one_side"],
             activation=d.get("activation_function", "tanh"), resnet_dt=bool(kwargs["resnet_dt"]))
     except InputError:
@@ -186,7 +145,7 @@ def check_descriptor(d, ntypes: int) -> SeAConfig:
     nets = _key(_key(d, "embeddings", where), "networks", f"{where}.embeddings")
     expected = ntypes if cfg.type_one_side else ntypes * ntypes
     if not isinstance(nets, list) or len(nets) != expected:
-        raise InputError(f"{where}.embeddings.networks: {len(nets) if isinstance(nets, list) else _short(nets)} nets, "
+        raise InputError(f"{where}.embeddings.networks: {len(nets) if isinstance(nets, list) else short(nets)} nets, "
                          f"expected {expected} (one per {'type' if cfg.type_one_side else 'pair of types'})")
     for k, net in enumerate(nets):
         check_net(net, f"{where}.embeddings.networks[{k}]", 1, cfg.neuron)
@@ -203,16 +162,16 @@ def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
     _one_of(_key(d, "type", where), f"{where}.type", ("ener",))
     if "var_name" in d:
         _one_of(d["var_name"], f"{where}.var_name", ("energy",))
-    _optional(d, "resnet_dt", _bool, where)
-    if d.get("dim_descrpt") is not None and _int(d["dim_descrpt"], f"{where}.dim_descrpt") != dim_descrpt:
+    _optional(d, "resnet_dt", boolean, where)
+    if d.get("dim_descrpt") is not None and integer(f"{where}.dim_descrpt", d["dim_descrpt"]) != dim_descrpt:
         raise InputError(f"{where}.dim_descrpt: {d['dim_descrpt']}, expected {dim_descrpt} "
                          "(the descriptor's neuron[-1] * axis_neuron)")
     nets = _key(_key(d, "nets", where), "networks", f"{where}.nets")
     if not isinstance(nets, list) or len(nets) != ntypes:
-        raise InputError(f"{where}.nets.networks: {len(nets) if isinstance(nets, list) else _short(nets)} nets, "
+        raise InputError(f"{where}.nets.networks: {len(nets) if isinstance(nets, list) else short(nets)} nets, "
                          f"expected {ntypes} (one per type of model.type_map)")
     # the hidden widths: deepmd-kit writes them as fitting.neuron (the nets are checked against them)
-    hidden = _ints(_key(d, "neuron", where), f"{where}.neuron") if d.get("neuron") != [] else ()
+    hidden = integers(f"{where}.neuron", _key(d, "neuron", where)) if d.get("neuron") != [] else ()
     for k, net in enumerate(nets):
         nw = f"{where}.nets.networks[{k}]"
         check_net(net, nw, dim_descrpt, hidden + (1,))
@@ -227,12 +186,7 @@ def check_model_dict(data, source: str) -> None:
     try:
         m = _key(_mapping(data, "the file"), "model", "the file")
         m = _mapping(m, "model")
-        type_map = _key(m, "type_map", "model")
-        if not isinstance(type_map, list) or not type_map or not all(isinstance(t, str) and t for t in type_map):
-            raise InputTypeError(f"model.type_map: expected a list of element names, got {_short(type_map)}")
-        for t in type_map:
-            if type_map.count(t) > 1:
-                raise InputError(f"model.type_map: {t!r} appears {type_map.count(t)} times")
+        type_map = names("model.type_map", _key(m, "type_map", "model"))
         cfg = check_descriptor(_key(m, "descriptor", "model"), len(type_map))
         check_fitting(_key(m, "fitting", "model"), len(type_map), cfg.dim_out)
         v = m.get("@variables") or {}

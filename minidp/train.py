@@ -35,7 +35,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import positive_int
+from minidp.checks import (InputError, InputTypeError, boolean, integer, integers, names, number,
+                           positive_int, short)
 from minidp.data import check_output, model_types, read_system, safe_output
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
 from minidp.infer import keep_freed_memory
@@ -124,33 +125,72 @@ def _section(d: dict, where: str) -> dict:
     return node
 
 
+def _value(sec: dict, where: str, key: str, check, default=None, *args):
+    """sec[key] checked by ``check`` (minidp.checks: no coercion), named input: <where>/<key>; the
+    default (unchecked) when the key is absent, or an error when the default is None."""
+    if key not in sec:
+        if default is None:
+            raise InputError(f"input: {where}/{key} is required")
+        return default
+    return check(f"input: {where}/{key}", sec[key], *args)
+
+
+def _text(name: str, value) -> str:
+    if not isinstance(value, str) or not value:
+        raise InputTypeError(f"{name}: expected a non-empty string, got {type(value).__name__} {short(value)}")
+    return value
+
+
+def _batch_size(name: str, value) -> int | str:
+    """A positive integer, "auto" or "auto:N" with N a positive integer."""
+    if isinstance(value, str) and value.startswith("auto"):
+        n = value[len("auto:"):] if value.startswith("auto:") else "32" if value == "auto" else ""
+        if not n.isdigit() or int(n) < 1:
+            raise InputError(f"{name}: {value!r}; expected a positive integer, \"auto\" or \"auto:N\" (N atoms)")
+        return value
+    return positive_int(name, value)
+
+
 def _data_config(sec: dict, where: str, base: Path) -> DataConfig:
     systems = sec.get("systems")
     systems = [systems] if isinstance(systems, str) else systems
-    if not systems or not all(isinstance(s, str) for s in systems):
-        raise ValueError(f"input: {where}/systems must be a path or a list of paths, got {sec.get('systems')!r}")
-    bs = sec.get("batch_size", "auto")
-    if not (isinstance(bs, str) and (bs == "auto" or bs.startswith("auto:"))):
-        bs = positive_int(f"{where}/batch_size", bs)
-    return DataConfig(tuple(base / s for s in systems), bs, positive_int(f"{where}/numb_btch", sec.get("numb_btch", 1)))
+    if not systems or not isinstance(systems, list) or not all(isinstance(s, str) and s for s in systems):
+        raise ValueError(f"input: {where}/systems must be a path or a list of paths, got {short(sec.get('systems'))}")
+    return DataConfig(tuple(base / s for s in systems), _value(sec, where, "batch_size", _batch_size, "auto"),
+                      _value(sec, where, "numb_btch", positive_int, 1))
 
 
 def _descriptor_config(d: dict) -> SeAConfig:
+    w = "model/descriptor"
+    sel = d.get("sel")
+    if isinstance(sel, str):
+        raise ValueError(f"input: {w}/sel = {sel!r} is not supported; expected a list of positive integers "
+                         "(neighbour slots per type)")
     try:
-        return SeAConfig(rcut=float(d["rcut"]), rcut_smth=float(d.get("rcut_smth", 0.5)),
-                         sel=tuple(positive_int("sel", s) for s in d["sel"]), neuron=tuple(d.get("neuron", (10, 20, 40))),
-                         axis_neuron=positive_int("axis_neuron", d.get("axis_neuron", 4)),
-                         type_one_side=bool(d.get("type_one_side", False)), resnet_dt=bool(d.get("resnet_dt", False)))
-    except KeyError as err:
-        raise ValueError(f"input: model/descriptor needs {err.args[0]!r}") from None
-    except TypeError:
-        raise ValueError(f"input: model/descriptor/sel must be a list of positive integers, got {d['sel']!r}") from None
+        return SeAConfig(rcut=_value(d, w, "rcut", number, None, None, True),
+                         rcut_smth=_value(d, w, "rcut_smth", number, 0.5, 0.0),
+                         sel=_value(d, w, "sel", integers), neuron=_value(d, w, "neuron", integers, (10, 20, 40)),
+                         axis_neuron=_value(d, w, "axis_neuron", positive_int, 4),
+                         type_one_side=_value(d, w, "type_one_side", boolean, False),
+                         resnet_dt=_value(d, w, "resnet_dt", boolean, False))
+    except InputError:
+        raise
+    except ValueError as err:  # SeAConfig's own range rules
+        raise ValueError(f"input: {w}: {err}") from None
+
+
+def _seed(name: str, value) -> int:
+    return 0 if value is None else integer(name, value, 0)
 
 
 def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
-    """A TrainConfig from deepmd-kit's input dict; relative system paths are taken from ``base``."""
+    """A TrainConfig from deepmd-kit's input dict; relative system paths are taken from ``base``.
+
+    Every value is checked against its key's type and range here, before any data is read: an
+    error names the key path and the value; strings are never read as numbers or booleans.
+    """
     if not isinstance(d, dict):
-        raise TypeError(f"input must be a JSON object, got {type(d).__name__}")
+        raise InputTypeError(f"input must be a JSON object, got {type(d).__name__}")
     for where in KEYS:
         if where == "training/validation_data" and "validation_data" not in d.get("training", {}):
             continue
@@ -159,24 +199,29 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
     desc, fit, lr, loss = model["descriptor"], model["fitting_net"], d["learning_rate"], d["loss"]
     if "type_map" not in model:
         raise ValueError("input: model/type_map is required (the element of each type)")
+    type_map = names("input: model/type_map", model["type_map"])
     cfg = _descriptor_config(desc)
-    if len(model["type_map"]) != cfg.ntypes:
-        raise ValueError(f"input: type_map {model['type_map']} has {len(model['type_map'])} types but sel has {cfg.ntypes}")
+    if len(type_map) != cfg.ntypes:
+        raise ValueError(f"input: type_map {type_map} has {len(type_map)} types but sel has {cfg.ntypes}")
     if "numb_steps" not in tr:
         raise ValueError("input: training/numb_steps is required")
     return TrainConfig(
-        type_map=tuple(model["type_map"]), descriptor=cfg,
-        fitting_neuron=tuple(fit.get("neuron", (120, 120, 120))), fitting_resnet_dt=bool(fit.get("resnet_dt", True)),
-        model_seed=int(desc.get("seed") or 0),
-        start_lr=float(lr.get("start_lr", 1e-3)), stop_lr=float(lr.get("stop_lr", 1e-8)),
-        decay_steps=positive_int("learning_rate/decay_steps", lr.get("decay_steps", 5000)),
-        loss=LossConfig(**{k: float(v) for k, v in loss.items() if k in KEYS["loss"] - {"type"}}),
+        type_map=tuple(type_map), descriptor=cfg,
+        fitting_neuron=_value(fit, "model/fitting_net", "neuron", integers, (120, 120, 120)),
+        fitting_resnet_dt=_value(fit, "model/fitting_net", "resnet_dt", boolean, True),
+        model_seed=_value(desc, "model/descriptor", "seed", _seed, 0),
+        start_lr=_value(lr, "learning_rate", "start_lr", number, 1e-3, None, True),
+        stop_lr=_value(lr, "learning_rate", "stop_lr", number, 1e-8, None, True),
+        decay_steps=_value(lr, "learning_rate", "decay_steps", positive_int, 5000),
+        loss=LossConfig(**{k: _value(loss, "loss", k, number, None, 0.0) for k in loss if k in KEYS["loss"] - {"type"}}),
         training=_data_config(tr["training_data"], "training/training_data", base),
         validation=_data_config(tr["validation_data"], "training/validation_data", base) if "validation_data" in tr else None,
-        numb_steps=positive_int("training/numb_steps", tr["numb_steps"]), seed=int(tr.get("seed") or 0),
-        disp_file=str(tr.get("disp_file", "lcurve.out")), disp_freq=positive_int("disp_freq", tr.get("disp_freq", 1000)),
-        save_freq=positive_int("save_freq", tr.get("save_freq", 1000)), save_ckpt=str(tr.get("save_ckpt", "model.ckpt")),
-        data_stat_nbatch=positive_int("data_stat_nbatch", model.get("data_stat_nbatch", 10)),
+        numb_steps=_value(tr, "training", "numb_steps", positive_int), seed=_value(tr, "training", "seed", _seed, 0),
+        disp_file=_value(tr, "training", "disp_file", _text, "lcurve.out"),
+        disp_freq=_value(tr, "training", "disp_freq", positive_int, 1000),
+        save_freq=_value(tr, "training", "save_freq", positive_int, 1000),
+        save_ckpt=_value(tr, "training", "save_ckpt", _text, "model.ckpt"),
+        data_stat_nbatch=_value(model, "model", "data_stat_nbatch", positive_int, 10),
     )
 
 

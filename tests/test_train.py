@@ -97,7 +97,7 @@ def test_the_water_input_is_read_as_deepmd_kit_means_it():
     (lambda d: d["training"].pop("numb_steps"), r"training/numb_steps is required"),
     (lambda d: d["training"]["training_data"].update(batch_size=0), r"batch_size must be a positive integer"),
     (lambda d: d["model"].update(type_map=["O"]), r"type_map \['O'\] has 1 types but sel has 2"),
-    (lambda d: d["model"]["descriptor"].pop("rcut"), r"model/descriptor needs 'rcut'"),
+    (lambda d: d["model"]["descriptor"].pop("rcut"), r"input: model/descriptor/rcut is required"),
     (lambda d: d.pop("loss"), r"input: loss must be a section"),
 ])
 def test_unsupported_or_bad_input_is_refused_by_name(edit, message):

@@ -178,3 +178,35 @@ def test_sigkill_at_random_moments_then_restart_equals_an_uninterrupted_run(data
                 np.testing.assert_array_equal(p[k], q[k])
     print("SIGKILL after checkpoints", killed_at)
     assert killed_at, "every kill came before the first checkpoint"
+
+
+# ---------------------------------------------------------------------------
+# The input: every value checked by type and range, before any data is read
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["model"]["descriptor"].update(resnet_dt="false"),
+     "input: model/descriptor/resnet_dt: expected true or false, got str 'false'"),
+    (lambda d: d["training"].update(seed="abc"), "input: training/seed: expected an integer, got str 'abc'"),
+    (lambda d: d["model"]["descriptor"].update(rcut="six"), "input: model/descriptor/rcut: expected a number, got str 'six'"),
+    (lambda d: d["model"]["descriptor"].update(rcut="6"), "input: model/descriptor/rcut: expected a number, got str '6'"),
+    (lambda d: d["model"]["descriptor"].update(sel="auto"), "input: model/descriptor/sel = 'auto' is not supported"),
+    (lambda d: d["training"]["training_data"].update(batch_size="auto:abc"),
+     "input: training/training_data/batch_size: 'auto:abc'; expected a positive integer"),
+    (lambda d: d["model"]["fitting_net"].update(resnet_dt=1), "input: model/fitting_net/resnet_dt: expected true or false"),
+    (lambda d: d["learning_rate"].update(start_lr=-1e-3), "input: learning_rate/start_lr: -0.001 is not positive"),
+    (lambda d: d["loss"].update(start_pref_f=float("nan")), "input: loss/start_pref_f: nan is not finite"),
+    (lambda d: d["model"]["descriptor"].update(neuron=[4, 8.5]), "input: model/descriptor/neuron[1]: expected an integer"),
+    (lambda d: d["model"].update(type_map=["O", "O"]), "input: model/type_map: 'O' appears 2 times"),
+    (lambda d: d["training"].update(numb_steps=True), "input: training/numb_steps must be a positive integer, got True"),
+])
+def test_training_input_values_are_checked_by_key(edit, message, data_dir, tmp_path, capsys):
+    path, d = _write_input(tmp_path, data_dir)
+    edit(d)
+    d["training"]["training_data"]["systems"] = ["no_such_system"]  # checked before any data is read
+    path.write_text(json.dumps(d))
+    assert main(["train", str(path), "-o", str(tmp_path / "m.dp"), "--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "w").exists()
