@@ -15,6 +15,20 @@ class InputTypeError(InputError, TypeError):
     """A value of the wrong type: a TypeError to Python callers, one line on the command line."""
 
 
+class FrameError(InputError):
+    """A problem with one frame. ``message`` holds "{frame}" where the frame's number goes, so that a
+    caller that passed a slice of its frames (a chunk, a block) can renumber it: errors name frames
+    by their index in the whole call."""
+
+    def __init__(self, frame: int, message: str):
+        self.frame, self.message = int(frame), message
+        super().__init__(message.replace("{frame}", str(self.frame)))
+
+    def shifted(self, offset: int) -> "FrameError":
+        """The same error, the frame counted from ``offset`` frames earlier."""
+        return FrameError(self.frame + offset, self.message)
+
+
 def real_array(name: str, value) -> np.ndarray:
     """value as a float64 array; TypeError unless it holds real numbers, ValueError on NaN/inf."""
     # (any shape)

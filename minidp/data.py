@@ -43,6 +43,10 @@ def read_system(path, fmt: str | None = None, type_map: list[str] | None = None,
     if not path.exists():
         raise FileNotFoundError(f"system {path} does not exist")
     fmt = fmt or guess_format(path)
+    if fmt == "deepmd/npy" and path.is_dir():
+        from minidp.stream import lazy_system
+
+        lazy_system(path)  # every set's arrays against each other: "box.npy has shape (79, 9); expected (80, 9)"
     try:
         try:
             system = dpdata.LabeledSystem(str(path), fmt=fmt, type_map=type_map)
@@ -51,8 +55,9 @@ def read_system(path, fmt: str | None = None, type_map: list[str] | None = None,
                 raise
             system = dpdata.System(str(path), fmt=fmt, type_map=type_map)
     except AssertionError as err:  # dpdata's own checks (e.g. more types in the file than in -t)
-        raise ValueError(f"cannot read system {path} as {fmt!r}: {err or 'dpdata refused it'}"
-                         + (f" (type map given: {type_map})" if type_map else "")) from None
+        hint = f"does -t name every atom type of the file? it names {type_map}" if type_map else str(err)
+        raise ValueError(f"cannot read system {path} as {fmt!r}: dpdata's check failed ({hint or 'no reason given'})"
+                         ) from None
     except Exception as err:
         raise ValueError(f"cannot read system {path} as {fmt!r}: {type(err).__name__}: {err}") from None
     missing = [name for k, name in (("energies", "energy"), ("forces", "force")) if labelled and k not in system.data]

@@ -34,7 +34,7 @@ from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from minidp.checks import InputTypeError, positive_int, real_array
+from minidp.checks import FrameError, InputTypeError, positive_int, real_array
 from minidp.model import EnergyModel, Prediction, energy_forces
 from minidp.neighbor import NeighborList, build_neighbor_list
 from minidp.se_e2_a import descriptor
@@ -260,8 +260,11 @@ class DeepPot:
         """The neighbours of a chunk's centre atoms (among all atoms of its frames)."""
         cfg = self.model.descriptor.config
         cells = None if frames.cells is None else frames.cells[chunk.frames]
-        return build_neighbor_list(frames.coords[chunk.frames], cells, frames.atom_types, cfg.rcut, list(cfg.sel),
-                                   backend=self.backend, centers=chunk.atoms)
+        try:
+            return build_neighbor_list(frames.coords[chunk.frames], cells, frames.atom_types, cfg.rcut,
+                                       list(cfg.sel), backend=self.backend, centers=chunk.atoms)
+        except FrameError as err:  # numbered within the chunk: renumber within the call
+            raise err.shifted(chunk.frames.start) from None
 
     def _run(self, frames: Frames, work: Callable[[NeighborList, Chunk], object]) -> Iterator[tuple[Chunk, object]]:
         """Yield (chunk, work(neighbours of its centres, chunk)) in order, chunks on worker threads.

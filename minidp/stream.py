@@ -38,7 +38,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from minidp.checks import positive_int
+from minidp.checks import FrameError, positive_int
 from minidp.data import guess_format, model_types, safe_output
 from minidp.model import Prediction
 
@@ -89,12 +89,23 @@ def _split_hdf5(path) -> tuple[Path, str]:
     return Path(name), group.strip("/")
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """A memory map of one .npy file; a damaged one is named (numpy's own error does not say which)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npy array ({type(err).__name__}: {err})") from None
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{path} holds {arr.dtype} values; expected numbers")
+    return arr
+
+
 @contextlib.contextmanager
 def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
     """The arrays of set ``index`` by deepmd name (memory maps or h5py datasets), open for the block only."""
     if system.group is None:
         folder = system.path / system.sets[index]
-        yield {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy") if p.stem in OUTPUTS}
+        yield {p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in OUTPUTS}
         return
     import h5py
 
@@ -235,7 +246,10 @@ def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
     of nf frames: energy (nf,), force (nf, natoms, 3), virial (nf, 9),
     atom_energy (nf, natoms), atom_virial (nf, natoms, 9).
     """
-    groups = list(dp.iter_eval(block.coords, block.cells, atom_types))
+    try:
+        groups = list(dp.iter_eval(block.coords, block.cells, atom_types))
+    except FrameError as err:  # numbered within the block: renumber within the system
+        raise err.shifted(block.frames.start) from None
     assert [fs.start for fs, _ in groups] == [0] + [fs.stop for fs, _ in groups[:-1]], "groups out of order"
     # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
     return Prediction(*(np.concatenate(parts) for parts in zip(*(p for _, p in groups))))
