@@ -205,6 +205,7 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
         raise ValueError(f"input: type_map {type_map} has {len(type_map)} types but sel has {cfg.ntypes}")
     if "numb_steps" not in tr:
         raise ValueError("input: training/numb_steps is required")
+    _value(fit, "model/fitting_net", "seed", _seed, 0)  # checked, though the model's seed is the descriptor's
     return TrainConfig(
         type_map=tuple(type_map), descriptor=cfg,
         fitting_neuron=_value(fit, "model/fitting_net", "neuron", integers, (120, 120, 120)),
