@@ -1,9 +1,18 @@
-"""Systems in, labelled systems out: dpdata glue and atomic file writing.
+"""Systems in, labelled systems out: dpdata glue and the one safe writer of outputs.
 
 minidp reads frames through dpdata (deepmd/npy, deepmd/hdf5, VASP, LAMMPS,
-extxyz, ...) and writes results as deepmd/npy systems. Every write goes to a
-temporary name beside the target and is moved into place only when complete,
-so a failed run never leaves a half-written output behind.
+extxyz, ...) and writes results as deepmd/npy systems. Every output of every
+command goes through :func:`safe_output`, which
+
+- refuses an output that is, contains or lies inside an input (or the current
+  folder), one under a file, one in a folder it may not write;
+- refuses an existing, non-empty output, unless ``overwrite`` is given and it
+  holds nothing but a previous minidp output of the same kind (a folder minidp
+  wrote carries the MARKER file naming its kind);
+- writes to a temporary name beside the target and moves it into place only
+  when complete (os.replace); an old output is renamed away first and deleted
+  only after the new one is in place. A failed or interrupted run leaves
+  nothing half-written and nothing of the user's lost.
 """
 
 from __future__ import annotations
