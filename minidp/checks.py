@@ -113,3 +113,14 @@ def names(name: str, value) -> list[str]:
         if value.count(t) > 1:
             raise InputError(f"{name}: {t!r} appears {value.count(t)} times")
     return list(value)
+
+
+def validated(where: str, cls, **kwargs):
+    """cls(**kwargs) for a configuration dataclass that checks its own ranges (SeAConfig): its
+    ValueError comes back with ``where`` (the file and key path) in front; the rules stay in cls."""
+    try:
+        return cls(**kwargs)
+    except InputError:
+        raise
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from None

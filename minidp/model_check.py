@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from minidp.checks import InputError, InputTypeError, boolean, integer, integers, names, number, short
+from minidp.checks import (InputError, InputTypeError, boolean, integer, integers, names, number, short,
+                           validated)
 from minidp.se_e2_a import SeAConfig
 
 
@@ -129,19 +130,15 @@ def check_descriptor(d, ntypes: int) -> SeAConfig:
     _optional(d, "activation_function", _activation, where)
     if "env_mat" in d:
         _optional(_mapping(d["env_mat"], f"{where}.env_mat"), "use_exp_switch", boolean, f"{where}.env_mat")
-    try:
-        cfg = SeAConfig(
-            rcut=number(f"{where}.rcut", _key(d, "rcut", where)),
-            rcut_smth=number(f"{where}.rcut_smth", _key(d, "rcut_smth", where)),
-            sel=integers(f"{where}.sel", _key(d, "sel", where), ntypes, "one per type of model.type_map"),
-            neuron=integers(f"{where}.neuron", _key(d, "neuron", where)),
-            axis_neuron=integer(f"{where}.axis_neuron", _key(d, "axis_neuron", where)),
-            type_one_side=True if kwargs["type_one_side"] is None else kwargs["type_one_side"],
-            activation=d.get("activation_function", "tanh"), resnet_dt=bool(kwargs["resnet_dt"]))
-    except InputError:
-        raise
-    except ValueError as err:  # SeAConfig's own range rules
-        raise InputError(f"{where}: {err}") from None
+    cfg = validated(
+        where, SeAConfig,
+        rcut=number(f"{where}.rcut", _key(d, "rcut", where)),
+        rcut_smth=number(f"{where}.rcut_smth", _key(d, "rcut_smth", where)),
+        sel=integers(f"{where}.sel", _key(d, "sel", where), ntypes, "one per type of model.type_map"),
+        neuron=integers(f"{where}.neuron", _key(d, "neuron", where)),
+        axis_neuron=integer(f"{where}.axis_neuron", _key(d, "axis_neuron", where)),
+        type_one_side=True if kwargs["type_one_side"] is None else kwargs["type_one_side"],
+        activation=d.get("activation_function", "tanh"), resnet_dt=bool(kwargs["resnet_dt"]))
     nets = _key(_key(d, "embeddings", where), "networks", f"{where}.embeddings")
     expected = ntypes if cfg.type_one_side else ntypes * ntypes
     if not isinstance(nets, list) or len(nets) != expected:

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import (InputError, InputTypeError, boolean, integer, integers, names, number,
-                           positive_int, short)
+                           positive_int, short, validated)
 from minidp.data import check_output, model_types, read_system, safe_output
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
 from minidp.infer import keep_freed_memory
@@ -166,17 +166,13 @@ def _descriptor_config(d: dict) -> SeAConfig:
     if isinstance(sel, str):
         raise ValueError(f"input: {w}/sel = {sel!r} is not supported; expected a list of positive integers "
                          "(neighbour slots per type)")
-    try:
-        return SeAConfig(rcut=_value(d, w, "rcut", number, None, None, True),
-                         rcut_smth=_value(d, w, "rcut_smth", number, 0.5, 0.0),
-                         sel=_value(d, w, "sel", integers), neuron=_value(d, w, "neuron", integers, (10, 20, 40)),
-                         axis_neuron=_value(d, w, "axis_neuron", positive_int, 4),
-                         type_one_side=_value(d, w, "type_one_side", boolean, False),
-                         resnet_dt=_value(d, w, "resnet_dt", boolean, False))
-    except InputError:
-        raise
-    except ValueError as err:  # SeAConfig's own range rules
-        raise ValueError(f"input: {w}: {err}") from None
+    return validated(f"input: {w}", SeAConfig,
+                     rcut=_value(d, w, "rcut", number, None, None, True),
+                     rcut_smth=_value(d, w, "rcut_smth", number, 0.5, 0.0),
+                     sel=_value(d, w, "sel", integers), neuron=_value(d, w, "neuron", integers, (10, 20, 40)),
+                     axis_neuron=_value(d, w, "axis_neuron", positive_int, 4),
+                     type_one_side=_value(d, w, "type_one_side", boolean, False),
+                     resnet_dt=_value(d, w, "resnet_dt", boolean, False))
 
 
 def _seed(name: str, value) -> int:

@@ -21,16 +21,10 @@ from minidp.data import MARKER, safe_output
 from minidp.model import new_model
 from minidp.se_e2_a import SeAConfig
 from minidp.train import TrainConfig, parse_input
+from tests.test_model_check import _paths
 from tests.test_train import _input
 
 EXAMPLES = int(os.environ.get("MINIDP_FUZZ_EXAMPLES", 100))
-
-
-def _paths(node, prefix=()):
-    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-    for k, v in items:
-        yield prefix + (k,)
-        yield from _paths(v, prefix + (k,))
 
 
 # ---------------------------------------------------------------------------

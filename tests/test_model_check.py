@@ -105,6 +105,23 @@ def test_range_rules_of_the_descriptor_come_from_seaconfig(tmp_path):
         load_model(_write(tmp_path, data))
 
 
+def test_seaconfig_errors_are_prefixed_with_file_and_key(tmp_path, monkeypatch):
+    """The hook itself, whatever rules SeAConfig holds: its ValueError gains the file and key path."""
+    import dataclasses
+
+    import minidp.model_check
+
+    @dataclasses.dataclass(frozen=True)
+    class Strict(SeAConfig):
+        def __post_init__(self):
+            raise ValueError(f"rcut_smth {self.rcut_smth} must be below rcut {self.rcut}")
+
+    monkeypatch.setattr(minidp.model_check, "SeAConfig", Strict)
+    path = _write(tmp_path, _valid())
+    with pytest.raises(ValueError, match=r"m.json: model.descriptor: rcut_smth 0.5 must be below rcut 3.0$"):
+        load_model(path)
+
+
 def test_the_same_check_for_every_format(tmp_path):
     data = _valid()
     data["model"]["fitting"]["@variables"]["bias_atom_e"][0, 0] = np.nan
