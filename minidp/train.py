@@ -641,7 +641,13 @@ def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int
     virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
     if keep and lcurve.exists():
         check_output(lcurve, "lcurve", inputs, True)
-        return OutputPlan(lcurve, kept_lcurve(lcurve, start), True, inputs)
+        kept = kept_lcurve(lcurve, start)
+        own = _checkpoint_path(restart).parent.resolve() == workdir.resolve()
+        if not own and not overwrite and kept != lcurve.read_text():
+            # dropping lines is resuming only for the run the checkpoint belongs to
+            raise ValueError(f"{lcurve} holds lines after step {start} of a run the checkpoint {restart} is not "
+                             "from; restart into a new --workdir, or give --overwrite")
+        return OutputPlan(lcurve, kept, True, inputs)
     check_output(lcurve, "lcurve", inputs, overwrite)
     head = "# " + " ".join(lcurve_columns(config.validation is not None, virial)) + "\n"
     return OutputPlan(lcurve, head, overwrite, inputs)

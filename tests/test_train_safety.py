@@ -210,3 +210,15 @@ def test_training_input_values_are_checked_by_key(edit, message, data_dir, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_restart_never_trims_the_curve_of_another_run(finished, data_dir, tmp_path):
+    """Resuming drops the curve's lines after the checkpoint only in the checkpoint's own workdir."""
+    other = tmp_path / "other"
+    train(parse_input(_input(6), data_dir), None, other, progress=False)
+    for p in other.glob("model.ckpt-*"):
+        p.unlink()  # a run whose checkpoints were cleaned up, its curve kept
+    before = (other / "lcurve.out").read_text()
+    with pytest.raises(ValueError, match="holds lines after step 3 of a run the checkpoint"):
+        train(parse_input(_input(6), data_dir), None, other, restart=finished, progress=False)
+    assert (other / "lcurve.out").read_text() == before
