@@ -68,7 +68,10 @@ def read_system(path, fmt: str | None = None, type_map: list[str] | None = None,
         raise ValueError(f"cannot read system {path} as {fmt!r}: dpdata's check failed ({hint or 'no reason given'})"
                          ) from None
     except Exception as err:
-        raise ValueError(f"cannot read system {path} as {fmt!r}: {type(err).__name__}: {err}") from None
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."  # dpdata may list every format it knows
+        raise ValueError(f"cannot read system {path} as {fmt!r} (give -f FORMAT?): {type(err).__name__}: {reason}"
+                         ) from None
     missing = [name for k, name in (("energies", "energy"), ("forces", "force")) if labelled and k not in system.data]
     if missing:
         raise ValueError(f"system {path} has no {' and no '.join(missing)} labels; expected a labelled system")
@@ -159,6 +162,8 @@ def check_output(target, kind: str, inputs=(), overwrite: bool = False) -> Path:
     """
     if kind not in FOLDER_KINDS and kind not in FILE_KINDS:
         raise ValueError(f"unknown output kind {kind!r}")
+    if not str(target).strip():
+        raise InputError("output path is empty; expected a file or folder name")
     path = Path(os.path.abspath(target))
     real = path.resolve()
     for given in inputs:
