@@ -222,3 +222,28 @@ def test_a_restart_never_trims_the_curve_of_another_run(finished, data_dir, tmp_
     with pytest.raises(ValueError, match="holds lines after step 3 of a run the checkpoint"):
         train(parse_input(_input(6), data_dir), None, other, restart=finished, progress=False)
     assert (other / "lcurve.out").read_text() == before
+
+
+def test_ctrl_c_during_training_is_one_line_and_resumable(data_dir, tmp_path, capsys, monkeypatch):
+    import minidp.train
+
+    real, calls = minidp.train.loss_and_grad, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(minidp.train, "loss_and_grad", interrupted)
+    path, _ = _write_input(tmp_path, data_dir)
+    w = tmp_path / "w"
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 130
+    assert capsys.readouterr().err.strip() == "minidp train: interrupted"
+    # interrupted in step 4: no model, no temporary files; the step-3 checkpoint and whole lines
+    assert sorted(p.name for p in w.iterdir()) == ["lcurve.out", "model.ckpt-3.dp", "model.ckpt-3.npz"]
+    assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2]
+    monkeypatch.setattr(minidp.train, "loss_and_grad", real)
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
+                 "--restart", str(w / "model.ckpt-3")]) == 0
+    assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2, 4, 6]
