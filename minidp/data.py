@@ -97,8 +97,8 @@ def model_types(atom_names: list[str], atom_types: np.ndarray, type_map: list[st
 # overwrite=True.
 MARKER = ".minidp-output"
 
-# kind -> the paths (relative, glob patterns) a minidp output of that kind holds;
-# "file" kinds are single files recognised by their first bytes.
+# kind -> the paths (relative, glob patterns) a minidp output folder of that kind holds;
+# FILE_KINDS are single files, recognised by their content (_is_previous_output).
 FOLDER_KINDS = {
     "deepmd/npy": ("type.raw", "type_map.raw", "nopbc", "set.[0-9][0-9][0-9]",
                    *(f"set.[0-9][0-9][0-9]/{k}.npy" for k in ("coord", "box", "energy", "force", "virial"))),
@@ -136,7 +136,10 @@ def _is_previous_output(target: Path, kind: str) -> bool:
     if kind == "checkpoint":  # the .npz half of a training checkpoint
         import zipfile
 
-        return zipfile.is_zipfile(target) and "adam_t.npy" in zipfile.ZipFile(target).namelist()
+        if not zipfile.is_zipfile(target):
+            return False
+        with zipfile.ZipFile(target) as z:
+            return "adam_t.npy" in z.namelist()
     if kind == "model":
         from minidp.serialization import read_model_dict
 
