@@ -24,7 +24,7 @@ from minidp.train import TrainConfig, parse_input
 from tests.test_model_check import _paths
 from tests.test_train import _input
 
-EXAMPLES = int(os.environ.get("MINIDP_FUZZ_EXAMPLES", 100))
+EXAMPLES = int(os.environ.get("MINIDP_FUZZ_EXAMPLES", 700))  # the 624 (key, mutation) pairs: all of them
 
 
 # ---------------------------------------------------------------------------

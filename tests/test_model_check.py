@@ -187,7 +187,7 @@ def _mutate(value, kind: str, rng):
     return "x"
 
 
-@settings(max_examples=int(os.environ.get("MINIDP_FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("MINIDP_FUZZ_EXAMPLES", 400)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, len(PATHS) - 1), st.sampled_from(["delete", "type", "shape", "nan", "inf"]),
        st.integers(0, 2**32 - 1))
 def test_fuzz_model_mutations_are_harmless_or_named(index, kind, seed):
