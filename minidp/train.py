@@ -17,7 +17,10 @@ The story of one run (:func:`train`):
    deepmd-kit's columns; every ``save_freq`` steps a checkpoint
    (model ``.dp`` + optimizer and sampler state ``.npz``) that ``restart``
    resumes exactly; at the end the model in deepmd-kit's serialization and
-   a plot of the learning curve.
+   a plot of the learning curve. Every file goes through
+   :func:`minidp.data.safe_output`, and :func:`plan_outputs` refuses, before
+   any data is read, a run that would write over another run's files; a
+   restart that disagrees with its checkpoint is refused by name.
 
 Step t reports the errors of the weights before its update, so the line of
 step 0 is the untrained model and the last line (t = numb_steps) the final one.
