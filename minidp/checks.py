@@ -2,7 +2,31 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
+
+
+class InputError(ValueError):
+    """Bad input from a user (a file, an option, a value): the command line prints it on one line, exit 2."""
+
+
+class InputTypeError(InputError, TypeError):
+    """A value of the wrong type: a TypeError to Python callers, one line on the command line."""
+
+
+class FrameError(InputError):
+    """A problem with one frame. ``message`` holds "{frame}" where the frame's number goes, so that a
+    caller that passed a slice of its frames (a chunk, a block) can renumber it: errors name frames
+    by their index in the whole call."""
+
+    def __init__(self, frame: int, message: str):
+        self.frame, self.message = int(frame), message
+        super().__init__(message.replace("{frame}", str(self.frame)))
+
+    def shifted(self, offset: int) -> "FrameError":
+        """The same error, the frame counted from ``offset`` frames earlier."""
+        return FrameError(self.frame + offset, self.message)
 
 
 def real_array(name: str, value) -> np.ndarray:
@@ -10,7 +34,7 @@ def real_array(name: str, value) -> np.ndarray:
     # (any shape)
     arr = np.asarray(value)
     if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+        raise InputTypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     # float32 data (the water example's coordinates) is widened before any
     # difference is taken: r_j - r_i in float32 keeps only ~7 digits
     arr = arr.astype(np.float64)
@@ -30,7 +54,7 @@ def is_positive_int(n) -> bool:
 def positive_int(name: str, n) -> int:
     """n as an int, or ValueError naming it: '<name> must be a positive integer, got <n>'."""
     if not is_positive_int(n):
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+        raise InputError(f"{name} must be a positive integer, got {n!r}")
     return int(n)
 
 
@@ -54,7 +78,7 @@ def atom_types(value, ntypes: int, natoms: int | None = None) -> np.ndarray:
     # (natoms,)
     types = np.asarray(value)
     if types.dtype == bool or not np.issubdtype(types.dtype, np.integer):
-        raise TypeError(f"atom_types must be integers, got dtype {types.dtype}")
+        raise InputTypeError(f"atom_types must be integers, got dtype {types.dtype}")
     want = "natoms" if natoms is None else natoms
     if types.ndim != 1 or (natoms is not None and types.shape != (natoms,)):
         raise ValueError(f"atom_types must have shape ({want},), one type per atom, got {types.shape}")
@@ -63,3 +87,71 @@ def atom_types(value, ntypes: int, natoms: int | None = None) -> np.ndarray:
         raise ValueError(f"atom type {bad} is outside the model's types 0..{ntypes - 1} "
                          f"(got types {sorted(set(types.tolist()))})")
     return types.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------
+# Values read from files (models, training inputs): no coercion, the key named
+# ---------------------------------------------------------------------------
+
+
+def short(value) -> str:
+    """repr(value), cut to 40 characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def integer(name: str, value, lo: int = 1) -> int:
+    """An integer >= lo; a bool, a float or a string such as "3" is refused."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise InputTypeError(f"{name}: expected an integer, got {type(value).__name__} {short(value)}")
+    if value < lo:
+        raise InputError(f"{name}: {value} is below {lo}")
+    return int(value)
+
+
+def number(name: str, value, lo: float | None = None, positive: bool = False) -> float:
+    """A finite real number (>= lo, > 0 if positive); a bool or a string such as "six" is refused."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise InputTypeError(f"{name}: expected a number, got {type(value).__name__} {short(value)}")
+    if not np.isfinite(value):
+        raise InputError(f"{name}: {value} is not finite")
+    if (lo is not None and value < lo) or (positive and value <= 0):
+        raise InputError(f"{name}: {value} is {'not positive' if positive else f'below {lo}'}")
+    return float(value)
+
+
+def boolean(name: str, value) -> bool:
+    """True or False; the string "false" is refused (it would read as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputTypeError(f"{name}: expected true or false, got {type(value).__name__} {short(value)}")
+    return bool(value)
+
+
+def integers(name: str, value, n: int | None = None, what: str = "one per type") -> tuple[int, ...]:
+    """A non-empty list of positive integers (of length n if given)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InputTypeError(f"{name}: expected a list of positive integers, got {type(value).__name__} {short(value)}")
+    if n is not None and len(value) != n:
+        raise InputError(f"{name}: {len(value)} entries {list(value)}, expected {n} ({what})")
+    return tuple(integer(f"{name}[{k}]", v) for k, v in enumerate(value))
+
+
+def names(name: str, value) -> list[str]:
+    """A non-empty list of distinct non-empty strings (a type map)."""
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
+        raise InputTypeError(f"{name}: expected a list of element names, got {short(value)}")
+    for t in value:
+        if value.count(t) > 1:
+            raise InputError(f"{name}: {t!r} appears {value.count(t)} times")
+    return list(value)
+
+
+def validated(where: str, cls, **kwargs):
+    """cls(**kwargs) for a configuration dataclass that checks its own ranges (SeAConfig): its
+    ValueError comes back with ``where`` (the file and key path) in front; the rules stay in cls."""
+    try:
+        return cls(**kwargs)
+    except InputError:
+        raise
+    except ValueError as err:
+        raise InputError(f"{where}: {err}") from None

@@ -1,8 +1,12 @@
 """The ``minidp`` command line.
 
 Each subcommand is a small function ``_cmd_<name>(args) -> int``; ``main``
-turns the known errors (bad input, missing files) into one line on stderr
-and a non-zero exit code, never a traceback.
+turns the expected errors (bad input: ValueError, including
+:class:`minidp.checks.InputError` and its TypeError twin; the file system:
+OSError; a missing optional package: ImportError) into one line on stderr and
+exit status 2, Ctrl-C into "interrupted" and 130. A plain TypeError is a bug
+and keeps its traceback. Every output goes through
+:func:`minidp.data.safe_output`: never onto a user's files, all or nothing.
 """
 
 from __future__ import annotations
@@ -28,9 +32,13 @@ def _cmd_eval(args) -> int:
     """Evaluate a system and write it, labelled with the model's energy, force and virial."""
     import dpdata
 
-    from minidp.data import atomic_path, model_types, read_system
+    from minidp.checks import positive_int
+    from minidp.data import check_output, model_types, read_system, safe_output
     from minidp.infer import DeepPot
 
+    set_size = positive_int("--set-size", args.set_size)
+    inputs = (args.system, args.model)
+    check_output(args.output, "deepmd/npy", inputs, args.overwrite)  # refused before any work
     dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
     system = read_system(args.system, args.format, args.type_map)
     types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
@@ -43,29 +51,44 @@ def _cmd_eval(args) -> int:
         "energies": e[:, 0], "forces": f, "virials": v.reshape(-1, 3, 3),
     }
     labelled = dpdata.LabeledSystem(data=data)
-    with atomic_path(args.output) as tmp:
-        labelled.to("deepmd/npy", str(tmp), set_size=args.set_size)
+    with safe_output(args.output, "deepmd/npy", inputs, args.overwrite) as tmp:
+        labelled.to("deepmd/npy", str(tmp), set_size=set_size)
     print(f"{len(e)} frames of {types.size} atoms -> {args.output} (energy, force, virial)")
     return 0
 
 
-def _cmd_eval_desc(args) -> int:
-    """Write each system's descriptors to OUT/<system name>.npy, shape (nframes, natoms, ng * m2)."""
+def _descriptor_names(systems) -> list[str]:
+    """OUT/<name>.npy for each system: its folder's (or file's) name; two systems of one name are refused."""
     from pathlib import Path
 
-    from minidp.data import atomic_path, model_types, read_system
+    names = [f"{Path(path).resolve().name}.npy" for path in systems]
+    for k, name in enumerate(names):
+        if name in names[:k]:
+            raise ValueError(f"systems {systems[names.index(name)]} and {systems[k]} would both write "
+                             f"{name}; give systems of distinct names")
+    return names
+
+
+def _cmd_eval_desc(args) -> int:
+    """Write each system's descriptors to OUT/<system name>.npy, shape (nframes, natoms, ng * m2).
+
+    All of OUT is written at once, after the last system: a failure leaves no OUT.
+    """
+    from minidp.data import check_output, model_types, read_system, safe_output
     from minidp.infer import DeepPot
 
+    inputs = (*args.system, args.model)
+    names = _descriptor_names(args.system)
+    check_output(args.output, "descriptors", inputs, args.overwrite)
     dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
-    out = Path(args.output)
-    for path in args.system:
-        system = read_system(path, args.format, args.type_map)
-        types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
-        D = dp.eval_descriptor(system["coords"], None if system.nopbc else system["cells"], types)
-        target = out / f"{Path(path).resolve().name}.npy"
-        with atomic_path(target) as tmp:
-            np.save(tmp, D)
-        print(f"{path}: descriptors {D.shape} -> {target}")
+    with safe_output(args.output, "descriptors", inputs, args.overwrite) as tmp:
+        tmp.mkdir()
+        for path, name in zip(args.system, names):
+            system = read_system(path, args.format, args.type_map)
+            types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
+            D = dp.eval_descriptor(system["coords"], None if system.nopbc else system["cells"], types)
+            np.save(tmp / name, D)
+            print(f"{path}: descriptors {D.shape} -> {args.output}/{name}")
     return 0
 
 
@@ -73,14 +96,16 @@ def _cmd_test(args) -> int:
     """RMSE and MAE of the model against a labelled system's energies, forces and virials."""
     from pathlib import Path
 
-    from minidp.data import model_types, read_system
+    from minidp.data import check_output, model_types, read_system, safe_output
     from minidp.infer import DeepPot
     from minidp.report import error_table, parity_plots
 
+    if args.numb_test < 0:
+        raise ValueError(f"--numb-test must be a number of frames >= 0 (0: all), got {args.numb_test}")
+    if args.plots:
+        check_output(args.plots, "plots", (args.system, args.model), args.overwrite)
     dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
-    system = read_system(args.system, args.format, args.type_map)
-    if "energies" not in system.data:
-        raise ValueError(f"system {args.system} has no labels (energies) to test against")
+    system = read_system(args.system, args.format, args.type_map, labelled=True)
     n = min(args.numb_test or len(system), len(system))
     types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
     cells = None if system.nopbc else system["cells"][:n]
@@ -91,8 +116,10 @@ def _cmd_test(args) -> int:
     predicted = {"energy": e[:, 0], "force": f, "virial": v}
     print(error_table(predicted, labels, types.size))
     if args.plots:
-        for png in parity_plots(predicted, labels, types.size, Path(args.plots)):
-            print(f"parity plot -> {png}")
+        with safe_output(args.plots, "plots", (args.system, args.model), args.overwrite) as tmp:
+            tmp.mkdir()
+            for png in parity_plots(predicted, labels, types.size, tmp):
+                print(f"parity plot -> {Path(args.plots) / png.name}")
     return 0
 
 
@@ -123,7 +150,8 @@ def _cmd_train(args) -> int:
         from dataclasses import replace
 
         config = replace(config, numb_steps=args.numb_steps)
-    result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet)
+    result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet,
+                   overwrite=args.overwrite)
     rows = [f"{s}: rmse_e {v.rmse_e:.3e} eV/atom  rmse_f {v.rmse_f:.3e} eV/A" for s, v in result.last.items()]
     print(f"trained {config.numb_steps} steps, {result.seconds_per_step:.4f} s/step; last line: " + "; ".join(rows))
     print(f"model written to {args.output}; learning curve in {args.workdir}/{config.disp_file} and lcurve.png")
@@ -138,7 +166,13 @@ def _add_train(sub) -> None:
     p.add_argument("--workdir", default=".", help="folder for lcurve.out, checkpoints and lcurve.png (default: .)")
     p.add_argument("--numb-steps", type=int, default=None, help="override training/numb_steps")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _overwrite_option(p)
     p.set_defaults(func=_cmd_train)
+
+
+def _overwrite_option(p) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace outputs that hold a previous minidp output of the same kind (never other files)")
 
 
 def _model_and_system(sub, name: str, help: str, systems: str = "system (any format dpdata reads)",
@@ -154,6 +188,7 @@ def _model_and_system(sub, name: str, help: str, systems: str = "system (any for
     p.add_argument("--backend", choices=BACKENDS, default="numba",
                    help="numba (default), numpy (the same fast path), or reference (the plain path of "
                         "minidp/se_e2_a.py; slower)")
+    _overwrite_option(p)
     return p
 
 
@@ -189,12 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand. Expected failures (bad input, a missing package, the file system) print one
+    line and return 2; Ctrl-C prints "interrupted" and returns 130. Other exceptions are bugs and keep
+    their traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"minidp {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        # every writer cleans its temporary output on the way out: nothing partial is left
+        print(f"minidp {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"minidp {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 
 from minidp import checks, runtime
-from minidp.checks import positive_int, real_array
+from minidp.checks import FrameError, positive_int, real_array
 from minidp.model import EnergyModel, Prediction, energy_forces, pair_gradients, scatter_pairs
 from minidp.neighbor import NeighborList, build_neighbor_list
 from minidp.se_e2_a import descriptor
@@ -137,6 +137,7 @@ class Frames(NamedTuple):
 def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     """Reshape and validate deepmd-kit-style inputs (raising ValueError/TypeError naming the problem)."""
     types = np.asarray(atom_types)
+    rows = types.shape[0] if types.ndim == 2 else None
     if types.ndim == 2 and types.shape[0] >= 1 and (types == types[0]).all():
         types = types[0]  # one row per frame, all alike (deepmd-kit accepts this)
     if types.ndim == 2:
@@ -153,6 +154,8 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     # (nf, natoms, 3)
     xyz = xyz.reshape(-1, natoms, 3)
     nf = xyz.shape[0]
+    if rows is not None and rows != nf:
+        raise ValueError(f"atom_types has {rows} rows (one per frame) but coords holds {nf} frames")
     if cells is None:
         return Frames(xyz, None, types)
     box = real_array("cells", cells)
@@ -245,8 +248,11 @@ class DeepPot:
         """The neighbours of a chunk's centre atoms (among all atoms of its frames)."""
         cfg = self.model.descriptor.config
         cells = None if frames.cells is None else frames.cells[chunk.frames]
-        return build_neighbor_list(frames.coords[chunk.frames], cells, frames.atom_types, cfg.rcut, list(cfg.sel),
-                                   backend=self.backend, centers=chunk.atoms)
+        try:
+            return build_neighbor_list(frames.coords[chunk.frames], cells, frames.atom_types, cfg.rcut,
+                                       list(cfg.sel), backend=self.backend, centers=chunk.atoms)
+        except FrameError as err:  # numbered within the chunk: renumber within the call
+            raise err.shifted(chunk.frames.start) from None
 
     def _run(self, frames: Frames, work: Callable[[NeighborList, Chunk], object]) -> Iterator[tuple[Chunk, object]]:
         """Yield (chunk, work(neighbours of its centres, chunk)) in order, chunks on worker threads.

@@ -60,7 +60,7 @@ import numpy as np
 from numba import njit
 
 from minidp import checks
-from minidp.checks import real_array
+from minidp.checks import FrameError, InputTypeError, real_array
 
 # Images are numbered by one integer, so that both searches break ties in
 # distance alike: code = ((n0 + K)(2K + 1) + n1 + K)(2K + 1) + n2 + K orders
@@ -100,13 +100,13 @@ def _check_cells(cells, nf: int, rcut: float) -> np.ndarray:
     bad = np.flatnonzero(~(np.abs(det) > 1e-12 * scale))
     if bad.size:
         f = int(bad[0])
-        raise ValueError(f"cell of frame {f} is singular (determinant {det[f]:.3g}); expected three "
+        raise FrameError(f, f"cell of frame {{frame}} is singular (determinant {det[f]:.3g}); expected three "
                          "independent lattice vectors, or cells=None for open boundaries")
     # (nf,)  images searched per frame
     images = np.prod(2 * image_counts(box, rcut) + 1, axis=1)
     if images.size and images.max() > _MAX_IMAGES:
         f = int(np.argmax(images))
-        raise ValueError(f"cell of frame {f} is only {np.array2string(face_widths(box[f]), precision=3)} wide "
+        raise FrameError(f, f"cell of frame {{frame}} is only {np.array2string(face_widths(box[f]), precision=3)} wide "
                          f"(perpendicular widths), so rcut = {rcut} would need {images[f]} periodic images; "
                          f"expected at most {_MAX_IMAGES} (are the cell and rcut in the same unit?)")
     return box
@@ -115,14 +115,14 @@ def _check_cells(cells, nf: int, rcut: float) -> np.ndarray:
 def _check_types_sel(atom_types, nloc: int, rcut, sel) -> tuple[np.ndarray, float, list[int]]:
     """atom_types (nloc,) int64, rcut as float, sel as a list of ints, checked against each other."""
     if isinstance(rcut, bool) or not isinstance(rcut, numbers.Real):
-        raise TypeError(f"rcut must be a real number, got {rcut!r}")
+        raise InputTypeError(f"rcut must be a real number, got {rcut!r}")
     if not (np.isfinite(rcut) and rcut > 0):
         raise ValueError(f"rcut must be a positive finite number, got {rcut!r}")
     if isinstance(sel, (str, bytes)) or not np.iterable(sel):
-        raise TypeError(f"sel must be a list of integers (slots per neighbour type), got {sel!r}")
+        raise InputTypeError(f"sel must be a list of integers (slots per neighbour type), got {sel!r}")
     sel = list(sel)
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sel):
-        raise TypeError(f"sel must be a list of integers (slots per neighbour type), got {sel!r}")
+        raise InputTypeError(f"sel must be a list of integers (slots per neighbour type), got {sel!r}")
     sel = [int(s) for s in sel]
     if not sel or min(sel) < 0:
         raise ValueError(f"sel must be a non-empty list of non-negative integers, got {sel}")
@@ -261,7 +261,7 @@ def _search_numpy(x, frac, box, types, rcut, sel, centers):
         i, j, code, r2, d = i[mine] - centers.start, j[mine], code[mine], r2[mine], d[mine]
         if r2.size and r2.min() == 0.0:
             k = int(np.argmin(r2))
-            raise ValueError(f"atoms {i[k] + centers.start} and {j[k]} are on the same spot (frame {f}); "
+            raise FrameError(f, f"atoms {i[k] + centers.start} and {j[k]} are on the same spot (frame {{frame}}); "
                              "expected distinct positions")
         nlist[f], rij[f], over = _select(i, j, code, r2, d, types, nloc, sel)
         n_over += over
@@ -298,10 +298,12 @@ def _grid(x, frac, box, rcut):
         # (nf, 3)
         widths = face_widths(box)
     # (nf, 3)
-    nbin = np.maximum(np.floor(widths / (rcut * (1 + _BIN_MARGIN))), 1).astype(np.int64)
+    # capped before the cast: a 1e20 A box would overflow int64, and the product below is taken in
+    # floats for the same reason (it is cut down to about the atom count anyway)
+    nbin = np.clip(np.floor(widths / (rcut * (1 + _BIN_MARGIN))), 1, 2.0**20).astype(np.int64)
     # a sparse system (atoms far apart) would get far more bins than atoms: merge bins pairwise
     for f in range(nf):
-        while np.prod(nbin[f]) > 4 * nloc + 64:
+        while np.prod(nbin[f], dtype=np.float64) > 4 * nloc + 64:
             nbin[f] = np.maximum(nbin[f] // 2, 1)
     # (nf, 3)  a single periodic bin is searched as far as n_k = ceil(rcut / w_k), like image_counts
     reach = np.ones((nf, 3)) if box is None else np.where(nbin == 1, np.ceil(rcut / widths), 1)
@@ -507,7 +509,7 @@ def _search_numba(x, frac, box, types, rcut, sel, centers):
                                       box is not None, nbin[f], reach[f], types, rcut * rcut, sec, centers.start,
                                       nlist[f], rij[f])
         if i >= 0:
-            raise ValueError(f"atoms {i} and {j} are on the same spot (frame {f}); expected distinct positions")
+            raise FrameError(f, f"atoms {i} and {j} are on the same spot (frame {{frame}}); expected distinct positions")
         n_over += over
     return nlist, rij, n_over
 

@@ -26,16 +26,19 @@ def error_table(predicted: dict, labels: dict, natoms: int) -> str:
     return "\n".join(rows)
 
 
-def save_figure(fig, path: Path, dpi: int = 120) -> Path:
-    """Lay out, write as PNG (atomically: all of it or nothing) and close a matplotlib figure."""
+def save_figure(fig, path: Path, dpi: int = 120, overwrite: bool = True, inputs=()) -> Path:
+    """Lay out, write as PNG and close a matplotlib figure, through :func:`minidp.data.safe_output`:
+    all of it or nothing, replacing an existing file only if it is a PNG (and ``overwrite``)."""
     import matplotlib.pyplot as plt
 
-    from minidp.data import atomic_path
+    from minidp.data import safe_output
 
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
+    try:
+        with safe_output(path, "png", inputs, overwrite) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
     return Path(path)
 
 

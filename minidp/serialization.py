@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minidp.checks import InputError
 from minidp.model import EnergyModel
 from minidp.nn import Layer, Net, get_activation
 from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig
@@ -55,7 +56,7 @@ def _read_hdf5(path: Path) -> dict:
 
     with h5py.File(path, "r") as f:
         if "json" not in f.attrs:
-            raise ValueError(f"{path}: HDF5 file has no 'json' attribute; not a deepmd-kit .dp model")
+            raise InputError(f"{path}: HDF5 file has no 'json' attribute; not a deepmd-kit .dp model")
         tree = json.loads(f.attrs["json"])
 
         def fetch(node, in_variables=False):
@@ -80,6 +81,11 @@ def _read_converted(path: Path) -> dict:
             f"which is not installed ({err}); convert the model with "
             f"`dp convert-backend {path.name} {path.stem}.dp` and load the .dp file instead"
         ) from None
+    import zipfile
+
+    if path.suffix.lower() == ".pth" and not zipfile.is_zipfile(path):
+        # torch.save and TorchScript both write zip archives; anything else fails deep inside deepmd-kit
+        raise InputError(f"{path} is not a PyTorch model (not a zip archive as torch.save writes)")
     backend = Backend.detect_backend_by_model(str(path))
     data = backend().serialize_hook(str(path))
     if path.suffix.lower() == ".pb":
@@ -114,6 +120,8 @@ def read_model_dict(path) -> dict:
     """The deepmd-kit model dict stored in ``path`` (.dp, .yaml, .yml, .json, .pb, .pth)."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ValueError(f"model {path} is a folder; expected a model file ({', '.join(NATIVE_SUFFIXES + CONVERTED_SUFFIXES)})")
     if suffix not in NATIVE_SUFFIXES + CONVERTED_SUFFIXES:
         raise ValueError(
             f"unknown model file type {path.suffix!r} for {path}; "
@@ -134,8 +142,12 @@ def read_model_dict(path) -> dict:
             data = _decode_arrays(json.loads(path.read_text()))
         else:
             data = _read_converted(path)
-    except (ValueError, ImportError, FileNotFoundError):
+    except (InputError, FileNotFoundError):
         raise
+    except ImportError as err:
+        if "needs deepmd-kit" in str(err):
+            raise
+        raise ValueError(f"cannot read model file {path}: {type(err).__name__}: {err}") from None
     except Exception as err:  # h5py, yaml, json and TensorFlow each raise their own kinds
         raise ValueError(f"cannot read model file {path}: {type(err).__name__}: {err}") from None
     if not isinstance(data, dict) or "model" not in data:
@@ -251,8 +263,17 @@ def model_from_dict(data: dict) -> EnergyModel:
 
 
 def load_model(path) -> EnergyModel:
-    """Read a deepmd-kit se_e2_a energy model from a file (see the module docstring)."""
-    return model_from_dict(read_model_dict(path))
+    """Read a deepmd-kit se_e2_a energy model from a file (see the module docstring).
+
+    Every value minidp reads is checked first (:func:`minidp.model_check.check_model_dict`)."""
+    from minidp.model_check import check_model_dict
+
+    data = read_model_dict(path)
+    check_model_dict(data, str(path))
+    try:
+        return model_from_dict(data)
+    except ValueError as err:  # a feature minidp does not support, refused by name
+        raise InputError(f"{path}: {err}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -342,10 +363,14 @@ def _encode_arrays(obj):
     return obj
 
 
-def save_model(path, model: EnergyModel) -> None:
-    """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically."""
+def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=()) -> None:
+    """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically.
+
+    An existing file is replaced only with ``overwrite`` and only if it is a
+    model minidp wrote (:func:`minidp.data.safe_output`).
+    """
     from minidp import __version__
-    from minidp.data import atomic_path
+    from minidp.data import safe_output
 
     path = Path(path)
     suffix = path.suffix.lower()
@@ -353,7 +378,7 @@ def save_model(path, model: EnergyModel) -> None:
         raise ValueError(f"cannot write {path.suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
             "model_def_script": {}, "@variables": {}}
-    with atomic_path(path) as tmp:
+    with safe_output(path, "model", inputs, overwrite) as tmp:
         if suffix == ".dp":
             _write_hdf5(tmp, data)
         elif suffix == ".json":

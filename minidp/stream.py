@@ -16,7 +16,7 @@ On top of that:
 - :func:`stream_eval` yields (:class:`Block`, Prediction) block by block;
 - :func:`write_labelled_stream` writes a system labelled by the model into
   memory-mapped ``.npy`` files, block by block, in a temporary folder that is
-  moved into place only when complete (:func:`minidp.data.atomic_path`);
+  moved into place only when complete (:func:`minidp.data.safe_output`);
 - :func:`chunk_bag` and :func:`dask_eval` spread the blocks of many systems
   over a Dask cluster, each worker process loading the model once.
 
@@ -38,8 +38,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from minidp.checks import positive_int
-from minidp.data import atomic_path, guess_format, model_types
+from minidp.checks import FrameError, positive_int
+from minidp.data import guess_format, model_types, safe_output
 from minidp.model import Prediction
 
 # deepmd names of the per-frame arrays, and the numbers each frame holds (times natoms when True)
@@ -89,12 +89,23 @@ def _split_hdf5(path) -> tuple[Path, str]:
     return Path(name), group.strip("/")
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """A memory map of one .npy file; a damaged one is named (numpy's own error does not say which)."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npy array ({type(err).__name__}: {err})") from None
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{path} holds {arr.dtype} values; expected numbers")
+    return arr
+
+
 @contextlib.contextmanager
 def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
     """The arrays of set ``index`` by deepmd name (memory maps or h5py datasets), open for the block only."""
     if system.group is None:
         folder = system.path / system.sets[index]
-        yield {p.stem: np.load(p, mmap_mode="r") for p in folder.glob("*.npy") if p.stem in OUTPUTS}
+        yield {p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in OUTPUTS}
         return
     import h5py
 
@@ -238,13 +249,16 @@ def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
     """
     nf = block.coords.shape[0]
     out, filled = None, np.zeros(nf, dtype=bool)
-    for fs, p in dp.iter_eval(block.coords, block.cells, atom_types):
-        if out is None:
-            # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
-            out = Prediction(*(np.empty((nf,) + a.shape[1:]) for a in p))
-        for whole, part in zip(out, p):
-            whole[fs] = part
-        filled[fs] = True
+    try:
+        for fs, p in dp.iter_eval(block.coords, block.cells, atom_types):
+            if out is None:
+                # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
+                out = Prediction(*(np.empty((nf,) + a.shape[1:]) for a in p))
+            for whole, part in zip(out, p):
+                whole[fs] = part
+            filled[fs] = True
+    except FrameError as err:  # numbered within the block: renumber within the system
+        raise err.shifted(block.frames.start) from None
     if out is None or not filled.all():
         raise RuntimeError(f"DeepPot.iter_eval returned results for {int(filled.sum())} of the block's {nf} frames")
     return out
@@ -319,18 +333,21 @@ def _write_block(folder: Path, counts: tuple[int, ...], block: Block, prediction
 
 
 def write_labelled_stream(dp, system_path, output, frames_per_chunk: int, set_size: int = 5000,
-                          progress: bool | None = None) -> Path:
+                          progress: bool | None = None, overwrite: bool = False) -> Path:
     """Label a system with the model, block by block, as a deepmd/npy system at ``output``.
 
     The output holds the input's types, type map, coordinates and cells and the
     model's energy (nf, 1), force (nf, natoms * 3) and virial (nf, 9) in sets of
     ``set_size`` frames (dpdata's default layout). It is written into a
     temporary folder beside ``output`` and moved onto it only when every block
-    is written: a failed run leaves no ``output``.
+    is written: a failed run leaves no ``output``. An existing ``output`` is
+    refused unless ``overwrite`` and it holds only a previous minidp deepmd/npy
+    output; one that is, holds or lies in the input is always refused
+    (:func:`minidp.data.safe_output`).
     """
     set_size = positive_int("set_size", set_size)
     system = system_path if isinstance(system_path, LazySystem) else lazy_system(system_path)
-    with atomic_path(output) as tmp:
+    with safe_output(output, "deepmd/npy", (system.path,), overwrite) as tmp:
         counts = _create_outputs(tmp, system, set_size)
         for block, prediction in stream_eval(dp, system, frames_per_chunk, progress):
             _write_block(tmp, counts, block, prediction)

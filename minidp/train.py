@@ -17,7 +17,10 @@ The story of one run (:func:`train`):
    deepmd-kit's columns; every ``save_freq`` steps a checkpoint
    (model ``.dp`` + optimizer and sampler state ``.npz``) that ``restart``
    resumes exactly; at the end the model in deepmd-kit's serialization and
-   a plot of the learning curve.
+   a plot of the learning curve. Every file goes through
+   :func:`minidp.data.safe_output`, and :func:`plan_outputs` refuses, before
+   any data is read, a run that would write over another run's files; a
+   restart that disagrees with its checkpoint is refused by name.
 
 Step t reports the errors of the weights before its update, so the line of
 step 0 is the untrained model and the last line (t = numb_steps) the final one.
@@ -35,8 +38,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import is_positive_int, positive_int
-from minidp.data import atomic_path, model_types, read_system
+from minidp.checks import (InputError, InputTypeError, boolean, integer, integers, is_positive_int, names, number,
+                           positive_int, short, validated)
+from minidp.data import check_output, model_types, read_system, safe_output
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
 from minidp.model import EnergyModel, energy_forces, new_model
 from minidp.neighbor import build_neighbor_list
@@ -148,33 +152,68 @@ def _section(d: dict, where: str) -> dict:
     return node
 
 
+def _value(sec: dict, where: str, key: str, check, default=None, *args):
+    """sec[key] checked by ``check`` (minidp.checks: no coercion), named input: <where>/<key>; the
+    default (unchecked) when the key is absent, or an error when the default is None."""
+    if key not in sec:
+        if default is None:
+            raise InputError(f"input: {where}/{key} is required")
+        return default
+    return check(f"input: {where}/{key}", sec[key], *args)
+
+
+def _text(name: str, value) -> str:
+    if not isinstance(value, str) or not value:
+        raise InputTypeError(f"{name}: expected a non-empty string, got {type(value).__name__} {short(value)}")
+    return value
+
+
+def _batch_size(name: str, value) -> int | str:
+    """A positive integer, "auto" or "auto:N" with N a positive integer."""
+    if isinstance(value, str) and value.startswith("auto"):
+        n = value[len("auto:"):] if value.startswith("auto:") else "32" if value == "auto" else ""
+        if not n.isdigit() or int(n) < 1:
+            raise InputError(f"{name}: {value!r}; expected a positive integer, \"auto\" or \"auto:N\" (N atoms)")
+        return value
+    return positive_int(name, value)
+
+
 def _data_config(sec: dict, where: str, base: Path) -> DataConfig:
     systems = sec.get("systems")
     systems = [systems] if isinstance(systems, str) else systems
-    if not systems or not all(isinstance(s, str) for s in systems):
-        raise ValueError(f"input: {where}/systems must be a path or a list of paths, got {sec.get('systems')!r}")
-    bs = sec.get("batch_size", "auto")
-    if not (isinstance(bs, str) and (bs == "auto" or bs.startswith("auto:"))):
-        bs = positive_int(f"{where}/batch_size", bs)
-    return DataConfig(tuple(base / s for s in systems), bs, positive_int(f"{where}/numb_btch", sec.get("numb_btch", 1)))
+    if not systems or not isinstance(systems, list) or not all(isinstance(s, str) and s for s in systems):
+        raise ValueError(f"input: {where}/systems must be a path or a list of paths, got {short(sec.get('systems'))}")
+    return DataConfig(tuple(base / s for s in systems), _value(sec, where, "batch_size", _batch_size, "auto"),
+                      _value(sec, where, "numb_btch", positive_int, 1))
 
 
 def _descriptor_config(d: dict) -> SeAConfig:
-    try:
-        return SeAConfig(rcut=float(d["rcut"]), rcut_smth=float(d.get("rcut_smth", 0.5)),
-                         sel=tuple(positive_int("sel", s) for s in d["sel"]), neuron=tuple(d.get("neuron", (10, 20, 40))),
-                         axis_neuron=positive_int("axis_neuron", d.get("axis_neuron", 4)),
-                         type_one_side=bool(d.get("type_one_side", False)), resnet_dt=bool(d.get("resnet_dt", False)))
-    except KeyError as err:
-        raise ValueError(f"input: model/descriptor needs {err.args[0]!r}") from None
-    except TypeError:
-        raise ValueError(f"input: model/descriptor/sel must be a list of positive integers, got {d['sel']!r}") from None
+    w = "model/descriptor"
+    sel = d.get("sel")
+    if isinstance(sel, str):
+        raise ValueError(f"input: {w}/sel = {sel!r} is not supported; expected a list of positive integers "
+                         "(neighbour slots per type)")
+    return validated(f"input: {w}", SeAConfig,
+                     rcut=_value(d, w, "rcut", number, None, None, True),
+                     rcut_smth=_value(d, w, "rcut_smth", number, 0.5, 0.0),
+                     sel=_value(d, w, "sel", integers), neuron=_value(d, w, "neuron", integers, (10, 20, 40)),
+                     axis_neuron=_value(d, w, "axis_neuron", positive_int, 4),
+                     type_one_side=_value(d, w, "type_one_side", boolean, False),
+                     resnet_dt=_value(d, w, "resnet_dt", boolean, False))
+
+
+def _seed(name: str, value) -> int:
+    return 0 if value is None else integer(name, value, 0)
 
 
 def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
-    """A TrainConfig from deepmd-kit's input dict; relative system paths are taken from ``base``."""
+    """A TrainConfig from deepmd-kit's input dict; relative system paths are taken from ``base``.
+
+    Every value is checked against its key's type and range here, before any data is read: an
+    error names the key path and the value; strings are never read as numbers or booleans.
+    """
     if not isinstance(d, dict):
-        raise TypeError(f"input must be a JSON object, got {type(d).__name__}")
+        raise InputTypeError(f"input must be a JSON object, got {type(d).__name__}")
     for where in KEYS:
         if where == "training/validation_data" and "validation_data" not in d.get("training", {}):
             continue
@@ -183,24 +222,30 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
     desc, fit, lr, loss = model["descriptor"], model["fitting_net"], d["learning_rate"], d["loss"]
     if "type_map" not in model:
         raise ValueError("input: model/type_map is required (the element of each type)")
+    type_map = names("input: model/type_map", model["type_map"])
     cfg = _descriptor_config(desc)
-    if len(model["type_map"]) != cfg.ntypes:
-        raise ValueError(f"input: type_map {model['type_map']} has {len(model['type_map'])} types but sel has {cfg.ntypes}")
+    if len(type_map) != cfg.ntypes:
+        raise ValueError(f"input: type_map {type_map} has {len(type_map)} types but sel has {cfg.ntypes}")
     if "numb_steps" not in tr:
         raise ValueError("input: training/numb_steps is required")
+    _value(fit, "model/fitting_net", "seed", _seed, 0)  # checked, though the model's seed is the descriptor's
     return TrainConfig(
-        type_map=tuple(model["type_map"]), descriptor=cfg,
-        fitting_neuron=tuple(fit.get("neuron", (120, 120, 120))), fitting_resnet_dt=bool(fit.get("resnet_dt", True)),
-        model_seed=int(desc.get("seed") or 0),
-        start_lr=float(lr.get("start_lr", 1e-3)), stop_lr=float(lr.get("stop_lr", 1e-8)),
-        decay_steps=positive_int("learning_rate/decay_steps", lr.get("decay_steps", 5000)),
-        loss=LossConfig(**{k: float(v) for k, v in loss.items() if k in KEYS["loss"] - {"type"}}),
+        type_map=tuple(type_map), descriptor=cfg,
+        fitting_neuron=_value(fit, "model/fitting_net", "neuron", integers, (120, 120, 120)),
+        fitting_resnet_dt=_value(fit, "model/fitting_net", "resnet_dt", boolean, True),
+        model_seed=_value(desc, "model/descriptor", "seed", _seed, 0),
+        start_lr=_value(lr, "learning_rate", "start_lr", number, 1e-3, None, True),
+        stop_lr=_value(lr, "learning_rate", "stop_lr", number, 1e-8, None, True),
+        decay_steps=_value(lr, "learning_rate", "decay_steps", positive_int, 5000),
+        loss=LossConfig(**{k: _value(loss, "loss", k, number, None, 0.0) for k in loss if k in KEYS["loss"] - {"type"}}),
         training=_data_config(tr["training_data"], "training/training_data", base),
         validation=_data_config(tr["validation_data"], "training/validation_data", base) if "validation_data" in tr else None,
-        numb_steps=positive_int("training/numb_steps", tr["numb_steps"]), seed=int(tr.get("seed") or 0),
-        disp_file=str(tr.get("disp_file", "lcurve.out")), disp_freq=positive_int("disp_freq", tr.get("disp_freq", 1000)),
-        save_freq=positive_int("save_freq", tr.get("save_freq", 1000)), save_ckpt=str(tr.get("save_ckpt", "model.ckpt")),
-        data_stat_nbatch=positive_int("data_stat_nbatch", model.get("data_stat_nbatch", 10)),
+        numb_steps=_value(tr, "training", "numb_steps", positive_int), seed=_value(tr, "training", "seed", _seed, 0),
+        disp_file=_value(tr, "training", "disp_file", _text, "lcurve.out"),
+        disp_freq=_value(tr, "training", "disp_freq", positive_int, 1000),
+        save_freq=_value(tr, "training", "save_freq", positive_int, 1000),
+        save_ckpt=_value(tr, "training", "save_ckpt", _text, "model.ckpt"),
+        data_stat_nbatch=_value(model, "model", "data_stat_nbatch", positive_int, 10),
     )
 
 
@@ -360,12 +405,28 @@ def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool
     return f"{step:7d}" + "".join(f" {v:12.4e}" for v in values) + f" {lr:12.4e}\n"
 
 
-def trim_lcurve(path: Path, step: int) -> None:
-    """Drop the lines of steps >= step: a run resumed from step's checkpoint writes them again."""
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [ln for ln in lines if ln.startswith("#") or int(ln.split()[0]) < step]
-    with atomic_path(path) as tmp:
-        tmp.write_text("".join(kept))
+def kept_lcurve(path: Path, step: int) -> str:
+    """The lines of an existing lcurve.out before ``step`` (a run resumed from step's checkpoint
+    writes the others again); ValueError unless it is a learning curve minidp wrote."""
+    text = path.read_text()
+    if not text.startswith("# step"):
+        raise ValueError(f"{path} is not a learning curve (no '# step ...' header); refusing to append to it")
+    lines = text.splitlines(keepends=True)
+    return "".join(ln for ln in lines if ln.startswith("#") or (ln.split() and int(ln.split()[0]) < step))
+
+
+def write_lcurve_line(path: Path, line: str, head: str | None = None, replace: bool = False) -> None:
+    """Append a line to lcurve.out; with ``head`` (the header, or the kept lines of a resumed curve)
+    write head + line as a whole new file instead, atomically (``replace``: onto an existing curve).
+
+    The first line of a run goes the second way: a run that fails before it leaves no header-only
+    file, and a run killed later leaves whole lines (each is one small write)."""
+    if head is not None:
+        with safe_output(path, "lcurve", overwrite=replace) as tmp:
+            tmp.write_text(head + line)
+        return
+    with open(path, "a") as fh:
+        fh.write(line)
 
 
 def read_lcurve(path) -> dict[str, np.ndarray]:
@@ -402,43 +463,74 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
     return path.parent / f"{path.name}.dp", path.parent / f"{path.name}.npz"
 
 
-def save_checkpoint(stem: Path, step: int, model: EnergyModel, opt: Adam, samplers: dict[str, Sampler]) -> Path:
-    """<stem>-<step>.dp (the model) and <stem>-<step>.npz (Adam's moments, step, sampler states)."""
+def save_checkpoint(stem: Path, step: int, model: EnergyModel, opt: Adam, samplers: dict[str, Sampler],
+                    data: str = "", overwrite: bool = False) -> Path:
+    """<stem>-<step>.dp (the model) and <stem>-<step>.npz (Adam's moments, step, sampler states and
+    ``data``, the fingerprint of the training data), each written atomically, the .npz last: a
+    checkpoint is complete when both exist. A lone .dp (a run killed between the two) is replaced."""
     path = stem.parent / f"{stem.name}-{step}"
     dp_file, npz_file = checkpoint_files(path)
-    save_model(dp_file, model)
-    state = {"step": np.array(step), "adam_t": np.array(opt.t)}
+    save_model(dp_file, model, overwrite=overwrite or not npz_file.exists())
+    state = {"step": np.array(step), "adam_t": np.array(opt.t), "data": np.array(data)}
     for i, (m, v) in enumerate(zip(opt.m, opt.v)):
         state.update({f"m_{i}_{k}": a for k, a in m.items()})
         state.update({f"v_{i}_{k}": a for k, a in v.items()})
     for name, sampler in samplers.items():
         state.update({f"{name}_{k}": a for k, a in sampler.state().items()})
-    with atomic_path(npz_file) as tmp:
+    with safe_output(npz_file, "checkpoint", overwrite=overwrite) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **state)
     return path
 
 
-def load_checkpoint(path) -> tuple[EnergyModel, dict]:
-    """The model and state of a checkpoint, given as <stem>-<step>, or its .dp or .npz."""
+def _checkpoint_path(path) -> Path:
+    """<stem>-<step> from itself, its .dp or its .npz."""
     path = Path(path)
-    path = path.parent / path.name.removesuffix(".dp").removesuffix(".npz")
+    return path.parent / path.name.removesuffix(".dp").removesuffix(".npz")
+
+
+def load_checkpoint_state(path) -> dict:
+    """The .npz half of a checkpoint (step, optimizer and sampler states); ValueError if it is
+    missing, empty, truncated or lacks a key."""
+    path = _checkpoint_path(path)
     dp_file, npz_file = checkpoint_files(path)
     for need in (dp_file, npz_file):
         if not need.is_file():
             raise FileNotFoundError(f"checkpoint {path}: {need} does not exist")
-    with np.load(npz_file) as z:
-        state = {k: z[k] for k in z.files}
-    return load_model(dp_file), state
+    try:
+        with np.load(npz_file) as z:
+            state = {k: z[k] for k in z.files}
+    except Exception as err:  # zipfile, numpy and OS errors alike: a damaged file
+        raise ValueError(f"checkpoint {path}: {npz_file} is empty, truncated or corrupt "
+                         f"({type(err).__name__}: {err})") from None
+    missing = [k for k in ("step", "adam_t") if k not in state]
+    if missing or state["step"].shape != () or state["step"].dtype.kind not in "iu":
+        raise ValueError(f"checkpoint {path}: {npz_file} lacks {missing or 'an integer step'}; not a minidp checkpoint")
+    return state
+
+
+def load_checkpoint(path) -> tuple[EnergyModel, dict]:
+    """The model and state of a checkpoint, given as <stem>-<step>, or its .dp or .npz."""
+    path = _checkpoint_path(path)
+    state = load_checkpoint_state(path)
+    try:
+        model = load_model(checkpoint_files(path)[0])
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: {err}") from None
+    return model, state
 
 
 def restore_optimizer(opt: Adam, state: dict) -> None:
-    """Adam's moments and step count from a checkpoint's state."""
+    """Adam's moments and step count from a checkpoint's state (ValueError if one is missing or misshapen)."""
     opt.t = int(state["adam_t"])
     for i, (m, v) in enumerate(zip(opt.m, opt.v)):
         for k in m:
-            m[k][...] = state[f"m_{i}_{k}"]
-            v[k][...] = state[f"v_{i}_{k}"]
+            for kind, moments in (("m", m), ("v", v)):
+                saved = state.get(f"{kind}_{i}_{k}")
+                if saved is None or saved.shape != moments[k].shape:
+                    raise ValueError(f"checkpoint: optimizer state {kind}_{i}_{k} is missing or has shape "
+                                     f"{None if saved is None else saved.shape}, expected {moments[k].shape}")
+                moments[k][...] = saved
 
 
 # ---------------------------------------------------------------------------
@@ -469,6 +561,55 @@ class TrainResult(NamedTuple):
     last: dict[str, LossValue]  # the errors of the last lcurve line, by set ("trn", "val")
 
 
+def data_fingerprint(systems: list[System]) -> str:
+    """A digest of the systems' coordinates and labels, in order: a restart on other data is refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for s in systems:
+        for a in (s.coords, s.energy, s.force):
+            digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_mismatch(model: EnergyModel, config: TrainConfig) -> list[str]:
+    """What the input says that the checkpoint's model disagrees with, key by key ([] if nothing)."""
+    from dataclasses import fields
+
+    diffs = []
+    if tuple(model.type_map) != config.type_map:
+        diffs.append(f"model/type_map {list(config.type_map)} (checkpoint: {list(model.type_map)})")
+    saved, wanted = model.descriptor.config, config.descriptor
+    diffs += [f"model/descriptor/{f.name} {getattr(wanted, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+              for f in fields(saved) if getattr(saved, f.name) != getattr(wanted, f.name)]
+    widths = tuple(layer.n_out for layer in model.fitting[0].layers[:-1])
+    if widths != tuple(config.fitting_neuron):
+        diffs.append(f"model/fitting_net/neuron {list(config.fitting_neuron)} (checkpoint: {list(widths)})")
+    elif not diffs:
+        fresh = new_model(list(config.type_map), wanted, config.fitting_neuron, config.fitting_resnet_dt, 0)
+        if [{k: a.shape for k, a in p.items()} for p in fresh.params()] != \
+                [{k: a.shape for k, a in p.items()} for p in model.params()]:
+            diffs.append(f"model/fitting_net/resnet_dt {config.fitting_resnet_dt} "
+                         f"(the checkpoint's nets were made with {not config.fitting_resnet_dt})")
+    return diffs
+
+
+def _restore(model: EnergyModel, state: dict, config: TrainConfig, samplers: dict, data: str, restart) -> int:
+    """Check a checkpoint against the input and the data, restore the samplers; its step."""
+    diffs = checkpoint_mismatch(model, config)
+    if "data" in state and str(state["data"]) not in ("", data):
+        diffs.append("the training data (systems, frames or labels changed since the checkpoint)")
+    if diffs:
+        raise ValueError(f"checkpoint {restart} does not match the input: " + "; ".join(diffs))
+    for name, sampler in samplers.items():
+        try:
+            sampler.restore({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "_")})
+        except (KeyError, ValueError, IndexError, TypeError) as err:
+            raise ValueError(f"checkpoint {restart}: its {name} sampler state is missing or damaged "
+                             f"({type(err).__name__}: {err})") from None
+    return int(state["step"])
+
+
 def _setup(config: TrainConfig, restart):
     """Systems, samplers, model and optimizer: fresh, or as a checkpoint left them."""
     train_sys = load_systems(config.training.systems, config.type_map)
@@ -476,24 +617,90 @@ def _setup(config: TrainConfig, restart):
     samplers = {"trn": Sampler(train_sys, config.training.batch_size, config.seed)}
     if val_sys:
         samplers["val"] = Sampler(val_sys, config.validation.batch_size, config.seed + 1)
+    data = data_fingerprint(train_sys)
     if restart is None:
         model, step = initial_model(config, train_sys, samplers["trn"]), 0
     else:
         model, state = load_checkpoint(restart)
-        if model.descriptor.config != config.descriptor or tuple(model.type_map) != config.type_map:
-            raise ValueError(f"checkpoint {restart} holds a model of another shape than the input describes: "
-                             f"{model.type_map} {model.descriptor.config} vs {list(config.type_map)} {config.descriptor}")
-        step = int(state["step"])
-        for name, sampler in samplers.items():
-            sampler.restore({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "_")})
+        step = _restore(model, state, config, samplers, data, restart)
     opt = Adam(model.params())
     if restart is not None:
         restore_optimizer(opt, state)
-    return train_sys, val_sys, samplers, model, opt, step
+    return train_sys, val_sys, samplers, model, opt, step, data
 
 
-def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True) -> TrainResult:
-    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output."""
+class OutputPlan(NamedTuple):
+    """Where a run writes, checked before any data is read (:func:`plan_outputs`)."""
+
+    lcurve: Path  # workdir/disp_file
+    head: str  # what lcurve.out starts with: the header, or the kept lines of a resumed curve
+    replace_lcurve: bool  # the first write replaces an existing lcurve.out
+    inputs: tuple[Path, ...]  # the training and validation systems: no output may touch them
+
+
+def _later_checkpoints(stem: Path, step: int) -> list[str]:
+    """Complete checkpoints <stem>-<k> in stem's folder with k > step (a run that went further)."""
+    later = []
+    for npz in stem.parent.glob(f"{stem.name}-*.npz"):
+        k = npz.name[len(stem.name) + 1:-len(".npz")]
+        if k.isdigit() and int(k) > step and checkpoint_files(npz.with_suffix(""))[0].exists():
+            later.append((int(k), npz.with_suffix("").name))
+    return [name for _, name in sorted(later)]
+
+
+def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int, overwrite: bool) -> OutputPlan:
+    """Refuse, before any data is read, a run that would write over anything but its own outputs.
+
+    A fresh run refuses an existing lcurve.out, lcurve.png, checkpoint or model unless ``overwrite``
+    (and then only minidp's own files of that kind). A restart continues its curve (dropping the
+    lines after its checkpoint: a killed run's tail) but refuses to go back behind a later complete
+    checkpoint (a finished or longer run: its lines, checkpoints and model would be lost) unless
+    ``overwrite``; restarting into a new ``workdir`` keeps everything. It also refuses a numb_steps
+    below the checkpoint's step.
+    """
+    n = config.numb_steps
+    if start > n:
+        raise ValueError(f"checkpoint {restart} is at step {start}, beyond numb_steps {n}: nothing to train "
+                         f"(give --numb-steps of at least {start}, or restart from an earlier checkpoint)")
+    inputs = tuple(config.training.systems) + (tuple(config.validation.systems) if config.validation else ())
+    stem = workdir / config.save_ckpt
+    later = _later_checkpoints(stem, start) if restart is not None else []
+    if later and not overwrite:
+        raise ValueError(f"{workdir} holds checkpoints after step {start} ({', '.join(later)}): restarting there "
+                         "would replace them, their lines of the learning curve and the model; restart "
+                         "into a new --workdir, or give --overwrite")
+    keep = restart is not None
+    if output is not None:
+        check_output(output, "model", inputs + checkpoint_files(_checkpoint_path(restart)) if keep else inputs,
+                     overwrite)
+    for t in range(start + 1, n + 1):
+        if t % config.save_freq == 0 or t == n:
+            dp_file, npz_file = checkpoint_files(stem.parent / f"{stem.name}-{t}")
+            check_output(dp_file, "model", inputs, overwrite or not npz_file.exists())
+            check_output(npz_file, "checkpoint", inputs, overwrite)
+    check_output(workdir / "lcurve.png", "png", inputs, overwrite or keep)
+    lcurve = workdir / config.disp_file
+    virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
+    if keep and lcurve.exists():
+        check_output(lcurve, "lcurve", inputs, True)
+        kept = kept_lcurve(lcurve, start)
+        own = _checkpoint_path(restart).parent.resolve() == workdir.resolve()
+        if not own and not overwrite and kept != lcurve.read_text():
+            # dropping lines is resuming only for the run the checkpoint belongs to
+            raise ValueError(f"{lcurve} holds lines after step {start} of a run the checkpoint {restart} is not "
+                             "from; restart into a new --workdir, or give --overwrite")
+        return OutputPlan(lcurve, kept, True, inputs)
+    check_output(lcurve, "lcurve", inputs, overwrite)
+    head = "# " + " ".join(lcurve_columns(config.validation is not None, virial)) + "\n"
+    return OutputPlan(lcurve, head, overwrite, inputs)
+
+
+def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True,
+          overwrite: bool = False) -> TrainResult:
+    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output.
+
+    Nothing a user made is written over (:func:`plan_outputs`); ``overwrite`` replaces minidp's own
+    outputs of an earlier run."""
     import time
 
     from tqdm import tqdm
@@ -502,22 +709,19 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
         # refused now, not after hours of training
         raise ValueError(f"cannot write {Path(output).suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    begin = 0 if restart is None else int(load_checkpoint_state(restart)["step"])
+    plan = plan_outputs(config, output, workdir, restart, begin, overwrite)
     keep_freed_memory()
-    train_sys, val_sys, samplers, model, opt, start = _setup(config, restart)
+    train_sys, val_sys, samplers, model, opt, start, data = _setup(config, restart)
     cfg, n = config.descriptor, config.numb_steps
     virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
-    lcurve = workdir / config.disp_file
-    if restart is None or not lcurve.exists():
-        lcurve.write_text("# " + " ".join(lcurve_columns(bool(val_sys), virial)) + "\n")
-    else:
-        trim_lcurve(lcurve, start)
+    head = plan.head
     times, last = [], {}
     bar = tqdm(total=n, initial=start, disable=not progress, unit="step", desc="training")
     for step in range(start, n + 1):
         # a checkpoint holds the state at the top of a step: resuming from it repeats nothing
         if step > start and (step % config.save_freq == 0 or step == n):
-            save_checkpoint(workdir / config.save_ckpt, step, model, opt, samplers)
+            save_checkpoint(workdir / config.save_ckpt, step, model, opt, samplers, data, overwrite)
         lr = exp_decay(step, config.start_lr, config.stop_lr, config.decay_steps, n)
         pref = prefactors(config.loss, lr, config.start_lr)
         t0 = time.perf_counter()
@@ -529,8 +733,8 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
             last = {"trn": value}
             if val_sys:
                 last["val"] = validation_errors(model, val_sys, samplers["val"], config, pref)
-            with open(lcurve, "a") as fh:
-                fh.write(lcurve_line(step, last, lr, virial))
+            write_lcurve_line(plan.lcurve, lcurve_line(step, last, lr, virial), head, plan.replace_lcurve)
+            head = None
             bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
         if step < n:
             t0 = time.perf_counter()
@@ -539,6 +743,6 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
             bar.update(1)
     bar.close()
     if output is not None:
-        save_model(output, model)
-    plot_lcurves({"minidp": lcurve}, workdir / "lcurve.png")
+        save_model(output, model, overwrite=overwrite, inputs=plan.inputs)
+    plot_lcurves({"minidp": plan.lcurve}, workdir / "lcurve.png")
     return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), np.array(times), last)

@@ -102,7 +102,7 @@ def test_dp_test_figures_on_the_water_model(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["eval", "-m", "missing.dp", "-s", ".", "-o", "x"], "model file missing.dp does not exist"),
+    (["eval", "-m", "missing.dp", "-s", "nosuch", "-o", "x"], "model file missing.dp does not exist"),
     (["info", "model.txt"], "unknown model file type '.txt'"),
     (["eval", "-m", "{model}", "-s", "no/such/system", "-o", "x"], "system no/such/system does not exist"),
 ])

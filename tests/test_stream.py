@@ -190,8 +190,10 @@ def test_failed_run_leaves_no_output(dp, system, tmp_path):
     # an earlier output stays as it was
     write_labelled_stream(dp, system, tmp_path / "labelled", 5)
     before = np.load(tmp_path / "labelled" / "set.000" / "energy.npy")
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        write_labelled_stream(dp, system, tmp_path / "labelled", 2)
     with pytest.raises(RuntimeError, match="injected failure"):
-        write_labelled_stream(_FailingDeepPot(dp), system, tmp_path / "labelled", 2)
+        write_labelled_stream(_FailingDeepPot(dp), system, tmp_path / "labelled", 2, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labelled"]
     np.testing.assert_array_equal(np.load(tmp_path / "labelled" / "set.000" / "energy.npy"), before)
 

@@ -97,7 +97,7 @@ def test_the_water_input_is_read_as_deepmd_kit_means_it():
     (lambda d: d["training"].pop("numb_steps"), r"training/numb_steps is required"),
     (lambda d: d["training"]["training_data"].update(batch_size=0), r"batch_size must be a positive integer"),
     (lambda d: d["model"].update(type_map=["O"]), r"type_map \['O'\] has 1 types but sel has 2"),
-    (lambda d: d["model"]["descriptor"].pop("rcut"), r"model/descriptor needs 'rcut'"),
+    (lambda d: d["model"]["descriptor"].pop("rcut"), r"input: model/descriptor/rcut is required"),
     (lambda d: d.pop("loss"), r"input: loss must be a section"),
 ])
 def test_unsupported_or_bad_input_is_refused_by_name(edit, message):
@@ -204,9 +204,13 @@ def test_restart_continues_exactly(data_dir, tmp_path):
             np.testing.assert_array_equal(p[k], q[k])
     # the lcurve of a restart in a fresh folder starts at the checkpoint's step
     assert read_lcurve(tmp_path / "b" / "lcurve.out")["step"][0] == 4
-    # in the run's own folder the lines after the checkpoint are replaced, not repeated
+    # in the run's own folder, behind its step-6 checkpoint: refused, or (--overwrite) the lines after
+    # the checkpoint are replaced, not repeated
     before = (tmp_path / "a" / "lcurve.out").read_text()
-    train(config, None, tmp_path / "a", restart=tmp_path / "a" / "model.ckpt-3", progress=False)
+    with pytest.raises(ValueError, match=r"holds checkpoints after step 3 \(model.ckpt-6\)"):
+        train(config, None, tmp_path / "a", restart=tmp_path / "a" / "model.ckpt-3", progress=False)
+    assert (tmp_path / "a" / "lcurve.out").read_text() == before
+    train(config, None, tmp_path / "a", restart=tmp_path / "a" / "model.ckpt-3", progress=False, overwrite=True)
     assert (tmp_path / "a" / "lcurve.out").read_text() == before
 
 
@@ -266,5 +270,5 @@ def test_restart_with_another_model_shape_is_refused(data_dir, tmp_path):
     train(config, None, tmp_path, progress=False)
     d = _input(6)
     d["model"]["descriptor"]["neuron"] = [4, 4]
-    with pytest.raises(ValueError, match=r"checkpoint .* holds a model of another shape than the input describes"):
+    with pytest.raises(ValueError, match=r"checkpoint .* does not match the input: model/descriptor/neuron \(4, 4\) \(checkpoint: \(4, 8\)\)"):
         train(parse_input(d, data_dir), None, tmp_path / "b", restart=tmp_path / "model.ckpt-3", progress=False)
