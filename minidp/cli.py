@@ -174,11 +174,47 @@ def _add_model_commands(sub) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def _cmd_model_devi(args) -> int:
+    """Model deviation of an ensemble on each system, appended to the output as dp model-devi writes it."""
+    from minidp.model_devi import Ensemble, expand_systems, system_deviations, write_model_devi
+
+    ensemble = Ensemble(args.models, batch_size=args.batch_size)
+    blocks = []
+    for path in expand_systems(args.system):
+        steps, devi = system_deviations(ensemble, path, frequency=args.frequency, real_error=args.real_error,
+                                        relative=args.relative, relative_v=args.relative_v, atomic=args.atomic)
+        blocks.append((path, steps, devi))
+        print(f"{path}: {len(steps)} frames, max_devi_f up to {devi[:, 3].max():.3e}")
+    write_model_devi(args.output, blocks, atomic=args.atomic)
+    print(f"{len(blocks)} system(s) -> {args.output}")
+    return 0
+
+
+def _add_model_devi(sub) -> None:
+    p = sub.add_parser("model-devi", help="model deviation of an ensemble, like `dp model-devi`")
+    p.add_argument("-m", "--models", nargs="+", required=True, help="2 or more models (.dp, .yaml, .json)")
+    p.add_argument("-s", "--system", nargs="+", required=True,
+                   help="systems (deepmd/npy folders or deepmd/hdf5 files); folders are searched for type.raw")
+    p.add_argument("-o", "--output", default="model_devi.out", help="output file, appended to (default: model_devi.out)")
+    p.add_argument("-f", "--frequency", type=int, default=1, help="steps between frames: step = frame * FREQ")
+    p.add_argument("--real_error", action="store_true", help="RMS error against the systems' labels instead")
+    p.add_argument("--atomic", action="store_true", help="also write the force deviation of every atom")
+    p.add_argument("--relative", type=float, default=None, metavar="L",
+                   help="relative force deviation: divided by |<F_i>| + L")
+    p.add_argument("--relative_v", type=float, default=None, metavar="L",
+                   help="relative virial deviation, per component: divided by |<W_c/natoms>| + L, as "
+                        "deepmd-kit's C++ (LAMMPS) compute_relative_std; deepmd-kit 3.2's Python divides "
+                        "by the norm of the 9 components and fails on more than one frame")
+    p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk (default: from free memory)")
+    p.set_defaults(func=_cmd_model_devi)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_train(sub)
+    _add_model_devi(sub)
     _add_tutorial(sub)
     return parser
 

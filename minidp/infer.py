@@ -288,33 +288,43 @@ class DeepPot:
                     bar.update()
                     yield done, future.result()
 
-    def _predict(self, frames: Frames) -> Iterator[tuple[slice, Prediction]]:
-        """(frame slice, Prediction) per group of whole frames, summing the atom chunks of big frames."""
-        nf, natoms, _ = frames.coords.shape
+    def _predict(self, frames: Frames, models: tuple[EnergyModel, ...] | None = None
+                 ) -> Iterator[tuple[slice, Prediction]]:
+        """(frame slice, Prediction) per group of whole frames, summing the atom chunks of big frames.
 
-        def work(nl: NeighborList, chunk: Chunk) -> tuple[np.ndarray | None, Prediction]:
+        With ``models`` (an ensemble sharing this model's rcut and sel), each
+        chunk's neighbour list serves all of them and a tuple of Predictions
+        (one per model) is yielded instead.
+        """
+        nf, natoms, _ = frames.coords.shape
+        many = models is not None
+        models = models if many else (self.model,)
+
+        def work(nl: NeighborList, chunk: Chunk) -> tuple[np.ndarray | None, list[Prediction]]:
             types = frames.atom_types[chunk.atoms]
             if chunk.atoms.stop - chunk.atoms.start == natoms:
-                return None, energy_forces(nl.rij, nl.nlist, types, self.model, self.backend)
+                return None, [energy_forces(nl.rij, nl.nlist, types, m, self.backend) for m in models]
             touched, nlist, first = compact_atoms(nl.nlist, chunk.atoms)
-            return touched, energy_forces(nl.rij, nlist, types, self.model, self.backend, touched.size, first)
+            return touched, [energy_forces(nl.rij, nlist, types, m, self.backend, touched.size, first)
+                             for m in models]
 
-        total = None
-        for chunk, (touched, p) in self._run(frames, work):
+        totals = None
+        for chunk, (touched, ps) in self._run(frames, work):
             if touched is None:
-                yield chunk.frames, p
+                yield chunk.frames, (tuple(ps) if many else ps[0])
                 continue
             # a big frame: add this chunk's share, on the atoms its pairs touch
             if chunk.atoms.start == 0:
-                total = Prediction(np.zeros(1), np.zeros((1, natoms, 3)), np.zeros((1, 9)),
-                                   np.zeros((1, natoms)), np.zeros((1, natoms, 9)))
-            total.energy[:] += p.energy
-            total.virial[:] += p.virial
-            total.force[:, touched] += p.force
-            total.atom_virial[:, touched] += p.atom_virial
-            total.atom_energy[:, chunk.atoms] = p.atom_energy
+                totals = [Prediction(np.zeros(1), np.zeros((1, natoms, 3)), np.zeros((1, 9)),
+                                     np.zeros((1, natoms)), np.zeros((1, natoms, 9))) for _ in models]
+            for total, p in zip(totals, ps):
+                total.energy[:] += p.energy
+                total.virial[:] += p.virial
+                total.force[:, touched] += p.force
+                total.atom_virial[:, touched] += p.atom_virial
+                total.atom_energy[:, chunk.atoms] = p.atom_energy
             if chunk.atoms.stop == natoms:
-                yield chunk.frames, total
+                yield chunk.frames, (tuple(totals) if many else totals[0])
 
     # --- evaluation ---
     def iter_eval(self, coords, cells, atom_types) -> Iterator[tuple[slice, Prediction]]:

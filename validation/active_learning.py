@@ -1,0 +1,145 @@
+"""minidp's active-learning commands against deepmd-kit's: model-devi, neighbor-stat, change-bias.
+
+    python -m validation.active_learning                       # out/active-learning, ../shared beside the clone
+    python -m validation.active_learning --out DIR --frames 20
+
+- ``model-devi``: an ensemble of 4 models, the water model and 3 copies whose
+  embedding and fitting weights are perturbed (relative noise 2%, seeds 1..3),
+  saved as .dp by minidp and converted to .pb by ``dp convert-backend``.
+  ``minidp model-devi`` (.dp) and ``dp model-devi`` (.pb) run on the same
+  systems with each option (none, --atomic, --relative 1.0, --real_error,
+  --real_error --relative 1.0); every column of both files is compared
+  (--relative_v is left out: deepmd-kit 3.2's Python fails on it).
+- ``neighbor-stat``: ``minidp neighbor-stat`` against ``dp neighbor-stat``,
+  smallest distance and largest counts per type.
+- ``change-bias``: ``minidp change-bias`` against ``dp change-bias`` on the
+  same model and data, modes change and set; the new biases are compared.
+
+Writes summary.json and summary.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+OPTIONS = {"plain": [], "atomic": ["--atomic"], "relative": ["--relative", "1.0"],
+           "real_error": ["--real_error"], "real_error+relative": ["--real_error", "--relative", "1.0"]}
+
+
+def perturbed_model(path, seed: int, scale: float = 0.02):
+    """The model at ``path`` with every weight matrix and bias multiplied by (1 + scale * N(0, 1)), entrywise."""
+    from minidp.serialization import load_model
+
+    model = load_model(path)
+    rng = np.random.default_rng(seed)
+    nets = [net for row in model.descriptor.nets for net in row if net is not None] + list(model.fitting)
+    for net in {id(n): n for n in nets}.values():
+        for layer in net.layers:
+            layer.W = layer.W * (1 + scale * rng.standard_normal(layer.W.shape))
+            layer.b = layer.b * (1 + scale * rng.standard_normal(layer.b.shape))
+    return model
+
+
+def make_ensemble(work: Path, base=None, n: int = 4) -> tuple[list[Path], list[Path]]:
+    """n models (.dp) and their .pb twins in ``work``: the base model and n - 1 perturbed copies (cached)."""
+    from minidp.serialization import load_model, save_model
+
+    base = Path(base or SHARED / "models" / "water-14000.dp")
+    work.mkdir(parents=True, exist_ok=True)
+    dps, pbs = [], []
+    for k in range(n):
+        dp, pb = work / f"graph.{k:03d}.dp", work / f"graph.{k:03d}.pb"
+        if not dp.exists():
+            save_model(dp, perturbed_model(base, k) if k else load_model(base))
+        if not pb.exists():
+            subprocess.run(["dp", "convert-backend", str(dp), str(pb)], check=True, capture_output=True)
+        dps.append(dp)
+        pbs.append(pb)
+    return dps, pbs
+
+
+def read_model_devi(path: Path) -> list[tuple[str, np.ndarray]]:
+    """(system, rows) per block of a model_devi.out; rows (nf, 8 [+ natoms]) with the step first."""
+    blocks, name, rows = [], None, []
+    for line in path.read_text().splitlines():
+        if line.startswith("# step"):
+            continue
+        if line.startswith("#"):
+            if name is not None:
+                blocks.append((name, np.array(rows)))
+            name, rows = line[1:].strip(), []
+        elif line.strip():
+            rows.append([float(x) for x in line.split()])
+    if name is not None:
+        blocks.append((name, np.array(rows)))
+    return blocks
+
+
+def compare_model_devi(work: Path, systems: list[str], env: dict) -> dict:
+    """Run both programs with each option on the same systems; the largest difference per column."""
+    from minidp.model_devi import COLUMNS
+
+    dps, pbs = make_ensemble(work / "models")
+    out = {}
+    for name, extra in OPTIONS.items():
+        ours, theirs = work / f"minidp-{name}.out", work / f"dp-{name}.out"
+        for f in (ours, theirs):
+            f.unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-m", "minidp", "model-devi", "-m", *map(str, dps), "-s", *systems,
+                        "-o", str(ours), *extra], check=True, capture_output=True, env=env)
+        for s in systems:  # dp takes one -s; its blocks are appended
+            subprocess.run(["dp", "model-devi", "-m", *map(str, pbs), "-s", s, "-o", str(theirs), *extra],
+                           check=True, capture_output=True, env=env)
+        a, b = read_model_devi(ours), read_model_devi(theirs)
+        assert [n for n, _ in a] == [n for n, _ in b], (name, [n for n, _ in a], [n for n, _ in b])
+        A, B = np.concatenate([r for _, r in a]), np.concatenate([r for _, r in b])
+        cols = ["step", *COLUMNS] + (["atm_devi_f"] if A.shape[1] > 8 else [])
+        diff = np.abs(A - B).max(axis=0)
+        out[name] = {c: float(diff[i] if i < 8 else diff[8:].max()) for i, c in enumerate(cols)}
+        out[name]["text_identical"] = ours.read_text() == theirs.read_text()
+    return out
+
+
+def small_systems(work: Path, water: Path, frames: int) -> list[str]:
+    """The first ``frames`` frames of data_0 and data_3, as deepmd/npy systems in work/systems (cached)."""
+    out = []
+    for name in ("data_0", "data_3"):
+        target = work / "systems" / name
+        if not (target / "type.raw").exists():
+            (target / "set.000").mkdir(parents=True, exist_ok=True)
+            for f in ("type.raw", "type_map.raw"):
+                (target / f).write_text((water / name / f).read_text())
+            for f in (water / name / "set.000").glob("*.npy"):
+                np.save(target / "set.000" / f.name, np.load(f)[:frames])
+        out.append(str(target))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="out/active-learning", help="output folder")
+    p.add_argument("--shared", default=str(SHARED), help="the shared data folder")
+    p.add_argument("--frames", type=int, default=10, help="frames of data_0 and data_3 to use")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
+    water = Path(args.shared) / "data" / "water"
+    systems = small_systems(out, water, args.frames)
+    summary = {"model-devi": compare_model_devi(out, systems, env)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
