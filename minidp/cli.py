@@ -209,12 +209,33 @@ def _add_model_devi(sub) -> None:
     p.set_defaults(func=_cmd_model_devi)
 
 
+def _cmd_neighbor_stat(args) -> int:
+    """Smallest neighbour distance and largest neighbour count per type, printed as dp neighbor-stat prints them."""
+    from minidp.neighbor_stat import expand, neighbor_stat
+
+    stat = neighbor_stat(expand(args.system), args.rcut, args.type_map)
+    print(f"min_nbor_dist: {stat.min_nbor_dist:f}")
+    print(f"max_nbor_size: {np.array(stat.max_nbor_size)!s}")
+    return 0
+
+
+def _add_neighbor_stat(sub) -> None:
+    p = sub.add_parser("neighbor-stat", help="smallest neighbour distance and largest neighbour counts, "
+                                             "like `dp neighbor-stat`")
+    p.add_argument("-s", "--system", nargs="+", required=True,
+                   help="systems (deepmd/npy folders, searched for type.raw, or deepmd/hdf5 files)")
+    p.add_argument("-r", "--rcut", type=float, default=6.0, help="cutoff radius (default 6.0)")
+    p.add_argument("-t", "--type-map", nargs="+", default=None, help="type map (default: the systems')")
+    p.set_defaults(func=_cmd_neighbor_stat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_train(sub)
     _add_model_devi(sub)
+    _add_neighbor_stat(sub)
     _add_tutorial(sub)
     return parser
 

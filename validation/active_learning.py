@@ -109,6 +109,36 @@ def compare_model_devi(work: Path, systems: list[str], env: dict) -> dict:
     return out
 
 
+def compare_model_devi_arrays(dps: list[Path], pbs: list[Path], system: str) -> dict:
+    """The columns as numbers (not printed): deepmd-kit's calc_model_devi on the .pb models against
+    minidp's Ensemble on the .dp models, per option; the largest absolute difference per column."""
+    from deepmd.infer import DeepPot as DeepmdPot
+    from deepmd.infer.model_devi import calc_model_devi
+
+    from minidp.model_devi import COLUMNS, Ensemble
+    from minidp.stream import lazy_system, read_frames
+
+    lazy = lazy_system(system)
+    block = read_frames(lazy, 0, lazy.nframes)
+    nf, natoms = block.coords.shape[:2]
+    coords, cells, types = block.coords.reshape(nf, -1), block.cells.reshape(nf, 9), lazy.atom_types
+    # the water systems have no virial labels: deepmd-kit reads them as zeros
+    labels = {"energy": block.labels["energy"], "force": block.labels["force"], "virial": np.zeros((nf, 9))}
+    real_data = {"energy": labels["energy"][:, None] / natoms, "force": labels["force"], "virial": labels["virial"] / natoms}
+    theirs_models, ours_models = [DeepmdPot(str(p)) for p in pbs], Ensemble(dps)
+    out = {}
+    for name, real, relative in (("atomic", False, None), ("atomic+relative", False, 1.0),
+                                 ("atomic+real_error", True, None), ("atomic+real_error+relative", True, 1.0)):
+        theirs = calc_model_devi(coords, cells, types, theirs_models, atomic=True, relative=relative,
+                                 real_data=real_data if real else None)
+        ours = ours_models.eval(coords, cells, types, atomic=True, relative=relative, real=labels if real else None)
+        diff = np.abs(ours.devi - theirs[:, 1:])
+        out[name] = {c: float(diff[:, i].max()) for i, c in enumerate(COLUMNS)}
+        out[name]["atm_devi_f"] = float(diff[:, 7:].max())
+        out[name]["largest value"] = float(np.abs(theirs[:, 1:]).max())
+    return out
+
+
 def small_systems(work: Path, water: Path, frames: int) -> list[str]:
     """The first ``frames`` frames of data_0 and data_3, as deepmd/npy systems in work/systems (cached)."""
     out = []
@@ -135,7 +165,9 @@ def main(argv=None) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3")
     water = Path(args.shared) / "data" / "water"
     systems = small_systems(out, water, args.frames)
-    summary = {"model-devi": compare_model_devi(out, systems, env)}
+    summary = {"model-devi (files)": compare_model_devi(out, systems, env)}
+    dps, pbs = make_ensemble(out / "models")
+    summary["model-devi (numbers)"] = compare_model_devi_arrays(dps, pbs, systems[0])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
