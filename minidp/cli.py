@@ -229,6 +229,34 @@ def _add_neighbor_stat(sub) -> None:
     p.set_defaults(func=_cmd_neighbor_stat)
 
 
+def _cmd_change_bias(args) -> int:
+    """A model with its per-type energy bias changed from data (or set from -b), like dp change-bias."""
+    from minidp.change_bias import change_bias
+    from minidp.neighbor_stat import expand
+
+    systems = expand(args.system) if args.system else ()
+    old, new = change_bias(args.model, args.output, systems, args.mode, args.numb_batch, args.bias_value)
+    print(f"bias per type changed from {old} to {new}; model written to {args.output}")
+    return 0
+
+
+def _add_change_bias(sub) -> None:
+    p = sub.add_parser("change-bias", help="change the per-type energy bias from data, like `dp change-bias`")
+    p.add_argument("model", help="model file (.dp, .yaml, .json; .pb/.pth with deepmd-kit)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-s", "--system", nargs="+", help="labelled systems (deepmd/npy folders, searched for "
+                                                          "type.raw, or deepmd/hdf5 files)")
+    source.add_argument("-b", "--bias-value", type=float, nargs="+", default=None,
+                        help="the new bias of each type of the model's type map, e.g. -93.57 -187.1")
+    p.add_argument("-o", "--output", required=True, help="the model after the change (.dp, .yaml, .json)")
+    p.add_argument("-m", "--mode", choices=["change", "set"], default="change",
+                   help="change: add the least-squares shift of the residuals (label - model); "
+                        "set: the least-squares bias of the labels alone (default: change)")
+    p.add_argument("-n", "--numb-batch", type=int, default=0,
+                   help="frames used from each system, the first ones (default 0: all)")
+    p.set_defaults(func=_cmd_change_bias)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_model_devi(sub)
     _add_neighbor_stat(sub)
+    _add_change_bias(sub)
     _add_tutorial(sub)
     return parser
 

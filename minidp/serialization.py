@@ -251,6 +251,12 @@ def load_model(path) -> EnergyModel:
     return model_from_dict(read_model_dict(path))
 
 
+def read_min_nbor_dist(path) -> float | None:
+    """The smallest neighbour distance stored with a model (top-level @variables), or None."""
+    value = read_model_dict(path).get("@variables", {}).get("min_nbor_dist")
+    return None if value is None else float(np.asarray(value))
+
+
 # ---------------------------------------------------------------------------
 # EnergyModel -> model dict -> file (the reverse, for models minidp makes)
 # ---------------------------------------------------------------------------
@@ -338,8 +344,13 @@ def _encode_arrays(obj):
     return obj
 
 
-def save_model(path, model: EnergyModel) -> None:
-    """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically."""
+def save_model(path, model: EnergyModel, min_nbor_dist: float | None = None) -> None:
+    """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically.
+
+    min_nbor_dist (the data's smallest neighbour distance, minidp.neighbor_stat)
+    goes where deepmd-kit keeps it, the file's top-level @variables: model
+    compression reads it there.
+    """
     from minidp import __version__
     from minidp.data import atomic_path
 
@@ -349,6 +360,8 @@ def save_model(path, model: EnergyModel) -> None:
         raise ValueError(f"cannot write {path.suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
             "model_def_script": {}, "@variables": {}}
+    if min_nbor_dist is not None:
+        data["@variables"]["min_nbor_dist"] = np.array(float(min_nbor_dist))  # a dataset, as deepmd-kit writes it
     with atomic_path(path) as tmp:
         if suffix == ".dp":
             _write_hdf5(tmp, data)

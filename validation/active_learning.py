@@ -12,8 +12,11 @@
   (--relative_v is left out: deepmd-kit 3.2's Python fails on it).
 - ``neighbor-stat``: ``minidp neighbor-stat`` against ``dp neighbor-stat``,
   smallest distance and largest counts per type.
-- ``change-bias``: ``minidp change-bias`` against ``dp change-bias`` on the
-  same model and data, modes change and set; the new biases are compared.
+- ``change-bias``: ``minidp change-bias`` against ``dp --tf change-bias`` on
+  the same model (a TensorFlow checkpoint trained 1 step, frozen for minidp:
+  deepmd-kit's TensorFlow change-bias takes checkpoints only, and its
+  PyTorch backend does not load beside torch 2.13) and data, modes change
+  and set and -b; the new biases are compared.
 
 Writes summary.json and summary.md to --out.
 """
@@ -139,6 +142,43 @@ def compare_model_devi_arrays(dps: list[Path], pbs: list[Path], system: str) -> 
     return out
 
 
+def tf_checkpoint(work: Path, systems: list[str], env: dict) -> Path:
+    """A deepmd-kit TensorFlow checkpoint (dp change-bias changes checkpoints, not .pb files): the shared
+    water input trained for 1 step on ``systems``, and its frozen model.pb (cached)."""
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "model.pb").exists():
+        d = json.loads((SHARED / "models" / "input.json").read_text())
+        tr = d["training"]
+        tr["training_data"]["systems"] = list(systems)
+        tr["validation_data"]["systems"] = list(systems[:1])
+        tr.update(numb_steps=1, disp_freq=1, save_freq=1)
+        (work / "input.json").write_text(json.dumps(d, indent=1))
+        subprocess.run(["dp", "--tf", "train", "input.json"], cwd=work, env=env, check=True, capture_output=True)
+        subprocess.run(["dp", "--tf", "freeze", "-o", "model.pb"], cwd=work, env=env, check=True, capture_output=True)
+    return work / "model.pb"
+
+
+def compare_change_bias(work: Path, systems: list[str], env: dict) -> dict:
+    """minidp change-bias (on the frozen model) against dp --tf change-bias (on its checkpoint): the new
+    bias per type, for modes change and set and for -b."""
+    from minidp.serialization import load_model
+
+    pb = tf_checkpoint(work, systems, env)
+    out = {}
+    for name, args in (("change", ["-m", "change"]), ("set", ["-m", "set"]), ("-b", ["-b", "-93.5", "-187.25"])):
+        data = ["-s", *systems] if name != "-b" else []
+        ours, theirs = work / f"minidp-{name}.dp", work / f"dp-{name}.pb"
+        subprocess.run([sys.executable, "-m", "minidp", "change-bias", str(pb), *args, *data, "-o", str(ours)],
+                       check=True, capture_output=True, env=env)
+        # dp takes one -s folder and searches it for systems
+        data = ["-s", str(Path(systems[0]).parent)] if name != "-b" else []
+        subprocess.run(["dp", "--tf", "change-bias", str(work / "model.ckpt"), *args, *data, "-o", str(theirs)],
+                       cwd=work, check=True, capture_output=True, env=env)
+        a, b = load_model(ours).bias, load_model(theirs).bias
+        out[name] = {"minidp": a.tolist(), "deepmd-kit": b.tolist(), "max_abs_diff": float(np.abs(a - b).max())}
+    return out
+
+
 def small_systems(work: Path, water: Path, frames: int) -> list[str]:
     """The first ``frames`` frames of data_0 and data_3, as deepmd/npy systems in work/systems (cached)."""
     out = []
@@ -168,6 +208,7 @@ def main(argv=None) -> int:
     summary = {"model-devi (files)": compare_model_devi(out, systems, env)}
     dps, pbs = make_ensemble(out / "models")
     summary["model-devi (numbers)"] = compare_model_devi_arrays(dps, pbs, systems[0])
+    summary["change-bias"] = compare_change_bias(out / "change-bias", systems, env)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
