@@ -121,7 +121,8 @@ def _cmd_train(args) -> int:
         from dataclasses import replace
 
         config = replace(config, numb_steps=args.numb_steps)
-    result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet)
+    result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet,
+                   init_model=args.init_model)
     rows = [f"{s}: rmse_e {v.rmse_e:.3e} eV/atom  rmse_f {v.rmse_f:.3e} eV/A" for s, v in result.last.items()]
     print(f"trained {config.numb_steps} steps, {result.seconds_per_step:.4f} s/step; last line: " + "; ".join(rows))
     print(f"model written to {args.output}; learning curve in {args.workdir}/{config.disp_file} and lcurve.png")
@@ -133,6 +134,7 @@ def _add_train(sub) -> None:
     p.add_argument("input", help="deepmd-kit training input (JSON); systems relative to its folder")
     p.add_argument("-o", "--output", required=True, help="trained model: .dp, .yaml or .json (deepmd-kit's serialization)")
     p.add_argument("--restart", default=None, help="resume from a checkpoint (<save_ckpt>-<step>, its .dp or .npz)")
+    p.add_argument("--init-model", default=None, help="start from this trained model's weights (step 0)")
     p.add_argument("--workdir", default=".", help="folder for lcurve.out, checkpoints and lcurve.png (default: .)")
     p.add_argument("--numb-steps", type=int, default=None, help="override training/numb_steps")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

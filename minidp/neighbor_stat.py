@@ -77,9 +77,31 @@ def estimate_sel(coords, cells, types: np.ndarray, rcut: float, ntypes: int) -> 
     return [int(1.5 * c * sphere / volume) + 8 for c in counts]
 
 
+def stat_blocks(blocks, rcut: float, ntypes: int) -> NeighborStat:
+    """d_min and N_t over blocks (coords (nf, nloc, 3), cells (nf, 3, 3) or None, types (nloc,)), in order.
+
+    ``sel`` starts from :func:`estimate_sel` and grows (doubling) until a block's neighbours all fit;
+    it is kept between blocks, so a dataset of alike frames builds each block once.
+    """
+    if not (isinstance(rcut, (int, float)) and not isinstance(rcut, bool) and rcut > 0):
+        raise ValueError(f"rcut must be a positive number, got {rcut!r}")
+    min_r2, counts, sel = START_MIN_R2, np.zeros(ntypes, dtype=int), None
+    for coords, cells, types in blocks:
+        sel = sel or estimate_sel(coords, cells, types, rcut, ntypes)
+        while True:
+            r2, c, complete = block_stat(coords, cells, types, rcut, ntypes, sel)
+            if complete:
+                break
+            sel = [2 * s + 4 for s in sel]
+        if math.isclose(r2, 0.0, abs_tol=1e-12):
+            raise ValueError("two atoms are on the same spot (distance 0); remove the duplicated atoms")
+        min_r2, counts = min(min_r2, r2), np.maximum(counts, c)
+    return NeighborStat(math.sqrt(min_r2), [int(c) for c in counts])
+
+
 def neighbor_stat(systems, rcut: float, type_map: list[str] | None = None, frames_per_block: int = 64,
                   progress: bool | None = None) -> NeighborStat:
-    """d_min and N_t over every frame of every system (deepmd/npy folders or deepmd/hdf5 files).
+    """d_min and N_t over every frame of every system (deepmd/npy folders or deepmd/hdf5 files), streamed.
 
     ``type_map`` numbers the types (default: the first system's type_map.raw,
     then any new names of later systems appended).
@@ -89,33 +111,24 @@ def neighbor_stat(systems, rcut: float, type_map: list[str] | None = None, frame
     from minidp.data import model_types
     from minidp.stream import iter_blocks, lazy_system
 
-    if not (isinstance(rcut, (int, float)) and rcut > 0):
-        raise ValueError(f"rcut must be a positive number, got {rcut!r}")
     lazies = [lazy_system(s) for s in systems]
     if type_map is None:
         type_map = []
         for lazy in lazies:
             type_map += [n for n in lazy.atom_names if n not in type_map]
-    ntypes = len(type_map)
-    min_r2, counts = START_MIN_R2, np.zeros(ntypes, dtype=int)
-    bar = tqdm(total=sum(s.nframes for s in lazies), desc="neighbor-stat", unit="frame", 
+    # disable=None: the bar shows only on a terminal
+    bar = tqdm(total=sum(s.nframes for s in lazies), desc="neighbor-stat", unit="frame",
                disable=None if progress is None else not progress)
-    with bar:
+
+    def blocks():
         for lazy in lazies:
             types = model_types(lazy.atom_names, lazy.atom_types, type_map)
-            sel = None
             for block in iter_blocks(lazy, frames_per_block):
-                sel = sel or estimate_sel(block.coords, block.cells, types, rcut, ntypes)
-                while True:
-                    r2, c, complete = block_stat(block.coords, block.cells, types, rcut, ntypes, sel)
-                    if complete:
-                        break
-                    sel = [2 * s + 4 for s in sel]
-                if r2 < START_MIN_R2 and math.isclose(r2, 0.0, abs_tol=1e-12):
-                    raise ValueError(f"two atoms of {lazy.path} are on the same spot; remove the duplicated atoms")
-                min_r2, counts = min(min_r2, r2), np.maximum(counts, c)
+                yield block.coords, block.cells, types
                 bar.update(block.coords.shape[0])
-    return NeighborStat(math.sqrt(min_r2), [int(c) for c in counts])
+
+    with bar:
+        return stat_blocks(blocks(), rcut, len(type_map))
 
 
 def auto_sel(sel, max_nbor_size: list[int]) -> list[int] | None:
