@@ -17,6 +17,12 @@ size are dropped). When every frame has the same composition the rows are
 proportional and the minimum-norm solution spreads the shift in proportion
 to the type counts, as deepmd-kit's does.
 
+``-n NUMB_BATCH`` takes the first NUMB_BATCH frames of each system (0: all).
+deepmd-kit's TensorFlow change-bias takes NUMB_BATCH frames of its shuffled
+test set, the last set.* folder of each system (its PyTorch path samples
+every set): with -n 0 on systems of one set.* folder, the usual case, all
+three use the same frames.
+
 deepmd-kit stores the new bias in its ``out_bias`` and leaves the fitting's
 ``bias_atom_e``; for ``set`` and ``-b`` its total bias is therefore the new
 value plus bias_atom_e, which is zero in models deepmd-kit's PyTorch backend
