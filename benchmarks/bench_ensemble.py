@@ -1,6 +1,7 @@
 r"""The cost of an ensemble: 4-model model deviation against one model's eval, in one run.
 
     python -m benchmarks.bench_ensemble [--shared ../shared] [--frames 80] [--repeats 3]
+    python -m benchmarks.bench_ensemble --neighbor-stat out/nstat     # memory on 1,000 and 10,000 frames
 
 Four models (the water model and three copies with perturbed weights, made in
 memory by validation.active_learning.perturbed_model) on the first
@@ -59,12 +60,44 @@ def measure(shared: Path, nframes: int, repeats: int) -> dict:
             "load_average": os.getloadavg()}
 
 
+def neighbor_stat_memory(shared: Path, work: Path, nframes_list=(1000, 10000)) -> list[dict]:
+    """Peak memory and time of ``minidp neighbor-stat`` (a fresh process each) on data_0's 80 frames
+    repeated to each size, written as one deepmd/npy system (float32 coordinates, as deepmd-kit's data)."""
+    import subprocess
+
+    system = shared / "data" / "water" / "data_0"
+    rows = []
+    for nf in nframes_list:
+        target = work / f"water-{nf}"
+        if not (target / "set.000" / "coord.npy").exists():
+            (target / "set.000").mkdir(parents=True, exist_ok=True)
+            for name in ("type.raw", "type_map.raw"):
+                (target / name).write_text((system / name).read_text())
+            for name in ("coord.npy", "box.npy"):
+                a = np.load(system / "set.000" / name)
+                np.save(target / "set.000" / name, a[np.arange(nf) % len(a)].astype(np.float32))
+        code = ("import resource, time, sys; from minidp.neighbor_stat import neighbor_stat; t = time.perf_counter(); "
+                f"s = neighbor_stat([{str(target)!r}], 6.0, ['O', 'H'], progress=False); "
+                "print(s.min_nbor_dist, s.max_nbor_size, time.perf_counter() - t, "
+                "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout.split()
+        rows.append({"frames": nf, "min_nbor_dist": float(out[0]), "seconds": float(out[-2]),
+                     "peak_rss_mib": int(out[-1]) / 2**20})
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shared", default=str(ROOT.parent / "shared"))
     p.add_argument("--frames", type=int, default=80)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--neighbor-stat", default=None, metavar="DIR",
+                   help="instead: neighbor-stat's peak memory on 1,000 and 10,000 frames written to DIR")
     args = p.parse_args(argv)
+    if args.neighbor_stat:
+        print(json.dumps(neighbor_stat_memory(Path(args.shared), Path(args.neighbor_stat)), indent=1))
+        return 0
     print(json.dumps(measure(Path(args.shared), args.frames, args.repeats), indent=1))
     return 0
 

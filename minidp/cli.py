@@ -197,7 +197,8 @@ def _add_model_devi(sub) -> None:
     p.add_argument("-m", "--models", nargs="+", required=True, help="2 or more models (.dp, .yaml, .json)")
     p.add_argument("-s", "--system", nargs="+", required=True,
                    help="systems (deepmd/npy folders or deepmd/hdf5 files); folders are searched for type.raw")
-    p.add_argument("-o", "--output", default="model_devi.out", help="output file, appended to (default: model_devi.out)")
+    p.add_argument("-o", "--output", default="model_devi.out",
+                   help="output file, appended to (default: model_devi.out)")
     p.add_argument("-f", "--frequency", type=int, default=1, help="steps between frames: step = frame * FREQ")
     p.add_argument("--real_error", action="store_true", help="RMS error against the systems' labels instead")
     p.add_argument("--atomic", action="store_true", help="also write the force deviation of every atom")

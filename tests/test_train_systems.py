@@ -10,7 +10,8 @@ import pytest
 from minidp import DeepPot
 from minidp.model import new_model
 from minidp.serialization import load_model, read_min_nbor_dist
-from minidp.train import Sampler, batch_sizes, init_from_model, load_systems, numb_batches, parse_input, system_probs, train
+from minidp.train import (Sampler, batch_sizes, init_from_model, load_systems, numb_batches, parse_input,
+                          system_probs, train)
 from tests.test_train import SMALL, _input, _water_frames
 
 

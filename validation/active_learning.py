@@ -127,7 +127,8 @@ def compare_model_devi_arrays(dps: list[Path], pbs: list[Path], system: str) -> 
     coords, cells, types = block.coords.reshape(nf, -1), block.cells.reshape(nf, 9), lazy.atom_types
     # the water systems have no virial labels: deepmd-kit reads them as zeros
     labels = {"energy": block.labels["energy"], "force": block.labels["force"], "virial": np.zeros((nf, 9))}
-    real_data = {"energy": labels["energy"][:, None] / natoms, "force": labels["force"], "virial": labels["virial"] / natoms}
+    real_data = {"energy": labels["energy"][:, None] / natoms, "force": labels["force"],
+                 "virial": labels["virial"] / natoms}
     theirs_models, ours_models = [DeepmdPot(str(p)) for p in pbs], Ensemble(dps)
     out = {}
     for name, real, relative in (("atomic", False, None), ("atomic+relative", False, 1.0),
@@ -199,6 +200,21 @@ def _energy_difference(ours: Path, theirs: Path, system: str) -> float:
     return float(np.abs(DeepPot(ours).eval(*args)[0] - DeepmdPot(str(theirs)).eval(*args)[0]).max())
 
 
+def compare_neighbor_stat(water: Path, rcut: float = 6.0) -> dict:
+    """minidp's neighbor_stat against deepmd-kit's (the function behind dp neighbor-stat, TensorFlow
+    backend) on every frame of the water systems: the distance as a number, the counts."""
+    from deepmd.entrypoints.neighbor_stat import neighbor_stat as deepmd_neighbor_stat
+
+    from minidp.neighbor_stat import expand, neighbor_stat
+
+    d_theirs, n_theirs = deepmd_neighbor_stat(system=str(water), rcut=rcut, type_map=["O", "H"])
+    ours = neighbor_stat(expand([water]), rcut, ["O", "H"], progress=False)
+    return {"min_nbor_dist": {"minidp": ours.min_nbor_dist, "deepmd-kit": float(d_theirs),
+                              "abs_diff": abs(ours.min_nbor_dist - float(d_theirs))},
+            "max_nbor_size": {"minidp": ours.max_nbor_size, "deepmd-kit": [int(n) for n in n_theirs],
+                              "equal": ours.max_nbor_size == [int(n) for n in n_theirs]}}
+
+
 def small_systems(work: Path, water: Path, frames: int) -> list[str]:
     """The first ``frames`` frames of data_0 and data_3, as deepmd/npy systems in work/systems (cached)."""
     out = []
@@ -229,6 +245,7 @@ def main(argv=None) -> int:
     dps, pbs = make_ensemble(out / "models")
     summary["model-devi (numbers)"] = compare_model_devi_arrays(dps, pbs, systems[0])
     summary["change-bias"] = compare_change_bias(out / "change-bias", systems, env)
+    summary["neighbor-stat"] = compare_neighbor_stat(water)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
