@@ -214,9 +214,10 @@ def _add_model_devi(sub) -> None:
 
 def _cmd_neighbor_stat(args) -> int:
     """Smallest neighbour distance and largest neighbour count per type, printed as dp neighbor-stat prints them."""
-    from minidp.neighbor_stat import expand, neighbor_stat
+    from minidp.model_devi import expand_systems
+    from minidp.neighbor_stat import neighbor_stat
 
-    stat = neighbor_stat(expand(args.system), args.rcut, args.type_map)
+    stat = neighbor_stat(expand_systems(args.system), args.rcut, args.type_map)
     print(f"min_nbor_dist: {stat.min_nbor_dist:f}")
     print(f"max_nbor_size: {np.array(stat.max_nbor_size)!s}")
     return 0
@@ -235,9 +236,9 @@ def _add_neighbor_stat(sub) -> None:
 def _cmd_change_bias(args) -> int:
     """A model with its per-type energy bias changed from data (or set from -b), like dp change-bias."""
     from minidp.change_bias import change_bias
-    from minidp.neighbor_stat import expand
+    from minidp.model_devi import expand_systems
 
-    systems = expand(args.system) if args.system else ()
+    systems = expand_systems(args.system) if args.system else ()
     old, new = change_bias(args.model, args.output, systems, args.mode, args.numb_batch, args.bias_value)
     print(f"bias per type changed from {old} to {new}; model written to {args.output}")
     return 0

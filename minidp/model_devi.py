@@ -247,9 +247,13 @@ class Ensemble:
 
 
 def expand_systems(roots) -> list[str]:
-    """Every folder holding a type.raw under each root (the root itself last), as deepmd-kit's -s expands."""
+    """Every folder holding a type.raw under each root (the root itself last), as deepmd-kit's -s expands;
+    a file (deepmd/hdf5, or file.h5#group) is taken as given."""
     found = []
     for root in roots:
+        if Path(str(root).partition("#")[0]).is_file():
+            found.append(str(root))
+            continue
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"system {root} does not exist")

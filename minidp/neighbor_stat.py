@@ -147,12 +147,3 @@ def auto_sel(sel, max_nbor_size: list[int]) -> list[int] | None:
         raise ValueError(f"the factor of sel {sel!r} is not a number") from None
     # deepmd-kit truncates the product to an integer first, then rounds up to a multiple of 4
     return [4 * ((int(n * factor) + 3) // 4) for n in max_nbor_size]
-
-
-def expand(paths) -> list[str]:
-    """Systems under each path (folders with type.raw, searched recursively); files (.h5) as given."""
-    from minidp.model_devi import expand_systems
-
-    files = [str(p) for p in paths if Path(p).is_file()]
-    folders = [p for p in paths if not Path(p).is_file()]
-    return files + (expand_systems(folders) if folders else [])

@@ -205,10 +205,11 @@ def compare_neighbor_stat(water: Path, rcut: float = 6.0) -> dict:
     backend) on every frame of the water systems: the distance as a number, the counts."""
     from deepmd.entrypoints.neighbor_stat import neighbor_stat as deepmd_neighbor_stat
 
-    from minidp.neighbor_stat import expand, neighbor_stat
+    from minidp.model_devi import expand_systems
+    from minidp.neighbor_stat import neighbor_stat
 
     d_theirs, n_theirs = deepmd_neighbor_stat(system=str(water), rcut=rcut, type_map=["O", "H"])
-    ours = neighbor_stat(expand([water]), rcut, ["O", "H"], progress=False)
+    ours = neighbor_stat(expand_systems([water]), rcut, ["O", "H"], progress=False)
     return {"min_nbor_dist": {"minidp": ours.min_nbor_dist, "deepmd-kit": float(d_theirs),
                               "abs_diff": abs(ours.min_nbor_dist - float(d_theirs))},
             "max_nbor_size": {"minidp": ours.max_nbor_size, "deepmd-kit": [int(n) for n in n_theirs],
