@@ -227,7 +227,8 @@ class Ensemble:
         nm = len(self.pots)
         E, F, W = np.empty((nm, nf)), np.empty((nm, nf, natoms, 3)), np.empty((nm, nf, 9))
         for group in self.groups:
-            lead = self.pots[group[0]]
+            # the smallest chunks of the group: its models run one after another on each chunk
+            lead = min((self.pots[k] for k in group), key=lambda dp: dp.batch_size)
             for fs, predictions in lead._predict(frames, tuple(self.pots[k].model for k in group)):
                 for k, p in zip(group, predictions):
                     E[k, fs], F[k, fs], W[k, fs] = p.energy, p.force, p.virial
