@@ -37,7 +37,13 @@ The public API (engineer i13's LAMMPS ensemble imports it):
   formats (``%12d`` step, ``%19.6e`` columns, no delimiter); deepmd-kit
   appends to an existing file, and so does :func:`write_model_devi`;
 - :class:`Ensemble`: several models evaluated together; the models sharing
-  rcut and sel share one neighbour list per chunk.
+  rcut and sel share one neighbour list per chunk. ``Ensemble(models).eval(coords,
+  cells, types, relative=..., relative_v=..., real=..., atomic=...)`` returns an
+  :class:`EnsembleResult` (energy (nm, nf), force (nm, nf, natoms, 3), virial
+  (nm, nf, 9), devi (nf, 7 [+ natoms])); ``predict`` the first three only;
+- :func:`expand_systems` and :func:`system_deviations`: the command's systems
+  (folders searched for type.raw) and one system's steps and columns, read
+  block by block from disk.
 
 Shape symbols: ``nm`` models, ``nf`` frames, ``natoms`` atoms per frame.
 """
