@@ -157,3 +157,18 @@ def test_cli_writes_one_block_per_system(tmp_path):
     assert lines[0] == f"# {tmp_path / 'data' / 'a'}" and lines[1].startswith("# step      max_devi_v")
     assert [int(x.split()[0]) for x in lines[2:5]] == [0, 5, 10] and lines[5] == f"# {tmp_path / 'data' / 'b'}"
     assert len(lines) == 9
+
+
+def test_example_selects_between_trust_levels():
+    """examples/active_learning.py: accurate < lo <= candidate < hi <= failed, as DP-GEN classifies."""
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("al_example", ROOT / "examples" / "active_learning.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    classes = example.select(np.array([0.05, 0.1, 0.2, 0.3, 0.35]), 0.1, 0.3)
+    assert {k: v.tolist() for k, v in classes.items()} == {"accurate": [0], "candidate": [1, 2], "failed": [3, 4]}
+    with pytest.raises(ValueError, match="lo < hi, got lo = 0.3, hi = 0.1"):
+        example.select(np.zeros(2), 0.3, 0.1)
