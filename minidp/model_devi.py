@@ -79,6 +79,7 @@ def force_deviation(forces, relative: float | None = None, real_forces=None) -> 
     F = real_array("forces", forces)
     if F.ndim != 4 or F.shape[-1] != 3:
         raise ValueError(f"forces must have shape (nmodels, nframes, natoms, 3), got {F.shape}")
+    # (nf, natoms, 3) or None
     ref = None if real_forces is None else real_array("real_forces", real_forces).reshape(F.shape[1:])
     # (nf, natoms)
     eps = np.linalg.norm(_spread(F, ref), axis=-1)
@@ -116,6 +117,7 @@ def energy_deviation(energies, natoms: int, real_energies=None) -> np.ndarray:
         E = E[..., 0]
     if E.ndim != 2:
         raise ValueError(f"energies must have shape (nmodels, nframes), got {E.shape}")
+    # (nf,) or None
     ref = None if real_energies is None else real_array("real_energies", real_energies).reshape(-1) / natoms
     return _spread(E / natoms, ref)
 
