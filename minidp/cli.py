@@ -151,7 +151,7 @@ def _cmd_train(args) -> int:
 
         config = replace(config, numb_steps=args.numb_steps)
     result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, init_model=args.init_model)
     rows = [f"{s}: rmse_e {v.rmse_e:.3e} eV/atom  rmse_f {v.rmse_f:.3e} eV/A" for s, v in result.last.items()]
     print(f"trained {config.numb_steps} steps, {result.seconds_per_step:.4f} s/step; last line: " + "; ".join(rows))
     print(f"model written to {args.output}; learning curve in {args.workdir}/{config.disp_file} and lcurve.png")
@@ -163,6 +163,7 @@ def _add_train(sub) -> None:
     p.add_argument("input", help="deepmd-kit training input (JSON); systems relative to its folder")
     p.add_argument("-o", "--output", required=True, help="trained model: .dp, .yaml or .json (deepmd-kit's serialization)")
     p.add_argument("--restart", default=None, help="resume from a checkpoint (<save_ckpt>-<step>, its .dp or .npz)")
+    p.add_argument("--init-model", default=None, help="start from this trained model's weights (step 0)")
     p.add_argument("--workdir", default=".", help="folder for lcurve.out, checkpoints and lcurve.png (default: .)")
     p.add_argument("--numb-steps", type=int, default=None, help="override training/numb_steps")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -214,11 +215,104 @@ def _add_model_commands(sub) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def _cmd_model_devi(args) -> int:
+    """Model deviation of an ensemble on each system, appended to the output as dp model-devi writes it."""
+    from minidp.data import check_output
+    from minidp.model_devi import Ensemble, expand_systems, system_deviations, write_model_devi
+
+    inputs = (*args.models, *args.system)
+    check_output(args.output, "model_devi", inputs, overwrite=True)  # appends only to a model_devi file
+    ensemble = Ensemble(args.models, batch_size=args.batch_size)
+    blocks = []
+    for path in expand_systems(args.system):
+        steps, devi = system_deviations(ensemble, path, frequency=args.frequency, real_error=args.real_error,
+                                        relative=args.relative, relative_v=args.relative_v, atomic=args.atomic)
+        blocks.append((path, steps, devi))
+        print(f"{path}: {len(steps)} frames, max_devi_f up to {devi[:, 3].max():.3e}")
+    write_model_devi(args.output, blocks, atomic=args.atomic, inputs=inputs)
+    print(f"{len(blocks)} system(s) -> {args.output}")
+    return 0
+
+
+def _add_model_devi(sub) -> None:
+    p = sub.add_parser("model-devi", help="model deviation of an ensemble, like `dp model-devi`")
+    p.add_argument("-m", "--models", nargs="+", required=True, help="2 or more models (.dp, .yaml, .json)")
+    p.add_argument("-s", "--system", nargs="+", required=True,
+                   help="systems (deepmd/npy folders or deepmd/hdf5 files); folders are searched for type.raw")
+    p.add_argument("-o", "--output", default="model_devi.out",
+                   help="output file, appended to (default: model_devi.out)")
+    p.add_argument("-f", "--frequency", type=int, default=1, help="steps between frames: step = frame * FREQ")
+    p.add_argument("--real_error", action="store_true", help="RMS error against the systems' labels instead")
+    p.add_argument("--atomic", action="store_true", help="also write the force deviation of every atom")
+    p.add_argument("--relative", type=float, default=None, metavar="L",
+                   help="relative force deviation: divided by |<F_i>| + L")
+    p.add_argument("--relative_v", type=float, default=None, metavar="L",
+                   help="relative virial deviation, per component: divided by |<W_c/natoms>| + L, as "
+                        "deepmd-kit's C++ (LAMMPS) compute_relative_std; deepmd-kit 3.2's Python divides "
+                        "by the norm of the 9 components and fails on more than one frame")
+    p.add_argument("--batch-size", type=int, default=None, help="atoms per chunk (default: from free memory)")
+    p.set_defaults(func=_cmd_model_devi)
+
+
+def _cmd_neighbor_stat(args) -> int:
+    """Smallest neighbour distance and largest neighbour count per type, printed as dp neighbor-stat prints them."""
+    from minidp.model_devi import expand_systems
+    from minidp.neighbor_stat import neighbor_stat
+
+    stat = neighbor_stat(expand_systems(args.system), args.rcut, args.type_map)
+    print(f"min_nbor_dist: {stat.min_nbor_dist:f}")
+    print(f"max_nbor_size: {np.array(stat.max_nbor_size)!s}")
+    return 0
+
+
+def _add_neighbor_stat(sub) -> None:
+    p = sub.add_parser("neighbor-stat", help="smallest neighbour distance and largest neighbour counts, "
+                                             "like `dp neighbor-stat`")
+    p.add_argument("-s", "--system", nargs="+", required=True,
+                   help="systems (deepmd/npy folders, searched for type.raw, or deepmd/hdf5 files)")
+    p.add_argument("-r", "--rcut", type=float, default=6.0, help="cutoff radius (default 6.0)")
+    p.add_argument("-t", "--type-map", nargs="+", default=None, help="type map (default: the systems')")
+    p.set_defaults(func=_cmd_neighbor_stat)
+
+
+def _cmd_change_bias(args) -> int:
+    """A model with its per-type energy bias changed from data (or set from -b), like dp change-bias."""
+    from minidp.change_bias import change_bias
+    from minidp.model_devi import expand_systems
+
+    systems = expand_systems(args.system) if args.system else ()
+    old, new = change_bias(args.model, args.output, systems, args.mode, args.numb_batch, args.bias_value,
+                           args.overwrite)
+    print(f"bias per type changed from {old} to {new}; model written to {args.output}")
+    return 0
+
+
+def _add_change_bias(sub) -> None:
+    p = sub.add_parser("change-bias", help="change the per-type energy bias from data, like `dp change-bias`")
+    p.add_argument("model", help="model file (.dp, .yaml, .json; .pb/.pth with deepmd-kit)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-s", "--system", nargs="+", help="labelled systems (deepmd/npy folders, searched for "
+                                                          "type.raw, or deepmd/hdf5 files)")
+    source.add_argument("-b", "--bias-value", type=float, nargs="+", default=None,
+                        help="the new bias of each type of the model's type map, e.g. -93.57 -187.1")
+    p.add_argument("-o", "--output", required=True, help="the model after the change (.dp, .yaml, .json)")
+    p.add_argument("-m", "--mode", choices=["change", "set"], default="change",
+                   help="change: add the least-squares shift of the residuals (label - model); "
+                        "set: the least-squares bias of the labels alone (default: change)")
+    p.add_argument("-n", "--numb-batch", type=int, default=0,
+                   help="frames used from each system, the first ones (default 0: all)")
+    _overwrite_option(p)
+    p.set_defaults(func=_cmd_change_bias)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_train(sub)
+    _add_model_devi(sub)
+    _add_neighbor_stat(sub)
+    _add_change_bias(sub)
     _add_tutorial(sub)
     return parser
 

@@ -106,7 +106,7 @@ FOLDER_KINDS = {
     "plots": ("parity-*.png",),
 }
 # "any": scripts' own results (validation, benchmarks), replaced whatever they hold
-FILE_KINDS = ("model", "png", "npy", "lcurve", "checkpoint", "any")
+FILE_KINDS = ("model", "png", "npy", "lcurve", "checkpoint", "model_devi", "any")
 
 
 def _is_previous_output(target: Path, kind: str) -> bool:
@@ -133,6 +133,9 @@ def _is_previous_output(target: Path, kind: str) -> bool:
         return head.startswith(b"\x93NUMPY")
     if kind == "lcurve":
         return head.startswith(b"# step")
+    if kind == "model_devi":  # blocks of '# <system>' then '# step max_devi_v ...'
+        lines = head.split(b"\n")
+        return len(lines) > 2 and lines[0].startswith(b"# ") and lines[1].split()[1:3] == [b"step", b"max_devi_v"]
     if kind == "checkpoint":  # the .npz half of a training checkpoint
         import zipfile
 

@@ -284,43 +284,57 @@ class DeepPot:
                     bar.update()
                     yield done, future.result()
 
-    def _predict(self, frames: Frames) -> Iterator[tuple[slice, Prediction]]:
-        """(frame slice, Prediction) per group of whole frames, summing the atom chunks of big frames."""
-        nf, natoms, _ = frames.coords.shape
+    def _predict(self, frames: Frames, models: tuple[EnergyModel, ...] | None = None
+                 ) -> Iterator[tuple[slice, Prediction]]:
+        """(frame slice, Prediction) per group of whole frames, summing the atom chunks of big frames.
 
-        def work(nl: NeighborList, chunk: Chunk) -> tuple[np.ndarray | None, Prediction]:
+        With ``models`` (an ensemble sharing this model's rcut and sel), each
+        chunk's neighbour list serves all of them and a tuple of Predictions
+        (one per model) is yielded instead.
+        """
+        nf, natoms, _ = frames.coords.shape
+        many = models is not None
+        models = models if many else (self.model,)
+
+        def work(nl: NeighborList, chunk: Chunk) -> tuple[np.ndarray | None, list[Prediction]]:
             types = frames.atom_types[chunk.atoms]
             if chunk.atoms.stop - chunk.atoms.start == natoms:
-                return None, energy_forces(nl.rij, nl.nlist, types, self.model, self.backend)
-            return self._chunk_shares(nl, chunk, types)
+                return None, [energy_forces(nl.rij, nl.nlist, types, m, self.backend) for m in models]
+            return self._chunk_shares(nl, chunk, types, models)
 
-        total = None
-        for chunk, (touched, p) in self._run(frames, work):
+        totals = None
+        for chunk, (touched, ps) in self._run(frames, work):
             if touched is None:
-                yield chunk.frames, p
+                yield chunk.frames, (tuple(ps) if many else ps[0])
                 continue
             # a big frame: add this chunk's share, on the atoms its pairs touch
             if chunk.atoms.start == 0:
-                total = Prediction(np.zeros(1), np.zeros((1, natoms, 3)), np.zeros((1, 9)),
-                                   np.zeros((1, natoms)), np.zeros((1, natoms, 9)))
-            total.energy[:] += p.energy
-            total.virial[:] += p.virial
-            total.force[:, touched] += p.force
-            total.atom_virial[:, touched] += p.atom_virial
-            total.atom_energy[:, chunk.atoms] = p.atom_energy
+                totals = [Prediction(np.zeros(1), np.zeros((1, natoms, 3)), np.zeros((1, 9)),
+                                     np.zeros((1, natoms)), np.zeros((1, natoms, 9))) for _ in models]
+            for total, p in zip(totals, ps):
+                total.energy[:] += p.energy
+                total.virial[:] += p.virial
+                total.force[:, touched] += p.force
+                total.atom_virial[:, touched] += p.atom_virial
+                total.atom_energy[:, chunk.atoms] = p.atom_energy
             if chunk.atoms.stop == natoms:
-                yield chunk.frames, total
+                yield chunk.frames, (tuple(totals) if many else totals[0])
 
-    def _chunk_shares(self, nl: NeighborList, chunk: Chunk, types: np.ndarray) -> tuple[np.ndarray, Prediction]:
+    def _chunk_shares(self, nl: NeighborList, chunk: Chunk, types: np.ndarray, models: tuple[EnergyModel, ...]
+                      ) -> tuple[np.ndarray, list[Prediction]]:
         """A chunk of a big frame: its centres' energies, and its pairs' shares of the forces and
-        virials on the atoms they touch (touched (nt,) frame indices; Prediction over those nt atoms)."""
-        E_atom, g = pair_gradients(nl.rij, nl.nlist, types, self.model, self.backend)
+        virials on the atoms they touch (touched (nt,) frame indices; a Prediction over those nt atoms
+        per model)."""
         touched, nlist, first = compact_atoms(nl.nlist, chunk.atoms)
-        # (nf, nt, 3), (nf, nt, 9)  nf = 1: plan_chunks splits one frame at a time
-        F = np.zeros((g.shape[0], touched.size, 3))
-        W = np.zeros((g.shape[0], touched.size, 9))
-        scatter_pairs(g, nl.rij, nlist, F, W, first, self.backend)
-        return touched, Prediction(E_atom.sum(axis=1), F, W.sum(axis=1), E_atom, W)
+        shares = []
+        for model in models:
+            E_atom, g = pair_gradients(nl.rij, nl.nlist, types, model, self.backend)
+            # (nf, nt, 3), (nf, nt, 9)  nf = 1: plan_chunks splits one frame at a time
+            F = np.zeros((g.shape[0], touched.size, 3))
+            W = np.zeros((g.shape[0], touched.size, 9))
+            scatter_pairs(g, nl.rij, nlist, F, W, first, self.backend)
+            shares.append(Prediction(E_atom.sum(axis=1), F, W.sum(axis=1), E_atom, W))
+        return touched, shares
 
     # --- evaluation ---
     def iter_eval(self, coords, cells, atom_types) -> Iterator[tuple[slice, Prediction]]:

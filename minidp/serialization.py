@@ -276,6 +276,12 @@ def load_model(path) -> EnergyModel:
         raise InputError(f"{path}: {err}") from None
 
 
+def read_min_nbor_dist(path) -> float | None:
+    """The smallest neighbour distance stored with a model (top-level @variables), or None."""
+    value = read_model_dict(path).get("@variables", {}).get("min_nbor_dist")
+    return None if value is None else float(np.asarray(value))
+
+
 # ---------------------------------------------------------------------------
 # EnergyModel -> model dict -> file (the reverse, for models minidp makes)
 # ---------------------------------------------------------------------------
@@ -363,11 +369,15 @@ def _encode_arrays(obj):
     return obj
 
 
-def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=()) -> None:
+def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min_nbor_dist: float | None = None
+               ) -> None:
     """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically.
 
     An existing file is replaced only with ``overwrite`` and only if it is a
-    model minidp wrote (:func:`minidp.data.safe_output`).
+    model minidp wrote (:func:`minidp.data.safe_output`). min_nbor_dist (the
+    data's smallest neighbour distance, minidp.neighbor_stat) goes where
+    deepmd-kit keeps it, the file's top-level @variables: model compression
+    reads it there.
     """
     from minidp import __version__
     from minidp.data import safe_output
@@ -378,6 +388,8 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=()) -> 
         raise ValueError(f"cannot write {path.suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
             "model_def_script": {}, "@variables": {}}
+    if min_nbor_dist is not None:
+        data["@variables"]["min_nbor_dist"] = np.array(float(min_nbor_dist))  # a dataset, as deepmd-kit writes it
     with safe_output(path, "model", inputs, overwrite) as tmp:
         if suffix == ".dp":
             _write_hdf5(tmp, data)

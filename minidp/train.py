@@ -60,15 +60,19 @@ class DataConfig:
     """training_data / validation_data."""
 
     systems: tuple[Path, ...]  # deepmd/npy folders, resolved against the input file's folder
-    batch_size: int | str  # frames per batch, or "auto" / "auto:N" (at least N atoms; N = 32)
+    batch_size: int | str | tuple[int, ...]  # frames per batch, one per system, or "auto" / "auto:N" (N = 32)
     numb_btch: int = 1  # validation: batches evaluated at each display
+    sys_probs: tuple[float, ...] | None = None  # probability of each system (negative: shared by the rest)
+    auto_prob: str = "prob_sys_size"  # without sys_probs: prob_uniform, prob_sys_size or prob_sys_size;A:B:P;...
 
     def __post_init__(self):
         if not self.systems:
             raise ValueError("training data: systems is empty; expected at least one system folder")
-        bs = self.batch_size
-        if not (isinstance(bs, str) and (bs == "auto" or (bs.startswith("auto:") and bs[5:].isdigit()))):
-            positive_int("batch_size", bs)
+        sizes = self.batch_size if isinstance(self.batch_size, tuple) else (self.batch_size,)
+        if isinstance(self.batch_size, tuple) and len(sizes) != len(self.systems):
+            raise ValueError(f"training data: batch_size lists {len(sizes)} sizes for {len(self.systems)} systems")
+        for bs in sizes:
+            _batch_size("batch_size", bs)
         positive_int("numb_btch", self.numb_btch)
 
 
@@ -124,8 +128,8 @@ KEYS = {
     "loss": {"type", "start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"},
     "training": {"training_data", "validation_data", "numb_steps", "seed", "disp_file", "disp_freq",
                  "save_freq", "save_ckpt"},
-    "training/training_data": {"systems", "batch_size"},
-    "training/validation_data": {"systems", "batch_size", "numb_btch"},
+    "training/training_data": {"systems", "batch_size", "sys_probs", "auto_prob", "auto_prob_style"},
+    "training/validation_data": {"systems", "batch_size", "numb_btch", "sys_probs", "auto_prob", "auto_prob_style"},
 }
 # The one value these keys may take.
 FIXED = {"model/descriptor/type": ("se_e2_a", "se_a"), "model/fitting_net/type": ("ener",),
@@ -183,8 +187,23 @@ def _data_config(sec: dict, where: str, base: Path) -> DataConfig:
     systems = [systems] if isinstance(systems, str) else systems
     if not systems or not isinstance(systems, list) or not all(isinstance(s, str) and s for s in systems):
         raise ValueError(f"input: {where}/systems must be a path or a list of paths, got {short(sec.get('systems'))}")
-    return DataConfig(tuple(base / s for s in systems), _value(sec, where, "batch_size", _batch_size, "auto"),
-                      _value(sec, where, "numb_btch", positive_int, 1))
+    bs = sec.get("batch_size", "auto")
+    if isinstance(bs, list):
+        if len(bs) != len(systems):
+            raise ValueError(f"input: {where}/batch_size lists {len(bs)} sizes for {len(systems)} systems")
+        bs = tuple(positive_int(f"input: {where}/batch_size[{k}]", b) for k, b in enumerate(bs))
+    else:
+        bs = _value(sec, where, "batch_size", _batch_size, "auto")
+    probs = sec.get("sys_probs")
+    if probs is not None:
+        if not isinstance(probs, list) or len(probs) != len(systems):
+            raise ValueError(f"input: {where}/sys_probs must list one number per system ({len(systems)}), "
+                             f"got {short(probs)}")
+        probs = tuple(number(f"input: {where}/sys_probs[{k}]", p) for k, p in enumerate(probs))
+    auto_prob = _value(sec, where, "auto_prob", _text, sec.get("auto_prob_style", "prob_sys_size"))
+    system_probs(np.ones(len(systems)), probs, auto_prob)  # refuses a bad auto_prob / sys_probs now
+    return DataConfig(tuple(base / s for s in systems), bs, _value(sec, where, "numb_btch", positive_int, 1),
+                      probs, auto_prob)
 
 
 def _descriptor_config(d: dict) -> SeAConfig:
@@ -206,6 +225,22 @@ def _seed(name: str, value) -> int:
     return 0 if value is None else integer(name, value, 0)
 
 
+def _auto_sel(desc: dict, model: dict, tr: dict, base: Path) -> list[int]:
+    """sel "auto" / "auto:FACTOR": deepmd-kit's rule on the largest neighbour counts of the training systems."""
+    from minidp.neighbor_stat import auto_sel, neighbor_stat
+
+    try:
+        auto_sel(desc["sel"], [])  # a bad spelling is refused before the data are read
+    except ValueError as err:
+        raise InputError(f"input: model/descriptor/sel: {err}") from None
+    if "rcut" not in desc or "type_map" not in model:
+        raise ValueError("input: sel 'auto' needs model/descriptor/rcut and model/type_map")
+    systems = tr.get("training_data", {}).get("systems")
+    systems = [systems] if isinstance(systems, str) else list(systems or [])
+    stat = neighbor_stat([base / s for s in systems], float(desc["rcut"]), list(model["type_map"]), progress=False)
+    return auto_sel(desc["sel"], stat.max_nbor_size)
+
+
 def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
     """A TrainConfig from deepmd-kit's input dict; relative system paths are taken from ``base``.
 
@@ -223,6 +258,8 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
     if "type_map" not in model:
         raise ValueError("input: model/type_map is required (the element of each type)")
     type_map = names("input: model/type_map", model["type_map"])
+    if isinstance(desc.get("sel"), str):
+        desc = {**desc, "sel": _auto_sel(desc, model, tr, base)}
     cfg = _descriptor_config(desc)
     if len(type_map) != cfg.ntypes:
         raise ValueError(f"input: type_map {type_map} has {len(type_map)} types but sel has {cfg.ntypes}")
@@ -306,6 +343,68 @@ def batch_size(setting: int | str, natoms: int) -> int:
     return max(1, math.ceil(target / natoms))
 
 
+def batch_sizes(setting: int | str | tuple[int, ...], natoms: list[int]) -> list[int]:
+    """Frames per batch of each system: a list as given, else :func:`batch_size` of each."""
+    if isinstance(setting, (tuple, list)):
+        if len(setting) != len(natoms):
+            raise ValueError(f"batch_size lists {len(setting)} sizes for {len(natoms)} systems")
+        return [int(b) for b in setting]
+    return [batch_size(setting, n) for n in natoms]
+
+
+def numb_batches(set_frames: list[int], size: int) -> int:
+    """deepmd-kit's batches in a system: floor(frames / size) per set.* folder, at least 1 each, summed."""
+    return sum(max(1, n // size) for n in set_frames)
+
+
+def system_probs(nbatches, sys_probs=None, auto_prob: str = "prob_sys_size") -> np.ndarray:
+    r"""The probability of drawing each system, as deepmd-kit's DeepmdDataSystem.set_sys_probs.
+
+    - sys_probs given: p_k as given where p_k >= 0; the rest 1 - sum of those,
+      shared by the other systems in proportion to their batches nb_k;
+    - prob_uniform: 1 / nsystems each;
+    - prob_sys_size: p_k = nb_k / sum nb;
+    - prob_sys_size;A:B:P;C:D:Q;...: the blocks of systems A..B-1, C..D-1, ...
+      get P / (P + Q + ...), Q / (...), shared in each block by its batches.
+    """
+    nb = np.asarray(nbatches, dtype=float)
+    if sys_probs is not None:
+        p = np.asarray(sys_probs, dtype=float)
+        given = p >= 0
+        rest = 1.0 - p[given].sum()
+        if rest < -1e-8:
+            raise ValueError(f"sys_probs {list(sys_probs)} sum to more than 1")
+        if not np.isclose(rest, 0.0):
+            if not (~given).any():
+                raise ValueError(f"sys_probs {list(sys_probs)} sum to {1 - rest:g}, not 1")
+            return np.where(given, p, rest * nb * ~given / np.sum(nb * ~given))
+        return np.where(given, p, 0.0)
+    if auto_prob == "prob_uniform":
+        return np.full(nb.size, 1.0 / nb.size)
+    if auto_prob == "prob_sys_size":
+        auto_prob = f"prob_sys_size;0:{nb.size}:1.0"
+    if not auto_prob.startswith("prob_sys_size;"):
+        raise ValueError(f"auto_prob must be prob_uniform, prob_sys_size or prob_sys_size;A:B:P;..., got {auto_prob!r}")
+    try:
+        blocks = [(int(a), int(b), float(w)) for a, b, w in (x.split(":") for x in auto_prob.split(";")[1:])]
+    except ValueError:
+        raise ValueError(f"auto_prob {auto_prob!r}: each block must be start:end:weight") from None
+    weights = np.array([w for _, _, w in blocks])
+    if (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"auto_prob {auto_prob!r}: block weights must be >= 0, and not all 0")
+    p = np.zeros(nb.size)
+    for (a, b, _), w in zip(blocks, weights / weights.sum()):
+        p[a:b] = nb[a:b] / nb[a:b].sum() * w
+    return p
+
+
+def _set_frames(system: System) -> list[int]:
+    """Frames of each set.* folder of a deepmd/npy system (one count for other formats)."""
+    sets = sorted(system.path.glob("set.*")) if system.path.is_dir() else []
+    counts = [np.load(p / "coord.npy", mmap_mode="r").shape[0] for p in sets if (p / "coord.npy").is_file()]
+    return counts if sum(counts) == system.nframes else [system.nframes]
+
+
 def make_batch(system: System, frames: np.ndarray, cfg: SeAConfig) -> Batch:
     """The neighbour list and labels of some frames of a system."""
     cells = None if system.cells is None else system.cells[frames]
@@ -315,16 +414,17 @@ def make_batch(system: System, frames: np.ndarray, cfg: SeAConfig) -> Batch:
 
 
 class Sampler:
-    """Batches drawn as deepmd-kit draws them: a system with probability proportional to its
-    frames, then the next frames of its shuffled order (reshuffled when used up).
+    """Batches drawn as deepmd-kit draws them: a system with the probabilities of
+    :func:`system_probs` (by default in proportion to its batches), then the
+    next frames of its shuffled order (reshuffled when used up).
 
     Its whole state (the generator's, each order and position) goes into checkpoints.
     """
 
-    def __init__(self, systems: list[System], setting: int | str, seed: int):
-        self.sizes = [batch_size(setting, s.atom_types.size) for s in systems]
-        frames = np.array([s.nframes for s in systems], dtype=float)
-        self.prob = frames / frames.sum()
+    def __init__(self, systems: list[System], setting, seed: int, sys_probs=None, auto_prob: str = "prob_sys_size"):
+        self.sizes = batch_sizes(setting, [s.atom_types.size for s in systems])
+        nbatches = [numb_batches(_set_frames(s), size) for s, size in zip(systems, self.sizes)]
+        self.prob = system_probs(nbatches, sys_probs, auto_prob)
         self.rng = np.random.default_rng(seed)
         self.orders = [self.rng.permutation(s.nframes) for s in systems]
         self.pos = [0] * len(systems)
@@ -610,16 +710,43 @@ def _restore(model: EnergyModel, state: dict, config: TrainConfig, samplers: dic
     return int(state["step"])
 
 
-def _setup(config: TrainConfig, restart):
-    """Systems, samplers, model and optimizer: fresh, or as a checkpoint left them."""
+def training_min_nbor_dist(systems: list[System], cfg: SeAConfig, frames_per_block: int = 64) -> float:
+    """The smallest neighbour distance of the training data (minidp.neighbor_stat, within rcut), which
+    the saved model keeps for compression."""
+    from minidp.neighbor_stat import stat_blocks
+
+    blocks = ((s.coords[i:i + frames_per_block], None if s.cells is None else s.cells[i:i + frames_per_block],
+               s.atom_types) for s in systems for i in range(0, s.nframes, frames_per_block))
+    return stat_blocks(blocks, cfg.rcut, cfg.ntypes).min_nbor_dist
+
+
+def init_from_model(path, config: TrainConfig) -> EnergyModel:
+    """--init-model: a trained model's weights, statistics and bias as the starting point (step 0)."""
+    model = load_model(path)
+    if model.descriptor.config != config.descriptor or tuple(model.type_map) != config.type_map:
+        raise ValueError(f"--init-model {path} is a model of another shape than the input describes: "
+                         f"{model.type_map} {model.descriptor.config} vs {list(config.type_map)} {config.descriptor}")
+    hidden = tuple(layer.n_out for layer in model.fitting[0].layers[:-1])
+    if hidden != config.fitting_neuron:
+        raise ValueError(f"--init-model {path} has fitting widths {list(hidden)}; the input asks for "
+                         f"{list(config.fitting_neuron)}")
+    return model
+
+
+def _setup(config: TrainConfig, restart, init_model=None):
+    """Systems, samplers, model and optimizer: fresh (or from init_model), or as a checkpoint left them."""
     train_sys = load_systems(config.training.systems, config.type_map)
     val_sys = load_systems(config.validation.systems, config.type_map) if config.validation else []
-    samplers = {"trn": Sampler(train_sys, config.training.batch_size, config.seed)}
+    samplers = {"trn": Sampler(train_sys, config.training.batch_size, config.seed, config.training.sys_probs,
+                               config.training.auto_prob)}
     if val_sys:
-        samplers["val"] = Sampler(val_sys, config.validation.batch_size, config.seed + 1)
+        samplers["val"] = Sampler(val_sys, config.validation.batch_size, config.seed + 1,
+                                  config.validation.sys_probs, config.validation.auto_prob)
     data = data_fingerprint(train_sys)
     if restart is None:
-        model, step = initial_model(config, train_sys, samplers["trn"]), 0
+        fresh = init_model is None
+        model = initial_model(config, train_sys, samplers["trn"]) if fresh else init_from_model(init_model, config)
+        step = 0
     else:
         model, state = load_checkpoint(restart)
         step = _restore(model, state, config, samplers, data, restart)
@@ -696,8 +823,9 @@ def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int
 
 
 def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True,
-          overwrite: bool = False) -> TrainResult:
-    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output.
+          overwrite: bool = False, init_model=None) -> TrainResult:
+    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output
+    (with the training data's smallest neighbour distance). ``init_model``: start from that model.
 
     Nothing a user made is written over (:func:`plan_outputs`); ``overwrite`` replaces minidp's own
     outputs of an earlier run."""
@@ -712,7 +840,7 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
     begin = 0 if restart is None else int(load_checkpoint_state(restart)["step"])
     plan = plan_outputs(config, output, workdir, restart, begin, overwrite)
     keep_freed_memory()
-    train_sys, val_sys, samplers, model, opt, start, data = _setup(config, restart)
+    train_sys, val_sys, samplers, model, opt, start, data = _setup(config, restart, init_model)
     cfg, n = config.descriptor, config.numb_steps
     virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
     head = plan.head
@@ -743,6 +871,7 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
             bar.update(1)
     bar.close()
     if output is not None:
-        save_model(output, model, overwrite=overwrite, inputs=plan.inputs)
+        save_model(output, model, overwrite=overwrite, inputs=plan.inputs,
+                   min_nbor_dist=training_min_nbor_dist(train_sys, cfg))
     plot_lcurves({"minidp": plan.lcurve}, workdir / "lcurve.png")
     return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), np.array(times), last)
