@@ -324,3 +324,26 @@ def test_ipi_trajectory_equals_dp_ipi(tmp_path):
     ours = md.run_ipi("minidp", system, need(MODEL_DP), tmp_path / "minidp", steps=5, nbeads=2)
     diffs = md.compare_ipi(ours, ref)
     assert all(d <= 1e-8 for d in diffs.values()), diffs
+
+
+def test_several_models_write_the_plugin_devi_file(tmp_path, water_lmp):
+    """Two models: the first drives the run, every out_freq steps a row of deviations in the plugin's columns."""
+    need_lammps()
+    if importlib.util.find_spec("minidp.model_devi") is None:
+        pytest.skip("minidp.model_devi (the model-deviation issue) is not on this branch")
+    from minidp.serialization import load_model, save_model
+
+    # a second model: the example's with its first fitting layer scaled, so that forces and virials differ
+    other = load_model(EXAMPLE / "model.dp")
+    other.fitting[0].layers[0].W *= 1.01
+    save_model(tmp_path / "other.dp", other)
+    deck = (f"units metal\natom_style atomic\nread_data {water_lmp}\nvelocity all create 330 1\n"
+            f"pair_style minidp {EXAMPLE / 'model.dp'} {tmp_path / 'other.dp'} out_file devi.out out_freq 2\n"
+            "pair_coeff * * O H\ntimestep 0.0005\nfix 1 all nve\nrun 4\n")
+    done = run_minidp_lammps(deck, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "devi.out").read_text().splitlines()
+    assert lines[0].split()[:3] == ["#", "step", "max_devi_v"]
+    rows = np.array([[float(x) for x in line.split()] for line in lines[1:]])
+    np.testing.assert_array_equal(rows[:, 0], [0, 2, 4])
+    assert rows.shape[1] == 7 and (rows[:, 4] > 0).all()  # max_devi_f
