@@ -12,8 +12,9 @@ and inter-op pools; minidp's workers), interleaved size by size:
 
 - deepmd-kit ``pair_style deepmd`` on the .pb, and on a ``dp --tf compress``-ed .pb if given;
 - minidp ``pair_style minidp`` on the .dp (exact);
-- with ``--mpi``: both again as ``mpirun -np 2`` with one thread per rank (minidp's several-rank
-  path is the exact cluster scheme of :mod:`minidp.lammps`).
+- with ``--mpi``: the plain .pb and minidp again as ``mpirun -np 2`` with one thread per rank, at
+  the sizes of ``--mpi-atoms`` (minidp's several-rank path is the exact cluster scheme of
+  :mod:`minidp.lammps`).
 
 Writes results.json, results.md (a Markdown table with the machine load) and md.png to --out.
 """
@@ -49,18 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads of every contender (default 2)")
     p.add_argument("--steps", type=int, default=STEPS, help="NVE steps per run (default 20)")
     p.add_argument("--mpi", action="store_true", help="also mpirun -np 2 with one thread per rank")
+    p.add_argument("--mpi-atoms", type=int, nargs="+", default=[1536],
+                   help="sizes (atoms) at which the --mpi runs are made (default 1536)")
     p.add_argument("--quick", action="store_true", help="192 and 1,536 atoms only")
     p.add_argument("--timeout", type=float, default=1800, help="seconds after which a run is killed")
     return p
 
 
-def contenders(args) -> list[tuple[str, str, Path, int]]:
-    """(name, engine, model, MPI ranks) of every contender."""
+def contenders(args, natoms: int) -> list[tuple[str, str, Path, int]]:
+    """(name, engine, model, MPI ranks) of every contender at a size."""
     rows = [("deepmd-kit pair_style deepmd", "deepmd", args.pb, 1)]
     if args.compressed_pb is not None:
         rows.append(("deepmd-kit pair_style deepmd, compressed", "deepmd", args.compressed_pb, 1))
     rows.append(("minidp pair_style minidp (exact)", "minidp", args.dp, 1))
-    if args.mpi:
+    if args.mpi and natoms in args.mpi_atoms:
         rows += [("deepmd-kit pair_style deepmd, 2 ranks", "deepmd", args.pb, 2),
                  ("minidp pair_style minidp, 2 ranks", "minidp", args.dp, 2)]
     return rows
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "rows": []}
     replicas = REPLICAS[:2] if args.quick else REPLICAS
     for rep in replicas:
-        for name, engine, model, nprocs in contenders(args):
+        for name, engine, model, nprocs in contenders(args, 192 * rep[0] * rep[1] * rep[2]):
             folder = args.out / "runs" / f"{engine}-{model.stem}-{nprocs}rank-{'x'.join(map(str, rep))}"
             results["rows"].append(measure(name, engine, model, nprocs, rep, args, folder))
     results["load_after"] = os.getloadavg()
