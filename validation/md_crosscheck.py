@@ -9,8 +9,8 @@ Cases (see :mod:`validation.md_engines` for the inputs):
   ``pair_style minidp X.dp``: pe and press every step, the pressure tensor, positions, velocities
   after the last step;
 - ``lammps-npt``: 100 steps of ``fix npt ... tri`` in a triclinic cell, the same plus the box;
-- ``lammps-mpi``: ``mpirun -np 2 minidp lammps`` against one rank of minidp (the domain
-  decomposition's exactness; target 1e-10);
+- ``lammps-mpi``: ``mpirun -np 2 minidp lammps`` against one rank of minidp, --mpi-steps steps (the
+  domain decomposition's exactness; target 1e-10);
 - ``ipi-nvt`` and ``ipi-pimd``: i-PI NVT (Langevin) and a 4-bead path integral (PILE-L) driven by
   ``dp_ipi`` and by ``minidp ipi``: conserved quantity, temperature, potential, pressure every step,
   bead positions and momenta at the end.
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out/md-validation"), help="work and report folder")
     p.add_argument("--steps", type=int, default=100, help="MD steps per LAMMPS case (default 100)")
     p.add_argument("--ipi-steps", type=int, default=50, help="MD steps per i-PI case (default 50)")
+    p.add_argument("--mpi-steps", type=int, default=20,
+                   help="MD steps of lammps-mpi (default 20: two ranks of a small box each evaluate most of it)")
     p.add_argument("--replicate", type=int, nargs=3, default=(1, 1, 1), help="copies of the box along a, b, c")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which cases to run")
     p.add_argument("--tol", type=float, default=1e-8, help="largest relative difference passed (default 1e-8)")
@@ -54,7 +56,8 @@ def run_case(case: str, args, work: Path) -> dict:
     data = md.write_water_data(args.data, work / "water.lmp")
     if case.startswith("lammps"):
         ensemble = "npt" if case == "lammps-npt" else "nve"
-        deck = md.lammps_deck(ensemble, args.steps, str(data), tuple(args.replicate))
+        steps = args.mpi_steps if case == "lammps-mpi" else args.steps
+        deck = md.lammps_deck(ensemble, steps, str(data), tuple(args.replicate))
         if case == "lammps-mpi":
             ref = md.run_lammps("minidp", deck, args.dp, work / case / "minidp-1rank")
             ours = md.run_lammps("minidp", deck, args.dp, work / case / "minidp-2ranks", nprocs=2)
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"md_crosscheck: {path} does not exist", file=sys.stderr)
             return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"settings": f"{args.steps} LAMMPS steps, {args.ipi_steps} i-PI steps, water {args.data.name} "
+    results = {"settings": f"{args.steps} LAMMPS steps ({args.mpi_steps} for lammps-mpi), {args.ipi_steps} i-PI steps, water {args.data.name} "
                            f"replicated {tuple(args.replicate)}", "cases": {}}
     for case in args.cases:
         results["cases"][case] = run_case(case, args, args.out)
