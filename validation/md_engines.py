@@ -63,6 +63,17 @@ write_dump all custom final.dump id type x y z vx vy vz modify format float %22.
 """
 
 
+def with_second_model(deck: str, out_freq: int) -> str:
+    """The deck with two models (${model} drives, ${model2} joins) and the deviation every out_freq steps in devi.out."""
+    return deck.replace("pair_style ${pair} ${model}\n",
+                        f"pair_style ${{pair}} ${{model}} ${{model2}} out_file devi.out out_freq {out_freq}\n")
+
+
+def read_devi(path: Path) -> np.ndarray:
+    """The plugin's model-deviation file as (nrows, 7): step, then max/min/avg of the virial and force deviations."""
+    return np.loadtxt(path, comments="#", ndmin=2)
+
+
 def write_water_data(system: Path, path: Path) -> Path:
     """The first frame of a deepmd/npy water system (types O, H) as a LAMMPS data file (triclinic form)."""
     import dpdata
@@ -90,20 +101,26 @@ class LammpsRun:
     dump: Path
 
 
-def lammps_command(engine: str, deck: Path, model: Path, nprocs: int = 1) -> list[str]:
-    """The command line running ``deck`` with deepmd-kit's pair style ('deepmd') or minidp's ('minidp')."""
+def lammps_command(engine: str, deck: Path, model: Path, nprocs: int = 1, variables: dict | None = None) -> list[str]:
+    """The command line running ``deck`` with deepmd-kit's pair style ('deepmd') or minidp's ('minidp');
+    ``variables``: more index variables (name: value)."""
+    values = {"pair": engine, "model": str(model), **(variables or {})}
     if engine == "deepmd":
-        cmd = [shutil.which("lmp") or "lmp", "-in", str(deck), "-var", "pair", "deepmd", "-var", "model", str(model)]
+        cmd = [shutil.which("lmp") or "lmp", "-in", str(deck)]
+        flag = "-var"
     elif engine == "minidp":
-        cmd = [sys.executable, "-m", "minidp", "lammps", str(deck), "-v", "pair", "minidp", "-v", "model", str(model)]
+        cmd = [sys.executable, "-m", "minidp", "lammps", str(deck)]
+        flag = "-v"
     else:
         raise ValueError(f"engine must be 'deepmd' or 'minidp', got {engine!r}")
+    for name, value in values.items():
+        cmd += [flag, name, str(value)]
     cmd += ["-log", "log.lammps", "-screen", "none"]
     return (["mpirun", "-np", str(nprocs)] + cmd) if nprocs > 1 else cmd
 
 
 def run_lammps(engine: str, deck_text: str, model: Path, folder: Path, nprocs: int = 1,
-               timeout: float = 3600) -> LammpsRun:
+               timeout: float = 3600, variables: dict | None = None) -> LammpsRun:
     """Write the deck to folder/in.lammps and run it there; RuntimeError with the output's tail if it fails."""
     folder.mkdir(parents=True, exist_ok=True)
     deck = folder / "in.lammps"
@@ -111,7 +128,7 @@ def run_lammps(engine: str, deck_text: str, model: Path, folder: Path, nprocs: i
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                        os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
-    done = subprocess.run(lammps_command(engine, deck, Path(model).resolve(), nprocs), cwd=folder, env=env,
+    done = subprocess.run(lammps_command(engine, deck, Path(model).resolve(), nprocs, variables), cwd=folder, env=env,
                           capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - t0
     if done.returncode != 0 or not (folder / "final.dump").is_file():
