@@ -146,6 +146,17 @@ def plot(results: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for path in (args.pb, args.dp, args.data) + ((args.compressed_pb,) if args.compressed_pb else ()):
@@ -156,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     md.write_water_data(args.data, args.out / "water.lmp")
     results = {"steps": args.steps, "threads": args.threads, "load_before": os.getloadavg(),
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "rows": []}
+               "machine": f"{cpu_name()}, {os.cpu_count()} cores", "rows": []}
     replicas = REPLICAS[:2] if args.quick else REPLICAS
     for rep in replicas:
         for name, engine, model, nprocs in contenders(args, 192 * rep[0] * rep[1] * rep[2]):
