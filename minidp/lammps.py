@@ -441,6 +441,11 @@ class DeckRunner:
             self.command(f"comm_modify cutoff {2 * self.field.rcut + self.skin!r}")
         style = self.field.style
         if len(self.field.dps) > 1 and style.out_freq > 0:
+            try:  # the deviation's definitions; refuse now rather than at the first out_freq step
+                import minidp.model_devi  # noqa: F401
+            except ImportError as err:
+                raise LammpsInputError(f"pair_style minidp with several models needs minidp.model_devi: {err}") \
+                    from None
             self.devi_path = Path(style.out_file)
             if self.rank == 0:
                 start_devi_file(self.devi_path)

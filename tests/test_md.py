@@ -225,6 +225,24 @@ def test_ipi_inputs(tmp_path):
         read_xyz_elements(xyz)
 
 
+def test_dp_ipi_json_input(tmp_path):
+    import json
+
+    from minidp.ipi import atom_types, config_from_dp_ipi_json
+
+    (tmp_path / "init.xyz").write_text("2\n\nH 0 0 0\nO 1 0 0\n")
+    spec = {"verbose": False, "use_unix": True, "port": 31415, "host": "water", "graph_file": "m.pb",
+            "coord_file": str(tmp_path / "init.xyz"), "atom_type": {"O": 0, "H": 1}}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    config = config_from_dp_ipi_json(tmp_path / "in.json")
+    assert (config.model, config.unix, config.elements) == ("m.pb", "water", ("H", "O"))
+    np.testing.assert_array_equal(atom_types(config, ["X", "Y"]), [1, 0])  # atom_type wins over the model's names
+    del spec["graph_file"]
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="dp_ipi input lacks graph_file"):
+        config_from_dp_ipi_json(tmp_path / "in.json")
+
+
 # ---------------------------------------------------------------------------
 # With the engines
 # ---------------------------------------------------------------------------
