@@ -55,7 +55,9 @@ appended per write. Several models run on one MPI rank.
 
 How the deck runs: lines are passed to LAMMPS one by one (LAMMPS substitutes variables) until the
 ``pair_coeff`` of ``pair_style minidp``, where the fix is made and its callback set; the rest of
-the deck then goes to LAMMPS as a file, so loops (``label``/``jump``) after that point work.
+the deck then goes to LAMMPS as a file, so loops (``label``/``jump``) after that point work. The
+``pair_style minidp`` and ``pair_coeff`` lines must stand in the deck itself, not in an ``include``d
+file, and before any loop.
 Everything that can be wrong with the minidp lines (no model, a model that does not load, an
 element the model lacks, other units) stops the run with one line before any step.
 
