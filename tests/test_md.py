@@ -365,3 +365,13 @@ def test_several_models_write_the_plugin_devi_file(tmp_path, water_lmp):
     rows = np.array([[float(x) for x in line.split()] for line in lines[1:]])
     np.testing.assert_array_equal(rows[:, 0], [0, 2, 4])
     assert rows.shape[1] == 7 and (rows[:, 4] > 0).all()  # max_devi_f
+
+
+@pytest.mark.slow
+def test_ipi_example_runs(tmp_path):
+    need_program("i-pi")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "ipi" / "run.py"), "--steps", "3", "--beads", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "ipi.png").stat().st_size > 0
+    assert "PIMD, 2 beads: 3 steps" in done.stdout
