@@ -11,7 +11,8 @@ one run, each a fresh process with ``--threads`` threads (OMP_NUM_THREADS, BLAS,
 and inter-op pools; minidp's workers), interleaved size by size:
 
 - deepmd-kit ``pair_style deepmd`` on the .pb, and on a ``dp --tf compress``-ed .pb if given;
-- minidp ``pair_style minidp`` on the .dp (exact);
+- minidp ``pair_style minidp`` on the .dp (exact), and on a compressed model if ``--compressed-dp``
+  names one (the compression issue's ``minidp compress``);
 - with ``--mpi``: the plain .pb and minidp again as ``mpirun -np 2`` with one thread per rank, at
   the sizes of ``--mpi-atoms`` (minidp's several-rank path is the exact cluster scheme of
   :mod:`minidp.lammps`).
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pb", type=Path, default=SHARED / "models" / "water-14000.pb", help="deepmd-kit model (.pb)")
     p.add_argument("--compressed-pb", type=Path, default=None, help="the same model after `dp --tf compress`")
     p.add_argument("--dp", type=Path, default=SHARED / "models" / "water-14000.dp", help="the model for minidp")
+    p.add_argument("--compressed-dp", type=Path, default=None, help="the same model after `minidp compress`")
     p.add_argument("--data", type=Path, default=SHARED / "data" / "water" / "data_0", help="deepmd/npy water system")
     p.add_argument("--out", type=Path, default=Path("out/bench-md"), help="results folder")
     p.add_argument("--threads", type=int, default=2, help="threads of every contender (default 2)")
@@ -63,6 +65,8 @@ def contenders(args, natoms: int) -> list[tuple[str, str, Path, int]]:
     if args.compressed_pb is not None:
         rows.append(("deepmd-kit pair_style deepmd, compressed", "deepmd", args.compressed_pb, 1))
     rows.append(("minidp pair_style minidp (exact)", "minidp", args.dp, 1))
+    if args.compressed_dp is not None:
+        rows.append(("minidp pair_style minidp, compressed", "minidp", args.compressed_dp, 1))
     if args.mpi and natoms in args.mpi_atoms:
         rows += [("deepmd-kit pair_style deepmd, 2 ranks", "deepmd", args.pb, 2),
                  ("minidp pair_style minidp, 2 ranks", "minidp", args.dp, 2)]
@@ -159,7 +163,8 @@ def cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for path in (args.pb, args.dp, args.data) + ((args.compressed_pb,) if args.compressed_pb else ()):
+    extra = tuple(p for p in (args.compressed_pb, args.compressed_dp) if p is not None)
+    for path in (args.pb, args.dp, args.data) + extra:
         if not path.exists():
             print(f"benchmarks.md: {path} does not exist", file=sys.stderr)
             return 2

@@ -375,3 +375,17 @@ def test_ipi_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "ipi.png").stat().st_size > 0
     assert "PIMD, 2 beads: 3 steps" in done.stdout
+
+
+def test_md_benchmark_table(tmp_path):
+    from benchmarks.md import loop_seconds, markdown
+
+    rows = [{"name": "deepmd-kit pair_style deepmd", "atoms": 192, "us_per_step_atom": 1000.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 192, "us_per_step_atom": 420.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 1536, "status": "timeout (> 10 s)"}]
+    text = markdown({"steps": 20, "machine": "cpu, 2 cores", "load_before": (1, 1, 1), "load_after": (2, 2, 2),
+                     "rows": rows})
+    assert "| minidp pair_style minidp (exact) | 420 (0.42x) | timeout (> 10 s) |" in text
+    log = tmp_path / "log.lammps"
+    log.write_text("Loop time of 3.5 on 2 procs for 20 steps with 192 atoms\n")
+    assert loop_seconds(log) == 3.5
