@@ -371,6 +371,7 @@ class DeckRunner:
         self.nprocs = int(lmp.extract_setting("world_size"))
         self.rank = int(lmp.extract_setting("world_rank"))
         self.devi_path: Path | None = None
+        self.periodic = True  # scheme 1 (one rank, periodic box) or 2 (cluster); set by install
 
     def command(self, cmd: str) -> None:
         try:
@@ -421,7 +422,6 @@ class DeckRunner:
                 raise LammpsError(f"LAMMPS: {err}") from None
         finally:
             os.unlink(name)
-
 
     def install(self, args: list[str]) -> None:
         """pair_coeff * * [ELEMENT...]: check units and types, then the fix external that carries minidp's forces."""
