@@ -389,3 +389,38 @@ def test_md_benchmark_table(tmp_path):
     log = tmp_path / "log.lammps"
     log.write_text("Loop time of 3.5 on 2 procs for 20 steps with 192 atoms\n")
     assert loop_seconds(log) == 3.5
+
+
+def dump_cell(box: np.ndarray) -> np.ndarray:
+    """Lattice vectors (rows) from a dump's triclinic BOX BOUNDS lines (xlo_bound xhi_bound xy / ... xz / ... yz)."""
+    (xlo_b, xhi_b, xy), (ylo_b, yhi_b, xz), (zlo, zhi, yz) = box
+    xlo, xhi = xlo_b - min(0.0, xy, xz, xy + xz), xhi_b - max(0.0, xy, xz, xy + xz)
+    ylo, yhi = ylo_b - min(0.0, yz), yhi_b - max(0.0, yz)
+    return lammps_cell([xlo, ylo, zlo], [xhi, yhi, zhi], xy, yz, xz)
+
+
+def test_triclinic_energy_and_pressure_tensor_equal_deeppot(tmp_path, water_lmp, example_dp):
+    """thermo pe and the six pressure components of a tilted box at rest are DeepPot's E and W/V (in bar)."""
+    need_lammps()
+    from validation.md_engines import read_dump, read_thermo
+
+    deck = (f"units metal\natom_style atomic\nread_data {water_lmp}\n"
+            "change_box all xy final 0.6 xz final 0.4 yz final 0.8 remap units box\n"
+            f"pair_style minidp {EXAMPLE / 'model.dp'}\npair_coeff * * O H\n"
+            "thermo_style custom step pe pxx pyy pzz pxy pxz pyz vol\nthermo_modify format float %22.15e\n"
+            "run 0\nwrite_dump all custom final.dump id type x y z modify format float %22.15e sort id\n")
+    (tmp_path / "in.lammps").write_text(deck)
+    done = subprocess.run([sys.executable, "-m", "minidp", "lammps", "in.lammps", "-log", "log.lammps",
+                           "-screen", "none"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    thermo, dump = read_thermo(tmp_path / "log.lammps"), read_dump(tmp_path / "final.dump")
+    cell = dump_cell(dump["box"])
+    x, types = dump["atoms"][:, 2:5], dump["atoms"][:, 1].astype(int) - 1
+    e, _, v = example_dp.eval(x[None], cell[None], types)
+    assert abs(thermo["PotEng"][0] - e[0, 0]) < 1e-10 * abs(e[0, 0])
+    nktv2p = 1.6021765e6  # LAMMPS metal: eV/A^3 -> bar
+    W = v[0].reshape(3, 3)
+    expected = np.array([W[0, 0], W[1, 1], W[2, 2], W[1, 0], W[2, 0], W[2, 1]]) / np.linalg.det(cell) * nktv2p
+    got = np.array([thermo[k][0] for k in ("Pxx", "Pyy", "Pzz", "Pxy", "Pxz", "Pyz")])
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-6)
+    assert abs(thermo["Volume"][0] - np.linalg.det(cell)) < 1e-9 * thermo["Volume"][0]
