@@ -104,6 +104,7 @@ class SeA:
     dstd: np.ndarray  # (ntypes, nnei, 4) their standard deviation
     nets: list[list[Net]]  # nets[ti][tj]: embedding net for centre type ti, neighbour type tj
     # (with type_one_side, nets[ti][tj] is the same Net for every ti)
+    compress: object | None = None  # minidp.compress.Compression: the nets tabulated (dp compress), or None
 
     def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Atoms that share embedding nets: (indices, centre type) per group.
@@ -445,6 +446,12 @@ def descriptor(
     ``backend`` picks the Numba kernels or their NumPy twins (same results);
     ``keep`` keeps the embedding nets' caches for training.
     """
+    if se.compress is not None:  # a compressed model: the nets' tables replace the nets
+        from minidp import compress
+
+        if keep:
+            raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
+        return compress.descriptor(rij, nlist, atom_types, se, backend)
     cfg = se.config
     R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
     T, pieces = embed(R, nlist, atom_types, se, backend, keep)
@@ -454,6 +461,10 @@ def descriptor(
 
 def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
     """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
+    if se.compress is not None:
+        from minidp import compress
+
+        return compress.descriptor_backward(dD, cache, se, backend)
     dT = contract_backward(dD, cache.T, se.config.axis_neuron)
     dR = embed_backward(dT, cache.R, cache.pieces, backend)
     return env_matrix_backward(dR, cache.env, backend)
