@@ -238,6 +238,32 @@ def table_grid(lower: float, upper: float, stride0: float, stride1: float, extra
     return x[: nspline + 1], h
 
 
+def systems_min_nbor_dist(systems, rcut: float) -> float:
+    """The smallest distance between two atoms (periodic images included) over the frames of
+    ``systems`` (objects with coords, cells, atom_types, as minidp.train.System), within rcut.
+
+    The neighbour list with one slot per type keeps each atom's nearest
+    neighbour of every type, nearest first, so its shortest row is the answer.
+    """
+    import warnings
+
+    from minidp.neighbor import build_neighbor_list
+
+    best = np.inf
+    for system in systems:
+        sel = [1] * (int(np.max(system.atom_types)) + 1)
+        with warnings.catch_warnings():  # one slot per type overflows by design
+            warnings.simplefilter("ignore", UserWarning)
+            nl = build_neighbor_list(system.coords, system.cells, system.atom_types, rcut, sel)
+        # (nf, nloc, ntypes)
+        r = np.linalg.norm(nl.rij, axis=-1)
+        if (nl.nlist >= 0).any():
+            best = min(best, float(r[nl.nlist >= 0].min()))
+    if not np.isfinite(best):
+        raise ValueError(f"no two atoms of the systems are closer than rcut = {rcut}: no neighbour distance to tabulate from")
+    return best
+
+
 # ---------------------------------------------------------------------------
 # 2. The pieces
 # ---------------------------------------------------------------------------
