@@ -486,11 +486,30 @@ class FusedCache(NamedTuple):
     tab_of: np.ndarray  # (nloc, ntypes) the table of each (atom, neighbour type)
 
 
+def padded_tails(se: SeA) -> np.ndarray:
+    """P of :func:`padded_tail_table` for every table, in the kernel's layout: (ntab, ntypes, max n_t + 1, 4, ng).
+
+    Pt[tab, t, c] is what the padded slots of the table's neighbour type add
+    to T of a type-t atom with c real neighbours of that type (rows past n_t + 1 stay zero).
+    """
+    cfg, cmp = se.config, se.compress
+    n_max = max(cfg.sel)
+    # (ntab, ntypes, max n_t + 1, 4, ng)
+    Pt = np.zeros((len(cmp.tables), cfg.ntypes, n_max + 1, 4, cfg.ng), dtype=se.davg.dtype)
+    for tj in range(cfg.ntypes):
+        slots = slice(cfg.sec[tj], cfg.sec[tj + 1])
+        for ti in range(cfg.ntypes):
+            tab = cmp.index(ti, tj)
+            P = padded_tail_table(cmp.tables[tab], se.davg, se.dstd, slots)
+            Pt[tab, :, : cfg.sel[tj] + 1] = P.transpose(0, 1, 3, 2)
+    return Pt
+
+
 def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, FusedCache]:
-    """:func:`tabulated_embed` with the real rows in one Numba kernel (G never stored).
+    """:func:`tabulated_embed` in one Numba kernel: G never stored, T built atom by atom.
 
     The padded slots still take the closed form P[type, count] of
-    :func:`padded_tail_table`, a few hundred look-ups per call.
+    :func:`padded_tail_table` (:func:`padded_tails`, a few hundred look-ups per call).
     Returns T (nf, nloc, ng, 4) and the cache for :func:`fused_embed_backward`.
     """
     nf, nloc, nnei, _ = R.shape
@@ -502,16 +521,8 @@ def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: Se
     tab_of = np.array([[cmp.index(ti, tj) for tj in range(cfg.ntypes)] for ti in range(cfg.ntypes)])[atom_types]
     # (nf, nloc, 4, ng)  T transposed, as the kernel accumulates it
     Tt = np.zeros((nf, nloc, 4, cfg.ng), dtype=R.dtype)
-    tabulated_contract(R, counts, sec, tab_of, cmp.coef_t, cmp.bounds, Tt)
-    # (nf, nloc, ng, 4)
-    T = Tt.transpose(0, 1, 3, 2)
-    for ti in range(cfg.ntypes):
-        atoms = np.flatnonzero(atom_types == ti)
-        for tj in range(cfg.ntypes):
-            P = padded_tail_table(cmp.table(ti, tj), se.davg, se.dstd, slice(sec[tj], sec[tj + 1]))
-            T[:, atoms] += P[ti, counts[:, atoms, tj]]
-    T /= nnei
-    return T, FusedCache(counts, tab_of)
+    tabulated_contract(R, counts, sec, tab_of, atom_types, cmp.coef_t, cmp.bounds, padded_tails(se), 1.0 / nnei, Tt)
+    return Tt.transpose(0, 1, 3, 2), FusedCache(counts, tab_of)
 
 
 def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, se: SeA) -> np.ndarray:
@@ -583,13 +594,14 @@ def _locate(s, b):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def tabulated_contract(R, counts, sec, tab_of, coef_t, bounds, Tt):  # pragma: no cover - compiled
-    """Tt[f, i, c, g] += sum over the real rows k of atom i of R[f, i, k, c] G_g(R[f, i, k, 0]).
+def tabulated_contract(R, counts, sec, tab_of, atom_types, coef_t, bounds, Pt, scale, Tt):  # pragma: no cover
+    """Tt[f, i, c, g] = scale * (sum over the real rows k of atom i of R[f, i, k, c] G_g(R[f, i, k, 0]) + padded).
 
     G from the table tab_of[i, tj] of the row's neighbour type tj: the piece
     and offset from _locate, the quintic by Horner's rule, plus the linear
     extension delta * G' outside the table. Real rows of type tj are the
-    first counts[f, i, tj] slots from sec[tj]. Tt (nf, nloc, 4, ng) accumulates.
+    first counts[f, i, tj] slots from sec[tj]; the padded ones add
+    Pt[tab, type of i, counts[f, i, tj]] (padded_tails). Tt (nf, nloc, 4, ng), zero on entry.
     """
     nf, nloc, ntypes = counts.shape
     ng = Tt.shape[3]
@@ -597,19 +609,31 @@ def tabulated_contract(R, counts, sec, tab_of, coef_t, bounds, Tt):  # pragma: n
         for i in range(nloc):
             for tj in range(ntypes):
                 tab = tab_of[i, tj]
+                P = Pt[tab, atom_types[i], counts[f, i, tj]]
+                for c in range(4):
+                    for g in range(ng):
+                        Tt[f, i, c, g] += P[c, g]
                 for k in range(sec[tj], sec[tj] + counts[f, i, tj]):
                     n, dx, delta = _locate(R[f, i, k, 0], bounds[tab])
                     a = coef_t[tab, n]
                     r0, r1, r2, r3 = R[f, i, k, 0], R[f, i, k, 1], R[f, i, k, 2], R[f, i, k, 3]
+                    if delta != 0.0:  # outside the table (rare): the linear extension, in a loop of its own
+                        for g in range(ng):  # so that the common loop below has no branch and vectorizes
+                            dG = a[1, g] + dx * (2 * a[2, g] + dx * (3 * a[3, g] + dx * (4 * a[4, g] + dx * 5 * a[5, g])))
+                            G = delta * dG
+                            Tt[f, i, 0, g] += r0 * G
+                            Tt[f, i, 1, g] += r1 * G
+                            Tt[f, i, 2, g] += r2 * G
+                            Tt[f, i, 3, g] += r3 * G
                     for g in range(ng):
                         G = a[0, g] + dx * (a[1, g] + dx * (a[2, g] + dx * (a[3, g] + dx * (a[4, g] + dx * a[5, g]))))
-                        if delta != 0.0:
-                            G += delta * (a[1, g] + dx * (2 * a[2, g] + dx * (3 * a[3, g] + dx * (
-                                4 * a[4, g] + dx * 5 * a[5, g]))))
                         Tt[f, i, 0, g] += r0 * G
                         Tt[f, i, 1, g] += r1 * G
                         Tt[f, i, 2, g] += r2 * G
                         Tt[f, i, 3, g] += r3 * G
+            for c in range(4):
+                for g in range(ng):
+                    Tt[f, i, c, g] *= scale
 
 
 @njit(nogil=True, cache=True, fastmath=True)
