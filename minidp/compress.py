@@ -146,11 +146,15 @@ class Compression:
 
     tables: tuple[Table, ...]
     type_one_side: bool
+    pad_rows: np.ndarray  # (ntypes, nnei, 4) the rows of padded slots, -davg/dstd (see padded_tail_table)
+    sel: tuple[int, ...]  # neighbour slots per type, as the descriptor's
     min_nbor_dist: float | None = None  # the smallest neighbour distance the grid came from, when known
-    # the fused kernels' copy of all tables, built once: (ntab, max nspline, 6, ng), each
-    # coefficient contiguous over the features so the inner loop vectorizes, and (ntab, 7) bounds
+    # built once for the fused kernels: all tables, (ntab, max nspline, 6, ng), each coefficient
+    # contiguous over the features so the inner loop vectorizes; (ntab, 7) bounds; and what the
+    # padded slots add to T, (ntab, ntypes, max sel + 1, 4, ng) (padded_tails)
     coef_t: np.ndarray = field(init=False, repr=False, compare=False)
     bounds: np.ndarray = field(init=False, repr=False, compare=False)
+    padded: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         n = len(self.tables)
@@ -160,6 +164,9 @@ class Compression:
                              "tables (type_one_side) or ntypes**2")
         if len({t.ng for t in self.tables}) != 1:
             raise ValueError(f"tables have different widths {sorted({t.ng for t in self.tables})}")
+        if np.shape(self.pad_rows) != (ntypes, sum(self.sel), 4) or len(self.sel) != ntypes:
+            raise ValueError(f"pad_rows of shape {np.shape(self.pad_rows)} and sel {list(self.sel)} do not fit "
+                             f"{ntypes} types: expected (ntypes, sum(sel), 4)")
         t0 = self.tables[0]
         # (ntab, max nspline, 6, ng)
         coef_t = np.zeros((n, max(t.nspline for t in self.tables), 6, t0.ng), dtype=t0.coef.dtype)
@@ -170,6 +177,7 @@ class Compression:
                            for t in self.tables], dtype=np.float64)
         object.__setattr__(self, "coef_t", coef_t)
         object.__setattr__(self, "bounds", bounds)
+        object.__setattr__(self, "padded", padded_tails(self))
 
     @property
     def ntypes(self) -> int:
@@ -182,6 +190,17 @@ class Compression:
 
     def table(self, ti: int, tj: int) -> Table:
         return self.tables[self.index(ti, tj)]
+
+    def slots(self, tj: int) -> slice:
+        """The neighbour slots of type tj."""
+        start = sum(self.sel[:tj])
+        return slice(start, start + self.sel[tj])
+
+
+def compression(tables, se: SeA, min_nbor_dist: float | None = None) -> Compression:
+    """A Compression of se's descriptor from its tables (deepmd-kit's order)."""
+    cfg = se.config
+    return Compression(tuple(tables), cfg.type_one_side, -se.davg / se.dstd, tuple(cfg.sel), min_nbor_dist)
 
 
 def _embedding_net(se: SeA, ti: int, tj: int) -> Net:
@@ -369,7 +388,7 @@ def compress_descriptor(se: SeA, min_nbor_dist: float, step: float = DEFAULT_STE
         bounds = [(lower[ti], upper[ti]) for ti, _ in keys]
     tables = tuple(build_table(_embedding_net(se, ti, tj), lo, up, step, extrapolate, check_frequency)
                    for (ti, tj), (lo, up) in zip(keys, bounds))
-    return replace(se, compress=Compression(tables, cfg.type_one_side, float(min_nbor_dist)))
+    return replace(se, compress=compression(tables, se, float(min_nbor_dist)))
 
 
 # ---------------------------------------------------------------------------
@@ -422,13 +441,12 @@ def table_features(table: Table, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return G, dG
 
 
-def padded_tail_table(table: Table, davg: np.ndarray, dstd: np.ndarray, slots: slice) -> np.ndarray:
+def padded_tail_table(table: Table, R_pad: np.ndarray) -> np.ndarray:
     """se_e2_a.padded_tail_sums with G from the table: P[t, k] = sum_{slot >= k} G(s_t,slot)^T R_t,slot.
 
-    Returns (ntypes, n_t + 1, ng, 4), P[t, n_t] = 0.
+    R_pad (ntypes, n_t, 4): the padded rows -davg/dstd of one neighbour type's
+    slots for each centre type. Returns (ntypes, n_t + 1, ng, 4), P[t, n_t] = 0.
     """
-    # (ntypes, n_t, 4)
-    R_pad = -davg[:, slots] / dstd[:, slots]
     # (ntypes * n_t, ng)
     G_pad, _ = table_features(table, R_pad[..., 0].reshape(-1))
     # (ntypes, n_t, ng, 4)
@@ -468,7 +486,7 @@ def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se
             G, dG_ds = table_features(table, R_real[:, 0])
             # (nf * na, ng, 4)
             Tb = sum_rows(G, R_real, owner, nf * na, "numpy")
-            Tb += padded_tail_table(table, se.davg, se.dstd, slots)[atom_types[atoms], count].reshape(Tb.shape)
+            Tb += padded_tail_table(table, se.compress.pad_rows[:, slots])[atom_types[atoms], count].reshape(Tb.shape)
             T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
             pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, None, count, [], None))
     return T, pieces
@@ -486,30 +504,29 @@ class FusedCache(NamedTuple):
     tab_of: np.ndarray  # (nloc, ntypes) the table of each (atom, neighbour type)
 
 
-def padded_tails(se: SeA) -> np.ndarray:
-    """P of :func:`padded_tail_table` for every table, in the kernel's layout: (ntab, ntypes, max n_t + 1, 4, ng).
+def padded_tails(cmp: Compression) -> np.ndarray:
+    """P of :func:`padded_tail_table` for every table, in the kernel's layout: (ntab, ntypes, max sel + 1, 4, ng).
 
     Pt[tab, t, c] is what the padded slots of the table's neighbour type add
-    to T of a type-t atom with c real neighbours of that type (rows past n_t + 1 stay zero).
+    to T of a type-t atom with c real neighbours of that type (rows past
+    sel + 1 stay zero). It depends on the model alone: Compression builds it once.
     """
-    cfg, cmp = se.config, se.compress
-    n_max = max(cfg.sel)
-    # (ntab, ntypes, max n_t + 1, 4, ng)
-    Pt = np.zeros((len(cmp.tables), cfg.ntypes, n_max + 1, 4, cfg.ng), dtype=se.davg.dtype)
-    for tj in range(cfg.ntypes):
-        slots = slice(cfg.sec[tj], cfg.sec[tj + 1])
-        for ti in range(cfg.ntypes):
+    ntypes = len(cmp.sel)
+    # (ntab, ntypes, max sel + 1, 4, ng)
+    Pt = np.zeros((len(cmp.tables), ntypes, max(cmp.sel) + 1, 4, cmp.tables[0].ng), dtype=cmp.pad_rows.dtype)
+    for tj in range(ntypes):
+        for ti in range(ntypes):
             tab = cmp.index(ti, tj)
-            P = padded_tail_table(cmp.tables[tab], se.davg, se.dstd, slots)
-            Pt[tab, :, : cfg.sel[tj] + 1] = P.transpose(0, 1, 3, 2)
+            P = padded_tail_table(cmp.tables[tab], cmp.pad_rows[:, cmp.slots(tj)])
+            Pt[tab, :, : cmp.sel[tj] + 1] = P.transpose(0, 1, 3, 2)
     return Pt
 
 
 def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, FusedCache]:
     """:func:`tabulated_embed` in one Numba kernel: G never stored, T built atom by atom.
 
-    The padded slots still take the closed form P[type, count] of
-    :func:`padded_tail_table` (:func:`padded_tails`, a few hundred look-ups per call).
+    The padded slots take the closed form P[type, count] of
+    :func:`padded_tail_table`, built once per model (:func:`padded_tails`).
     Returns T (nf, nloc, ng, 4) and the cache for :func:`fused_embed_backward`.
     """
     nf, nloc, nnei, _ = R.shape
@@ -521,7 +538,7 @@ def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: Se
     tab_of = np.array([[cmp.index(ti, tj) for tj in range(cfg.ntypes)] for ti in range(cfg.ntypes)])[atom_types]
     # (nf, nloc, 4, ng)  T transposed, as the kernel accumulates it
     Tt = np.zeros((nf, nloc, 4, cfg.ng), dtype=R.dtype)
-    tabulated_contract(R, counts, sec, tab_of, atom_types, cmp.coef_t, cmp.bounds, padded_tails(se), 1.0 / nnei, Tt)
+    tabulated_contract(R, counts, sec, tab_of, atom_types, cmp.coef_t, cmp.bounds, cmp.padded, 1.0 / nnei, Tt)
     return Tt.transpose(0, 1, 3, 2), FusedCache(counts, tab_of)
 
 

@@ -207,26 +207,28 @@ def _descriptor_from_dict(d: dict, ntypes: int) -> SeA:
     davg, dstd = np.asarray(v["davg"]), np.asarray(v["dstd"])
     if davg.shape != (ntypes, cfg.nnei, 4):
         raise ValueError(f"{where}: davg has shape {davg.shape}, expected {(ntypes, cfg.nnei, 4)}")
-    return SeA(cfg, davg, dstd, table, _compression_from_dict(d.get("compress"), cfg, where))
+    se = SeA(cfg, davg, dstd, table)
+    se.compress = _compression_from_dict(d.get("compress"), se, where)
+    return se
 
 
-def _compression_from_dict(c, cfg: SeAConfig, where: str):
+def _compression_from_dict(c, se: SeA, where: str):
     """The tables of a compressed descriptor (@version 3's "compress" entry), or None."""
     if c is None or c is False:
         return None
-    from minidp.compress import Compression, Table
+    from minidp.compress import Table, compression
 
+    cfg = se.config
     try:
         v = c["@variables"]
         tables = tuple(Table.from_deepmd(data, info) for data, info in zip(v["compress_data"], v["compress_info"],
                                                                             strict=True))
-        compression = Compression(tables, cfg.type_one_side)
+        result = compression(tables, se)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{where}.compress: not deepmd-kit's compress_data/compress_info tables ({err})") from None
-    if compression.ntypes != cfg.ntypes or tables[0].ng != cfg.ng:
-        raise ValueError(f"{where}.compress: {len(tables)} tables of width {tables[0].ng} do not fit "
-                         f"{cfg.ntypes} types and neuron {list(cfg.neuron)}")
-    return compression
+    if tables[0].ng != cfg.ng:
+        raise ValueError(f"{where}.compress: tables of width {tables[0].ng} do not fit neuron {list(cfg.neuron)}")
+    return result
 
 
 def _fitting_from_dict(d: dict, ntypes: int) -> tuple[list[Net], np.ndarray]:

@@ -178,7 +178,7 @@ def test_bad_compression_settings_are_refused():
     with pytest.raises(ValueError, match="lower < upper"):
         Table(np.zeros((3, 4, 6)), 2.0, 1.0, 5.0, 0.1, 1.0)
     with pytest.raises(ValueError, match="ntypes"):
-        Compression((), True)
+        Compression((), True, np.zeros((1, 3, 4)), (3,))
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_equals_deepmd_tf_compressed(tf_compressed_pb, water_frames):
     model = model_from_dict(data)
     own = dataclasses.replace(model, descriptor=compress_descriptor(model.descriptor, min_nbor_dist(data)))
     on_tf = dataclasses.replace(model, descriptor=dataclasses.replace(
-        model.descriptor, compress=tf_tables(tf_compressed_pb, True)))
+        model.descriptor, compress=tf_tables(tf_compressed_pb, model.descriptor)))
     ref = DeepmdPot(str(tf_compressed_pb)).eval(coords, cells, types, atomic=True)
     for m, tol in ((on_tf, 1e-12), (own, 5e-12)):
         ours = DeepPot(m).eval(coords, cells, types, atomic=True)

@@ -60,20 +60,20 @@ def tf_compressed(pb: Path, step: float, cache: Path) -> Path:
     return out
 
 
-def tf_tables(pb: Path, type_one_side: bool):
+def tf_tables(pb: Path, se):
     """The tables inside a `dp --tf compress`ed .pb (one TabulateFusionSeA node per neighbour type,
     in order, when type_one_side), as a minidp Compression."""
     from deepmd.tf.utils.graph import get_tensor_by_name_from_graph, load_graph_def
 
-    from minidp.compress import Compression, Table
+    from minidp.compress import Table, compression
 
-    if not type_one_side:
+    if not se.config.type_one_side:
         raise ValueError("reading the tables of a type_one_side: false .pb is not implemented")
     graph, graph_def = load_graph_def(str(pb))
     nodes = sorted((n for n in graph_def.node if n.op == "TabulateFusionSeA"), key=lambda n: (len(n.name), n.name))
     tables = tuple(Table.from_deepmd(get_tensor_by_name_from_graph(graph, n.input[0]),
                                      get_tensor_by_name_from_graph(graph, n.input[1])) for n in nodes)
-    return Compression(tables, True)
+    return compression(tables, se)
 
 
 def table_agreement(dp_model: Path, step: float) -> dict:
@@ -127,7 +127,7 @@ def run_step(step: float, geos, exact: dict, args) -> dict:
     theirs = DeepmdPot(str(pb))
     # minidp evaluating deepmd-kit's own tables: the tabulated path alone, table noise aside
     on_tf_tables = DeepPot(dataclasses.replace(model, descriptor=dataclasses.replace(
-        model.descriptor, compress=tf_tables(pb, model.descriptor.config.type_one_side))))
+        model.descriptor, compress=tf_tables(pb, model.descriptor))))
     rows = []
     for geo in geos:
         a, b = outputs(ours, geo), outputs(theirs, geo)
