@@ -610,6 +610,18 @@ def _locate(s, b):  # pragma: no cover - compiled
     return last, table_max - ((last - n_first) * stride1 + upper), s - table_max
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _value(a, g, dx):  # pragma: no cover - compiled
+    """G_g = sum_k a[k, g] dx^k by Horner's rule (a: one piece, (6, ng))."""
+    return a[0, g] + dx * (a[1, g] + dx * (a[2, g] + dx * (a[3, g] + dx * (a[4, g] + dx * a[5, g]))))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _slope(a, g, dx):  # pragma: no cover - compiled
+    """G'_g = sum_k k a[k, g] dx^(k-1) by Horner's rule."""
+    return a[1, g] + dx * (2 * a[2, g] + dx * (3 * a[3, g] + dx * (4 * a[4, g] + dx * 5 * a[5, g])))
+
+
 @njit(nogil=True, cache=True, fastmath=True)
 def tabulated_contract(R, counts, sec, tab_of, atom_types, coef_t, bounds, Pt, scale, Tt):  # pragma: no cover
     """Tt[f, i, c, g] = scale * (sum over the real rows k of atom i of R[f, i, k, c] G_g(R[f, i, k, 0]) + padded).
@@ -634,16 +646,12 @@ def tabulated_contract(R, counts, sec, tab_of, atom_types, coef_t, bounds, Pt, s
                     n, dx, delta = _locate(R[f, i, k, 0], bounds[tab])
                     a = coef_t[tab, n]
                     r0, r1, r2, r3 = R[f, i, k, 0], R[f, i, k, 1], R[f, i, k, 2], R[f, i, k, 3]
-                    if delta != 0.0:  # outside the table (rare): the linear extension, in a loop of its own
-                        for g in range(ng):  # so that the common loop below has no branch and vectorizes
-                            dG = a[1, g] + dx * (2 * a[2, g] + dx * (3 * a[3, g] + dx * (4 * a[4, g] + dx * 5 * a[5, g])))
-                            G = delta * dG
-                            Tt[f, i, 0, g] += r0 * G
-                            Tt[f, i, 1, g] += r1 * G
-                            Tt[f, i, 2, g] += r2 * G
-                            Tt[f, i, 3, g] += r3 * G
                     for g in range(ng):
-                        G = a[0, g] + dx * (a[1, g] + dx * (a[2, g] + dx * (a[3, g] + dx * (a[4, g] + dx * a[5, g]))))
+                        G = _value(a, g, dx)
+                        # outside the table (rare), the linear extension; the test does not depend on g,
+                        # so the compiler hoists it out of the loop (unswitching), which still vectorizes
+                        if delta != 0.0:
+                            G += delta * _slope(a, g, dx)
                         Tt[f, i, 0, g] += r0 * G
                         Tt[f, i, 1, g] += r1 * G
                         Tt[f, i, 2, g] += r2 * G
@@ -674,9 +682,8 @@ def tabulated_contract_backward(R, counts, sec, tab_of, coef_t, bounds, dTt, dR)
                     r0, r1, r2, r3 = R[f, i, k, 0], R[f, i, k, 1], R[f, i, k, 2], R[f, i, k, 3]
                     d0 = d1 = d2 = d3 = ds = 0.0
                     for g in range(ng):
-                        G = a[0, g] + dx * (a[1, g] + dx * (a[2, g] + dx * (a[3, g] + dx * (a[4, g] + dx * a[5, g]))))
-                        dG = a[1, g] + dx * (2 * a[2, g] + dx * (3 * a[3, g] + dx * (4 * a[4, g] + dx * 5 * a[5, g])))
-                        G += delta * dG
+                        dG = _slope(a, g, dx)
+                        G = _value(a, g, dx) + delta * dG
                         t0, t1, t2, t3 = dTt[f, i, 0, g], dTt[f, i, 1, g], dTt[f, i, 2, g], dTt[f, i, 3, g]
                         d0 += G * t0
                         d1 += G * t1
