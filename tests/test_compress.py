@@ -307,3 +307,23 @@ def test_equals_deepmd_tf_compressed(tf_compressed_pb, water_frames):
         ours = DeepPot(m).eval(coords, cells, types, atomic=True)
         for a, b in zip(ours, ref):
             assert np.abs(a - b).max() <= tol
+
+
+def test_ase_calculator_and_eval_command_take_a_compressed_model(tmp_path, water_frames):
+    """The compressed water model through the ASE calculator and `minidp eval`: the same numbers as DeepPot."""
+    from ase import Atoms
+
+    from minidp.calculator import MiniDPCalculator
+
+    need(MODEL_DP)
+    assert main(["compress", "-i", str(MODEL_DP), "-o", str(tmp_path / "c.dp"), "-s", "0.05"]) == 0
+    coords, cells, types = water_frames
+    x, cell = coords[0].reshape(-1, 3).astype(float), cells[0].reshape(3, 3).astype(float)
+    dp = DeepPot(tmp_path / "c.dp")
+    e, f, _ = dp.eval(x[None], cell[None], types)
+    atoms = Atoms(symbols=[dp.get_type_map()[t] for t in types], positions=x, cell=cell, pbc=True)
+    atoms.calc = MiniDPCalculator(str(tmp_path / "c.dp"))
+    assert abs(atoms.get_potential_energy() - e[0, 0]) <= 1e-9
+    np.testing.assert_allclose(atoms.get_forces(), f[0], atol=1e-12)
+    exact = DeepPot(MODEL_DP).eval(x[None], cell[None], types)
+    assert abs(e[0, 0] - exact[0][0, 0]) < 1e-6
