@@ -19,9 +19,11 @@ This module has four parts:
 1. **The grid** (:func:`env_mat_range`, :func:`table_grid`), deepmd-kit
    3.2's: from the smallest neighbour distance r_min, the range of s is
    ``[floor(lower), ceil(upper)]`` with lower = -davg/dstd (a neighbour at the
-   cutoff) and upper = (s(r_min)/r_min - davg)/dstd (the closest one); a
-   first table of stride ``step`` covers it, a second of stride ``10*step``
-   runs on to ``extrapolate * upper``.
+   cutoff) and upper = (s(r_min)/r_min - davg)/dstd (the closest one), both
+   taken over the four columns of davg/dstd as deepmd-kit 3.2's
+   backend-neutral code does; a first table of stride ``step`` covers it, a
+   second of stride ``10*step`` runs on to ``extrapolate * upper``. The
+   distance comes from the model file, or :func:`systems_min_nbor_dist`.
 2. **The pieces** (:func:`net_derivatives`, :func:`hermite_coefficients`,
    :func:`build_table`): value, dG/ds and d2G/ds2 of the net at the nodes by
    second-order forward mode, and the six coefficients per piece, stored in
