@@ -105,9 +105,9 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
 
     m = results["meta"]
     head = [f"# minidp vs deepmd-kit {m['versions'].get('deepmd-kit')}: compressed models", "",
-            f"`{m['command']}` on {m['date']}: {m['cpu']}, {m['cores']} cores (shared), {m['threads']} threads for "
-            f"both; load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end; "
-            f"{m['elapsed_s'] / 60:.1f} min. Medians of {m['rounds']} interleaved round(s).", ""]
+            (f"`{m['command']}` on {m['date']}: {m['cpu']}, {m['cores']} cores (shared), {m['threads']} threads for "
+             f"both; load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end; "
+             f"{m['elapsed_s'] / 60:.1f} min. Medians of {m['rounds']} interleaved round(s)."), ""]
     texts = {"results-compressed.json": json.dumps(results, indent=1, default=float),
              "results-compressed.md": "\n".join(head + markdown(results))}
     for name, text in texts.items():

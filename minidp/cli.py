@@ -164,7 +164,11 @@ def _cmd_compress(args) -> int:
 
 
 def _add_compress(sub) -> None:
-    from minidp.compress import DEFAULT_CHECK_FREQUENCY, DEFAULT_EXTRAPOLATE, DEFAULT_STEP
+    from minidp.compress import (
+        DEFAULT_CHECK_FREQUENCY,
+        DEFAULT_EXTRAPOLATE,
+        DEFAULT_STEP,
+    )
 
     p = sub.add_parser("compress", help="tabulate the embedding nets, like `dp compress`")
     p.add_argument("-i", "--input", required=True, help="model to compress (.dp, .yaml, .json; .pb/.pth with deepmd-kit)")

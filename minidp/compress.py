@@ -56,10 +56,18 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from minidp.nn import Net, get_activation, layer_jvp, residual_kind, _add_residual
+from minidp.nn import Net, _add_residual, get_activation, layer_jvp, residual_kind
 from minidp.se_e2_a import (
-    DescriptorCache, EmbedPiece, SeA, contract, contract_backward, embed_backward, env_matrix,
-    env_matrix_backward, smooth_switch, sum_rows,
+    DescriptorCache,
+    EmbedPiece,
+    SeA,
+    contract,
+    contract_backward,
+    embed_backward,
+    env_matrix,
+    env_matrix_backward,
+    smooth_switch,
+    sum_rows,
 )
 
 # deepmd-kit's defaults for `dp compress`: -s 0.01, -e 5, the second table's
@@ -127,7 +135,7 @@ class Table:
         return self.coef.reshape(self.nspline, -1)
 
     @classmethod
-    def from_deepmd(cls, data, info) -> "Table":
+    def from_deepmd(cls, data, info) -> Table:
         """The table deepmd-kit serializes as one (compress_data, compress_info) pair."""
         data, info = np.asarray(data), np.asarray(info).reshape(-1)
         if data.ndim != 2 or data.shape[1] % 6 or info.size != 6:
@@ -160,7 +168,7 @@ class Compression:
 
     def __post_init__(self):
         n = len(self.tables)
-        ntypes = n if self.type_one_side else int(round(np.sqrt(n)))
+        ntypes = n if self.type_one_side else round(np.sqrt(n))
         if n == 0 or (not self.type_one_side and ntypes * ntypes != n):
             raise ValueError(f"{n} tables for type_one_side={self.type_one_side}: expected ntypes "
                              "tables (type_one_side) or ntypes**2")
@@ -184,7 +192,7 @@ class Compression:
     @property
     def ntypes(self) -> int:
         n = len(self.tables)
-        return n if self.type_one_side else int(round(np.sqrt(n)))
+        return n if self.type_one_side else round(np.sqrt(n))
 
     def index(self, ti: int, tj: int) -> int:
         """Which table serves centre type ti and neighbour type tj."""
@@ -550,7 +558,7 @@ def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, se: S
     dL/dR_j = (1/nnei) G_j dL/dT + (dL/ds_j, 0, 0, 0) with dL/ds_j = (1/nnei) sum_g (R_j . dL/dT_g) G'_g(s_j);
     padded slots depend on no position and get zero.
     """
-    nf, nloc, nnei, _ = R.shape
+    nnei = R.shape[2]
     # (nf, nloc, 4, ng)
     dTt = np.ascontiguousarray(dT.transpose(0, 1, 3, 2)) / nnei
     # (nf, nloc, nnei, 4)

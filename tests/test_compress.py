@@ -11,13 +11,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.cli import main
-from minidp.compress import (Compression, Table, build_table, compress_descriptor, hermite_coefficients, locate,
-                             net_derivatives, table_features, table_grid)
+from minidp.compress import (
+    Compression,
+    Table,
+    build_table,
+    compress_descriptor,
+    hermite_coefficients,
+    locate,
+    net_derivatives,
+    table_features,
+    table_grid,
+)
 from minidp.infer import DeepPot
 from minidp.neighbor import build_neighbor_list
-from minidp.serialization import load_model, min_nbor_dist, model_from_dict, read_model_dict, save_model
+from minidp.serialization import (
+    load_model,
+    min_nbor_dist,
+    model_from_dict,
+    read_model_dict,
+    save_model,
+)
 from tests.conftest import MODEL_DP, MODEL_PB, need, random_model, rel_err, se_configs
-from tests.test_model import FLOOR, H, TOL, energy, make, predict, specs, strained
+from tests.test_model import FLOOR, TOL, H, energy, make, predict, specs, strained
 
 
 def compressed(model, coords, cells, types, step=0.01):
@@ -39,7 +54,7 @@ def compressed(model, coords, cells, types, step=0.01):
 def test_net_derivatives_match_central_differences(cfg, seed):
     net = random_model(cfg, seed).descriptor.nets[0][0]
     s = np.linspace(-2.0, 4.0, 13)[:, None]
-    G, dG, d2G = net_derivatives(net, s)
+    _, dG, d2G = net_derivatives(net, s)
     h = 1e-5
     (Gp, dGp, _), (Gm, dGm, _) = net_derivatives(net, s + h), net_derivatives(net, s - h)
     assert rel_err(dG, (Gp - Gm) / (2 * h)) <= 1e-8
@@ -99,7 +114,7 @@ def test_outside_the_table_extends_linearly():
     G, dG = table_features(table, np.array([-3.0, 14.0]))
     np.testing.assert_allclose(G, G_end + dG_end * np.array([[-2.0], [4.0]]), rtol=1e-10)
     np.testing.assert_allclose(dG, dG_end, rtol=1e-9)
-    n, dx, delta = locate(table, np.array([-3.0, 0.5, 2.5, 14.0]))
+    n, _, delta = locate(table, np.array([-3.0, 0.5, 2.5, 14.0]))
     assert n.tolist() == [0, 150, table.n_first + 5, table.nspline - 1]
     np.testing.assert_allclose(delta, [-2.0, 0.0, 0.0, 4.0])
 
