@@ -428,7 +428,8 @@ def run_all(s: Settings, run=None) -> dict:
         run = run or Runner(s, work, bar)
         from benchmarks import compressed as section
 
-        results["compress_minidp"] = section.compress_minidp(s, run_process, child_env, work)
+        if compressed is not None:
+            results["compress_minidp"] = section.compress_minidp(s, run_process, child_env, work)
         if compressed is not None and results["compress_minidp"]["path"]:
             results["compressed"] = section.bench(run, s, work / "frames.npz", compressed,
                                                   Path(results["compress_minidp"]["path"]), model_spec, timing_row)
