@@ -14,6 +14,7 @@ from minidp.cli import main
 from minidp.compress import (
     Compression,
     Table,
+    _embedding_net,
     build_table,
     compress_descriptor,
     hermite_coefficients,
@@ -52,7 +53,7 @@ def compressed(model, coords, cells, types, step=0.01):
 @settings(max_examples=15, deadline=None)
 @given(cfg=se_configs(), seed=st.integers(0, 100))
 def test_net_derivatives_match_central_differences(cfg, seed):
-    net = random_model(cfg, seed).descriptor.nets[0][0]
+    net = _embedding_net(random_model(cfg, seed).descriptor, 0, 0)
     s = np.linspace(-2.0, 4.0, 13)[:, None]
     _, dG, d2G = net_derivatives(net, s)
     h = 1e-5
@@ -76,7 +77,7 @@ def _ends(coef: np.ndarray, h: np.ndarray) -> np.ndarray:
 def test_table_is_c2_at_the_nodes_and_at_the_stride_change(cfg, seed, step):
     """Each piece ends where the next starts with the same value, slope and curvature, the nodes'
     net values and derivatives; the first table's last piece meets the second's first too."""
-    net = random_model(cfg, seed).descriptor.nets[0][0]
+    net = _embedding_net(random_model(cfg, seed).descriptor, 0, 0)
     table = build_table(net, -1.0, 3.0, step, 5.0)
     x, h = table_grid(-1.0, 3.0, step, 10 * step, 5.0)
     right = _ends(table.coef, h)
@@ -108,7 +109,7 @@ def test_outside_the_table_extends_linearly():
     from minidp.se_e2_a import SeAConfig
 
     model = random_model(SeAConfig(4.0, 2.0, (3,), (4, 8), 2, True), 3)
-    table = build_table(model.descriptor.nets[0][0], -1.0, 2.0, 0.01, 5.0)
+    table = build_table(_embedding_net(model.descriptor, 0, 0), -1.0, 2.0, 0.01, 5.0)
     ends = np.array([table.lower, table.table_max])
     (G_end, dG_end) = table_features(table, ends - [0.0, 1e-13])
     G, dG = table_features(table, np.array([-3.0, 14.0]))
