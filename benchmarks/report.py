@@ -238,7 +238,13 @@ def markdown(results: dict) -> str:
             "## Targets", ""]
     tg = table(["target", "measured", "met"], [[t["target"], t["measured"], t["met"]] for t in targets(results)])
     return "\n".join(head + tg + [""] + throughput_md(results) + budgets_md(results) + scaling_md(results)
-                     + large_md(results) + flops_md(results) + notes_md(results))
+                     + large_md(results) + compressed_md(results) + flops_md(results) + notes_md(results))
+
+
+def compressed_md(results: dict) -> list[str]:
+    from benchmarks.compressed import markdown as section
+
+    return section(results)
 
 
 # ---------------------------------------------------------------------------

@@ -76,6 +76,7 @@ class Settings:
     replicas: tuple[tuple[int, int, int], ...]  # replicated boxes of the size scaling
     large_replicas: tuple[int, int, int] | None  # the > 100,000-atom frame (None: skip it)
     dgemm_shapes: tuple[tuple[int, int, int], ...]  # matmul (m, k, n) shapes; the first, square, sets the peak
+    compressed_only: bool = False  # run the compressed-model section alone (benchmarks.compressed)
 
 
 # ---------------------------------------------------------------------------
@@ -419,11 +420,22 @@ def run_all(s: Settings, run=None) -> dict:
     compressed = Path(results["compress"]["path"]) if results["compress"].get("path") else None
     total = (1 + s.rounds * (1 + (compressed is not None) + len(s.chunk_sizes)) + len(s.budgets)
              + 2 * len(s.replicas) + (s.large_replicas is not None))
+    total = (0 if s.compressed_only else total) + 4 * s.rounds + 2 * len(s.replicas)
     with tempfile.TemporaryDirectory(dir=s.out, prefix=".work-") as tmp, \
             tqdm(total=total, unit="run", disable=None) as bar:
         work = Path(tmp)
         frames = prepare_frames(s, model, work / "frames.npz")
         run = run or Runner(s, work, bar)
+        from benchmarks import compressed as section
+
+        if compressed is not None:
+            results["compress_minidp"] = section.compress_minidp(s, run_process, child_env, work)
+        if compressed is not None and results["compress_minidp"]["path"]:
+            results["compressed"] = section.bench(run, s, work / "frames.npz", compressed,
+                                                  Path(results["compress_minidp"]["path"]), model_spec, timing_row)
+        if s.compressed_only:
+            results["meta"].update(elapsed_s=time.time() - t0, loadavg_end=os.getloadavg())
+            return results
         results["dgemm"] = bench_dgemm(run, s)
         results["throughput"] = bench_throughput(run, s, work / "frames.npz", compressed)
         results["budgets"] = bench_budgets(run, s, work / "frames.npz")
@@ -452,6 +464,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--mem-limit", type=float, default=None,
                    help="GiB of resident memory at which a measurement is killed (default: 8, or 40%% of free memory)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved throughput rounds (default 2, quick 1)")
+    p.add_argument("--compressed-only", action="store_true", help="only the compressed models' section")
     a = p.parse_args(argv)
     if a.model.suffix != ".pb" or not a.model.is_file():
         raise ValueError(f"--model {a.model} must be an existing deepmd-kit frozen model (.pb)")
@@ -461,7 +474,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         value = getattr(a, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    return settings(a.model, a.data, a.out, a.threads, a.quick, a.timeout, a.mem_limit, a.rounds)
+    return replace(settings(a.model, a.data, a.out, a.threads, a.quick, a.timeout, a.mem_limit, a.rounds),
+                   compressed_only=a.compressed_only)
 
 
 def settings(model: Path, data: Path, out: Path, threads: int, quick: bool, timeout: float = 120.0,
@@ -489,9 +503,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results = run_all(s)
-    for path in write_outputs(results, s.out):
+    if s.compressed_only:
+        from benchmarks.compressed import write_outputs as write_compressed
+
+        write_outputs_ = write_compressed
+    else:
+        write_outputs_ = write_outputs
+    for path in write_outputs_(results, s.out):
         print(path)
-    print((s.out / "results.md").read_text())
+    print((s.out / ("results-compressed.md" if s.compressed_only else "results.md")).read_text())
     return 0
 
 

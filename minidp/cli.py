@@ -138,7 +138,87 @@ def _cmd_info(args) -> int:
     print(f"fitting      neuron {[layer.n_out for layer in fit.layers[:-1]]}  ({m.ntypes} nets)")
     print(f"parameters   {m.n_params():,}")
     print(f"precision    {fit.dtype}")
+    c = m.descriptor.compress
+    if c is None:
+        print("compressed   no")
+    else:
+        t = c.tables[0]
+        rmin = "unknown" if c.min_nbor_dist is None else f"{c.min_nbor_dist:.6g} A"
+        print(f"compressed   yes: {len(c.tables)} tables of {t.nspline} pieces, step {t.stride0:g} in "
+              f"[{t.lower:g}, {t.upper:g}), {t.stride1:g} to {t.table_max:g} (extrapolate "
+              f"{t.table_max / t.upper:g}); smallest neighbour distance {rmin}")
     return 0
+
+
+def _compress_min_nbor_dist(args, data: dict) -> tuple[float, str]:
+    """The smallest neighbour distance for the grid, and where it came from: the model file,
+    the training systems of -t, or --min-nbor-dist (in that order, as `dp compress` looks)."""
+    from minidp.serialization import min_nbor_dist
+
+    found = min_nbor_dist(data)
+    if found is not None:
+        return found, f"from {args.input}"
+    if args.training_script is not None:
+        from minidp.train import load_systems, read_input, training_min_nbor_dist
+
+        config = read_input(args.training_script)
+        systems = load_systems(config.training.systems, config.type_map)
+        return (training_min_nbor_dist(systems, config.descriptor),
+                f"from the training systems of {args.training_script}")
+    if args.min_nbor_dist is not None:
+        return args.min_nbor_dist, "given"
+    raise ValueError(f"{args.input} carries no smallest neighbour distance: give the training input with "
+                     "-t INPUT.json (its training systems are scanned) or the distance with --min-nbor-dist D")
+
+
+def _cmd_compress(args) -> int:
+    """Tabulate the embedding nets of a model (deepmd-kit's `dp compress`) and write it."""
+    from dataclasses import replace
+
+    from minidp.compress import compress_descriptor
+    from minidp.data import check_output
+    from minidp.model_check import check_model_dict
+    from minidp.serialization import model_from_dict, read_model_dict, save_model
+
+    check_output(args.output, "model", (args.input,), args.overwrite)  # refused before any work
+    data = read_model_dict(args.input)
+    check_model_dict(data, args.input)
+    model = model_from_dict(data)
+    if model.descriptor.compress is not None:
+        raise ValueError(f"{args.input} is already compressed")
+    rmin, origin = _compress_min_nbor_dist(args, data)
+    se = compress_descriptor(model.descriptor, rmin, args.step, args.extrapolate, args.frequency)
+    save_model(args.output, replace(model, descriptor=se), overwrite=args.overwrite, inputs=(args.input,))
+    t = se.compress.tables[0]
+    print(f"smallest neighbour distance {rmin:.6g} A ({origin}); {len(se.compress.tables)} tables of "
+          f"{t.nspline} pieces, s in [{t.lower:g}, {t.upper:g}) by {t.stride0:g}, then to {t.table_max:g} "
+          f"by {t.stride1:g} -> {args.output}")
+    return 0
+
+
+def _add_compress(sub) -> None:
+    from minidp.compress import (
+        DEFAULT_CHECK_FREQUENCY,
+        DEFAULT_EXTRAPOLATE,
+        DEFAULT_STEP,
+    )
+
+    p = sub.add_parser("compress", help="tabulate the embedding nets, like `dp compress`")
+    p.add_argument("-i", "--input", required=True, help="model to compress (.dp, .yaml, .json; .pb/.pth with deepmd-kit)")
+    p.add_argument("-o", "--output", required=True, help="compressed model: .dp, .yaml or .json")
+    p.add_argument("-s", "--step", type=float, default=DEFAULT_STEP,
+                   help=f"stride of the first table; the second uses 10 * step (default: {DEFAULT_STEP})")
+    p.add_argument("-e", "--extrapolate", type=float, default=DEFAULT_EXTRAPOLATE,
+                   help=f"the second table runs to extrapolate * its start (default: {DEFAULT_EXTRAPOLATE:g})")
+    p.add_argument("-f", "--frequency", type=int, default=DEFAULT_CHECK_FREQUENCY,
+                   help="deepmd-kit's overflow-check frequency, stored in the tables (minidp never needs it; "
+                        f"default: {DEFAULT_CHECK_FREQUENCY})")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-t", "--training-script", default=None,
+                       help="training input (JSON): the smallest neighbour distance of its training systems")
+    where.add_argument("--min-nbor-dist", type=float, default=None, help="the smallest neighbour distance (A)")
+    _overwrite_option(p)
+    p.set_defaults(func=_cmd_compress)
 
 
 def _cmd_train(args) -> int:
@@ -347,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_devi(sub)
     _add_neighbor_stat(sub)
     _add_change_bias(sub)
+    _add_compress(sub)
     _add_tutorial(sub)
     _add_lammps(sub)
     _add_ipi(sub)

@@ -135,6 +135,7 @@ class SeA:
     davg: np.ndarray  # (ntypes, nnei, 4) mean of the environment-matrix rows, per centre type
     dstd: np.ndarray  # (ntypes, nnei, 4) their standard deviation
     nets: EmbeddingNets  # nets[ti, tj]: embedding net for centre type ti, neighbour type tj (end of module)
+    compress: object | None = None  # minidp.compress.Compression: the nets tabulated (dp compress), or None
 
     def __post_init__(self):
         if not isinstance(self.nets, EmbeddingNets):  # a table nets[ti][tj], as lists
@@ -370,6 +371,12 @@ def descriptor(
     keeps the fast path's net caches for training (minidp.force_training).
     """
     check_backend(backend)
+    if se.compress is not None:  # a compressed model: the nets' tables replace the nets (minidp.compress)
+        from minidp import compress
+
+        if keep:
+            raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
+        return compress.descriptor(rij, nlist, atom_types, se, backend)
     if keep and backend == "reference":
         raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
     cfg = se.config
@@ -384,6 +391,10 @@ def descriptor(
 
 def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
     """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
+    if se.compress is not None:
+        from minidp import compress
+
+        return compress.descriptor_backward(dD, cache, se, backend)
     dT = contract_backward(dD, cache.T, se.config.axis_neuron)
     if backend == "reference":
         dR = embed_reference_backward(dT, cache.embed)

@@ -197,7 +197,7 @@ def _descriptor_from_dict(d: dict, ntypes: int) -> SeA:
     if d.get("type") not in ("se_e2_a", "se_a"):
         _refuse("descriptor type", d.get("type"), where)
     for key, allowed in (("exclude_types", ([],)), ("spin", (None,)),
-                         ("env_protection", (0.0, 0)), ("compress", (None, False))):
+                         ("env_protection", (0.0, 0))):
         _require(d, key, allowed, where)
     if d.get("env_mat", {}).get("use_exp_switch", False):
         _refuse("env_mat.use_exp_switch", True, where)
@@ -223,7 +223,28 @@ def _descriptor_from_dict(d: dict, ntypes: int) -> SeA:
     davg, dstd = np.asarray(v["davg"]), np.asarray(v["dstd"])
     if davg.shape != (ntypes, cfg.nnei, 4):
         raise ValueError(f"{where}: davg has shape {davg.shape}, expected {(ntypes, cfg.nnei, 4)}")
-    return SeA(cfg, davg, dstd, table)
+    se = SeA(cfg, davg, dstd, table)
+    se.compress = _compression_from_dict(d.get("compress"), se, where)
+    return se
+
+
+def _compression_from_dict(c, se: SeA, where: str):
+    """The tables of a compressed descriptor (@version 3's "compress" entry), or None."""
+    if c is None or c is False:
+        return None
+    from minidp.compress import Table, compression
+
+    cfg = se.config
+    try:
+        v = c["@variables"]
+        tables = tuple(Table.from_deepmd(data, info) for data, info in zip(v["compress_data"], v["compress_info"],
+                                                                            strict=True))
+        result = compression(tables, se)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}.compress: not deepmd-kit's compress_data/compress_info tables ({err})") from None
+    if tables[0].ng != cfg.ng:
+        raise ValueError(f"{where}.compress: tables of width {tables[0].ng} do not fit neuron {list(cfg.neuron)}")
+    return result
 
 
 def _fitting_from_dict(d: dict, ntypes: int) -> tuple[list[Net], np.ndarray]:
@@ -254,12 +275,23 @@ def model_from_dict(data: dict) -> EnergyModel:
     type_map = list(m["type_map"])
     ntypes = len(type_map)
     se = _descriptor_from_dict(m["descriptor"], ntypes)
+    if se.compress is not None and data is not m:  # the file's smallest neighbour distance, kept on save
+        from dataclasses import replace
+
+        se = replace(se, compress=replace(se.compress, min_nbor_dist=min_nbor_dist(data)))
     fitting, bias = _fitting_from_dict(m["fitting"], ntypes)
     out_bias = m.get("@variables", {}).get("out_bias")
     if out_bias is not None:
         # the atomic model's output bias, (n_outputs, ntypes, 1): the energy's is row 0
         bias = bias + np.asarray(out_bias)[0].reshape(ntypes)
     return EnergyModel(type_map, se, fitting, bias)
+
+
+def min_nbor_dist(data: dict) -> float | None:
+    """The smallest neighbour distance of the training data a model file carries (top-level
+    @variables, where deepmd-kit writes it), or None."""
+    value = (data.get("@variables") or {}).get("min_nbor_dist")
+    return None if value is None else float(np.asarray(value).reshape(-1)[0])
 
 
 def load_model(path) -> EnergyModel:
@@ -277,9 +309,8 @@ def load_model(path) -> EnergyModel:
 
 
 def read_min_nbor_dist(path) -> float | None:
-    """The smallest neighbour distance stored with a model (top-level @variables), or None."""
-    value = read_model_dict(path).get("@variables", {}).get("min_nbor_dist")
-    return None if value is None else float(np.asarray(value))
+    """The smallest neighbour distance stored with a model file (:func:`min_nbor_dist`), or None."""
+    return min_nbor_dist(read_model_dict(path))
 
 
 # ---------------------------------------------------------------------------
@@ -329,6 +360,10 @@ def model_to_dict(model: EnergyModel) -> dict:
         "env_mat": {"rcut": cfg.rcut, "rcut_smth": cfg.rcut_smth, "protection": 0.0, "use_exp_switch": False},
         "@variables": {"davg": se.davg, "dstd": se.dstd}, "type_map": list(model.type_map), "spin": None,
     }
+    if se.compress is not None:  # deepmd-kit 3.2 writes a compressed se_e2_a at @version 3
+        descriptor["@version"] = 3
+        descriptor["compress"] = {"@variables": {"compress_data": [t.data for t in se.compress.tables],
+                                                 "compress_info": [t.info for t in se.compress.tables]}}
     hidden = [layer.n_out for layer in model.fitting[0].layers[:-1]]
     resnet_dt = any(layer.idt is not None for layer in model.fitting[0].layers)
     fitting = {
@@ -388,6 +423,8 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
         raise ValueError(f"cannot write {path.suffix!r} models; expected one of {NATIVE_SUFFIXES}")
     data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
             "model_def_script": {}, "@variables": {}}
+    if min_nbor_dist is None and model.descriptor.compress is not None:
+        min_nbor_dist = model.descriptor.compress.min_nbor_dist  # a compressed model keeps its own
     if min_nbor_dist is not None:
         data["@variables"]["min_nbor_dist"] = np.array(float(min_nbor_dist))  # a dataset, as deepmd-kit writes it
     with safe_output(path, "model", inputs, overwrite) as tmp:

@@ -118,3 +118,25 @@ def test_all_sections_and_outputs_on_tiny_inputs(tmp_path, monkeypatch):
         assert heading in text
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths if p.suffix == ".png")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch or temporary files left
+
+
+def test_compressed_section_on_tiny_inputs(tmp_path):
+    """benchmarks.compressed: both contenders in both modes, the size scaling, the ratios and the tables."""
+    import dataclasses
+
+    from benchmarks import compressed
+    from minidp.compress import compress_descriptor
+    from minidp.serialization import save_model
+
+    s = replace(tiny_settings(tmp_path), rounds=1)
+    model = load_model(s.model_minidp)
+    small = tmp_path / "c.dp"
+    save_model(small, dataclasses.replace(model, descriptor=compress_descriptor(model.descriptor, 0.9, 0.1)))
+    frames = tmp_path / "frames.npz"
+    run.prepare_frames(s, model, frames)
+    # the plain .pb stands in for deepmd-kit's compressed one: the section only times what it is given
+    section = compressed.bench(in_process, s, frames, s.model_pb, small, run.model_spec, run.timing_row)
+    assert [r["status"] for r in section["throughput"]] == ["ok"] * 4
+    assert set(section["ratios"]) == {"batch", "one frame per call", "192 atoms, one frame"}
+    text = "\n".join(compressed.markdown({"compressed": section}))
+    assert "minidp compress against dp --tf compress" in text and "one frame per call" in text

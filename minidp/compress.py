@@ -1,0 +1,680 @@
+r"""Compressed models: each embedding net replaced by a table of quintic polynomials in s.
+
+deepmd-kit's ``dp compress`` turns every embedding net :math:`\mathcal G(s)`
+(one scalar in, ``ng`` features out) into a piecewise polynomial: the s axis
+is cut into pieces :math:`[x_n, x_{n+1})` and on each piece
+
+.. math::
+
+    \mathcal G_g(s) \approx \sum_{k=0}^{5} a_{n,g,k}\,(s - x_n)^k ,
+
+the unique quintic that matches the net's value, first and second derivative
+at both ends of the piece (a quintic Hermite piece), so the table and its
+first two derivatives are continuous everywhere. A network evaluation of
+``25 + 25*50 + 50*100`` multiply-adds and 175 tanh per neighbour becomes a
+table look-up and ``5 * ng`` multiply-adds.
+
+This module has four parts:
+
+1. **The grid** (:func:`env_mat_range`, :func:`table_grid`), deepmd-kit
+   3.2's: from the smallest neighbour distance r_min, the range of s is
+   ``[floor(lower), ceil(upper)]`` with lower = -davg/dstd (a neighbour at the
+   cutoff) and upper = (s(r_min)/r_min - davg)/dstd (the closest one), both
+   taken over the four columns of davg/dstd as deepmd-kit 3.2's
+   backend-neutral code does; a first table of stride ``step`` covers it, a
+   second of stride ``10*step`` runs on to ``extrapolate * upper``. The
+   distance comes from the model file, or the training systems (:func:`minidp.train.training_min_nbor_dist`).
+2. **The pieces** (:func:`net_derivatives`, :func:`hermite_coefficients`,
+   :func:`build_table`): value, dG/ds and d2G/ds2 of the net at the nodes by
+   second-order forward mode, and the six coefficients per piece, stored in
+   deepmd-kit's ``compress_data`` / ``compress_info`` layout.
+3. **The readable tabulated embedding** (:func:`locate`,
+   :func:`table_features`, :func:`tabulated_embed`): look up each s, evaluate
+   the polynomial and its derivative, contract into T exactly as the exact
+   path does; its backward is the exact path's (:func:`minidp.se_e2_a.embed_backward`),
+   since it only needs G and dG/ds of each row.
+4. **The fused kernels** (:func:`fused_embed`, :func:`fused_embed_backward`,
+   Numba kernels at the end): look-up, polynomial and contraction in one
+   loop, G never stored; the backward evaluates the polynomial again, which
+   costs less than writing G (nb x ng numbers) and reading it back.
+
+Outside the table deepmd-kit 3.2 extends each end linearly (C1): below
+``lower`` G(s) = G(lower) + G'(lower)(s - lower), at and beyond ``table_max``
+G(s) = G(table_max) + G'(table_max)(s - table_max); the derivative is the
+end's slope.
+
+Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng``); here also
+``nspline``: pieces of a table, ``nnode = nspline + 1``: nodes, ``ntab``:
+tables of a model, ``nb``: rows (neighbours) looked up at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from minidp.nn import Net, _add_residual, get_activation, layer_jvp, residual_kind
+from minidp.se_e2_a import (
+    DescriptorCache,
+    EmbedPiece,
+    SeA,
+    contract,
+    contract_backward,
+    embed_backward,
+    env_matrix,
+    env_matrix_backward,
+    real_counts,
+    smooth_switch,
+    sum_rows,
+)
+
+# deepmd-kit's defaults for `dp compress`: -s 0.01, -e 5, the second table's
+# stride 10 * step, and -f -1 (no overflow check: deepmd-kit only logs it).
+DEFAULT_STEP = 0.01
+DEFAULT_EXTRAPOLATE = 5.0
+DEFAULT_CHECK_FREQUENCY = -1
+
+
+# ---------------------------------------------------------------------------
+# Tables and their configuration
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Table:
+    """One embedding net tabulated (deepmd-kit's compress_data / compress_info of one net).
+
+    Piece n starts at x_n = lower + n*stride0 for n < n_first (the first
+    table), at x_n = upper + (n - n_first)*stride1 after it; n_first =
+    int((upper - lower)/stride0). On piece n, G_g(s) = sum_k coef[n, g, k] (s - x_n)^k.
+    """
+
+    coef: np.ndarray  # (nspline, ng, 6) polynomial coefficients, lowest order first
+    lower: float  # start of the first table (an integer in deepmd-kit's grid)
+    upper: float  # end of the first table, start of the second
+    table_max: float  # end of the second table: extrapolate * upper
+    stride0: float  # step of the first table
+    stride1: float  # step of the second (10 * stride0 in deepmd-kit)
+    check_frequency: int = DEFAULT_CHECK_FREQUENCY  # deepmd-kit's overflow-check frequency (-1: never)
+
+    def __post_init__(self):
+        coef = np.asarray(self.coef)
+        if coef.ndim != 3 or coef.shape[2] != 6 or coef.shape[0] < 1:
+            raise ValueError(f"table coefficients must have shape (nspline, ng, 6), got {coef.shape}")
+        if not (self.stride0 > 0 and self.stride1 > 0):
+            raise ValueError(f"table strides must be positive, got {self.stride0} and {self.stride1}")
+        if not (self.lower < self.upper <= self.table_max):
+            raise ValueError(f"table bounds must satisfy lower < upper <= table_max, got "
+                             f"{self.lower}, {self.upper}, {self.table_max}")
+        object.__setattr__(self, "coef", coef)
+
+    @property
+    def nspline(self) -> int:
+        return self.coef.shape[0]
+
+    @property
+    def ng(self) -> int:
+        return self.coef.shape[1]
+
+    @property
+    def n_first(self) -> int:
+        """Pieces of the first table, deepmd-kit's int((upper - lower) / stride0)."""
+        return int((self.upper - self.lower) / self.stride0)
+
+    @property
+    def info(self) -> np.ndarray:
+        """deepmd-kit's compress_info: (lower, upper, table_max, stride0, stride1, check_frequency)."""
+        return np.array([self.lower, self.upper, self.table_max, self.stride0, self.stride1,
+                         self.check_frequency], dtype=self.coef.dtype)
+
+    @property
+    def data(self) -> np.ndarray:
+        """deepmd-kit's compress_data: (nspline, 6 * ng), feature g's coefficients at columns 6g..6g+5."""
+        return self.coef.reshape(self.nspline, -1)
+
+    @classmethod
+    def from_deepmd(cls, data, info) -> Table:
+        """The table deepmd-kit serializes as one (compress_data, compress_info) pair."""
+        data, info = np.asarray(data), np.asarray(info).reshape(-1)
+        if data.ndim != 2 or data.shape[1] % 6 or info.size != 6:
+            raise ValueError(f"compress_data must be (nspline, 6 * ng) and compress_info 6 numbers, "
+                             f"got shapes {data.shape} and {info.shape}")
+        lower, upper, table_max, stride0, stride1, freq = (float(x) for x in info)
+        return cls(data.reshape(data.shape[0], -1, 6), lower, upper, table_max, stride0, stride1, int(freq))
+
+
+@dataclass(frozen=True)
+class Compression:
+    """The tables of a compressed se_e2_a descriptor, in deepmd-kit's order.
+
+    With type_one_side one table per neighbour type tj; otherwise one per
+    (centre ti, neighbour tj) at index ti + tj * ntypes, as deepmd-kit numbers
+    the embedding nets.
+    """
+
+    tables: tuple[Table, ...]
+    type_one_side: bool
+    pad_rows: np.ndarray  # (ntypes, nnei, 4) the rows of padded slots, -davg/dstd (see padded_tail_table)
+    sel: tuple[int, ...]  # neighbour slots per type, as the descriptor's
+    min_nbor_dist: float | None = None  # the smallest neighbour distance the grid came from, when known
+    # built once for the fused kernels: all tables, (ntab, max nspline, 6, ng), each coefficient
+    # contiguous over the features so the inner loop vectorizes; (ntab, 7) bounds; and what the
+    # padded slots add to T, (ntab, ntypes, max sel + 1, 4, ng) (padded_tails)
+    coef_t: np.ndarray = field(init=False, repr=False, compare=False)
+    bounds: np.ndarray = field(init=False, repr=False, compare=False)
+    padded: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        n = len(self.tables)
+        ntypes = n if self.type_one_side else round(np.sqrt(n))
+        if n == 0 or (not self.type_one_side and ntypes * ntypes != n):
+            raise ValueError(f"{n} tables for type_one_side={self.type_one_side}: expected ntypes "
+                             "tables (type_one_side) or ntypes**2")
+        if len({t.ng for t in self.tables}) != 1:
+            raise ValueError(f"tables have different widths {sorted({t.ng for t in self.tables})}")
+        if np.shape(self.pad_rows) != (ntypes, sum(self.sel), 4) or len(self.sel) != ntypes:
+            raise ValueError(f"pad_rows of shape {np.shape(self.pad_rows)} and sel {list(self.sel)} do not fit "
+                             f"{ntypes} types: expected (ntypes, sum(sel), 4)")
+        t0 = self.tables[0]
+        # (ntab, max nspline, 6, ng)
+        coef_t = np.zeros((n, max(t.nspline for t in self.tables), 6, t0.ng), dtype=t0.coef.dtype)
+        for k, t in enumerate(self.tables):
+            coef_t[k, : t.nspline] = t.coef.transpose(0, 2, 1)
+        # (ntab, 7)  what the kernels' look-up needs of each table
+        bounds = np.array([[t.lower, t.upper, t.table_max, t.stride0, t.stride1, t.n_first, t.nspline - 1]
+                           for t in self.tables], dtype=np.float64)
+        object.__setattr__(self, "coef_t", coef_t)
+        object.__setattr__(self, "bounds", bounds)
+        object.__setattr__(self, "padded", padded_tails(self))
+
+    @property
+    def ntypes(self) -> int:
+        n = len(self.tables)
+        return n if self.type_one_side else round(np.sqrt(n))
+
+    def index(self, ti: int, tj: int) -> int:
+        """Which table serves centre type ti and neighbour type tj."""
+        return tj if self.type_one_side else ti + tj * self.ntypes
+
+    def table(self, ti: int, tj: int) -> Table:
+        return self.tables[self.index(ti, tj)]
+
+    def slots(self, tj: int) -> slice:
+        """The neighbour slots of type tj."""
+        start = sum(self.sel[:tj])
+        return slice(start, start + self.sel[tj])
+
+
+def compression(tables, se: SeA, min_nbor_dist: float | None = None) -> Compression:
+    """A Compression of se's descriptor from its tables (deepmd-kit's order)."""
+    cfg = se.config
+    return Compression(tuple(tables), cfg.type_one_side, -se.davg / se.dstd, tuple(cfg.sel), min_nbor_dist)
+
+
+def _embedding_net(se: SeA, ti: int, tj: int) -> Net:
+    """The exact embedding net of centre type ti and neighbour type tj (the one place that knows se.nets)."""
+    return se.nets[ti, tj]
+
+
+# ---------------------------------------------------------------------------
+# 1. The grid
+# ---------------------------------------------------------------------------
+
+
+def env_mat_range(davg: np.ndarray, dstd: np.ndarray, rcut_smth: float, rcut: float,
+                  min_nbor_dist: float) -> tuple[np.ndarray, np.ndarray]:
+    r"""Per centre type, the integer range of s the first table must cover (deepmd-kit 3.2's rule).
+
+    .. math::
+
+        \mathrm{lower}_t = \Big\lfloor \min_c \frac{-\mathrm{davg}_{t,0,c}}{\mathrm{dstd}_{t,0,c}} \Big\rfloor,\qquad
+        \mathrm{upper}_t = \Big\lceil \max_c \frac{s(r_{min})/r_{min} - \mathrm{davg}_{t,0,c}}
+            {\mathrm{dstd}_{t,0,c}} \Big\rceil
+
+    over the four columns c of the first neighbour slot. The first column
+    alone gives the range of s (a neighbour at the cutoff, the closest
+    neighbour); deepmd-kit 3.2's backend-neutral code takes all four, which
+    for the water model widens the first table from [-1, 9] (its TensorFlow
+    backend's) to [-1, 15]. Both agree on every s a neighbour farther than
+    r_min produces. Returns lower, upper: (ntypes,) each.
+    """
+    sw, _ = smooth_switch(np.float64(min_nbor_dist), rcut_smth, rcut)
+    # (ntypes, 4)
+    lower = np.floor(-davg[:, 0] / dstd[:, 0])
+    upper = np.ceil((sw / min_nbor_dist - davg[:, 0]) / dstd[:, 0])
+    return lower.min(axis=1), upper.max(axis=1)
+
+
+def table_grid(lower: float, upper: float, stride0: float, stride1: float, extrapolate: float,
+               dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes x (nnode,) and piece widths h (nspline,) of deepmd-kit's two tables.
+
+    Nodes lower, lower + stride0, ... below upper, then upper, upper + stride1,
+    ... below extrapolate*upper, then extrapolate*upper itself; each node is
+    start + i*stride (np.arange), and the piece count is deepmd-kit's
+    int((upper - lower)/stride0 + (extrapolate*upper - upper)/stride1).
+    """
+    table_max = extrapolate * upper
+    # (nnode,)
+    x = np.concatenate([np.arange(lower, upper, stride0, dtype=dtype),
+                        np.arange(upper, table_max, stride1, dtype=dtype), np.array([table_max], dtype=dtype)])
+    nspline = int((upper - lower) / stride0 + (table_max - upper) / stride1)
+    # (nspline,)
+    h = np.full(nspline, stride1, dtype=dtype)
+    h[: int((upper - lower) / stride0)] = stride0
+    return x[: nspline + 1], h
+
+
+# ---------------------------------------------------------------------------
+# 2. The pieces
+# ---------------------------------------------------------------------------
+
+
+def net_derivatives(net: Net, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""G = net(s), dG/ds and d2G/ds2 for a column of scalars s (nb, 1), by forward mode.
+
+    Layer by layer, with z = xW + b, a = phi(z), y = idt a + (residual of x),
+    and dots for d/ds:
+
+    .. math::
+
+        \dot z = \dot x W,\quad \ddot z = \ddot x W,\quad
+        \dot a = \phi'(z)\,\dot z,\quad \ddot a = \phi''(z)\,\dot z^2 + \phi'(z)\,\ddot z,
+
+    and y's derivatives take the same idt and residual as y. Starts from
+    x = s, dx/ds = 1, d2x/ds2 = 0. Returns three (nb, ng).
+    """
+    x, tx = s, np.ones_like(s)
+    ttx = np.zeros_like(s)
+    for layer in net.layers:
+        # (nb, n_out) each: value and first derivative (nn.layer_jvp), and the caches z, tz, a, phi'
+        y, ty, (_, _, z, tz, a, d1, _) = layer_jvp(layer, x, tx)
+        # (nb, n_out)  the second derivative of the activation's output
+        tta = get_activation(layer.activation).grad2(z, a, d1) * tz * tz + d1 * (ttx @ layer.W)
+        # (nb, n_out)  tta is a fresh array, so the residual may go in place
+        tty = tta * layer.idt if layer.idt is not None else tta
+        _add_residual(tty, ttx, residual_kind(layer.n_in, layer.n_out, layer.resnet))
+        x, tx, ttx = y, ty, tty
+    return x, tx, ttx
+
+
+def hermite_coefficients(v: np.ndarray, d: np.ndarray, d2: np.ndarray, h: np.ndarray) -> np.ndarray:
+    r"""The quintic on each piece matching value, slope and curvature at both of its ends.
+
+    On piece n of width h, with p(t) = sum_k a_k t^k, t = s - x_n: p, p', p''
+    at t = 0 give a_0 = v_0, a_1 = d_0, a_2 = d2_0 / 2; at t = h, with
+    dv = v_1 - v_0, the remaining 3 x 3 system solves to
+
+    .. math::
+
+        a_3 = \frac{20\,dv - (8 d_1 + 12 d_0) h - (3 d2_0 - d2_1) h^2}{2 h^3},\quad
+        a_4 = \frac{-30\,dv + (14 d_1 + 16 d_0) h + (3 d2_0 - 2 d2_1) h^2}{2 h^4},\quad
+        a_5 = \frac{12\,dv - 6 (d_1 + d_0) h + (d2_1 - d2_0) h^2}{2 h^5}.
+
+    v, d, d2: (nnode, ng) at the nodes; h: (nspline,). Returns (nspline, ng, 6).
+    a_3..a_5 are small differences of O(1) terms divided by h^3..h^5: their
+    relative round-off is large (1e-8 for a_5 at h = 0.01), but what they add
+    to G, a_k h^k, keeps the round-off of the values.
+    """
+    n = h.size
+    # (nspline, 1)
+    h = h[:, None]
+    # (nspline, ng) each: left and right ends of every piece
+    v0, v1, d0, d1, s0, s1 = v[:n], v[1 : n + 1], d[:n], d[1 : n + 1], d2[:n], d2[1 : n + 1]
+    dv = v1 - v0
+    # (nspline, ng, 6)
+    coef = np.empty(v0.shape + (6,), dtype=v.dtype)
+    coef[..., 0], coef[..., 1], coef[..., 2] = v0, d0, 0.5 * s0
+    coef[..., 3] = (20 * dv - (8 * d1 + 12 * d0) * h - (3 * s0 - s1) * h * h) / (2 * h**3)
+    coef[..., 4] = (-30 * dv + (14 * d1 + 16 * d0) * h + (3 * s0 - 2 * s1) * h * h) / (2 * h**4)
+    coef[..., 5] = (12 * dv - 6 * (d1 + d0) * h + (s1 - s0) * h * h) / (2 * h**5)
+    return coef
+
+
+def build_table(net: Net, lower: float, upper: float, step: float = DEFAULT_STEP,
+                extrapolate: float = DEFAULT_EXTRAPOLATE, check_frequency: int = DEFAULT_CHECK_FREQUENCY) -> Table:
+    """Tabulate one embedding net on deepmd-kit's grid (first stride ``step``, second ``10 * step``)."""
+    stride1 = 10 * step
+    # (nnode,), (nspline,)
+    x, h = table_grid(lower, upper, step, stride1, extrapolate, net.dtype)
+    # (nnode, ng) each
+    v, d, d2 = net_derivatives(net, x[:, None])
+    return Table(hermite_coefficients(v, d, d2, h), float(lower), float(upper), float(extrapolate * upper),
+                 float(step), float(stride1), int(check_frequency))
+
+
+def compress_descriptor(se: SeA, min_nbor_dist: float, step: float = DEFAULT_STEP,
+                        extrapolate: float = DEFAULT_EXTRAPOLATE,
+                        check_frequency: int = DEFAULT_CHECK_FREQUENCY) -> SeA:
+    """A copy of ``se`` whose embedding nets are tabulated (what `dp compress` does to the descriptor).
+
+    With type_one_side a neighbour type's table serves every centre type, so
+    it spans the union of their ranges (deepmd-kit skips centre types with
+    sel 0, as it does).
+    """
+    if not (np.isfinite(min_nbor_dist) and min_nbor_dist > 0):
+        raise ValueError(f"min_nbor_dist must be a positive distance (Angstrom), got {min_nbor_dist!r}")
+    if not (np.isfinite(step) and step > 0):
+        raise ValueError(f"step must be positive, got {step!r}")
+    if not (np.isfinite(extrapolate) and extrapolate > 1):
+        raise ValueError(f"extrapolate must be larger than 1, got {extrapolate!r}")
+    cfg = se.config
+    lower, upper = env_mat_range(se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, min_nbor_dist)
+    nt = cfg.ntypes
+    if cfg.type_one_side:
+        used = np.asarray(cfg.sel) > 0
+        bounds = [(lower[used].min(), upper[used].max())] * nt
+        keys = [(0, tj) for tj in range(nt)]
+    else:
+        keys = [(k % nt, k // nt) for k in range(nt * nt)]
+        bounds = [(lower[ti], upper[ti]) for ti, _ in keys]
+    tables = tuple(build_table(_embedding_net(se, ti, tj), lo, up, step, extrapolate, check_frequency)
+                   for (ti, tj), (lo, up) in zip(keys, bounds))
+    return replace(se, compress=compression(tables, se, float(min_nbor_dist)))
+
+
+# ---------------------------------------------------------------------------
+# 3. The readable tabulated embedding
+# ---------------------------------------------------------------------------
+
+
+def locate(table: Table, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r"""Piece n, offset dx = s - x_n inside it, and overshoot delta beyond the table, for each s (nb,).
+
+    Inside the first table n = floor((s - lower)/stride0); inside the second
+    n = n_first + floor((s - upper)/stride1). Below ``lower`` the first piece
+    is read at dx = 0 and at and beyond ``table_max`` the last piece at its
+    end, each with delta = s - (that end) for the linear extension. n is
+    clipped to the table, as deepmd-kit 3.2 does. Returns (nb,) int64, (nb,), (nb,).
+    """
+    n_first, last = table.n_first, table.nspline - 1
+    below, first, second = s < table.lower, s < table.upper, s < table.table_max
+    # (nb,)
+    n = np.where(below, 0, np.where(first, np.floor((s - table.lower) / table.stride0),
+                                    np.where(second, n_first + np.floor((s - table.upper) / table.stride1), last)))
+    n = np.clip(n, 0, last).astype(np.int64)
+    # (nb,)  each branch measures dx from its own table's nodes, as deepmd-kit's op does
+    dx = np.where(below, 0.0, np.where(
+        first, s - (n * table.stride0 + table.lower),
+        np.where(second, s - ((n - n_first) * table.stride1 + table.upper),
+                 table.table_max - ((last - n_first) * table.stride1 + table.upper))))
+    delta = np.where(below, s - table.lower, np.where(second, 0.0, s - table.table_max))
+    return n, dx, delta
+
+
+def table_features(table: Table, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    r"""G(s) and dG/ds from the table, for each s (nb,): returns two (nb, ng).
+
+    .. math::
+
+        G = \sum_k a_k\,dx^k + \delta\, G',\qquad G' = \sum_{k \ge 1} k\, a_k\, dx^{k-1}
+
+    (both by Horner's rule; delta = 0 inside the table), with (n, dx, delta) from :func:`locate`.
+    """
+    n, dx, delta = locate(table, s)
+    # (nb, ng, 6)  each row's piece
+    a = table.coef[n]
+    # (nb, 1)
+    t = dx[:, None]
+    # (nb, ng), (nb, ng)
+    G = a[..., 0] + t * (a[..., 1] + t * (a[..., 2] + t * (a[..., 3] + t * (a[..., 4] + t * a[..., 5]))))
+    dG = a[..., 1] + t * (2 * a[..., 2] + t * (3 * a[..., 3] + t * (4 * a[..., 4] + 5 * t * a[..., 5])))
+    G += delta[:, None] * dG
+    return G, dG
+
+
+def padded_tail_table(table: Table, R_pad: np.ndarray) -> np.ndarray:
+    """se_e2_a.padded_tail_sums with G from the table: P[t, k] = sum_{slot >= k} G(s_t,slot)^T R_t,slot.
+
+    R_pad (ntypes, n_t, 4): the padded rows -davg/dstd of one neighbour type's
+    slots for each centre type. Returns (ntypes, n_t + 1, ng, 4), P[t, n_t] = 0.
+    """
+    # (ntypes * n_t, ng)
+    G_pad, _ = table_features(table, R_pad[..., 0].reshape(-1))
+    # (ntypes, n_t, ng, 4)
+    GR = G_pad.reshape(R_pad.shape[:2] + (-1, 1)) * R_pad[:, :, None, :]
+    # (ntypes, n_t + 1, ng, 4)
+    P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
+    P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
+    return P
+
+
+def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, list]:
+    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G from the tables (the plain NumPy version).
+
+    The exact path's :func:`minidp.se_e2_a.embed` with the net replaced by
+    :func:`table_features`: each real row is looked up, the padded slots come
+    from :func:`padded_tail_table`. The pieces hold G and dG/ds of every row,
+    so :func:`minidp.se_e2_a.embed_backward` is the backward.
+    Returns T (nf, nloc, ng, 4) and the pieces.
+    """
+    nf, nloc, nnei, _ = R.shape
+    cfg = se.config
+    # (nf, nloc, ng, 4)
+    T = np.zeros((nf, nloc, cfg.ng, 4), dtype=R.dtype)
+    pieces = []
+    for atoms, ti in se.center_groups(atom_types):
+        na = atoms.size
+        for tj in range(cfg.ntypes):
+            slots = slice(cfg.sec[tj], cfg.sec[tj + 1])
+            table = se.compress.table(ti, tj)
+            # (nf, na, n_t), (nf, na): real neighbours fill the first slots of each type
+            real, count = real_counts(nlist[:, atoms, slots])
+            # (nb, 4), (nb,)
+            R_real = R[:, atoms, slots][real]
+            owner = np.repeat(np.arange(nf * na), count.reshape(-1))
+            # (nb, ng), (nb, ng)
+            G, dG_ds = table_features(table, R_real[:, 0])
+            # (nf * na, ng, 4)
+            Tb = sum_rows(G, R_real, owner, nf * na, "numpy")
+            Tb += padded_tail_table(table, se.compress.pad_rows[:, slots])[atom_types[atoms], count].reshape(Tb.shape)
+            T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
+            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, None, None, count, [], None))
+    return T, pieces
+
+
+# ---------------------------------------------------------------------------
+# 4. The fused path: look-up and contraction in one Numba loop
+# ---------------------------------------------------------------------------
+
+
+class FusedCache(NamedTuple):
+    """What fused_embed_backward needs: which rows are real, and which table each uses."""
+
+    counts: np.ndarray  # (nf, nloc, ntypes) real neighbours per (atom, neighbour type)
+    tab_of: np.ndarray  # (nloc, ntypes) the table of each (atom, neighbour type)
+
+
+def padded_tails(cmp: Compression) -> np.ndarray:
+    """P of :func:`padded_tail_table` for every table, in the kernel's layout: (ntab, ntypes, max sel + 1, 4, ng).
+
+    Pt[tab, t, c] is what the padded slots of the table's neighbour type add
+    to T of a type-t atom with c real neighbours of that type (rows past
+    sel + 1 stay zero). It depends on the model alone: Compression builds it once.
+    """
+    ntypes = len(cmp.sel)
+    # (ntab, ntypes, max sel + 1, 4, ng)
+    Pt = np.zeros((len(cmp.tables), ntypes, max(cmp.sel) + 1, 4, cmp.tables[0].ng), dtype=cmp.pad_rows.dtype)
+    for tj in range(ntypes):
+        for ti in range(ntypes):
+            tab = cmp.index(ti, tj)
+            P = padded_tail_table(cmp.tables[tab], cmp.pad_rows[:, cmp.slots(tj)])
+            Pt[tab, :, : cmp.sel[tj] + 1] = P.transpose(0, 1, 3, 2)
+    return Pt
+
+
+def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, FusedCache]:
+    """:func:`tabulated_embed` in one Numba kernel: G never stored, T built atom by atom.
+
+    The padded slots take the closed form P[type, count] of
+    :func:`padded_tail_table`, built once per model (:func:`padded_tails`).
+    Returns T (nf, nloc, ng, 4) and the cache for :func:`fused_embed_backward`.
+    """
+    nf, nloc, nnei, _ = R.shape
+    cfg, cmp = se.config, se.compress
+    sec = cfg.sec
+    # (nf, nloc, ntypes)
+    counts = np.stack([(nlist[:, :, sec[t]: sec[t + 1]] >= 0).sum(axis=-1) for t in range(cfg.ntypes)], axis=-1)
+    # (ntypes, ntypes) -> (nloc, ntypes)
+    tab_of = np.array([[cmp.index(ti, tj) for tj in range(cfg.ntypes)] for ti in range(cfg.ntypes)])[atom_types]
+    # (nf, nloc, 4, ng)  T transposed, as the kernel accumulates it
+    Tt = np.zeros((nf, nloc, 4, cfg.ng), dtype=R.dtype)
+    tabulated_contract(R, counts, sec, tab_of, atom_types, cmp.coef_t, cmp.bounds, cmp.padded, 1.0 / nnei, Tt)
+    return Tt.transpose(0, 1, 3, 2), FusedCache(counts, tab_of)
+
+
+def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, se: SeA) -> np.ndarray:
+    r"""dL/dR (nf, nloc, nnei, 4) from dL/dT: :func:`minidp.se_e2_a.embed_backward` for table rows.
+
+    dL/dR_j = (1/nnei) G_j dL/dT + (dL/ds_j, 0, 0, 0) with dL/ds_j = (1/nnei) sum_g (R_j . dL/dT_g) G'_g(s_j);
+    padded slots depend on no position and get zero.
+    """
+    nnei = R.shape[2]
+    # (nf, nloc, 4, ng)
+    dTt = np.ascontiguousarray(dT.transpose(0, 1, 3, 2)) / nnei
+    # (nf, nloc, nnei, 4)
+    dR = np.zeros_like(R)
+    cmp = se.compress
+    tabulated_contract_backward(R, cache.counts, se.config.sec, cache.tab_of, cmp.coef_t, cmp.bounds, dTt, dR)
+    return dR
+
+
+# ---------------------------------------------------------------------------
+# The descriptor of a compressed model (se_e2_a.descriptor dispatches here)
+# ---------------------------------------------------------------------------
+
+
+def descriptor(rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+               backend: str = "numba") -> tuple[np.ndarray, DescriptorCache]:
+    """se_e2_a.descriptor with tabulated embedding nets: env matrix, tabulated embed, contract.
+
+    ``backend="numpy"`` is the readable path (:func:`tabulated_embed`), "numba" the fused one.
+    """
+    cfg = se.config
+    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
+    if backend == "numba":
+        T, pieces = fused_embed(R, nlist, atom_types, se)
+    else:
+        T, pieces = tabulated_embed(R, nlist, atom_types, se)
+    D = contract(T, cfg.axis_neuron)
+    return D, DescriptorCache(env, R, pieces, T)
+
+
+def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
+    """dL/d rij (nf, nloc, nnei, 3) from dL/dD for a compressed descriptor."""
+    dT = contract_backward(dD, cache.T, se.config.axis_neuron)
+    if backend == "numba":
+        dR = fused_embed_backward(dT, cache.R, cache.embed, se)
+    else:
+        dR = embed_backward(dT, cache.R, cache.embed, "numpy")
+    return env_matrix_backward(dR, cache.env, backend)
+
+
+# ---------------------------------------------------------------------------
+# Numba kernels of the fused path (the NumPy twins are table_features and tabulated_embed)
+# ---------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _locate(s, b):  # pragma: no cover - compiled
+    """locate() for one s; b = (lower, upper, table_max, stride0, stride1, n_first, last)."""
+    lower, upper, table_max, stride0, stride1 = b[0], b[1], b[2], b[3], b[4]
+    n_first, last = int(b[5]), int(b[6])
+    if s < lower:
+        return 0, 0.0, s - lower
+    if s < upper:
+        n = min(max(int(np.floor((s - lower) / stride0)), 0), last)
+        return n, s - (n * stride0 + lower), 0.0
+    if s < table_max:
+        n = min(max(n_first + int(np.floor((s - upper) / stride1)), 0), last)
+        return n, s - ((n - n_first) * stride1 + upper), 0.0
+    return last, table_max - ((last - n_first) * stride1 + upper), s - table_max
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _value(a, g, dx):  # pragma: no cover - compiled
+    """G_g = sum_k a[k, g] dx^k by Horner's rule (a: one piece, (6, ng))."""
+    return a[0, g] + dx * (a[1, g] + dx * (a[2, g] + dx * (a[3, g] + dx * (a[4, g] + dx * a[5, g]))))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _slope(a, g, dx):  # pragma: no cover - compiled
+    """G'_g = sum_k k a[k, g] dx^(k-1) by Horner's rule."""
+    return a[1, g] + dx * (2 * a[2, g] + dx * (3 * a[3, g] + dx * (4 * a[4, g] + dx * 5 * a[5, g])))
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def tabulated_contract(R, counts, sec, tab_of, atom_types, coef_t, bounds, Pt, scale, Tt):  # pragma: no cover
+    """Tt[f, i, c, g] = scale * (sum over the real rows k of atom i of R[f, i, k, c] G_g(R[f, i, k, 0]) + padded).
+
+    G from the table tab_of[i, tj] of the row's neighbour type tj: the piece
+    and offset from _locate, the quintic by Horner's rule, plus the linear
+    extension delta * G' outside the table. Real rows of type tj are the
+    first counts[f, i, tj] slots from sec[tj]; the padded ones add
+    Pt[tab, type of i, counts[f, i, tj]] (padded_tails). Tt (nf, nloc, 4, ng), zero on entry.
+    """
+    nf, nloc, ntypes = counts.shape
+    ng = Tt.shape[3]
+    for f in range(nf):
+        for i in range(nloc):
+            for tj in range(ntypes):
+                tab = tab_of[i, tj]
+                P = Pt[tab, atom_types[i], counts[f, i, tj]]
+                for c in range(4):
+                    for g in range(ng):
+                        Tt[f, i, c, g] += P[c, g]
+                for k in range(sec[tj], sec[tj] + counts[f, i, tj]):
+                    n, dx, delta = _locate(R[f, i, k, 0], bounds[tab])
+                    a = coef_t[tab, n]
+                    r0, r1, r2, r3 = R[f, i, k, 0], R[f, i, k, 1], R[f, i, k, 2], R[f, i, k, 3]
+                    for g in range(ng):
+                        G = _value(a, g, dx)
+                        # outside the table (rare), the linear extension; the test does not depend on g,
+                        # so the compiler hoists it out of the loop (unswitching), which still vectorizes
+                        if delta != 0.0:
+                            G += delta * _slope(a, g, dx)
+                        Tt[f, i, 0, g] += r0 * G
+                        Tt[f, i, 1, g] += r1 * G
+                        Tt[f, i, 2, g] += r2 * G
+                        Tt[f, i, 3, g] += r3 * G
+            for c in range(4):
+                for g in range(ng):
+                    Tt[f, i, c, g] *= scale
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def tabulated_contract_backward(R, counts, sec, tab_of, coef_t, bounds, dTt, dR):  # pragma: no cover - compiled
+    """Backward of tabulated_contract, for each real row k of atom i (dTt: dL/dT transposed, (nf, nloc, 4, ng)):
+
+    dR[f, i, k, c] = sum_g G_g dTt[c, g]  +  [c == 0] sum_g G'_g sum_c' R[c'] dTt[c', g]
+
+    G and G' are evaluated again from the table; dR (nf, nloc, nnei, 4) is
+    written on the real rows only.
+    """
+    nf, nloc, ntypes = counts.shape
+    ng = dTt.shape[3]
+    for f in range(nf):
+        for i in range(nloc):
+            for tj in range(ntypes):
+                tab = tab_of[i, tj]
+                for k in range(sec[tj], sec[tj] + counts[f, i, tj]):
+                    n, dx, delta = _locate(R[f, i, k, 0], bounds[tab])
+                    a = coef_t[tab, n]
+                    r0, r1, r2, r3 = R[f, i, k, 0], R[f, i, k, 1], R[f, i, k, 2], R[f, i, k, 3]
+                    d0 = d1 = d2 = d3 = ds = 0.0
+                    for g in range(ng):
+                        dG = _slope(a, g, dx)
+                        G = _value(a, g, dx) + delta * dG
+                        t0, t1, t2, t3 = dTt[f, i, 0, g], dTt[f, i, 1, g], dTt[f, i, 2, g], dTt[f, i, 3, g]
+                        d0 += G * t0
+                        d1 += G * t1
+                        d2 += G * t2
+                        d3 += G * t3
+                        ds += dG * (r0 * t0 + r1 * t1 + r2 * t2 + r3 * t3)
+                    dR[f, i, k, 0] = d0 + ds
+                    dR[f, i, k, 1] = d1
+                    dR[f, i, k, 2] = d2
+                    dR[f, i, k, 3] = d3
