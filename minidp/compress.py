@@ -555,10 +555,10 @@ def descriptor(rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: S
     """
     cfg = se.config
     R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
-    if backend == "numba":
-        T, pieces = fused_embed(R, nlist, atom_types, se)
-    else:
+    if backend != "numba":  # "numpy" and "reference": the readable tabulated path
         T, pieces = tabulated_embed(R, nlist, atom_types, se)
+    else:
+        T, pieces = fused_embed(R, nlist, atom_types, se)
     D = contract(T, cfg.axis_neuron)
     return D, DescriptorCache(env, R, pieces, T)
 
@@ -566,10 +566,10 @@ def descriptor(rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: S
 def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
     """dL/d rij (nf, nloc, nnei, 3) from dL/dD for a compressed descriptor."""
     dT = contract_backward(dD, cache.T, se.config.axis_neuron)
-    if backend == "numba":
-        dR = fused_embed_backward(dT, cache.R, cache.embed, se)
-    else:
+    if backend != "numba":
         dR = embed_backward(dT, cache.R, cache.embed, "numpy")
+    else:
+        dR = fused_embed_backward(dT, cache.R, cache.embed, se)
     return env_matrix_backward(dR, cache.env, backend)
 
 

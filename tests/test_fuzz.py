@@ -63,8 +63,10 @@ def test_fuzz_training_input(index, kind, pick):
         return
     # accepted: a deleted key took its default, a type change landed where a list item may be a string
     # or the comment keys; never a string read as a number or a bool
+    # seed: null is deepmd-kit's; batch_size: a list of one size per system is deepmd-kit's too
     assert (kind == "delete" or path[-2:] == ("systems", 0) or path[-1] == "systems"
-            or (path[-1] == "seed" and parent[path[-1]] is None)), (path, kind)  # seed: null is deepmd-kit's
+            or (path[-1] == "seed" and parent[path[-1]] is None)
+            or (path[-1] == "batch_size" and isinstance(parent[path[-1]], list))), (path, kind)
     assert isinstance(config, TrainConfig)
     for name in ("start_lr", "stop_lr"):
         assert isinstance(getattr(config, name), float) and np.isfinite(getattr(config, name))
