@@ -66,7 +66,7 @@ from minidp.se_e2_a import (
     embed_backward,
     env_matrix,
     env_matrix_backward,
-    real_counts,
+    pack_rows,
     smooth_switch,
     sum_rows,
 )
@@ -459,13 +459,10 @@ def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se
     for atoms, ti in se.center_groups(atom_types):
         na = atoms.size
         for tj in range(cfg.ntypes):
-            slots = slice(cfg.sec[tj], cfg.sec[tj + 1])
+            slots = cfg.slots(tj)
             table = se.compress.table(ti, tj)
-            # (nf, na, n_t), (nf, na): real neighbours fill the first slots of each type
-            real, count = real_counts(nlist[:, atoms, slots])
-            # (nb, 4), (nb,)
-            R_real = R[:, atoms, slots][real]
-            owner = np.repeat(np.arange(nf * na), count.reshape(-1))
+            # (nb, 4) the real rows, packed; (nb,) the (frame, atom) each belongs to
+            real, count, R_real, owner = pack_rows(R, nlist, atoms, slots)
             # (nb, ng), (nb, ng)
             G, dG_ds = table_features(table, R_real[:, 0])
             # (nf * na, ng, 4)

@@ -536,6 +536,24 @@ def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
     return dR_real
 
 
+class PackedRows(NamedTuple):
+    """One (centre group, neighbour type) block's real rows, packed (trick 1 above)."""
+
+    real: np.ndarray  # (nf, na, n_t) True where the slot holds a real neighbour
+    count: np.ndarray  # (nf, na) real neighbours per atom
+    R_real: np.ndarray  # (nb, 4) the real rows, the rows of one atom contiguous
+    owner: np.ndarray  # (nb,) the (frame, atom) of the block, f * na + a, each row belongs to
+
+
+def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice) -> PackedRows:
+    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed."""
+    real, count = real_counts(nlist[:, atoms, slots])
+    # (nb, 4), (nb,)
+    R_real = R[:, atoms, slots][real]
+    owner = np.repeat(np.arange(count.size), count.reshape(-1))
+    return PackedRows(real, count, R_real, owner)
+
+
 def real_counts(nlist_block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(real (nf, na, n_t), count (nf, na)) of one neighbour type's slots; ValueError unless padding comes last.
 
@@ -572,10 +590,8 @@ def embed(
         na = atoms.size
         for tj in range(cfg.ntypes):
             slots, net = cfg.slots(tj), se.nets[ti, tj]
-            real, count = real_counts(nlist[:, atoms, slots])
             # (nb, 4) the real rows, packed; (nb,) the (frame, atom) each belongs to
-            R_real = R[:, atoms, slots][real]
-            owner = np.repeat(np.arange(nf * na), count.reshape(-1))
+            real, count, R_real, owner = pack_rows(R, nlist, atoms, slots)
             # (nb, ng), (nb, ng): each real neighbour is one row through the net
             G, dG_ds, net_caches = embedding_features(net, R_real[:, :1], keep)
             # (nf * na, ng, 4)
