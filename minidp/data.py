@@ -133,9 +133,9 @@ def _is_previous_output(target: Path, kind: str) -> bool:
         return head.startswith(b"\x93NUMPY")
     if kind == "lcurve":
         return head.startswith(b"# step")
-    if kind == "model_devi":  # blocks of '# <system>' then '# step max_devi_v ...'
-        lines = head.split(b"\n")
-        return len(lines) > 2 and lines[0].startswith(b"# ") and lines[1].split()[1:3] == [b"step", b"max_devi_v"]
+    if kind == "model_devi":  # dp model-devi: '# <system>' then '# step max_devi_v ...'; the LAMMPS plugin: the latter
+        return any(line.startswith(b"#") and line[1:].split()[:2] == [b"step", b"max_devi_v"]
+                   for line in head.split(b"\n")[:2])
     if kind == "checkpoint":  # the .npz half of a training checkpoint
         import zipfile
 

@@ -50,7 +50,7 @@ With several models, the first drives the dynamics; every ``out_freq`` steps all
 evaluated and the deviation (:mod:`minidp.model_devi`'s definitions) is written to ``out_file``
 in the columns of deepmd-kit's plugin: step, max/min/avg of the virial deviation, max/min/avg of
 the force deviation (no energy column; ``%12d`` then `` %18.6e``): the header written whole at the
-start (through :func:`minidp.data.atomic_path`; the plugin too starts the file afresh), then one row
+start (through :func:`minidp.data.safe_output`, which replaces only an earlier deviation file; the plugin too starts the file afresh), then one row
 appended per write. Several models run on one MPI rank.
 
 How the deck runs: lines are passed to LAMMPS one by one (LAMMPS substitutes variables) until the
@@ -338,15 +338,16 @@ def plugin_devi_row(step: int, forces: np.ndarray, virials: np.ndarray, relative
 
 
 def start_devi_file(path: Path) -> None:
-    """A fresh out_file holding the header (deepmd-kit's plugin truncates it too), written whole."""
-    from minidp.data import atomic_path
+    """A fresh out_file holding the header (deepmd-kit's plugin truncates it too), written whole. Only an
+    earlier model deviation file is replaced; any other file there is refused (minidp.data.safe_output)."""
+    from minidp.data import safe_output
 
-    with atomic_path(path) as tmp:
+    with safe_output(path, "model_devi", overwrite=True) as tmp:
         tmp.write_text(plugin_devi_header())
 
 
 def append_row(path: Path, row: str) -> None:
-    """One row appended in one write. Rewriting the file through atomic_path every out_freq steps
+    """One row appended in one write. Rewriting the file through safe_output every out_freq steps
     would cost its whole length each time; an appended line is whole or absent after a crash."""
     with open(path, "a") as fh:
         fh.write(row)

@@ -206,3 +206,20 @@ def test_a_real_bug_keeps_its_traceback(small_model, small_system, tmp_path, mon
     monkeypatch.setattr(minidp.infer.DeepPot, "eval", bug)
     with pytest.raises(TypeError, match="a bug"):
         main(["eval", "-m", str(small_model), "-s", str(small_system), "-o", str(tmp_path / "o")])
+
+
+def test_lammps_out_file_replaces_only_a_deviation_file(tmp_path):
+    """pair_style minidp's out_file starts afresh, as deepmd-kit's plugin, but never over a user's file."""
+    import pytest as _pytest
+
+    from minidp.lammps import plugin_devi_header, start_devi_file
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("a day's work\n")
+    with _pytest.raises(ValueError, match="holds more than a previous minidp model_devi output"):
+        start_devi_file(notes)
+    assert notes.read_text() == "a day's work\n"
+    devi = tmp_path / "model_devi.out"
+    devi.write_text(plugin_devi_header() + "           0" + " 1.0" * 6 + "\n")
+    start_devi_file(devi)
+    assert devi.read_text() == plugin_devi_header()
