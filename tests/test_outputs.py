@@ -210,13 +210,11 @@ def test_a_real_bug_keeps_its_traceback(small_model, small_system, tmp_path, mon
 
 def test_lammps_out_file_replaces_only_a_deviation_file(tmp_path):
     """pair_style minidp's out_file starts afresh, as deepmd-kit's plugin, but never over a user's file."""
-    import pytest as _pytest
-
     from minidp.lammps import plugin_devi_header, start_devi_file
 
     notes = tmp_path / "notes.txt"
     notes.write_text("a day's work\n")
-    with _pytest.raises(ValueError, match="holds more than a previous minidp model_devi output"):
+    with pytest.raises(ValueError, match="holds more than a previous minidp model_devi output"):
         start_devi_file(notes)
     assert notes.read_text() == "a day's work\n"
     devi = tmp_path / "model_devi.out"
