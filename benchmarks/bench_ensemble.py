@@ -9,9 +9,16 @@ memory by validation.active_learning.perturbed_model) on the first
 ``DeepPot.eval`` then ``Ensemble.eval`` (the models sharing each chunk's
 neighbour list, deviations included), so both see the same machine load;
 printed: the medians, their ratio, the process's cores in use and the load
-average. The ratio cannot fall far below 4: the embedding nets, three
-quarters of a model's time, differ between the models; the neighbour list,
-the one shared piece, is ~2% of an evaluation.
+average.
+
+Then where one model's time goes (``shares``: one thread, one 2-frame chunk,
+medians of 5): the work the models of an ensemble can share (the neighbour
+list; the environment matrix and the packing of its real rows when the models
+share davg/dstd; the scatter's reading of the pairs) against the work each
+model must do with its own weights (embedding nets, fitting nets, their
+backwards). With a shared fraction f of one evaluation, 4 models cost at
+least 4 - 3f evaluations (``ratio_bound``) unless the nets themselves get
+cheaper, which would make the single evaluation cheaper too.
 """
 
 from __future__ import annotations
@@ -60,6 +67,41 @@ def measure(shared: Path, nframes: int, repeats: int) -> dict:
             "load_average": os.getloadavg()}
 
 
+def stage_shares(shared: Path, nframes: int = 2, repeats: int = 5) -> dict:
+    """Seconds per stage of one model's evaluation of one chunk, on one thread (see the module docstring)."""
+    from minidp.infer import DeepPot
+    from minidp.model import energy_forces
+    from minidp.neighbor import build_neighbor_list
+    from minidp.runtime import one_blas_thread
+    from minidp.se_e2_a import env_matrix, pack_rows
+
+    system = shared / "data" / "water" / "data_0"
+    # (nf, natoms, 3), (nf, 3, 3)
+    coords = np.load(system / "set.000" / "coord.npy")[:nframes].reshape(nframes, -1, 3)
+    cells = np.load(system / "set.000" / "box.npy")[:nframes].reshape(nframes, 3, 3)
+    types = np.loadtxt(system / "type.raw", dtype=int)
+    model = DeepPot(shared / "models" / "water-14000.dp", progress=False).model
+    se, cfg = model.descriptor, model.descriptor.config
+
+    def nlist():
+        return build_neighbor_list(coords, cells, types, cfg.rcut, list(cfg.sel))
+
+    nl = nlist()
+
+    def env_and_packing():
+        R, _ = env_matrix(nl.rij, nl.nlist, types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut)
+        return [pack_rows(R, nl.nlist, atoms, cfg.slots(tj)) for atoms, _ in se.center_groups(types)
+                for tj in range(cfg.ntypes)]
+
+    stages = {"neighbour_list": nlist, "env_matrix_and_packing": env_and_packing,
+              "whole_model": lambda: energy_forces(nl.rij, nl.nlist, types, model)}
+    with one_blas_thread():  # the Numba kernels run on one thread already
+        times = {name: float(np.median(time_calls(f, repeats + 1)[1:])) for name, f in stages.items()}
+    one = times["neighbour_list"] + times["whole_model"]
+    share = (times["neighbour_list"] + times["env_matrix_and_packing"]) / one
+    return {"frames": nframes, "seconds": times, "shared_fraction": share, "ratio_bound": 4 - 3 * share}
+
+
 def neighbor_stat_memory(shared: Path, work: Path, nframes_list=(1000, 10000)) -> list[dict]:
     """Peak memory and time of ``minidp neighbor-stat`` (a fresh process each) on data_0's 80 frames
     repeated to each size, written as one deepmd/npy system (float32 coordinates, as deepmd-kit's data)."""
@@ -98,7 +140,9 @@ def main(argv=None) -> int:
     if args.neighbor_stat:
         print(json.dumps(neighbor_stat_memory(Path(args.shared), Path(args.neighbor_stat)), indent=1))
         return 0
-    print(json.dumps(measure(Path(args.shared), args.frames, args.repeats), indent=1))
+    result = measure(Path(args.shared), args.frames, args.repeats)
+    result["shares"] = stage_shares(Path(args.shared))
+    print(json.dumps(result, indent=1))
     return 0
 
 

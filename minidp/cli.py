@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -59,8 +60,6 @@ def _cmd_eval(args) -> int:
 
 def _descriptor_names(systems) -> list[str]:
     """OUT/<name>.npy for each system: its folder's (or file's) name; two systems of one name are refused."""
-    from pathlib import Path
-
     names = [f"{Path(path).resolve().name}.npy" for path in systems]
     for k, name in enumerate(names):
         if name in names[:k]:
@@ -94,8 +93,6 @@ def _cmd_eval_desc(args) -> int:
 
 def _cmd_test(args) -> int:
     """RMSE and MAE of the model against a labelled system's energies, forces and virials."""
-    from pathlib import Path
-
     from minidp.data import check_output, model_types, read_system, safe_output
     from minidp.infer import DeepPot
     from minidp.report import error_table, parity_plots
@@ -187,12 +184,14 @@ def _cmd_compress(args) -> int:
     if model.descriptor.compress is not None:
         raise ValueError(f"{args.input} is already compressed")
     rmin, origin = _compress_min_nbor_dist(args, data)
-    se = compress_descriptor(model.descriptor, rmin, args.step, args.extrapolate, args.frequency)
+    # a TensorFlow graph gets the range `dp --tf compress` gives it, anything else the backend-neutral one
+    rule = args.range or ("tf" if Path(args.input).suffix.lower() == ".pb" else "neutral")
+    se = compress_descriptor(model.descriptor, rmin, args.step, args.extrapolate, args.frequency, rule)
     save_model(args.output, replace(model, descriptor=se), overwrite=args.overwrite, inputs=(args.input,))
     t = se.compress.tables[0]
     print(f"smallest neighbour distance {rmin:.6g} A ({origin}); {len(se.compress.tables)} tables of "
-          f"{t.nspline} pieces, s in [{t.lower:g}, {t.upper:g}) by {t.stride0:g}, then to {t.table_max:g} "
-          f"by {t.stride1:g} -> {args.output}")
+          f"{t.nspline} pieces, s in [{t.lower:g}, {t.upper:g}) by {t.stride0:g} ({rule} range), then to "
+          f"{t.table_max:g} by {t.stride1:g} -> {args.output}")
     return 0
 
 
@@ -201,6 +200,7 @@ def _add_compress(sub) -> None:
         DEFAULT_CHECK_FREQUENCY,
         DEFAULT_EXTRAPOLATE,
         DEFAULT_STEP,
+        RANGE_RULES,
     )
 
     p = sub.add_parser("compress", help="tabulate the embedding nets, like `dp compress`")
@@ -213,6 +213,10 @@ def _add_compress(sub) -> None:
     p.add_argument("-f", "--frequency", type=int, default=DEFAULT_CHECK_FREQUENCY,
                    help="deepmd-kit's overflow-check frequency, stored in the tables (minidp never needs it; "
                         f"default: {DEFAULT_CHECK_FREQUENCY})")
+    p.add_argument("--range", choices=RANGE_RULES, default=None,
+                   help="whose range of s the first table covers: 'tf' as `dp --tf compress` (first column of "
+                        "davg/dstd), 'neutral' as `dp --pt compress` (all four columns); default: 'tf' for a "
+                        ".pb input, else 'neutral'")
     where = p.add_mutually_exclusive_group()
     where.add_argument("-t", "--training-script", default=None,
                        help="training input (JSON): the smallest neighbour distance of its training systems")

@@ -21,7 +21,8 @@ This module has four parts:
    ``[floor(lower), ceil(upper)]`` with lower = -davg/dstd (a neighbour at the
    cutoff) and upper = (s(r_min)/r_min - davg)/dstd (the closest one), both
    taken over the four columns of davg/dstd as deepmd-kit 3.2's
-   backend-neutral code does; a first table of stride ``step`` covers it, a
+   backend-neutral code does, or over the first alone as its TensorFlow
+   backend does (``rule="tf"``); a first table of stride ``step`` covers it, a
    second of stride ``10*step`` runs on to ``extrapolate * upper``. The
    distance comes from the model file, or the training systems (:func:`minidp.train.training_min_nbor_dist`).
 2. **The pieces** (:func:`net_derivatives`, :func:`hermite_coefficients`,
@@ -56,7 +57,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from minidp.nn import Net, _add_residual, get_activation, layer_jvp, residual_kind
+from minidp.nn import Net, get_activation, residual_kind
 from minidp.se_e2_a import (
     DescriptorCache,
     EmbedPiece,
@@ -224,9 +225,16 @@ def _embedding_net(se: SeA, ti: int, tj: int) -> Net:
 # ---------------------------------------------------------------------------
 
 
+# How deepmd-kit 3.2 reads the range of s off davg/dstd: its TensorFlow backend
+# (`dp --tf compress`) from the first column of the first slot; its
+# backend-neutral code (`dp --pt compress`, dpmodel's enable_compression) over
+# all four columns of the first slot.
+RANGE_RULES = ("neutral", "tf")
+
+
 def env_mat_range(davg: np.ndarray, dstd: np.ndarray, rcut_smth: float, rcut: float,
-                  min_nbor_dist: float) -> tuple[np.ndarray, np.ndarray]:
-    r"""Per centre type, the integer range of s the first table must cover (deepmd-kit 3.2's rule).
+                  min_nbor_dist: float, rule: str = "neutral") -> tuple[np.ndarray, np.ndarray]:
+    r"""Per centre type, the integer range of s the first table must cover (deepmd-kit 3.2's rules).
 
     .. math::
 
@@ -234,17 +242,22 @@ def env_mat_range(davg: np.ndarray, dstd: np.ndarray, rcut_smth: float, rcut: fl
         \mathrm{upper}_t = \Big\lceil \max_c \frac{s(r_{min})/r_{min} - \mathrm{davg}_{t,0,c}}
             {\mathrm{dstd}_{t,0,c}} \Big\rceil
 
-    over the four columns c of the first neighbour slot. The first column
-    alone gives the range of s (a neighbour at the cutoff, the closest
-    neighbour); deepmd-kit 3.2's backend-neutral code takes all four, which
-    for the water model widens the first table from [-1, 9] (its TensorFlow
-    backend's) to [-1, 15]. Both agree on every s a neighbour farther than
-    r_min produces. Returns lower, upper: (ntypes,) each.
+    over the columns c of the first neighbour slot: c = 0 alone with
+    ``rule="tf"`` (deepmd-kit's TensorFlow backend, whose davg[:, 0] is that
+    one number), all four with ``rule="neutral"`` (its backend-neutral code,
+    whose davg[:, 0] is the slot's row). The first column alone is the range of
+    s (a neighbour at the cutoff, the closest neighbour); taking all four
+    widens the water model's first table from [-1, 9] to [-1, 15], which
+    changes the tables only where a neighbour is closer than r_min (the second,
+    coarser table starts later). Returns lower, upper: (ntypes,) each.
     """
+    if rule not in RANGE_RULES:
+        raise ValueError(f"range rule must be one of {RANGE_RULES}, got {rule!r}")
     sw, _ = smooth_switch(np.float64(min_nbor_dist), rcut_smth, rcut)
-    # (ntypes, 4)
-    lower = np.floor(-davg[:, 0] / dstd[:, 0])
-    upper = np.ceil((sw / min_nbor_dist - davg[:, 0]) / dstd[:, 0])
+    columns = slice(0, 1) if rule == "tf" else slice(0, 4)
+    # (ntypes, 1) or (ntypes, 4)
+    lower = np.floor(-davg[:, 0, columns] / dstd[:, 0, columns])
+    upper = np.ceil((sw / min_nbor_dist - davg[:, 0, columns]) / dstd[:, 0, columns])
     return lower.min(axis=1), upper.max(axis=1)
 
 
@@ -273,32 +286,70 @@ def table_grid(lower: float, upper: float, stride0: float, stride1: float, extra
 # ---------------------------------------------------------------------------
 
 
+def _residual(x: np.ndarray, kind: str) -> np.ndarray | None:
+    """What a residual layer adds to its output: x ('same'), [x, x] ('double') or nothing (None)."""
+    if kind == "same":
+        return x
+    if kind == "double":
+        return np.concatenate([x, x], axis=1)
+    return None
+
+
 def net_derivatives(net: Net, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""G = net(s), dG/ds and d2G/ds2 for a column of scalars s (nb, 1), by forward mode.
 
-    Layer by layer, with z = xW + b, a = phi(z), y = idt a + (residual of x),
-    and dots for d/ds:
+    Layer by layer, with z = xW + b, a = phi(z), y = idt a + res(x) (res: x,
+    [x, x] or nothing, as the layer's residual) and dots for d/ds:
 
     .. math::
 
         \dot z = \dot x W,\quad \ddot z = \ddot x W,\quad
-        \dot a = \phi'(z)\,\dot z,\quad \ddot a = \phi''(z)\,\dot z^2 + \phi'(z)\,\ddot z,
+        \dot a = \phi'(z)\,\dot z,\quad \ddot a = \phi'(z)\,\ddot z + \phi''(z)\,\dot z^2,
 
-    and y's derivatives take the same idt and residual as y. Starts from
-    x = s, dx/ds = 1, d2x/ds2 = 0. Returns three (nb, ng).
+        \dot y = \mathrm{idt}\,\dot a + \mathrm{res}(\dot x),\quad
+        \ddot y = \mathrm{idt}\,\ddot a + \mathrm{res}(\ddot x),
+
+    from x = s, dx/ds = 1, d2x/ds2 = 0. Returns three (nb, ng), in s's dtype
+    (long double gives the correctly rounded table of validation.compress_check).
+
+    Round-off, and why it is deepmd-kit's: a piece's a_3..a_5 are small
+    differences of these numbers divided by h^3..h^5, so one ulp in one node's
+    derivative moves a_5 by ~1e-8 of itself at h = 0.01 (see
+    :func:`hermite_coefficients`). To give deepmd-kit 3.2's own table
+    coefficient for coefficient, the arithmetic takes its order: phi' and
+    phi'' see the activation recovered from the output, y - res(x) (within an
+    ulp of a), not a itself, and the products run phi'' dz dz left to right.
+    deepmd-kit leaves idt out of its tables; minidp keeps it, and there
+    (resnet_dt nets only) the two tables differ.
     """
-    x, tx = s, np.ones_like(s)
-    ttx = np.zeros_like(s)
+    x = s
+    # (nb, 1) each: the input's first and second derivative with respect to s
+    dx, d2x = np.ones_like(s), np.zeros_like(s)
     for layer in net.layers:
-        # (nb, n_out) each: value and first derivative (nn.layer_jvp), and the caches z, tz, a, phi'
-        y, ty, (_, _, z, tz, a, d1, _) = layer_jvp(layer, x, tx)
-        # (nb, n_out)  the second derivative of the activation's output
-        tta = get_activation(layer.activation).grad2(z, a, d1) * tz * tz + d1 * (ttx @ layer.W)
-        # (nb, n_out)  tta is a fresh array, so the residual may go in place
-        tty = tta * layer.idt if layer.idt is not None else tta
-        _add_residual(tty, ttx, residual_kind(layer.n_in, layer.n_out, layer.resnet))
-        x, tx, ttx = y, ty, tty
-    return x, tx, ttx
+        act, kind = get_activation(layer.activation), residual_kind(layer.n_in, layer.n_out, layer.resnet)
+        W = layer.W.astype(s.dtype, copy=False)
+        # (nb, n_out) each
+        z = x @ W + layer.b.astype(s.dtype, copy=False)
+        dz, d2z = dx @ W, d2x @ W
+        a = act.f(z)
+        res = _residual(x, kind)
+        if layer.idt is not None:  # resnet_dt: deepmd-kit has no table to match, the plain chain rule
+            y = a * layer.idt if res is None else a * layer.idt + res
+        elif res is None:
+            y = a
+        else:
+            y = a + res
+            a = y - res  # deepmd-kit's recovered activation (see above)
+        d1 = act.grad(z, a)
+        d2 = act.grad2(z, a, d1)
+        # (nb, n_out) each: the layer's first and second derivative
+        dy, d2y = d1 * dz, d1 * d2z + d2 * dz * dz
+        if layer.idt is not None:
+            dy, d2y = dy * layer.idt, d2y * layer.idt
+        if res is not None:
+            dy, d2y = dy + _residual(dx, kind), d2y + _residual(d2x, kind)
+        x, dx, d2x = y, dy, d2y
+    return x, dx, d2x
 
 
 def hermite_coefficients(v: np.ndarray, d: np.ndarray, d2: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -317,7 +368,9 @@ def hermite_coefficients(v: np.ndarray, d: np.ndarray, d2: np.ndarray, h: np.nda
     v, d, d2: (nnode, ng) at the nodes; h: (nspline,). Returns (nspline, ng, 6).
     a_3..a_5 are small differences of O(1) terms divided by h^3..h^5: their
     relative round-off is large (1e-8 for a_5 at h = 0.01), but what they add
-    to G, a_k h^k, keeps the round-off of the values.
+    to G, a_k h^k, keeps the round-off of the values; to dG/ds, k a_k h^(k-1),
+    they add ~1e-12 of it (what separates two tables from differently rounded
+    nodes, validation.compress_check).
     """
     n = h.size
     # (nspline, 1)
@@ -328,9 +381,11 @@ def hermite_coefficients(v: np.ndarray, d: np.ndarray, d2: np.ndarray, h: np.nda
     # (nspline, ng, 6)
     coef = np.empty(v0.shape + (6,), dtype=v.dtype)
     coef[..., 0], coef[..., 1], coef[..., 2] = v0, d0, 0.5 * s0
-    coef[..., 3] = (20 * dv - (8 * d1 + 12 * d0) * h - (3 * s0 - s1) * h * h) / (2 * h**3)
-    coef[..., 4] = (-30 * dv + (14 * d1 + 16 * d0) * h + (3 * s0 - 2 * s1) * h * h) / (2 * h**4)
-    coef[..., 5] = (12 * dv - 6 * (d1 + d0) * h + (s1 - s0) * h * h) / (2 * h**5)
+    # 1/(2h^k) times the bracket, h^k as repeated products: deepmd-kit's order of operations, so
+    # that the rounding, which a_5 magnifies to ~1e-8 of itself, is deepmd-kit's too
+    coef[..., 3] = (1 / (2 * h * h * h)) * (20 * dv - (8 * d1 + 12 * d0) * h - (3 * s0 - s1) * h * h)
+    coef[..., 4] = (1 / (2 * h * h * h * h)) * (-30 * dv + (14 * d1 + 16 * d0) * h + (3 * s0 - 2 * s1) * h * h)
+    coef[..., 5] = (1 / (2 * h * h * h * h * h)) * (12 * dv - 6 * (d1 + d0) * h + (s1 - s0) * h * h)
     return coef
 
 
@@ -348,8 +403,12 @@ def build_table(net: Net, lower: float, upper: float, step: float = DEFAULT_STEP
 
 def compress_descriptor(se: SeA, min_nbor_dist: float, step: float = DEFAULT_STEP,
                         extrapolate: float = DEFAULT_EXTRAPOLATE,
-                        check_frequency: int = DEFAULT_CHECK_FREQUENCY) -> SeA:
+                        check_frequency: int = DEFAULT_CHECK_FREQUENCY, rule: str = "neutral") -> SeA:
     """A copy of ``se`` whose embedding nets are tabulated (what `dp compress` does to the descriptor).
+
+    ``rule``: whose range of s (:func:`env_mat_range`): "neutral" gives the
+    tables of `dp --pt compress` and dpmodel's enable_compression, "tf" those
+    of `dp --tf compress` (to their round-off, validation.compress_check).
 
     With type_one_side a neighbour type's table serves every centre type, so
     it spans the union of their ranges (deepmd-kit skips centre types with
@@ -362,7 +421,7 @@ def compress_descriptor(se: SeA, min_nbor_dist: float, step: float = DEFAULT_STE
     if not (np.isfinite(extrapolate) and extrapolate > 1):
         raise ValueError(f"extrapolate must be larger than 1, got {extrapolate!r}")
     cfg = se.config
-    lower, upper = env_mat_range(se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, min_nbor_dist)
+    lower, upper = env_mat_range(se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, min_nbor_dist, rule)
     nt = cfg.ntypes
     if cfg.type_one_side:
         used = np.asarray(cfg.sel) > 0

@@ -86,11 +86,25 @@ def _read_converted(path: Path) -> dict:
     if path.suffix.lower() == ".pth" and not zipfile.is_zipfile(path):
         # torch.save and TorchScript both write zip archives; anything else fails deep inside deepmd-kit
         raise InputError(f"{path} is not a PyTorch model (not a zip archive as torch.save writes)")
+    if path.suffix.lower() == ".pb":
+        _refuse_compressed_pb(path)
     backend = Backend.detect_backend_by_model(str(path))
     data = backend().serialize_hook(str(path))
     if path.suffix.lower() == ".pb":
         _restore_pb_out_bias(path, data)
     return data
+
+
+def _refuse_compressed_pb(path: Path) -> None:
+    """InputError for a `dp --tf compress`ed graph: deepmd-kit 3.2 serializes it without its
+    embedding nets (and without its tables), so nothing minidp could evaluate would come out."""
+    from deepmd.tf.utils.graph import load_graph_def
+
+    _, graph_def = load_graph_def(str(path))
+    if any(node.op.startswith("TabulateFusion") for node in graph_def.node):
+        raise InputError(f"{path} is a compressed TensorFlow graph (`dp --tf compress`), which deepmd-kit cannot "
+                         "convert: load the model it was compressed from, and compress it with `minidp compress "
+                         "-i MODEL.pb` (the tables of `dp --tf compress`)")
 
 
 # deepmd-kit 3.2 writes a .pb's output bias under the first name but its

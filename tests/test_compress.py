@@ -187,6 +187,8 @@ def test_bad_compression_settings_are_refused():
                             ({"min_nbor_dist": 1.0, "extrapolate": 1.0}, "extrapolate")):
         with pytest.raises(ValueError, match=message):
             compress_descriptor(se, **kwargs)
+    with pytest.raises(ValueError, match=r"range rule must be one of \('neutral', 'tf'\), got 'pt'"):
+        compress_descriptor(se, 1.0, rule="pt")
     with pytest.raises(ValueError, match="lower < upper"):
         Table(np.zeros((3, 4, 6)), 2.0, 1.0, 5.0, 0.1, 1.0)
     with pytest.raises(ValueError, match="ntypes"):
@@ -245,7 +247,8 @@ def test_cli_compress_reads_the_training_systems(tmp_path, capsys):
 
 
 def test_tables_equal_deepmd_enable_compression():
-    """The water model's tables: compress_info identical, each coefficient's share of G equal to 1e-15."""
+    """The water model's tables are deepmd-kit's (dpmodel enable_compression) coefficient for coefficient,
+    a_3..a_5 included (they magnify one ulp of a node's derivative to ~1e-8 of themselves)."""
     pytest.importorskip("deepmd")
     from deepmd.dpmodel.descriptor.se_e2_a import DescrptSeA
 
@@ -256,11 +259,7 @@ def test_tables_equal_deepmd_enable_compression():
     theirs.enable_compression(rmin)
     for table, cd, ci in zip(ours.tables, theirs.compress_data, theirs.compress_info, strict=True):
         assert np.array_equal(table.info, ci)
-        ref = cd.reshape(table.coef.shape)
-        h = np.where(np.arange(table.nspline) < table.n_first, table.stride0, table.stride1)[:, None, None]
-        share = np.abs(table.coef - ref) * h ** np.arange(6)
-        assert share.max() <= 1e-15 * np.abs(ref[..., 0]).max()
-        np.testing.assert_array_equal(table.coef[..., 0], ref[..., 0])
+        np.testing.assert_array_equal(table.data, cd)
 
 
 def test_deepmd_reads_minidp_compressed_model_and_minidp_reads_deepmds(tmp_path):
@@ -303,28 +302,66 @@ def tf_compressed_pb(tmp_path_factory):
         pytest.skip(f"dp --tf compress is unavailable: {err}")
 
 
+def _closer_than_rmin(coords, cells, types, rmin):
+    """The first frame with its first O's nearest neighbour moved to 0.95 rmin of it: s beyond TF's
+    first table ([-1, 9] on the water model)."""
+    # (1, natoms, 3), (1, 3, 3)
+    xyz, box = coords[:1].astype(float).reshape(1, -1, 3), cells[:1].astype(float).reshape(1, 3, 3)
+    nl = build_neighbor_list(xyz, box, types, 6.0, [46, 92])
+    o = int(np.flatnonzero(types == 0)[0])
+    r = np.where(nl.nlist[0, o] >= 0, np.linalg.norm(nl.rij[0, o], axis=-1), np.inf)
+    k = int(np.argmin(r))
+    xyz[0, nl.nlist[0, o, k]] = xyz[0, o] + nl.rij[0, o, k] * (0.95 * rmin / r[k])
+    return xyz.reshape(1, -1), box.reshape(1, 9)
+
+
 @pytest.mark.slow
 def test_equals_deepmd_tf_compressed(tf_compressed_pb, water_frames):
-    """minidp on the .pb's tables agrees with deepmd-kit's TF op to 1e-12; on its own tables, whose
-    a_3..a_5 differ from TF's by TF's round-off, forces to 5e-12."""
+    """minidp on the .pb's tables agrees with deepmd-kit's TF op to 1e-12. Its own tables on TF's range
+    have TF's bounds; they differ from TF's by TF's round-off (see validation.compress_check: a table
+    from correctly rounded nodes differs from TF's by as much), forces within 5e-12, also where a pair is
+    closer than r_min (the neutral range, a finer table there, differs by 1e-9)."""
     from deepmd.infer import DeepPot as DeepmdPot
 
     from validation.compress_check import tf_tables
 
     coords, cells, types = water_frames
-    coords, cells = coords[:1].astype(float), cells[:1].astype(float)
     data = read_model_dict(need(MODEL_DP))
-    model = model_from_dict(data)
-    own = dataclasses.replace(model, descriptor=compress_descriptor(model.descriptor, min_nbor_dist(data)))
-    on_tf = dataclasses.replace(model, descriptor=dataclasses.replace(
-        model.descriptor, compress=tf_tables(tf_compressed_pb, model.descriptor)))
-    ref = DeepmdPot(str(tf_compressed_pb)).eval(coords, cells, types, atomic=True)
+    model, rmin = model_from_dict(data), min_nbor_dist(data)
+    se = model.descriptor
+    tf = tf_tables(tf_compressed_pb, se)
+    own = compress_descriptor(se, rmin, rule="tf")
+    for a, b in zip(own.compress.tables, tf.tables, strict=True):
+        assert np.array_equal(a.info, b.info)
+        for k in range(3):  # value, slope, curvature at the nodes: TF's round-off apart
+            assert np.abs(a.coef[..., k] - b.coef[..., k]).max() <= 1e-14 * np.abs(b.coef[..., k]).max()
+    dp = DeepmdPot(str(tf_compressed_pb))
     # energies and virials per atom, as validation.compare reports them
     per_atom = (types.size, 1, types.size, 1, 1)
-    for m, tol in ((on_tf, 1e-12), (own, 5e-12)):
-        ours = DeepPot(m).eval(coords, cells, types, atomic=True)
-        for name, a, b, n in zip(("e", "f", "v", "ae", "av"), ours, ref, per_atom):
-            assert np.abs(a - b).max() / n <= tol, name
+    for c, b in ((coords[:1].astype(float), cells[:1].astype(float)), _closer_than_rmin(coords, cells, types, rmin)):
+        ref = dp.eval(c, b, types, atomic=True)
+        for descriptor, tol in ((dataclasses.replace(se, compress=tf), 1e-12), (own, 5e-12)):
+            ours = DeepPot(dataclasses.replace(model, descriptor=descriptor)).eval(c, b, types, atomic=True)
+            for name, x, y, n in zip(("e", "f", "v", "ae", "av"), ours, ref, per_atom):
+                assert np.abs(x - y).max() / n <= tol, name
+    neutral = DeepPot(dataclasses.replace(model, descriptor=compress_descriptor(se, rmin)))
+    f_neutral = neutral.eval(c, b, types)[1]
+    assert np.abs(f_neutral - ref[1]).max() > 1e-10  # the range rule matters there
+
+
+def test_cli_compress_takes_tf_range_for_a_pb(tmp_path, capsys):
+    """A .pb gets `dp --tf compress`'s range unless --range says otherwise; a compressed .pb is refused."""
+    pytest.importorskip("deepmd")
+    pb = need(MODEL_PB)
+    assert main(["compress", "-i", str(pb), "-o", str(tmp_path / "c.dp"), "-s", "0.1"]) == 0
+    assert "s in [-1, 9) by 0.1 (tf range)" in capsys.readouterr().out
+    assert main(["compress", "-i", str(pb), "-o", str(tmp_path / "n.dp"), "-s", "0.1", "--range", "neutral"]) == 0
+    assert "s in [-1, 15) by 0.1 (neutral range)" in capsys.readouterr().out
+
+
+def test_a_tf_compressed_pb_is_refused_by_name(tf_compressed_pb, capsys):
+    assert main(["info", str(tf_compressed_pb)]) == 2
+    assert "is a compressed TensorFlow graph (`dp --tf compress`)" in capsys.readouterr().err
 
 
 def test_ase_calculator_and_eval_command_take_a_compressed_model(tmp_path, water_frames):

@@ -4,16 +4,22 @@
 
 For each step (default 0.01 and 0.001): deepmd-kit compresses the .pb
 (``dp --tf compress -s STEP``, cached in ``--cache``), minidp compresses the
-.dp of the same model (:func:`minidp.compress.compress_descriptor`, the
-model's own min_nbor_dist), and on every validation case (the frames as
-given, sheared, small cells, a cluster, lone atoms; :mod:`validation.cases`):
+same model on TF's range of s (:func:`minidp.compress.compress_descriptor`,
+``rule="tf"``, the model's own min_nbor_dist), and on every validation case
+(the frames as given, sheared, small cells, a cluster, lone atoms;
+:mod:`validation.cases`):
 
-- minidp compressed against deepmd-kit TF compressed (must agree to ``--tol``);
+- minidp on the .pb's own tables against deepmd-kit TF (the tabulated
+  evaluation alone; must agree to ``--tol``);
+- minidp on its own tables against deepmd-kit TF, and a table built from
+  correctly rounded nodes (long double arithmetic) against deepmd-kit TF:
+  how far TF's own round-off puts its table from the best float64 one;
 - compressed minus exact, for minidp and for deepmd-kit, per quantity.
 
 Also the tables: minidp's against deepmd-kit's backend-neutral
-``DescrptSeA.enable_compression`` on the same model and distance. Writes
-report.md and report.json to --out; exits 1 if a case is off by more than --tol.
+``DescrptSeA.enable_compression`` on the same model and distance, coefficient
+by coefficient. Writes report.md and report.json to --out; exits 1 if a case
+is off by more than --tol.
 """
 
 from __future__ import annotations
@@ -77,8 +83,8 @@ def tf_tables(pb: Path, se):
 
 
 def table_agreement(dp_model: Path, step: float) -> dict:
-    """minidp's tables against deepmd-kit's DescrptSeA.enable_compression, per coefficient order k:
-    max |a_k - a_k'| h^k / max |G| (what the difference adds to G, relative), and the bounds."""
+    """minidp's tables against deepmd-kit's DescrptSeA.enable_compression (both on the neutral range):
+    compress_info and every coefficient equal, and the largest |a_k - a_k'| / max |a_k'| per order k."""
     from deepmd.dpmodel.descriptor.se_e2_a import DescrptSeA
 
     from minidp.compress import compress_descriptor
@@ -90,17 +96,40 @@ def table_agreement(dp_model: Path, step: float) -> dict:
     theirs = DescrptSeA.deserialize(data["model"]["descriptor"])
     theirs.enable_compression(rmin, table_stride_1=step, table_stride_2=10 * step)
     worst = np.zeros(6)
-    info_equal = True
+    info_equal = coef_equal = True
     for table, cd, ci in zip(ours.tables, theirs.compress_data, theirs.compress_info, strict=True):
         # (nspline, ng, 6)
         ref = np.asarray(cd).reshape(table.coef.shape)
-        h = np.where(np.arange(table.nspline) < table.n_first, table.stride0, table.stride1)[:, None]
-        scale = np.abs(ref[..., 0]).max()
         for k in range(6):
-            worst[k] = max(worst[k], float((np.abs(table.coef[..., k] - ref[..., k]) * h**k).max() / scale))
+            worst[k] = max(worst[k], float(np.abs(table.coef[..., k] - ref[..., k]).max() / np.abs(ref[..., k]).max()))
         info_equal &= bool(np.array_equal(table.info, np.asarray(ci)))
-    return {"min_nbor_dist": rmin, "info_equal": info_equal, "bounds": ours.tables[0].info.tolist(),
-            "rel_contribution_by_order": worst.tolist()}
+        coef_equal &= bool(np.array_equal(table.coef, ref))
+    return {"min_nbor_dist": rmin, "info_equal": info_equal, "coefficients_equal": coef_equal,
+            "bounds": ours.tables[0].info.tolist(), "rel_difference_by_order": worst.tolist()}
+
+
+def rounded_tables(se, rmin: float, step: float, rule: str):
+    """minidp's tables with nodes and coefficients computed in long double, then rounded: the float64
+    table closest to the net's, to measure how far deepmd-kit TF's own round-off puts its table."""
+    from minidp.compress import (
+        _embedding_net,
+        compress_descriptor,
+        compression,
+        hermite_coefficients,
+        net_derivatives,
+        table_grid,
+    )
+
+    base = compress_descriptor(se, rmin, step, rule=rule).compress
+    tables = []
+    for k, t in enumerate(base.tables):
+        ti, tj = (0, k) if base.type_one_side else (k % base.ntypes, k // base.ntypes)
+        x, h = table_grid(t.lower, t.upper, t.stride0, t.stride1, t.table_max / t.upper)
+        # (nnode, ng) each, in long double (64-bit mantissa: 11 more bits than float64)
+        v, d, d2 = net_derivatives(_embedding_net(se, ti, tj), x.astype(np.longdouble)[:, None])
+        coef = hermite_coefficients(v, d, d2, h.astype(np.longdouble)).astype(np.float64)
+        tables.append(dataclasses.replace(t, coef=coef))
+    return compression(tables, se, rmin)
 
 
 def outputs(pot, geometry) -> list[dict]:
@@ -112,7 +141,8 @@ def errors(a, b, geometry) -> dict:
 
 
 def run_step(step: float, geos, exact: dict, args) -> dict:
-    """One table stride: minidp compressed vs deepmd-kit compressed, and each minus its exact model."""
+    """One table stride: minidp compressed (its own tables, the .pb's, correctly rounded ones) vs
+    deepmd-kit compressed, and each compressed model minus its exact one."""
     from deepmd.infer import DeepPot as DeepmdPot
 
     from minidp import DeepPot
@@ -120,19 +150,24 @@ def run_step(step: float, geos, exact: dict, args) -> dict:
     from minidp.serialization import min_nbor_dist, model_from_dict, read_model_dict
 
     data = read_model_dict(args.model.with_suffix(".dp"))
-    model = model_from_dict(data)
-    ours = DeepPot(dataclasses.replace(model, descriptor=compress_descriptor(model.descriptor, min_nbor_dist(data),
-                                                                              step)))
+    model, rmin = model_from_dict(data), min_nbor_dist(data)
+    se = model.descriptor
+
+    def pot(descriptor):
+        return DeepPot(dataclasses.replace(model, descriptor=descriptor))
+
     pb = tf_compressed(args.model, step, args.cache)
+    ours = pot(compress_descriptor(se, rmin, step, rule="tf"))
+    # minidp evaluating deepmd-kit's own tables: the tabulated path alone, table round-off aside
+    on_tf_tables = pot(dataclasses.replace(se, compress=tf_tables(pb, se)))
+    rounded = pot(dataclasses.replace(se, compress=rounded_tables(se, rmin, step, "tf")))
     theirs = DeepmdPot(str(pb))
-    # minidp evaluating deepmd-kit's own tables: the tabulated path alone, table noise aside
-    on_tf_tables = DeepPot(dataclasses.replace(model, descriptor=dataclasses.replace(
-        model.descriptor, compress=tf_tables(pb, model.descriptor))))
     rows = []
     for geo in geos:
         a, b = outputs(ours, geo), outputs(theirs, geo)
         vs = errors(outputs(on_tf_tables, geo), b, geo)
         rows.append({"case": geo.key, "minidp_on_tf_tables_vs_deepmd": vs, "minidp_vs_deepmd": errors(a, b, geo),
+                     "rounded_vs_deepmd": errors(outputs(rounded, geo), b, geo),
                      "passed": all(v <= args.tol for v in vs.values()),
                      "minidp_minus_exact": errors(a, exact[geo.key][0], geo),
                      "deepmd_minus_exact": errors(b, exact[geo.key][1], geo)})
@@ -145,11 +180,13 @@ def markdown(results: list[dict]) -> str:
         t = r["tables"]
         lines += [f"## step {r['step']:g}", "",
                   f"Tables against deepmd-kit's `enable_compression` (min_nbor_dist {t['min_nbor_dist']:.6g} A, "
-                  f"bounds {t['bounds']}): compress_info equal: {t['info_equal']}; "
-                  "max |a_k - a_k'| h^k / max|G| by order k: "
-                  + ", ".join(f"{x:.1e}" for x in t["rel_contribution_by_order"]), ""]
+                  f"bounds {t['bounds']}): compress_info equal: {t['info_equal']}; every coefficient equal: "
+                  f"{t['coefficients_equal']}; max |a_k - a_k'| / max |a_k'| by order k: "
+                  + ", ".join(f"{x:.1e}" for x in t["rel_difference_by_order"]), ""]
         for kind, title in (("minidp_on_tf_tables_vs_deepmd", "minidp on the .pb's tables - deepmd-kit TF compressed"),
-                            ("minidp_vs_deepmd", "minidp compressed (its own tables) - deepmd-kit TF compressed"),
+                            ("minidp_vs_deepmd", "minidp compressed (its own tables, TF's range) - deepmd-kit TF "
+                             "compressed"),
+                            ("rounded_vs_deepmd", "correctly rounded tables (TF's range) - deepmd-kit TF compressed"),
                             ("minidp_minus_exact", "minidp: compressed - exact"),
                             ("deepmd_minus_exact", "deepmd-kit: compressed - exact")):
             lines += [f"{title} (max abs; e, v per atom):", "", "| case | " + " | ".join(QUANTITIES) + " |",
