@@ -140,3 +140,14 @@ def test_compressed_section_on_tiny_inputs(tmp_path):
     assert set(section["ratios"]) == {"batch", "one frame per call", "192 atoms, one frame"}
     text = "\n".join(compressed.markdown({"compressed": section}))
     assert "minidp compress against dp --tf compress" in text and "one frame per call" in text
+
+
+def test_ensemble_stage_shares_bound_the_ratio():
+    """The ensemble benchmark's stage breakdown: the shared fraction and the 4 - 3f bound it gives."""
+    need(MODEL_DP)
+    from benchmarks.bench_ensemble import stage_shares
+
+    shares = stage_shares(MODEL_DP.parents[1], nframes=1, repeats=1)
+    assert set(shares["seconds"]) == {"neighbour_list", "env_matrix_and_packing", "whole_model"}
+    assert 0 < shares["shared_fraction"] < 1
+    assert shares["ratio_bound"] == pytest.approx(4 - 3 * shares["shared_fraction"])
