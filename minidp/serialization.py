@@ -86,21 +86,22 @@ def _read_converted(path: Path) -> dict:
     if path.suffix.lower() == ".pth" and not zipfile.is_zipfile(path):
         # torch.save and TorchScript both write zip archives; anything else fails deep inside deepmd-kit
         raise InputError(f"{path} is not a PyTorch model (not a zip archive as torch.save writes)")
+    graph = None
     if path.suffix.lower() == ".pb":
-        _refuse_compressed_pb(path)
+        from deepmd.tf.utils.graph import load_graph_def
+
+        graph, graph_def = load_graph_def(str(path))
+        _refuse_compressed_pb(path, graph_def)
     backend = Backend.detect_backend_by_model(str(path))
     data = backend().serialize_hook(str(path))
-    if path.suffix.lower() == ".pb":
-        _restore_pb_out_bias(path, data)
+    if graph is not None:
+        _restore_pb_out_bias(graph, data)
     return data
 
 
-def _refuse_compressed_pb(path: Path) -> None:
+def _refuse_compressed_pb(path: Path, graph_def) -> None:
     """InputError for a `dp --tf compress`ed graph: deepmd-kit 3.2 serializes it without its
     embedding nets (and without its tables), so nothing minidp could evaluate would come out."""
-    from deepmd.tf.utils.graph import load_graph_def
-
-    _, graph_def = load_graph_def(str(path))
     if any(node.op.startswith("TabulateFusion") for node in graph_def.node):
         raise InputError(f"{path} is a compressed TensorFlow graph (`dp --tf compress`), which deepmd-kit cannot "
                          "convert: load the model it was compressed from, and compress it with `minidp compress "
@@ -113,12 +114,11 @@ def _refuse_compressed_pb(path: Path) -> None:
 _PB_OUT_BIAS = ("model_attr/model_attr/t_out_bias", "model_attr/t_out_bias")
 
 
-def _restore_pb_out_bias(path: Path, data: dict) -> None:
+def _restore_pb_out_bias(graph, data: dict) -> None:
     """Put the out_bias the TensorFlow graph holds back into the converted model dict."""
     from deepmd.tf.utils.errors import GraphWithoutTensorError
-    from deepmd.tf.utils.graph import get_tensor_by_name_from_graph, load_graph_def
+    from deepmd.tf.utils.graph import get_tensor_by_name_from_graph
 
-    graph, _ = load_graph_def(str(path))
     for name in _PB_OUT_BIAS:
         try:
             value = np.asarray(get_tensor_by_name_from_graph(graph, name))
