@@ -60,16 +60,14 @@ from numba import njit
 from minidp.nn import Net, get_activation, residual_kind
 from minidp.se_e2_a import (
     DescriptorCache,
-    EmbedPiece,
     SeA,
     contract,
     contract_backward,
     embed_backward,
+    embed_blocks,
     env_matrix,
     env_matrix_backward,
-    pack_rows,
     smooth_switch,
-    sum_rows,
 )
 
 # deepmd-kit's defaults for `dp compress`: -s 0.01, -e 5, the second table's
@@ -504,32 +502,20 @@ def padded_tail_table(table: Table, R_pad: np.ndarray) -> np.ndarray:
 def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, list]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G from the tables (the plain NumPy version).
 
-    The exact path's :func:`minidp.se_e2_a.embed` with the net replaced by
-    :func:`table_features`: each real row is looked up, the padded slots come
-    from :func:`padded_tail_table`. The pieces hold G and dG/ds of every row,
-    so :func:`minidp.se_e2_a.embed_backward` is the backward.
+    The exact path's loop (:func:`minidp.se_e2_a.embed_blocks`) with the net
+    replaced by :func:`table_features`: each real row is looked up, the padded
+    slots come from :func:`padded_tail_table`. The pieces hold G and dG/ds of
+    every row, so :func:`minidp.se_e2_a.embed_backward` is the backward.
     Returns T (nf, nloc, ng, 4) and the pieces.
     """
-    nf, nloc, nnei, _ = R.shape
-    cfg = se.config
-    # (nf, nloc, ng, 4)
-    T = np.zeros((nf, nloc, cfg.ng, 4), dtype=R.dtype)
-    pieces = []
-    for atoms, ti in se.center_groups(atom_types):
-        na = atoms.size
-        for tj in range(cfg.ntypes):
-            slots = cfg.slots(tj)
-            table = se.compress.table(ti, tj)
-            # (nb, 4) the real rows, packed; (nb,) the (frame, atom) each belongs to
-            real, count, R_real, owner = pack_rows(R, nlist, atoms, slots)
-            # (nb, ng), (nb, ng)
-            G, dG_ds = table_features(table, R_real[:, 0])
-            # (nf * na, ng, 4)
-            Tb = sum_rows(G, R_real, owner, nf * na, "numpy")
-            Tb += padded_tail_table(table, se.compress.pad_rows[:, slots])[atom_types[atoms], count].reshape(Tb.shape)
-            T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
-            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, None, None, count, [], None))
-    return T, pieces
+
+    def block(ti: int, tj: int, slots: slice, s: np.ndarray):
+        table = se.compress.table(ti, tj)
+        # (nb, ng), (nb, ng)
+        G, dG_ds = table_features(table, s[:, 0])
+        return G, dG_ds, padded_tail_table(table, se.compress.pad_rows[:, slots]), (None, None, [], None)
+
+    return embed_blocks(R, nlist, atom_types, se, block, "numpy")
 
 
 # ---------------------------------------------------------------------------

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -571,15 +571,17 @@ def real_counts(nlist_block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return real, count
 
 
-def embed(
-    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
-    keep: bool = False,
+def embed_blocks(
+    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, block: Callable, backend: str = "numba",
 ) -> tuple[np.ndarray, list[EmbedPiece]]:
-    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, as :func:`embed_reference`, by the fast path's tricks.
+    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, block by block (centre group, neighbour type), G from ``block``.
 
-    Only real neighbours go through the net; what the padded slots add comes
-    from :func:`padded_tail_sums`. Returns T (nf, nloc, ng, 4) and the pieces
-    the backward needs (with the nets' caches when ``keep``: training).
+    The fast path's loop: each block's real rows are packed (trick 1), their
+    features come from ``block(ti, tj, slots, s)`` for the column s (nb, 1),
+    which returns (G (nb, ng), dG/ds (nb, ng), P, (key, net, net caches, pad
+    caches)), P (ntypes, n_t + 1, ng, 4) being what the padded slots add
+    (trick 2). :func:`embed` passes the net; minidp.compress its tables.
+    Returns T (nf, nloc, ng, 4) and the pieces the backward needs.
     """
     nf, nloc, nnei, _ = R.shape
     cfg = se.config
@@ -589,19 +591,39 @@ def embed(
     for atoms, ti in se.center_groups(atom_types):
         na = atoms.size
         for tj in range(cfg.ntypes):
-            slots, net = cfg.slots(tj), se.nets[ti, tj]
+            slots = cfg.slots(tj)
             # (nb, 4) the real rows, packed; (nb,) the (frame, atom) each belongs to
             real, count, R_real, owner = pack_rows(R, nlist, atoms, slots)
-            # (nb, ng), (nb, ng): each real neighbour is one row through the net
-            G, dG_ds, net_caches = embedding_features(net, R_real[:, :1], keep)
+            # (nb, ng), (nb, ng): each real neighbour is one row; P: the padded slots' share
+            G, dG_ds, P, (key, net, net_caches, pad_caches) = block(ti, tj, slots, R_real[:, :1])
             # (nf * na, ng, 4)
             Tb = sum_rows(G, R_real, owner, nf * na, backend)
-            P, pad_caches = padded_tail_sums(net, se.davg, se.dstd, slots)
             Tb += P[atom_types[atoms], count].reshape(Tb.shape)
             T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
-            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, se.nets.key(ti, tj), net, count,
-                                     net_caches, pad_caches if keep else None))
+            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, key, net, count,
+                                     net_caches, pad_caches))
     return T, pieces
+
+
+def embed(
+    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
+    keep: bool = False,
+) -> tuple[np.ndarray, list[EmbedPiece]]:
+    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, as :func:`embed_reference`, by the fast path's tricks.
+
+    Only real neighbours go through the net (forward mode gives dG/ds too,
+    trick 3); what the padded slots add comes from :func:`padded_tail_sums`.
+    Returns T (nf, nloc, ng, 4) and the pieces the backward needs (with the
+    nets' caches when ``keep``: training).
+    """
+
+    def block(ti: int, tj: int, slots: slice, s: np.ndarray):
+        net = se.nets[ti, tj]
+        G, dG_ds, net_caches = embedding_features(net, s, keep)
+        P, pad_caches = padded_tail_sums(net, se.davg, se.dstd, slots)
+        return G, dG_ds, P, (se.nets.key(ti, tj), net, net_caches, pad_caches if keep else None)
+
+    return embed_blocks(R, nlist, atom_types, se, block, backend)
 
 
 def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba") -> np.ndarray:
