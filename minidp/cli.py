@@ -73,6 +73,7 @@ def _cmd_eval_desc(args) -> int:
     from minidp.stream import (
         block_types,
         descriptor_block,
+        distinct_names,
         frames_per_block,
         iter_blocks,
         open_systems,
@@ -89,10 +90,7 @@ def _cmd_eval_desc(args) -> int:
         below = output_names(root, found)
         systems += found
         names += [f"{n}.npy" if len(found) == 1 else f"{Path(root).resolve().name}_{n}.npy" for n in below]
-    for k, name in enumerate(names):
-        if name in names[:k]:
-            raise ValueError(f"systems {systems[names.index(name)].name} and {systems[k].name} would both write "
-                             f"{name}; give systems of distinct names")
+    distinct_names(names, systems)
     with safe_output(args.output, "descriptors", inputs, args.overwrite) as tmp:
         tmp.mkdir()
         for system, name in zip(systems, names):

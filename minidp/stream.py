@@ -361,10 +361,15 @@ def output_names(root, systems: list[LazySystem]) -> list[str]:
     root = str(root).rstrip("/")
     names = [re.sub(r"[/#\[\]\s]+", "_", s.name.removeprefix(root)).strip("_")
              or Path(root).resolve().name for s in systems]
+    return distinct_names(names, systems)
+
+
+def distinct_names(names: list[str], systems: list[LazySystem]) -> list[str]:
+    """``names`` (one output name per system), unless two systems would be written under one name."""
     for k, name in enumerate(names):
         if name in names[:k]:
-            raise ValueError(f"systems {systems[names.index(name)].name} and {systems[k].name} would both be "
-                             f"written as {name}; give systems of distinct names")
+            raise ValueError(f"systems {systems[names.index(name)].name} and {systems[k].name} would both write "
+                             f"{name}; give systems of distinct names")
     return names
 
 
