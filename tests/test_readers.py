@@ -228,6 +228,11 @@ def test_hdf5_of_several_systems_in_every_command(dp, small_model, water, multi_
                                rtol=1e-10)
     np.testing.assert_allclose(np.load(out / "O64H128" / "set.000" / "energy.npy").ravel(), _energies(dp, water),
                                rtol=1e-10)
+    # a previous output of several systems is replaced with --overwrite, and only if it holds nothing else
+    assert main(["eval", "-m", str(small_model), "-s", str(h5), "-o", str(out), "--overwrite"]) == 0
+    (out / "O64H32" / "notes.txt").write_text("mine")
+    assert main(["eval", "-m", str(small_model), "-s", str(h5), "-o", str(out), "--overwrite"]) == 2
+    _one_line(capsys, "holds more than a previous minidp deepmd/npy output")
     # a group, as dpdata and deepmd-kit name it
     assert main(["eval", "-m", str(small_model), "-s", f"{h5}#O64H32", "-o", str(tmp_path / "g")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "g" / "set.000" / "energy.npy").ravel(), _energies(dp, half),
