@@ -30,92 +30,126 @@ def _add_tutorial(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    """Evaluate a system and write it, labelled with the model's energy, force and virial."""
-    import dpdata
+    """Evaluate a system and write it, labelled with the model's energy, force and virial.
 
+    A -s holding several systems (a folder of systems, an HDF5 file of groups,
+    an extended XYZ file of several kinds of frame) writes OUT/<name> for each.
+    """
     from minidp.checks import positive_int
-    from minidp.data import check_output, model_types, read_system, safe_output
+    from minidp.data import check_output, safe_output
     from minidp.infer import DeepPot
+    from minidp.stream import (
+        frames_per_block,
+        open_systems,
+        output_names,
+        system_file,
+        write_labelled,
+    )
 
     set_size = positive_int("--set-size", args.set_size)
-    inputs = (args.system, args.model)
+    inputs = (system_file(args.system), args.model)
     check_output(args.output, "deepmd/npy", inputs, args.overwrite)  # refused before any work
-    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
-    system = read_system(args.system, args.format, args.type_map)
-    types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
-    cells = None if system.nopbc else system["cells"]
-    e, f, v = dp.eval(system["coords"], cells, types)
-    data = {
-        "atom_names": list(system["atom_names"]), "atom_numbs": list(system["atom_numbs"]),
-        "atom_types": np.asarray(system["atom_types"]), "orig": np.zeros(3),
-        "cells": system["cells"], "coords": system["coords"], "nopbc": system.nopbc,
-        "energies": e[:, 0], "forces": f, "virials": v.reshape(-1, 3, 3),
-    }
-    labelled = dpdata.LabeledSystem(data=data)
+    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend, progress=False)
+    systems = open_systems(args.system, args.format, args.type_map)
+    names = output_names(args.system, systems)
     with safe_output(args.output, "deepmd/npy", inputs, args.overwrite) as tmp:
-        labelled.to("deepmd/npy", str(tmp), set_size=set_size)
-    print(f"{len(e)} frames of {types.size} atoms -> {args.output} (energy, force, virial)")
+        for system, name in zip(systems, names):
+            folder = tmp if len(systems) == 1 else tmp / name
+            write_labelled(dp, system, folder, frames_per_block(system.natoms), set_size)
+    for system, name in zip(systems, names):
+        where = args.output if len(systems) == 1 else Path(args.output) / name
+        print(f"{system.nframes} frames of {system.natoms} atoms -> {where} (energy, force, virial)")
     return 0
-
-
-def _descriptor_names(systems) -> list[str]:
-    """OUT/<name>.npy for each system: its folder's (or file's) name; two systems of one name are refused."""
-    names = [f"{Path(path).resolve().name}.npy" for path in systems]
-    for k, name in enumerate(names):
-        if name in names[:k]:
-            raise ValueError(f"systems {systems[names.index(name)]} and {systems[k]} would both write "
-                             f"{name}; give systems of distinct names")
-    return names
 
 
 def _cmd_eval_desc(args) -> int:
     """Write each system's descriptors to OUT/<system name>.npy, shape (nframes, natoms, ng * m2).
 
+    A -s holding several systems writes OUT/<its name>_<system>.npy for each.
     All of OUT is written at once, after the last system: a failure leaves no OUT.
     """
-    from minidp.data import check_output, model_types, read_system, safe_output
+    from minidp.data import check_output, safe_output
     from minidp.infer import DeepPot
+    from minidp.stream import (
+        block_types,
+        descriptor_block,
+        distinct_names,
+        frames_per_block,
+        iter_blocks,
+        open_systems,
+        output_names,
+        system_file,
+    )
 
-    inputs = (*args.system, args.model)
-    names = _descriptor_names(args.system)
+    inputs = (*(system_file(s) for s in args.system), args.model)
     check_output(args.output, "descriptors", inputs, args.overwrite)
-    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
+    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend, progress=False)
+    systems, names = [], []
+    for root in args.system:
+        found = open_systems(root, args.format, args.type_map)
+        below = output_names(root, found)
+        systems += found
+        names += [f"{n}.npy" if len(found) == 1 else f"{Path(root).resolve().name}_{n}.npy" for n in below]
+    distinct_names(names, systems)
     with safe_output(args.output, "descriptors", inputs, args.overwrite) as tmp:
         tmp.mkdir()
-        for path, name in zip(args.system, names):
-            system = read_system(path, args.format, args.type_map)
-            types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
-            D = dp.eval_descriptor(system["coords"], None if system.nopbc else system["cells"], types)
-            np.save(tmp / name, D)
-            print(f"{path}: descriptors {D.shape} -> {args.output}/{name}")
+        for system, name in zip(systems, names):
+            # (nframes, natoms, ng * m2), filled block by block
+            D = np.lib.format.open_memmap(tmp / name, "w+", np.float64,
+                                          (system.nframes, system.natoms, dp.get_dim_descriptor()))
+            for block in iter_blocks(system, frames_per_block(system.natoms), labels=False):
+                D[block.frames] = descriptor_block(dp, block, block_types(system, block, dp.get_type_map()))
+            print(f"{system.name}: descriptors {D.shape} -> {args.output}/{name}")
+            del D  # written and unmapped
     return 0
 
 
+def _test_errors(dp, systems, numb_test: int) -> tuple[dict, dict, np.ndarray]:
+    """Predicted and label energy (nf,), force (one row per real atom, 3) and virial (nf, 9) over the first
+    numb_test frames (0: all) of each system, and each frame's number of atoms (nf,)."""
+    from minidp.stream import block_types, frames_per_block, iter_blocks, predict_block
+
+    keys = [k for k in ("energy", "force", "virial") if all(k in s.labels for s in systems)]
+    predicted, labels, natoms = {k: [] for k in keys}, {k: [] for k in keys}, []
+    for system in systems:
+        for block in iter_blocks(system, frames_per_block(system.natoms), numb_test or None):
+            types = block_types(system, block, dp.get_type_map())
+            p = predict_block(dp, block, types)
+            # (nf, natoms): the real atoms (a padding atom of mixed data has type -1)
+            real = np.broadcast_to(types >= 0, block.coords.shape[:2])
+            natoms.append(real.sum(axis=1))
+            for key, value in (("energy", p.energy), ("force", p.force[real]), ("virial", p.virial)):
+                if key in keys:
+                    predicted[key].append(value)
+                    labels[key].append(block.labels[key][real] if key == "force" else block.labels[key])
+    return ({k: np.concatenate(v) for k, v in predicted.items()}, {k: np.concatenate(v) for k, v in labels.items()},
+            np.concatenate(natoms))
+
+
 def _cmd_test(args) -> int:
-    """RMSE and MAE of the model against a labelled system's energies, forces and virials."""
-    from minidp.data import check_output, model_types, read_system, safe_output
+    """RMSE and MAE of the model against a labelled system's energies, forces and virials.
+
+    Over several systems (a -s holding several), the errors of all their frames
+    together: dp test's weighted average.
+    """
+    from minidp.data import check_output, safe_output
     from minidp.infer import DeepPot
     from minidp.report import error_table, parity_plots
+    from minidp.stream import open_systems, system_file
 
     if args.numb_test < 0:
         raise ValueError(f"--numb-test must be a number of frames >= 0 (0: all), got {args.numb_test}")
+    inputs = (system_file(args.system), args.model)
     if args.plots:
-        check_output(args.plots, "plots", (args.system, args.model), args.overwrite)
-    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend)
-    system = read_system(args.system, args.format, args.type_map, labelled=True)
-    n = min(args.numb_test or len(system), len(system))
-    types = model_types(system["atom_names"], system["atom_types"], dp.get_type_map())
-    cells = None if system.nopbc else system["cells"][:n]
-    e, f, v = dp.eval(system["coords"][:n], cells, types)
-    labels = {"energy": system["energies"][:n], "force": system["forces"][:n]}
-    if "virials" in system.data:
-        labels["virial"] = system["virials"][:n].reshape(n, 9)
-    predicted = {"energy": e[:, 0], "force": f, "virial": v}
-    print(error_table(predicted, labels, types.size))
+        check_output(args.plots, "plots", inputs, args.overwrite)
+    dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend, progress=False)
+    systems = open_systems(args.system, args.format, args.type_map, labelled=True)
+    predicted, labels, natoms = _test_errors(dp, systems, args.numb_test)
+    print(error_table(predicted, labels, natoms))
     if args.plots:
-        with safe_output(args.plots, "plots", (args.system, args.model), args.overwrite) as tmp:
+        with safe_output(args.plots, "plots", inputs, args.overwrite) as tmp:
             tmp.mkdir()
-            for png in parity_plots(predicted, labels, types.size, tmp):
+            for png in parity_plots(predicted, labels, natoms, tmp):
                 print(f"parity plot -> {Path(args.plots) / png.name}")
     return 0
 
@@ -300,19 +334,29 @@ def _add_model_commands(sub) -> None:
 
 
 def _cmd_model_devi(args) -> int:
-    """Model deviation of an ensemble on each system, appended to the output as dp model-devi writes it."""
-    from minidp.data import check_output
-    from minidp.model_devi import Ensemble, expand_systems, system_deviations, write_model_devi
+    """Model deviation of an ensemble on each system, appended to the output as dp model-devi writes it.
 
-    inputs = (*args.models, *args.system)
+    Every system is opened (and checked: an empty or damaged one is refused) before any is evaluated.
+    """
+    from minidp.checks import number, positive_int
+    from minidp.data import check_output
+    from minidp.model_devi import Ensemble, system_deviations, write_model_devi
+    from minidp.stream import frames_per_block, open_systems, system_file
+
+    frequency = positive_int("--frequency", args.frequency)
+    relative, relative_v = (None if v is None else number(name, v, lo=0.0)
+                            for name, v in (("--relative", args.relative), ("--relative_v", args.relative_v)))
+    inputs = (*args.models, *(system_file(s) for s in args.system))
     check_output(args.output, "model_devi", inputs, overwrite=True)  # appends only to a model_devi file
-    ensemble = Ensemble(args.models, batch_size=args.batch_size)
+    systems = [system for root in args.system for system in open_systems(root)]
+    ensemble = Ensemble(args.models, batch_size=args.batch_size, progress=False)
     blocks = []
-    for path in expand_systems(args.system):
-        steps, devi = system_deviations(ensemble, path, frequency=args.frequency, real_error=args.real_error,
-                                        relative=args.relative, relative_v=args.relative_v, atomic=args.atomic)
-        blocks.append((path, steps, devi))
-        print(f"{path}: {len(steps)} frames, max_devi_f up to {devi[:, 3].max():.3e}")
+    for system in systems:
+        steps, devi = system_deviations(ensemble, system, frequency=frequency, real_error=args.real_error,
+                                        frames_per_block=frames_per_block(system.natoms), relative=relative,
+                                        relative_v=relative_v, atomic=args.atomic)
+        blocks.append((system.name, steps, devi))
+        print(f"{system.name}: {len(steps)} frames, max_devi_f up to {devi[:, 3].max():.3e}")
     write_model_devi(args.output, blocks, atomic=args.atomic, inputs=inputs)
     print(f"{len(blocks)} system(s) -> {args.output}")
     return 0
@@ -322,7 +366,8 @@ def _add_model_devi(sub) -> None:
     p = sub.add_parser("model-devi", help="model deviation of an ensemble, like `dp model-devi`")
     p.add_argument("-m", "--models", nargs="+", required=True, help="2 or more models (.dp, .yaml, .json)")
     p.add_argument("-s", "--system", nargs="+", required=True,
-                   help="systems (deepmd/npy folders or deepmd/hdf5 files); folders are searched for type.raw")
+                   help="systems (any format eval reads); folders are searched for type.raw, HDF5 files for "
+                        "groups holding one")
     p.add_argument("-o", "--output", default="model_devi.out",
                    help="output file, appended to (default: model_devi.out)")
     p.add_argument("-f", "--frequency", type=int, default=1, help="steps between frames: step = frame * FREQ")

@@ -19,73 +19,306 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
+import traceback
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
 from minidp.checks import InputError
 
+# dpdata's names of the extended XYZ reader (one implementation, several names)
+EXTXYZ = ("extxyz", "quip/gap/xyz", "quip/gap/xyz_file", "gpumd/xyz", "nequip/xyz", "mace/xyz")
+# extended XYZ's spellings of a periodic and an open direction
+TRUE, FALSE = ("T", "TRUE", "1"), ("F", "FALSE", "0")
+# dpdata's data keys -> what minidp calls them in messages
+KEYS = {"coords": "coordinate", "cells": "cell", "energies": "energy", "forces": "force", "virials": "virial"}
+
 
 def guess_format(path: Path) -> str:
-    """dpdata's format name for a path: deepmd/npy for a folder with type.raw, deepmd/hdf5 for .h5/.hdf5."""
+    """dpdata's format name for a path.
+
+    deepmd/npy/mixed for a folder with type.raw whose sets hold per-frame types
+    (real_atom_types.npy), deepmd/npy for one without them, deepmd/hdf5 for
+    .h5/.hdf5, extxyz for an .xyz/.extxyz file whose first comment line has
+    extended-XYZ fields (Properties=, Lattice=), else dpdata's "auto".
+    """
+    path = Path(path)
     if path.is_dir() and (path / "type.raw").is_file():
-        return "deepmd/npy"
-    if path.suffix.lower() in (".h5", ".hdf5"):
+        return "deepmd/npy/mixed" if any(path.glob("set.*/real_atom_types.npy")) else "deepmd/npy"
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
         return "deepmd/hdf5"
+    if suffix in (".xyz", ".extxyz") and path.is_file():
+        with open(path, "rb") as f:
+            head = f.readline() + f.readline()
+        return "extxyz" if b"Properties=" in head or b"Lattice=" in head else "xyz"
     return "auto"
 
 
+class DpdataPart(NamedTuple):
+    """Frames of one kind (the same atoms in the same order) read by dpdata, and where they stood in the file."""
+
+    frames: np.ndarray  # (nf,) index of each frame in the file
+    system: object  # dpdata.System or dpdata.LabeledSystem
+
+
+def read_dpdata(path, fmt: str | None = None, type_map: list[str] | None = None,
+                labelled: bool = False) -> list[DpdataPart]:
+    """Read a file (any format dpdata reads) into parts of one kind of frame each; everything checked.
+
+    dpdata's result is not trusted: no frame or atom, a non-finite coordinate,
+    cell or label (named by file and frame), and for extended XYZ a frame count
+    other than the file's (counted here), a frame whose ``pbc`` is partly
+    periodic (minidp evaluates fully periodic or open systems), are refused.
+    An extended XYZ file gives one part per kind of frame, in order of first
+    appearance; any other format one part. deepmd systems are read by
+    :func:`minidp.stream.open_systems`; the multi-system forms (mixed types,
+    several HDF5 groups) are refused here.
+    """
+    import dpdata
+
+    path = Path(path)
+    # dpdata's file.h5#group names a system inside an HDF5 file
+    file = path if path.exists() else Path(str(path).partition("#")[0])
+    if not file.exists():
+        raise FileNotFoundError(f"system {path} does not exist")
+    fmt = fmt or guess_format(file)
+    _refuse_many(path, fmt)
+    if fmt == "deepmd/npy" and path.is_dir():
+        from minidp.stream import lazy_system
+
+        lazy_system(path)  # every set's arrays against each other: "box.npy has shape (79, 9); expected (80, 9)"
+    if fmt in EXTXYZ:
+        parts = _read_extxyz(path, fmt)
+    else:
+        if fmt == "xyz" and len(_extxyz_comments(path)) > 1:  # dpdata's plain XYZ reader reads the first frame
+            raise ValueError(f"system {path} holds {len(_extxyz_comments(path))} frames, of which dpdata's plain "
+                             "xyz reader reads one; write it as extended XYZ (with Lattice= and Properties=)")
+        system = _dpdata_system(dpdata, path, fmt, type_map, labelled)
+        parts = [DpdataPart(np.arange(system.get_nframes()), system)]
+    for part in parts:
+        _check_dpdata(path, fmt, part, labelled)
+    return parts
+
+
 def read_system(path, fmt: str | None = None, type_map: list[str] | None = None, labelled: bool = False):
-    """Read frames with dpdata; labelled (energies/forces) when the source has labels.
+    """Read one system with dpdata (:func:`read_dpdata`); labelled (energies/forces) when the source has labels.
 
     ``type_map`` names the types of formats that only number them (a LAMMPS
     data file's types 1, 2, ... become type_map[0], type_map[1], ...).
     ``labelled=True``: the system must hold energies and forces; the reason
     dpdata could not read them (a corrupt force.npy, ...) is the error.
+    A file holding frames of several kinds of atoms is refused.
     """
+    parts = read_dpdata(path, fmt, type_map, labelled)
+    if len(parts) > 1:
+        kinds = ", ".join(f"{p.system.formula} from frame {p.frames[0]}" for p in parts)
+        raise ValueError(f"system {path} holds frames of {len(parts)} kinds of atoms ({kinds}); "
+                         "expected one kind per system")
+    return parts[0].system
+
+
+def _refuse_many(path: Path, fmt: str) -> None:
+    """A path that holds several systems (per-frame types, HDF5 groups) is not one dpdata system."""
+    if fmt == "deepmd/npy/mixed":
+        raise ValueError(f"system {path} is deepmd/npy/mixed (per-frame types in set.*/real_atom_types.npy); "
+                         "this reader takes one type per atom")
+    if fmt == "deepmd/hdf5" and "#" not in str(path):
+        import h5py  # only HDF5 systems need it
+
+        try:
+            with h5py.File(path, "r") as f:
+                if "type.raw" not in f:
+                    groups = [k for k in f if isinstance(f[k], h5py.Group) and "type.raw" in f[k]]
+                    raise ValueError(f"{path} holds no system at its root (groups {groups[:5]}); "
+                                     f"name one as {path}#GROUP")
+        except OSError as err:
+            raise ValueError(f"{path} is not a readable HDF5 file ({err})") from None
+
+
+def _dpdata_system(dpdata, path: Path, fmt: str, type_map, labelled: bool):
+    """dpdata's LabeledSystem, or its System when the source has no labels; dpdata's errors named."""
+    try:
+        return dpdata.LabeledSystem(str(path), fmt=fmt, type_map=type_map)
+    except Exception as err:
+        reason = err
+    if not labelled:  # not labelled (or not readable as such): read the coordinates only
+        try:
+            return dpdata.System(str(path), fmt=fmt, type_map=type_map)
+        except NotImplementedError:  # a format of labelled data only: the labelled reader's reason is the one
+            pass
+        except Exception as err:
+            reason = err
+    raise ValueError(f"cannot read system {path} as {fmt!r}{_reason(reason, type_map)}")
+
+
+def _reason(err: Exception, type_map) -> str:
+    """Why dpdata failed, in one line: its assertion's condition, not decoded text, its message shortened."""
+    if isinstance(err, UnicodeDecodeError):
+        return f": it is not a text file (byte {err.start} is not {err.encoding})"
+    if isinstance(err, NotImplementedError) and "support LabeledSystem" in str(err):
+        return ": dpdata reads no labels (energies, forces) from this format; expected a labelled system"
+    if isinstance(err, AssertionError):
+        if type_map:
+            return f": dpdata's check failed (does -t name every atom type of the file? it names {type_map})"
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        if where.name == "rot_frame_lower_triangular":
+            return ": its cell is left-handed (negative determinant), which dpdata refuses; swap two lattice vectors"
+        return f": dpdata's check `{where.line}` failed in {where.name}"
+    reason = " ".join(str(err).split())
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."  # dpdata may list every format it knows
+    return f" (give -f FORMAT?): {type(err).__name__}: {reason}"
+
+
+def _check_dpdata(path: Path, fmt: str, part: DpdataPart, labelled: bool) -> None:
+    """What dpdata returned is what a system must be: frames, atoms, finite numbers, labels if asked."""
+    data = part.system.data
+    nf = part.system.get_nframes()
+    if nf == 0 or part.system.get_natoms() == 0:
+        raise ValueError(f"system {path} read as {fmt!r} holds {nf} frames of {part.system.get_natoms()} atoms; "
+                         "is the file complete?")
+    for key, name in KEYS.items():
+        if key not in data or (key == "cells" and data.get("nopbc")):
+            continue
+        # (nf, numbers per frame)
+        values = np.asarray(data[key], dtype=np.float64).reshape(nf, -1)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            k, i = np.argwhere(bad)[0]
+            raise ValueError(f"system {path}: frame {part.frames[k]} has a non-finite {name} ({values[k, i]}); "
+                             "expected finite numbers")
+    if labelled:
+        require_labels(path, [name for key, name in KEYS.items() if key in data])
+
+
+def require_labels(system, labels) -> None:
+    """ValueError naming the system unless ``labels`` (deepmd names) hold energy and force."""
+    missing = [k for k in ("energy", "force") if k not in labels]
+    if missing:
+        raise ValueError(f"system {system} has no {' and no '.join(missing)} labels; expected a labelled system")
+
+
+# ---------------------------------------------------------------------------
+# Extended XYZ: dpdata reads the frames, minidp counts them and reads pbc
+# ---------------------------------------------------------------------------
+
+
+def _extxyz_comments(path: Path) -> list[str]:
+    """The comment line of every frame, the file walked here (dpdata skips lines it cannot parse)."""
+    comments = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            number = 0
+            while line := f.readline():
+                number += 1
+                if not line.strip():
+                    continue
+                k = len(comments)
+                try:
+                    natoms = int(line)
+                except ValueError:
+                    raise ValueError(f"{path} line {number}: expected the atom count of frame {k}, got "
+                                     f"{line.strip()[:40]!r}") from None
+                if natoms < 1:
+                    raise ValueError(f"{path} line {number}: frame {k} has {natoms} atoms; expected at least one")
+                comments.append(f.readline())
+                number += 1
+                fields = None
+                for i in range(natoms):
+                    atom = f.readline()
+                    number += 1
+                    if not atom:
+                        raise ValueError(f"{path} ends inside frame {k}: {i} of its {natoms} atom lines")
+                    # a line cut short (a truncated file) has fewer fields than the frame's first
+                    fields = fields or len(atom.split())
+                    if len(atom.split()) != fields:
+                        raise ValueError(f"{path} line {number}: atom {i} of frame {k} has {len(atom.split())} "
+                                         f"fields where the frame's first atom has {fields}")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"cannot read system {path}: it is not a text file (byte {err.start} is not "
+                         f"{err.encoding})") from None
+    if not comments:
+        raise ValueError(f"system {path} holds no frames; expected an extended XYZ file")
+    return comments
+
+
+def _extxyz_periodic(path: Path, frame: int, comment: str) -> bool:
+    """True for pbc="T T T" (or a Lattice without pbc), False for "F F F" (or neither); anything else refused."""
+    found = re.search(r"""(?:^|\s)pbc=(?:"([^"]*)"|'([^']*)'|(\S+))""", comment)
+    has_lattice = re.search(r"(?:^|\s)Lattice=", comment) is not None
+    if found is None:
+        return has_lattice
+    text = next(g for g in found.groups() if g is not None)
+    flags = [f.upper() for f in text.split()]
+    if len(flags) != 3 or not (all(f in TRUE for f in flags) or all(f in FALSE for f in flags)):
+        raise ValueError(f"{path} frame {frame} has pbc=\"{text}\"; minidp evaluates fully periodic (T T T) "
+                         "or open (F F F) systems only")
+    if flags[0] in TRUE and not has_lattice:
+        raise ValueError(f"{path} frame {frame} is periodic (pbc=\"{text}\") but has no Lattice")
+    return flags[0] in TRUE
+
+
+def _read_extxyz(path: Path, fmt: str) -> list[DpdataPart]:
+    """Every frame of an extended XYZ file, grouped by kind of frame (the same atoms in the same order)."""
+    from dpdata.format import Format
+
+    comments = _extxyz_comments(path)
+    periodic = [_extxyz_periodic(path, k, c) for k, c in enumerate(comments)]
+    try:
+        frames = list(Format.get_formats()[fmt]().from_multi_systems(str(path)))
+    except Exception as err:
+        raise ValueError(f"cannot read system {path} as {fmt!r}{_reason(err, None)}") from None
+    if len(frames) != len(comments):
+        raise ValueError(f"dpdata read {len(frames)} frames of {path}, which holds {len(comments)}; "
+                         "refusing a partial read")
+    kinds: dict[tuple, list[int]] = {}
+    for k, frame in enumerate(frames):
+        if bool(frame.get("nopbc")) == periodic[k]:
+            raise ValueError(f"dpdata read frame {k} of {path} as {'open' if periodic[k] else 'periodic'}; "
+                             f"its comment line says {'periodic' if periodic[k] else 'open'}")
+        species = tuple(np.asarray(frame["atom_names"])[frame["atom_types"]])
+        kinds.setdefault(species, []).append(k)
+    return [DpdataPart(np.array(ks), _join_frames(path, [frames[k] for k in ks], ks)) for ks in kinds.values()]
+
+
+def _join_frames(path: Path, frames: list[dict], numbers: list[int]):
+    """One dpdata.LabeledSystem of frames with the same atoms; frames must agree on boundaries and labels."""
     import dpdata
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"system {path} does not exist")
-    fmt = fmt or guess_format(path)
-    if fmt == "deepmd/npy" and path.is_dir():
-        from minidp.stream import lazy_system
-
-        lazy_system(path)  # every set's arrays against each other: "box.npy has shape (79, 9); expected (80, 9)"
-    try:
-        try:
-            system = dpdata.LabeledSystem(str(path), fmt=fmt, type_map=type_map)
-        except Exception:  # not labelled (or not readable as such): read the coordinates only
-            if labelled:
-                raise
-            system = dpdata.System(str(path), fmt=fmt, type_map=type_map)
-    except AssertionError as err:  # dpdata's own checks (e.g. more types in the file than in -t)
-        hint = f"does -t name every atom type of the file? it names {type_map}" if type_map else str(err)
-        raise ValueError(f"cannot read system {path} as {fmt!r}: dpdata's check failed ({hint or 'no reason given'})"
-                         ) from None
-    except Exception as err:
-        reason = " ".join(str(err).split())
-        reason = reason if len(reason) <= 300 else reason[:297] + "..."  # dpdata may list every format it knows
-        raise ValueError(f"cannot read system {path} as {fmt!r} (give -f FORMAT?): {type(err).__name__}: {reason}"
-                         ) from None
-    missing = [name for k, name in (("energies", "energy"), ("forces", "force")) if labelled and k not in system.data]
-    if missing:
-        raise ValueError(f"system {path} has no {' and no '.join(missing)} labels; expected a labelled system")
-    return system
+    first = frames[0]
+    for k, frame in zip(numbers, frames):
+        if bool(frame["nopbc"]) != bool(first["nopbc"]):
+            raise ValueError(f"{path} mixes periodic and open frames of the same atoms (frames {numbers[0]} "
+                             f"and {k}); expected one kind of boundary per system")
+        if ("virials" in frame) != ("virials" in first):
+            raise ValueError(f"{path}: frames {numbers[0]} and {k} (the same atoms) differ in having a virial; "
+                             "expected a virial in all or none")
+    data = {key: first[key] for key in ("atom_names", "atom_numbs", "atom_types", "orig")}
+    data["nopbc"] = bool(first["nopbc"])
+    for key in ("cells", "coords", "energies", "forces", "virials"):
+        if key in first:
+            data[key] = np.concatenate([np.asarray(f[key], dtype=np.float64) for f in frames])
+    return dpdata.LabeledSystem(data=data)
 
 
 def model_types(atom_names: list[str], atom_types: np.ndarray, type_map: list[str]) -> np.ndarray:
-    """Map a system's types (indices into its atom_names) onto the model's type_map."""
+    """Map a system's types (indices into its atom_names) onto the model's type_map.
+
+    Any shape of ``atom_types``: (natoms,) or per-frame (nf, natoms). A type of
+    -1 (a virtual atom of padded deepmd/npy/mixed data) stays -1.
+    """
+    atom_types = np.asarray(atom_types)
     missing = [name for name in atom_names if name not in type_map]
-    used = {atom_names[t] for t in np.unique(atom_types)}
+    used = {atom_names[t] for t in np.unique(atom_types) if t >= 0}
     if used & set(missing):
         raise ValueError(f"element(s) {sorted(used & set(missing))} are not in the model's type map {type_map}")
-    index = np.array([type_map.index(n) if n in type_map else -1 for n in atom_names])
-    return index[np.asarray(atom_types)]
+    # (ntypes + 1,): the last entry maps -1 onto itself
+    index = np.array([type_map.index(n) if n in type_map else -1 for n in atom_names] + [-1])
+    return index[atom_types]
 
 
 # ---------------------------------------------------------------------------
@@ -99,14 +332,21 @@ MARKER = ".minidp-output"
 
 # kind -> the paths (relative, glob patterns) a minidp output folder of that kind holds;
 # FILE_KINDS are single files, recognised by their content (_is_previous_output).
+# A deepmd/npy output holds one system, or (a -s of several systems) one system per sub-folder.
 FOLDER_KINDS = {
     "deepmd/npy": ("type.raw", "type_map.raw", "nopbc", "set.[0-9][0-9][0-9]",
-                   *(f"set.[0-9][0-9][0-9]/{k}.npy" for k in ("coord", "box", "energy", "force", "virial"))),
+                   *(f"set.[0-9][0-9][0-9]/{k}.npy"
+                     for k in ("coord", "box", "energy", "force", "virial", "real_atom_types"))),
     "descriptors": ("*.npy",),
     "plots": ("parity-*.png",),
 }
 # "any": scripts' own results (validation, benchmarks), replaced whatever they hold
 FILE_KINDS = ("model", "png", "npy", "lcurve", "checkpoint", "model_devi", "any")
+
+
+def _matches(rel: Path, patterns) -> bool:
+    """rel is one of the glob patterns, part for part."""
+    return any(rel.match(a) and len(rel.parts) == len(Path(a).parts) for a in patterns)
 
 
 def _is_previous_output(target: Path, kind: str) -> bool:
@@ -119,9 +359,10 @@ def _is_previous_output(target: Path, kind: str) -> bool:
         allowed = FOLDER_KINDS[kind]
         for p in target.rglob("*"):
             rel = p.relative_to(target)
-            if p.is_symlink() or not (rel.as_posix() == MARKER or any(rel.match(a) and
-                                                                     len(rel.parts) == len(Path(a).parts)
-                                                                     for a in allowed)):
+            # a system in a sub-folder (deepmd/npy of several systems): the folder, and a system's files in it
+            nested = kind == "deepmd/npy" and (target / rel.parts[0] / "type.raw").is_file() and (
+                len(rel.parts) == 1 or _matches(Path(*rel.parts[1:]), allowed))
+            if p.is_symlink() or not (rel.as_posix() == MARKER or _matches(rel, allowed) or nested):
                 return False
         return True
     if not target.is_file() or target.is_symlink():

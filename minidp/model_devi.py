@@ -42,8 +42,9 @@ The public API (engineer i13's LAMMPS ensemble imports it):
   :class:`EnsembleResult` (energy (nm, nf), force (nm, nf, natoms, 3), virial
   (nm, nf, 9), devi (nf, 7 [+ natoms])); ``predict`` the first three only;
 - :func:`expand_systems` and :func:`system_deviations`: the command's systems
-  (folders searched for type.raw) and one system's steps and columns, read
-  block by block from disk.
+  (folders searched for type.raw, HDF5 files for their groups) and one
+  system's steps and columns, read block by block from disk (frames of
+  deepmd/npy/mixed per-frame types evaluated one kind at a time).
 
 Shape symbols: ``nm`` models, ``nf`` frames, ``natoms`` atoms per frame.
 """
@@ -56,7 +57,17 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import real_array
+from minidp.checks import number, positive_int, real_array
+from minidp.data import safe_output
+from minidp.stream import (
+    Block,
+    LazySystem,
+    block_types,
+    by_kind,
+    find_systems,
+    iter_blocks,
+    lazy_system,
+)
 
 # ---------------------------------------------------------------------------
 # The deviations: small pure functions
@@ -84,6 +95,7 @@ def force_deviation(forces, relative: float | None = None, real_forces=None) -> 
     # (nf, natoms)
     eps = np.linalg.norm(_spread(F, ref), axis=-1)
     if relative is not None:
+        relative = number("relative", relative, lo=0.0)
         # (nf, natoms)
         magnitude = np.linalg.norm(F.mean(axis=0) if ref is None else ref, axis=-1)
         eps = eps / (magnitude + relative)
@@ -99,6 +111,7 @@ def virial_deviation(virials, natoms: int, relative_v: float | None = None, real
     W = real_array("virials", virials)
     if W.ndim != 3 or W.shape[-1] != 9:
         raise ValueError(f"virials must have shape (nmodels, nframes, 9), got {W.shape}")
+    natoms = positive_int("natoms", natoms)
     # (nm, nf, 9)
     w = W / natoms
     # (nf, 9)
@@ -106,6 +119,7 @@ def virial_deviation(virials, natoms: int, relative_v: float | None = None, real
     # (nf, 9)
     eps = _spread(w, ref)
     if relative_v is not None:
+        relative_v = number("relative_v", relative_v, lo=0.0)
         eps = eps / (np.abs(w.mean(axis=0) if ref is None else ref) + relative_v)
     return eps
 
@@ -117,6 +131,7 @@ def energy_deviation(energies, natoms: int, real_energies=None) -> np.ndarray:
         E = E[..., 0]
     if E.ndim != 2:
         raise ValueError(f"energies must have shape (nmodels, nframes), got {E.shape}")
+    natoms = positive_int("natoms", natoms)
     # (nf,) or None
     ref = None if real_energies is None else real_array("real_energies", real_energies).reshape(-1) / natoms
     return _spread(E / natoms, ref)
@@ -174,8 +189,6 @@ def write_model_devi(path, blocks, atomic: bool = False, inputs=()) -> None:
     old text and the new go to a temporary file moved onto ``path`` when
     complete (minidp.data.safe_output): a failure leaves the file as it was.
     """
-    from minidp.data import safe_output
-
     text = "".join(header(name, atomic) + format_rows(steps, cols) for name, steps, cols in blocks)
     path = Path(path)
     before = path.read_text() if path.is_file() else ""
@@ -257,46 +270,54 @@ class Ensemble:
 
 
 def expand_systems(roots) -> list[str]:
-    """Every folder holding a type.raw under each root (the root itself last), as deepmd-kit's -s expands;
-    a file (deepmd/hdf5, or file.h5#group) is taken as given."""
-    found = []
-    for root in roots:
-        if Path(str(root).partition("#")[0]).is_file():
-            found.append(str(root))
-            continue
-        root = Path(root)
-        if not root.exists():
-            raise FileNotFoundError(f"system {root} does not exist")
-        below = sorted(str(p.parent) for p in root.rglob("type.raw") if p.parent != root)
-        found += below + ([str(root)] if (root / "type.raw").is_file() else [])
+    """The systems under each root, as deepmd-kit's -s expands them (:func:`minidp.stream.find_systems`:
+    folders searched for type.raw, HDF5 files for groups holding one; any other file as given)."""
+    found = [system for root in roots for system in find_systems(root)]
     if not found:
-        raise ValueError(f"no system (a folder with type.raw) under {[str(r) for r in roots]}")
+        raise ValueError(f"no system (a folder or HDF5 group with type.raw) under {[str(r) for r in roots]}")
     return found
 
 
-def system_deviations(ensemble: Ensemble, path: str, *, frequency: int = 1, real_error: bool = False,
+def system_deviations(ensemble: Ensemble, path, *, frequency: int = 1, real_error: bool = False,
                       frames_per_block: int = 256, **options) -> tuple[np.ndarray, np.ndarray]:
-    """Steps (nf,) and deviation columns of one deepmd/npy or deepmd/hdf5 system, read block by block.
+    """Steps (nf,) and deviation columns of one system (a :class:`minidp.stream.LazySystem`, or a
+    deepmd/npy, deepmd/npy/mixed or deepmd/hdf5 path), read block by block.
 
     ``options``: relative, relative_v, atomic of :func:`deviation_columns`.
     With ``real_error`` the system's labels replace the ensemble mean.
+    Frames of per-frame types are evaluated one kind at a time; a padding atom's column is 0.
     """
-    from minidp.data import model_types
-    from minidp.stream import iter_blocks, lazy_system
-
-    system = lazy_system(path)
-    types = model_types(system.atom_names, system.atom_types, ensemble.get_type_map())
+    system = path if isinstance(path, LazySystem) else lazy_system(path, per_frame_types=True)
+    frequency = positive_int("frequency", frequency)
     missing = [k for k in ("energy", "force", "virial") if k not in system.labels]
     if real_error and missing:
         # deepmd-kit reads absent labels as zeros; so does minidp, but says so
-        print(f"warning: {path} has no {', '.join(missing)} labels: --real_error compares with zeros",
+        print(f"warning: {system.name} has no {', '.join(missing)} labels: --real_error compares with zeros",
               file=sys.stderr)
-    parts = []
-    for block in iter_blocks(system, frames_per_block):
-        nf = block.coords.shape[0]
-        # energy (nf,), force (nf, natoms, 3), virial (nf, 9): zeros where the system has no label
-        zeros = {"energy": np.zeros(nf), "force": np.zeros_like(block.coords), "virial": np.zeros((nf, 9))}
-        real = {**zeros, **block.labels} if real_error else None
-        parts.append(ensemble.eval(block.coords, block.cells, types, real=real, **options).devi)
+    parts = [block_deviations(ensemble, block, block_types(system, block, ensemble.get_type_map()), real_error,
+                              **options)
+             for block in iter_blocks(system, frames_per_block, labels=real_error)]
     devi = np.concatenate(parts)
     return np.arange(len(devi)) * frequency, devi
+
+
+def block_deviations(ensemble: Ensemble, block: Block, atom_types: np.ndarray, real_error: bool = False,
+                     atomic: bool = False, **options) -> np.ndarray:
+    """The deviation columns (nf, 7 [+ natoms]) of a block's frames, each kind of frame apart
+    (atom_types (natoms,) or per frame (nf, natoms), minidp.stream.by_kind)."""
+    nf, natoms = block.coords.shape[:2]
+    # energy (nf,), force (nf, natoms, 3), virial (nf, 9): zeros where the system has no label
+    zeros = {"energy": np.zeros(nf), "force": np.zeros_like(block.coords), "virial": np.zeros((nf, 9))}
+    labels = {**zeros, **block.labels}
+    # (nf, 7 [+ natoms])
+    devi = np.zeros((nf, 7 + (natoms if atomic else 0)))
+    for kind, (E, F, W) in by_kind(block, atom_types, ensemble.predict):
+        real = None
+        if real_error:
+            real = {"energy": labels["energy"][kind.rows], "force": labels["force"][np.ix_(kind.rows, kind.atoms)],
+                    "virial": labels["virial"][kind.rows]}
+        columns = deviation_columns(E, F, W, real=real, atomic=atomic, **options)
+        devi[kind.rows, :7] = columns[:, :7]
+        if atomic:
+            devi[np.ix_(kind.rows, 7 + kind.atoms)] = columns[:, 7:]
+    return devi

@@ -13,8 +13,21 @@ def rmse_mae(predicted: np.ndarray, label: np.ndarray) -> tuple[float, float]:
     return float(np.sqrt(np.mean(diff**2))), float(np.mean(np.abs(diff)))
 
 
-def error_table(predicted: dict, labels: dict, natoms: int) -> str:
-    """dp test's figures: energy, energy per atom, force, virial, virial per atom (RMSE and MAE)."""
+def per_atom(values, natoms) -> np.ndarray:
+    """Per-frame values (nf, ...) divided by each frame's number of atoms (an int, or (nf,))."""
+    values = np.asarray(values, dtype=np.float64)
+    # (nf, 1, ...) or a scalar: broadcast over the values of each frame
+    n = np.asarray(natoms, dtype=np.float64)
+    return values / (n.reshape((-1,) + (1,) * (values.ndim - 1)) if n.ndim else n)
+
+
+def error_table(predicted: dict, labels: dict, natoms) -> str:
+    """dp test's figures: energy, energy per atom, force, virial, virial per atom (RMSE and MAE).
+
+    ``natoms``: the atoms of every frame (an int), or of each frame (nf,) for
+    frames of several systems: the per-atom figures are then over E_f / natoms_f,
+    dp test's weighted average over systems.
+    """
     rows = []
     for key, unit in (("energy", "eV"), ("force", "eV/A"), ("virial", "eV")):
         if key not in labels:
@@ -22,7 +35,8 @@ def error_table(predicted: dict, labels: dict, natoms: int) -> str:
         rmse, mae = rmse_mae(predicted[key], labels[key])
         rows.append(f"{key:<18} RMSE {rmse:.6e} {unit:<5} MAE {mae:.6e} {unit}")
         if key != "force":
-            rows.append(f"{key + '/atom':<18} RMSE {rmse / natoms:.6e} {unit:<5} MAE {mae / natoms:.6e} {unit}")
+            rmse, mae = rmse_mae(per_atom(predicted[key], natoms), per_atom(labels[key], natoms))
+            rows.append(f"{key + '/atom':<18} RMSE {rmse:.6e} {unit:<5} MAE {mae:.6e} {unit}")
     return "\n".join(rows)
 
 
@@ -54,15 +68,15 @@ def parity_plots(predicted: dict, labels: dict, natoms: int, out: Path, names=("
     for key in ("energy", "force", "virial"):
         if key not in labels:
             continue
-        scale = 1.0 / natoms if key in ("energy", "virial") else 1.0
-        x = np.asarray(labels[key], dtype=np.float64).ravel() * scale
-        y = np.asarray(predicted[key], dtype=np.float64).ravel() * scale
+        atomic = key in ("energy", "virial")
+        x, y = ((per_atom(v[key], natoms) if atomic else np.asarray(v[key], dtype=np.float64)).ravel()
+                for v in (labels, predicted))
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.plot(x, y, ".", ms=2)
         lo, hi = min(x.min(), y.min()), max(x.max(), y.max())
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.5)
-        ax.set_xlabel(f"{key}{' per atom' if scale != 1 else ''} ({names[1]})")
-        ax.set_ylabel(f"{key}{' per atom' if scale != 1 else ''} ({names[0]})")
+        ax.set_xlabel(f"{key}{' per atom' if atomic else ''} ({names[1]})")
+        ax.set_ylabel(f"{key}{' per atom' if atomic else ''} ({names[0]})")
         ax.set_title(f"RMSE {rmse_mae(y, x)[0]:.3g}")
         written.append(save_figure(fig, out / f"parity-{key}.png"))
     return written

@@ -191,7 +191,7 @@ def test_ctrl_c_in_a_command_is_one_line_exit_130(small_model, small_system, tmp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(minidp.infer.DeepPot, "eval", interrupted)
+    monkeypatch.setattr(minidp.infer.DeepPot, "iter_eval", interrupted)
     assert main(["eval", "-m", str(small_model), "-s", str(small_system), "-o", str(tmp_path / "o")]) == 130
     assert _one_line(capsys) == "minidp eval: interrupted"
     assert list(tmp_path.iterdir()) == []
@@ -203,7 +203,7 @@ def test_a_real_bug_keeps_its_traceback(small_model, small_system, tmp_path, mon
     def bug(*args, **kwargs):
         raise TypeError("a bug")
 
-    monkeypatch.setattr(minidp.infer.DeepPot, "eval", bug)
+    monkeypatch.setattr(minidp.infer.DeepPot, "iter_eval", bug)
     with pytest.raises(TypeError, match="a bug"):
         main(["eval", "-m", str(small_model), "-s", str(small_system), "-o", str(tmp_path / "o")])
 
