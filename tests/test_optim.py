@@ -94,7 +94,7 @@ def test_warmup_is_linear_then_hands_over(step, warmup_steps, factor, lr0):
 def test_cosine_annealing_closed_form(step, lr0, t_max, eta_frac):
     eta_min = lr0 * eta_frac
     got = cosine_annealing(step, lr0, t_max, eta_min)
-    assert got == pytest.approx(eta_min + (lr0 - eta_min) * (1 + np.cos(np.pi * step / t_max)) / 2, rel=1e-12)
+    assert got == pytest.approx(eta_min + (lr0 - eta_min) * (1 + np.cos(np.pi * (step / t_max))) / 2, rel=1e-12)
     assert eta_min - 1e-15 <= got <= lr0 + 1e-15
     # symmetric about T_max / 2, lr0 at the start, eta_min at T_max
     mirror = cosine_annealing(t_max, lr0, t_max, eta_min) + cosine_annealing(0, lr0, t_max, eta_min)
@@ -310,8 +310,9 @@ def test_optimizer_configs_refuse_bad_values():
     (lambda: step_decay(1, -0.1, 10, 0.5), ValueError, r"lr0 must be a positive number, got -0\.1"),
     (lambda: step_decay(1, 0.1, 0, 0.5), ValueError, r"step_size must be an integer >= 1, got 0"),
     (lambda: step_decay(1, 0.1, 10, 0.0), ValueError, r"gamma must be a positive number, got 0\.0"),
-    (lambda: exp_decay(1, 1e-3, 0.0, 10, 100), ValueError, r"stop_lr must be a positive number, got 0\.0"),
-    (lambda: exp_decay(1, 1e-3, 1e-8, 10, 0), ValueError, r"numb_steps must be an integer >= 1, got 0"),
+    (lambda: exp_decay(1, 1e-3, -1e-3, 10, 100), ValueError, r"stop_lr must be a non-negative number, got -0\.001"),
+    (lambda: exp_decay(1, 1e-3, 1e-8, 10, -1), ValueError, r"numb_steps must be an integer >= 0, got -1"),
+    (lambda: exp_decay(1, 1e-3, 1e-8, 10, 100, decay_rate=0.0), ValueError, r"decay_rate must be a positive number"),
     (lambda: exp_decay(1, float("inf"), 1e-8, 10, 100), ValueError, r"start_lr must be a positive number, got inf"),
     (lambda: warmup(1, -5, lambda t: 0.1), ValueError, r"warmup_steps must be an integer >= 0, got -5"),
     (lambda: warmup(1, 5, 0.1), TypeError, r"schedule must be a function of the step, got float"),
