@@ -19,10 +19,22 @@ torch trained from the same start agree to round-off:
       m \leftarrow m + (1-\beta_1)(g - m), \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
       p \leftarrow p - \frac{\eta}{1-\beta_1^t} \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
 
+  and its weight decay :math:`\lambda` in one of two meanings: Adam's, an
+  L2 term in the gradient (:math:`g \leftarrow g + \lambda p` before the
+  moments, torch.optim.Adam), or AdamW's, decoupled from the moments
+  (:math:`p \leftarrow (1 - \eta\lambda) p` before the step above,
+  torch.optim.AdamW, which is torch's Adam with decoupled_weight_decay).
+  deepmd-kit's PyTorch backend takes these two torch optimizers for its
+  ``optimizer`` types Adam and AdamW (:func:`adam_config` reads that section).
+
 Learning-rate schedules are pure functions of the step number: no state,
 so any step's rate can be computed (and plotted, and tested) on its own.
 A schedule with its settings bound (``functools.partial``) is a function of
-the step alone, which is what :func:`warmup` composes with.
+the step alone, which is what :func:`warmup` composes with. deepmd-kit's
+schedules (exp, cosine, wsd, each with a warm-up) hold their settings in
+frozen dataclasses (:class:`ExpLR`, :class:`CosineLR`, :class:`WsdLR`, read
+from a ``learning_rate`` section by :func:`lr_schedule`) whose ``lr(step)``
+calls those functions.
 
 Shape symbols: the parameters and gradients keep the shapes of
 :mod:`minidp.nn` (``(n_in, n_out)`` weights, ``(n_out,)`` biases and
@@ -89,18 +101,57 @@ class SGDConfig:
 
 @dataclass(frozen=True)
 class AdamConfig:
-    """Adam, PyTorch's torch.optim.Adam (weight decay as an L2 term in the gradient)."""
+    """Adam (torch.optim.Adam), or AdamW (torch.optim.AdamW) with decoupled_weight_decay.
+
+    The two differ in weight decay only (math in the module docstring): an L2
+    term added to the gradient, which the moments then rescale, or a shrink of
+    the weights by lr * weight_decay outside the moments.
+    """
 
     beta1: float = 0.9  # decay of the running mean of gradients
     beta2: float = 0.999  # decay of the running mean of squared gradients
     eps: float = 1e-8  # keeps the step finite where v is ~0
-    weight_decay: float = 0.0  # lambda: L2 penalty added to the gradient
+    weight_decay: float = 0.0  # lambda
+    decoupled_weight_decay: bool = False  # AdamW: p <- (1 - lr lambda) p; Adam: g <- g + lambda p
 
     def __post_init__(self):
         _check_unit("beta1", self.beta1)
         _check_unit("beta2", self.beta2)
         _check_number("eps", self.eps)
         _check_number("weight_decay", self.weight_decay, allow_zero=True)
+        if not isinstance(self.decoupled_weight_decay, (bool, np.bool_)):
+            raise TypeError(f"decoupled_weight_decay must be true or false, got "
+                            f"{type(self.decoupled_weight_decay).__name__} {self.decoupled_weight_decay!r}")
+
+
+# deepmd-kit's optimizer.type -> whether its weight decay is decoupled
+ADAM_TYPES = {"Adam": False, "AdamW": True}
+
+
+def adam_config(section: Mapping) -> AdamConfig:
+    """The AdamConfig of a deepmd-kit ``optimizer`` section: type Adam (default) or AdamW.
+
+    Keys adam_beta1, adam_beta2, weight_decay; their defaults 0.9, 0.999 and
+    0.0 for both types (deepmd-kit's input conversion fills those in before
+    its schema could give AdamW 0.001). eps is torch's 1e-8: deepmd-kit has
+    no key for it. Other optimizer types are refused by name.
+    """
+    if not isinstance(section, Mapping):
+        raise TypeError(f"optimizer must be a mapping of keys, got {type(section).__name__}")
+    keys = dict(section)
+    kind = keys.pop("type", "Adam")
+    if kind not in ADAM_TYPES:
+        raise ValueError(f"optimizer.type {kind!r} is not supported; minidp trains with {' or '.join(ADAM_TYPES)}")
+    # deepmd-kit's key -> AdamConfig's field, and the check that names the key as the user wrote it
+    fields_of = {"adam_beta1": "beta1", "adam_beta2": "beta2", "weight_decay": "weight_decay"}
+    for key, value in keys.items():
+        if key not in fields_of:
+            raise ValueError(f"optimizer.{key}: not a key of the {kind} optimizer; expected {sorted(fields_of)}")
+        if key == "weight_decay":
+            _check_number(f"optimizer.{key}", value, allow_zero=True)
+        else:
+            _check_unit(f"optimizer.{key}", value)
+    return AdamConfig(**{fields_of[k]: v for k, v in keys.items()}, decoupled_weight_decay=ADAM_TYPES[kind])
 
 
 def _layout(arrays: Params) -> list[dict[str, tuple]]:
@@ -156,7 +207,8 @@ class SGD:
 
 
 class Adam:
-    """Adam over a list of parameter dicts; keeps its moment estimates and step count."""
+    """Adam, or AdamW, over a list of parameter dicts (as its config says); keeps its moment estimates
+    and step count."""
 
     def __init__(self, params: Params, config: AdamConfig = AdamConfig()):
         self.params, self.config = params, config
@@ -173,7 +225,12 @@ class Adam:
         bias1, bias2 = 1.0 - c.beta1**self.t, 1.0 - c.beta2**self.t
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             for name, value in p.items():
-                d = g[name] + c.weight_decay * value if c.weight_decay else g[name]
+                d = g[name]
+                if c.weight_decay and c.decoupled_weight_decay:
+                    # AdamW: the weights shrink on their own, before the step and outside m and v
+                    value *= 1.0 - lr * c.weight_decay
+                elif c.weight_decay:
+                    d = d + c.weight_decay * value
                 # m + w (d - m) is torch's lerp for w < 1/2, rounding included
                 m[name] += (1.0 - c.beta1) * (d - m[name])
                 v[name] *= c.beta2
