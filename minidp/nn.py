@@ -160,8 +160,12 @@ def silut(threshold: float) -> Activation:
     T = float(threshold)
     if not math.isfinite(T):
         raise ValueError(f"silut threshold must be a finite number, got {threshold!r}")
-    # Python floats (computed in float64 as deepmd-kit does): a float32 z stays float32
-    sig_T = float(_sigmoid(np.float64(T)))
+    # C and s in deepmd-kit's float64 arithmetic, to the bit: near T = 0 the tail's value
+    # tanh(s (z - T)) + C is a cancellation of terms ~T/2, of which an ulp of C is a visible part.
+    # (1 + e^-T overflows to inf for T < -709, giving sigma(T) = 0 as it should.) Python floats,
+    # so that a float32 z stays float32.
+    with np.errstate(over="ignore"):
+        sig_T = float(1.0 / (1.0 + np.exp(-np.float64(T))))
     C, s = T * sig_T, sig_T + T * sig_T * (1.0 - sig_T)
 
     def f(z):

@@ -92,8 +92,8 @@ def test_silut_is_c1_at_its_threshold_and_its_curvature_jumps(T, u):
     d2 = act.grad2(z, a, d1)
     zt = np.array([T])
     C, s = silu.f(zt)[0], silu.grad(zt, None)[0]
-    assert a[1] == C and d2[1] == 0.0
-    assert d1[1] == pytest.approx(s, rel=1e-15)
+    # (silut's C and s are deepmd-kit's float64 silu(T), silu'(T): within an ulp or two of minidp's silu)
+    assert a[1] == pytest.approx(C, rel=1e-15) and d1[1] == pytest.approx(s, rel=1e-15) and d2[1] == 0.0
     # across u on either side the value moves by ~s u and the slope by ~|phi''| u
     np.testing.assert_allclose(a[[0, 2]], [C - s * u, C + s * u], rtol=0, atol=1e-12 + 2 * u * u)
     np.testing.assert_allclose(d1[[0, 2]], s, rtol=0, atol=2 * u + 1e-15)
@@ -139,6 +139,15 @@ def test_values_match_deepmd_kit(dp_network, data, name):
 def test_silut_of_any_threshold_matches_deepmd_kit(dp_network, T, data):
     for name in (f"silut:{T!r}", f"custom_silu:{T!r}"):
         assert_values_match_deepmd_kit(dp_network, name, np.append(data.draw(points(name)), T))
+
+
+@pytest.mark.parametrize("T", [0.0, -3.6169478166252245e-14, 1e-14, -750.0, 50.0])
+def test_silut_of_extreme_thresholds_matches_deepmd_kit(dp_network, T):
+    """Near T = 0 the tail is a cancellation (tanh(s (z - T)) ~ -C ~ T/2), so C and s must be deepmd-kit's
+    to the bit; for T < -709 deepmd-kit's 1 + e^-T overflows and sigma(T) = 0."""
+    z = np.array([T - 1.0, T, T + abs(T) * 1e-3, 0.0, 1.0, -1.0, 60.0])
+    with np.errstate(over="ignore"):
+        assert_values_match_deepmd_kit(dp_network, f"silut:{T!r}", z)
 
 
 def torch_reference(torch, name: str):
