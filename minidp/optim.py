@@ -459,7 +459,8 @@ class LRSchedule:
         _check_number("warmup_start_factor", self.warmup_start_factor, allow_zero=True)
         if self.n_warmup and self.n_warmup >= self.num_steps:
             key = "warmup_steps" if self.warmup_ratio is None else "warmup_ratio"
-            raise ValueError(f"{key} gives {self.n_warmup} warm-up steps, expected fewer than num_steps = {self.num_steps}")
+            raise ValueError(f"{key} gives {self.n_warmup} warm-up steps, "
+                             f"expected fewer than num_steps = {self.num_steps}")
 
     @property
     def end_lr(self) -> float:
@@ -485,8 +486,8 @@ class LRSchedule:
         return self.decay(step - W)
 
     def decay(self, step: int) -> float:
-        """The rate at step t of the decay phase (after the warm-up)."""
-        raise NotImplementedError
+        """The rate at step t of the decay phase (after the warm-up): each schedule's own."""
+        raise NotImplementedError(f"{type(self).__name__} has no decay: use ExpLR, CosineLR or WsdLR")
 
 
 @dataclass(frozen=True)
