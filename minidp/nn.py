@@ -35,8 +35,10 @@ returns ``dL/d(input)`` and the parameter gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -44,13 +46,16 @@ import numpy as np
 from minidp.checks import is_positive_int, positive_int
 
 # ---------------------------------------------------------------------------
-# Activations: each is phi(z) and phi'(z), the derivative written from z and
-# the already computed a = phi(z) so the backward recomputes nothing costly.
+# Activations: each is phi(z), phi'(z) and phi''(z), written by hand side by
+# side. The derivatives take the already computed a = phi(z) (and phi'(z)) so
+# that the ones expressible through them recompute nothing costly.
 # ---------------------------------------------------------------------------
 
 # deepmd-kit's gelu is the tanh approximation. A Python float, not np.sqrt's np.float64:
 # under NumPy 2 promotion a NumPy float64 scalar turns a float32 array into float64.
 _GELU_C = float(np.sqrt(2.0 / np.pi))
+# silut's threshold when its name carries none ("silut", "custom_silu"), as deepmd-kit
+SILUT_THRESHOLD = 3.0
 
 
 def _gelu(z):
@@ -84,21 +89,50 @@ def _softplus(z):
 
 
 def _sigmoid(z):
-    """sigmoid(z) = 1 / (1 + e^-z), through tanh so that large |z| cannot overflow."""
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
+    """sigma(z) = 1 / (1 + e^-z), computed as e^min(z, 0) / (1 + e^-|z|).
+
+    e^-|z| <= 1 cannot overflow, and both tails keep their relative accuracy:
+    for z << 0 the value is ~e^z, which a 1/2 (1 + tanh(z/2)) form would round
+    to 0 long before it underflows (silu = z sigma(z) inherits that accuracy).
+    """
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0, e) / (1.0 + e)
+
+
+def _silu(z):
+    """silu(z) = z sigma(z) (deepmd-kit's "silu", also called swish)."""
+    return z * _sigmoid(z)
+
+
+# silu's derivatives need sigma(z), which a = z sigma(z) cannot give back at z = 0:
+# they evaluate it again (one exp) rather than widen the (z, a, phi') interface.
+def _silu_grad(z, a):
+    """silu'(z) = sigma (1 + z (1 - sigma)), sigma = sigma(z)."""
+    s = _sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+def _silu_grad2(z, a, d1):
+    """silu''(z) = sigma (1 - sigma) (2 + z (1 - 2 sigma)), sigma = sigma(z)."""
+    s = _sigmoid(z)
+    return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))
 
 
 class Activation(NamedTuple):
     """An activation phi, phi'(z) given (z, a = phi(z)), and phi''(z) given (z, a, phi'(z)).
 
-    The second derivative is needed only when training on forces: a force is
+    The second derivative is needed when training on forces (a force is
     already a first derivative of the energy, so its gradient with respect to
-    the weights differentiates phi' once more (see :func:`layer_jvp_backward`).
+    the weights differentiates phi' once more, see :func:`layer_jvp_backward`)
+    and by the compressed tables (value, slope and curvature at every node).
+    ``with_param`` is set for a family whose name carries a number after a
+    colon ("silut:2.5"): it builds the member for that number.
     """
 
     f: Callable[[np.ndarray], np.ndarray]
     grad: Callable[[np.ndarray, np.ndarray], np.ndarray]
     grad2: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    with_param: Callable[[float], "Activation"] | None = None
 
 
 def _zero2(z, a, d1):
@@ -106,31 +140,103 @@ def _zero2(z, a, d1):
     return np.zeros_like(z)
 
 
+@lru_cache(maxsize=None)
+def silut(threshold: float) -> Activation:
+    r"""deepmd-kit's silut (alias custom_silu) with threshold T: silu below T, a tanh tail above.
+
+    .. math::
+
+        \phi(z) = \begin{cases} z\sigma(z) & z < T \\ \tanh(s (z - T)) + C & z \ge T \end{cases},
+        \qquad C = \mathrm{silu}(T), \quad s = \mathrm{silu}'(T),
+
+        \phi'(z) = \mathrm{silu}'(z) \text{ or } s (1 - \tau^2), \qquad
+        \phi''(z) = \mathrm{silu}''(z) \text{ or } -2 s^2 \tau (1 - \tau^2), \qquad
+        \tau = \tanh(s (z - T)).
+
+    C and s make value and slope continuous at T (the curvature jumps there,
+    from silu''(T) to 0), and the tail levels off at C + 1 instead of growing
+    like z. z == T takes the tanh side, as deepmd-kit. T must be finite.
+    """
+    T = float(threshold)
+    if not math.isfinite(T):
+        raise ValueError(f"silut threshold must be a finite number, got {threshold!r}")
+    # C and s in deepmd-kit's float64 arithmetic, to the bit: near T = 0 the tail's value
+    # tanh(s (z - T)) + C is a cancellation of terms ~T/2, of which an ulp of C is a visible part.
+    # (1 + e^-T overflows to inf for T < -709, giving sigma(T) = 0 as it should.) Python floats,
+    # so that a float32 z stays float32.
+    with np.errstate(over="ignore"):
+        sig_T = float(1.0 / (1.0 + np.exp(-np.float64(T))))
+    C, s = T * sig_T, sig_T + T * sig_T * (1.0 - sig_T)
+
+    def f(z):
+        """silu(z) for z < T, tanh(s (z - T)) + C from T on."""
+        return np.where(z < T, _silu(z), np.tanh(s * (z - T)) + C)
+
+    # the tail's tau is evaluated again: a - C would lose its digits where tau is small
+    def grad(z, a):
+        """silu'(z) for z < T, s (1 - tau^2) from T on."""
+        tau = np.tanh(s * (z - T))
+        return np.where(z < T, _silu_grad(z, a), s * (1.0 - tau * tau))
+
+    def grad2(z, a, d1):
+        """silu''(z) for z < T, -2 s^2 tau (1 - tau^2) from T on."""
+        tau = np.tanh(s * (z - T))
+        return np.where(z < T, _silu_grad2(z, a, d1), -2.0 * s * s * tau * (1.0 - tau * tau))
+
+    return Activation(f, grad, grad2, silut)
+
+
+# Every activation deepmd-kit 3.2 accepts (its common.VALID_ACTIVATION, plus the aliases its
+# get_activation_fn knows), as value, first and second derivative:
 ACTIVATIONS: dict[str, Activation] = {
     # tanh' = 1 - tanh^2: from a alone; tanh'' = -2 tanh tanh'
     "tanh": Activation(np.tanh, _tanh_grad, lambda z, a, d1: -2.0 * a * d1),
-    # relu' is 0 at z = 0 (the sub-gradient PyTorch also picks)
+    # relu = max(z, 0); relu' = [z > 0], 0 at z = 0 (the sub-gradient PyTorch also picks); relu'' = 0
     "relu": Activation(lambda z: np.maximum(z, 0.0), lambda z, a: (z > 0).astype(z.dtype), _zero2),
+    # relu6 = clip(z, 0, 6); relu6' = [0 < z < 6]; relu6'' = 0
     "relu6": Activation(lambda z: np.clip(z, 0.0, 6.0), lambda z, a: ((z > 0) & (z < 6)).astype(z.dtype), _zero2),
+    # gelu, tanh approximation (gelu_tf below is the same function: TF's op vs its own kernel)
     "gelu": Activation(_gelu, _gelu_grad, _gelu_grad2),
     # softplus' = sigmoid, so softplus'' = sigmoid (1 - sigmoid)
     "softplus": Activation(_softplus, lambda z, a: _sigmoid(z), lambda z, a, d1: d1 * (1.0 - d1)),
+    # sigmoid' = sigmoid (1 - sigmoid), sigmoid'' = sigmoid' (1 - 2 sigmoid)
     "sigmoid": Activation(_sigmoid, lambda z, a: a * (1.0 - a), lambda z, a, d1: d1 * (1.0 - 2.0 * a)),
+    "silu": Activation(_silu, _silu_grad, _silu_grad2),
+    # "silut:T" / "custom_silu:T" name another threshold (get_activation)
+    "silut": silut(SILUT_THRESHOLD),
+    # linear = z, linear' = 1, linear'' = 0
     "linear": Activation(lambda z: z, lambda z, a: np.ones_like(z), _zero2),
 }
 # deepmd-kit spells some activations more than one way
 ACTIVATIONS["none"] = ACTIVATIONS["linear"]
 ACTIVATIONS["gelu_tf"] = ACTIVATIONS["gelu"]
+ACTIVATIONS["custom_silu"] = ACTIVATIONS["silut"]
 
 
 def get_activation(name: str) -> Activation:
-    """Look up an activation by deepmd-kit's name (case-insensitive)."""
+    """Look up an activation by deepmd-kit's name (case-insensitive).
+
+    A family takes its number after a colon: "silut:2.5" (or "custom_silu:2.5")
+    is silut with threshold 2.5; a bare "silut" has threshold 3.0.
+    """
     if not isinstance(name, str):
         raise TypeError(f"activation must be a string, got {name!r} ({type(name).__name__})")
-    key = name.lower()
-    if key not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[key]
+    base, colon, param = name.lower().partition(":")
+    act = ACTIVATIONS.get(base)
+    if act is None:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)} "
+                         f"(silut and custom_silu also as 'silut:T', T a threshold)")
+    if not colon:
+        return act
+    if act.with_param is None:
+        raise ValueError(f"activation {name!r}: {base!r} takes no number after ':'")
+    try:
+        value = float(param)
+    except ValueError:
+        raise ValueError(f"activation {name!r}: expected a number after ':', got {param!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"activation {name!r}: the number after ':' must be finite, got {param!r}")
+    return act.with_param(value)
 
 
 # ---------------------------------------------------------------------------

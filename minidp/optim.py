@@ -19,10 +19,22 @@ torch trained from the same start agree to round-off:
       m \leftarrow m + (1-\beta_1)(g - m), \quad v \leftarrow \beta_2 v + (1-\beta_2) g^2, \quad
       p \leftarrow p - \frac{\eta}{1-\beta_1^t} \frac{m}{\sqrt{v}/\sqrt{1-\beta_2^t} + \epsilon}
 
+  and its weight decay :math:`\lambda` in one of two meanings: Adam's, an
+  L2 term in the gradient (:math:`g \leftarrow g + \lambda p` before the
+  moments, torch.optim.Adam), or AdamW's, decoupled from the moments
+  (:math:`p \leftarrow (1 - \eta\lambda) p` before the step above,
+  torch.optim.AdamW, which is torch's Adam with decoupled_weight_decay).
+  deepmd-kit's PyTorch backend takes these two torch optimizers for its
+  ``optimizer`` types Adam and AdamW (:func:`adam_config` reads that section).
+
 Learning-rate schedules are pure functions of the step number: no state,
 so any step's rate can be computed (and plotted, and tested) on its own.
 A schedule with its settings bound (``functools.partial``) is a function of
-the step alone, which is what :func:`warmup` composes with.
+the step alone, which is what :func:`warmup` composes with. deepmd-kit's
+schedules (exp, cosine, wsd, each with a warm-up) hold their settings in
+frozen dataclasses (:class:`ExpLR`, :class:`CosineLR`, :class:`WsdLR`, read
+from a ``learning_rate`` section by :func:`lr_schedule`) whose ``lr(step)``
+calls those functions.
 
 Shape symbols: the parameters and gradients keep the shapes of
 :mod:`minidp.nn` (``(n_in, n_out)`` weights, ``(n_out,)`` biases and
@@ -32,8 +44,8 @@ timesteps); nothing here makes an array of a new shape.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -89,18 +101,57 @@ class SGDConfig:
 
 @dataclass(frozen=True)
 class AdamConfig:
-    """Adam, PyTorch's torch.optim.Adam (weight decay as an L2 term in the gradient)."""
+    """Adam (torch.optim.Adam), or AdamW (torch.optim.AdamW) with decoupled_weight_decay.
+
+    The two differ in weight decay only (math in the module docstring): an L2
+    term added to the gradient, which the moments then rescale, or a shrink of
+    the weights by lr * weight_decay outside the moments.
+    """
 
     beta1: float = 0.9  # decay of the running mean of gradients
     beta2: float = 0.999  # decay of the running mean of squared gradients
     eps: float = 1e-8  # keeps the step finite where v is ~0
-    weight_decay: float = 0.0  # lambda: L2 penalty added to the gradient
+    weight_decay: float = 0.0  # lambda
+    decoupled_weight_decay: bool = False  # AdamW: p <- (1 - lr lambda) p; Adam: g <- g + lambda p
 
     def __post_init__(self):
         _check_unit("beta1", self.beta1)
         _check_unit("beta2", self.beta2)
         _check_number("eps", self.eps)
         _check_number("weight_decay", self.weight_decay, allow_zero=True)
+        if not isinstance(self.decoupled_weight_decay, (bool, np.bool_)):
+            raise TypeError(f"decoupled_weight_decay must be true or false, got "
+                            f"{type(self.decoupled_weight_decay).__name__} {self.decoupled_weight_decay!r}")
+
+
+# deepmd-kit's optimizer.type -> whether its weight decay is decoupled
+ADAM_TYPES = {"Adam": False, "AdamW": True}
+
+
+def adam_config(section: Mapping) -> AdamConfig:
+    """The AdamConfig of a deepmd-kit ``optimizer`` section: type Adam (default) or AdamW.
+
+    Keys adam_beta1, adam_beta2, weight_decay; their defaults 0.9, 0.999 and
+    0.0 for both types (deepmd-kit's input conversion fills those in before
+    its schema could give AdamW 0.001). eps is torch's 1e-8: deepmd-kit has
+    no key for it. Other optimizer types are refused by name.
+    """
+    if not isinstance(section, Mapping):
+        raise TypeError(f"optimizer must be a mapping of keys, got {type(section).__name__}")
+    keys = dict(section)
+    kind = keys.pop("type", "Adam")
+    if kind not in ADAM_TYPES:
+        raise ValueError(f"optimizer.type {kind!r} is not supported; minidp trains with {' or '.join(ADAM_TYPES)}")
+    # deepmd-kit's key -> AdamConfig's field, and the check that names the key as the user wrote it
+    fields_of = {"adam_beta1": "beta1", "adam_beta2": "beta2", "weight_decay": "weight_decay"}
+    for key, value in keys.items():
+        if key not in fields_of:
+            raise ValueError(f"optimizer.{key}: not a key of the {kind} optimizer; expected {sorted(fields_of)}")
+        if key == "weight_decay":
+            _check_number(f"optimizer.{key}", value, allow_zero=True)
+        else:
+            _check_unit(f"optimizer.{key}", value)
+    return AdamConfig(**{fields_of[k]: v for k, v in keys.items()}, decoupled_weight_decay=ADAM_TYPES[kind])
 
 
 def _layout(arrays: Params) -> list[dict[str, tuple]]:
@@ -156,7 +207,8 @@ class SGD:
 
 
 class Adam:
-    """Adam over a list of parameter dicts; keeps its moment estimates and step count."""
+    """Adam, or AdamW, over a list of parameter dicts (as its config says); keeps its moment estimates
+    and step count."""
 
     def __init__(self, params: Params, config: AdamConfig = AdamConfig()):
         self.params, self.config = params, config
@@ -173,7 +225,12 @@ class Adam:
         bias1, bias2 = 1.0 - c.beta1**self.t, 1.0 - c.beta2**self.t
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             for name, value in p.items():
-                d = g[name] + c.weight_decay * value if c.weight_decay else g[name]
+                d = g[name]
+                if c.weight_decay and c.decoupled_weight_decay:
+                    # AdamW: the weights shrink on their own, before the step and outside m and v
+                    value *= 1.0 - lr * c.weight_decay
+                elif c.weight_decay:
+                    d = d + c.weight_decay * value
                 # m + w (d - m) is torch's lerp for w < 1/2, rounding included
                 m[name] += (1.0 - c.beta1) * (d - m[name])
                 v[name] *= c.beta2
@@ -202,32 +259,43 @@ def step_decay(step: int, lr0: float, step_size: int, gamma: float) -> float:
 
 
 def exp_decay(step: int, start_lr: float, stop_lr: float, decay_steps: int, numb_steps: int,
-              staircase: bool = True) -> float:
-    r"""deepmd-kit's ``exp`` schedule.
+              staircase: bool = True, decay_rate: float | None = None) -> float:
+    r"""deepmd-kit's ``exp`` schedule (its decay phase: deepmd-kit's warm-up precedes it).
 
     .. math::
 
-        r = \exp\!\Big(\frac{\ln(\mathrm{stop\_lr} / \mathrm{start\_lr})}{T / s}\Big), \qquad
+        r = \exp\!\Big(\frac{\ln(\max(\mathrm{stop\_lr}, 10^{-10}) / \mathrm{start\_lr})}{T / s}\Big), \qquad
         \eta(t) = \max(\mathrm{start\_lr} \cdot r^{\lfloor t / s \rfloor}, \mathrm{stop\_lr})
 
     with s = decay_steps and T = numb_steps, the steps of the decay phase (in
     deepmd-kit, the training steps minus the warm-up ones); t / s without the
-    floor when not staircase (deepmd-kit's ``smooth``). As in deepmd-kit, a
+    floor when not staircase (deepmd-kit's ``smooth``). As in deepmd-kit: a
+    given decay_rate is r itself (and s is kept as given); without one, a
     decay_steps not below numb_steps is replaced by 100 (or numb_steps // 100
-    + 1 for runs of at most 1000 steps), and the rate never drops below
-    stop_lr, whatever the step.
+    + 1 for runs of at most 1000 steps), and r = 1 when T = 0; the rate never
+    drops below stop_lr, whatever the step and whichever r.
     """
     _check_count("step", step, 0)
     _check_number("start_lr", start_lr)
-    _check_number("stop_lr", stop_lr)
+    _check_number("stop_lr", stop_lr, allow_zero=True)
     _check_count("decay_steps", decay_steps, 1)
-    _check_count("numb_steps", numb_steps, 1)
-    if decay_steps >= numb_steps:
-        decay_steps = 100 if numb_steps // 10 > 100 else numb_steps // 100 + 1
-    # deepmd-kit floors stop_lr at 1e-10 inside the log only (stop_lr > 0 here anyway)
-    rate = math.exp(math.log(max(stop_lr, 1e-10) / start_lr) / (numb_steps / decay_steps))
+    _check_count("numb_steps", numb_steps, 0)
+    if decay_rate is not None:
+        _check_number("decay_rate", decay_rate)
+        rate = decay_rate
+    else:
+        if decay_steps >= numb_steps:
+            decay_steps = 100 if numb_steps // 10 > 100 else numb_steps // 100 + 1
+        # deepmd-kit floors stop_lr at 1e-10 inside the log only: stop_lr = 0 decays to 1e-10, then holds at 0
+        rate = math.exp(math.log(max(stop_lr, 1e-10) / start_lr) / (numb_steps / decay_steps)) if numb_steps else 1.0
     exponent = step // decay_steps if staircase else step / decay_steps
     return max(start_lr * rate**exponent, stop_lr)
+
+
+def _ramp(step: int, warmup_steps: int, peak: float, start_factor: float) -> float:
+    """f peak + (peak - f peak) t / W: the warm-up's line (deepmd-kit's order of operations)."""
+    lr_start = start_factor * peak
+    return lr_start + (peak - lr_start) * (step / warmup_steps)
 
 
 def warmup(step: int, warmup_steps: int, schedule: Callable[[int], float], start_factor: float = 0.0) -> float:
@@ -251,7 +319,7 @@ def warmup(step: int, warmup_steps: int, schedule: Callable[[int], float], start
     if start_factor > 1:
         raise ValueError(f"start_factor must lie in [0, 1], got {start_factor!r}")
     if step < warmup_steps:
-        return schedule(0) * (start_factor + (1.0 - start_factor) * step / warmup_steps)
+        return _ramp(step, warmup_steps, schedule(0), start_factor)
     return schedule(step - warmup_steps)
 
 
@@ -266,7 +334,49 @@ def cosine_annealing(step: int, lr0: float, t_max: int, eta_min: float = 0.0) ->
     _check_number("lr0", lr0)
     _check_count("t_max", t_max, 1)
     _check_number("eta_min", eta_min, allow_zero=True)
-    return eta_min + (lr0 - eta_min) * (1.0 + math.cos(math.pi * step / t_max)) / 2.0
+    # pi (t / T), deepmd-kit's order: near t = T_max, 1 + cos is ~(pi (T - t) / T)^2 / 2 and an ulp
+    # more or less in the angle can move it by 1e-10 of itself, and the rate with it when eta_min = 0
+    return eta_min + (lr0 - eta_min) * (1.0 + math.cos(math.pi * (step / t_max))) / 2.0
+
+
+WSD_DECAY_TYPES = ("inverse_linear", "cosine", "linear")
+
+
+def wsd_decay(step: int, start_lr: float, stop_lr: float, stable_steps: int, decay_steps: int,
+              decay_type: str = "inverse_linear") -> float:
+    r"""deepmd-kit's ``wsd`` (warm-up, stable, decay) after its warm-up: stable, then one decay to stop_lr.
+
+    With S = stable_steps, D = decay_steps, u = (t - S) / D:
+
+    .. math::
+
+        \eta(t) = \begin{cases}
+            \eta_0 & t < S \\
+            1 / (u / \eta_1 + (1 - u) / \eta_0) & S \le t < S + D, \text{ inverse\_linear} \\
+            \eta_1 + (\eta_0 - \eta_1) (1 + \cos \pi u) / 2 & S \le t < S + D, \text{ cosine} \\
+            \eta_0 + (\eta_1 - \eta_0) u & S \le t < S + D, \text{ linear} \\
+            \eta_1 & t \ge S + D
+        \end{cases}
+
+    with :math:`\eta_0` = start_lr, :math:`\eta_1` = stop_lr (> 0: inverse_linear divides by it).
+    """
+    _check_count("step", step, 0)
+    _check_number("start_lr", start_lr)
+    _check_number("stop_lr", stop_lr)
+    _check_count("stable_steps", stable_steps, 0)
+    _check_count("decay_steps", decay_steps, 1)
+    if decay_type not in WSD_DECAY_TYPES:
+        raise ValueError(f"decay_type must be one of {WSD_DECAY_TYPES}, got {decay_type!r}")
+    if step < stable_steps:
+        return start_lr
+    if step >= stable_steps + decay_steps:
+        return stop_lr
+    if decay_type == "cosine":
+        return cosine_annealing(step - stable_steps, start_lr, decay_steps, stop_lr)
+    u = (step - stable_steps) / decay_steps
+    if decay_type == "linear":
+        return start_lr + (stop_lr - start_lr) * u
+    return 1.0 / (u / stop_lr + (1.0 - u) / start_lr)
 
 
 def cosine_warm_restarts(step: int, lr0: float, t_0: int, t_mult: int = 1, eta_min: float = 0.0) -> float:
@@ -296,6 +406,198 @@ def cosine_warm_restarts(step: int, lr0: float, t_0: int, t_mult: int = 1, eta_m
         while t_cur >= t_i:
             t_cur, t_i = t_cur - t_i, t_i * t_mult
     return eta_min + (lr0 - eta_min) * (1.0 + math.cos(math.pi * t_cur / t_i)) / 2.0
+
+
+# ---------------------------------------------------------------------------
+# deepmd-kit's learning_rate section: its settings, validated once, in frozen
+# dataclasses; the rates come from the pure functions above
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    r"""What every deepmd-kit schedule shares: the rates, the run length, the warm-up.
+
+    Over the first W warm-up steps the rate climbs linearly from
+    f start_lr to start_lr; the schedule's own decay then runs over the
+    remaining T = num_steps - W steps (step t - W of it at step t):
+
+    .. math::
+
+        \eta(t) = f \eta_0 + (\eta_0 - f \eta_0)\, t / W \quad (t < W), \qquad
+        \eta(t) = \eta_{decay}(t - W) \quad (t \ge W).
+
+    Field names are deepmd-kit's keys. Exactly one of stop_lr and
+    stop_lr_ratio (stop_lr = start_lr * ratio); at most one of warmup_steps
+    and warmup_ratio (W = int(ratio * num_steps)); W < num_steps unless both
+    are 0 (a run of no steps). ``lr(step)`` is the rate of the 0-based step.
+    """
+
+    start_lr: float  # eta_0: the rate after the warm-up
+    num_steps: int  # N: the training steps, warm-up included
+    stop_lr: float | None = None  # eta_1: the rate the decay ends at (exp: also a floor)
+    stop_lr_ratio: float | None = None  # eta_1 / eta_0, instead of stop_lr
+    warmup_steps: int = 0  # W
+    warmup_ratio: float | None = None  # W / N, instead of warmup_steps
+    warmup_start_factor: float = 0.0  # f: the warm-up starts at f eta_0
+
+    def __post_init__(self):
+        _check_number("start_lr", self.start_lr)
+        _check_count("num_steps", self.num_steps, 0)
+        if (self.stop_lr is None) == (self.stop_lr_ratio is None):
+            raise ValueError(f"exactly one of stop_lr and stop_lr_ratio is needed, got stop_lr={self.stop_lr!r} "
+                             f"and stop_lr_ratio={self.stop_lr_ratio!r}")
+        for name in ("stop_lr", "stop_lr_ratio"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), allow_zero=True)
+        _check_count("warmup_steps", self.warmup_steps, 0)
+        if self.warmup_ratio is not None:
+            _check_unit("warmup_ratio", self.warmup_ratio)
+            if self.warmup_steps:
+                raise ValueError(f"warmup_steps and warmup_ratio are exclusive, got warmup_steps={self.warmup_steps!r} "
+                                 f"and warmup_ratio={self.warmup_ratio!r}")
+        _check_number("warmup_start_factor", self.warmup_start_factor, allow_zero=True)
+        if self.n_warmup and self.n_warmup >= self.num_steps:
+            key = "warmup_steps" if self.warmup_ratio is None else "warmup_ratio"
+            raise ValueError(f"{key} gives {self.n_warmup} warm-up steps, "
+                             f"expected fewer than num_steps = {self.num_steps}")
+
+    @property
+    def end_lr(self) -> float:
+        """eta_1: stop_lr, or start_lr * stop_lr_ratio."""
+        return self.stop_lr if self.stop_lr is not None else self.start_lr * self.stop_lr_ratio
+
+    @property
+    def n_warmup(self) -> int:
+        """W: warmup_steps, or int(warmup_ratio * num_steps)."""
+        return self.warmup_steps if self.warmup_ratio is None else int(self.warmup_ratio * self.num_steps)
+
+    @property
+    def n_decay(self) -> int:
+        """T = num_steps - W: the steps of the decay phase."""
+        return self.num_steps - self.n_warmup
+
+    def lr(self, step: int) -> float:
+        """The learning rate of the 0-based training step (math in the class docstring)."""
+        _check_count("step", step, 0)
+        W = self.n_warmup
+        if step < W:
+            return _ramp(step, W, self.start_lr, self.warmup_start_factor)
+        return self.decay(step - W)
+
+    def decay(self, step: int) -> float:
+        """The rate at step t of the decay phase (after the warm-up): each schedule's own."""
+        raise NotImplementedError(f"{type(self).__name__} has no decay: use ExpLR, CosineLR or WsdLR")
+
+
+@dataclass(frozen=True)
+class ExpLR(LRSchedule):
+    """deepmd-kit's ``exp`` schedule: :func:`exp_decay` over the decay phase."""
+
+    decay_steps: int = 5000  # s: the rate drops once every s steps
+    decay_rate: float | None = None  # r; by default the r that reaches stop_lr at the end of the run
+    smooth: bool = False  # r^(t/s) at every step instead of r^floor(t/s)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_count("decay_steps", self.decay_steps, 1)
+        if self.decay_rate is not None:
+            # deepmd-kit's input check refuses a rate that would let the rate grow
+            _check_number("decay_rate", self.decay_rate)
+            if self.decay_rate > 1:
+                raise ValueError(f"decay_rate must lie in (0, 1], got {self.decay_rate!r}")
+        if not isinstance(self.smooth, (bool, np.bool_)):
+            raise TypeError(f"smooth must be true or false, got {type(self.smooth).__name__} {self.smooth!r}")
+
+    def decay(self, step: int) -> float:
+        return exp_decay(step, self.start_lr, self.end_lr, self.decay_steps, self.n_decay, not self.smooth,
+                         self.decay_rate)
+
+
+@dataclass(frozen=True)
+class CosineLR(LRSchedule):
+    r"""deepmd-kit's ``cosine`` schedule: from start_lr down half a cosine to stop_lr over the decay phase.
+
+    .. math:: \eta(t) = \eta_1 + (\eta_0 - \eta_1) (1 + \cos(\pi t / T)) / 2 \;(t < T), \qquad \eta_1 \;(t \ge T)
+
+    (:func:`cosine_annealing` held at its bottom); start_lr throughout when T = 0.
+    """
+
+    def decay(self, step: int) -> float:
+        T = self.n_decay
+        if T == 0:
+            return self.start_lr
+        return cosine_annealing(step, self.start_lr, T, self.end_lr) if step < T else self.end_lr
+
+
+@dataclass(frozen=True)
+class WsdLR(LRSchedule):
+    """deepmd-kit's ``wsd`` schedule: :func:`wsd_decay` over the decay phase, its last
+    D = max(1, min(int(decay_phase_ratio num_steps), T)) steps decaying; stop_lr throughout when T = 0."""
+
+    decay_phase_ratio: float = 0.1  # D / num_steps
+    decay_type: str = "inverse_linear"  # the shape of the decay: one of WSD_DECAY_TYPES
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.end_lr <= 0:
+            raise ValueError(f"the wsd schedule needs a stop_lr > 0, got {self.end_lr!r}")
+        _check_number("decay_phase_ratio", self.decay_phase_ratio)
+        if self.decay_phase_ratio > 1:
+            raise ValueError(f"decay_phase_ratio must lie in (0, 1], got {self.decay_phase_ratio!r}")
+        if self.decay_type not in WSD_DECAY_TYPES:
+            raise ValueError(f"decay_type must be one of {WSD_DECAY_TYPES}, got {self.decay_type!r}")
+
+    @property
+    def n_decay_phase(self) -> int:
+        """D: the steps of the final decay."""
+        return max(1, min(int(self.decay_phase_ratio * self.num_steps), self.n_decay))
+
+    def decay(self, step: int) -> float:
+        T = self.n_decay
+        if T == 0:
+            return self.end_lr
+        D = self.n_decay_phase
+        return wsd_decay(step, self.start_lr, self.end_lr, T - D, D, self.decay_type)
+
+
+# deepmd-kit's learning_rate.type -> its schedule
+# the stop_lr of a learning_rate section that gives neither stop_lr nor stop_lr_ratio (deepmd-kit's old default)
+DEFAULT_STOP_LR = 5e-8
+LR_SCHEDULES: dict[str, type[LRSchedule]] = {"exp": ExpLR, "cosine": CosineLR, "wsd": WsdLR}
+
+
+def lr_schedule(section: Mapping, num_steps: int) -> LRSchedule:
+    """The schedule of a deepmd-kit ``learning_rate`` section for a run of num_steps steps.
+
+    ``type`` picks it (``exp`` when absent); the other keys are its fields,
+    and without stop_lr and stop_lr_ratio stop_lr is 5e-8 (deepmd-kit's
+    input check fills that in). ``scale_by_worker`` (linear, sqrt or none)
+    scales the rate by the number of parallel workers, one here: any of its
+    values leaves the rate as is.
+    """
+    if not isinstance(section, Mapping):
+        raise TypeError(f"learning_rate must be a mapping of keys, got {type(section).__name__}")
+    keys = dict(section)
+    kind = keys.pop("type", "exp")
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"learning_rate.type {kind!r} is not supported; expected one of {sorted(LR_SCHEDULES)}")
+    if keys.pop("scale_by_worker", "linear") not in ("linear", "sqrt", "none"):
+        raise ValueError(f"learning_rate.scale_by_worker must be 'linear', 'sqrt' or 'none', "
+                         f"got {section['scale_by_worker']!r}")
+    if "start_lr" not in keys:
+        raise ValueError("learning_rate.start_lr is missing (the rate after the warm-up)")
+    if keys.get("stop_lr") is None and keys.get("stop_lr_ratio") is None:
+        keys["stop_lr"] = DEFAULT_STOP_LR
+    cls = LR_SCHEDULES[kind]
+    allowed = {f.name for f in fields(cls)} - {"num_steps"}
+    for key in keys:
+        if key not in allowed:
+            raise ValueError(f"learning_rate.{key}: not a key of the {kind} schedule; expected {sorted(allowed)}")
+    try:
+        return cls(num_steps=num_steps, **keys)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"learning_rate ({kind}): {err}") from None
 
 
 # ---------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from minidp.nn import (ACTIVATIONS, Layer, Net, embedding_net, fitting_net, get_
                        layer_jvp, layer_jvp_backward, mlp, net_backward, net_forward, net_jvp, residual_kind)
 
 ACTS = sorted(ACTIVATIONS)
-# Where an activation is not differentiable; a difference quotient straddling one is meaningless.
-KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0)}
+# Where an activation is not differentiable (relu, relu6) or its curvature jumps (silut at its threshold 3);
+# a difference quotient straddling one is meaningless.
+KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "silut": (3.0,), "custom_silu": (3.0,)}
 # Step of the fourth-order central difference: truncation ~H^4 f^(5) ~ 1e-16, rounding ~eps |L| / H.
 H = 1e-4
 EPS = np.finfo(np.float64).eps
@@ -412,7 +413,7 @@ def test_builders_are_seeded_and_cast():
 # deepmd-kit's NumPy backend
 # ---------------------------------------------------------------------------
 
-DP_ACTS = ["tanh", "gelu", "relu", "softplus", "sigmoid", "relu6", "linear"]
+DP_ACTS = ["tanh", "gelu", "relu", "softplus", "sigmoid", "relu6", "linear", "silu", "silut", "custom_silu:1.5"]
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidp.optim import (SGD, Adam, AdamConfig, SGDConfig, cosine_annealing, cosine_warm_restarts, exp_decay,
-                          gradient_descent_1d, step_decay, warmup)
+from minidp.optim import (SGD, Adam, AdamConfig, SGDConfig, adam_config, cosine_annealing, cosine_warm_restarts,
+                          exp_decay, gradient_descent_1d, lr_schedule, step_decay, warmup)
 
 steps = st.integers(0, 100_000)
 # timings on a shared machine are too noisy for hypothesis' deadline: every test sets deadline=None
@@ -94,7 +94,7 @@ def test_warmup_is_linear_then_hands_over(step, warmup_steps, factor, lr0):
 def test_cosine_annealing_closed_form(step, lr0, t_max, eta_frac):
     eta_min = lr0 * eta_frac
     got = cosine_annealing(step, lr0, t_max, eta_min)
-    assert got == pytest.approx(eta_min + (lr0 - eta_min) * (1 + np.cos(np.pi * step / t_max)) / 2, rel=1e-12)
+    assert got == pytest.approx(eta_min + (lr0 - eta_min) * (1 + np.cos(np.pi * (step / t_max))) / 2, rel=1e-12)
     assert eta_min - 1e-15 <= got <= lr0 + 1e-15
     # symmetric about T_max / 2, lr0 at the start, eta_min at T_max
     mirror = cosine_annealing(t_max, lr0, t_max, eta_min) + cosine_annealing(0, lr0, t_max, eta_min)
@@ -216,6 +216,123 @@ def test_sgd_converges_on_a_convex_quadratic_with_a_stable_step(problem, c, mu, 
 
 
 # ---------------------------------------------------------------------------
+# Adam and AdamW against torch, step for step
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def _train_both(torch, config: AdamConfig, make_torch_opt, n_steps: int = 2000, seed: int = 0):
+    """minidp's Adam (config) and torch's optimizer on the same closed loop, in float64.
+
+    Each step's gradient is g = A p + noise_t (A a fixed positive diagonal per array, the same
+    noise in both), computed from each side's own parameters; the rate follows deepmd-kit's exp
+    schedule with a warm-up, set on torch's param group every step as deepmd-kit's LambdaLR does.
+    Returns (minidp's final parameters, torch's, as flat lists of arrays).
+    """
+    rng = np.random.default_rng(seed)
+    params = [{"W": rng.normal(size=(3, 4)), "b": rng.normal(size=4)}, {"W": rng.normal(size=(4, 1)),
+                                                                         "b": rng.normal(size=1)}]
+    tparams = [torch.tensor(a.copy(), requires_grad=True) for d in params for a in d.values()]
+    scale = [rng.uniform(0.1, 2.0, a.shape) for d in params for a in d.values()]
+    opt, topt = Adam(params, config), make_torch_opt(tparams)
+    schedule = lr_schedule({"start_lr": 1e-2, "stop_lr": 1e-5, "decay_steps": 100, "warmup_steps": 50}, n_steps)
+    for t in range(n_steps):
+        noise = [rng.normal(size=a.shape) for a in scale]
+        lr = schedule.lr(t)
+        mine = [a * p + e for a, p, e in zip(scale, (p for d in params for p in d.values()), noise)]
+        grads = [dict(zip(d, mine[k:k + len(d)])) for k, d in zip((0, 2), params)]
+        for tp, a, e in zip(tparams, scale, noise):
+            tp.grad = torch.from_numpy(a * tp.detach().numpy() + e)
+        for group in topt.param_groups:
+            group["lr"] = lr
+        topt.step()
+        opt.step(grads, lr)
+    return [p for d in params for p in d.values()], [tp.detach().numpy() for tp in tparams]
+
+
+ADAM_CASES = {
+    "adam": (AdamConfig(), lambda torch, p: torch.optim.Adam(p, lr=0.0)),
+    "adam-l2": (AdamConfig(weight_decay=0.1, beta1=0.8, beta2=0.99),
+                lambda torch, p: torch.optim.Adam(p, lr=0.0, betas=(0.8, 0.99), weight_decay=0.1)),
+    "adamw": (AdamConfig(weight_decay=0.1, decoupled_weight_decay=True),
+              lambda torch, p: torch.optim.AdamW(p, lr=0.0, weight_decay=0.1)),
+    "adamw-betas-eps": (AdamConfig(beta1=0.5, beta2=0.9, eps=1e-6, weight_decay=2.0, decoupled_weight_decay=True),
+                        lambda torch, p: torch.optim.AdamW(p, lr=0.0, betas=(0.5, 0.9), eps=1e-6, weight_decay=2.0)),
+    # deepmd-kit's optimizer section, read as deepmd-kit's PyTorch backend builds torch's AdamW from it
+    "deepmd-adamw-section": (adam_config({"type": "AdamW", "adam_beta1": 0.85, "weight_decay": 0.05}),
+                             lambda torch, p: torch.optim.AdamW(p, lr=0.0, betas=(0.85, 0.999), weight_decay=0.05)),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAM_CASES))
+def test_adam_and_adamw_agree_with_torch_step_for_step(torch, case):
+    config, make = ADAM_CASES[case]
+    mine, theirs = _train_both(torch, config, lambda p: make(torch, p))
+    for k, (a, b) in enumerate(zip(mine, theirs)):
+        assert a.shape == b.shape
+        assert np.max(np.abs(a - b)) <= 1e-12 * np.max(np.abs(b)), (case, k)
+
+
+def test_the_two_weight_decays_differ(torch):
+    """Coupled (Adam) and decoupled (AdamW) decay of one strength train to different weights, each
+    as torch's own (so the test above tells the two meanings apart)."""
+    coupled, _ = _train_both(torch, AdamConfig(weight_decay=0.1), lambda p: torch.optim.Adam(p, lr=0.0), 300)
+    decoupled, _ = _train_both(torch, AdamConfig(weight_decay=0.1, decoupled_weight_decay=True),
+                               lambda p: torch.optim.AdamW(p, lr=0.0), 300)
+    assert max(np.max(np.abs(a - b)) for a, b in zip(coupled, decoupled)) > 1e-3
+
+
+@settings(deadline=None)
+@given(wd=st.floats(1e-4, 1.0), lr=st.floats(1e-4, 0.5), n=st.integers(1, 50))
+def test_adamw_with_zero_gradients_only_shrinks_the_weights(wd, lr, n):
+    # m = v = 0: the Adam step is 0, the decoupled decay alone acts, p (1 - lr wd)^n
+    p = [{"b": np.array([-1.0, 2.0])}]
+    opt = Adam(p, AdamConfig(weight_decay=wd, decoupled_weight_decay=True))
+    for _ in range(n):
+        opt.step([{"b": np.zeros(2)}], lr)
+    np.testing.assert_allclose(p[0]["b"], np.array([-1.0, 2.0]) * (1 - lr * wd) ** n, rtol=1e-12)
+
+
+def test_adam_config_reads_deepmd_kits_optimizer_section():
+    assert adam_config({}) == AdamConfig()
+    assert adam_config({"type": "Adam", "weight_decay": 0.01}) == AdamConfig(weight_decay=0.01)
+    # AdamW's weight decay defaults to 0 too: deepmd-kit's input conversion fills 0.0 in
+    assert adam_config({"type": "AdamW"}) == AdamConfig(decoupled_weight_decay=True)
+    assert adam_config({"type": "AdamW", "adam_beta1": 0.8, "adam_beta2": 0.95, "weight_decay": 1e-3}) == \
+        AdamConfig(beta1=0.8, beta2=0.95, weight_decay=1e-3, decoupled_weight_decay=True)
+
+
+def test_adam_config_defaults_are_deepmd_kits_after_its_input_conversion():
+    compat = pytest.importorskip("deepmd.utils.compat")
+    normalize = pytest.importorskip("deepmd.utils.argcheck").normalize
+    for section in ({"type": "Adam"}, {"type": "AdamW"}, {"type": "AdamW", "weight_decay": 0.2}):
+        keys = {"model": {"descriptor": {"type": "se_e2_a"}, "fitting_net": {}},
+                "learning_rate": {"start_lr": 1e-3}, "loss": {}, "optimizer": dict(section),
+                "training": {"training_data": {"systems": ["x"]}, "numb_steps": 10}}
+        full = normalize(compat.update_deepmd_input(keys, warning=False))["optimizer"]
+        assert adam_config(full) == adam_config(section), section
+
+
+@pytest.mark.parametrize("section, error, message", [
+    ({"type": "LKF"}, ValueError, r"optimizer\.type 'LKF' is not supported; minidp trains with Adam or AdamW"),
+    ({"type": "adamw"}, ValueError, r"optimizer\.type 'adamw' is not supported"),
+    ({"type": "AdamW", "momentum": 0.9}, ValueError,
+     r"optimizer\.momentum: not a key of the AdamW optimizer; expected \['adam_beta1', 'adam_beta2', 'weight_decay'\]"),
+    ({"adam_beta1": 1.0}, ValueError, r"optimizer\.adam_beta1 must lie in \[0, 1\), got 1\.0"),
+    ({"type": "AdamW", "weight_decay": -0.1}, ValueError, r"optimizer\.weight_decay must be a non-negative number"),
+    ({"adam_beta2": "0.99"}, TypeError, r"optimizer\.adam_beta2 must be a real number, got str '0\.99'"),
+    (["Adam"], TypeError, r"optimizer must be a mapping of keys, got list"),
+])
+def test_adam_config_refuses_bad_sections_in_one_line(section, error, message):
+    with pytest.raises(error, match=message):
+        adam_config(section)
+
+
+# ---------------------------------------------------------------------------
 # The tutorial's 1-D descent
 # ---------------------------------------------------------------------------
 
@@ -302,6 +419,8 @@ def test_optimizer_configs_refuse_bad_values():
         AdamConfig(beta2=-0.1)
     with pytest.raises(ValueError, match=r"eps must be a positive number, got 0"):
         AdamConfig(eps=0)
+    with pytest.raises(TypeError, match=r"decoupled_weight_decay must be true or false, got str 'yes'"):
+        AdamConfig(decoupled_weight_decay="yes")
 
 
 @pytest.mark.parametrize("call, error, message", [
@@ -310,8 +429,9 @@ def test_optimizer_configs_refuse_bad_values():
     (lambda: step_decay(1, -0.1, 10, 0.5), ValueError, r"lr0 must be a positive number, got -0\.1"),
     (lambda: step_decay(1, 0.1, 0, 0.5), ValueError, r"step_size must be an integer >= 1, got 0"),
     (lambda: step_decay(1, 0.1, 10, 0.0), ValueError, r"gamma must be a positive number, got 0\.0"),
-    (lambda: exp_decay(1, 1e-3, 0.0, 10, 100), ValueError, r"stop_lr must be a positive number, got 0\.0"),
-    (lambda: exp_decay(1, 1e-3, 1e-8, 10, 0), ValueError, r"numb_steps must be an integer >= 1, got 0"),
+    (lambda: exp_decay(1, 1e-3, -1e-3, 10, 100), ValueError, r"stop_lr must be a non-negative number, got -0\.001"),
+    (lambda: exp_decay(1, 1e-3, 1e-8, 10, -1), ValueError, r"numb_steps must be an integer >= 0, got -1"),
+    (lambda: exp_decay(1, 1e-3, 1e-8, 10, 100, decay_rate=0.0), ValueError, r"decay_rate must be a positive number"),
     (lambda: exp_decay(1, float("inf"), 1e-8, 10, 100), ValueError, r"start_lr must be a positive number, got inf"),
     (lambda: warmup(1, -5, lambda t: 0.1), ValueError, r"warmup_steps must be an integer >= 0, got -5"),
     (lambda: warmup(1, 5, 0.1), TypeError, r"schedule must be a function of the step, got float"),
