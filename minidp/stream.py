@@ -243,7 +243,7 @@ def iter_blocks(system: LazySystem, frames_per_chunk: int) -> Iterator[Block]:
 def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
     """DeepPot's results for the block's frames (``atom_types`` already in the model's numbering).
 
-    The frame groups of :meth:`DeepPot.iter_eval` are joined into one Prediction
+    The frame groups of :meth:`minidp.infer.DeepPot.iter_eval` are joined into one Prediction
     of nf frames: energy (nf,), force (nf, natoms, 3), virial (nf, 9),
     atom_energy (nf, natoms), atom_virial (nf, natoms, 9).
     """
