@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pkgutil
 import re
@@ -100,6 +101,39 @@ def test_every_module_has_one_api_entry():
     assert missing == [], f"add '::: <module>' for each to a page of docs/api/: {missing}"
     gone = sorted(set(entries) - {info.name for info in public})
     assert gone == [], f"docs/api/ documents modules that do not exist: {gone}"
+
+
+def sphinx_roles():
+    """docs/_ext/sphinx_roles.py, the griffe extension that turns the docstrings' Sphinx roles into Markdown."""
+    pytest.importorskip("griffe")
+    spec = importlib.util.spec_from_file_location("sphinx_roles", DOCS / "_ext" / "sphinx_roles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docstring_roles_become_markdown():
+    rewrite = sphinx_roles().rewrite
+    assert rewrite("See :func:`~minidp.nn.net_forward` and :mod:`minidp.nn`.") == (
+        "See [`net_forward`][minidp.nn.net_forward] and [`minidp.nn`][minidp.nn].")
+    assert rewrite(r"with :math:`\mathbf r_{ij}` here") == r"with $\mathbf r_{ij}$ here"
+    # a directive alone, its equations below (one block each), and one with its formula on its line
+    assert rewrite(".. math::\n\n    a = b\n\n    c = d\n\nafter") == (
+        "$$\na = b\n$$\n\n$$\nc = d\n$$\n\nafter")
+    assert rewrite(".. math:: a = b\n") == "$$\na = b\n$$\n"
+
+
+def test_docstring_list_items_keep_their_blocks():
+    """A formula inside a numbered item stays in it, and the next item starts a new one."""
+    text = "1. first,\n\n   .. math::\n\n       x = 1\n\n   then\n2. second\n   goes on"
+    assert sphinx_roles().rewrite(text) == (
+        "1. first,\n\n    $$\n    x = 1\n    $$\n\n    then\n\n2. second\n    goes on")
+
+
+def test_docstring_parameters_are_descriptions():
+    text = "Parameters\n----------\nbatch_size : centre atoms per chunk\n    more words\nworkers : threads"
+    assert sphinx_roles().rewrite(text) == (
+        "Parameters\n----------\nbatch_size\n    centre atoms per chunk\n    more words\nworkers\n    threads")
 
 
 @pytest.mark.slow
