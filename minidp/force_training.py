@@ -32,7 +32,7 @@ from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backw
 def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
     r"""R' = (dR/d rij) drij, the environment matrix moved along drij.
 
-    The transpose of :func:`env_matrix_backward`'s Jacobian (u = 1/r, d = x . drij):
+    The transpose of :func:`~minidp.se_e2_a.env_matrix_backward`'s Jacobian (u = 1/r, d = x . drij):
 
     .. math::
 
@@ -75,7 +75,7 @@ def embed_jvp(Rdot: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba"
 
 
 def contract_jvp(T: np.ndarray, Tdot: np.ndarray, m2: int) -> np.ndarray:
-    r"""D' = T' (T^<)^T + T (T'^<)^T, flattened as :func:`contract`. Returns (nf, nloc, ng * m2).
+    r"""D' = T' (T^<)^T + T (T'^<)^T, flattened as :func:`~minidp.se_e2_a.contract`. Returns (nf, nloc, ng * m2).
 
     Its reverse needs no function of its own: D' is bilinear in (T, T'), so
     dL/dT' = contract_backward(dL/dD', T) and it adds contract_backward(dL/dD', T') to dL/dT.

@@ -55,7 +55,7 @@ the same so that the two agree to round-off. Their gradient to ``rij`` is zero.
 Backends: ``"reference"`` (this module's first half, plain NumPy),
 ``"numpy"`` (the fast path's tricks in NumPy) and ``"numba"`` (the same
 tricks with the loops compiled, :mod:`minidp.kernels`). The backend is checked
-once, at the public boundary (:func:`minidp.checks.backend`); the functions
+once, at the public boundary (:func:`minidp.checks.check_backend`); the functions
 here take a valid one. Training on forces adds tangents and a second reverse
 pass: :mod:`minidp.force_training`.
 """

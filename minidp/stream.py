@@ -537,7 +537,7 @@ def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
 
 
 def _predict(dp, coords: np.ndarray, cells: np.ndarray | None, atom_types: np.ndarray) -> Prediction:
-    """The frame groups of :meth:`DeepPot.iter_eval` joined into one Prediction of the call's frames."""
+    """The frame groups of :meth:`minidp.infer.DeepPot.iter_eval` joined into one Prediction of the call's frames."""
     nf = coords.shape[0]
     out, filled = None, np.zeros(nf, dtype=bool)
     for fs, p in dp.iter_eval(coords, cells, atom_types):
