@@ -8,6 +8,7 @@ for instance at ../shared/models/water-14000.pb and ../shared/data/water/data_0.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,13 +31,27 @@ def default_frames() -> Path:
     raise FileNotFoundError("no water frames: pass --frames")
 
 
-def water_box(frames: Path):
-    """The first frame of a deepmd/npy water system as periodic ASE Atoms."""
-    from ase import Atoms
+class WaterFrame(NamedTuple):
+    """One frame of a deepmd/npy system, in Angstrom."""
 
+    elements: list  # (natoms,) element names, through type_map.raw
+    positions: np.ndarray  # (natoms, 3)
+    cell: np.ndarray  # (3, 3) lattice vectors as rows
+
+
+def water_frame(frames: Path) -> WaterFrame:
+    """The first frame of a deepmd/npy water system."""
     type_map = (frames / "type_map.raw").read_text().split()
     types = np.loadtxt(frames / "type.raw", dtype=int)
     sets = sorted(frames.glob("set.*"))
     coords = np.load(sets[0] / "coord.npy")[0].reshape(-1, 3).astype(np.float64)
     cell = np.load(sets[0] / "box.npy")[0].reshape(3, 3).astype(np.float64)
-    return Atoms([type_map[t] for t in types], positions=coords, cell=cell, pbc=True)
+    return WaterFrame([type_map[t] for t in types], coords, cell)
+
+
+def water_box(frames: Path):
+    """The first frame of a deepmd/npy water system as periodic ASE Atoms."""
+    from ase import Atoms
+
+    frame = water_frame(frames)
+    return Atoms(frame.elements, positions=frame.positions, cell=frame.cell, pbc=True)

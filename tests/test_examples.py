@@ -1,4 +1,4 @@
-"""The ASE calculator and the two examples that use it, run briefly."""
+"""The ASE calculator and the two examples that use it, and the OpenMM example, run briefly."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import pytest
 
 from tests.conftest import MODEL_DP, ROOT, WATER, need
 
-ase = pytest.importorskip("ase")
+
+@pytest.fixture
+def ase():
+    return pytest.importorskip("ase")
 
 
-def test_calculator_matches_deeppot_and_stress_is_minus_virial_over_volume(water_frames):
+def test_calculator_matches_deeppot_and_stress_is_minus_virial_over_volume(ase, water_frames):
     from ase import Atoms
 
     from minidp import DeepPot
@@ -30,7 +33,7 @@ def test_calculator_matches_deeppot_and_stress_is_minus_virial_over_volume(water
     np.testing.assert_allclose(stress, -v[0].reshape(3, 3) / atoms.get_volume(), atol=1e-12)
 
 
-def test_calculator_refuses_unknown_elements():
+def test_calculator_refuses_unknown_elements(ase):
     from ase import Atoms
 
     from minidp.calculator import MiniDPCalculator
@@ -45,7 +48,7 @@ def test_calculator_refuses_unknown_elements():
     ("relax_cluster.py", ["--molecules", "3", "--max-steps", "300"], "BFGS"),
     ("nve_water.py", ["--steps", "10"], "drift"),
 ])
-def test_examples_run(script, args, expect, tmp_path):
+def test_examples_run(ase, script, args, expect, tmp_path):
     model, frames = need(MODEL_DP), need(WATER / "data_0")
     r = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--model", str(model),
                         "--frames", str(frames), "--out", str(tmp_path), *args],
@@ -53,3 +56,14 @@ def test_examples_run(script, args, expect, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert expect in r.stdout
     assert any(p.suffix == ".png" for p in tmp_path.iterdir())
+
+
+def test_openmm_example_runs(tmp_path):
+    pytest.importorskip("openmm")
+    model, frames = need(MODEL_DP), need(WATER / "data_0")
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "openmm_water.py"), "--model", str(model),
+                        "--frames", str(frames), "--steps", "20", "--every", "10"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mean temperature over the second half" in r.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,1 @@
+"""The molecular-dynamics engines minidp drives: LAMMPS, i-PI and ASE."""
