@@ -40,7 +40,8 @@ class MiniDPCalculator(Calculator):
         unknown = sorted(set(symbols) - set(self.type_map))
         if unknown:
             raise ValueError(f"element(s) {unknown} are not in the model's type map {self.type_map}")
-        return np.array([self.type_map.index(s) for s in symbols])
+        # (natoms,)  int even for no atoms ([] alone would be float64)
+        return np.array([self.type_map.index(s) for s in symbols], dtype=np.int64)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from pathlib import Path
 
 import numpy as np
 
@@ -92,6 +93,24 @@ def atom_types(value, ntypes: int, natoms: int | None = None) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # Values read from files (models, training inputs): no coercion, the key named
 # ---------------------------------------------------------------------------
+
+
+def read_text(path, what: str) -> str:
+    """The text of a user's input file, or one line naming it: missing, a folder, or not text (UTF-8).
+
+    ``what`` says what the file is for ("input deck", "initial configuration"), for the message.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {path} is a folder; expected a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{what} {path} is not a text file: byte 0x{raw[err.start]:02x} at offset {err.start} "
+                         "is not UTF-8") from None
 
 
 def short(value) -> str:

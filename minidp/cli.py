@@ -436,9 +436,15 @@ def _add_change_bias(sub) -> None:
 
 def _cmd_lammps(args) -> int:
     """Run a LAMMPS input deck in which pair_style minidp stands for pair_style deepmd."""
-    from minidp.lammps import run_deck
+    from minidp.lammps import mpi_rank, run_deck
 
-    run_deck(args.input, [tuple(v) for v in args.var], log=args.log, screen=args.screen, finalize=True)
+    try:
+        run_deck(args.input, [tuple(v) for v in args.var], log=args.log, screen=args.screen, finalize=True,
+                 overwrite=args.overwrite)
+    except (ValueError, OSError, ImportError):
+        if mpi_rank() != 0:
+            return 2  # under mpirun every rank refuses the same deck alike: rank 0 alone says why
+        raise
     return 0
 
 
@@ -447,8 +453,12 @@ def _add_lammps(sub) -> None:
     p.add_argument("input", help="LAMMPS input deck (pair_style minidp MODEL [MODEL...] + pair_coeff * * ELEMENT...)")
     p.add_argument("-v", "-var", "--var", dest="var", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="set an index variable, as lmp -var NAME VALUE (repeatable)")
-    p.add_argument("-log", "--log", dest="log", default=None, help="LAMMPS log file (default log.lammps; none: no log)")
-    p.add_argument("-screen", "--screen", dest="screen", default=None, help="LAMMPS screen output file (none: silent)")
+    p.add_argument("-log", "--log", dest="log", default=None,
+                   help="LAMMPS log file (default log.lammps; none: no log); never an input, never an existing file "
+                        "(with --overwrite: only an earlier LAMMPS log)")
+    p.add_argument("-screen", "--screen", dest="screen", default=None,
+                   help="LAMMPS screen output file (none: silent); checked as -log")
+    _overwrite_option(p)
     p.set_defaults(func=_cmd_lammps)
 
 

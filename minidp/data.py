@@ -341,7 +341,7 @@ FOLDER_KINDS = {
     "plots": ("parity-*.png",),
 }
 # "any": scripts' own results (validation, benchmarks), replaced whatever they hold
-FILE_KINDS = ("model", "png", "npy", "lcurve", "checkpoint", "model_devi", "any")
+FILE_KINDS = ("model", "png", "npy", "lcurve", "checkpoint", "model_devi", "lammps_log", "any")
 
 
 def _matches(rel: Path, patterns) -> bool:
@@ -374,6 +374,8 @@ def _is_previous_output(target: Path, kind: str) -> bool:
         return head.startswith(b"\x93NUMPY")
     if kind == "lcurve":
         return head.startswith(b"# step")
+    if kind == "lammps_log":  # LAMMPS's log and screen files open with its version line
+        return head.startswith(b"LAMMPS (")
     if kind == "model_devi":  # dp model-devi: '# <system>' then '# step max_devi_v ...'; the LAMMPS plugin: the latter
         return any(line.startswith(b"#") and line[1:].split()[:2] == [b"step", b"max_devi_v"]
                    for line in head.split(b"\n")[:2])

@@ -82,6 +82,9 @@ def plan_chunks(nf: int, natoms: int, batch_size: int, workers: int = 1) -> list
     every worker gets one (a single frame in an MD step is split over the
     workers rather than evaluated on one of them).
     """
+    if natoms == 0:
+        # no centre atoms: one chunk of all frames, whose energies are empty sums (0) and forces (nf, 0, 3)
+        return [Chunk(slice(0, nf), slice(0, 0))]
     size = max(1, min(batch_size, math.ceil(nf * natoms / workers)))
     if natoms <= size:
         step = size // natoms
@@ -143,11 +146,13 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     if types.ndim == 2:
         raise ValueError(f"atom_types must have shape (natoms,), got {types.shape} "
                          "(frames with different atom types are not supported)")
+    if types.size == 0:
+        types = types.astype(np.int64)  # [] is float64 to NumPy; an empty list names no type
     types = checks.atom_types(types, ntypes)
     natoms = types.size
-    if natoms == 0:
-        raise ValueError("atom_types is empty; expected at least one atom")
     xyz = real_array("coords", coords)
+    if natoms == 0:
+        return _empty_frames(xyz, cells, rows)
     if xyz.size % (natoms * 3) != 0 or xyz.size == 0:
         raise ValueError(f"coords has shape {xyz.shape}, which does not hold (nframes, {natoms}, 3) "
                          f"for the {natoms} atoms in atom_types")
@@ -156,14 +161,37 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     nf = xyz.shape[0]
     if rows is not None and rows != nf:
         raise ValueError(f"atom_types has {rows} rows (one per frame) but coords holds {nf} frames")
+    return Frames(xyz, _check_cells(cells, nf), types)
+
+
+def _check_cells(cells, nf: int) -> np.ndarray | None:
+    """cells as (nf, 3, 3) lattice vectors in rows, or None (open boundaries)."""
     if cells is None:
-        return Frames(xyz, None, types)
+        return None
     box = real_array("cells", cells)
     if box.size != nf * 9:
         raise ValueError(f"cells has shape {box.shape}; expected ({nf}, 9) or ({nf}, 3, 3) "
                          f"for {nf} frames, or None for open boundaries")
     # (nf, 3, 3)
-    return Frames(xyz, box.reshape(nf, 3, 3), types)
+    return box.reshape(nf, 3, 3)
+
+
+def _empty_frames(xyz: np.ndarray, cells, rows: int | None) -> Frames:
+    """Frames of zero atoms (deepmd-kit's DeepPot takes them: energy 0, forces (nf, 0, 3)).
+
+    With no atoms the size of coords cannot tell the frames apart: its first axis counts them,
+    coords of shape (nf, 0, 3) or (nf, 0); a flat empty coords is one frame, as a flat coords is.
+    """
+    if xyz.size != 0 or xyz.ndim > 3 or (xyz.ndim == 3 and xyz.shape[2] != 3):
+        raise ValueError(f"coords has shape {xyz.shape} but atom_types is empty; expected (nframes, 0, 3) "
+                         "for frames of no atoms")
+    nf = xyz.shape[0] if xyz.ndim >= 2 else 1
+    if nf == 0:
+        raise ValueError(f"coords has shape {xyz.shape}: no frames; expected (nframes, 0, 3) with nframes >= 1")
+    if rows is not None and rows != nf:
+        raise ValueError(f"atom_types has {rows} rows (one per frame) but coords holds {nf} frames")
+    # (nf, 0, 3)
+    return Frames(xyz.reshape(nf, 0, 3), _check_cells(cells, nf), np.zeros(0, dtype=np.int64))
 
 
 def compact_atoms(nlist: np.ndarray, centers: slice) -> tuple[np.ndarray, np.ndarray, int]:

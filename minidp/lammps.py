@@ -59,7 +59,17 @@ the deck then goes to LAMMPS as a file, so loops (``label``/``jump``) after that
 ``pair_style minidp`` and ``pair_coeff`` lines must stand in the deck itself, not in an ``include``d
 file, and before any loop.
 Everything that can be wrong with the minidp lines (no model, a model that does not load, an
-element the model lacks, other units) stops the run with one line before any step.
+element the model lacks, other units) stops the run with one line before any step. Under
+``mpirun`` every rank reads the same deck and refuses it alike; rank 0 alone prints why.
+
+Outputs: LAMMPS's log (``-log``, default ``log.lammps``) and screen file (``-screen``) are written
+by LAMMPS as the run goes (a log is the record of a run, also of a failed one, and can be followed
+while it grows), so they are checked before LAMMPS starts, by :func:`check_engine_outputs`: never
+an input (the deck, the files its words and ``-var`` values name, ``include``d decks and theirs,
+models, data files), never an existing file unless ``--overwrite`` is given and it is an earlier
+LAMMPS log (minidp.data.check_output's rules, kind ``lammps_log``), never somewhere that cannot be
+written. No atoms (a box made by ``create_box`` before ``fix deposit`` fills it) is a valid state:
+the energy, forces and virial are those of nothing, zero, as with deepmd-kit's pair style.
 
 Shape symbols: ``nloc`` local atoms of a rank, ``nall`` local plus ghost atoms, ``nc`` centres of
 the cluster scheme (local atoms first), ``nm`` models.
@@ -77,6 +87,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from minidp import checks
+from minidp.data import check_output, safe_output
 
 FIX_ID = "minidp_force"
 SHARE_ID = "minidp_share"
@@ -337,12 +350,10 @@ def plugin_devi_row(step: int, forces: np.ndarray, virials: np.ndarray, relative
     return f"{step:12d}" + "".join(f" {c:18.6e}" for c in cols) + "\n"
 
 
-def start_devi_file(path: Path) -> None:
+def start_devi_file(path: Path, inputs=()) -> None:
     """A fresh out_file holding the header (deepmd-kit's plugin truncates it too), written whole. Only an
-    earlier model deviation file is replaced; any other file there is refused (minidp.data.safe_output)."""
-    from minidp.data import safe_output
-
-    with safe_output(path, "model_devi", overwrite=True) as tmp:
+    earlier model deviation file is replaced; an input or any other file there is refused (minidp.data.safe_output)."""
+    with safe_output(path, "model_devi", inputs, overwrite=True) as tmp:
         tmp.write_text(plugin_devi_header())
 
 
@@ -451,7 +462,7 @@ class DeckRunner:
                     from None
             self.devi_path = Path(style.out_file)
             if self.rank == 0:
-                start_devi_file(self.devi_path)
+                start_devi_file(self.devi_path, style.models)  # an earlier deviation file only, never a model
         if self.nprocs > 1:
             # each rank's (energy, virial) share rides on one of its atoms, and a gather sums them
             self.command(f"fix {SHARE_ID} all property/atom d2_{SHARE_ID} 10 ghost no")
@@ -485,7 +496,7 @@ class DeckRunner:
             share[:nloc] = 0.0
             share[0, 0], share[0, 1:] = e, v
         # (natoms * 10,)
-        rows = np.ctypeslib.as_array(self.lmp.gather(f"d2_{SHARE_ID}", 1, 10))
+        rows = np.ctypeslib.as_array(self.lmp.gather_concat(f"d2_{SHARE_ID}", 1, 10))
         # (10,)
         tot = rows.reshape(-1, 10).sum(axis=0)
         return float(tot[0]), tot[1:]
@@ -510,21 +521,115 @@ class DeckRunner:
                 style = self.field.style
                 append_row(self.devi_path, plugin_devi_row(step, forces, virials, style.relative, style.relative_v))
         except BaseException as err:  # noqa: BLE001 - ctypes would print and ignore it, and the run go on
-            print(f"minidp lammps: error at step {step}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            where = f" on rank {self.rank}" if self.nprocs > 1 else ""  # each rank that fails says so
+            print(f"minidp lammps: error at step {step}{where}: {type(err).__name__}: {err}", file=sys.stderr,
+                  flush=True)
             os._exit(2)
 
 
-def run_deck(deck, variables=(), log: str | None = None, screen: str | None = None, finalize: bool = False) -> None:
+# LAMMPS's log file when no -log is given; -log none (LAMMPS's word) writes no log
+DEFAULT_LOG = "log.lammps"
+# the MPI launchers' rank variables (MPICH and Intel MPI, Open MPI, PMIx, MVAPICH, Slurm's srun)
+RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK", "SLURM_PROCID")
+
+
+def mpi_rank() -> int:
+    """This process's MPI rank as its launcher announced it (0 when not launched by mpirun): known
+    before LAMMPS starts MPI, so that a refusal of the deck or the options is printed once."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def _existing_file(word: str) -> Path | None:
+    """The file a deck word names, if it is one (relative words from the current folder, as LAMMPS opens them)."""
+    try:
+        path = Path(word)
+        return path if path.is_file() else None
+    except (ValueError, OSError):  # a NUL byte, a name too long: not a file name
+        return None
+
+
+def deck_inputs(deck: Path, variables=()) -> list[Path]:
+    """The files a run reads, as far as the deck tells: the deck, every existing file a word of it or a
+    -var value names (models, data files, ...), and the same for every deck it ``include``s or ``jump``s to."""
+    found: dict[Path, Path] = {}  # resolved -> as named
+    for _, value in variables:
+        path = _existing_file(value)
+        if path is not None:
+            found.setdefault(path.resolve(), path)
+    decks, scanned = [deck], set()
+    while decks:
+        path = decks.pop()
+        if path.resolve() in scanned:
+            continue
+        scanned.add(path.resolve())
+        found.setdefault(path.resolve(), path)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue  # an included deck that is not text: LAMMPS says so when it gets there
+        for command in deck_commands(text):
+            w = words(command)
+            for k, word in enumerate(w):
+                named = _existing_file(word)
+                if named is not None and k == 1 and w[0] in ("include", "jump"):
+                    decks.append(named)
+                elif named is not None:
+                    found.setdefault(named.resolve(), named)
+    return list(found.values())
+
+
+def check_engine_outputs(log: str | None, screen: str | None, inputs, overwrite: bool = False) -> list[Path]:
+    """LAMMPS's -log (default log.lammps) and -screen files, checked as every output (module docstring);
+    returns the files LAMMPS will write ("none" and the null device are no files)."""
+    targets = {"-log": DEFAULT_LOG if log is None else log, "-screen": screen}
+    paths: dict[str, Path] = {}
+    for option, target in targets.items():
+        if target is None or target == "none" or os.path.abspath(target) == os.devnull:
+            continue
+        try:
+            paths[option] = check_output(target, "lammps_log", inputs, overwrite)
+        except ValueError as err:
+            default = " (the default)" if option == "-log" and log is None else ""
+            raise LammpsInputError(f"{option} {target}{default}: {err}") from None
+    if len(paths) == 2 and paths["-log"] == paths["-screen"]:
+        raise LammpsInputError(f"-log {targets['-log']} and -screen {screen} name one file; LAMMPS would write "
+                               "both into it")
+    return list(paths.values())
+
+
+def probe_outputs(paths) -> None:
+    """Create (or open for appending) each file LAMMPS is about to open, so that LAMMPS's own failure to
+    open one (a traceback) cannot happen; if one cannot be made, what was made for the others is removed."""
+    made: list[Path] = []  # files and folders that did not exist, deepest first
+    try:
+        for path in paths:
+            made += [p for p in (path, *path.parents) if not os.path.lexists(p)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab"):
+                pass
+    except OSError as err:
+        for p in made:
+            if os.path.lexists(p):
+                p.rmdir() if p.is_dir() else p.unlink()
+        raise LammpsInputError(f"cannot write {err.filename or path}: {err.strerror or err}") from None
+
+
+def run_deck(deck, variables=(), log: str | None = None, screen: str | None = None, finalize: bool = False,
+             overwrite: bool = False) -> None:
     """Run a LAMMPS input deck with pair_style minidp (see the module docstring).
 
     variables: (name, value) pairs, LAMMPS's ``-var``; log: LAMMPS's ``-log`` file (default log.lammps);
-    screen: ``-screen`` (``none`` silences it); finalize: end MPI afterwards (a command's last act;
-    MPI cannot start again in the same process).
+    screen: ``-screen`` (``none`` silences it); overwrite: replace an earlier LAMMPS log there (only
+    that); finalize: end MPI afterwards (a command's last act; MPI cannot start again in the same process).
     """
     deck = Path(deck)
-    if not deck.is_file():
-        raise FileNotFoundError(f"input deck {deck} does not exist")
-    commands = deck_commands(deck.read_text())
+    commands = deck_commands(checks.read_text(deck, "input deck"))
+    inputs = deck_inputs(deck, variables)
+    outputs = check_engine_outputs(log, screen, inputs, overwrite)
     lammps = import_lammps()
     args = ["-nocite"]
     for name, value in variables:
@@ -533,7 +638,11 @@ def run_deck(deck, variables=(), log: str | None = None, screen: str | None = No
         args += ["-log", log]
     if screen is not None:
         args += ["-screen", screen]
-    lmp = lammps.lammps(cmdargs=args)
+    probe_outputs(outputs)
+    try:
+        lmp = lammps.lammps(cmdargs=args)
+    except Exception as err:  # noqa: BLE001 - the lammps module raises plain Exception/RuntimeError
+        raise LammpsError(f"LAMMPS did not start with {' '.join(args)}: {err}") from None
     try:
         DeckRunner(lmp).run(commands)
     finally:

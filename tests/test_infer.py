@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -146,3 +148,65 @@ def test_extras_are_refused(water_dp, water_frames):
         water_dp.eval(coords, cells, types, fparam=np.zeros(1))
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['bogus'\]"):
         water_dp.eval(coords, cells, types, bogus=1)
+
+
+# ---------------------------------------------------------------------------
+# Frames of no atoms: valid input, as in deepmd-kit's DeepPot
+# ---------------------------------------------------------------------------
+
+EXAMPLE_MODEL = Path(__file__).resolve().parents[1] / "minidp" / "examples" / "water" / "model.dp"
+
+
+@pytest.mark.parametrize("coords, cells, types, nf", [
+    (np.zeros((2, 0, 3)), np.eye(3)[None].repeat(2, 0) * 10, np.zeros(0, dtype=int), 2),
+    (np.zeros((3, 0)), None, [], 3),  # a plain [] is float64 to NumPy
+    (np.zeros(0), np.eye(3) * 10, np.array([]), 1),  # a flat coords is one frame
+    (np.zeros((2, 0, 3)), None, np.zeros((2, 0), dtype=int), 2),  # one (empty) row of types per frame
+])
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_zero_atom_frames(coords, cells, types, nf, backend):
+    """Energy 0 (nf, 1), forces (nf, 0, 3), virial zeros (nf, 9), atomic (nf, 0, 1) and (nf, 0, 9),
+    descriptors (nf, 0, dim): the shapes deepmd-kit's DeepPot gives."""
+    dp = DeepPot(EXAMPLE_MODEL, backend=backend, progress=False)
+    e, f, v, ae, av = dp.eval(coords, cells, types, atomic=True)
+    assert (e.shape, f.shape, v.shape, ae.shape, av.shape) == ((nf, 1), (nf, 0, 3), (nf, 9), (nf, 0, 1), (nf, 0, 9))
+    assert not e.any() and not v.any()
+    assert dp.eval_descriptor(coords, cells, types).shape == (nf, 0, dp.get_dim_descriptor())
+    (frames, p), = list(dp.iter_eval(coords, cells, types))
+    assert frames == slice(0, nf) and p.energy.shape == (nf,) and not p.energy.any()
+
+
+@pytest.mark.parametrize("coords, cells, match", [
+    (np.zeros((2, 1, 3)), None, r"coords has shape \(2, 1, 3\) but atom_types is empty"),
+    (np.zeros((0, 0, 3)), None, r"no frames"),
+    (np.zeros((2, 0, 3)), np.eye(3)[None] * 10, r"cells has shape \(1, 3, 3\); expected \(2, 9\)"),
+])
+def test_zero_atom_frames_bad_shapes_are_named(coords, cells, match):
+    with pytest.raises(ValueError, match=match):
+        DeepPot(EXAMPLE_MODEL, progress=False).eval(coords, cells, [])
+
+
+def test_zero_atoms_agree_with_deepmd_kit():
+    """deepmd-kit's TensorFlow DeepPot on the .pb, one frame of no atoms (it fails on two: a TF graph error)."""
+    deepmd_infer = pytest.importorskip("deepmd.infer")
+    coords, cells, types = np.zeros((1, 0, 3)), np.eye(3)[None] * 10, np.zeros(0, dtype=int)
+    ref = deepmd_infer.DeepPot(str(need(MODEL_PB))).eval(coords, cells, types, atomic=True)
+    ours = DeepPot(need(MODEL_DP), progress=False).eval(coords, cells, types, atomic=True)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ase_calculator_on_no_atoms():
+    """An empty Atoms() (open, or periodic): energy 0, forces (0, 3), stress 0."""
+    pytest.importorskip("ase")
+    from ase import Atoms
+
+    from minidp.calculator import MiniDPCalculator
+
+    calc = MiniDPCalculator(EXAMPLE_MODEL)
+    for atoms in (Atoms(), Atoms(cell=np.eye(3) * 8, pbc=True)):
+        atoms.calc = calc
+        assert atoms.get_potential_energy() == 0.0
+        assert atoms.get_forces().shape == (0, 3) and atoms.get_potential_energies().shape == (0,)
+    assert not atoms.get_stress().any()

@@ -109,7 +109,8 @@ def lammps_command(engine: str, deck: Path, model: Path, nprocs: int = 1, variab
         cmd = [shutil.which("lmp") or "lmp", "-in", str(deck)]
         flag = "-var"
     elif engine == "minidp":
-        cmd = [sys.executable, "-m", "minidp", "lammps", str(deck)]
+        # --overwrite: a rerun in the same folder replaces its earlier log.lammps (minidp keeps any other file)
+        cmd = [sys.executable, "-m", "minidp", "lammps", str(deck), "--overwrite"]
         flag = "-v"
     else:
         raise ValueError(f"engine must be 'deepmd' or 'minidp', got {engine!r}")
