@@ -68,6 +68,7 @@ from minidp.se_e2_a import (
     env_matrix,
     env_matrix_backward,
     smooth_switch,
+    type_slots,
 )
 
 # deepmd-kit's defaults for `dp compress`: -s 0.01, -e 5, the second table's
@@ -200,11 +201,6 @@ class Compression:
 
     def table(self, ti: int, tj: int) -> Table:
         return self.tables[self.index(ti, tj)]
-
-    def slots(self, tj: int) -> slice:
-        """The neighbour slots of type tj."""
-        start = sum(self.sel[:tj])
-        return slice(start, start + self.sel[tj])
 
 
 def compression(tables, se: SeA, min_nbor_dist: float | None = None) -> Compression:
@@ -420,13 +416,13 @@ def compress_descriptor(se: SeA, min_nbor_dist: float, step: float = DEFAULT_STE
         raise ValueError(f"extrapolate must be larger than 1, got {extrapolate!r}")
     cfg = se.config
     lower, upper = env_mat_range(se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, min_nbor_dist, rule)
-    nt = cfg.ntypes
+    ntypes = cfg.ntypes
     if cfg.type_one_side:
         used = np.asarray(cfg.sel) > 0
-        bounds = [(lower[used].min(), upper[used].max())] * nt
-        keys = [(0, tj) for tj in range(nt)]
+        bounds = [(lower[used].min(), upper[used].max())] * ntypes
+        keys = [(0, tj) for tj in range(ntypes)]
     else:
-        keys = [(k % nt, k // nt) for k in range(nt * nt)]
+        keys = [(k % ntypes, k // ntypes) for k in range(ntypes * ntypes)]
         bounds = [(lower[ti], upper[ti]) for ti, _ in keys]
     tables = tuple(build_table(_embedding_net(se, ti, tj), lo, up, step, extrapolate, check_frequency)
                    for (ti, tj), (lo, up) in zip(keys, bounds))
@@ -543,7 +539,7 @@ def padded_tails(cmp: Compression) -> np.ndarray:
     for tj in range(ntypes):
         for ti in range(ntypes):
             tab = cmp.index(ti, tj)
-            P = padded_tail_table(cmp.tables[tab], cmp.pad_rows[:, cmp.slots(tj)])
+            P = padded_tail_table(cmp.tables[tab], cmp.pad_rows[:, type_slots(cmp.sel, tj)])
             Pt[tab, :, : cmp.sel[tj] + 1] = P.transpose(0, 1, 3, 2)
     return Pt
 

@@ -93,18 +93,19 @@ def new_model(
     """
     if len(type_map) != config.ntypes:
         raise ValueError(f"type_map has {len(type_map)} types but sel has {config.ntypes}")
-    nt = config.ntypes
+    ntypes = config.ntypes
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
 
     def emb() -> Net:
         return embedding_net(config.neuron, 1, config.activation, config.resnet_dt, dtype, next(seeds))
 
     # one net per key: (tj,) with type_one_side (shared by every centre type), else (ti, tj)
-    nets = EmbeddingNets.from_list(nt, config.type_one_side, [emb() for _ in range(nt if config.type_one_side else nt * nt)])
-    se = SeA(config, np.zeros((nt, config.nnei, 4), dtype), np.ones((nt, config.nnei, 4), dtype), nets)
+    n_nets = ntypes if config.type_one_side else ntypes * ntypes
+    nets = EmbeddingNets.from_list(ntypes, config.type_one_side, [emb() for _ in range(n_nets)])
+    se = SeA(config, np.zeros((ntypes, config.nnei, 4), dtype), np.ones((ntypes, config.nnei, 4), dtype), nets)
     fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, dtype, next(seeds))
-               for _ in range(nt)]
-    return EnergyModel(list(type_map), se, fitting, np.zeros(nt, dtype))
+               for _ in range(ntypes)]
+    return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes, dtype))
 
 
 # ---------------------------------------------------------------------------

@@ -98,7 +98,12 @@ class SeAConfig:
     resnet_dt: bool = False  # embedding nets carry a resnet timestep
 
     def __post_init__(self):
-        _check_config(self)  # deepmd-kit's rules, at the end of this module
+        # Checked (deepmd-kit's rules, _canonical_fields at the end of this module) and stored in
+        # one canonical form (floats, tuples of int, bools), so that equal configurations compare
+        # equal whatever the file or call spelled them as. A frozen dataclass sets its fields only
+        # through object.__setattr__: done here, once, before anyone can see the object.
+        for name, value in _canonical_fields(self).items():
+            object.__setattr__(self, name, value)
 
     @property
     def ntypes(self) -> int:
@@ -111,11 +116,11 @@ class SeAConfig:
     @property
     def sec(self) -> np.ndarray:
         """Slot boundaries per neighbour type: type t owns slots sec[t]:sec[t+1]."""
-        return np.concatenate([[0], np.cumsum(self.sel)]).astype(int)
+        return type_sections(self.sel)
 
     def slots(self, tj: int) -> slice:
         """The neighbour slots of neighbour type tj."""
-        return slice(int(self.sec[tj]), int(self.sec[tj + 1]))
+        return type_slots(self.sel, tj)
 
     @property
     def ng(self) -> int:
@@ -125,6 +130,17 @@ class SeAConfig:
     def dim_out(self) -> int:
         """Length of D per atom: ng * m2."""
         return self.ng * self.axis_neuron
+
+
+def type_sections(sel) -> np.ndarray:
+    """Slot boundaries sec (ntypes + 1,) of the sel layout: neighbour type t owns slots sec[t]:sec[t+1]."""
+    return np.concatenate([[0], np.cumsum(sel)]).astype(int)
+
+
+def type_slots(sel, tj: int) -> slice:
+    """The neighbour slots of neighbour type tj in the sel layout, sec[tj]:sec[tj+1]."""
+    sec = type_sections(sel)
+    return slice(int(sec[tj]), int(sec[tj + 1]))
 
 
 @dataclass
@@ -670,9 +686,9 @@ def _positive_ints(name: str, values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _check_config(cfg: SeAConfig) -> None:
-    """SeAConfig's validation (its docstring lists the rules); normalises the fields in place."""
-    # frozen: fields are normalised through object.__setattr__
+def _canonical_fields(cfg: SeAConfig) -> dict:
+    """SeAConfig's fields checked (its docstring lists the rules) and in canonical form: floats,
+    tuples of int, bools. Pure: SeAConfig.__post_init__ stores what it returns."""
     rcut, rcut_smth = _number("rcut", cfg.rcut), _number("rcut_smth", cfg.rcut_smth)
     if rcut <= 0:
         raise ValueError(f"se_e2_a rcut must be positive, got {cfg.rcut!r}")
@@ -690,10 +706,9 @@ def _check_config(cfg: SeAConfig) -> None:
             raise ValueError(f"se_e2_a {flag} must be true or false, got {getattr(cfg, flag)!r}")
     if not isinstance(cfg.activation, str) or cfg.activation.lower() not in ACTIVATIONS:
         raise ValueError(f"se_e2_a activation {cfg.activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
-    for name, value in (("rcut", rcut), ("rcut_smth", rcut_smth), ("sel", sel), ("neuron", neuron),
-                        ("axis_neuron", int(m2)), ("type_one_side", bool(cfg.type_one_side)),
-                        ("resnet_dt", bool(cfg.resnet_dt))):
-        object.__setattr__(cfg, name, value)
+    return {"rcut": rcut, "rcut_smth": rcut_smth, "sel": sel, "neuron": neuron, "axis_neuron": int(m2),
+            "type_one_side": bool(cfg.type_one_side), "activation": cfg.activation,
+            "resnet_dt": bool(cfg.resnet_dt)}
 
 
 class EmbeddingNets:
@@ -738,8 +753,9 @@ class EmbeddingNets:
         return cls(ntypes, False, {(ti, tj): table[ti][tj] for ti in range(ntypes) for tj in range(ntypes)})
 
     def keys(self) -> list[tuple[int, ...]]:
-        nt = self.ntypes
-        return [(tj,) for tj in range(nt)] if self.type_one_side else [(ti, tj) for ti in range(nt) for tj in range(nt)]
+        ntypes = self.ntypes
+        return ([(tj,) for tj in range(ntypes)] if self.type_one_side
+                else [(ti, tj) for ti in range(ntypes) for tj in range(ntypes)])
 
     def key(self, ti: int, tj: int) -> tuple[int, ...]:
         """Where the net of centre type ti and neighbour type tj is stored."""
