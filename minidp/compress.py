@@ -59,7 +59,9 @@ from numba import njit
 
 from minidp.nn import Net, get_activation, residual_kind
 from minidp.se_e2_a import (
+    BlockFeatures,
     DescriptorCache,
+    EmbedPiece,
     SeA,
     contract,
     contract_backward,
@@ -67,6 +69,7 @@ from minidp.se_e2_a import (
     embed_blocks,
     env_matrix,
     env_matrix_backward,
+    padded_tail_sums,
     smooth_switch,
     type_slots,
 )
@@ -157,7 +160,7 @@ class Compression:
 
     tables: tuple[Table, ...]
     type_one_side: bool
-    pad_rows: np.ndarray  # (ntypes, nnei, 4) the rows of padded slots, -davg/dstd (see padded_tail_table)
+    pad_rows: np.ndarray  # (ntypes, nnei, 4) the rows of padded slots, -davg/dstd (see table_padded_tails)
     sel: tuple[int, ...]  # neighbour slots per type, as the descriptor's
     min_nbor_dist: float | None = None  # the smallest neighbour distance the grid came from, when known
     # built once for the fused kernels: all tables, (ntab, max nspline, 6, ng), each coefficient
@@ -479,37 +482,33 @@ def table_features(table: Table, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return G, dG
 
 
-def padded_tail_table(table: Table, R_pad: np.ndarray) -> np.ndarray:
-    """se_e2_a.padded_tail_sums with G from the table: P[t, k] = sum_{slot >= k} G(s_t,slot)^T R_t,slot.
+def table_padded_tails(table: Table, R_pad: np.ndarray) -> np.ndarray:
+    """:func:`minidp.se_e2_a.padded_tail_sums` with G from the table.
 
     R_pad (ntypes, n_t, 4): the padded rows -davg/dstd of one neighbour type's
-    slots for each centre type. Returns (ntypes, n_t + 1, ng, 4), P[t, n_t] = 0.
+    slots for each centre type. Returns P (ntypes, n_t + 1, ng, 4), P[t, n_t] = 0.
     """
     # (ntypes * n_t, ng)
     G_pad, _ = table_features(table, R_pad[..., 0].reshape(-1))
-    # (ntypes, n_t, ng, 4)
-    GR = G_pad.reshape(R_pad.shape[:2] + (-1, 1)) * R_pad[:, :, None, :]
-    # (ntypes, n_t + 1, ng, 4)
-    P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
-    P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
-    return P
+    return padded_tail_sums(G_pad.reshape(R_pad.shape[:2] + (-1,)), R_pad)
 
 
-def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, list]:
+def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA
+                    ) -> tuple[np.ndarray, list[EmbedPiece]]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G from the tables (the plain NumPy version).
 
     The exact path's loop (:func:`minidp.se_e2_a.embed_blocks`) with the net
     replaced by :func:`table_features`: each real row is looked up, the padded
-    slots come from :func:`padded_tail_table`. The pieces hold G and dG/ds of
+    slots come from :func:`table_padded_tails`. The pieces hold G and dG/ds of
     every row, so :func:`minidp.se_e2_a.embed_backward` is the backward.
     Returns T (nf, nloc, ng, 4) and the pieces.
     """
 
-    def block(ti: int, tj: int, slots: slice, s: np.ndarray):
+    def block(ti: int, tj: int, slots: slice, s: np.ndarray) -> BlockFeatures:
         table = se.compress.table(ti, tj)
         # (nb, ng), (nb, ng)
         G, dG_ds = table_features(table, s[:, 0])
-        return G, dG_ds, padded_tail_table(table, se.compress.pad_rows[:, slots]), (None, None, [], None)
+        return BlockFeatures(G, dG_ds, table_padded_tails(table, se.compress.pad_rows[:, slots]), None)
 
     return embed_blocks(R, nlist, atom_types, se, block, "numpy")
 
@@ -527,7 +526,7 @@ class FusedCache(NamedTuple):
 
 
 def padded_tails(cmp: Compression) -> np.ndarray:
-    """P of :func:`padded_tail_table` for every table, in the kernel's layout: (ntab, ntypes, max sel + 1, 4, ng).
+    """P of :func:`table_padded_tails` for every table, in the kernel's layout: (ntab, ntypes, max sel + 1, 4, ng).
 
     Pt[tab, t, c] is what the padded slots of the table's neighbour type add
     to T of a type-t atom with c real neighbours of that type (rows past
@@ -539,7 +538,7 @@ def padded_tails(cmp: Compression) -> np.ndarray:
     for tj in range(ntypes):
         for ti in range(ntypes):
             tab = cmp.index(ti, tj)
-            P = padded_tail_table(cmp.tables[tab], cmp.pad_rows[:, type_slots(cmp.sel, tj)])
+            P = table_padded_tails(cmp.tables[tab], cmp.pad_rows[:, type_slots(cmp.sel, tj)])
             Pt[tab, :, : cmp.sel[tj] + 1] = P.transpose(0, 1, 3, 2)
     return Pt
 
@@ -548,7 +547,7 @@ def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: Se
     """:func:`tabulated_embed` in one Numba kernel: G never stored, T built atom by atom.
 
     The padded slots take the closed form P[type, count] of
-    :func:`padded_tail_table`, built once per model (:func:`padded_tails`).
+    :func:`table_padded_tails`, built once per model (:func:`padded_tails`).
     Returns T (nf, nloc, ng, 4) and the cache for :func:`fused_embed_backward`.
     """
     nf, nloc, nnei, _ = R.shape

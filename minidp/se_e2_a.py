@@ -270,15 +270,24 @@ def env_matrix_backward(dR: np.ndarray, cache: EnvCache, backend: str = "numba")
 # ---------------------------------------------------------------------------
 
 
-class EmbedCache(NamedTuple):
+class ReferenceBlock(NamedTuple):
+    """One (centre type, neighbour type) block of the reference embedding."""
+
+    atoms: np.ndarray  # (na,) centre atoms of the type
+    slots: slice  # the neighbour slots of the neighbour type
+    net: Net  # the block's embedding net
+    net_caches: list  # its nn.net_forward caches
+
+
+class ReferenceCache(NamedTuple):
     """What embed_reference_backward needs."""
 
     R: np.ndarray  # (nf, nloc, nnei, 4) the rows
     G: np.ndarray  # (nf, nloc, nnei, ng) their embedding features
-    blocks: list  # (centre atoms, slots, net, nn.net_forward caches) per (centre type, neighbour type)
+    blocks: list[ReferenceBlock]  # one per (centre type, neighbour type)
 
 
-def embed_reference(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, EmbedCache]:
+def embed_reference(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, ReferenceCache]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G = nets[t_i, t_j] applied to s_ij = R_ij,0.
 
     Every slot, padded ones included (their row is -davg/dstd), goes through
@@ -298,13 +307,13 @@ def embed_reference(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.
             # (nf * na * n_t, ng)
             Gb, caches = net_forward(se.nets[ti, tj], s)
             G[:, atoms, slots] = Gb.reshape(nf, atoms.size, cfg.sel[tj], cfg.ng)
-            blocks.append((atoms, slots, se.nets[ti, tj], caches))
+            blocks.append(ReferenceBlock(atoms, slots, se.nets[ti, tj], caches))
     # (nf, nloc, ng, 4)
     T = np.einsum("fing,finc->figc", G, R) / nnei
-    return T, EmbedCache(R, G, blocks)
+    return T, ReferenceCache(R, G, blocks)
 
 
-def embed_reference_backward(dT: np.ndarray, cache: EmbedCache) -> np.ndarray:
+def embed_reference_backward(dT: np.ndarray, cache: ReferenceCache) -> np.ndarray:
     r"""dL/dR (nf, nloc, nnei, 4) from dL/dT, through both places R enters T:
 
     .. math::
@@ -372,7 +381,7 @@ class DescriptorCache(NamedTuple):
 
     env: EnvCache
     R: np.ndarray  # (nf, nloc, nnei, 4) normalized environment matrix
-    embed: EmbedCache | list  # reference: EmbedCache; fast path: an EmbedPiece per (centre group, neighbour type)
+    embed: ReferenceCache | list[EmbedPiece]  # reference; fast path: one per (centre group, neighbour type)
     T: np.ndarray  # (nf, nloc, ng, 4)
 
 
@@ -428,9 +437,9 @@ def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend
 # path (backend "numpy" or "numba") gives the same T and dL/dR with three
 # tricks, each tested against the reference (tests/test_reference.py):
 #
-# 1. Packing: only real neighbours' rows go through the nets, packed
-#    contiguously per (frame, atom) ("owner"); on the water model 35% of the
-#    slots are padding.
+# 1. Packing (pack_rows): only real neighbours' rows go through the nets,
+#    packed contiguously per (frame, atom) ("owner"); on the water model 35%
+#    of the slots are padding.
 # 2. Padded tails (padded_tail_sums): a padded slot's row -davg/dstd depends
 #    on the centre type and the slot only, and padding comes last, so what the
 #    padded slots add to T is a table P[type, count] of a few hundred rows.
@@ -441,21 +450,44 @@ def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend
 # Numba then fuses the loops over rows (kernels.segment_contract ...).
 
 
+class PackedRows(NamedTuple):
+    """One (centre group, neighbour type) block's real rows, packed (trick 1 above)."""
+
+    real: np.ndarray  # (nf, na, n_t) True where the slot holds a real neighbour
+    count: np.ndarray  # (nf, na) real neighbours per atom
+    R_real: np.ndarray  # (nb, 4) the real rows, the rows of one atom contiguous
+    owner: np.ndarray  # (nb,) the (frame, atom) of the block, f * na + a, each row belongs to
+
+
+class NetTrace(NamedTuple):
+    """What training's reverse pass to one block's net weights needs (:func:`embed` with ``keep``)."""
+
+    key: tuple  # the net's key in se.nets (see EmbeddingNets)
+    net: Net  # the block's embedding net
+    row_caches: list  # (row slice, nn.net_jvp caches) per row block of embedding_features
+    R_pad: np.ndarray  # (ntypes, n_t, 4) the padded slots' rows -davg/dstd
+    pad_caches: list  # the nn.net_forward caches of those rows (net_padded_tails)
+
+
+class BlockFeatures(NamedTuple):
+    """What a source of features (the nets: :func:`embed`; the tables: minidp.compress) gives
+    :func:`embed_blocks` for one (centre group, neighbour type) block."""
+
+    G: np.ndarray  # (nb, ng) embedding features G(s) of the real rows
+    dG_ds: np.ndarray  # (nb, ng) their derivatives dG/ds
+    P: np.ndarray  # (ntypes, n_t + 1, ng, 4) what the padded slots add to T (padded_tail_sums)
+    trace: NetTrace | None  # training only (the nets with keep), else None
+
+
 class EmbedPiece(NamedTuple):
     """One (centre group, neighbour type) block of the fast embedding step."""
 
     atoms: np.ndarray  # (na,) centre atoms of the group
     slots: slice  # the neighbour slots of this neighbour type
-    real: np.ndarray  # (nf, na, n_t) True where the slot holds a real neighbour
-    owner: np.ndarray  # (nb,) which (frame, atom) of the block, f * na + a, each real row belongs to
-    R_real: np.ndarray  # (nb, 4) the real rows, packed (the rows of one atom are contiguous)
+    rows: PackedRows  # its real rows, packed
     G: np.ndarray  # (nb, ng) embedding features G(s) of the real rows
     dG_ds: np.ndarray  # (nb, ng) their derivatives dG/ds
-    key: tuple  # the net's key in se.nets (see EmbeddingNets)
-    net: Net  # the embedding net of this block
-    count: np.ndarray  # (nf, na) real neighbours of this type per atom
-    net_caches: list  # training only (else empty): (row slice, nn.net_jvp caches) per row block
-    pad_caches: tuple | None  # training only: (R_pad, nn.net_forward caches) of padded_tail_sums
+    trace: NetTrace | None  # training only, else None
 
 
 # Rows pushed through an embedding net at once: small enough that every
@@ -489,28 +521,36 @@ def embedding_features(net: Net, s: np.ndarray, keep: bool = False) -> tuple[np.
     return G, dG_ds, kept
 
 
-def padded_tail_sums(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice) -> tuple[np.ndarray, tuple]:
+def padded_tail_sums(G_pad: np.ndarray, R_pad: np.ndarray) -> np.ndarray:
     r"""What the padded slots add to T: P[t, k] = sum_{slot >= k} G(s_t,slot)^T R_t,slot.
 
     A padded slot's row is zero before normalization, so after it the row is
     R = -davg[t, slot] / dstd[t, slot], known from the centre type t alone.
     Neighbours are sorted with the padding last, so an atom of type t with c
     real neighbours of this type receives exactly P[t, c] from its padded
-    slots: a few hundred rows through the net replace the thousands of padded
-    rows of a frame (35% of the water model's slots). Returns P
-    (ntypes, n_t + 1, ng, 4), with P[t, n_t] = 0, and (R_pad, the net's
-    caches) for training's embed_param_backward.
+    slots: a few hundred rows through the net (or the table) replace the
+    thousands of padded rows of a frame (35% of the water model's slots).
+    R_pad (ntypes, n_t, 4): one neighbour type's padded rows for each centre
+    type; G_pad (ntypes, n_t, ng): their features. Returns P (ntypes, n_t + 1,
+    ng, 4), with P[t, n_t] = 0.
     """
+    # (ntypes, n_t, ng, 4)  each padded slot's G^T R
+    GR = G_pad[..., None] * R_pad[:, :, None, :]
+    # (ntypes, n_t + 1, ng, 4)  sums from slot k to the end
+    P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
+    P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
+    return P
+
+
+def net_padded_tails(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice
+                     ) -> tuple[np.ndarray, np.ndarray, list]:
+    """:func:`padded_tail_sums` with G from the net: returns P (ntypes, n_t + 1, ng, 4), the padded
+    rows R_pad (ntypes, n_t, 4) and the net's caches (for training's reverse pass)."""
     # (ntypes, n_t, 4)
     R_pad = -davg[:, slots] / dstd[:, slots]
     # (ntypes * n_t, ng)
     G_pad, caches = net_forward(net, R_pad[..., :1].reshape(-1, 1))
-    # (ntypes, n_t, ng, 4)  each padded slot's G^T R
-    GR = G_pad.reshape(R_pad.shape[:2] + (-1, 1)) * R_pad[:, :, None, :]
-    # (ntypes, n_t + 1, ng, 4)  sums from slot k to the end
-    P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
-    P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
-    return P, (R_pad, caches)
+    return padded_tail_sums(G_pad.reshape(R_pad.shape[:2] + (-1,)), R_pad), R_pad, caches
 
 
 def sum_rows(G, R_real, owner, n_owner, backend) -> np.ndarray:
@@ -552,15 +592,6 @@ def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
     return dR_real
 
 
-class PackedRows(NamedTuple):
-    """One (centre group, neighbour type) block's real rows, packed (trick 1 above)."""
-
-    real: np.ndarray  # (nf, na, n_t) True where the slot holds a real neighbour
-    count: np.ndarray  # (nf, na) real neighbours per atom
-    R_real: np.ndarray  # (nb, 4) the real rows, the rows of one atom contiguous
-    owner: np.ndarray  # (nb,) the (frame, atom) of the block, f * na + a, each row belongs to
-
-
 def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice) -> PackedRows:
     """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed."""
     real, count = real_counts(nlist[:, atoms, slots])
@@ -588,15 +619,15 @@ def real_counts(nlist_block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def embed_blocks(
-    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, block: Callable, backend: str = "numba",
+    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+    block: Callable[[int, int, slice, np.ndarray], BlockFeatures], backend: str = "numba",
 ) -> tuple[np.ndarray, list[EmbedPiece]]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, block by block (centre group, neighbour type), G from ``block``.
 
     The fast path's loop: each block's real rows are packed (trick 1), their
     features come from ``block(ti, tj, slots, s)`` for the column s (nb, 1),
-    which returns (G (nb, ng), dG/ds (nb, ng), P, (key, net, net caches, pad
-    caches)), P (ntypes, n_t + 1, ng, 4) being what the padded slots add
-    (trick 2). :func:`embed` passes the net; minidp.compress its tables.
+    a :class:`BlockFeatures` whose P is what the padded slots add (trick 2).
+    :func:`embed` passes the nets; minidp.compress its tables.
     Returns T (nf, nloc, ng, 4) and the pieces the backward needs.
     """
     nf, nloc, nnei, _ = R.shape
@@ -608,16 +639,13 @@ def embed_blocks(
         na = atoms.size
         for tj in range(cfg.ntypes):
             slots = cfg.slots(tj)
-            # (nb, 4) the real rows, packed; (nb,) the (frame, atom) each belongs to
-            real, count, R_real, owner = pack_rows(R, nlist, atoms, slots)
-            # (nb, ng), (nb, ng): each real neighbour is one row; P: the padded slots' share
-            G, dG_ds, P, (key, net, net_caches, pad_caches) = block(ti, tj, slots, R_real[:, :1])
+            rows = pack_rows(R, nlist, atoms, slots)
+            feats = block(ti, tj, slots, rows.R_real[:, :1])
             # (nf * na, ng, 4)
-            Tb = sum_rows(G, R_real, owner, nf * na, backend)
-            Tb += P[atom_types[atoms], count].reshape(Tb.shape)
+            Tb = sum_rows(feats.G, rows.R_real, rows.owner, nf * na, backend)
+            Tb += feats.P[atom_types[atoms], rows.count].reshape(Tb.shape)
             T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
-            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, key, net, count,
-                                     net_caches, pad_caches))
+            pieces.append(EmbedPiece(atoms, slots, rows, feats.G, feats.dG_ds, feats.trace))
     return T, pieces
 
 
@@ -628,16 +656,17 @@ def embed(
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, as :func:`embed_reference`, by the fast path's tricks.
 
     Only real neighbours go through the net (forward mode gives dG/ds too,
-    trick 3); what the padded slots add comes from :func:`padded_tail_sums`.
+    trick 3); what the padded slots add comes from :func:`net_padded_tails`.
     Returns T (nf, nloc, ng, 4) and the pieces the backward needs (with the
     nets' caches when ``keep``: training).
     """
 
-    def block(ti: int, tj: int, slots: slice, s: np.ndarray):
+    def block(ti: int, tj: int, slots: slice, s: np.ndarray) -> BlockFeatures:
         net = se.nets[ti, tj]
-        G, dG_ds, net_caches = embedding_features(net, s, keep)
-        P, pad_caches = padded_tail_sums(net, se.davg, se.dstd, slots)
-        return G, dG_ds, P, (se.nets.key(ti, tj), net, net_caches, pad_caches if keep else None)
+        G, dG_ds, row_caches = embedding_features(net, s, keep)
+        P, R_pad, pad_caches = net_padded_tails(net, se.davg, se.dstd, slots)
+        trace = NetTrace(se.nets.key(ti, tj), net, row_caches, R_pad, pad_caches) if keep else None
+        return BlockFeatures(G, dG_ds, P, trace)
 
     return embed_blocks(R, nlist, atom_types, se, block, backend)
 
@@ -655,10 +684,10 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], back
         # (nf * na, ng, 4)
         dTb = (dT[:, pc.atoms] / nnei).reshape(-1, dT.shape[2], 4)
         # (nb, 4)
-        dR_real = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.R_real, pc.owner, backend)
+        dR_real = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.rows.R_real, pc.rows.owner, backend)
         # (nf, na, n_t, 4)
-        dRb = np.zeros(pc.real.shape + (4,), dtype=R.dtype)
-        dRb[pc.real] = dR_real
+        dRb = np.zeros(pc.rows.real.shape + (4,), dtype=R.dtype)
+        dRb[pc.rows.real] = dR_real
         dR[:, pc.atoms, pc.slots] = dRb
     return dR
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from minidp.nn import net_forward
 from minidp.force_training import contract_jvp, embed_jvp, env_matrix_jvp, padded_tail_backward
 from minidp.se_e2_a import (contract, contract_backward, descriptor, descriptor_backward, embed, embed_backward,
-                            env_matrix, env_matrix_backward, padded_tail_sums, smooth_switch)
+                            env_matrix, env_matrix_backward, net_padded_tails, smooth_switch)
 from tests.conftest import random_model, rel_err, se_configs
 
 BACKENDS = ["numba", "numpy"]
@@ -224,11 +224,11 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
     assert len(cache.embed) == groups * cfg.ntypes
     for pc in cache.embed:
         na, n_t = pc.atoms.size, pc.slots.stop - pc.slots.start
-        nb = int(pc.real.sum())
-        assert pc.real.shape == (nf, na, n_t) and pc.count.shape == (nf, na)
-        assert pc.owner.shape == (nb,) and pc.R_real.shape == (nb, 4)
+        nb = int(pc.rows.real.sum())
+        assert pc.rows.real.shape == (nf, na, n_t) and pc.rows.count.shape == (nf, na)
+        assert pc.rows.owner.shape == (nb,) and pc.rows.R_real.shape == (nb, 4)
         assert pc.G.shape == pc.dG_ds.shape == (nb, ng)
-        assert padded_tail_sums(se.nets[0, 0], se.davg, se.dstd, slots=pc.slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
+        assert net_padded_tails(se.nets[0, 0], se.davg, se.dstd, slots=pc.slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
         if na:
             assert padded_tail_backward(rng.normal(size=(nf, na, ng, 4)), pc, types).shape == (cfg.ntypes * n_t, ng)
     # the training tangents
