@@ -39,6 +39,12 @@ This module has four parts:
    loop, G never stored; the backward evaluates the polynomial again, which
    costs less than writing G (nb x ng numbers) and reading it back.
 
+A :class:`Compression` is the embedding step of a compressed descriptor
+(``SeA.compress``, a :class:`minidp.se_e2_a.TabulatedEmbedding`): its
+``embed`` / ``embed_backward`` run part 3 or part 4, and
+:func:`minidp.se_e2_a.descriptor_forward` calls them in place of the nets.
+This module imports minidp.se_e2_a, never the other way round.
+
 Outside the table deepmd-kit 3.2 extends each end linearly (C1): below
 ``lower`` G(s) = G(lower) + G'(lower)(s - lower), at and beyond ``table_max``
 G(s) = G(table_max) + G'(table_max)(s - table_max); the derivative is the
@@ -60,15 +66,11 @@ from numba import njit
 from minidp.nn import Net, get_activation, residual_kind
 from minidp.se_e2_a import (
     BlockFeatures,
-    DescriptorCache,
     EmbedPiece,
     SeA,
-    contract,
-    contract_backward,
+    SeAConfig,
     embed_backward,
     embed_blocks,
-    env_matrix,
-    env_matrix_backward,
     padded_tail_sums,
     smooth_switch,
     type_slots,
@@ -204,6 +206,26 @@ class Compression:
 
     def table(self, ti: int, tj: int) -> Table:
         return self.tables[self.index(ti, tj)]
+
+    # --- the embedding step of a compressed descriptor (minidp.se_e2_a.TabulatedEmbedding) ---
+    def embed(self, R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+              backend: str) -> tuple[np.ndarray, list[EmbedPiece] | FusedCache]:
+        """T (nf, nloc, ng, 4) from the tables, and what :meth:`embed_backward` needs.
+
+        The readable NumPy path (:func:`tabulated_embed`) for "numpy" and
+        "reference" (a table has no plainer form); the fused kernel
+        (:func:`fused_embed`) for "numba".
+        """
+        if backend != "numba":
+            return tabulated_embed(R, nlist, atom_types, se, self)
+        return fused_embed(R, nlist, atom_types, se.config, self)
+
+    def embed_backward(self, dT: np.ndarray, R: np.ndarray, cache: list[EmbedPiece] | FusedCache, se: SeA,
+                       backend: str) -> np.ndarray:
+        """dL/dR (nf, nloc, nnei, 4) from dL/dT, the backward of :meth:`embed` on the same backend."""
+        if backend != "numba":
+            return embed_backward(dT, R, cache, "numpy")
+        return fused_embed_backward(dT, R, cache, se.config, self)
 
 
 def compression(tables, se: SeA, min_nbor_dist: float | None = None) -> Compression:
@@ -493,9 +515,9 @@ def table_padded_tails(table: Table, R_pad: np.ndarray) -> np.ndarray:
     return padded_tail_sums(G_pad.reshape(R_pad.shape[:2] + (-1,)), R_pad)
 
 
-def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA
-                    ) -> tuple[np.ndarray, list[EmbedPiece]]:
-    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G from the tables (the plain NumPy version).
+def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+                    cmp: Compression) -> tuple[np.ndarray, list[EmbedPiece]]:
+    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G from the tables cmp (the plain NumPy version).
 
     The exact path's loop (:func:`minidp.se_e2_a.embed_blocks`) with the net
     replaced by :func:`table_features`: each real row is looked up, the padded
@@ -505,10 +527,10 @@ def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se
     """
 
     def block(ti: int, tj: int, slots: slice, s: np.ndarray) -> BlockFeatures:
-        table = se.compress.table(ti, tj)
+        table = cmp.table(ti, tj)
         # (nb, ng), (nb, ng)
         G, dG_ds = table_features(table, s[:, 0])
-        return BlockFeatures(G, dG_ds, table_padded_tails(table, se.compress.pad_rows[:, slots]), None)
+        return BlockFeatures(G, dG_ds, table_padded_tails(table, cmp.pad_rows[:, slots]), None)
 
     return embed_blocks(R, nlist, atom_types, se, block, "numpy")
 
@@ -543,7 +565,8 @@ def padded_tails(cmp: Compression) -> np.ndarray:
     return Pt
 
 
-def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, FusedCache]:
+def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, cfg: SeAConfig,
+                cmp: Compression) -> tuple[np.ndarray, FusedCache]:
     """:func:`tabulated_embed` in one Numba kernel: G never stored, T built atom by atom.
 
     The padded slots take the closed form P[type, count] of
@@ -551,7 +574,6 @@ def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: Se
     Returns T (nf, nloc, ng, 4) and the cache for :func:`fused_embed_backward`.
     """
     nf, nloc, nnei, _ = R.shape
-    cfg, cmp = se.config, se.compress
     sec = cfg.sec
     # (nf, nloc, ntypes)
     counts = np.stack([(nlist[:, :, sec[t]: sec[t + 1]] >= 0).sum(axis=-1) for t in range(cfg.ntypes)], axis=-1)
@@ -563,7 +585,8 @@ def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: Se
     return Tt.transpose(0, 1, 3, 2), FusedCache(counts, tab_of)
 
 
-def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, se: SeA) -> np.ndarray:
+def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, cfg: SeAConfig,
+                         cmp: Compression) -> np.ndarray:
     r"""dL/dR (nf, nloc, nnei, 4) from dL/dT: :func:`minidp.se_e2_a.embed_backward` for table rows.
 
     dL/dR_j = (1/nnei) G_j dL/dT + (dL/ds_j, 0, 0, 0) with dL/ds_j = (1/nnei) sum_g (R_j . dL/dT_g) G'_g(s_j);
@@ -574,40 +597,8 @@ def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, se: S
     dTt = np.ascontiguousarray(dT.transpose(0, 1, 3, 2)) / nnei
     # (nf, nloc, nnei, 4)
     dR = np.zeros_like(R)
-    cmp = se.compress
-    tabulated_contract_backward(R, cache.counts, se.config.sec, cache.tab_of, cmp.coef_t, cmp.bounds, dTt, dR)
+    tabulated_contract_backward(R, cache.counts, cfg.sec, cache.tab_of, cmp.coef_t, cmp.bounds, dTt, dR)
     return dR
-
-
-# ---------------------------------------------------------------------------
-# The descriptor of a compressed model (se_e2_a.descriptor dispatches here)
-# ---------------------------------------------------------------------------
-
-
-def descriptor(rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
-               backend: str = "numba") -> tuple[np.ndarray, DescriptorCache]:
-    """se_e2_a.descriptor with tabulated embedding nets: env matrix, tabulated embed, contract.
-
-    ``backend="numpy"`` is the readable path (:func:`tabulated_embed`), "numba" the fused one.
-    """
-    cfg = se.config
-    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
-    if backend != "numba":  # "numpy" and "reference": the readable tabulated path
-        T, pieces = tabulated_embed(R, nlist, atom_types, se)
-    else:
-        T, pieces = fused_embed(R, nlist, atom_types, se)
-    D = contract(T, cfg.axis_neuron)
-    return D, DescriptorCache(env, R, pieces, T)
-
-
-def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
-    """dL/d rij (nf, nloc, nnei, 3) from dL/dD for a compressed descriptor."""
-    dT = contract_backward(dD, cache.T, se.config.axis_neuron)
-    if backend != "numba":
-        dR = embed_backward(dT, cache.R, cache.embed, "numpy")
-    else:
-        dR = fused_embed_backward(dT, cache.R, cache.embed, se)
-    return env_matrix_backward(dR, cache.env, backend)
 
 
 # ---------------------------------------------------------------------------

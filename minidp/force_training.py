@@ -222,7 +222,7 @@ def weight_gradients(
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
     r"""dS/dtheta of S = sum_f c_f E_f - E', E' = sum_ij g_ij . drij (see :mod:`minidp.loss`), by net name.
 
-    D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor(..., keep=True);
+    D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
     c_E (nf,) = dL/dE; drij (nf, nloc, nnei, 3) the pairs' displacement.
     Tangents forward (R', T', D', E'), then one reverse pass through values
     and tangents, from the fitting nets down to the embedding nets' weights.
@@ -230,7 +230,7 @@ def weight_gradients(
     m2 = model.descriptor.config.axis_neuron
     # (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
     Rdot = env_matrix_jvp(drij, dcache.env)
-    Tdot = embed_jvp(Rdot, dcache.embed, backend)
+    Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
     # (nf, nloc) each: E_i and its caches with the tangent
     E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model)
@@ -241,5 +241,5 @@ def weight_gradients(
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)
-    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.embed, atom_types, backend))
+    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.pieces, atom_types, backend))
     return grads

@@ -40,7 +40,7 @@ from minidp import checks, runtime
 from minidp.checks import FrameError, positive_int, real_array
 from minidp.model import EnergyModel, Prediction, energy_forces, pair_gradients, scatter_pairs
 from minidp.neighbor import NeighborList, build_neighbor_list
-from minidp.se_e2_a import descriptor
+from minidp.se_e2_a import descriptor_forward
 from minidp.serialization import load_model
 
 # ---------------------------------------------------------------------------
@@ -372,7 +372,8 @@ class DeepPot:
         out = np.empty((nf, natoms, self.get_dim_descriptor()))
 
         def work(nl: NeighborList, chunk: Chunk) -> np.ndarray:
-            D, _ = descriptor(nl.rij, nl.nlist, frames.atom_types[chunk.atoms], self.model.descriptor, self.backend)
+            D, _ = descriptor_forward(nl.rij, nl.nlist, frames.atom_types[chunk.atoms], self.model.descriptor,
+                                      self.backend)
             return D
 
         for chunk, D in self._run(frames, work):

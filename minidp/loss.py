@@ -49,7 +49,7 @@ from minidp.checks import check_backend
 from minidp.force_training import weight_gradients
 from minidp.model import EnergyModel, atomic_energy, atomic_energy_backward, pair_forces_virials
 from minidp.nn import zeros_like_params
-from minidp.se_e2_a import descriptor, descriptor_backward
+from minidp.se_e2_a import descriptor_backward, descriptor_forward
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     se, types = model.descriptor, batch.atom_types
     # forward and the usual backward: energies, forces, virials
     # (nf, nloc, ng * m2)
-    D, dcache = descriptor(batch.rij, batch.nlist, types, se, backend, keep=True)
+    D, dcache = descriptor_forward(batch.rij, batch.nlist, types, se, backend, keep=True)
     # (nf, nloc)
     E_atom, fcaches = atomic_energy(D, types, model)
     # (nf, nloc, ng * m2), then (nf, nloc, nnei, 3): g = dE/d r_ij

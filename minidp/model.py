@@ -46,7 +46,7 @@ import numpy as np
 from minidp import kernels
 from minidp.checks import check_backend
 from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward
-from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig, descriptor, descriptor_backward
+from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig, descriptor_backward, descriptor_forward
 
 
 @dataclass
@@ -234,7 +234,7 @@ def pair_gradients(
     any nc centre atoms (all of a frame, or a chunk of one).
     """
     se = model.descriptor
-    D, dcache = descriptor(rij, nlist, atom_types, se, backend)
+    D, dcache = descriptor_forward(rij, nlist, atom_types, se, backend)
     E_atom, fcaches = atomic_energy(D, atom_types, model)
     # (nf, nc, ng * m2)
     dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])

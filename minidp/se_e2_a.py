@@ -46,6 +46,8 @@ Shape symbols, shared by the whole package:
 - ``m2``: ``axis_neuron`` (M2 in the paper)
 - ``nb``: rows pushed through a net at once; ``na``: centre atoms of a group
 - ``ntypes``: number of atom types
+- ``nc``: centre atoms of a chunk (all the atoms of a frame, or a big frame's
+  share, :mod:`minidp.infer`); ``ntouched``: the atoms a chunk's pairs touch
 
 Padded neighbour slots (``nlist == -1``) have ``rij = 0``. Their raw row is
 zero, but after normalization it is ``-davg/dstd``, which is *not* zero, and
@@ -55,16 +57,18 @@ the same so that the two agree to round-off. Their gradient to ``rij`` is zero.
 Backends: ``"reference"`` (this module's first half, plain NumPy),
 ``"numpy"`` (the fast path's tricks in NumPy) and ``"numba"`` (the same
 tricks with the loops compiled, :mod:`minidp.kernels`). The backend is checked
-once, at the public boundary (:func:`minidp.checks.backend`); the functions
-here take a valid one. Training on forces adds tangents and a second reverse
-pass: :mod:`minidp.force_training`.
+once, at the public boundary (:func:`minidp.checks.check_backend`); the functions
+here take a valid one. Training on forces adds tangents and a second reverse pass:
+:mod:`minidp.force_training`. A compressed model (``SeA.compress``, see
+:mod:`minidp.compress`) brings its own embedding step, which
+:func:`descriptor_forward` calls through :class:`TabulatedEmbedding`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -143,6 +147,25 @@ def type_slots(sel, tj: int) -> slice:
     return slice(int(sec[tj]), int(sec[tj + 1]))
 
 
+@runtime_checkable
+class TabulatedEmbedding(Protocol):
+    """What ``SeA.compress`` is: an embedding step of its own that replaces the nets
+    (:class:`minidp.compress.Compression`, the nets tabulated by ``dp compress``).
+
+    ``embed`` gives T (nf, nloc, ng, 4) from the rows R (nf, nloc, nnei, 4),
+    as :func:`embed` does, and what its backward needs; ``embed_backward``
+    gives dL/dR (nf, nloc, nnei, 4) from dL/dT and that cache.
+    :func:`descriptor_forward` and :func:`descriptor_backward` call them,
+    so this module never imports the module that implements them.
+    """
+
+    def embed(self, R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+              backend: str) -> tuple[np.ndarray, object]: ...
+
+    def embed_backward(self, dT: np.ndarray, R: np.ndarray, cache: object, se: SeA,
+                       backend: str) -> np.ndarray: ...
+
+
 @dataclass
 class SeA:
     """Parameters of an se_e2_a descriptor."""
@@ -151,11 +174,14 @@ class SeA:
     davg: np.ndarray  # (ntypes, nnei, 4) mean of the environment-matrix rows, per centre type
     dstd: np.ndarray  # (ntypes, nnei, 4) their standard deviation
     nets: EmbeddingNets  # nets[ti, tj]: embedding net for centre type ti, neighbour type tj (end of module)
-    compress: object | None = None  # minidp.compress.Compression: the nets tabulated (dp compress), or None
+    compress: TabulatedEmbedding | None = None  # the nets tabulated (dp compress, minidp.compress), or None
 
     def __post_init__(self):
         if not isinstance(self.nets, EmbeddingNets):  # a table nets[ti][tj], as lists
             self.nets = EmbeddingNets.from_table(self.config.ntypes, self.config.type_one_side, self.nets)
+        if self.compress is not None and not isinstance(self.compress, TabulatedEmbedding):
+            raise TypeError(f"SeA.compress must provide embed and embed_backward (a minidp.compress.Compression), "
+                            f"got {type(self.compress).__name__}")
 
     def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Atoms that share embedding nets: (indices, centre type) per group.
@@ -377,55 +403,57 @@ def contract_backward(dD: np.ndarray, T: np.ndarray, m2: int) -> np.ndarray:
 
 
 class DescriptorCache(NamedTuple):
-    """What descriptor_backward needs."""
+    """What descriptor_backward needs: each step's cache. The embedding step that ran (one of three)
+    fills its own field; the other two stay None."""
 
     env: EnvCache
     R: np.ndarray  # (nf, nloc, nnei, 4) normalized environment matrix
-    embed: ReferenceCache | list[EmbedPiece]  # reference; fast path: one per (centre group, neighbour type)
     T: np.ndarray  # (nf, nloc, ng, 4)
+    reference: ReferenceCache | None  # backend "reference": G of every slot (embed_reference)
+    pieces: list[EmbedPiece] | None  # the fast path: one piece per (centre group, neighbour type) (embed)
+    tables: object | None  # a compressed model: what its TabulatedEmbedding.embed returned for its backward
 
 
-def descriptor(
+def descriptor_forward(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
     keep: bool = False,
 ) -> tuple[np.ndarray, DescriptorCache]:
     """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract.
 
     ``backend``: "reference" (:func:`embed_reference`), "numpy" or "numba"
-    (the fast path, :func:`embed`; same results to round-off). ``keep``
+    (the fast path, :func:`embed`; same results to round-off); a compressed
+    model's tables bring their own step (``se.compress.embed``). ``keep``
     keeps the fast path's net caches for training (minidp.force_training).
     """
     check_backend(backend)
-    if se.compress is not None:  # a compressed model: the nets' tables replace the nets (minidp.compress)
-        from minidp import compress
-
-        if keep:
-            raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
-        return compress.descriptor(rij, nlist, atom_types, se, backend)
+    if keep and se.compress is not None:
+        raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
     if keep and backend == "reference":
         raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
     cfg = se.config
     R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
-    if backend == "reference":
-        T, emb = embed_reference(R, atom_types, se)
+    reference = pieces = tables = None
+    if se.compress is not None:  # a compressed model: the nets' tables replace the nets
+        T, tables = se.compress.embed(R, nlist, atom_types, se, backend)
+    elif backend == "reference":
+        T, reference = embed_reference(R, atom_types, se)
     else:
-        T, emb = embed(R, nlist, atom_types, se, backend, keep)
+        T, pieces = embed(R, nlist, atom_types, se, backend, keep)
     D = contract(T, cfg.axis_neuron)
-    return D, DescriptorCache(env, R, emb, T)
+    return D, DescriptorCache(env, R, T, reference, pieces, tables)
 
 
 def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
     """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
-    if se.compress is not None:
-        from minidp import compress
-
-        return compress.descriptor_backward(dD, cache, se, backend)
     dT = contract_backward(dD, cache.T, se.config.axis_neuron)
-    if backend == "reference":
-        dR = embed_reference_backward(dT, cache.embed)
+    if se.compress is not None:
+        dR = se.compress.embed_backward(dT, cache.R, cache.tables, se, backend)
+    elif backend == "reference":
+        dR = embed_reference_backward(dT, cache.reference)
     else:
-        dR = embed_backward(dT, cache.R, cache.embed, backend)
+        dR = embed_backward(dT, cache.R, cache.pieces, backend)
     return env_matrix_backward(dR, cache.env, backend)
+
 
 
 # ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minidp.model import new_model
-from minidp.se_e2_a import EmbeddingNets, SeAConfig, descriptor
+from minidp.se_e2_a import EmbeddingNets, SeAConfig, descriptor_forward
 from tests.conftest import random_model
 from tests.test_train import _input, data_dir  # noqa: F401  (data_dir: a fixture)
 
@@ -141,7 +141,7 @@ def test_padding_before_a_neighbour_is_refused():
     rij[0, 0, 1] = [1.0, 0.0, 0.0]
     nlist = np.array([[[-1, 0, -1]]])
     with pytest.raises(ValueError, match=r"padded slots \(-1\) must come after the real neighbours"):
-        descriptor(rij, nlist, np.zeros(1, int), model.descriptor, "numpy")
+        descriptor_forward(rij, nlist, np.zeros(1, int), model.descriptor, "numpy")
 
 
 def test_predict_block_does_not_rely_on_the_order_of_groups():
