@@ -56,9 +56,11 @@ the same so that the two agree to round-off. Their gradient to ``rij`` is zero.
 
 Backends: ``"reference"`` (this module's first half, plain NumPy),
 ``"numpy"`` (the fast path's tricks in NumPy) and ``"numba"`` (the same
-tricks with the loops compiled, :mod:`minidp.kernels`). The backend is checked
-once, at the public boundary (:func:`minidp.checks.check_backend`); the functions
-here take a valid one. Training on forces adds tangents and a second reverse pass:
+tricks with the loops compiled, :mod:`minidp.kernels`). Inputs are checked
+once, at the public boundary (:class:`minidp.infer.DeepPot`,
+:func:`minidp.model.energy_forces`, :func:`compute_descriptor`, all through
+:func:`check_descriptor_inputs`); the functions here trust what they are
+given. Training on forces adds tangents and a second reverse pass:
 :mod:`minidp.force_training`. A compressed model (``SeA.compress``, see
 :mod:`minidp.compress`) brings its own embedding step, which
 :func:`descriptor_forward` calls through :class:`TabulatedEmbedding`.
@@ -424,12 +426,8 @@ def descriptor_forward(
     (the fast path, :func:`embed`; same results to round-off); a compressed
     model's tables bring their own step (``se.compress.embed``). ``keep``
     keeps the fast path's net caches for training (minidp.force_training).
+    Trusts its input (:func:`compute_descriptor` checks it first).
     """
-    check_backend(backend)
-    if keep and se.compress is not None:
-        raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
-    if keep and backend == "reference":
-        raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
     cfg = se.config
     R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
     reference = pieces = tables = None
@@ -454,6 +452,49 @@ def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend
         dR = embed_backward(dT, cache.R, cache.pieces, backend)
     return env_matrix_backward(dR, cache.env, backend)
 
+
+def check_nlist_layout(nlist: np.ndarray, cfg: SeAConfig) -> None:
+    """ValueError unless nlist (nf, nloc, nnei) has sum(sel) slots per atom and, in each neighbour
+    type's section, its real neighbours first and the padding (-1) after them.
+
+    The fast path relies on that order (the padded slots' table P[type, count]
+    and the packing): a hand-made nlist with a -1 between neighbours would
+    otherwise give a wrong T silently. build_neighbor_list writes this layout.
+    """
+    if nlist.ndim != 3 or nlist.shape[-1] != cfg.nnei:
+        raise ValueError(f"nlist has shape {nlist.shape}; expected (nf, nloc, {cfg.nnei}), sum(sel) slots per atom")
+    # (nf, nloc, nnei)
+    real = nlist >= 0
+    # (nf, nloc, nnei - 1)  a real neighbour right after a padded slot...
+    gap = real[..., 1:] & ~real[..., :-1]
+    # ...of the same section (a section may well start after the previous one's padding)
+    gap[..., cfg.sec[1:-1] - 1] = False
+    if gap.any():
+        raise ValueError("nlist: padded slots (-1) must come after the real neighbours in each type's section, "
+                         "as build_neighbor_list writes them")
+
+
+def check_descriptor_inputs(nlist: np.ndarray, se: SeA, backend, keep: bool = False) -> str:
+    """The public entries' checks, once (ValueError naming the value): a known backend, nlist in the
+    sel layout (:func:`check_nlist_layout`), and with ``keep`` (training) a model with nets and a
+    backend with tangents. Returns the backend."""
+    check_backend(backend)
+    if keep and se.compress is not None:
+        raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
+    if keep and backend == "reference":
+        raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
+    check_nlist_layout(nlist, se.config)
+    return backend
+
+
+def compute_descriptor(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
+    keep: bool = False,
+) -> tuple[np.ndarray, DescriptorCache]:
+    """:func:`descriptor_forward` for a caller with its own neighbour list: its inputs checked first
+    (:func:`check_descriptor_inputs`). Returns D (nf, nloc, ng * m2) and the cache."""
+    check_descriptor_inputs(nlist, se, backend, keep)
+    return descriptor_forward(rij, nlist, atom_types, se, backend, keep)
 
 
 # ---------------------------------------------------------------------------
@@ -621,29 +662,19 @@ def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
 
 
 def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice) -> PackedRows:
-    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed."""
-    real, count = real_counts(nlist[:, atoms, slots])
+    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed.
+
+    A section holds its real neighbours first (:func:`check_nlist_layout`), so
+    an atom's ``count`` real neighbours fill its first ``count`` slots.
+    """
+    # (nf, na, n_t)
+    real = nlist[:, atoms, slots] >= 0
+    # (nf, na)
+    count = real.sum(axis=-1)
     # (nb, 4), (nb,)
     R_real = R[:, atoms, slots][real]
     owner = np.repeat(np.arange(count.size), count.reshape(-1))
     return PackedRows(real, count, R_real, owner)
-
-
-def real_counts(nlist_block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(real (nf, na, n_t), count (nf, na)) of one neighbour type's slots; ValueError unless padding comes last.
-
-    The padded-tail table (:func:`padded_tail_sums`) and the row packing
-    assume each section holds its real neighbours first: a hand-made nlist
-    with a -1 between neighbours would otherwise give a wrong T silently.
-    """
-    # (nf, na, n_t)
-    real = nlist_block >= 0
-    # (nf, na)  real neighbours per atom: they must fill the first slots
-    count = real.sum(axis=-1)
-    if not (real == (np.arange(real.shape[-1]) < count[..., None])).all():
-        raise ValueError("nlist: padded slots (-1) must come after the real neighbours in each type's section, "
-                         "as build_neighbor_list writes them")
-    return real, count
 
 
 def embed_blocks(

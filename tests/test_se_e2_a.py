@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from minidp.nn import net_forward
 from minidp.force_training import contract_jvp, embed_jvp, env_matrix_jvp, padded_tail_backward
-from minidp.se_e2_a import (descriptor_forward, contract, contract_backward, descriptor_backward, embed, embed_backward,
+from minidp.se_e2_a import (compute_descriptor, contract, contract_backward, descriptor_backward, embed, embed_backward,
                             env_matrix, env_matrix_backward, net_padded_tails, smooth_switch)
 from tests.conftest import random_model, rel_err, se_configs
 
@@ -159,10 +159,10 @@ def test_descriptor_backward_matches_finite_differences(backend, cfg, nf, nloc, 
     rng = np.random.default_rng(seed)
     se = random_model(cfg, seed, per_slot=True).descriptor
     types, nlist, rij = random_pairs(cfg, nf, nloc, rng)
-    D, cache = descriptor_forward(rij, nlist, types, se, backend)
+    D, cache = compute_descriptor(rij, nlist, types, se, backend)
     dD = rng.normal(size=D.shape)
     g = descriptor_backward(dD, cache, se, backend)
-    fd = atomwise_fd(lambda x: descriptor_forward(x, nlist, types, se, backend)[0], rij, dD)
+    fd = atomwise_fd(lambda x: compute_descriptor(x, nlist, types, se, backend)[0], rij, dD)
     assert rel_err(g, fd) <= TOL
     assert np.all(g[nlist < 0] == 0.0)
 
@@ -199,7 +199,7 @@ def test_numba_and_numpy_backends_agree(cfg, nf, nloc, seed):
     rng = np.random.default_rng(seed)
     se = random_model(cfg, seed, per_slot=True).descriptor
     types, nlist, rij = random_pairs(cfg, nf, nloc, rng)
-    (Da, ca), (Db, cb) = (descriptor_forward(rij, nlist, types, se, b) for b in BACKENDS)
+    (Da, ca), (Db, cb) = (compute_descriptor(rij, nlist, types, se, b) for b in BACKENDS)
     dD = rng.normal(size=Da.shape)
     ga, gb = descriptor_backward(dD, ca, se, "numba"), descriptor_backward(dD, cb, se, "numpy")
     assert rel_err(Da, Db) <= 1e-13 and rel_err(ga, gb) <= 1e-13
@@ -212,7 +212,7 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
     se = random_model(cfg, seed).descriptor
     types, nlist, rij = random_pairs(cfg, nf, nloc, rng)
     nnei, ng, m2 = cfg.nnei, cfg.ng, cfg.axis_neuron
-    D, cache = descriptor_forward(rij, nlist, types, se, keep=True)
+    D, cache = compute_descriptor(rij, nlist, types, se, keep=True)
     env = cache.env
     assert cache.R.shape == (nf, nloc, nnei, 4)
     assert env.rij.shape == (nf, nloc, nnei, 3)
