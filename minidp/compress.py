@@ -39,6 +39,12 @@ This module has four parts:
    loop, G never stored; the backward evaluates the polynomial again, which
    costs less than writing G (nb x ng numbers) and reading it back.
 
+A :class:`Compression` is the embedding step of a compressed descriptor
+(``SeA.compress``, a :class:`minidp.se_e2_a.TabulatedEmbedding`): its
+``embed`` / ``embed_backward`` run part 3 or part 4, and
+:func:`minidp.se_e2_a.descriptor_forward` calls them in place of the nets.
+This module imports minidp.se_e2_a, never the other way round.
+
 Outside the table deepmd-kit 3.2 extends each end linearly (C1): below
 ``lower`` G(s) = G(lower) + G'(lower)(s - lower), at and beyond ``table_max``
 G(s) = G(table_max) + G'(table_max)(s - table_max); the derivative is the
@@ -59,15 +65,15 @@ from numba import njit
 
 from minidp.nn import Net, get_activation, residual_kind
 from minidp.se_e2_a import (
-    DescriptorCache,
+    BlockFeatures,
+    EmbedPiece,
     SeA,
-    contract,
-    contract_backward,
+    SeAConfig,
     embed_backward,
     embed_blocks,
-    env_matrix,
-    env_matrix_backward,
+    padded_tail_sums,
     smooth_switch,
+    type_slots,
 )
 
 # deepmd-kit's defaults for `dp compress`: -s 0.01, -e 5, the second table's
@@ -156,7 +162,7 @@ class Compression:
 
     tables: tuple[Table, ...]
     type_one_side: bool
-    pad_rows: np.ndarray  # (ntypes, nnei, 4) the rows of padded slots, -davg/dstd (see padded_tail_table)
+    pad_rows: np.ndarray  # (ntypes, nnei, 4) the rows of padded slots, -davg/dstd (see table_padded_tails)
     sel: tuple[int, ...]  # neighbour slots per type, as the descriptor's
     min_nbor_dist: float | None = None  # the smallest neighbour distance the grid came from, when known
     # built once for the fused kernels: all tables, (ntab, max nspline, 6, ng), each coefficient
@@ -201,10 +207,25 @@ class Compression:
     def table(self, ti: int, tj: int) -> Table:
         return self.tables[self.index(ti, tj)]
 
-    def slots(self, tj: int) -> slice:
-        """The neighbour slots of type tj."""
-        start = sum(self.sel[:tj])
-        return slice(start, start + self.sel[tj])
+    # --- the embedding step of a compressed descriptor (minidp.se_e2_a.TabulatedEmbedding) ---
+    def embed(self, R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+              backend: str) -> tuple[np.ndarray, list[EmbedPiece] | FusedCache]:
+        """T (nf, nloc, ng, 4) from the tables, and what :meth:`embed_backward` needs.
+
+        The readable NumPy path (:func:`tabulated_embed`) for "numpy" and
+        "reference" (a table has no plainer form); the fused kernel
+        (:func:`fused_embed`) for "numba".
+        """
+        if backend != "numba":
+            return tabulated_embed(R, nlist, atom_types, se, self)
+        return fused_embed(R, nlist, atom_types, se.config, self)
+
+    def embed_backward(self, dT: np.ndarray, R: np.ndarray, cache: list[EmbedPiece] | FusedCache, se: SeA,
+                       backend: str) -> np.ndarray:
+        """dL/dR (nf, nloc, nnei, 4) from dL/dT, the backward of :meth:`embed` on the same backend."""
+        if backend != "numba":
+            return embed_backward(dT, R, cache, "numpy")
+        return fused_embed_backward(dT, R, cache, se.config, self)
 
 
 def compression(tables, se: SeA, min_nbor_dist: float | None = None) -> Compression:
@@ -420,13 +441,13 @@ def compress_descriptor(se: SeA, min_nbor_dist: float, step: float = DEFAULT_STE
         raise ValueError(f"extrapolate must be larger than 1, got {extrapolate!r}")
     cfg = se.config
     lower, upper = env_mat_range(se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, min_nbor_dist, rule)
-    nt = cfg.ntypes
+    ntypes = cfg.ntypes
     if cfg.type_one_side:
         used = np.asarray(cfg.sel) > 0
-        bounds = [(lower[used].min(), upper[used].max())] * nt
-        keys = [(0, tj) for tj in range(nt)]
+        bounds = [(lower[used].min(), upper[used].max())] * ntypes
+        keys = [(0, tj) for tj in range(ntypes)]
     else:
-        keys = [(k % nt, k // nt) for k in range(nt * nt)]
+        keys = [(k % ntypes, k // ntypes) for k in range(ntypes * ntypes)]
         bounds = [(lower[ti], upper[ti]) for ti, _ in keys]
     tables = tuple(build_table(_embedding_net(se, ti, tj), lo, up, step, extrapolate, check_frequency)
                    for (ti, tj), (lo, up) in zip(keys, bounds))
@@ -483,37 +504,33 @@ def table_features(table: Table, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return G, dG
 
 
-def padded_tail_table(table: Table, R_pad: np.ndarray) -> np.ndarray:
-    """se_e2_a.padded_tail_sums with G from the table: P[t, k] = sum_{slot >= k} G(s_t,slot)^T R_t,slot.
+def table_padded_tails(table: Table, R_pad: np.ndarray) -> np.ndarray:
+    """:func:`minidp.se_e2_a.padded_tail_sums` with G from the table.
 
     R_pad (ntypes, n_t, 4): the padded rows -davg/dstd of one neighbour type's
-    slots for each centre type. Returns (ntypes, n_t + 1, ng, 4), P[t, n_t] = 0.
+    slots for each centre type. Returns P (ntypes, n_t + 1, ng, 4), P[t, n_t] = 0.
     """
     # (ntypes * n_t, ng)
     G_pad, _ = table_features(table, R_pad[..., 0].reshape(-1))
-    # (ntypes, n_t, ng, 4)
-    GR = G_pad.reshape(R_pad.shape[:2] + (-1, 1)) * R_pad[:, :, None, :]
-    # (ntypes, n_t + 1, ng, 4)
-    P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
-    P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
-    return P
+    return padded_tail_sums(G_pad.reshape(R_pad.shape[:2] + (-1,)), R_pad)
 
 
-def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, list]:
-    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G from the tables (the plain NumPy version).
+def tabulated_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+                    cmp: Compression) -> tuple[np.ndarray, list[EmbedPiece]]:
+    r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G from the tables cmp (the plain NumPy version).
 
     The exact path's loop (:func:`minidp.se_e2_a.embed_blocks`) with the net
     replaced by :func:`table_features`: each real row is looked up, the padded
-    slots come from :func:`padded_tail_table`. The pieces hold G and dG/ds of
+    slots come from :func:`table_padded_tails`. The pieces hold G and dG/ds of
     every row, so :func:`minidp.se_e2_a.embed_backward` is the backward.
     Returns T (nf, nloc, ng, 4) and the pieces.
     """
 
-    def block(ti: int, tj: int, slots: slice, s: np.ndarray):
-        table = se.compress.table(ti, tj)
+    def block(ti: int, tj: int, slots: slice, s: np.ndarray) -> BlockFeatures:
+        table = cmp.table(ti, tj)
         # (nb, ng), (nb, ng)
         G, dG_ds = table_features(table, s[:, 0])
-        return G, dG_ds, padded_tail_table(table, se.compress.pad_rows[:, slots]), (None, None, [], None)
+        return BlockFeatures(G, dG_ds, table_padded_tails(table, cmp.pad_rows[:, slots]), None)
 
     return embed_blocks(R, nlist, atom_types, se, block, "numpy")
 
@@ -531,7 +548,7 @@ class FusedCache(NamedTuple):
 
 
 def padded_tails(cmp: Compression) -> np.ndarray:
-    """P of :func:`padded_tail_table` for every table, in the kernel's layout: (ntab, ntypes, max sel + 1, 4, ng).
+    """P of :func:`table_padded_tails` for every table, in the kernel's layout: (ntab, ntypes, max sel + 1, 4, ng).
 
     Pt[tab, t, c] is what the padded slots of the table's neighbour type add
     to T of a type-t atom with c real neighbours of that type (rows past
@@ -543,20 +560,20 @@ def padded_tails(cmp: Compression) -> np.ndarray:
     for tj in range(ntypes):
         for ti in range(ntypes):
             tab = cmp.index(ti, tj)
-            P = padded_tail_table(cmp.tables[tab], cmp.pad_rows[:, cmp.slots(tj)])
+            P = table_padded_tails(cmp.tables[tab], cmp.pad_rows[:, type_slots(cmp.sel, tj)])
             Pt[tab, :, : cmp.sel[tj] + 1] = P.transpose(0, 1, 3, 2)
     return Pt
 
 
-def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, FusedCache]:
+def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, cfg: SeAConfig,
+                cmp: Compression) -> tuple[np.ndarray, FusedCache]:
     """:func:`tabulated_embed` in one Numba kernel: G never stored, T built atom by atom.
 
     The padded slots take the closed form P[type, count] of
-    :func:`padded_tail_table`, built once per model (:func:`padded_tails`).
+    :func:`table_padded_tails`, built once per model (:func:`padded_tails`).
     Returns T (nf, nloc, ng, 4) and the cache for :func:`fused_embed_backward`.
     """
     nf, nloc, nnei, _ = R.shape
-    cfg, cmp = se.config, se.compress
     sec = cfg.sec
     # (nf, nloc, ntypes)
     counts = np.stack([(nlist[:, :, sec[t]: sec[t + 1]] >= 0).sum(axis=-1) for t in range(cfg.ntypes)], axis=-1)
@@ -568,7 +585,8 @@ def fused_embed(R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: Se
     return Tt.transpose(0, 1, 3, 2), FusedCache(counts, tab_of)
 
 
-def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, se: SeA) -> np.ndarray:
+def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, cfg: SeAConfig,
+                         cmp: Compression) -> np.ndarray:
     r"""dL/dR (nf, nloc, nnei, 4) from dL/dT: :func:`minidp.se_e2_a.embed_backward` for table rows.
 
     dL/dR_j = (1/nnei) G_j dL/dT + (dL/ds_j, 0, 0, 0) with dL/ds_j = (1/nnei) sum_g (R_j . dL/dT_g) G'_g(s_j);
@@ -579,40 +597,8 @@ def fused_embed_backward(dT: np.ndarray, R: np.ndarray, cache: FusedCache, se: S
     dTt = np.ascontiguousarray(dT.transpose(0, 1, 3, 2)) / nnei
     # (nf, nloc, nnei, 4)
     dR = np.zeros_like(R)
-    cmp = se.compress
-    tabulated_contract_backward(R, cache.counts, se.config.sec, cache.tab_of, cmp.coef_t, cmp.bounds, dTt, dR)
+    tabulated_contract_backward(R, cache.counts, cfg.sec, cache.tab_of, cmp.coef_t, cmp.bounds, dTt, dR)
     return dR
-
-
-# ---------------------------------------------------------------------------
-# The descriptor of a compressed model (se_e2_a.descriptor dispatches here)
-# ---------------------------------------------------------------------------
-
-
-def descriptor(rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
-               backend: str = "numba") -> tuple[np.ndarray, DescriptorCache]:
-    """se_e2_a.descriptor with tabulated embedding nets: env matrix, tabulated embed, contract.
-
-    ``backend="numpy"`` is the readable path (:func:`tabulated_embed`), "numba" the fused one.
-    """
-    cfg = se.config
-    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
-    if backend != "numba":  # "numpy" and "reference": the readable tabulated path
-        T, pieces = tabulated_embed(R, nlist, atom_types, se)
-    else:
-        T, pieces = fused_embed(R, nlist, atom_types, se)
-    D = contract(T, cfg.axis_neuron)
-    return D, DescriptorCache(env, R, pieces, T)
-
-
-def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
-    """dL/d rij (nf, nloc, nnei, 3) from dL/dD for a compressed descriptor."""
-    dT = contract_backward(dD, cache.T, se.config.axis_neuron)
-    if backend != "numba":
-        dR = embed_backward(dT, cache.R, cache.embed, "numpy")
-    else:
-        dR = fused_embed_backward(dT, cache.R, cache.embed, se)
-    return env_matrix_backward(dR, cache.env, backend)
 
 
 # ---------------------------------------------------------------------------

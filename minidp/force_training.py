@@ -11,8 +11,9 @@ reverse pass, through both the primal values (R, G, T, D) and their tangents
 reverse pass stops at the embedding nets.
 
 :func:`weight_gradients` is the whole step; only
-:func:`minidp.loss.loss_and_grad` calls it, inference never does. It works on the fast path's pieces (:class:`minidp.se_e2_a.EmbedPiece`,
-made with ``keep=True``). Gradients are keyed by each net's place in the
+:func:`minidp.loss.loss_and_grad` calls it, inference never does. It works on the fast path's pieces
+(:class:`minidp.se_e2_a.EmbedPiece`, made with ``keep=True``: each carries its
+net's :class:`minidp.se_e2_a.NetTrace`). Gradients are keyed by each net's place in the
 model: ``("embedding",) + key`` (see :class:`minidp.se_e2_a.EmbeddingNets`)
 and ``("fitting", t)``, as :meth:`minidp.model.EnergyModel.named_nets`.
 
@@ -62,14 +63,14 @@ def embed_jvp(Rdot: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba"
     # (nf, nloc, ng, 4)
     Tdot = np.zeros((nf, nloc, ng, 4), dtype=Rdot.dtype)
     for pc in pieces:
-        na = pc.atoms.size
+        na, rows = pc.atoms.size, pc.rows
         # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
+        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real]
         # (nb, ng)
         Gdot = pc.dG_ds * Rdot_real[:, :1]
         # (nf * na, ng, 4)
-        Tb = sum_rows(pc.G, Rdot_real, pc.owner, nf * na, backend)
-        Tb += sum_rows(Gdot, pc.R_real, pc.owner, nf * na, backend)
+        Tb = sum_rows(pc.G, Rdot_real, rows.owner, nf * na, backend)
+        Tb += sum_rows(Gdot, rows.R_real, rows.owner, nf * na, backend)
         Tdot[:, pc.atoms] += Tb.reshape(nf, na, ng, 4) / nnei
     return Tdot
 
@@ -121,11 +122,11 @@ def padded_tail_backward(Tbar: np.ndarray, pc: EmbedPiece, atom_types: np.ndarra
     :math:`\bar G_{tk} = (\sum_{i:\, t_i = t,\, c_i \le k} \bar T_i) R_{tk}`:
     the atoms' dL/dT summed by (type, count), then cumulated over counts.
     """
-    R_pad, _ = pc.pad_caches
+    R_pad, count = pc.trace.R_pad, pc.rows.count
     ntypes, n_t, _ = R_pad.shape
-    nf, na = pc.count.shape
+    nf, na = count.shape
     # (nf * na,) each atom's (type, count) bin
-    key = (atom_types[pc.atoms][None, :] * (n_t + 1) + pc.count).reshape(-1)
+    key = (atom_types[pc.atoms][None, :] * (n_t + 1) + count).reshape(-1)
     # (ntypes * (n_t + 1), ng * 4)  dL/dT summed per bin
     flat = Tbar.reshape(nf * na, -1)
     S = np.zeros(((n_t + 1) * ntypes, flat.shape[1]), dtype=Tbar.dtype)
@@ -157,17 +158,17 @@ def embed_param_backward(
         # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms
         Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
         Tdb = (Tdotbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
+        rows, trace = pc.rows, pc.trace
         # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][pc.real]
+        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real]
         # (nb, ng), (nb, ng): dL/dG and dL/d(dG/ds) of the real rows
-        Gbar, dGbar = row_cotangents(Tb, Tdb, pc.R_real, Rdot_real, pc.owner, backend)
-        net_grads = [_net_grads(pc.net, caches, Gbar[blk], dGbar[blk]) for blk, caches in pc.net_caches]
+        Gbar, dGbar = row_cotangents(Tb, Tdb, rows.R_real, Rdot_real, rows.owner, backend)
+        net_grads = [_net_grads(trace.net, caches, Gbar[blk], dGbar[blk]) for blk, caches in trace.row_caches]
         # the padded rows: through net_forward's caches, no tangent
-        _, pad_caches = pc.pad_caches
         Gbar_pad = padded_tail_backward(Tbar[:, pc.atoms] / nnei, pc, atom_types)
-        _, pad_grads = net_backward(pc.net, pad_caches, Gbar_pad)
+        _, pad_grads = net_backward(trace.net, trace.pad_caches, Gbar_pad)
         net_grads.append(pad_grads)
-        name = ("embedding",) + pc.key
+        name = ("embedding",) + trace.key
         if name in grads:
             net_grads.append(grads[name])
         grads[name] = add_grads(net_grads)
@@ -221,7 +222,7 @@ def weight_gradients(
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
     r"""dS/dtheta of S = sum_f c_f E_f - E', E' = sum_ij g_ij . drij (see :mod:`minidp.loss`), by net name.
 
-    D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor(..., keep=True);
+    D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
     c_E (nf,) = dL/dE; drij (nf, nloc, nnei, 3) the pairs' displacement.
     Tangents forward (R', T', D', E'), then one reverse pass through values
     and tangents, from the fitting nets down to the embedding nets' weights.
@@ -229,7 +230,7 @@ def weight_gradients(
     m2 = model.descriptor.config.axis_neuron
     # (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
     Rdot = env_matrix_jvp(drij, dcache.env)
-    Tdot = embed_jvp(Rdot, dcache.embed, backend)
+    Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
     # (nf, nloc) each: E_i and its caches with the tangent
     E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model)
@@ -240,5 +241,5 @@ def weight_gradients(
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)
-    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.embed, atom_types, backend))
+    grads.update(embed_param_backward(Tbar, Tdotbar, Rdot, dcache.pieces, atom_types, backend))
     return grads

@@ -16,8 +16,11 @@ results do not depend on it (to round-off). Chunks run on ``workers`` threads:
 NumPy, BLAS and the Numba kernels release the GIL, and each task's BLAS is
 kept to one core while it runs, so the threads do not fight over them
 (:mod:`minidp.runtime` holds that setting and the malloc tuning, with its
-opt-out). ``backend`` is checked here, once: "numba" (default), "numpy", or
-"reference" (the plain path of :mod:`minidp.se_e2_a`).
+opt-out). The inputs are checked here, once per call (``backend`` when the
+DeepPot is made: "numba" (default), "numpy", or "reference", the plain path of
+:mod:`minidp.se_e2_a`; the frames by :func:`check_frames` and the cells by
+:func:`minidp.neighbor.check_cells`); the chunks' neighbour searches and model
+evaluations trust them.
 :meth:`DeepPot.iter_eval` yields the results frame group by frame group, for
 datasets that should never be held in memory at once.
 
@@ -38,9 +41,9 @@ import numpy as np
 
 from minidp import checks, runtime
 from minidp.checks import FrameError, positive_int, real_array
-from minidp.model import EnergyModel, Prediction, energy_forces, pair_gradients, scatter_pairs
-from minidp.neighbor import NeighborList, build_neighbor_list
-from minidp.se_e2_a import descriptor
+from minidp.model import EnergyModel, Prediction, pair_gradients, predict_frames, scatter_pairs
+from minidp.neighbor import NeighborList, check_cells, search_neighbors
+from minidp.se_e2_a import descriptor_forward
 from minidp.serialization import load_model
 
 # ---------------------------------------------------------------------------
@@ -200,11 +203,11 @@ def compact_atoms(nlist: np.ndarray, centers: slice) -> tuple[np.ndarray, np.nda
     A chunk of a large frame touches only the atoms within rcut of its
     centres; its forces and atomic virials are computed over those alone
     (not over the whole frame, which would cost the frame's size per chunk).
-    Returns touched (nt,) frame indices, sorted; nlist renumbered into them
+    Returns touched (ntouched,) frame indices, sorted; nlist renumbered into them
     (-1 kept); and where the centres start among them.
     """
     valid = nlist >= 0
-    # (nt,), (nc + number of real pairs,)
+    # (ntouched,), (nc + number of real pairs,)
     touched, local = np.unique(np.concatenate([np.arange(centers.start, centers.stop), nlist[valid]]),
                                return_inverse=True)
     # (nf, nc, nnei)
@@ -273,12 +276,12 @@ class DeepPot:
 
     # --- the chunk machinery, shared by every evaluation ---
     def _neighbors(self, frames: Frames, chunk: Chunk) -> NeighborList:
-        """The neighbours of a chunk's centre atoms (among all atoms of its frames)."""
+        """The neighbours of a chunk's centre atoms (among all atoms of its frames); frames checked by _run."""
         cfg = self.model.descriptor.config
         cells = None if frames.cells is None else frames.cells[chunk.frames]
         try:
-            return build_neighbor_list(frames.coords[chunk.frames], cells, frames.atom_types, cfg.rcut,
-                                       list(cfg.sel), backend=self.backend, centers=chunk.atoms)
+            return search_neighbors(frames.coords[chunk.frames], cells, frames.atom_types, cfg.rcut, cfg.sel,
+                                    self.backend, chunk.atoms)
         except FrameError as err:  # numbered within the chunk: renumber within the call
             raise err.shifted(chunk.frames.start) from None
 
@@ -293,6 +296,8 @@ class DeepPot:
         from tqdm.auto import tqdm
 
         nf, natoms, _ = frames.coords.shape
+        if frames.cells is not None:  # once per call: the chunks' searches trust the cells
+            check_cells(frames.cells, self.model.descriptor.config.rcut)
         chunks = plan_chunks(nf, natoms, self.batch_size, self.workers)
         limit = runtime.one_blas_thread if self.workers > 1 else contextlib.nullcontext
 
@@ -327,7 +332,7 @@ class DeepPot:
         def work(nl: NeighborList, chunk: Chunk) -> tuple[np.ndarray | None, list[Prediction]]:
             types = frames.atom_types[chunk.atoms]
             if chunk.atoms.stop - chunk.atoms.start == natoms:
-                return None, [energy_forces(nl.rij, nl.nlist, types, m, self.backend) for m in models]
+                return None, [predict_frames(nl.rij, nl.nlist, types, m, self.backend) for m in models]
             return self._chunk_shares(nl, chunk, types, models)
 
         totals = None
@@ -351,13 +356,13 @@ class DeepPot:
     def _chunk_shares(self, nl: NeighborList, chunk: Chunk, types: np.ndarray, models: tuple[EnergyModel, ...]
                       ) -> tuple[np.ndarray, list[Prediction]]:
         """A chunk of a big frame: its centres' energies, and its pairs' shares of the forces and
-        virials on the atoms they touch (touched (nt,) frame indices; a Prediction over those nt atoms
-        per model)."""
+        virials on the atoms they touch (touched (ntouched,) frame indices; a Prediction over those
+        ntouched atoms per model)."""
         touched, nlist, first = compact_atoms(nl.nlist, chunk.atoms)
         shares = []
         for model in models:
             E_atom, g = pair_gradients(nl.rij, nl.nlist, types, model, self.backend)
-            # (nf, nt, 3), (nf, nt, 9)  nf = 1: plan_chunks splits one frame at a time
+            # (nf, ntouched, 3), (nf, ntouched, 9)  nf = 1: plan_chunks splits one frame at a time
             F = np.zeros((g.shape[0], touched.size, 3))
             W = np.zeros((g.shape[0], touched.size, 9))
             scatter_pairs(g, nl.rij, nlist, F, W, first, self.backend)
@@ -400,7 +405,8 @@ class DeepPot:
         out = np.empty((nf, natoms, self.get_dim_descriptor()))
 
         def work(nl: NeighborList, chunk: Chunk) -> np.ndarray:
-            D, _ = descriptor(nl.rij, nl.nlist, frames.atom_types[chunk.atoms], self.model.descriptor, self.backend)
+            D, _ = descriptor_forward(nl.rij, nl.nlist, frames.atom_types[chunk.atoms], self.model.descriptor,
+                                      self.backend)
             return D
 
         for chunk, D in self._run(frames, work):

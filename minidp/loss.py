@@ -45,11 +45,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import check_backend
 from minidp.force_training import weight_gradients
-from minidp.model import EnergyModel, atomic_energy, atomic_energy_backward, pair_forces_virials
+from minidp.model import EnergyModel, model_backward, model_forward, pair_forces_virials
 from minidp.nn import zeros_like_params
-from minidp.se_e2_a import descriptor, descriptor_backward
+from minidp.se_e2_a import check_descriptor_inputs
 
 
 @dataclass(frozen=True)
@@ -147,18 +146,15 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
 
     Returns (LossValue, grads, (energy, force, virial) predicted). ``backend``:
     "numpy" or "numba" (the fast path; the reference path has no tangents).
+    The backend, the model (not a compressed one) and the batch's nlist are
+    checked first (:func:`minidp.se_e2_a.check_descriptor_inputs`).
     """
-    if check_backend(backend) == "reference":
-        raise ValueError("loss_and_grad needs backend 'numpy' or 'numba', got 'reference'")
-    se, types = model.descriptor, batch.atom_types
-    # forward and the usual backward: energies, forces, virials
-    # (nf, nloc, ng * m2)
-    D, dcache = descriptor(batch.rij, batch.nlist, types, se, backend, keep=True)
-    # (nf, nloc)
-    E_atom, fcaches = atomic_energy(D, types, model)
-    # (nf, nloc, ng * m2), then (nf, nloc, nnei, 3): g = dE/d r_ij
-    dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
-    g = descriptor_backward(dD, dcache, se, backend)
+    check_descriptor_inputs(batch.nlist, model.descriptor, backend, keep=True)
+    types = batch.atom_types
+    # forward, keeping what the second-order step needs, and the usual backward (minidp.model)
+    # (nf, nloc), then (nf, nloc, nnei, 3): g = dE/d r_ij
+    E_atom, cache = model_forward(batch.rij, batch.nlist, types, model, backend, keep=True)
+    g = model_backward(cache, model, backend)
     # (nf, nloc, 3), (nf, nloc, 9)
     force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, backend)
     # (nf,), (nf, 9)
@@ -167,7 +163,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     # the second-order step (minidp.force_training): dS/dtheta of S = c E - E', E' along delta r_ij
     # (nf, nloc, nnei, 3)
     drij = pair_tangent(v, V, batch.rij, batch.nlist)
-    grads = weight_gradients(model, D, dcache, c_E, drij, types, backend)
+    grads = weight_gradients(model, cache.D, cache.descriptor_cache, c_E, drij, types, backend)
     # every net's gradient in model.params() order, by name; a net with no atoms in the batch gets zeros
     flat = [layer for name, net in model.named_nets() for layer in grads.get(name) or zeros_like_params(net.params())]
     return value, flat, (energy, force, virial)

@@ -27,11 +27,17 @@ coordinates (:math:`\mathbf r \to (1+\varepsilon)\mathbf r` scales every
 :math:`\mathbf r_{ij}` the same way). The atomic virial gives each pair's term
 to the neighbour j, as deepmd-kit does.
 
-In code: :func:`pair_gradients` (forward, then backward to g), then
-:func:`pair_forces_virials`; :func:`energy_forces` chains them for whole
+In code: :func:`model_forward` (descriptor, then fitting nets) and
+:func:`model_backward` (back to g), chained by :func:`pair_gradients`; then
+:func:`pair_forces_virials`; :func:`predict_frames` chains them for whole
 frames, on any backend ("reference", "numpy", "numba"; see
 :mod:`minidp.se_e2_a`). Splitting big frames into chunks of centre atoms is
 DeepPot's business (:mod:`minidp.infer`), through :func:`scatter_pairs`.
+
+Inputs are checked once, at the public boundary: :func:`energy_forces` (for a
+caller with its own neighbour list) checks and calls :func:`predict_frames`;
+DeepPot checks its frames once per call and calls :func:`predict_frames` and
+:func:`pair_gradients` on each chunk, which trust their input.
 
 Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2``).
 """
@@ -44,9 +50,16 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.checks import check_backend
 from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward
-from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig, descriptor, descriptor_backward
+from minidp.se_e2_a import (
+    DescriptorCache,
+    EmbeddingNets,
+    SeA,
+    SeAConfig,
+    check_descriptor_inputs,
+    descriptor_backward,
+    descriptor_forward,
+)
 
 
 @dataclass
@@ -93,18 +106,19 @@ def new_model(
     """
     if len(type_map) != config.ntypes:
         raise ValueError(f"type_map has {len(type_map)} types but sel has {config.ntypes}")
-    nt = config.ntypes
+    ntypes = config.ntypes
     seeds = iter(range(seed * 1000, seed * 1000 + 1000))
 
     def emb() -> Net:
         return embedding_net(config.neuron, 1, config.activation, config.resnet_dt, dtype, next(seeds))
 
     # one net per key: (tj,) with type_one_side (shared by every centre type), else (ti, tj)
-    nets = EmbeddingNets.from_list(nt, config.type_one_side, [emb() for _ in range(nt if config.type_one_side else nt * nt)])
-    se = SeA(config, np.zeros((nt, config.nnei, 4), dtype), np.ones((nt, config.nnei, 4), dtype), nets)
+    n_nets = ntypes if config.type_one_side else ntypes * ntypes
+    nets = EmbeddingNets.from_list(ntypes, config.type_one_side, [emb() for _ in range(n_nets)])
+    se = SeA(config, np.zeros((ntypes, config.nnei, 4), dtype), np.ones((ntypes, config.nnei, 4), dtype), nets)
     fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, dtype, next(seeds))
-               for _ in range(nt)]
-    return EnergyModel(list(type_map), se, fitting, np.zeros(nt, dtype))
+               for _ in range(ntypes)]
+    return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes, dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -222,35 +236,70 @@ class Prediction(NamedTuple):
     atom_virial: np.ndarray  # (nf, nloc, 9)
 
 
+class ModelCache(NamedTuple):
+    """What model_backward needs (and training's second-order step: D and the descriptor's cache)."""
+
+    D: np.ndarray  # (nf, nc, ng * m2) the descriptors
+    descriptor_cache: DescriptorCache
+    fitting_caches: list[FitCache]
+
+
+def model_forward(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
+    keep: bool = False,
+) -> tuple[np.ndarray, ModelCache]:
+    r"""Atomic energies E_i = F_{t_i}(D_i) + b_{t_i} (nf, nc), D from the pair displacements, and the cache.
+
+    rij, nlist (nf, nc, nnei, ...) and atom_types (nc,) are any nc centre atoms
+    (all of a frame, or a chunk of one). ``keep`` keeps what training needs
+    (minidp.loss). Trusts its input (see the module docstring).
+    """
+    D, dcache = descriptor_forward(rij, nlist, atom_types, model.descriptor, backend, keep)
+    E_atom, fcaches = atomic_energy(D, atom_types, model)
+    return E_atom, ModelCache(D, dcache, fcaches)
+
+
+def model_backward(cache: ModelCache, model: EnergyModel, backend: str = "numba") -> np.ndarray:
+    r"""The pair gradients g_ij = dE/d r_ij (nf, nc, nnei, 3), E = sum_i E_i.
+
+    Backward from dE/dE_i = 1 (the energy is the atomic energies' plain sum)
+    through the fitting nets and the descriptor.
+    """
+    D = cache.D
+    # (nf, nc, ng * m2)
+    dD = atomic_energy_backward(np.ones(D.shape[:2], dtype=D.dtype), cache.fitting_caches, D.shape[-1])
+    # (nf, nc, nnei, 3)
+    return descriptor_backward(dD, cache.descriptor_cache, model.descriptor, backend)
+
+
+class PairGradients(NamedTuple):
+    """Atomic energies and the pair gradients of nc centre atoms."""
+
+    E_atom: np.ndarray  # (nf, nc)
+    g: np.ndarray  # (nf, nc, nnei, 3)  g_ij = dE/d r_ij
+
+
 def pair_gradients(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
-) -> tuple[np.ndarray, np.ndarray]:
+) -> PairGradients:
     r"""Atomic energies E_i (nf, nc) and the pair gradients g_ij = dE/d r_ij (nf, nc, nnei, 3).
 
-    Forward: D = descriptor(r_ij), E_i = F_{t_i}(D_i) + b_{t_i}; backward with
-    dE/dE_i = 1 (the energy is their plain sum) through the fitting nets and
-    the descriptor. rij, nlist (nf, nc, nnei, ...) and atom_types (nc,) are
-    any nc centre atoms (all of a frame, or a chunk of one).
+    :func:`model_forward`, then :func:`model_backward`. rij, nlist
+    (nf, nc, nnei, ...) and atom_types (nc,) are any nc centre atoms (all of a
+    frame, or a chunk of one). Trusts its input (see the module docstring).
     """
-    se = model.descriptor
-    D, dcache = descriptor(rij, nlist, atom_types, se, backend)
-    E_atom, fcaches = atomic_energy(D, atom_types, model)
-    # (nf, nc, ng * m2)
-    dD = atomic_energy_backward(np.ones_like(E_atom), fcaches, D.shape[-1])
-    # (nf, nc, nnei, 3)
-    g = descriptor_backward(dD, dcache, se, backend)
-    return E_atom, g
+    E_atom, cache = model_forward(rij, nlist, atom_types, model, backend)
+    return PairGradients(E_atom, model_backward(cache, model, backend))
 
 
-def energy_forces(
+def predict_frames(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
 ) -> Prediction:
     """Energy, forces and virials of whole frames: :func:`pair_gradients`, then :func:`pair_forces_virials`.
 
-    rij, nlist (nf, nloc, nnei, ...), atom_types (nloc,); ``backend`` is
-    "reference", "numpy" or "numba" (see minidp.se_e2_a).
+    rij, nlist (nf, nloc, nnei, ...), atom_types (nloc,). Trusts its input:
+    :func:`energy_forces` is the checked entry.
     """
-    check_backend(backend)
     E_atom, g = pair_gradients(rij, nlist, atom_types, model, backend)
     force, atom_virial = pair_forces_virials(g, rij, nlist, backend)
     return Prediction(
@@ -260,3 +309,18 @@ def energy_forces(
         atom_energy=E_atom,
         atom_virial=atom_virial,
     )
+
+
+def energy_forces(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
+) -> Prediction:
+    """Energy, forces and virials of whole frames, for a caller with its own neighbour list.
+
+    rij, nlist (nf, nloc, nnei, ...) as :func:`minidp.neighbor.build_neighbor_list`
+    gives them, atom_types (nloc,); ``backend`` is "reference", "numpy" or
+    "numba" (see minidp.se_e2_a). The backend and the nlist's layout are
+    checked (:func:`minidp.se_e2_a.check_descriptor_inputs`), then
+    :func:`predict_frames` computes.
+    """
+    check_descriptor_inputs(nlist, model.descriptor, backend)
+    return predict_frames(rij, nlist, atom_types, model, backend)

@@ -43,11 +43,11 @@ small systems), and ``backend="numba"``, a cell list (bins at least
 cost is linear in the number of atoms.
 
 Shape symbols: ``nf`` frames, ``nloc`` atoms per frame, ``nnei`` neighbour
-slots per atom (``sum(sel)``), ``ntypes`` atom types (``len(sel)``); local to
-this module: ``nc`` candidate pairs within :math:`r_c`, ``ns`` image shifts,
-``ngroups`` (atom, type) groups among the candidates, ``nbin`` bins of a cell
-list, ``nvisit`` (bin, image) pairs searched per atom, ``cap`` the most pairs
-one atom can try.
+slots per atom (``sum(sel)``), ``ntypes`` atom types (``len(sel)``), ``nc``
+centre atoms (``centers``); local to this module: ``ncand`` candidate pairs
+within :math:`r_c`, ``ns`` image shifts, ``ngroups`` (atom, type) groups among
+the candidates, ``nbin`` bins of a cell list, ``nvisit`` (bin, image) pairs
+searched per atom, ``cap`` the most pairs one atom can try.
 """
 
 from __future__ import annotations
@@ -89,10 +89,21 @@ class NeighborList:
 
 
 def _check_cells(cells, nf: int, rcut: float) -> np.ndarray:
-    """(nf, 3, 3) float64 cells, each with a clearly nonzero determinant and not absurdly thin for rcut."""
+    """cells as (nf, 3, 3) float64, checked by :func:`check_cells`."""
     box = real_array("cells", cells)
     if box.shape != (nf, 3, 3):
         raise ValueError(f"cells must have shape ({nf}, 3, 3) (lattice vectors as rows), got {box.shape}")
+    check_cells(box, rcut)
+    return box
+
+
+def check_cells(box: np.ndarray, rcut: float) -> None:
+    """FrameError (a ValueError) unless every cell of box (nf, 3, 3), float64 with lattice vectors as
+    rows, has a clearly nonzero determinant and is not absurdly thin for rcut.
+
+    :func:`build_neighbor_list` calls it; DeepPot calls it once per evaluation, before its chunks'
+    searches (:func:`search_neighbors`), which trust the cells.
+    """
     # (nf,)
     det = np.linalg.det(box)
     # (nf,)  relative to |a||b||c|, so that the test does not depend on the cell's size
@@ -109,7 +120,6 @@ def _check_cells(cells, nf: int, rcut: float) -> np.ndarray:
         raise FrameError(f, f"cell of frame {{frame}} is only {np.array2string(face_widths(box[f]), precision=3)} wide "
                          f"(perpendicular widths), so rcut = {rcut} would need {images[f]} periodic images; "
                          f"expected at most {_MAX_IMAGES} (are the cell and rcut in the same unit?)")
-    return box
 
 
 def _check_types_sel(atom_types, nloc: int, rcut, sel) -> tuple[np.ndarray, float, list[int]]:
@@ -184,7 +194,7 @@ def _image_code(shifts: np.ndarray) -> np.ndarray:
 
 
 def _candidates_numpy(x: np.ndarray, cell: np.ndarray | None, rcut: float):
-    """All nc candidates (i, j, image code, r^2, r_ij) with r <= rcut of one frame, by brute force."""
+    """All ncand candidates (i, j, image code, r^2, r_ij) with r <= rcut of one frame, by brute force."""
     nloc = x.shape[0]
     if cell is None:
         # (1, 3)
@@ -217,20 +227,20 @@ def _select(i, j, code, r2, d, types, nloc, sel):
     # (ntypes + 1,), (ntypes,)
     sec = np.concatenate([[0], np.cumsum(sel)]).astype(np.int64)
     sel_arr = np.asarray(sel, dtype=np.int64)
-    # (nc,)
+    # (ncand,)
     tj = types[j]
-    # (nc,)  by atom, type, distance, j, image
+    # (ncand,)  by atom, type, distance, j, image
     order = np.lexsort((code, j, r2, tj, i))
     i, j, tj, d = i[order], j[order], tj[order], d[order]
-    # (nc,)  one number per (atom, type)
+    # (ncand,)  one number per (atom, type)
     group = i * len(sel) + tj
     # (ngroups,)  where each (atom, type) group starts, and its size
     first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if group.size else np.zeros(0, np.int64)
     sizes = np.diff(np.r_[first, group.size])
-    # (nc,)  rank of each candidate within its group
+    # (ncand,)  rank of each candidate within its group
     rank = np.arange(group.size) - np.repeat(first, sizes)
     n_over = int(np.sum(sizes > sel_arr[tj[first]]))
-    # (nc,)
+    # (ncand,)
     kept = rank < sel_arr[tj]
     # (nloc, nnei)
     nlist = np.full((nloc, sec[-1]), -1, dtype=np.int64)
@@ -256,7 +266,7 @@ def _search_numpy(x, frac, box, types, rcut, sel, centers):
     n_over = 0
     for f in range(nf):
         i, j, code, r2, d = _candidates_numpy(x[f], None if box is None else box[f], rcut)
-        # (nc,)  the pairs whose centre is in range, numbered from its start
+        # (ncand,)  the pairs whose centre is in range, numbered from its start
         mine = (i >= centers.start) & (i < centers.stop)
         i, j, code, r2, d = i[mine] - centers.start, j[mine], code[mine], r2[mine], d[mine]
         if r2.size and r2.min() == 0.0:
@@ -370,7 +380,7 @@ def _gather(p, xs, start, nv, own, vbin, vshift, rc2, cm, cv, cr2):  # pragma: n
 
     xs (nloc, 3) holds the positions in bin order, so that a bin's atoms are contiguous.
     """
-    nc = 0
+    ncand = 0
     # locals, not array reads: the compiler cannot tell that the stores below leave them alone
     xp0, xp1, xp2 = xs[p, 0], xs[p, 1], xs[p, 2]
     for v in range(nv):
@@ -385,34 +395,34 @@ def _gather(p, xs, start, nv, own, vbin, vshift, rc2, cm, cv, cr2):  # pragma: n
                 return -1 - m
             # written always, kept by counting: a branch here would be mispredicted
             # for about one pair in seven, which costs more than the stores
-            cm[nc], cv[nc], cr2[nc] = m, v, r2
-            nc += (r2 <= rc2) & (r2 > 0.0)
-    return nc
+            cm[ncand], cv[ncand], cr2[ncand] = m, v, r2
+            ncand += (r2 <= rc2) & (r2 > 0.0)
+    return ncand
 
 
 @njit(cache=True, nogil=True)
-def _sort_candidates(nc, cm, cv, cr2, order, vcode, rc2, bucket, count, perm):  # pragma: no cover (compiled)
-    """Order (nc,) of the candidates by (r^2, j, image code), in perm[:nc].
+def _sort_candidates(ncand, cm, cv, cr2, order, vcode, rc2, bucket, count, perm):  # pragma: no cover (compiled)
+    """Order (ncand,) of the candidates by (r^2, j, image code), in perm[:ncand].
 
     A comparison sort mispredicts a branch at nearly every step; a bucket sort
     on (r / rcut)^3, about uniform in a dense system (one candidate per bucket
-    on average), costs O(nc). Buckets rise with r^2, so the insertion pass
+    on average), costs O(ncand). Buckets rise with r^2, so the insertion pass
     after it only sorts within buckets, equal distances by (j, image) included.
     (j = order[cm], image code = vcode[cv].)
     """
-    nb = max(nc, 1)
+    nb = max(ncand, 1)
     count[: nb + 1] = 0
-    for c in range(nc):
+    for c in range(ncand):
         u = cr2[c] / rc2
         k = min(int(u * np.sqrt(u) * nb), nb - 1)
         bucket[c] = k
         count[k + 1] += 1
     for k in range(nb):
         count[k + 1] += count[k]
-    for c in range(nc):
+    for c in range(ncand):
         perm[count[bucket[c]]] = c
         count[bucket[c]] += 1
-    for m in range(1, nc):
+    for m in range(1, ncand):
         c = perm[m]
         n = m
         while n > 0:
@@ -423,7 +433,7 @@ def _sort_candidates(nc, cm, cv, cr2, order, vcode, rc2, bucket, count, perm):  
             perm[n] = a
             n -= 1
         perm[n] = c
-    return perm[:nc]
+    return perm[:ncand]
 
 
 @njit(cache=True, nogil=True)
@@ -479,10 +489,10 @@ def _cell_list_frame(x, frac, cell, periodic, nbin, reach, types, rc2, sec, firs
         if order[p] < first or order[p] >= first + nlist.shape[0]:
             continue
         nv, own = _visits(bs[p], cell, periodic, nbin, reach, vbin, vshift, vcode)
-        nc = _gather(p, xs, start, nv, own, vbin, vshift, rc2, cm, cv, cr2)
-        if nc < 0:
-            return n_over, order[p], order[-1 - nc]
-        by_r = _sort_candidates(nc, cm, cv, cr2, order, vcode, rc2, bucket, count, perm)
+        ncand = _gather(p, xs, start, nv, own, vbin, vshift, rc2, cm, cv, cr2)
+        if ncand < 0:
+            return n_over, order[p], order[-1 - ncand]
+        by_r = _sort_candidates(ncand, cm, cv, cr2, order, vcode, rc2, bucket, count, perm)
         n_over += _fill_sections(p, by_r, cm, cv, xs, order, vshift, types, sec, counted,
                                  nlist[order[p] - first], rij[order[p] - first])
     return n_over, -1, -1
@@ -532,6 +542,9 @@ def build_neighbor_list(coords, cells, atom_types, rcut: float, sel, *, backend:
     sections with more neighbours than sel[t] (a UserWarning says so).
     ``centers`` (a range of atoms) lists the neighbours of those atoms only:
     a large frame's chunks each build their own part.
+
+    The public entry: every argument is checked here, then
+    :func:`search_neighbors` searches.
     """
     checks.check_backend(backend)
     xyz = real_array("coords", coords)
@@ -539,17 +552,26 @@ def build_neighbor_list(coords, cells, atom_types, rcut: float, sel, *, backend:
         raise ValueError(f"coords must have shape (nf, nloc, 3), got {xyz.shape}")
     types, rcut, sel = _check_types_sel(atom_types, xyz.shape[1], rcut, sel)
     box = None if cells is None else _check_cells(cells, xyz.shape[0], rcut)
-    # (nf, nloc, 3), (nf, nloc, 3)  both searches get the same wrapped positions, hence the same r_ij bits
-    x, frac = (xyz, None) if box is None else wrap(xyz, box)
     nloc = xyz.shape[1]
     centers = slice(0, nloc) if centers is None else centers
     if not isinstance(centers, slice) or centers.indices(nloc)[2] != 1:
         raise ValueError(f"centers must be a slice of consecutive atoms, got {centers!r}")
-    centers = slice(*centers.indices(nloc)[:2])
+    return search_neighbors(xyz, box, types, rcut, sel, backend, slice(*centers.indices(nloc)[:2]))
+
+
+def search_neighbors(x: np.ndarray, box: np.ndarray | None, atom_types: np.ndarray, rcut: float, sel,
+                     backend: str, centers: slice) -> NeighborList:
+    """:func:`build_neighbor_list` on checked input: x (nf, nloc, 3) float64 positions, box (nf, 3, 3)
+    float64 cells that passed :func:`check_cells` (or None), atom_types (nloc,) int64 in [0, len(sel)),
+    rcut > 0, sel positive ints, centers slice(start, stop) within the atoms. DeepPot checks its frames
+    once per evaluation and calls this on each chunk.
+    """
+    # (nf, nloc, 3), (nf, nloc, 3)  both searches get the same wrapped positions, hence the same r_ij bits
+    x, frac = (x, None) if box is None else wrap(x, box)
     search = _search_numba if backend == "numba" else _search_numpy
-    nlist, rij, n_over = search(x, frac, box, types, rcut, sel, centers)
+    nlist, rij, n_over = search(x, frac, box, atom_types, rcut, sel, centers)
     if n_over:
         warnings.warn(f"{n_over} (frame, atom, neighbour type) sections have more neighbours within rcut = {rcut} "
-                      f"than sel = {sel} allows; the counts that exceed sel were cut to the nearest, so energies "
-                      "and forces are not smooth there: raise sel", UserWarning, stacklevel=2)
+                      f"than sel = {list(sel)} allows; the counts that exceed sel were cut to the nearest, so "
+                      "energies and forces are not smooth there: raise sel", UserWarning, stacklevel=3)
     return NeighborList(nlist, rij, int(n_over))

@@ -46,6 +46,8 @@ Shape symbols, shared by the whole package:
 - ``m2``: ``axis_neuron`` (M2 in the paper)
 - ``nb``: rows pushed through a net at once; ``na``: centre atoms of a group
 - ``ntypes``: number of atom types
+- ``nc``: centre atoms of a chunk (all the atoms of a frame, or a big frame's
+  share, :mod:`minidp.infer`); ``ntouched``: the atoms a chunk's pairs touch
 
 Padded neighbour slots (``nlist == -1``) have ``rij = 0``. Their raw row is
 zero, but after normalization it is ``-davg/dstd``, which is *not* zero, and
@@ -54,17 +56,21 @@ the same so that the two agree to round-off. Their gradient to ``rij`` is zero.
 
 Backends: ``"reference"`` (this module's first half, plain NumPy),
 ``"numpy"`` (the fast path's tricks in NumPy) and ``"numba"`` (the same
-tricks with the loops compiled, :mod:`minidp.kernels`). The backend is checked
-once, at the public boundary (:func:`minidp.checks.check_backend`); the functions
-here take a valid one. Training on forces adds tangents and a second reverse
-pass: :mod:`minidp.force_training`.
+tricks with the loops compiled, :mod:`minidp.kernels`). Inputs are checked
+once, at the public boundary (:class:`minidp.infer.DeepPot`,
+:func:`minidp.model.energy_forces`, :func:`compute_descriptor`, all through
+:func:`check_descriptor_inputs`); the functions here trust what they are
+given. Training on forces adds tangents and a second reverse pass:
+:mod:`minidp.force_training`. A compressed model (``SeA.compress``, see
+:mod:`minidp.compress`) brings its own embedding step, which
+:func:`descriptor_forward` calls through :class:`TabulatedEmbedding`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -98,7 +104,12 @@ class SeAConfig:
     resnet_dt: bool = False  # embedding nets carry a resnet timestep
 
     def __post_init__(self):
-        _check_config(self)  # deepmd-kit's rules, at the end of this module
+        # Checked (deepmd-kit's rules, _canonical_fields at the end of this module) and stored in
+        # one canonical form (floats, tuples of int, bools), so that equal configurations compare
+        # equal whatever the file or call spelled them as. A frozen dataclass sets its fields only
+        # through object.__setattr__: done here, once, before anyone can see the object.
+        for name, value in _canonical_fields(self).items():
+            object.__setattr__(self, name, value)
 
     @property
     def ntypes(self) -> int:
@@ -111,11 +122,11 @@ class SeAConfig:
     @property
     def sec(self) -> np.ndarray:
         """Slot boundaries per neighbour type: type t owns slots sec[t]:sec[t+1]."""
-        return np.concatenate([[0], np.cumsum(self.sel)]).astype(int)
+        return type_sections(self.sel)
 
     def slots(self, tj: int) -> slice:
         """The neighbour slots of neighbour type tj."""
-        return slice(int(self.sec[tj]), int(self.sec[tj + 1]))
+        return type_slots(self.sel, tj)
 
     @property
     def ng(self) -> int:
@@ -127,6 +138,36 @@ class SeAConfig:
         return self.ng * self.axis_neuron
 
 
+def type_sections(sel) -> np.ndarray:
+    """Slot boundaries sec (ntypes + 1,) of the sel layout: neighbour type t owns slots sec[t]:sec[t+1]."""
+    return np.concatenate([[0], np.cumsum(sel)]).astype(int)
+
+
+def type_slots(sel, tj: int) -> slice:
+    """The neighbour slots of neighbour type tj in the sel layout, sec[tj]:sec[tj+1]."""
+    sec = type_sections(sel)
+    return slice(int(sec[tj]), int(sec[tj + 1]))
+
+
+@runtime_checkable
+class TabulatedEmbedding(Protocol):
+    """What ``SeA.compress`` is: an embedding step of its own that replaces the nets
+    (:class:`minidp.compress.Compression`, the nets tabulated by ``dp compress``).
+
+    ``embed`` gives T (nf, nloc, ng, 4) from the rows R (nf, nloc, nnei, 4),
+    as :func:`embed` does, and what its backward needs; ``embed_backward``
+    gives dL/dR (nf, nloc, nnei, 4) from dL/dT and that cache.
+    :func:`descriptor_forward` and :func:`descriptor_backward` call them,
+    so this module never imports the module that implements them.
+    """
+
+    def embed(self, R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+              backend: str) -> tuple[np.ndarray, object]: ...
+
+    def embed_backward(self, dT: np.ndarray, R: np.ndarray, cache: object, se: SeA,
+                       backend: str) -> np.ndarray: ...
+
+
 @dataclass
 class SeA:
     """Parameters of an se_e2_a descriptor."""
@@ -135,11 +176,14 @@ class SeA:
     davg: np.ndarray  # (ntypes, nnei, 4) mean of the environment-matrix rows, per centre type
     dstd: np.ndarray  # (ntypes, nnei, 4) their standard deviation
     nets: EmbeddingNets  # nets[ti, tj]: embedding net for centre type ti, neighbour type tj (end of module)
-    compress: object | None = None  # minidp.compress.Compression: the nets tabulated (dp compress), or None
+    compress: TabulatedEmbedding | None = None  # the nets tabulated (dp compress, minidp.compress), or None
 
     def __post_init__(self):
         if not isinstance(self.nets, EmbeddingNets):  # a table nets[ti][tj], as lists
             self.nets = EmbeddingNets.from_table(self.config.ntypes, self.config.type_one_side, self.nets)
+        if self.compress is not None and not isinstance(self.compress, TabulatedEmbedding):
+            raise TypeError(f"SeA.compress must provide embed and embed_backward (a minidp.compress.Compression), "
+                            f"got {type(self.compress).__name__}")
 
     def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Atoms that share embedding nets: (indices, centre type) per group.
@@ -254,15 +298,24 @@ def env_matrix_backward(dR: np.ndarray, cache: EnvCache, backend: str = "numba")
 # ---------------------------------------------------------------------------
 
 
-class EmbedCache(NamedTuple):
+class ReferenceBlock(NamedTuple):
+    """One (centre type, neighbour type) block of the reference embedding."""
+
+    atoms: np.ndarray  # (na,) centre atoms of the type
+    slots: slice  # the neighbour slots of the neighbour type
+    net: Net  # the block's embedding net
+    net_caches: list  # its nn.net_forward caches
+
+
+class ReferenceCache(NamedTuple):
     """What embed_reference_backward needs."""
 
     R: np.ndarray  # (nf, nloc, nnei, 4) the rows
     G: np.ndarray  # (nf, nloc, nnei, ng) their embedding features
-    blocks: list  # (centre atoms, slots, net, nn.net_forward caches) per (centre type, neighbour type)
+    blocks: list[ReferenceBlock]  # one per (centre type, neighbour type)
 
 
-def embed_reference(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, EmbedCache]:
+def embed_reference(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.ndarray, ReferenceCache]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij with G = nets[t_i, t_j] applied to s_ij = R_ij,0.
 
     Every slot, padded ones included (their row is -davg/dstd), goes through
@@ -282,13 +335,13 @@ def embed_reference(R: np.ndarray, atom_types: np.ndarray, se: SeA) -> tuple[np.
             # (nf * na * n_t, ng)
             Gb, caches = net_forward(se.nets[ti, tj], s)
             G[:, atoms, slots] = Gb.reshape(nf, atoms.size, cfg.sel[tj], cfg.ng)
-            blocks.append((atoms, slots, se.nets[ti, tj], caches))
+            blocks.append(ReferenceBlock(atoms, slots, se.nets[ti, tj], caches))
     # (nf, nloc, ng, 4)
     T = np.einsum("fing,finc->figc", G, R) / nnei
-    return T, EmbedCache(R, G, blocks)
+    return T, ReferenceCache(R, G, blocks)
 
 
-def embed_reference_backward(dT: np.ndarray, cache: EmbedCache) -> np.ndarray:
+def embed_reference_backward(dT: np.ndarray, cache: ReferenceCache) -> np.ndarray:
     r"""dL/dR (nf, nloc, nnei, 4) from dL/dT, through both places R enters T:
 
     .. math::
@@ -352,55 +405,96 @@ def contract_backward(dD: np.ndarray, T: np.ndarray, m2: int) -> np.ndarray:
 
 
 class DescriptorCache(NamedTuple):
-    """What descriptor_backward needs."""
+    """What descriptor_backward needs: each step's cache. The embedding step that ran (one of three)
+    fills its own field; the other two stay None."""
 
     env: EnvCache
     R: np.ndarray  # (nf, nloc, nnei, 4) normalized environment matrix
-    embed: EmbedCache | list  # reference: EmbedCache; fast path: an EmbedPiece per (centre group, neighbour type)
     T: np.ndarray  # (nf, nloc, ng, 4)
+    reference: ReferenceCache | None  # backend "reference": G of every slot (embed_reference)
+    pieces: list[EmbedPiece] | None  # the fast path: one piece per (centre group, neighbour type) (embed)
+    tables: object | None  # a compressed model: what its TabulatedEmbedding.embed returned for its backward
 
 
-def descriptor(
+def descriptor_forward(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
     keep: bool = False,
 ) -> tuple[np.ndarray, DescriptorCache]:
     """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract.
 
     ``backend``: "reference" (:func:`embed_reference`), "numpy" or "numba"
-    (the fast path, :func:`embed`; same results to round-off). ``keep``
+    (the fast path, :func:`embed`; same results to round-off); a compressed
+    model's tables bring their own step (``se.compress.embed``). ``keep``
     keeps the fast path's net caches for training (minidp.force_training).
+    Trusts its input (:func:`compute_descriptor` checks it first).
     """
-    check_backend(backend)
-    if se.compress is not None:  # a compressed model: the nets' tables replace the nets (minidp.compress)
-        from minidp import compress
-
-        if keep:
-            raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
-        return compress.descriptor(rij, nlist, atom_types, se, backend)
-    if keep and backend == "reference":
-        raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
     cfg = se.config
     R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
-    if backend == "reference":
-        T, emb = embed_reference(R, atom_types, se)
+    reference = pieces = tables = None
+    if se.compress is not None:  # a compressed model: the nets' tables replace the nets
+        T, tables = se.compress.embed(R, nlist, atom_types, se, backend)
+    elif backend == "reference":
+        T, reference = embed_reference(R, atom_types, se)
     else:
-        T, emb = embed(R, nlist, atom_types, se, backend, keep)
+        T, pieces = embed(R, nlist, atom_types, se, backend, keep)
     D = contract(T, cfg.axis_neuron)
-    return D, DescriptorCache(env, R, emb, T)
+    return D, DescriptorCache(env, R, T, reference, pieces, tables)
 
 
 def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend: str = "numba") -> np.ndarray:
     """dL/d rij (nf, nloc, nnei, 3) from dL/dD: the three backwards in reverse order."""
-    if se.compress is not None:
-        from minidp import compress
-
-        return compress.descriptor_backward(dD, cache, se, backend)
     dT = contract_backward(dD, cache.T, se.config.axis_neuron)
-    if backend == "reference":
-        dR = embed_reference_backward(dT, cache.embed)
+    if se.compress is not None:
+        dR = se.compress.embed_backward(dT, cache.R, cache.tables, se, backend)
+    elif backend == "reference":
+        dR = embed_reference_backward(dT, cache.reference)
     else:
-        dR = embed_backward(dT, cache.R, cache.embed, backend)
+        dR = embed_backward(dT, cache.R, cache.pieces, backend)
     return env_matrix_backward(dR, cache.env, backend)
+
+
+def check_nlist_layout(nlist: np.ndarray, cfg: SeAConfig) -> None:
+    """ValueError unless nlist (nf, nloc, nnei) has sum(sel) slots per atom and, in each neighbour
+    type's section, its real neighbours first and the padding (-1) after them.
+
+    The fast path relies on that order (the padded slots' table P[type, count]
+    and the packing): a hand-made nlist with a -1 between neighbours would
+    otherwise give a wrong T silently. build_neighbor_list writes this layout.
+    """
+    if nlist.ndim != 3 or nlist.shape[-1] != cfg.nnei:
+        raise ValueError(f"nlist has shape {nlist.shape}; expected (nf, nloc, {cfg.nnei}), sum(sel) slots per atom")
+    # (nf, nloc, nnei)
+    real = nlist >= 0
+    # (nf, nloc, nnei - 1)  a real neighbour right after a padded slot...
+    gap = real[..., 1:] & ~real[..., :-1]
+    # ...of the same section (a section may well start after the previous one's padding)
+    gap[..., cfg.sec[1:-1] - 1] = False
+    if gap.any():
+        raise ValueError("nlist: padded slots (-1) must come after the real neighbours in each type's section, "
+                         "as build_neighbor_list writes them")
+
+
+def check_descriptor_inputs(nlist: np.ndarray, se: SeA, backend, keep: bool = False) -> str:
+    """The public entries' checks, once (ValueError naming the value): a known backend, nlist in the
+    sel layout (:func:`check_nlist_layout`), and with ``keep`` (training) a model with nets and a
+    backend with tangents. Returns the backend."""
+    check_backend(backend)
+    if keep and se.compress is not None:
+        raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
+    if keep and backend == "reference":
+        raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
+    check_nlist_layout(nlist, se.config)
+    return backend
+
+
+def compute_descriptor(
+    rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
+    keep: bool = False,
+) -> tuple[np.ndarray, DescriptorCache]:
+    """:func:`descriptor_forward` for a caller with its own neighbour list: its inputs checked first
+    (:func:`check_descriptor_inputs`). Returns D (nf, nloc, ng * m2) and the cache."""
+    check_descriptor_inputs(nlist, se, backend, keep)
+    return descriptor_forward(rij, nlist, atom_types, se, backend, keep)
 
 
 # ---------------------------------------------------------------------------
@@ -412,9 +506,9 @@ def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend
 # path (backend "numpy" or "numba") gives the same T and dL/dR with three
 # tricks, each tested against the reference (tests/test_reference.py):
 #
-# 1. Packing: only real neighbours' rows go through the nets, packed
-#    contiguously per (frame, atom) ("owner"); on the water model 35% of the
-#    slots are padding.
+# 1. Packing (pack_rows): only real neighbours' rows go through the nets,
+#    packed contiguously per (frame, atom) ("owner"); on the water model 35%
+#    of the slots are padding.
 # 2. Padded tails (padded_tail_sums): a padded slot's row -davg/dstd depends
 #    on the centre type and the slot only, and padding comes last, so what the
 #    padded slots add to T is a table P[type, count] of a few hundred rows.
@@ -425,21 +519,44 @@ def descriptor_backward(dD: np.ndarray, cache: DescriptorCache, se: SeA, backend
 # Numba then fuses the loops over rows (kernels.segment_contract ...).
 
 
+class PackedRows(NamedTuple):
+    """One (centre group, neighbour type) block's real rows, packed (trick 1 above)."""
+
+    real: np.ndarray  # (nf, na, n_t) True where the slot holds a real neighbour
+    count: np.ndarray  # (nf, na) real neighbours per atom
+    R_real: np.ndarray  # (nb, 4) the real rows, the rows of one atom contiguous
+    owner: np.ndarray  # (nb,) the (frame, atom) of the block, f * na + a, each row belongs to
+
+
+class NetTrace(NamedTuple):
+    """What training's reverse pass to one block's net weights needs (:func:`embed` with ``keep``)."""
+
+    key: tuple  # the net's key in se.nets (see EmbeddingNets)
+    net: Net  # the block's embedding net
+    row_caches: list  # (row slice, nn.net_jvp caches) per row block of embedding_features
+    R_pad: np.ndarray  # (ntypes, n_t, 4) the padded slots' rows -davg/dstd
+    pad_caches: list  # the nn.net_forward caches of those rows (net_padded_tails)
+
+
+class BlockFeatures(NamedTuple):
+    """What a source of features (the nets: :func:`embed`; the tables: minidp.compress) gives
+    :func:`embed_blocks` for one (centre group, neighbour type) block."""
+
+    G: np.ndarray  # (nb, ng) embedding features G(s) of the real rows
+    dG_ds: np.ndarray  # (nb, ng) their derivatives dG/ds
+    P: np.ndarray  # (ntypes, n_t + 1, ng, 4) what the padded slots add to T (padded_tail_sums)
+    trace: NetTrace | None  # training only (the nets with keep), else None
+
+
 class EmbedPiece(NamedTuple):
     """One (centre group, neighbour type) block of the fast embedding step."""
 
     atoms: np.ndarray  # (na,) centre atoms of the group
     slots: slice  # the neighbour slots of this neighbour type
-    real: np.ndarray  # (nf, na, n_t) True where the slot holds a real neighbour
-    owner: np.ndarray  # (nb,) which (frame, atom) of the block, f * na + a, each real row belongs to
-    R_real: np.ndarray  # (nb, 4) the real rows, packed (the rows of one atom are contiguous)
+    rows: PackedRows  # its real rows, packed
     G: np.ndarray  # (nb, ng) embedding features G(s) of the real rows
     dG_ds: np.ndarray  # (nb, ng) their derivatives dG/ds
-    key: tuple  # the net's key in se.nets (see EmbeddingNets)
-    net: Net  # the embedding net of this block
-    count: np.ndarray  # (nf, na) real neighbours of this type per atom
-    net_caches: list  # training only (else empty): (row slice, nn.net_jvp caches) per row block
-    pad_caches: tuple | None  # training only: (R_pad, nn.net_forward caches) of padded_tail_sums
+    trace: NetTrace | None  # training only, else None
 
 
 # Rows pushed through an embedding net at once: small enough that every
@@ -473,28 +590,36 @@ def embedding_features(net: Net, s: np.ndarray, keep: bool = False) -> tuple[np.
     return G, dG_ds, kept
 
 
-def padded_tail_sums(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice) -> tuple[np.ndarray, tuple]:
+def padded_tail_sums(G_pad: np.ndarray, R_pad: np.ndarray) -> np.ndarray:
     r"""What the padded slots add to T: P[t, k] = sum_{slot >= k} G(s_t,slot)^T R_t,slot.
 
     A padded slot's row is zero before normalization, so after it the row is
     R = -davg[t, slot] / dstd[t, slot], known from the centre type t alone.
     Neighbours are sorted with the padding last, so an atom of type t with c
     real neighbours of this type receives exactly P[t, c] from its padded
-    slots: a few hundred rows through the net replace the thousands of padded
-    rows of a frame (35% of the water model's slots). Returns P
-    (ntypes, n_t + 1, ng, 4), with P[t, n_t] = 0, and (R_pad, the net's
-    caches) for training's embed_param_backward.
+    slots: a few hundred rows through the net (or the table) replace the
+    thousands of padded rows of a frame (35% of the water model's slots).
+    R_pad (ntypes, n_t, 4): one neighbour type's padded rows for each centre
+    type; G_pad (ntypes, n_t, ng): their features. Returns P (ntypes, n_t + 1,
+    ng, 4), with P[t, n_t] = 0.
     """
+    # (ntypes, n_t, ng, 4)  each padded slot's G^T R
+    GR = G_pad[..., None] * R_pad[:, :, None, :]
+    # (ntypes, n_t + 1, ng, 4)  sums from slot k to the end
+    P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
+    P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
+    return P
+
+
+def net_padded_tails(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice
+                     ) -> tuple[np.ndarray, np.ndarray, list]:
+    """:func:`padded_tail_sums` with G from the net: returns P (ntypes, n_t + 1, ng, 4), the padded
+    rows R_pad (ntypes, n_t, 4) and the net's caches (for training's reverse pass)."""
     # (ntypes, n_t, 4)
     R_pad = -davg[:, slots] / dstd[:, slots]
     # (ntypes * n_t, ng)
     G_pad, caches = net_forward(net, R_pad[..., :1].reshape(-1, 1))
-    # (ntypes, n_t, ng, 4)  each padded slot's G^T R
-    GR = G_pad.reshape(R_pad.shape[:2] + (-1, 1)) * R_pad[:, :, None, :]
-    # (ntypes, n_t + 1, ng, 4)  sums from slot k to the end
-    P = np.zeros((GR.shape[0], GR.shape[1] + 1) + GR.shape[2:], dtype=GR.dtype)
-    P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
-    return P, (R_pad, caches)
+    return padded_tail_sums(G_pad.reshape(R_pad.shape[:2] + (-1,)), R_pad), R_pad, caches
 
 
 def sum_rows(G, R_real, owner, n_owner, backend) -> np.ndarray:
@@ -536,51 +661,32 @@ def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
     return dR_real
 
 
-class PackedRows(NamedTuple):
-    """One (centre group, neighbour type) block's real rows, packed (trick 1 above)."""
-
-    real: np.ndarray  # (nf, na, n_t) True where the slot holds a real neighbour
-    count: np.ndarray  # (nf, na) real neighbours per atom
-    R_real: np.ndarray  # (nb, 4) the real rows, the rows of one atom contiguous
-    owner: np.ndarray  # (nb,) the (frame, atom) of the block, f * na + a, each row belongs to
-
-
 def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice) -> PackedRows:
-    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed."""
-    real, count = real_counts(nlist[:, atoms, slots])
+    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed.
+
+    A section holds its real neighbours first (:func:`check_nlist_layout`), so
+    an atom's ``count`` real neighbours fill its first ``count`` slots.
+    """
+    # (nf, na, n_t)
+    real = nlist[:, atoms, slots] >= 0
+    # (nf, na)
+    count = real.sum(axis=-1)
     # (nb, 4), (nb,)
     R_real = R[:, atoms, slots][real]
     owner = np.repeat(np.arange(count.size), count.reshape(-1))
     return PackedRows(real, count, R_real, owner)
 
 
-def real_counts(nlist_block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(real (nf, na, n_t), count (nf, na)) of one neighbour type's slots; ValueError unless padding comes last.
-
-    The padded-tail table (:func:`padded_tail_sums`) and the row packing
-    assume each section holds its real neighbours first: a hand-made nlist
-    with a -1 between neighbours would otherwise give a wrong T silently.
-    """
-    # (nf, na, n_t)
-    real = nlist_block >= 0
-    # (nf, na)  real neighbours per atom: they must fill the first slots
-    count = real.sum(axis=-1)
-    if not (real == (np.arange(real.shape[-1]) < count[..., None])).all():
-        raise ValueError("nlist: padded slots (-1) must come after the real neighbours in each type's section, "
-                         "as build_neighbor_list writes them")
-    return real, count
-
-
 def embed_blocks(
-    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, block: Callable, backend: str = "numba",
+    R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA,
+    block: Callable[[int, int, slice, np.ndarray], BlockFeatures], backend: str = "numba",
 ) -> tuple[np.ndarray, list[EmbedPiece]]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, block by block (centre group, neighbour type), G from ``block``.
 
     The fast path's loop: each block's real rows are packed (trick 1), their
     features come from ``block(ti, tj, slots, s)`` for the column s (nb, 1),
-    which returns (G (nb, ng), dG/ds (nb, ng), P, (key, net, net caches, pad
-    caches)), P (ntypes, n_t + 1, ng, 4) being what the padded slots add
-    (trick 2). :func:`embed` passes the net; minidp.compress its tables.
+    a :class:`BlockFeatures` whose P is what the padded slots add (trick 2).
+    :func:`embed` passes the nets; minidp.compress its tables.
     Returns T (nf, nloc, ng, 4) and the pieces the backward needs.
     """
     nf, nloc, nnei, _ = R.shape
@@ -592,16 +698,13 @@ def embed_blocks(
         na = atoms.size
         for tj in range(cfg.ntypes):
             slots = cfg.slots(tj)
-            # (nb, 4) the real rows, packed; (nb,) the (frame, atom) each belongs to
-            real, count, R_real, owner = pack_rows(R, nlist, atoms, slots)
-            # (nb, ng), (nb, ng): each real neighbour is one row; P: the padded slots' share
-            G, dG_ds, P, (key, net, net_caches, pad_caches) = block(ti, tj, slots, R_real[:, :1])
+            rows = pack_rows(R, nlist, atoms, slots)
+            feats = block(ti, tj, slots, rows.R_real[:, :1])
             # (nf * na, ng, 4)
-            Tb = sum_rows(G, R_real, owner, nf * na, backend)
-            Tb += P[atom_types[atoms], count].reshape(Tb.shape)
+            Tb = sum_rows(feats.G, rows.R_real, rows.owner, nf * na, backend)
+            Tb += feats.P[atom_types[atoms], rows.count].reshape(Tb.shape)
             T[:, atoms] += Tb.reshape(nf, na, cfg.ng, 4) / nnei
-            pieces.append(EmbedPiece(atoms, slots, real, owner, R_real, G, dG_ds, key, net, count,
-                                     net_caches, pad_caches))
+            pieces.append(EmbedPiece(atoms, slots, rows, feats.G, feats.dG_ds, feats.trace))
     return T, pieces
 
 
@@ -612,16 +715,17 @@ def embed(
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, as :func:`embed_reference`, by the fast path's tricks.
 
     Only real neighbours go through the net (forward mode gives dG/ds too,
-    trick 3); what the padded slots add comes from :func:`padded_tail_sums`.
+    trick 3); what the padded slots add comes from :func:`net_padded_tails`.
     Returns T (nf, nloc, ng, 4) and the pieces the backward needs (with the
     nets' caches when ``keep``: training).
     """
 
-    def block(ti: int, tj: int, slots: slice, s: np.ndarray):
+    def block(ti: int, tj: int, slots: slice, s: np.ndarray) -> BlockFeatures:
         net = se.nets[ti, tj]
-        G, dG_ds, net_caches = embedding_features(net, s, keep)
-        P, pad_caches = padded_tail_sums(net, se.davg, se.dstd, slots)
-        return G, dG_ds, P, (se.nets.key(ti, tj), net, net_caches, pad_caches if keep else None)
+        G, dG_ds, row_caches = embedding_features(net, s, keep)
+        P, R_pad, pad_caches = net_padded_tails(net, se.davg, se.dstd, slots)
+        trace = NetTrace(se.nets.key(ti, tj), net, row_caches, R_pad, pad_caches) if keep else None
+        return BlockFeatures(G, dG_ds, P, trace)
 
     return embed_blocks(R, nlist, atom_types, se, block, backend)
 
@@ -639,10 +743,10 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], back
         # (nf * na, ng, 4)
         dTb = (dT[:, pc.atoms] / nnei).reshape(-1, dT.shape[2], 4)
         # (nb, 4)
-        dR_real = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.R_real, pc.owner, backend)
+        dR_real = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.rows.R_real, pc.rows.owner, backend)
         # (nf, na, n_t, 4)
-        dRb = np.zeros(pc.real.shape + (4,), dtype=R.dtype)
-        dRb[pc.real] = dR_real
+        dRb = np.zeros(pc.rows.real.shape + (4,), dtype=R.dtype)
+        dRb[pc.rows.real] = dR_real
         dR[:, pc.atoms, pc.slots] = dRb
     return dR
 
@@ -670,9 +774,9 @@ def _positive_ints(name: str, values) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def _check_config(cfg: SeAConfig) -> None:
-    """SeAConfig's validation (its docstring lists the rules); normalises the fields in place."""
-    # frozen: fields are normalised through object.__setattr__
+def _canonical_fields(cfg: SeAConfig) -> dict:
+    """SeAConfig's fields checked (its docstring lists the rules) and in canonical form: floats,
+    tuples of int, bools. Pure: SeAConfig.__post_init__ stores what it returns."""
     rcut, rcut_smth = _number("rcut", cfg.rcut), _number("rcut_smth", cfg.rcut_smth)
     if rcut <= 0:
         raise ValueError(f"se_e2_a rcut must be positive, got {cfg.rcut!r}")
@@ -690,10 +794,9 @@ def _check_config(cfg: SeAConfig) -> None:
             raise ValueError(f"se_e2_a {flag} must be true or false, got {getattr(cfg, flag)!r}")
     if not isinstance(cfg.activation, str) or cfg.activation.lower() not in ACTIVATIONS:
         raise ValueError(f"se_e2_a activation {cfg.activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
-    for name, value in (("rcut", rcut), ("rcut_smth", rcut_smth), ("sel", sel), ("neuron", neuron),
-                        ("axis_neuron", int(m2)), ("type_one_side", bool(cfg.type_one_side)),
-                        ("resnet_dt", bool(cfg.resnet_dt))):
-        object.__setattr__(cfg, name, value)
+    return {"rcut": rcut, "rcut_smth": rcut_smth, "sel": sel, "neuron": neuron, "axis_neuron": int(m2),
+            "type_one_side": bool(cfg.type_one_side), "activation": cfg.activation,
+            "resnet_dt": bool(cfg.resnet_dt)}
 
 
 class EmbeddingNets:
@@ -738,8 +841,9 @@ class EmbeddingNets:
         return cls(ntypes, False, {(ti, tj): table[ti][tj] for ti in range(ntypes) for tj in range(ntypes)})
 
     def keys(self) -> list[tuple[int, ...]]:
-        nt = self.ntypes
-        return [(tj,) for tj in range(nt)] if self.type_one_side else [(ti, tj) for ti in range(nt) for tj in range(nt)]
+        ntypes = self.ntypes
+        return ([(tj,) for tj in range(ntypes)] if self.type_one_side
+                else [(ti, tj) for ti in range(ntypes) for tj in range(ntypes)])
 
     def key(self, ti: int, tj: int) -> tuple[int, ...]:
         """Where the net of centre type ti and neighbour type tj is stored."""

@@ -171,12 +171,12 @@ def test_results_do_not_depend_on_chunking(spec, batch):
 
 
 def test_a_compressed_model_refuses_training():
-    from minidp.se_e2_a import SeAConfig, descriptor
+    from minidp.se_e2_a import SeAConfig, compute_descriptor
 
     model = random_model(SeAConfig(4.0, 2.0, (3,), (4, 8), 2, True), 1)
     se = compress_descriptor(model.descriptor, 0.9)
     with pytest.raises(ValueError, match="cannot be trained"):
-        descriptor(np.zeros((1, 1, 3, 3)), -np.ones((1, 1, 3), int), np.zeros(1, int), se, keep=True)
+        compute_descriptor(np.zeros((1, 1, 3, 3)), -np.ones((1, 1, 3), int), np.zeros(1, int), se, keep=True)
 
 
 def test_bad_compression_settings_are_refused():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minidp.model import new_model
-from minidp.se_e2_a import EmbeddingNets, SeAConfig, descriptor
+from minidp.se_e2_a import EmbeddingNets, SeAConfig, compute_descriptor
 from tests.conftest import random_model
 from tests.test_train import _input, data_dir  # noqa: F401  (data_dir: a fixture)
 
@@ -141,7 +141,7 @@ def test_padding_before_a_neighbour_is_refused():
     rij[0, 0, 1] = [1.0, 0.0, 0.0]
     nlist = np.array([[[-1, 0, -1]]])
     with pytest.raises(ValueError, match=r"padded slots \(-1\) must come after the real neighbours"):
-        descriptor(rij, nlist, np.zeros(1, int), model.descriptor, "numpy")
+        compute_descriptor(rij, nlist, np.zeros(1, int), model.descriptor, "numpy")
 
 
 def test_predict_block_does_not_rely_on_the_order_of_groups():
@@ -274,3 +274,44 @@ def test_a_table_of_nets_becomes_the_collection_and_unshared_rows_are_refused():
     table[1][0] = copy.deepcopy(table[1][0])
     with pytest.raises(ValueError, match="with type_one_side every centre type must use the same net"):
         SeA(se.config, se.davg, se.dstd, table)
+
+
+@pytest.mark.parametrize("batch_size", [4, 100])
+def test_deeppot_checks_its_inputs_once_not_per_chunk(monkeypatch, batch_size):
+    """DeepPot checks the backend when made, the frames and the cells' geometry once per call; its chunks'
+    neighbour searches and model evaluations trust them (nothing re-checked per chunk). batch_size 4 splits
+    each frame over its centre atoms, 100 takes whole frames together."""
+    import collections
+
+    import minidp.infer as infer
+    import minidp.neighbor as neighbor
+    import minidp.se_e2_a as sea
+    from minidp import checks
+    from minidp.infer import DeepPot
+    from minidp.model import energy_forces
+    from minidp.neighbor import build_neighbor_list
+
+    model = random_model(SeAConfig(**{**BASE, "sel": (20, 20)}), 0)
+    rng = np.random.default_rng(0)
+    coords, cells, types = rng.uniform(0.0, 6.0, (3, 10, 3)), np.tile(6.0 * np.eye(3), (3, 1, 1)), np.arange(10) % 2
+    pot = DeepPot(model, batch_size=batch_size, workers=1)
+    calls = collections.Counter()
+
+    def counted(name, f):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return f(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(checks, "check_backend", counted("backend", checks.check_backend))
+    monkeypatch.setattr(sea, "check_backend", counted("backend", sea.check_backend))
+    monkeypatch.setattr(sea, "check_nlist_layout", counted("nlist", sea.check_nlist_layout))
+    monkeypatch.setattr(neighbor, "real_array", counted("arrays", neighbor.real_array))
+    monkeypatch.setattr(infer, "check_cells", counted("cells", infer.check_cells))
+    e, f, v = pot.eval(coords, cells, types)
+    assert calls == {"cells": 1}
+    monkeypatch.undo()
+    nl = build_neighbor_list(coords, cells, types, 4.0, [20, 20])
+    p = energy_forces(nl.rij, nl.nlist, types, model)
+    np.testing.assert_allclose(e[:, 0], p.energy, rtol=1e-12)
+    np.testing.assert_allclose(f, p.force, rtol=1e-10, atol=1e-12)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from minidp.loss import Batch, LossConfig, loss_and_grad, pair_tangent, prefactors
 from minidp.force_training import atomic_energy_jvp, contract_jvp, embed_jvp, env_matrix_jvp, row_cotangents
 from minidp.model import atomic_energy, energy_forces
-from minidp.se_e2_a import EnvCache, descriptor, env_matrix
+from minidp.se_e2_a import EnvCache, compute_descriptor, env_matrix
 from tests.test_model import make, neighbors, specs
 
 
@@ -102,9 +102,9 @@ def test_the_tangent_pass_is_minus_force_and_virial_along_the_displacement(spec)
     p = energy_forces(nl.rij, nl.nlist, types, model)
     rng = np.random.default_rng(spec.seed)
     v, V = rng.normal(size=p.force.shape), rng.normal(size=(1, 9))
-    D, cache = descriptor(nl.rij, nl.nlist, types, model.descriptor, keep=True)
+    D, cache = compute_descriptor(nl.rij, nl.nlist, types, model.descriptor, keep=True)
     Rdot = env_matrix_jvp(pair_tangent(v, V, nl.rij, nl.nlist), cache.env)
-    Ddot = contract_jvp(cache.T, embed_jvp(Rdot, cache.embed), model.descriptor.config.axis_neuron)
+    Ddot = contract_jvp(cache.T, embed_jvp(Rdot, cache.pieces), model.descriptor.config.axis_neuron)
     _, Edot, _ = atomic_energy_jvp(D, Ddot, types, model)
     expected = -(np.sum(v * p.force) + np.sum(V * p.virial))
     assert abs(Edot.sum() - expected) <= 1e-9 * max(1.0, abs(expected))

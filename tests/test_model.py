@@ -23,7 +23,7 @@ from minidp.model import (Prediction, atomic_energy, atomic_energy_backward, ene
                           scatter_pairs)
 from minidp.neighbor import build_neighbor_list, image_counts
 from minidp.nn import net_forward
-from minidp.se_e2_a import SeAConfig, contract, descriptor
+from minidp.se_e2_a import SeAConfig, compute_descriptor, contract
 from tests.conftest import random_model, rel_err, se_configs
 
 # central-difference step (Angstrom, or strain): the truncation error (h^2 times third derivatives of
@@ -121,7 +121,7 @@ def neighbors(model, coords, cells, types, backend: str = "numba"):
 def predict(model, coords, cells, types, backend: str = "numba") -> tuple[Prediction, np.ndarray]:
     """Energy, forces, virials and the descriptor D of frames, through the neighbour list."""
     nl = neighbors(model, coords, cells, types, backend)
-    D, _ = descriptor(nl.rij, nl.nlist, types, model.descriptor, backend)
+    D, _ = compute_descriptor(nl.rij, nl.nlist, types, model.descriptor, backend)
     return energy_forces(nl.rij, nl.nlist, types, model, backend), D
 
 

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.model import energy_forces
-from minidp.se_e2_a import descriptor, descriptor_backward, embed_reference, env_matrix
+from minidp.se_e2_a import compute_descriptor, descriptor_backward, embed_reference, env_matrix
 from tests.conftest import MODEL_DP, need, random_model, rel_err, se_configs
 from tests.test_model import FLOOR, make, neighbors, specs
 from tests.test_se_e2_a import H, random_pairs
@@ -29,11 +29,11 @@ def test_fast_descriptor_and_backward_agree_with_the_reference(cfg, nf, nloc, se
     rng = np.random.default_rng(seed)
     se = random_model(cfg, seed, per_slot=True).descriptor
     types, nlist, rij = random_pairs(cfg, nf, nloc, rng)
-    D_ref, c_ref = descriptor(rij, nlist, types, se, "reference")
+    D_ref, c_ref = compute_descriptor(rij, nlist, types, se, "reference")
     dD = rng.normal(size=D_ref.shape)
     g_ref = descriptor_backward(dD, c_ref, se, "reference")
     for backend in ("numpy", "numba"):
-        D, c = descriptor(rij, nlist, types, se, backend)
+        D, c = compute_descriptor(rij, nlist, types, se, backend)
         assert rel_err(D, D_ref) <= TOL, backend
         assert rel_err(descriptor_backward(dD, c, se, backend), g_ref) <= TOL, backend
 
@@ -45,7 +45,7 @@ def test_reference_backward_is_the_finite_difference(cfg, seed):
     rng = np.random.default_rng(seed)
     se = random_model(cfg, seed, per_slot=True).descriptor
     types, nlist, rij = random_pairs(cfg, 1, 2, rng)
-    D, cache = descriptor(rij, nlist, types, se, "reference")
+    D, cache = compute_descriptor(rij, nlist, types, se, "reference")
     W = rng.normal(size=D.shape)
     g = descriptor_backward(W, cache, se, "reference")
     fd = np.zeros_like(rij)
@@ -54,8 +54,8 @@ def test_reference_backward_is_the_finite_difference(cfg, seed):
             continue  # padded slots depend on no position
         step = np.zeros_like(rij)
         step[idx] = H
-        plus = descriptor(rij + step, nlist, types, se, "reference")[0]
-        minus = descriptor(rij - step, nlist, types, se, "reference")[0]
+        plus = compute_descriptor(rij + step, nlist, types, se, "reference")[0]
+        minus = compute_descriptor(rij - step, nlist, types, se, "reference")[0]
         fd[idx] = np.sum(W * (plus - minus)) / (2 * H)
     assert rel_err(g, fd) <= 1e-6
 
@@ -116,8 +116,8 @@ def test_unknown_backend_is_refused_by_name():
                                    type_one_side=True), 0)
     rij, nlist = np.zeros((1, 1, 2, 3)), -np.ones((1, 1, 2), dtype=int)
     for call in (lambda: energy_forces(rij, nlist, np.zeros(1, int), model, "gpu"),
-                 lambda: descriptor(rij, nlist, np.zeros(1, int), model.descriptor, "gpu")):
+                 lambda: compute_descriptor(rij, nlist, np.zeros(1, int), model.descriptor, "gpu")):
         with pytest.raises(ValueError, match=r"backend must be one of \['reference', 'numpy', 'numba'\], got 'gpu'"):
             call()
     with pytest.raises(ValueError, match="keep=True .* needs backend 'numpy' or 'numba'"):
-        descriptor(rij, nlist, np.zeros(1, int), model.descriptor, "reference", keep=True)
+        compute_descriptor(rij, nlist, np.zeros(1, int), model.descriptor, "reference", keep=True)

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from minidp.nn import net_forward
 from minidp.force_training import contract_jvp, embed_jvp, env_matrix_jvp, padded_tail_backward
-from minidp.se_e2_a import (contract, contract_backward, descriptor, descriptor_backward, embed, embed_backward,
-                            env_matrix, env_matrix_backward, padded_tail_sums, smooth_switch)
+from minidp.se_e2_a import (compute_descriptor, contract, contract_backward, descriptor_backward, embed, embed_backward,
+                            env_matrix, env_matrix_backward, net_padded_tails, smooth_switch)
 from tests.conftest import random_model, rel_err, se_configs
 
 BACKENDS = ["numba", "numpy"]
@@ -159,10 +159,10 @@ def test_descriptor_backward_matches_finite_differences(backend, cfg, nf, nloc, 
     rng = np.random.default_rng(seed)
     se = random_model(cfg, seed, per_slot=True).descriptor
     types, nlist, rij = random_pairs(cfg, nf, nloc, rng)
-    D, cache = descriptor(rij, nlist, types, se, backend)
+    D, cache = compute_descriptor(rij, nlist, types, se, backend)
     dD = rng.normal(size=D.shape)
     g = descriptor_backward(dD, cache, se, backend)
-    fd = atomwise_fd(lambda x: descriptor(x, nlist, types, se, backend)[0], rij, dD)
+    fd = atomwise_fd(lambda x: compute_descriptor(x, nlist, types, se, backend)[0], rij, dD)
     assert rel_err(g, fd) <= TOL
     assert np.all(g[nlist < 0] == 0.0)
 
@@ -199,7 +199,7 @@ def test_numba_and_numpy_backends_agree(cfg, nf, nloc, seed):
     rng = np.random.default_rng(seed)
     se = random_model(cfg, seed, per_slot=True).descriptor
     types, nlist, rij = random_pairs(cfg, nf, nloc, rng)
-    (Da, ca), (Db, cb) = (descriptor(rij, nlist, types, se, b) for b in BACKENDS)
+    (Da, ca), (Db, cb) = (compute_descriptor(rij, nlist, types, se, b) for b in BACKENDS)
     dD = rng.normal(size=Da.shape)
     ga, gb = descriptor_backward(dD, ca, se, "numba"), descriptor_backward(dD, cb, se, "numpy")
     assert rel_err(Da, Db) <= 1e-13 and rel_err(ga, gb) <= 1e-13
@@ -212,7 +212,7 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
     se = random_model(cfg, seed).descriptor
     types, nlist, rij = random_pairs(cfg, nf, nloc, rng)
     nnei, ng, m2 = cfg.nnei, cfg.ng, cfg.axis_neuron
-    D, cache = descriptor(rij, nlist, types, se, keep=True)
+    D, cache = compute_descriptor(rij, nlist, types, se, keep=True)
     env = cache.env
     assert cache.R.shape == (nf, nloc, nnei, 4)
     assert env.rij.shape == (nf, nloc, nnei, 3)
@@ -221,24 +221,53 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
     assert cache.T.shape == (nf, nloc, ng, 4)
     assert D.shape == (nf, nloc, ng * m2) and ng * m2 == cfg.dim_out
     groups = 1 if cfg.type_one_side else cfg.ntypes
-    assert len(cache.embed) == groups * cfg.ntypes
-    for pc in cache.embed:
+    assert len(cache.pieces) == groups * cfg.ntypes
+    for pc in cache.pieces:
         na, n_t = pc.atoms.size, pc.slots.stop - pc.slots.start
-        nb = int(pc.real.sum())
-        assert pc.real.shape == (nf, na, n_t) and pc.count.shape == (nf, na)
-        assert pc.owner.shape == (nb,) and pc.R_real.shape == (nb, 4)
+        nb = int(pc.rows.real.sum())
+        assert pc.rows.real.shape == (nf, na, n_t) and pc.rows.count.shape == (nf, na)
+        assert pc.rows.owner.shape == (nb,) and pc.rows.R_real.shape == (nb, 4)
         assert pc.G.shape == pc.dG_ds.shape == (nb, ng)
-        assert padded_tail_sums(se.nets[0, 0], se.davg, se.dstd, slots=pc.slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
+        assert net_padded_tails(se.nets[0, 0], se.davg, se.dstd, slots=pc.slots)[0].shape == (cfg.ntypes, n_t + 1, ng, 4)
         if na:
             assert padded_tail_backward(rng.normal(size=(nf, na, ng, 4)), pc, types).shape == (cfg.ntypes * n_t, ng)
     # the training tangents
     Rdot = env_matrix_jvp(rng.normal(size=rij.shape), env)
     assert Rdot.shape == (nf, nloc, nnei, 4)
-    Tdot = embed_jvp(Rdot, cache.embed)
+    Tdot = embed_jvp(Rdot, cache.pieces)
     assert Tdot.shape == (nf, nloc, ng, 4)
     assert contract_jvp(cache.T, Tdot, m2).shape == (nf, nloc, ng * m2)
     dD = rng.normal(size=D.shape)
     dT = contract_backward(dD, cache.T, m2)
     assert dT.shape == (nf, nloc, ng, 4)
-    assert embed_backward(dT, cache.R, cache.embed).shape == (nf, nloc, nnei, 4)
+    assert embed_backward(dT, cache.R, cache.pieces).shape == (nf, nloc, nnei, 4)
     assert descriptor_backward(dD, cache, se).shape == (nf, nloc, nnei, 3)
+
+
+# ---------------------------------------------------------------------------
+# The descriptor's contract with a compressed model's tables
+# ---------------------------------------------------------------------------
+
+
+def test_se_e2_a_never_imports_compress_and_types_it_by_a_protocol():
+    """The compressed embedding is reached through SeA.compress (a TabulatedEmbedding), so se_e2_a imports
+    no part of minidp.compress, not even inside a function; minidp.compress imports se_e2_a, one way only."""
+    import ast
+    import typing
+
+    import minidp.se_e2_a as sea
+    from minidp.compress import Compression, compress_descriptor
+    from tests.conftest import ROOT
+
+    tree = ast.parse((ROOT / "minidp" / "se_e2_a.py").read_text())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names]
+    assert not [name for name in imported if "compress" in name], imported
+
+    assert typing.get_type_hints(sea.SeA)["compress"] == typing.Optional[sea.TabulatedEmbedding]
+    cfg = sea.SeAConfig(rcut=4.0, rcut_smth=2.0, sel=(3, 2), neuron=(4, 8), axis_neuron=2, type_one_side=False)
+    se = compress_descriptor(random_model(cfg, 0).descriptor, 0.9)
+    assert isinstance(se.compress, Compression) and isinstance(se.compress, sea.TabulatedEmbedding)
+    with pytest.raises(TypeError, match="SeA.compress must provide embed and embed_backward"):
+        sea.SeA(se.config, se.davg, se.dstd, se.nets, compress=object())
