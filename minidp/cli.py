@@ -423,8 +423,25 @@ def _add_ipi(sub) -> None:
     p.set_defaults(func=_cmd_ipi)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors on one line as every other error of minidp: the usage
+    block argparse prints first is left out (``--help`` shows it), the exit status stays 2.
+    Subparsers are made of the parser's own class, so this holds for every subcommand, and each
+    refuses the arguments it does not know itself, so that the error names the subcommand."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message: str):
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
+    parser = Parser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_train(sub)
@@ -443,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     line and return 2; Ctrl-C prints "interrupted" and returns 130. Other exceptions are bugs and keep
     their traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # a usage error (one line, 2) or --help (0): the status, returned as any other
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
