@@ -46,6 +46,22 @@ def real_array(name: str, value) -> np.ndarray:
     return arr
 
 
+def finite_frames(name: str, value) -> np.ndarray:
+    """value (nf, ...) as float64, frame by frame; FrameError at the first frame holding a NaN or an
+    inf: '<name>: frame <f> holds nan; expected finite numbers' (name: the file it was read from)."""
+    # (nf, ...)
+    arr = np.asarray(value, dtype=np.float64)
+    # (nf, values per frame)
+    flat = arr.reshape(len(arr), -1)
+    # (nbad, 2)
+    bad = np.argwhere(~np.isfinite(flat))
+    if bad.size:
+        f, k = bad[0]
+        entry = f" (entry {k} of the frame)" if flat.shape[1] > 1 else ""
+        raise FrameError(f, f"{name}: frame {{frame}} holds {flat[f, k]}{entry}; expected finite numbers")
+    return arr
+
+
 def is_positive_int(n) -> bool:
     """A positive integer; bools are ints to Python, but never a size or a count."""
     return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1

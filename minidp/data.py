@@ -51,6 +51,7 @@ def read_system(path, fmt: str | None = None, type_map: list[str] | None = None,
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"system {path} does not exist")
+    hint = "" if fmt else " (give -f FORMAT?)"  # a format that was guessed may be the wrong one
     fmt = fmt or guess_format(path)
     if fmt == "deepmd/npy" and path.is_dir():
         from minidp.stream import lazy_system
@@ -70,7 +71,7 @@ def read_system(path, fmt: str | None = None, type_map: list[str] | None = None,
     except Exception as err:
         reason = " ".join(str(err).split())
         reason = reason if len(reason) <= 300 else reason[:297] + "..."  # dpdata may list every format it knows
-        raise ValueError(f"cannot read system {path} as {fmt!r} (give -f FORMAT?): {type(err).__name__}: {reason}"
+        raise ValueError(f"cannot read system {path} as {fmt!r}{hint}: {type(err).__name__}: {reason}"
                          ) from None
     missing = [name for k, name in (("energies", "energy"), ("forces", "force")) if labelled and k not in system.data]
     if missing:

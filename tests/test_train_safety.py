@@ -248,3 +248,136 @@ def test_ctrl_c_during_training_is_one_line_and_resumable(data_dir, tmp_path, ca
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
                  "--restart", str(w / "model.ckpt-3")]) == 0
     assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2, 4, 6]
+
+
+# ---------------------------------------------------------------------------
+# Issue 20: labels checked when read, a diverging run stopped, one run per workdir
+# ---------------------------------------------------------------------------
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _damage(root, system, set_name, stem, index, value):
+    """Write ``value`` at flat index ``index`` of <system>/<set>/<stem>.npy (its dtype kept)."""
+    path = root / system / set_name / f"{stem}.npy"
+    a = np.load(path)
+    a.reshape(-1)[index] = value
+    np.save(path, a)
+
+
+@pytest.mark.parametrize("stem, index, value, frame, entry", [
+    ("energy", 1, np.nan, 1, ""),  # set.001 holds frames 3..5 of sys_a: its frame 1
+    ("force", 36 + 7, np.inf, 1, " (entry 7 of the frame)"),  # 12 atoms x 3 per frame
+    ("virial", 9 * 2 + 4, -np.inf, 2, " (entry 4 of the frame)"),
+    ("coord", 5, np.nan, 0, " (entry 5 of the frame)"),
+    ("box", 9 + 8, np.nan, 1, " (entry 8 of the frame)"),
+])
+def test_non_finite_labels_and_coordinates_are_named_by_file_and_frame(stem, index, value, frame, entry, data_dir,
+                                                                         tmp_path, capsys):
+    """A NaN energy or an inf force trained every weight to NaN, exited 0 and wrote a model `info` refused."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    _damage(data, "sys_a", "set.001", stem, index, value)
+    path, _ = _write_input(tmp_path, data)
+    before = _snapshot(data)
+    w = tmp_path / "w"
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    shown = {np.nan: "nan", np.inf: "inf", -np.inf: "-inf"}[value]
+    assert err == [f"minidp train: error: {data / 'sys_a' / 'set.001' / stem}.npy: frame {frame} holds {shown}"
+                   f"{entry}; expected finite numbers"]
+    assert not w.exists() and _snapshot(data) == before
+
+
+def test_a_training_system_in_another_format_is_refused_naming_no_missing_option(data_dir, tmp_path, capsys):
+    """train has no -f option: the message said 'give -f FORMAT?'."""
+    (tmp_path / "frames.xyz").write_text("1\n\nO 0 0 0\n")
+    (tmp_path / "folder").mkdir()
+    for system in ("frames.xyz", "folder"):
+        path, d = _write_input(tmp_path, data_dir)
+        d["training"]["training_data"]["systems"] = [str(tmp_path / system)]
+        path.write_text(json.dumps(d))
+        assert main(["train", str(path), "-o", str(tmp_path / "m.dp"), "--workdir", str(tmp_path / "w"), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "-f" not in err[0], err
+        assert f"training system {tmp_path / system} is not a deepmd/npy folder (with type.raw) or a deepmd/hdf5" in err[0]
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_diverging_run_stops_in_one_line_and_writes_no_model(data_dir, tmp_path, capsys):
+    """start_lr 1e100: the weights overflow at step 1. It trained to NaN, exited 0 and wrote a model
+    minidp refuses to load."""
+    path, d = _write_input(tmp_path, data_dir, 6, disp_freq=1, save_freq=1)
+    d["learning_rate"].update(start_lr=1e100, stop_lr=1e100)
+    path.write_text(json.dumps(d))
+    w = tmp_path / "w"
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minidp train: error: training diverged at step 1: the loss or its "
+                                               "gradient is not finite"), err
+    assert "no checkpoint was written" in err[0]
+    assert sorted(p.name for p in w.iterdir()) == ["lcurve.out"]  # the line of step 0; no model, no checkpoint
+    assert list(read_lcurve(w / "lcurve.out")["step"]) == [0]
+
+
+def test_a_run_that_turns_non_finite_keeps_its_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    import minidp.train
+
+    real, calls = minidp.train.loss_and_grad, []
+
+    def nan_at_step_5(*args, **kwargs):
+        calls.append(1)
+        value, grads, pred = real(*args, **kwargs)
+        if len(calls) == 6:
+            grads[0][next(iter(grads[0]))][...] = np.nan
+        return value, grads, pred
+
+    monkeypatch.setattr(minidp.train, "loss_and_grad", nan_at_step_5)
+    path, _ = _write_input(tmp_path, data_dir)
+    w = tmp_path / "w"
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training diverged at step 5" in err[0] and f"checkpoint is {w / 'model.ckpt-3'}" in err[0]
+    assert sorted(p.name for p in w.iterdir()) == ["lcurve.out", "model.ckpt-3.dp", "model.ckpt-3.npz"]
+    assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2, 4]
+    monkeypatch.setattr(minidp.train, "loss_and_grad", real)
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
+                 "--restart", str(w / "model.ckpt-3")]) == 0
+    assert np.isfinite(load_model(w / "m.dp").bias).all()
+
+
+def test_a_second_run_in_a_workdir_in_use_is_refused_before_it_writes(data_dir, tmp_path, capsys):
+    """Two runs in one workdir: the second --restart appended its lines to the first one's lcurve.out.
+    Now it is refused in one line naming the first run's pid; the lock dies with its holder."""
+    from minidp.train import WORKDIR_LOCK
+
+    path, _ = _write_input(tmp_path, data_dir, 10**6, disp_freq=1, save_freq=2)
+    w = tmp_path / "w"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "minidp", "train", str(path), "-q", "-o", str(w / "m.dp"),
+                              "--workdir", str(w)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while first.poll() is None and len(_complete_checkpoints(w)) < 2:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # holding its lock, mid-run
+        step = _complete_checkpoints(w)[-1]
+        before = _snapshot(w)
+        argv = ["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
+                "--restart", str(w / f"model.ckpt-{step}"), "--numb-steps", str(step + 2)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"minidp train: error: {w} is in use by another minidp train run (pid {first.pid}); wait "
+                       "for it to end, or give another --workdir"]
+        assert _snapshot(w) == before
+    finally:
+        first.kill()
+        first.wait()
+    assert (w / WORKDIR_LOCK).exists()  # left by the killed run, unlocked
+    assert main(argv) == 0
+    assert not (w / WORKDIR_LOCK).exists()
+    steps = read_lcurve(w / "lcurve.out")["step"]
+    np.testing.assert_array_equal(steps, np.arange(step + 3))
