@@ -209,8 +209,12 @@ def _data_config(sec: dict, where: str, base: Path) -> DataConfig:
             raise ValueError(f"input: {where}/sys_probs must list one number per system ({len(systems)}), "
                              f"got {short(probs)}")
         probs = tuple(number(f"input: {where}/sys_probs[{k}]", p) for k, p in enumerate(probs))
-    auto_prob = _value(sec, where, "auto_prob", _text, sec.get("auto_prob_style", "prob_sys_size"))
-    system_probs(np.ones(len(systems)), probs, auto_prob)  # refuses a bad auto_prob / sys_probs now
+    style = _value(sec, where, "auto_prob_style", _text, "prob_sys_size")  # deepmd-kit's older name
+    auto_prob = _value(sec, where, "auto_prob", _text, style)
+    try:
+        system_probs(np.ones(len(systems)), probs, auto_prob)  # a bad auto_prob / sys_probs, before any data
+    except InputError as err:
+        raise InputError(f"input: {where}/{err}") from None
     return DataConfig(tuple(base / s for s in systems), bs, _value(sec, where, "numb_btch", positive_int, 1),
                       probs, auto_prob)
 
@@ -396,6 +400,44 @@ def numb_batches(set_frames: list[int], size: int) -> int:
     return sum(max(1, n // size) for n in set_frames)
 
 
+AUTO_PROB = "prob_uniform, prob_sys_size or prob_sys_size;start:end:weight;... (deepmd-kit's auto_prob)"
+
+
+def auto_prob_blocks(auto_prob: str, nsystems: int) -> list[tuple[int, int, float]]:
+    """The blocks (start, end, weight) of "prob_sys_size;start:end:weight;...": systems start..end-1
+    drawn with probability weight / (sum of the weights). InputError naming auto_prob unless every block
+    is two integers 0 <= start < end <= nsystems and a finite weight >= 0, no two blocks share a system,
+    and the weights are not all 0. ("prob_sys_size" is the one block 0:nsystems:1.)"""
+    if auto_prob == "prob_sys_size":
+        return [(0, nsystems, 1.0)]
+    if not isinstance(auto_prob, str) or not auto_prob.startswith("prob_sys_size;"):
+        raise InputError(f"auto_prob {short(auto_prob)}: expected {AUTO_PROB}")
+    blocks = []
+    for text in auto_prob.split(";")[1:]:
+        parts = text.split(":")
+        try:
+            a, b, w = int(parts[0]), int(parts[1]), float(parts[2])
+            if len(parts) != 3:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise InputError(f"auto_prob {auto_prob!r}: block {text!r} is not start:end:weight (two integers "
+                             "and a number)") from None
+        if not 0 <= a < b <= nsystems:
+            what = "is empty" if a >= b else f"runs outside the systems 0..{nsystems - 1}"
+            raise InputError(f"auto_prob {auto_prob!r}: block {text!r} {what}; expected 0 <= start < end <= "
+                             f"{nsystems} (the number of systems)")
+        if not (math.isfinite(w) and w >= 0):
+            raise InputError(f"auto_prob {auto_prob!r}: block {text!r} has weight {w}; expected a finite number >= 0")
+        blocks.append((a, b, w))
+    for (a0, b0, _), (a1, b1, _) in zip(sorted(blocks), sorted(blocks)[1:]):
+        if a1 < b0:
+            raise InputError(f"auto_prob {auto_prob!r}: blocks {a0}:{b0} and {a1}:{b1} overlap; expected each "
+                             "system in one block at most")
+    if sum(w for _, _, w in blocks) <= 0:
+        raise InputError(f"auto_prob {auto_prob!r}: every block has weight 0; expected one weight above 0")
+    return blocks
+
+
 def system_probs(nbatches, sys_probs=None, auto_prob: str = "prob_sys_size") -> np.ndarray:
     r"""The probability of drawing each system, as deepmd-kit's DeepmdDataSystem.set_sys_probs.
 
@@ -404,7 +446,8 @@ def system_probs(nbatches, sys_probs=None, auto_prob: str = "prob_sys_size") -> 
     - prob_uniform: 1 / nsystems each;
     - prob_sys_size: p_k = nb_k / sum nb;
     - prob_sys_size;A:B:P;C:D:Q;...: the blocks of systems A..B-1, C..D-1, ...
-      get P / (P + Q + ...), Q / (...), shared in each block by its batches.
+      get P / (P + Q + ...), Q / (...), shared in each block by its batches
+      (:func:`auto_prob_blocks`; systems in no block are not drawn).
     """
     nb = np.asarray(nbatches, dtype=float)
     if sys_probs is not None:
@@ -412,28 +455,20 @@ def system_probs(nbatches, sys_probs=None, auto_prob: str = "prob_sys_size") -> 
         given = p >= 0
         rest = 1.0 - p[given].sum()
         if rest < -1e-8:
-            raise ValueError(f"sys_probs {list(sys_probs)} sum to more than 1")
+            raise InputError(f"sys_probs {list(sys_probs)} sum to more than 1")
         if not np.isclose(rest, 0.0):
             if not (~given).any():
-                raise ValueError(f"sys_probs {list(sys_probs)} sum to {1 - rest:g}, not 1")
+                raise InputError(f"sys_probs {list(sys_probs)} sum to {1 - rest:g}, not 1")
             return np.where(given, p, rest * nb * ~given / np.sum(nb * ~given))
         return np.where(given, p, 0.0)
     if auto_prob == "prob_uniform":
         return np.full(nb.size, 1.0 / nb.size)
-    if auto_prob == "prob_sys_size":
-        auto_prob = f"prob_sys_size;0:{nb.size}:1.0"
-    if not auto_prob.startswith("prob_sys_size;"):
-        raise ValueError(f"auto_prob must be prob_uniform, prob_sys_size or prob_sys_size;A:B:P;..., got {auto_prob!r}")
-    try:
-        blocks = [(int(a), int(b), float(w)) for a, b, w in (x.split(":") for x in auto_prob.split(";")[1:])]
-    except ValueError:
-        raise ValueError(f"auto_prob {auto_prob!r}: each block must be start:end:weight") from None
-    weights = np.array([w for _, _, w in blocks])
-    if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"auto_prob {auto_prob!r}: block weights must be >= 0, and not all 0")
+    blocks = auto_prob_blocks(auto_prob, nb.size)
+    total = sum(w for _, _, w in blocks)
+    # (nsystems,)
     p = np.zeros(nb.size)
-    for (a, b, _), w in zip(blocks, weights / weights.sum()):
-        p[a:b] = nb[a:b] / nb[a:b].sum() * w
+    for a, b, w in blocks:
+        p[a:b] = nb[a:b] / nb[a:b].sum() * (w / total)
     return p
 
 

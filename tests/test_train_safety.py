@@ -201,6 +201,8 @@ def test_sigkill_at_random_moments_then_restart_equals_an_uninterrupted_run(data
     (lambda d: d["model"]["descriptor"].update(neuron=[4, 8.5]), "input: model/descriptor/neuron[1]: expected an integer"),
     (lambda d: d["model"].update(type_map=["O", "O"]), "input: model/type_map: 'O' appears 2 times"),
     (lambda d: d["training"].update(numb_steps=True), "input: training/numb_steps must be a positive integer, got True"),
+    (lambda d: d["training"]["training_data"].update(auto_prob_style=5),
+     "input: training/training_data/auto_prob_style: expected a non-empty string, got int 5"),
 ])
 def test_training_input_values_are_checked_by_key(edit, message, data_dir, tmp_path, capsys):
     path, d = _write_input(tmp_path, data_dir)
