@@ -383,3 +383,18 @@ def test_a_second_run_in_a_workdir_in_use_is_refused_before_it_writes(data_dir, 
     assert not (w / WORKDIR_LOCK).exists()
     steps = read_lcurve(w / "lcurve.out")["step"]
     np.testing.assert_array_equal(steps, np.arange(step + 3))
+
+
+def test_a_singular_cell_in_the_training_data_names_the_system_and_its_frame(data_dir, tmp_path, capsys):
+    """The neighbour list numbers frames within the batch it was given: the error is renumbered in the system."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    for k in range(9):
+        _damage(data, "sys_a", "set.001", "box", 9 + k, 0.0)  # frame 1 of set.001: frame 4 of sys_a
+    path, _ = _write_input(tmp_path, data)
+    assert main(["train", str(path), "-o", str(tmp_path / "w" / "m.dp"), "--workdir", str(tmp_path / "w"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"error: system {data / 'sys_a'}: cell of frame 4 is singular" in err[0], err
+    assert not (tmp_path / "w").exists()
