@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -160,6 +162,17 @@ def names(name: str, value) -> list[str]:
         if value.count(t) > 1:
             raise InputError(f"{name}: {t!r} appears {value.count(t)} times")
     return list(value)
+
+
+def file_path(name: str, value, expected: str = "a path") -> Path:
+    """value as a Path, if it is a non-empty str or os.PathLike naming text; else InputTypeError
+    '<name> must be <expected>, got <type> <value>' (DeepPot(123) said only 'expected str, bytes...')."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise InputTypeError(f"{name} must be {expected}, got {type(value).__name__} {short(value)}")
+    if not text:
+        raise InputError(f"{name} must be {expected}, got an empty path")
+    return Path(text)
 
 
 def validated(where: str, cls, **kwargs):

@@ -56,7 +56,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import real_array
+from minidp.checks import positive_int, real_array
 
 # ---------------------------------------------------------------------------
 # The deviations: small pure functions
@@ -99,6 +99,7 @@ def virial_deviation(virials, natoms: int, relative_v: float | None = None, real
     W = real_array("virials", virials)
     if W.ndim != 3 or W.shape[-1] != 9:
         raise ValueError(f"virials must have shape (nmodels, nframes, 9), got {W.shape}")
+    natoms = positive_int("natoms", natoms)  # per atom: no atoms would give 0/0
     # (nm, nf, 9)
     w = W / natoms
     # (nf, 9)
@@ -117,6 +118,7 @@ def energy_deviation(energies, natoms: int, real_energies=None) -> np.ndarray:
         E = E[..., 0]
     if E.ndim != 2:
         raise ValueError(f"energies must have shape (nmodels, nframes), got {E.shape}")
+    natoms = positive_int("natoms", natoms)  # per atom: no atoms would give 0/0
     # (nf,) or None
     ref = None if real_energies is None else real_array("real_energies", real_energies).reshape(-1) / natoms
     return _spread(E / natoms, ref)
