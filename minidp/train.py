@@ -988,17 +988,20 @@ def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int
     return OutputPlan(lcurve, head, overwrite, inputs)
 
 
-def check_step(step: int, values: list[LossValue], grads, last_checkpoint) -> None:
+def check_step(step: int, first: bool, errors: dict[str, LossValue], grads, last_checkpoint) -> None:
     """InputError at the first step whose loss (training or validation) or gradient holds a NaN or
     an inf: the run stops there, before the weights or a checkpoint take it in, so that no model or
-    checkpoint minidp would refuse (or could not resume from) is written."""
-    finite = all(np.isfinite(v.loss) for v in values) and all(np.isfinite(a).all() for p in grads for a in p.values())
-    if not finite:
-        where = (f"the last checkpoint is {last_checkpoint}" if last_checkpoint is not None
-                 else "no checkpoint was written")
-        raise InputError(f"training diverged at step {step}: the loss or its gradient is not finite (loss "
-                         f"{', '.join(f'{v.loss:.4g}' for v in values)}); stopped, no model written, {where} "
-                         "(a smaller start_lr may help)")
+    checkpoint minidp would refuse (or could not resume from) is written. ``first``: the run's first
+    step, where the weights are those it started from (then the data are the likely cause)."""
+    finite = all(np.isfinite(v.loss) for v in errors.values()) and \
+        all(np.isfinite(a).all() for p in grads for a in p.values())
+    if finite:
+        return
+    losses = ", ".join(f"{name} {v.loss:.4g}" for name, v in errors.items())
+    cause = ("labels too large for float64?" if first else "the run diverged: a smaller start_lr may help")
+    kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint is not None else "no checkpoint written"
+    raise InputError(f"training stopped at step {step}: the loss or its gradient is not finite (loss {losses}; "
+                     f"{cause}); no model written, {kept}")
 
 
 def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, restart, progress: bool,
@@ -1030,7 +1033,7 @@ def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, resta
             errors = {"trn": value}
             if shown and run.val_sys:
                 errors["val"] = validation_errors(model, run.val_sys, samplers["val"], config, pref)
-        check_step(step, list(errors.values()), grads, checkpoint)
+        check_step(step, step == run.step, errors, grads, checkpoint)
         if due:
             checkpoint = save_checkpoint(workdir / config.save_ckpt, step, model, opt, states, run.data, overwrite)
         if shown:

@@ -312,18 +312,26 @@ def test_a_training_system_in_another_format_is_refused_naming_no_missing_option
 
 def test_a_diverging_run_stops_in_one_line_and_writes_no_model(data_dir, tmp_path, capsys):
     """start_lr 1e100: the weights overflow at step 1. It trained to NaN, exited 0 and wrote a model
-    minidp refuses to load."""
+    minidp refuses to load. A label too large for float64 stops the run at its first step."""
     path, d = _write_input(tmp_path, data_dir, 6, disp_freq=1, save_freq=1)
     d["learning_rate"].update(start_lr=1e100, stop_lr=1e100)
     path.write_text(json.dumps(d))
     w = tmp_path / "w"
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("minidp train: error: training diverged at step 1: the loss or its "
-                                               "gradient is not finite"), err
-    assert "no checkpoint was written" in err[0]
+    assert len(err) == 1 and err[0].startswith("minidp train: error: training stopped at step 1: the loss or its "
+                                               "gradient is not finite (loss trn "), err
+    assert err[0].endswith("; the run diverged: a smaller start_lr may help); no model written, no checkpoint written")
     assert sorted(p.name for p in w.iterdir()) == ["lcurve.out"]  # the line of step 0; no model, no checkpoint
     assert list(read_lcurve(w / "lcurve.out")["step"]) == [0]
+    import shutil
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    _damage(tmp_path / "data", "sys_b", "set.000", "energy", 2, 1e300)
+    path, _ = _write_input(tmp_path, tmp_path / "data")
+    assert main(["train", str(path), "-o", str(tmp_path / "w2" / "m.dp"), "--workdir", str(tmp_path / "w2"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(loss trn inf, val inf; labels too large for float64?)" in err[0], err
 
 
 def test_a_run_that_turns_non_finite_keeps_its_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
@@ -343,7 +351,7 @@ def test_a_run_that_turns_non_finite_keeps_its_last_good_checkpoint(data_dir, tm
     w = tmp_path / "w"
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "training diverged at step 5" in err[0] and f"checkpoint is {w / 'model.ckpt-3'}" in err[0]
+    assert len(err) == 1 and "training stopped at step 5" in err[0] and f"checkpoint is {w / 'model.ckpt-3'}" in err[0]
     assert sorted(p.name for p in w.iterdir()) == ["lcurve.out", "model.ckpt-3.dp", "model.ckpt-3.npz"]
     assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2, 4]
     monkeypatch.setattr(minidp.train, "loss_and_grad", real)
