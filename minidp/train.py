@@ -119,8 +119,9 @@ class TrainConfig:
         if not self.fitting_neuron or not all(is_positive_int(n) for n in self.fitting_neuron):
             raise ValueError(f"fitting_net neuron must be a non-empty list of positive integers, "
                              f"got {list(self.fitting_neuron)!r}")
-        if not (isinstance(self.start_lr, (int, float)) and isinstance(self.stop_lr, (int, float))
-                and 0 < self.stop_lr <= self.start_lr and math.isfinite(self.start_lr)):
+        for name in ("start_lr", "stop_lr"):
+            number(f"learning_rate {name}", getattr(self, name), positive=True)
+        if self.stop_lr > self.start_lr:
             raise ValueError(f"learning_rate must satisfy 0 < stop_lr <= start_lr, got start_lr={self.start_lr!r} "
                              f"and stop_lr={self.stop_lr!r}")
 
@@ -426,9 +427,7 @@ def auto_prob_blocks(auto_prob: str, nsystems: int) -> list[tuple[int, int, floa
             what = "is empty" if a >= b else f"runs outside the systems 0..{nsystems - 1}"
             raise InputError(f"auto_prob {auto_prob!r}: block {text!r} {what}; expected 0 <= start < end <= "
                              f"{nsystems} (the number of systems)")
-        if not (math.isfinite(w) and w >= 0):
-            raise InputError(f"auto_prob {auto_prob!r}: block {text!r} has weight {w}; expected a finite number >= 0")
-        blocks.append((a, b, w))
+        blocks.append((a, b, number(f"auto_prob {auto_prob!r}: block {text!r}: weight", w, lo=0.0)))
     for (a0, b0, _), (a1, b1, _) in zip(sorted(blocks), sorted(blocks)[1:]):
         if a1 < b0:
             raise InputError(f"auto_prob {auto_prob!r}: blocks {a0}:{b0} and {a1}:{b1} overlap; expected each "

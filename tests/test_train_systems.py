@@ -82,8 +82,8 @@ def test_bad_probabilities_are_named():
     ("prob_sys_size;0:x:1", "block '0:x:1' is not start:end:weight"),
     ("prob_sys_size;0:1.5:1", "block '0:1.5:1' is not start:end:weight"),
     ("prob_sys_size;0:1:1;", "block '' is not start:end:weight"),
-    ("prob_sys_size;0:1:-0.5", "block '0:1:-0.5' has weight -0.5; expected a finite number >= 0"),
-    ("prob_sys_size;0:1:inf", "block '0:1:inf' has weight inf"),
+    ("prob_sys_size;0:1:-0.5", "block '0:1:-0.5': weight: -0.5 is below 0.0"),
+    ("prob_sys_size;0:1:inf", "block '0:1:inf': weight: inf is not finite"),
     ("prob_sys_size;0:1:0;1:3:0", "every block has weight 0"),
     ("prob_sys_sizes", "expected prob_uniform, prob_sys_size or prob_sys_size;start:end:weight"),
 ])
