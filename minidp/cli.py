@@ -233,12 +233,14 @@ def _cmd_train(args) -> int:
     if args.numb_steps is not None:
         from dataclasses import replace
 
-        config = replace(config, numb_steps=args.numb_steps)
+        from minidp.checks import positive_int
+
+        config = replace(config, numb_steps=positive_int("--numb-steps", args.numb_steps))
     result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet,
                    overwrite=args.overwrite, init_model=args.init_model)
     rows = [f"{s}: rmse_e {v.rmse_e:.3e} eV/atom  rmse_f {v.rmse_f:.3e} eV/A" for s, v in result.last.items()]
     print(f"trained {config.numb_steps} steps, {result.seconds_per_step:.4f} s/step; last line: " + "; ".join(rows))
-    print(f"model written to {args.output}; learning curve in {args.workdir}/{config.disp_file} and lcurve.png")
+    print(f"model written to {args.output}; learning curve in {Path(args.workdir) / config.disp_file} and lcurve.png")
     return 0
 
 

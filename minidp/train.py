@@ -35,14 +35,15 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import (FrameError, InputError, InputTypeError, boolean, finite_frames, integer, integers, is_positive_int,
-                           names, number, positive_int, short, validated)
+from minidp.checks import (FrameError, InputError, InputTypeError, boolean, file_path, finite_frames, integer,
+                           integers, is_positive_int, names, number, positive_int, short, validated)
 from minidp.data import check_output, guess_format, model_types, read_system, safe_output
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
 from minidp.model import EnergyModel, energy_forces, new_model
@@ -302,7 +303,9 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
 
 def read_input(path) -> TrainConfig:
     """parse_input of a JSON file, its systems relative to the file's folder."""
-    path = Path(path)
+    path = file_path("input", path, "a JSON file")
+    if path.is_dir():
+        raise InputError(f"input file {path} is a folder; expected a JSON file (deepmd-kit's input.json)")
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     try:
@@ -821,7 +824,7 @@ class Run(NamedTuple):
 
     train_sys: list[System]  # training systems
     val_sys: list[System]  # validation systems ([] without validation_data)
-    samplers: dict[str, "Sampler"]  # "trn" (and "val"): the batch samplers
+    samplers: dict[str, Sampler]  # "trn" (and "val"): the batch samplers
     model: EnergyModel  # the weights at the first step
     opt: Adam  # the optimizer, with its moments
     step: int  # the first step (0, or the checkpoint's)
@@ -1060,7 +1063,7 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
     if output is not None and Path(output).suffix.lower() not in NATIVE_SUFFIXES:
         # refused now, not after hours of training
         raise ValueError(f"cannot write {Path(output).suffix!r} models; expected one of {NATIVE_SUFFIXES}")
-    workdir = Path(workdir)
+    workdir = file_path("workdir", workdir, "a folder")
     begin = 0 if restart is None else int(load_checkpoint_state(restart)["step"])
     plan_outputs(config, output, workdir, restart, begin, overwrite)  # refused before the lock file is made
     with workdir_lock(workdir):

@@ -82,7 +82,7 @@ def test_fuzz_training_input(index, kind, pick):
 # Training runs end to end: malformed inputs, auto_prob strings, bad labels
 # ---------------------------------------------------------------------------
 
-TRAIN_EXAMPLES = int(os.environ.get("MINIDP_FUZZ_TRAIN_EXAMPLES", 40))
+TRAIN_EXAMPLES = int(os.environ.get("MINIDP_FUZZ_TRAIN_EXAMPLES", "40"))
 # (system, set, frames in the set, values per frame) of the label and coordinate files of data_dir
 FILES = {("sys_a", "set.000"): 3, ("sys_a", "set.001"): 3, ("sys_b", "set.000"): 4}
 WIDTH = {"energy": 1, "force": 36, "virial": 9, "coord": 36, "box": 9}

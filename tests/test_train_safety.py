@@ -290,8 +290,8 @@ def test_non_finite_labels_and_coordinates_are_named_by_file_and_frame(stem, ind
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     shown = {np.nan: "nan", np.inf: "inf", -np.inf: "-inf"}[value]
-    assert err == [f"minidp train: error: {data / 'sys_a' / 'set.001' / stem}.npy: frame {frame} holds {shown}"
-                   f"{entry}; expected finite numbers"]
+    assert err == [(f"minidp train: error: {data / 'sys_a' / 'set.001' / stem}.npy: frame {frame} holds {shown}"
+                    f"{entry}; expected finite numbers")]
     assert not w.exists() and _snapshot(data) == before
 
 
@@ -306,7 +306,7 @@ def test_a_training_system_in_another_format_is_refused_naming_no_missing_option
         assert main(["train", str(path), "-o", str(tmp_path / "m.dp"), "--workdir", str(tmp_path / "w"), "-q"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "-f" not in err[0], err
-        assert f"training system {tmp_path / system} is not a deepmd/npy folder (with type.raw) or a deepmd/hdf5" in err[0]
+        assert f"training system {tmp_path / system} is not a deepmd/npy folder (with type.raw)" in err[0]
     assert not (tmp_path / "w").exists()
 
 
@@ -380,8 +380,8 @@ def test_a_second_run_in_a_workdir_in_use_is_refused_before_it_writes(data_dir, 
                 "--restart", str(w / f"model.ckpt-{step}"), "--numb-steps", str(step + 2)]
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert err == [f"minidp train: error: {w} is in use by another minidp train run (pid {first.pid}); wait "
-                       "for it to end, or give another --workdir"]
+        assert err == [(f"minidp train: error: {w} is in use by another minidp train run (pid {first.pid}); wait "
+                        "for it to end, or give another --workdir")]
         assert _snapshot(w) == before
     finally:
         first.kill()
@@ -406,3 +406,20 @@ def test_a_singular_cell_in_the_training_data_names_the_system_and_its_frame(dat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"error: system {data / 'sys_a'}: cell of frame 4 is singular" in err[0], err
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}", "-o", "m.dp"], "input file {tmp} is a folder; expected a JSON file (deepmd-kit's input.json)"),
+    (["{input}", "-o", "m.dp", "--numb-steps", "0"], "--numb-steps must be a positive integer, got 0"),
+    (["{input}", "-o", "m.dp", "--workdir", ""], "workdir must be a folder, got an empty path"),
+])
+def test_command_line_values_are_named_by_their_option(argv, message, data_dir, tmp_path, capsys):
+    """A folder given as the input said it 'does not exist'; --numb-steps 0 was named numb_steps;
+    --workdir '' trained into the current folder."""
+    path, _ = _write_input(tmp_path, data_dir)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{input}", str(path)) for a in argv]
+    before = _snapshot(tmp_path)
+    assert main(["train", *argv, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"minidp train: error: {message.replace('{tmp}', str(tmp_path))}"]
+    assert _snapshot(tmp_path) == before
