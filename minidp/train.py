@@ -348,7 +348,7 @@ def check_frames(system: System) -> None:
     and the frame in it ('data_0/set.001/energy.npy: frame 3 holds nan; ...'): a NaN label would
     train every weight to NaN."""
     start = 0
-    for name, n in system.sets:
+    for name, n in system.sets or (("", system.nframes),):
         for field, stem in FRAME_FILES.items():
             values = getattr(system, field)
             if values is not None:

@@ -117,3 +117,16 @@ def test_per_atom_deviations_of_no_atoms_are_refused(natoms):
     with pytest.raises(ValueError, match=f"natoms must be a positive integer, got {natoms!r}"):
         energy_deviation(np.zeros((2, 1)), natoms)
     assert (virial_deviation(np.zeros((2, 1, 9)), 3) == 0).all()
+
+
+def test_finite_frames_names_the_first_bad_frame_and_entry():
+    from minidp.checks import FrameError, finite_frames
+
+    a = np.zeros((4, 2, 3))
+    np.testing.assert_array_equal(finite_frames("f.npy", a), a)
+    a[2, 1, 0], a[3, 0, 0] = np.inf, np.nan
+    with pytest.raises(FrameError, match=r"^f.npy: frame 2 holds inf \(entry 3 of the frame\); expected finite numbers$") as err:
+        finite_frames("f.npy", a)
+    assert err.value.shifted(10).args[0].startswith("f.npy: frame 12 holds inf")
+    with pytest.raises(ValueError, match=r"^e.npy: frame 1 holds nan; expected finite numbers$"):
+        finite_frames("e.npy", np.array([1.0, np.nan]))
