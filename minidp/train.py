@@ -420,10 +420,10 @@ def auto_prob_blocks(auto_prob: str, nsystems: int) -> list[tuple[int, int, floa
     for text in auto_prob.split(";")[1:]:
         parts = text.split(":")
         try:
-            a, b, w = int(parts[0]), int(parts[1]), float(parts[2])
             if len(parts) != 3:
-                raise ValueError
-        except (ValueError, IndexError):
+                raise ValueError(text)
+            a, b, w = int(parts[0]), int(parts[1]), float(parts[2])
+        except ValueError:
             raise InputError(f"auto_prob {auto_prob!r}: block {text!r} is not start:end:weight (two integers "
                              "and a number)") from None
         if not 0 <= a < b <= nsystems:
