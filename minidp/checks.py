@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,22 @@ def real_array(name: str, value) -> np.ndarray:
     if bad.size:
         raise ValueError(f"{name} has a non-finite entry {arr[tuple(bad[0])]} at index {tuple(bad[0].tolist())}; "
                          "expected finite numbers")
+    return arr
+
+
+def finite_frames(name: str, value) -> np.ndarray:
+    """value (nf, ...) as float64, frame by frame; FrameError at the first frame holding a NaN or an
+    inf: '<name>: frame <f> holds nan; expected finite numbers' (name: the file it was read from)."""
+    # (nf, ...)
+    arr = np.asarray(value, dtype=np.float64)
+    # (nf, values per frame)
+    flat = arr.reshape(len(arr), -1)
+    # (nbad, 2)
+    bad = np.argwhere(~np.isfinite(flat))
+    if bad.size:
+        f, k = bad[0]
+        entry = f" (entry {k} of the frame)" if flat.shape[1] > 1 else ""
+        raise FrameError(f, f"{name}: frame {{frame}} holds {flat[f, k]}{entry}; expected finite numbers")
     return arr
 
 
@@ -163,6 +180,17 @@ def names(name: str, value) -> list[str]:
         if value.count(t) > 1:
             raise InputError(f"{name}: {t!r} appears {value.count(t)} times")
     return list(value)
+
+
+def file_path(name: str, value, expected: str = "a path") -> Path:
+    """value as a Path, if it is a non-empty str or os.PathLike naming text; else InputTypeError
+    '<name> must be <expected>, got <type> <value>' (DeepPot(123) said only 'expected str, bytes...')."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise InputTypeError(f"{name} must be {expected}, got {type(value).__name__} {short(value)}")
+    if not text:
+        raise InputError(f"{name} must be {expected}, got an empty path")
+    return Path(text)
 
 
 def validated(where: str, cls, **kwargs):

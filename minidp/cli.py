@@ -267,12 +267,14 @@ def _cmd_train(args) -> int:
     if args.numb_steps is not None:
         from dataclasses import replace
 
-        config = replace(config, numb_steps=args.numb_steps)
+        from minidp.checks import positive_int
+
+        config = replace(config, numb_steps=positive_int("--numb-steps", args.numb_steps))
     result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet,
                    overwrite=args.overwrite, init_model=args.init_model)
     rows = [f"{s}: rmse_e {v.rmse_e:.3e} eV/atom  rmse_f {v.rmse_f:.3e} eV/A" for s, v in result.last.items()]
     print(f"trained {config.numb_steps} steps, {result.seconds_per_step:.4f} s/step; last line: " + "; ".join(rows))
-    print(f"model written to {args.output}; learning curve in {args.workdir}/{config.disp_file} and lcurve.png")
+    print(f"model written to {args.output}; learning curve in {Path(args.workdir) / config.disp_file} and lcurve.png")
     return 0
 
 
@@ -478,8 +480,25 @@ def _add_ipi(sub) -> None:
     p.set_defaults(func=_cmd_ipi)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, its usage errors on one line as every other error of minidp: the usage
+    block argparse prints first is left out (``--help`` shows it), the exit status stays 2.
+    Subparsers are made of the parser's own class, so this holds for every subcommand, and each
+    refuses the arguments it does not know itself, so that the error names the subcommand."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+    def error(self, message: str):
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minidp", description=__doc__.splitlines()[0])
+    parser = Parser(prog="minidp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_commands(sub)
     _add_train(sub)
@@ -498,7 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     line and return 2; Ctrl-C prints "interrupted" and returns 130. Other exceptions are bugs and keep
     their traceback."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # a usage error (one line, 2) or --help (0): the status, returned as any other
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

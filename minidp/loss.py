@@ -45,6 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from minidp.checks import check_backend, number
 from minidp.force_training import weight_gradients
 from minidp.model import EnergyModel, model_backward, model_forward, pair_forces_virials
 from minidp.nn import zeros_like_params
@@ -64,9 +65,7 @@ class LossConfig:
 
     def __post_init__(self):
         for name in ("start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"loss {name} must be a non-negative number, got {value!r}")
+            number(f"loss {name}", getattr(self, name), lo=0.0)
 
 
 def prefactors(config: LossConfig, lr: float, start_lr: float) -> tuple[float, float, float]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidp.checks import InputError
+from minidp.checks import InputError, file_path
 from minidp.model import EnergyModel
 from minidp.nn import Layer, Net, get_activation
 from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig
@@ -132,7 +132,7 @@ def _restore_pb_out_bias(graph, data: dict) -> None:
 
 def read_model_dict(path) -> dict:
     """The deepmd-kit model dict stored in ``path`` (.dp, .yaml, .yml, .json, .pb, .pth)."""
-    path = Path(path)
+    path = file_path("model", path, f"a path to a {'/'.join(NATIVE_SUFFIXES + CONVERTED_SUFFIXES)} file")
     suffix = path.suffix.lower()
     if path.is_dir():
         raise ValueError(f"model {path} is a folder; expected a model file ({', '.join(NATIVE_SUFFIXES + CONVERTED_SUFFIXES)})")

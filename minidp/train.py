@@ -30,17 +30,21 @@ Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import (InputError, InputTypeError, boolean, integer, integers, is_positive_int, names, number,
-                           positive_int, short, validated)
-from minidp.data import check_output, model_types, read_system, safe_output
+from minidp.checks import (FrameError, InputError, InputTypeError, boolean, file_path, finite_frames, integer,
+                           integers, is_positive_int, names, number, positive_int, short, validated)
+from minidp.data import check_output, guess_format, model_types, read_system, safe_output
 from minidp.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors
 from minidp.model import EnergyModel, energy_forces, new_model
 from minidp.neighbor import build_neighbor_list
@@ -49,6 +53,12 @@ from minidp.runtime import keep_freed_memory
 from minidp.se_e2_a import SeAConfig
 from minidp.serialization import NATIVE_SUFFIXES, load_model, save_model
 from minidp.stats import energy_bias, env_stats, raw_env_sums
+from minidp.stream import lazy_system
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): runs cannot lock their workdir
+    fcntl = None
 
 # ---------------------------------------------------------------------------
 # 1. The input
@@ -110,8 +120,9 @@ class TrainConfig:
         if not self.fitting_neuron or not all(is_positive_int(n) for n in self.fitting_neuron):
             raise ValueError(f"fitting_net neuron must be a non-empty list of positive integers, "
                              f"got {list(self.fitting_neuron)!r}")
-        if not (isinstance(self.start_lr, (int, float)) and isinstance(self.stop_lr, (int, float))
-                and 0 < self.stop_lr <= self.start_lr and math.isfinite(self.start_lr)):
+        for name in ("start_lr", "stop_lr"):
+            number(f"learning_rate {name}", getattr(self, name), positive=True)
+        if self.stop_lr > self.start_lr:
             raise ValueError(f"learning_rate must satisfy 0 < stop_lr <= start_lr, got start_lr={self.start_lr!r} "
                              f"and stop_lr={self.stop_lr!r}")
 
@@ -200,8 +211,12 @@ def _data_config(sec: dict, where: str, base: Path) -> DataConfig:
             raise ValueError(f"input: {where}/sys_probs must list one number per system ({len(systems)}), "
                              f"got {short(probs)}")
         probs = tuple(number(f"input: {where}/sys_probs[{k}]", p) for k, p in enumerate(probs))
-    auto_prob = _value(sec, where, "auto_prob", _text, sec.get("auto_prob_style", "prob_sys_size"))
-    system_probs(np.ones(len(systems)), probs, auto_prob)  # refuses a bad auto_prob / sys_probs now
+    style = _value(sec, where, "auto_prob_style", _text, "prob_sys_size")  # deepmd-kit's older name
+    auto_prob = _value(sec, where, "auto_prob", _text, style)
+    try:
+        system_probs(np.ones(len(systems)), probs, auto_prob)  # a bad auto_prob / sys_probs, before any data
+    except InputError as err:
+        raise InputError(f"input: {where}/{err}") from None
     return DataConfig(tuple(base / s for s in systems), bs, _value(sec, where, "numb_btch", positive_int, 1),
                       probs, auto_prob)
 
@@ -288,7 +303,9 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
 
 def read_input(path) -> TrainConfig:
     """parse_input of a JSON file, its systems relative to the file's folder."""
-    path = Path(path)
+    path = file_path("input", path, "a JSON file")
+    if path.is_dir():
+        raise InputError(f"input file {path} is a folder; expected a JSON file (deepmd-kit's input.json)")
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     try:
@@ -313,25 +330,55 @@ class System(NamedTuple):
     energy: np.ndarray  # (nf,)
     force: np.ndarray  # (nf, nloc, 3)
     virial: np.ndarray | None  # (nf, 9), or None without virial labels
+    sets: tuple[tuple[str, int], ...] = ()  # (set.* name, its frames), in order
 
     @property
     def nframes(self) -> int:
         return self.coords.shape[0]
 
 
+# What deepmd-kit trains on; other formats are converted first (dpdata)
+TRAINING_FORMATS = ("deepmd/npy", "deepmd/hdf5")
+# The file each per-frame array of a System is read from
+FRAME_FILES = {"coords": "coord", "cells": "box", "energy": "energy", "force": "force", "virial": "virial"}
+
+
+def check_frames(system: System) -> None:
+    """Every coordinate, cell and label of a training system finite, or InputError naming the file
+    and the frame in it ('data_0/set.001/energy.npy: frame 3 holds nan; ...'): a NaN label would
+    train every weight to NaN."""
+    start = 0
+    for name, n in system.sets or (("", system.nframes),):
+        for field, stem in FRAME_FILES.items():
+            values = getattr(system, field)
+            if values is not None:
+                where = f"{system.path}/{name}/{stem}.npy" if name else f"{system.path} ({stem})"
+                finite_frames(where, values[start:start + n])
+        start += n
+
+
 def load_systems(paths, type_map) -> list[System]:
-    """Read labelled systems through dpdata (all their set.* folders); types mapped onto type_map."""
+    """Read labelled deepmd/npy (or deepmd/hdf5) systems through dpdata, all their set.* folders;
+    types mapped onto type_map; every value checked finite (:func:`check_frames`)."""
     systems = []
     for path in paths:
-        s = read_system(path)
+        fmt = guess_format(Path(path))
+        if Path(path).exists() and fmt not in TRAINING_FORMATS:
+            raise InputError(f"training system {path} is not a deepmd/npy folder (with type.raw) or a deepmd/hdf5 "
+                             "file (.h5, .hdf5); convert it first (dpdata)")
+        lazy = lazy_system(path)  # the set.* folders and their frames
+        s = read_system(path, fmt)
         if "energies" not in s.data or "forces" not in s.data:
             raise ValueError(f"system {path} has no energy and force labels: it cannot be trained on")
         nf = s.get_nframes()
         cells = None if s.nopbc else s["cells"].astype(np.float64)
         virial = s["virials"].reshape(nf, 9).astype(np.float64) if "virials" in s.data else None
-        systems.append(System(Path(path), s["coords"].astype(np.float64), cells,
-                              model_types(s["atom_names"], s["atom_types"], list(type_map)),
-                              s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial))
+        sets = tuple(zip(lazy.sets, lazy.counts)) if lazy.nframes == nf else (("", nf),)
+        system = System(Path(path), s["coords"].astype(np.float64), cells,
+                        model_types(s["atom_names"], s["atom_types"], list(type_map)),
+                        s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial, sets)
+        check_frames(system)
+        systems.append(system)
     return systems
 
 
@@ -357,6 +404,42 @@ def numb_batches(set_frames: list[int], size: int) -> int:
     return sum(max(1, n // size) for n in set_frames)
 
 
+AUTO_PROB = "prob_uniform, prob_sys_size or prob_sys_size;start:end:weight;... (deepmd-kit's auto_prob)"
+
+
+def auto_prob_blocks(auto_prob: str, nsystems: int) -> list[tuple[int, int, float]]:
+    """The blocks (start, end, weight) of "prob_sys_size;start:end:weight;...": systems start..end-1
+    drawn with probability weight / (sum of the weights). InputError naming auto_prob unless every block
+    is two integers 0 <= start < end <= nsystems and a finite weight >= 0, no two blocks share a system,
+    and the weights are not all 0. ("prob_sys_size" is the one block 0:nsystems:1.)"""
+    if auto_prob == "prob_sys_size":
+        return [(0, nsystems, 1.0)]
+    if not isinstance(auto_prob, str) or not auto_prob.startswith("prob_sys_size;"):
+        raise InputError(f"auto_prob {short(auto_prob)}: expected {AUTO_PROB}")
+    blocks = []
+    for text in auto_prob.split(";")[1:]:
+        parts = text.split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError(text)
+            a, b, w = int(parts[0]), int(parts[1]), float(parts[2])
+        except ValueError:
+            raise InputError(f"auto_prob {auto_prob!r}: block {text!r} is not start:end:weight (two integers "
+                             "and a number)") from None
+        if not 0 <= a < b <= nsystems:
+            what = "is empty" if a >= b else f"runs outside the systems 0..{nsystems - 1}"
+            raise InputError(f"auto_prob {auto_prob!r}: block {text!r} {what}; expected 0 <= start < end <= "
+                             f"{nsystems} (the number of systems)")
+        blocks.append((a, b, number(f"auto_prob {auto_prob!r}: block {text!r}: weight", w, lo=0.0)))
+    for (a0, b0, _), (a1, b1, _) in zip(sorted(blocks), sorted(blocks)[1:]):
+        if a1 < b0:
+            raise InputError(f"auto_prob {auto_prob!r}: blocks {a0}:{b0} and {a1}:{b1} overlap; expected each "
+                             "system in one block at most")
+    if sum(w for _, _, w in blocks) <= 0:
+        raise InputError(f"auto_prob {auto_prob!r}: every block has weight 0; expected one weight above 0")
+    return blocks
+
+
 def system_probs(nbatches, sys_probs=None, auto_prob: str = "prob_sys_size") -> np.ndarray:
     r"""The probability of drawing each system, as deepmd-kit's DeepmdDataSystem.set_sys_probs.
 
@@ -365,7 +448,8 @@ def system_probs(nbatches, sys_probs=None, auto_prob: str = "prob_sys_size") -> 
     - prob_uniform: 1 / nsystems each;
     - prob_sys_size: p_k = nb_k / sum nb;
     - prob_sys_size;A:B:P;C:D:Q;...: the blocks of systems A..B-1, C..D-1, ...
-      get P / (P + Q + ...), Q / (...), shared in each block by its batches.
+      get P / (P + Q + ...), Q / (...), shared in each block by its batches
+      (:func:`auto_prob_blocks`; systems in no block are not drawn).
     """
     nb = np.asarray(nbatches, dtype=float)
     if sys_probs is not None:
@@ -373,42 +457,40 @@ def system_probs(nbatches, sys_probs=None, auto_prob: str = "prob_sys_size") -> 
         given = p >= 0
         rest = 1.0 - p[given].sum()
         if rest < -1e-8:
-            raise ValueError(f"sys_probs {list(sys_probs)} sum to more than 1")
+            raise InputError(f"sys_probs {list(sys_probs)} sum to more than 1")
         if not np.isclose(rest, 0.0):
             if not (~given).any():
-                raise ValueError(f"sys_probs {list(sys_probs)} sum to {1 - rest:g}, not 1")
+                raise InputError(f"sys_probs {list(sys_probs)} sum to {1 - rest:g}, not 1")
             return np.where(given, p, rest * nb * ~given / np.sum(nb * ~given))
         return np.where(given, p, 0.0)
     if auto_prob == "prob_uniform":
         return np.full(nb.size, 1.0 / nb.size)
-    if auto_prob == "prob_sys_size":
-        auto_prob = f"prob_sys_size;0:{nb.size}:1.0"
-    if not auto_prob.startswith("prob_sys_size;"):
-        raise ValueError(f"auto_prob must be prob_uniform, prob_sys_size or prob_sys_size;A:B:P;..., got {auto_prob!r}")
-    try:
-        blocks = [(int(a), int(b), float(w)) for a, b, w in (x.split(":") for x in auto_prob.split(";")[1:])]
-    except ValueError:
-        raise ValueError(f"auto_prob {auto_prob!r}: each block must be start:end:weight") from None
-    weights = np.array([w for _, _, w in blocks])
-    if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"auto_prob {auto_prob!r}: block weights must be >= 0, and not all 0")
+    blocks = auto_prob_blocks(auto_prob, nb.size)
+    total = sum(w for _, _, w in blocks)
+    # (nsystems,)
     p = np.zeros(nb.size)
-    for (a, b, _), w in zip(blocks, weights / weights.sum()):
-        p[a:b] = nb[a:b] / nb[a:b].sum() * w
+    for a, b, w in blocks:
+        p[a:b] = nb[a:b] / nb[a:b].sum() * (w / total)
     return p
 
 
 def _set_frames(system: System) -> list[int]:
-    """Frames of each set.* folder of a deepmd/npy system (one count for other formats)."""
-    sets = sorted(system.path.glob("set.*")) if system.path.is_dir() else []
-    counts = [np.load(p / "coord.npy", mmap_mode="r").shape[0] for p in sets if (p / "coord.npy").is_file()]
-    return counts if sum(counts) == system.nframes else [system.nframes]
+    """Frames of each set.* folder of a system (one count if they are not known)."""
+    return [n for _, n in system.sets] or [system.nframes]
+
+
+def in_system(err: FrameError, system: System, frames: np.ndarray) -> FrameError:
+    """An error about frame k of ``frames`` (a batch, a sample) as one about frame frames[k] of the system."""
+    return FrameError(int(frames[err.frame]), f"system {system.path}: {err.message}")
 
 
 def make_batch(system: System, frames: np.ndarray, cfg: SeAConfig) -> Batch:
     """The neighbour list and labels of some frames of a system."""
     cells = None if system.cells is None else system.cells[frames]
-    nl = build_neighbor_list(system.coords[frames], cells, system.atom_types, cfg.rcut, list(cfg.sel))
+    try:
+        nl = build_neighbor_list(system.coords[frames], cells, system.atom_types, cfg.rcut, list(cfg.sel))
+    except FrameError as err:
+        raise in_system(err, system, frames) from None
     virial = None if system.virial is None else system.virial[frames]
     return Batch(nl.rij, nl.nlist, system.atom_types, system.energy[frames], system.force[frames], virial)
 
@@ -441,7 +523,7 @@ class Sampler:
 
     def state(self) -> dict:
         return {"rng": json.dumps(self.rng.bit_generator.state), "pos": np.array(self.pos),
-                **{f"order_{k}": o for k, o in enumerate(self.orders)}}
+                **{f"order_{k}": o.copy() for k, o in enumerate(self.orders)}}
 
     def restore(self, state: dict) -> None:
         self.rng.bit_generator.state = json.loads(str(state["rng"]))
@@ -478,7 +560,10 @@ def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) 
     for k, s in enumerate(systems):
         n = min(s.nframes, config.data_stat_nbatch * sampler.sizes[k])
         frames = np.sort(rng.choice(s.nframes, n, replace=False))
-        sums += raw_env_sums(s.coords[frames], None if s.cells is None else s.cells[frames], s.atom_types, cfg)
+        try:
+            sums += raw_env_sums(s.coords[frames], None if s.cells is None else s.cells[frames], s.atom_types, cfg)
+        except FrameError as err:
+            raise in_system(err, s, frames) from None
         mean_energy.append(s.energy[frames].mean())
         counts.append(np.bincount(s.atom_types, minlength=cfg.ntypes))
     model.descriptor.davg, model.descriptor.dstd = env_stats(sums, cfg)
@@ -563,11 +648,12 @@ def checkpoint_files(path: Path) -> tuple[Path, Path]:
     return path.parent / f"{path.name}.dp", path.parent / f"{path.name}.npz"
 
 
-def save_checkpoint(stem: Path, step: int, model: EnergyModel, opt: Adam, samplers: dict[str, Sampler],
+def save_checkpoint(stem: Path, step: int, model: EnergyModel, opt: Adam, sampler_states: dict[str, dict],
                     data: str = "", overwrite: bool = False) -> Path:
-    """<stem>-<step>.dp (the model) and <stem>-<step>.npz (Adam's moments, step, sampler states and
-    ``data``, the fingerprint of the training data), each written atomically, the .npz last: a
-    checkpoint is complete when both exist. A lone .dp (a run killed between the two) is replaced."""
+    """<stem>-<step>.dp (the model) and <stem>-<step>.npz (Adam's moments, step, the samplers' states
+    (Sampler.state, by name) and ``data``, the fingerprint of the training data), each written
+    atomically, the .npz last: a checkpoint is complete when both exist. A lone .dp (a run killed
+    between the two) is replaced."""
     path = stem.parent / f"{stem.name}-{step}"
     dp_file, npz_file = checkpoint_files(path)
     save_model(dp_file, model, overwrite=overwrite or not npz_file.exists())
@@ -575,8 +661,8 @@ def save_checkpoint(stem: Path, step: int, model: EnergyModel, opt: Adam, sample
     for i, (m, v) in enumerate(zip(opt.m, opt.v)):
         state.update({f"m_{i}_{k}": a for k, a in m.items()})
         state.update({f"v_{i}_{k}": a for k, a in v.items()})
-    for name, sampler in samplers.items():
-        state.update({f"{name}_{k}": a for k, a in sampler.state().items()})
+    for name, sampler_state in sampler_states.items():
+        state.update({f"{name}_{k}": a for k, a in sampler_state.items()})
     with safe_output(npz_file, "checkpoint", overwrite=overwrite) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **state)
@@ -733,7 +819,19 @@ def init_from_model(path, config: TrainConfig) -> EnergyModel:
     return model
 
 
-def _setup(config: TrainConfig, restart, init_model=None):
+class Run(NamedTuple):
+    """What a run starts from (:func:`_setup`)."""
+
+    train_sys: list[System]  # training systems
+    val_sys: list[System]  # validation systems ([] without validation_data)
+    samplers: dict[str, Sampler]  # "trn" (and "val"): the batch samplers
+    model: EnergyModel  # the weights at the first step
+    opt: Adam  # the optimizer, with its moments
+    step: int  # the first step (0, or the checkpoint's)
+    data: str  # the training data's fingerprint (data_fingerprint)
+
+
+def _setup(config: TrainConfig, restart, init_model=None) -> Run:
     """Systems, samplers, model and optimizer: fresh (or from init_model), or as a checkpoint left them."""
     train_sys = load_systems(config.training.systems, config.type_map)
     val_sys = load_systems(config.validation.systems, config.type_map) if config.validation else []
@@ -753,7 +851,7 @@ def _setup(config: TrainConfig, restart, init_model=None):
     opt = Adam(model.params())
     if restart is not None:
         restore_optimizer(opt, state)
-    return train_sys, val_sys, samplers, model, opt, step, data
+    return Run(train_sys, val_sys, samplers, model, opt, step, data)
 
 
 class OutputPlan(NamedTuple):
@@ -765,6 +863,13 @@ class OutputPlan(NamedTuple):
     inputs: tuple[Path, ...]  # the training and validation systems: no output may touch them
 
 
+def _checkpoint_steps(stem: Path) -> set[int]:
+    """The steps k of the files <stem>-<k>.dp and <stem>-<k>.npz in stem's folder, complete or not."""
+    steps = (p.name[len(stem.name) + 1:].removesuffix(".dp").removesuffix(".npz")
+             for p in stem.parent.glob(f"{stem.name}-*"))
+    return {int(k) for k in steps if k.isdigit()}
+
+
 def _later_checkpoints(stem: Path, step: int) -> list[str]:
     """Complete checkpoints <stem>-<k> in stem's folder with k > step (a run that went further)."""
     later = []
@@ -773,6 +878,67 @@ def _later_checkpoints(stem: Path, step: int) -> list[str]:
         if k.isdigit() and int(k) > step and checkpoint_files(npz.with_suffix(""))[0].exists():
             later.append((int(k), npz.with_suffix("").name))
     return [name for _, name in sorted(later)]
+
+
+# The lock file a run holds in its workdir (hidden; removed when the run ends)
+WORKDIR_LOCK = ".minidp-train.lock"
+
+
+def _new_folders(folder: Path) -> list[Path]:
+    """Make folder and its missing parents; the ones made, innermost first."""
+    missing = [q for q in (folder, *folder.parents) if not q.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _lock_fd(path: Path) -> int:
+    """An open descriptor of path holding its flock; InputError naming the holder's pid if another holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(f"{path.parent} is in use by another minidp train run (pid {holder}); wait for it "
+                             "to end, or give another --workdir") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # locked a file that a run ending just now removed: lock the new one
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold workdir's training lock for the block; a second run there is refused in one line naming
+    the first one's pid, before it writes anything.
+
+    The lock is an flock on WORKDIR_LOCK (which holds the pid): the kernel releases it when the
+    process ends, however it ends (a killed run leaves at most the unlocked file, which the next
+    run takes over). The file is removed when the block ends, and so are the folders made for
+    workdir if the run left them empty (a run refused on its data writes nothing).
+    """
+    made = _new_folders(workdir)
+    path = workdir / WORKDIR_LOCK
+    if fcntl is None:  # not POSIX: nothing to lock with
+        warnings.warn(f"cannot lock {workdir} on this system: two runs there at once are not refused")
+        fd = None
+    else:
+        fd = _lock_fd(path)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # removed while held: no other run can be holding it
+            os.close(fd)
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int, overwrite: bool) -> OutputPlan:
@@ -800,11 +966,13 @@ def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int
     if output is not None:
         check_output(output, "model", inputs + checkpoint_files(_checkpoint_path(restart)) if keep else inputs,
                      overwrite)
-    for t in range(start + 1, n + 1):
-        if t % config.save_freq == 0 or t == n:
-            dp_file, npz_file = checkpoint_files(stem.parent / f"{stem.name}-{t}")
-            check_output(dp_file, "model", inputs, overwrite or not npz_file.exists())
-            check_output(npz_file, "checkpoint", inputs, overwrite)
+    # the checkpoints the run will write that exist already (and the last, for its folder): not one
+    # check per step of a million-step run
+    due = {n} | {t for t in _checkpoint_steps(stem) if start < t <= n and t % config.save_freq == 0}
+    for t in sorted(due):
+        dp_file, npz_file = checkpoint_files(stem.parent / f"{stem.name}-{t}")
+        check_output(dp_file, "model", inputs, overwrite or not npz_file.exists())
+        check_output(npz_file, "checkpoint", inputs, overwrite)
     check_output(workdir / "lcurve.png", "png", inputs, overwrite or keep)
     lcurve = workdir / config.disp_file
     virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
@@ -822,45 +990,56 @@ def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int
     return OutputPlan(lcurve, head, overwrite, inputs)
 
 
-def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True,
-          overwrite: bool = False, init_model=None) -> TrainResult:
-    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output
-    (with the training data's smallest neighbour distance). ``init_model``: start from that model.
+def check_step(step: int, first: bool, errors: dict[str, LossValue], grads, last_checkpoint) -> None:
+    """InputError at the first step whose loss (training or validation) or gradient holds a NaN or
+    an inf: the run stops there, before the weights or a checkpoint take it in, so that no model or
+    checkpoint minidp would refuse (or could not resume from) is written. ``first``: the run's first
+    step, where the weights are those it started from (then the data are the likely cause)."""
+    finite = all(np.isfinite(v.loss) for v in errors.values()) and \
+        all(np.isfinite(a).all() for p in grads for a in p.values())
+    if finite:
+        return
+    losses = ", ".join(f"{name} {v.loss:.4g}" for name, v in errors.items())
+    cause = ("labels too large for float64?" if first else "the run diverged: a smaller start_lr may help")
+    kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint is not None else "no checkpoint written"
+    raise InputError(f"training stopped at step {step}: the loss or its gradient is not finite (loss {losses}; "
+                     f"{cause}); no model written, {kept}")
 
-    Nothing a user made is written over (:func:`plan_outputs`); ``overwrite`` replaces minidp's own
-    outputs of an earlier run."""
+
+def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, restart, progress: bool,
+           overwrite: bool) -> TrainResult:
+    """The loop (module docstring): steps run.step..numb_steps, lcurve lines and checkpoints on the way."""
     import time
 
     from tqdm import tqdm
 
-    if output is not None and Path(output).suffix.lower() not in NATIVE_SUFFIXES:
-        # refused now, not after hours of training
-        raise ValueError(f"cannot write {Path(output).suffix!r} models; expected one of {NATIVE_SUFFIXES}")
-    workdir = Path(workdir)
-    begin = 0 if restart is None else int(load_checkpoint_state(restart)["step"])
-    plan = plan_outputs(config, output, workdir, restart, begin, overwrite)
-    keep_freed_memory()
-    train_sys, val_sys, samplers, model, opt, start, data = _setup(config, restart, init_model)
-    cfg, n = config.descriptor, config.numb_steps
+    cfg, n, model, opt, samplers = config.descriptor, config.numb_steps, run.model, run.opt, run.samplers
     virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
-    head = plan.head
-    times, last = [], {}
-    bar = tqdm(total=n, initial=start, disable=not progress, unit="step", desc="training")
-    for step in range(start, n + 1):
-        # a checkpoint holds the state at the top of a step: resuming from it repeats nothing
-        if step > start and (step % config.save_freq == 0 or step == n):
-            save_checkpoint(workdir / config.save_ckpt, step, model, opt, samplers, data, overwrite)
+    head, times, last, checkpoint = plan.head, [], {}, restart
+    bar = tqdm(total=n, initial=run.step, disable=not progress, unit="step", desc="training")
+    for step in range(run.step, n + 1):
+        # a checkpoint holds the state at the top of a step (resuming from it repeats nothing); it is
+        # written once the step's loss is known to be finite, so the last checkpoint is a good one
+        due = step > run.step and (step % config.save_freq == 0 or step == n)
+        states = {name: sampler.state() for name, sampler in samplers.items()} if due else None
         lr = exp_decay(step, config.start_lr, config.stop_lr, config.decay_steps, n)
         pref = prefactors(config.loss, lr, config.start_lr)
         t0 = time.perf_counter()
         k, frames = samplers["trn"].next()
-        value, grads, _ = loss_and_grad(model, make_batch(train_sys[k], frames, cfg), pref)
-        elapsed = time.perf_counter() - t0
-        if step % config.disp_freq == 0 or step == n:
+        # overflow in a diverging run is reported by check_step, in one line
+        with np.errstate(over="ignore", invalid="ignore"):
+            value, grads, _ = loss_and_grad(model, make_batch(run.train_sys[k], frames, cfg), pref)
+            elapsed = time.perf_counter() - t0
+            shown = step % config.disp_freq == 0 or step == n
             # training and validation errors of the same weights, those before this step's update
-            last = {"trn": value}
-            if val_sys:
-                last["val"] = validation_errors(model, val_sys, samplers["val"], config, pref)
+            errors = {"trn": value}
+            if shown and run.val_sys:
+                errors["val"] = validation_errors(model, run.val_sys, samplers["val"], config, pref)
+        check_step(step, step == run.step, errors, grads, checkpoint)
+        if due:
+            checkpoint = save_checkpoint(workdir / config.save_ckpt, step, model, opt, states, run.data, overwrite)
+        if shown:
+            last = errors
             write_lcurve_line(plan.lcurve, lcurve_line(step, last, lr, virial), head, plan.replace_lcurve)
             head = None
             bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
@@ -870,8 +1049,31 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
             times.append(elapsed + time.perf_counter() - t0)
             bar.update(1)
     bar.close()
-    if output is not None:
-        save_model(output, model, overwrite=overwrite, inputs=plan.inputs,
-                   min_nbor_dist=training_min_nbor_dist(train_sys, cfg))
-    plot_lcurves({"minidp": plan.lcurve}, workdir / "lcurve.png")
     return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), np.array(times), last)
+
+
+def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True,
+          overwrite: bool = False, init_model=None) -> TrainResult:
+    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output
+    (with the training data's smallest neighbour distance). ``init_model``: start from that model.
+
+    Nothing a user made is written over (:func:`plan_outputs`); ``overwrite`` replaces minidp's own
+    outputs of an earlier run. The workdir is locked for the run (:func:`workdir_lock`): a second run
+    there is refused before it writes anything."""
+    if output is not None and Path(output).suffix.lower() not in NATIVE_SUFFIXES:
+        # refused now, not after hours of training
+        raise ValueError(f"cannot write {Path(output).suffix!r} models; expected one of {NATIVE_SUFFIXES}")
+    workdir = file_path("workdir", workdir, "a folder")
+    begin = 0 if restart is None else int(load_checkpoint_state(restart)["step"])
+    plan_outputs(config, output, workdir, restart, begin, overwrite)  # refused before the lock file is made
+    with workdir_lock(workdir):
+        # planned again under the lock: a run that held it may have written since
+        plan = plan_outputs(config, output, workdir, restart, begin, overwrite)
+        keep_freed_memory()
+        run = _setup(config, restart, init_model)
+        result = _steps(config, run, plan, workdir, restart, progress, overwrite)
+        if output is not None:
+            save_model(output, result.model, overwrite=overwrite, inputs=plan.inputs,
+                       min_nbor_dist=training_min_nbor_dist(run.train_sys, config.descriptor))
+        plot_lcurves({"minidp": plan.lcurve}, workdir / "lcurve.png")
+    return result

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from minidp.cli import main
+from minidp.cli import build_parser, main
 from minidp.model import new_model
 from minidp.se_e2_a import SeAConfig
 from minidp.serialization import save_model
@@ -79,8 +83,9 @@ def test_eval_backend_reference(small_model, small_system, tmp_path, capsys):
                      "--backend", backend]) == 0
     a, b = (dpdata.LabeledSystem(str(outs[k]), fmt="deepmd/npy") for k in ("reference", "numba"))
     np.testing.assert_allclose(a["forces"], b["forces"], rtol=1e-12, atol=1e-13)
-    with pytest.raises(SystemExit):
-        main(["eval", "-m", str(small_model), "-s", str(small_system), "-o", str(tmp_path / "x"), "--backend", "gpu"])
+    capsys.readouterr()
+    assert main(["eval", "-m", str(small_model), "-s", str(small_system), "-o", str(tmp_path / "x"),
+                 "--backend", "gpu"]) == 2
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
 
 
@@ -160,3 +165,67 @@ def test_eval_reads_other_formats(small_model, small_system, tmp_path, fmt, name
     assert main(["eval", "-m", str(small_model), "-s", str(tmp_path / name), *extra, "-o", str(out)]) == 0
     e, _, _ = DeepPot(small_model).eval(system["coords"], system["cells"], system["atom_types"])
     assert np.load(out / "set.000" / "energy.npy").ravel() == pytest.approx(e[:, 0], rel=1e-10)
+
+
+# ---------------------------------------------------------------------------
+# Usage errors: one line and exit 2, for every subcommand (issue 20)
+# ---------------------------------------------------------------------------
+
+
+def _subcommands(parser, prefix=()) -> dict:
+    """{argv prefix: its parser} for every subcommand, nested ones (tutorial cos) included."""
+    import argparse
+
+    found = {prefix: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(_subcommands(sub, prefix + (name,)))
+    return found
+
+
+SUBCOMMANDS = {k: v for k, v in _subcommands(build_parser()).items() if k}
+
+
+def _bad_arguments(parser) -> list[list[str]]:
+    """Arguments argparse refuses: an unknown option, each typed option given text, each choice a bogus one."""
+    bad = [["--no-such-option"], ["--no-such-option", "x", "-Z"]]
+    for action in parser._actions:
+        if not action.option_strings or action.nargs == 0:
+            continue
+        opt = action.option_strings[-1]
+        if action.type in (int, float):
+            bad += [[opt, "abc"], [opt, "1e"], [opt, ""]]
+        if action.choices:
+            bad.append([opt, "bogus"])
+    return bad
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_every_usage_error_is_one_line_with_exit_2(data):
+    prefix = data.draw(st.sampled_from(sorted(SUBCOMMANDS)))
+    argv = [*prefix, *data.draw(st.sampled_from(_bad_arguments(SUBCOMMANDS[prefix])))]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    lines = err.getvalue().splitlines()
+    assert status == 2, argv
+    assert len(lines) == 1 and lines[0].startswith(f"minidp {' '.join(prefix)}: error: "), (argv, lines)
+    assert "usage" not in err.getvalue() and out.getvalue() == "", argv
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "minidp: error: the following arguments are required: command"),
+    (["bogus"], "minidp: error: argument command: invalid choice: 'bogus'"),
+    (["compress", "-i", "a.dp", "-o", "b.dp", "-t", "in.json", "--min-nbor-dist", "1"],
+     "minidp compress: error: argument --min-nbor-dist: not allowed with argument -t/--training-script"),
+    (["compress", "-i", "a.dp", "-o", "b.dp", "--range", "bogus"], "argument --range: invalid choice: 'bogus'"),
+    (["change-bias", "m.dp", "-o", "b.dp", "-b", "abc"], "argument -b/--bias-value: invalid float value: 'abc'"),
+    (["ipi", "--port", "abc"], "minidp ipi: error: argument --port: invalid int value: 'abc'"),
+    (["train"], "minidp train: error: the following arguments are required: input, -o/--output"),
+])
+def test_usage_errors_name_the_argument_on_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and len(captured.err.splitlines()) == 1 and message in captured.err, captured.err

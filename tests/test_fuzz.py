@@ -7,10 +7,15 @@ in tests/test_model_check.py.) Kept small: under a minute on two cores.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
@@ -21,7 +26,7 @@ from minidp.model import new_model
 from minidp.se_e2_a import SeAConfig
 from minidp.train import TrainConfig, parse_input
 from tests.test_model_check import _paths
-from tests.test_train import _input
+from tests.test_train import _input, data_dir  # noqa: F401  (fixture)
 
 EXAMPLES = int(os.environ.get("MINIDP_FUZZ_EXAMPLES", 700))  # the 624 (key, mutation) pairs: all of them
 
@@ -71,6 +76,105 @@ def test_fuzz_training_input(index, kind, pick):
         assert isinstance(getattr(config, name), float) and np.isfinite(getattr(config, name))
     assert isinstance(config.fitting_resnet_dt, bool) and isinstance(config.descriptor.resnet_dt, bool)
     assert all(isinstance(n, int) for n in config.descriptor.sel + config.fitting_neuron)
+
+
+# ---------------------------------------------------------------------------
+# Training runs end to end: malformed inputs, auto_prob strings, bad labels
+# ---------------------------------------------------------------------------
+
+TRAIN_EXAMPLES = int(os.environ.get("MINIDP_FUZZ_TRAIN_EXAMPLES", "40"))
+# (system, set, frames in the set, values per frame) of the label and coordinate files of data_dir
+FILES = {("sys_a", "set.000"): 3, ("sys_a", "set.001"): 3, ("sys_b", "set.000"): 4}
+WIDTH = {"energy": 1, "force": 36, "virial": 9, "coord": 36, "box": 9}
+BLOCK = st.tuples(st.sampled_from(["-1", "0", "1", "2", "3", "x", "1.5", ""]),
+                  st.sampled_from(["0", "1", "2", "3", "x"]),
+                  st.sampled_from(["1", "0", "0.5", "-1", "nan", "inf", "w", "1e400"]))
+AUTO_PROB = st.one_of(
+    st.sampled_from(["prob_uniform", "prob_sys_size", "prob_sys_size;", "prob_size", "", "prob_sys_size;0:2"]),
+    st.lists(BLOCK, min_size=1, max_size=3).map(lambda bs: "prob_sys_size;" + ";".join(":".join(b) for b in bs)))
+
+
+def _tree(root: Path, skip: str = "w") -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))
+            if p.relative_to(root).parts[0] != skip}
+
+
+class Expect(NamedTuple):
+    """What a drawn training case may give: a refusal containing one of ``messages`` (any one-line
+    refusal if None), and whether it may also train."""
+
+    messages: tuple[str, ...] | None
+    may_train: bool
+
+
+def _train_case(data, root: Path) -> Expect:
+    """Draw one malformed (or fine) training case into root: input.json and the systems."""
+    d = copy.deepcopy(INPUT)
+    d["training"].update(numb_steps=2, save_freq=1, disp_freq=1)
+    kind = data.draw(st.sampled_from(["value", "auto_prob", "label", "sys_probs"]), label="kind")
+    expect = Expect(("input",), False)
+    if kind == "value":
+        path = data.draw(st.sampled_from(INPUT_PATHS), label="key")
+        parent = d
+        for k in path[:-1]:
+            parent = parent[k]
+        old = parent[path[-1]]
+        parent[path[-1]] = data.draw(st.sampled_from(OTHER_TYPE[type(old)] + [np.nan, -1, 0, 1e300]), label="value")
+        # a seed of null is deepmd-kit's; a huge number where a number may be large can train or diverge
+        expect = Expect(("input", "training stopped"), path[-1] == "seed" or parent[path[-1]] == 1e300)
+    elif kind == "auto_prob":
+        d["training"]["training_data"]["auto_prob"] = data.draw(AUTO_PROB, label="auto_prob")
+        expect = Expect(("input: training/training_data/auto_prob",), True)
+    elif kind == "sys_probs":
+        d["training"]["training_data"]["sys_probs"] = data.draw(
+            st.lists(st.sampled_from([0.5, -1, 0.0, 1.0, 0.7, np.nan, "0.5", True]), min_size=1, max_size=3),
+            label="sys_probs")
+        expect = Expect(("input: training/training_data/sys_probs",), True)
+    else:
+        (system, set_name), n = data.draw(st.sampled_from(sorted(FILES.items())), label="file")
+        stem = data.draw(st.sampled_from(sorted(WIDTH)), label="stem")
+        frame, entry = data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, WIDTH[stem] - 1))
+        value = data.draw(st.sampled_from([np.nan, np.inf, -np.inf, 1e300, -1e300]), label="value")
+        f = root / system / set_name / f"{stem}.npy"
+        a = np.load(f)
+        a.reshape(n, -1)[frame, entry] = value
+        np.save(f, a)
+        # a finite but absurd label or coordinate: refused (cell, neighbours), stopped (diverged) or trained
+        expect = Expect((f"{f}: frame {frame} holds",), False) if not np.isfinite(value) else Expect(None, True)
+    (root / "input.json").write_text(json.dumps(d, allow_nan=True))
+    return expect
+
+
+@settings(max_examples=TRAIN_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzz_training_runs(data_dir, data):
+    """minidp train on a drawn case: exit 2 with one line naming the problem, or a model minidp loads;
+    no traceback; the input and the systems unchanged; nothing left in the workdir but whole outputs."""
+    from minidp.cli import main
+    from minidp.serialization import load_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name in ("sys_a", "sys_b"):
+            shutil.copytree(data_dir / name, root / name)
+        expect = _train_case(data, root)
+        before, w = _tree(root), root / "w"
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(["train", str(root / "input.json"), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"])
+        assert _tree(root) == before, "an input changed"
+        lines = err.getvalue().splitlines()
+        if status == 0:
+            assert expect.may_train and lines == [], (expect, lines)
+            assert np.isfinite(load_model(w / "m.dp").bias).all()
+            assert sorted(p.name for p in w.iterdir()) == ["lcurve.out", "lcurve.png", "m.dp", "model.ckpt-1.dp",
+                                                           "model.ckpt-1.npz", "model.ckpt-2.dp", "model.ckpt-2.npz"]
+            return
+        assert status == 2 and len(lines) == 1 and lines[0].startswith("minidp train: error: "), lines
+        message = lines[0].removeprefix("minidp train: error: ")
+        assert expect.messages is None or any(m in message for m in expect.messages), (expect, message)
+        # refused before the run, or stopped in it: no model, no temporary or lock file
+        assert not w.exists() or not [p for p in w.iterdir() if p.name == "m.dp" or p.name.startswith(".")]
 
 
 # ---------------------------------------------------------------------------

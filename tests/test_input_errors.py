@@ -89,3 +89,44 @@ def test_damaged_systems_are_named(damage, command, text, small_model, small_sys
     assert main(argv) == 2
     _one_line(capsys, text)
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------
+# Issue 20: arguments of the wrong kind are named with what was expected
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("given, shown", [(123, "int 123"), (None, "NoneType None"), (b"m.dp", "bytes b'm.dp'"),
+                                          (1.5, "float 1.5"), (["m.dp"], "list ['m.dp']")])
+def test_deeppot_of_something_not_a_path_says_what_it_got(given, shown):
+    """DeepPot(123) said 'expected str, bytes or os.PathLike object, not int'."""
+    with pytest.raises(TypeError) as err:
+        DeepPot(given)
+    assert str(err.value) == f"model must be a path to a .dp/.yaml/.yml/.json/.pb/.pth file, got {shown}"
+    with pytest.raises(ValueError, match="model must be a path to a .* file, got an empty path"):
+        DeepPot("")
+
+
+@pytest.mark.parametrize("natoms", [0, -3, 2.5, True])
+def test_per_atom_deviations_of_no_atoms_are_refused(natoms):
+    """virial_deviation(natoms=0) returned NaN: per-atom values of no atoms are 0/0."""
+    from minidp.model_devi import energy_deviation, virial_deviation
+
+    with pytest.raises(ValueError, match=f"natoms must be a positive integer, got {natoms!r}"):
+        virial_deviation(np.zeros((2, 1, 9)), natoms)
+    with pytest.raises(ValueError, match=f"natoms must be a positive integer, got {natoms!r}"):
+        energy_deviation(np.zeros((2, 1)), natoms)
+    assert (virial_deviation(np.zeros((2, 1, 9)), 3) == 0).all()
+
+
+def test_finite_frames_names_the_first_bad_frame_and_entry():
+    from minidp.checks import FrameError, finite_frames
+
+    a = np.zeros((4, 2, 3))
+    np.testing.assert_array_equal(finite_frames("f.npy", a), a)
+    a[2, 1, 0], a[3, 0, 0] = np.inf, np.nan
+    with pytest.raises(FrameError, match=r"^f.npy: frame 2 holds inf \(entry 3 of the frame\); expected finite numbers$") as err:
+        finite_frames("f.npy", a)
+    assert err.value.shifted(10).args[0].startswith("f.npy: frame 12 holds inf")
+    with pytest.raises(ValueError, match=r"^e.npy: frame 1 holds nan; expected finite numbers$"):
+        finite_frames("e.npy", np.array([1.0, np.nan]))

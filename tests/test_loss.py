@@ -178,9 +178,13 @@ def test_prefactors_move_with_the_learning_rate():
     assert pe == pytest.approx(1.0 + (0.02 - 1.0) * 0.1) and pf == pytest.approx(1.0 + 999.0 * 0.1) and pv == 0.0
 
 
-@pytest.mark.parametrize("field, value", [("start_pref_f", -1.0), ("limit_pref_e", float("nan")), ("start_pref_v", "1")])
-def test_loss_config_refuses_bad_prefactors(field, value):
-    with pytest.raises(ValueError, match=f"loss {field} must be a non-negative number, got"):
+@pytest.mark.parametrize("field, value, message", [("start_pref_f", -1.0, "-1.0 is below 0.0"),
+                                                    ("limit_pref_e", float("nan"), "nan is not finite"),
+                                                    ("start_pref_v", "1", "expected a number, got str '1'"),
+                                                    ("start_pref_v", True, "expected a number, got bool True")])
+def test_loss_config_refuses_bad_prefactors(field, value, message):
+    """One check of a number for the whole package (minidp.checks.number)."""
+    with pytest.raises(ValueError, match=f"loss {field}: {message}"):
         LossConfig(**{field: value})
 
 

@@ -201,6 +201,8 @@ def test_sigkill_at_random_moments_then_restart_equals_an_uninterrupted_run(data
     (lambda d: d["model"]["descriptor"].update(neuron=[4, 8.5]), "input: model/descriptor/neuron[1]: expected an integer"),
     (lambda d: d["model"].update(type_map=["O", "O"]), "input: model/type_map: 'O' appears 2 times"),
     (lambda d: d["training"].update(numb_steps=True), "input: training/numb_steps must be a positive integer, got True"),
+    (lambda d: d["training"]["training_data"].update(auto_prob_style=5),
+     "input: training/training_data/auto_prob_style: expected a non-empty string, got int 5"),
 ])
 def test_training_input_values_are_checked_by_key(edit, message, data_dir, tmp_path, capsys):
     path, d = _write_input(tmp_path, data_dir)
@@ -248,3 +250,176 @@ def test_ctrl_c_during_training_is_one_line_and_resumable(data_dir, tmp_path, ca
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
                  "--restart", str(w / "model.ckpt-3")]) == 0
     assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2, 4, 6]
+
+
+# ---------------------------------------------------------------------------
+# Issue 20: labels checked when read, a diverging run stopped, one run per workdir
+# ---------------------------------------------------------------------------
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _damage(root, system, set_name, stem, index, value):
+    """Write ``value`` at flat index ``index`` of <system>/<set>/<stem>.npy (its dtype kept)."""
+    path = root / system / set_name / f"{stem}.npy"
+    a = np.load(path)
+    a.reshape(-1)[index] = value
+    np.save(path, a)
+
+
+@pytest.mark.parametrize("stem, index, value, frame, entry", [
+    ("energy", 1, np.nan, 1, ""),  # set.001 holds frames 3..5 of sys_a: its frame 1
+    ("force", 36 + 7, np.inf, 1, " (entry 7 of the frame)"),  # 12 atoms x 3 per frame
+    ("virial", 9 * 2 + 4, -np.inf, 2, " (entry 4 of the frame)"),
+    ("coord", 5, np.nan, 0, " (entry 5 of the frame)"),
+    ("box", 9 + 8, np.nan, 1, " (entry 8 of the frame)"),
+])
+def test_non_finite_labels_and_coordinates_are_named_by_file_and_frame(stem, index, value, frame, entry, data_dir,
+                                                                         tmp_path, capsys):
+    """A NaN energy or an inf force trained every weight to NaN, exited 0 and wrote a model `info` refused."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    _damage(data, "sys_a", "set.001", stem, index, value)
+    path, _ = _write_input(tmp_path, data)
+    before = _snapshot(data)
+    w = tmp_path / "w"
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    shown = {np.nan: "nan", np.inf: "inf", -np.inf: "-inf"}[value]
+    assert err == [(f"minidp train: error: {data / 'sys_a' / 'set.001' / stem}.npy: frame {frame} holds {shown}"
+                    f"{entry}; expected finite numbers")]
+    assert not w.exists() and _snapshot(data) == before
+
+
+def test_a_training_system_in_another_format_is_refused_naming_no_missing_option(data_dir, tmp_path, capsys):
+    """train has no -f option: the message said 'give -f FORMAT?'."""
+    (tmp_path / "frames.xyz").write_text("1\n\nO 0 0 0\n")
+    (tmp_path / "folder").mkdir()
+    for system in ("frames.xyz", "folder"):
+        path, d = _write_input(tmp_path, data_dir)
+        d["training"]["training_data"]["systems"] = [str(tmp_path / system)]
+        path.write_text(json.dumps(d))
+        assert main(["train", str(path), "-o", str(tmp_path / "m.dp"), "--workdir", str(tmp_path / "w"), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "-f" not in err[0], err
+        assert f"training system {tmp_path / system} is not a deepmd/npy folder (with type.raw)" in err[0]
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_diverging_run_stops_in_one_line_and_writes_no_model(data_dir, tmp_path, capsys):
+    """start_lr 1e100: the weights overflow at step 1. It trained to NaN, exited 0 and wrote a model
+    minidp refuses to load. A label too large for float64 stops the run at its first step."""
+    path, d = _write_input(tmp_path, data_dir, 6, disp_freq=1, save_freq=1)
+    d["learning_rate"].update(start_lr=1e100, stop_lr=1e100)
+    path.write_text(json.dumps(d))
+    w = tmp_path / "w"
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minidp train: error: training stopped at step 1: the loss or its "
+                                               "gradient is not finite (loss trn "), err
+    assert err[0].endswith("; the run diverged: a smaller start_lr may help); no model written, no checkpoint written")
+    assert sorted(p.name for p in w.iterdir()) == ["lcurve.out"]  # the line of step 0; no model, no checkpoint
+    assert list(read_lcurve(w / "lcurve.out")["step"]) == [0]
+    import shutil
+
+    shutil.copytree(data_dir, tmp_path / "data")
+    _damage(tmp_path / "data", "sys_b", "set.000", "energy", 2, 1e300)
+    path, _ = _write_input(tmp_path, tmp_path / "data")
+    assert main(["train", str(path), "-o", str(tmp_path / "w2" / "m.dp"), "--workdir", str(tmp_path / "w2"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(loss trn inf, val inf; labels too large for float64?)" in err[0], err
+
+
+def test_a_run_that_turns_non_finite_keeps_its_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
+    import minidp.train
+
+    real, calls = minidp.train.loss_and_grad, []
+
+    def nan_at_step_5(*args, **kwargs):
+        calls.append(1)
+        value, grads, pred = real(*args, **kwargs)
+        if len(calls) == 6:
+            grads[0][next(iter(grads[0]))][...] = np.nan
+        return value, grads, pred
+
+    monkeypatch.setattr(minidp.train, "loss_and_grad", nan_at_step_5)
+    path, _ = _write_input(tmp_path, data_dir)
+    w = tmp_path / "w"
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training stopped at step 5" in err[0] and f"checkpoint is {w / 'model.ckpt-3'}" in err[0]
+    assert sorted(p.name for p in w.iterdir()) == ["lcurve.out", "model.ckpt-3.dp", "model.ckpt-3.npz"]
+    assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2, 4]
+    monkeypatch.setattr(minidp.train, "loss_and_grad", real)
+    assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
+                 "--restart", str(w / "model.ckpt-3")]) == 0
+    assert np.isfinite(load_model(w / "m.dp").bias).all()
+
+
+def test_a_second_run_in_a_workdir_in_use_is_refused_before_it_writes(data_dir, tmp_path, capsys):
+    """Two runs in one workdir: the second --restart appended its lines to the first one's lcurve.out.
+    Now it is refused in one line naming the first run's pid; the lock dies with its holder."""
+    from minidp.train import WORKDIR_LOCK
+
+    path, _ = _write_input(tmp_path, data_dir, 10**6, disp_freq=1, save_freq=2)
+    w = tmp_path / "w"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "minidp", "train", str(path), "-q", "-o", str(w / "m.dp"),
+                              "--workdir", str(w)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while first.poll() is None and len(_complete_checkpoints(w)) < 2:
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)  # holding its lock, mid-run
+        step = _complete_checkpoints(w)[-1]
+        before = _snapshot(w)
+        argv = ["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
+                "--restart", str(w / f"model.ckpt-{step}"), "--numb-steps", str(step + 2)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [(f"minidp train: error: {w} is in use by another minidp train run (pid {first.pid}); wait "
+                        "for it to end, or give another --workdir")]
+        assert _snapshot(w) == before
+    finally:
+        first.kill()
+        first.wait()
+    assert (w / WORKDIR_LOCK).exists()  # left by the killed run, unlocked
+    assert main(argv) == 0
+    assert not (w / WORKDIR_LOCK).exists()
+    steps = read_lcurve(w / "lcurve.out")["step"]
+    np.testing.assert_array_equal(steps, np.arange(step + 3))
+
+
+def test_a_singular_cell_in_the_training_data_names_the_system_and_its_frame(data_dir, tmp_path, capsys):
+    """The neighbour list numbers frames within the batch it was given: the error is renumbered in the system."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    for k in range(9):
+        _damage(data, "sys_a", "set.001", "box", 9 + k, 0.0)  # frame 1 of set.001: frame 4 of sys_a
+    path, _ = _write_input(tmp_path, data)
+    assert main(["train", str(path), "-o", str(tmp_path / "w" / "m.dp"), "--workdir", str(tmp_path / "w"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"error: system {data / 'sys_a'}: cell of frame 4 is singular" in err[0], err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}", "-o", "m.dp"], "input file {tmp} is a folder; expected a JSON file (deepmd-kit's input.json)"),
+    (["{input}", "-o", "m.dp", "--numb-steps", "0"], "--numb-steps must be a positive integer, got 0"),
+    (["{input}", "-o", "m.dp", "--workdir", ""], "workdir must be a folder, got an empty path"),
+])
+def test_command_line_values_are_named_by_their_option(argv, message, data_dir, tmp_path, capsys):
+    """A folder given as the input said it 'does not exist'; --numb-steps 0 was named numb_steps;
+    --workdir '' trained into the current folder."""
+    path, _ = _write_input(tmp_path, data_dir)
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{input}", str(path)) for a in argv]
+    before = _snapshot(tmp_path)
+    assert main(["train", *argv, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"minidp train: error: {message.replace('{tmp}', str(tmp_path))}"]
+    assert _snapshot(tmp_path) == before

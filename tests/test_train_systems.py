@@ -65,12 +65,50 @@ def test_batch_sizes_and_batches_are_deepmd_kits():
 
 
 def test_bad_probabilities_are_named():
-    with pytest.raises(ValueError, match="auto_prob must be prob_uniform, prob_sys_size"):
+    with pytest.raises(ValueError, match="auto_prob 'prob_size': expected prob_uniform, prob_sys_size or"):
         system_probs([1, 2], None, "prob_size")
     with pytest.raises(ValueError, match=r"sys_probs \[0.7, 0.6\] sum to more than 1"):
         system_probs([1, 2], [0.7, 0.6])
-    with pytest.raises(ValueError, match="each block must be start:end:weight"):
+    with pytest.raises(ValueError, match="block '0:1' is not start:end:weight"):
         system_probs([1, 2], None, "prob_sys_size;0:1")
+
+
+@pytest.mark.parametrize("auto_prob, message", [
+    ("prob_sys_size;0:0:1", "block '0:0:1' is empty; expected 0 <= start < end <= 3"),
+    ("prob_sys_size;2:1:1", "block '2:1:1' is empty"),
+    ("prob_sys_size;0:4:1", "block '0:4:1' runs outside the systems 0..2"),
+    ("prob_sys_size;-1:2:1", "block '-1:2:1' runs outside the systems 0..2"),
+    ("prob_sys_size;0:2:1;1:3:1", "blocks 0:2 and 1:3 overlap"),
+    ("prob_sys_size;0:x:1", "block '0:x:1' is not start:end:weight"),
+    ("prob_sys_size;0:1.5:1", "block '0:1.5:1' is not start:end:weight"),
+    ("prob_sys_size;0:1:1;", "block '' is not start:end:weight"),
+    ("prob_sys_size;0:1:-0.5", "block '0:1:-0.5': weight: -0.5 is below 0.0"),
+    ("prob_sys_size;0:1:inf", "block '0:1:inf': weight: inf is not finite"),
+    ("prob_sys_size;0:1:0;1:3:0", "every block has weight 0"),
+    ("prob_sys_sizes", "expected prob_uniform, prob_sys_size or prob_sys_size;start:end:weight"),
+])
+def test_malformed_auto_prob_is_refused_with_the_input(auto_prob, message, tmp_path, capsys):
+    """'prob_sys_size;0:0:1' was a numpy error after every system was read: now refused by the input's
+    check, naming auto_prob, before any data is read (the systems named do not even exist)."""
+    import json
+
+    from minidp.cli import main
+
+    d = _input(numb_steps=2)
+    d["training"]["training_data"] = {"systems": ["none_a", "none_b", "none_c"], "auto_prob": auto_prob}
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(d))
+    assert main(["train", str(path), "-o", str(tmp_path / "m.dp"), "--workdir", str(tmp_path / "w"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"minidp train: error: input: training/training_data/auto_prob "
+                                               f"{auto_prob!r}: ") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.json"]
+
+
+def test_auto_prob_blocks_leave_out_the_systems_they_do_not_name():
+    """deepmd-kit's rule: systems in no block are never drawn; each block shares its weight by batches."""
+    np.testing.assert_allclose(system_probs([2, 1, 5], None, "prob_sys_size;0:2:3;2:3:0"), [2 / 3, 1 / 3, 0])
+    np.testing.assert_allclose(system_probs([2, 1, 5], None, "prob_sys_size;1:3:1"), [0, 1 / 6, 5 / 6])
 
 
 def test_sampler_uses_set_batches(systems_dir):
