@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import check_backend, number
+from minidp.checks import number
 from minidp.force_training import weight_gradients
 from minidp.model import EnergyModel, model_backward, model_forward, pair_forces_virials
 from minidp.nn import zeros_like_params
