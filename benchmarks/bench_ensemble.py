@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(shared: Path, nframes: int, repeats: int) -> dict:
     """Median seconds of one model's eval and of the 4-model ensemble's, alternated."""
     from minidp.infer import DeepPot
-    from minidp.model_devi import Ensemble
+    from minidp.active.model_devi import Ensemble
     from validation.active_learning import perturbed_model
 
     base = shared / "models" / "water-14000.dp"
@@ -118,7 +118,7 @@ def neighbor_stat_memory(shared: Path, work: Path, nframes_list=(1000, 10000)) -
             for name in ("coord.npy", "box.npy"):
                 a = np.load(system / "set.000" / name)
                 np.save(target / "set.000" / name, a[np.arange(nf) % len(a)].astype(np.float32))
-        code = ("import resource, time, sys; from minidp.neighbor_stat import neighbor_stat; t = time.perf_counter(); "
+        code = ("import resource, time, sys; from minidp.active.neighbor_stat import neighbor_stat; t = time.perf_counter(); "
                 f"s = neighbor_stat([{str(target)!r}], 6.0, ['O', 'H'], progress=False); "
                 "print(s.min_nbor_dist, s.max_nbor_size, time.perf_counter() - t, "
                 "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")

@@ -101,7 +101,7 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
     """results-compressed.json and .md (``--compressed-only``); returns their paths."""
     import json
 
-    from minidp.data import atomic_path
+    from minidp.io.outputs import atomic_path
 
     m = results["meta"]
     head = [f"# minidp vs deepmd-kit {m['versions'].get('deepmd-kit')}: compressed models", "",

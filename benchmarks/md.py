@@ -15,7 +15,7 @@ and inter-op pools; minidp's workers), interleaved size by size:
   names one (the compression issue's ``minidp compress``);
 - with ``--mpi``: the plain .pb and minidp again as ``mpirun -np 2`` with one thread per rank, at
   the sizes of ``--mpi-atoms`` (minidp's several-rank path is the exact cluster scheme of
-  :mod:`minidp.lammps`).
+  :mod:`minidp.md.lammps`).
 
 Writes results.json, results.md (a Markdown table with the machine load) and md.png to --out.
 """
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.run import child_env, log_tail, run_process
-from minidp.data import atomic_path
+from minidp.io.outputs import atomic_path
 from validation import md_engines as md
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +134,7 @@ def plot(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from minidp.report import save_figure
+    from minidp.io.figures import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in dict.fromkeys(r["name"] for r in results["rows"]):

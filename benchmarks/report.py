@@ -2,7 +2,7 @@
 
 Everything here reads the results dict of :func:`benchmarks.run.run_all`;
 nothing is measured. Files are written whole under a temporary name and
-then renamed (:func:`minidp.data.atomic_path`).
+then renamed (:func:`minidp.io.outputs.atomic_path`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minidp.data import atomic_path
-from minidp.report import save_figure
+from minidp.io.outputs import atomic_path
+from minidp.io.figures import save_figure
 
 MIB = 1 << 20
 

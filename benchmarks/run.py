@@ -341,7 +341,7 @@ def prepare_frames(s: Settings, model, target: Path) -> dict:
 
     Returns the arrays too: coords (nf, natoms, 3), cells (nf, 3, 3), atom_types (natoms,).
     """
-    from minidp.data import model_types, read_system
+    from minidp.io.systems import model_types, read_system
 
     system = read_system(s.data)
     if system.nopbc or "cells" not in system.data:
@@ -411,7 +411,7 @@ def run_all(s: Settings, run=None) -> dict:
     """Every section in order; ``run`` (spec, label[, timeout]) -> result defaults to a subprocess Runner."""
     from tqdm.auto import tqdm
 
-    from minidp.serialization import load_model
+    from minidp.io.serialization import load_model
 
     t0 = time.time()
     model = load_model(s.model_minidp)

@@ -34,7 +34,8 @@ SHIPPED = ROOT / "minidp" / "examples" / "water"
 
 def train_ensemble(out: Path, steps: int, n: int = 4) -> list[Path]:
     """n models from the shipped input, seeds 1..n, each trained ``steps`` steps (cached)."""
-    from minidp.train import read_input, train
+    from minidp.training.config import read_input
+    from minidp.training.loop import train
 
     base = read_input(SHIPPED / "input.json")
     paths = []
@@ -56,8 +57,8 @@ def explore(model: Path, target: Path, md_steps: int, every: int, temperature: f
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-    from minidp.calculator import MiniDPCalculator
-    from minidp.data import atomic_path
+    from minidp.md.calculator import MiniDPCalculator
+    from minidp.io.outputs import atomic_path
 
     import sys
 
@@ -96,7 +97,7 @@ def plot(max_devi_f: np.ndarray, lo: float, hi: float, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from minidp.report import save_figure
+    from minidp.io.figures import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(max_devi_f, bins=30, color="0.6")
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("out/active-learning"))
     args = p.parse_args(argv)
 
-    from minidp.model_devi import Ensemble, system_deviations, write_model_devi
+    from minidp.active.model_devi import Ensemble, system_deviations, write_model_devi
 
     args.out.mkdir(parents=True, exist_ok=True)
     models = train_ensemble(args.out, args.steps)

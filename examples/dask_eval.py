@@ -3,7 +3,7 @@
     python examples/dask_eval.py [--model M] [--systems S [S ...]] [--frames-per-chunk 10] [--workers 2]
 
 A ``LocalCluster`` of two worker processes (one thread each) stands in for a
-cluster of many machines: :func:`minidp.stream.dask_eval` cuts every system
+cluster of many machines: :func:`minidp.active.stream.dask_eval` cuts every system
 into blocks of frames, each worker loads the model once and evaluates the
 blocks it is given, and the results come back in order. On a real cluster,
 connect a ``Client`` to its scheduler instead; the systems and the model must
@@ -29,8 +29,9 @@ def main() -> int:
     from dask.distributed import Client, LocalCluster
 
     from minidp import DeepPot
-    from minidp.data import model_types
-    from minidp.stream import dask_eval, lazy_system, read_frames
+    from minidp.io.systems import model_types
+    from minidp.active.stream import dask_eval
+    from minidp.io.systems import lazy_system, read_frames
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None)

@@ -27,8 +27,8 @@ def main() -> None:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from ase.md.verlet import VelocityVerlet
 
-    from minidp.calculator import MiniDPCalculator
-    from minidp.report import save_figure
+    from minidp.md.calculator import MiniDPCalculator
+    from minidp.io.figures import save_figure
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None)

@@ -6,7 +6,7 @@ turns the expected errors (bad input: ValueError, including
 OSError; a missing optional package: ImportError) into one line on stderr and
 exit status 2, Ctrl-C into "interrupted" and 130. A plain TypeError is a bug
 and keeps its traceback. Every output goes through
-:func:`minidp.data.safe_output`: never onto a user's files, all or nothing.
+:func:`minidp.io.outputs.safe_output`: never onto a user's files, all or nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _add_tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="re-run the experiments of the tutorial minidp grew from")
     tsub = p.add_subparsers(dest="experiment", required=True)
     # --- owned by the tutorial module: see minidp/tutorial.py ---
-    from minidp import tutorial
+    from minidp.training import tutorial as tutorial
 
     tutorial.add_subcommands(tsub)
 
@@ -36,15 +36,10 @@ def _cmd_eval(args) -> int:
     an extended XYZ file of several kinds of frame) writes OUT/<name> for each.
     """
     from minidp.checks import positive_int
-    from minidp.data import check_output, safe_output
+    from minidp.io.outputs import check_output, safe_output
     from minidp.infer import DeepPot
-    from minidp.stream import (
-        frames_per_block,
-        open_systems,
-        output_names,
-        system_file,
-        write_labelled,
-    )
+    from minidp.io.systems import frames_per_block, open_systems, output_names, system_file
+    from minidp.active.stream import write_labelled
 
     set_size = positive_int("--set-size", args.set_size)
     inputs = (system_file(args.system), args.model)
@@ -68,18 +63,10 @@ def _cmd_eval_desc(args) -> int:
     A -s holding several systems writes OUT/<its name>_<system>.npy for each.
     All of OUT is written at once, after the last system: a failure leaves no OUT.
     """
-    from minidp.data import check_output, safe_output
+    from minidp.io.outputs import check_output, safe_output
     from minidp.infer import DeepPot
-    from minidp.stream import (
-        block_types,
-        descriptor_block,
-        distinct_names,
-        frames_per_block,
-        iter_blocks,
-        open_systems,
-        output_names,
-        system_file,
-    )
+    from minidp.io.systems import block_types, distinct_names, frames_per_block, iter_blocks, open_systems, output_names, system_file
+    from minidp.active.stream import descriptor_block
 
     inputs = (*(system_file(s) for s in args.system), args.model)
     check_output(args.output, "descriptors", inputs, args.overwrite)
@@ -107,7 +94,8 @@ def _cmd_eval_desc(args) -> int:
 def _test_errors(dp, systems, numb_test: int) -> tuple[dict, dict, np.ndarray]:
     """Predicted and label energy (nf,), force (one row per real atom, 3) and virial (nf, 9) over the first
     numb_test frames (0: all) of each system, and each frame's number of atoms (nf,)."""
-    from minidp.stream import block_types, frames_per_block, iter_blocks, predict_block
+    from minidp.io.systems import block_types, frames_per_block, iter_blocks
+    from minidp.active.stream import predict_block
 
     keys = [k for k in ("energy", "force", "virial") if all(k in s.labels for s in systems)]
     predicted, labels, natoms = {k: [] for k in keys}, {k: [] for k in keys}, []
@@ -132,10 +120,10 @@ def _cmd_test(args) -> int:
     Over several systems (a -s holding several), the errors of all their frames
     together: dp test's weighted average.
     """
-    from minidp.data import check_output, safe_output
+    from minidp.io.outputs import check_output, safe_output
     from minidp.infer import DeepPot
-    from minidp.report import error_table, parity_plots
-    from minidp.stream import open_systems, system_file
+    from minidp.io.figures import error_table, parity_plots
+    from minidp.io.systems import open_systems, system_file
 
     if args.numb_test < 0:
         raise ValueError(f"--numb-test must be a number of frames >= 0 (0: all), got {args.numb_test}")
@@ -156,7 +144,7 @@ def _cmd_test(args) -> int:
 
 def _cmd_info(args) -> int:
     """Print what a model is: types, cutoff, neighbour selection, network sizes."""
-    from minidp.serialization import load_model
+    from minidp.io.serialization import load_model
 
     m = load_model(args.model)
     cfg = m.descriptor.config
@@ -184,13 +172,15 @@ def _cmd_info(args) -> int:
 def _compress_min_nbor_dist(args, data: dict) -> tuple[float, str]:
     """The smallest neighbour distance for the grid, and where it came from: the model file,
     the training systems of -t, or --min-nbor-dist (in that order, as `dp compress` looks)."""
-    from minidp.serialization import min_nbor_dist
+    from minidp.io.serialization import min_nbor_dist
 
     found = min_nbor_dist(data)
     if found is not None:
         return found, f"from {args.input}"
     if args.training_script is not None:
-        from minidp.train import load_systems, read_input, training_min_nbor_dist
+        from minidp.training.sampling import load_systems
+        from minidp.training.config import read_input
+        from minidp.training.loop import training_min_nbor_dist
 
         config = read_input(args.training_script)
         systems = load_systems(config.training.systems, config.type_map)
@@ -207,9 +197,9 @@ def _cmd_compress(args) -> int:
     from dataclasses import replace
 
     from minidp.compress import compress_descriptor
-    from minidp.data import check_output
-    from minidp.model_check import check_model_dict
-    from minidp.serialization import model_from_dict, read_model_dict, save_model
+    from minidp.io.outputs import check_output
+    from minidp.io.model_check import check_model_dict
+    from minidp.io.serialization import model_from_dict, read_model_dict, save_model
 
     check_output(args.output, "model", (args.input,), args.overwrite)  # refused before any work
     data = read_model_dict(args.input)
@@ -261,7 +251,8 @@ def _add_compress(sub) -> None:
 
 def _cmd_train(args) -> int:
     """Train a model from deepmd-kit's input.json and write it in deepmd-kit's serialization."""
-    from minidp.train import read_input, train
+    from minidp.training.config import read_input
+    from minidp.training.loop import train
 
     config = read_input(args.input)
     if args.numb_steps is not None:
@@ -341,9 +332,9 @@ def _cmd_model_devi(args) -> int:
     Every system is opened (and checked: an empty or damaged one is refused) before any is evaluated.
     """
     from minidp.checks import number, positive_int
-    from minidp.data import check_output
-    from minidp.model_devi import Ensemble, system_deviations, write_model_devi
-    from minidp.stream import frames_per_block, open_systems, system_file
+    from minidp.io.outputs import check_output
+    from minidp.active.model_devi import Ensemble, system_deviations, write_model_devi
+    from minidp.io.systems import frames_per_block, open_systems, system_file
 
     frequency = positive_int("--frequency", args.frequency)
     relative, relative_v = (None if v is None else number(name, v, lo=0.0)
@@ -387,8 +378,8 @@ def _add_model_devi(sub) -> None:
 
 def _cmd_neighbor_stat(args) -> int:
     """Smallest neighbour distance and largest neighbour count per type, printed as dp neighbor-stat prints them."""
-    from minidp.model_devi import expand_systems
-    from minidp.neighbor_stat import neighbor_stat
+    from minidp.active.model_devi import expand_systems
+    from minidp.active.neighbor_stat import neighbor_stat
 
     stat = neighbor_stat(expand_systems(args.system), args.rcut, args.type_map)
     print(f"min_nbor_dist: {stat.min_nbor_dist:f}")
@@ -408,8 +399,8 @@ def _add_neighbor_stat(sub) -> None:
 
 def _cmd_change_bias(args) -> int:
     """A model with its per-type energy bias changed from data (or set from -b), like dp change-bias."""
-    from minidp.change_bias import change_bias
-    from minidp.model_devi import expand_systems
+    from minidp.active.change_bias import change_bias
+    from minidp.active.model_devi import expand_systems
 
     systems = expand_systems(args.system) if args.system else ()
     old, new = change_bias(args.model, args.output, systems, args.mode, args.numb_batch, args.bias_value,
@@ -438,7 +429,7 @@ def _add_change_bias(sub) -> None:
 
 def _cmd_lammps(args) -> int:
     """Run a LAMMPS input deck in which pair_style minidp stands for pair_style deepmd."""
-    from minidp.lammps import mpi_rank, run_deck
+    from minidp.md.lammps import mpi_rank, run_deck
 
     try:
         run_deck(args.input, [tuple(v) for v in args.var], log=args.log, screen=args.screen, finalize=True,
@@ -466,14 +457,14 @@ def _add_lammps(sub) -> None:
 
 def _cmd_ipi(args) -> int:
     """Serve minidp's energy, forces and virial to an i-PI server until it ends."""
-    from minidp.ipi import run_client
+    from minidp.md.ipi import run_client
 
     run_client(args)
     return 0
 
 
 def _add_ipi(sub) -> None:
-    from minidp.ipi import add_arguments
+    from minidp.md.ipi import add_arguments
 
     p = sub.add_parser("ipi", help="an i-PI force client (socket protocol), like deepmd-kit's dp_ipi")
     add_arguments(p)

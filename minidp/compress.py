@@ -24,7 +24,7 @@ This module has four parts:
    backend-neutral code does, or over the first alone as its TensorFlow
    backend does (``rule="tf"``); a first table of stride ``step`` covers it, a
    second of stride ``10*step`` runs on to ``extrapolate * upper``. The
-   distance comes from the model file, or the training systems (:func:`minidp.train.training_min_nbor_dist`).
+   distance comes from the model file, or the training systems (:func:`minidp.training.loop.training_min_nbor_dist`).
 2. **The pieces** (:func:`net_derivatives`, :func:`hermite_coefficients`,
    :func:`build_table`): value, dG/ds and d2G/ds2 of the net at the nodes by
    second-order forward mode, and the six coefficients per piece, stored in

@@ -79,7 +79,7 @@ class EnergyModel:
         """Every trainable net once, with its name: ``("embedding",) + key`` for each net of
         ``descriptor.nets`` (key (tj,) with type_one_side, else (ti, tj)), then ``("fitting", t)``.
 
-        Gradients (minidp.force_training) are keyed by these names.
+        Gradients (minidp.training.force_training) are keyed by these names.
         """
         emb = [(("embedding",) + key, net) for key, net in self.descriptor.nets.items()]
         return emb + [(("fitting", t), net) for t, net in enumerate(self.fitting)]
@@ -252,7 +252,7 @@ def model_forward(
 
     rij, nlist (nf, nc, nnei, ...) and atom_types (nc,) are any nc centre atoms
     (all of a frame, or a chunk of one). ``keep`` keeps what training needs
-    (minidp.loss). Trusts its input (see the module docstring).
+    (minidp.training.loss). Trusts its input (see the module docstring).
     """
     D, dcache = descriptor_forward(rij, nlist, atom_types, model.descriptor, backend, keep)
     E_atom, fcaches = atomic_energy(D, atom_types, model)

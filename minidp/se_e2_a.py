@@ -61,7 +61,7 @@ once, at the public boundary (:class:`minidp.infer.DeepPot`,
 :func:`minidp.model.energy_forces`, :func:`compute_descriptor`, all through
 :func:`check_descriptor_inputs`); the functions here trust what they are
 given. Training on forces adds tangents and a second reverse pass:
-:mod:`minidp.force_training`. A compressed model (``SeA.compress``, see
+:mod:`minidp.training.force_training`. A compressed model (``SeA.compress``, see
 :mod:`minidp.compress`) brings its own embedding step, which
 :func:`descriptor_forward` calls through :class:`TabulatedEmbedding`.
 """
@@ -425,7 +425,7 @@ def descriptor_forward(
     ``backend``: "reference" (:func:`embed_reference`), "numpy" or "numba"
     (the fast path, :func:`embed`; same results to round-off); a compressed
     model's tables bring their own step (``se.compress.embed``). ``keep``
-    keeps the fast path's net caches for training (minidp.force_training).
+    keeps the fast path's net caches for training (minidp.training.force_training).
     Trusts its input (:func:`compute_descriptor` checks it first).
     """
     cfg = se.config

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import flops, measure, report, run
 from minidp.neighbor import build_neighbor_list
-from minidp.serialization import load_model
+from minidp.io.serialization import load_model
 from tests.conftest import MODEL_DP, MODEL_PB, WATER, need
 
 
@@ -126,7 +126,7 @@ def test_compressed_section_on_tiny_inputs(tmp_path):
 
     from benchmarks import compressed
     from minidp.compress import compress_descriptor
-    from minidp.serialization import save_model
+    from minidp.io.serialization import save_model
 
     s = replace(tiny_settings(tmp_path), rounds=1)
     model = load_model(s.model_minidp)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from minidp import DeepPot
-from minidp.change_bias import bias_from_data, change_bias
+from minidp.active.change_bias import bias_from_data, change_bias
 from minidp.cli import main
-from minidp.serialization import load_model, read_min_nbor_dist, save_model
+from minidp.io.serialization import load_model, read_min_nbor_dist, save_model
 from tests.test_train_systems import systems_dir  # noqa: F401 (the fixture)
 from tests.test_train import SMALL
 from tests.conftest import random_model
@@ -32,7 +32,7 @@ def _names(root):
 def test_modes_are_least_squares(systems_dir, model_file):  # noqa: F811
     """change: b + argmin |N d - (E - P)|; set: argmin |N b - E|; rows one per frame. Water's compositions are
     proportional (rank 1): the minimum-norm solution, the pseudo-inverse's."""
-    from minidp.stream import lazy_system, read_frames
+    from minidp.io.systems import lazy_system, read_frames
 
     dp = DeepPot(model_file)
     N, E, P = [], [], []

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from minidp.cli import build_parser, main
 from minidp.model import new_model
 from minidp.se_e2_a import SeAConfig
-from minidp.serialization import save_model
+from minidp.io.serialization import save_model
 from tests.conftest import MODEL_DP, WATER, need
 
 

@@ -25,13 +25,7 @@ from minidp.compress import (
 )
 from minidp.infer import DeepPot
 from minidp.neighbor import build_neighbor_list
-from minidp.serialization import (
-    load_model,
-    min_nbor_dist,
-    model_from_dict,
-    read_model_dict,
-    save_model,
-)
+from minidp.io.serialization import load_model, min_nbor_dist, model_from_dict, read_model_dict, save_model
 from tests.conftest import MODEL_DP, MODEL_PB, need, random_model, rel_err, se_configs
 from tests.test_model import FLOOR, TOL, H, energy, make, predict, specs, strained
 
@@ -368,7 +362,7 @@ def test_ase_calculator_and_eval_command_take_a_compressed_model(tmp_path, water
     """The compressed water model through the ASE calculator and `minidp eval`: the same numbers as DeepPot."""
     from ase import Atoms
 
-    from minidp.calculator import MiniDPCalculator
+    from minidp.md.calculator import MiniDPCalculator
 
     need(MODEL_DP)
     assert main(["compress", "-i", str(MODEL_DP), "-o", str(tmp_path / "c.dp"), "-s", "0.05"]) == 0

@@ -20,7 +20,7 @@ def test_calculator_matches_deeppot_and_stress_is_minus_virial_over_volume(ase, 
     from ase import Atoms
 
     from minidp import DeepPot
-    from minidp.calculator import MiniDPCalculator
+    from minidp.md.calculator import MiniDPCalculator
 
     coords, cells, types = water_frames
     atoms = Atoms([["O", "H"][t] for t in types], positions=coords[0].reshape(-1, 3),
@@ -36,7 +36,7 @@ def test_calculator_matches_deeppot_and_stress_is_minus_virial_over_volume(ase, 
 def test_calculator_refuses_unknown_elements(ase):
     from ase import Atoms
 
-    from minidp.calculator import MiniDPCalculator
+    from minidp.md.calculator import MiniDPCalculator
 
     atoms = Atoms("CO", positions=[[0, 0, 0], [1.2, 0, 0]])
     atoms.calc = MiniDPCalculator(str(need(MODEL_DP)))

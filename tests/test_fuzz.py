@@ -21,10 +21,10 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minidp.data import MARKER, safe_output
+from minidp.io.outputs import MARKER, safe_output
 from minidp.model import new_model
 from minidp.se_e2_a import SeAConfig
-from minidp.train import TrainConfig, parse_input
+from minidp.training.config import TrainConfig, parse_input
 from tests.test_model_check import _paths
 from tests.test_train import _input, data_dir  # noqa: F401  (fixture)
 
@@ -151,7 +151,7 @@ def test_fuzz_training_runs(data_dir, data):
     """minidp train on a drawn case: exit 2 with one line naming the problem, or a model minidp loads;
     no traceback; the input and the systems unchanged; nothing left in the workdir but whole outputs."""
     from minidp.cli import main
-    from minidp.serialization import load_model
+    from minidp.io.serialization import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -202,7 +202,7 @@ def test_ase_calculator_on_no_atoms():
     pytest.importorskip("ase")
     from ase import Atoms
 
-    from minidp.calculator import MiniDPCalculator
+    from minidp.md.calculator import MiniDPCalculator
 
     calc = MiniDPCalculator(EXAMPLE_MODEL)
     for atoms in (Atoms(), Atoms(cell=np.eye(3) * 8, pbc=True)):

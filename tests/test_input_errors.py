@@ -34,7 +34,7 @@ def test_frames_are_numbered_in_the_whole_call(small_model, batch_size):
 def test_stream_blocks_number_frames_in_the_system(small_model, tmp_path):
     import dpdata
 
-    from minidp.stream import stream_eval
+    from minidp.active.stream import stream_eval
 
     x, cells, types = _frames(20)
     x[13, 2] = x[13, 1]
@@ -110,7 +110,7 @@ def test_deeppot_of_something_not_a_path_says_what_it_got(given, shown):
 @pytest.mark.parametrize("natoms", [0, -3, 2.5, True])
 def test_per_atom_deviations_of_no_atoms_are_refused(natoms):
     """virial_deviation(natoms=0) returned NaN: per-atom values of no atoms are 0/0."""
-    from minidp.model_devi import energy_deviation, virial_deviation
+    from minidp.active.model_devi import energy_deviation, virial_deviation
 
     with pytest.raises(ValueError, match=f"natoms must be a positive integer, got {natoms!r}"):
         virial_deviation(np.zeros((2, 1, 9)), natoms)

@@ -51,7 +51,7 @@ def test_seaconfig_normalises_its_fields():
 
 def test_a_model_file_with_rcut_smth_at_rcut_is_refused():
     """Before SeAConfig checked itself this loaded, and gave NaN forces with a RuntimeWarning."""
-    from minidp.serialization import model_from_dict, model_to_dict
+    from minidp.io.serialization import model_from_dict, model_to_dict
 
     d = model_to_dict(new_model(["O", "H"], SeAConfig(**BASE), (4,)))
     d["descriptor"]["rcut_smth"] = d["descriptor"]["rcut"]
@@ -60,7 +60,7 @@ def test_a_model_file_with_rcut_smth_at_rcut_is_refused():
 
 
 def test_train_config_refuses_an_inverted_learning_rate():
-    from minidp.train import parse_input
+    from minidp.training.config import parse_input
 
     d = _input()
     d["learning_rate"].update(start_lr=1e-5, stop_lr=1e-3)
@@ -69,7 +69,7 @@ def test_train_config_refuses_an_inverted_learning_rate():
 
 
 def test_fit_config_refuses_an_unknown_activation():
-    from minidp.tutorial import FitConfig
+    from minidp.training.tutorial import FitConfig
 
     with pytest.raises(ValueError, match="unknown activation 'relu7'"):
         FitConfig(activation="relu7")
@@ -112,7 +112,7 @@ def test_embedding_nets_refuse_a_wrong_key_set():
 
 def test_gradients_follow_the_names_after_a_deep_copy():
     """loss_and_grad's gradients are matched to nets by name, so a copied model gives the same list."""
-    from minidp.loss import Batch, loss_and_grad
+    from minidp.training.loss import Batch, loss_and_grad
     from minidp.neighbor import build_neighbor_list
 
     cfg = SeAConfig(**{**BASE, "sel": (40, 40)})
@@ -146,7 +146,8 @@ def test_padding_before_a_neighbour_is_refused():
 
 def test_predict_block_does_not_rely_on_the_order_of_groups():
     from minidp.model import Prediction
-    from minidp.stream import Block, predict_block
+    from minidp.io.systems import Block
+    from minidp.active.stream import predict_block
 
     class Shuffled:
         """A DeepPot stand-in that yields its frame groups last first."""
@@ -207,7 +208,7 @@ def test_train_does_not_import_infer():
     import subprocess
     import sys
 
-    code = "import sys, minidp.train; print('minidp.infer' in sys.modules)"
+    code = "import sys, minidp.training.loop; print('minidp.infer' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -218,7 +219,9 @@ def test_train_does_not_import_infer():
 
 
 def test_initial_model_leaves_the_sampler_state(data_dir):
-    from minidp.train import Sampler, initial_model, load_systems, parse_input
+    from minidp.training.sampling import Sampler, load_systems
+    from minidp.training.loop import initial_model
+    from minidp.training.config import parse_input
 
     config = parse_input(_input(), data_dir)
     systems = load_systems(config.training.systems, config.type_map)

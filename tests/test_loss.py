@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidp.loss import Batch, LossConfig, loss_and_grad, pair_tangent, prefactors
-from minidp.force_training import atomic_energy_jvp, contract_jvp, embed_jvp, env_matrix_jvp, row_cotangents
+from minidp.training.loss import Batch, LossConfig, loss_and_grad, pair_tangent, prefactors
+from minidp.training.force_training import atomic_energy_jvp, contract_jvp, embed_jvp, env_matrix_jvp, row_cotangents
 from minidp.model import atomic_energy, energy_forces
 from minidp.se_e2_a import EnvCache, compute_descriptor, env_matrix
 from tests.test_model import make, neighbors, specs
@@ -157,7 +157,7 @@ def test_row_cotangents_shapes():
 
 def test_loss_value_is_deepmd_kits_formula():
     """L = p_e/N <dE^2> + p_f <dF^2> + p_v/N <dW^2>, and the RMSEs deepmd-kit displays."""
-    from minidp.loss import ener_loss
+    from minidp.training.loss import ener_loss
 
     rng = np.random.default_rng(1)
     nf, N = 2, 5

@@ -1,4 +1,4 @@
-"""minidp in LAMMPS (minidp.lammps) and i-PI (minidp.ipi).
+"""minidp in LAMMPS (minidp.md.lammps) and i-PI (minidp.md.ipi).
 
 Without any engine: the deck parsing, the box and virial layouts, the exactness of the cluster
 scheme (local + ghost atoms, several ranks) against the periodic evaluation, the model-deviation
@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 
 from minidp.infer import DeepPot
-from minidp.lammps import (LammpsInputError, cluster_energy_forces, deck_commands, lammps_cell, lammps_virial,
-                           parse_pair_style, type_index)
+from minidp.md.lammps import LammpsInputError, cluster_energy_forces, deck_commands, lammps_cell, lammps_virial, parse_pair_style, type_index
 from tests.conftest import MODEL_DP, MODEL_PB, ROOT, WATER, need
 
 EXAMPLE = ROOT / "minidp" / "examples" / "water"
@@ -145,9 +144,9 @@ def test_cluster_scheme_matches_the_periodic_frame(example_dp, example_frame, sp
 
 
 def test_plugin_devi_row():
-    if importlib.util.find_spec("minidp.model_devi") is None:
-        pytest.skip("minidp.model_devi (the model-deviation issue) is not on this branch")
-    from minidp.lammps import plugin_devi_header, plugin_devi_row
+    if importlib.util.find_spec("minidp.active.model_devi") is None:
+        pytest.skip("minidp.active.model_devi (the model-deviation issue) is not on this branch")
+    from minidp.md.lammps import plugin_devi_header, plugin_devi_row
 
     rng = np.random.default_rng(0)
     forces, virials = rng.normal(size=(3, 5, 3)), rng.normal(size=(3, 9))
@@ -168,7 +167,7 @@ def test_plugin_devi_row():
 
 
 def test_ipi_client_protocol(example_dp, example_frame):
-    from minidp.ipi import BOHR, HARTREE, serve
+    from minidp.md.ipi import BOHR, HARTREE, serve
 
     x, cell, types = example_frame
     server, client = socket.socketpair()
@@ -212,7 +211,7 @@ def test_ipi_client_protocol(example_dp, example_frame):
 
 
 def test_ipi_inputs(tmp_path):
-    from minidp.ipi import ClientConfig, atom_types, read_xyz_elements
+    from minidp.md.ipi import ClientConfig, atom_types, read_xyz_elements
 
     xyz = tmp_path / "init.xyz"
     xyz.write_text("3\n# CELL(abcABC): 5 5 5 90 90 90\nO 0 0 0\nH 1 0 0\nH 0 1 0\n")
@@ -228,7 +227,7 @@ def test_ipi_inputs(tmp_path):
 def test_dp_ipi_json_input(tmp_path):
     import json
 
-    from minidp.ipi import atom_types, config_from_dp_ipi_json
+    from minidp.md.ipi import atom_types, config_from_dp_ipi_json
 
     (tmp_path / "init.xyz").write_text("2\n\nH 0 0 0\nO 1 0 0\n")
     spec = {"verbose": False, "use_unix": True, "port": 31415, "host": "water", "graph_file": "m.pb",
@@ -347,9 +346,9 @@ def test_ipi_trajectory_equals_dp_ipi(tmp_path):
 def test_several_models_write_the_plugin_devi_file(tmp_path, water_lmp):
     """Two models: the first drives the run, every out_freq steps a row of deviations in the plugin's columns."""
     need_lammps()
-    if importlib.util.find_spec("minidp.model_devi") is None:
-        pytest.skip("minidp.model_devi (the model-deviation issue) is not on this branch")
-    from minidp.serialization import load_model, save_model
+    if importlib.util.find_spec("minidp.active.model_devi") is None:
+        pytest.skip("minidp.active.model_devi (the model-deviation issue) is not on this branch")
+    from minidp.io.serialization import load_model, save_model
 
     # a second model: the example's with its first fitting layer scaled, so that forces and virials differ
     other = load_model(EXAMPLE / "model.dp")

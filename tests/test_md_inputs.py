@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from minidp.cli import main
 from minidp.infer import DeepPot
-from minidp.ipi import BOHR, HARTREE, MAX_INIT_BYTES, config_from_dp_ipi_json
+from minidp.md.ipi import BOHR, HARTREE, MAX_INIT_BYTES, config_from_dp_ipi_json
 from tests.conftest import ROOT
 
 EXAMPLE_MODEL = ROOT / "minidp" / "examples" / "water" / "model.dp"
@@ -210,7 +210,7 @@ def test_box_without_atoms_runs_then_fills(tmp_path, example_dp, ranks, boundary
 
 def test_devi_file_never_replaces_an_input(tmp_path):
     """out_file of pair_style minidp, named as an input of the run (an earlier deviation file passed as data)."""
-    from minidp.lammps import plugin_devi_header, start_devi_file
+    from minidp.md.lammps import plugin_devi_header, start_devi_file
 
     devi = tmp_path / "devi.out"
     devi.write_text(plugin_devi_header() + "           0 1 2 3 4 5 6\n")
@@ -223,9 +223,9 @@ def test_devi_file_never_replaces_an_input(tmp_path):
 def test_rerun_replaces_the_earlier_devi_file(tmp_path):
     """A deck naming its out_file runs again in the same folder (as deepmd-kit's plugin, the file starts
     afresh): the earlier deviation file is no input of the run."""
-    if importlib.util.find_spec("minidp.model_devi") is None:
-        pytest.skip("minidp.model_devi is not on this branch")
-    from minidp.serialization import load_model, save_model
+    if importlib.util.find_spec("minidp.active.model_devi") is None:
+        pytest.skip("minidp.active.model_devi is not on this branch")
+    from minidp.io.serialization import load_model, save_model
 
     other = load_model(EXAMPLE_MODEL)
     other.fitting[0].layers[0].W *= 1.01
@@ -246,7 +246,7 @@ INPUTS = {"in.lammps", "model.dp", "settings.lammps"}
 
 
 def expected_refusal(deck: str, log, screen, overwrite: bool, existing_log: str) -> bool:
-    """Whether minidp lammps must refuse these options (the rules of minidp.lammps.check_engine_outputs)."""
+    """Whether minidp lammps must refuse these options (the rules of minidp.md.lammps.check_engine_outputs)."""
     if deck != "in.lammps":
         return True
 
@@ -564,7 +564,7 @@ def test_calculator_property(example_dp, symbols, pbc, cell, nan):
     """Drawn Atoms (none to four, unknown elements, partial pbc, no cell, a NaN position): a one-line
     ValueError/TypeError, or DeepPot's energy and forces (0 and (0, 3) for no atoms)."""
     ase = pytest.importorskip("ase")
-    from minidp.calculator import MiniDPCalculator
+    from minidp.md.calculator import MiniDPCalculator
 
     rng = np.random.default_rng(len(symbols))
     x = rng.uniform(0, 9, (len(symbols), 3))

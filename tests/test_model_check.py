@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from minidp.cli import main
 from minidp.infer import DeepPot
 from minidp.model import new_model
-from minidp.model_check import check_model_dict
+from minidp.io.model_check import check_model_dict
 from minidp.se_e2_a import SeAConfig
-from minidp.serialization import _encode_arrays, load_model, model_from_dict, model_to_dict, save_model
+from minidp.io.serialization import _encode_arrays, load_model, model_from_dict, model_to_dict, save_model
 
 CFG = SeAConfig(3.0, 0.5, (3, 4), (2, 4), 2, False)
 COORDS = np.array([[0.0, 0, 0], [1.0, 0.2, 0], [0.1, 1.1, 0.3], [1.2, 1.0, 0.9], [2.0, 0.1, 0.5]])
@@ -109,14 +109,14 @@ def test_seaconfig_errors_are_prefixed_with_file_and_key(tmp_path, monkeypatch):
     """The hook itself, whatever rules SeAConfig holds: its ValueError gains the file and key path."""
     import dataclasses
 
-    import minidp.model_check
+    import minidp.io.model_check
 
     @dataclasses.dataclass(frozen=True)
     class Strict(SeAConfig):
         def __post_init__(self):
             raise ValueError(f"rcut_smth {self.rcut_smth} must be below rcut {self.rcut}")
 
-    monkeypatch.setattr(minidp.model_check, "SeAConfig", Strict)
+    monkeypatch.setattr(minidp.io.model_check, "SeAConfig", Strict)
     path = _write(tmp_path, _valid())
     with pytest.raises(ValueError, match=r"m.json: model.descriptor: rcut_smth 0.5 must be below rcut 3.0$"):
         load_model(path)

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidp import model_devi as md
+from minidp.active import model_devi as md
 from minidp.infer import DeepPot
 from minidp.se_e2_a import SeAConfig
-from minidp.serialization import save_model
+from minidp.io.serialization import save_model
 from tests.conftest import random_model
 
 

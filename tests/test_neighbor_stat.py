@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from minidp.neighbor_stat import auto_sel, neighbor_stat
+from minidp.active.neighbor_stat import auto_sel, neighbor_stat
 
 
 def _write(folder, coords, cells, types, names=("A", "B")):

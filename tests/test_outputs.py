@@ -1,4 +1,4 @@
-"""Outputs never destroy anything: minidp.data.safe_output and every command that writes through it.
+"""Outputs never destroy anything: minidp.io.outputs.safe_output and every command that writes through it.
 
 Each test is one probe of issue 16 that lost or overwrote data before the fix.
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minidp.cli import main
-from minidp.data import MARKER, check_output, safe_output
+from minidp.io.outputs import MARKER, check_output, safe_output
 from tests.test_cli import small_model, small_system  # noqa: F401  (fixtures)
 
 
@@ -160,7 +160,7 @@ def test_stream_writer_refuses_existing_and_overlapping_outputs(small_model, sma
     import shutil
 
     from minidp.infer import DeepPot
-    from minidp.stream import write_labelled_stream
+    from minidp.active.stream import write_labelled_stream
 
     dp = DeepPot(small_model, progress=False)
     sys_copy = tmp_path / "sys"
@@ -210,7 +210,7 @@ def test_a_real_bug_keeps_its_traceback(small_model, small_system, tmp_path, mon
 
 def test_lammps_out_file_replaces_only_a_deviation_file(tmp_path):
     """pair_style minidp's out_file starts afresh, as deepmd-kit's plugin, but never over a user's file."""
-    from minidp.lammps import plugin_devi_header, start_devi_file
+    from minidp.md.lammps import plugin_devi_header, start_devi_file
 
     notes = tmp_path / "notes.txt"
     notes.write_text("a day's work\n")

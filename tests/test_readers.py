@@ -16,8 +16,8 @@ import pytest
 
 from minidp import DeepPot
 from minidp.cli import main
-from minidp.data import model_types, read_system
-from minidp.stream import lazy_system, open_systems, read_frames
+from minidp.io.systems import model_types, read_system
+from minidp.io.systems import lazy_system, open_systems, read_frames
 from tests.conftest import WATER, need
 from tests.test_cli import small_model, small_system  # noqa: F401  (fixtures)
 
@@ -302,7 +302,7 @@ def test_model_devi_options_are_checked(small_model, small_system, tmp_path, cap
 
 
 def test_deviation_functions_check_their_arguments():
-    from minidp.model_devi import energy_deviation, force_deviation, virial_deviation
+    from minidp.active.model_devi import energy_deviation, force_deviation, virial_deviation
 
     with pytest.raises(ValueError, match="relative: nan is not finite"):
         force_deviation(np.ones((2, 1, 3, 3)), relative=float("nan"))
@@ -374,7 +374,7 @@ def test_non_finite_labels_are_named(small_model, tmp_path, capsys, water, key, 
     _one_line(capsys, where)
     # the labels are not read by eval: a damaged label does not stop it
     assert main(["eval", "-m", str(small_model), "-s", str(tmp_path / "s"), "-o", str(tmp_path / "o")]) == 0
-    # the reader training shares (minidp.data.read_system) names the frame too
+    # the reader training shares (minidp.io.systems.read_system) names the frame too
     with pytest.raises(ValueError, match=rf"frame {frame} has a non-finite {key} \({value}\)"):
         read_system(tmp_path / "s")
     s.to("deepmd/hdf5", str(tmp_path / "s.h5"), set_size=3)

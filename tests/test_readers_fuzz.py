@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from minidp import DeepPot
 from minidp.cli import main
-from minidp.data import model_types
+from minidp.io.systems import model_types
 from tests.test_cli import small_model, small_system  # noqa: F401  (fixtures)
 
 dpdata = pytest.importorskip("dpdata")

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.nn import net_forward
-from minidp.force_training import contract_jvp, embed_jvp, env_matrix_jvp, padded_tail_backward
+from minidp.training.force_training import contract_jvp, embed_jvp, env_matrix_jvp, padded_tail_backward
 from minidp.se_e2_a import (compute_descriptor, contract, contract_backward, descriptor_backward, embed, embed_backward,
                             env_matrix, env_matrix_backward, net_padded_tails, smooth_switch)
 from tests.conftest import random_model, rel_err, se_configs

@@ -11,7 +11,7 @@ import pytest
 from minidp import DeepPot
 from minidp.model import new_model
 from minidp.se_e2_a import SeAConfig
-from minidp.serialization import load_model, model_from_dict, read_model_dict, save_model
+from minidp.io.serialization import load_model, model_from_dict, read_model_dict, save_model
 from tests.conftest import MODEL_DP, need
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from minidp import DeepPot
-from minidp.report import rmse_mae
+from minidp.io.figures import rmse_mae
 from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "minidp" / "examples" / "water"
@@ -40,7 +40,9 @@ def test_shipped_training_input_runs_with_minidp_train(tmp_path):
     """The example's input.json (deepmd-kit's format) trains as is with minidp (30 steps: a smoke test)."""
     from dataclasses import replace
 
-    from minidp.train import read_input, read_lcurve, train
+    from minidp.training.config import read_input
+    from minidp.training.lcurve import read_lcurve
+    from minidp.training.loop import train
 
     config = replace(read_input(EXAMPLE / "input.json"), numb_steps=30, disp_freq=10, save_freq=30)
     result = train(config, tmp_path / "model.dp", tmp_path, progress=False)

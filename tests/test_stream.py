@@ -1,4 +1,4 @@
-"""Streaming inference (minidp.stream): block by block equals DeepPot.eval, across set.* boundaries,
+"""Streaming inference (minidp.active.stream): block by block equals DeepPot.eval, across set.* boundaries,
 from deepmd/npy and deepmd/hdf5; labelled output written atomically; the same on a two-worker Dask cluster."""
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 
 from minidp import DeepPot
-from minidp.serialization import save_model
-from minidp.stream import (
-    chunk_bag, dask_eval, lazy_system, read_frames, set_ranges, stream_eval, worker_deeppot, write_labelled_stream,
-)
+from minidp.io.serialization import save_model
+from minidp.active.stream import chunk_bag, dask_eval, stream_eval, worker_deeppot, write_labelled_stream
+from minidp.io.systems import lazy_system, read_frames, set_ranges
 from tests.test_serialization import _random_model
 
 NATOMS = 12

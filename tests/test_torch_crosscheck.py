@@ -17,7 +17,7 @@ import pytest
 from minidp.nn import mlp, net_backward, net_forward
 from minidp.optim import (SGD, Adam, AdamConfig, SGDConfig, cosine_annealing, cosine_warm_restarts,
                           step_decay)
-from minidp.tutorial import mse_step
+from minidp.training.tutorial import mse_step
 
 torch = pytest.importorskip("torch")
 

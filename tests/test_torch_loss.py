@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidp.loss import Batch, loss_and_grad
+from minidp.training.loss import Batch, loss_and_grad
 from tests.test_model import make, neighbors, specs
 
 torch = pytest.importorskip("torch")

@@ -12,10 +12,12 @@ from minidp import DeepPot
 from minidp.cli import main
 from minidp.model import new_model
 from minidp.se_e2_a import SeAConfig
-from minidp.serialization import load_model
+from minidp.io.serialization import load_model
 from minidp.stats import energy_bias, env_stats, raw_env_sums
-from minidp.train import (Sampler, batch_size, lcurve_columns, load_systems, parse_input, read_input,
-                          read_lcurve, train)
+from minidp.training.sampling import Sampler, batch_size, load_systems
+from minidp.training.lcurve import lcurve_columns, read_lcurve
+from minidp.training.config import parse_input, read_input
+from minidp.training.loop import train
 from tests.conftest import WATER, need
 
 SMALL = SeAConfig(4.0, 0.5, (10, 20), (4, 8), 2, True)

@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from minidp.cli import main
-from minidp.serialization import load_model
-from minidp.train import parse_input, read_lcurve, train
+from minidp.io.serialization import load_model
+from minidp.training.config import parse_input
+from minidp.training.lcurve import read_lcurve
+from minidp.training.loop import train
 from tests.test_train import _input, data_dir  # noqa: F401  (fixture)
 
 
@@ -228,9 +230,9 @@ def test_a_restart_never_trims_the_curve_of_another_run(finished, data_dir, tmp_
 
 
 def test_ctrl_c_during_training_is_one_line_and_resumable(data_dir, tmp_path, capsys, monkeypatch):
-    import minidp.train
+    import minidp.training.loop
 
-    real, calls = minidp.train.loss_and_grad, []
+    real, calls = minidp.training.loop.loss_and_grad, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -238,7 +240,7 @@ def test_ctrl_c_during_training_is_one_line_and_resumable(data_dir, tmp_path, ca
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(minidp.train, "loss_and_grad", interrupted)
+    monkeypatch.setattr(minidp.training.loop, "loss_and_grad", interrupted)
     path, _ = _write_input(tmp_path, data_dir)
     w = tmp_path / "w"
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 130
@@ -246,7 +248,7 @@ def test_ctrl_c_during_training_is_one_line_and_resumable(data_dir, tmp_path, ca
     # interrupted in step 4: no model, no temporary files; the step-3 checkpoint and whole lines
     assert sorted(p.name for p in w.iterdir()) == ["lcurve.out", "model.ckpt-3.dp", "model.ckpt-3.npz"]
     assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2]
-    monkeypatch.setattr(minidp.train, "loss_and_grad", real)
+    monkeypatch.setattr(minidp.training.loop, "loss_and_grad", real)
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
                  "--restart", str(w / "model.ckpt-3")]) == 0
     assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2, 4, 6]
@@ -335,9 +337,9 @@ def test_a_diverging_run_stops_in_one_line_and_writes_no_model(data_dir, tmp_pat
 
 
 def test_a_run_that_turns_non_finite_keeps_its_last_good_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
-    import minidp.train
+    import minidp.training.loop
 
-    real, calls = minidp.train.loss_and_grad, []
+    real, calls = minidp.training.loop.loss_and_grad, []
 
     def nan_at_step_5(*args, **kwargs):
         calls.append(1)
@@ -346,7 +348,7 @@ def test_a_run_that_turns_non_finite_keeps_its_last_good_checkpoint(data_dir, tm
             grads[0][next(iter(grads[0]))][...] = np.nan
         return value, grads, pred
 
-    monkeypatch.setattr(minidp.train, "loss_and_grad", nan_at_step_5)
+    monkeypatch.setattr(minidp.training.loop, "loss_and_grad", nan_at_step_5)
     path, _ = _write_input(tmp_path, data_dir)
     w = tmp_path / "w"
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
@@ -354,7 +356,7 @@ def test_a_run_that_turns_non_finite_keeps_its_last_good_checkpoint(data_dir, tm
     assert len(err) == 1 and "training stopped at step 5" in err[0] and f"checkpoint is {w / 'model.ckpt-3'}" in err[0]
     assert sorted(p.name for p in w.iterdir()) == ["lcurve.out", "model.ckpt-3.dp", "model.ckpt-3.npz"]
     assert list(read_lcurve(w / "lcurve.out")["step"]) == [0, 2, 4]
-    monkeypatch.setattr(minidp.train, "loss_and_grad", real)
+    monkeypatch.setattr(minidp.training.loop, "loss_and_grad", real)
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q",
                  "--restart", str(w / "model.ckpt-3")]) == 0
     assert np.isfinite(load_model(w / "m.dp").bias).all()
@@ -363,7 +365,7 @@ def test_a_run_that_turns_non_finite_keeps_its_last_good_checkpoint(data_dir, tm
 def test_a_second_run_in_a_workdir_in_use_is_refused_before_it_writes(data_dir, tmp_path, capsys):
     """Two runs in one workdir: the second --restart appended its lines to the first one's lcurve.out.
     Now it is refused in one line naming the first run's pid; the lock dies with its holder."""
-    from minidp.train import WORKDIR_LOCK
+    from minidp.training.workdir import WORKDIR_LOCK
 
     path, _ = _write_input(tmp_path, data_dir, 10**6, disp_freq=1, save_freq=2)
     w = tmp_path / "w"

@@ -9,9 +9,10 @@ import pytest
 
 from minidp import DeepPot
 from minidp.model import new_model
-from minidp.serialization import load_model, read_min_nbor_dist
-from minidp.train import (Sampler, batch_sizes, init_from_model, load_systems, numb_batches, parse_input,
-                          system_probs, train)
+from minidp.io.serialization import load_model, read_min_nbor_dist
+from minidp.training.sampling import Sampler, batch_sizes, load_systems, numb_batches, system_probs
+from minidp.training.loop import init_from_model, train
+from minidp.training.config import parse_input
 from tests.test_train import SMALL, _input, _water_frames
 
 
@@ -122,7 +123,7 @@ def test_sampler_uses_set_batches(systems_dir):
 
 def test_train_many_systems_auto_sel_and_init_model(systems_dir, tmp_path):
     """Three systems of two sizes, sys_probs, a batch_size list, sel "auto:1.2"; then --init-model from the result."""
-    from minidp.neighbor_stat import auto_sel, neighbor_stat
+    from minidp.active.neighbor_stat import auto_sel, neighbor_stat
 
     d = _input(numb_steps=2)
     d["model"]["descriptor"]["sel"] = "auto:1.2"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minidp.cli import main
 from minidp.nn import mlp
-from minidp.tutorial import FitConfig, cos_data, mse_step, piecewise, train
+from minidp.training.tutorial import FitConfig, cos_data, mse_step, piecewise, train
 
 COS_PNGS = ("cos-data.png", "cos-fit.png", "piecewise-fit.png", "cos-loss.png")
 

@@ -40,7 +40,7 @@ OPTIONS = {"plain": [], "atomic": ["--atomic"], "relative": ["--relative", "1.0"
 
 def perturbed_model(path, seed: int, scale: float = 0.02):
     """The model at ``path`` with every weight matrix and bias multiplied by (1 + scale * N(0, 1)), entrywise."""
-    from minidp.serialization import load_model
+    from minidp.io.serialization import load_model
 
     model = load_model(path)
     rng = np.random.default_rng(seed)
@@ -54,7 +54,7 @@ def perturbed_model(path, seed: int, scale: float = 0.02):
 
 def make_ensemble(work: Path, base=None, n: int = 4) -> tuple[list[Path], list[Path]]:
     """n models (.dp) and their .pb twins in ``work``: the base model and n - 1 perturbed copies (cached)."""
-    from minidp.serialization import load_model, save_model
+    from minidp.io.serialization import load_model, save_model
 
     base = Path(base or SHARED / "models" / "water-14000.dp")
     work.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def read_model_devi(path: Path) -> list[tuple[str, np.ndarray]]:
 
 def compare_model_devi(work: Path, systems: list[str], env: dict) -> dict:
     """Run both programs with each option on the same systems; the largest difference per column."""
-    from minidp.model_devi import COLUMNS
+    from minidp.active.model_devi import COLUMNS
 
     dps, pbs = make_ensemble(work / "models")
     out = {}
@@ -118,8 +118,8 @@ def compare_model_devi_arrays(dps: list[Path], pbs: list[Path], system: str) -> 
     from deepmd.infer import DeepPot as DeepmdPot
     from deepmd.infer.model_devi import calc_model_devi
 
-    from minidp.model_devi import COLUMNS, Ensemble
-    from minidp.stream import lazy_system, read_frames
+    from minidp.active.model_devi import COLUMNS, Ensemble
+    from minidp.io.systems import lazy_system, read_frames
 
     lazy = lazy_system(system)
     block = read_frames(lazy, 0, lazy.nframes)
@@ -162,7 +162,7 @@ def tf_checkpoint(work: Path, systems: list[str], env: dict) -> Path:
 def compare_change_bias(work: Path, systems: list[str], env: dict) -> dict:
     """minidp change-bias (on the frozen model) against dp --tf change-bias (on its checkpoint): the new
     bias per type, for modes change and set and for -b."""
-    from minidp.serialization import load_model
+    from minidp.io.serialization import load_model
 
     pb = tf_checkpoint(work, systems, env)
     out = {}
@@ -191,7 +191,7 @@ def _energy_difference(ours: Path, theirs: Path, system: str) -> float:
     from deepmd.infer import DeepPot as DeepmdPot
 
     from minidp.infer import DeepPot
-    from minidp.stream import lazy_system, read_frames
+    from minidp.io.systems import lazy_system, read_frames
 
     lazy = lazy_system(system)
     block = read_frames(lazy, 0, lazy.nframes)
@@ -205,8 +205,8 @@ def compare_neighbor_stat(water: Path, rcut: float = 6.0) -> dict:
     backend) on every frame of the water systems: the distance as a number, the counts."""
     from deepmd.entrypoints.neighbor_stat import neighbor_stat as deepmd_neighbor_stat
 
-    from minidp.model_devi import expand_systems
-    from minidp.neighbor_stat import neighbor_stat
+    from minidp.active.model_devi import expand_systems
+    from minidp.active.neighbor_stat import neighbor_stat
 
     d_theirs, n_theirs = deepmd_neighbor_stat(system=str(water), rcut=rcut, type_map=["O", "H"])
     ours = neighbor_stat(expand_systems([water]), rcut, ["O", "H"], progress=False)

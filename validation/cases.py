@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidp.data import atomic_path
+from minidp.io.outputs import atomic_path
 from minidp.infer import Frames
 from minidp.neighbor import build_neighbor_list, wrap
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from minidp.infer import Frames
 from minidp.model import EnergyModel
-from minidp.report import rmse_mae
+from minidp.io.figures import rmse_mae
 
 QUANTITIES = ("e/atom", "f", "v/atom", "ae", "av", "D")
 # index names of each quantity's axes after the frame axis
@@ -149,7 +149,7 @@ def pb_out_bias(path) -> dict:
     from deepmd.tf.utils.graph import get_tensor_by_name_from_graph, load_graph_def
     from deepmd.tf.utils.errors import GraphWithoutTensorError
 
-    from minidp.serialization import read_model_dict
+    from minidp.io.serialization import read_model_dict
 
     graph, _ = load_graph_def(str(path))
     found = {}

@@ -88,7 +88,7 @@ def table_agreement(dp_model: Path, step: float) -> dict:
     from deepmd.dpmodel.descriptor.se_e2_a import DescrptSeA
 
     from minidp.compress import compress_descriptor
-    from minidp.serialization import min_nbor_dist, model_from_dict, read_model_dict
+    from minidp.io.serialization import min_nbor_dist, model_from_dict, read_model_dict
 
     data = read_model_dict(dp_model)
     rmin = min_nbor_dist(data)
@@ -147,7 +147,7 @@ def run_step(step: float, geos, exact: dict, args) -> dict:
 
     from minidp import DeepPot
     from minidp.compress import compress_descriptor
-    from minidp.serialization import min_nbor_dist, model_from_dict, read_model_dict
+    from minidp.io.serialization import min_nbor_dist, model_from_dict, read_model_dict
 
     data = read_model_dict(args.model.with_suffix(".dp"))
     model, rmin = model_from_dict(data), min_nbor_dist(data)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepmd.infer import DeepPot as DeepmdPot
 
     from minidp import DeepPot
-    from minidp.data import atomic_path
+    from minidp.io.outputs import atomic_path
 
     args = build_parser().parse_args(argv)
     exact_ours = DeepPot(args.model.with_suffix(".dp"))

@@ -77,7 +77,7 @@ def load_frames(path: Path, type_map: list[str], nframes: int) -> tuple[Frames, 
 
     Labels: energy (nf,), force (nf, natoms, 3), virial (nf, 9) if present.
     """
-    from minidp.data import model_types, read_system
+    from minidp.io.systems import model_types, read_system
 
     system = read_system(path)
     n = min(nframes or len(system), len(system))
@@ -263,7 +263,7 @@ def run_dp_test(model: Path, system: Path, n: int) -> dict:
 
 def label_section(args, type_map: list[str], reference, pots: dict, plots: list) -> dict | None:
     """RMSE of deepmd-kit (Python and dp test) and of each minidp model against the labels; minidp's parity plots."""
-    from minidp.report import parity_plots
+    from minidp.io.figures import parity_plots
 
     frames, labels = load_frames(args.data, type_map, args.rmse_frames)
     if labels is None:

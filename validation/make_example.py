@@ -403,7 +403,7 @@ def build_example(out: Path, work: Path, args, frames: Frames, cell, types) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from minidp.data import atomic_path
+    from minidp.io.outputs import atomic_path
 
     args = parse_args(argv)
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ Cases (see :mod:`validation.md_engines` for the inputs):
   domain decomposition's exactness; target 1e-10);
 - ``lammps-devi``: two models (the second the first with its first fitting layer scaled by 1.01),
   ``out_file devi.out out_freq 10``: the plugin's deviation file against minidp's, column by column
-  (it prints 7 digits: passes at 1e-6), and the trajectory as in lammps-nve (needs minidp.model_devi);
+  (it prints 7 digits: passes at 1e-6), and the trajectory as in lammps-nve (needs minidp.active.model_devi);
 - ``ipi-nvt`` and ``ipi-pimd``: i-PI NVT (Langevin) and a 4-bead path integral (PILE-L) driven by
   ``dp_ipi`` and by ``minidp ipi``: conserved quantity, temperature, potential, pressure every step,
   bead positions and momenta at the end.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minidp.data import atomic_path
+from minidp.io.outputs import atomic_path
 from validation import md_engines as md
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def second_model(dp: Path, folder: Path) -> tuple[Path, Path]:
     """A second model for the deviation: the first fitting layer of the .dp scaled by 1.01, as .dp and as .pb."""
     import subprocess
 
-    from minidp.serialization import load_model, save_model
+    from minidp.io.serialization import load_model, save_model
 
     folder.mkdir(parents=True, exist_ok=True)
     other = load_model(dp)
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"settings": f"{args.steps} LAMMPS steps ({args.mpi_steps} for lammps-mpi), {args.ipi_steps} i-PI steps, water {args.data.name} "
                            f"replicated {tuple(args.replicate)}", "cases": {}}
     for case in args.cases:
-        if case == "lammps-devi" and importlib.util.find_spec("minidp.model_devi") is None:
-            print("lammps-devi  skipped: minidp.model_devi (the model-deviation issue) is absent", flush=True)
+        if case == "lammps-devi" and importlib.util.find_spec("minidp.active.model_devi") is None:
+            print("lammps-devi  skipped: minidp.active.model_devi (the model-deviation issue) is absent", flush=True)
             continue
         results["cases"][case] = run_case(case, args, args.out)
         r = results["cases"][case]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minidp.data import atomic_path
-from minidp.report import save_figure
+from minidp.io.outputs import atomic_path
+from minidp.io.figures import save_figure
 from validation.compare import QUANTITIES
 
 UNITS = {"e/atom": "eV", "f": "eV/A", "v/atom": "eV", "ae": "eV", "av": "eV", "D": "1"}

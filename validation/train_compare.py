@@ -59,7 +59,7 @@ def run_deepmd(work: Path, env: dict) -> dict:
 
 def run_minidp(work: Path, config) -> tuple[dict, object]:
     """minidp's train in this process; mean step time after the first 100 steps (deepmd-kit's rule)."""
-    from minidp.train import train
+    from minidp.training.loop import train
 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -73,7 +73,7 @@ def run_minidp(work: Path, config) -> tuple[dict, object]:
 
 def final_errors(predict, system) -> dict:
     """RMSE of energy per atom and forces over every frame of a labelled system."""
-    from minidp.report import rmse_mae
+    from minidp.io.figures import rmse_mae
 
     e, f, _ = predict(system.coords, system.cells, system.atom_types)
     n = system.atom_types.size
@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     if not (args.shared / "models" / "input.json").is_file():
         print(f"train_compare: {args.shared}/models/input.json not found", file=sys.stderr)
         return 2
-    from minidp.train import load_systems, parse_input, plot_lcurves
+    from minidp.training.sampling import load_systems
+    from minidp.training.config import parse_input
+    from minidp.training.lcurve import plot_lcurves
 
     d = make_input(args.shared.resolve(), args.steps, args.disp_freq, args.seed)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),

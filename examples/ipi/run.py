@@ -29,7 +29,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from minidp.report import save_figure
+    from minidp.io.figures import save_figure
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=SHIPPED / "model.dp")

@@ -29,7 +29,7 @@ With the cotangents :math:`c = \partial L/\partial E`,
 the force and virial terms are the energy's derivative along one
 displacement of the pairs, in which every atom k moves by
 :math:`\mathbf v_k` and the cell is strained by V. :math:`\dot E` comes from
-forward-mode tangents (``*_jvp`` in :mod:`minidp.force_training`, the
+forward-mode tangents (``*_jvp`` in :mod:`minidp.training.force_training`, the
 training-only second-order step), and one reverse pass through the values and their
 tangents gives its gradient: exact second derivatives, no finite
 differences, no graph.
@@ -46,7 +46,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import number
-from minidp.force_training import weight_gradients
+from minidp.training.force_training import weight_gradients
 from minidp.model import EnergyModel, model_backward, model_forward, pair_forces_virials
 from minidp.nn import zeros_like_params
 from minidp.se_e2_a import check_descriptor_inputs
@@ -159,7 +159,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     # (nf,), (nf, 9)
     energy, virial = E_atom.sum(axis=1), atom_virial.sum(axis=1)
     value, c_E, v, V = ener_loss(energy, force, virial, batch, pref)
-    # the second-order step (minidp.force_training): dS/dtheta of S = c E - E', E' along delta r_ij
+    # the second-order step (minidp.training.force_training): dS/dtheta of S = c E - E', E' along delta r_ij
     # (nf, nloc, nnei, 3)
     drij = pair_tangent(v, V, batch.rij, batch.nlist)
     grads = weight_gradients(model, cache.D, cache.descriptor_cache, c_E, drij, types, backend)

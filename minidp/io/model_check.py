@@ -1,6 +1,6 @@
 r"""Checking a deepmd-kit model dict before minidp builds anything from it.
 
-:func:`minidp.serialization.load_model` reads every format (.dp, .yaml,
+:func:`minidp.io.serialization.load_model` reads every format (.dp, .yaml,
 .json; .pb/.pth after deepmd-kit's conversion) into one nested dict and hands
 it to :func:`check_model_dict` first. Every key minidp reads is checked there,
 once: presence, type (a bool is a bool, a width an int), shape (each array

@@ -41,11 +41,11 @@ def error_table(predicted: dict, labels: dict, natoms) -> str:
 
 
 def save_figure(fig, path: Path, dpi: int = 120, overwrite: bool = True, inputs=()) -> Path:
-    """Lay out, write as PNG and close a matplotlib figure, through :func:`minidp.data.safe_output`:
+    """Lay out, write as PNG and close a matplotlib figure, through :func:`minidp.io.outputs.safe_output`:
     all of it or nothing, replacing an existing file only if it is a PNG (and ``overwrite``)."""
     import matplotlib.pyplot as plt
 
-    from minidp.data import safe_output
+    from minidp.io.outputs import safe_output
 
     fig.tight_layout()
     try:

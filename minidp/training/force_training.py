@@ -3,7 +3,7 @@ r"""Training on forces: the second-order step of minidp's gradient, apart from i
 A force is a first derivative of the energy, so a force loss differentiated
 with respect to the weights is a second derivative. minidp computes it as
 "reverse over forward": for a fixed displacement of the pairs, drij (what
-the loss wants the forces to change along, see :mod:`minidp.loss`), the
+the loss wants the forces to change along, see :mod:`minidp.training.loss`), the
 tangents below give the directional derivative of the energy,
 E' = sum g . drij; its gradient with respect to the weights is then one more
 reverse pass, through both the primal values (R, G, T, D) and their tangents
@@ -11,7 +11,7 @@ reverse pass, through both the primal values (R, G, T, D) and their tangents
 reverse pass stops at the embedding nets.
 
 :func:`weight_gradients` is the whole step; only
-:func:`minidp.loss.loss_and_grad` calls it, inference never does. It works on the fast path's pieces
+:func:`minidp.training.loss.loss_and_grad` calls it, inference never does. It works on the fast path's pieces
 (:class:`minidp.se_e2_a.EmbedPiece`, made with ``keep=True``: each carries its
 net's :class:`minidp.se_e2_a.NetTrace`). Gradients are keyed by each net's place in the
 model: ``("embedding",) + key`` (see :class:`minidp.se_e2_a.EmbeddingNets`)
@@ -220,7 +220,7 @@ def weight_gradients(
     model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
     atom_types: np.ndarray, backend: str = "numba",
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
-    r"""dS/dtheta of S = sum_f c_f E_f - E', E' = sum_ij g_ij . drij (see :mod:`minidp.loss`), by net name.
+    r"""dS/dtheta of S = sum_f c_f E_f - E', E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
 
     D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
     c_E (nf,) = dL/dE; drij (nf, nloc, nnei, 3) the pairs' displacement.

@@ -130,7 +130,7 @@ def _figure():
 
 
 def _save(fig, path: Path) -> Path:
-    from minidp.report import save_figure
+    from minidp.io.figures import save_figure
 
     print(f"wrote {save_figure(fig, path, dpi=110)}")
     return path

@@ -311,8 +311,8 @@ def min_nbor_dist(data: dict) -> float | None:
 def load_model(path) -> EnergyModel:
     """Read a deepmd-kit se_e2_a energy model from a file (see the module docstring).
 
-    Every value minidp reads is checked first (:func:`minidp.model_check.check_model_dict`)."""
-    from minidp.model_check import check_model_dict
+    Every value minidp reads is checked first (:func:`minidp.io.model_check.check_model_dict`)."""
+    from minidp.io.model_check import check_model_dict
 
     data = read_model_dict(path)
     check_model_dict(data, str(path))
@@ -423,13 +423,13 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
     """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically.
 
     An existing file is replaced only with ``overwrite`` and only if it is a
-    model minidp wrote (:func:`minidp.data.safe_output`). min_nbor_dist (the
-    data's smallest neighbour distance, minidp.neighbor_stat) goes where
+    model minidp wrote (:func:`minidp.io.outputs.safe_output`). min_nbor_dist (the
+    data's smallest neighbour distance, minidp.active.neighbor_stat) goes where
     deepmd-kit keeps it, the file's top-level @variables: model compression
     reads it there.
     """
     from minidp import __version__
-    from minidp.data import safe_output
+    from minidp.io.outputs import safe_output
 
     path = Path(path)
     suffix = path.suffix.lower()

@@ -58,16 +58,8 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import number, positive_int, real_array
-from minidp.data import safe_output
-from minidp.stream import (
-    Block,
-    LazySystem,
-    block_types,
-    by_kind,
-    find_systems,
-    iter_blocks,
-    lazy_system,
-)
+from minidp.io.outputs import safe_output
+from minidp.io.systems import Block, LazySystem, block_types, by_kind, find_systems, iter_blocks, lazy_system
 
 # ---------------------------------------------------------------------------
 # The deviations: small pure functions
@@ -185,9 +177,9 @@ def write_model_devi(path, blocks, atomic: bool = False, inputs=()) -> None:
 
     deepmd-kit opens the file in append mode, so a second run adds blocks
     after the first; minidp appends only to a file that already is a model
-    deviation file (anything else is refused, minidp.data.check_output). The
+    deviation file (anything else is refused, minidp.io.outputs.check_output). The
     old text and the new go to a temporary file moved onto ``path`` when
-    complete (minidp.data.safe_output): a failure leaves the file as it was.
+    complete (minidp.io.outputs.safe_output): a failure leaves the file as it was.
     """
     text = "".join(header(name, atomic) + format_rows(steps, cols) for name, steps, cols in blocks)
     path = Path(path)
@@ -270,7 +262,7 @@ class Ensemble:
 
 
 def expand_systems(roots) -> list[str]:
-    """The systems under each root, as deepmd-kit's -s expands them (:func:`minidp.stream.find_systems`:
+    """The systems under each root, as deepmd-kit's -s expands them (:func:`minidp.io.systems.find_systems`:
     folders searched for type.raw, HDF5 files for groups holding one; any other file as given)."""
     found = [system for root in roots for system in find_systems(root)]
     if not found:
@@ -280,7 +272,7 @@ def expand_systems(roots) -> list[str]:
 
 def system_deviations(ensemble: Ensemble, path, *, frequency: int = 1, real_error: bool = False,
                       frames_per_block: int = 256, **options) -> tuple[np.ndarray, np.ndarray]:
-    """Steps (nf,) and deviation columns of one system (a :class:`minidp.stream.LazySystem`, or a
+    """Steps (nf,) and deviation columns of one system (a :class:`minidp.io.systems.LazySystem`, or a
     deepmd/npy, deepmd/npy/mixed or deepmd/hdf5 path), read block by block.
 
     ``options``: relative, relative_v, atomic of :func:`deviation_columns`.
@@ -304,7 +296,7 @@ def system_deviations(ensemble: Ensemble, path, *, frequency: int = 1, real_erro
 def block_deviations(ensemble: Ensemble, block: Block, atom_types: np.ndarray, real_error: bool = False,
                      atomic: bool = False, **options) -> np.ndarray:
     """The deviation columns (nf, 7 [+ natoms]) of a block's frames, each kind of frame apart
-    (atom_types (natoms,) or per frame (nf, natoms), minidp.stream.by_kind)."""
+    (atom_types (natoms,) or per frame (nf, natoms), minidp.io.systems.by_kind)."""
     nf, natoms = block.coords.shape[:2]
     # energy (nf,), force (nf, natoms, 3), virial (nf, 9): zeros where the system has no label
     zeros = {"energy": np.zeros(nf), "force": np.zeros_like(block.coords), "virial": np.zeros((nf, 9))}

@@ -47,10 +47,10 @@ sum of atomic energies E_i, each a function of the displacements r_ij within rcu
    centres in a shell of width rcut around each subdomain.
 
 With several models, the first drives the dynamics; every ``out_freq`` steps all models are
-evaluated and the deviation (:mod:`minidp.model_devi`'s definitions) is written to ``out_file``
+evaluated and the deviation (:mod:`minidp.active.model_devi`'s definitions) is written to ``out_file``
 in the columns of deepmd-kit's plugin: step, max/min/avg of the virial deviation, max/min/avg of
 the force deviation (no energy column; ``%12d`` then `` %18.6e``): the header written whole at the
-start (through :func:`minidp.data.safe_output`, which replaces only an earlier deviation file; the plugin too starts the file afresh), then one row
+start (through :func:`minidp.io.outputs.safe_output`, which replaces only an earlier deviation file; the plugin too starts the file afresh), then one row
 appended per write. Several models run on one MPI rank.
 
 How the deck runs: lines are passed to LAMMPS one by one (LAMMPS substitutes variables) until the
@@ -67,7 +67,7 @@ by LAMMPS as the run goes (a log is the record of a run, also of a failed one, a
 while it grows), so they are checked before LAMMPS starts, by :func:`check_engine_outputs`: never
 an input (the deck, the files its words and ``-var`` values name, ``include``d decks and theirs,
 models, data files), never an existing file unless ``--overwrite`` is given and it is an earlier
-LAMMPS log (minidp.data.check_output's rules, kind ``lammps_log``), never somewhere that cannot be
+LAMMPS log (minidp.io.outputs.check_output's rules, kind ``lammps_log``), never somewhere that cannot be
 written. No atoms (a box made by ``create_box`` before ``fix deposit`` fills it) is a valid state:
 the energy, forces and virial are those of nothing, zero, as with deepmd-kit's pair style.
 
@@ -89,7 +89,7 @@ from pathlib import Path
 import numpy as np
 
 from minidp import checks
-from minidp.data import check_output, safe_output
+from minidp.io.outputs import check_output, safe_output
 
 FIX_ID = "minidp_force"
 SHARE_ID = "minidp_share"
@@ -340,7 +340,7 @@ def plugin_devi_header() -> str:
 def plugin_devi_row(step: int, forces: np.ndarray, virials: np.ndarray, relative=None, relative_v=None) -> str:
     """One row: the step, then max/min/RMS over the 9 components of the virial deviation and
     max/min/mean over the atoms of the force deviation (forces (nm, natoms, 3), virials (nm, 9))."""
-    from minidp.model_devi import force_deviation, virial_deviation
+    from minidp.active.model_devi import force_deviation, virial_deviation
 
     natoms = forces.shape[1]
     # (natoms,), (9,)
@@ -352,7 +352,7 @@ def plugin_devi_row(step: int, forces: np.ndarray, virials: np.ndarray, relative
 
 def start_devi_file(path: Path, inputs=()) -> None:
     """A fresh out_file holding the header (deepmd-kit's plugin truncates it too), written whole. Only an
-    earlier model deviation file is replaced; an input or any other file there is refused (minidp.data.safe_output)."""
+    earlier model deviation file is replaced; an input or any other file there is refused (minidp.io.outputs.safe_output)."""
     with safe_output(path, "model_devi", inputs, overwrite=True) as tmp:
         tmp.write_text(plugin_devi_header())
 
@@ -456,9 +456,9 @@ class DeckRunner:
         style = self.field.style
         if len(self.field.dps) > 1 and style.out_freq > 0:
             try:  # the deviation's definitions; refuse now rather than at the first out_freq step
-                import minidp.model_devi  # noqa: F401
+                import minidp.active.model_devi
             except ImportError as err:
-                raise LammpsInputError(f"pair_style minidp with several models needs minidp.model_devi: {err}") \
+                raise LammpsInputError(f"pair_style minidp with several models needs minidp.active.model_devi: {err}") \
                     from None
             self.devi_path = Path(style.out_file)
             if self.rank == 0:

@@ -43,8 +43,8 @@ from minidp.stats import energy_bias
 
 def frame_rows(systems, type_map: list[str], numb_batch: int = 0):
     """Yield (block, model types (natoms,)) for the first numb_batch frames (0: all) of each system."""
-    from minidp.data import model_types
-    from minidp.stream import lazy_system, read_frames
+    from minidp.io.systems import model_types
+    from minidp.io.systems import lazy_system, read_frames
 
     for path in systems:
         lazy = lazy_system(path)
@@ -80,11 +80,11 @@ def change_bias(model_path, output, systems=(), mode: str = "change", numb_batch
                 bias_value=None, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Write the model with its new bias to ``output``; returns (old bias, new bias), each (ntypes,).
 
-    ``output`` is checked before any work (minidp.data.check_output): never an input, never a
+    ``output`` is checked before any work (minidp.io.outputs.check_output): never an input, never a
     user's file; ``overwrite`` replaces only a model minidp wrote."""
-    from minidp.data import check_output
+    from minidp.io.outputs import check_output
     from minidp.infer import DeepPot
-    from minidp.serialization import read_min_nbor_dist, save_model
+    from minidp.io.serialization import read_min_nbor_dist, save_model
 
     check_output(output, "model", (model_path, *(systems or ())), overwrite)
     dp = DeepPot(model_path)

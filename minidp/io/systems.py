@@ -1,62 +1,327 @@
-"""Streaming inference: datasets larger than memory, on one machine or on a Dask cluster.
+"""Systems in, labelled systems out: dpdata glue and the one safe writer of outputs.
 
-A deepmd/npy system is a folder with ``type.raw`` (the type of each atom),
-``type_map.raw`` (the element of each type) and ``set.*`` folders holding
-``coord.npy`` (nf, natoms * 3), ``box.npy`` (nf, 9) and optionally the labels
-``energy.npy``, ``force.npy`` and ``virial.npy``; ``nopbc``, if present, marks
-open boundaries. deepmd/hdf5 keeps the same names as groups and datasets in
-one HDF5 file (``data.h5``, or ``data.h5#group`` for a system inside it).
-deepmd/npy/mixed adds ``real_atom_types.npy`` (nf, natoms) to each set: every
-frame's own types (-1 for a padding atom), type.raw holding placeholders.
+minidp reads frames through dpdata (deepmd/npy, deepmd/hdf5, VASP, LAMMPS,
+extxyz, ...) and writes results as deepmd/npy systems. Every output of every
+command goes through :func:`safe_output`, which
 
-:func:`open_systems` is the one reader of what a user names with ``-s``
-(eval, test, eval-desc, model-devi): folders and HDF5 files expand to the
-systems they hold, as deepmd-kit expands them (:func:`find_systems`); any other
-format is read through dpdata, checked against the file, into memory
-(:func:`minidp.data.read_dpdata`). Each system is a :class:`LazySystem`.
-:func:`lazy_system` reads only the metadata (types and the arrays' headers);
-:func:`read_frames` copies one range of frames, across ``set.*`` boundaries,
-out of memory maps (``np.load(mmap_mode="r")``) or HDF5 slices that are opened
-for that range and closed after it, so the process never maps a whole set.
-On top of that:
-
-- :func:`stream_eval` yields (:class:`Block`, Prediction) block by block,
-  frames of per-frame types evaluated one kind at a time (:func:`by_kind`);
-- :func:`write_labelled_stream` writes a system labelled by the model into
-  memory-mapped ``.npy`` files, block by block, in a temporary folder that is
-  moved into place only when complete (:func:`minidp.data.safe_output`);
-- :func:`chunk_bag` and :func:`dask_eval` spread the blocks of many systems
-  over a Dask cluster, each worker process loading the model once.
-
-Memory is bounded by the block: a few hundred bytes per atom of the block
-(its coordinates, labels and results, ~300 * frames_per_chunk * natoms),
-plus DeepPot's own working memory (its ``memory_budget``), whatever the
-number of frames.
-
-Shape symbols (see :mod:`minidp.se_e2_a`): ``nf`` frames of a block,
-``natoms`` atoms per frame.
+- refuses an output that is, contains or lies inside an input (or the current
+  folder), one under a file, one in a folder it may not write;
+- refuses an existing, non-empty output, unless ``overwrite`` is given and it
+  holds nothing but a previous minidp output of the same kind (a folder minidp
+  wrote carries the MARKER file naming its kind);
+- writes to a temporary name beside the target and moves it into place only
+  when complete (os.replace); an old output is renamed away first and deleted
+  only after the new one is in place. A failed or interrupted run leaves
+  nothing half-written and nothing of the user's lost.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
+import traceback
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 
+
+
+
+
 from minidp.checks import FrameError, positive_int
-from minidp.data import (
-    DpdataPart,
-    guess_format,
-    model_types,
-    read_dpdata,
-    require_labels,
-    safe_output,
-)
-from minidp.model import Prediction
+
+# dpdata's names of the extended XYZ reader (one implementation, several names)
+EXTXYZ = ("extxyz", "quip/gap/xyz", "quip/gap/xyz_file", "gpumd/xyz", "nequip/xyz", "mace/xyz")
+# extended XYZ's spellings of a periodic and an open direction
+TRUE, FALSE = ("T", "TRUE", "1"), ("F", "FALSE", "0")
+# dpdata's data keys -> what minidp calls them in messages
+KEYS = {"coords": "coordinate", "cells": "cell", "energies": "energy", "forces": "force", "virials": "virial"}
+
+
+def guess_format(path: Path) -> str:
+    """dpdata's format name for a path.
+
+    deepmd/npy/mixed for a folder with type.raw whose sets hold per-frame types
+    (real_atom_types.npy), deepmd/npy for one without them, deepmd/hdf5 for
+    .h5/.hdf5, extxyz for an .xyz/.extxyz file whose first comment line has
+    extended-XYZ fields (Properties=, Lattice=), else dpdata's "auto".
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "type.raw").is_file():
+        return "deepmd/npy/mixed" if any(path.glob("set.*/real_atom_types.npy")) else "deepmd/npy"
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        return "deepmd/hdf5"
+    if suffix in (".xyz", ".extxyz") and path.is_file():
+        with open(path, "rb") as f:
+            head = f.readline() + f.readline()
+        return "extxyz" if b"Properties=" in head or b"Lattice=" in head else "xyz"
+    return "auto"
+
+
+class DpdataPart(NamedTuple):
+    """Frames of one kind (the same atoms in the same order) read by dpdata, and where they stood in the file."""
+
+    frames: np.ndarray  # (nf,) index of each frame in the file
+    system: object  # dpdata.System or dpdata.LabeledSystem
+
+
+def read_dpdata(path, fmt: str | None = None, type_map: list[str] | None = None,
+                labelled: bool = False) -> list[DpdataPart]:
+    """Read a file (any format dpdata reads) into parts of one kind of frame each; everything checked.
+
+    dpdata's result is not trusted: no frame or atom, a non-finite coordinate,
+    cell or label (named by file and frame), and for extended XYZ a frame count
+    other than the file's (counted here), a frame whose ``pbc`` is partly
+    periodic (minidp evaluates fully periodic or open systems), are refused.
+    An extended XYZ file gives one part per kind of frame, in order of first
+    appearance; any other format one part. deepmd systems are read by
+    :func:`minidp.io.systems.open_systems`; the multi-system forms (mixed types,
+    several HDF5 groups) are refused here.
+    """
+    import dpdata
+
+    path = Path(path)
+    # dpdata's file.h5#group names a system inside an HDF5 file
+    file = path if path.exists() else Path(str(path).partition("#")[0])
+    if not file.exists():
+        raise FileNotFoundError(f"system {path} does not exist")
+    fmt = fmt or guess_format(file)
+    _refuse_many(path, fmt)
+    if fmt == "deepmd/npy" and path.is_dir():
+        pass
+
+        lazy_system(path)  # every set's arrays against each other: "box.npy has shape (79, 9); expected (80, 9)"
+    if fmt in EXTXYZ:
+        parts = _read_extxyz(path, fmt)
+    else:
+        if fmt == "xyz" and len(_extxyz_comments(path)) > 1:  # dpdata's plain XYZ reader reads the first frame
+            raise ValueError(f"system {path} holds {len(_extxyz_comments(path))} frames, of which dpdata's plain "
+                             "xyz reader reads one; write it as extended XYZ (with Lattice= and Properties=)")
+        system = _dpdata_system(dpdata, path, fmt, type_map, labelled)
+        parts = [DpdataPart(np.arange(system.get_nframes()), system)]
+    for part in parts:
+        _check_dpdata(path, fmt, part, labelled)
+    return parts
+
+
+def read_system(path, fmt: str | None = None, type_map: list[str] | None = None, labelled: bool = False):
+    """Read one system with dpdata (:func:`read_dpdata`); labelled (energies/forces) when the source has labels.
+
+    ``type_map`` names the types of formats that only number them (a LAMMPS
+    data file's types 1, 2, ... become type_map[0], type_map[1], ...).
+    ``labelled=True``: the system must hold energies and forces; the reason
+    dpdata could not read them (a corrupt force.npy, ...) is the error.
+    A file holding frames of several kinds of atoms is refused.
+    """
+    parts = read_dpdata(path, fmt, type_map, labelled)
+    if len(parts) > 1:
+        kinds = ", ".join(f"{p.system.formula} from frame {p.frames[0]}" for p in parts)
+        raise ValueError(f"system {path} holds frames of {len(parts)} kinds of atoms ({kinds}); "
+                         "expected one kind per system")
+    return parts[0].system
+
+
+def _refuse_many(path: Path, fmt: str) -> None:
+    """A path that holds several systems (per-frame types, HDF5 groups) is not one dpdata system."""
+    if fmt == "deepmd/npy/mixed":
+        raise ValueError(f"system {path} is deepmd/npy/mixed (per-frame types in set.*/real_atom_types.npy); "
+                         "this reader takes one type per atom")
+    if fmt == "deepmd/hdf5" and "#" not in str(path):
+        import h5py  # only HDF5 systems need it
+
+        try:
+            with h5py.File(path, "r") as f:
+                if "type.raw" not in f:
+                    groups = [k for k in f if isinstance(f[k], h5py.Group) and "type.raw" in f[k]]
+                    raise ValueError(f"{path} holds no system at its root (groups {groups[:5]}); "
+                                     f"name one as {path}#GROUP")
+        except OSError as err:
+            raise ValueError(f"{path} is not a readable HDF5 file ({err})") from None
+
+
+def _dpdata_system(dpdata, path: Path, fmt: str, type_map, labelled: bool):
+    """dpdata's LabeledSystem, or its System when the source has no labels; dpdata's errors named."""
+    try:
+        return dpdata.LabeledSystem(str(path), fmt=fmt, type_map=type_map)
+    except Exception as err:
+        reason = err
+    if not labelled:  # not labelled (or not readable as such): read the coordinates only
+        try:
+            return dpdata.System(str(path), fmt=fmt, type_map=type_map)
+        except NotImplementedError:  # a format of labelled data only: the labelled reader's reason is the one
+            pass
+        except Exception as err:
+            reason = err
+    raise ValueError(f"cannot read system {path} as {fmt!r}{_reason(reason, type_map)}")
+
+
+def _reason(err: Exception, type_map) -> str:
+    """Why dpdata failed, in one line: its assertion's condition, not decoded text, its message shortened."""
+    if isinstance(err, UnicodeDecodeError):
+        return f": it is not a text file (byte {err.start} is not {err.encoding})"
+    if isinstance(err, NotImplementedError) and "support LabeledSystem" in str(err):
+        return ": dpdata reads no labels (energies, forces) from this format; expected a labelled system"
+    if isinstance(err, AssertionError):
+        if type_map:
+            return f": dpdata's check failed (does -t name every atom type of the file? it names {type_map})"
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        if where.name == "rot_frame_lower_triangular":
+            return ": its cell is left-handed (negative determinant), which dpdata refuses; swap two lattice vectors"
+        return f": dpdata's check `{where.line}` failed in {where.name}"
+    reason = " ".join(str(err).split())
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."  # dpdata may list every format it knows
+    return f" (give -f FORMAT?): {type(err).__name__}: {reason}"
+
+
+def _check_dpdata(path: Path, fmt: str, part: DpdataPart, labelled: bool) -> None:
+    """What dpdata returned is what a system must be: frames, atoms, finite numbers, labels if asked."""
+    data = part.system.data
+    nf = part.system.get_nframes()
+    if nf == 0 or part.system.get_natoms() == 0:
+        raise ValueError(f"system {path} read as {fmt!r} holds {nf} frames of {part.system.get_natoms()} atoms; "
+                         "is the file complete?")
+    for key, name in KEYS.items():
+        if key not in data or (key == "cells" and data.get("nopbc")):
+            continue
+        # (nf, numbers per frame)
+        values = np.asarray(data[key], dtype=np.float64).reshape(nf, -1)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            k, i = np.argwhere(bad)[0]
+            raise ValueError(f"system {path}: frame {part.frames[k]} has a non-finite {name} ({values[k, i]}); "
+                             "expected finite numbers")
+    if labelled:
+        require_labels(path, [name for key, name in KEYS.items() if key in data])
+
+
+def require_labels(system, labels) -> None:
+    """ValueError naming the system unless ``labels`` (deepmd names) hold energy and force."""
+    missing = [k for k in ("energy", "force") if k not in labels]
+    if missing:
+        raise ValueError(f"system {system} has no {' and no '.join(missing)} labels; expected a labelled system")
+
+
+# ---------------------------------------------------------------------------
+# Extended XYZ: dpdata reads the frames, minidp counts them and reads pbc
+# ---------------------------------------------------------------------------
+
+
+def _extxyz_comments(path: Path) -> list[str]:
+    """The comment line of every frame, the file walked here (dpdata skips lines it cannot parse)."""
+    comments = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            number = 0
+            while line := f.readline():
+                number += 1
+                if not line.strip():
+                    continue
+                k = len(comments)
+                try:
+                    natoms = int(line)
+                except ValueError:
+                    raise ValueError(f"{path} line {number}: expected the atom count of frame {k}, got "
+                                     f"{line.strip()[:40]!r}") from None
+                if natoms < 1:
+                    raise ValueError(f"{path} line {number}: frame {k} has {natoms} atoms; expected at least one")
+                comments.append(f.readline())
+                number += 1
+                fields = None
+                for i in range(natoms):
+                    atom = f.readline()
+                    number += 1
+                    if not atom:
+                        raise ValueError(f"{path} ends inside frame {k}: {i} of its {natoms} atom lines")
+                    # a line cut short (a truncated file) has fewer fields than the frame's first
+                    fields = fields or len(atom.split())
+                    if len(atom.split()) != fields:
+                        raise ValueError(f"{path} line {number}: atom {i} of frame {k} has {len(atom.split())} "
+                                         f"fields where the frame's first atom has {fields}")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"cannot read system {path}: it is not a text file (byte {err.start} is not "
+                         f"{err.encoding})") from None
+    if not comments:
+        raise ValueError(f"system {path} holds no frames; expected an extended XYZ file")
+    return comments
+
+
+def _extxyz_periodic(path: Path, frame: int, comment: str) -> bool:
+    """True for pbc="T T T" (or a Lattice without pbc), False for "F F F" (or neither); anything else refused."""
+    found = re.search(r"""(?:^|\s)pbc=(?:"([^"]*)"|'([^']*)'|(\S+))""", comment)
+    has_lattice = re.search(r"(?:^|\s)Lattice=", comment) is not None
+    if found is None:
+        return has_lattice
+    text = next(g for g in found.groups() if g is not None)
+    flags = [f.upper() for f in text.split()]
+    if len(flags) != 3 or not (all(f in TRUE for f in flags) or all(f in FALSE for f in flags)):
+        raise ValueError(f"{path} frame {frame} has pbc=\"{text}\"; minidp evaluates fully periodic (T T T) "
+                         "or open (F F F) systems only")
+    if flags[0] in TRUE and not has_lattice:
+        raise ValueError(f"{path} frame {frame} is periodic (pbc=\"{text}\") but has no Lattice")
+    return flags[0] in TRUE
+
+
+def _read_extxyz(path: Path, fmt: str) -> list[DpdataPart]:
+    """Every frame of an extended XYZ file, grouped by kind of frame (the same atoms in the same order)."""
+    from dpdata.format import Format
+
+    comments = _extxyz_comments(path)
+    periodic = [_extxyz_periodic(path, k, c) for k, c in enumerate(comments)]
+    try:
+        frames = list(Format.get_formats()[fmt]().from_multi_systems(str(path)))
+    except Exception as err:
+        raise ValueError(f"cannot read system {path} as {fmt!r}{_reason(err, None)}") from None
+    if len(frames) != len(comments):
+        raise ValueError(f"dpdata read {len(frames)} frames of {path}, which holds {len(comments)}; "
+                         "refusing a partial read")
+    kinds: dict[tuple, list[int]] = {}
+    for k, frame in enumerate(frames):
+        if bool(frame.get("nopbc")) == periodic[k]:
+            raise ValueError(f"dpdata read frame {k} of {path} as {'open' if periodic[k] else 'periodic'}; "
+                             f"its comment line says {'periodic' if periodic[k] else 'open'}")
+        species = tuple(np.asarray(frame["atom_names"])[frame["atom_types"]])
+        kinds.setdefault(species, []).append(k)
+    return [DpdataPart(np.array(ks), _join_frames(path, [frames[k] for k in ks], ks)) for ks in kinds.values()]
+
+
+def _join_frames(path: Path, frames: list[dict], numbers: list[int]):
+    """One dpdata.LabeledSystem of frames with the same atoms; frames must agree on boundaries and labels."""
+    import dpdata
+
+    first = frames[0]
+    for k, frame in zip(numbers, frames):
+        if bool(frame["nopbc"]) != bool(first["nopbc"]):
+            raise ValueError(f"{path} mixes periodic and open frames of the same atoms (frames {numbers[0]} "
+                             f"and {k}); expected one kind of boundary per system")
+        if ("virials" in frame) != ("virials" in first):
+            raise ValueError(f"{path}: frames {numbers[0]} and {k} (the same atoms) differ in having a virial; "
+                             "expected a virial in all or none")
+    data = {key: first[key] for key in ("atom_names", "atom_numbs", "atom_types", "orig")}
+    data["nopbc"] = bool(first["nopbc"])
+    for key in ("cells", "coords", "energies", "forces", "virials"):
+        if key in first:
+            data[key] = np.concatenate([np.asarray(f[key], dtype=np.float64) for f in frames])
+    return dpdata.LabeledSystem(data=data)
+
+
+def model_types(atom_names: list[str], atom_types: np.ndarray, type_map: list[str]) -> np.ndarray:
+    """Map a system's types (indices into its atom_names) onto the model's type_map.
+
+    Any shape of ``atom_types``: (natoms,) or per-frame (nf, natoms). A type of
+    -1 (a virtual atom of padded deepmd/npy/mixed data) stays -1.
+    """
+    atom_types = np.asarray(atom_types)
+    missing = [name for name in atom_names if name not in type_map]
+    used = {atom_names[t] for t in np.unique(atom_types) if t >= 0}
+    if used & set(missing):
+        raise ValueError(f"element(s) {sorted(used & set(missing))} are not in the model's type map {type_map}")
+    # (ntypes + 1,): the last entry maps -1 onto itself
+    index = np.array([type_map.index(n) if n in type_map else -1 for n in atom_names] + [-1])
+    return index[atom_types]
+
+
 
 # deepmd names of the per-frame arrays, and the numbers each frame holds (times natoms when True)
 LABELS = ("energy", "force", "virial")
@@ -64,7 +329,7 @@ OUTPUTS = {"coord": (3, True), "box": (9, False), "energy": (1, False), "force":
 # deepmd/npy/mixed: each frame's own types (nf, natoms), indices into type_map.raw, -1 for a padding atom;
 # type.raw then holds placeholders
 REAL_TYPES = "real_atom_types"
-# the formats minidp reads itself, block by block; any other goes through dpdata (minidp.data.read_dpdata)
+# the formats minidp reads itself, block by block; any other goes through dpdata (minidp.io.systems.read_dpdata)
 DEEPMD = ("deepmd/npy", "deepmd/npy/mixed", "deepmd/hdf5")
 # atoms per block read from disk: a few hundred bytes each (coordinates, labels, results), ~20 MB a block
 BLOCK_ATOMS = 1 << 16
@@ -311,7 +576,7 @@ def open_systems(path, fmt: str | None = None, type_map: list[str] | None = None
     deepmd/hdf5 files are found as deepmd-kit finds them (:func:`find_systems`:
     folders searched for type.raw, HDF5 files for their groups) and read from
     disk block by block; any other file is read through dpdata
-    (:func:`minidp.data.read_dpdata`, checked against the file) into memory,
+    (:func:`minidp.io.systems.read_dpdata`, checked against the file) into memory,
     one system per kind of frame. ``labelled=True``: every system must hold
     energy and force labels. All systems are opened (and checked) here, before
     any frame is evaluated.
@@ -515,223 +780,3 @@ def by_kind(block: Block, atom_types: np.ndarray, evaluate) -> Iterator[tuple[Ki
         except FrameError as err:
             raise FrameError(block.frames.start + int(kind.rows[err.frame]), err.message) from None
         yield kind, result
-
-
-def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
-    """DeepPot's results for the block's frames (``atom_types`` already in the model's numbering).
-
-    ``atom_types``: (natoms,), or (nf, natoms) per frame (each kind of frame
-    evaluated apart, :func:`by_kind`). One Prediction of nf frames: energy
-    (nf,), force (nf, natoms, 3), virial (nf, 9), atom_energy (nf, natoms),
-    atom_virial (nf, natoms, 9); zeros for padding atoms.
-    """
-    nf, natoms = block.coords.shape[:2]
-    # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
-    out = Prediction(np.zeros(nf), np.zeros((nf, natoms, 3)), np.zeros((nf, 9)), np.zeros((nf, natoms)),
-                     np.zeros((nf, natoms, 9)))
-    for kind, p in by_kind(block, atom_types, functools.partial(_predict, dp)):
-        out.energy[kind.rows], out.virial[kind.rows] = p.energy, p.virial
-        for whole, part in ((out.force, p.force), (out.atom_energy, p.atom_energy), (out.atom_virial, p.atom_virial)):
-            whole[np.ix_(kind.rows, kind.atoms)] = part
-    return out
-
-
-def _predict(dp, coords: np.ndarray, cells: np.ndarray | None, atom_types: np.ndarray) -> Prediction:
-    """The frame groups of :meth:`minidp.infer.DeepPot.iter_eval` joined into one Prediction of the call's frames."""
-    nf = coords.shape[0]
-    out, filled = None, np.zeros(nf, dtype=bool)
-    for fs, p in dp.iter_eval(coords, cells, atom_types):
-        if out is None:
-            # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
-            out = Prediction(*(np.empty((nf,) + a.shape[1:]) for a in p))
-        for whole, part in zip(out, p):
-            whole[fs] = part
-        filled[fs] = True
-    if out is None or not filled.all():
-        raise RuntimeError(f"DeepPot.iter_eval returned results for {int(filled.sum())} of {nf} frames")
-    return out
-
-
-def descriptor_block(dp, block: Block, atom_types: np.ndarray) -> np.ndarray:
-    """DeepPot's descriptors of the block's frames, (nf, natoms, ng * m2); zeros for padding atoms."""
-    nf, natoms = block.coords.shape[:2]
-    # (nf, natoms, ng * m2)
-    out = np.zeros((nf, natoms, dp.get_dim_descriptor()))
-    for kind, D in by_kind(block, atom_types, dp.eval_descriptor):
-        out[np.ix_(kind.rows, kind.atoms)] = D
-    return out
-
-
-def stream_eval(dp, system_path, frames_per_chunk: int, progress: bool | None = None, labels: bool = True
-                ) -> Iterator[tuple[Block, Prediction]]:
-    """Yield (block, its Prediction) for a system read block by block.
-
-    ``dp``: a :class:`minidp.DeepPot`; ``system_path``: a deepmd/npy (or
-    deepmd/npy/mixed) folder or a deepmd/hdf5 file (or a :class:`LazySystem`).
-    The system's type_map is mapped onto the model's. For blocks k = 0, 1, ...
-    of frames [k n, min((k + 1) n, nframes)), n = frames_per_chunk, the
-    predictions concatenated over k are ``dp.eval(coords, cells, types,
-    atomic=True)`` (to round-off: frame groups change the order of BLAS sums).
-    ``labels=False``: the blocks carry no labels (none is read).
-    """
-    from tqdm.auto import tqdm
-
-    system = system_path if isinstance(system_path, LazySystem) else lazy_system(system_path, per_frame_types=True)
-    type_map = dp.get_type_map()
-    # disable=None: the bar shows only on a terminal
-    with tqdm(total=system.nframes, desc=system.path.name, unit="frame",
-              disable=None if progress is None else not progress) as bar:
-        for block in iter_blocks(system, frames_per_chunk, labels=labels):
-            prediction = predict_block(dp, block, block_types(system, block, type_map))
-            bar.update(block.coords.shape[0])
-            yield block, prediction
-
-
-# ---------------------------------------------------------------------------
-# Writing a labelled system block by block
-# ---------------------------------------------------------------------------
-
-
-def _create_outputs(folder: Path, system: LazySystem, set_size: int) -> tuple[int, ...]:
-    """Lay out the labelled system: type.raw, type_map.raw, nopbc, and empty .npy files per set.
-
-    The files are created at their full size (sparse until written); every
-    block then writes its rows through a memory map. Returns the frames per set.
-    A deepmd/npy/mixed system keeps its layout: each set gets real_atom_types.npy.
-    """
-    folder.mkdir(parents=True)
-    np.savetxt(folder / "type.raw", system.atom_types, fmt="%d")
-    (folder / "type_map.raw").write_text("\n".join(system.atom_names) + "\n")
-    if system.nopbc:
-        (folder / "nopbc").touch()
-    nf = system.nframes
-    counts = tuple(min(set_size, nf - a) for a in range(0, nf, set_size))
-    for index, n in enumerate(counts):
-        (folder / f"set.{index:03d}").mkdir()
-        for key, (per_frame, per_atom) in OUTPUTS.items():
-            if key != "box" or not system.nopbc:
-                width = per_frame * (system.natoms if per_atom else 1)
-                # (n, width): dpdata's layout, float64 as dpdata writes by default; closed at once
-                np.lib.format.open_memmap(folder / f"set.{index:03d}" / f"{key}.npy", "w+", np.float64, (n, width))
-        if system.mixed:
-            # (n, natoms)
-            np.lib.format.open_memmap(folder / f"set.{index:03d}" / f"{REAL_TYPES}.npy", "w+", np.int64,
-                                      (n, system.natoms))
-    return counts
-
-
-def _write_block(folder: Path, counts: tuple[int, ...], block: Block, prediction: Prediction) -> None:
-    """Write one block's frames (and per-frame types) and the model's labels into the output sets it falls in."""
-    nf = block.coords.shape[0]
-    rows = {"coord": block.coords, "box": block.cells, "energy": prediction.energy,
-            "force": prediction.force, "virial": prediction.virial, REAL_TYPES: block.types}
-    for index, a, b, offset in set_ranges(counts, block.frames.start, block.frames.stop):
-        for key, values in rows.items():
-            if values is None:
-                continue
-            out = np.lib.format.open_memmap(folder / f"set.{index:03d}" / f"{key}.npy", "r+")
-            out[a:b] = values.reshape(nf, -1)[offset:offset + b - a]
-            # unmapping here keeps the written pages out of this process's memory;
-            # the mapping is shared, so the data is in the file from now on
-            del out
-
-
-def write_labelled(dp, system: LazySystem, folder: Path, frames_per_chunk: int, set_size: int = 5000,
-                   progress: bool | None = None) -> None:
-    """Label a system with the model, block by block, into the new folder ``folder`` (deepmd/npy layout;
-    deepmd/npy/mixed for a mixed system). The caller makes it safe (:func:`minidp.data.safe_output`)."""
-    counts = _create_outputs(folder, system, positive_int("set_size", set_size))
-    for block, prediction in stream_eval(dp, system, frames_per_chunk, progress, labels=False):
-        _write_block(folder, counts, block, prediction)
-
-
-def write_labelled_stream(dp, system_path, output, frames_per_chunk: int, set_size: int = 5000,
-                          progress: bool | None = None, overwrite: bool = False) -> Path:
-    """Label a system with the model, block by block, as a deepmd/npy system at ``output``.
-
-    The output holds the input's types, type map, coordinates and cells and the
-    model's energy (nf, 1), force (nf, natoms * 3) and virial (nf, 9) in sets of
-    ``set_size`` frames (dpdata's default layout). It is written into a
-    temporary folder beside ``output`` and moved onto it only when every block
-    is written: a failed run leaves no ``output``. An existing ``output`` is
-    refused unless ``overwrite`` and it holds only a previous minidp deepmd/npy
-    output; one that is, holds or lies in the input is always refused
-    (:func:`minidp.data.safe_output`).
-    """
-    set_size = positive_int("set_size", set_size)
-    system = system_path if isinstance(system_path, LazySystem) else lazy_system(system_path, per_frame_types=True)
-    with safe_output(output, "deepmd/npy", (system.path,), overwrite) as tmp:
-        write_labelled(dp, system, tmp, frames_per_chunk, set_size, progress)
-    return Path(output)
-
-
-# ---------------------------------------------------------------------------
-# Many machines: Dask
-# ---------------------------------------------------------------------------
-
-
-def _dask_bag():
-    try:
-        import dask.bag
-    except ImportError as err:
-        raise ImportError("chunk_bag and dask_eval need Dask: pip install 'minidp[tools]'") from err
-    return dask.bag
-
-
-@functools.lru_cache(maxsize=4)
-def worker_deeppot(model_path: str):
-    """The DeepPot of a model file, loaded once per process (each Dask worker process keeps its own)."""
-    from minidp.infer import DeepPot
-
-    # One thread: Dask runs threads_per_worker blocks at once in each worker,
-    # and more threads per block would fight them for the cores. No progress
-    # bars from workers: their stderr may be the client's terminal.
-    return DeepPot(model_path, workers=1, progress=False)
-
-
-def _eval_chunk(task: tuple, model_path: str) -> tuple[int, slice, Prediction]:
-    """Dask task: (system index, its LazySystem, start, stop) -> (system index, frames, Prediction)."""
-    from threadpoolctl import threadpool_limits
-
-    index, system, start, stop = task
-    dp = worker_deeppot(model_path)
-    types = model_types(system.atom_names, system.atom_types, dp.get_type_map())
-    with threadpool_limits(1):  # BLAS too keeps to the task's one core
-        prediction = predict_block(dp, read_frames(system, start, stop), types)
-    return index, slice(start, stop), prediction
-
-
-def chunk_bag(model_path, system_paths, frames_per_chunk: int):
-    """A dask.bag with one element per (system, block of frames): (system index, frame slice, Prediction).
-
-    Only the metadata is read here; the frames are read where the tasks run, so
-    the systems' paths must be visible to the workers (a shared file system).
-    """
-    bag = _dask_bag()
-    n = positive_int("frames_per_chunk", frames_per_chunk)
-    if isinstance(system_paths, (str, Path)):
-        raise TypeError(f"system_paths must be a list of systems, got the single path {system_paths!r}")
-    systems = [lazy_system(p) for p in system_paths]
-    tasks = [(i, s, a, min(a + n, s.nframes)) for i, s in enumerate(systems) for a in range(0, s.nframes, n)]
-    if not tasks:
-        raise ValueError("system_paths is empty; expected at least one system")
-    # one partition per block: the scheduler spreads them over the workers
-    return bag.from_sequence(tasks, npartitions=len(tasks)).map(_eval_chunk, str(Path(model_path).resolve()))
-
-
-def dask_eval(model_path, system_paths, frames_per_chunk: int, client=None) -> list[Prediction]:
-    """Evaluate many systems on a Dask cluster; one Prediction per system, frames in order.
-
-    ``client``: a ``dask.distributed.Client``; None uses Dask's current
-    scheduler (the active Client if there is one). The results equal
-    ``DeepPot(model_path).eval`` on each system (to round-off).
-    """
-    if not Path(model_path).exists():
-        raise FileNotFoundError(f"model {model_path} does not exist")
-    bag = chunk_bag(model_path, system_paths, frames_per_chunk)
-    results = bag.compute() if client is None else client.gather(client.compute(bag))
-    per_system: dict[int, list[Prediction]] = {}
-    for index, _, prediction in results:  # in the bag's order: systems, then frames
-        per_system.setdefault(index, []).append(prediction)
-    # per system: (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9) over all its frames
-    return [Prediction(*(np.concatenate(parts) for parts in zip(*per_system[i]))) for i in sorted(per_system)]

@@ -13,7 +13,7 @@ differ only when no two atoms of the dataset are closer than r_c.
 
 The work is minidp.neighbor's Numba cell list, linear in the number of
 atoms; the frames are streamed from disk block by block
-(:func:`minidp.stream.iter_blocks`), so the memory depends on the block, not
+(:func:`minidp.io.systems.iter_blocks`), so the memory depends on the block, not
 on the number of frames. The cell list needs a ``sel`` to size its slots: it
 starts from an estimate and doubles a type's sel whenever a block had more
 neighbours than it could hold, redoing that block.
@@ -107,8 +107,8 @@ def neighbor_stat(systems, rcut: float, type_map: list[str] | None = None, frame
     """
     from tqdm.auto import tqdm
 
-    from minidp.data import model_types
-    from minidp.stream import iter_blocks, lazy_system
+    from minidp.io.systems import model_types
+    from minidp.io.systems import iter_blocks, lazy_system
 
     lazies = [lazy_system(s) for s in systems]
     if type_map is None:

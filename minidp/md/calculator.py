@@ -17,7 +17,7 @@ try:
     from ase.calculators.calculator import Calculator, all_changes
     from ase.stress import full_3x3_to_voigt_6_stress
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError(f"minidp.calculator needs ASE (pip install 'minidp[tools]'): {err}") from None
+    raise ImportError(f"minidp.md.calculator needs ASE (pip install 'minidp[tools]'): {err}") from None
 
 from minidp.infer import DeepPot
 

@@ -1,0 +1,255 @@
+r"""Training an se_e2_a energy model from deepmd-kit's input.json, every gradient by hand.
+
+The story of one run (:func:`train`):
+
+1. **Input** (:func:`parse_input`): deepmd-kit's training input, the
+   se_e2_a + ``ener`` subset; any other key is refused by name.
+2. **Data** (:func:`load_systems`): deepmd/npy systems read through dpdata,
+   their element names mapped onto the model's ``type_map``.
+3. **Statistics** (:mod:`minidp.stats`): davg/dstd of the environment matrix
+   and the per-type energy bias, from ``data_stat_nbatch`` batches per system.
+4. **Steps**: a batch of frames from one system (systems drawn in proportion
+   to their frames, frames in a shuffled order); the loss and its exact
+   gradient (:func:`minidp.training.loss.loss_and_grad`); one Adam update at the
+   learning rate of deepmd-kit's ``exp`` schedule,
+   :math:`\eta_t = \eta_0 r^{\lfloor t/s \rfloor}` (:func:`minidp.optim.exp_decay`).
+5. **Record**: every ``disp_freq`` steps a line of ``lcurve.out`` in
+   deepmd-kit's columns; every ``save_freq`` steps a checkpoint
+   (model ``.dp`` + optimizer and sampler state ``.npz``) that ``restart``
+   resumes exactly; at the end the model in deepmd-kit's serialization and
+   a plot of the learning curve. Every file goes through
+   :func:`minidp.io.outputs.safe_output`, and :func:`plan_outputs` refuses, before
+   any data is read, a run that would write over another run's files; a
+   restart that disagrees with its checkpoint is refused by name.
+
+Step t reports the errors of the weights before its update, so the line of
+step 0 is the untrained model and the last line (t = numb_steps) the final one.
+
+Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from minidp.checks import (FrameError, InputError, file_path)
+from minidp.training.loss import Batch, LossValue, ener_loss, loss_and_grad, prefactors
+from minidp.model import EnergyModel, energy_forces, new_model
+from minidp.optim import Adam, exp_decay
+from minidp.runtime import keep_freed_memory
+from minidp.se_e2_a import SeAConfig
+from minidp.io.serialization import NATIVE_SUFFIXES, load_model, save_model
+from minidp.stats import energy_bias, env_stats, raw_env_sums
+from minidp.training.checkpoint import _restore, data_fingerprint, load_checkpoint, load_checkpoint_state, restore_optimizer, save_checkpoint
+from minidp.training.config import TrainConfig
+from minidp.training.lcurve import lcurve_line, plot_lcurves, write_lcurve_line
+from minidp.training.sampling import Sampler, System, in_system, load_systems, make_batch, stats_rng
+from minidp.training.workdir import OutputPlan, plan_outputs, workdir_lock
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): runs cannot lock their workdir
+    fcntl = None
+
+
+def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) -> EnergyModel:
+    """new_model, then davg/dstd and the energy bias from data_stat_nbatch batches per system.
+
+    The frames are drawn by :func:`stats_rng`; the sampler gives the batch sizes only and is not advanced.
+    """
+    cfg = config.descriptor
+    model = new_model(list(config.type_map), cfg, config.fitting_neuron, config.fitting_resnet_dt, config.model_seed)
+    sums = np.zeros((cfg.ntypes, 5))
+    mean_energy, counts = [], []
+    rng = stats_rng(config.seed)
+    for k, s in enumerate(systems):
+        n = min(s.nframes, config.data_stat_nbatch * sampler.sizes[k])
+        frames = np.sort(rng.choice(s.nframes, n, replace=False))
+        try:
+            sums += raw_env_sums(s.coords[frames], None if s.cells is None else s.cells[frames], s.atom_types, cfg)
+        except FrameError as err:
+            raise in_system(err, s, frames) from None
+        mean_energy.append(s.energy[frames].mean())
+        counts.append(np.bincount(s.atom_types, minlength=cfg.ntypes))
+    model.descriptor.davg, model.descriptor.dstd = env_stats(sums, cfg)
+    model.bias = energy_bias(np.array(mean_energy), np.array(counts))
+    return model
+
+
+# ---------------------------------------------------------------------------
+# 5. The run
+# ---------------------------------------------------------------------------
+
+
+def evaluate(model: EnergyModel, batches: list[Batch], pref) -> LossValue:
+    """Errors over some batches, each batch's RMSEs weighted by its atoms (deepmd-kit's average)."""
+    values, weights = [], []
+    for b in batches:
+        p = energy_forces(b.rij, b.nlist, b.atom_types, model)
+        values.append(ener_loss(p.energy, p.force, p.virial, b, pref)[0])
+        weights.append(b.atom_types.size)
+    return LossValue(*np.average(np.array(values), axis=0, weights=weights))
+
+
+def validation_errors(model: EnergyModel, systems: list[System], sampler: Sampler, config: TrainConfig, pref) -> LossValue:
+    """The errors on the next numb_btch validation batches (deepmd-kit draws new ones at every display)."""
+    draws = [sampler.next() for _ in range(config.validation.numb_btch)]
+    return evaluate(model, [make_batch(systems[k], frames, config.descriptor) for k, frames in draws], pref)
+
+
+class TrainResult(NamedTuple):
+    model: EnergyModel  # the trained model
+    seconds_per_step: float  # mean wall time of a training step (batch, loss, gradient, update) after the first 10
+    step_seconds: np.ndarray  # (steps,) each step's wall time, displays and checkpoints excluded
+    last: dict[str, LossValue]  # the errors of the last lcurve line, by set ("trn", "val")
+
+
+def training_min_nbor_dist(systems: list[System], cfg: SeAConfig, frames_per_block: int = 64) -> float:
+    """The smallest neighbour distance of the training data (minidp.active.neighbor_stat, within rcut), which
+    the saved model keeps for compression."""
+    from minidp.active.neighbor_stat import stat_blocks
+
+    blocks = ((s.coords[i:i + frames_per_block], None if s.cells is None else s.cells[i:i + frames_per_block],
+               s.atom_types) for s in systems for i in range(0, s.nframes, frames_per_block))
+    return stat_blocks(blocks, cfg.rcut, cfg.ntypes).min_nbor_dist
+
+
+def init_from_model(path, config: TrainConfig) -> EnergyModel:
+    """--init-model: a trained model's weights, statistics and bias as the starting point (step 0)."""
+    model = load_model(path)
+    if model.descriptor.config != config.descriptor or tuple(model.type_map) != config.type_map:
+        raise ValueError(f"--init-model {path} is a model of another shape than the input describes: "
+                         f"{model.type_map} {model.descriptor.config} vs {list(config.type_map)} {config.descriptor}")
+    hidden = tuple(layer.n_out for layer in model.fitting[0].layers[:-1])
+    if hidden != config.fitting_neuron:
+        raise ValueError(f"--init-model {path} has fitting widths {list(hidden)}; the input asks for "
+                         f"{list(config.fitting_neuron)}")
+    return model
+
+
+class Run(NamedTuple):
+    """What a run starts from (:func:`_setup`)."""
+
+    train_sys: list[System]  # training systems
+    val_sys: list[System]  # validation systems ([] without validation_data)
+    samplers: dict[str, Sampler]  # "trn" (and "val"): the batch samplers
+    model: EnergyModel  # the weights at the first step
+    opt: Adam  # the optimizer, with its moments
+    step: int  # the first step (0, or the checkpoint's)
+    data: str  # the training data's fingerprint (data_fingerprint)
+
+
+def _setup(config: TrainConfig, restart, init_model=None) -> Run:
+    """Systems, samplers, model and optimizer: fresh (or from init_model), or as a checkpoint left them."""
+    train_sys = load_systems(config.training.systems, config.type_map)
+    val_sys = load_systems(config.validation.systems, config.type_map) if config.validation else []
+    samplers = {"trn": Sampler(train_sys, config.training.batch_size, config.seed, config.training.sys_probs,
+                               config.training.auto_prob)}
+    if val_sys:
+        samplers["val"] = Sampler(val_sys, config.validation.batch_size, config.seed + 1,
+                                  config.validation.sys_probs, config.validation.auto_prob)
+    data = data_fingerprint(train_sys)
+    if restart is None:
+        fresh = init_model is None
+        model = initial_model(config, train_sys, samplers["trn"]) if fresh else init_from_model(init_model, config)
+        step = 0
+    else:
+        model, state = load_checkpoint(restart)
+        step = _restore(model, state, config, samplers, data, restart)
+    opt = Adam(model.params())
+    if restart is not None:
+        restore_optimizer(opt, state)
+    return Run(train_sys, val_sys, samplers, model, opt, step, data)
+
+
+def check_step(step: int, first: bool, errors: dict[str, LossValue], grads, last_checkpoint) -> None:
+    """InputError at the first step whose loss (training or validation) or gradient holds a NaN or
+    an inf: the run stops there, before the weights or a checkpoint take it in, so that no model or
+    checkpoint minidp would refuse (or could not resume from) is written. ``first``: the run's first
+    step, where the weights are those it started from (then the data are the likely cause)."""
+    finite = all(np.isfinite(v.loss) for v in errors.values()) and \
+        all(np.isfinite(a).all() for p in grads for a in p.values())
+    if finite:
+        return
+    losses = ", ".join(f"{name} {v.loss:.4g}" for name, v in errors.items())
+    cause = ("labels too large for float64?" if first else "the run diverged: a smaller start_lr may help")
+    kept = f"the last checkpoint is {last_checkpoint}" if last_checkpoint is not None else "no checkpoint written"
+    raise InputError(f"training stopped at step {step}: the loss or its gradient is not finite (loss {losses}; "
+                     f"{cause}); no model written, {kept}")
+
+
+def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, restart, progress: bool,
+           overwrite: bool) -> TrainResult:
+    """The loop (module docstring): steps run.step..numb_steps, lcurve lines and checkpoints on the way."""
+    import time
+
+    from tqdm import tqdm
+
+    cfg, n, model, opt, samplers = config.descriptor, config.numb_steps, run.model, run.opt, run.samplers
+    virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
+    head, times, last, checkpoint = plan.head, [], {}, restart
+    bar = tqdm(total=n, initial=run.step, disable=not progress, unit="step", desc="training")
+    for step in range(run.step, n + 1):
+        # a checkpoint holds the state at the top of a step (resuming from it repeats nothing); it is
+        # written once the step's loss is known to be finite, so the last checkpoint is a good one
+        due = step > run.step and (step % config.save_freq == 0 or step == n)
+        states = {name: sampler.state() for name, sampler in samplers.items()} if due else None
+        lr = exp_decay(step, config.start_lr, config.stop_lr, config.decay_steps, n)
+        pref = prefactors(config.loss, lr, config.start_lr)
+        t0 = time.perf_counter()
+        k, frames = samplers["trn"].next()
+        # overflow in a diverging run is reported by check_step, in one line
+        with np.errstate(over="ignore", invalid="ignore"):
+            value, grads, _ = loss_and_grad(model, make_batch(run.train_sys[k], frames, cfg), pref)
+            elapsed = time.perf_counter() - t0
+            shown = step % config.disp_freq == 0 or step == n
+            # training and validation errors of the same weights, those before this step's update
+            errors = {"trn": value}
+            if shown and run.val_sys:
+                errors["val"] = validation_errors(model, run.val_sys, samplers["val"], config, pref)
+        check_step(step, step == run.step, errors, grads, checkpoint)
+        if due:
+            checkpoint = save_checkpoint(workdir / config.save_ckpt, step, model, opt, states, run.data, overwrite)
+        if shown:
+            last = errors
+            write_lcurve_line(plan.lcurve, lcurve_line(step, last, lr, virial), head, plan.replace_lcurve)
+            head = None
+            bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
+        if step < n:
+            t0 = time.perf_counter()
+            opt.step(grads, lr)
+            times.append(elapsed + time.perf_counter() - t0)
+            bar.update(1)
+    bar.close()
+    return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), np.array(times), last)
+
+
+def train(config: TrainConfig, output=None, workdir=".", restart=None, progress: bool = True,
+          overwrite: bool = False, init_model=None) -> TrainResult:
+    """Train (module docstring); lcurve.out, checkpoints and lcurve.png go to workdir, the model to output
+    (with the training data's smallest neighbour distance). ``init_model``: start from that model.
+
+    Nothing a user made is written over (:func:`plan_outputs`); ``overwrite`` replaces minidp's own
+    outputs of an earlier run. The workdir is locked for the run (:func:`workdir_lock`): a second run
+    there is refused before it writes anything."""
+    if output is not None and Path(output).suffix.lower() not in NATIVE_SUFFIXES:
+        # refused now, not after hours of training
+        raise ValueError(f"cannot write {Path(output).suffix!r} models; expected one of {NATIVE_SUFFIXES}")
+    workdir = file_path("workdir", workdir, "a folder")
+    begin = 0 if restart is None else int(load_checkpoint_state(restart)["step"])
+    plan_outputs(config, output, workdir, restart, begin, overwrite)  # refused before the lock file is made
+    with workdir_lock(workdir):
+        # planned again under the lock: a run that held it may have written since
+        plan = plan_outputs(config, output, workdir, restart, begin, overwrite)
+        keep_freed_memory()
+        run = _setup(config, restart, init_model)
+        result = _steps(config, run, plan, workdir, restart, progress, overwrite)
+        if output is not None:
+            save_model(output, result.model, overwrite=overwrite, inputs=plan.inputs,
+                       min_nbor_dist=training_min_nbor_dist(run.train_sys, config.descriptor))
+        plot_lcurves({"minidp": plan.lcurve}, workdir / "lcurve.png")
+    return result

@@ -1,0 +1,251 @@
+"""The training systems and how batches are drawn from them, as deepmd-kit draws them
+(batch sizes, system probabilities, the per-system frame order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from minidp.checks import (FrameError, InputError, finite_frames, number, short)
+from minidp.io.systems import guess_format, model_types, read_system
+from minidp.training.loss import Batch
+from minidp.neighbor import build_neighbor_list
+from minidp.se_e2_a import SeAConfig
+from minidp.io.systems import lazy_system
+
+
+# ---------------------------------------------------------------------------
+# 2. The data
+# ---------------------------------------------------------------------------
+
+
+class System(NamedTuple):
+    """One labelled system, in float64 whatever the files hold (coordinates are often float32)."""
+
+    path: Path  # where it was read from
+    coords: np.ndarray  # (nf, nloc, 3)
+    cells: np.ndarray | None  # (nf, 3, 3), or None without periodic boundaries
+    atom_types: np.ndarray  # (nloc,) in the model's type_map
+    energy: np.ndarray  # (nf,)
+    force: np.ndarray  # (nf, nloc, 3)
+    virial: np.ndarray | None  # (nf, 9), or None without virial labels
+    sets: tuple[tuple[str, int], ...] = ()  # (set.* name, its frames), in order
+
+    @property
+    def nframes(self) -> int:
+        return self.coords.shape[0]
+
+
+# What deepmd-kit trains on; other formats are converted first (dpdata)
+TRAINING_FORMATS = ("deepmd/npy", "deepmd/hdf5")
+# The file each per-frame array of a System is read from
+FRAME_FILES = {"coords": "coord", "cells": "box", "energy": "energy", "force": "force", "virial": "virial"}
+
+
+def check_frames(system: System) -> None:
+    """Every coordinate, cell and label of a training system finite, or InputError naming the file
+    and the frame in it ('data_0/set.001/energy.npy: frame 3 holds nan; ...'): a NaN label would
+    train every weight to NaN."""
+    start = 0
+    for name, n in system.sets or (("", system.nframes),):
+        for field, stem in FRAME_FILES.items():
+            values = getattr(system, field)
+            if values is not None:
+                where = f"{system.path}/{name}/{stem}.npy" if name else f"{system.path} ({stem})"
+                finite_frames(where, values[start:start + n])
+        start += n
+
+
+def load_systems(paths, type_map) -> list[System]:
+    """Read labelled deepmd/npy (or deepmd/hdf5) systems through dpdata, all their set.* folders;
+    types mapped onto type_map; every value checked finite (:func:`check_frames`)."""
+    systems = []
+    for path in paths:
+        fmt = guess_format(Path(path))
+        if Path(path).exists() and fmt not in TRAINING_FORMATS:
+            raise InputError(f"training system {path} is not a deepmd/npy folder (with type.raw) or a deepmd/hdf5 "
+                             "file (.h5, .hdf5); convert it first (dpdata)")
+        lazy = lazy_system(path)  # the set.* folders and their frames
+        s = read_system(path, fmt)
+        if "energies" not in s.data or "forces" not in s.data:
+            raise ValueError(f"system {path} has no energy and force labels: it cannot be trained on")
+        nf = s.get_nframes()
+        cells = None if s.nopbc else s["cells"].astype(np.float64)
+        virial = s["virials"].reshape(nf, 9).astype(np.float64) if "virials" in s.data else None
+        sets = tuple(zip(lazy.sets, lazy.counts)) if lazy.nframes == nf else (("", nf),)
+        system = System(Path(path), s["coords"].astype(np.float64), cells,
+                        model_types(s["atom_names"], s["atom_types"], list(type_map)),
+                        s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial, sets)
+        check_frames(system)
+        systems.append(system)
+    return systems
+
+
+def batch_size(setting: int | str, natoms: int) -> int:
+    """Frames per batch: an integer as is; "auto:N" enough frames for N atoms ("auto": N = 32)."""
+    if isinstance(setting, int):
+        return setting
+    target = 32 if setting == "auto" else int(setting.partition(":")[2])
+    return max(1, math.ceil(target / natoms))
+
+
+def batch_sizes(setting: int | str | tuple[int, ...], natoms: list[int]) -> list[int]:
+    """Frames per batch of each system: a list as given, else :func:`batch_size` of each."""
+    if isinstance(setting, (tuple, list)):
+        if len(setting) != len(natoms):
+            raise ValueError(f"batch_size lists {len(setting)} sizes for {len(natoms)} systems")
+        return [int(b) for b in setting]
+    return [batch_size(setting, n) for n in natoms]
+
+
+def numb_batches(set_frames: list[int], size: int) -> int:
+    """deepmd-kit's batches in a system: floor(frames / size) per set.* folder, at least 1 each, summed."""
+    return sum(max(1, n // size) for n in set_frames)
+
+
+AUTO_PROB = "prob_uniform, prob_sys_size or prob_sys_size;start:end:weight;... (deepmd-kit's auto_prob)"
+
+
+def auto_prob_blocks(auto_prob: str, nsystems: int) -> list[tuple[int, int, float]]:
+    """The blocks (start, end, weight) of "prob_sys_size;start:end:weight;...": systems start..end-1
+    drawn with probability weight / (sum of the weights). InputError naming auto_prob unless every block
+    is two integers 0 <= start < end <= nsystems and a finite weight >= 0, no two blocks share a system,
+    and the weights are not all 0. ("prob_sys_size" is the one block 0:nsystems:1.)"""
+    if auto_prob == "prob_sys_size":
+        return [(0, nsystems, 1.0)]
+    if not isinstance(auto_prob, str) or not auto_prob.startswith("prob_sys_size;"):
+        raise InputError(f"auto_prob {short(auto_prob)}: expected {AUTO_PROB}")
+    blocks = []
+    for text in auto_prob.split(";")[1:]:
+        parts = text.split(":")
+        try:
+            if len(parts) != 3:
+                raise ValueError(text)
+            a, b, w = int(parts[0]), int(parts[1]), float(parts[2])
+        except ValueError:
+            raise InputError(f"auto_prob {auto_prob!r}: block {text!r} is not start:end:weight (two integers "
+                             "and a number)") from None
+        if not 0 <= a < b <= nsystems:
+            what = "is empty" if a >= b else f"runs outside the systems 0..{nsystems - 1}"
+            raise InputError(f"auto_prob {auto_prob!r}: block {text!r} {what}; expected 0 <= start < end <= "
+                             f"{nsystems} (the number of systems)")
+        blocks.append((a, b, number(f"auto_prob {auto_prob!r}: block {text!r}: weight", w, lo=0.0)))
+    for (a0, b0, _), (a1, b1, _) in zip(sorted(blocks), sorted(blocks)[1:]):
+        if a1 < b0:
+            raise InputError(f"auto_prob {auto_prob!r}: blocks {a0}:{b0} and {a1}:{b1} overlap; expected each "
+                             "system in one block at most")
+    if sum(w for _, _, w in blocks) <= 0:
+        raise InputError(f"auto_prob {auto_prob!r}: every block has weight 0; expected one weight above 0")
+    return blocks
+
+
+def system_probs(nbatches, sys_probs=None, auto_prob: str = "prob_sys_size") -> np.ndarray:
+    r"""The probability of drawing each system, as deepmd-kit's DeepmdDataSystem.set_sys_probs.
+
+    - sys_probs given: p_k as given where p_k >= 0; the rest 1 - sum of those,
+      shared by the other systems in proportion to their batches nb_k;
+    - prob_uniform: 1 / nsystems each;
+    - prob_sys_size: p_k = nb_k / sum nb;
+    - prob_sys_size;A:B:P;C:D:Q;...: the blocks of systems A..B-1, C..D-1, ...
+      get P / (P + Q + ...), Q / (...), shared in each block by its batches
+      (:func:`auto_prob_blocks`; systems in no block are not drawn).
+    """
+    nb = np.asarray(nbatches, dtype=float)
+    if sys_probs is not None:
+        p = np.asarray(sys_probs, dtype=float)
+        given = p >= 0
+        rest = 1.0 - p[given].sum()
+        if rest < -1e-8:
+            raise InputError(f"sys_probs {list(sys_probs)} sum to more than 1")
+        if not np.isclose(rest, 0.0):
+            if not (~given).any():
+                raise InputError(f"sys_probs {list(sys_probs)} sum to {1 - rest:g}, not 1")
+            return np.where(given, p, rest * nb * ~given / np.sum(nb * ~given))
+        return np.where(given, p, 0.0)
+    if auto_prob == "prob_uniform":
+        return np.full(nb.size, 1.0 / nb.size)
+    blocks = auto_prob_blocks(auto_prob, nb.size)
+    total = sum(w for _, _, w in blocks)
+    # (nsystems,)
+    p = np.zeros(nb.size)
+    for a, b, w in blocks:
+        p[a:b] = nb[a:b] / nb[a:b].sum() * (w / total)
+    return p
+
+
+def _set_frames(system: System) -> list[int]:
+    """Frames of each set.* folder of a system (one count if they are not known)."""
+    return [n for _, n in system.sets] or [system.nframes]
+
+
+def in_system(err: FrameError, system: System, frames: np.ndarray) -> FrameError:
+    """An error about frame k of ``frames`` (a batch, a sample) as one about frame frames[k] of the system."""
+    return FrameError(int(frames[err.frame]), f"system {system.path}: {err.message}")
+
+
+def make_batch(system: System, frames: np.ndarray, cfg: SeAConfig) -> Batch:
+    """The neighbour list and labels of some frames of a system."""
+    cells = None if system.cells is None else system.cells[frames]
+    try:
+        nl = build_neighbor_list(system.coords[frames], cells, system.atom_types, cfg.rcut, list(cfg.sel))
+    except FrameError as err:
+        raise in_system(err, system, frames) from None
+    virial = None if system.virial is None else system.virial[frames]
+    return Batch(nl.rij, nl.nlist, system.atom_types, system.energy[frames], system.force[frames], virial)
+
+
+class Sampler:
+    """Batches drawn as deepmd-kit draws them: a system with the probabilities of
+    :func:`system_probs` (by default in proportion to its batches), then the
+    next frames of its shuffled order (reshuffled when used up).
+
+    Its whole state (the generator's, each order and position) goes into checkpoints.
+    """
+
+    def __init__(self, systems: list[System], setting, seed: int, sys_probs=None, auto_prob: str = "prob_sys_size"):
+        self.sizes = batch_sizes(setting, [s.atom_types.size for s in systems])
+        nbatches = [numb_batches(_set_frames(s), size) for s, size in zip(systems, self.sizes)]
+        self.prob = system_probs(nbatches, sys_probs, auto_prob)
+        self.rng = np.random.default_rng(seed)
+        self.orders = [self.rng.permutation(s.nframes) for s in systems]
+        self.pos = [0] * len(systems)
+
+    def next(self) -> tuple[int, np.ndarray]:
+        """(system index, frame indices) of the next batch."""
+        k = int(self.rng.choice(len(self.prob), p=self.prob))
+        n = min(self.sizes[k], self.orders[k].size)
+        if self.pos[k] + n > self.orders[k].size:
+            self.orders[k], self.pos[k] = self.rng.permutation(self.orders[k].size), 0
+        frames = self.orders[k][self.pos[k]:self.pos[k] + n]
+        self.pos[k] += n
+        return k, frames
+
+    def state(self) -> dict:
+        return {"rng": json.dumps(self.rng.bit_generator.state), "pos": np.array(self.pos),
+                **{f"order_{k}": o.copy() for k, o in enumerate(self.orders)}}
+
+    def restore(self, state: dict) -> None:
+        self.rng.bit_generator.state = json.loads(str(state["rng"]))
+        self.pos = [int(p) for p in state["pos"]]
+        self.orders = [np.asarray(state[f"order_{k}"]) for k in range(len(self.orders))]
+
+
+# ---------------------------------------------------------------------------
+# 3. A fresh model with the data's statistics
+# ---------------------------------------------------------------------------
+
+
+# The statistics draw their frames from a generator of their own, derived
+# from the training seed: drawing them from the sampler's would shift every
+# batch of the run by how many frames the statistics happened to need.
+STATS_STREAM = 1
+
+
+def stats_rng(seed: int) -> np.random.Generator:
+    """The statistics' generator: seeded by (seed, STATS_STREAM), independent of the batch sampler's."""
+    return np.random.default_rng([seed, STATS_STREAM])
