@@ -35,11 +35,11 @@ def _cmd_eval(args) -> int:
     A -s holding several systems (a folder of systems, an HDF5 file of groups,
     an extended XYZ file of several kinds of frame) writes OUT/<name> for each.
     """
-    from minidp.checks import positive_int
-    from minidp.io.outputs import check_output, safe_output
-    from minidp.infer import DeepPot
-    from minidp.io.systems import frames_per_block, open_systems, output_names, system_file
     from minidp.active.stream import write_labelled
+    from minidp.checks import positive_int
+    from minidp.infer import DeepPot
+    from minidp.io.outputs import check_output, safe_output
+    from minidp.io.systems import frames_per_block, open_systems, output_names, system_file
 
     set_size = positive_int("--set-size", args.set_size)
     inputs = (system_file(args.system), args.model)
@@ -63,10 +63,18 @@ def _cmd_eval_desc(args) -> int:
     A -s holding several systems writes OUT/<its name>_<system>.npy for each.
     All of OUT is written at once, after the last system: a failure leaves no OUT.
     """
-    from minidp.io.outputs import check_output, safe_output
-    from minidp.infer import DeepPot
-    from minidp.io.systems import block_types, distinct_names, frames_per_block, iter_blocks, open_systems, output_names, system_file
     from minidp.active.stream import descriptor_block
+    from minidp.infer import DeepPot
+    from minidp.io.outputs import check_output, safe_output
+    from minidp.io.systems import (
+        block_types,
+        distinct_names,
+        frames_per_block,
+        iter_blocks,
+        open_systems,
+        output_names,
+        system_file,
+    )
 
     inputs = (*(system_file(s) for s in args.system), args.model)
     check_output(args.output, "descriptors", inputs, args.overwrite)
@@ -94,8 +102,8 @@ def _cmd_eval_desc(args) -> int:
 def _test_errors(dp, systems, numb_test: int) -> tuple[dict, dict, np.ndarray]:
     """Predicted and label energy (nf,), force (one row per real atom, 3) and virial (nf, 9) over the first
     numb_test frames (0: all) of each system, and each frame's number of atoms (nf,)."""
-    from minidp.io.systems import block_types, frames_per_block, iter_blocks
     from minidp.active.stream import predict_block
+    from minidp.io.systems import block_types, frames_per_block, iter_blocks
 
     keys = [k for k in ("energy", "force", "virial") if all(k in s.labels for s in systems)]
     predicted, labels, natoms = {k: [] for k in keys}, {k: [] for k in keys}, []
@@ -120,9 +128,9 @@ def _cmd_test(args) -> int:
     Over several systems (a -s holding several), the errors of all their frames
     together: dp test's weighted average.
     """
-    from minidp.io.outputs import check_output, safe_output
     from minidp.infer import DeepPot
     from minidp.io.figures import error_table, parity_plots
+    from minidp.io.outputs import check_output, safe_output
     from minidp.io.systems import open_systems, system_file
 
     if args.numb_test < 0:
@@ -178,9 +186,9 @@ def _compress_min_nbor_dist(args, data: dict) -> tuple[float, str]:
     if found is not None:
         return found, f"from {args.input}"
     if args.training_script is not None:
-        from minidp.training.sampling import load_systems
         from minidp.training.config import read_input
         from minidp.training.loop import training_min_nbor_dist
+        from minidp.training.sampling import load_systems
 
         config = read_input(args.training_script)
         systems = load_systems(config.training.systems, config.type_map)
@@ -197,8 +205,8 @@ def _cmd_compress(args) -> int:
     from dataclasses import replace
 
     from minidp.compress import compress_descriptor
-    from minidp.io.outputs import check_output
     from minidp.io.model_check import check_model_dict
+    from minidp.io.outputs import check_output
     from minidp.io.serialization import model_from_dict, read_model_dict, save_model
 
     check_output(args.output, "model", (args.input,), args.overwrite)  # refused before any work
@@ -331,9 +339,9 @@ def _cmd_model_devi(args) -> int:
 
     Every system is opened (and checked: an empty or damaged one is refused) before any is evaluated.
     """
+    from minidp.active.model_devi import Ensemble, system_deviations, write_model_devi
     from minidp.checks import number, positive_int
     from minidp.io.outputs import check_output
-    from minidp.active.model_devi import Ensemble, system_deviations, write_model_devi
     from minidp.io.systems import frames_per_block, open_systems, system_file
 
     frequency = positive_int("--frequency", args.frequency)

@@ -41,10 +41,10 @@ import numpy as np
 
 from minidp import checks, runtime
 from minidp.checks import FrameError, positive_int, real_array
+from minidp.io.serialization import load_model
 from minidp.model import EnergyModel, Prediction, pair_gradients, predict_frames, scatter_pairs
 from minidp.neighbor import NeighborList, check_cells, search_neighbors
 from minidp.se_e2_a import descriptor_forward
-from minidp.io.serialization import load_model
 
 # ---------------------------------------------------------------------------
 # How much work goes in one chunk

@@ -38,13 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
+from minidp.infer import DeepPot
+from minidp.io.outputs import check_output
+from minidp.io.serialization import read_min_nbor_dist, save_model
+from minidp.io.systems import lazy_system, model_types, read_frames
 from minidp.stats import energy_bias
 
 
 def frame_rows(systems, type_map: list[str], numb_batch: int = 0):
     """Yield (block, model types (natoms,)) for the first numb_batch frames (0: all) of each system."""
-    from minidp.io.systems import model_types
-    from minidp.io.systems import lazy_system, read_frames
 
     for path in systems:
         lazy = lazy_system(path)
@@ -82,9 +84,6 @@ def change_bias(model_path, output, systems=(), mode: str = "change", numb_batch
 
     ``output`` is checked before any work (minidp.io.outputs.check_output): never an input, never a
     user's file; ``overwrite`` replaces only a model minidp wrote."""
-    from minidp.io.outputs import check_output
-    from minidp.infer import DeepPot
-    from minidp.io.serialization import read_min_nbor_dist, save_model
 
     check_output(output, "model", (model_path, *(systems or ())), overwrite)
     dp = DeepPot(model_path)

@@ -58,6 +58,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import number, positive_int, real_array
+from minidp.infer import DeepPot, check_frames
 from minidp.io.outputs import safe_output
 from minidp.io.systems import Block, LazySystem, block_types, by_kind, find_systems, iter_blocks, lazy_system
 
@@ -213,7 +214,6 @@ class Ensemble:
     """
 
     def __init__(self, models, **deeppot_options):
-        from minidp.infer import DeepPot
 
         models = list(models)
         if len(models) < 2:
@@ -234,7 +234,6 @@ class Ensemble:
 
     def predict(self, coords, cells, atom_types) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Energies (nm, nf), forces (nm, nf, natoms, 3), virials (nm, nf, 9) of every model."""
-        from minidp.infer import check_frames
 
         frames = check_frames(coords, cells, atom_types, self.pots[0].get_ntypes())
         nf, natoms, _ = frames.coords.shape

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from minidp.io.systems import iter_blocks, lazy_system, model_types
 from minidp.neighbor import build_neighbor_list
 
 # deepmd-kit's starting value of the smallest squared distance
@@ -106,9 +107,6 @@ def neighbor_stat(systems, rcut: float, type_map: list[str] | None = None, frame
     then any new names of later systems appended).
     """
     from tqdm.auto import tqdm
-
-    from minidp.io.systems import model_types
-    from minidp.io.systems import iter_blocks, lazy_system
 
     lazies = [lazy_system(s) for s in systems]
     if type_map is None:

@@ -1,27 +1,9 @@
-"""Streaming inference: datasets larger than memory, on one machine or on a Dask cluster.
+"""Streamed labelling: datasets larger than memory, on one machine or on a Dask cluster.
 
-A deepmd/npy system is a folder with ``type.raw`` (the type of each atom),
-``type_map.raw`` (the element of each type) and ``set.*`` folders holding
-``coord.npy`` (nf, natoms * 3), ``box.npy`` (nf, 9) and optionally the labels
-``energy.npy``, ``force.npy`` and ``virial.npy``; ``nopbc``, if present, marks
-open boundaries. deepmd/hdf5 keeps the same names as groups and datasets in
-one HDF5 file (``data.h5``, or ``data.h5#group`` for a system inside it).
-deepmd/npy/mixed adds ``real_atom_types.npy`` (nf, natoms) to each set: every
-frame's own types (-1 for a padding atom), type.raw holding placeholders.
+The systems are read block by block (:mod:`minidp.io.systems`); on top of that:
 
-:func:`open_systems` is the one reader of what a user names with ``-s``
-(eval, test, eval-desc, model-devi): folders and HDF5 files expand to the
-systems they hold, as deepmd-kit expands them (:func:`find_systems`); any other
-format is read through dpdata, checked against the file, into memory
-(:func:`minidp.io.systems.read_dpdata`). Each system is a :class:`LazySystem`.
-:func:`lazy_system` reads only the metadata (types and the arrays' headers);
-:func:`read_frames` copies one range of frames, across ``set.*`` boundaries,
-out of memory maps (``np.load(mmap_mode="r")``) or HDF5 slices that are opened
-for that range and closed after it, so the process never maps a whole set.
-On top of that:
-
-- :func:`stream_eval` yields (:class:`Block`, Prediction) block by block,
-  frames of per-frame types evaluated one kind at a time (:func:`by_kind`);
+- :func:`stream_eval` yields (Block, Prediction) block by block, frames of
+  per-frame types evaluated one kind at a time (:func:`minidp.io.systems.by_kind`);
 - :func:`write_labelled_stream` writes a system labelled by the model into
   memory-mapped ``.npy`` files, block by block, in a temporary folder that is
   moved into place only when complete (:func:`minidp.io.outputs.safe_output`);
@@ -46,10 +28,22 @@ from typing import Iterator
 import numpy as np
 
 from minidp.checks import positive_int
-from minidp.io.systems import model_types
+from minidp.infer import DeepPot
 from minidp.io.outputs import safe_output
+from minidp.io.systems import (
+    OUTPUTS,
+    REAL_TYPES,
+    Block,
+    LazySystem,
+    block_types,
+    by_kind,
+    iter_blocks,
+    lazy_system,
+    model_types,
+    read_frames,
+    set_ranges,
+)
 from minidp.model import Prediction
-from minidp.io.systems import Block, LazySystem, OUTPUTS, REAL_TYPES, block_types, by_kind, iter_blocks, lazy_system, read_frames, set_ranges
 
 
 def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
@@ -216,7 +210,6 @@ def _dask_bag():
 @functools.lru_cache(maxsize=4)
 def worker_deeppot(model_path: str):
     """The DeepPot of a model file, loaded once per process (each Dask worker process keeps its own)."""
-    from minidp.infer import DeepPot
 
     # One thread: Dask runs threads_per_worker blocks at once in each worker,
     # and more threads per block would fight them for the cores. No progress

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minidp.io.outputs import safe_output
+
 
 def rmse_mae(predicted: np.ndarray, label: np.ndarray) -> tuple[float, float]:
     """sqrt(mean((p - l)^2)) and mean(|p - l|) over all entries."""
@@ -44,8 +46,6 @@ def save_figure(fig, path: Path, dpi: int = 120, overwrite: bool = True, inputs=
     """Lay out, write as PNG and close a matplotlib figure, through :func:`minidp.io.outputs.safe_output`:
     all of it or nothing, replacing an existing file only if it is a PNG (and ``overwrite``)."""
     import matplotlib.pyplot as plt
-
-    from minidp.io.outputs import safe_output
 
     fig.tight_layout()
     try:

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from minidp.checks import (InputError, InputTypeError, boolean, integer, integers, names, number, short,
-                           validated)
+from minidp.checks import InputError, InputTypeError, boolean, integer, integers, names, number, short, validated
+from minidp.nn import get_activation
 from minidp.se_e2_a import SeAConfig
-
 
 # ---------------------------------------------------------------------------
 # One value at a key path
@@ -81,7 +80,6 @@ def _one_of(value, where: str, allowed: tuple) -> None:
 
 
 def _activation(where: str, value) -> None:
-    from minidp.nn import get_activation
 
     if not isinstance(value, str):
         raise InputTypeError(f"{where}: expected the name of an activation, got {short(value)}")

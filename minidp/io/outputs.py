@@ -5,15 +5,18 @@ user's file, all or nothing (written beside, then renamed into place).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
+import h5py
+import yaml
 
 from minidp.checks import InputError
-
 
 # ---------------------------------------------------------------------------
 # Writing outputs: never onto a user's files, all of it or nothing
@@ -74,20 +77,35 @@ def _is_previous_output(target: Path, kind: str) -> bool:
         return any(line.startswith(b"#") and line[1:].split()[:2] == [b"step", b"max_devi_v"]
                    for line in head.split(b"\n")[:2])
     if kind == "checkpoint":  # the .npz half of a training checkpoint
-        import zipfile
-
         if not zipfile.is_zipfile(target):
             return False
         with zipfile.ZipFile(target) as z:
             return "adam_t.npy" in z.namelist()
     if kind == "model":
-        from minidp.io.serialization import read_model_dict
-
-        try:
-            return read_model_dict(target).get("software") == "minidp"
-        except (ValueError, OSError):
-            return False
+        return _written_by_minidp(target)
     return kind == "any"
+
+
+def _written_by_minidp(target: Path) -> bool:
+    """Whether a model file says ``"software": "minidp"`` at its top level (.dp, .json, .yaml/.yml).
+
+    Only that key is read, not the model: the writer must not depend on the model reader (which
+    writes through it), and a file that is not a readable model of this kind is simply not ours.
+    """
+    suffix = target.suffix.lower()
+    try:
+        if suffix == ".dp":  # deepmd-kit's HDF5: the dict as JSON in the 'json' attribute
+            with h5py.File(target, "r") as f:
+                top = json.loads(f.attrs["json"])
+        elif suffix == ".json":
+            top = json.loads(target.read_text())
+        elif suffix in (".yaml", ".yml"):
+            top = yaml.safe_load(target.read_text())
+        else:
+            return False
+    except (OSError, KeyError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(top, dict) and top.get("software") == "minidp"
 
 
 def _overlap(a: Path, b: Path) -> bool:

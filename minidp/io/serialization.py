@@ -25,7 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from minidp import __version__
 from minidp.checks import InputError, file_path
+from minidp.compress import Table, compression
+from minidp.io.model_check import check_model_dict
+from minidp.io.outputs import safe_output
 from minidp.model import EnergyModel
 from minidp.nn import Layer, Net, get_activation
 from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig
@@ -246,7 +250,6 @@ def _compression_from_dict(c, se: SeA, where: str):
     """The tables of a compressed descriptor (@version 3's "compress" entry), or None."""
     if c is None or c is False:
         return None
-    from minidp.compress import Table, compression
 
     cfg = se.config
     try:
@@ -312,7 +315,6 @@ def load_model(path) -> EnergyModel:
     """Read a deepmd-kit se_e2_a energy model from a file (see the module docstring).
 
     Every value minidp reads is checked first (:func:`minidp.io.model_check.check_model_dict`)."""
-    from minidp.io.model_check import check_model_dict
 
     data = read_model_dict(path)
     check_model_dict(data, str(path))
@@ -428,8 +430,6 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
     deepmd-kit keeps it, the file's top-level @variables: model compression
     reads it there.
     """
-    from minidp import __version__
-    from minidp.io.outputs import safe_output
 
     path = Path(path)
     suffix = path.suffix.lower()

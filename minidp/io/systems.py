@@ -1,18 +1,30 @@
-"""Systems in, labelled systems out: dpdata glue and the one safe writer of outputs.
+"""Reading systems: what a user names with ``-s``, and the training data, as deepmd-kit reads them.
 
-minidp reads frames through dpdata (deepmd/npy, deepmd/hdf5, VASP, LAMMPS,
-extxyz, ...) and writes results as deepmd/npy systems. Every output of every
-command goes through :func:`safe_output`, which
+A deepmd/npy system is a folder with ``type.raw`` (the type of each atom),
+``type_map.raw`` (the element of each type) and ``set.*`` folders holding
+``coord.npy`` (nf, natoms * 3), ``box.npy`` (nf, 9) and optionally the labels
+``energy.npy``, ``force.npy`` and ``virial.npy``; ``nopbc``, if present, marks
+open boundaries. deepmd/hdf5 keeps the same names as groups and datasets in
+one HDF5 file (``data.h5``, or ``data.h5#group`` for a system inside it).
+deepmd/npy/mixed adds ``real_atom_types.npy`` (nf, natoms) to each set: every
+frame's own types (-1 for a padding atom), type.raw holding placeholders.
 
-- refuses an output that is, contains or lies inside an input (or the current
-  folder), one under a file, one in a folder it may not write;
-- refuses an existing, non-empty output, unless ``overwrite`` is given and it
-  holds nothing but a previous minidp output of the same kind (a folder minidp
-  wrote carries the MARKER file naming its kind);
-- writes to a temporary name beside the target and moves it into place only
-  when complete (os.replace); an old output is renamed away first and deleted
-  only after the new one is in place. A failed or interrupted run leaves
-  nothing half-written and nothing of the user's lost.
+:func:`open_systems` is the one reader of what a user names with ``-s``
+(eval, test, eval-desc, model-devi): folders and HDF5 files expand to the
+systems they hold, as deepmd-kit expands them (:func:`find_systems`).
+deepmd/npy, deepmd/npy/mixed and deepmd/hdf5 are read lazily: each system is a
+:class:`LazySystem`, :func:`lazy_system` reads only the metadata (types and the
+arrays' headers), and :func:`read_frames` / :func:`iter_blocks` copy one range
+of frames, across ``set.*`` boundaries, out of memory maps
+(``np.load(mmap_mode="r")``) or HDF5 slices opened for that range and closed
+after it, so the process never maps a whole set. Any other format (VASP,
+LAMMPS, extxyz, ...) goes through dpdata (:func:`read_dpdata`), and what dpdata
+returns is checked against the file: the frame count, finite numbers, the
+boundary conditions, the labels. Frames of per-frame types are evaluated one
+kind at a time (:func:`by_kind`).
+
+Shape symbols (see :mod:`minidp.se_e2_a`): ``nf`` frames of a block,
+``natoms`` atoms per frame.
 """
 
 from __future__ import annotations
@@ -24,10 +36,6 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
-
-
-
-
 
 from minidp.checks import FrameError, positive_int
 

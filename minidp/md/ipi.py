@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minidp import checks
+from minidp.infer import DeepPot
 
 # dp_ipi's conversion factors (see the module docstring)
 BOHR = 0.52917721  # Angstrom per Bohr
@@ -327,7 +328,6 @@ def config_from_args(args) -> ClientConfig:
 
 def run_client(args) -> int:
     """Load the model, connect, serve; returns the number of evaluations."""
-    from minidp.infer import DeepPot
 
     config = config_from_args(args)
     dp = DeepPot(config.model, progress=False)

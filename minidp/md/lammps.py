@@ -89,7 +89,11 @@ from pathlib import Path
 import numpy as np
 
 from minidp import checks
+from minidp.active.model_devi import force_deviation, virial_deviation
+from minidp.infer import DeepPot
 from minidp.io.outputs import check_output, safe_output
+from minidp.model import pair_gradients, scatter_pairs
+from minidp.neighbor import build_neighbor_list
 
 FIX_ID = "minidp_force"
 SHARE_ID = "minidp_share"
@@ -273,8 +277,6 @@ def cluster_energy_forces(x: np.ndarray, types: np.ndarray, nloc: int, dp, backe
     sum_{i local} E_i, the forces (nloc, 3) F_k = -d(sum_{i centre} E_i)/dr_k, and the local
     centres' virial (9,) W = -sum_{i local, j} g_ij (x) r_ij.
     """
-    from minidp.model import pair_gradients, scatter_pairs
-    from minidp.neighbor import build_neighbor_list
 
     cfg = dp.model.descriptor.config
     order, nc = cluster_centres(x, nloc, cfg.rcut)
@@ -296,7 +298,6 @@ class MinidpForceField:
     """The models of a ``pair_style minidp`` line (loaded at once) and the LAMMPS-type-to-model-type map."""
 
     def __init__(self, style: PairMinidp):
-        from minidp.infer import DeepPot
 
         self.style = style
         self.dps = []
@@ -340,7 +341,6 @@ def plugin_devi_header() -> str:
 def plugin_devi_row(step: int, forces: np.ndarray, virials: np.ndarray, relative=None, relative_v=None) -> str:
     """One row: the step, then max/min/RMS over the 9 components of the virial deviation and
     max/min/mean over the atoms of the force deviation (forces (nm, natoms, 3), virials (nm, 9))."""
-    from minidp.active.model_devi import force_deviation, virial_deviation
 
     natoms = forces.shape[1]
     # (natoms,), (9,)
@@ -455,11 +455,6 @@ class DeckRunner:
             self.command(f"comm_modify cutoff {2 * self.field.rcut + self.skin!r}")
         style = self.field.style
         if len(self.field.dps) > 1 and style.out_freq > 0:
-            try:  # the deviation's definitions; refuse now rather than at the first out_freq step
-                import minidp.active.model_devi
-            except ImportError as err:
-                raise LammpsInputError(f"pair_style minidp with several models needs minidp.active.model_devi: {err}") \
-                    from None
             self.devi_path = Path(style.out_file)
             if self.rank == 0:
                 start_devi_file(self.devi_path, style.models)  # an earlier deviation file only, never a model

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from minidp.io.outputs import safe_output
+from minidp.io.serialization import load_model, save_model
 from minidp.model import EnergyModel, new_model
 from minidp.optim import Adam
-from minidp.io.serialization import load_model, save_model
 from minidp.training.config import TrainConfig
 from minidp.training.sampling import System
 

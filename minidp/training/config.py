@@ -10,10 +10,23 @@ from pathlib import Path
 
 import numpy as np
 
-from minidp.checks import (InputError, InputTypeError, boolean, file_path, integer,
-                           integers, is_positive_int, names, number, positive_int, short, validated)
-from minidp.training.loss import LossConfig
+from minidp.active.neighbor_stat import auto_sel, neighbor_stat
+from minidp.checks import (
+    InputError,
+    InputTypeError,
+    boolean,
+    file_path,
+    integer,
+    integers,
+    is_positive_int,
+    names,
+    number,
+    positive_int,
+    short,
+    validated,
+)
 from minidp.se_e2_a import SeAConfig
+from minidp.training.loss import LossConfig
 from minidp.training.sampling import system_probs
 
 # ---------------------------------------------------------------------------
@@ -198,7 +211,6 @@ def _seed(name: str, value) -> int:
 
 def _auto_sel(desc: dict, model: dict, tr: dict, base: Path) -> list[int]:
     """sel "auto" / "auto:FACTOR": deepmd-kit's rule on the largest neighbour counts of the training systems."""
-    from minidp.active.neighbor_stat import auto_sel, neighbor_stat
 
     try:
         auto_sel(desc["sel"], [])  # a bad spelling is refused before the data are read

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from minidp.io.figures import save_figure
 from minidp.io.outputs import safe_output
 from minidp.training.loss import LossValue
-
 
 # ---------------------------------------------------------------------------
 # 4. Recording: the learning curve and checkpoints
@@ -69,8 +69,6 @@ def plot_lcurves(curves: dict[str, Path], out: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from minidp.io.figures import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for (label, path), color in zip(curves.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):

@@ -36,24 +36,27 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import (FrameError, InputError, file_path)
-from minidp.training.loss import Batch, LossValue, ener_loss, loss_and_grad, prefactors
+from minidp.active.neighbor_stat import stat_blocks
+from minidp.checks import FrameError, InputError, file_path
+from minidp.io.serialization import NATIVE_SUFFIXES, load_model, save_model
 from minidp.model import EnergyModel, energy_forces, new_model
 from minidp.optim import Adam, exp_decay
 from minidp.runtime import keep_freed_memory
 from minidp.se_e2_a import SeAConfig
-from minidp.io.serialization import NATIVE_SUFFIXES, load_model, save_model
 from minidp.stats import energy_bias, env_stats, raw_env_sums
-from minidp.training.checkpoint import _restore, data_fingerprint, load_checkpoint, load_checkpoint_state, restore_optimizer, save_checkpoint
+from minidp.training.checkpoint import (
+    _restore,
+    data_fingerprint,
+    load_checkpoint,
+    load_checkpoint_state,
+    restore_optimizer,
+    save_checkpoint,
+)
 from minidp.training.config import TrainConfig
 from minidp.training.lcurve import lcurve_line, plot_lcurves, write_lcurve_line
+from minidp.training.loss import Batch, LossValue, ener_loss, loss_and_grad, prefactors
 from minidp.training.sampling import Sampler, System, in_system, load_systems, make_batch, stats_rng
 from minidp.training.workdir import OutputPlan, plan_outputs, workdir_lock
-
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): runs cannot lock their workdir
-    fcntl = None
 
 
 def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) -> EnergyModel:
@@ -111,7 +114,6 @@ class TrainResult(NamedTuple):
 def training_min_nbor_dist(systems: list[System], cfg: SeAConfig, frames_per_block: int = 64) -> float:
     """The smallest neighbour distance of the training data (minidp.active.neighbor_stat, within rcut), which
     the saved model keeps for compression."""
-    from minidp.active.neighbor_stat import stat_blocks
 
     blocks = ((s.coords[i:i + frames_per_block], None if s.cells is None else s.cells[i:i + frames_per_block],
                s.atom_types) for s in systems for i in range(0, s.nframes, frames_per_block))

@@ -46,10 +46,10 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import number
-from minidp.training.force_training import weight_gradients
 from minidp.model import EnergyModel, model_backward, model_forward, pair_forces_virials
 from minidp.nn import zeros_like_params
 from minidp.se_e2_a import check_descriptor_inputs
+from minidp.training.force_training import weight_gradients
 
 
 @dataclass(frozen=True)

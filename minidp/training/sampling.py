@@ -11,13 +11,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import (FrameError, InputError, finite_frames, number, short)
-from minidp.io.systems import guess_format, model_types, read_system
-from minidp.training.loss import Batch
+from minidp.checks import FrameError, InputError, finite_frames, number, short
+from minidp.io.systems import guess_format, lazy_system, model_types, read_system
 from minidp.neighbor import build_neighbor_list
 from minidp.se_e2_a import SeAConfig
-from minidp.io.systems import lazy_system
-
+from minidp.training.loss import Batch
 
 # ---------------------------------------------------------------------------
 # 2. The data

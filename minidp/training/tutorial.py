@@ -23,9 +23,9 @@ from typing import Callable
 import numpy as np
 
 from minidp.checks import positive_int
+from minidp.io.figures import save_figure
 from minidp.nn import Net, get_activation, mlp, net_backward, net_forward
-from minidp.optim import (SGD, cosine_warm_restarts, exp_decay, gradient_descent_1d, step_decay,
-                          warmup)
+from minidp.optim import SGD, cosine_warm_restarts, exp_decay, gradient_descent_1d, step_decay, warmup
 
 # ---------------------------------------------------------------------------
 # Part 1: fitting cos(x)
@@ -130,7 +130,6 @@ def _figure():
 
 
 def _save(fig, path: Path) -> Path:
-    from minidp.io.figures import save_figure
 
     print(f"wrote {save_figure(fig, path, dpi=110)}")
     return path

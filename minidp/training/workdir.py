@@ -11,13 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-
-from minidp.checks import (InputError)
+from minidp.checks import InputError
 from minidp.io.outputs import check_output
 from minidp.training.checkpoint import _checkpoint_path, checkpoint_files
 from minidp.training.config import TrainConfig
 from minidp.training.lcurve import kept_lcurve, lcurve_columns
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): runs cannot lock their workdir
+    fcntl = None
 
 class OutputPlan(NamedTuple):
     """Where a run writes, checked before any data is read (:func:`plan_outputs`)."""
