@@ -23,7 +23,7 @@ from minidp.checks import BACKENDS
 def _add_tutorial(sub) -> None:
     p = sub.add_parser("tutorial", help="re-run the experiments of the tutorial minidp grew from")
     tsub = p.add_subparsers(dest="experiment", required=True)
-    # --- owned by the tutorial module: see minidp/tutorial.py ---
+    # --- owned by the tutorial module: see minidp/training/tutorial.py ---
     from minidp.training import tutorial as tutorial
 
     tutorial.add_subcommands(tsub)

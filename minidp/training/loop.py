@@ -2,7 +2,7 @@ r"""Training an se_e2_a energy model from deepmd-kit's input.json, every gradien
 
 The story of one run (:func:`train`):
 
-1. **Input** (:func:`parse_input`): deepmd-kit's training input, the
+1. **Input** (:func:`minidp.training.config.parse_input`): deepmd-kit's training input, the
    se_e2_a + ``ener`` subset; any other key is refused by name.
 2. **Data** (:func:`load_systems`): deepmd/npy systems read through dpdata,
    their element names mapped onto the model's ``type_map``.
@@ -134,7 +134,7 @@ def init_from_model(path, config: TrainConfig) -> EnergyModel:
 
 
 class Run(NamedTuple):
-    """What a run starts from (:func:`_setup`)."""
+    """What a run starts from (``_setup``)."""
 
     train_sys: list[System]  # training systems
     val_sys: list[System]  # validation systems ([] without validation_data)
