@@ -379,6 +379,24 @@ class DeepPot:
         frames = check_frames(coords, cells, atom_types, self.model.ntypes)
         yield from self._predict(frames)
 
+    def iter_eval_shared(self, coords, cells, atom_types, others=()
+                         ) -> Iterator[tuple[slice, tuple[Prediction, ...]]]:
+        """:meth:`iter_eval` for this model and ``others`` at once: one Prediction per model, this one first.
+
+        Each chunk's neighbour list is built once and serves every model, as an
+        ensemble's models share it (``dp model-devi``): ``others`` are DeepPots with
+        this model's rcut, sel and type map. The chunks are this DeepPot's.
+        """
+        mine = (self.get_rcut(), self.get_sel(), self.get_type_map())
+        for dp in others:
+            if not isinstance(dp, DeepPot):
+                raise TypeError(f"others must be DeepPot objects, got {type(dp).__name__}")
+            if (dp.get_rcut(), dp.get_sel(), dp.get_type_map()) != mine:
+                raise ValueError(f"{dp.model_file} (rcut, sel, type map {dp.get_rcut()}, {dp.get_sel()}, "
+                                 f"{dp.get_type_map()}) cannot share the neighbour lists of {self.model_file} {mine}")
+        frames = check_frames(coords, cells, atom_types, self.model.ntypes)
+        yield from self._predict(frames, (self.model, *(dp.model for dp in others)))
+
     def eval(self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None,
              mixed_type: bool = False, **kwargs):
         """Energy (nf, 1), force (nf, natoms, 3), virial (nf, 9) [, atom energy (nf, natoms, 1),

@@ -58,7 +58,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import number, positive_int, real_array
-from minidp.infer import DeepPot, check_frames
+from minidp.infer import DeepPot
 from minidp.io.outputs import safe_output
 from minidp.io.systems import Block, LazySystem, block_types, by_kind, find_systems, iter_blocks, lazy_system
 
@@ -209,8 +209,9 @@ class Ensemble:
     ``models``: model files or :class:`minidp.DeepPot` objects (the keyword
     options build the DeepPots of files). All must have the same type map.
     Models with the same rcut and sel form a group: each chunk's neighbour
-    list is built once and serves the whole group (DeepPot._predict's
-    ``models``), so an ensemble of 4 costs less than 4 evaluations.
+    list is built once and serves the whole group
+    (:meth:`minidp.infer.DeepPot.iter_eval_shared`), so an ensemble of 4 costs
+    less than 4 evaluations.
     """
 
     def __init__(self, models, **deeppot_options):
@@ -234,18 +235,20 @@ class Ensemble:
 
     def predict(self, coords, cells, atom_types) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Energies (nm, nf), forces (nm, nf, natoms, 3), virials (nm, nf, 9) of every model."""
-
-        frames = check_frames(coords, cells, atom_types, self.pots[0].get_ntypes())
-        nf, natoms, _ = frames.coords.shape
         nm = len(self.pots)
-        E, F, W = np.empty((nm, nf)), np.empty((nm, nf, natoms, 3)), np.empty((nm, nf, 9))
+        E, F, W = {}, {}, {}  # model index -> [(frame slice, values)]
         for group in self.groups:
-            # the smallest chunks of the group: its models run one after another on each chunk
-            lead = min((self.pots[k] for k in group), key=lambda dp: dp.batch_size)
-            for fs, predictions in lead._predict(frames, tuple(self.pots[k].model for k in group)):
-                for k, p in zip(group, predictions):
-                    E[k, fs], F[k, fs], W[k, fs] = p.energy, p.force, p.virial
-        return E, F, W
+            # the smallest chunks of the group lead: its models run one after another on each chunk
+            lead = min(group, key=lambda k: self.pots[k].batch_size)
+            order = [lead] + [k for k in group if k != lead]
+            others = [self.pots[k] for k in order[1:]]
+            for fs, predictions in self.pots[lead].iter_eval_shared(coords, cells, atom_types, others):
+                for k, p in zip(order, predictions):
+                    E.setdefault(k, []).append((fs, p.energy))
+                    F.setdefault(k, []).append((fs, p.force))
+                    W.setdefault(k, []).append((fs, p.virial))
+        # (nm, nf), (nm, nf, natoms, 3), (nm, nf, 9): the slices of each model cover its frames in order
+        return tuple(np.stack([np.concatenate([v for _, v in parts[k]]) for k in range(nm)]) for parts in (E, F, W))
 
     def eval(self, coords, cells, atom_types, *, relative: float | None = None, relative_v: float | None = None,
              real: dict | None = None, atomic: bool = False) -> EnsembleResult:
