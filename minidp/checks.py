@@ -164,7 +164,9 @@ def boolean(name: str, value) -> bool:
 
 
 def integers(name: str, value, n: int | None = None, what: str = "one per type") -> tuple[int, ...]:
-    """A non-empty list of positive integers (of length n if given)."""
+    """A non-empty list of positive integers (of length n if given); a 1-D array counts as a list."""
+    if isinstance(value, np.ndarray) and value.ndim == 1:
+        value = list(value)
     if not isinstance(value, (list, tuple)) or not value:
         raise InputTypeError(f"{name}: expected a list of positive integers, got {type(value).__name__} {short(value)}")
     if n is not None and len(value) != n:

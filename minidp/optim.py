@@ -49,6 +49,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from minidp.checks import integer, number
 from minidp.nn import zeros_like_params
 
 Params = list  # list[dict[str, np.ndarray]], as Net.params() returns
@@ -56,25 +57,9 @@ Params = list  # list[dict[str, np.ndarray]], as Net.params() returns
 _REAL = (int, float, np.integer, np.floating)
 
 
-def _check_number(name: str, value, allow_zero: bool = False) -> None:
-    """A finite real number > 0 (>= 0 with allow_zero); bools and strings are refused."""
-    if isinstance(value, bool) or not isinstance(value, _REAL):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-
-
-def _check_count(name: str, value, minimum: int) -> None:
-    """An integer >= minimum (a step, a period); floats such as 2.0 are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_unit(name: str, value) -> None:
     """A number in [0, 1)."""
-    _check_number(name, value, allow_zero=True)
+    number(name, value, lo=0.0)
     if value >= 1:
         raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
 
@@ -93,8 +78,8 @@ class SGDConfig:
     weight_decay: float = 0.0  # lambda: L2 penalty added to the gradient
 
     def __post_init__(self):
-        _check_number("momentum", self.momentum, allow_zero=True)
-        _check_number("weight_decay", self.weight_decay, allow_zero=True)
+        number("momentum", self.momentum, lo=0.0)
+        number("weight_decay", self.weight_decay, lo=0.0)
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs a momentum > 0, got momentum=0")
 
@@ -117,8 +102,8 @@ class AdamConfig:
     def __post_init__(self):
         _check_unit("beta1", self.beta1)
         _check_unit("beta2", self.beta2)
-        _check_number("eps", self.eps)
-        _check_number("weight_decay", self.weight_decay, allow_zero=True)
+        number("eps", self.eps, positive=True)
+        number("weight_decay", self.weight_decay, lo=0.0)
         if not isinstance(self.decoupled_weight_decay, (bool, np.bool_)):
             raise TypeError(f"decoupled_weight_decay must be true or false, got "
                             f"{type(self.decoupled_weight_decay).__name__} {self.decoupled_weight_decay!r}")
@@ -148,7 +133,7 @@ def adam_config(section: Mapping) -> AdamConfig:
         if key not in fields_of:
             raise ValueError(f"optimizer.{key}: not a key of the {kind} optimizer; expected {sorted(fields_of)}")
         if key == "weight_decay":
-            _check_number(f"optimizer.{key}", value, allow_zero=True)
+            number(f"optimizer.{key}", value, lo=0.0)
         else:
             _check_unit(f"optimizer.{key}", value)
     return AdamConfig(**{fields_of[k]: v for k, v in keys.items()}, decoupled_weight_decay=ADAM_TYPES[kind])
@@ -184,7 +169,7 @@ class SGD:
 
     def step(self, grads: Params, lr: float) -> None:
         r"""One update with learning rate lr = :math:`\eta` (math in the module docstring)."""
-        _check_number("lr", lr, allow_zero=True)
+        number("lr", lr, lo=0.0)
         _check_grads(self.layout, grads)
         mu, wd = self.config.momentum, self.config.weight_decay
         first = self.buffers is None
@@ -218,7 +203,7 @@ class Adam:
 
     def step(self, grads: Params, lr: float) -> None:
         r"""One update with learning rate lr = :math:`\eta` (math in the module docstring)."""
-        _check_number("lr", lr, allow_zero=True)
+        number("lr", lr, lo=0.0)
         _check_grads(self.layout, grads)
         c = self.config
         self.t += 1
@@ -251,10 +236,10 @@ def step_decay(step: int, lr0: float, step_size: int, gamma: float) -> float:
 
     .. math:: \eta(t) = \eta_0 \, \gamma^{\lfloor t / s \rfloor}, \qquad s = \mathrm{step\_size}
     """
-    _check_count("step", step, 0)
-    _check_number("lr0", lr0)
-    _check_count("step_size", step_size, 1)
-    _check_number("gamma", gamma)
+    integer("step", step, lo=0)
+    number("lr0", lr0, positive=True)
+    integer("step_size", step_size, lo=1)
+    number("gamma", gamma, positive=True)
     return lr0 * gamma ** (step // step_size)
 
 
@@ -275,13 +260,13 @@ def exp_decay(step: int, start_lr: float, stop_lr: float, decay_steps: int, numb
     + 1 for runs of at most 1000 steps), and r = 1 when T = 0; the rate never
     drops below stop_lr, whatever the step and whichever r.
     """
-    _check_count("step", step, 0)
-    _check_number("start_lr", start_lr)
-    _check_number("stop_lr", stop_lr, allow_zero=True)
-    _check_count("decay_steps", decay_steps, 1)
-    _check_count("numb_steps", numb_steps, 0)
+    integer("step", step, lo=0)
+    number("start_lr", start_lr, positive=True)
+    number("stop_lr", stop_lr, lo=0.0)
+    integer("decay_steps", decay_steps, lo=1)
+    integer("numb_steps", numb_steps, lo=0)
     if decay_rate is not None:
-        _check_number("decay_rate", decay_rate)
+        number("decay_rate", decay_rate, positive=True)
         rate = decay_rate
     else:
         if decay_steps >= numb_steps:
@@ -311,11 +296,11 @@ def warmup(step: int, warmup_steps: int, schedule: Callable[[int], float], start
     with f = start_factor and :math:`\eta_s` = schedule (deepmd-kit's warm-up,
     composable with any schedule of this module bound with functools.partial).
     """
-    _check_count("step", step, 0)
-    _check_count("warmup_steps", warmup_steps, 0)
+    integer("step", step, lo=0)
+    integer("warmup_steps", warmup_steps, lo=0)
     if not callable(schedule):
         raise TypeError(f"schedule must be a function of the step, got {type(schedule).__name__}")
-    _check_number("start_factor", start_factor, allow_zero=True)
+    number("start_factor", start_factor, lo=0.0)
     if start_factor > 1:
         raise ValueError(f"start_factor must lie in [0, 1], got {start_factor!r}")
     if step < warmup_steps:
@@ -330,10 +315,10 @@ def cosine_annealing(step: int, lr0: float, t_max: int, eta_min: float = 0.0) ->
 
     Beyond T_max the cosine comes back up, as torch's does (it is periodic in 2 T_max).
     """
-    _check_count("step", step, 0)
-    _check_number("lr0", lr0)
-    _check_count("t_max", t_max, 1)
-    _check_number("eta_min", eta_min, allow_zero=True)
+    integer("step", step, lo=0)
+    number("lr0", lr0, positive=True)
+    integer("t_max", t_max, lo=1)
+    number("eta_min", eta_min, lo=0.0)
     # pi (t / T), deepmd-kit's order: near t = T_max, 1 + cos is ~(pi (T - t) / T)^2 / 2 and an ulp
     # more or less in the angle can move it by 1e-10 of itself, and the rate with it when eta_min = 0
     return eta_min + (lr0 - eta_min) * (1.0 + math.cos(math.pi * (step / t_max))) / 2.0
@@ -360,11 +345,11 @@ def wsd_decay(step: int, start_lr: float, stop_lr: float, stable_steps: int, dec
 
     with :math:`\eta_0` = start_lr, :math:`\eta_1` = stop_lr (> 0: inverse_linear divides by it).
     """
-    _check_count("step", step, 0)
-    _check_number("start_lr", start_lr)
-    _check_number("stop_lr", stop_lr)
-    _check_count("stable_steps", stable_steps, 0)
-    _check_count("decay_steps", decay_steps, 1)
+    integer("step", step, lo=0)
+    number("start_lr", start_lr, positive=True)
+    number("stop_lr", stop_lr, positive=True)
+    integer("stable_steps", stable_steps, lo=0)
+    integer("decay_steps", decay_steps, lo=1)
     if decay_type not in WSD_DECAY_TYPES:
         raise ValueError(f"decay_type must be one of {WSD_DECAY_TYPES}, got {decay_type!r}")
     if step < stable_steps:
@@ -389,11 +374,11 @@ def cosine_warm_restarts(step: int, lr0: float, t_0: int, t_mult: int = 1, eta_m
     with T_i the current period and T_cur the steps since the last restart
     (PyTorch's CosineAnnealingWarmRestarts stepped once per step).
     """
-    _check_count("step", step, 0)
-    _check_number("lr0", lr0)
-    _check_count("t_0", t_0, 1)
-    _check_count("t_mult", t_mult, 1)
-    _check_number("eta_min", eta_min, allow_zero=True)
+    integer("step", step, lo=0)
+    number("lr0", lr0, positive=True)
+    integer("t_0", t_0, lo=1)
+    integer("t_mult", t_mult, lo=1)
+    number("eta_min", eta_min, lo=0.0)
     if t_mult == 1:
         t_cur, t_i = step % t_0, t_0
     else:
@@ -442,21 +427,21 @@ class LRSchedule:
     warmup_start_factor: float = 0.0  # f: the warm-up starts at f eta_0
 
     def __post_init__(self):
-        _check_number("start_lr", self.start_lr)
-        _check_count("num_steps", self.num_steps, 0)
+        number("start_lr", self.start_lr, positive=True)
+        integer("num_steps", self.num_steps, lo=0)
         if (self.stop_lr is None) == (self.stop_lr_ratio is None):
             raise ValueError(f"exactly one of stop_lr and stop_lr_ratio is needed, got stop_lr={self.stop_lr!r} "
                              f"and stop_lr_ratio={self.stop_lr_ratio!r}")
         for name in ("stop_lr", "stop_lr_ratio"):
             if getattr(self, name) is not None:
-                _check_number(name, getattr(self, name), allow_zero=True)
-        _check_count("warmup_steps", self.warmup_steps, 0)
+                number(name, getattr(self, name), lo=0.0)
+        integer("warmup_steps", self.warmup_steps, lo=0)
         if self.warmup_ratio is not None:
             _check_unit("warmup_ratio", self.warmup_ratio)
             if self.warmup_steps:
                 raise ValueError(f"warmup_steps and warmup_ratio are exclusive, got warmup_steps={self.warmup_steps!r} "
                                  f"and warmup_ratio={self.warmup_ratio!r}")
-        _check_number("warmup_start_factor", self.warmup_start_factor, allow_zero=True)
+        number("warmup_start_factor", self.warmup_start_factor, lo=0.0)
         if self.n_warmup and self.n_warmup >= self.num_steps:
             key = "warmup_steps" if self.warmup_ratio is None else "warmup_ratio"
             raise ValueError(f"{key} gives {self.n_warmup} warm-up steps, "
@@ -479,7 +464,7 @@ class LRSchedule:
 
     def lr(self, step: int) -> float:
         """The learning rate of the 0-based training step (math in the class docstring)."""
-        _check_count("step", step, 0)
+        integer("step", step, lo=0)
         W = self.n_warmup
         if step < W:
             return _ramp(step, W, self.start_lr, self.warmup_start_factor)
@@ -500,10 +485,10 @@ class ExpLR(LRSchedule):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_count("decay_steps", self.decay_steps, 1)
+        integer("decay_steps", self.decay_steps, lo=1)
         if self.decay_rate is not None:
             # deepmd-kit's input check refuses a rate that would let the rate grow
-            _check_number("decay_rate", self.decay_rate)
+            number("decay_rate", self.decay_rate, positive=True)
             if self.decay_rate > 1:
                 raise ValueError(f"decay_rate must lie in (0, 1], got {self.decay_rate!r}")
         if not isinstance(self.smooth, (bool, np.bool_)):
@@ -542,7 +527,7 @@ class WsdLR(LRSchedule):
         super().__post_init__()
         if self.end_lr <= 0:
             raise ValueError(f"the wsd schedule needs a stop_lr > 0, got {self.end_lr!r}")
-        _check_number("decay_phase_ratio", self.decay_phase_ratio)
+        number("decay_phase_ratio", self.decay_phase_ratio, positive=True)
         if self.decay_phase_ratio > 1:
             raise ValueError(f"decay_phase_ratio must lie in (0, 1], got {self.decay_phase_ratio!r}")
         if self.decay_type not in WSD_DECAY_TYPES:
@@ -620,9 +605,9 @@ def gradient_descent_1d(grad: Callable, x0, lr: float, threshold: float = 1e-2,
     """
     if not callable(grad):
         raise TypeError(f"grad must be a function of x, got {type(grad).__name__}")
-    _check_number("lr", lr)
-    _check_number("threshold", threshold)
-    _check_count("max_iter", max_iter, 1)
+    number("lr", lr, positive=True)
+    number("threshold", threshold, positive=True)
+    integer("max_iter", max_iter, lo=1)
     path = [np.asarray(x0, dtype=np.float64)]
     if not np.all(np.isfinite(path[0])):
         raise ValueError(f"x0 must be finite, got {x0!r}")

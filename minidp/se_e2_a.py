@@ -68,14 +68,13 @@ given. Training on forces adds tangents and a second reverse pass:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
 from minidp import kernels
-from minidp.checks import check_backend
+from minidp.checks import check_backend, integers, number
 from minidp.nn import ACTIVATIONS, Net, net_backward, net_forward, net_jvp
 
 # ---------------------------------------------------------------------------
@@ -756,28 +755,10 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], back
 # ---------------------------------------------------------------------------
 
 
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"se_e2_a {name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"se_e2_a {name} must be finite, got {value!r}")
-    return float(value)
-
-
-def _positive_ints(name: str, values) -> tuple[int, ...]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"se_e2_a {name} must be a list of positive integers, got {values!r}")
-    values = tuple(values)
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1]
-    if not values or bad:
-        raise ValueError(f"se_e2_a {name} must be a non-empty list of positive integers, got {list(values)!r}")
-    return tuple(int(v) for v in values)
-
-
 def _canonical_fields(cfg: SeAConfig) -> dict:
     """SeAConfig's fields checked (its docstring lists the rules) and in canonical form: floats,
     tuples of int, bools. Pure: SeAConfig.__post_init__ stores what it returns."""
-    rcut, rcut_smth = _number("rcut", cfg.rcut), _number("rcut_smth", cfg.rcut_smth)
+    rcut, rcut_smth = number("se_e2_a rcut", cfg.rcut), number("se_e2_a rcut_smth", cfg.rcut_smth)
     if rcut <= 0:
         raise ValueError(f"se_e2_a rcut must be positive, got {cfg.rcut!r}")
     # deepmd-kit refuses rcut_smth > rcut; at rcut_smth == rcut the switch would be a
@@ -785,7 +766,7 @@ def _canonical_fields(cfg: SeAConfig) -> dict:
     if not 0 <= rcut_smth < rcut:
         raise ValueError(f"se_e2_a rcut_smth must satisfy 0 <= rcut_smth < rcut, got rcut_smth={cfg.rcut_smth!r} "
                          f"and rcut={cfg.rcut!r}")
-    sel, neuron = _positive_ints("sel", cfg.sel), _positive_ints("neuron", cfg.neuron)
+    sel, neuron = integers("se_e2_a sel", cfg.sel), integers("se_e2_a neuron", cfg.neuron)
     m2 = cfg.axis_neuron
     if isinstance(m2, bool) or not isinstance(m2, (int, np.integer)) or not 1 <= m2 <= neuron[-1]:
         raise ValueError(f"se_e2_a axis_neuron must be an integer in 1..neuron[-1] = {neuron[-1]}, got {m2!r}")

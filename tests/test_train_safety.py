@@ -292,8 +292,10 @@ def test_non_finite_labels_and_coordinates_are_named_by_file_and_frame(stem, ind
     assert main(["train", str(path), "-o", str(w / "m.dp"), "--workdir", str(w), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     shown = {np.nan: "nan", np.inf: "inf", -np.inf: "-inf"}[value]
-    assert err == [(f"minidp train: error: {data / 'sys_a' / 'set.001' / stem}.npy: frame {frame} holds {shown}"
-                    f"{entry}; expected finite numbers")]
+    name = {"energy": "energy", "force": "force", "virial": "virial", "coord": "coordinate", "box": "cell"}[stem]
+    # the reader numbers frames within the system: set.001 holds frames 3..5 of sys_a
+    assert err == [f"minidp train: error: system {data / 'sys_a'}: frame {3 + frame} has a non-finite {name} "
+                   f"({shown}); expected finite numbers"]
     assert not w.exists() and _snapshot(data) == before
 
 

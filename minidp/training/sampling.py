@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import FrameError, InputError, finite_frames, number, short
+from minidp.checks import FrameError, InputError, number, short
 from minidp.io.systems import guess_format, lazy_system, model_types, read_system
 from minidp.neighbor import build_neighbor_list
 from minidp.se_e2_a import SeAConfig
@@ -42,26 +42,10 @@ class System(NamedTuple):
 # What deepmd-kit trains on; other formats are converted first (dpdata)
 TRAINING_FORMATS = ("deepmd/npy", "deepmd/hdf5")
 # The file each per-frame array of a System is read from
-FRAME_FILES = {"coords": "coord", "cells": "box", "energy": "energy", "force": "force", "virial": "virial"}
-
-
-def check_frames(system: System) -> None:
-    """Every coordinate, cell and label of a training system finite, or InputError naming the file
-    and the frame in it ('data_0/set.001/energy.npy: frame 3 holds nan; ...'): a NaN label would
-    train every weight to NaN."""
-    start = 0
-    for name, n in system.sets or (("", system.nframes),):
-        for field, stem in FRAME_FILES.items():
-            values = getattr(system, field)
-            if values is not None:
-                where = f"{system.path}/{name}/{stem}.npy" if name else f"{system.path} ({stem})"
-                finite_frames(where, values[start:start + n])
-        start += n
-
-
 def load_systems(paths, type_map) -> list[System]:
     """Read labelled deepmd/npy (or deepmd/hdf5) systems through dpdata, all their set.* folders;
-    types mapped onto type_map; every value checked finite (:func:`check_frames`)."""
+    types mapped onto type_map. The reader checks every value finite, naming the system and the frame
+    (:func:`minidp.io.systems.read_system`): a NaN label would train every weight to NaN."""
     systems = []
     for path in paths:
         fmt = guess_format(Path(path))
@@ -79,7 +63,6 @@ def load_systems(paths, type_map) -> list[System]:
         system = System(Path(path), s["coords"].astype(np.float64), cells,
                         model_types(s["atom_names"], s["atom_types"], list(type_map)),
                         s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial, sets)
-        check_frames(system)
         systems.append(system)
     return systems
 
