@@ -17,6 +17,7 @@ from minidp.compress import (
     _embedding_net,
     build_table,
     compress_descriptor,
+    grid_counts,
     hermite_coefficients,
     locate,
     net_derivatives,
@@ -193,6 +194,75 @@ def test_bad_compression_settings_are_refused():
         Table(np.zeros((3, 4, 6)), 2.0, 1.0, 5.0, 0.1, 1.0)
     with pytest.raises(ValueError, match="ntypes"):
         Compression((), True, np.zeros((1, 3, 4)), (3,))
+
+
+@pytest.mark.parametrize("step, extrapolate", [(0.03, 5.0), (0.07, 5.0), (0.01, 5.05)])
+def test_a_grid_of_partial_pieces_is_refused(step, extrapolate):
+    """deepmd-kit's layout has no partial piece: with a step that does not divide the first table (or an
+    extrapolate that leaves the second a fraction of a piece) the piece ending at upper is fitted across
+    the wrong width, and G is off by ~1e-3 near and beyond upper (deepmd-kit's dpmodel too)."""
+    from minidp.se_e2_a import SeAConfig
+
+    net = _embedding_net(random_model(SeAConfig(4.0, 2.0, (3,), (4, 8), 2, True), 3).descriptor, 0, 0)
+    with pytest.raises(ValueError, match="not a whole number"):
+        build_table(net, -1.0, 9.0, step, extrapolate)
+
+
+@pytest.mark.parametrize("step", [0.1, 0.05, 0.02, 0.01, 0.005, 0.001])
+@pytest.mark.parametrize("lower, upper", [(-1.0, 15.0), (-3.0, 9.0), (-1.0, 7.0), (0.0, 13.0)])
+def test_grid_nodes_and_widths_agree_whatever_arange_rounds(step, lower, upper):
+    """One node per piece start, the widths h their differences: np.arange rounds its length
+    ((15 - -1)/0.1 = 160.00000000000003 nodes), the piece counts do not."""
+    x, h = table_grid(lower, upper, step, 10 * step, 5.0)
+    n_first, n_second = grid_counts(lower, upper, 5.0 * upper, step, 10 * step)
+    assert x.size == h.size + 1 == n_first + n_second + 1
+    assert x[n_first] == upper and x[-1] == 5.0 * upper
+    np.testing.assert_allclose(np.diff(x), h, rtol=1e-6)  # the nodes carry arange's round-off
+
+
+def test_table_checks_its_coefficients_and_its_piece_count():
+    coef = np.zeros((200 + 40, 4, 6))  # [-1, 1) by 0.01, then [1, 5) by 0.1
+    Table(coef, -1.0, 1.0, 5.0, 0.01, 0.1)
+    bad = coef.copy()
+    bad[17, 2, 4] = np.nan
+    with pytest.raises(ValueError, match="a_4 of feature 2 on piece 17 is nan"):
+        Table(bad, -1.0, 1.0, 5.0, 0.01, 0.1)
+    with pytest.raises(ValueError, match="239 pieces but its bounds make 240"):
+        Table(coef[:-1], -1.0, 1.0, 5.0, 0.01, 0.1)
+    with pytest.raises(ValueError, match="lower < upper < table_max"):
+        Table(coef, -1.0, 0.0, 0.0, 0.01, 0.1)  # the table of min_nbor_dist >= rcut
+    with pytest.raises(ValueError, match="finite"):
+        Table(coef, -1.0, 1.0, np.inf, 0.01, 0.1)
+
+
+def test_min_nbor_dist_must_lie_within_rcut():
+    """At and beyond rcut every s is 0: the table would collapse to [-1, 0) (1.3e3 eV off on water)."""
+    from minidp.se_e2_a import SeAConfig
+
+    se = random_model(SeAConfig(4.0, 2.0, (3,), (4,), 2, True), 1).descriptor
+    for rmin in (4.0, 100.0):
+        with pytest.raises(ValueError, match=f"min_nbor_dist: {rmin:g} is not below the model's rcut 4"):
+            compress_descriptor(se, rmin)
+    for rmin, message in ((np.nan, "not finite"), (-1.0, "not positive"), ("0.9", "expected a number")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            compress_descriptor(se, rmin)
+
+
+@pytest.mark.parametrize("kwargs, pieces", [({"step": 1e-7}, "376,000,000"), ({"extrapolate": 1e9}, None),
+                                            ({"min_nbor_dist": 1e-4}, None)])
+def test_table_size_is_known_and_bounded_before_anything_is_built(kwargs, pieces, monkeypatch):
+    """-s 1e-7, -e 1e9 or a tiny min_nbor_dist would ask for GiB of tables: refused, saying how large."""
+    import minidp.compress as compress
+    from minidp.se_e2_a import SeAConfig
+
+    se = random_model(SeAConfig(4.0, 2.0, (3, 2), (4, 8), 2, False), 2).descriptor
+    monkeypatch.setattr(compress, "build_table", lambda *a, **k: pytest.fail("a table was built"))
+    with pytest.raises(ValueError, match=r"the tables would hold [\d,]+ pieces \([\d,]+ MiB\), above the bound of "
+                                         r"512 MiB") as err:
+        compress_descriptor(se, **{"min_nbor_dist": 0.9, **kwargs})
+    assert pieces is None or pieces in str(err.value)
+    plan = compress.plan_tables(se, 0.9, 0.01, 5.0, "neutral")
+    assert plan.nbytes == sum(plan.nspline) * 8 * 6 * 8 and len(plan.nspline) == 4
 
 
 # ---------------------------------------------------------------------------
