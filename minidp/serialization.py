@@ -21,12 +21,19 @@ anything else is refused with an error that names it.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
+import yaml
 
+from minidp import __version__
 from minidp.checks import InputError
+from minidp.compress import Table, compression
+from minidp.data import safe_output
 from minidp.model import EnergyModel
+from minidp.model_check import check_model_dict, min_nbor_dist
 from minidp.nn import Layer, Net, get_activation
 from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig
 
@@ -52,8 +59,6 @@ def _decode_arrays(obj):
 
 def _read_hdf5(path: Path) -> dict:
     """A .dp file: JSON in the 'json' attribute, arrays as datasets named inside '@variables'."""
-    import h5py
-
     with h5py.File(path, "r") as f:
         if "json" not in f.attrs:
             raise InputError(f"{path}: HDF5 file has no 'json' attribute; not a deepmd-kit .dp model")
@@ -149,8 +154,6 @@ def read_model_dict(path) -> dict:
         if suffix == ".dp":
             data = _read_hdf5(path)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
             data = _decode_arrays(yaml.safe_load(path.read_text()))
         elif suffix == ".json":
             data = _decode_arrays(json.loads(path.read_text()))
@@ -246,8 +249,6 @@ def _compression_from_dict(c, se: SeA, where: str):
     """The tables of a compressed descriptor (@version 3's "compress" entry), or None."""
     if c is None or c is False:
         return None
-    from minidp.compress import Table, compression
-
     cfg = se.config
     try:
         v = c["@variables"]
@@ -290,8 +291,6 @@ def model_from_dict(data: dict) -> EnergyModel:
     ntypes = len(type_map)
     se = _descriptor_from_dict(m["descriptor"], ntypes)
     if se.compress is not None and data is not m:  # the file's smallest neighbour distance, kept on save
-        from dataclasses import replace
-
         se = replace(se, compress=replace(se.compress, min_nbor_dist=min_nbor_dist(data)))
     fitting, bias = _fitting_from_dict(m["fitting"], ntypes)
     out_bias = m.get("@variables", {}).get("out_bias")
@@ -301,19 +300,10 @@ def model_from_dict(data: dict) -> EnergyModel:
     return EnergyModel(type_map, se, fitting, bias)
 
 
-def min_nbor_dist(data: dict) -> float | None:
-    """The smallest neighbour distance of the training data a model file carries (top-level
-    @variables, where deepmd-kit writes it), or None."""
-    value = (data.get("@variables") or {}).get("min_nbor_dist")
-    return None if value is None else float(np.asarray(value).reshape(-1)[0])
-
-
 def load_model(path) -> EnergyModel:
     """Read a deepmd-kit se_e2_a energy model from a file (see the module docstring).
 
     Every value minidp reads is checked first (:func:`minidp.model_check.check_model_dict`)."""
-    from minidp.model_check import check_model_dict
-
     data = read_model_dict(path)
     check_model_dict(data, str(path))
     try:
@@ -323,8 +313,9 @@ def load_model(path) -> EnergyModel:
 
 
 def read_min_nbor_dist(path) -> float | None:
-    """The smallest neighbour distance stored with a model file (:func:`min_nbor_dist`), or None."""
-    return min_nbor_dist(read_model_dict(path))
+    """The smallest neighbour distance stored with a model file, or None
+    (:func:`minidp.model_check.min_nbor_dist`, the one reader of it)."""
+    return min_nbor_dist(read_model_dict(path), str(path))
 
 
 # ---------------------------------------------------------------------------
@@ -428,9 +419,6 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
     deepmd-kit keeps it, the file's top-level @variables: model compression
     reads it there.
     """
-    from minidp import __version__
-    from minidp.data import safe_output
-
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in NATIVE_SUFFIXES:
@@ -454,8 +442,6 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
 
 def _write_hdf5(path: Path, data: dict) -> None:
     """Arrays as datasets variable_0000, ...; the dict, naming them, as JSON in attribute 'json'."""
-    import h5py
-
     counter = iter(range(10**9))
     with h5py.File(path, "w") as f:
 
