@@ -20,6 +20,7 @@ anything else is refused with an error that names it.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -418,6 +419,11 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
     data's smallest neighbour distance, minidp.neighbor_stat) goes where
     deepmd-kit keeps it, the file's top-level @variables: model compression
     reads it there.
+
+    What is written must load: the dict passes :func:`minidp.model_check.check_model_dict`
+    first (a NaN weight or bias is refused here, not by the next reader). The
+    file is made in memory and written in one call, so that a full disk is an
+    OSError from that write, naming the file, with nothing left behind.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -429,21 +435,35 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
         min_nbor_dist = model.descriptor.compress.min_nbor_dist  # a compressed model keeps its own
     if min_nbor_dist is not None:
         data["@variables"]["min_nbor_dist"] = np.array(float(min_nbor_dist))  # a dataset, as deepmd-kit writes it
+    check_model_dict(data, f"not writing {path}")
+    payload = model_bytes(data, suffix)
     with safe_output(path, "model", inputs, overwrite) as tmp:
-        if suffix == ".dp":
-            _write_hdf5(tmp, data)
-        elif suffix == ".json":
-            tmp.write_text(json.dumps(_encode_arrays(data)))
-        else:
-            import yaml
-
-            tmp.write_text(yaml.safe_dump(_encode_arrays(data)))
+        try:
+            tmp.write_bytes(payload)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write the model {path}: {err.strerror or err}") from None
 
 
-def _write_hdf5(path: Path, data: dict) -> None:
-    """Arrays as datasets variable_0000, ...; the dict, naming them, as JSON in attribute 'json'."""
+def model_bytes(data: dict, suffix: str) -> bytes:
+    """The file's content for a model dict: HDF5 for .dp, else the YAML/JSON spelling (UTF-8)."""
+    if suffix == ".dp":
+        return _hdf5_bytes(data)
+    if suffix == ".json":
+        return json.dumps(_encode_arrays(data)).encode()
+    return yaml.safe_dump(_encode_arrays(data)).encode()
+
+
+def _hdf5_bytes(data: dict) -> bytes:
+    """A .dp file in memory: arrays as datasets variable_0000, ...; the dict naming them, as JSON in attribute 'json'.
+
+    HDF5 buffers its metadata and writes it when the file closes: on a real
+    file, a full disk then fails inside h5py's close (a RuntimeError, and
+    HDF5's library state can crash the interpreter afterwards). In memory
+    (a BytesIO) it cannot fail that way; the bytes are written by save_model.
+    """
     counter = iter(range(10**9))
-    with h5py.File(path, "w") as f:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
 
         def store(node):
             if isinstance(node, np.ndarray):
@@ -455,3 +475,4 @@ def _write_hdf5(path: Path, data: dict) -> None:
             return node.item() if isinstance(node, np.generic) else node
 
         f.attrs["json"] = json.dumps(store(data), separators=(",", ":"))
+    return buffer.getvalue()

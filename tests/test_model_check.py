@@ -22,8 +22,8 @@ from minidp.infer import DeepPot
 from minidp.model import new_model
 from minidp.model_check import check_model_dict
 from minidp.se_e2_a import SeAConfig
-from minidp.serialization import (_encode_arrays, load_model, model_from_dict, model_to_dict, read_min_nbor_dist,
-                                  save_model)
+from minidp.serialization import (_encode_arrays, load_model, model_bytes, model_from_dict, model_to_dict,
+                                  read_min_nbor_dist, save_model)
 
 CFG = SeAConfig(3.0, 0.5, (3, 4), (2, 4), 2, False)
 COORDS = np.array([[0.0, 0, 0], [1.0, 0.2, 0], [0.1, 1.1, 0.3], [1.2, 1.0, 0.9], [2.0, 0.1, 0.5]])
@@ -131,9 +131,13 @@ def test_the_same_check_for_every_format(tmp_path):
     for suffix in (".dp", ".yaml", ".json"):
         save_model(tmp_path / f"ok{suffix}", model_from_dict(_valid()))
         load_model(tmp_path / f"ok{suffix}")
-        save_model(tmp_path / f"bad{suffix}", bad)
+        (tmp_path / f"bad{suffix}").write_bytes(model_bytes(data, suffix))  # as another program could write it
         with pytest.raises(ValueError, match=r"bad\S*: model.fitting.@variables.bias_atom_e: nan at index \(0, 0\)"):
             load_model(tmp_path / f"bad{suffix}")
+        # and minidp never writes it: what save_model writes must load
+        with pytest.raises(ValueError, match=r"not writing \S*new\S*: model.fitting.@variables.bias_atom_e: nan"):
+            save_model(tmp_path / f"new{suffix}", bad)
+        assert not (tmp_path / f"new{suffix}").exists()
 
 
 @pytest.mark.parametrize("content, name, message", [
