@@ -29,7 +29,9 @@ from minidp.neighbor import build_neighbor_list
 from minidp.serialization import (
     load_model,
     min_nbor_dist,
+    model_bytes,
     model_from_dict,
+    model_to_dict,
     read_model_dict,
     save_model,
 )
@@ -298,6 +300,75 @@ def test_cli_compress_and_info(tmp_path, capsys):
     assert "compressed   yes" in out and "step 0.02" in out and "0.8 A" in out
     assert main(["compress", "-i", str(tmp_path / "c.dp"), "-o", str(tmp_path / "d.dp")]) == 2
     assert "already compressed" in capsys.readouterr().err
+
+
+def _plain_and_carrying(tmp_path, rmin=0.9):
+    """A model file without a min_nbor_dist and one carrying ``rmin`` (rcut 4)."""
+    from minidp.se_e2_a import SeAConfig
+
+    model = random_model(SeAConfig(4.0, 2.0, (3, 2), (4, 8), 2, True), 2)
+    save_model(tmp_path / "plain.dp", model)
+    (tmp_path / "carrying.json").write_bytes(model_bytes(
+        {"model": model_to_dict(model), "@variables": {"min_nbor_dist": np.array(rmin)}}, ".json"))
+    return tmp_path / "plain.dp", tmp_path / "carrying.json"
+
+
+def test_cli_min_nbor_dist_given_wins_over_the_models_own_and_says_so(tmp_path, capsys):
+    """It was ignored silently: the user's --min-nbor-dist (or -t) is used, in place of the model's."""
+    _, carrying = _plain_and_carrying(tmp_path)
+    out = tmp_path / "c.dp"
+    assert main(["compress", "-i", str(carrying), "-o", str(out), "--min-nbor-dist", "0.5", "-s", "0.05"]) == 0
+    assert f"0.5 A (given, in place of the 0.9 A {carrying} carries)" in capsys.readouterr().out
+    model = load_model(out)
+    assert model.descriptor.compress.min_nbor_dist == 0.5
+    expected = compress_descriptor(load_model(carrying).descriptor, 0.5, 0.05).compress
+    for a, b in zip(model.descriptor.compress.tables, expected.tables, strict=True):
+        assert np.array_equal(a.info, b.info) and np.array_equal(a.coef, b.coef)
+
+
+@pytest.mark.parametrize("rmin", [4.0, 100.0, 1e300])
+def test_cli_min_nbor_dist_beyond_rcut_is_refused_naming_its_origin(rmin, tmp_path, capsys):
+    plain, carrying = _plain_and_carrying(tmp_path, rmin)
+    for argv, origin in ((["-i", str(plain), "--min-nbor-dist", str(rmin)], "--min-nbor-dist"),
+                         (["-i", str(carrying)], f"{carrying}: @variables.min_nbor_dist")):
+        assert main(["compress", *argv, "-o", str(tmp_path / "c.dp")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"minidp compress: error: {origin}: {rmin:g} is not below the model's rcut 4: the smallest "
+                       "neighbour distance must lie within the cutoff"], err
+    assert not (tmp_path / "c.dp").exists()
+
+
+def test_cli_min_nbor_dist_of_training_systems_beyond_rcut_is_refused(tmp_path, capsys):
+    """Training systems with no pair within rcut: neighbor-stat's d_min is its starting 10 A."""
+    import json
+
+    import dpdata
+
+    plain, _ = _plain_and_carrying(tmp_path)
+    data = {"atom_names": ["T0", "T1"], "atom_numbs": [1, 1], "atom_types": np.array([0, 1]), "orig": np.zeros(3),
+            "cells": np.eye(3)[None] * 20.0, "coords": np.array([[[0.0, 0, 0], [8.0, 0, 0]]]),
+            "energies": np.zeros(1), "forces": np.zeros((1, 2, 3)), "nopbc": False}
+    dpdata.LabeledSystem(data=data).to("deepmd/npy", str(tmp_path / "far"))
+    config = {"model": {"type_map": ["T0", "T1"], "descriptor": {"type": "se_e2_a", "sel": [3, 2], "rcut": 4.0,
+                                                                  "rcut_smth": 2.0, "neuron": [4, 8], "axis_neuron": 2},
+                        "fitting_net": {"neuron": [6, 6]}},
+              "learning_rate": {"start_lr": 1e-3}, "loss": {},
+              "training": {"training_data": {"systems": ["far"]}, "numb_steps": 1}}
+    (tmp_path / "input.json").write_text(json.dumps(config))
+    assert main(["compress", "-i", str(plain), "-o", str(tmp_path / "c.dp"), "-t", str(tmp_path / "input.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training systems of" in err[0] and "10 is not below the model's rcut 4" in err[0], err
+
+
+@pytest.mark.parametrize("option", [["-s", "1e-7"], ["-e", "1e9"], ["--min-nbor-dist", "1e-4"], ["-s", "0.03"],
+                                    ["-s", "nan"], ["-s", "-0.01"], ["-e", "1"], ["--min-nbor-dist", "inf"]])
+def test_cli_compress_refuses_bad_options_in_one_line(option, tmp_path, capsys):
+    """Before: MemoryError tracebacks or GiB allocations (-s 1e-7, -e 1e9, --min-nbor-dist 1e-4)."""
+    _, carrying = _plain_and_carrying(tmp_path)
+    assert main(["compress", "-i", str(carrying), "-o", str(tmp_path / "c.dp"), *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minidp compress: error: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["carrying.json", "plain.dp"]
 
 
 def test_cli_compress_reads_the_training_systems(tmp_path, capsys):
