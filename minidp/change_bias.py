@@ -38,14 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
+from minidp.checks import integer
+from minidp.data import check_output, model_types
+from minidp.infer import DeepPot
+from minidp.model_check import check_bias
+from minidp.serialization import NATIVE_SUFFIXES, read_min_nbor_dist, save_model
 from minidp.stats import energy_bias
+from minidp.stream import lazy_system, read_frames
 
 
 def frame_rows(systems, type_map: list[str], numb_batch: int = 0):
     """Yield (block, model types (natoms,)) for the first numb_batch frames (0: all) of each system."""
-    from minidp.data import model_types
-    from minidp.stream import lazy_system, read_frames
-
     for path in systems:
         lazy = lazy_system(path)
         if "energy" not in lazy.labels:
@@ -81,24 +84,28 @@ def change_bias(model_path, output, systems=(), mode: str = "change", numb_batch
     """Write the model with its new bias to ``output``; returns (old bias, new bias), each (ntypes,).
 
     ``output`` is checked before any work (minidp.data.check_output): never an input, never a
-    user's file; ``overwrite`` replaces only a model minidp wrote."""
-    from minidp.data import check_output
-    from minidp.infer import DeepPot
-    from minidp.serialization import read_min_nbor_dist, save_model
-
-    check_output(output, "model", (model_path, *(systems or ())), overwrite)
+    user's file; ``overwrite`` replaces only a model minidp wrote. The new bias obeys the model
+    checker's rule (:func:`minidp.model_check.check_bias`: finite, within +-MAX_BIAS), given
+    (``bias_value``, checked before the model is read) or fitted, so what is written loads."""
+    inputs = (model_path, *(systems or ()))
+    check_output(output, "model", inputs, overwrite)
+    numb_batch = integer("numb_batch (-n)", numb_batch, lo=0)
+    if bias_value is not None:
+        given = np.asarray(bias_value) if isinstance(bias_value, (list, tuple)) else bias_value
+        bias_value = check_bias("bias_value (-b)", given, int(np.size(given)))
+    elif not systems:
+        raise ValueError("change-bias needs systems (-s) or bias values (-b)")
     dp = DeepPot(model_path)
     old = dp.model.bias.copy()
     if bias_value is not None:
-        new = np.asarray(bias_value, dtype=float).reshape(-1)
-        if new.size != dp.get_ntypes():
-            raise ValueError(f"-b gives {new.size} values; expected one per type of the model's type map "
+        if bias_value.size != dp.get_ntypes():
+            raise ValueError(f"-b gives {bias_value.size} values; expected one per type of the model's type map "
                              f"{dp.get_type_map()}")
+        new = bias_value
     else:
-        if not systems:
-            raise ValueError("change-bias needs systems (-s) or bias values (-b)")
-        new = bias_from_data(dp, systems, mode, numb_batch)
+        new = check_bias(f"the {mode} bias fitted to the systems", bias_from_data(dp, systems, mode, numb_batch),
+                         dp.get_ntypes())
     dp.model.bias = new
-    keep = read_min_nbor_dist(model_path) if Path(str(model_path)).suffix in (".dp", ".yaml", ".yml", ".json") else None
-    save_model(output, dp.model, overwrite=overwrite, inputs=(model_path, *(systems or ())), min_nbor_dist=keep)
+    keep = read_min_nbor_dist(model_path) if Path(str(model_path)).suffix.lower() in NATIVE_SUFFIXES else None
+    save_model(output, dp.model, overwrite=overwrite, inputs=inputs, min_nbor_dist=keep)
     return old, new
