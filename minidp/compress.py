@@ -78,8 +78,9 @@ DEFAULT_EXTRAPOLATE = 5.0
 DEFAULT_CHECK_FREQUENCY = -1
 
 # The largest tables compress builds: 512 MiB of coefficients for all tables together. The water
-# model's four tables take 8.4 MiB at the default step 0.01 and 84 MiB at 0.001; building them
-# needs a few times as much again (the nets' derivatives at every node, the kernels' copy).
+# model's two tables take 20 MiB at the default step 0.01 and 200 MiB at 0.001; building and
+# writing them needs a few times as much again (the nets' derivatives at every node, the kernels'
+# copy, the file in memory: `minidp compress -s 0.001` peaks at 0.75 GB).
 MAX_TABLE_BYTES = 2**29
 
 # How far a piece count computed from the stored bounds may sit from a whole number and still
