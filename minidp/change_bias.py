@@ -42,7 +42,7 @@ from minidp.checks import integer
 from minidp.data import check_output, model_types
 from minidp.infer import DeepPot
 from minidp.model_check import check_bias
-from minidp.serialization import NATIVE_SUFFIXES, read_min_nbor_dist, save_model
+from minidp.serialization import NATIVE_SUFFIXES, model_suffix, read_min_nbor_dist, save_model
 from minidp.stats import energy_bias
 from minidp.stream import lazy_system, read_frames
 
@@ -89,6 +89,7 @@ def change_bias(model_path, output, systems=(), mode: str = "change", numb_batch
     (``bias_value``, checked before the model is read) or fitted, so what is written loads."""
     inputs = (model_path, *(systems or ()))
     check_output(output, "model", inputs, overwrite)
+    model_suffix(output)
     numb_batch = integer("numb_batch (-n)", numb_batch, lo=0)
     if bias_value is not None:
         given = np.asarray(bias_value) if isinstance(bias_value, (list, tuple)) else bias_value

@@ -179,9 +179,10 @@ def _cmd_compress(args) -> int:
     from minidp.compress import compress_descriptor
     from minidp.data import check_output
     from minidp.model_check import check_model_dict
-    from minidp.serialization import model_from_dict, read_model_dict, save_model
+    from minidp.serialization import model_from_dict, model_suffix, read_model_dict, save_model
 
     check_output(args.output, "model", (args.input,), args.overwrite)  # refused before any work
+    model_suffix(args.output)
     data = read_model_dict(args.input)
     check_model_dict(data, args.input)
     model = model_from_dict(data)

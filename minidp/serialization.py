@@ -410,6 +410,15 @@ def _encode_arrays(obj):
     return obj
 
 
+def model_suffix(path) -> str:
+    """The suffix of a model file minidp can write (.dp, .yaml, .yml, .json), lower-case; ValueError
+    otherwise (the writers ask first, before any work)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in NATIVE_SUFFIXES:
+        raise InputError(f"cannot write {Path(path).suffix!r} models ({path}); expected one of {NATIVE_SUFFIXES}")
+    return suffix
+
+
 def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min_nbor_dist: float | None = None
                ) -> None:
     """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically.
@@ -426,9 +435,7 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
     OSError from that write, naming the file, with nothing left behind.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in NATIVE_SUFFIXES:
-        raise ValueError(f"cannot write {path.suffix!r} models; expected one of {NATIVE_SUFFIXES}")
+    suffix = model_suffix(path)
     data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
             "model_def_script": {}, "@variables": {}}
     if min_nbor_dist is None and model.descriptor.compress is not None:

@@ -113,3 +113,20 @@ def test_the_model_made_in_memory_reads_back_the_same(model_file, tmp_path):
     wa = a["model"]["descriptor"]["embeddings"]["networks"][3]["layers"][1]["@variables"]["w"]
     wb = b["model"]["descriptor"]["embeddings"]["networks"][3]["layers"][1]["@variables"]["w"]
     assert np.array_equal(wa, wb) and b["@variables"]["min_nbor_dist"] == 0.9
+
+
+@pytest.mark.parametrize("command", [["compress", "-i", "{model}", "-o", "{out}", "-s", "0.05"],
+                                     ["change-bias", "{model}", "-b", "1", "2", "-o", "{out}"]])
+def test_an_output_of_a_kind_minidp_cannot_write_is_refused_before_any_work(command, model_file, tmp_path,
+                                                                            monkeypatch, capsys):
+    """-o x.pb was refused only after the tables were built (or the bias fitted)."""
+    import minidp.compress
+    import minidp.infer
+
+    monkeypatch.setattr(minidp.compress, "compress_descriptor", lambda *a, **k: pytest.fail("tables built"))
+    monkeypatch.setattr(minidp.infer.DeepPot, "__init__", lambda *a, **k: pytest.fail("model read"))
+    out = tmp_path / "new.pb"
+    assert main([a.format(model=model_file, out=out) for a in command]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"minidp {command[0]}: error: cannot write '.pb' models ({out}); expected one of "
+        "('.dp', '.yaml', '.yml', '.json')"]
