@@ -238,6 +238,8 @@ def _mutated(data: dict, path: tuple, kind: str, rng) -> dict:
         parent.pop(path[-1])
     elif kind == "value" and "compress_data" in path:  # another finite coefficient is another table, not an error
         return data
+    elif kind == "shape" and isinstance(parent[path[-1]], np.ndarray) and parent[path[-1]].ndim == 0:  # two, none
+        parent[path[-1]] = np.array([parent[path[-1]]] * 2 if rng.random() < 0.5 else [])
     elif kind == "value" and isinstance(parent[path[-1]], np.ndarray) and parent[path[-1]].size:
         value = parent[path[-1]].astype(float).copy()
         value.reshape(-1)[rng.integers(value.size)] = [0.0, -1.0, 0.5, 1e300, 100.0][rng.integers(5)]
