@@ -177,14 +177,17 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _compress_min_nbor_dist(args, data: dict) -> tuple[float, str]:
-    """The smallest neighbour distance for the grid, and where it came from: the model file,
-    the training systems of -t, or --min-nbor-dist (in that order, as `dp compress` looks)."""
+def _compress_min_nbor_dist(args, data: dict, rcut: float) -> tuple[float, str]:
+    """The smallest neighbour distance for the grid, and where it came from: --min-nbor-dist or the
+    training systems of -t when given (the user's choice wins over the model's own, and the origin
+    says so), else the model file's (as `dp compress` looks). Checked: finite, > 0, < rcut."""
+    from minidp.compress import check_min_nbor_dist
     from minidp.io.serialization import min_nbor_dist
 
-    found = min_nbor_dist(data)
-    if found is not None:
-        return found, f"from {args.input}"
+    stored = min_nbor_dist(data, args.input)
+    instead = "" if stored is None else f", in place of the {stored:.6g} A {args.input} carries"
+    if args.min_nbor_dist is not None:
+        return check_min_nbor_dist("--min-nbor-dist", args.min_nbor_dist, rcut), f"given{instead}"
     if args.training_script is not None:
         from minidp.training.config import read_input
         from minidp.training.loop import training_min_nbor_dist
@@ -192,10 +195,11 @@ def _compress_min_nbor_dist(args, data: dict) -> tuple[float, str]:
 
         config = read_input(args.training_script)
         systems = load_systems(config.training.systems, config.type_map)
-        return (training_min_nbor_dist(systems, config.descriptor),
-                f"from the training systems of {args.training_script}")
-    if args.min_nbor_dist is not None:
-        return args.min_nbor_dist, "given"
+        where = f"the smallest neighbour distance of the training systems of {args.training_script}"
+        return (check_min_nbor_dist(where, training_min_nbor_dist(systems, config.descriptor), rcut),
+                f"from the training systems of {args.training_script}{instead}")
+    if stored is not None:
+        return check_min_nbor_dist(f"{args.input}: @variables.min_nbor_dist", stored, rcut), f"from {args.input}"
     raise ValueError(f"{args.input} carries no smallest neighbour distance: give the training input with "
                      "-t INPUT.json (its training systems are scanned) or the distance with --min-nbor-dist D")
 
@@ -207,15 +211,16 @@ def _cmd_compress(args) -> int:
     from minidp.compress import compress_descriptor
     from minidp.io.model_check import check_model_dict
     from minidp.io.outputs import check_output
-    from minidp.io.serialization import model_from_dict, read_model_dict, save_model
+    from minidp.io.serialization import model_from_dict, model_suffix, read_model_dict, save_model
 
     check_output(args.output, "model", (args.input,), args.overwrite)  # refused before any work
+    model_suffix(args.output)
     data = read_model_dict(args.input)
     check_model_dict(data, args.input)
     model = model_from_dict(data)
     if model.descriptor.compress is not None:
         raise ValueError(f"{args.input} is already compressed")
-    rmin, origin = _compress_min_nbor_dist(args, data)
+    rmin, origin = _compress_min_nbor_dist(args, data, model.descriptor.config.rcut)
     # a TensorFlow graph gets the range `dp --tf compress` gives it, anything else the backend-neutral one
     rule = args.range or ("tf" if Path(args.input).suffix.lower() == ".pb" else "neutral")
     se = compress_descriptor(model.descriptor, rmin, args.step, args.extrapolate, args.frequency, rule)
@@ -251,8 +256,10 @@ def _add_compress(sub) -> None:
                         ".pb input, else 'neutral'")
     where = p.add_mutually_exclusive_group()
     where.add_argument("-t", "--training-script", default=None,
-                       help="training input (JSON): the smallest neighbour distance of its training systems")
-    where.add_argument("--min-nbor-dist", type=float, default=None, help="the smallest neighbour distance (A)")
+                       help="training input (JSON): the smallest neighbour distance of its training systems "
+                            "(used in place of the model's own)")
+    where.add_argument("--min-nbor-dist", type=float, default=None,
+                       help="the smallest neighbour distance (A), used in place of the model's own")
     _overwrite_option(p)
     p.set_defaults(func=_cmd_compress)
 

@@ -63,6 +63,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
+from minidp.checks import InputError, InputTypeError, number
 from minidp.nn import Net, get_activation, residual_kind
 from minidp.se_e2_a import (
     BlockFeatures,
@@ -82,6 +83,18 @@ DEFAULT_STEP = 0.01
 DEFAULT_EXTRAPOLATE = 5.0
 DEFAULT_CHECK_FREQUENCY = -1
 
+# The largest tables compress builds: 512 MiB of coefficients for all tables together. The water
+# model's two tables take 20 MiB at the default step 0.01 and 200 MiB at 0.001; building and
+# writing them needs a few times as much again (the nets' derivatives at every node, the kernels'
+# copy, the file in memory: `minidp compress -s 0.001` peaks at 0.75 GB).
+MAX_TABLE_BYTES = 2**29
+
+# How far a piece count computed from the stored bounds may sit from a whole number and still
+# count as whole: the bounds and strides of a float32 model are rounded to 7 digits
+# (16 / float32(0.01) = 1600.00004), while a step that does not divide the table
+# (16 / 0.03 = 533.33) is off by a large fraction of a piece.
+WHOLE_TOL = 1e-6
+
 
 # ---------------------------------------------------------------------------
 # Tables and their configuration
@@ -94,7 +107,9 @@ class Table:
 
     Piece n starts at x_n = lower + n*stride0 for n < n_first (the first
     table), at x_n = upper + (n - n_first)*stride1 after it; n_first =
-    int((upper - lower)/stride0). On piece n, G_g(s) = sum_k coef[n, g, k] (s - x_n)^k.
+    (upper - lower)/stride0 and the second table's (table_max - upper)/stride1
+    pieces are whole numbers (:func:`grid_counts`), and the table holds both.
+    On piece n, G_g(s) = sum_k coef[n, g, k] (s - x_n)^k, every coefficient finite.
     """
 
     coef: np.ndarray  # (nspline, ng, 6) polynomial coefficients, lowest order first
@@ -104,17 +119,26 @@ class Table:
     stride0: float  # step of the first table
     stride1: float  # step of the second (10 * stride0 in deepmd-kit)
     check_frequency: int = DEFAULT_CHECK_FREQUENCY  # deepmd-kit's overflow-check frequency (-1: never)
+    n_first: int = field(init=False, repr=False, compare=False)  # pieces of the first table
 
     def __post_init__(self):
         coef = np.asarray(self.coef)
-        if coef.ndim != 3 or coef.shape[2] != 6 or coef.shape[0] < 1:
-            raise ValueError(f"table coefficients must have shape (nspline, ng, 6), got {coef.shape}")
-        if not (self.stride0 > 0 and self.stride1 > 0):
-            raise ValueError(f"table strides must be positive, got {self.stride0} and {self.stride1}")
-        if not (self.lower < self.upper <= self.table_max):
-            raise ValueError(f"table bounds must satisfy lower < upper <= table_max, got "
-                             f"{self.lower}, {self.upper}, {self.table_max}")
+        if coef.ndim != 3 or coef.shape[2] != 6 or coef.shape[0] < 1 or coef.dtype.kind != "f":
+            raise ValueError(f"table coefficients must be floats of shape (nspline, ng, 6), got {coef.dtype} "
+                             f"{coef.shape}")
+        n_first, n_second = grid_counts(self.lower, self.upper, self.table_max, self.stride0, self.stride1)
+        if coef.shape[0] != n_first + n_second:
+            raise ValueError(f"the table has {coef.shape[0]} pieces but its bounds make {n_first + n_second} "
+                             f"({n_first} of {self.stride0:g} in [{self.lower:g}, {self.upper:g}), {n_second} of "
+                             f"{self.stride1:g} to {self.table_max:g})")
+        # (nbad, 3)  a NaN or inf coefficient would be read as a number by every neighbour on its piece
+        bad = np.argwhere(~np.isfinite(coef))
+        if bad.size:
+            piece, g, k = bad[0].tolist()
+            raise ValueError(f"table coefficient a_{k} of feature {g} on piece {piece} is {coef[piece, g, k]}; "
+                             "expected finite numbers")
         object.__setattr__(self, "coef", coef)
+        object.__setattr__(self, "n_first", n_first)
 
     @property
     def nspline(self) -> int:
@@ -123,11 +147,6 @@ class Table:
     @property
     def ng(self) -> int:
         return self.coef.shape[1]
-
-    @property
-    def n_first(self) -> int:
-        """Pieces of the first table, deepmd-kit's int((upper - lower) / stride0)."""
-        return int((self.upper - self.lower) / self.stride0)
 
     @property
     def info(self) -> np.ndarray:
@@ -147,6 +166,8 @@ class Table:
         if data.ndim != 2 or data.shape[1] % 6 or info.size != 6:
             raise ValueError(f"compress_data must be (nspline, 6 * ng) and compress_info 6 numbers, "
                              f"got shapes {data.shape} and {info.shape}")
+        if not np.isfinite(info).all() or info[5] != np.round(info[5]):
+            raise ValueError(f"compress_info must be 6 finite numbers, the last an integer, got {info.tolist()}")
         lower, upper, table_max, stride0, stride1, freq = (float(x) for x in info)
         return cls(data.reshape(data.shape[0], -1, 6), lower, upper, table_max, stride0, stride1, int(freq))
 
@@ -280,24 +301,55 @@ def env_mat_range(davg: np.ndarray, dstd: np.ndarray, rcut_smth: float, rcut: fl
     return lower.min(axis=1), upper.max(axis=1)
 
 
+def grid_counts(lower: float, upper: float, table_max: float, stride0: float, stride1: float) -> tuple[int, int]:
+    r"""The pieces of the two tables, n_first = (upper - lower)/stride0 and n_second = (table_max - upper)/stride1.
+
+    Both must be whole numbers: a piece of the grid is found by
+    n = floor((s - x_0)/stride) and evaluated at dx = s - x_n, so a shorter
+    last piece would hold a quintic fitted across the wrong width (deepmd-kit
+    builds one for a step that does not divide its table, and its G is then
+    off by ~1e-3 next to ``upper``). ValueError unless lower < upper <
+    table_max and the strides are positive, all finite, and both counts whole
+    (to :data:`WHOLE_TOL`, the rounding of a float32 model's bounds).
+    """
+    bounds = (lower, upper, table_max, stride0, stride1)
+    if not np.isfinite(bounds).all():
+        raise ValueError(f"table bounds and strides must be finite, got {[float(b) for b in bounds]}")
+    if not (lower < upper < table_max):
+        raise ValueError(f"table bounds must satisfy lower < upper < table_max, got {lower:g}, {upper:g}, "
+                         f"{table_max:g}")
+    if not (stride0 > 0 and stride1 > 0):
+        raise ValueError(f"table strides must be positive, got {stride0:g} and {stride1:g}")
+    counts = []
+    for a, b, stride in ((lower, upper, stride0), (upper, table_max, stride1)):
+        n = (b - a) / stride
+        if not (np.isfinite(n) and abs(n - round(n)) <= WHOLE_TOL * max(n, 1.0)):
+            raise ValueError(f"the table [{a:g}, {b:g}) is {n:.6g} pieces of {stride:g}, not a whole number: "
+                             "choose a step (and extrapolate) that divide it")
+        counts.append(int(round(n)))
+    return counts[0], counts[1]
+
+
 def table_grid(lower: float, upper: float, stride0: float, stride1: float, extrapolate: float,
                dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
     """The nodes x (nnode,) and piece widths h (nspline,) of deepmd-kit's two tables.
 
     Nodes lower, lower + stride0, ... below upper, then upper, upper + stride1,
-    ... below extrapolate*upper, then extrapolate*upper itself; each node is
-    start + i*stride (np.arange), and the piece count is deepmd-kit's
-    int((upper - lower)/stride0 + (extrapolate*upper - upper)/stride1).
+    ... below extrapolate*upper, then extrapolate*upper itself: nspline =
+    n_first + n_second pieces (:func:`grid_counts`). Each node is start +
+    i*stride as np.arange makes it (deepmd-kit's nodes, to the bit); arange's
+    length is cut to the count, since it rounds (16/0.01 may give 1601 nodes).
     """
     table_max = extrapolate * upper
+    n_first, n_second = grid_counts(lower, upper, table_max, stride0, stride1)
     # (nnode,)
-    x = np.concatenate([np.arange(lower, upper, stride0, dtype=dtype),
-                        np.arange(upper, table_max, stride1, dtype=dtype), np.array([table_max], dtype=dtype)])
-    nspline = int((upper - lower) / stride0 + (table_max - upper) / stride1)
+    x = np.concatenate([np.arange(lower, upper, stride0, dtype=dtype)[:n_first],
+                        np.arange(upper, table_max, stride1, dtype=dtype)[:n_second],
+                        np.array([table_max], dtype=dtype)])
     # (nspline,)
-    h = np.full(nspline, stride1, dtype=dtype)
-    h[: int((upper - lower) / stride0)] = stride0
-    return x[: nspline + 1], h
+    h = np.full(n_first + n_second, stride1, dtype=dtype)
+    h[:n_first] = stride0
+    return x, h
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +472,64 @@ def build_table(net: Net, lower: float, upper: float, step: float = DEFAULT_STEP
                  float(step), float(stride1), int(check_frequency))
 
 
+def check_min_nbor_dist(where: str, value, rcut: float) -> float:
+    """value as the smallest neighbour distance of a grid: a finite number with 0 < value < rcut.
+
+    At and beyond rcut the switch is 0, so the closest neighbour would sit at
+    s = 0 and the first table collapse to [floor(-davg/dstd), 0]. ``where``
+    names the value's origin (an option, a file and key) in the error.
+    """
+    rmin = number(where, value, positive=True)
+    if not rmin < rcut:
+        raise InputError(f"{where}: {rmin:g} is not below the model's rcut {rcut:g}: the smallest neighbour "
+                         "distance must lie within the cutoff")
+    return rmin
+
+
+class TablePlan(NamedTuple):
+    """What compress_descriptor will build, known before anything is allocated."""
+
+    keys: list[tuple[int, int]]  # (centre type, neighbour type) of each table, in deepmd-kit's order
+    bounds: list[tuple[float, float]]  # (lower, upper) of each table's first part
+    nspline: list[int]  # pieces of each table
+    nbytes: int  # the coefficients of all tables
+
+
+def plan_tables(se: SeA, min_nbor_dist: float, step: float, extrapolate: float, rule: str) -> TablePlan:
+    """The tables' ranges and sizes (deepmd-kit's grid, :func:`env_mat_range`), checked.
+
+    With type_one_side a neighbour type's table serves every centre type, so
+    it spans the union of their ranges (deepmd-kit skips centre types with
+    sel 0, as it does). ValueError naming the table when its grid is not
+    whole (:func:`grid_counts`), or when all tables would hold more than
+    :data:`MAX_TABLE_BYTES`.
+    """
+    cfg = se.config
+    lower, upper = env_mat_range(se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, min_nbor_dist, rule)
+    nt = cfg.ntypes
+    if cfg.type_one_side:
+        used = np.asarray(cfg.sel) > 0
+        bounds = [(float(lower[used].min()), float(upper[used].max()))] * nt
+        keys = [(0, tj) for tj in range(nt)]
+    else:
+        keys = [(k % nt, k // nt) for k in range(nt * nt)]
+        bounds = [(float(lower[ti]), float(upper[ti])) for ti, _ in keys]
+    nspline = []
+    for (ti, tj), (lo, up) in zip(keys, bounds):
+        try:
+            nspline.append(sum(grid_counts(lo, up, extrapolate * up, step, 10 * step)))
+        except ValueError as err:
+            raise InputError(f"the table of centre type {ti} and neighbour type {tj} (s in [{lo:g}, {up:g}) from "
+                             f"min_nbor_dist {min_nbor_dist:g}, then to {extrapolate:g} times that): {err}") from None
+    # every coefficient: nspline x ng x 6 numbers of the nets' precision
+    nbytes = sum(nspline) * cfg.ng * 6 * np.dtype(_embedding_net(se, *keys[0]).dtype).itemsize
+    if nbytes > MAX_TABLE_BYTES:
+        raise InputError(f"the tables would hold {sum(nspline):,} pieces ({nbytes / 2**20:,.0f} MiB), above the "
+                         f"bound of {MAX_TABLE_BYTES / 2**20:,.0f} MiB: raise the step ({step:g}), lower extrapolate "
+                         f"({extrapolate:g}), or check min_nbor_dist ({min_nbor_dist:g})")
+    return TablePlan(keys, bounds, nspline, nbytes)
+
+
 def compress_descriptor(se: SeA, min_nbor_dist: float, step: float = DEFAULT_STEP,
                         extrapolate: float = DEFAULT_EXTRAPOLATE,
                         check_frequency: int = DEFAULT_CHECK_FREQUENCY, rule: str = "neutral") -> SeA:
@@ -428,30 +538,18 @@ def compress_descriptor(se: SeA, min_nbor_dist: float, step: float = DEFAULT_STE
     ``rule``: whose range of s (:func:`env_mat_range`): "neutral" gives the
     tables of `dp --pt compress` and dpmodel's enable_compression, "tf" those
     of `dp --tf compress` (to their round-off, validation.compress_check).
-
-    With type_one_side a neighbour type's table serves every centre type, so
-    it spans the union of their ranges (deepmd-kit skips centre types with
-    sel 0, as it does).
+    The tables' sizes are known (:func:`plan_tables`) before any is built.
     """
-    if not (np.isfinite(min_nbor_dist) and min_nbor_dist > 0):
-        raise ValueError(f"min_nbor_dist must be a positive distance (Angstrom), got {min_nbor_dist!r}")
-    if not (np.isfinite(step) and step > 0):
-        raise ValueError(f"step must be positive, got {step!r}")
-    if not (np.isfinite(extrapolate) and extrapolate > 1):
-        raise ValueError(f"extrapolate must be larger than 1, got {extrapolate!r}")
-    cfg = se.config
-    lower, upper = env_mat_range(se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, min_nbor_dist, rule)
-    ntypes = cfg.ntypes
-    if cfg.type_one_side:
-        used = np.asarray(cfg.sel) > 0
-        bounds = [(lower[used].min(), upper[used].max())] * ntypes
-        keys = [(0, tj) for tj in range(ntypes)]
-    else:
-        keys = [(k % ntypes, k // ntypes) for k in range(ntypes * ntypes)]
-        bounds = [(lower[ti], upper[ti]) for ti, _ in keys]
+    min_nbor_dist = check_min_nbor_dist("min_nbor_dist", min_nbor_dist, se.config.rcut)
+    step = number("step", step, positive=True)
+    if not number("extrapolate", extrapolate) > 1:
+        raise InputError(f"extrapolate: {extrapolate} is not larger than 1")
+    if isinstance(check_frequency, bool) or not isinstance(check_frequency, (int, np.integer)):
+        raise InputTypeError(f"check_frequency: expected an integer, got {check_frequency!r}")
+    plan = plan_tables(se, min_nbor_dist, step, extrapolate, rule)
     tables = tuple(build_table(_embedding_net(se, ti, tj), lo, up, step, extrapolate, check_frequency)
-                   for (ti, tj), (lo, up) in zip(keys, bounds))
-    return replace(se, compress=compression(tables, se, float(min_nbor_dist)))
+                   for (ti, tj), (lo, up) in zip(plan.keys, plan.bounds))
+    return replace(se, compress=compression(tables, se, min_nbor_dist))
 
 
 # ---------------------------------------------------------------------------

@@ -86,3 +86,35 @@ def test_bad_input_is_named(model_file, tmp_path):
     with pytest.raises(ValueError, match="mode must be 'change' or 'set', got 'reset'"):
         bias_from_data(SimpleNamespace(get_ntypes=lambda: 2), [], "reset")
     assert not (tmp_path / "x.dp").exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    (["nan", "nan"], "bias_value (-b): nan at index (0,); expected finite numbers"),
+    (["1", "inf"], "bias_value (-b): inf at index (1,); expected finite numbers"),
+    (["1e307", "1"], "bias_value (-b): 1e+307 at index 0 is beyond +-1e+10; expected a per-atom energy"),
+    (["-20000000000.0", "1"], "bias_value (-b): -2e+10 at index 0 is beyond +-1e+10"),
+])
+def test_a_bias_the_model_checker_would_refuse_is_never_written(values, message, model_file, tmp_path, capsys):
+    """-b nan nan wrote a model that `minidp info` then refused: the same rule (model_check.check_bias) up front."""
+    out = tmp_path / "x.dp"
+    assert main(["change-bias", str(model_file), "-b", *values, "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_the_largest_bias_accepted_is_written_and_loads(model_file, tmp_path):
+    out = tmp_path / "x.dp"
+    assert main(["change-bias", str(model_file), "-b", "-10000000000.0", "1e10", "-o", str(out)]) == 0
+    assert main(["info", str(out)]) == 0 and load_model(out).bias.tolist() == [-1e10, 1e10]
+
+
+def test_numb_batch_and_bias_values_are_checked(systems_dir, model_file, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "x.dp"
+    assert main(["change-bias", str(model_file), "-s", str(systems_dir), "-n", "-1", "-o", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == "minidp change-bias: error: numb_batch (-n): -1 is below 0"
+    with pytest.raises(TypeError, match=r"bias_value \(-b\): expected an array of numbers"):
+        change_bias(model_file, out, bias_value=["a", "b"])
+    with pytest.raises(TypeError, match=r"numb_batch \(-n\): expected an integer, got float 1.5"):
+        change_bias(model_file, out, [systems_dir], numb_batch=1.5)
+    assert not out.exists()

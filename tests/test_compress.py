@@ -17,6 +17,7 @@ from minidp.compress import (
     _embedding_net,
     build_table,
     compress_descriptor,
+    grid_counts,
     hermite_coefficients,
     locate,
     net_derivatives,
@@ -25,7 +26,7 @@ from minidp.compress import (
 )
 from minidp.infer import DeepPot
 from minidp.neighbor import build_neighbor_list
-from minidp.io.serialization import load_model, min_nbor_dist, model_from_dict, read_model_dict, save_model
+from minidp.io.serialization import load_model, min_nbor_dist, model_bytes, model_from_dict, model_to_dict, read_model_dict, save_model
 from tests.conftest import MODEL_DP, MODEL_PB, need, random_model, rel_err, se_configs
 from tests.test_model import FLOOR, TOL, H, energy, make, predict, specs, strained
 
@@ -189,6 +190,75 @@ def test_bad_compression_settings_are_refused():
         Compression((), True, np.zeros((1, 3, 4)), (3,))
 
 
+@pytest.mark.parametrize("step, extrapolate", [(0.03, 5.0), (0.07, 5.0), (0.01, 5.05)])
+def test_a_grid_of_partial_pieces_is_refused(step, extrapolate):
+    """deepmd-kit's layout has no partial piece: with a step that does not divide the first table (or an
+    extrapolate that leaves the second a fraction of a piece) the piece ending at upper is fitted across
+    the wrong width, and G is off by ~1e-3 near and beyond upper (deepmd-kit's dpmodel too)."""
+    from minidp.se_e2_a import SeAConfig
+
+    net = _embedding_net(random_model(SeAConfig(4.0, 2.0, (3,), (4, 8), 2, True), 3).descriptor, 0, 0)
+    with pytest.raises(ValueError, match="not a whole number"):
+        build_table(net, -1.0, 9.0, step, extrapolate)
+
+
+@pytest.mark.parametrize("step", [0.1, 0.05, 0.02, 0.01, 0.005, 0.001])
+@pytest.mark.parametrize("lower, upper", [(-1.0, 15.0), (-3.0, 9.0), (-1.0, 7.0), (0.0, 13.0)])
+def test_grid_nodes_and_widths_agree_whatever_arange_rounds(step, lower, upper):
+    """One node per piece start, the widths h their differences: np.arange rounds its length
+    ((15 - -1)/0.1 = 160.00000000000003 nodes), the piece counts do not."""
+    x, h = table_grid(lower, upper, step, 10 * step, 5.0)
+    n_first, n_second = grid_counts(lower, upper, 5.0 * upper, step, 10 * step)
+    assert x.size == h.size + 1 == n_first + n_second + 1
+    assert x[n_first] == upper and x[-1] == 5.0 * upper
+    np.testing.assert_allclose(np.diff(x), h, rtol=1e-6)  # the nodes carry arange's round-off
+
+
+def test_table_checks_its_coefficients_and_its_piece_count():
+    coef = np.zeros((200 + 40, 4, 6))  # [-1, 1) by 0.01, then [1, 5) by 0.1
+    Table(coef, -1.0, 1.0, 5.0, 0.01, 0.1)
+    bad = coef.copy()
+    bad[17, 2, 4] = np.nan
+    with pytest.raises(ValueError, match="a_4 of feature 2 on piece 17 is nan"):
+        Table(bad, -1.0, 1.0, 5.0, 0.01, 0.1)
+    with pytest.raises(ValueError, match="239 pieces but its bounds make 240"):
+        Table(coef[:-1], -1.0, 1.0, 5.0, 0.01, 0.1)
+    with pytest.raises(ValueError, match="lower < upper < table_max"):
+        Table(coef, -1.0, 0.0, 0.0, 0.01, 0.1)  # the table of min_nbor_dist >= rcut
+    with pytest.raises(ValueError, match="finite"):
+        Table(coef, -1.0, 1.0, np.inf, 0.01, 0.1)
+
+
+def test_min_nbor_dist_must_lie_within_rcut():
+    """At and beyond rcut every s is 0: the table would collapse to [-1, 0) (1.3e3 eV off on water)."""
+    from minidp.se_e2_a import SeAConfig
+
+    se = random_model(SeAConfig(4.0, 2.0, (3,), (4,), 2, True), 1).descriptor
+    for rmin in (4.0, 100.0):
+        with pytest.raises(ValueError, match=f"min_nbor_dist: {rmin:g} is not below the model's rcut 4"):
+            compress_descriptor(se, rmin)
+    for rmin, message in ((np.nan, "not finite"), (-1.0, "not positive"), ("0.9", "expected a number")):
+        with pytest.raises((ValueError, TypeError), match=message):
+            compress_descriptor(se, rmin)
+
+
+@pytest.mark.parametrize("kwargs, pieces", [({"step": 1e-7}, "376,000,000"), ({"extrapolate": 1e9}, None),
+                                            ({"min_nbor_dist": 1e-4}, None)])
+def test_table_size_is_known_and_bounded_before_anything_is_built(kwargs, pieces, monkeypatch):
+    """-s 1e-7, -e 1e9 or a tiny min_nbor_dist would ask for GiB of tables: refused, saying how large."""
+    import minidp.compress as compress
+    from minidp.se_e2_a import SeAConfig
+
+    se = random_model(SeAConfig(4.0, 2.0, (3, 2), (4, 8), 2, False), 2).descriptor
+    monkeypatch.setattr(compress, "build_table", lambda *a, **k: pytest.fail("a table was built"))
+    with pytest.raises(ValueError, match=r"the tables would hold [\d,]+ pieces \([\d,]+ MiB\), above the bound of "
+                                         r"512 MiB") as err:
+        compress_descriptor(se, **{"min_nbor_dist": 0.9, **kwargs})
+    assert pieces is None or pieces in str(err.value)
+    plan = compress.plan_tables(se, 0.9, 0.01, 5.0, "neutral")
+    assert plan.nbytes == sum(plan.nspline) * 8 * 6 * 8 and len(plan.nspline) == 4
+
+
 # ---------------------------------------------------------------------------
 # Files and the command line
 # ---------------------------------------------------------------------------
@@ -222,6 +292,75 @@ def test_cli_compress_and_info(tmp_path, capsys):
     assert "compressed   yes" in out and "step 0.02" in out and "0.8 A" in out
     assert main(["compress", "-i", str(tmp_path / "c.dp"), "-o", str(tmp_path / "d.dp")]) == 2
     assert "already compressed" in capsys.readouterr().err
+
+
+def _plain_and_carrying(tmp_path, rmin=0.9):
+    """A model file without a min_nbor_dist and one carrying ``rmin`` (rcut 4)."""
+    from minidp.se_e2_a import SeAConfig
+
+    model = random_model(SeAConfig(4.0, 2.0, (3, 2), (4, 8), 2, True), 2)
+    save_model(tmp_path / "plain.dp", model)
+    (tmp_path / "carrying.json").write_bytes(model_bytes(
+        {"model": model_to_dict(model), "@variables": {"min_nbor_dist": np.array(rmin)}}, ".json"))
+    return tmp_path / "plain.dp", tmp_path / "carrying.json"
+
+
+def test_cli_min_nbor_dist_given_wins_over_the_models_own_and_says_so(tmp_path, capsys):
+    """It was ignored silently: the user's --min-nbor-dist (or -t) is used, in place of the model's."""
+    _, carrying = _plain_and_carrying(tmp_path)
+    out = tmp_path / "c.dp"
+    assert main(["compress", "-i", str(carrying), "-o", str(out), "--min-nbor-dist", "0.5", "-s", "0.05"]) == 0
+    assert f"0.5 A (given, in place of the 0.9 A {carrying} carries)" in capsys.readouterr().out
+    model = load_model(out)
+    assert model.descriptor.compress.min_nbor_dist == 0.5
+    expected = compress_descriptor(load_model(carrying).descriptor, 0.5, 0.05).compress
+    for a, b in zip(model.descriptor.compress.tables, expected.tables, strict=True):
+        assert np.array_equal(a.info, b.info) and np.array_equal(a.coef, b.coef)
+
+
+@pytest.mark.parametrize("rmin", [4.0, 100.0, 1e300])
+def test_cli_min_nbor_dist_beyond_rcut_is_refused_naming_its_origin(rmin, tmp_path, capsys):
+    plain, carrying = _plain_and_carrying(tmp_path, rmin)
+    for argv, origin in ((["-i", str(plain), "--min-nbor-dist", str(rmin)], "--min-nbor-dist"),
+                         (["-i", str(carrying)], f"{carrying}: @variables.min_nbor_dist")):
+        assert main(["compress", *argv, "-o", str(tmp_path / "c.dp")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"minidp compress: error: {origin}: {rmin:g} is not below the model's rcut 4: the smallest "
+                       "neighbour distance must lie within the cutoff"], err
+    assert not (tmp_path / "c.dp").exists()
+
+
+def test_cli_min_nbor_dist_of_training_systems_beyond_rcut_is_refused(tmp_path, capsys):
+    """Training systems with no pair within rcut: neighbor-stat's d_min is its starting 10 A."""
+    import json
+
+    import dpdata
+
+    plain, _ = _plain_and_carrying(tmp_path)
+    data = {"atom_names": ["T0", "T1"], "atom_numbs": [1, 1], "atom_types": np.array([0, 1]), "orig": np.zeros(3),
+            "cells": np.eye(3)[None] * 20.0, "coords": np.array([[[0.0, 0, 0], [8.0, 0, 0]]]),
+            "energies": np.zeros(1), "forces": np.zeros((1, 2, 3)), "nopbc": False}
+    dpdata.LabeledSystem(data=data).to("deepmd/npy", str(tmp_path / "far"))
+    config = {"model": {"type_map": ["T0", "T1"], "descriptor": {"type": "se_e2_a", "sel": [3, 2], "rcut": 4.0,
+                                                                  "rcut_smth": 2.0, "neuron": [4, 8], "axis_neuron": 2},
+                        "fitting_net": {"neuron": [6, 6]}},
+              "learning_rate": {"start_lr": 1e-3}, "loss": {},
+              "training": {"training_data": {"systems": ["far"]}, "numb_steps": 1}}
+    (tmp_path / "input.json").write_text(json.dumps(config))
+    assert main(["compress", "-i", str(plain), "-o", str(tmp_path / "c.dp"), "-t", str(tmp_path / "input.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training systems of" in err[0] and "10 is not below the model's rcut 4" in err[0], err
+
+
+@pytest.mark.parametrize("option", [["-s", "1e-7"], ["-e", "1e9"], ["--min-nbor-dist", "1e-4"], ["-s", "0.03"],
+                                    ["-s", "nan"], ["-s", "-0.01"], ["-e", "1"], ["--min-nbor-dist", "inf"]])
+def test_cli_compress_refuses_bad_options_in_one_line(option, tmp_path, capsys):
+    """Before: MemoryError tracebacks or GiB allocations (-s 1e-7, -e 1e9, --min-nbor-dist 1e-4)."""
+    _, carrying = _plain_and_carrying(tmp_path)
+    assert main(["compress", "-i", str(carrying), "-o", str(tmp_path / "c.dp"), *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minidp compress: error: "), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["carrying.json", "plain.dp"]
 
 
 def test_cli_compress_reads_the_training_systems(tmp_path, capsys):

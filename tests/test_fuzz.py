@@ -1,4 +1,5 @@
-"""Property-based fuzzing of what users hand minidp: training inputs, DeepPot.eval arguments, output paths.
+"""Property-based fuzzing of what users hand minidp: training inputs, DeepPot.eval arguments, output paths,
+and the model tools (info, compress, change-bias, neighbor-stat) on mutated compressed models and options.
 
 Every mutation either changes nothing minidp reads or is refused with a ValueError/TypeError naming
 what is wrong; an output is written only where nothing of the user's is lost. (Model dicts are fuzzed
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,6 +29,17 @@ from minidp.se_e2_a import SeAConfig
 from minidp.training.config import TrainConfig, parse_input
 from tests.test_model_check import _paths
 from tests.test_train import _input, data_dir  # noqa: F401  (fixture)
+from minidp.cli import main
+from minidp.compress import compress_descriptor
+from minidp.io.outputs import MARKER, safe_output
+from minidp.infer import DeepPot
+from minidp.io.serialization import load_model, model_bytes, model_from_dict, model_to_dict
+from minidp.training.config import TrainConfig, parse_input
+from tests.conftest import random_model
+from tests.test_model_check import _mutate, _paths
+from tests.test_neighbor_stat import _write as write_system
+from tests.test_neighbor_stat import brute_force
+from tests.test_train import _input
 
 EXAMPLES = int(os.environ.get("MINIDP_FUZZ_EXAMPLES", 700))  # the 624 (key, mutation) pairs: all of them
 
@@ -123,7 +136,8 @@ def _train_case(data, root: Path) -> Expect:
         # a seed of null is deepmd-kit's; a huge number where a number may be large can train or diverge;
         # a loss prefactor of 0 switches its term off, as in deepmd-kit
         value = parent[path[-1]]
-        fine = path[-1] == "seed" or value == 1e300 or (path[0] == "loss" and value == 0 and value is not False)
+        fine = (path[-1] == "seed" or value == 1e300 or (path[0] == "loss" and value == 0 and value is not False)
+                or (path[-1] == "batch_size" and isinstance(value, list)))  # one per system: deepmd-kit's too
         expect = Expect(("input", "training stopped"), fine)
     elif kind == "auto_prob":
         d["training"]["training_data"]["auto_prob"] = data.draw(AUTO_PROB, label="auto_prob")
@@ -293,3 +307,169 @@ def test_fuzz_output_paths(target, overwrite, kind):
         changed = {p for p in set(before) | set(after) if before.get(p, 0) != after.get(p, 0)}
         assert all(p == target or p.startswith(target + "/") or target.startswith(p + "/") for p in changed), changed
         assert not [p for p in after if Path(p).name.startswith(f".{Path(target).name}.")], "temporary left behind"
+
+
+# ---------------------------------------------------------------------------
+# The model tools: info, compress, change-bias, neighbor-stat
+# ---------------------------------------------------------------------------
+
+TOOL_EXAMPLES = int(os.environ.get("MINIDP_FUZZ_TOOL_EXAMPLES", 40))
+TOOL_MODEL = random_model(SeAConfig(4.0, 2.0, (4, 4), (2, 4), 2, False), 7)
+TOOL_MODEL.type_map = ["O", "H"]
+PLAIN = {"model": model_to_dict(TOOL_MODEL), "@variables": {"min_nbor_dist": np.array(0.8)}}
+COMPRESSED = {"model": model_to_dict(replace(TOOL_MODEL, descriptor=compress_descriptor(TOOL_MODEL.descriptor, 0.8,
+                                                                                        0.05))),
+              "@variables": {"min_nbor_dist": np.array(0.8)}}
+# every key path a reader of a compressed model looks at beyond the plain model's (fuzzed in test_model_check)
+TOOL_PATHS = [p for p in _paths(COMPRESSED) if p[:3] == ("model", "descriptor", "compress") or p[0] == "@variables"]
+FRAME = (np.array([[[0.0, 0, 0], [1.0, 0.2, 0], [0.1, 1.1, 0.3], [1.2, 1.0, 0.9], [2.0, 0.1, 0.5]]]),
+         np.eye(3)[None] * 6.0, np.array([0, 1, 1, 0, 1]))  # smallest distance 0.98 A
+
+
+def _energy(model) -> np.ndarray:
+    e, f, _ = DeepPot(model, progress=False).eval(*FRAME)
+    return np.concatenate([e.ravel(), f.ravel()])
+
+
+TOOL_REFERENCE = {"exact": _energy(TOOL_MODEL), "compressed": None}
+
+
+def _run(argv: list[str]) -> tuple[int, list[str], str]:
+    """main(argv) in this process: (exit status, stderr lines, stdout). An exception other than the
+    ones main turns into one line escapes, and fails the test (a traceback)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, [line for line in err.getvalue().splitlines() if line.strip()], out.getvalue()
+
+
+def _mutated(data: dict, path: tuple, kind: str, rng) -> dict:
+    data = copy.deepcopy(data)
+    parent = data
+    for k in path[:-1]:
+        parent = parent[k]
+    if kind == "delete":
+        parent.pop(path[-1])
+    elif kind == "value" and "compress_data" in path:  # another finite coefficient is another table, not an error
+        return data
+    elif kind == "shape" and isinstance(parent[path[-1]], np.ndarray) and parent[path[-1]].ndim == 0:  # two, none
+        parent[path[-1]] = np.array([parent[path[-1]]] * 2 if rng.random() < 0.5 else [])
+    elif kind == "value" and isinstance(parent[path[-1]], np.ndarray) and parent[path[-1]].size:
+        value = parent[path[-1]].astype(float).copy()
+        value.reshape(-1)[rng.integers(value.size)] = [0.0, -1.0, 0.5, 1e300, 100.0][rng.integers(5)]
+        parent[path[-1]] = value
+    else:
+        parent[path[-1]] = _mutate(parent[path[-1]], kind, rng)
+    return data
+
+
+@contextlib.contextmanager
+def _folder(files: dict):
+    """A scratch folder holding ``files`` (name -> bytes); on the way out, the inputs must be unchanged
+    and nothing but the named output may have appeared."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, content in files.items():
+            (root / name).write_bytes(content)
+        yield root
+        for name, content in files.items():
+            assert (root / name).read_bytes() == content, f"input {name} changed"
+
+
+def _check_run(rc: int, err: list[str], command: str, root: Path, inputs: set, output: str | None) -> None:
+    assert rc in (0, 2), (rc, err)
+    if rc == 2:
+        assert len(err) == 1 and err[0].startswith(f"minidp {command}: error: "), err
+    left = {p.name for p in root.iterdir()} - inputs
+    assert left == ({output} if rc == 0 and output else set()), left
+
+
+@settings(max_examples=TOOL_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, len(TOOL_PATHS) - 1), st.sampled_from(["delete", "type", "shape", "nan", "inf", "value"]),
+       st.integers(0, 2**32 - 1), st.sampled_from(["info", "change-bias"]))
+def test_fuzz_mutated_compressed_models_through_the_tools(index, kind, seed, command):
+    """A mutated compressed model: refused in one line naming the file, or read as exactly the same model."""
+    if TOOL_REFERENCE["compressed"] is None:
+        TOOL_REFERENCE["compressed"] = _energy(model_from_dict(COMPRESSED))
+    data = _mutated(COMPRESSED, TOOL_PATHS[index], kind, np.random.default_rng(seed))
+    with _folder({"m.json": model_bytes(data, ".json")}) as root:
+        model = str(root / "m.json")
+        argv = ["info", model] if command == "info" else ["change-bias", model, "-b", "1", "2", "-o",
+                                                           str(root / "new.dp")]
+        rc, err, _ = _run(argv)
+        _check_run(rc, err, command, root, {"m.json"}, "new.dp" if command == "change-bias" else None)
+        if rc == 2:
+            assert "m.json" in err[0], err
+            return
+        loaded = load_model(model)
+        # without its compress entry (deleted, None) the file holds the exact model, its nets intact
+        reference = TOOL_REFERENCE["exact" if loaded.descriptor.compress is None else "compressed"]
+        np.testing.assert_array_equal(_energy(loaded), reference,
+                                      err_msg=f"{TOOL_PATHS[index]} {kind}: accepted, and not the same model")
+        if command == "change-bias":
+            new = load_model(root / "new.dp")
+            assert new.bias.tolist() == [1.0, 2.0]
+            assert (new.descriptor.compress is None) == (loaded.descriptor.compress is None)
+            for a, b in zip(*(m.descriptor.compress.tables if m.descriptor.compress else () for m in (new, loaded)),
+                            strict=True):
+                assert np.array_equal(a.coef, b.coef) and np.array_equal(a.info, b.info)
+
+
+STEPS = ["0.01", "0.05", "0.1", "0.03", "1e-7", "-0.01", "nan", "inf", "0"]
+EXTRAPOLATES = ["5", "2", "1", "0.5", "1e9", "nan", "5.05"]
+RMINS = [None, "0.5", "0.8", "3.5", "4", "100", "1e-4", "-1", "nan", "inf"]
+STORED = [0.8, None, "abc", [], {}, 100.0, np.nan, [0.5, 0.6], 0.6]
+
+
+@settings(max_examples=TOOL_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(STEPS), st.sampled_from(EXTRAPOLATES), st.sampled_from(RMINS), st.sampled_from(STORED))
+def test_fuzz_compress_options_and_stored_distance(step, extrapolate, rmin, stored):
+    """compress: refused in one line, or a table of the distance the user gave (else the model's) whose
+    energies are the exact model's wherever no pair is closer than that distance."""
+    data = copy.deepcopy(PLAIN)
+    data["@variables"] = {} if stored is None else {"min_nbor_dist": stored}
+    with _folder({"m.json": model_bytes(data, ".json")}) as root:
+        argv = ["compress", "-i", str(root / "m.json"), "-o", str(root / "c.dp"), "-s", step, "-e", extrapolate]
+        rc, err, _ = _run(argv + ([] if rmin is None else ["--min-nbor-dist", rmin]))
+        _check_run(rc, err, "compress", root, {"m.json"}, "c.dp")
+        if rc == 2:
+            return
+        used = float(rmin) if rmin is not None else float(stored)
+        assert 0 < used < 4.0 and float(step) > 0 and float(extrapolate) > 1
+        model = load_model(root / "c.dp")
+        assert model.descriptor.compress.min_nbor_dist == used
+        e = _energy(model)
+        assert np.isfinite(e).all()
+        if used <= 0.98:  # every pair of the frame is inside the first table
+            np.testing.assert_allclose(e, TOOL_REFERENCE["exact"], rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=TOOL_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(["3", "4", "inf", "nan", "-1", "0", "1e5"]),
+       st.sampled_from([None, ["O", "H"], ["H", "O"], ["O", "O", "H"], ["O"], ["O", "H", "C"]]),
+       st.sampled_from([None, "nan cell", "singular cell", "nan coord", "same spot"]), st.integers(0, 4))
+def test_fuzz_neighbor_stat(rcut, type_map, bad, frame):
+    """neighbor-stat: refused in one line (naming the system and frame of a bad frame), or the brute-force
+    statistics."""
+    rng = np.random.default_rng(frame)
+    cells, coords, types = np.tile(np.eye(3) * 5.0, (5, 1, 1)), rng.uniform(0, 5, (5, 6, 3)), np.array([0, 1] * 3)
+    if bad == "nan cell":
+        cells[frame, 2, 2] = np.nan
+    elif bad == "singular cell":
+        cells[frame, 2] = cells[frame, 0]
+    elif bad == "nan coord":
+        coords[frame, 1, 1] = np.inf
+    elif bad == "same spot":
+        coords[frame, 3] = coords[frame, 0]
+    with tempfile.TemporaryDirectory() as tmp:
+        system = write_system(Path(tmp) / "sys", coords, cells, types, names=("O", "H"))
+        rc, err, out = _run(["neighbor-stat", "-s", system, "-r", rcut] + (["-t", *type_map] if type_map else []))
+    assert rc in (0, 2) and (rc == 0 or (len(err) == 1 and err[0].startswith("minidp neighbor-stat: error: ")))
+    valid = rcut in ("3", "4") and type_map not in (["O", "O", "H"], ["O"])
+    assert (rc == 0) == (valid and bad is None), (rcut, type_map, bad, err)
+    if bad is not None and valid:
+        assert str(system) in err[0] and f"frame {frame}" in err[0], err  # the system or its file, and the frame
+    if rc == 0:
+        names = type_map or ["O", "H"]
+        d, c = brute_force(coords, cells, np.array([names.index("OH"[t]) for t in types]), float(rcut), len(names))
+        assert f"min_nbor_dist: {d:f}" in out and f"max_nbor_size: {np.array(c)!s}" in out, out

@@ -8,8 +8,9 @@ either changes nothing minidp computes or raises ValueError/TypeError naming the
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from minidp.infer import DeepPot
 from minidp.model import new_model
 from minidp.io.model_check import check_model_dict
 from minidp.se_e2_a import SeAConfig
-from minidp.io.serialization import _encode_arrays, load_model, model_from_dict, model_to_dict, save_model
+from minidp.io.serialization import _encode_arrays, load_model, model_bytes, model_from_dict, model_to_dict, read_min_nbor_dist, save_model
 
 CFG = SeAConfig(3.0, 0.5, (3, 4), (2, 4), 2, False)
 COORDS = np.array([[0.0, 0, 0], [1.0, 0.2, 0], [0.1, 1.1, 0.3], [1.2, 1.0, 0.9], [2.0, 0.1, 0.5]])
@@ -129,9 +130,13 @@ def test_the_same_check_for_every_format(tmp_path):
     for suffix in (".dp", ".yaml", ".json"):
         save_model(tmp_path / f"ok{suffix}", model_from_dict(_valid()))
         load_model(tmp_path / f"ok{suffix}")
-        save_model(tmp_path / f"bad{suffix}", bad)
+        (tmp_path / f"bad{suffix}").write_bytes(model_bytes(data, suffix))  # as another program could write it
         with pytest.raises(ValueError, match=r"bad\S*: model.fitting.@variables.bias_atom_e: nan at index \(0, 0\)"):
             load_model(tmp_path / f"bad{suffix}")
+        # and minidp never writes it: what save_model writes must load
+        with pytest.raises(ValueError, match=r"not writing \S*new\S*: model.fitting.@variables.bias_atom_e: nan"):
+            save_model(tmp_path / f"new{suffix}", bad)
+        assert not (tmp_path / f"new{suffix}").exists()
 
 
 @pytest.mark.parametrize("content, name, message", [
@@ -149,6 +154,128 @@ def test_unreadable_model_files_are_named(content, name, message, tmp_path, caps
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.format(path=path) in err[0], err
+
+
+# ---------------------------------------------------------------------------
+# Compressed models: every table value checked like the rest of the model
+# ---------------------------------------------------------------------------
+
+
+def _compressed() -> dict:
+    """The file dict of the tiny model compressed (4 tables of 76 or 104 pieces of 0.05, then 0.5),
+    min_nbor_dist 0.8."""
+    from dataclasses import replace
+
+    from minidp.compress import compress_descriptor
+
+    model = model_from_dict(_valid())
+    model = replace(model, descriptor=compress_descriptor(model.descriptor, 0.8, 0.05))
+    return {"model": model_to_dict(model), "@variables": {"min_nbor_dist": np.array(0.8)}}
+
+
+def _tables(data: dict) -> dict:
+    return data["model"]["descriptor"]["compress"]["@variables"]
+
+
+KEY = "model.descriptor.compress.@variables"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda v: v["compress_data"][1].__setitem__((5, 7), np.nan), f"{KEY}.compress_data[1]: nan at index (5, 7)"),
+    (lambda v: v["compress_data"][3].__setitem__((0, 0), -np.inf), f"{KEY}.compress_data[3]: -inf at index (0, 0)"),
+    (lambda v: v["compress_info"][2].__setitem__(2, np.inf), f"{KEY}.compress_info[2]: inf at index (2,)"),
+    # the row count compress_info makes (190-1110 eV off when it was not checked)
+    (lambda v: v["compress_data"].__setitem__(0, v["compress_data"][0][:-10]),
+     f"{KEY}.compress_data[0]: shape (66, 24), expected (76, 24)"),
+    (lambda v: v["compress_data"].__setitem__(0, np.concatenate([v["compress_data"][0]] * 2)),
+     f"{KEY}.compress_data[0]: shape (152, 24), expected (76, 24)"),
+    (lambda v: v["compress_data"].__setitem__(2, v["compress_data"][2][:, :-6]),
+     f"{KEY}.compress_data[2]: shape (76, 18), expected (76, 24)"),
+    # the table min_nbor_dist >= rcut gave: s in [-1, 0), table_max 0
+    (lambda v: v["compress_info"][0].__setitem__(slice(0, 3), [-1.0, 0.0, 0.0]),
+     f"{KEY}.compress_info[0]: table bounds must satisfy lower < upper < table_max, got -1, 0, 0"),
+    (lambda v: v["compress_info"][1].__setitem__(1, -2.0), f"{KEY}.compress_info[1]: table bounds must satisfy"),
+    (lambda v: v["compress_info"][1].__setitem__(3, -0.05), f"{KEY}.compress_info[1]: table strides must be positive"),
+    (lambda v: v["compress_info"][1].__setitem__(4, 0.0), f"{KEY}.compress_info[1]: table strides must be positive"),
+    (lambda v: v["compress_info"][0].__setitem__(3, 0.07), f"{KEY}.compress_info[0]: the table [-1, 2) is 42.8571 "
+                                                           "pieces of 0.07, not a whole number"),
+    (lambda v: v["compress_info"][0].__setitem__(5, 0.5), f"{KEY}.compress_info[0]: compress_info must be 6 finite "
+                                                          "numbers, the last an integer"),
+    (lambda v: v["compress_info"].__setitem__(0, v["compress_info"][0][:5]),
+     f"{KEY}.compress_info[0]: shape (5,), expected (6,)"),
+    (lambda v: v["compress_data"].pop(), f"{KEY}.compress_data: 3 tables, expected 4 (one per embedding net)"),
+    (lambda v: v.update(compress_info="x"), f"{KEY}.compress_info: 'x' tables, expected 4"),
+    (lambda v: v.pop("compress_data"), f"{KEY}.compress_data: missing"),
+    (lambda v: v["compress_data"].__setitem__(1, [["a"] * 24] * 104),
+     f"{KEY}.compress_data[1]: expected an array of numbers"),
+])
+def test_bad_compressed_models_are_refused_naming_file_and_key(edit, message, tmp_path, capsys):
+    data = _compressed()
+    edit(_tables(data))
+    path = _write(tmp_path, data)
+    with pytest.raises((ValueError, TypeError)) as err:
+        load_model(path)
+    assert str(err.value).startswith(f"{path}: {message}"), str(err.value)
+    assert main(["info", str(path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_a_compressed_model_that_is_not_a_mapping_is_refused(tmp_path):
+    data = _compressed()
+    data["model"]["descriptor"]["compress"] = "yes"
+    with pytest.raises(TypeError, match=r"model.descriptor.compress: expected a mapping, got str 'yes'"):
+        load_model(_write(tmp_path, data))
+
+
+def test_a_valid_compressed_model_loads_with_its_min_nbor_dist(tmp_path):
+    for suffix in (".dp", ".json"):
+        save_model(tmp_path / f"c{suffix}", model_from_dict(_compressed()), min_nbor_dist=0.8)
+        assert load_model(tmp_path / f"c{suffix}").descriptor.compress.min_nbor_dist == 0.8
+
+
+@pytest.mark.parametrize("value, message", [
+    ([], "expected a number, got list []"), ({}, "expected a number, got dict {}"),
+    ("abc", "expected a number, got str 'abc'"), ([0.5, 0.6], "expected a number, got list [0.5, 0.6]"),
+    (True, "expected a number, got bool True"), (np.nan, "nan is not finite"), (-1.0, "-1.0 is not positive"),
+    (0, "0 is not positive"),
+])
+def test_malformed_min_nbor_dist_is_named(value, message, tmp_path, capsys):
+    """The one reader of @variables.min_nbor_dist: at load, in compress and in change-bias alike."""
+    data = _valid()
+    data["@variables"] = {"min_nbor_dist": value}
+    path = _write(tmp_path, data)
+    expected = f"{path}: @variables.min_nbor_dist: {message}"
+    for call in (load_model, read_min_nbor_dist):
+        with pytest.raises((ValueError, TypeError)) as err:
+            call(path)
+        assert str(err.value) == expected
+    for argv in (["compress", "-i", str(path), "-o", str(tmp_path / "c.dp")],
+                 ["change-bias", str(path), "-b", "1", "2", "-o", str(tmp_path / "b.dp")]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"minidp {argv[0]}: error: {expected}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+@pytest.mark.parametrize("value", [np.array(0.9), np.array([0.9]), [0.9], 0.9, np.float32(0.9)])
+def test_min_nbor_dist_spellings_deepmd_kit_writes_are_read(value, tmp_path):
+    data = _valid()
+    data["@variables"] = {"min_nbor_dist": value}
+    assert read_min_nbor_dist(_write(tmp_path, data)) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("where", ["fitting", "out_bias"])
+def test_an_absurd_bias_is_refused(where, tmp_path):
+    """1e307 per atom overflows an energy; beyond MAX_BIAS the fitted part is lost to round-off."""
+    data = _valid()
+    if where == "fitting":
+        data["model"]["fitting"]["@variables"]["bias_atom_e"][1, 0] = 1e307
+        key = "model.fitting.@variables.bias_atom_e: 1e+307 at index 1"
+    else:
+        data["model"]["@variables"] = {"out_bias": np.array([[[-1e11], [0.0]]])}
+        key = "model.@variables.out_bias[0]: -1e+11 at index 0"
+    with pytest.raises(ValueError, match=rf"m.json: {re.escape(key)} is beyond \+-1e\+10"):
+        load_model(_write(tmp_path, data))
 
 
 # ---------------------------------------------------------------------------

@@ -38,9 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
+from minidp.checks import integer
 from minidp.infer import DeepPot
+from minidp.io.model_check import check_bias
 from minidp.io.outputs import check_output
-from minidp.io.serialization import read_min_nbor_dist, save_model
+from minidp.io.serialization import NATIVE_SUFFIXES, model_suffix, read_min_nbor_dist, save_model
 from minidp.io.systems import lazy_system, model_types, read_frames
 from minidp.stats import energy_bias
 
@@ -83,21 +85,29 @@ def change_bias(model_path, output, systems=(), mode: str = "change", numb_batch
     """Write the model with its new bias to ``output``; returns (old bias, new bias), each (ntypes,).
 
     ``output`` is checked before any work (minidp.io.outputs.check_output): never an input, never a
-    user's file; ``overwrite`` replaces only a model minidp wrote."""
-
-    check_output(output, "model", (model_path, *(systems or ())), overwrite)
+    user's file; ``overwrite`` replaces only a model minidp wrote. The new bias obeys the model
+    checker's rule (:func:`minidp.io.model_check.check_bias`: finite, within +-MAX_BIAS), given
+    (``bias_value``, checked before the model is read) or fitted, so what is written loads."""
+    inputs = (model_path, *(systems or ()))
+    check_output(output, "model", inputs, overwrite)
+    model_suffix(output)
+    numb_batch = integer("numb_batch (-n)", numb_batch, lo=0)
+    if bias_value is not None:
+        given = np.asarray(bias_value) if isinstance(bias_value, (list, tuple)) else bias_value
+        bias_value = check_bias("bias_value (-b)", given, int(np.size(given)))
+    elif not systems:
+        raise ValueError("change-bias needs systems (-s) or bias values (-b)")
     dp = DeepPot(model_path)
     old = dp.model.bias.copy()
     if bias_value is not None:
-        new = np.asarray(bias_value, dtype=float).reshape(-1)
-        if new.size != dp.get_ntypes():
-            raise ValueError(f"-b gives {new.size} values; expected one per type of the model's type map "
+        if bias_value.size != dp.get_ntypes():
+            raise ValueError(f"-b gives {bias_value.size} values; expected one per type of the model's type map "
                              f"{dp.get_type_map()}")
+        new = bias_value
     else:
-        if not systems:
-            raise ValueError("change-bias needs systems (-s) or bias values (-b)")
-        new = bias_from_data(dp, systems, mode, numb_batch)
+        new = check_bias(f"the {mode} bias fitted to the systems", bias_from_data(dp, systems, mode, numb_batch),
+                         dp.get_ntypes())
     dp.model.bias = new
-    keep = read_min_nbor_dist(model_path) if Path(str(model_path)).suffix in (".dp", ".yaml", ".yml", ".json") else None
-    save_model(output, dp.model, overwrite=overwrite, inputs=(model_path, *(systems or ())), min_nbor_dist=keep)
+    keep = read_min_nbor_dist(model_path) if Path(str(model_path)).suffix.lower() in NATIVE_SUFFIXES else None
+    save_model(output, dp.model, overwrite=overwrite, inputs=inputs, min_nbor_dist=keep)
     return old, new

@@ -6,7 +6,10 @@ it to :func:`check_model_dict` first. Every key minidp reads is checked there,
 once: presence, type (a bool is a bool, a width an int), shape (each array
 against ntypes, nnei and the neuron widths) and finiteness (no NaN/inf in a
 weight, bias, davg or dstd; dstd > 0, since the environment matrix is divided
-by it). The first problem is raised, naming the file and the key path:
+by it; a bias within +-MAX_BIAS). A compressed model's tables are checked as
+closely (:func:`check_compress`: finite, shapes from compress_info, bounds
+ordered), and so is the file's min_nbor_dist (:func:`min_nbor_dist`, the one
+reader of it). The first problem is raised, naming the file and the key path:
 
     water.dp: model.descriptor.@variables.dstd: shape (2, 138, 1), expected (2, 138, 4)
 
@@ -15,7 +18,8 @@ as :class:`~minidp.checks.InputError` (a ValueError), or
 wrong type. Keys minidp does not read are not looked at. The value-range rules
 of the descriptor (rcut_smth < rcut, axis_neuron <= ng, ...) belong to
 :class:`~minidp.se_e2_a.SeAConfig`; its ValueError is passed on here with the
-file and key path in front, not written twice.
+file and key path in front, not written twice; so are the tables' rules, from
+:class:`~minidp.compress.Table`.
 
 Shape symbols (see :mod:`minidp.se_e2_a`): ``ntypes``, ``nnei`` (sum of sel),
 ``ng`` (neuron[-1]), ``m2`` (axis_neuron); a net's layer k maps n_{k-1} to n_k.
@@ -26,8 +30,16 @@ from __future__ import annotations
 import numpy as np
 
 from minidp.checks import InputError, InputTypeError, boolean, integer, integers, names, number, short, validated
+from minidp.compress import Table, grid_counts
 from minidp.nn import get_activation
 from minidp.se_e2_a import SeAConfig
+
+# The largest per-atom energy bias a model may carry (in its energy unit, eV for deepmd-kit). An
+# energy is a sum of per-atom terms in float64 (16 digits): next to a bias of 1e10 the fitted part
+# keeps 1e-6 of resolution, what a force field needs; beyond, it is lost to round-off, and
+# 1e307 per atom overflows the sum. Real biases are -1e1..-1e5 eV (all-electron heavy atoms).
+MAX_BIAS = 1e10
+
 
 # ---------------------------------------------------------------------------
 # One value at a key path
@@ -148,7 +160,66 @@ def check_descriptor(d, ntypes: int) -> SeAConfig:
     # (ntypes, nnei, 4) both; dstd divides the environment matrix: zero or negative is never right
     _array(_key(v, "davg", f"{where}.@variables"), f"{where}.@variables.davg", (ntypes, cfg.nnei, 4))
     _array(_key(v, "dstd", f"{where}.@variables"), f"{where}.@variables.dstd", (ntypes, cfg.nnei, 4), positive=True)
+    if d.get("compress") is not None and d.get("compress") is not False:
+        check_compress(d["compress"], cfg, ntypes)
     return cfg
+
+
+def check_compress(c, cfg: SeAConfig, ntypes: int) -> None:
+    """model.descriptor.compress: one table per embedding net, in deepmd-kit's layout.
+
+    compress_info[k] (6,): lower < upper < table_max, strides > 0, whole grids
+    (:func:`minidp.compress.grid_counts`), an integer check frequency; compress_data[k]
+    (nspline, 6 * ng) with nspline the pieces compress_info[k] makes, every coefficient
+    finite. The rules are :class:`minidp.compress.Table`'s, prefixed with the key.
+    """
+    where = "model.descriptor.compress.@variables"
+    v = _mapping(_key(_mapping(c, "model.descriptor.compress"), "@variables", "model.descriptor.compress"), where)
+    expected = ntypes if cfg.type_one_side else ntypes * ntypes
+    lists = [_key(v, name, where) for name in ("compress_data", "compress_info")]
+    for name, value in zip(("compress_data", "compress_info"), lists):
+        if not isinstance(value, list) or len(value) != expected:
+            n = len(value) if isinstance(value, list) else short(value)
+            raise InputError(f"{where}.{name}: {n} tables, expected {expected} (one per embedding net)")
+    for k, (data, info) in enumerate(zip(*lists)):
+        iw, dw = f"{where}.compress_info[{k}]", f"{where}.compress_data[{k}]"
+        info = _vector(info, iw, 6)
+        # (nspline, 6 * ng): the rows the bounds make
+        n_first, n_second = validated(iw, grid_counts, lower=info[0], upper=info[1], table_max=info[2],
+                                      stride0=info[3], stride1=info[4])
+        _array(data, dw, (n_first + n_second, 6 * cfg.ng))
+        validated(iw, Table.from_deepmd, data=data, info=info)
+
+
+def check_bias(where: str, value, ntypes: int) -> np.ndarray:
+    """ntypes per-atom energy biases (ntypes,): finite, within +-MAX_BIAS (see there)."""
+    bias = _vector(value, where, ntypes)
+    bad = np.flatnonzero(np.abs(bias) > MAX_BIAS)
+    if bad.size:
+        raise InputError(f"{where}: {bias[bad[0]]:g} at index {int(bad[0])} is beyond +-{MAX_BIAS:g}; expected a "
+                         "per-atom energy")
+    return bias
+
+
+def min_nbor_dist(data, source: str = "the model file") -> float | None:
+    """The smallest neighbour distance a model file carries, or None: the one reader of it.
+
+    deepmd-kit writes it in the file's top-level @variables (a number, or an
+    array of one); it must be a finite positive number. InputError or
+    InputTypeError names ``source`` (the file) and the key.
+    """
+    where = f"{source}: @variables.min_nbor_dist"
+    v = data.get("@variables") if isinstance(data, dict) else None
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise InputTypeError(f"{source}: @variables: expected a mapping, got {type(v).__name__} {short(v)}")
+    value = v.get("min_nbor_dist")
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(-1)[0]
+    elif isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    return None if value is None else number(where, value, positive=True)
 
 
 def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
@@ -171,8 +242,7 @@ def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
         nw = f"{where}.nets.networks[{k}]"
         check_net(net, nw, dim_descrpt, hidden + (1,))
     v = _key(d, "@variables", where)
-    bias = _key(v, "bias_atom_e", f"{where}.@variables")
-    _vector(bias, f"{where}.@variables.bias_atom_e", ntypes)
+    check_bias(f"{where}.@variables.bias_atom_e", _key(v, "bias_atom_e", f"{where}.@variables"), ntypes)
 
 
 def check_model_dict(data, source: str) -> None:
@@ -188,8 +258,10 @@ def check_model_dict(data, source: str) -> None:
         if _mapping(v, "model.@variables").get("out_bias") is not None:
             # (noutputs, ntypes, 1): the energy's row is the first
             rows = np.shape(v["out_bias"])[0] if np.ndim(v["out_bias"]) == 3 else 1
-            _array(v["out_bias"], "model.@variables.out_bias", (rows, len(type_map), 1))
+            out_bias = _array(v["out_bias"], "model.@variables.out_bias", (rows, len(type_map), 1))
+            check_bias("model.@variables.out_bias[0]", out_bias[0], len(type_map))
     except InputTypeError as err:
         raise InputTypeError(f"{source}: {err}") from None
     except InputError as err:
         raise InputError(f"{source}: {err}") from None
+    min_nbor_dist(data, source)

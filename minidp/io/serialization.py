@@ -20,15 +20,19 @@ anything else is refused with an error that names it.
 
 from __future__ import annotations
 
+import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import h5py
 import numpy as np
+import yaml
 
 from minidp import __version__
 from minidp.checks import InputError, file_path
 from minidp.compress import Table, compression
-from minidp.io.model_check import check_model_dict
+from minidp.io.model_check import check_model_dict, min_nbor_dist
 from minidp.io.outputs import safe_output
 from minidp.model import EnergyModel
 from minidp.nn import Layer, Net, get_activation
@@ -56,8 +60,6 @@ def _decode_arrays(obj):
 
 def _read_hdf5(path: Path) -> dict:
     """A .dp file: JSON in the 'json' attribute, arrays as datasets named inside '@variables'."""
-    import h5py
-
     with h5py.File(path, "r") as f:
         if "json" not in f.attrs:
             raise InputError(f"{path}: HDF5 file has no 'json' attribute; not a deepmd-kit .dp model")
@@ -153,8 +155,6 @@ def read_model_dict(path) -> dict:
         if suffix == ".dp":
             data = _read_hdf5(path)
         elif suffix in (".yaml", ".yml"):
-            import yaml
-
             data = _decode_arrays(yaml.safe_load(path.read_text()))
         elif suffix == ".json":
             data = _decode_arrays(json.loads(path.read_text()))
@@ -293,8 +293,6 @@ def model_from_dict(data: dict) -> EnergyModel:
     ntypes = len(type_map)
     se = _descriptor_from_dict(m["descriptor"], ntypes)
     if se.compress is not None and data is not m:  # the file's smallest neighbour distance, kept on save
-        from dataclasses import replace
-
         se = replace(se, compress=replace(se.compress, min_nbor_dist=min_nbor_dist(data)))
     fitting, bias = _fitting_from_dict(m["fitting"], ntypes)
     out_bias = m.get("@variables", {}).get("out_bias")
@@ -302,13 +300,6 @@ def model_from_dict(data: dict) -> EnergyModel:
         # the atomic model's output bias, (n_outputs, ntypes, 1): the energy's is row 0
         bias = bias + np.asarray(out_bias)[0].reshape(ntypes)
     return EnergyModel(type_map, se, fitting, bias)
-
-
-def min_nbor_dist(data: dict) -> float | None:
-    """The smallest neighbour distance of the training data a model file carries (top-level
-    @variables, where deepmd-kit writes it), or None."""
-    value = (data.get("@variables") or {}).get("min_nbor_dist")
-    return None if value is None else float(np.asarray(value).reshape(-1)[0])
 
 
 def load_model(path) -> EnergyModel:
@@ -325,8 +316,9 @@ def load_model(path) -> EnergyModel:
 
 
 def read_min_nbor_dist(path) -> float | None:
-    """The smallest neighbour distance stored with a model file (:func:`min_nbor_dist`), or None."""
-    return min_nbor_dist(read_model_dict(path))
+    """The smallest neighbour distance stored with a model file, or None
+    (:func:`minidp.io.model_check.min_nbor_dist`, the one reader of it)."""
+    return min_nbor_dist(read_model_dict(path), str(path))
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +412,15 @@ def _encode_arrays(obj):
     return obj
 
 
+def model_suffix(path) -> str:
+    """The suffix of a model file minidp can write (.dp, .yaml, .yml, .json), lower-case; ValueError
+    otherwise (the writers ask first, before any work)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in NATIVE_SUFFIXES:
+        raise InputError(f"cannot write {Path(path).suffix!r} models ({path}); expected one of {NATIVE_SUFFIXES}")
+    return suffix
+
+
 def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min_nbor_dist: float | None = None
                ) -> None:
     """Write an EnergyModel as deepmd-kit's .dp (HDF5), .yaml/.yml or .json, atomically.
@@ -429,35 +430,49 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
     data's smallest neighbour distance, minidp.active.neighbor_stat) goes where
     deepmd-kit keeps it, the file's top-level @variables: model compression
     reads it there.
-    """
 
+    What is written must load: the dict passes :func:`minidp.io.model_check.check_model_dict`
+    first (a NaN weight or bias is refused here, not by the next reader). The
+    file is made in memory and written in one call, so that a full disk is an
+    OSError from that write, naming the file, with nothing left behind.
+    """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in NATIVE_SUFFIXES:
-        raise ValueError(f"cannot write {path.suffix!r} models; expected one of {NATIVE_SUFFIXES}")
+    suffix = model_suffix(path)
     data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
             "model_def_script": {}, "@variables": {}}
     if min_nbor_dist is None and model.descriptor.compress is not None:
         min_nbor_dist = model.descriptor.compress.min_nbor_dist  # a compressed model keeps its own
     if min_nbor_dist is not None:
         data["@variables"]["min_nbor_dist"] = np.array(float(min_nbor_dist))  # a dataset, as deepmd-kit writes it
+    check_model_dict(data, f"not writing {path}")
+    payload = model_bytes(data, suffix)
     with safe_output(path, "model", inputs, overwrite) as tmp:
-        if suffix == ".dp":
-            _write_hdf5(tmp, data)
-        elif suffix == ".json":
-            tmp.write_text(json.dumps(_encode_arrays(data)))
-        else:
-            import yaml
-
-            tmp.write_text(yaml.safe_dump(_encode_arrays(data)))
+        try:
+            tmp.write_bytes(payload)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot write the model {path}: {err.strerror or err}") from None
 
 
-def _write_hdf5(path: Path, data: dict) -> None:
-    """Arrays as datasets variable_0000, ...; the dict, naming them, as JSON in attribute 'json'."""
-    import h5py
+def model_bytes(data: dict, suffix: str) -> bytes:
+    """The file's content for a model dict: HDF5 for .dp, else the YAML/JSON spelling (UTF-8)."""
+    if suffix == ".dp":
+        return _hdf5_bytes(data)
+    if suffix == ".json":
+        return json.dumps(_encode_arrays(data)).encode()
+    return yaml.safe_dump(_encode_arrays(data)).encode()
 
+
+def _hdf5_bytes(data: dict) -> bytes:
+    """A .dp file in memory: arrays as datasets variable_0000, ...; the dict naming them, as JSON in attribute 'json'.
+
+    HDF5 buffers its metadata and writes it when the file closes: on a real
+    file, a full disk then fails inside h5py's close (a RuntimeError, and
+    HDF5's library state can crash the interpreter afterwards). In memory
+    (a BytesIO) it cannot fail that way; the bytes are written by save_model.
+    """
     counter = iter(range(10**9))
-    with h5py.File(path, "w") as f:
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
 
         def store(node):
             if isinstance(node, np.ndarray):
@@ -469,3 +484,4 @@ def _write_hdf5(path: Path, data: dict) -> None:
             return node.item() if isinstance(node, np.generic) else node
 
         f.attrs["json"] = json.dumps(store(data), separators=(",", ":"))
+    return buffer.getvalue()
