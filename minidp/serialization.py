@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from minidp.checks import InputError
+from minidp.io import legacy_graph
 from minidp.model import EnergyModel
 from minidp.nn import Layer, Net, get_activation
 from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig
@@ -92,6 +93,9 @@ def _read_converted(path: Path) -> dict:
 
         graph, graph_def = load_graph_def(str(path))
         _refuse_compressed_pb(path, graph_def)
+        # old graphs (no train_attr/training_script), which deepmd-kit's converter cannot read: minidp.io.legacy_graph
+        if not legacy_graph.has_training_script(graph_def):
+            return legacy_graph.legacy_model_dict(graph_def, str(path))
     backend = Backend.detect_backend_by_model(str(path))
     data = backend().serialize_hook(str(path))
     if graph is not None:
