@@ -117,7 +117,8 @@ def evaluate(pot) -> dict[str, dict[str, np.ndarray]]:
 
 def tf_worker(pb: str, npz: str) -> None:
     """Run in its own process: deepmd-kit's TF DeepPot on ``pb``, every result into ``npz``."""
-    from deepmd.infer import DeepPot as DeepmdPot  # deepmd-kit is the reference, needed only here
+    # deepmd-kit is the reference: imported in this worker process only
+    from deepmd.infer import DeepPot as DeepmdPot
 
     results = evaluate(DeepmdPot(pb))
     np.savez(npz, **{f"{frame}/{q}": value for frame, r in results.items() for q, value in r.items()})
@@ -127,7 +128,7 @@ def tf_results(pb: Path) -> dict[str, dict[str, np.ndarray]]:
     """:func:`tf_worker` in a separate Python process (TensorFlow stays out of this one)."""
     npz = pb.with_suffix(".tf.npz")
     run = subprocess.run([sys.executable, "-m", "validation.legacy_graphs", "--tf-worker", str(pb), str(npz)],
-                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                         check=False, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if run.returncode != 0:
         tail = "\n".join(run.stderr.strip().splitlines()[-10:])
         raise RuntimeError(f"deepmd-kit's DeepPot failed on {pb} (exit {run.returncode}):\n{tail}")
@@ -153,7 +154,7 @@ def write_pbs(folder: Path, tmp: Path) -> dict[str, tuple[Path, Path]]:
     # deepmd-kit's DeepPot needs a 0.12 graph renamed to its 2.1 ops and nodes first (writes into its cwd)
     converted = tmp / "sea_012-converted.pb"
     run = subprocess.run([dp_executable(), "convert-from", "0.12", "-i", str(pbs["sea_012"][0]), "-o",
-                          str(converted)], capture_output=True, text=True, cwd=tmp)
+                          str(converted)], check=False, capture_output=True, text=True, cwd=tmp)
     if run.returncode != 0 or not converted.is_file():
         raise RuntimeError(f"dp convert-from 0.12 failed (exit {run.returncode}): {run.stderr.strip()[-500:]}")
     pbs["sea_012"] = (pbs["sea_012"][0], converted)
