@@ -48,6 +48,7 @@ atomic parameters; a node the model needs and the graph lacks; and any weight-li
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -330,7 +331,7 @@ def embedding_nets(g: Graph, ntypes: int) -> tuple[bool, list[list[GraphLayer]]]
         if f"{prefix}/matrix_1_{tj}" not in g.consts:  # TensorFlow builds no net for an excluded pair
             raise InputError(f"{g.source}: node {prefix}/matrix_1_{tj} ({what}) is missing from the graph "
                              "(an excluded pair, exclude_types, is not read from old graphs)")
-        depth = next(n for n in range(1, 10**6) if f"{prefix}/matrix_{n}_{tj}" not in g.consts) - 1
+        depth = next(n for n in itertools.count(1) if f"{prefix}/matrix_{n}_{tj}" not in g.consts) - 1
         nets.append([read_layer(g, f"{prefix}/matrix_{n}_{tj}", f"{prefix}/bias_{n}_{tj}",
                                 f"{prefix}/idt_{n}_{tj}", what) for n in range(1, depth + 1)])
     return one_side, nets
@@ -340,7 +341,7 @@ def fitting_nets(g: Graph, ntypes: int) -> list[list[GraphLayer]]:
     """One fitting net per atom type: hidden layers layer_k_type_t, then final_layer_type_t."""
     nets = []
     for t in range(ntypes):
-        depth = next(k for k in range(10**6) if f"layer_{k}_type_{t}/matrix" not in g.consts)
+        depth = next(k for k in itertools.count() if f"layer_{k}_type_{t}/matrix" not in g.consts)
         scopes = [f"layer_{k}_type_{t}" for k in range(depth)] + [f"final_layer_type_{t}"]
         nets.append([read_layer(g, f"{s}/matrix", f"{s}/bias", f"{s}/idt", f"the fitting net of type {t}")
                      for s in scopes])
@@ -366,8 +367,8 @@ def embedding_dict(net: list[GraphLayer], activation: str) -> dict:
     """An EmbeddingNetwork: every layer activated; TensorFlow adds the input back where the width equals or
     doubles it, and scales by idt only on those layers (an idt elsewhere is unused, so left out)."""
     layers = [layer_dict(layer, activation, True, residual_kind(*layer.W.shape, True) != "none") for layer in net]
-    return {"@class": "EmbeddingNetwork", "@version": 2, "in_dim": 1, "neuron": [l.W.shape[1] for l in net],
-            "activation_function": activation, "resnet_dt": any(l["use_timestep"] for l in layers), "bias": True,
+    return {"@class": "EmbeddingNetwork", "@version": 2, "in_dim": 1, "neuron": [gl.W.shape[1] for gl in net],
+            "activation_function": activation, "resnet_dt": any(d["use_timestep"] for d in layers), "bias": True,
             "precision": net[0].W.dtype.name, "layers": layers}
 
 
@@ -381,8 +382,8 @@ def fitting_dict_net(g: Graph, net: list[GraphLayer], activation: str) -> dict:
     layers = [layer_dict(layer, activation, k >= 1 and layer.W.shape[0] == layer.W.shape[1], True)
               for k, layer in enumerate(hidden)] + [layer_dict(final, "none", False, False)]
     return {"@class": "FittingNetwork", "@version": 1, "in_dim": net[0].W.shape[0], "out_dim": 1,
-            "neuron": [l.W.shape[1] for l in hidden], "activation_function": activation,
-            "resnet_dt": any(l["use_timestep"] for l in layers), "precision": final.W.dtype.name,
+            "neuron": [gl.W.shape[1] for gl in hidden], "activation_function": activation,
+            "resnet_dt": any(d["use_timestep"] for d in layers), "precision": final.W.dtype.name,
             "bias_out": True, "layers": layers}
 
 
@@ -426,6 +427,7 @@ def fitting_dict(g: Graph, type_map: list[str], dim_descrpt: int) -> tuple[dict,
     ntypes = len(type_map)
     nets = fitting_nets(g, ntypes)
     hidden = widths(g, nets, dim_descrpt, "fitting")[:-1]
+    # without hidden layers no activation is used: tanh is deepmd-kit's default
     activation = one_activation(g, [layer for net in nets for layer in net[:-1]], "fitting") if hidden else "tanh"
     bias = g.consts.get("fitting_attr/t_bias_atom_e")
     bias_atom_e = np.zeros((ntypes, 1), nets[0][0].W.dtype) if bias is None else bias.reshape(ntypes, 1)
