@@ -32,6 +32,7 @@ import yaml
 from minidp import __version__
 from minidp.checks import InputError, file_path
 from minidp.compress import Table, compression
+from minidp.io import legacy_graph
 from minidp.io.model_check import check_model_dict, min_nbor_dist
 from minidp.io.outputs import safe_output
 from minidp.model import EnergyModel
@@ -98,6 +99,9 @@ def _read_converted(path: Path) -> dict:
 
         graph, graph_def = load_graph_def(str(path))
         _refuse_compressed_pb(path, graph_def)
+        # old graphs (no train_attr/training_script), which deepmd-kit's converter cannot read: minidp.io.legacy_graph
+        if not legacy_graph.has_training_script(graph_def):
+            return legacy_graph.legacy_model_dict(graph_def, str(path))
     backend = Backend.detect_backend_by_model(str(path))
     data = backend().serialize_hook(str(path))
     if graph is not None:
