@@ -138,7 +138,8 @@ def _train_case(data, root: Path) -> Expect:
         value = parent[path[-1]]
         fine = (path[-1] == "seed" or value == 1e300 or (path[0] == "loss" and value == 0 and value is not False)
                 or (path[-1] == "batch_size" and isinstance(value, list)))  # one per system: deepmd-kit's too
-        expect = Expect(("input", "training stopped"), fine)
+        # a string for systems is a folder to search (deepmd-kit's too): one that is not there is named
+        expect = Expect(("input", "training stopped", "does not exist"), fine)
     elif kind == "auto_prob":
         d["training"]["training_data"]["auto_prob"] = data.draw(AUTO_PROB, label="auto_prob")
         expect = Expect(("input: training/training_data/auto_prob",), True)
