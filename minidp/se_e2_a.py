@@ -54,6 +54,20 @@ zero, but after normalization it is ``-davg/dstd``, which is *not* zero, and
 deepmd-kit feeds it through the embedding net like any other row; minidp does
 the same so that the two agree to round-off. Their gradient to ``rij`` is zero.
 
+Options, deepmd-kit's names (:class:`SeAConfig`), all applied before the
+embedding (:func:`descriptor_forward`), so every backend and a compressed
+model's tables see them alike:
+
+- ``env_protection`` p: the rows are s(r) (1/(r+p), x/(r+p)^2, ...), the
+  switch still of r (:func:`env_matrix`);
+- ``exclude_types``: the normalized row of a real neighbour of an excluded
+  pair of types is 0, so the pair adds G(0) 0 = 0 to T; padded slots keep
+  -davg/dstd (deepmd-kit's backend-neutral code never excludes an empty
+  slot, its TensorFlow graph does: see :func:`env_matrix`);
+- the model's ``pair_exclude_types``: those neighbours leave the neighbour
+  list, their slots become padding (:func:`drop_excluded_pairs`);
+- ``set_davg_zero``: training's statistics leave davg at zero (minidp.stats).
+
 Backends: ``"reference"`` (this module's first half, plain NumPy),
 ``"numpy"`` (the fast path's tricks in NumPy) and ``"numba"`` (the same
 tricks with the loops compiled, :mod:`minidp.kernels`). Inputs are checked
@@ -293,8 +307,15 @@ def env_matrix(
     the switch of r itself. ``excluded`` (nloc, nnei) bool, from
     :func:`exclusion_mask` (deepmd-kit's descriptor exclude_types): a real
     neighbour's row there is R_ij = 0, a constant (its pair adds G(0) 0 = 0
-    to T and gets no gradient); a padded slot keeps -davg/dstd, as in
-    deepmd-kit, which never excludes the empty slots.
+    to T and gets no gradient); a padded slot keeps -davg/dstd, as
+    deepmd-kit's backend-neutral code (dpmodel) has it: it never excludes an
+    empty slot. Its TensorFlow graph zeroes the whole (centre type, neighbour
+    type) section instead, empty slots too; with type_one_side the two differ
+    (without it the section's net is zeroed when deepmd-kit saves the model,
+    and mostly gives G = 0). The TF way is the physical one: here an
+    excluded neighbour still takes a padded slot's G^T R away, so the energy
+    counts the excluded neighbours inside rcut and steps when one crosses it.
+    minidp follows dpmodel, the reference deepmd-kit defines.
     """
     # (nloc, nnei, 4)  per-atom statistics, chosen by the centre atom's type
     inv_dstd = 1.0 / dstd[atom_types]
