@@ -117,7 +117,7 @@ class SeAConfig:
     activation: str = "tanh"  # activation of the embedding nets
     resnet_dt: bool = False  # embedding nets carry a resnet timestep
     # pairs of types (ti, tj), either order, whose real neighbours' rows are zeroed (deepmd-kit's
-    # descriptor exclude_types): they add nothing to T; padded slots are never excluded (exclusion_mask)
+    # descriptor exclude_types): they add nothing to T; padded slots keep their rows (env_matrix)
     exclude_types: tuple[tuple[int, int], ...] = ()
     env_protection: float = 0.0  # p >= 0 in the rows s(r) (1/(r+p), x/(r+p)^2, ...) (env_matrix)
     set_davg_zero: bool = False  # training's statistics leave davg at zero (minidp.stats); no effect on evaluation
