@@ -161,8 +161,12 @@ def _cmd_info(args) -> int:
     print(f"type_map     {m.type_map}")
     print(f"descriptor   se_e2_a  rcut {cfg.rcut}  rcut_smth {cfg.rcut_smth}  sel {list(cfg.sel)}")
     print(f"embedding    neuron {list(cfg.neuron)}  axis_neuron {cfg.axis_neuron}  "
-          f"type_one_side {cfg.type_one_side}  -> descriptor of {cfg.dim_out}")
-    print(f"fitting      neuron {[layer.n_out for layer in fit.layers[:-1]]}  ({m.ntypes} nets)")
+          f"type_one_side {cfg.type_one_side}  activation {cfg.activation}  -> descriptor of {cfg.dim_out}")
+    print(f"env matrix   exclude_types {[list(p) for p in cfg.exclude_types]}  "
+          f"pair_exclude_types {[list(p) for p in cfg.pair_exclude_types]} (model)  "
+          f"env_protection {cfg.env_protection:g}  set_davg_zero {cfg.set_davg_zero}")
+    print(f"fitting      neuron {[layer.n_out for layer in fit.layers[:-1]]}  ({m.ntypes} nets)  "
+          f"activation {fit.layers[0].activation}")
     print(f"parameters   {m.n_params():,}")
     print(f"precision    {fit.dtype}")
     c = m.descriptor.compress

@@ -80,12 +80,13 @@ def scatter_pairs(g, rij, nlist, first, F, W):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def env_matrix(rij, nlist, davg, inv_dstd, rcut_smth, rcut, R, inv_r, sw, dsw):  # pragma: no cover
-    """se_e2_a.env_matrix in one pass: R = (s (1/r, x/r^2, y/r^2, z/r^2) - davg) / dstd.
+def env_matrix(rij, nlist, davg, inv_dstd, rcut_smth, rcut, protection, R, inv_r, sw, dsw, inv_rp):  # pragma: no cover
+    """se_e2_a.env_matrix in one pass: R = (s (1/(r+p), x/(r+p)^2, y/(r+p)^2, z/(r+p)^2) - davg) / dstd.
 
-    davg, inv_dstd: (nloc, nnei, 4) for each centre atom; R (nf, nloc, nnei, 4)
-    and inv_r, sw, dsw (nf, nloc, nnei) are written; padded slots get zero
-    caches and the row -davg/dstd.
+    davg, inv_dstd: (nloc, nnei, 4) for each centre atom; p = protection;
+    R (nf, nloc, nnei, 4) and inv_r, sw, dsw, inv_rp (nf, nloc, nnei) are
+    written (inv_rp may be inv_r itself when p = 0: 1/(r + 0) is 1/r to the
+    bit); padded slots get zero caches and the row -davg/dstd.
     """
     nf, nloc, nnei = nlist.shape
     width = rcut - rcut_smth
@@ -93,18 +94,20 @@ def env_matrix(rij, nlist, davg, inv_dstd, rcut_smth, rcut, R, inv_r, sw, dsw): 
         for i in range(nloc):
             for k in range(nnei):
                 raw0 = raw1 = raw2 = raw3 = 0.0
-                u = s = ds = 0.0
+                u = v = s = ds = 0.0
                 if nlist[f, i, k] >= 0:
                     x, y, z = rij[f, i, k, 0], rij[f, i, k, 1], rij[f, i, k, 2]
                     r = np.sqrt(x * x + y * y + z * z)
                     u = 1.0 / r
+                    v = 1.0 / (r + protection)
                     t = min(max((r - rcut_smth) / width, 0.0), 1.0)
                     s = t * t * t * (-6.0 * t * t + 15.0 * t - 10.0) + 1.0
                     ds = -30.0 * t * t * (t - 1.0) * (t - 1.0) / width
-                    raw0 = s * u
-                    su2 = s * u * u
-                    raw1, raw2, raw3 = su2 * x, su2 * y, su2 * z
+                    raw0 = s * v
+                    sv2 = s * v * v
+                    raw1, raw2, raw3 = sv2 * x, sv2 * y, sv2 * z
                 inv_r[f, i, k], sw[f, i, k], dsw[f, i, k] = u, s, ds
+                inv_rp[f, i, k] = v
                 R[f, i, k, 0] = (raw0 - davg[i, k, 0]) * inv_dstd[i, k, 0]
                 R[f, i, k, 1] = (raw1 - davg[i, k, 1]) * inv_dstd[i, k, 1]
                 R[f, i, k, 2] = (raw2 - davg[i, k, 2]) * inv_dstd[i, k, 2]
@@ -112,24 +115,25 @@ def env_matrix(rij, nlist, davg, inv_dstd, rcut_smth, rcut, R, inv_r, sw, dsw): 
 
 
 @njit(nogil=True, cache=True)
-def env_matrix_backward(dR, rij, inv_r, sw, dsw, inv_dstd, grad):  # pragma: no cover
-    """se_e2_a.env_matrix_backward in one pass; grad (nf, nloc, nnei, 3) is written."""
+def env_matrix_backward(dR, rij, inv_r, sw, dsw, row_scale, inv_rp, grad):  # pragma: no cover
+    """se_e2_a.env_matrix_backward in one pass (u = 1/r, v = 1/(r+p), row_scale (nloc, nnei, 4) = dR/dR~);
+    grad (nf, nloc, nnei, 3) is written."""
     nf, nloc, nnei, _ = rij.shape
     for f in range(nf):
         for i in range(nloc):
             for k in range(nnei):
-                u, s, ds = inv_r[f, i, k], sw[f, i, k], dsw[f, i, k]
-                g0 = dR[f, i, k, 0] * inv_dstd[i, k, 0]
-                g1 = dR[f, i, k, 1] * inv_dstd[i, k, 1]
-                g2 = dR[f, i, k, 2] * inv_dstd[i, k, 2]
-                g3 = dR[f, i, k, 3] * inv_dstd[i, k, 3]
+                u, v, s, ds = inv_r[f, i, k], inv_rp[f, i, k], sw[f, i, k], dsw[f, i, k]
+                g0 = dR[f, i, k, 0] * row_scale[i, k, 0]
+                g1 = dR[f, i, k, 1] * row_scale[i, k, 1]
+                g2 = dR[f, i, k, 2] * row_scale[i, k, 2]
+                g3 = dR[f, i, k, 3] * row_scale[i, k, 3]
                 x, y, z = rij[f, i, k, 0], rij[f, i, k, 1], rij[f, i, k, 2]
                 gx = g1 * x + g2 * y + g3 * z
-                coef = g0 * u * u * (ds - s * u) + gx * u * u * u * (ds - 2.0 * s * u)
-                su2 = s * u * u
-                grad[f, i, k, 0] = coef * x + su2 * g1
-                grad[f, i, k, 1] = coef * y + su2 * g2
-                grad[f, i, k, 2] = coef * z + su2 * g3
+                coef = g0 * u * v * (ds - s * v) + gx * u * v * v * (ds - 2.0 * s * v)
+                sv2 = s * v * v
+                grad[f, i, k, 0] = coef * x + sv2 * g1
+                grad[f, i, k, 1] = coef * y + sv2 * g2
+                grad[f, i, k, 2] = coef * z + sv2 * g3
 
 
 @njit(nogil=True, cache=True, fastmath=True)

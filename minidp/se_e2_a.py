@@ -54,6 +54,20 @@ zero, but after normalization it is ``-davg/dstd``, which is *not* zero, and
 deepmd-kit feeds it through the embedding net like any other row; minidp does
 the same so that the two agree to round-off. Their gradient to ``rij`` is zero.
 
+Options, deepmd-kit's names (:class:`SeAConfig`), all applied before the
+embedding (:func:`descriptor_forward`), so every backend and a compressed
+model's tables see them alike:
+
+- ``env_protection`` p: the rows are s(r) (1/(r+p), x/(r+p)^2, ...), the
+  switch still of r (:func:`env_matrix`);
+- ``exclude_types``: the normalized row of a real neighbour of an excluded
+  pair of types is 0, so the pair adds G(0) 0 = 0 to T; padded slots keep
+  -davg/dstd (deepmd-kit's backend-neutral code never excludes an empty
+  slot, its TensorFlow graph does: see :func:`env_matrix`);
+- the model's ``pair_exclude_types``: those neighbours leave the neighbour
+  list, their slots become padding (:func:`drop_excluded_pairs`);
+- ``set_davg_zero``: training's statistics leave davg at zero (minidp.stats).
+
 Backends: ``"reference"`` (this module's first half, plain NumPy),
 ``"numpy"`` (the fast path's tricks in NumPy) and ``"numba"`` (the same
 tricks with the loops compiled, :mod:`minidp.kernels`). Inputs are checked
@@ -75,7 +89,7 @@ import numpy as np
 
 from minidp import kernels
 from minidp.checks import check_backend, integers, number
-from minidp.nn import ACTIVATIONS, Net, net_backward, net_forward, net_jvp
+from minidp.nn import Net, get_activation, net_backward, net_forward, net_jvp
 
 # ---------------------------------------------------------------------------
 # Configuration and parameters
@@ -101,6 +115,14 @@ class SeAConfig:
     type_one_side: bool  # True: one net per neighbour type; False: per (centre, neighbour) pair
     activation: str = "tanh"  # activation of the embedding nets
     resnet_dt: bool = False  # embedding nets carry a resnet timestep
+    # pairs of types (ti, tj), either order, whose real neighbours' rows are zeroed (deepmd-kit's
+    # descriptor exclude_types): they add nothing to T; padded slots keep their rows (env_matrix)
+    exclude_types: tuple[tuple[int, int], ...] = ()
+    env_protection: float = 0.0  # p >= 0 in the rows s(r) (1/(r+p), x/(r+p)^2, ...) (env_matrix)
+    set_davg_zero: bool = False  # training's statistics leave davg at zero (minidp.stats); no effect on evaluation
+    # the model's pair_exclude_types (deepmd-kit keeps them at the model level): those neighbours are
+    # taken out of the neighbour list before the descriptor reads it, their slots become padding
+    pair_exclude_types: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         # Checked (deepmd-kit's rules, _canonical_fields at the end of this module) and stored in
@@ -227,16 +249,72 @@ class EnvCache(NamedTuple):
     inv_r: np.ndarray  # (nf, nloc, nnei) 1/r, zero where padded
     sw: np.ndarray  # (nf, nloc, nnei) switch s(r), zero where padded
     dsw: np.ndarray  # (nf, nloc, nnei) ds/dr, zero where padded
-    inv_dstd: np.ndarray  # (1, nloc, nnei, 4) 1/dstd of each row's centre type
+    row_scale: np.ndarray  # (1, nloc, nnei, 4) dR/dR~: 1/dstd of the row's centre type, 0 where the pair is excluded
+    inv_rp: np.ndarray  # (nf, nloc, nnei) 1/(r + p), zero where padded; the inv_r array itself when p = 0
+
+
+def exclusion_mask(atom_types: np.ndarray, pairs, sel) -> np.ndarray:
+    """Which slots of each centre atom belong to an excluded pair of types: (nloc, nnei) bool.
+
+    Slot k of atom i is in type t's section of the sel layout, so the pair is
+    (t_i, t), in either order (deepmd-kit excludes both). A padded slot of such
+    a section is marked too; the callers decide what that means for it.
+    """
+    ntypes = len(sel)
+    # (ntypes, ntypes) symmetric
+    table = np.zeros((ntypes, ntypes), dtype=bool)
+    for ti, tj in pairs:
+        table[ti, tj] = table[tj, ti] = True
+    # (nnei,) the neighbour type of each slot
+    slot_type = np.repeat(np.arange(ntypes), sel)
+    return table[atom_types][:, slot_type]
+
+
+class Neighbors(NamedTuple):
+    """A neighbour list in the sel layout, and the displacements of its pairs."""
+
+    nlist: np.ndarray  # (nf, nloc, nnei) neighbour indices, -1 for padding
+    rij: np.ndarray  # (nf, nloc, nnei, 3) r_j - r_i, zero where padded
+
+
+def drop_excluded_pairs(nlist: np.ndarray, rij: np.ndarray, atom_types: np.ndarray, cfg: SeAConfig) -> Neighbors:
+    """The neighbour list without the pairs of cfg.pair_exclude_types: their slots become padding.
+
+    deepmd-kit's model-level pair_exclude_types, which rewrite the list where
+    it is built. A pair of types fills a whole section of the sel layout (the
+    centre's type and the section's), so a section is emptied as a whole and
+    the layout (real neighbours first, :func:`check_nlist_layout`) is kept.
+    Unlike :func:`env_matrix`'s exclusion, the slots are then padding, whose
+    row -davg/dstd goes through the net as every padded slot's does.
+    Returns new arrays: nlist with -1 and rij with 0 in the dropped slots.
+    """
+    # (nloc, nnei)
+    dropped = exclusion_mask(atom_types, cfg.pair_exclude_types, cfg.sel)
+    return Neighbors(np.where(dropped, -1, nlist), np.where(dropped[..., None], 0.0, rij))
 
 
 def env_matrix(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, davg: np.ndarray,
-    dstd: np.ndarray, rcut_smth: float, rcut: float, backend: str = "numba",
+    dstd: np.ndarray, rcut_smth: float, rcut: float, backend: str = "numba", *,
+    protection: float = 0.0, excluded: np.ndarray | None = None,
 ) -> tuple[np.ndarray, EnvCache]:
     r"""The normalized environment matrix R (nf, nloc, nnei, 4) (math in the module docstring).
 
-    R_ij = (s(r) (1/r, x/r^2, y/r^2, z/r^2) - davg[t_i, j]) / dstd[t_i, j]
+    R_ij = (s(r) (1/(r+p), x/(r+p)^2, y/(r+p)^2, z/(r+p)^2) - davg[t_i, j]) / dstd[t_i, j]
+
+    with p = ``protection`` (deepmd-kit's env_protection, 0 by default) and s
+    the switch of r itself. ``excluded`` (nloc, nnei) bool, from
+    :func:`exclusion_mask` (deepmd-kit's descriptor exclude_types): a real
+    neighbour's row there is R_ij = 0, a constant (its pair adds G(0) 0 = 0
+    to T and gets no gradient); a padded slot keeps -davg/dstd, as
+    deepmd-kit's backend-neutral code (dpmodel) has it: it never excludes an
+    empty slot. Its TensorFlow graph zeroes the whole (centre type, neighbour
+    type) section instead, empty slots too; with type_one_side the two differ
+    (without it the section's net is zeroed when deepmd-kit saves the model,
+    and mostly gives G = 0). The TF way is the physical one: here an
+    excluded neighbour still takes a padded slot's G^T R away, so the energy
+    counts the excluded neighbours inside rcut and steps when one crosses it.
+    minidp follows dpmodel, the reference deepmd-kit defines.
     """
     # (nloc, nnei, 4)  per-atom statistics, chosen by the centre atom's type
     inv_dstd = 1.0 / dstd[atom_types]
@@ -245,50 +323,61 @@ def env_matrix(
         # (nf, nloc, nnei)  |r_ij|; padded slots get r = 1 so 1/r stays finite
         # (their rows are masked to zero below; 1/0 would poison the gradient)
         r = np.where(mask, np.linalg.norm(rij, axis=-1), 1.0)
-        # (nf, nloc, nnei)
+        # (nf, nloc, nnei)  1/r, and 1/(r + p) (the same array when p = 0)
         inv_r = np.where(mask, 1.0 / r, 0.0)
+        inv_rp = inv_r if protection == 0 else np.where(mask, 1.0 / (r + protection), 0.0)
         sw, dsw = smooth_switch(r, rcut_smth, rcut)
         sw, dsw = sw * mask, dsw * mask
-        # (nf, nloc, nnei, 4)  the raw rows s (1/r, rij/r^2)
-        R_raw = np.concatenate([(sw * inv_r)[..., None], (sw * inv_r**2)[..., None] * rij], axis=-1)
+        # (nf, nloc, nnei, 4)  the raw rows s (1/(r+p), rij/(r+p)^2)
+        R_raw = np.concatenate([(sw * inv_rp)[..., None], (sw * inv_rp**2)[..., None] * rij], axis=-1)
         # (nf, nloc, nnei, 4)
         R = (R_raw - davg[atom_types]) * inv_dstd
-        return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None])
-    # Numba: the same in one pass, without the temporaries (kernels.env_matrix)
-    # (nf, nloc, nnei, 4), and (nf, nloc, nnei) each for 1/r, s, ds/dr
-    R = np.empty(rij.shape[:3] + (4,))
-    inv_r, sw, dsw = (np.empty(rij.shape[:3]) for _ in range(3))
-    kernels.env_matrix(rij, nlist, davg[atom_types], inv_dstd, rcut_smth, rcut, R, inv_r, sw, dsw)
-    return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None])
+    else:
+        # Numba: the same in one pass, without the temporaries (kernels.env_matrix)
+        # (nf, nloc, nnei, 4), and (nf, nloc, nnei) each for 1/r, s, ds/dr and 1/(r + p)
+        R = np.empty(rij.shape[:3] + (4,))
+        inv_r, sw, dsw = (np.empty(rij.shape[:3]) for _ in range(3))
+        inv_rp = inv_r if protection == 0 else np.empty(rij.shape[:3])
+        kernels.env_matrix(rij, nlist, davg[atom_types], inv_dstd, rcut_smth, rcut, protection, R, inv_r, sw, dsw,
+                           inv_rp)
+    if excluded is None:
+        return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None], inv_rp)
+    # (nf, nloc, nnei)  the excluded pairs' real rows; padded slots are never excluded
+    R[excluded & (nlist >= 0)] = 0.0
+    # (1, nloc, nnei, 4)  a constant row has no gradient
+    return R, EnvCache(rij, inv_r, sw, dsw, (inv_dstd * ~excluded[..., None])[None], inv_rp)
 
 
 def env_matrix_backward(dR: np.ndarray, cache: EnvCache, backend: str = "numba") -> np.ndarray:
     r"""dL/d r_ij (nf, nloc, nnei, 3) from dL/dR.
 
-    With u = 1/r, R~_0 = s u and R~_a = s u^2 x_a (a = x, y, z):
+    With u = 1/r, v = 1/(r+p), R~_0 = s v and R~_a = s v^2 x_a (a = x, y, z),
+    and dr/dx_b = x_b u:
 
     .. math::
 
-        \frac{\partial \tilde R_0}{\partial x_b} = x_b u^2 (s' - s u),\qquad
-        \frac{\partial \tilde R_a}{\partial x_b} = x_a x_b u^3 (s' - 2 s u) + s u^2 \delta_{ab},
+        \frac{\partial \tilde R_0}{\partial x_b} = x_b u v (s' - s v),\qquad
+        \frac{\partial \tilde R_a}{\partial x_b} = x_a x_b u v^2 (s' - 2 s v) + s v^2 \delta_{ab},
 
-    so dL/dx_b = g_0 x_b u^2 (s' - s u) + (g . x) x_b u^3 (s' - 2 s u) + g_b s u^2,
-    where g = dL/dR~ = dL/dR / dstd.  Padded slots have s = s' = u = 0: no gradient.
+    so dL/dx_b = g_0 x_b u v (s' - s v) + (g . x) x_b u v^2 (s' - 2 s v) + g_b s v^2,
+    where g = dL/dR~ = dL/dR * row_scale (1/dstd, or 0 for an excluded pair).
+    With p = 0, v = u. Padded slots have s = s' = u = v = 0: no gradient.
     """
-    rij, u, sw, dsw, inv_dstd = cache
+    rij, u, sw, dsw, row_scale, v = cache
     if backend != "numba":
         # (nf, nloc, nnei, 4)  through the normalization
-        g = dR * inv_dstd
+        g = dR * row_scale
         # (nf, nloc, nnei)  g . x over the three vector components
         g_dot_x = np.sum(g[..., 1:] * rij, axis=-1)
         # (nf, nloc, nnei)  the coefficient of x_b in dL/dx_b
-        coef = g[..., 0] * u**2 * (dsw - sw * u) + g_dot_x * u**3 * (dsw - 2.0 * sw * u)
+        uv = u * v
+        coef = g[..., 0] * uv * (dsw - sw * v) + g_dot_x * uv * v * (dsw - 2.0 * sw * v)
         # (nf, nloc, nnei, 3)
-        return coef[..., None] * rij + (sw * u**2)[..., None] * g[..., 1:]
+        return coef[..., None] * rij + (sw * v * v)[..., None] * g[..., 1:]
     # Numba: the same in one pass (kernels.env_matrix_backward)
     # (nf, nloc, nnei, 3)
     grad = np.empty_like(rij)
-    kernels.env_matrix_backward(dR, rij, u, sw, dsw, inv_dstd[0], grad)
+    kernels.env_matrix_backward(dR, rij, u, sw, dsw, row_scale[0], v, grad)
     return grad
 
 
@@ -425,10 +514,19 @@ def descriptor_forward(
     (the fast path, :func:`embed`; same results to round-off); a compressed
     model's tables bring their own step (``se.compress.embed``). ``keep``
     keeps the fast path's net caches for training (minidp.training.force_training).
+    The configuration's options enter before the embedding: the model's
+    pair_exclude_types rewrite the neighbour list (:func:`drop_excluded_pairs`),
+    exclude_types and env_protection shape the rows (:func:`env_matrix`); the
+    embedding steps see nothing but rows and the list.
     Trusts its input (:func:`compute_descriptor` checks it first).
     """
     cfg = se.config
-    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend)
+    if cfg.pair_exclude_types:  # the model's exclusions: those neighbours leave the list
+        nlist, rij = drop_excluded_pairs(nlist, rij, atom_types, cfg)
+    # (nloc, nnei) the descriptor's own exclusions, or None
+    excluded = exclusion_mask(atom_types, cfg.exclude_types, cfg.sel) if cfg.exclude_types else None
+    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend,
+                        protection=cfg.env_protection, excluded=excluded)
     reference = pieces = tables = None
     if se.compress is not None:  # a compressed model: the nets' tables replace the nets
         T, tables = se.compress.embed(R, nlist, atom_types, se, backend)
@@ -482,6 +580,14 @@ def check_descriptor_inputs(nlist: np.ndarray, se: SeA, backend, keep: bool = Fa
         raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
     if keep and backend == "reference":
         raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
+    cfg = se.config
+    options = {"exclude_types": list(map(list, cfg.exclude_types)), "env_protection": cfg.env_protection,
+               "pair_exclude_types": list(map(list, cfg.pair_exclude_types))}
+    used = {name: value for name, value in options.items() if value}
+    if keep and used:  # force training's tangents are written for the plain rows only
+        name, value = next(iter(used.items()))
+        raise ValueError(f"training a model with {name} = {value} is not supported (minidp evaluates it, "
+                         "but trains only models without exclusions and env_protection)")
     check_nlist_layout(nlist, se.config)
     return backend
 
@@ -770,14 +876,41 @@ def _canonical_fields(cfg: SeAConfig) -> dict:
     m2 = cfg.axis_neuron
     if isinstance(m2, bool) or not isinstance(m2, (int, np.integer)) or not 1 <= m2 <= neuron[-1]:
         raise ValueError(f"se_e2_a axis_neuron must be an integer in 1..neuron[-1] = {neuron[-1]}, got {m2!r}")
-    for flag in ("type_one_side", "resnet_dt"):
+    for flag in ("type_one_side", "resnet_dt", "set_davg_zero"):
         if not isinstance(getattr(cfg, flag), (bool, np.bool_)):
             raise ValueError(f"se_e2_a {flag} must be true or false, got {getattr(cfg, flag)!r}")
-    if not isinstance(cfg.activation, str) or cfg.activation.lower() not in ACTIVATIONS:
-        raise ValueError(f"se_e2_a activation {cfg.activation!r} is unknown; expected one of {sorted(ACTIVATIONS)}")
+    if not isinstance(cfg.activation, str):
+        raise ValueError(f"se_e2_a activation must be the name of an activation, got {cfg.activation!r}")
+    try:
+        get_activation(cfg.activation)  # deepmd-kit's names, "silut:T" and "custom_silu:T" with a threshold
+    except ValueError as err:
+        raise ValueError(f"se_e2_a activation: {err}") from None
+    # p < 0 would put a pole at r = -p inside the cutoff sphere
+    protection = number("se_e2_a env_protection", cfg.env_protection, lo=0.0)
     return {"rcut": rcut, "rcut_smth": rcut_smth, "sel": sel, "neuron": neuron, "axis_neuron": int(m2),
             "type_one_side": bool(cfg.type_one_side), "activation": cfg.activation,
-            "resnet_dt": bool(cfg.resnet_dt)}
+            "resnet_dt": bool(cfg.resnet_dt),
+            "exclude_types": _type_pairs("exclude_types", cfg.exclude_types, len(sel)),
+            "env_protection": protection, "set_davg_zero": bool(cfg.set_davg_zero),
+            "pair_exclude_types": _type_pairs("pair_exclude_types", cfg.pair_exclude_types, len(sel))}
+
+
+def _type_pairs(name: str, pairs, ntypes: int) -> tuple[tuple[int, int], ...]:
+    """Pairs of types [ti, tj] in 0..ntypes-1, in canonical form: each pair sorted, sorted, once.
+
+    An exclusion is symmetric (deepmd-kit adds both orders), so [[1, 0]] and [[0, 1], [1, 0]] are one set.
+    """
+    if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__"):
+        raise ValueError(f"se_e2_a {name} must be a list of pairs of types, got {pairs!r}")
+    out = set()
+    for pair in pairs:
+        ok = (not isinstance(pair, (str, bytes)) and hasattr(pair, "__len__") and len(pair) == 2
+              and all(not isinstance(t, bool) and isinstance(t, (int, np.integer)) and 0 <= t < ntypes
+                      for t in pair))
+        if not ok:
+            raise ValueError(f"se_e2_a {name}: {pair!r} is not a pair of types in 0..{ntypes - 1}")
+        out.add((int(min(pair)), int(max(pair))))
+    return tuple(sorted(out))
 
 
 class EmbeddingNets:

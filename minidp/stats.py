@@ -14,6 +14,7 @@ zero rows), with the raw rows :math:`\tilde R = s(r)(1/r, x/r^2, y/r^2, z/r^2)`:
 (the three vector columns share one pooled mean and spread, so rotations
 cannot change the normalization), the same for every slot. A spread below
 1e-2 is raised to 1e-2 and a type with no atoms gets 1/rcut, as deepmd-kit does.
+With ``set_davg_zero`` davg stays zero (dstd is measured all the same).
 
 **Energy bias.** The per-type atomic energy b solving, in the least-squares
 sense, :math:`\sum_t n_{s,t}\, b_t = \bar E_s` over the systems s (mean
@@ -63,12 +64,13 @@ def _spread(sum2: float, total: float, n: float, rcut: float) -> float:
 
 
 def env_stats(sums: np.ndarray, cfg: SeAConfig) -> tuple[np.ndarray, np.ndarray]:
-    """davg, dstd (ntypes, nnei, 4) from raw_env_sums added over the systems (module docstring)."""
+    """davg, dstd (ntypes, nnei, 4) from raw_env_sums added over the systems (module docstring);
+    davg = 0 with cfg.set_davg_zero."""
     # (ntypes, nnei, 4), (ntypes, nnei, 4)
     davg = np.zeros((cfg.ntypes, cfg.nnei, 4))
     dstd = np.ones((cfg.ntypes, cfg.nnei, 4))
     for t, (r, r2, a, a2, n) in enumerate(sums):
-        davg[t, :, 0] = r / (n + 1e-15)
+        davg[t, :, 0] = 0.0 if cfg.set_davg_zero else r / (n + 1e-15)
         dstd[t, :, 0] = _spread(r2, r, n, cfg.rcut)
         dstd[t, :, 1:] = _spread(a2, a, n, cfg.rcut)
     return davg, dstd

@@ -36,7 +36,8 @@ BASE = dict(rcut=4.0, rcut_smth=1.0, sel=(3, 4), neuron=(4, 8), axis_neuron=2, t
     (dict(sel=()), ValueError, r"sel: expected a list of positive integers, got tuple \(\)"),
     (dict(sel=6), ValueError, r"sel: expected a list of positive integers, got int 6"),
     (dict(neuron=(4, 2.5)), ValueError, r"neuron\[1\]: expected an integer, got float 2.5"),
-    (dict(activation="swish"), ValueError, r"activation 'swish' is unknown; expected one of"),
+    (dict(activation="swish"), ValueError, r"activation: unknown activation 'swish'; expected one of"),
+    (dict(activation="silut:x"), ValueError, r"activation: activation 'silut:x': expected a number after ':'"),
     (dict(type_one_side="no"), ValueError, r"type_one_side must be true or false, got 'no'"),
 ])
 def test_seaconfig_refuses_bad_values_by_name(change, error, message):

@@ -216,8 +216,8 @@ def test_shapes_are_those_the_comments_claim(cfg, nf, nloc, seed):
     env = cache.env
     assert cache.R.shape == (nf, nloc, nnei, 4)
     assert env.rij.shape == (nf, nloc, nnei, 3)
-    assert env.inv_r.shape == env.sw.shape == env.dsw.shape == (nf, nloc, nnei)
-    assert env.inv_dstd.shape == (1, nloc, nnei, 4)
+    assert env.inv_r.shape == env.sw.shape == env.dsw.shape == env.inv_rp.shape == (nf, nloc, nnei)
+    assert env.row_scale.shape == (1, nloc, nnei, 4)
     assert cache.T.shape == (nf, nloc, ng, 4)
     assert D.shape == (nf, nloc, ng * m2) and ng * m2 == cfg.dim_out
     groups = 1 if cfg.type_one_side else cfg.ntypes

@@ -101,6 +101,20 @@ def _activation(where: str, value) -> None:
         raise InputError(f"{where}: {err}") from None
 
 
+def _type_pairs(where: str, value, ntypes: int) -> tuple[tuple[int, int], ...]:
+    """A list of pairs [ti, tj] of types in 0..ntypes-1 (exclude_types, pair_exclude_types)."""
+    if not isinstance(value, (list, tuple)):
+        raise InputTypeError(f"{where}: expected a list of pairs of types, got {type(value).__name__} {short(value)}")
+    for k, pair in enumerate(value):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InputError(f"{where}[{k}]: {short(pair)} is not a pair of types [ti, tj]")
+        for t in pair:
+            integer(f"{where}[{k}]", t, 0)
+            if t >= ntypes:
+                raise InputError(f"{where}[{k}]: type {t} is not a type of model.type_map (0..{ntypes - 1})")
+    return tuple(tuple(int(t) for t in pair) for pair in value)
+
+
 # ---------------------------------------------------------------------------
 # Nets, descriptor, fitting, model
 # ---------------------------------------------------------------------------
@@ -131,12 +145,16 @@ def check_net(net, where: str, n_in: int, widths: tuple[int, ...]) -> None:
         n_in = n_out
 
 
-def check_descriptor(d, ntypes: int) -> SeAConfig:
-    """model.descriptor: its hyper-parameters (SeAConfig's own rules), nets and davg/dstd."""
+def check_descriptor(d, ntypes: int, pair_exclude_types=()) -> SeAConfig:
+    """model.descriptor: its hyper-parameters (SeAConfig's own rules), nets and davg/dstd; the model's
+    pair_exclude_types (checked by the caller) go into the configuration with them."""
     where = "model.descriptor"
     _one_of(_key(d, "type", where), f"{where}.type", ("se_e2_a", "se_a"))
     kwargs = {name: _optional(d, key, check, where) for name, key, check in (
-        ("type_one_side", "type_one_side", boolean), ("resnet_dt", "resnet_dt", boolean))}
+        ("type_one_side", "type_one_side", boolean), ("resnet_dt", "resnet_dt", boolean),
+        ("set_davg_zero", "set_davg_zero", boolean))}
+    exclude_types = _optional(d, "exclude_types", _type_pairs, where, ntypes) or ()
+    env_protection = _optional(d, "env_protection", number, where) or 0.0
     _optional(d, "activation_function", _activation, where)
     if "env_mat" in d:
         _optional(_mapping(d["env_mat"], f"{where}.env_mat"), "use_exp_switch", boolean, f"{where}.env_mat")
@@ -148,7 +166,9 @@ def check_descriptor(d, ntypes: int) -> SeAConfig:
         neuron=integers(f"{where}.neuron", _key(d, "neuron", where)),
         axis_neuron=integer(f"{where}.axis_neuron", _key(d, "axis_neuron", where)),
         type_one_side=True if kwargs["type_one_side"] is None else kwargs["type_one_side"],
-        activation=d.get("activation_function", "tanh"), resnet_dt=bool(kwargs["resnet_dt"]))
+        activation=d.get("activation_function", "tanh"), resnet_dt=bool(kwargs["resnet_dt"]),
+        exclude_types=exclude_types, env_protection=env_protection, set_davg_zero=bool(kwargs["set_davg_zero"]),
+        pair_exclude_types=pair_exclude_types)
     nets = _key(_key(d, "embeddings", where), "networks", f"{where}.embeddings")
     expected = ntypes if cfg.type_one_side else ntypes * ntypes
     if not isinstance(nets, list) or len(nets) != expected:
@@ -183,6 +203,8 @@ def check_compress(c, cfg: SeAConfig, ntypes: int) -> None:
             raise InputError(f"{where}.{name}: {n} tables, expected {expected} (one per embedding net)")
     for k, (data, info) in enumerate(zip(*lists)):
         iw, dw = f"{where}.compress_info[{k}]", f"{where}.compress_data[{k}]"
+        if np.size(data) == 0:  # deepmd-kit skips an excluded pair's net; compress.Compression checks the pair
+            continue
         info = _vector(info, iw, 6)
         # (nspline, 6 * ng): the rows the bounds make
         n_first, n_second = validated(iw, grid_counts, lower=info[0], upper=info[1], table_max=info[2],
@@ -252,7 +274,8 @@ def check_model_dict(data, source: str) -> None:
         m = _key(_mapping(data, "the file"), "model", "the file")
         m = _mapping(m, "model")
         type_map = names("model.type_map", _key(m, "type_map", "model"))
-        cfg = check_descriptor(_key(m, "descriptor", "model"), len(type_map))
+        pair_exclude_types = _optional(m, "pair_exclude_types", _type_pairs, "model", len(type_map)) or ()
+        cfg = check_descriptor(_key(m, "descriptor", "model"), len(type_map), pair_exclude_types)
         check_fitting(_key(m, "fitting", "model"), len(type_map), cfg.dim_out)
         v = m.get("@variables") or {}
         if _mapping(v, "model.@variables").get("out_bias") is not None:

@@ -37,7 +37,7 @@ from minidp.io.model_check import check_model_dict, min_nbor_dist
 from minidp.io.outputs import safe_output
 from minidp.model import EnergyModel
 from minidp.nn import Layer, Net, get_activation
-from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig
+from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig, exclusion_mask
 
 NATIVE_SUFFIXES = (".dp", ".yaml", ".yml", ".json")
 CONVERTED_SUFFIXES = (".pb", ".pth")
@@ -214,13 +214,12 @@ def _net_from_dict(d: dict) -> Net:
     return Net(layers)
 
 
-def _descriptor_from_dict(d: dict, ntypes: int) -> SeA:
+def _descriptor_from_dict(d: dict, ntypes: int, pair_exclude_types=()) -> SeA:
+    """The se_e2_a descriptor; the model's pair_exclude_types go with it (SeAConfig.pair_exclude_types)."""
     where = "model.descriptor"
     if d.get("type") not in ("se_e2_a", "se_a"):
         _refuse("descriptor type", d.get("type"), where)
-    for key, allowed in (("exclude_types", ([],)), ("spin", (None,)),
-                         ("env_protection", (0.0, 0))):
-        _require(d, key, allowed, where)
+    _require(d, "spin", (None,), where)
     if d.get("env_mat", {}).get("use_exp_switch", False):
         _refuse("env_mat.use_exp_switch", True, where)
     cfg = SeAConfig(
@@ -228,6 +227,9 @@ def _descriptor_from_dict(d: dict, ntypes: int) -> SeA:
         sel=tuple(int(s) for s in d["sel"]), neuron=tuple(int(n) for n in d["neuron"]),
         axis_neuron=int(d["axis_neuron"]), type_one_side=bool(d.get("type_one_side", True)),
         activation=d.get("activation_function", "tanh"), resnet_dt=bool(d.get("resnet_dt", False)),
+        exclude_types=tuple(map(tuple, d.get("exclude_types") or ())),
+        env_protection=float(d.get("env_protection") or 0.0), set_davg_zero=bool(d.get("set_davg_zero", False)),
+        pair_exclude_types=tuple(map(tuple, pair_exclude_types)),
     )
     if cfg.ntypes != ntypes:
         raise ValueError(f"{where}: sel has {cfg.ntypes} types but the type map has {ntypes}")
@@ -258,14 +260,35 @@ def _compression_from_dict(c, se: SeA, where: str):
     cfg = se.config
     try:
         v = c["@variables"]
-        tables = tuple(Table.from_deepmd(data, info) for data, info in zip(v["compress_data"], v["compress_info"],
-                                                                            strict=True))
+        tables = tuple(_table_from_deepmd(data, info, k, se) for k, (data, info)
+                       in enumerate(zip(v["compress_data"], v["compress_info"], strict=True)))
         result = compression(tables, se)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{where}.compress: not deepmd-kit's compress_data/compress_info tables ({err})") from None
     if tables[0].ng != cfg.ng:
         raise ValueError(f"{where}.compress: tables of width {tables[0].ng} do not fit neuron {list(cfg.neuron)}")
     return result
+
+
+def _table_from_deepmd(data, info, k: int, se: SeA) -> Table:
+    """Table k of deepmd-kit's compress_data/compress_info; an empty one (an excluded pair's) as the zero table.
+
+    deepmd-kit's tabulation skips the net of an excluded pair of types (of a
+    neighbour type excluded with every centre type, with type_one_side) when
+    its exclude_types are tuples, and its compressed path then skips that
+    block, padded slots included: the zero function does the same.
+    """
+    if np.size(data) or np.size(info):
+        return Table.from_deepmd(data, info)
+    cfg = se.config
+    ntypes = cfg.ntypes
+    # (ntypes, ntypes) excluded[ti, tj]
+    excluded = exclusion_mask(np.arange(ntypes), cfg.exclude_types, [1] * ntypes)
+    skipped = excluded[:, k].all() if cfg.type_one_side else excluded[k % ntypes, k // ntypes]
+    if not skipped:
+        raise ValueError(f"table {k} is empty but its pair of types is not in exclude_types")
+    # the zero function on the smallest whole grid Table accepts: one piece on [0, 1), one on [1, 2)
+    return Table(np.zeros((2, cfg.ng, 6), dtype=se.davg.dtype), 0.0, 1.0, 2.0, 1.0, 1.0)
 
 
 def _fitting_from_dict(d: dict, ntypes: int) -> tuple[list[Net], np.ndarray]:
@@ -289,17 +312,16 @@ def model_from_dict(data: dict) -> EnergyModel:
     m = data.get("model", data)
     if m.get("type", "standard") != "standard":
         _refuse("model type", m.get("type"), "model")
-    for key in ("atom_exclude_types", "pair_exclude_types"):
-        _require(m, key, ([], None), "model")
+    _require(m, "atom_exclude_types", ([], None), "model")
     if "type_embedding" in m or m["descriptor"].get("type_embedding") is not None:
         _refuse("type_embedding", "present", "model")
     type_map = list(m["type_map"])
     ntypes = len(type_map)
-    se = _descriptor_from_dict(m["descriptor"], ntypes)
+    se = _descriptor_from_dict(m["descriptor"], ntypes, m.get("pair_exclude_types") or ())
     if se.compress is not None and data is not m:  # the file's smallest neighbour distance, kept on save
         se = replace(se, compress=replace(se.compress, min_nbor_dist=min_nbor_dist(data)))
     fitting, bias = _fitting_from_dict(m["fitting"], ntypes)
-    out_bias = m.get("@variables", {}).get("out_bias")
+    out_bias = (m.get("@variables") or {}).get("out_bias")  # null is no @variables, as the checker reads it
     if out_bias is not None:
         # the atomic model's output bias, (n_outputs, ntypes, 1): the energy's is row 0
         bias = bias + np.asarray(out_bias)[0].reshape(ntypes)
@@ -363,13 +385,15 @@ def model_to_dict(model: EnergyModel) -> dict:
         "@class": "Descriptor", "type": "se_e2_a", "@version": 2, "rcut": cfg.rcut,
         "rcut_smth": cfg.rcut_smth, "sel": list(cfg.sel), "neuron": list(cfg.neuron),
         "axis_neuron": cfg.axis_neuron, "resnet_dt": cfg.resnet_dt, "trainable": True,
-        "type_one_side": cfg.type_one_side, "exclude_types": [], "env_protection": 0.0,
-        "set_davg_zero": False, "activation_function": cfg.activation, "precision": precision,
+        "type_one_side": cfg.type_one_side, "exclude_types": [list(p) for p in cfg.exclude_types],
+        "env_protection": cfg.env_protection, "set_davg_zero": cfg.set_davg_zero,
+        "activation_function": cfg.activation, "precision": precision,
         "embeddings": {"@class": "NetworkCollection", "@version": 1, "ndim": 1 if cfg.type_one_side else 2,
                        "ntypes": nt, "network_type": "embedding_network",
                        "networks": [_net_to_dict(n, "EmbeddingNetwork", 1, cfg.neuron, cfg.resnet_dt)
                                     for n in emb]},
-        "env_mat": {"rcut": cfg.rcut, "rcut_smth": cfg.rcut_smth, "protection": 0.0, "use_exp_switch": False},
+        "env_mat": {"rcut": cfg.rcut, "rcut_smth": cfg.rcut_smth, "protection": cfg.env_protection,
+                    "use_exp_switch": False},
         "@variables": {"davg": se.davg, "dstd": se.dstd}, "type_map": list(model.type_map), "spin": None,
     }
     if se.compress is not None:  # deepmd-kit 3.2 writes a compressed se_e2_a at @version 3
@@ -396,7 +420,8 @@ def model_to_dict(model: EnergyModel) -> dict:
     }
     return {
         "@class": "Model", "type": "standard", "@version": 2, "type_map": list(model.type_map),
-        "descriptor": descriptor, "fitting": fitting, "atom_exclude_types": [], "pair_exclude_types": [],
+        "descriptor": descriptor, "fitting": fitting, "atom_exclude_types": [],
+        "pair_exclude_types": [list(p) for p in cfg.pair_exclude_types],
         "rcond": None, "preset_out_bias": None,
         "@variables": {"out_bias": np.zeros((1, nt, 1), precision), "out_std": np.ones((1, nt, 1), precision)},
     }

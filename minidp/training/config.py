@@ -102,7 +102,7 @@ KEYS = {
     "": {"model", "learning_rate", "loss", "training"},
     "model": {"type_map", "descriptor", "fitting_net", "data_stat_nbatch"},
     "model/descriptor": {"type", "sel", "rcut", "rcut_smth", "neuron", "axis_neuron", "resnet_dt",
-                         "type_one_side", "precision", "seed", "activation_function"},
+                         "type_one_side", "precision", "seed", "activation_function", "set_davg_zero"},
     "model/fitting_net": {"type", "neuron", "resnet_dt", "precision", "seed", "activation_function"},
     "learning_rate": {"type", "start_lr", "stop_lr", "decay_steps"},
     "loss": {"type", "start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"},
@@ -202,7 +202,8 @@ def _descriptor_config(d: dict) -> SeAConfig:
                      sel=_value(d, w, "sel", integers), neuron=_value(d, w, "neuron", integers, (10, 20, 40)),
                      axis_neuron=_value(d, w, "axis_neuron", positive_int, 4),
                      type_one_side=_value(d, w, "type_one_side", boolean, False),
-                     resnet_dt=_value(d, w, "resnet_dt", boolean, False))
+                     resnet_dt=_value(d, w, "resnet_dt", boolean, False),
+                     set_davg_zero=_value(d, w, "set_davg_zero", boolean, False))
 
 
 def _seed(name: str, value) -> int:

@@ -33,23 +33,25 @@ from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backw
 def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
     r"""R' = (dR/d rij) drij, the environment matrix moved along drij.
 
-    The transpose of :func:`~minidp.se_e2_a.env_matrix_backward`'s Jacobian (u = 1/r, d = x . drij):
+    The transpose of :func:`~minidp.se_e2_a.env_matrix_backward`'s Jacobian
+    (u = 1/r, v = 1/(r + p), d = x . drij):
 
     .. math::
 
-        \tilde R_0' = d\, u^2 (s' - s u),\qquad
-        \tilde R_a' = x_a\, d\, u^3 (s' - 2 s u) + s u^2\, \delta x_a,\qquad R' = \tilde R' / \mathrm{dstd}
+        \tilde R_0' = d\, u v (s' - s v),\qquad
+        \tilde R_a' = x_a\, d\, u v^2 (s' - 2 s v) + s v^2\, \delta x_a,\qquad
+        R' = \tilde R' \cdot \mathrm{row\_scale}
 
-    Padded slots have u = s = s' = 0: their rows do not move. Returns (nf, nloc, nnei, 4).
+    Padded slots have u = v = s = s' = 0: their rows do not move. Returns (nf, nloc, nnei, 4).
     """
-    rij, u, sw, dsw, inv_dstd = cache
+    rij, u, sw, dsw, v = cache.rij, cache.inv_r, cache.sw, cache.dsw, cache.inv_rp
     # (nf, nloc, nnei)
     d = np.sum(rij * drij, axis=-1)
     # (nf, nloc, nnei, 4)
     Rdot = np.empty(rij.shape[:3] + (4,), dtype=rij.dtype)
-    Rdot[..., 0] = d * u**2 * (dsw - sw * u)
-    Rdot[..., 1:] = (d * u**3 * (dsw - 2.0 * sw * u))[..., None] * rij + (sw * u**2)[..., None] * drij
-    Rdot *= inv_dstd
+    Rdot[..., 0] = d * u * v * (dsw - sw * v)
+    Rdot[..., 1:] = (d * u * v * v * (dsw - 2.0 * sw * v))[..., None] * rij + (sw * v * v)[..., None] * drij
+    Rdot *= cache.row_scale
     return Rdot
 
 
