@@ -200,7 +200,7 @@ def validated(where: str, cls, **kwargs):
     ValueError comes back with ``where`` (the file and key path) in front; the rules stay in cls."""
     try:
         return cls(**kwargs)
-    except TypeError as err:  # InputTypeError: a value of the wrong type, named by the rule
+    except InputTypeError as err:  # a value of the wrong type, named by the rule (a plain TypeError is a bug)
         raise InputTypeError(f"{where}: {err}") from None
     except ValueError as err:
         raise InputError(f"{where}: {err}") from None
