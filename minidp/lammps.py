@@ -798,16 +798,17 @@ class DeckRunner:
         self.installed = True
 
     def warn_types(self, elements: list[str], ntypes: int) -> None:
-        """LAMMPS warnings (screen and log) where the type mapping may not be what the deck meant, as the plugin's."""
+        """LAMMPS warnings (screen and log) where the type mapping may not be what the deck meant, as the plugin's.
+        (No apostrophes: LAMMPS's print reads them as quotes.)"""
         type_map = self.field.dps[0].get_type_map()
         if not elements and len(type_map) > ntypes:
             self.command(f'print "WARNING: pair_coeff * * maps the {ntypes} atom types onto the first {ntypes} of '
-                         f"the model's {len(type_map)} types ({' '.join(type_map)}); name the elements, e.g. "
+                         f"the {len(type_map)} model types ({' '.join(type_map)}); name the elements, e.g. "
                          f'pair_coeff * * {" ".join(type_map[:ntypes])}"')
         unseen = np.flatnonzero(self.field.type_of < 0) + 1
         if elements and unseen.size:
             self.command(f'print "WARNING: the model does not see the atoms of type(s) {" ".join(map(str, unseen))} '
-                         '(NULL or no element on pair_coeff), as deepmd-kit\'s plugin"')
+                         '(NULL or no element on pair_coeff), as with the deepmd-kit plugin"')
 
     def atoms(self, nloc: int, x_local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(x (nloc or nall, 3), model types, cell or None) of this rank for the scheme in use."""
