@@ -558,6 +558,8 @@ READER_COMMANDS = ("include", "jump", "next", "if", "pair_style", "pair_coeff", 
                    "clear", "quit", "plugin")
 # the string variable through which LAMMPS tells which branch of an `if` it takes
 IF_VARIABLE = "minidp_if"
+# LAMMPS's limit on nested input files (include within include ...)
+MAX_NESTING = 16
 
 
 def reads_itself(command: str) -> bool:
@@ -593,6 +595,7 @@ class DeckRunner:
         self.devi_path: Path | None = None
         self.periodic = True  # scheme 1 (one rank, periodic box) or 2 (cluster); set by install
         self.deck: DeckFile | None = None  # the file being read (jump acts on it)
+        self.depth = 0  # how many files are being read (the deck, an included file in it, ...)
         self.jump_skip = False  # a `next` ran out of values: the next jump is skipped (LAMMPS's rule)
         self.restarted = False  # read_restart since the last clear: the deviation file is continued
         self.installed = False  # fix external is in place for the current pair_style
@@ -623,12 +626,14 @@ class DeckRunner:
     def read(self, deck: DeckFile) -> None:
         """Run one deck file to its end (or to quit), as LAMMPS's Input::file; include reads a file within."""
         outer, self.deck = self.deck, deck
+        self.depth += 1
         try:
             while self.status is None and deck.pos < len(deck.commands):
                 deck.pos += 1
                 self.one(deck.commands[deck.pos - 1])
         finally:
             self.deck = outer
+            self.depth -= 1
 
     def one(self, cmd: str) -> None:
         """One command: to its handler (READER_COMMANDS) or to LAMMPS as written."""
@@ -645,6 +650,9 @@ class DeckRunner:
         w = self.expand(cmd)
         if len(w) != 2:
             raise LammpsInputError(f"{' '.join(w)}: include takes one file name")
+        if self.depth >= MAX_NESTING:
+            raise LammpsInputError(f"include {w[1]}: more than {MAX_NESTING} nested input files (LAMMPS's limit; an "
+                                   "include loop?)")
         self.read(DeckFile(w[1], deck_commands(checks.read_text(w[1], "included deck"))))
 
     def _jump(self, cmd: str) -> None:
@@ -677,6 +685,8 @@ class DeckRunner:
             return
         chosen = self.branch(branches)
         for c in () if chosen is None else branches[chosen].commands:
+            if self.status is not None:
+                break  # the branch said quit
             self.one(c)
 
     def branch(self, branches: list[IfBranch]) -> int | None:

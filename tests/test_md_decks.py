@@ -342,6 +342,13 @@ def test_refused_in_one_line(tmp_path, water_data, line, message):
 
 
 @need_lammps
+def test_include_loop_stops_at_lammps_limit(tmp_path):
+    (tmp_path / "loop.lammps").write_text("include loop.lammps\n")
+    (tmp_path / "in.lammps").write_text("include loop.lammps\n")
+    assert "include loop.lammps: more than 16 nested input files" in error_line(minidp_lammps(tmp_path, "in.lammps"))
+
+
+@need_lammps
 @pytest.mark.parametrize("options, message", [
     (["-p", "4x1", "-i", "in.lammps"], "-p 4x1: minidp lammps runs one partition"),
     (["in.lammps", "-i", "in.lammps"], "minidp lammps takes one input deck"),
@@ -367,7 +374,8 @@ def test_input_flag_as_dpgen_runs_it(tmp_path, water_data, flag, example_energy)
 
 @need_lammps
 def test_quit_status(tmp_path):
-    (tmp_path / "in.lammps").write_text('print "before"\nquit 3\nnot_a_lammps_command\n')
+    (tmp_path / "in.lammps").write_text('print "before"\nif "1 > 0" then "quit 3" "not_a_lammps_command"\n'
+                                        "not_a_lammps_command\n")
     done = minidp_lammps(tmp_path, "in.lammps")
     assert done.returncode == 3 and "minidp lammps: error" not in done.stderr, done.stderr[-2000:]
 
@@ -445,6 +453,11 @@ def test_devi_file_byte_for_byte_the_plugins(tmp_path, water_data, plugin_models
                      plugin_models["dp"])
     assert len(ref.splitlines()) == 11
     assert ours == ref
+    # the plugin's restart file names pair_style deepmd: refused in one line
+    (tmp_path / "minidp" / "run1.restart").unlink()
+    shutil.copy(tmp_path / "plugin" / "run1.restart", tmp_path / "minidp")
+    done = minidp_lammps(tmp_path / "minidp", "in.lammps", "-v", "restart", "1", "-v", "m1", "a", "-v", "m2", "b")
+    assert "the restart was written with deepmd-kit's pair_style deepmd" in error_line(done)
 
 
 @pytest.mark.slow
