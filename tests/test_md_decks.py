@@ -261,22 +261,25 @@ def test_deepmd_deck_unchanged_runs_as_the_minidp_deck(tmp_path, water_data):
 
 @need_lammps
 def test_pair_style_in_branches_jumps_and_after_clear(tmp_path, water_data, example_energy):
-    """pair_style deepmd chosen by an if branch (LAMMPS evaluating the condition), a jump to another
-    file's label, deepmd-kit's `plugin load` line skipped, clear and a second box, quit before the end."""
+    """pair_style deepmd chosen by an if branch (LAMMPS evaluating the condition) in a file included by a
+    command named by a variable, a jump to another file's label, deepmd-kit's `plugin load` line skipped,
+    a line that expands to nothing, clear and a second box, quit before the end."""
     (tmp_path / "part2.lammps").write_text(
-        "print never\nlabel start\nrun 0\nprint \"$(pe:%.15e)\" append pe.txt screen no\n"
+        "print never file never.txt\nlabel start\nrun 0\nprint \"$(pe:%.15e)\" append pe.txt screen no\n"
         "clear\n" + HEAD.format(data=water_data) + "include pair.lammps\nrun 0\n"
         'print "$(pe:%.15e)" append pe.txt screen no\nquit\nnot_a_lammps_command\n')
     (tmp_path / "pair.lammps").write_text(
         'if "${kind} == dp" then "pair_style deepmd ${model}" "pair_coeff * * O H" else "pair_style zero 6.0" '
         '"pair_coeff * *"\n')
     (tmp_path / "in.lammps").write_text(
-        "plugin load libdeepmd_lmp.so\nvariable kind string dp\n" + HEAD.format(data=water_data)
-        + "include pair.lammps\njump part2.lammps start\nprint never\n")
+        "plugin load libdeepmd_lmp.so\nvariable kind string dp\nvariable nothing string \"\"\n${nothing}\n"
+        "variable cmd string include\n" + HEAD.format(data=water_data) + "${cmd} pair.lammps\n"
+        + "jump part2.lammps start\nprint never file never.txt\n")
     done = minidp_lammps(tmp_path, "in.lammps", "-v", "model", str(MODEL))
     assert done.returncode == 0, done.stderr[-2000:]
     pe = [float(x) for x in (tmp_path / "pe.txt").read_text().split()]
     assert pe == pytest.approx([example_energy] * 2, rel=1e-12)
+    assert not (tmp_path / "never.txt").exists()
 
 
 @pytest.fixture(scope="module")
