@@ -1,7 +1,7 @@
 """minidp in LAMMPS (minidp.lammps) and i-PI (minidp.ipi).
 
-Without any engine: the deck parsing, the box and virial layouts, the exactness of the cluster
-scheme (local + ghost atoms, several ranks) against the periodic evaluation, the model-deviation
+Without any engine: the deck parsing, the box and virial layouts, the exactness of the local-centre
+scheme (local centres, ghost atoms as neighbours, several ranks) against the periodic evaluation, the model-deviation
 row, and the i-PI client against a fake server on a socket pair. With LAMMPS / i-PI / deepmd-kit
 and ../shared: short runs of the cross-check (validation/md_engines.py), which must agree to 1e-8,
 and the one-line errors of bad input.
@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from minidp.infer import DeepPot
-from minidp.lammps import (LammpsInputError, cluster_energy_forces, deck_commands, lammps_cell, lammps_virial,
+from minidp.lammps import (LammpsInputError, MinidpForceField, deck_commands, lammps_cell, lammps_virial,
                            parse_pair_style, type_index)
+from minidp.md.exchange import plan_exchange, reverse_sum
 from tests.conftest import MODEL_DP, MODEL_PB, ROOT, WATER, need
 
 EXAMPLE = ROOT / "minidp" / "examples" / "water"
@@ -90,7 +91,7 @@ def test_box_and_virial_layouts():
 
 
 # ---------------------------------------------------------------------------
-# The cluster scheme (several MPI ranks) is exact
+# Local centres, ghosts as neighbours (several MPI ranks, open directions) are exact
 # ---------------------------------------------------------------------------
 
 
@@ -122,21 +123,67 @@ SPLITS = [
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_cluster_scheme_matches_the_periodic_frame(example_dp, example_frame, split):
-    """Each 'rank' gets exact forces on its atoms, and the energy and virial shares add up to the totals."""
+def test_local_centres_with_ghosts_match_the_periodic_frame(example_dp, example_frame, split):
+    """Each 'rank' evaluates its own centres with its ghosts (images within rcut + skin) as neighbours only;
+    every row summed onto the atom it copies (what minidp.md.exchange does over MPI) gives the periodic
+    frame's forces and atomic virials, and the ranks' energies and virials add up to its totals."""
     x, cell, types = example_frame
-    e, f, v = example_dp.eval(x[None], cell[None], types)
-    margin = 2 * example_dp.get_rcut() + 0.5
-    shares, nlocs = [], []
+    e, f, v, ae, av = example_dp.eval(x[None], cell[None], types, atomic=True)
+    F, W, E, V = np.zeros((len(x), 3)), np.zeros((len(x), 9)), 0.0, np.zeros(9)
     for lo, hi in split:
-        xs, owner, nloc = images_within(x, cell, np.array(lo, float), np.array(hi, float), margin)
-        e_part, f_part, v_part = cluster_energy_forces(xs, types[owner], nloc, example_dp)
-        np.testing.assert_allclose(f_part, f[0, owner[:nloc]], rtol=0, atol=1e-10)
-        shares.append((e_part, v_part))
-        nlocs.append(nloc)
-    assert sum(nlocs) == len(x)
-    assert abs(sum(s[0] for s in shares) - e[0, 0]) < 1e-10 * abs(e[0, 0])
-    np.testing.assert_allclose(sum(s[1] for s in shares), v[0], rtol=0, atol=1e-9)
+        xs, owner, nloc = images_within(x, cell, np.array(lo, float), np.array(hi, float), example_dp.get_rcut() + 2)
+        p = example_dp.eval_extended(xs, types[owner], nloc)
+        np.testing.assert_allclose(p.atom_energy[0], ae[0, owner[:nloc], 0], rtol=0, atol=1e-12)
+        np.add.at(F, owner, p.force[0])
+        np.add.at(W, owner, p.atom_virial[0])
+        E, V = E + p.energy[0], V + p.virial[0]
+    np.testing.assert_allclose(F, f[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(W, av[0], rtol=0, atol=1e-12)
+    assert abs(E - e[0, 0]) < 1e-12 * abs(e[0, 0])
+    np.testing.assert_allclose(V, v[0], rtol=0, atol=1e-10)
+
+
+def test_one_rank_exchange_sums_the_images(example_dp, example_frame):
+    """One rank, every ghost an image of a local atom: the exchange without MPI gives the periodic frame's
+    forces and atomic virials; the local atoms' order does not matter (IDs find them)."""
+    x, cell, types = example_frame
+    _, f, _, _, av = example_dp.eval(x[None], cell[None], types, atomic=True)
+    xs, owner, nloc = images_within(x, cell, np.zeros(3), np.ones(3), example_dp.get_rcut() + 2)
+    order = np.concatenate([np.random.default_rng(0).permutation(nloc), np.arange(nloc, len(xs))])
+    xs, owner = xs[order], owner[order]
+    p = example_dp.eval_extended(xs, types[owner], nloc)
+    plan = plan_exchange(owner + 1, nloc)
+    assert plan.outgoing == () and plan.incoming == ()
+    local = reverse_sum(np.concatenate([p.force[0], p.atom_virial[0]], axis=1), plan)
+    np.testing.assert_allclose(local[:, :3], f[0, owner[:nloc]], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(local[:, 3:], av[0, owner[:nloc]], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="the atoms have no IDs"):
+        plan_exchange(np.zeros(len(xs), dtype=int), nloc)
+
+
+def test_eval_extended_chunks_and_edge_cases(example_dp, example_frame):
+    """Centre chunks on several workers give the one-chunk result; no centre gives zeros without a neighbour
+    list; atoms of type -1 (pair_coeff NULL) are neither centres nor neighbours."""
+    x, cell, types = example_frame
+    xs, owner, nloc = images_within(x, cell, np.zeros(3), np.array([0.5, 1, 1]), example_dp.get_rcut() + 2)
+    one = example_dp.eval_extended(xs, types[owner], nloc)
+    many = DeepPot(EXAMPLE / "model.dp", progress=False, workers=2, batch_size=17).eval_extended(xs, types[owner], nloc)
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-11)
+    none = example_dp.eval_extended(xs, types[owner], 0)
+    assert none.energy[0] == 0 and none.force.shape == (1, len(xs), 3) and not none.force.any()
+    assert example_dp.eval_extended(np.zeros((0, 3)), np.zeros(0, dtype=int), 0).force.shape == (1, 0, 3)
+    with pytest.raises(ValueError, match="nloc = 5 is more than the 3 atoms"):
+        example_dp.eval_extended(xs[:3], types[owner[:3]], 5)
+    # the hydrogens left out: the oxygens alone, as if the hydrogens were not there
+    t = types[owner].copy()
+    t[t == 1] = -1
+    p = MinidpForceField.evaluate(example_dp, xs, t, nloc, None)
+    keep = t >= 0
+    ref = example_dp.eval_extended(xs[keep], t[keep], int(keep[:nloc].sum()))
+    assert p.energy[0] == ref.energy[0] and not p.force[0, ~keep].any()
+    np.testing.assert_array_equal(p.force[0, keep], ref.force[0])
+    np.testing.assert_array_equal(p.atom_energy[0, keep[:nloc]], ref.atom_energy[0])
 
 
 # ---------------------------------------------------------------------------
