@@ -23,7 +23,7 @@ import pytest
 
 from minidp.infer import DeepPot
 from minidp.lammps import (LammpsInputError, MinidpForceField, deck_commands, lammps_cell, lammps_virial,
-                           parse_pair_style, type_index)
+                           parse_pair_style, rank_communicator, type_index)
 from minidp.md.exchange import plan_exchange, reverse_sum
 from tests.conftest import MODEL_DP, MODEL_PB, ROOT, WATER, need
 
@@ -159,6 +159,18 @@ def test_one_rank_exchange_sums_the_images(example_dp, example_frame):
     np.testing.assert_allclose(local[:, 3:], av[0, owner[:nloc]], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="the atoms have no IDs"):
         plan_exchange(np.zeros(len(xs), dtype=int), nloc)
+    with pytest.raises(RuntimeError, match="ghost atom ID 7 is owned by no rank"):
+        plan_exchange(np.array([1, 2, 3, 2, 7]), 3)
+
+
+def test_several_ranks_need_mpi4py():
+    class WithoutMpi4py:  # lammps.get_mpi_comm() is None when mpi4py is missing
+        def get_mpi_comm(self):
+            return None
+
+    assert rank_communicator(WithoutMpi4py(), 1) is None
+    with pytest.raises(LammpsInputError, match="on 2 MPI ranks needs mpi4py"):
+        rank_communicator(WithoutMpi4py(), 2)
 
 
 def test_eval_extended_chunks_and_edge_cases(example_dp, example_frame):
@@ -362,19 +374,6 @@ def _cross_check(ensemble: str, tmp_path: Path, steps: int = 20):
 def test_lammps_trajectory_equals_deepmd_kit(tmp_path, ensemble):
     diffs = _cross_check(ensemble, tmp_path)
     assert all(d <= 1e-8 for d in diffs.values()), diffs
-
-
-@pytest.mark.slow
-def test_two_mpi_ranks_equal_one(tmp_path, water_lmp):
-    need_lammps()
-    need_program("mpirun")
-    from validation import md_engines as md
-
-    deck = md.lammps_deck("nve", 3, str(water_lmp))
-    one = md.run_lammps("minidp", deck, EXAMPLE / "model.dp", tmp_path / "one")
-    two = md.run_lammps("minidp", deck, EXAMPLE / "model.dp", tmp_path / "two", nprocs=2)
-    diffs = md.compare_lammps(two, one)
-    assert all(d <= 1e-10 for d in diffs.values()), diffs
 
 
 @pytest.mark.slow
