@@ -424,14 +424,28 @@ def test_ipi_example_runs(tmp_path):
 
 
 def test_md_benchmark_table(tmp_path):
-    from benchmarks.md import loop_seconds, markdown
+    from benchmarks.md import build_parser, loop_seconds, markdown
 
-    rows = [{"name": "deepmd-kit pair_style deepmd", "atoms": 192, "us_per_step_atom": 1000.0, "status": "ok"},
-            {"name": "minidp pair_style minidp (exact)", "atoms": 192, "us_per_step_atom": 420.0, "status": "ok"},
-            {"name": "minidp pair_style minidp (exact)", "atoms": 1536, "status": "timeout (> 10 s)"}]
+    rows = [{"name": "deepmd-kit pair_style deepmd", "atoms": 192, "ranks": 1, "threads": 1,
+             "us_per_step_atom": 1000.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 192, "ranks": 1, "threads": 1,
+             "us_per_step_atom": 420.0, "status": "ok"},
+            {"name": "deepmd-kit pair_style deepmd", "atoms": 192, "ranks": 2, "threads": 1,
+             "us_per_step_atom": 800.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 192, "ranks": 2, "threads": 1,
+             "us_per_step_atom": 240.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 1536, "ranks": 1, "threads": 1,
+             "status": "timeout (> 10 s)"}]
     text = markdown({"steps": 20, "machine": "cpu, 2 cores", "load_before": (1, 1, 1), "load_after": (2, 2, 2),
                      "rows": rows})
-    assert "| minidp pair_style minidp (exact) | 420 (0.42x) | timeout (> 10 s) |" in text
+    assert "| minidp pair_style minidp (exact) | 1 x 1 | 420 (0.42x) | timeout (> 10 s) |" in text
+    # against deepmd-kit at 2 ranks, and the throughput against its own 1 rank x 1 thread
+    assert "| minidp pair_style minidp (exact) | 2 x 1 | 240 (0.30x; 1.75x 1x1) | - |" in text
+    assert "| deepmd-kit pair_style deepmd | 2 x 1 | 800 (1.25x 1x1) | - |" in text
+    args = build_parser().parse_args(["--layouts", "1x2", "2x1", "--atoms", "1536"])
+    assert (args.layouts, args.atoms) == ([(1, 2), (2, 1)], [1536])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--layouts", "2by1"])
     log = tmp_path / "log.lammps"
     log.write_text("Loop time of 3.5 on 2 procs for 20 steps with 192 atoms\n")
     assert loop_seconds(log) == 3.5
