@@ -137,8 +137,8 @@ def cell(row: dict | None, us: dict) -> str:
     t, n = row["us_per_step_atom"], row["atoms"]
     reference = f"{PLAIN}, compressed" if row.get("compressed") else PLAIN
     ref, base = us.get((reference, ranks, threads, n)), us.get((name, 1, 1, n))
-    notes = ([f"{t / ref:.2f}x"] if ref and name != reference else []) + \
-        ([f"{base / t:.2f}x 1x1"] if base and (ranks, threads) != (1, 1) else [])
+    notes = [f"{t / ref:.2f}x"] if ref and name != reference else []
+    notes += [f"{base / t:.2f}x 1x1"] if base and (ranks, threads) != (1, 1) else []
     return f"{t:.0f}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
@@ -150,9 +150,9 @@ def markdown(results: dict) -> str:
     found = {line_of(r) + (r["atoms"],): r for r in rows}
     lines = [f"# MD benchmark: LAMMPS, NVE water, {results['steps']} steps", "",
              f"{results['machine']}; load before: {results['load_before']}; after: {results['load_after']}", "",
-             "microseconds per step per atom (LAMMPS loop time); in brackets: the ratio to deepmd-kit's plugin "
-             "with the same kind of model (plain or compressed) at the same layout, then the throughput "
-             "relative to the same contender at 1 rank x 1 thread", "",
+             ("microseconds per step per atom (LAMMPS loop time); in brackets: the ratio to deepmd-kit's plugin "
+              "with the same kind of model (plain or compressed) at the same layout, then the throughput "
+              "relative to the same contender at 1 rank x 1 thread"), "",
              "| contender | ranks x threads | " + " | ".join(f"{n:,} atoms" for n in sizes) + " |",
              "| --- | --- |" + " --- |" * len(sizes)]
     for name, ranks, threads in dict.fromkeys(line_of(r) for r in rows):

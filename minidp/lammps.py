@@ -436,6 +436,8 @@ class DeckRunner:
                                    "Angstrom; use units metal")
         self.field.set_types(args[2:], int(self.lmp.extract_global("ntypes")))
         self.command("pair_coeff * *")
+        if self.comm is not None:  # a second pair_style minidp (after clear): a fresh communicator
+            self.comm.Free()
         self.comm, self.plan = rank_communicator(self.lmp, self.nprocs), None
         style = self.field.style
         if len(self.field.dps) > 1 and style.out_freq > 0:
