@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidp.infer import DeepPot
 from minidp.lammps import (LammpsInputError, MinidpForceField, deck_commands, lammps_cell, lammps_virial,
@@ -161,6 +163,23 @@ def test_one_rank_exchange_sums_the_images(example_dp, example_frame):
         plan_exchange(np.zeros(len(xs), dtype=int), nloc)
     with pytest.raises(RuntimeError, match="ghost atom ID 7 is owned by no rank"):
         plan_exchange(np.array([1, 2, 3, 2, 7]), 3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_one_rank_exchange_adds_every_image_onto_its_atom(data):
+    """Local atoms in any order, ghosts any copies of them (repeated or not): every ghost row lands on its atom."""
+    nloc = data.draw(st.integers(0, 8))
+    local = np.array(data.draw(st.permutations(range(1, nloc + 1))), dtype=int)
+    ghosts = np.array(data.draw(st.lists(st.sampled_from(local.tolist()), max_size=12) if nloc else st.just([])),
+                      dtype=int)
+    tags = np.concatenate([local, ghosts])
+    values = np.random.default_rng(data.draw(st.integers(0, 99))).normal(size=(tags.size, 2))
+    out = reverse_sum(values, plan_exchange(tags, nloc))
+    expected = values[:nloc].copy()
+    for row in range(nloc, tags.size):
+        expected[np.flatnonzero(local == tags[row])[0]] += values[row]
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-14)
 
 
 def test_several_ranks_need_mpi4py():
