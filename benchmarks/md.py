@@ -1,21 +1,22 @@
 r"""The MD benchmark: LAMMPS with deepmd-kit's ``pair_style deepmd`` against ``pair_style minidp``.
 
     python -m benchmarks.md --pb ../shared/models/water-14000.pb --dp ../shared/models/water-14000.dp \
-        --data ../shared/data/water/data_0 --out out/bench-md [--compressed-pb X.pb] [--quick]
+        --data ../shared/data/water/data_0 --out out/bench-md [--compressed-pb X.pb] [--compressed-dp X.dp] \
+        [--layouts 1x1 1x2 2x1] [--atoms 1536 12288]
 
 The benchmark deepmd-kit's papers use: the water box replicated (1x1x1 = 192, 2x2x2 = 1,536,
 4x4x4 = 12,288 atoms), NVE, 20 steps of 0.5 fs from 330 K velocities, the deck of
 :mod:`validation.md_engines`. Reported: microseconds per step per atom, from LAMMPS's own
-"Loop time" (the steps only: not start-up, not TensorFlow's or Numba's first call). Contenders, all in
-one run, each a fresh process with ``--threads`` threads (OMP_NUM_THREADS, BLAS, TensorFlow's intra-
-and inter-op pools; minidp's workers), interleaved size by size:
+"Loop time" (the steps only: not start-up, not TensorFlow's or Numba's first call). Contenders:
 
 - deepmd-kit ``pair_style deepmd`` on the .pb, and on a ``dp --tf compress``-ed .pb if given;
-- minidp ``pair_style minidp`` on the .dp (exact), and on a compressed model if ``--compressed-dp``
-  names one (the compression issue's ``minidp compress``);
-- with ``--mpi``: the plain .pb and minidp again as ``mpirun -np 2`` with one thread per rank, at
-  the sizes of ``--mpi-atoms`` (minidp's several-rank path is the exact cluster scheme of
-  :mod:`minidp.md.lammps`).
+- minidp ``pair_style minidp`` on the .dp (exact), and on a ``minidp compress``-ed model if
+  ``--compressed-dp`` names one;
+
+each at every layout of ``--layouts``, RANKSxTHREADS: ``1x1`` one rank with one thread, ``1x2`` one
+rank with two threads, ``2x1`` ``mpirun -np 2`` with one thread per rank (OMP_NUM_THREADS, BLAS,
+TensorFlow's intra- and inter-op pools and minidp's workers all set to the threads), each run a fresh
+process, interleaved size by size and layout by layout in one run.
 
 Writes results.json, results.md (a Markdown table with the machine load) and md.png to --out.
 """
@@ -29,6 +30,7 @@ import platform
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.run import child_env, log_tail, run_process
@@ -37,8 +39,19 @@ from validation import md_engines as md
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-REPLICAS = ((1, 1, 1), (2, 2, 2), (4, 4, 4))
+# atoms -> replicas of the 192-atom water box
+REPLICAS = {192: (1, 1, 1), 1536: (2, 2, 2), 12288: (4, 4, 4)}
 STEPS = 20
+LAYOUTS = ("1x1", "1x2", "2x1")
+PLAIN = "deepmd-kit pair_style deepmd"
+
+
+def layout(text: str) -> tuple[int, int]:
+    """'RANKSxTHREADS' -> (ranks, threads), both >= 1."""
+    m = re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)", text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"layout {text!r}: expected RANKSxTHREADS, e.g. 2x1")
+    return int(m.group(1)), int(m.group(2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,27 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compressed-dp", type=Path, default=None, help="the same model after `minidp compress`")
     p.add_argument("--data", type=Path, default=SHARED / "data" / "water" / "data_0", help="deepmd/npy water system")
     p.add_argument("--out", type=Path, default=Path("out/bench-md"), help="results folder")
-    p.add_argument("--threads", type=int, default=2, help="threads of every contender (default 2)")
-    p.add_argument("--steps", type=int, default=STEPS, help="NVE steps per run (default 20)")
-    p.add_argument("--mpi", action="store_true", help="also mpirun -np 2 with one thread per rank")
-    p.add_argument("--mpi-atoms", type=int, nargs="+", default=[1536],
-                   help="sizes (atoms) at which the --mpi runs are made (default 1536)")
+    p.add_argument("--layouts", type=layout, nargs="+", default=[layout(t) for t in LAYOUTS],
+                   help="RANKSxTHREADS of every contender (default: 1x1 1x2 2x1)")
+    p.add_argument("--atoms", type=int, nargs="+", choices=sorted(REPLICAS), default=sorted(REPLICAS),
+                   help="system sizes (default: 192 1536 12288)")
     p.add_argument("--quick", action="store_true", help="192 and 1,536 atoms only")
+    p.add_argument("--steps", type=int, default=STEPS, help="NVE steps per run (default 20)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds after which a run is killed")
     return p
 
 
-def contenders(args, natoms: int) -> list[tuple[str, str, Path, int]]:
-    """(name, engine, model, MPI ranks) of every contender at a size."""
-    rows = [("deepmd-kit pair_style deepmd", "deepmd", args.pb, 1)]
+@dataclass(frozen=True)
+class Contender:
+    """A pair style with a model: deepmd-kit's or minidp's, plain (exact) or compressed."""
+
+    name: str
+    engine: str  # "deepmd" or "minidp" (validation.md_engines.lammps_command)
+    model: Path
+    compressed: bool
+
+
+def contenders(args) -> list[Contender]:
+    """Every contender the arguments name (the compressed ones only when their models are given)."""
+    rows = [Contender(PLAIN, "deepmd", args.pb, False)]
     if args.compressed_pb is not None:
-        rows.append(("deepmd-kit pair_style deepmd, compressed", "deepmd", args.compressed_pb, 1))
-    rows.append(("minidp pair_style minidp (exact)", "minidp", args.dp, 1))
+        rows.append(Contender(f"{PLAIN}, compressed", "deepmd", args.compressed_pb, True))
+    rows.append(Contender("minidp pair_style minidp (exact)", "minidp", args.dp, False))
     if args.compressed_dp is not None:
-        rows.append(("minidp pair_style minidp, compressed", "minidp", args.compressed_dp, 1))
-    if args.mpi and natoms in args.mpi_atoms:
-        rows += [("deepmd-kit pair_style deepmd, 2 ranks", "deepmd", args.pb, 2),
-                 ("minidp pair_style minidp, 2 ranks", "minidp", args.dp, 2)]
+        rows.append(Contender("minidp pair_style minidp, compressed", "minidp", args.compressed_dp, True))
     return rows
 
 
@@ -81,50 +101,63 @@ def loop_seconds(log: Path) -> float:
     return float(found[-1])
 
 
-def measure(name: str, engine: str, model: Path, nprocs: int, replicas, args, folder: Path) -> dict:
+def measure(who: Contender, ranks: int, threads: int, natoms: int, args, folder: Path) -> dict:
     """One run: us/step/atom from the loop time, or the reason it has none."""
-    natoms = 192 * replicas[0] * replicas[1] * replicas[2]
     folder.mkdir(parents=True, exist_ok=True)
-    deck = md.lammps_deck("nve", args.steps, str(args.out / "water.lmp"), replicas, thermo=args.steps)
+    deck = md.lammps_deck("nve", args.steps, str(args.out / "water.lmp"), REPLICAS[natoms], thermo=args.steps)
     (folder / "in.lammps").write_text(deck)
-    env = child_env(1 if nprocs > 1 else args.threads)
     t0 = time.perf_counter()
-    status = run_process(md.lammps_command(engine, folder / "in.lammps", model.resolve(), nprocs), env, folder,
-                         folder / "output.txt", args.timeout, mem_limit=1 << 40)
-    row = {"name": name, "atoms": natoms, "ranks": nprocs, "threads": 1 if nprocs > 1 else args.threads,
+    status = run_process(md.lammps_command(who.engine, folder / "in.lammps", who.model.resolve(), ranks),
+                         child_env(threads), folder, folder / "output.txt", args.timeout, mem_limit=1 << 40)
+    row = {"name": who.name, "compressed": who.compressed, "atoms": natoms, "ranks": ranks, "threads": threads,
            "status": status, "wall_seconds": time.perf_counter() - t0}
     if status == "ok":
         row["loop_seconds"] = loop_seconds(folder / "log.lammps")
         row["us_per_step_atom"] = 1e6 * row["loop_seconds"] / args.steps / natoms
     else:
         row["tail"] = log_tail(folder / "output.txt")
-    print(f"{name:45s} {natoms:6d} atoms  {row.get('us_per_step_atom', float('nan')):8.1f} us/step/atom  "
-          f"({status})", flush=True)
+    print(f"{who.name:40s} {ranks}x{threads} {natoms:6d} atoms  {row.get('us_per_step_atom', float('nan')):8.1f} "
+          f"us/step/atom  ({status})", flush=True)
     return row
 
 
+def line_of(row: dict) -> tuple[str, int, int]:
+    """The table line of a result: (contender, ranks, threads)."""
+    return row["name"], row.get("ranks", 1), row.get("threads", 1)
+
+
+def cell(row: dict | None, us: dict) -> str:
+    """A result in the table: us/step/atom (ratio to deepmd-kit's plugin with the same kind of model at the
+    same layout; throughput relative to the same contender at 1x1), or why there is no time."""
+    if row is None:
+        return "-"
+    if "us_per_step_atom" not in row:
+        return row["status"]
+    name, ranks, threads = line_of(row)
+    t, n = row["us_per_step_atom"], row["atoms"]
+    reference = f"{PLAIN}, compressed" if row.get("compressed") else PLAIN
+    ref, base = us.get((reference, ranks, threads, n)), us.get((name, 1, 1, n))
+    notes = [f"{t / ref:.2f}x"] if ref and name != reference else []
+    notes += [f"{base / t:.2f}x 1x1"] if base and (ranks, threads) != (1, 1) else []
+    return f"{t:.0f}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def markdown(results: dict) -> str:
+    """The table: one line per contender and layout, one column per size (see :func:`cell`)."""
     rows = results["rows"]
-    names = list(dict.fromkeys(r["name"] for r in rows))
     sizes = sorted({r["atoms"] for r in rows})
+    us = {line_of(r) + (r["atoms"],): r["us_per_step_atom"] for r in rows if "us_per_step_atom" in r}
+    found = {line_of(r) + (r["atoms"],): r for r in rows}
     lines = [f"# MD benchmark: LAMMPS, NVE water, {results['steps']} steps", "",
              f"{results['machine']}; load before: {results['load_before']}; after: {results['load_after']}", "",
-             "microseconds per step per atom (LAMMPS loop time); ratio: to deepmd-kit plain at the same size", "",
-             "| contender | " + " | ".join(f"{n:,} atoms" for n in sizes) + " |",
-             "| --- |" + " --- |" * len(sizes)]
-    plain = {r["atoms"]: r.get("us_per_step_atom") for r in rows if r["name"] == "deepmd-kit pair_style deepmd"}
-    for name in names:
-        cells = []
-        for n in sizes:
-            r = next((r for r in rows if r["name"] == name and r["atoms"] == n), None)
-            if r is None:
-                cells.append("-")
-            elif "us_per_step_atom" not in r:
-                cells.append(r["status"])
-            else:
-                ratio = f" ({r['us_per_step_atom'] / plain[n]:.2f}x)" if plain.get(n) else ""
-                cells.append(f"{r['us_per_step_atom']:.0f}{ratio}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+             ("microseconds per step per atom (LAMMPS loop time); in brackets: the ratio to deepmd-kit's plugin "
+              "with the same kind of model (plain or compressed) at the same layout, then the throughput "
+              "relative to the same contender at 1 rank x 1 thread"), "",
+             "| contender | ranks x threads | " + " | ".join(f"{n:,} atoms" for n in sizes) + " |",
+             "| --- | --- |" + " --- |" * len(sizes)]
+    for name, ranks, threads in dict.fromkeys(line_of(r) for r in rows):
+        cells = [cell(found.get((name, ranks, threads, n)), us) for n in sizes]
+        lines.append(f"| {name} | {ranks} x {threads} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,15 +170,15 @@ def plot(results: dict, path: Path) -> Path:
     from minidp.io.figures import save_figure
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in dict.fromkeys(r["name"] for r in results["rows"]):
+    for key in dict.fromkeys(line_of(r) for r in results["rows"]):
         pts = [(r["atoms"], r["us_per_step_atom"]) for r in results["rows"]
-               if r["name"] == name and "us_per_step_atom" in r]
+               if line_of(r) == key and "us_per_step_atom" in r]
         if pts:
-            ax.plot(*zip(*pts), "o-", label=name)
+            ax.plot(*zip(*pts), "o-", label=f"{key[0]}, {key[1]}x{key[2]}")
     ax.set_xscale("log")
     ax.set_xlabel("atoms")
     ax.set_ylabel("time per step per atom (us)")
-    ax.set_title(f"LAMMPS NVE water, {results['steps']} steps, {results['threads']} threads")
+    ax.set_title(f"LAMMPS NVE water, {results['steps']} steps, ranks x threads")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
 
@@ -171,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     md.write_water_data(args.data, args.out / "water.lmp")
-    results = {"steps": args.steps, "threads": args.threads, "load_before": os.getloadavg(),
-               "machine": f"{cpu_name()}, {os.cpu_count()} cores", "rows": []}
-    replicas = REPLICAS[:2] if args.quick else REPLICAS
-    for rep in replicas:
-        for name, engine, model, nprocs in contenders(args, 192 * rep[0] * rep[1] * rep[2]):
-            folder = args.out / "runs" / f"{engine}-{model.stem}-{nprocs}rank-{'x'.join(map(str, rep))}"
-            results["rows"].append(measure(name, engine, model, nprocs, rep, args, folder))
+    results = {"steps": args.steps, "layouts": [f"{r}x{t}" for r, t in args.layouts],
+               "load_before": os.getloadavg(), "machine": f"{cpu_name()}, {os.cpu_count()} cores", "rows": []}
+    sizes = [n for n in sorted(set(args.atoms)) if not args.quick or n <= 1536]
+    for natoms in sizes:
+        for ranks, threads in args.layouts:
+            for who in contenders(args):
+                folder = args.out / "runs" / f"{who.engine}-{who.model.stem}-{ranks}x{threads}-{natoms}"
+                results["rows"].append(measure(who, ranks, threads, natoms, args, folder))
     results["load_after"] = os.getloadavg()
     with atomic_path(args.out / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2, default=str))

@@ -285,10 +285,12 @@ class DeepPot:
         except FrameError as err:  # numbered within the chunk: renumber within the call
             raise err.shifted(chunk.frames.start) from None
 
-    def _run(self, frames: Frames, work: Callable[[NeighborList, Chunk], object]) -> Iterator[tuple[Chunk, object]]:
+    def _run(self, frames: Frames, work: Callable[[NeighborList, Chunk], object], centres: int | None = None
+             ) -> Iterator[tuple[Chunk, object]]:
         """Yield (chunk, work(neighbours of its centres, chunk)) in order, chunks on worker threads.
 
-        Each chunk builds its own neighbour list on its worker. At most
+        The centres are a frame's first ``centres`` atoms (default: all of them). Each
+        chunk builds its own neighbour list on its worker. At most
         workers + 1 chunks are submitted at once, which bounds the memory.
         With several workers each task limits BLAS to one thread while it
         runs (minidp.runtime.one_blas_thread), not the caller's loop.
@@ -298,7 +300,7 @@ class DeepPot:
         nf, natoms, _ = frames.coords.shape
         if frames.cells is not None:  # once per call: the chunks' searches trust the cells
             check_cells(frames.cells, self.model.descriptor.config.rcut)
-        chunks = plan_chunks(nf, natoms, self.batch_size, self.workers)
+        chunks = plan_chunks(nf, natoms if centres is None else centres, self.batch_size, self.workers)
         limit = runtime.one_blas_thread if self.workers > 1 else contextlib.nullcontext
 
         def task(chunk: Chunk):
@@ -317,17 +319,20 @@ class DeepPot:
                     bar.update()
                     yield done, future.result()
 
-    def _predict(self, frames: Frames, models: tuple[EnergyModel, ...] | None = None
+    def _predict(self, frames: Frames, models: tuple[EnergyModel, ...] | None = None, centres: int | None = None
                  ) -> Iterator[tuple[slice, Prediction]]:
         """(frame slice, Prediction) per group of whole frames, summing the atom chunks of big frames.
 
         With ``models`` (an ensemble sharing this model's rcut and sel), each
         chunk's neighbour list serves all of them and a tuple of Predictions
-        (one per model) is yielded instead.
+        (one per model) is yielded instead. With ``centres`` (one frame), only
+        the first ``centres`` atoms are centres, the others neighbours only
+        (:meth:`eval_extended`): atom_energy then has ``centres`` columns.
         """
         nf, natoms, _ = frames.coords.shape
         many = models is not None
         models = models if many else (self.model,)
+        ncentres = natoms if centres is None else centres
 
         def work(nl: NeighborList, chunk: Chunk) -> tuple[np.ndarray | None, list[Prediction]]:
             types = frames.atom_types[chunk.atoms]
@@ -336,21 +341,21 @@ class DeepPot:
             return self._chunk_shares(nl, chunk, types, models)
 
         totals = None
-        for chunk, (touched, ps) in self._run(frames, work):
+        for chunk, (touched, ps) in self._run(frames, work, centres):
             if touched is None:
                 yield chunk.frames, (tuple(ps) if many else ps[0])
                 continue
             # a big frame: add this chunk's share, on the atoms its pairs touch
             if chunk.atoms.start == 0:
                 totals = [Prediction(np.zeros(1), np.zeros((1, natoms, 3)), np.zeros((1, 9)),
-                                     np.zeros((1, natoms)), np.zeros((1, natoms, 9))) for _ in models]
+                                     np.zeros((1, ncentres)), np.zeros((1, natoms, 9))) for _ in models]
             for total, p in zip(totals, ps):
                 total.energy[:] += p.energy
                 total.virial[:] += p.virial
                 total.force[:, touched] += p.force
                 total.atom_virial[:, touched] += p.atom_virial
                 total.atom_energy[:, chunk.atoms] = p.atom_energy
-            if chunk.atoms.stop == natoms:
+            if chunk.atoms.stop == ncentres:
                 yield chunk.frames, (tuple(totals) if many else totals[0])
 
     def _chunk_shares(self, nl: NeighborList, chunk: Chunk, types: np.ndarray, models: tuple[EnergyModel, ...]
@@ -412,6 +417,38 @@ class DeepPot:
             if atomic:
                 ae[fs, :, 0], av[fs] = p.atom_energy, p.atom_virial
         return (e, f, v, ae, av) if atomic else (e, f, v)
+
+    def eval_extended(self, coords, atom_types, nloc: int) -> Prediction:
+        r"""The energy of the first nloc atoms of an open cluster, and its derivatives on every atom.
+
+        The nall atoms are local ones (0..nloc-1, the centres) followed by atoms that are
+        neighbours only (an MD engine's ghost atoms: images and other ranks' atoms):
+
+            E = sum_{i < nloc} E_i,   F_k = -dE/dr_k (k < nall),   W = -sum_{i < nloc, j} g_ij (x) r_ij,
+
+        and the atomic virial W_k = -sum_{(i, j): j = k} g_ij (x) r_ij (each pair's term on its
+        neighbour, as in :func:`minidp.model.scatter_pairs`), so that sum_k W_k = W. Every pair
+        (i, j) with i local is evaluated once; summing F_k and W_k of every image of an atom onto it
+        gives that atom's exact force and virial. coords (nall, 3), atom_types (nall,), no cell (the
+        ghosts are the images). Returns a Prediction of one frame: energy (1,), force (1, nall, 3),
+        virial (1, 9), atom_energy (1, nloc), atom_virial (1, nall, 9). The centres' chunks run on
+        the workers, as in :meth:`eval`.
+        """
+        # (nall, 3), (nall,)
+        x = real_array("coords", coords)
+        if x.ndim != 2 or x.shape[-1] != 3:
+            raise ValueError(f"coords must have shape (nall, 3), got {x.shape}")
+        types = checks.atom_types(atom_types, self.model.ntypes, x.shape[0])
+        nloc = checks.integer("nloc", nloc, lo=0)
+        if nloc > x.shape[0]:
+            raise ValueError(f"nloc = {nloc} is more than the {x.shape[0]} atoms given")
+        nall = x.shape[0]
+        if nloc == 0:
+            # no centre, no energy (a rank that owns no atom): nothing to list
+            return Prediction(np.zeros(1), np.zeros((1, nall, 3)), np.zeros((1, 9)), np.zeros((1, 0)),
+                              np.zeros((1, nall, 9)))
+        (_, p), = self._predict(Frames(x[None], None, types), centres=nloc)
+        return p
 
     def eval_descriptor(self, coords, cells, atom_types, fparam=None, aparam=None,
                         mixed_type: bool = False, **kwargs) -> np.ndarray:

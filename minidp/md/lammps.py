@@ -38,19 +38,25 @@ sum of atomic energies E_i, each a function of the displacements r_ij within rcu
 1. **One rank, fully periodic box** (the common case): the local atoms with the LAMMPS box are a
    periodic frame; ``DeepPot.eval`` gives E, F, W exactly (its neighbour list finds the images
    itself, and its chunks run on OMP_NUM_THREADS threads).
-2. **Several ranks, or a non-periodic direction** ("cluster" scheme): the rank's local and ghost
-   atoms form an open cluster. The force on local atom k is -dE/dr_k, where only the E_i of atoms i
-   within rcut of k depend on r_k; so the centres are the local atoms and the ghost atoms within
-   rcut of one, and their environments reach 2 rcut from a local atom: the ghost cutoff is set to
-   ``comm_modify cutoff 2 rcut + skin`` (atoms move less than skin / 2 between re-neighbourings).
-   The sum of those centres' E_i is differentiated by minidp's backward, and the forces on the
-   local atoms are exact. The rank credits itself E = sum of its local centres' E_i and
-   W = -sum over its local centres' pairs of g_ij (x) r_ij (one ``pair_gradients`` over all the
-   centres gives both). fix external takes the system's energy and virial (LAMMPS
-   does not add them up over ranks), so the shares are summed with a gather through a per-atom
-   property (:meth:`DeckRunner.total`) and every rank passes the totals.
-   A ghost centre costs as much as a local one, so this scheme pays for its exactness with the
-   centres in a shell of width rcut around each subdomain.
+2. **Several ranks, or a non-periodic direction**: each rank evaluates its own centres only, the
+   nloc local atoms, with its ghost atoms (other ranks' atoms and periodic images, out to LAMMPS's
+   ghost cutoff rcut + skin of ``pair_style zero RCUT``, the same as deepmd-kit's pair style) as
+   neighbours only (:meth:`minidp.infer.DeepPot.eval_extended`). Each pair (i, j) with i local is
+   thus evaluated once, on the rank that owns i, and its gradient g_ij lands on the rows of i and
+   j, local or ghost (:func:`minidp.model.scatter_pairs`), with the atomic virial on j's row. A
+   ghost row's force and atomic virial belong to the atom it copies: :mod:`minidp.md.exchange`
+   sums them onto the rank that owns it, by atom ID, with mpi4py (one exchange per step, only
+   between ranks that share ghosts; the plan of who sends what is made again only when the atoms
+   on the ranks change, i.e. after LAMMPS re-neighbours). The energy sum_{i local} E_i and the
+   virial -sum_{i local, j} g_ij (x) r_ij of every rank are summed over the ranks
+   (:func:`minidp.md.exchange.sum_over_ranks`) and every rank passes the system's totals to fix
+   external (LAMMPS takes its global energy and virial as the system's: it does not add them up
+   over the ranks). On one rank with an open direction the ghosts are the images of the rank's
+   own atoms, summed the same way without MPI.
+
+Per-atom outputs (``compute pe/atom``, ``compute stress/atom``) get every local atom's E_i and its
+atomic virial (after the exchange) in LAMMPS's six components xx, yy, zz, xy, xz, yz; fix external
+has no nine-component virial, so ``compute centroid/stress/atom`` mirrors yx, zx, zy from them.
 
 With several models, the first drives the dynamics; every ``out_freq`` steps all models are
 evaluated and the deviation (:mod:`minidp.active.model_devi`'s definitions) is written to ``out_file``
@@ -59,7 +65,8 @@ the force deviation (no energy column; ``%12d`` then `` %18.6e``), with ``atomic
 force deviation after them, by atom ID: the header written whole at the start (through
 :func:`minidp.io.outputs.safe_output`, which replaces only an earlier deviation file; the plugin too starts
 the file afresh), or after ``read_restart`` the earlier file continued without a header (as the
-plugin continues its own), then one row appended per write. Several models run on one MPI rank.
+plugin continues its own), then one row appended per write. On several ranks all models' ghost
+forces travel in the same exchange, and rank 0 gathers the forces (in atom ID order) and writes the row.
 
 How the deck runs (:class:`DeckRunner`): minidp reads the deck as LAMMPS's own reader does
 (``&`` continuations, comments, quotes) and gives LAMMPS each command as written, to substitute
@@ -82,8 +89,8 @@ LAMMPS log (minidp.io.outputs.check_output's rules, kind ``lammps_log``), never 
 written. No atoms (a box made by ``create_box`` before ``fix deposit`` fills it) is a valid state:
 the energy, forces and virial are those of nothing, zero, as with deepmd-kit's pair style.
 
-Shape symbols: ``nloc`` local atoms of a rank, ``nall`` local plus ghost atoms, ``nc`` centres of
-the cluster scheme (local atoms first), ``nm`` models.
+Shape symbols: ``nloc`` local atoms of a rank, ``nall`` local plus ghost atoms, ``nm`` models evaluated
+at a step (all of them at a deviation step, else the first), ``natoms`` atoms of the system.
 """
 
 from __future__ import annotations
@@ -102,15 +109,12 @@ from minidp import checks
 from minidp.active.model_devi import force_deviation, virial_deviation
 from minidp.infer import DeepPot
 from minidp.io.outputs import check_output, safe_output
-from minidp.model import pair_gradients, scatter_pairs
-from minidp.neighbor import build_neighbor_list
+from minidp.md.exchange import ExchangePlan, is_current, plan_exchange, reverse_sum, sum_over_ranks
+from minidp.model import Prediction
 
 FIX_ID = "minidp_force"
-SHARE_ID = "minidp_share"
 # lammps.constants.LMP_VAR_STRING: extract_variable's code for a string-style variable
 LMP_VAR_STRING = 3
-# LAMMPS's default skin for units metal (neighbor command); read from the deck's `neighbor` line if any
-DEFAULT_SKIN = 2.0
 
 
 class LammpsInputError(ValueError):
@@ -400,55 +404,20 @@ def lammps_cell(boxlo, boxhi, xy: float, yz: float, xz: float) -> np.ndarray:
     return np.array([[lx, 0.0, 0.0], [xy, ly, 0.0], [xz, yz, lz]])
 
 
+# LAMMPS's six virial components xx, yy, zz, xy, xz, yz as columns of a 9-virial (flattened a*3 + b): the
+# lower triangle, as deepmd-kit's plugin passes them
+LAMMPS_VIRIAL = [0, 4, 8, 3, 6, 7]
+
+
 def lammps_virial(v: np.ndarray) -> list[float]:
     """A 9-virial (flattened a*3 + b) in LAMMPS's order xx, yy, zz, xy, xz, yz (the lower triangle, as deepmd-kit's plugin)."""
-    return [float(v[0]), float(v[4]), float(v[8]), float(v[3]), float(v[6]), float(v[7])]
-
-
-def cluster_centres(x: np.ndarray, nloc: int, rcut: float) -> tuple[np.ndarray, int]:
-    """Order of the nall atoms with the centres first: the nloc local atoms, then the ghosts within rcut of one.
-
-    Returns (nall,) indices and nc, the number of centres.
-    """
-    from scipy.spatial import cKDTree
-
-    nall = x.shape[0]
-    # (nall - nloc,) distance of each ghost to its nearest local atom (inf beyond rcut)
-    d, _ = cKDTree(x[:nloc]).query(x[nloc:], k=1, distance_upper_bound=rcut * (1 + 1e-12))
-    near = np.flatnonzero(d <= rcut) + nloc
-    far = np.setdiff1d(np.arange(nloc, nall), near, assume_unique=True)
-    return np.concatenate([np.arange(nloc), near, far]), nloc + near.size
-
-
-def cluster_energy_forces(x: np.ndarray, types: np.ndarray, nloc: int, dp, backend: str = "numba"):
-    r"""Exact E, F, W of a rank's local atoms from its local + ghost atoms (scheme 2 of the module docstring).
-
-    x (nall, 3) local atoms first, types (nall,) model types. Returns the local centres' energy
-    sum_{i local} E_i, the forces (nloc, 3) F_k = -d(sum_{i centre} E_i)/dr_k, and the local
-    centres' virial (9,) W = -sum_{i local, j} g_ij (x) r_ij.
-    """
-
-    cfg = dp.model.descriptor.config
-    order, nc = cluster_centres(x, nloc, cfg.rcut)
-    xo, to = x[order], types[order]
-    nl = build_neighbor_list(xo[None], None, to, cfg.rcut, list(cfg.sel), backend=backend, centers=slice(0, nc))
-    nall = xo.shape[0]
-    # (1, nc), (1, nc, nnei, 3): every centre's energy and pair gradients, local and ghost alike
-    E_atom, g = pair_gradients(nl.rij, nl.nlist, to[:nc], dp.model, backend)
-    # (1, nall, 3), (1, nall, 9): the ghost centres' energies move the local atoms too
-    F, W = np.zeros((1, nall, 3)), np.zeros((1, nall, 9))
-    scatter_pairs(g, nl.rij, nl.nlist, F, W, 0, backend)
-    # (9,)  this rank's share of the virial: its local centres' pairs, W = -sum g_ij (x) r_ij
-    virial = -np.einsum("fcka,fckb->ab", g[:, :nloc], nl.rij[:, :nloc]).reshape(9)
-    # F is in the centre-first order; local atoms were not moved (order[:nloc] = 0..nloc-1)
-    return float(E_atom[0, :nloc].sum()), F[0, :nloc], virial
+    return [float(c) for c in np.asarray(v)[LAMMPS_VIRIAL]]
 
 
 class MinidpForceField:
     """The models of a ``pair_style minidp`` line (loaded at once) and the LAMMPS-type-to-model-type map."""
 
     def __init__(self, style: PairMinidp):
-
         self.style = style
         self.dps = []
         for path in style.models:
@@ -469,20 +438,25 @@ class MinidpForceField:
         self.type_of = type_index(elements, ntypes_lammps, self.dps[0].get_type_map())
 
     @staticmethod
-    def evaluate(dp, x: np.ndarray, types: np.ndarray, nloc: int, cell: np.ndarray | None):
-        """(energy, forces (nloc, 3), virial (9,)) of one model: periodic frame if ``cell``, else the cluster scheme.
-        Atoms of model type -1 (NULL on pair_coeff) are left out, as deepmd-kit's plugin does: no force on them."""
-        keep, nreal = real_atoms(types, nloc)
-        if keep.size < types.size:
-            e, f_real, v = MinidpForceField.evaluate(dp, x[keep], types[keep], nreal, cell)
-            # (nloc, 3)
-            f = np.zeros((nloc, 3))
-            f[keep[:nreal]] = f_real
-            return e, f, v
-        if cell is not None:
-            e, f, v = dp.eval(x[None, :nloc], cell[None], types[:nloc])
-            return float(e[0, 0]), f[0], v[0]
-        return cluster_energy_forces(x, types, nloc, dp, dp.backend)
+    def evaluate(dp, x: np.ndarray, types: np.ndarray, nloc: int, cell: np.ndarray | None) -> Prediction:
+        """One model on a rank's atoms x (n, 3), model types (n,), local atoms first: with ``cell`` (one rank,
+        periodic box; n = nloc) the periodic frame, else the nloc local centres among local and ghost atoms
+        (DeepPot.eval_extended). A Prediction of one frame: force and atom_virial over the n rows, atom_energy
+        over the nloc local atoms. Atoms of type -1 (pair_coeff NULL) are left out: no energy, no force."""
+        real = types >= 0
+        if not real.all():
+            # (1, n, 3), (1, n, 9), (1, nloc)
+            part = MinidpForceField.evaluate(dp, x[real], types[real], int(real[:nloc].sum()), cell)
+            force, atom_virial = np.zeros((1, x.shape[0], 3)), np.zeros((1, x.shape[0], 9))
+            force[:, real], atom_virial[:, real] = part.force, part.atom_virial
+            atom_energy = np.zeros((1, nloc))
+            atom_energy[:, real[:nloc]] = part.atom_energy
+            return Prediction(part.energy, force, part.virial, atom_energy, atom_virial)
+        if cell is None:
+            return dp.eval_extended(x, types, nloc)
+        # (1, 1), (1, nloc, 3), (1, 9), (1, nloc, 1), (1, nloc, 9)
+        e, f, v, ae, av = dp.eval(x[None], cell[None], types, atomic=True)
+        return Prediction(e[:, 0], f, v, ae[..., 0], av)
 
 
 # ---------------------------------------------------------------------------
@@ -554,7 +528,7 @@ class DeckFile:
 
 
 # the commands minidp's reader acts on itself; every other command goes to LAMMPS as written
-READER_COMMANDS = ("include", "jump", "next", "if", "pair_style", "pair_coeff", "neighbor", "read_restart",
+READER_COMMANDS = ("include", "jump", "next", "if", "pair_style", "pair_coeff", "read_restart",
                    "clear", "quit", "plugin")
 # the string variable through which LAMMPS tells which branch of an `if` it takes
 IF_VARIABLE = "minidp_if"
@@ -576,6 +550,16 @@ def find_label(deck: DeckFile, label: str) -> int:
     raise LammpsInputError(f"jump: label {label} is not in {deck.name}")
 
 
+class StepResult(NamedTuple):
+    """What a rank hands LAMMPS for one evaluation: its local atoms' rows and the system's totals."""
+
+    energy: float  # the system's energy (the first model's)
+    virials: np.ndarray  # (nm, 9) the system's virial, per model
+    forces: np.ndarray  # (nm, nloc, 3) forces on the local atoms, per model
+    atom_energy: np.ndarray  # (nloc,) E_i of the local atoms (first model)
+    atom_virial: np.ndarray  # (nloc, 9) atomic virials of the local atoms, ghost images summed in (first model)
+
+
 class DeckRunner:
     """One LAMMPS instance running a deck, with minidp behind ``fix external``.
 
@@ -589,17 +573,17 @@ class DeckRunner:
     def __init__(self, lmp):
         self.lmp = lmp
         self.field: MinidpForceField | None = None
-        self.skin = DEFAULT_SKIN
         self.nprocs = int(lmp.extract_setting("world_size"))
         self.rank = int(lmp.extract_setting("world_rank"))
         self.devi_path: Path | None = None
-        self.periodic = True  # scheme 1 (one rank, periodic box) or 2 (cluster); set by install
         self.deck: DeckFile | None = None  # the file being read (jump acts on it)
         self.depth = 0  # how many files are being read (the deck, an included file in it, ...)
         self.jump_skip = False  # a `next` ran out of values: the next jump is skipped (LAMMPS's rule)
         self.restarted = False  # read_restart since the last clear: the deviation file is continued
         self.installed = False  # fix external is in place for the current pair_style
         self.status: int | None = None  # the deck's `quit` status, once it said quit
+        self.comm = None  # with several ranks: an mpi4py communicator of minidp's own (install)
+        self.plan: ExchangePlan | None = None  # who sums which ghost rows (minidp.md.exchange)
 
     def command(self, cmd: str) -> None:
         try:
@@ -729,10 +713,6 @@ class DeckRunner:
         else:
             self.install(self.expand(cmd)[1:])
 
-    def _neighbor(self, cmd: str) -> None:
-        self.command(cmd)
-        self.skin = float(self.expand(cmd)[1])  # LAMMPS took it: a number
-
     def _read_restart(self, cmd: str) -> None:
         try:
             self.command(cmd)
@@ -747,7 +727,7 @@ class DeckRunner:
     def _clear(self, cmd: str) -> None:
         self.command(cmd)  # LAMMPS deletes the box, its fixes and its pair style; variables stay
         self.field, self.installed, self.devi_path = None, False, None
-        self.restarted, self.skin = False, DEFAULT_SKIN
+        self.restarted = False
 
     def _quit(self, cmd: str) -> None:
         """quit [STATUS]: the deck ends here (LAMMPS's quit would end this process)."""
@@ -767,8 +747,6 @@ class DeckRunner:
         """The fix of an earlier pair_style deepmd/minidp removed (a new pair style replaces it)."""
         if self.installed:
             self.command(f"unfix {FIX_ID}")
-            if self.nprocs > 1:
-                self.command(f"unfix {SHARE_ID}")
         self.field, self.installed, self.devi_path = None, False, None
 
     def install(self, args: list[str]) -> None:
@@ -785,25 +763,17 @@ class DeckRunner:
                                    "Angstrom; use units metal")
         self.field.set_types(args[2:], ntypes)
         self.warn_types(args[2:], ntypes)
-        if len(self.field.dps) > 1 and self.nprocs > 1:
-            raise LammpsInputError(f"pair_style {pair} with {len(self.field.dps)} models runs on one MPI rank, "
-                                   f"not {self.nprocs}")
         self.command("pair_coeff * *")
         if self.installed:
             return  # another pair_coeff: the types are mapped anew, the fix stays
-        _, _, _, _, _, periodic, _ = self.lmp.extract_box()
-        self.periodic = self.nprocs == 1 and all(periodic)
-        if not self.periodic:
-            # scheme 2: ghosts to 2 rcut (+ skin, for the moves between re-neighbourings)
-            self.command(f"comm_modify cutoff {2 * self.field.rcut + self.skin!r}")
+        if self.comm is not None:  # a second pair_style minidp (after clear): a fresh communicator
+            self.comm.Free()
+        self.comm, self.plan = rank_communicator(self.lmp, self.nprocs), None
         style = self.field.style
         if len(self.field.dps) > 1 and style.out_freq > 0:
             self.devi_path = Path(style.out_file)
             if self.rank == 0:  # an earlier deviation file only, never a model
                 start_devi_file(self.devi_path, style.models, style.atomic, append=self.restarted)
-        if self.nprocs > 1:
-            # each rank's (energy, virial) share rides on one of its atoms, and a gather sums them
-            self.command(f"fix {SHARE_ID} all property/atom d2_{SHARE_ID} 10 ghost no")
         self.command(f"fix {FIX_ID} all external pf/callback 1 1")
         self.command(f"fix_modify {FIX_ID} energy yes virial yes")
         self.lmp.set_fix_external_callback(FIX_ID, self.callback)
@@ -822,63 +792,99 @@ class DeckRunner:
             self.command(f'print "WARNING: the model does not see the atoms of type(s) {" ".join(map(str, unseen))} '
                          '(NULL or no element on pair_coeff), as with the deepmd-kit plugin"')
 
-    def atoms(self, nloc: int, x_local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(x (nloc or nall, 3), model types, cell or None) of this rank for the scheme in use."""
-        if self.periodic:
-            boxlo, boxhi, xy, yz, xz, _, _ = self.lmp.extract_box()
-            # (nloc,)
-            t = self.lmp.numpy.extract_atom("type", nelem=nloc)
-            return x_local, self.field.type_of[t - 1], lammps_cell(boxlo, boxhi, xy, yz, xz)
-        nall = nloc + int(self.lmp.extract_global("nghost"))
-        # (nall, 3), (nall,)  ghost positions are current: fix external runs after the forward communication
-        x = np.array(self.lmp.numpy.extract_atom("x", nelem=nall, dim=3))
-        t = self.lmp.numpy.extract_atom("type", nelem=nall)
-        return x, self.field.type_of[t - 1], None
-
-    def total(self, nloc: int, e: float, v: np.ndarray) -> tuple[float, np.ndarray]:
-        """The sums over the ranks of their energy and virial shares (every rank calls it: it is collective).
-
-        fix external's energy and virial are taken as the system's (LAMMPS does not add them up over
-        the ranks), and there is no MPI in Python here; so each rank writes its share on its first
-        atom in a per-atom property, zeros elsewhere, and LAMMPS's gather brings all atoms' rows.
-        """
-        # (nloc, 10)
-        share = self.lmp.numpy.extract_atom(f"d2_{SHARE_ID}")
-        if nloc:
-            share[:nloc] = 0.0
-            share[0, 0], share[0, 1:] = e, v
-        # (natoms * 10,)
-        rows = np.ctypeslib.as_array(self.lmp.gather_concat(f"d2_{SHARE_ID}", 1, 10))
-        # (10,)
-        tot = rows.reshape(-1, 10).sum(axis=0)
-        return float(tot[0]), tot[1:]
-
     def callback(self, caller, step: int, nloc: int, tag, x_local, f_local) -> None:
-        """fix external's callback: forces into f_local, energy and virial into the fix. Errors end the run."""
+        """fix external's callback: forces into f_local, energy and virial (global and per atom) into the fix;
+        at a deviation step a row of out_file. Errors end the run."""
         try:
-            x, types, cell = self.atoms(nloc, x_local)
-            dps = self.field.dps
-            results = [self.field.evaluate(dps[0], x, types, nloc, cell)]
-            e, f, v = results[0]
-            f_local[:] = f
-            if self.nprocs > 1:
-                e, v = self.total(nloc, e, v)
-            self.lmp.fix_external_set_energy_global(FIX_ID, e)
-            self.lmp.fix_external_set_virial_global(FIX_ID, lammps_virial(v))
-            if self.devi_path is not None and step % self.field.style.out_freq == 0:
-                results += [self.field.evaluate(dp, x, types, nloc, cell) for dp in dps[1:]]
-                # (nm, nloc, 3), (nm, 9)
-                forces = np.stack([r[1] for r in results])
-                virials = np.stack([r[2] for r in results])
-                style = self.field.style
-                tags = np.ravel(tag) if style.atomic else None
-                append_row(self.devi_path, plugin_devi_row(step, forces, virials, style.relative, style.relative_v,
-                                                           tags))
+            devi = self.devi_path is not None and step % self.field.style.out_freq == 0
+            # the first model drives the dynamics; all of them at a deviation step
+            dps = self.field.dps if devi else self.field.dps[:1]
+            _, _, _, _, _, periodic, _ = self.lmp.extract_box()
+            if self.comm is None and all(periodic):
+                result = self.periodic_step(dps, nloc, x_local)
+            else:
+                result = self.ghost_step(dps, nloc)
+            self.apply(result, nloc, f_local)
+            if devi:
+                self.write_devi(step, result, np.asarray(tag, dtype=np.int64).reshape(-1)[:nloc])
         except BaseException as err:  # noqa: BLE001 - ctypes would print and ignore it, and the run go on
             where = f" on rank {self.rank}" if self.nprocs > 1 else ""  # each rank that fails says so
             print(f"minidp lammps: error at step {step}{where}: {type(err).__name__}: {err}", file=sys.stderr,
                   flush=True)
             os._exit(2)
+
+    def periodic_step(self, dps, nloc: int, x_local: np.ndarray) -> StepResult:
+        """One rank, periodic box: the local atoms and the LAMMPS box are a periodic frame (scheme 1)."""
+        boxlo, boxhi, xy, yz, xz, _, _ = self.lmp.extract_box()
+        # (nloc,)
+        types = self.field.type_of[self.lmp.numpy.extract_atom("type", nelem=nloc) - 1]
+        cell = lammps_cell(boxlo, boxhi, xy, yz, xz)
+        ps = [self.field.evaluate(dp, np.asarray(x_local), types, nloc, cell) for dp in dps]
+        # (nm, nloc, 3)
+        forces = np.stack([p.force[0] for p in ps])
+        return StepResult(float(ps[0].energy[0]), np.stack([p.virial[0] for p in ps]), forces,
+                          ps[0].atom_energy[0], ps[0].atom_virial[0])
+
+    def ghost_step(self, dps, nloc: int) -> StepResult:
+        """Local centres, ghosts as neighbours, ghost rows summed onto their owners (scheme 2)."""
+        nall = nloc + int(self.lmp.extract_global("nghost"))
+        # (nall, 3), (nall,), (nall,)  ghost positions are current: fix external runs after the forward communication
+        x = np.array(self.lmp.numpy.extract_atom("x", nelem=nall, dim=3))
+        types = self.field.type_of[self.lmp.numpy.extract_atom("type", nelem=nall) - 1]
+        tags = np.array(self.lmp.numpy.extract_atom("id", nelem=nall), dtype=np.int64)
+        ps = [self.field.evaluate(dp, x, types, nloc, None) for dp in dps]
+        nm = len(ps)
+        # one collective for the sums and for "did any rank's atoms change" (a rank without atoms sees no
+        # change when the others re-neighbour, yet must join in making the plan)
+        changed = not is_current(self.plan, tags, nloc)
+        # (1 + nm + 9 nm,)
+        totals = sum_over_ranks(np.concatenate([[float(changed)], [p.energy[0] for p in ps],
+                                                *[p.virial[0] for p in ps]]), self.comm)
+        if totals[0] > 0:
+            self.plan = plan_exchange(tags, nloc, self.comm)
+        # (nall, 12 + 3 (nm - 1)): the first model's force and atomic virial, the others' forces
+        rows = np.concatenate([ps[0].force[0], ps[0].atom_virial[0]] + [p.force[0] for p in ps[1:]], axis=1)
+        # (nloc, 12 + 3 (nm - 1))
+        local = reverse_sum(rows, self.plan, self.comm)
+        forces = np.stack([local[:, :3]] + [local[:, 12 + 3 * m:15 + 3 * m] for m in range(nm - 1)])
+        return StepResult(float(totals[1]), totals[1 + nm:].reshape(nm, 9), forces, ps[0].atom_energy[0],
+                          local[:, 3:12])
+
+    def apply(self, result: StepResult, nloc: int, f_local: np.ndarray) -> None:
+        """The first model's result into fix external: forces on the local atoms, the system's energy and
+        virial (every rank passes the totals), and the per-atom energies and virials (LAMMPS keeps them
+        only at the steps a per-atom compute asked for)."""
+        f_local[:] = result.forces[0]
+        self.lmp.fix_external_set_energy_global(FIX_ID, result.energy)
+        self.lmp.fix_external_set_virial_global(FIX_ID, lammps_virial(result.virials[0]))
+        if nloc:  # the library's per-atom setters index the first row
+            self.lmp.numpy.fix_external_set_energy_peratom(FIX_ID, result.atom_energy)
+            self.lmp.numpy.fix_external_set_virial_peratom(FIX_ID,
+                                                           np.ascontiguousarray(result.atom_virial[:, LAMMPS_VIRIAL]))
+
+    def write_devi(self, step: int, result: StepResult, tags: np.ndarray) -> None:
+        """A row of out_file from all models' forces (gathered on rank 0 in atom ID order) and virials."""
+        parts = [(tags, result.forces)] if self.comm is None else self.comm.gather((tags, result.forces), root=0)
+        if self.rank != 0:
+            return
+        # (natoms,), (nm, natoms, 3)
+        ids = np.concatenate([t for t, _ in parts])
+        forces = np.concatenate([f for _, f in parts], axis=1)[:, np.argsort(ids, kind="stable")]
+        style = self.field.style
+        append_row(self.devi_path, plugin_devi_row(step, forces, result.virials, style.relative, style.relative_v,
+                                                   np.sort(ids) if style.atomic else None))
+
+
+def rank_communicator(lmp, nprocs: int):
+    """None on one rank; else a duplicate of LAMMPS's MPI communicator, so that minidp's messages can
+    never match LAMMPS's own. mpi4py is optional (the ``md`` extra); the lammps module imports it."""
+    if nprocs == 1:
+        return None
+    comm = lmp.get_mpi_comm()
+    if comm is None:
+        raise LammpsInputError(f"pair_style minidp on {nprocs} MPI ranks needs mpi4py, built for LAMMPS's MPI "
+                               "(pip install 'minidp[md]')")
+    return comm.Dup()
 
 
 # LAMMPS's log file when no -log is given; -log none (LAMMPS's word) writes no log
