@@ -65,7 +65,7 @@ def water_dict():
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["descriptor"].update(type="se_e2_r"), r"descriptor type = 'se_e2_r'"),
     (lambda m: m["fitting"].update(type="dipole"), r"fitting type = 'dipole'"),
-    (lambda m: m["fitting"].update(numb_fparam=2), r"numb_fparam = 2"),
+    (lambda m: m["fitting"].update(mixed_types=True), r"mixed_types = True"),
     (lambda m: m["descriptor"].update(exclude_types=[[0, 1]]), r"exclude_types = \[\[0, 1\]\]"),
     (lambda m: m.update(type="zbl"), r"model type = 'zbl'"),
     (lambda m: m["descriptor"]["embeddings"]["networks"][0]["layers"][0].update(activation_function="swish"),
