@@ -38,19 +38,19 @@ from pathlib import Path
 
 import numpy as np
 
+from minidp.data import model_types
 from minidp.stats import energy_bias
+from minidp.stream import lazy_system, read_frames, select_params
 
 
-def frame_rows(systems, type_map: list[str], numb_batch: int = 0):
-    """Yield (block, model types (natoms,)) for the first numb_batch frames (0: all) of each system."""
-    from minidp.data import model_types
-    from minidp.stream import lazy_system, read_frames
-
+def frame_rows(systems, dp, numb_batch: int = 0):
+    """Yield (block, model types (natoms,)) for the first numb_batch frames (0: all) of each system, with
+    the frame and atomic parameters the model of DeepPot ``dp`` takes (minidp.stream.select_params)."""
     for path in systems:
-        lazy = lazy_system(path)
+        lazy = select_params(lazy_system(path), dp)
         if "energy" not in lazy.labels:
             raise ValueError(f"system {path} has no energy labels; change-bias fits the bias to them")
-        types = model_types(lazy.atom_names, lazy.atom_types, type_map)
+        types = model_types(lazy.atom_names, lazy.atom_types, dp.get_type_map())
         n = lazy.nframes if numb_batch <= 0 else min(numb_batch, lazy.nframes)
         yield read_frames(lazy, 0, n), types
 
@@ -61,15 +61,18 @@ def bias_from_data(dp, systems, mode: str = "change", numb_batch: int = 0) -> np
         raise ValueError(f"mode must be 'change' or 'set', got {mode!r}")
     ntypes = dp.get_ntypes()
     counts, target = [], []
-    for block, types in frame_rows(systems, dp.get_type_map(), numb_batch):
+    for block, types in frame_rows(systems, dp, numb_batch):
         nf = block.coords.shape[0]
         # (nf,)
         energy = block.labels["energy"]
         if mode == "change":
-            e, _, _ = dp.eval(block.coords, block.cells, types)
+            e, _, _ = dp.eval(block.coords, block.cells, types, fparam=block.fparam, aparam=block.aparam)
             energy = energy - e[:, 0]
-        # (nf, ntypes)
-        counts.append(np.tile(np.bincount(types, minlength=ntypes), (nf, 1)))
+        # (nf, ntypes)  atoms of atom_exclude_types have no energy, hence no bias: their columns are 0
+        # (as deepmd-kit's fit), and the least-squares bias of those types stays 0
+        count = np.bincount(types, minlength=ntypes)
+        count[list(dp.model.atom_exclude_types)] = 0
+        counts.append(np.tile(count, (nf, 1)))
         target.append(energy)
     # (ntypes,)
     fitted = energy_bias(np.concatenate(target), np.concatenate(counts), rcond=None)

@@ -78,6 +78,7 @@ def _cmd_eval_desc(args) -> int:
         iter_blocks,
         open_systems,
         output_names,
+        select_params,
         system_file,
     )
 
@@ -88,7 +89,7 @@ def _cmd_eval_desc(args) -> int:
     for root in args.system:
         found = open_systems(root, args.format, args.type_map)
         below = output_names(root, found)
-        systems += found
+        systems += [select_params(s, dp) for s in found]
         names += [f"{n}.npy" if len(found) == 1 else f"{Path(root).resolve().name}_{n}.npy" for n in below]
     distinct_names(names, systems)
     with safe_output(args.output, "descriptors", inputs, args.overwrite) as tmp:
@@ -107,11 +108,11 @@ def _cmd_eval_desc(args) -> int:
 def _test_errors(dp, systems, numb_test: int) -> tuple[dict, dict, np.ndarray]:
     """Predicted and label energy (nf,), force (one row per real atom, 3) and virial (nf, 9) over the first
     numb_test frames (0: all) of each system, and each frame's number of atoms (nf,)."""
-    from minidp.stream import block_types, frames_per_block, iter_blocks, predict_block
+    from minidp.stream import block_types, frames_per_block, iter_blocks, predict_block, select_params
 
     keys = [k for k in ("energy", "force", "virial") if all(k in s.labels for s in systems)]
     predicted, labels, natoms = {k: [] for k in keys}, {k: [] for k in keys}, []
-    for system in systems:
+    for system in [select_params(s, dp) for s in systems]:
         for block in iter_blocks(system, frames_per_block(system.natoms), numb_test or None):
             types = block_types(system, block, dp.get_type_map())
             p = predict_block(dp, block, types)

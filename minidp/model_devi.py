@@ -59,6 +59,7 @@ import numpy as np
 
 from minidp.checks import number, positive_int, real_array
 from minidp.data import safe_output
+from minidp.infer import check_params
 from minidp.stream import (
     Block,
     LazySystem,
@@ -67,6 +68,7 @@ from minidp.stream import (
     find_systems,
     iter_blocks,
     lazy_system,
+    select_params,
 )
 
 # ---------------------------------------------------------------------------
@@ -232,6 +234,11 @@ class Ensemble:
             if dp.get_type_map() != first.get_type_map():
                 raise ValueError(f"models {first.model_file} (type map {first.get_type_map()}) and "
                                  f"{dp.model_file} (type map {dp.get_type_map()}) have different type maps")
+            dims, first_dims = (dp.get_dim_fparam(), dp.get_dim_aparam()), (first.get_dim_fparam(),
+                                                                             first.get_dim_aparam())
+            if dims != first_dims:  # one fparam/aparam array serves every model
+                raise ValueError(f"models {first.model_file} (numb_fparam, numb_aparam = {first_dims}) and "
+                                 f"{dp.model_file} ({dims}) take different frame or atomic parameters")
         groups: dict[tuple, list[int]] = {}
         for k, dp in enumerate(self.pots):
             groups.setdefault((dp.get_rcut(), tuple(dp.get_sel())), []).append(k)
@@ -240,12 +247,24 @@ class Ensemble:
     def get_type_map(self) -> list[str]:
         return self.pots[0].get_type_map()
 
-    def predict(self, coords, cells, atom_types) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Energies (nm, nf), forces (nm, nf, natoms, 3), virials (nm, nf, 9) of every model."""
-        from minidp.infer import check_frames
+    def get_dim_fparam(self) -> int:
+        return self.pots[0].get_dim_fparam()
 
-        frames = check_frames(coords, cells, atom_types, self.pots[0].get_ntypes())
+    def get_dim_aparam(self) -> int:
+        return self.pots[0].get_dim_aparam()
+
+    def has_default_fparam(self) -> bool:
+        """True when every model has a default_fparam (fparam may then be left out)."""
+        return all(dp.has_default_fparam() for dp in self.pots)
+
+    def predict(self, coords, cells, atom_types, fparam=None, aparam=None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Energies (nm, nf), forces (nm, nf, natoms, 3), virials (nm, nf, 9) of every model
+        (fparam and aparam as minidp.DeepPot.eval takes them)."""
+        frames = self.pots[0].check_inputs(coords, cells, atom_types, fparam, aparam)
         nf, natoms, _ = frames.coords.shape
+        for dp in self.pots[1:]:  # one model may lack the default_fparam another has
+            check_params(fparam, aparam, nf, natoms, dp.model.fitting_input)
         nm = len(self.pots)
         E, F, W = np.empty((nm, nf)), np.empty((nm, nf, natoms, 3)), np.empty((nm, nf, 9))
         for group in self.groups:
@@ -257,9 +276,9 @@ class Ensemble:
         return E, F, W
 
     def eval(self, coords, cells, atom_types, *, relative: float | None = None, relative_v: float | None = None,
-             real: dict | None = None, atomic: bool = False) -> EnsembleResult:
+             real: dict | None = None, atomic: bool = False, fparam=None, aparam=None) -> EnsembleResult:
         """Every model's predictions and the deviation columns (see :func:`deviation_columns`)."""
-        E, F, W = self.predict(coords, cells, atom_types)
+        E, F, W = self.predict(coords, cells, atom_types, fparam, aparam)
         devi = deviation_columns(E, F, W, relative=relative, relative_v=relative_v, real=real, atomic=atomic)
         return EnsembleResult(E, F, W, devi)
 
@@ -288,6 +307,7 @@ def system_deviations(ensemble: Ensemble, path, *, frequency: int = 1, real_erro
     Frames of per-frame types are evaluated one kind at a time; a padding atom's column is 0.
     """
     system = path if isinstance(path, LazySystem) else lazy_system(path, per_frame_types=True)
+    system = select_params(system, ensemble)
     frequency = positive_int("frequency", frequency)
     missing = [k for k in ("energy", "force", "virial") if k not in system.labels]
     if real_error and missing:

@@ -3,8 +3,10 @@
 A deepmd/npy system is a folder with ``type.raw`` (the type of each atom),
 ``type_map.raw`` (the element of each type) and ``set.*`` folders holding
 ``coord.npy`` (nf, natoms * 3), ``box.npy`` (nf, 9) and optionally the labels
-``energy.npy``, ``force.npy`` and ``virial.npy``; ``nopbc``, if present, marks
-open boundaries. deepmd/hdf5 keeps the same names as groups and datasets in
+``energy.npy``, ``force.npy`` and ``virial.npy``, and a model's frame and
+atomic parameters ``fparam.npy`` (nf, nfp) and ``aparam.npy`` (nf, natoms * nap)
+(read when the model takes them, :func:`select_params`, as ``dp test`` reads
+them); ``nopbc``, if present, marks open boundaries. deepmd/hdf5 keeps the same names as groups and datasets in
 one HDF5 file (``data.h5``, or ``data.h5#group`` for a system inside it).
 deepmd/npy/mixed adds ``real_atom_types.npy`` (nf, natoms) to each set: every
 frame's own types (-1 for a padding atom), type.raw holding placeholders.
@@ -56,6 +58,7 @@ from minidp.data import (
     require_labels,
     safe_output,
 )
+from minidp.infer import Kind, frame_kinds
 from minidp.model import Prediction
 
 # deepmd names of the per-frame arrays, and the numbers each frame holds (times natoms when True)
@@ -64,6 +67,8 @@ OUTPUTS = {"coord": (3, True), "box": (9, False), "energy": (1, False), "force":
 # deepmd/npy/mixed: each frame's own types (nf, natoms), indices into type_map.raw, -1 for a padding atom;
 # type.raw then holds placeholders
 REAL_TYPES = "real_atom_types"
+# a model's frame parameters (nf, nfp) and atomic parameters (nf, natoms * nap), and whether per atom
+PARAMS = {"fparam": False, "aparam": True}
 # the formats minidp reads itself, block by block; any other goes through dpdata (minidp.data.read_dpdata)
 DEEPMD = ("deepmd/npy", "deepmd/npy/mixed", "deepmd/hdf5")
 # atoms per block read from disk: a few hundred bytes each (coordinates, labels, results), ~20 MB a block
@@ -82,6 +87,8 @@ class Block(NamedTuple):
     cells: np.ndarray | None  # (nf, 3, 3), None with open boundaries
     labels: dict  # the stored labels: energy (nf,), force (nf, natoms, 3), virial (nf, 9)
     types: np.ndarray | None = None  # (nf, natoms) each frame's types (deepmd/npy/mixed); None: the system's
+    fparam: np.ndarray | None = None  # (nf, nfp) frame parameters, when the system's params name them
+    aparam: np.ndarray | None = None  # (nf, natoms, nap) atomic parameters, likewise
 
 
 class LazySystem(NamedTuple):
@@ -98,6 +105,9 @@ class LazySystem(NamedTuple):
     mixed: bool = False  # the sets hold each frame's types (deepmd/npy/mixed): blocks carry them
     memory: Block | None = None  # all frames, for a file read through dpdata; None: read from the sets
     name: str = ""  # the system as the user names it (a path, file.h5#/group, file.xyz[formula])
+    # (name, numbers per frame or atom) of the fparam/aparam every set holds; read_frames reads those
+    # that select_params kept (the ones a model takes)
+    params: tuple[tuple[str, int], ...] = ()
 
     @property
     def nframes(self) -> int:
@@ -130,7 +140,7 @@ def _load_npy(path: Path) -> np.ndarray:
 @contextlib.contextmanager
 def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
     """The arrays of set ``index`` by deepmd name (memory maps or h5py datasets), open for the block only."""
-    wanted = (*OUTPUTS, REAL_TYPES)
+    wanted = (*OUTPUTS, REAL_TYPES, *PARAMS)
     if system.group is None:
         folder = system.path / system.sets[index]
         yield {p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in wanted}
@@ -227,14 +237,16 @@ def lazy_system(path, type_map: list[str] | None = None, per_frame_types: bool =
 
 
 def _scan_sets(system: LazySystem, per_frame_types: bool) -> LazySystem:
-    """The system with its frames per set, the labels every set holds and whether the sets hold per-frame
-    types; every set's arrays checked against each other (headers only)."""
-    counts, labels, mixed = [], set(LABELS), []
+    """The system with its frames per set, the labels every set holds, whether the sets hold per-frame
+    types and the parameters they hold; every set's arrays checked against each other (headers only)."""
+    counts, labels, mixed, params = [], set(LABELS), [], []
     for i in range(len(system.sets)):
         with _set_arrays(system, i) as arrays:
             counts.append(_check_set(arrays, _set_name(system, i), system.natoms, system.nopbc))
             labels &= set(arrays)
             mixed.append(REAL_TYPES in arrays)
+            params.append({k: int(np.prod(arrays[k].shape[1:])) // (system.natoms if PARAMS[k] else 1)
+                           for k in PARAMS if k in arrays})
     if any(mixed) and not all(mixed):
         raise ValueError(f"{_set_name(system, mixed.index(False))} has no {REAL_TYPES}.npy but "
                          f"{_set_name(system, mixed.index(True))} has; expected it in every set or none")
@@ -243,7 +255,12 @@ def _scan_sets(system: LazySystem, per_frame_types: bool) -> LazySystem:
                          "this reader takes one type per atom")
     if sum(counts) == 0:
         raise ValueError(f"system {system.name} has no frames (its sets hold 0); expected at least one")
-    return system._replace(counts=tuple(counts), labels=tuple(k for k in LABELS if k in labels), mixed=any(mixed))
+    for k, p in enumerate(params[1:], 1):  # a model reads the same parameters from every frame
+        if p != params[0]:
+            raise ValueError(f"{_set_name(system, k)} holds parameters {p or 'none'} (numbers per frame or atom) "
+                             f"but {_set_name(system, 0)} holds {params[0] or 'none'}; expected the same in every set")
+    return system._replace(counts=tuple(counts), labels=tuple(k for k in LABELS if k in labels), mixed=any(mixed),
+                           params=tuple(params[0].items()) if params else ())
 
 
 def _check_set(arrays: dict, where: str, natoms: int, nopbc: bool) -> int:
@@ -252,8 +269,16 @@ def _check_set(arrays: dict, where: str, natoms: int, nopbc: bool) -> int:
         raise ValueError(f"{where} has no coord.npy")
     if "box" not in arrays and not nopbc:
         raise ValueError(f"{where} has no box.npy (and the system has no nopbc file)")
-    needed = [k for k in arrays if k != "box" or not nopbc]
+    needed = [k for k in arrays if (k != "box" or not nopbc) and k not in PARAMS]
     nf = arrays["coord"].shape[0] if arrays["coord"].ndim else 0
+    for key in (k for k in PARAMS if k in arrays):
+        # fparam (nf, nfp), aparam (nf, natoms * nap): a model's numbers of parameters, checked by select_params
+        shape = arrays[key].shape
+        width = int(np.prod(shape[1:])) if len(shape) else 0
+        per = natoms if PARAMS[key] else 1
+        if len(shape) == 0 or shape[0] != nf or width == 0 or width % per:
+            raise ValueError(f"{where}/{key}.npy has shape {shape}; expected ({nf}, "
+                             f"{'natoms * nap' if PARAMS[key] else 'nfp'}) for {nf} frames of {natoms} atoms")
     for key in needed:
         per_frame, per_atom = OUTPUTS.get(key, (1, True))  # real_atom_types: one per atom
         width = per_frame * (natoms if per_atom else 1)
@@ -422,7 +447,9 @@ def read_frames(system: LazySystem, start: int, stop: int, labels: bool = True) 
     out = {k: v for k, v in out.items() if k in wanted}
     # (nf, natoms) or None
     types = np.empty((nf, natoms), dtype=np.int64) if system.mixed else None
-    arrays_of = {"coord": coords, "box": cells, **out, REAL_TYPES: types}
+    # fparam (nf, nfp), aparam (nf, natoms, nap): the parameters select_params kept
+    params = {k: np.empty((nf, natoms, n) if PARAMS[k] else (nf, n)) for k, n in system.params}
+    arrays_of = {"coord": coords, "box": cells, **out, REAL_TYPES: types, **params}
     for index, a, b, offset in set_ranges(system.counts, start, stop):
         rows = slice(offset, offset + b - a)
         with _set_arrays(system, index) as arrays:
@@ -434,7 +461,7 @@ def read_frames(system: LazySystem, start: int, stop: int, labels: bool = True) 
                 whole[rows] = np.asarray(arrays[key][a:b]).reshape(whole[rows].shape)
                 _check_rows(whole[rows], f"{_set_name(system, index)}/{key}.npy", a, start + offset,
                             len(system.atom_names))
-    return Block(slice(start, stop), coords, cells, out, types)
+    return Block(slice(start, stop), coords, cells, out, types, params.get("fparam"), params.get("aparam"))
 
 
 def _check_rows(values: np.ndarray, where: str, first: int, first_in_system: int, ntypes: int) -> None:
@@ -456,6 +483,28 @@ def _check_rows(values: np.ndarray, where: str, first: int, first_in_system: int
                          f"expected {expected}")
 
 
+def select_params(system: LazySystem, dp) -> LazySystem:
+    """The system with the parameters the model of ``dp`` takes (fparam.npy, aparam.npy), as dp test reads
+    them: fparam when get_dim_fparam() > 0 (optional with a default_fparam), aparam when get_dim_aparam() > 0;
+    one that is missing or holds another number per frame or atom is refused, naming the system."""
+    held, kept = dict(system.params), []
+    for key, dim, optional in (("fparam", dp.get_dim_fparam(), dp.has_default_fparam()),
+                               ("aparam", dp.get_dim_aparam(), False)):
+        if dim == 0:
+            continue
+        if key not in held:
+            if optional:
+                continue
+            raise ValueError(f"system {system.name} has no {key}.npy; the model takes {dim} numbers per "
+                             f"{'atom' if PARAMS[key] else 'frame'} (numb_{key})"
+                             + ("" if PARAMS[key] else " and has no default_fparam"))
+        if held[key] != dim:
+            raise ValueError(f"system {system.name}: {key}.npy holds {held[key]} numbers per "
+                             f"{'atom' if PARAMS[key] else 'frame'}; the model takes {dim} (numb_{key})")
+        kept.append((key, dim))
+    return system._replace(params=tuple(kept))
+
+
 def iter_blocks(system: LazySystem, frames_per_chunk: int, stop: int | None = None,
                 labels: bool = True) -> Iterator[Block]:
     """Blocks of ``frames_per_chunk`` frames (the last one shorter) of frames 0..stop-1 (default: all),
@@ -471,28 +520,6 @@ def iter_blocks(system: LazySystem, frames_per_chunk: int, stop: int | None = No
 # ---------------------------------------------------------------------------
 
 
-class Kind(NamedTuple):
-    """The frames of a block that share one row of types, and that row's atoms (padding atoms left out)."""
-
-    rows: np.ndarray  # (nk,) frames of the block
-    atoms: np.ndarray  # (na,) the atoms with a type (>= 0)
-    types: np.ndarray  # (na,) their types
-
-
-def frame_kinds(atom_types: np.ndarray, nf: int) -> list[Kind]:
-    """One Kind for one row of types (natoms,); one per distinct row of per-frame types (nf, natoms).
-
-    DeepPot evaluates frames of one kind at a time; a padding atom (type -1,
-    deepmd/npy/mixed's atom_numb_pad) is not an atom and is left out.
-    """
-    if atom_types.ndim == 1:
-        return [Kind(np.arange(nf), np.arange(atom_types.size), atom_types)]
-    # (nkinds, natoms), (nf,)
-    rows, inverse = np.unique(atom_types, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    return [Kind(np.flatnonzero(inverse == k), np.flatnonzero(row >= 0), row[row >= 0]) for k, row in enumerate(rows)]
-
-
 def block_types(system: LazySystem, block: Block, type_map: list[str]) -> np.ndarray:
     """The block's types in the model's numbering: (natoms,), or (nf, natoms) for per-frame types."""
     try:
@@ -502,16 +529,19 @@ def block_types(system: LazySystem, block: Block, type_map: list[str]) -> np.nda
 
 
 def by_kind(block: Block, atom_types: np.ndarray, evaluate) -> Iterator[tuple[Kind, object]]:
-    """(kind, evaluate(coords, cells, types)) for each kind of frame of the block (:func:`frame_kinds`).
+    """(kind, evaluate(coords, cells, types, fparam=, aparam=)) for each kind of frame of the block
+    (:func:`frame_kinds`); fparam and aparam are the kind's share of the block's (None when it has none).
 
     A FrameError of ``evaluate`` (frames counted in its call) is renumbered within the system.
     """
     for kind in frame_kinds(np.asarray(atom_types), block.coords.shape[0]):
-        # (nk, na, 3), (nk, 3, 3) or None
+        # (nk, na, 3), (nk, 3, 3) or None, (nk, nfp) or None, (nk, na, nap) or None
         coords = block.coords[kind.rows][:, kind.atoms]
         cells = None if block.cells is None else block.cells[kind.rows]
+        fparam = None if block.fparam is None else block.fparam[kind.rows]
+        aparam = None if block.aparam is None else block.aparam[kind.rows][:, kind.atoms]
         try:
-            result = evaluate(coords, cells, kind.types)
+            result = evaluate(coords, cells, kind.types, fparam=fparam, aparam=aparam)
         except FrameError as err:
             raise FrameError(block.frames.start + int(kind.rows[err.frame]), err.message) from None
         yield kind, result
@@ -536,11 +566,12 @@ def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
     return out
 
 
-def _predict(dp, coords: np.ndarray, cells: np.ndarray | None, atom_types: np.ndarray) -> Prediction:
+def _predict(dp, coords: np.ndarray, cells: np.ndarray | None, atom_types: np.ndarray, fparam=None,
+             aparam=None) -> Prediction:
     """The frame groups of :meth:`minidp.infer.DeepPot.iter_eval` joined into one Prediction of the call's frames."""
     nf = coords.shape[0]
     out, filled = None, np.zeros(nf, dtype=bool)
-    for fs, p in dp.iter_eval(coords, cells, atom_types):
+    for fs, p in dp.iter_eval(coords, cells, atom_types, fparam, aparam):
         if out is None:
             # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
             out = Prediction(*(np.empty((nf,) + a.shape[1:]) for a in p))
@@ -577,6 +608,7 @@ def stream_eval(dp, system_path, frames_per_chunk: int, progress: bool | None = 
     from tqdm.auto import tqdm
 
     system = system_path if isinstance(system_path, LazySystem) else lazy_system(system_path, per_frame_types=True)
+    system = select_params(system, dp)
     type_map = dp.get_type_map()
     # disable=None: the bar shows only on a terminal
     with tqdm(total=system.nframes, desc=system.path.name, unit="frame",
@@ -617,6 +649,10 @@ def _create_outputs(folder: Path, system: LazySystem, set_size: int) -> tuple[in
             # (n, natoms)
             np.lib.format.open_memmap(folder / f"set.{index:03d}" / f"{REAL_TYPES}.npy", "w+", np.int64,
                                       (n, system.natoms))
+        for key, width in system.params:  # the parameters the model read, kept beside its labels
+            # (n, nfp) or (n, natoms * nap)
+            np.lib.format.open_memmap(folder / f"set.{index:03d}" / f"{key}.npy", "w+", np.float64,
+                                      (n, width * (system.natoms if PARAMS[key] else 1)))
     return counts
 
 
@@ -624,7 +660,8 @@ def _write_block(folder: Path, counts: tuple[int, ...], block: Block, prediction
     """Write one block's frames (and per-frame types) and the model's labels into the output sets it falls in."""
     nf = block.coords.shape[0]
     rows = {"coord": block.coords, "box": block.cells, "energy": prediction.energy,
-            "force": prediction.force, "virial": prediction.virial, REAL_TYPES: block.types}
+            "force": prediction.force, "virial": prediction.virial, REAL_TYPES: block.types,
+            "fparam": block.fparam, "aparam": block.aparam}
     for index, a, b, offset in set_ranges(counts, block.frames.start, block.frames.stop):
         for key, values in rows.items():
             if values is None:
@@ -640,6 +677,7 @@ def write_labelled(dp, system: LazySystem, folder: Path, frames_per_chunk: int, 
                    progress: bool | None = None) -> None:
     """Label a system with the model, block by block, into the new folder ``folder`` (deepmd/npy layout;
     deepmd/npy/mixed for a mixed system). The caller makes it safe (:func:`minidp.data.safe_output`)."""
+    system = select_params(system, dp)
     counts = _create_outputs(folder, system, positive_int("set_size", set_size))
     for block, prediction in stream_eval(dp, system, frames_per_chunk, progress, labels=False):
         _write_block(folder, counts, block, prediction)
@@ -695,6 +733,7 @@ def _eval_chunk(task: tuple, model_path: str) -> tuple[int, slice, Prediction]:
 
     index, system, start, stop = task
     dp = worker_deeppot(model_path)
+    system = select_params(system, dp)
     types = model_types(system.atom_names, system.atom_types, dp.get_type_map())
     with threadpool_limits(1):  # BLAS too keeps to the task's one core
         prediction = predict_block(dp, read_frames(system, start, stop), types)
