@@ -168,6 +168,15 @@ def _cmd_info(args) -> int:
     print(f"embedding    neuron {list(cfg.neuron)}  axis_neuron {cfg.axis_neuron}  "
           f"type_one_side {cfg.type_one_side}  -> descriptor of {cfg.dim_out}")
     print(f"fitting      neuron {[layer.n_out for layer in fit.layers[:-1]]}  ({m.ntypes} nets)")
+    spec = m.fitting_input
+    values = {"numb_fparam": spec.numb_fparam, "numb_aparam": spec.numb_aparam, "dim_case_embd": spec.dim_case_embd,
+              "atom_ener": list(m.atom_ener), "atom_exclude_types": list(m.atom_exclude_types)}
+    options = [f"{name} {values[name]}" for name in m.options()]
+    if spec.default_fparam is not None:
+        options.append(f"default_fparam {spec.default_fparam.tolist()}")
+    if spec.use_aparam_as_mask:
+        options.append("use_aparam_as_mask")
+    print(f"options      {', '.join(options) or 'none'}")
     print(f"parameters   {m.n_params():,}")
     print(f"precision    {fit.dtype}")
     c = m.descriptor.compress
