@@ -8,7 +8,7 @@ ASE's stress is minus the virial W over the cell volume V (eV/Å^3), given in
 Voigt order (xx, yy, zz, yz, xz, xy). Atoms are matched to the model's types
 by chemical symbol. A model with frame or atomic parameters reads them from
 ``atoms.info["fparam"]`` and ``atoms.info["aparam"]``, as deepmd-kit's
-calculator does (any shape :meth:`minidp.DeepPot.eval` takes). The energy is
+calculator does (any shape :meth:`minidp.infer.DeepPot.eval` takes). The energy is
 a NumPy float64 scalar, as deepmd-kit's.
 """
 
