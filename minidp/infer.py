@@ -521,9 +521,11 @@ class DeepPot:
         """Arrays of the given shapes, (nf, k) per frame or (nf, natoms, k) per atom, filled with
         evaluate(frames of one kind) kind by kind (per-frame types; padding atoms stay 0)."""
         nf = frames.coords.shape[0]
+        # each of shapes: (nf, k) or (nf, natoms, k), zero where an atom is padding
         outs = tuple(np.zeros(shape) for shape in shapes)
         per_atom = [len(shape) == 3 for shape in shapes]
         for kind in frame_kinds(frames.atom_types, nf):
+            # (nk, na, 3), (nk, 3, 3) or None, (na,), (nk, nfp) or None, (nk, na, nap) or None
             sub = Frames(frames.coords[kind.rows][:, kind.atoms],
                          None if frames.cells is None else frames.cells[kind.rows], kind.types,
                          *frames.params(kind.rows, kind.atoms))

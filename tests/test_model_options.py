@@ -364,6 +364,16 @@ def test_every_file_format_keeps_the_options(tmp_path, suffix):
         np.testing.assert_array_equal(a, b)
 
 
+def test_info_lists_the_options(tmp_path, capsys):
+    save_model(tmp_path / "m.dp", minidp_model(EVERYTHING, 14))
+    assert main(["info", str(tmp_path / "m.dp")]) == 0
+    assert ("options      numb_fparam 2, numb_aparam 1, dim_case_embd 2, atom_ener [1.0, None], "
+            "atom_exclude_types [1], default_fparam [") in capsys.readouterr().out
+    save_model(tmp_path / "p.dp", minidp_model(Options(), 14))
+    assert main(["info", str(tmp_path / "p.dp")]) == 0
+    assert "options      none" in capsys.readouterr().out
+
+
 def _edit(path: str, value):
     def edit(data):
         *keys, last = path.split(".")
