@@ -73,6 +73,7 @@ def _cmd_eval_desc(args) -> int:
         iter_blocks,
         open_systems,
         output_names,
+        select_params,
         system_file,
     )
 
@@ -83,7 +84,7 @@ def _cmd_eval_desc(args) -> int:
     for root in args.system:
         found = open_systems(root, args.format, args.type_map)
         below = output_names(root, found)
-        systems += found
+        systems += [select_params(s, dp) for s in found]
         names += [f"{n}.npy" if len(found) == 1 else f"{Path(root).resolve().name}_{n}.npy" for n in below]
     distinct_names(names, systems)
     with safe_output(args.output, "descriptors", inputs, args.overwrite) as tmp:
@@ -103,11 +104,11 @@ def _test_errors(dp, systems, numb_test: int) -> tuple[dict, dict, np.ndarray]:
     """Predicted and label energy (nf,), force (one row per real atom, 3) and virial (nf, 9) over the first
     numb_test frames (0: all) of each system, and each frame's number of atoms (nf,)."""
     from minidp.active.stream import predict_block
-    from minidp.io.systems import block_types, frames_per_block, iter_blocks
+    from minidp.io.systems import block_types, frames_per_block, iter_blocks, select_params
 
     keys = [k for k in ("energy", "force", "virial") if all(k in s.labels for s in systems)]
     predicted, labels, natoms = {k: [] for k in keys}, {k: [] for k in keys}, []
-    for system in systems:
+    for system in [select_params(s, dp) for s in systems]:
         for block in iter_blocks(system, frames_per_block(system.natoms), numb_test or None):
             types = block_types(system, block, dp.get_type_map())
             p = predict_block(dp, block, types)
@@ -167,6 +168,15 @@ def _cmd_info(args) -> int:
           f"env_protection {cfg.env_protection:g}  set_davg_zero {cfg.set_davg_zero}")
     print(f"fitting      neuron {[layer.n_out for layer in fit.layers[:-1]]}  ({m.ntypes} nets)  "
           f"activation {fit.layers[0].activation}")
+    spec = m.fitting_input
+    values = {"numb_fparam": spec.numb_fparam, "numb_aparam": spec.numb_aparam, "dim_case_embd": spec.dim_case_embd,
+              "atom_ener": list(m.atom_ener), "atom_exclude_types": list(m.atom_exclude_types)}
+    options = [f"{name} {values[name]}" for name in m.options()]
+    if spec.default_fparam is not None:
+        options.append(f"default_fparam {spec.default_fparam.tolist()}")
+    if spec.use_aparam_as_mask:
+        options.append("use_aparam_as_mask")
+    print(f"options      {', '.join(options) or 'none'}")
     print(f"parameters   {m.n_params():,}")
     print(f"precision    {fit.dtype}")
     c = m.descriptor.compress

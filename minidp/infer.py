@@ -7,6 +7,14 @@ tutorial's code runs unchanged after ``from minidp import DeepPot``:
 - ``e``: (nf, 1) energy, ``f``: (nf, natoms, 3) forces, ``v``: (nf, 9) virial;
 - with ``atomic=True`` also ``ae``: (nf, natoms, 1) and ``av``: (nf, natoms, 9).
 
+A model with frame or atomic parameters takes them as deepmd-kit does
+(``fparam``, ``aparam``; the shapes :func:`check_params` accepts), and
+atom types may differ from frame to frame (an (nf, natoms) ``atom_types``,
+deepmd-kit's ``mixed_type``; -1 marks a padding atom, which is left out).
+The other getters of deepmd-kit's DeepPot are here too (``get_dim_fparam``,
+``get_sel_type``, ``get_model_def_script``, ...), and
+:meth:`DeepPot.eval_fitting_last_layer`.
+
 How the work is split (:func:`plan_chunks`): frames are taken together up to
 ``batch_size`` atoms (deepmd-kit's ``DP_INFER_BATCH_SIZE``); a frame larger
 than that is split over its centre atoms, whose shares of the energy, forces
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +51,17 @@ import numpy as np
 from minidp import checks, runtime
 from minidp.checks import FrameError, positive_int, real_array
 from minidp.io.serialization import load_model
-from minidp.model import EnergyModel, Prediction, pair_gradients, predict_frames, scatter_pairs
+from minidp.io.systems import frame_kinds
+from minidp.model import (
+    EnergyModel,
+    FitParams,
+    FittingInput,
+    Prediction,
+    fitting_last_layer,
+    pair_gradients,
+    predict_frames,
+    scatter_pairs,
+)
 from minidp.neighbor import NeighborList, check_cells, search_neighbors
 from minidp.se_e2_a import descriptor_forward
 
@@ -137,22 +156,51 @@ class Frames(NamedTuple):
 
     coords: np.ndarray  # (nf, natoms, 3)
     cells: np.ndarray | None  # (nf, 3, 3) lattice vectors as rows, or None (open boundary)
-    atom_types: np.ndarray  # (natoms,) int
+    atom_types: np.ndarray  # (natoms,) int; (nf, natoms) per frame (-1: padding) with per_frame=True
+    fparam: np.ndarray | None = None  # (nf, nfp) frame parameters, or None (none, or the model's default)
+    aparam: np.ndarray | None = None  # (nf, natoms, nap) atomic parameters, or None
+
+    def params(self, frames: slice | np.ndarray, atoms: slice | np.ndarray) -> FitParams:
+        """The parameters of some frames and atoms (a chunk, a kind of frame)."""
+        return FitParams(None if self.fparam is None else self.fparam[frames],
+                         None if self.aparam is None else self.aparam[frames][:, atoms])
 
 
-def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
-    """Reshape and validate deepmd-kit-style inputs (raising ValueError/TypeError naming the problem)."""
+
+
+
+
+def _per_frame_types(types: np.ndarray, ntypes: int) -> np.ndarray:
+    """(nf, natoms) integer types in -1..ntypes-1 (-1: a padding atom), or TypeError/ValueError."""
+    if types.dtype == bool or not np.issubdtype(types.dtype, np.integer):
+        raise checks.InputTypeError(f"atom_types must be integers, got dtype {types.dtype}")
+    if types.size and (types.min() < -1 or types.max() >= ntypes):
+        bad = types[(types < -1) | (types >= ntypes)][0]
+        raise ValueError(f"atom type {bad} is outside the model's types 0..{ntypes - 1} (-1 for a padding atom)")
+    return types.astype(np.int64)
+
+
+def check_frames(coords, cells, atom_types, ntypes: int, per_frame: bool = False) -> Frames:
+    """Reshape and validate deepmd-kit-style inputs (raising ValueError/TypeError naming the problem).
+
+    atom_types (natoms,), or (nf, natoms) one row per frame: rows all alike
+    become one row; rows that differ are refused unless ``per_frame`` (then
+    kept, -1 allowed for a padding atom: deepmd-kit's mixed_type).
+    """
     types = np.asarray(atom_types)
     rows = types.shape[0] if types.ndim == 2 else None
-    if types.ndim == 2 and types.shape[0] >= 1 and (types == types[0]).all():
+    if types.ndim == 2 and types.shape[0] >= 1 and (types == types[0]).all() and (types[0] >= 0).all():
         types = types[0]  # one row per frame, all alike (deepmd-kit accepts this)
-    if types.ndim == 2:
+    if types.ndim == 2 and not per_frame:
         raise ValueError(f"atom_types must have shape (natoms,), got {types.shape} "
-                         "(frames with different atom types are not supported)")
-    if types.size == 0:
-        types = types.astype(np.int64)  # [] is float64 to NumPy; an empty list names no type
-    types = checks.atom_types(types, ntypes)
-    natoms = types.size
+                         "(frames with different atom types, or padding atoms of type -1, are not supported here)")
+    if types.ndim == 2:
+        types = _per_frame_types(types, ntypes)
+    else:
+        if types.size == 0:
+            types = types.astype(np.int64)  # [] is float64 to NumPy; an empty list names no type
+        types = checks.atom_types(types, ntypes)
+    natoms = types.shape[-1]
     xyz = real_array("coords", coords)
     if natoms == 0:
         return _empty_frames(xyz, cells, rows)
@@ -165,6 +213,49 @@ def check_frames(coords, cells, atom_types, ntypes: int) -> Frames:
     if rows is not None and rows != nf:
         raise ValueError(f"atom_types has {rows} rows (one per frame) but coords holds {nf} frames")
     return Frames(xyz, _check_cells(cells, nf), types)
+
+
+def check_params(fparam, aparam, nf: int, natoms: int, spec: FittingInput
+                 ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """fparam as (nf, nfp) and aparam as (nf, natoms, nap), or None; deepmd-kit's shapes, told apart by size.
+
+    fparam: nf * nfp numbers (one row per frame) or nfp (the same for every
+    frame); None takes the model's default_fparam. aparam: nf * natoms * nap,
+    natoms * nap (the same for every frame) or nap (the same for every atom).
+    A model that needs one and has none, or a wrong size, is refused in one line.
+    """
+    nfp, nap = spec.numb_fparam, spec.numb_aparam
+    if fparam is not None:
+        fparam = real_array("fparam", fparam)
+        if fparam.size and not nfp:
+            raise ValueError(f"fparam has shape {fparam.shape} but this model takes no fparam (numb_fparam = 0)")
+        if fparam.size not in (nf * nfp, nfp):
+            raise ValueError(f"fparam has shape {fparam.shape}; this model takes {nfp} numbers per frame "
+                             f"(numb_fparam): expected ({nf}, {nfp}) or ({nfp},)")
+        # (nf, nfp)
+        fparam = np.broadcast_to(fparam.reshape(-1, nfp), (nf, nfp)) if nfp else None
+    elif nfp and spec.default_fparam is None:
+        raise ValueError(f"this model needs fparam ({nfp} numbers per frame, numb_fparam) and has no "
+                         "default_fparam; pass fparam")
+    if aparam is not None:
+        aparam = real_array("aparam", aparam)
+        if aparam.size and not nap:
+            raise ValueError(f"aparam has shape {aparam.shape} but this model takes no aparam (numb_aparam = 0)")
+        if aparam.size not in (nf * natoms * nap, natoms * nap, nap):
+            raise ValueError(f"aparam has shape {aparam.shape}; this model takes {nap} numbers per atom "
+                             f"(numb_aparam): expected ({nf}, {natoms}, {nap}), ({natoms}, {nap}) or ({nap},)")
+        if nap == 0 or natoms == 0:
+            # (nf, 0, nap) for frames of no atoms
+            aparam = None if nap == 0 else np.zeros((nf, 0, nap))
+        elif aparam.size == nap:  # one atom's values, for every atom of every frame
+            # (nf, natoms, nap)
+            aparam = np.broadcast_to(aparam.reshape(1, 1, nap), (nf, natoms, nap))
+        else:  # every frame's, or one frame's for every frame
+            # (nf, natoms, nap)
+            aparam = np.broadcast_to(aparam.reshape(-1, natoms, nap), (nf, natoms, nap))
+    elif nap and not spec.use_aparam_as_mask:
+        raise ValueError(f"this model needs aparam ({nap} numbers per atom, numb_aparam); pass aparam")
+    return fparam, aparam
 
 
 def _check_cells(cells, nf: int) -> np.ndarray | None:
@@ -266,10 +357,28 @@ class DeepPot:
         return list(self.model.descriptor.config.sel)
 
     def get_dim_fparam(self) -> int:
-        return 0
+        """Numbers per frame the model takes as fparam (numb_fparam)."""
+        return self.model.fitting_input.numb_fparam
 
     def get_dim_aparam(self) -> int:
-        return 0
+        """Numbers per atom the model takes as aparam (numb_aparam; also with use_aparam_as_mask)."""
+        return self.model.fitting_input.numb_aparam
+
+    def has_default_fparam(self) -> bool:
+        """Whether eval may be called without fparam (the model's default_fparam is then used)."""
+        return self.model.fitting_input.default_fparam is not None
+
+    def get_default_fparam(self) -> list[float] | None:
+        default = self.model.fitting_input.default_fparam
+        return None if default is None else default.tolist()
+
+    def get_sel_type(self) -> list[int]:
+        """The types whose atoms have an energy: all but the model's atom_exclude_types."""
+        return self.model.sel_type
+
+    def get_model_def_script(self) -> dict:
+        """The model section of the training input, as the model file stores it ({} if it stores none)."""
+        return copy.deepcopy(self.model.model_def_script)
 
     def get_dim_descriptor(self) -> int:
         return self.model.descriptor.config.dim_out
@@ -336,9 +445,10 @@ class DeepPot:
 
         def work(nl: NeighborList, chunk: Chunk) -> tuple[np.ndarray | None, list[Prediction]]:
             types = frames.atom_types[chunk.atoms]
+            params = frames.params(chunk.frames, chunk.atoms)
             if chunk.atoms.stop - chunk.atoms.start == natoms:
-                return None, [predict_frames(nl.rij, nl.nlist, types, m, self.backend) for m in models]
-            return self._chunk_shares(nl, chunk, types, models)
+                return None, [predict_frames(nl.rij, nl.nlist, types, m, self.backend, params) for m in models]
+            return self._chunk_shares(nl, chunk, types, models, params)
 
         totals = None
         for chunk, (touched, ps) in self._run(frames, work, centres):
@@ -358,15 +468,15 @@ class DeepPot:
             if chunk.atoms.stop == ncentres:
                 yield chunk.frames, (tuple(totals) if many else totals[0])
 
-    def _chunk_shares(self, nl: NeighborList, chunk: Chunk, types: np.ndarray, models: tuple[EnergyModel, ...]
-                      ) -> tuple[np.ndarray, list[Prediction]]:
+    def _chunk_shares(self, nl: NeighborList, chunk: Chunk, types: np.ndarray, models: tuple[EnergyModel, ...],
+                      params: FitParams) -> tuple[np.ndarray, list[Prediction]]:
         """A chunk of a big frame: its centres' energies, and its pairs' shares of the forces and
         virials on the atoms they touch (touched (ntouched,) frame indices; a Prediction over those
         ntouched atoms per model)."""
         touched, nlist, first = compact_atoms(nl.nlist, chunk.atoms)
         shares = []
         for model in models:
-            E_atom, g = pair_gradients(nl.rij, nl.nlist, types, model, self.backend)
+            E_atom, g = pair_gradients(nl.rij, nl.nlist, types, model, self.backend, params)
             # (nf, ntouched, 3), (nf, ntouched, 9)  nf = 1: plan_chunks splits one frame at a time
             F = np.zeros((g.shape[0], touched.size, 3))
             W = np.zeros((g.shape[0], touched.size, 9))
@@ -374,23 +484,68 @@ class DeepPot:
             shares.append(Prediction(E_atom.sum(axis=1), F, W.sum(axis=1), E_atom, W))
         return touched, shares
 
+    def _per_atom(self, frames: Frames, layer: Callable[[NeighborList, np.ndarray, FitParams], np.ndarray],
+                  width: int) -> np.ndarray:
+        """(nf, natoms, width): layer(neighbours, centre types, parameters) of every chunk, put in place."""
+        nf, natoms, _ = frames.coords.shape
+        # (nf, natoms, width)
+        out = np.empty((nf, natoms, width))
+
+        def work(nl: NeighborList, chunk: Chunk) -> np.ndarray:
+            return layer(nl, frames.atom_types[chunk.atoms], frames.params(chunk.frames, chunk.atoms))
+
+        for chunk, values in self._run(frames, work):
+            out[chunk.frames, chunk.atoms] = values
+        return out
+
+    def check_inputs(self, coords, cells, atom_types, fparam=None, aparam=None, per_frame: bool = False) -> Frames:
+        """:func:`check_frames`, then :func:`check_params` against this model: the checked Frames."""
+        frames = check_frames(coords, cells, atom_types, self.model.ntypes, per_frame)
+        nf, natoms, _ = frames.coords.shape
+        fparam, aparam = check_params(fparam, aparam, nf, natoms, self.model.fitting_input)
+        return frames._replace(fparam=fparam, aparam=aparam)
+
+    def _by_kind(self, frames: Frames, evaluate: Callable[[Frames], tuple], shapes: tuple[tuple, ...]) -> tuple:
+        """Arrays of the given shapes, (nf, k) per frame or (nf, natoms, k) per atom, filled with
+        evaluate(frames of one kind) kind by kind (per-frame types; padding atoms stay 0)."""
+        nf = frames.coords.shape[0]
+        # each of shapes: (nf, k) or (nf, natoms, k), zero where an atom is padding
+        outs = tuple(np.zeros(shape) for shape in shapes)
+        per_atom = [len(shape) == 3 for shape in shapes]
+        for kind in frame_kinds(frames.atom_types, nf):
+            # (nk, na, 3), (nk, 3, 3) or None, (na,), (nk, nfp) or None, (nk, na, nap) or None
+            sub = Frames(frames.coords[kind.rows][:, kind.atoms],
+                         None if frames.cells is None else frames.cells[kind.rows], kind.types,
+                         *frames.params(kind.rows, kind.atoms))
+            try:
+                results = evaluate(sub)
+            except FrameError as err:  # numbered within the kind: renumber within the call
+                raise FrameError(int(kind.rows[err.frame]), err.message) from None
+            for out, value, atomwise in zip(outs, results, per_atom):
+                if atomwise:
+                    out[np.ix_(kind.rows, kind.atoms)] = value
+                else:
+                    out[kind.rows] = value
+        return outs
+
     # --- evaluation ---
-    def iter_eval(self, coords, cells, atom_types) -> Iterator[tuple[slice, Prediction]]:
+    def iter_eval(self, coords, cells, atom_types, fparam=None, aparam=None) -> Iterator[tuple[slice, Prediction]]:
         """Yield (frame slice, Prediction) group by group; nothing is accumulated.
 
         Prediction fields: energy (n,), force (n, natoms, 3), virial (n, 9),
-        atom_energy (n, natoms), atom_virial (n, natoms, 9) for the n frames of the slice.
+        atom_energy (n, natoms), atom_virial (n, natoms, 9) for the n frames of
+        the slice. One row of types for all frames; fparam, aparam as :meth:`eval`.
         """
-        frames = check_frames(coords, cells, atom_types, self.model.ntypes)
-        yield from self._predict(frames)
+        yield from self._predict(self.check_inputs(coords, cells, atom_types, fparam, aparam))
 
-    def iter_eval_shared(self, coords, cells, atom_types, others=()
+    def iter_eval_shared(self, coords, cells, atom_types, others=(), fparam=None, aparam=None
                          ) -> Iterator[tuple[slice, tuple[Prediction, ...]]]:
         """:meth:`iter_eval` for this model and ``others`` at once: one Prediction per model, this one first.
 
         Each chunk's neighbour list is built once and serves every model, as an
         ensemble's models share it (``dp model-devi``): ``others`` are DeepPots with
-        this model's rcut, sel and type map. The chunks are this DeepPot's.
+        this model's rcut, sel and type map. The chunks are this DeepPot's; fparam
+        and aparam as :meth:`eval` takes them, checked against every model.
         """
         mine = (self.get_rcut(), self.get_sel(), self.get_type_map())
         for dp in others:
@@ -399,15 +554,15 @@ class DeepPot:
             if (dp.get_rcut(), dp.get_sel(), dp.get_type_map()) != mine:
                 raise ValueError(f"{dp.model_file} (rcut, sel, type map {dp.get_rcut()}, {dp.get_sel()}, "
                                  f"{dp.get_type_map()}) cannot share the neighbour lists of {self.model_file} {mine}")
-        frames = check_frames(coords, cells, atom_types, self.model.ntypes)
+        frames = self.check_inputs(coords, cells, atom_types, fparam, aparam)
+        nf, natoms, _ = frames.coords.shape
+        for dp in others:  # one model may lack the default_fparam another has
+            check_params(fparam, aparam, nf, natoms, dp.model.fitting_input)
         yield from self._predict(frames, (self.model, *(dp.model for dp in others)))
 
-    def eval(self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None,
-             mixed_type: bool = False, **kwargs):
-        """Energy (nf, 1), force (nf, natoms, 3), virial (nf, 9) [, atom energy (nf, natoms, 1),
-        atom virial (nf, natoms, 9)], as deepmd-kit's DeepPot.eval."""
-        self._refuse_extras(fparam, aparam, mixed_type, kwargs)
-        frames = check_frames(coords, cells, atom_types, self.model.ntypes)
+    def _eval_frames(self, frames: Frames, atomic: bool) -> tuple:
+        """e (nf, 1), f (nf, natoms, 3), v (nf, 9) [, ae (nf, natoms, 1), av (nf, natoms, 9)] of frames
+        with one row of types."""
         nf, natoms, _ = frames.coords.shape
         # (nf, 1), (nf, natoms, 3), (nf, 9), and with atomic (nf, natoms, 1), (nf, natoms, 9)
         e, f, v = np.empty((nf, 1)), np.empty((nf, natoms, 3)), np.empty((nf, 9))
@@ -450,29 +605,59 @@ class DeepPot:
         (_, p), = self._predict(Frames(x[None], None, types), centres=nloc)
         return p
 
+    def eval(self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None,
+             mixed_type: bool = False, **kwargs):
+        """Energy (nf, 1), force (nf, natoms, 3), virial (nf, 9) [, atom energy (nf, natoms, 1),
+        atom virial (nf, natoms, 9)], as deepmd-kit's DeepPot.eval.
+
+        fparam, aparam: see :func:`check_params`. atom_types (natoms,), or
+        (nf, natoms) with a row per frame (mixed_type; -1 marks a padding atom,
+        whose outputs are 0). ``mixed_type`` is accepted for deepmd-kit's
+        signature: the shape of atom_types says it.
+        """
+        self._refuse_kwargs(kwargs)
+        frames = self.check_inputs(coords, cells, atom_types, fparam, aparam, per_frame=True)
+        if frames.atom_types.ndim == 1:
+            return self._eval_frames(frames, atomic)
+        nf, natoms, _ = frames.coords.shape
+        shapes = [(nf, 1), (nf, natoms, 3), (nf, 9)] + ([(nf, natoms, 1), (nf, natoms, 9)] if atomic else [])
+        return self._by_kind(frames, lambda sub: self._eval_frames(sub, atomic), tuple(shapes))
+
     def eval_descriptor(self, coords, cells, atom_types, fparam=None, aparam=None,
                         mixed_type: bool = False, **kwargs) -> np.ndarray:
-        """The se_e2_a descriptor D, (nf, natoms, ng * m2) (1600 for the water model)."""
-        self._refuse_extras(fparam, aparam, mixed_type, kwargs)
-        frames = check_frames(coords, cells, atom_types, self.model.ntypes)
+        """The se_e2_a descriptor D, (nf, natoms, ng * m2) (1600 for the water model).
+
+        fparam and aparam are checked as :meth:`eval` checks them (the descriptor does not read them).
+        """
+        self._refuse_kwargs(kwargs)
+        frames = self.check_inputs(coords, cells, atom_types, fparam, aparam, per_frame=True)
+
+        def descriptor(nl: NeighborList, types: np.ndarray, params: FitParams) -> np.ndarray:
+            return descriptor_forward(nl.rij, nl.nlist, types, self.model.descriptor, self.backend)[0]
+
+        return self._layer(frames, descriptor, self.get_dim_descriptor())
+
+    def eval_fitting_last_layer(self, coords, cells, atom_types, fparam=None, aparam=None,
+                                mixed_type: bool = False, **kwargs) -> np.ndarray:
+        """The fitting nets' last hidden layer, (nf, natoms, neuron[-1]) (:func:`minidp.model.fitting_last_layer`:
+        each atom's net without its final linear layer, on the descriptor and the parameters)."""
+        self._refuse_kwargs(kwargs)
+        frames = self.check_inputs(coords, cells, atom_types, fparam, aparam, per_frame=True)
+
+        def last_layer(nl: NeighborList, types: np.ndarray, params: FitParams) -> np.ndarray:
+            D, _ = descriptor_forward(nl.rij, nl.nlist, types, self.model.descriptor, self.backend)
+            return fitting_last_layer(D, types, self.model, params)
+
+        return self._layer(frames, last_layer, self.model.fitting[0].layers[-1].n_in)
+
+    def _layer(self, frames: Frames, layer, width: int) -> np.ndarray:
+        """(nf, natoms, width): a per-atom layer on frames of one row of types, or kind by kind."""
+        if frames.atom_types.ndim == 1:
+            return self._per_atom(frames, layer, width)
         nf, natoms, _ = frames.coords.shape
-        # (nf, natoms, ng * m2)
-        out = np.empty((nf, natoms, self.get_dim_descriptor()))
-
-        def work(nl: NeighborList, chunk: Chunk) -> np.ndarray:
-            D, _ = descriptor_forward(nl.rij, nl.nlist, frames.atom_types[chunk.atoms], self.model.descriptor,
-                                      self.backend)
-            return D
-
-        for chunk, D in self._run(frames, work):
-            out[chunk.frames, chunk.atoms] = D
-        return out
+        return self._by_kind(frames, lambda sub: (self._per_atom(sub, layer, width),), ((nf, natoms, width),))[0]
 
     @staticmethod
-    def _refuse_extras(fparam, aparam, mixed_type, kwargs) -> None:
-        if fparam is not None or aparam is not None:
-            raise ValueError("this model takes no fparam/aparam (its dim_fparam and dim_aparam are 0)")
-        if mixed_type:
-            raise ValueError("mixed_type=True is not supported: pass one atom_types row for all frames")
+    def _refuse_kwargs(kwargs) -> None:
         if kwargs:
             raise TypeError(f"unexpected keyword arguments {sorted(kwargs)}")

@@ -6,11 +6,22 @@ atom's descriptor only:
 
 .. math::
 
-    E = \sum_i E_i, \qquad E_i = \mathcal F_{t_i}(D_i) + b_{t_i},
+    E = \sum_i E_i, \qquad E_i = \mathcal F_{t_i}(x_i) + b_{t_i},
+    \qquad x_i = [D_i, \hat f, \hat a_i, c],
 
 with one fitting net :math:`\mathcal F_t` per atom type and a constant
 per-type bias ``b`` (deepmd-kit's ``bias_atom_e`` plus the atomic model's
-``out_bias``). Everything the energy depends on enters through the pair
+``out_bias``). The net reads the descriptor, then (when the model has them)
+the frame's parameters, the atom's parameters, normalized, and a fixed case
+embedding (:class:`FittingInput`, :func:`fitting_input`). Two options change
+which atoms count: ``atom_exclude_types`` makes :math:`E_i = 0` (bias
+included) for atoms of those types, and ``atom_ener`` subtracts the
+isolated atom's net output, :math:`E_i = \mathcal F_t(x_i) - \mathcal F_t(x_i^0) + b_t`
+with :math:`x_i^0 = [0, \hat f, \hat a_i, c]` (:func:`atomic_energy`).
+Frame and atomic parameters do not move with the atoms, so only the
+descriptor part of x carries gradients to the positions.
+
+Everything the energy depends on enters through the pair
 displacements :math:`\mathbf r_{ij} = \mathbf r_j - \mathbf r_i`, so one
 backward pass gives :math:`\mathbf g_{ij} = \partial E / \partial \mathbf r_{ij}`
 and from it
@@ -44,7 +55,7 @@ Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -62,18 +73,122 @@ from minidp.se_e2_a import (
 )
 
 
+@dataclass(frozen=True, eq=False)
+class FittingInput:
+    r"""What the fitting nets read besides the descriptor, in deepmd-kit's order:
+
+    .. math::
+
+        x_i = [D_i,\ (f - \bar f) \odot \sigma_f^{-1},\ (a_i - \bar a) \odot \sigma_a^{-1},\ c]
+
+    with f (nfp,) the frame's parameters (``fparam``), a_i (nap,) atom i's
+    (``aparam``; not read with ``use_aparam_as_mask``), their averages and
+    inverse standard deviations from the training data, and c (nce,) the case
+    embedding (``dim_case_embd``: a fixed vector, one-hot of a multitask
+    branch or zeros). ``default_fparam`` (nfp,) stands in for f when a call
+    gives none. Empty arrays: the model has no such input.
+    """
+
+    fparam_avg: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (nfp,)
+    fparam_inv_std: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (nfp,)
+    aparam_avg: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (nap,)
+    aparam_inv_std: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (nap,)
+    default_fparam: np.ndarray | None = None  # (nfp,) or None: a call must give fparam
+    use_aparam_as_mask: bool = False  # aparam is taken (get_dim_aparam) but not fed to the nets
+    case_embd: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (nce,)
+
+    def __post_init__(self):
+        for name in ("fparam_avg", "fparam_inv_std", "aparam_avg", "aparam_inv_std", "case_embd"):
+            value = np.asarray(getattr(self, name), dtype=np.float64)
+            if value.ndim != 1 or not np.isfinite(value).all():
+                raise ValueError(f"FittingInput.{name} must be a 1-d array of finite numbers, got {value!r}")
+            object.__setattr__(self, name, value)
+        for avg, inv_std in (("fparam_avg", "fparam_inv_std"), ("aparam_avg", "aparam_inv_std")):
+            if getattr(self, avg).shape != getattr(self, inv_std).shape:
+                raise ValueError(f"FittingInput.{avg} has shape {getattr(self, avg).shape} but {inv_std} "
+                                 f"{getattr(self, inv_std).shape}; expected one value per parameter in each")
+        if self.default_fparam is not None:
+            value = np.asarray(self.default_fparam, dtype=np.float64)
+            if value.shape != (self.numb_fparam,) or not np.isfinite(value).all():
+                raise ValueError(f"FittingInput.default_fparam must be {self.numb_fparam} finite numbers "
+                                 f"(numb_fparam), got {value.tolist()}")
+            object.__setattr__(self, "default_fparam", value)
+        if not isinstance(self.use_aparam_as_mask, bool):
+            raise TypeError(f"FittingInput.use_aparam_as_mask must be a bool, got {self.use_aparam_as_mask!r}")
+
+    @property
+    def numb_fparam(self) -> int:
+        return self.fparam_avg.size
+
+    @property
+    def numb_aparam(self) -> int:
+        return self.aparam_avg.size
+
+    @property
+    def dim_case_embd(self) -> int:
+        return self.case_embd.size
+
+    @property
+    def width(self) -> int:
+        """Numbers appended to the descriptor: nfp + nap (0 with use_aparam_as_mask) + nce."""
+        return self.numb_fparam + (0 if self.use_aparam_as_mask else self.numb_aparam) + self.dim_case_embd
+
+
 @dataclass
 class EnergyModel:
     """Parameters of an se_e2_a + ener model."""
 
     type_map: list[str]  # element name of each atom type
     descriptor: SeA  # the se_e2_a descriptor
-    fitting: list[Net]  # fitting[t]: net from D (ng * m2) to the atomic energy of a type-t atom
+    fitting: list[Net]  # fitting[t]: net from x (ng * m2 + fitting_input.width) to the atomic energy of type t
     bias: np.ndarray  # (ntypes,) constant atomic energy per type (bias_atom_e + out_bias)
+    fitting_input: FittingInput = field(default_factory=FittingInput)  # what the nets read besides D
+    # deepmd-kit's atom_ener: the types with an entry that is not None (and every type beyond the
+    # list, as deepmd-kit's dpmodel reads it) have their isolated atom's output subtracted
+    atom_ener: tuple = ()
+    atom_exclude_types: tuple[int, ...] = ()  # atoms of these types have E_i = 0 (bias included)
+    model_def_script: dict = field(default_factory=dict)  # the training input's model section, as stored
+
+    def __post_init__(self):
+        self.atom_ener = tuple(self.atom_ener)
+        self.atom_exclude_types = tuple(sorted({int(t) for t in self.atom_exclude_types}))
+        bad = [t for t in self.atom_exclude_types if not 0 <= t < self.ntypes]
+        if bad:
+            raise ValueError(f"atom_exclude_types {list(self.atom_exclude_types)}: types {bad} are not among "
+                             f"the {self.ntypes} types of {self.type_map}")
+        n_in = self.descriptor.config.dim_out + self.fitting_input.width
+        wrong = [t for t, net in enumerate(self.fitting) if net.n_in != n_in]
+        if wrong:
+            raise ValueError(f"fitting net of type {wrong[0]} reads {self.fitting[wrong[0]].n_in} numbers; "
+                             f"expected {n_in} (descriptor {self.descriptor.config.dim_out} + fparam "
+                             f"{self.fitting_input.numb_fparam} + aparam "
+                             f"{0 if self.fitting_input.use_aparam_as_mask else self.fitting_input.numb_aparam}"
+                             f" + case embedding {self.fitting_input.dim_case_embd})")
 
     @property
     def ntypes(self) -> int:
         return len(self.type_map)
+
+    @property
+    def vacuum(self) -> tuple[bool, ...]:
+        """Per type: is the isolated atom's output F_t(x^0) subtracted (atom_ener, deepmd-kit's dpmodel rule:
+        every type unless its entry is None; types beyond the list too; nothing if no entry is set)."""
+        if all(e is None for e in self.atom_ener):
+            return (False,) * self.ntypes
+        return tuple(t >= len(self.atom_ener) or self.atom_ener[t] is not None for t in range(self.ntypes))
+
+    @property
+    def sel_type(self) -> list[int]:
+        """The types whose atoms have an energy (all but atom_exclude_types; deepmd-kit's get_sel_type)."""
+        return [t for t in range(self.ntypes) if t not in self.atom_exclude_types]
+
+    def options(self) -> list[str]:
+        """The fitting options this model uses, by deepmd-kit's names ([] for a plain se_e2_a + ener model)."""
+        spec = self.fitting_input
+        used = [("numb_fparam", spec.numb_fparam), ("numb_aparam", spec.numb_aparam),
+                ("dim_case_embd", spec.dim_case_embd), ("atom_ener", any(self.vacuum)),
+                ("atom_exclude_types", self.atom_exclude_types)]
+        return [name for name, value in used if value]
 
     def named_nets(self) -> list[tuple[tuple, Net]]:
         """Every trainable net once, with its name: ``("embedding",) + key`` for each net of
@@ -126,6 +241,49 @@ def new_model(
 # ---------------------------------------------------------------------------
 
 
+class FitParams(NamedTuple):
+    """The frame and atomic parameters of a call, as given (normalized by :func:`fitting_input`)."""
+
+    fparam: np.ndarray | None = None  # (nf, nfp), or None: the model's default_fparam
+    aparam: np.ndarray | None = None  # (nf, nc, nap) for the nc centre atoms, or None
+
+
+NO_PARAMS = FitParams()
+
+
+def fitting_input(D: np.ndarray, spec: FittingInput, params: FitParams = NO_PARAMS) -> np.ndarray:
+    r"""x_i = [D_i, (f - f_avg) * f_inv_std, (a_i - a_avg) * a_inv_std, c] (nf, nc, ng * m2 + width).
+
+    D (nf, nc, ng * m2); f is params.fparam, or the model's default_fparam
+    for every frame when it is None; a_i (left out with use_aparam_as_mask)
+    params.aparam. A model without these inputs gets D itself (no copy).
+    ValueError (one line) when the model needs a parameter the call lacks.
+    """
+    if spec.width == 0:
+        return D
+    nf, nc, _ = D.shape
+    parts = [D]
+    if spec.numb_fparam:
+        f = params.fparam if params.fparam is not None else spec.default_fparam
+        if f is None:
+            raise ValueError(f"this model needs fparam ({spec.numb_fparam} numbers per frame, numb_fparam) and "
+                             "has no default_fparam; pass fparam")
+        # (nf, nc, nfp): the frame's values for each of its atoms
+        parts.append(np.broadcast_to(((f - spec.fparam_avg) * spec.fparam_inv_std).reshape(-1, 1, spec.numb_fparam),
+                                     (nf, nc, spec.numb_fparam)))
+    if spec.numb_aparam and not spec.use_aparam_as_mask:
+        if params.aparam is None:
+            raise ValueError(f"this model needs aparam ({spec.numb_aparam} numbers per atom, numb_aparam); "
+                             "pass aparam")
+        # (nf, nc, nap)
+        parts.append((params.aparam - spec.aparam_avg) * spec.aparam_inv_std)
+    if spec.dim_case_embd:
+        # (nf, nc, nce)
+        parts.append(np.broadcast_to(spec.case_embd, (nf, nc, spec.dim_case_embd)))
+    # (nf, nc, ng * m2 + width)  in D's precision, as deepmd-kit casts the fitting's inputs
+    return np.concatenate(parts, axis=-1, dtype=D.dtype)
+
+
 class FitCache(NamedTuple):
     """One atom type's block of the fitting step."""
 
@@ -141,32 +299,78 @@ def type_groups(atom_types: np.ndarray, ntypes: int) -> list[tuple[int, np.ndarr
     return [(t, atoms) for t, atoms in groups if atoms.size]
 
 
+def vacuum_output(net: Net, x: np.ndarray, dim: int) -> np.ndarray:
+    """F(x^0) (nb, 1): the net on its rows x (nb, n_in) with the descriptor part (the first dim
+    numbers) zeroed, the isolated atom's output that atom_ener subtracts."""
+    # (nb, n_in)
+    x0 = x.copy()
+    x0[:, :dim] = 0.0
+    return net_forward(net, x0)[0]
+
+
 def atomic_energy(
-    D: np.ndarray, atom_types: np.ndarray, model: EnergyModel
+    D: np.ndarray, atom_types: np.ndarray, model: EnergyModel, params: FitParams = NO_PARAMS,
 ) -> tuple[np.ndarray, list[FitCache]]:
-    """E_i = F_{t_i}(D_i) + b_{t_i}; returns E_atom (nf, nloc) and the caches."""
+    r"""E_i = F_{t_i}(x_i) [- F_{t_i}(x_i^0)] + b_{t_i}; returns E_atom (nf, nloc) and the caches.
+
+    x_i from :func:`fitting_input`; the vacuum term only for the types
+    atom_ener names (:attr:`EnergyModel.vacuum`); atoms of atom_exclude_types
+    keep E_i = 0 and get no cache (their energy does not depend on anything).
+    """
     nf, nloc, dim = D.shape
+    # (nf, nloc, dim + width)
+    x = fitting_input(D, model.fitting_input, params)
     # (nf, nloc)
     E_atom = np.zeros((nf, nloc), dtype=D.dtype)
     caches = []
+    vacuum = model.vacuum
     for t, atoms in type_groups(atom_types, model.ntypes):
-        # (nb, 1) with nb = nf * na: every atom of type t is one row
-        y, net_caches = net_forward(model.fitting[t], D[:, atoms].reshape(-1, dim))
+        if t in model.atom_exclude_types:
+            continue
+        # (nb, dim + width) with nb = nf * na: every atom of type t is one row
+        x_t = x[:, atoms].reshape(-1, x.shape[-1])
+        # (nb, 1)
+        y, net_caches = net_forward(model.fitting[t], x_t)
+        if vacuum[t]:
+            y = y - vacuum_output(model.fitting[t], x_t, dim)
         E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
         caches.append(FitCache(t, atoms, model.fitting[t], net_caches))
     return E_atom, caches
 
 
 def atomic_energy_backward(dE_atom: np.ndarray, caches: list[FitCache], dim: int) -> np.ndarray:
-    """dL/dD (nf, nloc, ng * m2) from dL/dE_atom (nf, nloc): each type's net backward."""
+    """dL/dD (nf, nloc, ng * m2) from dL/dE_atom (nf, nloc): each type's net backward.
+
+    Only the descriptor's part of dL/dx is kept: the parameters and the case
+    embedding are constants, and the vacuum term does not depend on D.
+    """
     nf, nloc = dE_atom.shape
     # (nf, nloc, ng * m2)
     dD = np.zeros((nf, nloc, dim), dtype=dE_atom.dtype)
     for _, atoms, net, net_caches in caches:
-        # (nb, dim)
+        # (nb, dim + width)
         dx, _ = net_backward(net, net_caches, dE_atom[:, atoms].reshape(-1, 1), param_grads=False)
-        dD[:, atoms] = dx.reshape(nf, atoms.size, dim)
+        dD[:, atoms] = dx[:, :dim].reshape(nf, atoms.size, dim)
     return dD
+
+
+def fitting_last_layer(D: np.ndarray, atom_types: np.ndarray, model: EnergyModel,
+                       params: FitParams = NO_PARAMS) -> np.ndarray:
+    """The fitting nets' last hidden layer (nf, nloc, neuron[-1]): each atom's net without its final
+    linear layer, on x_i (deepmd-kit's eval_fitting_last_layer; every type, atom_exclude_types too)."""
+    nf, nloc, _ = D.shape
+    if len(model.fitting[0].layers) < 2:
+        raise ValueError("the fitting nets have no hidden layer (neuron = []): there is no last layer to give")
+    # (nf, nloc, dim + width)
+    x = fitting_input(D, model.fitting_input, params)
+    width = model.fitting[0].layers[-1].n_in
+    # (nf, nloc, neuron[-1])
+    out = np.zeros((nf, nloc, width), dtype=D.dtype)
+    for t, atoms in type_groups(atom_types, model.ntypes):
+        hidden = Net(model.fitting[t].layers[:-1])
+        y, _ = net_forward(hidden, x[:, atoms].reshape(-1, x.shape[-1]))
+        out[:, atoms] = y.reshape(nf, atoms.size, width)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -246,16 +450,17 @@ class ModelCache(NamedTuple):
 
 def model_forward(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
-    keep: bool = False,
+    keep: bool = False, params: FitParams = NO_PARAMS,
 ) -> tuple[np.ndarray, ModelCache]:
-    r"""Atomic energies E_i = F_{t_i}(D_i) + b_{t_i} (nf, nc), D from the pair displacements, and the cache.
+    r"""Atomic energies E_i (nf, nc) (:func:`atomic_energy`), D from the pair displacements, and the cache.
 
     rij, nlist (nf, nc, nnei, ...) and atom_types (nc,) are any nc centre atoms
-    (all of a frame, or a chunk of one). ``keep`` keeps what training needs
-    (minidp.training.loss). Trusts its input (see the module docstring).
+    (all of a frame, or a chunk of one), params their frames' and their own
+    parameters. ``keep`` keeps what training needs (minidp.training.loss). Trusts its
+    input (see the module docstring).
     """
     D, dcache = descriptor_forward(rij, nlist, atom_types, model.descriptor, backend, keep)
-    E_atom, fcaches = atomic_energy(D, atom_types, model)
+    E_atom, fcaches = atomic_energy(D, atom_types, model, params)
     return E_atom, ModelCache(D, dcache, fcaches)
 
 
@@ -281,26 +486,29 @@ class PairGradients(NamedTuple):
 
 def pair_gradients(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
+    params: FitParams = NO_PARAMS,
 ) -> PairGradients:
     r"""Atomic energies E_i (nf, nc) and the pair gradients g_ij = dE/d r_ij (nf, nc, nnei, 3).
 
     :func:`model_forward`, then :func:`model_backward`. rij, nlist
     (nf, nc, nnei, ...) and atom_types (nc,) are any nc centre atoms (all of a
-    frame, or a chunk of one). Trusts its input (see the module docstring).
+    frame, or a chunk of one), params their parameters. Trusts its input (see
+    the module docstring).
     """
-    E_atom, cache = model_forward(rij, nlist, atom_types, model, backend)
+    E_atom, cache = model_forward(rij, nlist, atom_types, model, backend, params=params)
     return PairGradients(E_atom, model_backward(cache, model, backend))
 
 
 def predict_frames(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
+    params: FitParams = NO_PARAMS,
 ) -> Prediction:
     """Energy, forces and virials of whole frames: :func:`pair_gradients`, then :func:`pair_forces_virials`.
 
     rij, nlist (nf, nloc, nnei, ...), atom_types (nloc,). Trusts its input:
     :func:`energy_forces` is the checked entry.
     """
-    E_atom, g = pair_gradients(rij, nlist, atom_types, model, backend)
+    E_atom, g = pair_gradients(rij, nlist, atom_types, model, backend, params)
     force, atom_virial = pair_forces_virials(g, rij, nlist, backend)
     return Prediction(
         energy=E_atom.sum(axis=1),
@@ -313,14 +521,16 @@ def predict_frames(
 
 def energy_forces(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
+    params: FitParams = NO_PARAMS,
 ) -> Prediction:
     """Energy, forces and virials of whole frames, for a caller with its own neighbour list.
 
     rij, nlist (nf, nloc, nnei, ...) as :func:`minidp.neighbor.build_neighbor_list`
-    gives them, atom_types (nloc,); ``backend`` is "reference", "numpy" or
+    gives them, atom_types (nloc,), params (fparam (nf, nfp), aparam
+    (nf, nloc, nap)) as the model needs them; ``backend`` is "reference", "numpy" or
     "numba" (see minidp.se_e2_a). The backend and the nlist's layout are
     checked (:func:`minidp.se_e2_a.check_descriptor_inputs`), then
     :func:`predict_frames` computes.
     """
     check_descriptor_inputs(nlist, model.descriptor, backend)
-    return predict_frames(rij, nlist, atom_types, model, backend)
+    return predict_frames(rij, nlist, atom_types, model, backend, params)

@@ -144,8 +144,10 @@ def test_bad_constructor_arguments():
 
 def test_extras_are_refused(water_dp, water_frames):
     coords, cells, types = water_frames
-    with pytest.raises(ValueError, match=r"takes no fparam/aparam"):
+    with pytest.raises(ValueError, match=r"fparam has shape \(1,\) but this model takes no fparam"):
         water_dp.eval(coords, cells, types, fparam=np.zeros(1))
+    with pytest.raises(ValueError, match=r"aparam has shape \(2, 3\) but this model takes no aparam"):
+        water_dp.eval(coords, cells, types, aparam=np.zeros((2, 3)))
     with pytest.raises(TypeError, match=r"unexpected keyword arguments \['bogus'\]"):
         water_dp.eval(coords, cells, types, bogus=1)
 

@@ -153,7 +153,7 @@ def test_predict_block_does_not_rely_on_the_order_of_groups():
     class Shuffled:
         """A DeepPot stand-in that yields its frame groups last first."""
 
-        def iter_eval(self, coords, cells, types):
+        def iter_eval(self, coords, cells, types, fparam=None, aparam=None):
             nf = coords.shape[0]
             for f in reversed(range(nf)):
                 yield slice(f, f + 1), Prediction(np.full(1, f), np.zeros((1, 2, 3)), np.zeros((1, 9)),
@@ -256,7 +256,9 @@ def test_physics_functions_take_no_chunk_bookkeeping():
 
     from minidp.model import energy_forces, pair_forces_virials
 
-    assert list(inspect.signature(energy_forces).parameters) == ["rij", "nlist", "atom_types", "model", "backend"]
+    # params: the frames' and atoms' fparam/aparam, inputs of the physics like the types
+    assert list(inspect.signature(energy_forces).parameters) == ["rij", "nlist", "atom_types", "model", "backend",
+                                                                 "params"]
     assert list(inspect.signature(pair_forces_virials).parameters) == ["g", "rij", "nlist", "backend"]
 
 

@@ -65,8 +65,8 @@ def water_dict():
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m["descriptor"].update(type="se_e2_r"), r"descriptor type = 'se_e2_r'"),
     (lambda m: m["fitting"].update(type="dipole"), r"fitting type = 'dipole'"),
-    (lambda m: m["fitting"].update(numb_fparam=2), r"numb_fparam = 2"),
     (lambda m: m["descriptor"].update(spin={"use_spin": [True, False]}), r"spin = \{'use_spin'"),
+    (lambda m: m["fitting"].update(mixed_types=True), r"mixed_types = True"),
     (lambda m: m.update(type="zbl"), r"model type = 'zbl'"),
     (lambda m: m["descriptor"]["embeddings"]["networks"][0]["layers"][0].update(activation_function="swish"),
      r"unknown activation 'swish'"),

@@ -43,18 +43,18 @@ from minidp.infer import DeepPot
 from minidp.io.model_check import check_bias
 from minidp.io.outputs import check_output
 from minidp.io.serialization import NATIVE_SUFFIXES, model_suffix, read_min_nbor_dist, save_model
-from minidp.io.systems import lazy_system, model_types, read_frames
+from minidp.io.systems import lazy_system, model_types, read_frames, select_params
 from minidp.stats import energy_bias
 
 
-def frame_rows(systems, type_map: list[str], numb_batch: int = 0):
-    """Yield (block, model types (natoms,)) for the first numb_batch frames (0: all) of each system."""
-
+def frame_rows(systems, dp, numb_batch: int = 0):
+    """Yield (block, model types (natoms,)) for the first numb_batch frames (0: all) of each system, with
+    the frame and atomic parameters the model of DeepPot ``dp`` takes (minidp.io.systems.select_params)."""
     for path in systems:
-        lazy = lazy_system(path)
+        lazy = select_params(lazy_system(path), dp)
         if "energy" not in lazy.labels:
             raise ValueError(f"system {path} has no energy labels; change-bias fits the bias to them")
-        types = model_types(lazy.atom_names, lazy.atom_types, type_map)
+        types = model_types(lazy.atom_names, lazy.atom_types, dp.get_type_map())
         n = lazy.nframes if numb_batch <= 0 else min(numb_batch, lazy.nframes)
         yield read_frames(lazy, 0, n), types
 
@@ -65,15 +65,18 @@ def bias_from_data(dp, systems, mode: str = "change", numb_batch: int = 0) -> np
         raise ValueError(f"mode must be 'change' or 'set', got {mode!r}")
     ntypes = dp.get_ntypes()
     counts, target = [], []
-    for block, types in frame_rows(systems, dp.get_type_map(), numb_batch):
+    for block, types in frame_rows(systems, dp, numb_batch):
         nf = block.coords.shape[0]
         # (nf,)
         energy = block.labels["energy"]
         if mode == "change":
-            e, _, _ = dp.eval(block.coords, block.cells, types)
+            e, _, _ = dp.eval(block.coords, block.cells, types, fparam=block.fparam, aparam=block.aparam)
             energy = energy - e[:, 0]
-        # (nf, ntypes)
-        counts.append(np.tile(np.bincount(types, minlength=ntypes), (nf, 1)))
+        # (nf, ntypes)  atoms of atom_exclude_types have no energy, hence no bias: their columns are 0
+        # (as deepmd-kit's fit), and the least-squares bias of those types stays 0
+        count = np.bincount(types, minlength=ntypes)
+        count[list(dp.model.atom_exclude_types)] = 0
+        counts.append(np.tile(count, (nf, 1)))
         target.append(energy)
     # (ntypes,)
     fitted = energy_bias(np.concatenate(target), np.concatenate(counts), rcond=None)

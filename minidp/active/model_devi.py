@@ -60,7 +60,16 @@ import numpy as np
 from minidp.checks import number, positive_int, real_array
 from minidp.infer import DeepPot
 from minidp.io.outputs import safe_output
-from minidp.io.systems import Block, LazySystem, block_types, by_kind, find_systems, iter_blocks, lazy_system
+from minidp.io.systems import (
+    Block,
+    LazySystem,
+    block_types,
+    by_kind,
+    find_systems,
+    iter_blocks,
+    lazy_system,
+    select_params,
+)
 
 # ---------------------------------------------------------------------------
 # The deviations: small pure functions
@@ -225,6 +234,11 @@ class Ensemble:
             if dp.get_type_map() != first.get_type_map():
                 raise ValueError(f"models {first.model_file} (type map {first.get_type_map()}) and "
                                  f"{dp.model_file} (type map {dp.get_type_map()}) have different type maps")
+            dims, first_dims = (dp.get_dim_fparam(), dp.get_dim_aparam()), (first.get_dim_fparam(),
+                                                                             first.get_dim_aparam())
+            if dims != first_dims:  # one fparam/aparam array serves every model
+                raise ValueError(f"models {first.model_file} (numb_fparam, numb_aparam = {first_dims}) and "
+                                 f"{dp.model_file} ({dims}) take different frame or atomic parameters")
         groups: dict[tuple, list[int]] = {}
         for k, dp in enumerate(self.pots):
             groups.setdefault((dp.get_rcut(), tuple(dp.get_sel())), []).append(k)
@@ -233,8 +247,20 @@ class Ensemble:
     def get_type_map(self) -> list[str]:
         return self.pots[0].get_type_map()
 
-    def predict(self, coords, cells, atom_types) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Energies (nm, nf), forces (nm, nf, natoms, 3), virials (nm, nf, 9) of every model."""
+    def get_dim_fparam(self) -> int:
+        return self.pots[0].get_dim_fparam()
+
+    def get_dim_aparam(self) -> int:
+        return self.pots[0].get_dim_aparam()
+
+    def has_default_fparam(self) -> bool:
+        """True when every model has a default_fparam (fparam may then be left out)."""
+        return all(dp.has_default_fparam() for dp in self.pots)
+
+    def predict(self, coords, cells, atom_types, fparam=None, aparam=None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Energies (nm, nf), forces (nm, nf, natoms, 3), virials (nm, nf, 9) of every model
+        (fparam and aparam as minidp.DeepPot.eval takes them)."""
         nm = len(self.pots)
         E, F, W = {}, {}, {}  # model index -> [(frame slice, values)]
         for group in self.groups:
@@ -242,7 +268,7 @@ class Ensemble:
             lead = min(group, key=lambda k: self.pots[k].batch_size)
             order = [lead] + [k for k in group if k != lead]
             others = [self.pots[k] for k in order[1:]]
-            for fs, predictions in self.pots[lead].iter_eval_shared(coords, cells, atom_types, others):
+            for fs, predictions in self.pots[lead].iter_eval_shared(coords, cells, atom_types, others, fparam, aparam):
                 for k, p in zip(order, predictions):
                     E.setdefault(k, []).append((fs, p.energy))
                     F.setdefault(k, []).append((fs, p.force))
@@ -251,9 +277,9 @@ class Ensemble:
         return tuple(np.stack([np.concatenate([v for _, v in parts[k]]) for k in range(nm)]) for parts in (E, F, W))
 
     def eval(self, coords, cells, atom_types, *, relative: float | None = None, relative_v: float | None = None,
-             real: dict | None = None, atomic: bool = False) -> EnsembleResult:
+             real: dict | None = None, atomic: bool = False, fparam=None, aparam=None) -> EnsembleResult:
         """Every model's predictions and the deviation columns (see :func:`deviation_columns`)."""
-        E, F, W = self.predict(coords, cells, atom_types)
+        E, F, W = self.predict(coords, cells, atom_types, fparam, aparam)
         devi = deviation_columns(E, F, W, relative=relative, relative_v=relative_v, real=real, atomic=atomic)
         return EnsembleResult(E, F, W, devi)
 
@@ -282,6 +308,7 @@ def system_deviations(ensemble: Ensemble, path, *, frequency: int = 1, real_erro
     Frames of per-frame types are evaluated one kind at a time; a padding atom's column is 0.
     """
     system = path if isinstance(path, LazySystem) else lazy_system(path, per_frame_types=True)
+    system = select_params(system, ensemble)
     frequency = positive_int("frequency", frequency)
     missing = [k for k in ("energy", "force", "virial") if k not in system.labels]
     if real_error and missing:

@@ -32,6 +32,7 @@ from minidp.infer import DeepPot
 from minidp.io.outputs import safe_output
 from minidp.io.systems import (
     OUTPUTS,
+    PARAMS,
     REAL_TYPES,
     Block,
     LazySystem,
@@ -41,6 +42,7 @@ from minidp.io.systems import (
     lazy_system,
     model_types,
     read_frames,
+    select_params,
     set_ranges,
 )
 from minidp.model import Prediction
@@ -65,11 +67,12 @@ def predict_block(dp, block: Block, atom_types: np.ndarray) -> Prediction:
     return out
 
 
-def _predict(dp, coords: np.ndarray, cells: np.ndarray | None, atom_types: np.ndarray) -> Prediction:
+def _predict(dp, coords: np.ndarray, cells: np.ndarray | None, atom_types: np.ndarray, fparam=None,
+             aparam=None) -> Prediction:
     """The frame groups of :meth:`minidp.infer.DeepPot.iter_eval` joined into one Prediction of the call's frames."""
     nf = coords.shape[0]
     out, filled = None, np.zeros(nf, dtype=bool)
-    for fs, p in dp.iter_eval(coords, cells, atom_types):
+    for fs, p in dp.iter_eval(coords, cells, atom_types, fparam, aparam):
         if out is None:
             # (nf,), (nf, natoms, 3), (nf, 9), (nf, natoms), (nf, natoms, 9)
             out = Prediction(*(np.empty((nf,) + a.shape[1:]) for a in p))
@@ -106,6 +109,7 @@ def stream_eval(dp, system_path, frames_per_chunk: int, progress: bool | None = 
     from tqdm.auto import tqdm
 
     system = system_path if isinstance(system_path, LazySystem) else lazy_system(system_path, per_frame_types=True)
+    system = select_params(system, dp)
     type_map = dp.get_type_map()
     # disable=None: the bar shows only on a terminal
     with tqdm(total=system.nframes, desc=system.path.name, unit="frame",
@@ -146,6 +150,10 @@ def _create_outputs(folder: Path, system: LazySystem, set_size: int) -> tuple[in
             # (n, natoms)
             np.lib.format.open_memmap(folder / f"set.{index:03d}" / f"{REAL_TYPES}.npy", "w+", np.int64,
                                       (n, system.natoms))
+        for key, width in system.params:  # the parameters the model read, kept beside its labels
+            # (n, nfp) or (n, natoms * nap)
+            np.lib.format.open_memmap(folder / f"set.{index:03d}" / f"{key}.npy", "w+", np.float64,
+                                      (n, width * (system.natoms if PARAMS[key] else 1)))
     return counts
 
 
@@ -153,7 +161,8 @@ def _write_block(folder: Path, counts: tuple[int, ...], block: Block, prediction
     """Write one block's frames (and per-frame types) and the model's labels into the output sets it falls in."""
     nf = block.coords.shape[0]
     rows = {"coord": block.coords, "box": block.cells, "energy": prediction.energy,
-            "force": prediction.force, "virial": prediction.virial, REAL_TYPES: block.types}
+            "force": prediction.force, "virial": prediction.virial, REAL_TYPES: block.types,
+            "fparam": block.fparam, "aparam": block.aparam}
     for index, a, b, offset in set_ranges(counts, block.frames.start, block.frames.stop):
         for key, values in rows.items():
             if values is None:
@@ -169,6 +178,7 @@ def write_labelled(dp, system: LazySystem, folder: Path, frames_per_chunk: int, 
                    progress: bool | None = None) -> None:
     """Label a system with the model, block by block, into the new folder ``folder`` (deepmd/npy layout;
     deepmd/npy/mixed for a mixed system). The caller makes it safe (:func:`minidp.io.outputs.safe_output`)."""
+    system = select_params(system, dp)
     counts = _create_outputs(folder, system, positive_int("set_size", set_size))
     for block, prediction in stream_eval(dp, system, frames_per_chunk, progress, labels=False):
         _write_block(folder, counts, block, prediction)
@@ -223,6 +233,7 @@ def _eval_chunk(task: tuple, model_path: str) -> tuple[int, slice, Prediction]:
 
     index, system, start, stop = task
     dp = worker_deeppot(model_path)
+    system = select_params(system, dp)
     types = model_types(system.atom_names, system.atom_types, dp.get_type_map())
     with threadpool_limits(1):  # BLAS too keeps to the task's one core
         prediction = predict_block(dp, read_frames(system, start, stop), types)

@@ -244,8 +244,61 @@ def min_nbor_dist(data, source: str = "the model file") -> float | None:
     return None if value is None else number(where, value, positive=True)
 
 
+def _type_list(where: str, value, ntypes: int) -> list[int]:
+    """A list of atom types in 0..ntypes-1 (atom_exclude_types)."""
+    if not isinstance(value, list):
+        raise InputTypeError(f"{where}: expected a list of atom types, got {type(value).__name__} {short(value)}")
+    types = [integer(f"{where}[{k}]", t, lo=0) for k, t in enumerate(value)]
+    if any(t >= ntypes for t in types):
+        raise InputError(f"{where}: type {max(types)} is not among the {ntypes} types of model.type_map")
+    return types
+
+
+def _atom_ener(where: str, value) -> None:
+    """deepmd-kit's atom_ener: a list of numbers or nulls (only which entries are null matters here)."""
+    if not isinstance(value, list):
+        raise InputTypeError(f"{where}: expected a list of numbers or nulls, got {type(value).__name__} "
+                             f"{short(value)}")
+    for k, e in enumerate(value):
+        if e is not None:
+            number(f"{where}[{k}]", e)
+
+
+# the key that says how many numbers each array of the fitting's @variables holds
+_WHY = {"fparam_avg": "numb_fparam", "fparam_inv_std": "numb_fparam", "aparam_avg": "numb_aparam",
+        "aparam_inv_std": "numb_aparam", "case_embd": "dim_case_embd"}
+
+
+def check_fitting_inputs(d: dict, where: str) -> int:
+    """numb_fparam, numb_aparam, dim_case_embd, default_fparam, use_aparam_as_mask and the arrays they
+    need in @variables: the numbers the nets read besides the descriptor (the width returned)."""
+    nfp, nap, nce = (0 if d.get(k) is None else integer(f"{where}.{k}", d[k], lo=0)
+                     for k in ("numb_fparam", "numb_aparam", "dim_case_embd"))
+    mask = bool(_optional(d, "use_aparam_as_mask", boolean, where))
+    v = _mapping(_key(d, "@variables", where), f"{where}.@variables")
+    # a TensorFlow graph with use_aparam_as_mask keeps no aparam statistics (it needs none)
+    for name, n, required in (("fparam_avg", nfp, True), ("fparam_inv_std", nfp, True),
+                              ("aparam_avg", nap, not mask), ("aparam_inv_std", nap, not mask),
+                              ("case_embd", nce, True)):
+        if n and v.get(name) is not None:
+            _vector(v[name], f"{where}.@variables.{name}", n)
+        elif n and required:
+            raise InputError(f"{where}.@variables.{name}: missing; expected {n} numbers "
+                             f"({_WHY[name]} is {n})")
+    if d.get("default_fparam") is not None:
+        default = _vector(d["default_fparam"], f"{where}.default_fparam", nfp)
+        stored = v.get("default_fparam_tensor")
+        if stored is not None and not np.array_equal(_vector(stored, f"{where}.@variables.default_fparam_tensor",
+                                                             nfp), default):
+            raise InputError(f"{where}.@variables.default_fparam_tensor: {np.ravel(stored).tolist()} differs "
+                             f"from {where}.default_fparam {default.tolist()}")
+    _optional(d, "atom_ener", _atom_ener, where)
+    return nfp + (0 if mask else nap) + nce
+
+
 def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
-    """model.fitting: an energy fitting, one net per type from dim_descrpt (ng * m2) to 1, the bias."""
+    """model.fitting: an energy fitting, one net per type from dim_descrpt (ng * m2) plus the frame and
+    atomic parameters and the case embedding (:func:`check_fitting_inputs`) to 1, the bias."""
     where = "model.fitting"
     _one_of(_key(d, "type", where), f"{where}.type", ("ener",))
     if "var_name" in d:
@@ -254,6 +307,7 @@ def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
     if d.get("dim_descrpt") is not None and integer(f"{where}.dim_descrpt", d["dim_descrpt"]) != dim_descrpt:
         raise InputError(f"{where}.dim_descrpt: {d['dim_descrpt']}, expected {dim_descrpt} "
                          "(the descriptor's neuron[-1] * axis_neuron)")
+    n_in = dim_descrpt + check_fitting_inputs(d, where)
     nets = _key(_key(d, "nets", where), "networks", f"{where}.nets")
     if not isinstance(nets, list) or len(nets) != ntypes:
         raise InputError(f"{where}.nets.networks: {len(nets) if isinstance(nets, list) else short(nets)} nets, "
@@ -262,7 +316,7 @@ def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
     hidden = integers(f"{where}.neuron", _key(d, "neuron", where)) if d.get("neuron") != [] else ()
     for k, net in enumerate(nets):
         nw = f"{where}.nets.networks[{k}]"
-        check_net(net, nw, dim_descrpt, hidden + (1,))
+        check_net(net, nw, n_in, hidden + (1,))
     v = _key(d, "@variables", where)
     check_bias(f"{where}.@variables.bias_atom_e", _key(v, "bias_atom_e", f"{where}.@variables"), ntypes)
 
@@ -277,6 +331,7 @@ def check_model_dict(data, source: str) -> None:
         pair_exclude_types = _optional(m, "pair_exclude_types", _type_pairs, "model", len(type_map)) or ()
         cfg = check_descriptor(_key(m, "descriptor", "model"), len(type_map), pair_exclude_types)
         check_fitting(_key(m, "fitting", "model"), len(type_map), cfg.dim_out)
+        _optional(m, "atom_exclude_types", _type_list, "model", len(type_map))
         v = m.get("@variables") or {}
         if _mapping(v, "model.@variables").get("out_bias") is not None:
             # (noutputs, ntypes, 1): the energy's row is the first

@@ -14,8 +14,11 @@ the resnet timestep ``idt``. On disk it comes in three spellings:
 dict by deepmd-kit's own converters, so those need deepmd-kit installed; the
 three files above need nothing but h5py and PyYAML.
 
-Only the se_e2_a (``se_a``) descriptor with an ``ener`` fitting is supported;
-anything else is refused with an error that names it.
+Only the se_e2_a (``se_a``) descriptor with an ``ener`` fitting is supported,
+with the fitting's frame and atomic parameters (``numb_fparam``,
+``numb_aparam``, their statistics, ``default_fparam``,
+``use_aparam_as_mask``), ``dim_case_embd``, ``atom_ener`` and the model's
+``atom_exclude_types``; anything else is refused with an error that names it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from minidp.compress import Table, compression
 from minidp.io import legacy_graph
 from minidp.io.model_check import check_model_dict, min_nbor_dist
 from minidp.io.outputs import safe_output
-from minidp.model import EnergyModel
+from minidp.model import EnergyModel, FittingInput
 from minidp.nn import Layer, Net, get_activation
 from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig, exclusion_mask
 
@@ -291,20 +294,40 @@ def _table_from_deepmd(data, info, k: int, se: SeA) -> Table:
     return Table(np.zeros((2, cfg.ng, 6), dtype=se.davg.dtype), 0.0, 1.0, 2.0, 1.0, 1.0)
 
 
-def _fitting_from_dict(d: dict, ntypes: int) -> tuple[list[Net], np.ndarray]:
+def _fitting_input_from_dict(d: dict) -> FittingInput:
+    """The fitting's inputs besides the descriptor (model_check has checked their shapes)."""
+    v = d["@variables"]
+    nfp, nap, nce = (int(d.get(k) or 0) for k in ("numb_fparam", "numb_aparam", "dim_case_embd"))
+    mask = bool(d.get("use_aparam_as_mask", False))
+
+    def vector(name: str, n: int, default: float) -> np.ndarray:
+        # a TensorFlow graph with use_aparam_as_mask keeps no aparam statistics: its zeros and ones
+        value = v.get(name) if n else None
+        return np.full(n, default) if value is None else np.asarray(value, dtype=np.float64).reshape(n)
+
+    default = None
+    if d.get("default_fparam") is not None:
+        # deepmd-kit's dpmodel evaluates with the stored default_fparam_tensor (model_check: they agree)
+        stored = v.get("default_fparam_tensor")
+        default = np.asarray(d["default_fparam"] if stored is None else stored, dtype=np.float64).reshape(nfp)
+    return FittingInput(vector("fparam_avg", nfp, 0.0), vector("fparam_inv_std", nfp, 1.0),
+                        vector("aparam_avg", nap, 0.0), vector("aparam_inv_std", nap, 1.0), default, mask,
+                        vector("case_embd", nce, 0.0))
+
+
+def _fitting_from_dict(d: dict, ntypes: int) -> tuple[list[Net], np.ndarray, FittingInput, tuple]:
+    """model.fitting: the nets, bias_atom_e (ntypes,), the nets' extra inputs and atom_ener."""
     where = "model.fitting"
     if d.get("type") != "ener":
         _refuse("fitting type", d.get("type"), where)
-    for key, allowed in (("numb_fparam", (0, None)), ("numb_aparam", (0, None)),
-                         ("dim_case_embd", (0, None)), ("mixed_types", (False, None)),
-                         ("atom_ener", ([], None)), ("exclude_types", ([], None)),
-                         ("spin", (None,)), ("dim_out", (1, None)), ("layer_name", (None,))):
+    for key, allowed in (("mixed_types", (False, None)), ("spin", (None,)), ("dim_out", (1, None)),
+                         ("layer_name", (None,))):
         _require(d, key, allowed, where)
     nets = [_net_from_dict(n) for n in d["nets"]["networks"]]
     if len(nets) != ntypes:
         raise ValueError(f"{where}: {len(nets)} fitting nets for {ntypes} types")
     bias = np.asarray(d["@variables"]["bias_atom_e"]).reshape(ntypes)
-    return nets, bias
+    return nets, bias, _fitting_input_from_dict(d), tuple(d.get("atom_ener") or ())
 
 
 def model_from_dict(data: dict) -> EnergyModel:
@@ -312,7 +335,6 @@ def model_from_dict(data: dict) -> EnergyModel:
     m = data.get("model", data)
     if m.get("type", "standard") != "standard":
         _refuse("model type", m.get("type"), "model")
-    _require(m, "atom_exclude_types", ([], None), "model")
     if "type_embedding" in m or m["descriptor"].get("type_embedding") is not None:
         _refuse("type_embedding", "present", "model")
     type_map = list(m["type_map"])
@@ -320,12 +342,15 @@ def model_from_dict(data: dict) -> EnergyModel:
     se = _descriptor_from_dict(m["descriptor"], ntypes, m.get("pair_exclude_types") or ())
     if se.compress is not None and data is not m:  # the file's smallest neighbour distance, kept on save
         se = replace(se, compress=replace(se.compress, min_nbor_dist=min_nbor_dist(data)))
-    fitting, bias = _fitting_from_dict(m["fitting"], ntypes)
+    fitting, bias, fitting_input, atom_ener = _fitting_from_dict(m["fitting"], ntypes)
     out_bias = (m.get("@variables") or {}).get("out_bias")  # null is no @variables, as the checker reads it
     if out_bias is not None:
         # the atomic model's output bias, (n_outputs, ntypes, 1): the energy's is row 0
         bias = bias + np.asarray(out_bias)[0].reshape(ntypes)
-    return EnergyModel(type_map, se, fitting, bias)
+    # deepmd-kit's dpmodel gives the fitting the model's atom_exclude_types (its own copy is overwritten)
+    script = data.get("model_def_script") if data is not m else None
+    return EnergyModel(type_map, se, fitting, bias, fitting_input, atom_ener,
+                       tuple(m.get("atom_exclude_types") or ()), dict(script or {}))
 
 
 def load_model(path) -> EnergyModel:
@@ -402,25 +427,36 @@ def model_to_dict(model: EnergyModel) -> dict:
                                                  "compress_info": [t.info for t in se.compress.tables]}}
     hidden = [layer.n_out for layer in model.fitting[0].layers[:-1]]
     resnet_dt = any(layer.idt is not None for layer in model.fitting[0].layers)
+    spec = model.fitting_input
+    n_in = cfg.dim_out + spec.width
+
+    def stat(value: np.ndarray):  # deepmd-kit writes null for a parameter the model does not have
+        return value.astype(precision) if value.size else None
+
     fitting = {
         "@class": "Fitting", "type": "ener", "@version": 4, "var_name": "energy", "ntypes": nt,
         "dim_descrpt": cfg.dim_out, "mixed_types": False, "dim_out": 1, "neuron": hidden,
-        "resnet_dt": resnet_dt, "numb_fparam": 0, "numb_aparam": 0, "dim_case_embd": 0,
-        "default_fparam": None, "rcond": None, "tot_ener_zero": False, "trainable": [True] * (len(hidden) + 1),
-        "atom_ener": [], "activation_function": model.fitting[0].layers[0].activation,
-        "precision": precision, "layer_name": None, "use_aparam_as_mask": False, "spin": None,
-        "exclude_types": [],
+        "resnet_dt": resnet_dt, "numb_fparam": spec.numb_fparam, "numb_aparam": spec.numb_aparam,
+        "dim_case_embd": spec.dim_case_embd,
+        "default_fparam": None if spec.default_fparam is None else spec.default_fparam.tolist(),
+        "rcond": None, "tot_ener_zero": False, "trainable": [True] * (len(hidden) + 1),
+        "atom_ener": list(model.atom_ener), "activation_function": model.fitting[0].layers[0].activation,
+        "precision": precision, "layer_name": None, "use_aparam_as_mask": spec.use_aparam_as_mask, "spin": None,
+        "exclude_types": list(model.atom_exclude_types),
         "nets": {"@class": "NetworkCollection", "@version": 1, "ndim": 1, "ntypes": nt,
                  "network_type": "fitting_network",
-                 "networks": [_net_to_dict(n, "FittingNetwork", cfg.dim_out, hidden, resnet_dt)
+                 "networks": [_net_to_dict(n, "FittingNetwork", n_in, hidden, resnet_dt)
                               for n in model.fitting]},
-        "@variables": {"bias_atom_e": model.bias.reshape(nt, 1), "fparam_avg": None, "fparam_inv_std": None,
-                       "aparam_avg": None, "aparam_inv_std": None, "case_embd": None},
+        "@variables": {"bias_atom_e": model.bias.reshape(nt, 1), "fparam_avg": stat(spec.fparam_avg),
+                       "fparam_inv_std": stat(spec.fparam_inv_std), "aparam_avg": stat(spec.aparam_avg),
+                       "aparam_inv_std": stat(spec.aparam_inv_std), "case_embd": stat(spec.case_embd)},
         "type_map": list(model.type_map),
     }
+    if spec.default_fparam is not None:
+        fitting["@variables"]["default_fparam_tensor"] = spec.default_fparam.astype(precision)
     return {
         "@class": "Model", "type": "standard", "@version": 2, "type_map": list(model.type_map),
-        "descriptor": descriptor, "fitting": fitting, "atom_exclude_types": [],
+        "descriptor": descriptor, "fitting": fitting, "atom_exclude_types": list(model.atom_exclude_types),
         "pair_exclude_types": [list(p) for p in cfg.pair_exclude_types],
         "rcond": None, "preset_out_bias": None,
         "@variables": {"out_bias": np.zeros((1, nt, 1), precision), "out_std": np.ones((1, nt, 1), precision)},
@@ -468,7 +504,7 @@ def save_model(path, model: EnergyModel, overwrite: bool = False, inputs=(), min
     path = Path(path)
     suffix = model_suffix(path)
     data = {"software": "minidp", "version": __version__, "model": model_to_dict(model),
-            "model_def_script": {}, "@variables": {}}
+            "model_def_script": model.model_def_script, "@variables": {}}
     if min_nbor_dist is None and model.descriptor.compress is not None:
         min_nbor_dist = model.descriptor.compress.min_nbor_dist  # a compressed model keeps its own
     if min_nbor_dist is not None:

@@ -98,8 +98,6 @@ def read_dpdata(path, fmt: str | None = None, type_map: list[str] | None = None,
     fmt = fmt or guess_format(file)
     _refuse_many(path, fmt)
     if fmt == "deepmd/npy" and path.is_dir():
-        pass
-
         lazy_system(path)  # every set's arrays against each other: "box.npy has shape (79, 9); expected (80, 9)"
     if fmt in EXTXYZ:
         parts = _read_extxyz(path, fmt)
@@ -337,6 +335,8 @@ OUTPUTS = {"coord": (3, True), "box": (9, False), "energy": (1, False), "force":
 # deepmd/npy/mixed: each frame's own types (nf, natoms), indices into type_map.raw, -1 for a padding atom;
 # type.raw then holds placeholders
 REAL_TYPES = "real_atom_types"
+# a model's frame parameters (nf, nfp) and atomic parameters (nf, natoms * nap), and whether per atom
+PARAMS = {"fparam": False, "aparam": True}
 # the formats minidp reads itself, block by block; any other goes through dpdata (minidp.io.systems.read_dpdata)
 DEEPMD = ("deepmd/npy", "deepmd/npy/mixed", "deepmd/hdf5")
 # atoms per block read from disk: a few hundred bytes each (coordinates, labels, results), ~20 MB a block
@@ -355,6 +355,8 @@ class Block(NamedTuple):
     cells: np.ndarray | None  # (nf, 3, 3), None with open boundaries
     labels: dict  # the stored labels: energy (nf,), force (nf, natoms, 3), virial (nf, 9)
     types: np.ndarray | None = None  # (nf, natoms) each frame's types (deepmd/npy/mixed); None: the system's
+    fparam: np.ndarray | None = None  # (nf, nfp) frame parameters, when the system's params name them
+    aparam: np.ndarray | None = None  # (nf, natoms, nap) atomic parameters, likewise
 
 
 class LazySystem(NamedTuple):
@@ -371,6 +373,9 @@ class LazySystem(NamedTuple):
     mixed: bool = False  # the sets hold each frame's types (deepmd/npy/mixed): blocks carry them
     memory: Block | None = None  # all frames, for a file read through dpdata; None: read from the sets
     name: str = ""  # the system as the user names it (a path, file.h5#/group, file.xyz[formula])
+    # (name, numbers per frame or atom) of the fparam/aparam every set holds; read_frames reads those
+    # that select_params kept (the ones a model takes)
+    params: tuple[tuple[str, int], ...] = ()
 
     @property
     def nframes(self) -> int:
@@ -403,7 +408,7 @@ def _load_npy(path: Path) -> np.ndarray:
 @contextlib.contextmanager
 def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
     """The arrays of set ``index`` by deepmd name (memory maps or h5py datasets), open for the block only."""
-    wanted = (*OUTPUTS, REAL_TYPES)
+    wanted = (*OUTPUTS, REAL_TYPES, *PARAMS)
     if system.group is None:
         folder = system.path / system.sets[index]
         yield {p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in wanted}
@@ -500,14 +505,16 @@ def lazy_system(path, type_map: list[str] | None = None, per_frame_types: bool =
 
 
 def _scan_sets(system: LazySystem, per_frame_types: bool) -> LazySystem:
-    """The system with its frames per set, the labels every set holds and whether the sets hold per-frame
-    types; every set's arrays checked against each other (headers only)."""
-    counts, labels, mixed = [], set(LABELS), []
+    """The system with its frames per set, the labels every set holds, whether the sets hold per-frame
+    types and the parameters they hold; every set's arrays checked against each other (headers only)."""
+    counts, labels, mixed, params = [], set(LABELS), [], []
     for i in range(len(system.sets)):
         with _set_arrays(system, i) as arrays:
             counts.append(_check_set(arrays, _set_name(system, i), system.natoms, system.nopbc))
             labels &= set(arrays)
             mixed.append(REAL_TYPES in arrays)
+            params.append({k: int(np.prod(arrays[k].shape[1:])) // (system.natoms if PARAMS[k] else 1)
+                           for k in PARAMS if k in arrays})
     if any(mixed) and not all(mixed):
         raise ValueError(f"{_set_name(system, mixed.index(False))} has no {REAL_TYPES}.npy but "
                          f"{_set_name(system, mixed.index(True))} has; expected it in every set or none")
@@ -516,7 +523,12 @@ def _scan_sets(system: LazySystem, per_frame_types: bool) -> LazySystem:
                          "this reader takes one type per atom")
     if sum(counts) == 0:
         raise ValueError(f"system {system.name} has no frames (its sets hold 0); expected at least one")
-    return system._replace(counts=tuple(counts), labels=tuple(k for k in LABELS if k in labels), mixed=any(mixed))
+    for k, p in enumerate(params[1:], 1):  # a model reads the same parameters from every frame
+        if p != params[0]:
+            raise ValueError(f"{_set_name(system, k)} holds parameters {p or 'none'} (numbers per frame or atom) "
+                             f"but {_set_name(system, 0)} holds {params[0] or 'none'}; expected the same in every set")
+    return system._replace(counts=tuple(counts), labels=tuple(k for k in LABELS if k in labels), mixed=any(mixed),
+                           params=tuple(params[0].items()) if params else ())
 
 
 def _check_set(arrays: dict, where: str, natoms: int, nopbc: bool) -> int:
@@ -525,8 +537,16 @@ def _check_set(arrays: dict, where: str, natoms: int, nopbc: bool) -> int:
         raise ValueError(f"{where} has no coord.npy")
     if "box" not in arrays and not nopbc:
         raise ValueError(f"{where} has no box.npy (and the system has no nopbc file)")
-    needed = [k for k in arrays if k != "box" or not nopbc]
+    needed = [k for k in arrays if (k != "box" or not nopbc) and k not in PARAMS]
     nf = arrays["coord"].shape[0] if arrays["coord"].ndim else 0
+    for key in (k for k in PARAMS if k in arrays):
+        # fparam (nf, nfp), aparam (nf, natoms * nap): a model's numbers of parameters, checked by select_params
+        shape = arrays[key].shape
+        width = int(np.prod(shape[1:])) if len(shape) else 0
+        per = natoms if PARAMS[key] else 1
+        if len(shape) == 0 or shape[0] != nf or width == 0 or width % per:
+            raise ValueError(f"{where}/{key}.npy has shape {shape}; expected ({nf}, "
+                             f"{'natoms * nap' if PARAMS[key] else 'nfp'}) for {nf} frames of {natoms} atoms")
     for key in needed:
         per_frame, per_atom = OUTPUTS.get(key, (1, True))  # real_atom_types: one per atom
         width = per_frame * (natoms if per_atom else 1)
@@ -695,7 +715,9 @@ def read_frames(system: LazySystem, start: int, stop: int, labels: bool = True) 
     out = {k: v for k, v in out.items() if k in wanted}
     # (nf, natoms) or None
     types = np.empty((nf, natoms), dtype=np.int64) if system.mixed else None
-    arrays_of = {"coord": coords, "box": cells, **out, REAL_TYPES: types}
+    # fparam (nf, nfp), aparam (nf, natoms, nap): the parameters select_params kept
+    params = {k: np.empty((nf, natoms, n) if PARAMS[k] else (nf, n)) for k, n in system.params}
+    arrays_of = {"coord": coords, "box": cells, **out, REAL_TYPES: types, **params}
     for index, a, b, offset in set_ranges(system.counts, start, stop):
         rows = slice(offset, offset + b - a)
         with _set_arrays(system, index) as arrays:
@@ -707,7 +729,7 @@ def read_frames(system: LazySystem, start: int, stop: int, labels: bool = True) 
                 whole[rows] = np.asarray(arrays[key][a:b]).reshape(whole[rows].shape)
                 _check_rows(whole[rows], f"{_set_name(system, index)}/{key}.npy", a, start + offset,
                             len(system.atom_names))
-    return Block(slice(start, stop), coords, cells, out, types)
+    return Block(slice(start, stop), coords, cells, out, types, params.get("fparam"), params.get("aparam"))
 
 
 def _check_rows(values: np.ndarray, where: str, first: int, first_in_system: int, ntypes: int) -> None:
@@ -729,6 +751,28 @@ def _check_rows(values: np.ndarray, where: str, first: int, first_in_system: int
                          f"expected {expected}")
 
 
+def select_params(system: LazySystem, dp) -> LazySystem:
+    """The system with the parameters the model of ``dp`` takes (fparam.npy, aparam.npy), as dp test reads
+    them: fparam when get_dim_fparam() > 0 (optional with a default_fparam), aparam when get_dim_aparam() > 0;
+    one that is missing or holds another number per frame or atom is refused, naming the system."""
+    held, kept = dict(system.params), []
+    for key, dim, optional in (("fparam", dp.get_dim_fparam(), dp.has_default_fparam()),
+                               ("aparam", dp.get_dim_aparam(), False)):
+        if dim == 0:
+            continue
+        if key not in held:
+            if optional:
+                continue
+            raise ValueError(f"system {system.name} has no {key}.npy; the model takes {dim} numbers per "
+                             f"{'atom' if PARAMS[key] else 'frame'} (numb_{key})"
+                             + ("" if PARAMS[key] else " and has no default_fparam"))
+        if held[key] != dim:
+            raise ValueError(f"system {system.name}: {key}.npy holds {held[key]} numbers per "
+                             f"{'atom' if PARAMS[key] else 'frame'}; the model takes {dim} (numb_{key})")
+        kept.append((key, dim))
+    return system._replace(params=tuple(kept))
+
+
 def iter_blocks(system: LazySystem, frames_per_chunk: int, stop: int | None = None,
                 labels: bool = True) -> Iterator[Block]:
     """Blocks of ``frames_per_chunk`` frames (the last one shorter) of frames 0..stop-1 (default: all),
@@ -745,9 +789,9 @@ def iter_blocks(system: LazySystem, frames_per_chunk: int, stop: int | None = No
 
 
 class Kind(NamedTuple):
-    """The frames of a block that share one row of types, and that row's atoms (padding atoms left out)."""
+    """The frames that share one row of types, and that row's atoms (padding atoms left out)."""
 
-    rows: np.ndarray  # (nk,) frames of the block
+    rows: np.ndarray  # (nk,) frames
     atoms: np.ndarray  # (na,) the atoms with a type (>= 0)
     types: np.ndarray  # (na,) their types
 
@@ -775,16 +819,19 @@ def block_types(system: LazySystem, block: Block, type_map: list[str]) -> np.nda
 
 
 def by_kind(block: Block, atom_types: np.ndarray, evaluate) -> Iterator[tuple[Kind, object]]:
-    """(kind, evaluate(coords, cells, types)) for each kind of frame of the block (:func:`frame_kinds`).
+    """(kind, evaluate(coords, cells, types, fparam=, aparam=)) for each kind of frame of the block
+    (:func:`frame_kinds`); fparam and aparam are the kind's share of the block's (None when it has none).
 
     A FrameError of ``evaluate`` (frames counted in its call) is renumbered within the system.
     """
     for kind in frame_kinds(np.asarray(atom_types), block.coords.shape[0]):
-        # (nk, na, 3), (nk, 3, 3) or None
+        # (nk, na, 3), (nk, 3, 3) or None, (nk, nfp) or None, (nk, na, nap) or None
         coords = block.coords[kind.rows][:, kind.atoms]
         cells = None if block.cells is None else block.cells[kind.rows]
+        fparam = None if block.fparam is None else block.fparam[kind.rows]
+        aparam = None if block.aparam is None else block.aparam[kind.rows][:, kind.atoms]
         try:
-            result = evaluate(coords, cells, kind.types)
+            result = evaluate(coords, cells, kind.types, fparam=fparam, aparam=aparam)
         except FrameError as err:
             raise FrameError(block.frames.start + int(kind.rows[err.frame]), err.message) from None
         yield kind, result

@@ -6,7 +6,10 @@
 
 ASE's stress is minus the virial W over the cell volume V (eV/Å^3), given in
 Voigt order (xx, yy, zz, yz, xz, xy). Atoms are matched to the model's types
-by chemical symbol.
+by chemical symbol. A model with frame or atomic parameters reads them from
+``atoms.info["fparam"]`` and ``atoms.info["aparam"]``, as deepmd-kit's
+calculator does (any shape :meth:`minidp.infer.DeepPot.eval` takes). The energy is
+a NumPy float64 scalar, as deepmd-kit's.
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ class MiniDPCalculator(Calculator):
         if periodic and not self.atoms.pbc.all():
             raise ValueError(f"pbc={self.atoms.pbc.tolist()}: minidp handles fully periodic or open systems only")
         cell = self.atoms.cell.array[None] if periodic else None
-        e, f, v, ae, _ = self.dp.eval(self.atoms.positions[None], cell, self.atom_types(self.atoms), atomic=True)
+        e, f, v, ae, _ = self.dp.eval(self.atoms.positions[None], cell, self.atom_types(self.atoms), atomic=True,
+                                      fparam=self.atoms.info.get("fparam"), aparam=self.atoms.info.get("aparam"))
         self.results = {
-            "energy": float(e[0, 0]), "free_energy": float(e[0, 0]),
+            "energy": e[0, 0], "free_energy": e[0, 0],
             "energies": ae[0, :, 0], "forces": f[0],
         }
         if periodic:

@@ -149,6 +149,8 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     checked first (:func:`minidp.se_e2_a.check_descriptor_inputs`).
     """
     check_descriptor_inputs(batch.nlist, model.descriptor, backend, keep=True)
+    if model.options():  # the weight gradients (minidp.training.force_training) know the plain fitting only
+        raise ValueError(f"training a model with {', '.join(model.options())} is not supported yet")
     types = batch.atom_types
     # forward, keeping what the second-order step needs, and the usual backward (minidp.model)
     # (nf, nloc), then (nf, nloc, nnei, 3): g = dE/d r_ij
