@@ -4,7 +4,7 @@ The graphs are written here with TensorFlow from small random minidp models, nam
 1.x/2.x froze them (constants read through Identity nodes, x W + b feeding the activation op, the
 environment-matrix op carrying rcut/sel as attributes), then read back: the model must evaluate as the
 original did. Refusals: a missing node is named, other models are named. deepmd-kit's own fixtures are
-used when MINIDP_DEEPMD_FIXTURES names a folder holding them (deeppot.pbtxt, deeppot-1.pbtxt, sea_012.pbtxt).
+used when DEEPMD_INFER_DIR names a folder holding them (deeppot.pbtxt, deeppot-1.pbtxt, sea_012.pbtxt).
 """
 
 from __future__ import annotations
@@ -308,9 +308,9 @@ def test_without_tensorflow_one_line_import_error(monkeypatch, tmp_path):
 @pytest.mark.filterwarnings("ignore:.*more neighbours within rcut")  # sea_012's sel [1, 1] is exceeded
 @pytest.mark.parametrize("name", ["deeppot", "deeppot-1", "sea_012"])
 def test_deepmd_kit_fixtures_give_their_reference_values(tf, name):
-    folder = Path(os.environ.get("MINIDP_DEEPMD_FIXTURES", "/nonexistent"))
+    folder = Path(os.environ.get("DEEPMD_INFER_DIR", "/nonexistent"))
     if not (folder / f"{name}.pbtxt").is_file():
-        pytest.skip("MINIDP_DEEPMD_FIXTURES does not name a folder holding deepmd-kit's source/tests/infer fixtures")
+        pytest.skip("DEEPMD_INFER_DIR does not name a folder holding deepmd-kit's source/tests/infer fixtures")
     from validation.legacy_graphs import CELLS, REFERENCE, evaluate
 
     pot = DeepPot(model_from_dict(legacy_graph.read_legacy_graph(folder / f"{name}.pbtxt")))

@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+import h5py
 import numpy as np
 
 from minidp.checks import FrameError, positive_int
@@ -135,8 +136,6 @@ def _refuse_many(path: Path, fmt: str) -> None:
         raise ValueError(f"system {path} is deepmd/npy/mixed (per-frame types in set.*/real_atom_types.npy); "
                          "this reader takes one type per atom")
     if fmt == "deepmd/hdf5" and "#" not in str(path):
-        import h5py  # only HDF5 systems need it
-
         try:
             with h5py.File(path, "r") as f:
                 if "type.raw" not in f:
@@ -413,8 +412,6 @@ def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
         folder = system.path / system.sets[index]
         yield {p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in wanted}
         return
-    import h5py
-
     with h5py.File(system.path, "r") as f:
         g = f[system.group] if system.group else f
         s = g[system.sets[index]]
@@ -437,6 +434,19 @@ def _raw_types(path: Path) -> np.ndarray:
         raise ValueError(f"{path} must list one integer type per atom") from None
 
 
+@contextlib.contextmanager
+def hdf5_group(file: Path, group: str | None) -> Iterator:
+    """The group ``group`` (the root when None) of an HDF5 file, open for reading; named one-line errors."""
+    try:
+        f = h5py.File(file, "r")
+    except OSError as err:
+        raise ValueError(f"{file} is not a readable HDF5 file ({err})") from None
+    with f:
+        if group and group not in f:
+            raise ValueError(f"{file} has no group {group!r}")
+        yield f[group] if group else f
+
+
 def _metadata(path: Path, group: str | None) -> tuple[np.ndarray, list[str] | None, bool, list[str]]:
     """(atom types, type map or None, nopbc, set names) of a deepmd/npy folder or an HDF5 group."""
     if group is None:
@@ -447,16 +457,7 @@ def _metadata(path: Path, group: str | None) -> tuple[np.ndarray, list[str] | No
             raise ValueError(f"{path / 'type_map.raw'} is not a text file; expected one element name a line"
                              ) from None
         return types, names, (path / "nopbc").exists(), sorted(p.name for p in path.glob("set.*") if p.is_dir())
-    import h5py
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path} is not a readable HDF5 file ({err})") from None
-    with f:
-        if group and group not in f:
-            raise ValueError(f"{path} has no group {group!r}")
-        g = f[group] if group else f
+    with hdf5_group(path, group) as g:
         if "type.raw" not in g:
             raise ValueError(f"{path}#{group} has no type.raw; expected a deepmd/hdf5 system")
         types = np.asarray(g["type.raw"][:]).reshape(-1)
@@ -578,16 +579,7 @@ def find_systems(path) -> list[str]:
         return below + ([str(path)] if (file / "type.raw").is_file() else [])
     if guess_format(file) != "deepmd/hdf5":
         return [str(path)]
-    import h5py
-
-    try:
-        f = h5py.File(file, "r")
-    except OSError as err:
-        raise ValueError(f"{file} is not a readable HDF5 file ({err})") from None
-    with f:
-        if group and group not in f:
-            raise ValueError(f"{file} has no group {group!r}")
-        top = f[group] if group else f
+    with hdf5_group(file, group) as top:
         below = []
         top.visititems(lambda name, obj: below.append(name) if isinstance(obj, h5py.Group) and "type.raw" in obj
                        else None)
