@@ -18,7 +18,7 @@ from tests.test_model_options import EVERYTHING, frames, minidp_model, params
 ase = pytest.importorskip("ase")
 ase_nl = pytest.importorskip("ase.neighborlist")
 
-from minidp.md.calculator import MiniDPCalculator  # noqa: E402  (needs ASE, skipped above without it)
+from minidp.md.calculator import MiniDPCalculator  # needs ASE: skipped above without it
 
 
 def lists(natoms: int, cutoff: float):
