@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 
 from minidp import DeepPot
-from tests.conftest import rel_err
+from tests.conftest import MODEL_PB, need, rel_err
 from tests.test_model_options import EVERYTHING, frames, minidp_model, params
 
 ase = pytest.importorskip("ase")
@@ -126,3 +126,21 @@ def test_the_ase_calculator_takes_a_list(water_dp, water_frames):
     atoms.calc = MiniDPCalculator(str(water_dp.model_file), neighbor_list=nl)
     _, f, _ = water_dp.eval(coords[:1], cells[:1], types)
     assert rel_err(atoms.get_forces(), f[0]) < 1e-10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cutoff, periodic", [(6.0, True), (4.0, True), (2.5, True), (6.0, False)])
+def test_equals_deepmd_kits_deeppot_with_the_same_list(water_dp, water_frames, cutoff, periodic):
+    """deepmd-kit's TensorFlow DeepPot with the same kind of list: equal also when the list is shorter than
+    rcut (4.0, 2.5: the pairs it names are the neighbours), to round-off (1e-12 measured 1e-13)."""
+    deepmd_infer = pytest.importorskip("deepmd.infer")
+    coords, cells, types = water_frames
+    cell = cells[:1].astype(float) if periodic else None
+
+    def new_list():
+        return ase_nl.NewPrimitiveNeighborList(cutoffs=cutoff, bothways=True, self_interaction=False)
+
+    want = deepmd_infer.DeepPot(str(need(MODEL_PB)), neighbor_list=new_list()).eval(
+        coords[:1].astype(float), cell, types, atomic=True)
+    got = DeepPot(water_dp.model, neighbor_list=new_list()).eval(coords[:1], cell, types, atomic=True)
+    assert_same(got, want, tol=1e-12)
