@@ -78,6 +78,16 @@ def test_parameters_from_computes_each_step(tmp_path, models):
 
 
 @need_lammps
+def test_one_fparam_from_a_global_scalar(tmp_path, models):
+    """numb_fparam 1: the compute's global scalar (here 'compute reduce sum x' of one input)."""
+    extra = "compute fx all reduce sum x\n"
+    pe, forces, x, types, cell = run_zero(tmp_path, models["default"], "fparam_from_compute fx", extra=extra)
+    e, f, _ = DeepPot(models["default"]).eval(x[None], cell[None], types, fparam=[x[:, 0].sum()])
+    assert pe == pytest.approx(e[0, 0], rel=1e-12, abs=1e-12)
+    np.testing.assert_allclose(forces, f[0], rtol=0, atol=1e-10)
+
+
+@need_lammps
 def test_a_model_default_fparam_stands_in(tmp_path, models):
     pe, _, x, types, cell = run_zero(tmp_path, models["default"], "")
     e, _, _ = DeepPot(models["default"]).eval(x[None], cell[None], types)

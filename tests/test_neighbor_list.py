@@ -44,6 +44,9 @@ def test_a_complete_list_gives_the_models_own_results(water_dp, water_frames):
     for nl in lists(len(types), water_dp.get_rcut()).values():
         dp = DeepPot(water_dp.model, neighbor_list=nl)
         assert_same(dp.eval(coords[:1], cells[:1], types, atomic=True), want)
+        # the centres in several chunks on two threads: each chunk takes its rows of the given list
+        chunked = DeepPot(water_dp.model, neighbor_list=nl, batch_size=50, workers=2)
+        assert_same(chunked.eval(coords[:1], cells[:1], types, atomic=True), want)
         # the same list object again, at moved positions: it rebuilds itself as its skin says
         moved = coords[1:2]
         assert_same(dp.eval(moved, cells[1:2], types), water_dp.eval(moved, cells[1:2], types))
