@@ -47,7 +47,8 @@ slots per atom (``sum(sel)``), ``ntypes`` atom types (``len(sel)``), ``nc``
 centre atoms (``centers``); local to this module: ``ncand`` candidate pairs
 within :math:`r_c`, ``ns`` image shifts, ``ngroups`` (atom, type) groups among
 the candidates, ``nbin`` bins of a cell list, ``nvisit`` (bin, image) pairs
-searched per atom, ``cap`` the most pairs one atom can try.
+searched per atom, ``cap`` the most pairs one atom can try; for a caller's list (:func:`extend_frame`)
+``npair`` pairs it names, ``nghost`` images they reach and ``nall = nloc + nghost``.
 """
 
 from __future__ import annotations
