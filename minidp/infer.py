@@ -62,7 +62,14 @@ from minidp.model import (
     predict_frames,
     scatter_pairs,
 )
-from minidp.neighbor import NeighborList, check_cells, search_neighbors
+from minidp.neighbor import (
+    NeighborList,
+    ase_primitive_list,
+    check_cells,
+    extend_frame,
+    read_ase_pairs,
+    search_neighbors,
+)
 from minidp.se_e2_a import descriptor_forward
 
 # ---------------------------------------------------------------------------
@@ -327,11 +334,16 @@ class DeepPot:
         (the plain path of minidp.se_e2_a, every slot through the nets; slower, the one to read)
     keep_freed_memory : tune glibc to keep freed memory in the process (faster; see minidp.runtime,
         which also documents the MINIDP_KEEP_FREED_MEMORY=0 opt-out)
+    neighbor_list : an ASE neighbour list (ase.neighborlist.NewPrimitiveNeighborList, as deepmd-kit's
+        DeepPot takes it, PrimitiveNeighborList or NeighborList) that :meth:`eval` then updates and
+        evaluates with, one frame per call: the pairs it names within rcut are the neighbours
+        (a half list is completed with its reverse pairs); build it with cutoffs >= rcut for the
+        results of the model's own search
     """
 
     def __init__(self, model_file, *, batch_size: int | None = None, memory_budget: int | None = None,
                  workers: int | None = None, progress: bool | None = None, backend: str = "numba",
-                 keep_freed_memory: bool = True):
+                 keep_freed_memory: bool = True, neighbor_list=None):
         for name, value in (("batch_size", batch_size), ("memory_budget", memory_budget), ("workers", workers)):
             if value is not None:
                 positive_int(name, value)
@@ -341,6 +353,7 @@ class DeepPot:
         self.workers = int(workers or default_workers())
         self.batch_size = int(batch_size or default_batch_size(self.model, memory_budget, self.workers, backend))
         self.progress = progress
+        self.neighbor_list = None if neighbor_list is None else ase_primitive_list(neighbor_list)
         runtime.keep_freed_memory(keep_freed_memory)
 
     # --- deepmd-kit's getters ---
@@ -394,13 +407,14 @@ class DeepPot:
         except FrameError as err:  # numbered within the chunk: renumber within the call
             raise err.shifted(chunk.frames.start) from None
 
-    def _run(self, frames: Frames, work: Callable[[NeighborList, Chunk], object], centres: int | None = None
-             ) -> Iterator[tuple[Chunk, object]]:
+    def _run(self, frames: Frames, work: Callable[[NeighborList, Chunk], object], centres: int | None = None,
+             given: NeighborList | None = None) -> Iterator[tuple[Chunk, object]]:
         """Yield (chunk, work(neighbours of its centres, chunk)) in order, chunks on worker threads.
 
         The centres are a frame's first ``centres`` atoms (default: all of them). Each
         chunk builds its own neighbour list on its worker. At most
         workers + 1 chunks are submitted at once, which bounds the memory.
+        ``given`` (one frame's centres' neighbours) replaces the search: each chunk takes its rows.
         With several workers each task limits BLAS to one thread while it
         runs (minidp.runtime.one_blas_thread), not the caller's loop.
         """
@@ -414,7 +428,9 @@ class DeepPot:
 
         def task(chunk: Chunk):
             with limit():
-                return work(self._neighbors(frames, chunk), chunk)
+                nl = self._neighbors(frames, chunk) if given is None else NeighborList(
+                    given.nlist[:, chunk.atoms], given.rij[:, chunk.atoms], 0)
+                return work(nl, chunk)
 
         # disable=None: tqdm shows the bar only when stderr is a terminal
         bar = tqdm(total=len(chunks), desc="minidp", unit="chunk", leave=False,
@@ -428,15 +444,15 @@ class DeepPot:
                     bar.update()
                     yield done, future.result()
 
-    def _predict(self, frames: Frames, models: tuple[EnergyModel, ...] | None = None, centres: int | None = None
-                 ) -> Iterator[tuple[slice, Prediction]]:
+    def _predict(self, frames: Frames, models: tuple[EnergyModel, ...] | None = None, centres: int | None = None,
+                 given: NeighborList | None = None) -> Iterator[tuple[slice, Prediction]]:
         """(frame slice, Prediction) per group of whole frames, summing the atom chunks of big frames.
 
         With ``models`` (an ensemble sharing this model's rcut and sel), each
         chunk's neighbour list serves all of them and a tuple of Predictions
         (one per model) is yielded instead. With ``centres`` (one frame), only
         the first ``centres`` atoms are centres, the others neighbours only
-        (:meth:`eval_extended`): atom_energy then has ``centres`` columns.
+        (:meth:`eval_extended`): atom_energy then has ``centres`` columns; ``given``: their neighbours.
         """
         nf, natoms, _ = frames.coords.shape
         many = models is not None
@@ -451,7 +467,7 @@ class DeepPot:
             return self._chunk_shares(nl, chunk, types, models, params)
 
         totals = None
-        for chunk, (touched, ps) in self._run(frames, work, centres):
+        for chunk, (touched, ps) in self._run(frames, work, centres, given):
             if touched is None:
                 yield chunk.frames, (tuple(ps) if many else ps[0])
                 continue
@@ -573,7 +589,8 @@ class DeepPot:
                 ae[fs, :, 0], av[fs] = p.atom_energy, p.atom_virial
         return (e, f, v, ae, av) if atomic else (e, f, v)
 
-    def eval_extended(self, coords, atom_types, nloc: int) -> Prediction:
+    def eval_extended(self, coords, atom_types, nloc: int, fparam=None, aparam=None,
+                      neighbors: NeighborList | None = None) -> Prediction:
         r"""The energy of the first nloc atoms of an open cluster, and its derivatives on every atom.
 
         The nall atoms are local ones (0..nloc-1, the centres) followed by atoms that are
@@ -587,7 +604,10 @@ class DeepPot:
         gives that atom's exact force and virial. coords (nall, 3), atom_types (nall,), no cell (the
         ghosts are the images). Returns a Prediction of one frame: energy (1,), force (1, nall, 3),
         virial (1, 9), atom_energy (1, nloc), atom_virial (1, nall, 9). The centres' chunks run on
-        the workers, as in :meth:`eval`.
+        the workers, as in :meth:`eval`. fparam (nfp,) and aparam ((nloc, nap) of the centres, or
+        (nap,) for all) as :func:`check_params` takes them for one frame of nloc atoms. ``neighbors``:
+        the centres' neighbours (nlist (1, nloc, nnei) into the nall atoms, in the sel layout, and
+        their rij), used instead of a search (a caller's list, :meth:`eval` with ``neighbor_list``).
         """
         # (nall, 3), (nall,)
         x = real_array("coords", coords)
@@ -598,12 +618,42 @@ class DeepPot:
         if nloc > x.shape[0]:
             raise ValueError(f"nloc = {nloc} is more than the {x.shape[0]} atoms given")
         nall = x.shape[0]
+        fparam, aparam = check_params(fparam, aparam, 1, nloc, self.model.fitting_input)
+        nnei = sum(self.get_sel())
+        if neighbors is not None and (neighbors.nlist.shape != (1, nloc, nnei)
+                                      or neighbors.nlist.max(initial=-1) >= nall):
+            raise ValueError(f"neighbors.nlist has shape {neighbors.nlist.shape} and largest index "
+                             f"{neighbors.nlist.max(initial=-1)}; expected (1, {nloc}, {nnei}) into the {nall} atoms")
         if nloc == 0:
             # no centre, no energy (a rank that owns no atom): nothing to list
             return Prediction(np.zeros(1), np.zeros((1, nall, 3)), np.zeros((1, 9)), np.zeros((1, 0)),
                               np.zeros((1, nall, 9)))
-        (_, p), = self._predict(Frames(x[None], None, types), centres=nloc)
+        (_, p), = self._predict(Frames(x[None], None, types, fparam, aparam), centres=nloc, given=neighbors)
         return p
+
+    def _eval_listed(self, frames: Frames, atomic: bool) -> tuple:
+        """:meth:`eval` of one frame over the pairs the caller's ``neighbor_list`` names, as deepmd-kit's
+        DeepPot evaluates with an ASE list: the frame and the images its pairs reach
+        (:func:`minidp.neighbor.extend_frame`) evaluated as an open cluster (:meth:`eval_extended`),
+        then each image's force and atomic virial added onto the atom it is an image of."""
+        nf, natoms, _ = frames.coords.shape
+        if nf != 1 or frames.atom_types.ndim != 1:
+            raise ValueError(f"a DeepPot with a neighbor_list evaluates one frame of one row of atom types per call, "
+                             f"got {nf} frames{'' if frames.atom_types.ndim == 1 else ' with per-frame types'}")
+        cfg = self.model.descriptor.config
+        if frames.cells is not None:
+            check_cells(frames.cells, cfg.rcut)
+        cell = None if frames.cells is None else frames.cells[0]
+        pairs = read_ase_pairs(self.neighbor_list, frames.coords[0], cell)
+        ext = extend_frame(frames.coords[0], cell, frames.atom_types, pairs, cfg.rcut, cfg.sel)
+        p = self.eval_extended(ext.coords, ext.atom_types, natoms, None if frames.fparam is None else frames.fparam[0],
+                               None if frames.aparam is None else frames.aparam[0], ext.neighbors)
+        # (natoms, 3), (natoms, 9)  the atoms' own rows, then their images' rows added on
+        force, atom_virial = p.force[0, :natoms].copy(), p.atom_virial[0, :natoms].copy()
+        np.add.at(force, ext.owner, p.force[0, natoms:])
+        np.add.at(atom_virial, ext.owner, p.atom_virial[0, natoms:])
+        out = (p.energy.reshape(1, 1), force[None], p.virial.reshape(1, 9))
+        return out + (p.atom_energy[:, :, None], atom_virial[None]) if atomic else out
 
     def eval(self, coords, cells, atom_types, atomic: bool = False, fparam=None, aparam=None,
              mixed_type: bool = False, **kwargs):
@@ -617,6 +667,8 @@ class DeepPot:
         """
         self._refuse_kwargs(kwargs)
         frames = self.check_inputs(coords, cells, atom_types, fparam, aparam, per_frame=True)
+        if self.neighbor_list is not None and frames.coords.shape[1]:
+            return self._eval_listed(frames, atomic)
         if frames.atom_types.ndim == 1:
             return self._eval_frames(frames, atomic)
         nf, natoms, _ = frames.coords.shape

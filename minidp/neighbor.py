@@ -47,7 +47,8 @@ slots per atom (``sum(sel)``), ``ntypes`` atom types (``len(sel)``), ``nc``
 centre atoms (``centers``); local to this module: ``ncand`` candidate pairs
 within :math:`r_c`, ``ns`` image shifts, ``ngroups`` (atom, type) groups among
 the candidates, ``nbin`` bins of a cell list, ``nvisit`` (bin, image) pairs
-searched per atom, ``cap`` the most pairs one atom can try.
+searched per atom, ``cap`` the most pairs one atom can try; for a caller's list (:func:`extend_frame`)
+``npair`` pairs it names, ``nghost`` images they reach and ``nall = nloc + nghost``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -575,3 +577,110 @@ def search_neighbors(x: np.ndarray, box: np.ndarray | None, atom_types: np.ndarr
                       f"than sel = {list(sel)} allows; the counts that exceed sel were cut to the nearest, so "
                       "energies and forces are not smooth there: raise sel", UserWarning, stacklevel=3)
     return NeighborList(nlist, rij, int(n_over))
+
+
+# ---------------------------------------------------------------------------
+# A neighbour list the caller built (deepmd-kit's DeepPot(neighbor_list=...))
+# ---------------------------------------------------------------------------
+
+
+class GivenPairs(NamedTuple):
+    """The pairs a caller's list names for one frame: r_ij = x_j + shift . h - x_i."""
+
+    i: np.ndarray  # (npair,) int64 centre atom
+    j: np.ndarray  # (npair,) int64 neighbour atom
+    shift: np.ndarray  # (npair, 3) int64 image of j, in lattice vectors
+
+
+class ExtendedFrame(NamedTuple):
+    """One frame as its nloc atoms followed by the ghost images its pairs reach, with those pairs."""
+
+    coords: np.ndarray  # (nall, 3) the nloc atoms, then the ghosts
+    atom_types: np.ndarray  # (nall,)
+    owner: np.ndarray  # (nall - nloc,) the atom each ghost is an image of
+    neighbors: NeighborList  # nlist (1, nloc, nnei) into the nall atoms, rij (1, nloc, nnei, 3)
+
+
+def ase_primitive_list(neighbor_list):
+    """The list to update with (pbc, cell, positions): an ASE NewPrimitiveNeighborList or
+    PrimitiveNeighborList as given, or the one inside ase's NeighborList (its ``nl``).
+    TypeError (one line) for anything else. ASE is not imported: the object is read by its methods."""
+    inner = getattr(neighbor_list, "nl", neighbor_list)
+    if not all(callable(getattr(inner, name, None)) for name in ("update", "get_neighbors")):
+        raise InputTypeError(f"neighbor_list must be an ASE neighbour list (ase.neighborlist.NewPrimitiveNeighborList, "
+                             f"PrimitiveNeighborList or NeighborList), got {type(neighbor_list).__name__}")
+    return inner
+
+
+def read_ase_pairs(inner, x: np.ndarray, cell: np.ndarray | None) -> GivenPairs:
+    """Update an ASE primitive list to this frame (x (nloc, 3), cell (3, 3) or None: open) and read
+    every pair it names, in both directions, without self pairs.
+
+    deepmd-kit sets the list's bothways=True and self_interaction=False before updating it; here the
+    caller's list is left as it is: a half list's pairs are completed with their reverse
+    (j, i, -shift), and an atom listed as its own neighbour at shift 0 is dropped, which gives the
+    same pairs without touching the caller's object. The list's own skin decides when it rebuilds.
+    """
+    nloc = x.shape[0]
+    radii = np.asarray(getattr(inner, "cutoffs", 0.0))
+    if radii.ndim == 1 and radii.size != nloc:
+        raise ValueError(f"neighbor_list has {radii.size} cutoff radii (one per atom) but the frame has {nloc} atoms")
+    built = getattr(inner, "positions", getattr(inner, "coordinates", None))
+    if getattr(inner, "nupdates", 0) and built is not None and len(built) != nloc:
+        raise ValueError(f"neighbor_list was built for {len(built)} atoms but the frame has {nloc}; "
+                         "give each system its own list")
+    # ASE takes a 3x3 cell also for an open system; pbc False keeps it from making images
+    inner.update(np.repeat(cell is not None, 3), np.zeros((3, 3)) if cell is None else cell, x)
+    found = [inner.get_neighbors(a) for a in range(nloc)]
+    # (npair,), (npair,), (npair, 3)  as named, then reversed
+    i = np.repeat(np.arange(nloc), [len(js) for js, _ in found])
+    j = np.concatenate([np.asarray(js, dtype=np.int64).reshape(-1) for js, _ in found] + [np.zeros(0, np.int64)])
+    shift = np.concatenate([np.asarray(s, dtype=np.int64).reshape(-1, 3) for _, s in found]
+                           + [np.zeros((0, 3), np.int64)])
+    if j.size and (j.min() < 0 or j.max() >= nloc):
+        raise ValueError(f"neighbor_list names atom {int(j[(j < 0) | (j >= nloc)][0])}, outside the frame's "
+                         f"{nloc} atoms")
+    # (2 npair, 5) rows (i, j, shift), each pair once per direction
+    rows = np.unique(np.concatenate([np.column_stack([i, j, shift]), np.column_stack([j, i, -shift])]), axis=0)
+    rows = rows[(rows[:, 0] != rows[:, 1]) | rows[:, 2:].any(axis=1)]
+    return GivenPairs(rows[:, 0], rows[:, 1], rows[:, 2:])
+
+
+def extend_frame(x: np.ndarray, cell: np.ndarray | None, atom_types: np.ndarray, pairs: GivenPairs,
+                 rcut: float, sel) -> ExtendedFrame:
+    """The given pairs within rcut (inclusive, as the search) in deepmd-kit's sel layout, over the
+    frame's atoms and one ghost per image (j, shift != 0) they reach.
+
+    An image of an atom becomes a ghost atom at x_j + shift . h (deepmd-kit's DeepPot does the same
+    with an ASE list), so the frame is evaluated as an open cluster whose first nloc atoms are the
+    centres. Sections with more neighbours than sel are cut to the nearest, as the search cuts them
+    (with its warning). A pair at distance 0 is refused (ValueError).
+    """
+    nloc = x.shape[0]
+    # (npair, 3)
+    sv = np.zeros((pairs.i.size, 3)) if cell is None else _shift_vectors(pairs.shift, cell)
+    d = (x[pairs.j] + sv) - x[pairs.i]
+    # (npair,)
+    r2 = np.sum(d * d, axis=1)
+    if r2.size and r2.min() == 0.0:
+        k = int(np.argmin(r2))
+        raise ValueError(f"neighbor_list pairs atoms {pairs.i[k]} and {pairs.j[k]} at distance 0; "
+                         "expected distinct positions")
+    keep = r2 <= rcut * rcut
+    i, j, shift, sv, r2, d = pairs.i[keep], pairs.j[keep], pairs.shift[keep], sv[keep], r2[keep], d[keep]
+    image = shift.any(axis=1)
+    # (nghost, 4) one row (j, shift) per image reached; (nimage,) which ghost each imaged pair reaches
+    ghosts, which = np.unique(np.column_stack([j[image], shift[image]]), axis=0, return_inverse=True)
+    j_ext = j.copy()
+    j_ext[image] = nloc + which.reshape(-1)
+    # (nall, 3), (nall,)
+    first = np.unique(which.reshape(-1), return_index=True)[1]
+    coords = np.concatenate([x, (x[j[image]] + sv[image])[first]])
+    types = np.concatenate([atom_types, atom_types[ghosts[:, 0]]])
+    nlist, rij, n_over = _select(i, j_ext, np.zeros_like(i), r2, d, types, nloc, list(sel))
+    if n_over:
+        warnings.warn(f"{n_over} (atom, neighbour type) sections of neighbor_list have more neighbours within "
+                      f"rcut = {rcut} than sel = {list(sel)} allows; the counts that exceed sel were cut to the "
+                      "nearest, so energies and forces are not smooth there: raise sel", UserWarning, stacklevel=3)
+    return ExtendedFrame(coords, types, ghosts[:, 0].astype(np.int64),
+                         NeighborList(nlist[None], rij[None], int(n_over)))

@@ -62,7 +62,10 @@ def test_pair_style_keywords():
     (["a.dp", "out_freq", "x"], "out_freq 'x' is not an integer"),
     (["a.dp", "out_freq", "-1"], "out_freq must be >= 0"),
     (["a.dp", "relative", "-1"], "relative must be >= 0"),
-    (["a.dp", "fparam", "1"], "keyword fparam needs a model with fparam/aparam"),
+    (["a.dp", "fparam"], "keyword fparam needs its values"),
+    (["a.dp", "aparam", "x"], "aparam x: the values must be numbers"),
+    (["a.dp", "fparam", "1", "fparam_from_compute", "t"], "fparam and fparam_from_compute cannot both be given"),
+    (["a.dp", "aparam_from_compute"], "keyword aparam_from_compute needs a compute ID"),
 ])
 def test_pair_style_errors(args, message):
     with pytest.raises(LammpsInputError, match=message):

