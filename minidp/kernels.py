@@ -151,3 +151,58 @@ def row_cotangents(Tt, Tdt, R, Rdot, start, Gbar, dGbar):  # pragma: no cover - 
                 u0, u1, u2, u3 = Tdt[a, 0, g], Tdt[a, 1, g], Tdt[a, 2, g], Tdt[a, 3, g]
                 Gbar[p, g] = t0 * r0 + t1 * r1 + t2 * r2 + t3 * r3 + u0 * d0 + u1 * d1 + u2 * d2 + u3 * d3
                 dGbar[p, g] = (u0 * r0 + u1 * r1 + u2 * r2 + u3 * r3) * d0
+
+
+# ---------------------------------------------------------------------------
+# The tanh layer in forward mode, fused (nn.dual_layer / nn.dual_layer_backward)
+# ---------------------------------------------------------------------------
+# Residual kinds, as nn.residual_kind names them: nothing, y += x, y += [x, x].
+RES_NONE, RES_SAME, RES_DOUBLE = 0, 1, 2
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def tanh_dual(AZ2, X2, idt, kind, Y2):  # pragma: no cover - compiled
+    """nn.layer_jvp's elementwise lines for tanh, in one pass over the stacked rows:
+
+    y = a idt + res(x),  ty = (1 - a^2) tz idt + res(tx)
+
+    AZ2 (2, nb, n_out) holds a = tanh(z) and tz; X2 (2, nb, n_in) x and tx;
+    idt (n_out,) (ones without a timestep); kind RES_NONE / RES_SAME / RES_DOUBLE;
+    Y2 (2, nb, n_out) is written (any strides: a slice of a larger array).
+    """
+    nb, n_out = AZ2.shape[1], AZ2.shape[2]
+    n_in = X2.shape[2]
+    for r in range(nb):
+        for j in range(n_out):
+            a = AZ2[0, r, j]
+            Y2[0, r, j] = a * idt[j]
+            Y2[1, r, j] = (1 - a * a) * AZ2[1, r, j] * idt[j]
+        # the residual: x onto y, once (RES_SAME) or onto each half (RES_DOUBLE)
+        for h in range(kind):
+            for j in range(n_in):
+                Y2[0, r, h * n_in + j] += X2[0, r, j]
+                Y2[1, r, h * n_in + j] += X2[1, r, j]
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def tanh_dual_backward(G2, AZ2, idt, GZ2, gb, gidt):  # pragma: no cover - compiled
+    """nn.layer_jvp_backward's elementwise lines for tanh (phi' = 1 - a^2, phi'' = -2 a phi'):
+
+    gtz = gty idt phi',  gz = gy idt phi' + gty idt tz phi'',
+    gb += sum_rows gz,  gidt += sum_rows (gy a + gty phi' tz)
+
+    G2 (2, nb, n_out) holds gy, gty; AZ2 a, tz; GZ2 (2, nb, n_out) gets gz, gtz;
+    gb, gidt (n_out,) are accumulated in place.
+    """
+    nb, n_out = AZ2.shape[1], AZ2.shape[2]
+    for r in range(nb):
+        for j in range(n_out):
+            a, tz = AZ2[0, r, j], AZ2[1, r, j]
+            gy, gty = G2[0, r, j], G2[1, r, j]
+            d1 = 1 - a * a
+            gidt[j] += gy * a + gty * d1 * tz
+            gty_a = gty * idt[j]
+            gz = (gy * idt[j] - 2 * a * tz * gty_a) * d1
+            GZ2[0, r, j] = gz
+            GZ2[1, r, j] = gty_a * d1
+            gb[j] += gz

@@ -163,7 +163,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     # the second-order step (minidp.force_training): dS/dtheta of S = c E - E', E' along delta r_ij
     # (nf, nloc, nnei, 3)
     drij = pair_tangent(v, V, batch.rij, batch.nlist)
-    grads = weight_gradients(model, cache.D, cache.descriptor_cache, c_E, drij, types, backend)
+    grads = weight_gradients(model, cache, c_E, drij, types, backend)
     # every net's gradient in model.params() order, by name; a net with no atoms in the batch gets zeros
     flat = [layer for name, net in model.named_nets() for layer in grads.get(name) or zeros_like_params(net.params())]
     return value, flat, (energy, force, virial)

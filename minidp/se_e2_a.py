@@ -76,7 +76,7 @@ import numpy as np
 
 from minidp import kernels
 from minidp.checks import check_backend
-from minidp.nn import ACTIVATIONS, Net, net_backward, net_forward, net_jvp
+from minidp.nn import ACTIVATIONS, Net, dual_net, net_backward, net_forward
 
 # ---------------------------------------------------------------------------
 # Configuration and parameters
@@ -533,7 +533,7 @@ class NetTrace(NamedTuple):
 
     key: tuple  # the net's key in se.nets (see EmbeddingNets)
     net: Net  # the block's embedding net
-    row_caches: list  # (row slice, nn.net_jvp caches) per row block of embedding_features
+    row_caches: list  # (row slice, nn.dual_net caches) per row block of embedding_features
     R_pad: np.ndarray  # (ntypes, n_t, 4) the padded slots' rows -davg/dstd
     pad_caches: list  # the nn.net_forward caches of those rows (net_padded_tails)
 
@@ -560,9 +560,10 @@ class EmbedPiece(NamedTuple):
 
 
 # Rows pushed through an embedding net at once: small enough that every
-# layer's arrays stay in the CPU's L2 cache (1024 rows x 100 features x 8 bytes
-# is 800 kB), large enough that NumPy's per-call overhead does not matter.
-ROW_BLOCK = 1024
+# layer's arrays stay in the CPU's L2 cache (value and tangent stacked, 512
+# rows x 2 x 100 features x 8 bytes is 800 kB), large enough that NumPy's
+# per-call overhead does not matter.
+ROW_BLOCK = 512
 
 
 def embedding_features(net: Net, s: np.ndarray, keep: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
@@ -573,21 +574,24 @@ def embedding_features(net: Net, s: np.ndarray, keep: bool = False) -> tuple[np.
     backward to the positions then needs no layer caches, only
     dL/ds = sum_g dL/dG_g dG_g/ds. Training needs the gradient with respect
     to the weights of both G and dG/ds: ``keep=True`` also returns each
-    block's caches, (row slice, caches), for nn.net_jvp_backward.
+    block's caches, (row slice, caches), for nn.dual_net_backward. The net
+    runs on stacked dual numbers (nn.dual_net: one product per layer, none
+    for the first, tanh's lines fused); G and dG/ds come back as the two
+    halves of one (2, nb, ng) array.
     """
     nb = s.shape[0]
-    # (nb, ng), (nb, ng)
-    G = np.empty((nb, net.n_out), dtype=s.dtype)
-    dG_ds = np.empty_like(G)
-    # (min(nb, ROW_BLOCK), 1)
-    ones = np.ones((min(nb, ROW_BLOCK), 1), dtype=s.dtype)
+    # (2, nb, ng)  G and dG/ds: each block's last layer writes its rows here
+    GG = np.empty((2, nb, net.n_out), dtype=s.dtype)
     kept = []
     for b0 in range(0, nb, ROW_BLOCK):
         blk = slice(b0, min(b0 + ROW_BLOCK, nb))
-        G[blk], dG_ds[blk], caches = net_jvp(net, s[blk], ones[: blk.stop - blk.start])
+        # (2, nblk, 1)  s and its tangent ds/ds = 1
+        S2 = np.empty((2, blk.stop - blk.start, 1), dtype=s.dtype)
+        S2[0], S2[1] = s[blk], 1
+        _, caches = dual_net(net, S2, keep, out=GG[:, blk])
         if keep:
             kept.append((blk, caches))
-    return G, dG_ds, kept
+    return GG[0], GG[1], kept
 
 
 def padded_tail_sums(G_pad: np.ndarray, R_pad: np.ndarray) -> np.ndarray:
