@@ -4,6 +4,7 @@
   one input, tanh's lines fused) against nn.layer_jvp / layer_jvp_backward;
 - nn.layer_tangent / net_tangent (the tangent of a layer already run forward) against nn.layer_jvp;
 - force_training.atomic_energy_tangent against atomic_energy_jvp;
+- loss_and_grad split over ranges of centre atoms on several threads against one range.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.force_training import atomic_energy_jvp, atomic_energy_tangent
+from minidp.loss import centre_chunks, loss_and_grad
 from minidp.model import atomic_energy
 from minidp.nn import (Layer, dual_layer, dual_layer_backward, dual_net, dual_net_backward, embedding_net,
                        fitting_net, layer_forward, layer_jvp, layer_jvp_backward, layer_tangent, net_forward,
                        net_jvp, net_jvp_backward, net_tangent)
 from minidp.se_e2_a import SeAConfig
 from tests.conftest import random_model
+from tests.test_loss import _batch
+from tests.test_model import specs
 
 # tanh has the fused kernels; gelu takes layer_jvp itself inside dual_layer
 ACTS = ["tanh", "gelu"]
@@ -110,3 +114,26 @@ def test_net_tangent_and_atomic_energy_tangent_are_the_jvps():
     _, fcaches = atomic_energy(D, types, model)
     _, Edot, _ = atomic_energy_jvp(D, Ddot, types, model)
     np.testing.assert_allclose(atomic_energy_tangent(Ddot, fcaches)[0], Edot, rtol=1e-13, atol=1e-13)
+
+
+def test_centre_chunks_cover_the_atoms_once():
+    for nloc, pieces in [(1, 2), (5, 2), (192, 2), (7, 3), (3, 8)]:
+        chunks = centre_chunks(nloc, pieces)
+        assert len(chunks) == min(nloc, pieces) and all(c.stop > c.start for c in chunks)
+        assert np.array_equal(np.concatenate([np.arange(nloc)[c] for c in chunks]), np.arange(nloc))
+
+
+@settings(max_examples=10, deadline=None)
+@given(specs(max_atoms=8), st.integers(2, 3))
+def test_loss_and_grad_on_several_threads_is_the_one_thread_result(spec, workers):
+    """Centre-atom ranges on threads: the same loss, predictions and gradients, to round-off."""
+    model, batch = _batch(spec, 2, True)
+    one = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=1)
+    many = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=workers)
+    assert many[0].loss == pytest.approx(one[0].loss, rel=1e-12)
+    for a, b in zip(many[2], one[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert len(many[1]) == len(one[1]) == len(model.params())
+    for ga, gb in zip(many[1], one[1]):
+        for k in gb:
+            np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12)
