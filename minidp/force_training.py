@@ -59,13 +59,13 @@ def embed_jvp(Rdot: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba"
     Padded slots do not move (R' = 0), so only real rows contribute. Returns (nf, nloc, ng, 4).
     """
     nf, nloc, nnei, _ = Rdot.shape
-    ng = pieces[0].G.shape[1]
-    # (nf, nloc, ng, 4)
-    Tdot = np.zeros((nf, nloc, ng, 4), dtype=Rdot.dtype)
+    ng, dtype = pieces[0].G.shape[1], pieces[0].G.dtype
+    # (nf, nloc, ng, 4)  in the embedding's precision, as T
+    Tdot = np.zeros((nf, nloc, ng, 4), dtype=dtype)
     for pc in pieces:
         na, rows = pc.atoms.size, pc.rows
         # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real]
+        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real].astype(dtype, copy=False)
         # (nb, ng)
         Gdot = pc.dG_ds * Rdot_real[:, :1]
         # (nf * na, ng, 4)
@@ -155,21 +155,21 @@ def embed_param_backward(
     for pc in pieces:
         if pc.atoms.size == 0:  # a centre type absent from the batch: its nets get no gradient here
             continue
-        ng = Tbar.shape[2]
-        # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms
-        Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
-        Tdb = (Tdotbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
+        ng, dtype = Tbar.shape[2], pc.G.dtype
+        # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms, in the embedding's precision
+        Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4).astype(dtype, copy=False)
+        Tdb = (Tdotbar[:, pc.atoms] / nnei).reshape(-1, ng, 4).astype(dtype, copy=False)
         rows, trace = pc.rows, pc.trace
         net_grads = grads.setdefault(("embedding",) + trace.key, zeros_like_params(trace.net.params()))
         # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real]
+        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real].astype(dtype, copy=False)
         # (2, nb, ng): dL/dG and dL/d(dG/ds) of the real rows, stacked as the dual numbers they are the bars of
-        GB2 = np.empty((2, rows.R_real.shape[0], ng), dtype=Tb.dtype)
+        GB2 = np.empty((2, rows.R_real.shape[0], ng), dtype=dtype)
         row_cotangents(Tb, Tdb, rows.R_real, Rdot_real, rows.owner, backend, out=GB2)
         for blk, caches in trace.row_caches:
             dual_net_backward(trace.net, caches, GB2[:, blk], net_grads, input_grads=False)
         # the padded rows: through net_forward's caches, no tangent
-        Gbar_pad = padded_tail_backward(Tbar[:, pc.atoms] / nnei, pc, atom_types)
+        Gbar_pad = padded_tail_backward(Tbar[:, pc.atoms] / nnei, pc, atom_types).astype(dtype, copy=False)
         _, pad_grads = net_backward(trace.net, trace.pad_caches, Gbar_pad)
         for total, g in zip(net_grads, pad_grads):
             for k, v in g.items():
@@ -206,7 +206,7 @@ def atomic_energy_tangent(Ddot: np.ndarray, caches: list[FitCache]) -> tuple[np.
     jcaches = []
     for t, atoms, net, net_caches in caches:
         # (nb, 1)
-        ty, jc = net_tangent(net, net_caches, Ddot[:, atoms].reshape(-1, dim))
+        ty, jc = net_tangent(net, net_caches, Ddot[:, atoms].reshape(-1, dim).astype(net.dtype, copy=False))
         Edot[:, atoms] = ty.reshape(nf, atoms.size)
         jcaches.append(FitCache(t, atoms, net, jc))
     return Edot, jcaches
@@ -218,13 +218,15 @@ def atomic_energy_param_backward(
     """Reverse through atomic_energy_jvp: from dL/dE_i and dL/dE'_i (nf, nloc) to dL/dD,
     dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {("fitting", t): per-layer grads}."""
     nf, nloc = gE.shape
-    # (nf, nloc, ng * m2), (nf, nloc, ng * m2)
-    Dbar = np.zeros((nf, nloc, dim), dtype=gE.dtype)
+    # (nf, nloc, ng * m2), (nf, nloc, ng * m2)  in the fitting nets' precision, as D
+    dtype = caches[0].net.dtype if caches else gE.dtype
+    Dbar = np.zeros((nf, nloc, dim), dtype=dtype)
     Ddotbar = np.zeros_like(Dbar)
     grads = {}
     for t, atoms, net, net_caches in caches:
-        gx, gtx, grads[("fitting", t)] = net_jvp_backward(
-            net, net_caches, gE[:, atoms].reshape(-1, 1), gEdot[:, atoms].reshape(-1, 1))
+        # (nb, 1) each; the loss's float64 cotangents rounded to the net's precision
+        gy, gty = (g[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False) for g in (gE, gEdot))
+        gx, gtx, grads[("fitting", t)] = net_jvp_backward(net, net_caches, gy, gty)
         Dbar[:, atoms] = gx.reshape(nf, atoms.size, dim)
         Ddotbar[:, atoms] = gtx.reshape(nf, atoms.size, dim)
     return Dbar, Ddotbar, grads

@@ -185,6 +185,12 @@ class SeA:
             raise TypeError(f"SeA.compress must provide embed and embed_backward (a minidp.compress.Compression), "
                             f"got {type(self.compress).__name__}")
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The embedding nets' precision (deepmd-kit's descriptor ``precision``): the fast path computes
+        G, dG/ds, T and D in it; the environment matrix and its backward stay float64."""
+        return self.nets.items()[0][1].dtype
+
     def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Atoms that share embedding nets: (indices, centre type) per group.
 
@@ -619,8 +625,8 @@ def net_padded_tails(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice
                      ) -> tuple[np.ndarray, np.ndarray, list]:
     """:func:`padded_tail_sums` with G from the net: returns P (ntypes, n_t + 1, ng, 4), the padded
     rows R_pad (ntypes, n_t, 4) and the net's caches (for training's reverse pass)."""
-    # (ntypes, n_t, 4)
-    R_pad = -davg[:, slots] / dstd[:, slots]
+    # (ntypes, n_t, 4)  in the net's precision, as the real rows (embed_blocks)
+    R_pad = (-davg[:, slots] / dstd[:, slots]).astype(net.dtype)
     # (ntypes * n_t, ng)
     G_pad, caches = net_forward(net, R_pad[..., :1].reshape(-1, 1))
     return padded_tail_sums(G_pad.reshape(R_pad.shape[:2] + (-1,)), R_pad), R_pad, caches
@@ -665,8 +671,9 @@ def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
     return dR_real
 
 
-def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice) -> PackedRows:
-    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed.
+def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice, dtype=None) -> PackedRows:
+    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed (in ``dtype``,
+    default R's: the embedding's precision, see SeA.dtype).
 
     A section holds its real neighbours first (:func:`check_nlist_layout`), so
     an atom's ``count`` real neighbours fill its first ``count`` slots.
@@ -676,7 +683,7 @@ def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice)
     # (nf, na)
     count = real.sum(axis=-1)
     # (nb, 4), (nb,)
-    R_real = R[:, atoms, slots][real]
+    R_real = R[:, atoms, slots][real].astype(dtype or R.dtype, copy=False)
     owner = np.repeat(np.arange(count.size), count.reshape(-1))
     return PackedRows(real, count, R_real, owner)
 
@@ -692,17 +699,21 @@ def embed_blocks(
     a :class:`BlockFeatures` whose P is what the padded slots add (trick 2).
     :func:`embed` passes the nets; minidp.compress its tables.
     Returns T (nf, nloc, ng, 4) and the pieces the backward needs.
+
+    Precision: R (float64) is rounded to the nets' precision (SeA.dtype) as its
+    rows are packed, and G, T and what follows are computed in it (deepmd-kit's
+    TensorFlow backend casts the environment matrix as its filter starts).
     """
     nf, nloc, nnei, _ = R.shape
     cfg = se.config
     # (nf, nloc, ng, 4)
-    T = np.zeros((nf, nloc, cfg.ng, 4), dtype=R.dtype)
+    T = np.zeros((nf, nloc, cfg.ng, 4), dtype=se.dtype)
     pieces = []
     for atoms, ti in se.center_groups(atom_types):
         na = atoms.size
         for tj in range(cfg.ntypes):
             slots = cfg.slots(tj)
-            rows = pack_rows(R, nlist, atoms, slots)
+            rows = pack_rows(R, nlist, atoms, slots, se.dtype)
             feats = block(ti, tj, slots, rows.R_real[:, :1])
             # (nf * na, ng, 4)
             Tb = sum_rows(feats.G, rows.R_real, rows.owner, nf * na, backend)
