@@ -65,12 +65,20 @@ def embed_jvp(Rdot: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba"
     for pc in pieces:
         na, rows = pc.atoms.size, pc.rows
         # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real].astype(dtype, copy=False)
-        # (nb, ng)
-        Gdot = pc.dG_ds * Rdot_real[:, :1]
-        # (nf * na, ng, 4)
-        Tb = sum_rows(pc.G, Rdot_real, rows.owner, nf * na, backend)
-        Tb += sum_rows(Gdot, rows.R_real, rows.owner, nf * na, backend)
+        Rdot_real = Rdot.reshape(-1, 4)[rows.index].astype(dtype, copy=False)
+        if backend != "numba":
+            # (nb, ng)
+            Gdot = pc.dG_ds * Rdot_real[:, :1]
+            # (nf * na, ng, 4)
+            Tb = sum_rows(pc.G, Rdot_real, rows.owner, nf * na, backend)
+            Tb += sum_rows(Gdot, rows.R_real, rows.owner, nf * na, backend)
+        else:
+            # Numba: both sums in one pass over the rows, no (nb, ng) G'
+            start = np.searchsorted(rows.owner, np.arange(nf * na + 1))
+            # (nf * na, 4, ng)  T' transposed, as kernels.segment_contract accumulates T
+            Tt = np.zeros((nf * na, 4, ng), dtype=dtype)
+            kernels.segment_contract_tangent(pc.G, pc.dG_ds, rows.R_real, Rdot_real, start, Tt)
+            Tb = Tt.transpose(0, 2, 1)
         Tdot[:, pc.atoms] += Tb.reshape(nf, na, ng, 4) / nnei
     return Tdot
 
@@ -162,7 +170,7 @@ def embed_param_backward(
         rows, trace = pc.rows, pc.trace
         net_grads = grads.setdefault(("embedding",) + trace.key, zeros_like_params(trace.net.params()))
         # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real].astype(dtype, copy=False)
+        Rdot_real = Rdot.reshape(-1, 4)[rows.index].astype(dtype, copy=False)
         # (2, nb, ng): dL/dG and dL/d(dG/ds) of the real rows, stacked as the dual numbers they are the bars of
         GB2 = np.empty((2, rows.R_real.shape[0], ng), dtype=dtype)
         row_cotangents(Tb, Tdb, rows.R_real, Rdot_real, rows.owner, backend, out=GB2)

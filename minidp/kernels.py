@@ -56,6 +56,24 @@ def segment_contract_backward(G, dG_ds, R, start, dTt, dR):  # pragma: no cover 
             dR[p, 0] += ds
 
 
+@njit(nogil=True, cache=True, fastmath=True)
+def segment_contract_tangent(G, dG_ds, R, Rdot, start, Tt):  # pragma: no cover - compiled
+    """The tangent of segment_contract along R' (force_training.embed_jvp), for rows p of atom a:
+
+    Tt[a, c, g] += R'[p, c] G[p, g] + R[p, c] s'[p] dG_ds[p, g],  s' = R'[p, 0]
+
+    (G moves with s = R[p, 0]: G' = dG/ds s'). Shapes as segment_contract; Rdot (nb, 4).
+    """
+    ng = G.shape[1]
+    for a in range(start.size - 1):
+        for p in range(start[a], start[a + 1]):
+            sdot = Rdot[p, 0]
+            for c in range(4):
+                rd, rs = Rdot[p, c], R[p, c] * sdot
+                for g in range(ng):
+                    Tt[a, c, g] += rd * G[p, g] + rs * dG_ds[p, g]
+
+
 @njit(nogil=True, cache=True)
 def scatter_pairs(g, rij, nlist, first, F, W):  # pragma: no cover - compiled
     """Forces and atomic virials from pair gradients (see model.pair_forces_virials).
@@ -172,11 +190,13 @@ def tanh_dual(AZ2, X2, idt, kind, Y2):  # pragma: no cover - compiled
     """
     nb, n_out = AZ2.shape[1], AZ2.shape[2]
     n_in = X2.shape[2]
+    # constants in the arrays' precision: a Python 1 would make a float32 kernel compute in float64
+    one = AZ2.dtype.type(1)
     for r in range(nb):
         for j in range(n_out):
             a = AZ2[0, r, j]
             Y2[0, r, j] = a * idt[j]
-            Y2[1, r, j] = (1 - a * a) * AZ2[1, r, j] * idt[j]
+            Y2[1, r, j] = (one - a * a) * AZ2[1, r, j] * idt[j]
         # the residual: x onto y, once (RES_SAME) or onto each half (RES_DOUBLE)
         for h in range(kind):
             for j in range(n_in):
@@ -195,14 +215,16 @@ def tanh_dual_backward(G2, AZ2, idt, GZ2, gb, gidt):  # pragma: no cover - compi
     gb, gidt (n_out,) are accumulated in place.
     """
     nb, n_out = AZ2.shape[1], AZ2.shape[2]
+    # constants in the arrays' precision (see tanh_dual)
+    one, two = AZ2.dtype.type(1), AZ2.dtype.type(2)
     for r in range(nb):
         for j in range(n_out):
             a, tz = AZ2[0, r, j], AZ2[1, r, j]
             gy, gty = G2[0, r, j], G2[1, r, j]
-            d1 = 1 - a * a
+            d1 = one - a * a
             gidt[j] += gy * a + gty * d1 * tz
             gty_a = gty * idt[j]
-            gz = (gy * idt[j] - 2 * a * tz * gty_a) * d1
+            gz = (gy * idt[j] - two * a * tz * gty_a) * d1
             GZ2[0, r, j] = gz
             GZ2[1, r, j] = gty_a * d1
             gb[j] += gz

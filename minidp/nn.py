@@ -685,8 +685,12 @@ def dual_layer_backward(layer: Layer, cache: DualCache | JvpCache, G2: np.ndarra
         return None
     # (2, nb, n_in)
     GX2 = (GZ2.reshape(2 * nb, n_out) @ layer.W.T).reshape(2, nb, n_in)
-    _residual_backward(GX2.reshape(2 * nb, n_in), G2.reshape(2 * nb, n_out),
-                       residual_kind(layer.n_in, layer.n_out, layer.resnet))
+    # _residual_backward on the stacked halves (G2 may be a strided view: no reshaped copy of it)
+    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
+    if kind != "none":
+        GX2 += G2[..., :n_in]
+    if kind == "double":
+        GX2 += G2[..., n_in:]
     return GX2
 
 

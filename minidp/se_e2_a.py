@@ -532,6 +532,7 @@ class PackedRows(NamedTuple):
     count: np.ndarray  # (nf, na) real neighbours per atom
     R_real: np.ndarray  # (nb, 4) the real rows, the rows of one atom contiguous
     owner: np.ndarray  # (nb,) the (frame, atom) of the block, f * na + a, each row belongs to
+    index: np.ndarray  # (nb,) each row's place among the nf * nloc * nnei rows of R (gather and scatter)
 
 
 class NetTrace(NamedTuple):
@@ -678,14 +679,19 @@ def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice,
     A section holds its real neighbours first (:func:`check_nlist_layout`), so
     an atom's ``count`` real neighbours fill its first ``count`` slots.
     """
+    nf, nloc, nnei, _ = R.shape
     # (nf, na, n_t)
     real = nlist[:, atoms, slots] >= 0
     # (nf, na)
     count = real.sum(axis=-1)
+    # (nb,) each: frame, atom of the block and slot of the section of every real row, in R's order
+    f, a, k = np.nonzero(real)
+    # (nb,)  where the row sits among R's rows: one gather here, and the backward's one scatter back
+    index = (f * nloc + atoms[a]) * nnei + (slots.start + k)
     # (nb, 4), (nb,)
-    R_real = R[:, atoms, slots][real].astype(dtype or R.dtype, copy=False)
-    owner = np.repeat(np.arange(count.size), count.reshape(-1))
-    return PackedRows(real, count, R_real, owner)
+    R_real = R.reshape(-1, 4)[index].astype(dtype or R.dtype, copy=False)
+    owner = f * atoms.size + a
+    return PackedRows(real, count, R_real, owner, index)
 
 
 def embed_blocks(
@@ -757,12 +763,9 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], back
     for pc in pieces:
         # (nf * na, ng, 4)
         dTb = (dT[:, pc.atoms] / nnei).reshape(-1, dT.shape[2], 4)
-        # (nb, 4)
-        dR_real = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.rows.R_real, pc.rows.owner, backend)
-        # (nf, na, n_t, 4)
-        dRb = np.zeros(pc.rows.real.shape + (4,), dtype=R.dtype)
-        dRb[pc.rows.real] = dR_real
-        dR[:, pc.atoms, pc.slots] = dRb
+        # (nb, 4), each row back to its place in R (and to float64)
+        dR.reshape(-1, 4)[pc.rows.index] = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.rows.R_real, pc.rows.owner,
+                                                              backend)
     return dR
 
 
