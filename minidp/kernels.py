@@ -179,52 +179,53 @@ RES_NONE, RES_SAME, RES_DOUBLE = 0, 1, 2
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def tanh_dual(AZ2, X2, idt, kind, Y2):  # pragma: no cover - compiled
-    """nn.layer_jvp's elementwise lines for tanh, in one pass over the stacked rows:
+def tanh_dual(A, TZ, X, TX, idt, kind, Y, TY):  # pragma: no cover - compiled
+    """nn.layer_jvp's elementwise lines for tanh, in one pass over the rows:
 
     y = a idt + res(x),  ty = (1 - a^2) tz idt + res(tx)
 
-    AZ2 (2, nb, n_out) holds a = tanh(z) and tz; X2 (2, nb, n_in) x and tx;
-    idt (n_out,) (ones without a timestep); kind RES_NONE / RES_SAME / RES_DOUBLE;
-    Y2 (2, nb, n_out) is written (any strides: a slice of a larger array).
+    A, TZ (nb, n_out): a = tanh(z) and tz; X, TX (nb, n_in): x and tx; idt (n_out,)
+    (ones without a timestep); kind RES_NONE / RES_SAME / RES_DOUBLE; Y, TY
+    (nb, n_out) are written. nn.dual_layer passes the halves of its stacked
+    arrays: each half is C-contiguous (a strided 3-d view would not vectorize).
     """
-    nb, n_out = AZ2.shape[1], AZ2.shape[2]
-    n_in = X2.shape[2]
+    nb, n_out = A.shape
+    n_in = X.shape[1]
     # constants in the arrays' precision: a Python 1 would make a float32 kernel compute in float64
-    one = AZ2.dtype.type(1)
+    one = A.dtype.type(1)
     for r in range(nb):
         for j in range(n_out):
-            a = AZ2[0, r, j]
-            Y2[0, r, j] = a * idt[j]
-            Y2[1, r, j] = (one - a * a) * AZ2[1, r, j] * idt[j]
+            a = A[r, j]
+            Y[r, j] = a * idt[j]
+            TY[r, j] = (one - a * a) * TZ[r, j] * idt[j]
         # the residual: x onto y, once (RES_SAME) or onto each half (RES_DOUBLE)
         for h in range(kind):
             for j in range(n_in):
-                Y2[0, r, h * n_in + j] += X2[0, r, j]
-                Y2[1, r, h * n_in + j] += X2[1, r, j]
+                Y[r, h * n_in + j] += X[r, j]
+                TY[r, h * n_in + j] += TX[r, j]
 
 
 @njit(nogil=True, cache=True, fastmath=True)
-def tanh_dual_backward(G2, AZ2, idt, GZ2, gb, gidt):  # pragma: no cover - compiled
+def tanh_dual_backward(GY, GTY, A, TZ, idt, GZ, GTZ, gb, gidt):  # pragma: no cover - compiled
     """nn.layer_jvp_backward's elementwise lines for tanh (phi' = 1 - a^2, phi'' = -2 a phi'):
 
     gtz = gty idt phi',  gz = gy idt phi' + gty idt tz phi'',
     gb += sum_rows gz,  gidt += sum_rows (gy a + gty phi' tz)
 
-    G2 (2, nb, n_out) holds gy, gty; AZ2 a, tz; GZ2 (2, nb, n_out) gets gz, gtz;
-    gb, gidt (n_out,) are accumulated in place.
+    GY, GTY (nb, n_out): gy, gty; A, TZ: a, tz; GZ, GTZ (nb, n_out) are written;
+    gb, gidt (n_out,) are accumulated in place. C-contiguous halves, as tanh_dual.
     """
-    nb, n_out = AZ2.shape[1], AZ2.shape[2]
+    nb, n_out = A.shape
     # constants in the arrays' precision (see tanh_dual)
-    one, two = AZ2.dtype.type(1), AZ2.dtype.type(2)
+    one, two = A.dtype.type(1), A.dtype.type(2)
     for r in range(nb):
         for j in range(n_out):
-            a, tz = AZ2[0, r, j], AZ2[1, r, j]
-            gy, gty = G2[0, r, j], G2[1, r, j]
+            a, tz = A[r, j], TZ[r, j]
+            gy, gty = GY[r, j], GTY[r, j]
             d1 = one - a * a
             gidt[j] += gy * a + gty * d1 * tz
             gty_a = gty * idt[j]
             gz = (gy * idt[j] - two * a * tz * gty_a) * d1
-            GZ2[0, r, j] = gz
-            GZ2[1, r, j] = gty_a * d1
+            GZ[r, j] = gz
+            GTZ[r, j] = gty_a * d1
             gb[j] += gz

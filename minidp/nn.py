@@ -655,7 +655,7 @@ def dual_layer(layer: Layer, X2: np.ndarray, keep: bool = False, out: np.ndarray
     # (2, nb, n_out)
     Y2 = np.empty_like(AZ2) if out is None else out
     code = _RESIDUAL_CODE[residual_kind(layer.n_in, layer.n_out, layer.resnet)]
-    kernels.tanh_dual(AZ2, X2, _idt(layer), code, Y2)
+    kernels.tanh_dual(AZ2[0], AZ2[1], X2[0], X2[1], _idt(layer), code, Y2[0], Y2[1])
     return Y2, (DualCache(X2, AZ2) if keep else None)
 
 
@@ -678,7 +678,7 @@ def dual_layer_backward(layer: Layer, cache: DualCache | JvpCache, G2: np.ndarra
     # (2, nb, n_out)  [dL/dz; dL/d(tz)]
     GZ2 = np.empty_like(AZ2)
     gidt = grads["idt"] if layer.idt is not None else np.zeros(n_out, dtype=AZ2.dtype)
-    kernels.tanh_dual_backward(G2, AZ2, _idt(layer), GZ2, grads["b"], gidt)
+    kernels.tanh_dual_backward(G2[0], G2[1], AZ2[0], AZ2[1], _idt(layer), GZ2[0], GZ2[1], grads["b"], gidt)
     # (n_in, n_out)  x^T gz + tx^T gtz as one product
     grads["W"] += X2.reshape(2 * nb, n_in).T @ GZ2.reshape(2 * nb, n_out)
     if not input_grads:
