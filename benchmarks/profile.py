@@ -14,12 +14,20 @@ other processes took the cores).
 
 Workloads, on one frame of ``--data`` (192 atoms for water):
 
-- **training step**: the neighbour list, then :func:`minidp.loss.loss_and_grad`,
+- **training step, the stages on one core**: the neighbour list, then
+  :func:`minidp.loss.loss_and_grad` with one worker and BLAS at one thread,
   as ``minidp train`` runs a step (the Adam update is not timed here);
-- **exact evaluation**: :func:`minidp.model.predict_frames` on the frame
-  (in the calling thread: the stages of one chunk);
+- **exact evaluation, the stages on one core**: :func:`minidp.model.predict_frames`
+  on the frame (one chunk, in the calling thread), BLAS at one thread;
+- **training step on ``--threads`` workers**: the same step as minidp runs it,
+  whose stages run inside the parallel regions (minidp.runtime.parallel_map):
+  what is left outside them is the serial stretch;
 - **DeepPot.eval**: one frame per call and ``--batch`` frames per call with
   ``--threads`` workers, whole calls only (wall, CPU, cores busy).
+
+The stages are timed on one core because an idle BLAS thread spins on the
+other one: with BLAS at two threads a single-threaded stage shows two cores
+busy (see benchmarks/README.md, "Where the time goes").
 
 FLOPs per stage are counted as :mod:`benchmarks.flops` counts them (matrix
 products only) and set against the GEMM rate measured in the same process at
@@ -33,7 +41,9 @@ Shape symbols: see :mod:`minidp.se_e2_a`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -42,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from benchmarks.flops import matmul_flops, neighbour_counts
 from minidp import DeepPot
@@ -50,7 +61,7 @@ from minidp.loss import Batch, loss_and_grad
 from minidp.model import predict_frames
 from minidp import neighbor
 from minidp.neighbor import build_neighbor_list
-from minidp.runtime import keep_freed_memory
+from minidp.runtime import keep_freed_memory, one_blas_thread
 from minidp.serialization import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,11 +84,13 @@ STAGES = [
     ("forces and virials (scatter)", ["minidp.model:pair_forces_virials"]),
     ("loss and pair tangent", ["minidp.loss:ener_loss", "minidp.loss:pair_tangent"]),
     ("tangent T' of the sums", ["minidp.force_training:embed_jvp"]),
-    ("fitting nets: tangent", ["minidp.force_training:atomic_energy_tangent"]),
+    # atomic_energy_jvp and _net_grads: what minidp ran before issue 25 (an A/B against an older checkout)
+    ("fitting nets: tangent", ["minidp.force_training:atomic_energy_tangent",
+                               "minidp.force_training:atomic_energy_jvp"]),
     ("fitting nets: reverse to weights", ["minidp.force_training:atomic_energy_param_backward"]),
     ("embedding: rows' cotangents", ["minidp.force_training:row_cotangents",
                                      "minidp.force_training:padded_tail_backward"]),
-    ("embedding nets: reverse to weights", ["minidp.nn:dual_net_backward"]),
+    ("embedding nets: reverse to weights", ["minidp.nn:dual_net_backward", "minidp.force_training:_net_grads"]),
     ("embedding reverse: glue, padded tails", ["minidp.force_training:embed_param_backward"]),
     # with several workers the stages above run inside these regions, on the workers' threads
     ("parallel regions (all workers)", ["minidp.runtime:parallel_map"]),
@@ -116,6 +129,7 @@ class StageTimer:
         self._patches: list[tuple[object, str, object]] = []
         self._stack: list[list[float]] = []  # per active stage: [wall, cpu] spent in nested stages
         self._thread = None
+        self.missing: list[str] = []  # targets this version of minidp does not have (an older one, for A/B)
 
     def _wrap(self, label: str, fn):
         @functools.wraps(fn)
@@ -142,7 +156,10 @@ class StageTimer:
         for label, targets in self.stages:
             for target in targets:
                 modname, fname = target.split(":")
-                original = getattr(sys.modules[modname], fname)
+                original = getattr(sys.modules.get(modname), fname, None)
+                if original is None:
+                    self.missing.append(target)
+                    continue
                 wrapped = self._wrap(label, original)
                 # patch every module that imported the function by name
                 for m in mods:
@@ -183,20 +200,20 @@ def stage_flops(model, nlist: np.ndarray, atom_types: np.ndarray, training: bool
     return out
 
 
-def gemm_rate(dtype, threads: int, n: int = 1000, repeats: int = 5) -> float:
-    """GFLOP/s of an n^3 matmul in dtype with ``threads`` BLAS threads, best of repeats."""
-    from threadpoolctl import threadpool_limits
-
+def gemm_rate(dtype, threads: int, n: int = 1000, repeats: int = 10) -> float:
+    """GFLOP/s of an n^3 matmul in dtype with ``threads`` BLAS threads, best of repeats (on one thread timed
+    by CPU time, which other processes on the machine disturb far less than wall time)."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
     c = np.empty((n, n), dtype)
+    clock = time.process_time if threads == 1 else time.perf_counter
     best = float("inf")
     with threadpool_limits(threads, user_api="blas"):
         np.matmul(a, b, out=c)
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             np.matmul(a, b, out=c)
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
     return 2.0 * n**3 / best / 1e9
 
 
@@ -221,11 +238,14 @@ def run_profile(name: str, step, steps: int, flops: dict[str, float]) -> Workloa
     """Warm up, then time ``steps`` calls of step() under the StageTimer (best of three batches of calls
     for the totals; the stage times of all of them)."""
     step()
-    with StageTimer() as times:
+    timer = StageTimer()
+    with timer as times:
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             step()
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    if timer.missing:
+        print(f"(not in this version of minidp, not timed: {', '.join(timer.missing)})", file=sys.stderr)
     return Workload(name, steps, times, wall / steps, cpu / steps, flops)
 
 
@@ -233,15 +253,21 @@ def table(w: Workload, rate: float) -> list[str]:
     """The Markdown table of one workload (rate: the GEMM GFLOP/s the fractions refer to)."""
     n = w.steps
     rows = sorted(w.times.wall, key=lambda k: -w.times.wall[k])
+    ran = min(w.wall, w.cpu)
+    total = sum(w.flops.values())
     lines = [f"### {w.name}: {1e3 * w.wall:.1f} ms wall, {1e3 * w.cpu:.1f} ms CPU per step "
-             f"(cores busy {w.cpu / w.wall:.2f}); {sum(w.flops.values()) / 1e6:.0f} MFLOP counted, "
-             f"{sum(w.flops.values()) / w.wall / 1e9:.1f} GFLOP/s = {sum(w.flops.values()) / w.wall / 1e9 / rate:.0%}"
-             f" of the GEMM rate", "",
+             f"(cores busy {w.cpu / w.wall:.2f}); {total / 1e6:.0f} MFLOP counted, "
+             f"{total / ran / 1e9:.1f} GFLOP/s = {total / ran / 1e9 / rate:.0%} of the GEMM rate ({rate:.0f} GFLOP/s)",
+             "", "GFLOP/s: FLOPs over the smaller of wall and CPU time (CPU time on one core, wall time on several).",
+             "",
              "| stage | calls/step | ms wall | ms CPU | cores | share | MFLOP | GFLOP/s | of GEMM |",
              "|---|---|---|---|---|---|---|---|---|"]
     for k in rows:
         wall, cpu, fl = w.times.wall[k] / n, w.times.cpu[k] / n, w.flops.get(k)
-        gf = fl / wall / 1e9 if fl and wall > 0 else None
+        # the rate while the stage ran: CPU time on one core (less than wall when other processes took the
+        # core), wall time on several (where CPU time adds up the cores)
+        ran = min(wall, cpu) if cpu > 0 else wall
+        gf = fl / ran / 1e9 if fl and ran > 0 else None
         lines.append(f"| {k} | {w.times.calls[k] / n:.0f} | {1e3 * wall:.2f} | {1e3 * cpu:.2f} | "
                      f"{cpu / wall if wall > 0 else 0:.2f} | {wall / w.wall:.0%} | "
                      f"{'' if fl is None else f'{fl / 1e6:.0f}'} | {'' if gf is None else f'{gf:.1f}'} | "
@@ -277,11 +303,14 @@ def profile(model_path: Path, data: Path, steps: int, threads: int, batch: int, 
     # on a shared machine the threaded figure can fall below threads x the one-thread one (benchmarks.run's rule)
     rate = max(gemm_rate(dtype, threads), threads * rate1)
 
+    # an older minidp (profiled for an A/B: PYTHONPATH=<its checkout>) has no workers: one core anyway
+    threaded = "workers" in inspect.signature(loss_and_grad).parameters
+
     def train_step(workers: int):
         # through the module, so that the stage timer sees the call
         b = neighbor.build_neighbor_list(coords, cells, types, cfg.rcut, list(cfg.sel))
         loss_and_grad(model, Batch(b.rij, b.nlist, types, energy, force, None), (0.02, 1000.0, 0.0),
-                      workers=workers)
+                      **({"workers": workers} if threaded else {}))
 
     def eval_step():
         predict_frames(nl.rij, nl.nlist, types, model)
@@ -290,14 +319,17 @@ def profile(model_path: Path, data: Path, steps: int, threads: int, batch: int, 
            f"{np.dtype(dtype).name} GEMM (1000^3) {rate1:.0f} GFLOP/s on 1 thread, {rate:.0f} on {threads} "
            f"(the rate the fractions refer to); "
            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}.", ""]
-    workloads = [("training step (1 frame), 1 worker: the stages", lambda: train_step(1), True)]
-    if threads > 1:
-        workloads.append((f"training step (1 frame), {threads} workers: parallel regions and serial stretches",
-                          lambda: train_step(threads), True))
-    workloads.append(("exact evaluation (1 frame, one chunk, calling thread)", eval_step, False))
-    for name, step, training in workloads:
-        w = run_profile(name, step, steps, stage_flops(model, nl.nlist, types, training))
-        out += table(w, rate) + [""]
+    # the stages on one core (BLAS at one thread: its idle threads would spin on the other core and
+    # count as CPU time), then the whole step as minidp runs it on ``threads`` workers
+    workloads = [("training step (1 frame), the stages on one core", lambda: train_step(1), True, rate1),
+                 ("exact evaluation (1 frame, one chunk), the stages on one core", eval_step, False, rate1)]
+    if threads > 1 and threaded:
+        workloads.append((f"training step (1 frame) on {threads} workers: parallel regions and serial stretches",
+                          lambda: train_step(threads), True, rate))
+    for name, step, training, peak in workloads:
+        with (one_blas_thread() if peak is rate1 else contextlib.nullcontext()):
+            w = run_profile(name, step, steps, stage_flops(model, nl.nlist, types, training))
+        out += table(w, peak) + [""]
     dp = DeepPot(model, workers=threads, progress=False)
     frames = np.repeat(coords, batch, axis=0), np.repeat(cells, batch, axis=0)
     out += ["### DeepPot.eval, whole calls", "", "| call | ms wall per frame | ms CPU per frame | cores busy |",
@@ -333,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
                    help="threads (BLAS, minidp's workers; default OMP_NUM_THREADS or 2)")
     p.add_argument("--batch", type=int, default=40, help="frames per DeepPot.eval call of the batch row")
-    p.add_argument("--float32", action="store_true", help="the model's nets cast to float32")
+    p.add_argument("--float32", action="store_true", help="the model's nets cast to float32 (sgemm rate)")
     a = p.parse_args(argv)
     for name in ("steps", "threads", "batch"):
         if getattr(a, name) < 1:

@@ -521,7 +521,8 @@ def compute_descriptor(
 # 3. Forward-mode dG/ds (embedding_features): the net's input is a scalar, so
 #    one tangent pass gives dG/ds with G; the backward to the positions then
 #    needs dL/ds = sum_g dL/dG_g dG_g/ds and no layer caches (less memory,
-#    and blocks of ROW_BLOCK rows stay in cache).
+#    and blocks of ROW_BLOCK rows stay in cache). The nets run on stacked dual
+#    numbers [s; 1] (nn.dual_net: one product per layer, tanh's lines fused).
 # Numba then fuses the loops over rows (kernels.segment_contract ...).
 
 
