@@ -106,15 +106,18 @@ class EnergyModel:
 
 def new_model(
     type_map: list[str], config: SeAConfig, fitting_neuron=(240, 240, 240),
-    fitting_resnet_dt: bool = True, seed: int = 0, dtype=np.float64,
+    fitting_resnet_dt: bool = True, seed: int = 0, dtype=np.float64, fitting_dtype=None,
 ) -> EnergyModel:
     """A freshly initialized model (deepmd-kit's initialization; davg = 0, dstd = 1, bias = 0).
 
     Training replaces davg/dstd and the bias by data statistics; tests use it as is.
-    ``dtype`` is the nets' precision (np.float32: deepmd-kit's ``precision: float32``,
-    computed in float32 from the embedding's input to the atomic energies, see
-    minidp.se_e2_a.embed_blocks); davg, dstd and the bias are float64 in any case.
+    ``dtype`` is the embedding nets' precision and ``fitting_dtype`` (default: dtype)
+    the fitting nets' (np.float32: deepmd-kit's descriptor and fitting_net
+    ``precision: float32``, computed in float32 from the embedding's input to the
+    atomic energies, see minidp.se_e2_a.embed_blocks); davg, dstd and the bias are
+    float64 in any case.
     """
+    fitting_dtype = dtype if fitting_dtype is None else fitting_dtype
     if len(type_map) != config.ntypes:
         raise ValueError(f"type_map has {len(type_map)} types but sel has {config.ntypes}")
     ntypes = config.ntypes
@@ -127,7 +130,7 @@ def new_model(
     n_nets = ntypes if config.type_one_side else ntypes * ntypes
     nets = EmbeddingNets.from_list(ntypes, config.type_one_side, [emb() for _ in range(n_nets)])
     se = SeA(config, np.zeros((ntypes, config.nnei, 4)), np.ones((ntypes, config.nnei, 4)), nets)
-    fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, dtype, next(seeds))
+    fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, fitting_dtype, next(seeds))
                for _ in range(ntypes)]
     return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes))
 

@@ -196,7 +196,7 @@ def test_profile_prints_every_workload(capsys):
     assert profile.main(["--model", str(need(MODEL_DP)), "--data", str(need(WATER / "data_3")), "--steps", "1",
                          "--threads", "1", "--batch", "2"]) == 0
     out = capsys.readouterr().out
-    for heading in ("### training step (1 frame), 1 worker", "### exact evaluation", "### DeepPot.eval"):
+    for heading in ("### training step (1 frame), the stages on one core", "### exact evaluation", "### DeepPot.eval"):
         assert heading in out
     assert "| embedding nets: value + tangent |" in out and "unattributed" in out
     assert minidp.force_training.embed_jvp is original

@@ -18,7 +18,7 @@ import pytest
 
 from minidp import DeepPot
 from minidp.loss import Batch, loss_and_grad
-from minidp.model import model_forward, predict_frames
+from minidp.model import model_forward, new_model, predict_frames
 from minidp.neighbor import build_neighbor_list
 from minidp.se_e2_a import SeAConfig
 from minidp.serialization import load_model, save_model
@@ -133,3 +133,27 @@ def test_float32_model_agrees_with_deepmd_kit_tf_within_its_own_spread(water_fra
         assert 0 < spread < 1e-3, q
         assert np.abs(ours32[k] - tf[f"m32_{q}"]).max() <= 2 * spread, q
         assert np.abs(ours64[k] - tf[f"m64_{q}"]).max() <= 1e-10, q
+
+
+@pytest.mark.parametrize("dtype, fitting_dtype", [(np.float32, np.float64), (np.float64, np.float32)])
+def test_mixed_precisions_train_each_net_in_its_own(dtype, fitting_dtype):
+    """deepmd-kit sets the descriptor's and the fitting net's precision apart: each net computes and gets its
+    gradient in its own, and the gradients agree with an all-float64 model of the same weights."""
+    cfg = SeAConfig(4.0, 1.0, (16, 16), (4, 8), 3, True, resnet_dt=True)
+    mixed = new_model(["A", "B"], cfg, (8, 8), seed=5, dtype=dtype, fitting_dtype=fitting_dtype)
+    assert mixed.descriptor.dtype == dtype and mixed.fitting[0].dtype == fitting_dtype
+    ref = mixed.astype(np.float64)
+    _, _, coords, cells, types = _small()
+    nl = build_neighbor_list(coords, cells, types, cfg.rcut, list(cfg.sel))
+    batch = Batch(nl.rij, nl.nlist, types, np.array([3.0]), np.ones(coords.shape), None)
+    _, g, pred = loss_and_grad(mixed, batch, (0.5, 2.0, 0.0))
+    _, g64, pred64 = loss_and_grad(ref, batch, (0.5, 2.0, 0.0))
+    for name, net in mixed.named_nets():
+        assert net.dtype == (dtype if name[0] == "embedding" else fitting_dtype)
+    layers = [(net.dtype, p) for _, net in mixed.named_nets() for p in net.params()]
+    for (want, _), a, b in zip(layers, g, g64):
+        for key in b:
+            assert a[key].dtype == want
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-4 * np.abs(b[key]).max())
+    for a, b in zip(pred, pred64):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
