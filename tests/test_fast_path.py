@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import minidp.loss
 from minidp.force_training import atomic_energy_jvp, atomic_energy_tangent
 from minidp.loss import centre_chunks, loss_and_grad
 from minidp.model import atomic_energy
@@ -126,10 +127,13 @@ def test_centre_chunks_cover_the_atoms_once():
 @settings(max_examples=10, deadline=None)
 @given(specs(max_atoms=8), st.integers(2, 3))
 def test_loss_and_grad_on_several_threads_is_the_one_thread_result(spec, workers):
-    """Centre-atom ranges on threads: the same loss, predictions and gradients, to round-off."""
+    """Centre-atom ranges on threads: the same loss, predictions and gradients, to round-off (pieces of
+    any size here: these frames are far below MIN_PIECE_ATOMS)."""
     model, batch = _batch(spec, 2, True)
     one = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=1)
-    many = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=workers)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(minidp.loss, "MIN_PIECE_ATOMS", 1)
+        many = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=workers)
     assert many[0].loss == pytest.approx(one[0].loss, rel=1e-12)
     for a, b in zip(many[2], one[2]):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
