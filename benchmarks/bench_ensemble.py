@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def measure(shared: Path, nframes: int, repeats: int) -> dict:
     """Median seconds of one model's eval and of the 4-model ensemble's, alternated."""
-    from minidp.infer import DeepPot
     from minidp.active.model_devi import Ensemble
+    from minidp.infer import DeepPot
     from validation.active_learning import perturbed_model
 
     base = shared / "models" / "water-14000.dp"

@@ -86,3 +86,36 @@ def flops_per_frame(model: EnergyModel, counts: np.ndarray, atoms_per_type: np.n
     }
     return {name: {"embedding": e, "contraction": c, "fitting": float(fitting), "total": e + c + float(fitting)}
             for name, (e, c) in parts.items()}
+
+
+def training_flops(model: EnergyModel, counts: np.ndarray, atoms_per_type: np.ndarray) -> dict[str, float]:
+    r"""FLOPs of one training step on one frame (energy and force loss, exact second derivatives), by part.
+
+    With :math:`E` one embedding row's matmul FLOPs, :math:`F` one fitting row's
+    (:func:`matmul_flops`), n real rows and N atoms (padded-tail rows left out: a
+    few hundred per net):
+
+    - ``embedding forward``: value and tangent dG/ds of every real row, :math:`2E n`;
+    - ``embedding backward``: the reverse of both to the weights, two products per layer
+      for each of value and tangent (W-gradient, input gradient), :math:`4E n`;
+    - ``fitting``: forward, backward to D (forces), the tangent pass (the value reused from
+      the forward) and the reverse of value and tangent to the weights: :math:`(1 + 1 + 1 + 4) F N`;
+    - ``sums``: T = sum G^T R forward (8 ng per row), its backward (18 ng), the tangent
+      T' (16 ng) and the rows' cotangents (25 ng);
+    - ``contraction``: D = T T<^T (8 ng m2 per atom), its backward (16), its tangent (16),
+      and the second-order reverse through both (48).
+
+    counts, atoms_per_type as :func:`flops_per_frame`. Returns the parts and "total".
+    """
+    se, cfg = model.descriptor, model.descriptor.config
+    ng, m2, nt = cfg.ng, cfg.axis_neuron, cfg.ntypes
+    atoms_per_type = np.asarray(atoms_per_type, dtype=float)
+    emb = np.array([[matmul_flops(se.nets[ti, tj]) for tj in range(nt)] for ti in range(nt)], dtype=float)
+    real, natoms = float(counts.sum()), float(atoms_per_type.sum())
+    fit = float(sum(matmul_flops(model.fitting[t]) * atoms_per_type[t] for t in range(nt)))
+    parts = {"embedding forward": float((2 * emb * counts).sum()),
+             "embedding backward": float((4 * emb * counts).sum()),
+             "fitting": 7 * fit,
+             "sums": (8 + 18 + 16 + 25) * ng * real,
+             "contraction": (8 + 16 + 16 + 48) * ng * m2 * natoms}
+    return {**parts, "total": sum(parts.values())}

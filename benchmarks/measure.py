@@ -227,14 +227,17 @@ def measure_model(spec: dict) -> dict:
 
 
 def measure_dgemm(spec: dict) -> dict:
-    """GFLOP/s of float64 matmuls C = A B (2 m k n FLOPs) for each shape (m, k, n) and BLAS thread count."""
+    """GFLOP/s of matmuls C = A B (2 m k n FLOPs) for each shape (m, k, n) and BLAS thread count, in the
+    spec's ``dtype`` (default float64: dgemm; float32: sgemm)."""
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
+    dtype = np.dtype(spec.get("dtype", "float64"))
     rows = []
     for m, k, n in spec["shapes"]:
         # (m, k), (k, n), (m, n)
-        a, b, c = rng.standard_normal((m, k)), rng.standard_normal((k, n)), np.empty((m, n))
+        a, b = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+        c = np.empty((m, n), dtype)
         for threads in spec["threads_list"]:
             with threadpool_limits(threads):
                 np.matmul(a, b, out=c)  # warm-up: BLAS thread start, page faults on c

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minidp.io.outputs import atomic_path
 from minidp.io.figures import save_figure
+from minidp.io.outputs import atomic_path
 
 MIB = 1 << 20
 
@@ -105,7 +105,7 @@ def status_cell(row: dict) -> str:
 
 
 THROUGHPUT_HEADER = ["implementation", "batch_size (chunk atoms)", "ms/frame (median)", "ms/frame (min)", "frames/s",
-                     "x TF", "x TF (fastest calls)", "x TF compressed", "peak MiB", "peak - load MiB",
+                     "x TF", "x TF (fastest calls)", "x TF compressed", "x TF float32", "peak MiB", "peak - load MiB",
                      "peak - base MiB", "KiB/atom in flight", "cores used", "status"]
 THROUGHPUT_CAPTION = (
     "x TF: TF's median ms/frame over minidp's (same run, same threads); (fastest calls): the same ratio of the "
@@ -127,6 +127,7 @@ def throughput_md(results: dict) -> list[str]:
         rows.append([r["name"], chunk, fmt(r.get("ms_per_frame")), fmt(r.get("ms_per_frame_min")),
                      fmt(r.get("frames_per_s")), fmt(r.get("speedup_vs_tf"), ".2f"),
                      fmt(r.get("speedup_best_vs_tf"), ".2f"), fmt(r.get("speedup_vs_tf_compressed"), ".2f"),
+                     fmt(r.get("speedup_vs_tf_float32"), ".2f"),
                      fmt(m.get("peak_mib"), ".0f"), fmt(m.get("over_load_mib"), ".0f"),
                      fmt(m.get("over_base_mib"), ".0f"), fmt(in_flight, ".0f"), fmt(r.get("cores_used"), ".2f"),
                      status_cell(r)])
@@ -191,19 +192,23 @@ def flops_md(results: dict) -> list[str]:
     """FLOPs per frame by part, achieved GFLOP/s = FLOPs / (best ms/frame), their fraction of the dgemm peak."""
     f = results["flops"]
     rows = []
-    for name, parts in f["per_frame"].items():
+    # the float32 rows count their float64 twin's FLOPs; their fraction is of the sgemm peak
+    named = list(f["per_frame"].items()) + [(f"{n}-float32", f["per_frame"][n]) for n in ("minidp", "tf")
+                                            if f"{n}-float32" in f["achieved"]]
+    for name, parts in named:
         a = f["achieved"].get(name, {})
         rows.append([name] + [fmt(parts[k] / 1e6, ".0f") for k in ("embedding", "contraction", "fitting", "total")]
                     + [fmt(a.get("ms_per_frame")), fmt(a.get("gflops")), fmt(a.get("fraction_of_peak"), ".2f")])
-    dg = results["dgemm"]
-    dg_rows = [[" x ".join(map(str, d["shape"])), str(d["threads"]), fmt(d["gflops"])] for d in dg.get("rows", [])]
+    dg_rows = [[gemm, " x ".join(map(str, d["shape"])), str(d["threads"]), fmt(d["gflops"])]
+               for gemm in ("dgemm", "sgemm") for d in results.get(gemm, {}).get("rows", [])]
     return ([f"## FLOPs per frame ({f['natoms']} atoms, {f['real_neighbours_per_atom']:.1f} real neighbours per atom "
              f"of {f['slots_per_atom']} slots)", ""]
             + table(["implementation", "embedding MFLOP", "contraction MFLOP", "fitting MFLOP", "total MFLOP",
-                     "best ms/frame", "GFLOP/s", "/ dgemm peak"], rows)
+                     "best ms/frame", "GFLOP/s", "/ gemm peak"], rows)
             + ["", "Matrix-product FLOPs only (benchmarks/flops.py); the compressed model's table is counted as "
-                   "polynomial arithmetic. dgemm (NumPy matmul, float64):", ""]
-            + table(["m x k x n", "BLAS threads", "GFLOP/s"], dg_rows) + [""])
+                   "polynomial arithmetic. The fraction is of the dgemm peak (float64 rows) or the sgemm peak "
+                   "(float32 rows); NumPy matmul:", ""]
+            + table(["gemm", "m x k x n", "BLAS threads", "GFLOP/s"], dg_rows) + [""])
 
 
 def notes_md(results: dict) -> list[str]:
@@ -214,6 +219,14 @@ def notes_md(results: dict) -> list[str]:
     if "tf" in e and "minidp" in e:
         lines.append(f"- energy per atom of the first frame, minidp - TF: {e['minidp'] - e['tf']:.2e} eV"
                      + (f"; compressed TF - TF: {e['tf-compressed'] - e['tf']:.2e} eV" if "tf-compressed" in e else ""))
+    f32 = results.get("float32_models")
+    if f32:
+        lines.append(f"- float32 model (the .dp's nets rounded to float32): {f32['status']}"
+                     + (f" ({f32['message']})" if f32.get("message") else ""))
+    if "tf-float32" in e and "minidp-float32" in e:
+        lines.append(f"- float32, energy per atom of the first frame: minidp - TF "
+                     f"{e['minidp-float32'] - e['tf-float32']:.2e} eV; TF float32 - TF float64 "
+                     f"{e['tf-float32'] - e['tf']:.2e} eV")
     rows = ok_rows(results["scaling"]) + ([results["large"]] if results.get("large", {}).get("status") == "ok" else [])
     if rows:
         e = [r["energy_per_atom"] for r in rows]

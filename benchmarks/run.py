@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.report import ok_rows, write_outputs
+from minidp.io.serialization import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -77,6 +78,8 @@ class Settings:
     large_replicas: tuple[int, int, int] | None  # the > 100,000-atom frame (None: skip it)
     dgemm_shapes: tuple[tuple[int, int, int], ...]  # matmul (m, k, n) shapes; the first, square, sets the peak
     compressed_only: bool = False  # run the compressed-model section alone (benchmarks.compressed)
+    float32: bool = False  # also the float32 model (the same weights rounded): minidp and TF rows, and sgemm (on from
+    # the command line)
 
 
 # ---------------------------------------------------------------------------
@@ -220,26 +223,30 @@ def model_spec(s: Settings, kind: str, frames: Path, **extra) -> dict:
     return {**spec, **extra}
 
 
-def bench_dgemm(run, s: Settings) -> dict:
-    """Section 1: float64 matmul GFLOP/s, with 1 and with ``threads`` BLAS threads.
+def bench_dgemm(run, s: Settings, dtype: str = "float64") -> dict:
+    """Section 1: matmul GFLOP/s in ``dtype`` (float64: dgemm, float32: sgemm), with 1 and with ``threads``
+    BLAS threads.
 
     "The dgemm peak" is the square product's rate on ``threads`` cores: the
     larger of the rate measured with ``threads`` BLAS threads and ``threads``
     times the one-thread rate (on a shared machine the threaded figure can
     fall below the single-threaded one; the per-core figure times the cores
     is then what the hardware gives, and the fraction of it the honest one).
+    The sgemm peak likewise, for the float32 rows.
     """
     spec = {"kind": "dgemm", "shapes": [list(x) for x in s.dgemm_shapes], "threads_list": sorted({1, s.threads}),
-            "repeats": s.repeats}
-    r = run(spec, "dgemm")
+            "repeats": s.repeats, "dtype": dtype}
+    r = run(spec, "dgemm" if dtype == "float64" else "sgemm")
     if r["status"] != "ok":
         return {"status": r["status"], "log": r.get("log", ""), "peak_gflops": None}
     square = {x["threads"]: x["gflops"] for x in r["rows"] if x["shape"] == list(s.dgemm_shapes[0])}
     return {"status": "ok", "rows": r["rows"], "peak_gflops": max(square[s.threads], s.threads * square[1])}
 
 
-def bench_throughput(run, s: Settings, frames: Path, compressed: Path | None) -> list[dict]:
-    """Sections 2-3: ms/frame on ``nframes`` frames for TF, compressed TF and minidp per chunk size.
+def bench_throughput(run, s: Settings, frames: Path, compressed: Path | None,
+                     float32: dict | None = None) -> list[dict]:
+    """Sections 2-3: ms/frame on ``nframes`` frames for TF, compressed TF and minidp per chunk size; with
+    ``float32`` (make_float32_models' paths) also TF and minidp (default chunks) on the float32 model.
 
     The contenders take turns, round after round, so that the machine's busy
     spells fall on all of them; each row pools its rounds' timed calls.
@@ -249,6 +256,11 @@ def bench_throughput(run, s: Settings, frames: Path, compressed: Path | None) ->
         contenders.append(("tf-compressed", model_spec(s, "tf", frames, nframes=s.nframes, model=str(compressed)), {}))
     contenders += [("minidp", model_spec(s, "minidp", frames, nframes=s.nframes, batch_size=bs), {"requested": bs})
                    for bs in s.chunk_sizes]
+    if float32 and float32.get("pb"):
+        contenders.append(("tf-float32", model_spec(s, "tf", frames, nframes=s.nframes, model=float32["pb"]), {}))
+    if float32 and float32.get("dp"):
+        contenders.append(("minidp-float32", model_spec(s, "minidp", frames, nframes=s.nframes, model=float32["dp"]),
+                           {}))
     raw: list[list[dict]] = [[] for _ in contenders]
     for k in range(s.rounds):
         for (name, spec, extra), got in zip(contenders, raw):
@@ -256,7 +268,7 @@ def bench_throughput(run, s: Settings, frames: Path, compressed: Path | None) ->
     rows = [timing_row(name, merge_rounds(got), **extra) for (name, _, extra), got in zip(contenders, raw)]
     for ref in ok_rows(rows):
         for row in ok_rows(rows):
-            if ref["name"].startswith("tf") and row["name"] == "minidp":
+            if ref["name"].startswith("tf") and row["name"].startswith("minidp"):
                 tag = ref["name"].replace("-", "_")
                 row[f"speedup_vs_{tag}"] = ref["ms_per_frame"] / row["ms_per_frame"]
                 row[f"speedup_best_vs_{tag}"] = ref["ms_per_frame_min"] / row["ms_per_frame_min"]
@@ -336,6 +348,31 @@ def compress_model(s: Settings) -> dict:
         return {"status": status, "message": log_tail(work / "compress.log", 10), "path": None}
 
 
+def make_float32_models(s: Settings, model) -> dict:
+    """The float32 model of the run (the .dp's nets rounded to float32, deepmd-kit's ``precision: float32``):
+    out/model-float32.dp by minidp, and out/model-float32.pb by ``dp convert-backend`` of it (both kept
+    while newer than the model). Returns their paths ("dp", "pb"; None for one that could not be made)
+    and a status."""
+    dp32, pb32 = s.out / "model-float32.dp", s.out / "model-float32.pb"
+    fresh = dp32.exists() and dp32.stat().st_mtime >= s.model_minidp.stat().st_mtime
+    if not fresh:
+        save_model(dp32, model.astype(np.float32), overwrite=dp32.exists())
+    if pb32.exists() and pb32.stat().st_mtime >= dp32.stat().st_mtime:
+        return {"status": "ok (cached)", "dp": str(dp32), "pb": str(pb32)}
+    dp = shutil.which("dp", path=str(Path(sys.executable).parent)) or shutil.which("dp")
+    if dp is None:
+        return {"status": "no TF float32 model: deepmd-kit's dp command was not found", "dp": str(dp32), "pb": None}
+    with tempfile.TemporaryDirectory(dir=s.out, prefix=".float32-") as tmp:
+        work = Path(tmp)
+        cmd = [dp, "convert-backend", str(dp32.resolve()), "model-float32.pb"]
+        status = run_process(cmd, child_env(s.threads), work, work / "convert.log", 10 * s.timeout, s.mem_limit)
+        if status == "ok" and (work / "model-float32.pb").exists():
+            os.replace(work / "model-float32.pb", pb32)
+            return {"status": "ok", "dp": str(dp32), "pb": str(pb32)}
+        return {"status": f"dp convert-backend: {status}", "message": log_tail(work / "convert.log", 10),
+                "dp": str(dp32), "pb": None}
+
+
 def prepare_frames(s: Settings, model, target: Path) -> dict:
     """Read ``--data`` once (dpdata), map its types onto the model's, save float64 arrays for the measurements.
 
@@ -361,9 +398,8 @@ def flops_section(model, frames: dict, results: dict) -> dict:
     Achieved GFLOP/s use the best median ms/frame of each implementation in
     the throughput sweep; the fraction is of the square dgemm peak.
     """
-    from minidp.neighbor import build_neighbor_list
-
     from benchmarks.flops import flops_per_frame, neighbour_counts
+    from minidp.neighbor import build_neighbor_list
 
     cfg = model.descriptor.config
     coords, cells, types = frames["coords"], frames["cells"], frames["atom_types"]
@@ -372,15 +408,19 @@ def flops_section(model, frames: dict, results: dict) -> dict:
     counts = neighbour_counts(nl.nlist, types, cfg.sec)
     per_frame = flops_per_frame(model, counts, np.bincount(types, minlength=cfg.ntypes))
     peak = results["dgemm"].get("peak_gflops")
+    speak = results.get("sgemm", {}).get("peak_gflops")
     achieved = {}
-    for name, parts in per_frame.items():
+    # the float32 rows do the same FLOPs as their float64 twins, against the sgemm peak
+    for name, parts, top in [(n, p, peak) for n, p in per_frame.items()] + [
+            (f"{n}-float32", per_frame[n], speak) for n in ("minidp", "tf")]:
         ms = [r["ms_per_frame"] for r in ok_rows(results["throughput"], name)]
         if ms:
             gflops = parts["total"] / (min(ms) * 1e-3) / 1e9
             achieved[name] = {"ms_per_frame": min(ms), "gflops": gflops,
-                              "fraction_of_peak": gflops / peak if peak else None}
+                              "fraction_of_peak": gflops / top if top else None}
     return {"natoms": int(types.size), "real_neighbours_per_atom": float(counts.sum()) / types.size,
-            "slots_per_atom": cfg.nnei, "per_frame": per_frame, "achieved": achieved, "dgemm_peak_gflops": peak}
+            "slots_per_atom": cfg.nnei, "per_frame": per_frame, "achieved": achieved, "dgemm_peak_gflops": peak,
+            "sgemm_peak_gflops": speak}
 
 
 def meta(s: Settings) -> dict:
@@ -418,8 +458,12 @@ def run_all(s: Settings, run=None) -> dict:
     s.out.mkdir(parents=True, exist_ok=True)
     results = {"meta": meta(s), "compress": compress_model(s)}
     compressed = Path(results["compress"]["path"]) if results["compress"].get("path") else None
+    float32 = make_float32_models(s, model) if s.float32 and not s.compressed_only else None
+    if float32:
+        results["float32_models"] = float32
     total = (1 + s.rounds * (1 + (compressed is not None) + len(s.chunk_sizes)) + len(s.budgets)
              + 2 * len(s.replicas) + (s.large_replicas is not None))
+    total += (1 + 2 * s.rounds) if float32 else 0
     total = (0 if s.compressed_only else total) + 4 * s.rounds + 2 * len(s.replicas)
     with tempfile.TemporaryDirectory(dir=s.out, prefix=".work-") as tmp, \
             tqdm(total=total, unit="run", disable=None) as bar:
@@ -437,7 +481,9 @@ def run_all(s: Settings, run=None) -> dict:
             results["meta"].update(elapsed_s=time.time() - t0, loadavg_end=os.getloadavg())
             return results
         results["dgemm"] = bench_dgemm(run, s)
-        results["throughput"] = bench_throughput(run, s, work / "frames.npz", compressed)
+        if float32:
+            results["sgemm"] = bench_dgemm(run, s, "float32")
+        results["throughput"] = bench_throughput(run, s, work / "frames.npz", compressed, float32)
         results["budgets"] = bench_budgets(run, s, work / "frames.npz")
         results["scaling"] = bench_scaling(run, s, work / "frames.npz")
         if s.large_replicas is not None:
@@ -465,6 +511,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="GiB of resident memory at which a measurement is killed (default: 8, or 40%% of free memory)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved throughput rounds (default 2, quick 1)")
     p.add_argument("--compressed-only", action="store_true", help="only the compressed models' section")
+    p.add_argument("--float32", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the float32 model, minidp and TF, beside float64 (default on)")
     a = p.parse_args(argv)
     if a.model.suffix != ".pb" or not a.model.is_file():
         raise ValueError(f"--model {a.model} must be an existing deepmd-kit frozen model (.pb)")
@@ -475,7 +523,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     return replace(settings(a.model, a.data, a.out, a.threads, a.quick, a.timeout, a.mem_limit, a.rounds),
-                   compressed_only=a.compressed_only)
+                   compressed_only=a.compressed_only, float32=a.float32)
 
 
 def settings(model: Path, data: Path, out: Path, threads: int, quick: bool, timeout: float = 120.0,

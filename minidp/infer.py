@@ -70,6 +70,7 @@ from minidp.neighbor import (
     read_ase_pairs,
     search_neighbors,
 )
+from minidp.runtime import default_workers
 from minidp.se_e2_a import descriptor_forward
 
 # ---------------------------------------------------------------------------
@@ -120,14 +121,6 @@ def plan_chunks(nf: int, natoms: int, batch_size: int, workers: int = 1) -> list
         return [Chunk(slice(f, min(f + step, nf)), slice(0, natoms)) for f in range(0, nf, step)]
     cuts = np.linspace(0, natoms, math.ceil(natoms / size) + 1).round().astype(int)
     return [Chunk(slice(f, f + 1), slice(int(a), int(b))) for f in range(nf) for a, b in zip(cuts[:-1], cuts[1:])]
-
-
-def default_workers() -> int:
-    """Threads to use: OMP_NUM_THREADS if set (as deepmd-kit honours it), else the usable cores."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # Chunks beyond a few hundred atoms gain nothing in speed (the embedding works

@@ -56,6 +56,24 @@ def segment_contract_backward(G, dG_ds, R, start, dTt, dR):  # pragma: no cover 
             dR[p, 0] += ds
 
 
+@njit(nogil=True, cache=True, fastmath=True)
+def segment_contract_tangent(G, dG_ds, R, Rdot, start, Tt):  # pragma: no cover - compiled
+    """The tangent of segment_contract along R' (force_training.embed_jvp), for rows p of atom a:
+
+    Tt[a, c, g] += R'[p, c] G[p, g] + R[p, c] s'[p] dG_ds[p, g],  s' = R'[p, 0]
+
+    (G moves with s = R[p, 0]: G' = dG/ds s'). Shapes as segment_contract; Rdot (nb, 4).
+    """
+    ng = G.shape[1]
+    for a in range(start.size - 1):
+        for p in range(start[a], start[a + 1]):
+            sdot = Rdot[p, 0]
+            for c in range(4):
+                rd, rs = Rdot[p, c], R[p, c] * sdot
+                for g in range(ng):
+                    Tt[a, c, g] += rd * G[p, g] + rs * dG_ds[p, g]
+
+
 @njit(nogil=True, cache=True)
 def scatter_pairs(g, rij, nlist, first, F, W):  # pragma: no cover - compiled
     """Forces and atomic virials from pair gradients (see model.pair_forces_virials).
@@ -155,3 +173,63 @@ def row_cotangents(Tt, Tdt, R, Rdot, start, Gbar, dGbar):  # pragma: no cover - 
                 u0, u1, u2, u3 = Tdt[a, 0, g], Tdt[a, 1, g], Tdt[a, 2, g], Tdt[a, 3, g]
                 Gbar[p, g] = t0 * r0 + t1 * r1 + t2 * r2 + t3 * r3 + u0 * d0 + u1 * d1 + u2 * d2 + u3 * d3
                 dGbar[p, g] = (u0 * r0 + u1 * r1 + u2 * r2 + u3 * r3) * d0
+
+
+# ---------------------------------------------------------------------------
+# The tanh layer in forward mode, fused (nn.dual_layer / nn.dual_layer_backward)
+# ---------------------------------------------------------------------------
+# Residual kinds, as nn.residual_kind names them: nothing, y += x, y += [x, x].
+RES_NONE, RES_SAME, RES_DOUBLE = 0, 1, 2
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def tanh_dual(A, TZ, X, TX, idt, kind, Y, TY):  # pragma: no cover - compiled
+    """nn.layer_jvp's elementwise lines for tanh, in one pass over the rows:
+
+    y = a idt + res(x),  ty = (1 - a^2) tz idt + res(tx)
+
+    A, TZ (nb, n_out): a = tanh(z) and tz; X, TX (nb, n_in): x and tx; idt (n_out,)
+    (ones without a timestep); kind RES_NONE / RES_SAME / RES_DOUBLE; Y, TY
+    (nb, n_out) are written. nn.dual_layer passes the halves of its stacked
+    arrays: each half is C-contiguous (a strided 3-d view would not vectorize).
+    """
+    nb, n_out = A.shape
+    n_in = X.shape[1]
+    # constants in the arrays' precision: a Python 1 would make a float32 kernel compute in float64
+    one = A.dtype.type(1)
+    for r in range(nb):
+        for j in range(n_out):
+            a = A[r, j]
+            Y[r, j] = a * idt[j]
+            TY[r, j] = (one - a * a) * TZ[r, j] * idt[j]
+        # the residual: x onto y, once (RES_SAME) or onto each half (RES_DOUBLE)
+        for h in range(kind):
+            for j in range(n_in):
+                Y[r, h * n_in + j] += X[r, j]
+                TY[r, h * n_in + j] += TX[r, j]
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def tanh_dual_backward(GY, GTY, A, TZ, idt, GZ, GTZ, gb, gidt):  # pragma: no cover - compiled
+    """nn.layer_jvp_backward's elementwise lines for tanh (phi' = 1 - a^2, phi'' = -2 a phi'):
+
+    gtz = gty idt phi',  gz = gy idt phi' + gty idt tz phi'',
+    gb += sum_rows gz,  gidt += sum_rows (gy a + gty phi' tz)
+
+    GY, GTY (nb, n_out): gy, gty; A, TZ: a, tz; GZ, GTZ (nb, n_out) are written;
+    gb, gidt (n_out,) are accumulated in place. C-contiguous halves, as tanh_dual.
+    """
+    nb, n_out = A.shape
+    # constants in the arrays' precision (see tanh_dual)
+    one, two = A.dtype.type(1), A.dtype.type(2)
+    for r in range(nb):
+        for j in range(n_out):
+            a, tz = A[r, j], TZ[r, j]
+            gy, gty = GY[r, j], GTY[r, j]
+            d1 = one - a * a
+            gidt[j] += gy * a + gty * d1 * tz
+            gty_a = gty * idt[j]
+            gz = (gy * idt[j] - two * a * tz * gty_a) * d1
+            GZ[r, j] = gz
+            GTZ[r, j] = gty_a * d1
+            gb[j] += gz

@@ -55,7 +55,7 @@ Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -210,15 +210,30 @@ class EnergyModel:
     def n_params(self) -> int:
         return sum(n.n_params() for n in self.nets())
 
+    def astype(self, dtype) -> "EnergyModel":
+        """A copy whose nets (embedding and fitting) are cast to dtype: float32 is deepmd-kit's
+        ``precision: float32``. davg, dstd and the bias stay float64, as deepmd-kit keeps them."""
+        se = self.descriptor
+        nets = EmbeddingNets(se.nets.ntypes, se.nets.type_one_side, {k: n.astype(dtype) for k, n in se.nets.items()})
+        # every other field (the fitting's inputs, atom_ener, exclusions, ...) carried over as it is
+        return replace(self, descriptor=replace(se, nets=nets), fitting=[n.astype(dtype) for n in self.fitting],
+                       bias=self.bias.copy())
+
 
 def new_model(
     type_map: list[str], config: SeAConfig, fitting_neuron=(240, 240, 240),
-    fitting_resnet_dt: bool = True, seed: int = 0, dtype=np.float64,
+    fitting_resnet_dt: bool = True, seed: int = 0, dtype=np.float64, fitting_dtype=None,
 ) -> EnergyModel:
     """A freshly initialized model (deepmd-kit's initialization; davg = 0, dstd = 1, bias = 0).
 
     Training replaces davg/dstd and the bias by data statistics; tests use it as is.
+    ``dtype`` is the embedding nets' precision and ``fitting_dtype`` (default: dtype)
+    the fitting nets' (np.float32: deepmd-kit's descriptor and fitting_net
+    ``precision: float32``, computed in float32 from the embedding's input to the
+    atomic energies, see minidp.se_e2_a.embed_blocks); davg, dstd and the bias are
+    float64 in any case.
     """
+    fitting_dtype = dtype if fitting_dtype is None else fitting_dtype
     if len(type_map) != config.ntypes:
         raise ValueError(f"type_map has {len(type_map)} types but sel has {config.ntypes}")
     ntypes = config.ntypes
@@ -230,10 +245,10 @@ def new_model(
     # one net per key: (tj,) with type_one_side (shared by every centre type), else (ti, tj)
     n_nets = ntypes if config.type_one_side else ntypes * ntypes
     nets = EmbeddingNets.from_list(ntypes, config.type_one_side, [emb() for _ in range(n_nets)])
-    se = SeA(config, np.zeros((ntypes, config.nnei, 4), dtype), np.ones((ntypes, config.nnei, 4), dtype), nets)
-    fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, dtype, next(seeds))
+    se = SeA(config, np.zeros((ntypes, config.nnei, 4)), np.ones((ntypes, config.nnei, 4)), nets)
+    fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, fitting_dtype, next(seeds))
                for _ in range(ntypes)]
-    return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes, dtype))
+    return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes))
 
 
 # ---------------------------------------------------------------------------
@@ -320,20 +335,21 @@ def atomic_energy(
     nf, nloc, dim = D.shape
     # (nf, nloc, dim + width)
     x = fitting_input(D, model.fitting_input, params)
-    # (nf, nloc)
-    E_atom = np.zeros((nf, nloc), dtype=D.dtype)
+    # (nf, nloc)  float64 whatever the nets' precision: the bias and the sums over atoms (deepmd-kit's too)
+    E_atom = np.zeros((nf, nloc))
     caches = []
     vacuum = model.vacuum
     for t, atoms in type_groups(atom_types, model.ntypes):
         if t in model.atom_exclude_types:
             continue
-        # (nb, dim + width) with nb = nf * na: every atom of type t is one row
-        x_t = x[:, atoms].reshape(-1, x.shape[-1])
+        net = model.fitting[t]
+        # (nb, dim + width) with nb = nf * na: every atom of type t is one row, in the net's precision
+        x_t = x[:, atoms].reshape(-1, x.shape[-1]).astype(net.dtype, copy=False)
         # (nb, 1)
-        y, net_caches = net_forward(model.fitting[t], x_t)
+        y, net_caches = net_forward(net, x_t)
         if vacuum[t]:
-            y = y - vacuum_output(model.fitting[t], x_t, dim)
-        E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
+            y = y - vacuum_output(net, x_t, dim)
+        E_atom[:, atoms] = y.reshape(nf, atoms.size).astype(np.float64) + model.bias[t]
         caches.append(FitCache(t, atoms, model.fitting[t], net_caches))
     return E_atom, caches
 
@@ -349,7 +365,8 @@ def atomic_energy_backward(dE_atom: np.ndarray, caches: list[FitCache], dim: int
     dD = np.zeros((nf, nloc, dim), dtype=dE_atom.dtype)
     for _, atoms, net, net_caches in caches:
         # (nb, dim + width)
-        dx, _ = net_backward(net, net_caches, dE_atom[:, atoms].reshape(-1, 1), param_grads=False)
+        dy = dE_atom[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False)
+        dx, _ = net_backward(net, net_caches, dy, param_grads=False)
         dD[:, atoms] = dx[:, :dim].reshape(nf, atoms.size, dim)
     return dD
 

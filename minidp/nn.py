@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from minidp import kernels
 from minidp.checks import is_positive_int, positive_int
 
 # ---------------------------------------------------------------------------
@@ -400,6 +401,30 @@ def layer_jvp(layer: Layer, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, 
     return y, ty, cache
 
 
+def layer_tangent(layer: Layer, cache: LayerCache, tx: np.ndarray) -> tuple[np.ndarray, JvpCache]:
+    """layer_jvp's tangent for a layer already run forward: ty from tx, reusing layer_forward's cache.
+
+    Training computes every fitting net's forward first (the energy and the
+    forces define the loss, hence the displacement the tangent follows);
+    its tangent pass then needs no second value pass (tz = tx W, ta = phi'(z) tz,
+    ty as in :func:`layer_jvp`): one product per layer instead of two. Returns
+    (ty, the JvpCache layer_jvp would have made).
+    """
+    x, z, a = cache
+    # (nb, n_out) each: tz, phi'(z), ta
+    tz = tx @ layer.W
+    d1 = get_activation(layer.activation).grad(z, a)
+    ta = d1 * tz
+    jcache = JvpCache(x, tx, z, tz, a, d1, ta)
+    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
+    if layer.idt is None and kind == "none":
+        return ta, jcache
+    # (nb, n_out)  a fresh array: ta is kept in the cache
+    ty = ta * layer.idt if layer.idt is not None else ta.copy()
+    _add_residual(ty, tx, kind)
+    return ty, jcache
+
+
 def layer_jvp_backward(
     layer: Layer, cache: JvpCache, gy: np.ndarray, gty: np.ndarray, input_grads: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, np.ndarray]]:
@@ -532,6 +557,16 @@ def net_jvp(net: Net, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.nda
     return x, tx, caches
 
 
+def net_tangent(net: Net, caches: list[LayerCache], tx: np.ndarray) -> tuple[np.ndarray, list[JvpCache]]:
+    """net_jvp's tangent ty for a net already run forward (net_forward's caches), layer by layer with
+    :func:`layer_tangent`; returns ty and the JvpCaches net_jvp_backward needs."""
+    jcaches = []
+    for layer, cache in zip(net.layers, caches):
+        tx, jcache = layer_tangent(layer, cache, tx)
+        jcaches.append(jcache)
+    return tx, jcaches
+
+
 def net_jvp_backward(
     net: Net, caches: list[JvpCache], gy: np.ndarray, gty: np.ndarray, input_grads: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray | None, list[dict[str, np.ndarray]]]:
@@ -545,6 +580,140 @@ def net_jvp_backward(
         need = input_grads or i > 0
         gy, gty, grads[i] = layer_jvp_backward(net.layers[i], caches[i], gy, gty, need)
     return gy, gty, grads
+
+
+# ---------------------------------------------------------------------------
+# Fast path: value and tangent stacked, one product per layer
+# ---------------------------------------------------------------------------
+#
+# layer_jvp multiplies x and tx by W in two products and makes seven arrays per
+# layer; training and inference push hundreds of thousands of embedding rows
+# through it. The fast path keeps the dual numbers stacked, X2 = [x; tx] of
+# shape (2, nb, n), and saves three things:
+#
+# 1. a layer is one product X2 W (2 nb rows), its reverse two: X2^T GZ2 (the
+#    weight gradient, K = 2 nb, instead of x^T gz + tx^T gtz and their sum) and GZ2 W^T;
+# 2. a layer with one input (an embedding net's first) needs no product at all:
+#    X2 W is the broadcast X2 * W[0] (a K = 1 product costs BLAS more than it computes);
+# 3. with tanh (deepmd-kit's default, and the water model's) the elementwise lines of
+#    layer_jvp and layer_jvp_backward run as one fused pass each (kernels.tanh_dual,
+#    kernels.tanh_dual_backward), and the cache is two arrays, a = tanh(z) and tz,
+#    besides the input: phi' = 1 - a^2 and phi'' = -2 a phi' come from a.
+#
+# Other activations take layer_jvp / layer_jvp_backward themselves (their cache is
+# a JvpCache). tests/test_nn.py checks both against the plain functions above.
+
+
+class DualCache(NamedTuple):
+    """What dual_layer_backward needs from dual_layer (tanh layers)."""
+
+    X2: np.ndarray  # (2, nb, n_in) the input x and its tangent tx, stacked
+    AZ2: np.ndarray  # (2, nb, n_out) a = tanh(z) and tz = tx W, stacked
+
+
+# nn.residual_kind's names as kernels.tanh_dual's codes
+_RESIDUAL_CODE = {"none": kernels.RES_NONE, "same": kernels.RES_SAME, "double": kernels.RES_DOUBLE}
+
+
+def _fused(layer: Layer) -> bool:
+    """Whether the layer's elementwise lines have a fused kernel (tanh)."""
+    return layer.activation.lower() == "tanh"
+
+
+def _idt(layer: Layer) -> np.ndarray:
+    """The timestep, or ones (n_out,) in the weights' dtype: the fused kernels always scale."""
+    return layer.idt if layer.idt is not None else np.ones(layer.n_out, dtype=layer.W.dtype)
+
+
+def dual_product(X2: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """[x W; tx W] for X2 = [x; tx] (2, nb, n_in): one product, or a broadcast when n_in = 1. Returns (2, nb, n_out)."""
+    _, nb, n_in = X2.shape
+    if n_in == 1:
+        # (2, nb, n_out)  the outer product, elementwise
+        return X2 * W[0]
+    # (2, nb, n_out)
+    return (X2.reshape(2 * nb, n_in) @ W).reshape(2, nb, W.shape[1])
+
+
+def dual_layer(layer: Layer, X2: np.ndarray, keep: bool = False, out: np.ndarray | None = None
+               ) -> tuple[np.ndarray, DualCache | JvpCache | None]:
+    """layer_jvp on stacked dual numbers: Y2 = [y; ty] from X2 = [x; tx], each (2, nb, n).
+
+    Returns Y2 (written into ``out`` when given: any (2, nb, n_out) view) and,
+    with ``keep``, the cache for :func:`dual_layer_backward`.
+    """
+    if not _fused(layer):
+        y, ty, cache = layer_jvp(layer, X2[0], X2[1])
+        Y2 = np.empty((2,) + y.shape, dtype=y.dtype) if out is None else out
+        Y2[0], Y2[1] = y, ty
+        return Y2, (cache if keep else None)
+    # (2, nb, n_out)  [xW; txW], then its first half becomes a = tanh(xW + b) in place
+    AZ2 = dual_product(X2, layer.W)
+    A = AZ2[0]
+    A += layer.b
+    np.tanh(A, out=A)
+    # (2, nb, n_out)
+    Y2 = np.empty_like(AZ2) if out is None else out
+    code = _RESIDUAL_CODE[residual_kind(layer.n_in, layer.n_out, layer.resnet)]
+    kernels.tanh_dual(AZ2[0], AZ2[1], X2[0], X2[1], _idt(layer), code, Y2[0], Y2[1])
+    return Y2, (DualCache(X2, AZ2) if keep else None)
+
+
+def dual_layer_backward(layer: Layer, cache: DualCache | JvpCache, G2: np.ndarray, grads: dict[str, np.ndarray],
+                        input_grads: bool = True) -> np.ndarray | None:
+    """layer_jvp_backward on stacked numbers: GX2 = [dL/dx; dL/d(tx)] (2, nb, n_in) from G2 = [dL/dy; dL/d(ty)].
+
+    The parameter gradients are *added* to ``grads`` (a dict in layer.params()
+    layout that the caller owns: row blocks of one net accumulate into it).
+    Returns None with ``input_grads=False``.
+    """
+    if isinstance(cache, JvpCache):
+        gx, gtx, g = layer_jvp_backward(layer, cache, G2[0], G2[1], input_grads)
+        for k, v in g.items():
+            grads[k] += v
+        return None if gx is None else np.stack([gx, gtx])
+    X2, AZ2 = cache
+    _, nb, n_out = AZ2.shape
+    n_in = X2.shape[2]
+    # (2, nb, n_out)  [dL/dz; dL/d(tz)]
+    GZ2 = np.empty_like(AZ2)
+    gidt = grads["idt"] if layer.idt is not None else np.zeros(n_out, dtype=AZ2.dtype)
+    kernels.tanh_dual_backward(G2[0], G2[1], AZ2[0], AZ2[1], _idt(layer), GZ2[0], GZ2[1], grads["b"], gidt)
+    # (n_in, n_out)  x^T gz + tx^T gtz as one product
+    grads["W"] += X2.reshape(2 * nb, n_in).T @ GZ2.reshape(2 * nb, n_out)
+    if not input_grads:
+        return None
+    # (2, nb, n_in)
+    GX2 = (GZ2.reshape(2 * nb, n_out) @ layer.W.T).reshape(2, nb, n_in)
+    # _residual_backward on the stacked halves (G2 may be a strided view: no reshaped copy of it)
+    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
+    if kind != "none":
+        GX2 += G2[..., :n_in]
+    if kind == "double":
+        GX2 += G2[..., n_in:]
+    return GX2
+
+
+def dual_net(net: Net, X2: np.ndarray, keep: bool = False, out: np.ndarray | None = None
+             ) -> tuple[np.ndarray, list]:
+    """net_jvp on stacked dual numbers, layer by layer with :func:`dual_layer`: Y2 = [y; ty] (2, nb, n_out)
+    (into ``out`` when given) and, with ``keep``, one cache per layer."""
+    caches = []
+    last = len(net.layers) - 1
+    for i, layer in enumerate(net.layers):
+        X2, cache = dual_layer(layer, X2, keep, out if i == last else None)
+        caches.append(cache)
+    return X2, caches
+
+
+def dual_net_backward(net: Net, caches: list, G2: np.ndarray, grads: list[dict[str, np.ndarray]] | None = None,
+                      input_grads: bool = True) -> tuple[np.ndarray | None, list[dict[str, np.ndarray]]]:
+    """net_jvp_backward on stacked numbers: GX2 (None with ``input_grads=False``) and the parameter
+    gradients, added to ``grads`` when given (net.params() layout), else to fresh zeros."""
+    grads = zeros_like_params(net.params()) if grads is None else grads
+    for i in reversed(range(len(net.layers))):
+        G2 = dual_layer_backward(net.layers[i], caches[i], G2, grads[i], input_grads or i > 0)
+    return G2, grads
 
 
 # ---------------------------------------------------------------------------

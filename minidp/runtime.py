@@ -18,6 +18,13 @@ changes them only where it must, and says so:
   workers do not fight over them. The limit is taken by each worker task and
   released when the last running task ends: it is never held while no chunk
   is computing (the caller's loop over ``iter_eval``, an abandoned generator).
+  A training step's parallel regions (:func:`parallel_map`) hold it the same way.
+
+Threads: :func:`default_workers` is how many minidp uses unless told (OMP_NUM_THREADS,
+else the usable cores); :func:`parallel_map` runs independent pieces of work on
+them, each piece's BLAS on one core, so that both cores work through a
+training step instead of only inside BLAS calls (whose idle threads spin, which
+costs most when another process wants the cores).
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ import contextlib
 import ctypes
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 OPT_OUT = "MINIDP_KEEP_FREED_MEMORY"
 
@@ -74,3 +86,26 @@ def one_blas_thread():
             if _state["users"] == 0:
                 _state["limiter"].restore_original_limits()
                 _state["limiter"] = None
+
+
+def default_workers() -> int:
+    """Threads to use: OMP_NUM_THREADS if set (as deepmd-kit honours it), else the usable cores."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    """[fn(x) for x in items], on min(workers, len(items)) threads, in order.
+
+    NumPy, BLAS and minidp's Numba kernels release the GIL, so the pieces run
+    at once; BLAS is kept to one thread while they do (:func:`one_blas_thread`,
+    held by the caller for the whole region: no per-piece switching). With one
+    worker or one item, fn runs in the calling thread and nothing changes.
+    An exception in a piece is raised here once all pieces have ended.
+    """
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with one_blas_thread(), ThreadPoolExecutor(min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))

@@ -89,7 +89,7 @@ import numpy as np
 
 from minidp import kernels
 from minidp.checks import check_backend, integers, number
-from minidp.nn import Net, get_activation, net_backward, net_forward, net_jvp
+from minidp.nn import Net, dual_net, get_activation, net_backward, net_forward
 
 # ---------------------------------------------------------------------------
 # Configuration and parameters
@@ -205,6 +205,12 @@ class SeA:
         if self.compress is not None and not isinstance(self.compress, TabulatedEmbedding):
             raise TypeError(f"SeA.compress must provide embed and embed_backward (a minidp.compress.Compression), "
                             f"got {type(self.compress).__name__}")
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The embedding nets' precision (deepmd-kit's descriptor ``precision``): the fast path computes
+        G, dG/ds, T and D in it; the environment matrix and its backward stay float64."""
+        return self.nets.items()[0][1].dtype
 
     def center_groups(self, atom_types: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Atoms that share embedding nets: (indices, centre type) per group.
@@ -620,7 +626,8 @@ def compute_descriptor(
 # 3. Forward-mode dG/ds (embedding_features): the net's input is a scalar, so
 #    one tangent pass gives dG/ds with G; the backward to the positions then
 #    needs dL/ds = sum_g dL/dG_g dG_g/ds and no layer caches (less memory,
-#    and blocks of ROW_BLOCK rows stay in cache).
+#    and blocks of ROW_BLOCK rows stay in cache). The nets run on stacked dual
+#    numbers [s; 1] (nn.dual_net: one product per layer, tanh's lines fused).
 # Numba then fuses the loops over rows (kernels.segment_contract ...).
 
 
@@ -631,6 +638,7 @@ class PackedRows(NamedTuple):
     count: np.ndarray  # (nf, na) real neighbours per atom
     R_real: np.ndarray  # (nb, 4) the real rows, the rows of one atom contiguous
     owner: np.ndarray  # (nb,) the (frame, atom) of the block, f * na + a, each row belongs to
+    index: np.ndarray  # (nb,) each row's place among the nf * nloc * nnei rows of R (gather and scatter)
 
 
 class NetTrace(NamedTuple):
@@ -638,7 +646,7 @@ class NetTrace(NamedTuple):
 
     key: tuple  # the net's key in se.nets (see EmbeddingNets)
     net: Net  # the block's embedding net
-    row_caches: list  # (row slice, nn.net_jvp caches) per row block of embedding_features
+    row_caches: list  # (row slice, nn.dual_net caches) per row block of embedding_features
     R_pad: np.ndarray  # (ntypes, n_t, 4) the padded slots' rows -davg/dstd
     pad_caches: list  # the nn.net_forward caches of those rows (net_padded_tails)
 
@@ -665,9 +673,10 @@ class EmbedPiece(NamedTuple):
 
 
 # Rows pushed through an embedding net at once: small enough that every
-# layer's arrays stay in the CPU's L2 cache (1024 rows x 100 features x 8 bytes
-# is 800 kB), large enough that NumPy's per-call overhead does not matter.
-ROW_BLOCK = 1024
+# layer's arrays stay in the CPU's L2 cache (value and tangent stacked, 512
+# rows x 2 x 100 features x 8 bytes is 800 kB), large enough that NumPy's
+# per-call overhead does not matter.
+ROW_BLOCK = 512
 
 
 def embedding_features(net: Net, s: np.ndarray, keep: bool = False) -> tuple[np.ndarray, np.ndarray, list]:
@@ -678,21 +687,24 @@ def embedding_features(net: Net, s: np.ndarray, keep: bool = False) -> tuple[np.
     backward to the positions then needs no layer caches, only
     dL/ds = sum_g dL/dG_g dG_g/ds. Training needs the gradient with respect
     to the weights of both G and dG/ds: ``keep=True`` also returns each
-    block's caches, (row slice, caches), for nn.net_jvp_backward.
+    block's caches, (row slice, caches), for nn.dual_net_backward. The net
+    runs on stacked dual numbers (nn.dual_net: one product per layer, none
+    for the first, tanh's lines fused); G and dG/ds come back as the two
+    halves of one (2, nb, ng) array.
     """
     nb = s.shape[0]
-    # (nb, ng), (nb, ng)
-    G = np.empty((nb, net.n_out), dtype=s.dtype)
-    dG_ds = np.empty_like(G)
-    # (min(nb, ROW_BLOCK), 1)
-    ones = np.ones((min(nb, ROW_BLOCK), 1), dtype=s.dtype)
+    # (2, nb, ng)  G and dG/ds: each block's last layer writes its rows here
+    GG = np.empty((2, nb, net.n_out), dtype=s.dtype)
     kept = []
     for b0 in range(0, nb, ROW_BLOCK):
         blk = slice(b0, min(b0 + ROW_BLOCK, nb))
-        G[blk], dG_ds[blk], caches = net_jvp(net, s[blk], ones[: blk.stop - blk.start])
+        # (2, nblk, 1)  s and its tangent ds/ds = 1
+        S2 = np.empty((2, blk.stop - blk.start, 1), dtype=s.dtype)
+        S2[0], S2[1] = s[blk], 1
+        _, caches = dual_net(net, S2, keep, out=GG[:, blk])
         if keep:
             kept.append((blk, caches))
-    return G, dG_ds, kept
+    return GG[0], GG[1], kept
 
 
 def padded_tail_sums(G_pad: np.ndarray, R_pad: np.ndarray) -> np.ndarray:
@@ -720,8 +732,8 @@ def net_padded_tails(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice
                      ) -> tuple[np.ndarray, np.ndarray, list]:
     """:func:`padded_tail_sums` with G from the net: returns P (ntypes, n_t + 1, ng, 4), the padded
     rows R_pad (ntypes, n_t, 4) and the net's caches (for training's reverse pass)."""
-    # (ntypes, n_t, 4)
-    R_pad = -davg[:, slots] / dstd[:, slots]
+    # (ntypes, n_t, 4)  in the net's precision, as the real rows (embed_blocks)
+    R_pad = (-davg[:, slots] / dstd[:, slots]).astype(net.dtype)
     # (ntypes * n_t, ng)
     G_pad, caches = net_forward(net, R_pad[..., :1].reshape(-1, 1))
     return padded_tail_sums(G_pad.reshape(R_pad.shape[:2] + (-1,)), R_pad), R_pad, caches
@@ -766,20 +778,26 @@ def sum_rows_backward(dT, G, dG_ds, R_real, owner, backend) -> np.ndarray:
     return dR_real
 
 
-def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice) -> PackedRows:
-    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed.
+def pack_rows(R: np.ndarray, nlist: np.ndarray, atoms: np.ndarray, slots: slice, dtype=None) -> PackedRows:
+    """The real rows of the centre atoms ``atoms`` in the neighbour slots ``slots``, packed (in ``dtype``,
+    default R's: the embedding's precision, see SeA.dtype).
 
     A section holds its real neighbours first (:func:`check_nlist_layout`), so
     an atom's ``count`` real neighbours fill its first ``count`` slots.
     """
+    nf, nloc, nnei, _ = R.shape
     # (nf, na, n_t)
     real = nlist[:, atoms, slots] >= 0
     # (nf, na)
     count = real.sum(axis=-1)
+    # (nb,) each: frame, atom of the block and slot of the section of every real row, in R's order
+    f, a, k = np.nonzero(real)
+    # (nb,)  where the row sits among R's rows: one gather here, and the backward's one scatter back
+    index = (f * nloc + atoms[a]) * nnei + (slots.start + k)
     # (nb, 4), (nb,)
-    R_real = R[:, atoms, slots][real]
-    owner = np.repeat(np.arange(count.size), count.reshape(-1))
-    return PackedRows(real, count, R_real, owner)
+    R_real = R.reshape(-1, 4)[index].astype(dtype or R.dtype, copy=False)
+    owner = f * atoms.size + a
+    return PackedRows(real, count, R_real, owner, index)
 
 
 def embed_blocks(
@@ -793,17 +811,21 @@ def embed_blocks(
     a :class:`BlockFeatures` whose P is what the padded slots add (trick 2).
     :func:`embed` passes the nets; minidp.compress its tables.
     Returns T (nf, nloc, ng, 4) and the pieces the backward needs.
+
+    Precision: R (float64) is rounded to the nets' precision (SeA.dtype) as its
+    rows are packed, and G, T and what follows are computed in it (deepmd-kit's
+    TensorFlow backend casts the environment matrix as its filter starts).
     """
     nf, nloc, nnei, _ = R.shape
     cfg = se.config
     # (nf, nloc, ng, 4)
-    T = np.zeros((nf, nloc, cfg.ng, 4), dtype=R.dtype)
+    T = np.zeros((nf, nloc, cfg.ng, 4), dtype=se.dtype)
     pieces = []
     for atoms, ti in se.center_groups(atom_types):
         na = atoms.size
         for tj in range(cfg.ntypes):
             slots = cfg.slots(tj)
-            rows = pack_rows(R, nlist, atoms, slots)
+            rows = pack_rows(R, nlist, atoms, slots, se.dtype)
             feats = block(ti, tj, slots, rows.R_real[:, :1])
             # (nf * na, ng, 4)
             Tb = sum_rows(feats.G, rows.R_real, rows.owner, nf * na, backend)
@@ -847,12 +869,9 @@ def embed_backward(dT: np.ndarray, R: np.ndarray, pieces: list[EmbedPiece], back
     for pc in pieces:
         # (nf * na, ng, 4)
         dTb = (dT[:, pc.atoms] / nnei).reshape(-1, dT.shape[2], 4)
-        # (nb, 4)
-        dR_real = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.rows.R_real, pc.rows.owner, backend)
-        # (nf, na, n_t, 4)
-        dRb = np.zeros(pc.rows.real.shape + (4,), dtype=R.dtype)
-        dRb[pc.rows.real] = dR_real
-        dR[:, pc.atoms, pc.slots] = dRb
+        # (nb, 4), each row back to its place in R (and to float64)
+        dR.reshape(-1, 4)[pc.rows.index] = sum_rows_backward(dTb, pc.G, pc.dG_ds, pc.rows.R_real, pc.rows.owner,
+                                                              backend)
     return dR
 
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from tqdm.auto import tqdm
 
-from benchmarks import flops, measure, report, run
+import minidp.training.force_training
+from benchmarks import flops, measure, profile, report, run
 from minidp.neighbor import build_neighbor_list
 from minidp.io.serialization import load_model
 from tests.conftest import MODEL_DP, MODEL_PB, WATER, need
@@ -151,3 +152,51 @@ def test_ensemble_stage_shares_bound_the_ratio():
     assert set(shares["seconds"]) == {"neighbour_list", "env_matrix_and_packing", "whole_model"}
     assert 0 < shares["shared_fraction"] < 1
     assert shares["ratio_bound"] == pytest.approx(4 - 3 * shares["shared_fraction"])
+
+
+def test_float32_rows_beside_float64(tmp_path, monkeypatch):
+    """--float32: the float32 .dp is made, minidp and TF rows on it appear with the sgemm peak, their speed-up
+    and FLOP rows. The float64 .pb stands in for the converted float32 one (dp convert-backend takes ~20 s)."""
+    monkeypatch.setattr(run, "compress_model", lambda s: {"status": "skipped in tests", "path": None})
+    s = replace(tiny_settings(tmp_path), float32=True)
+
+    def fake_float32(settings, model):
+        dp32 = settings.out / "model-float32.dp"
+        run.save_model(dp32, model.astype(np.float32), overwrite=dp32.exists())
+        return {"status": "ok (test)", "dp": str(dp32), "pb": str(settings.model_pb)}
+
+    monkeypatch.setattr(run, "make_float32_models", fake_float32)
+    results = run.run_all(s, run=in_process)
+    names = [r["name"] for r in results["throughput"]]
+    assert names[-2:] == ["tf-float32", "minidp-float32"] and all(r["status"] == "ok" for r in results["throughput"])
+    assert load_model(tmp_path / "model-float32.dp").fitting[0].dtype == np.float32
+    assert results["sgemm"]["peak_gflops"] > 0 and results["throughput"][-1]["speedup_vs_tf_float32"] > 0
+    assert results["flops"]["achieved"]["minidp-float32"]["fraction_of_peak"] > 0
+    text = report.markdown(results)
+    assert "minidp-float32" in text and "x TF float32" in text and "sgemm" in text
+
+
+def test_training_flops_of_the_water_model(water_dp, water_frames):
+    """The step's parts: the embedding reverse is twice its forward, the fitting seven passes."""
+    coords, cells, types = water_frames
+    cfg = water_dp.model.descriptor.config
+    nl = build_neighbor_list(coords[:1].reshape(1, -1, 3), cells[:1].reshape(1, 3, 3), types, cfg.rcut, cfg.sel)
+    counts = flops.neighbour_counts(nl.nlist, types, cfg.sec)
+    t = flops.training_flops(water_dp.model, counts, np.bincount(types))
+    per = flops.flops_per_frame(water_dp.model, counts, np.bincount(types))
+    assert t["embedding backward"] == 2 * t["embedding forward"] == 2 * per["minidp"]["embedding"]
+    assert t["fitting"] == pytest.approx(3.5 * per["minidp"]["fitting"])
+    assert t["total"] == pytest.approx(sum(v for k, v in t.items() if k != "total"))
+
+
+def test_profile_prints_every_workload(capsys):
+    """benchmarks.profile on one step: the tables of the training step, the exact evaluation and DeepPot;
+    the timing wrappers are gone afterwards."""
+    original = minidp.training.force_training.embed_jvp
+    assert profile.main(["--model", str(need(MODEL_DP)), "--data", str(need(WATER / "data_3")), "--steps", "1",
+                         "--threads", "1", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("### training step (1 frame), the stages on one core", "### exact evaluation", "### DeepPot.eval"):
+        assert heading in out
+    assert "| embedding nets: value + tangent |" in out and "unattributed" in out
+    assert minidp.training.force_training.embed_jvp is original

@@ -25,9 +25,9 @@ from __future__ import annotations
 import numpy as np
 
 from minidp import kernels
-from minidp.model import EnergyModel, FitCache, type_groups
-from minidp.nn import Net, add_grads, net_backward, net_jvp, net_jvp_backward
-from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backward, sum_rows
+from minidp.model import EnergyModel, FitCache, ModelCache, type_groups
+from minidp.nn import dual_net_backward, net_backward, net_jvp, net_jvp_backward, net_tangent, zeros_like_params
+from minidp.se_e2_a import EmbedPiece, EnvCache, contract_backward, sum_rows
 
 
 def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
@@ -61,18 +61,26 @@ def embed_jvp(Rdot: np.ndarray, pieces: list[EmbedPiece], backend: str = "numba"
     Padded slots do not move (R' = 0), so only real rows contribute. Returns (nf, nloc, ng, 4).
     """
     nf, nloc, nnei, _ = Rdot.shape
-    ng = pieces[0].G.shape[1]
-    # (nf, nloc, ng, 4)
-    Tdot = np.zeros((nf, nloc, ng, 4), dtype=Rdot.dtype)
+    ng, dtype = pieces[0].G.shape[1], pieces[0].G.dtype
+    # (nf, nloc, ng, 4)  in the embedding's precision, as T
+    Tdot = np.zeros((nf, nloc, ng, 4), dtype=dtype)
     for pc in pieces:
         na, rows = pc.atoms.size, pc.rows
         # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real]
-        # (nb, ng)
-        Gdot = pc.dG_ds * Rdot_real[:, :1]
-        # (nf * na, ng, 4)
-        Tb = sum_rows(pc.G, Rdot_real, rows.owner, nf * na, backend)
-        Tb += sum_rows(Gdot, rows.R_real, rows.owner, nf * na, backend)
+        Rdot_real = Rdot.reshape(-1, 4)[rows.index].astype(dtype, copy=False)
+        if backend != "numba":
+            # (nb, ng)
+            Gdot = pc.dG_ds * Rdot_real[:, :1]
+            # (nf * na, ng, 4)
+            Tb = sum_rows(pc.G, Rdot_real, rows.owner, nf * na, backend)
+            Tb += sum_rows(Gdot, rows.R_real, rows.owner, nf * na, backend)
+        else:
+            # Numba: both sums in one pass over the rows, no (nb, ng) G'
+            start = np.searchsorted(rows.owner, np.arange(nf * na + 1))
+            # (nf * na, 4, ng)  T' transposed, as kernels.segment_contract accumulates T
+            Tt = np.zeros((nf * na, 4, ng), dtype=dtype)
+            kernels.segment_contract_tangent(pc.G, pc.dG_ds, rows.R_real, Rdot_real, start, Tt)
+            Tb = Tt.transpose(0, 2, 1)
         Tdot[:, pc.atoms] += Tb.reshape(nf, na, ng, 4) / nnei
     return Tdot
 
@@ -89,7 +97,7 @@ def contract_jvp(T: np.ndarray, Tdot: np.ndarray, m2: int) -> np.ndarray:
     return Ddot.reshape(nf, nloc, ng * m2)
 
 
-def row_cotangents(Tbar, Tdotbar, R_real, Rdot_real, owner, backend) -> tuple[np.ndarray, np.ndarray]:
+def row_cotangents(Tbar, Tdotbar, R_real, Rdot_real, owner, backend, out=None) -> tuple[np.ndarray, np.ndarray]:
     r"""dL/dG and dL/d(dG/ds) of each real row p of atom o (the transpose of T and T' = sum_rows ...):
 
     .. math::
@@ -97,20 +105,20 @@ def row_cotangents(Tbar, Tdotbar, R_real, Rdot_real, owner, backend) -> tuple[np
         \bar G_p = \bar T_o R_p + \bar T'_o R'_p, \qquad
         \overline{(dG/ds)}_p = (\bar T'_o R_p)\, s'_p,\quad s'_p = R'_{p,0}.
 
-    Tbar, Tdotbar: (n_owner, ng, 4); returns two (nb, ng).
+    Tbar, Tdotbar: (n_owner, ng, 4); returns two (nb, ng), the halves of ``out``
+    (2, nb, ng) when given (the stacked cotangent nn.dual_net_backward takes).
     """
+    # (2, nb, ng)  dL/dG and dL/d(dG/ds)
+    out = np.empty((2, R_real.shape[0], Tbar.shape[1]), dtype=Tbar.dtype) if out is None else out
+    Gbar, dGbar = out[0], out[1]
     if backend != "numba":
         # (nb, ng, 4), (nb, ng, 4)  each row's atom's bars
         Tb, Tdb = Tbar[owner], Tdotbar[owner]
-        # (nb, ng), (nb, ng)
-        Gbar = np.einsum("pgc,pc->pg", Tb, R_real) + np.einsum("pgc,pc->pg", Tdb, Rdot_real)
-        dGbar = np.einsum("pgc,pc->pg", Tdb, R_real) * Rdot_real[:, :1]
+        Gbar[:] = np.einsum("pgc,pc->pg", Tb, R_real) + np.einsum("pgc,pc->pg", Tdb, Rdot_real)
+        dGbar[:] = np.einsum("pgc,pc->pg", Tdb, R_real) * Rdot_real[:, :1]
         return Gbar, dGbar
     # Numba: no (nb, ng, 4) gathers
     start = np.searchsorted(owner, np.arange(Tbar.shape[0] + 1))
-    # (nb, ng), (nb, ng)
-    Gbar = np.empty((R_real.shape[0], Tbar.shape[1]), dtype=R_real.dtype)
-    dGbar = np.empty_like(Gbar)
     kernels.row_cotangents(np.ascontiguousarray(np.swapaxes(Tbar, -1, -2)),
                            np.ascontiguousarray(np.swapaxes(Tdotbar, -1, -2)), R_real, Rdot_real, start, Gbar, dGbar)
     return Gbar, dGbar
@@ -146,40 +154,37 @@ def embed_param_backward(
     r"""The embedding nets' weight gradients from dL/dT and dL/dT' (pieces made with ``keep``).
 
     Each real row receives its :func:`row_cotangents` (with T's 1/n_nei folded
-    into the bars), which nn.net_jvp_backward pushes through the net (G and
+    into the bars), which nn.dual_net_backward pushes through the net (G and
     dG/ds are its output and tangent); padded rows get :func:`padded_tail_backward`.
-    Returns {("embedding",) + key: per-layer gradients}, summed over the pieces a net serves
-    (a net shared by every centre type, type_one_side, has one key).
+    Returns {("embedding",) + key: per-layer gradients}, summed over the row blocks
+    and the pieces a net serves (a net shared by every centre type, type_one_side,
+    has one key): each net's gradient is accumulated in place, block after block.
     """
     nf, nloc, nnei, _ = Rdot.shape
     grads: dict[tuple, list] = {}
     for pc in pieces:
         if pc.atoms.size == 0:  # a centre type absent from the batch: its nets get no gradient here
             continue
-        ng = Tbar.shape[2]
-        # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms
-        Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
-        Tdb = (Tdotbar[:, pc.atoms] / nnei).reshape(-1, ng, 4)
+        ng, dtype = Tbar.shape[2], pc.G.dtype
+        # (nf * na, ng, 4) each: dL/dT and dL/dT' of the piece's atoms, in the embedding's precision
+        Tb = (Tbar[:, pc.atoms] / nnei).reshape(-1, ng, 4).astype(dtype, copy=False)
+        Tdb = (Tdotbar[:, pc.atoms] / nnei).reshape(-1, ng, 4).astype(dtype, copy=False)
         rows, trace = pc.rows, pc.trace
+        net_grads = grads.setdefault(("embedding",) + trace.key, zeros_like_params(trace.net.params()))
         # (nb, 4)
-        Rdot_real = Rdot[:, pc.atoms, pc.slots][rows.real]
-        # (nb, ng), (nb, ng): dL/dG and dL/d(dG/ds) of the real rows
-        Gbar, dGbar = row_cotangents(Tb, Tdb, rows.R_real, Rdot_real, rows.owner, backend)
-        net_grads = [_net_grads(trace.net, caches, Gbar[blk], dGbar[blk]) for blk, caches in trace.row_caches]
+        Rdot_real = Rdot.reshape(-1, 4)[rows.index].astype(dtype, copy=False)
+        # (2, nb, ng): dL/dG and dL/d(dG/ds) of the real rows, stacked as the dual numbers they are the bars of
+        GB2 = np.empty((2, rows.R_real.shape[0], ng), dtype=dtype)
+        row_cotangents(Tb, Tdb, rows.R_real, Rdot_real, rows.owner, backend, out=GB2)
+        for blk, caches in trace.row_caches:
+            dual_net_backward(trace.net, caches, GB2[:, blk], net_grads, input_grads=False)
         # the padded rows: through net_forward's caches, no tangent
-        Gbar_pad = padded_tail_backward(Tbar[:, pc.atoms] / nnei, pc, atom_types)
+        Gbar_pad = padded_tail_backward(Tbar[:, pc.atoms] / nnei, pc, atom_types).astype(dtype, copy=False)
         _, pad_grads = net_backward(trace.net, trace.pad_caches, Gbar_pad)
-        net_grads.append(pad_grads)
-        name = ("embedding",) + trace.key
-        if name in grads:
-            net_grads.append(grads[name])
-        grads[name] = add_grads(net_grads)
+        for total, g in zip(net_grads, pad_grads):
+            for k, v in g.items():
+                total[k] += v
     return grads
-
-
-def _net_grads(net: Net, caches: list, gy: np.ndarray, gty: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """A net's weight gradients only (its input, s, is data)."""
-    return net_jvp_backward(net, caches, gy, gty, input_grads=False)[2]
 
 
 def atomic_energy_jvp(
@@ -200,46 +205,66 @@ def atomic_energy_jvp(
     return E_atom, Edot, caches
 
 
+def atomic_energy_tangent(Ddot: np.ndarray, caches: list[FitCache]) -> tuple[np.ndarray, list[FitCache]]:
+    """E'_i = (dF_{t_i}/dD_i) D'_i (nf, nloc), as :func:`atomic_energy_jvp`, for fitting nets already run
+    forward (model.atomic_energy's caches, with D): the value pass is not repeated (nn.net_tangent),
+    which saves one of the step's seven passes through the fitting nets. Returns E' and the caches
+    atomic_energy_param_backward takes."""
+    nf, nloc, dim = Ddot.shape
+    # (nf, nloc)
+    Edot = np.zeros((nf, nloc), dtype=Ddot.dtype)
+    jcaches = []
+    for t, atoms, net, net_caches in caches:
+        # (nb, 1)
+        ty, jc = net_tangent(net, net_caches, Ddot[:, atoms].reshape(-1, dim).astype(net.dtype, copy=False))
+        Edot[:, atoms] = ty.reshape(nf, atoms.size)
+        jcaches.append(FitCache(t, atoms, net, jc))
+    return Edot, jcaches
+
+
 def atomic_energy_param_backward(
     gE: np.ndarray, gEdot: np.ndarray, caches: list[FitCache], dim: int
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple, list]]:
     """Reverse through atomic_energy_jvp: from dL/dE_i and dL/dE'_i (nf, nloc) to dL/dD,
     dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {("fitting", t): per-layer grads}."""
     nf, nloc = gE.shape
-    # (nf, nloc, ng * m2), (nf, nloc, ng * m2)
-    Dbar = np.zeros((nf, nloc, dim), dtype=gE.dtype)
+    # (nf, nloc, ng * m2), (nf, nloc, ng * m2)  in the fitting nets' precision, as D
+    dtype = caches[0].net.dtype if caches else gE.dtype
+    Dbar = np.zeros((nf, nloc, dim), dtype=dtype)
     Ddotbar = np.zeros_like(Dbar)
     grads = {}
     for t, atoms, net, net_caches in caches:
-        gx, gtx, grads[("fitting", t)] = net_jvp_backward(
-            net, net_caches, gE[:, atoms].reshape(-1, 1), gEdot[:, atoms].reshape(-1, 1))
+        # (nb, 1) each; the loss's float64 cotangents rounded to the net's precision
+        gy, gty = (g[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False) for g in (gE, gEdot))
+        gx, gtx, grads[("fitting", t)] = net_jvp_backward(net, net_caches, gy, gty)
         Dbar[:, atoms] = gx.reshape(nf, atoms.size, dim)
         Ddotbar[:, atoms] = gtx.reshape(nf, atoms.size, dim)
     return Dbar, Ddotbar, grads
 
 
 def weight_gradients(
-    model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
-    atom_types: np.ndarray, backend: str = "numba",
+    model: EnergyModel, cache: ModelCache, c_E: np.ndarray, drij: np.ndarray, atom_types: np.ndarray,
+    backend: str = "numba",
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
     r"""dS/dtheta of S = sum_f c_f E_f - E', E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
 
-    D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
-    c_E (nf,) = dL/dE; drij (nf, nloc, nnei, 3) the pairs' displacement.
-    Tangents forward (R', T', D', E'), then one reverse pass through values
-    and tangents, from the fitting nets down to the embedding nets' weights.
+    cache from model.model_forward(..., keep=True): D, the descriptor's cache, the
+    fitting nets' forward caches; c_E (nf,) = dL/dE; drij (nf, nloc, nnei, 3) the
+    pairs' displacement. Tangents forward (R', T', D', E'), then one reverse pass
+    through values and tangents, from the fitting nets down to the embedding nets' weights.
     """
     m2 = model.descriptor.config.axis_neuron
+    dcache = cache.descriptor_cache
     # (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
     Rdot = env_matrix_jvp(drij, dcache.env)
     Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
-    # (nf, nloc) each: E_i and its caches with the tangent
-    E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model)
+    # (nf, nloc): E'_i, and the fitting nets' caches with the tangent
+    Edot, jcaches = atomic_energy_tangent(Ddot, cache.fitting_caches)
     # (nf, nloc) dS/dE_i = c of its frame; dS/dE'_i = -1
-    gE = np.broadcast_to(c_E[:, None], E_atom.shape)
+    gE = np.broadcast_to(c_E[:, None], Edot.shape)
     # (nf, nloc, ng * m2) each
-    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
+    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(Edot), jcaches, Ddot.shape[-1])
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)

@@ -47,7 +47,8 @@ import numpy as np
 
 from minidp.checks import number
 from minidp.model import EnergyModel, model_backward, model_forward, pair_forces_virials
-from minidp.nn import zeros_like_params
+from minidp.nn import add_grads, zeros_like_params
+from minidp.runtime import default_workers, parallel_map
 from minidp.se_e2_a import check_descriptor_inputs
 from minidp.training.force_training import weight_gradients
 
@@ -140,31 +141,66 @@ def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarra
     return drij
 
 
-def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, float], backend: str = "numba"):
+# Fewest centre atoms (times frames) a piece of a training step gets: each piece repeats the padded tails and
+# runs the fitting products on fewer rows (on one core two pieces of 96 atoms cost 13% more than one of 192,
+# four of 48 23% more), so a many-core machine does not cut a 192-atom frame into slivers.
+MIN_PIECE_ATOMS = 48
+
+
+def centre_chunks(nloc: int, pieces: int) -> list[slice]:
+    """The centre atoms 0..nloc-1 cut into at most ``pieces`` near-equal contiguous ranges (none empty)."""
+    cuts = np.linspace(0, nloc, min(pieces, nloc) + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, float], backend: str = "numba",
+                  workers: int | None = None):
     """The loss of one batch and dL/dtheta in model.params() layout (math in the module docstring).
 
     Returns (LossValue, grads, (energy, force, virial) predicted). ``backend``:
     "numpy" or "numba" (the fast path; the reference path has no tangents).
     The backend, the model (not a compressed one) and the batch's nlist are
     checked first (:func:`minidp.se_e2_a.check_descriptor_inputs`).
+
+    The energy is a sum over centre atoms, and so are the pair gradients g and the
+    second-order S = c E - E' (sum over pairs ij of centre i): both passes split
+    over ranges of centre atoms (of at least MIN_PIECE_ATOMS atoms x frames) that
+    ``workers`` threads (default minidp.runtime.default_workers) compute at once, each with one BLAS thread
+    (minidp.runtime.parallel_map); only the forces' scatter and the loss, which
+    need every centre's g, run between them. The results do not depend on
+    ``workers`` beyond round-off (the weight gradients add the ranges' shares).
     """
     check_descriptor_inputs(batch.nlist, model.descriptor, backend, keep=True)
     if model.options():  # the weight gradients (minidp.training.force_training) know the plain fitting only
         raise ValueError(f"training a model with {', '.join(model.options())} is not supported yet")
-    types = batch.atom_types
-    # forward, keeping what the second-order step needs, and the usual backward (minidp.model)
-    # (nf, nloc), then (nf, nloc, nnei, 3): g = dE/d r_ij
-    E_atom, cache = model_forward(batch.rij, batch.nlist, types, model, backend, keep=True)
-    g = model_backward(cache, model, backend)
+    types, rij, nlist = batch.atom_types, batch.rij, batch.nlist
+    workers = default_workers() if workers is None else workers
+    chunks = centre_chunks(types.size, min(workers, max(1, rij.shape[0] * types.size // MIN_PIECE_ATOMS)))
+
+    def forward(c: slice):
+        # forward, keeping what the second-order step needs, and the usual backward (minidp.model):
+        # (nf, nc), cache, (nf, nc, nnei, 3) g = dE/d r_ij
+        E_c, cache = model_forward(rij[:, c], nlist[:, c], types[c], model, backend, keep=True)
+        return E_c, cache, model_backward(cache, model, backend)
+
+    parts = parallel_map(forward, chunks, workers)
+    # (nf, nloc), (nf, nloc, nnei, 3)
+    E_atom = np.concatenate([p[0] for p in parts], axis=1)
+    g = np.concatenate([p[2] for p in parts], axis=1)
     # (nf, nloc, 3), (nf, nloc, 9)
-    force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, backend)
+    force, atom_virial = pair_forces_virials(g, rij, nlist, backend)
     # (nf,), (nf, 9)
     energy, virial = E_atom.sum(axis=1), atom_virial.sum(axis=1)
     value, c_E, v, V = ener_loss(energy, force, virial, batch, pref)
     # the second-order step (minidp.training.force_training): dS/dtheta of S = c E - E', E' along delta r_ij
     # (nf, nloc, nnei, 3)
-    drij = pair_tangent(v, V, batch.rij, batch.nlist)
-    grads = weight_gradients(model, cache.D, cache.descriptor_cache, c_E, drij, types, backend)
-    # every net's gradient in model.params() order, by name; a net with no atoms in the batch gets zeros
-    flat = [layer for name, net in model.named_nets() for layer in grads.get(name) or zeros_like_params(net.params())]
+    drij = pair_tangent(v, V, rij, nlist)
+    shares = parallel_map(lambda k: weight_gradients(model, parts[k][1], c_E, drij[:, chunks[k]], types[chunks[k]],
+                                                     backend), range(len(chunks)), workers)
+    # every net's gradient in model.params() order, by name: the ranges' shares added; a net with no atoms
+    # in the batch gets zeros
+    flat = []
+    for name, net in model.named_nets():
+        found = [share[name] for share in shares if name in share]
+        flat += add_grads(found) if found else zeros_like_params(net.params())
     return value, flat, (energy, force, virial)

@@ -1,0 +1,143 @@
+"""The speed tricks of the embedding, fitting and training step, each against the plain function it replaces.
+
+- nn.dual_layer / dual_layer_backward (value and tangent stacked, one product per layer, a broadcast for
+  one input, tanh's lines fused) against nn.layer_jvp / layer_jvp_backward;
+- nn.layer_tangent / net_tangent (the tangent of a layer already run forward) against nn.layer_jvp;
+- force_training.atomic_energy_tangent against atomic_energy_jvp;
+- loss_and_grad split over ranges of centre atoms on several threads against one range.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import minidp.training.loss
+from minidp.training.force_training import atomic_energy_jvp, atomic_energy_tangent
+from minidp.training.loss import centre_chunks, loss_and_grad
+from minidp.model import atomic_energy
+from minidp.nn import (Layer, dual_layer, dual_layer_backward, dual_net, dual_net_backward, embedding_net,
+                       fitting_net, layer_forward, layer_jvp, layer_jvp_backward, layer_tangent, net_forward,
+                       net_jvp, net_jvp_backward, net_tangent)
+from minidp.se_e2_a import SeAConfig
+from tests.conftest import random_model
+from tests.test_loss import _batch
+from tests.test_model import specs
+
+# tanh has the fused kernels; gelu takes layer_jvp itself inside dual_layer
+ACTS = ["tanh", "gelu"]
+
+
+def _layer(rng, n_in: int, n_out: int, act: str, idt: bool, dtype=np.float64) -> Layer:
+    return Layer(rng.normal(size=(n_in, n_out)).astype(dtype), rng.normal(size=n_out).astype(dtype),
+                 rng.normal(1.0, 0.5, n_out).astype(dtype) if idt else None, act, True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_in=st.integers(1, 5), factor=st.sampled_from([1, 2, 3]), act=st.sampled_from(ACTS), idt=st.booleans(),
+       nb=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_dual_layer_is_layer_jvp(n_in, factor, act, idt, nb, seed):
+    """Y2 = [y; ty] and the stacked reverse equal layer_jvp and layer_jvp_backward (residuals none, same,
+    double; one input: the broadcast), the gradients accumulated onto what grads held."""
+    rng = np.random.default_rng(seed)
+    n_out = n_in * factor if factor < 3 else n_in + 1
+    layer = _layer(rng, n_in, n_out, act, idt)
+    X2 = rng.normal(size=(2, nb, n_in))
+    y, ty, cache = layer_jvp(layer, X2[0], X2[1])
+    Y2, dcache = dual_layer(layer, X2, keep=True)
+    np.testing.assert_allclose(Y2[0], y, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(Y2[1], ty, rtol=1e-13, atol=1e-13)
+    G2 = rng.normal(size=(2, nb, n_out))
+    gx, gtx, grads = layer_jvp_backward(layer, cache, G2[0], G2[1])
+    start = {k: rng.normal(size=v.shape) for k, v in layer.params().items()}
+    acc = {k: v.copy() for k, v in start.items()}
+    GX2 = dual_layer_backward(layer, dcache, G2, acc)
+    np.testing.assert_allclose(GX2[0], gx, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(GX2[1], gtx, rtol=1e-12, atol=1e-12)
+    for k in grads:
+        np.testing.assert_allclose(acc[k] - start[k], grads[k], rtol=1e-11, atol=1e-11)
+    assert dual_layer_backward(layer, dcache, G2, acc, input_grads=False) is None
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_dual_net_writes_into_out_and_matches_net_jvp(act):
+    """An embedding net on [s; 1] gives net_jvp's G and dG/ds, written into a strided view; its reverse gives
+    net_jvp_backward's weight gradients."""
+    rng = np.random.default_rng(3)
+    net = embedding_net([4, 8, 8], 1, act, True, seed=1)
+    s = rng.normal(size=(7, 1))
+    y, ty, caches = net_jvp(net, s, np.ones_like(s))
+    out = np.full((2, 10, 8), np.nan)
+    S2 = np.stack([s, np.ones_like(s)])
+    Y2, dcaches = dual_net(net, S2, keep=True, out=out[:, 2:9])
+    assert np.shares_memory(Y2, out) and np.isnan(out[:, :2]).all() and np.isnan(out[:, 9:]).all()
+    np.testing.assert_allclose(out[0, 2:9], y, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(out[1, 2:9], ty, rtol=1e-13, atol=1e-13)
+    G2 = rng.normal(size=(2, 7, 8))
+    _, _, want = net_jvp_backward(net, caches, G2[0], G2[1], input_grads=False)
+    GX2, got = dual_net_backward(net, dcaches, G2, input_grads=False)
+    assert GX2 is None
+    for w, g in zip(want, got):
+        assert w.keys() == g.keys()
+        for k in w:
+            np.testing.assert_allclose(g[k], w[k], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_in=st.integers(1, 5), factor=st.sampled_from([1, 2, 3]), act=st.sampled_from(["tanh", "gelu", "silu"]),
+       idt=st.booleans(), seed=st.integers(0, 2**16))
+def test_layer_tangent_is_layer_jvp(n_in, factor, act, idt, seed):
+    """The tangent from layer_forward's cache: layer_jvp's ty and cache."""
+    rng = np.random.default_rng(seed)
+    n_out = n_in * factor if factor < 3 else n_in + 1
+    layer = _layer(rng, n_in, n_out, act, idt)
+    x, tx = rng.normal(size=(6, n_in)), rng.normal(size=(6, n_in))
+    _, ty, cache = layer_jvp(layer, x, tx)
+    _, fcache = layer_forward(layer, x)
+    ty2, cache2 = layer_tangent(layer, fcache, tx)
+    np.testing.assert_allclose(ty2, ty, rtol=1e-14, atol=1e-14)
+    for a, b in zip(cache2, cache):
+        np.testing.assert_allclose(a, b, rtol=1e-14, atol=1e-14)
+
+
+def test_net_tangent_and_atomic_energy_tangent_are_the_jvps():
+    rng = np.random.default_rng(0)
+    net = fitting_net(6, [5, 5, 10], 1, seed=2)
+    x, tx = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    _, ty, _ = net_jvp(net, x, tx)
+    np.testing.assert_allclose(net_tangent(net, net_forward(net, x)[1], tx)[0], ty, rtol=1e-14, atol=1e-14)
+    model = random_model(SeAConfig(4.0, 1.0, (3, 3), (4, 8), 2, True), 2)
+    D = rng.normal(size=(2, 5, model.descriptor.config.dim_out))
+    Ddot = rng.normal(size=D.shape)
+    types = np.array([0, 1, 1, 0, 1])
+    _, fcaches = atomic_energy(D, types, model)
+    _, Edot, _ = atomic_energy_jvp(D, Ddot, types, model)
+    np.testing.assert_allclose(atomic_energy_tangent(Ddot, fcaches)[0], Edot, rtol=1e-13, atol=1e-13)
+
+
+def test_centre_chunks_cover_the_atoms_once():
+    for nloc, pieces in [(1, 2), (5, 2), (192, 2), (7, 3), (3, 8)]:
+        chunks = centre_chunks(nloc, pieces)
+        assert len(chunks) == min(nloc, pieces) and all(c.stop > c.start for c in chunks)
+        assert np.array_equal(np.concatenate([np.arange(nloc)[c] for c in chunks]), np.arange(nloc))
+
+
+@settings(max_examples=10, deadline=None)
+@given(specs(max_atoms=8), st.integers(2, 3))
+def test_loss_and_grad_on_several_threads_is_the_one_thread_result(spec, workers):
+    """Centre-atom ranges on threads: the same loss, predictions and gradients, to round-off (pieces of
+    any size here: these frames are far below MIN_PIECE_ATOMS)."""
+    model, batch = _batch(spec, 2, True)
+    one = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(minidp.training.loss, "MIN_PIECE_ATOMS", 1)
+        many = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=workers)
+    assert many[0].loss == pytest.approx(one[0].loss, rel=1e-12)
+    for a, b in zip(many[2], one[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert len(many[1]) == len(one[1]) == len(model.params())
+    for ga, gb in zip(many[1], one[1]):
+        for k in gb:
+            np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12)
