@@ -222,10 +222,11 @@ def weight_gradients(
     model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
     atom_types: np.ndarray, backend: str = "numba",
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
-    r"""dS/dtheta of S = sum_f c_f E_f - E', E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
+    r"""dS/dtheta of S = sum_fi c_fi E_fi - E' (c_fi = c_f for all atoms of a frame), E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
 
     D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
-    c_E (nf,) = dL/dE; drij (nf, nloc, nnei, 3) the pairs' displacement.
+    c_E (nf,) = dL/dE of each frame, or (nf, nloc) = dL/dE_i of each atom (a loss on atomic energies,
+    or on E = sum_i c_i E_i); drij (nf, nloc, nnei, 3) the pairs' displacement.
     Tangents forward (R', T', D', E'), then one reverse pass through values
     and tangents, from the fitting nets down to the embedding nets' weights.
     """
@@ -236,8 +237,8 @@ def weight_gradients(
     Ddot = contract_jvp(dcache.T, Tdot, m2)
     # (nf, nloc) each: E_i and its caches with the tangent
     E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model)
-    # (nf, nloc) dS/dE_i = c of its frame; dS/dE'_i = -1
-    gE = np.broadcast_to(c_E[:, None], E_atom.shape)
+    # (nf, nloc) dS/dE_i = c of its frame (or the atom's own c_i); dS/dE'_i = -1
+    gE = np.broadcast_to(c_E[:, None] if c_E.ndim == 1 else c_E, E_atom.shape)
     # (nf, nloc, ng * m2) each
     Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'

@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import number
+from minidp.checks import boolean, number
 from minidp.model import EnergyModel, model_backward, model_forward, pair_forces_virials
 from minidp.nn import zeros_like_params
 from minidp.se_e2_a import check_descriptor_inputs
@@ -54,7 +54,7 @@ from minidp.training.force_training import weight_gradients
 
 @dataclass(frozen=True)
 class LossConfig:
-    """deepmd-kit's ``ener`` loss prefactors (its names and defaults)."""
+    """deepmd-kit's ``ener`` loss settings (its names and defaults); a term is on when its start or limit is not 0."""
 
     start_pref_e: float = 0.02  # energy prefactor at the start learning rate
     limit_pref_e: float = 1.0  # ... and as the learning rate goes to zero
@@ -62,19 +62,56 @@ class LossConfig:
     limit_pref_f: float = 1.0  # ... at the end
     start_pref_v: float = 0.0  # virial prefactor at the start (0 and 0: no virial term)
     limit_pref_v: float = 0.0  # ... at the end
+    start_pref_ae: float = 0.0  # atomic energy prefactor (labels atom_ener.npy)
+    limit_pref_ae: float = 0.0
+    start_pref_pf: float = 0.0  # atom-weighted force prefactor (weights atom_pref.npy)
+    limit_pref_pf: float = 0.0
+    relative_f: float | None = None  # nu: each atom's force error divided by (|F*_i| + nu) before squaring
+    enable_atom_ener_coeff: bool = False  # E = sum_i c_i E_i with c from atom_ener_coeff.npy
 
     def __post_init__(self):
-        for name in ("start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"):
+        for name in PREF_NAMES:
             number(f"loss {name}", getattr(self, name), lo=0.0)
+        if self.relative_f is not None:
+            # nu = 0 would divide by the norm of a zero label force
+            number("loss relative_f", self.relative_f, positive=True)
+        boolean("loss enable_atom_ener_coeff", self.enable_atom_ener_coeff)
+
+    def has(self, term: str) -> bool:
+        """Whether term ("e", "f", "v", "ae", "pf") is in the loss, as deepmd-kit decides it."""
+        return getattr(self, f"start_pref_{term}") != 0.0 or getattr(self, f"limit_pref_{term}") != 0.0
+
+    def label_files(self) -> tuple[str, ...]:
+        """The extra per-atom label files (set.*/NAME.npy) the loss needs: every system must hold them."""
+        need = [("atom_ener", self.has("ae")), ("atom_pref", self.has("pf")),
+                ("atom_ener_coeff", self.enable_atom_ener_coeff)]
+        return tuple(name for name, used in need if used)
 
 
-def prefactors(config: LossConfig, lr: float, start_lr: float) -> tuple[float, float, float]:
-    """(p_e, p_f, p_v) at learning rate lr: p = limit + (start - limit) lr / start_lr."""
+TERMS = ("e", "f", "v", "ae", "pf")
+PREF_NAMES = tuple(f"{end}_pref_{t}" for t in TERMS for end in ("start", "limit"))
+
+
+class Prefactors(NamedTuple):
+    """What one step's loss needs from the config: each term's prefactor at this learning rate
+    (0 for a term that is off) and the two options that change the loss's form."""
+
+    e: float
+    f: float
+    v: float
+    ae: float = 0.0
+    pf: float = 0.0
+    relative_f: float | None = None
+    atom_ener_coeff: bool = False
+
+
+def prefactors(config: LossConfig, lr: float, start_lr: float) -> Prefactors:
+    """Every term's p = limit + (start - limit) lr / start_lr (deepmd-kit's schedule), with the config's options."""
     frac = lr / start_lr
-    c = config
-    return (c.limit_pref_e + (c.start_pref_e - c.limit_pref_e) * frac,
-            c.limit_pref_f + (c.start_pref_f - c.limit_pref_f) * frac,
-            c.limit_pref_v + (c.start_pref_v - c.limit_pref_v) * frac)
+    # (5,)
+    p = [getattr(config, f"limit_pref_{t}") + (getattr(config, f"start_pref_{t}") - getattr(config, f"limit_pref_{t}"))
+         * frac for t in TERMS]
+    return Prefactors(*p, relative_f=config.relative_f, atom_ener_coeff=config.enable_atom_ener_coeff)
 
 
 class Batch(NamedTuple):
@@ -86,6 +123,9 @@ class Batch(NamedTuple):
     energy: np.ndarray  # (nf,) labels
     force: np.ndarray  # (nf, nloc, 3)
     virial: np.ndarray | None  # (nf, 9), or None when the system has no virial labels
+    atom_ener: np.ndarray | None = None  # (nf, nloc) atomic energy labels (atom_ener.npy), or None
+    atom_pref: np.ndarray | None = None  # (nf, nloc) per-atom force weights (atom_pref.npy), or None
+    atom_ener_coeff: np.ndarray | None = None  # (nf, nloc) c_i of E = sum_i c_i E_i (atom_ener_coeff.npy), or None
 
 
 class LossValue(NamedTuple):
@@ -96,20 +136,67 @@ class LossValue(NamedTuple):
     rmse_e: float  # sqrt(<(E - E*)^2>) / N, eV/atom
     rmse_f: float  # sqrt(<(F - F*)^2>), eV/Angstrom
     rmse_v: float  # sqrt(<(W - W*)^2>) / N, or nan without virial labels
+    rmse_ae: float = math.nan  # sqrt(<(E_i - E_i*)^2>), or nan without the term or its labels
+    rmse_pf: float = math.nan  # sqrt(<w_i (F - F*)^2>), or nan without the term or its labels
 
 
-def ener_loss(energy, force, virial, batch: Batch, pref: tuple[float, float, float]):
-    """L (module docstring) and its cotangents dL/dE (nf,), dL/dF (nf, nloc, 3), dL/dW (nf, 9).
+def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None):
+    r"""L (module docstring, with every term of deepmd-kit's ener loss) and its cotangents.
 
-    The virial term is left out (its cotangent is zero) when p_v is 0 or the
-    batch has no virial labels, as deepmd-kit does.
+    pref: :class:`Prefactors` (a plain (p_e, p_f, p_v) works too). With atomic energies E_i
+    (nf, nloc) — needed by the ``ae`` term and ``enable_atom_ener_coeff`` — the terms are, as
+    deepmd-kit's dpmodel EnergyLoss (no excluded atoms, so every mean is over all atoms):
+
+    .. math::
+
+        E_f = \sum_i c_i E_i 	ext{ (coeff on; else the model's)},\qquad
+        u_{ia} = rac{F_{ia} - F^*_{ia}}{|F^*_i| + 
+u} 	ext{ (relative\_f } 
+u	ext{; else } F - F^*),
+
+        L = rac{p_e}{N}\langle \Delta E^2angle + p_f \langle u^2angle + rac{p_v}{N}\langle \Delta W^2angle
+          + p_{ae}\langle (E_i - E_i^*)^2angle + p_{pf}\langle w_i u^2angle.
+
+    A term whose labels the batch lacks is left out (deepmd-kit's find_* = 0), its RMSE nan.
+    Returns (LossValue, dL/dE, dL/dF (nf, nloc, 3), dL/dW (nf, 9)); dL/dE is per frame (nf,), or per
+    atom dL/dE_i (nf, nloc) when atom_energy is given.
     """
-    pe, pf, pv = pref
+    p = Prefactors(*pref)
     nf, natoms = force.shape[:2]
-    # (nf,), (nf, nloc, 3)
-    dE, dF = energy - batch.energy, force - batch.force
-    l2_e, l2_f = np.mean(dE**2), np.mean(dF**2)
-    loss = pe / natoms * l2_e + pf * l2_f
+    per_atom = p.atom_ener_coeff or (p.ae != 0.0 and batch.atom_ener is not None)
+    if per_atom and atom_energy is None:
+        raise ValueError("ener_loss: the atom_ener term and enable_atom_ener_coeff need the atomic energies")
+    # (nf, nloc) c_i, 1 without the file (deepmd-kit's default)
+    coeff = batch.atom_ener_coeff if p.atom_ener_coeff and batch.atom_ener_coeff is not None else None
+    if coeff is not None:
+        # (nf,)
+        energy = np.sum(coeff * atom_energy, axis=1)
+    # (nf,)
+    dE = energy - batch.energy
+    # (nf, nloc, 1) each atom's 1 / (|F*_i| + nu): the force error relative to the label's size
+    scale = 1.0 if p.relative_f is None else 1.0 / (np.linalg.norm(batch.force, axis=-1, keepdims=True) + p.relative_f)
+    # (nf, nloc, 3)
+    u = (force - batch.force) * scale
+    l2_e, l2_f = np.mean(dE**2), np.mean(u**2)
+    loss = p.e / natoms * l2_e + p.f * l2_f
+    # (nf, nloc, 3): dL/du, pulled back through the scale below; the mean's 1/size and the square's 2
+    c_u = 2.0 * p.f * u / u.size
+    rmse_pf = math.nan
+    if p.pf != 0.0 and batch.atom_pref is not None:
+        # (nf, nloc, 1) deepmd-kit repeats each atom's weight over its three components
+        w = batch.atom_pref[..., None]
+        l2_pf = np.mean(w * u**2)
+        loss += p.pf * l2_pf
+        c_u = c_u + 2.0 * p.pf * w * u / u.size
+        rmse_pf = math.sqrt(l2_pf)
+    rmse_ae, c_Ei = math.nan, None
+    if p.ae != 0.0 and batch.atom_ener is not None:
+        # (nf, nloc)
+        dEi = atom_energy - batch.atom_ener
+        l2_ae = np.mean(dEi**2)
+        loss += p.ae * l2_ae
+        c_Ei = 2.0 * p.ae * dEi / dEi.size
+        rmse_ae = math.sqrt(l2_ae)
     # (nf, 9)
     c_W = np.zeros_like(virial)
     rmse_v = math.nan
@@ -117,12 +204,22 @@ def ener_loss(energy, force, virial, batch: Batch, pref: tuple[float, float, flo
         dW = virial - batch.virial
         l2_v = np.mean(dW**2)
         rmse_v = math.sqrt(l2_v) / natoms
-        if pv:
-            loss += pv / natoms * l2_v
-            c_W = 2.0 * pv / natoms * dW / dW.size
-    value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) / natoms, math.sqrt(l2_f), rmse_v)
-    # the mean's 1/size and the square's 2, by the chain rule
-    return value, 2.0 * pe / natoms * dE / dE.size, 2.0 * pf * dF / dF.size, c_W
+        if p.v:
+            loss += p.v / natoms * l2_v
+            c_W = 2.0 * p.v / natoms * dW / dW.size
+    value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) / natoms, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf)
+    # (nf,) dL/dE_f
+    c_E = 2.0 * p.e / natoms * dE / dE.size
+    if per_atom:
+        # (nf, nloc) dL/dE_i = dL/dE_f c_i (+ the atomic term's own)
+        c_E = c_E[:, None] * (1.0 if coeff is None else coeff)
+        c_E = c_E + (0.0 if c_Ei is None else c_Ei)
+    return value, c_E, c_u * scale, c_W
+
+
+def shown_terms(config: LossConfig) -> tuple[str, ...]:
+    """The extra lcurve.out quantities of a loss, in deepmd-kit's order: "ae", "pf" when the term is on."""
+    return tuple(t for t in ("ae", "pf") if config.has(t))
 
 
 def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarray) -> np.ndarray:
@@ -140,7 +237,7 @@ def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarra
     return drij
 
 
-def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, float], backend: str = "numba"):
+def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"):
     """The loss of one batch and dL/dtheta in model.params() layout (math in the module docstring).
 
     Returns (LossValue, grads, (energy, force, virial) predicted). ``backend``:
@@ -160,7 +257,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref: tuple[float, float, fl
     force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, backend)
     # (nf,), (nf, 9)
     energy, virial = E_atom.sum(axis=1), atom_virial.sum(axis=1)
-    value, c_E, v, V = ener_loss(energy, force, virial, batch, pref)
+    value, c_E, v, V = ener_loss(energy, force, virial, batch, pref, atom_energy=E_atom)
     # the second-order step (minidp.training.force_training): dS/dtheta of S = c E - E', E' along delta r_ij
     # (nf, nloc, nnei, 3)
     drij = pair_tangent(v, V, batch.rij, batch.nlist)

@@ -1,0 +1,147 @@
+"""Every term of deepmd-kit's ener loss (relative_f, atom_pref, atomic energy, atom_ener_coeff, with
+energy, force and virial): exact weight gradients against finite differences, values against
+deepmd-kit's dpmodel EnergyLoss on the same predictions and labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minidp.model import energy_forces
+from minidp.training.loss import LossConfig, loss_and_grad, prefactors, shown_terms
+from tests.test_loss import _batch, _loss_along
+from tests.test_model import specs
+
+# each case: the loss settings that switch a term (or an option) on, over the plain energy/force/virial
+CASES = {
+    "relative_f": dict(relative_f=0.5),
+    "atom_pref": dict(start_pref_pf=2.0, limit_pref_pf=0.5),
+    "atom_ener": dict(start_pref_ae=0.8, limit_pref_ae=0.1),
+    "atom_ener_coeff": dict(enable_atom_ener_coeff=True),
+    "all": dict(relative_f=0.3, start_pref_pf=1.5, limit_pref_pf=0.2, start_pref_ae=0.6, limit_pref_ae=0.3,
+                enable_atom_ener_coeff=True),
+}
+BASE = dict(start_pref_e=0.7, limit_pref_e=0.2, start_pref_f=3.0, limit_pref_f=1.0, start_pref_v=0.4, limit_pref_v=0.1)
+
+
+def _labelled(spec, nframes: int):
+    """A model and a batch with every extra label file's values (positive weights, coefficients of both signs)."""
+    model, batch = _batch(spec, nframes, True)
+    rng = np.random.default_rng(spec.seed + 7)
+    shape = batch.force.shape[:2]
+    return model, batch._replace(atom_ener=rng.normal(0, 1, shape), atom_pref=rng.uniform(0.1, 2.0, shape),
+                                 atom_ener_coeff=rng.choice([-1.0, 1.0, 0.5], shape))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@settings(max_examples=8, deadline=None)
+@given(spec=specs(max_atoms=7), nframes=st.integers(1, 2))
+def test_each_term_weight_gradient_matches_finite_differences(case, spec, nframes):
+    """dL/dtheta . d against a five-point difference of L along a random direction d over every weight."""
+    model, batch = _labelled(spec, nframes)
+    pref = prefactors(LossConfig(**BASE, **CASES[case]), 3e-4, 1e-3)
+    _, grads, _ = loss_and_grad(model, batch, pref)
+    rng = np.random.default_rng(spec.seed)
+    direction = [{k: rng.normal(size=v.shape) for k, v in p.items()} for p in model.params()]
+    analytic = sum(float(np.sum(g[k] * d[k])) for g, d in zip(grads, direction) for k in g)
+    h = 1e-5
+
+    def central(step):
+        return _loss_along(model, batch, pref, direction, step) - _loss_along(model, batch, pref, direction, -step)
+
+    fd = (8 * central(h) - central(2 * h)) / (12 * h)
+    assert abs(analytic - fd) <= 1e-6 * max(abs(fd), 1e-3)
+
+
+@settings(max_examples=3, deadline=None)
+@given(specs(max_atoms=6))
+def test_each_term_weight_gradient_entry_by_entry(spec):
+    """A few entries of every weight array, each against its own central difference (all terms on)."""
+    model, batch = _labelled(spec, 2)
+    pref = prefactors(LossConfig(**BASE, **CASES["all"]), 5e-4, 1e-3)
+    _, grads, _ = loss_and_grad(model, batch, pref)
+    h = 1e-6
+    for p, g in zip(model.params(), grads):
+        for k, value in p.items():
+            for idx in list(np.ndindex(value.shape))[:3]:
+                old = value[idx]
+                value[idx] = old + h
+                up = loss_and_grad(model, batch, pref)[0].loss
+                value[idx] = old - h
+                down = loss_and_grad(model, batch, pref)[0].loss
+                value[idx] = old
+                fd = (up - down) / (2 * h)
+                assert abs(g[k][idx] - fd) <= 1e-6 * max(abs(fd), 1e-2), (k, idx)
+
+
+@settings(max_examples=3, deadline=None)
+@given(specs(max_atoms=6))
+def test_a_term_without_its_labels_is_left_out(spec):
+    """deepmd-kit's find_* = 0: no atom_pref.npy / atom_ener.npy, no term and a nan RMSE."""
+    model, batch = _labelled(spec, 1)
+    plain = prefactors(LossConfig(**BASE), 1e-3, 1e-3)
+    both = prefactors(LossConfig(**BASE, start_pref_ae=1.0, start_pref_pf=1.0), 1e-3, 1e-3)
+    bare = batch._replace(atom_ener=None, atom_pref=None)
+    a, b = loss_and_grad(model, bare, plain)[0], loss_and_grad(model, bare, both)[0]
+    assert a.loss == b.loss and math.isnan(b.rmse_ae) and math.isnan(b.rmse_pf)
+
+
+def test_relative_f_must_be_positive():
+    with pytest.raises(ValueError, match="loss relative_f: 0.0 is not positive"):
+        LossConfig(relative_f=0.0)
+    with pytest.raises(ValueError, match="loss enable_atom_ener_coeff: expected true or false"):
+        LossConfig(enable_atom_ener_coeff="yes")
+
+
+def test_shown_terms_and_label_files():
+    cfg = LossConfig(start_pref_ae=1.0, limit_pref_pf=1.0, enable_atom_ener_coeff=True)
+    assert shown_terms(cfg) == ("ae", "pf")
+    assert cfg.label_files() == ("atom_ener", "atom_pref", "atom_ener_coeff")
+    assert LossConfig().label_files() == () and shown_terms(LossConfig()) == ()
+
+
+# ---------------------------------------------------------------------------
+# deepmd-kit's dpmodel loss on the same predictions and labels
+# ---------------------------------------------------------------------------
+
+
+def _deepmd_loss(config: LossConfig, start_lr: float):
+    ener = pytest.importorskip("deepmd.dpmodel.loss.ener")  # optional: deepmd-kit is only a cross-check
+    keys = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    return ener.EnergyLoss(starter_learning_rate=start_lr, **keys)
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["plain"])
+@pytest.mark.parametrize("mask", [False, True])
+@settings(max_examples=3, deadline=None)
+@given(spec=specs(max_atoms=8))
+def test_every_term_equals_deepmd_kits_dpmodel_loss(case, mask, spec):
+    """Loss, rmse and every RMSE column at three learning rates (the prefactor schedule) to 1e-10."""
+    model, batch = _labelled(spec, 3)
+    config = LossConfig(**BASE, **CASES.get(case, {}))
+    start_lr = 1e-3
+    dp_loss = _deepmd_loss(config, start_lr)
+    p = energy_forces(batch.rij, batch.nlist, batch.atom_types, model)
+    nf, natoms = batch.force.shape[:2]
+    model_dict = {"energy": p.energy[:, None], "force": p.force, "virial": p.virial,
+                  "atom_energy": p.atom_energy[..., None]}
+    if mask:  # what a dpmodel model returns: every atom real and included
+        model_dict["mask"] = np.ones((nf, natoms), dtype=np.int32)
+    label_dict = {"energy": batch.energy[:, None], "force": batch.force, "virial": batch.virial,
+                  "atom_ener": batch.atom_ener, "atom_pref": np.repeat(batch.atom_pref, 3, axis=1),
+                  "atom_ener_coeff": batch.atom_ener_coeff, "find_energy": 1.0, "find_force": 1.0,
+                  "find_virial": 1.0, "find_atom_ener": 1.0, "find_atom_pref": 1.0}
+    for lr in (start_lr, 3.7e-4, 1e-8):
+        ours = loss_and_grad(model, batch, prefactors(config, lr, start_lr))[0]
+        loss, more = dp_loss.call(lr, natoms, model_dict, label_dict)
+        assert abs(ours.loss - float(loss)) <= 1e-10 * max(1.0, abs(float(loss)))
+        for name in ("rmse", "rmse_e", "rmse_f", "rmse_v", "rmse_ae", "rmse_pf"):
+            if name in more:
+                assert abs(getattr(ours, name) - float(more[name])) <= 1e-10 * max(1.0, abs(float(more[name]))), name
+            elif name in ("rmse_ae", "rmse_pf"):
+                assert math.isnan(getattr(ours, name)) or not config.has(name[5:]), name
