@@ -145,3 +145,52 @@ def test_every_term_equals_deepmd_kits_dpmodel_loss(case, mask, spec):
                 assert abs(getattr(ours, name) - float(more[name])) <= 1e-10 * max(1.0, abs(float(more[name]))), name
             elif name in ("rmse_ae", "rmse_pf"):
                 assert math.isnan(getattr(ours, name)) or not config.has(name[5:]), name
+
+
+# ---------------------------------------------------------------------------
+# the label files, read per system and set like energy and force
+# ---------------------------------------------------------------------------
+
+
+def test_extra_label_files_are_read_per_set_and_reach_the_batch(tmp_path):
+    """set.*/atom_ener.npy, atom_pref.npy, atom_ener_coeff.npy in frame order; a missing one is named."""
+    import dpdata
+
+    from minidp.training.sampling import load_systems, make_batch
+    from tests.test_train import SMALL, _water_frames
+
+    rng = np.random.default_rng(3)
+    nframes, nmol = 5, 2
+    types = np.array([0] * nmol + [1] * 2 * nmol)
+    coords = _water_frames(rng, nframes, nmol)
+    cells = np.tile(np.eye(3) * 6.0, (nframes, 1, 1))
+    data = {"atom_names": ["O", "H"], "atom_numbs": [nmol, 2 * nmol], "atom_types": types, "orig": np.zeros(3),
+            "cells": cells, "coords": coords, "energies": rng.normal(size=nframes),
+            "forces": rng.normal(size=coords.shape), "virials": rng.normal(size=(nframes, 3, 3))}
+    dpdata.LabeledSystem(data=data).to("deepmd/npy", str(tmp_path / "sys"), set_size=3)
+    labels = {name: rng.normal(size=(nframes, types.size)) for name in ("atom_ener", "atom_pref", "atom_ener_coeff")}
+    for name, values in labels.items():
+        np.save(tmp_path / "sys/set.000" / f"{name}.npy", values[:3])
+        np.save(tmp_path / "sys/set.001" / f"{name}.npy", values[3:].reshape(2, -1, 1))  # any shape of that size
+    (system,) = load_systems([tmp_path / "sys"], ["O", "H"], tuple(labels))
+    batch = make_batch(system, np.array([4, 1]), SMALL)
+    for name, values in labels.items():
+        np.testing.assert_array_equal(getattr(batch, name), values[[4, 1]])
+    assert load_systems([tmp_path / "sys"], ["O", "H"])[0].atom_pref is None
+    for set_name in ("set.000", "set.001"):
+        (tmp_path / "sys" / set_name / "atom_pref.npy").unlink()
+    with pytest.raises(ValueError, match=r"sys/set.000/atom_pref.npy is missing; the loss's start_pref_pf/limit_pref_pf "
+                                         "needs it in every set"):
+        load_systems([tmp_path / "sys"], ["O", "H"], ("atom_pref",))
+
+
+def test_lcurve_shows_the_extra_terms_as_deepmd_kit_names_them():
+    from minidp.training.lcurve import lcurve_columns, lcurve_line
+    from minidp.training.loss import LossValue
+
+    assert lcurve_columns(False, True, ("ae", "pf")) == ["step", "rmse_trn", "rmse_e_trn", "rmse_ae_trn", "rmse_f_trn",
+                                                         "rmse_v_trn", "rmse_pf_trn", "lr"]
+    assert lcurve_columns(True, False) == ["step", "rmse_val", "rmse_trn", "rmse_e_val", "rmse_e_trn", "rmse_f_val",
+                                           "rmse_f_trn", "lr"]
+    line = lcurve_line(3, {"trn": LossValue(1.0, 1.0, 0.1, 0.2, 0.3, 0.4, 0.5)}, 1e-3, True, ("ae", "pf"))
+    assert [float(x) for x in line.split()[1:-1]] == [1.0, 0.1, 0.4, 0.2, 0.3, 0.5]

@@ -17,16 +17,23 @@ from minidp.training.loss import LossValue
 # ---------------------------------------------------------------------------
 
 
-def lcurve_columns(validation: bool, virial: bool) -> list[str]:
+def lcurve_quantities(virial: bool, terms: tuple[str, ...] = ()) -> list[str]:
+    """The RMSE fields shown, in deepmd-kit's (TensorFlow trainer's) order: rmse, rmse_e, rmse_ae, rmse_f,
+    rmse_v, rmse_pf; terms: the extra loss terms on ("ae", "pf": minidp.training.loss.shown_terms)."""
+    return (["rmse", "rmse_e"] + (["rmse_ae"] if "ae" in terms else []) + ["rmse_f"] + (["rmse_v"] if virial else [])
+            + (["rmse_pf"] if "pf" in terms else []))
+
+
+def lcurve_columns(validation: bool, virial: bool, terms: tuple[str, ...] = ()) -> list[str]:
     """deepmd-kit's lcurve.out columns (validation first, then training, per quantity)."""
-    quantities = ["", "_e", "_f"] + (["_v"] if virial else [])
+    quantities = [q[4:] for q in lcurve_quantities(virial, terms)]
     sets = ["val", "trn"] if validation else ["trn"]
     return ["step"] + [f"rmse{q}_{s}" for q in quantities for s in sets] + ["lr"]
 
 
-def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool) -> str:
+def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool, terms: tuple[str, ...] = ()) -> str:
     """One line of lcurve.out: errors maps "val"/"trn" to that set's LossValue."""
-    fields = ["rmse", "rmse_e", "rmse_f"] + (["rmse_v"] if virial else [])
+    fields = lcurve_quantities(virial, terms)
     values = [getattr(errors[s], f) for f in fields for s in ("val", "trn") if s in errors]
     return f"{step:7d}" + "".join(f" {v:12.4e}" for v in values) + f" {lr:12.4e}\n"
 

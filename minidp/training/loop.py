@@ -93,7 +93,7 @@ def evaluate(model: EnergyModel, batches: list[Batch], pref) -> LossValue:
     values, weights = [], []
     for b in batches:
         p = energy_forces(b.rij, b.nlist, b.atom_types, model)
-        values.append(ener_loss(p.energy, p.force, p.virial, b, pref)[0])
+        values.append(ener_loss(p.energy, p.force, p.virial, b, pref, atom_energy=p.atom_energy)[0])
         weights.append(b.atom_types.size)
     return LossValue(*np.average(np.array(values), axis=0, weights=weights))
 
