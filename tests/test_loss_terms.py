@@ -5,6 +5,7 @@ deepmd-kit's dpmodel EnergyLoss on the same predictions and labels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,9 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.model import energy_forces
-from minidp.training.loss import LossConfig, loss_and_grad, prefactors, shown_terms
+from minidp.neighbor import build_neighbor_list
+from minidp.training.lcurve import lcurve_columns, lcurve_line
+from minidp.training.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors, shown_terms
+from minidp.training.sampling import load_systems, make_batch
 from tests.test_loss import _batch, _loss_along
 from tests.test_model import specs
+from tests.test_model_options import EVERYTHING, MASKED, Options, frames, minidp_model, options, params
+from tests.test_train import SMALL, _water_frames
 
 # each case: the loss settings that switch a term (or an option) on, over the plain energy/force/virial
 CASES = {
@@ -154,11 +160,7 @@ def test_every_term_equals_deepmd_kits_dpmodel_loss(case, mask, spec):
 
 def test_extra_label_files_are_read_per_set_and_reach_the_batch(tmp_path):
     """set.*/atom_ener.npy, atom_pref.npy, atom_ener_coeff.npy in frame order; a missing one is named."""
-    import dpdata
-
-    from minidp.training.sampling import load_systems, make_batch
-    from tests.test_train import SMALL, _water_frames
-
+    dpdata = pytest.importorskip("dpdata")
     rng = np.random.default_rng(3)
     nframes, nmol = 5, 2
     types = np.array([0] * nmol + [1] * 2 * nmol)
@@ -185,12 +187,96 @@ def test_extra_label_files_are_read_per_set_and_reach_the_batch(tmp_path):
 
 
 def test_lcurve_shows_the_extra_terms_as_deepmd_kit_names_them():
-    from minidp.training.lcurve import lcurve_columns, lcurve_line
-    from minidp.training.loss import LossValue
-
     assert lcurve_columns(False, True, ("ae", "pf")) == ["step", "rmse_trn", "rmse_e_trn", "rmse_ae_trn", "rmse_f_trn",
                                                          "rmse_v_trn", "rmse_pf_trn", "lr"]
     assert lcurve_columns(True, False) == ["step", "rmse_val", "rmse_trn", "rmse_e_val", "rmse_e_trn", "rmse_f_val",
                                            "rmse_f_trn", "lr"]
     line = lcurve_line(3, {"trn": LossValue(1.0, 1.0, 0.1, 0.2, 0.3, 0.4, 0.5)}, 1e-3, True, ("ae", "pf"))
     assert [float(x) for x in line.split()[1:-1]] == [1.0, 0.1, 0.4, 0.2, 0.3, 0.5]
+
+
+# ---------------------------------------------------------------------------
+# model options: the weight gradient of a model with each option
+# ---------------------------------------------------------------------------
+
+DESCRIPTOR_OPTIONS = {"none": {}, "exclude_types": dict(exclude_types=((0, 1),)),
+                      "pair_exclude_types": dict(pair_exclude_types=((1, 1),)), "env_protection": dict(env_protection=0.3),
+                      "all": dict(exclude_types=((0, 0),), pair_exclude_types=((0, 1),), env_protection=0.2)}
+
+
+def _option_batch(opts, descriptor: dict, seed: int, nf: int = 2):
+    """A model with these fitting (tests.test_model_options.Options) and descriptor options, and a
+    labelled batch of nf frames with every label file and the model's fparam/aparam."""
+    model = minidp_model(opts, seed)
+    model.descriptor.config = dataclasses.replace(model.descriptor.config, **descriptor)
+    coords, cells, types = frames(seed, nf, 7)
+    cfg = model.descriptor.config
+    nl = build_neighbor_list(coords, cells, types, cfg.rcut, list(cfg.sel))
+    rng = np.random.default_rng(seed + 3)
+    shape = coords.shape[:2]
+    fparam, aparam = params(opts, nf, 7, seed)
+    return model, Batch(nl.rij, nl.nlist, types, rng.normal(size=nf), rng.normal(size=coords.shape),
+                        rng.normal(size=(nf, 9)), rng.normal(size=shape), rng.uniform(0.1, 2.0, shape),
+                        rng.choice([-1.0, 1.0, 0.5], shape), fparam, aparam)
+
+
+def _fd_check(model, batch, pref):
+    _, grads, _ = loss_and_grad(model, batch, pref)
+    rng = np.random.default_rng(5)
+    direction = [{k: rng.normal(size=v.shape) for k, v in p.items()} for p in model.params()]
+    analytic = sum(float(np.sum(g[k] * d[k])) for g, d in zip(grads, direction) for k in g)
+    h = 1e-5
+
+    def central(step):
+        return _loss_along(model, batch, pref, direction, step) - _loss_along(model, batch, pref, direction, -step)
+
+    fd = (8 * central(h) - central(2 * h)) / (12 * h)
+    assert abs(analytic - fd) <= 1e-6 * max(abs(fd), 1e-3)
+
+
+@pytest.mark.parametrize("descriptor", sorted(DESCRIPTOR_OPTIONS))
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), loss=st.sampled_from(["plain", "all"]))
+def test_descriptor_options_weight_gradient_matches_finite_differences(descriptor, seed, loss):
+
+    model, batch = _option_batch(Options(), DESCRIPTOR_OPTIONS[descriptor], seed)
+    _fd_check(model, batch, prefactors(LossConfig(**BASE, **CASES.get(loss, {})), 4e-4, 1e-3))
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), loss=st.sampled_from(["plain", "all"]), data=st.data())
+def test_fitting_options_weight_gradient_matches_finite_differences(seed, loss, data):
+    """fparam, aparam (also as a mask), dim_case_embd, atom_ener, atom_exclude_types, both embedding layouts."""
+
+    opts = data.draw(st.sampled_from([EVERYTHING, MASKED]) | options())
+    model, batch = _option_batch(opts, {}, seed)
+    _fd_check(model, batch, prefactors(LossConfig(**BASE, **CASES.get(loss, {})), 4e-4, 1e-3))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_atom_exclude_types_mask_equals_deepmd_kits(case):
+    """With atom_exclude_types, dpmodel's mask: energy and virial over the included count, the per-atom
+    terms over the included atoms only."""
+    rng = np.random.default_rng(4)
+    nf, N = 3, 6
+    config = LossConfig(**BASE, **CASES[case])
+    dp_loss = _deepmd_loss(config, 1e-3)
+    included = np.array([True, False, True, True, False, True])
+    pred = dict(energy=rng.normal(size=nf), force=rng.normal(size=(nf, N, 3)), virial=rng.normal(size=(nf, 9)),
+                atom_energy=rng.normal(size=(nf, N)) * included)
+    batch = Batch(None, None, np.zeros(N, int), rng.normal(size=nf), rng.normal(size=(nf, N, 3)),
+                  rng.normal(size=(nf, 9)), rng.normal(size=(nf, N)), rng.uniform(0.1, 2, (nf, N)),
+                  rng.normal(size=(nf, N)))
+    model_dict = {"energy": pred["energy"][:, None], "force": pred["force"], "virial": pred["virial"],
+                  "atom_energy": pred["atom_energy"][..., None], "mask": np.tile(included, (nf, 1)).astype(np.int32)}
+    label_dict = {"energy": batch.energy[:, None], "force": batch.force, "virial": batch.virial,
+                  "atom_ener": batch.atom_ener, "atom_pref": np.repeat(batch.atom_pref, 3, axis=1),
+                  "atom_ener_coeff": batch.atom_ener_coeff, "find_energy": 1.0, "find_force": 1.0,
+                  "find_virial": 1.0, "find_atom_ener": 1.0, "find_atom_pref": 1.0}
+    for lr in (1e-3, 2e-4):
+        ours = ener_loss(pred["energy"], pred["force"], pred["virial"], batch, prefactors(config, lr, 1e-3),
+                         pred["atom_energy"], included)[0]
+        loss, more = dp_loss.call(lr, N, model_dict, label_dict)
+        assert abs(ours.loss - float(loss)) <= 1e-10 * max(1.0, abs(float(loss)))
+        for name, value in more.items():
+            assert abs(getattr(ours, name) - float(value)) <= 1e-10 * max(1.0, abs(float(value))), name

@@ -22,11 +22,13 @@ Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2, nb, na, n_t`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from minidp import kernels
-from minidp.model import EnergyModel, FitCache, type_groups
-from minidp.nn import Net, add_grads, net_backward, net_jvp, net_jvp_backward
+from minidp.model import NO_PARAMS, EnergyModel, FitParams, fitting_input, type_groups
+from minidp.nn import Net, add_grads, net_backward, net_forward, net_jvp, net_jvp_backward
 from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backward, sum_rows
 
 
@@ -182,49 +184,89 @@ def _net_grads(net: Net, caches: list, gy: np.ndarray, gty: np.ndarray) -> list[
     return net_jvp_backward(net, caches, gy, gty, input_grads=False)[2]
 
 
+class FitJvpCache(NamedTuple):
+    """One atom type's block of the fitting step with tangents."""
+
+    t: int  # the atom type
+    atoms: np.ndarray  # (na,) atoms of this type
+    net: Net  # its fitting net
+    net_caches: list  # net_jvp's layer caches on x_i
+    vacuum_caches: list | None  # net_forward's caches on x_i^0 (atom_ener), or None
+
+
 def atomic_energy_jvp(
-    D: np.ndarray, Ddot: np.ndarray, atom_types: np.ndarray, model: EnergyModel
-) -> tuple[np.ndarray, np.ndarray, list[FitCache]]:
-    """E_i and its tangent E'_i = (dF_{t_i}/dD_i) D'_i, for training on forces; (nf, nloc) each, and caches."""
+    D: np.ndarray, Ddot: np.ndarray, atom_types: np.ndarray, model: EnergyModel, params: FitParams = NO_PARAMS,
+) -> tuple[np.ndarray, np.ndarray, list[FitJvpCache]]:
+    r"""E_i and its tangent E'_i = (dF_{t_i}/dx_i) x'_i, for training on forces; (nf, nloc) each, and caches.
+
+    x_i = [D_i, f, a_i, c] (:func:`minidp.model.fitting_input`): only D moves with the atoms, so
+    x'_i = [D'_i, 0, 0, 0]. The atom_ener term -F_t(x_i^0) has no D in it: no tangent, but it
+    depends on the weights (its caches are kept). Atoms of atom_exclude_types have E_i = E'_i = 0.
+    """
     nf, nloc, dim = D.shape
+    # (nf, nloc, dim + width), (nf, nloc, dim + width)
+    x = fitting_input(D, model.fitting_input, params)
+    xdot = Ddot if x is D else np.concatenate([Ddot, np.zeros(x.shape[:2] + (x.shape[2] - dim,), D.dtype)], axis=-1)
     # (nf, nloc), (nf, nloc)
     E_atom = np.zeros((nf, nloc), dtype=D.dtype)
     Edot = np.zeros_like(E_atom)
     caches = []
+    vacuum = model.vacuum
     for t, atoms in type_groups(atom_types, model.ntypes):
+        if t in model.atom_exclude_types:
+            continue
+        # (nb, dim + width) each
+        x_t, xdot_t = x[:, atoms].reshape(-1, x.shape[-1]), xdot[:, atoms].reshape(-1, x.shape[-1])
         # (nb, 1), (nb, 1)
-        y, ty, net_caches = net_jvp(model.fitting[t], D[:, atoms].reshape(-1, dim), Ddot[:, atoms].reshape(-1, dim))
+        y, ty, net_caches = net_jvp(model.fitting[t], x_t, xdot_t)
+        vacuum_caches = None
+        if vacuum[t]:
+            # (nb, dim + width)  x_i^0: the descriptor part zeroed
+            x0 = x_t.copy()
+            x0[:, :dim] = 0.0
+            # (nb, 1)
+            y0, vacuum_caches = net_forward(model.fitting[t], x0)
+            y = y - y0
         E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
         Edot[:, atoms] = ty.reshape(nf, atoms.size)
-        caches.append(FitCache(t, atoms, model.fitting[t], net_caches))
+        caches.append(FitJvpCache(t, atoms, model.fitting[t], net_caches, vacuum_caches))
     return E_atom, Edot, caches
 
 
 def atomic_energy_param_backward(
-    gE: np.ndarray, gEdot: np.ndarray, caches: list[FitCache], dim: int
+    gE: np.ndarray, gEdot: np.ndarray, caches: list[FitJvpCache], dim: int
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple, list]]:
     """Reverse through atomic_energy_jvp: from dL/dE_i and dL/dE'_i (nf, nloc) to dL/dD,
-    dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {("fitting", t): per-layer grads}."""
+    dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {("fitting", t): per-layer grads}.
+
+    Only the descriptor's part of dL/dx and dL/dx' is kept (the parameters are data); the atom_ener
+    term adds its own weight gradient, from dL/dE_i through -F_t(x_i^0)."""
     nf, nloc = gE.shape
     # (nf, nloc, ng * m2), (nf, nloc, ng * m2)
     Dbar = np.zeros((nf, nloc, dim), dtype=gE.dtype)
     Ddotbar = np.zeros_like(Dbar)
     grads = {}
-    for t, atoms, net, net_caches in caches:
-        gx, gtx, grads[("fitting", t)] = net_jvp_backward(
-            net, net_caches, gE[:, atoms].reshape(-1, 1), gEdot[:, atoms].reshape(-1, 1))
-        Dbar[:, atoms] = gx.reshape(nf, atoms.size, dim)
-        Ddotbar[:, atoms] = gtx.reshape(nf, atoms.size, dim)
+    for t, atoms, net, net_caches, vacuum_caches in caches:
+        # (nb, 1)
+        gE_t = gE[:, atoms].reshape(-1, 1)
+        # (nb, dim + width), (nb, dim + width)
+        gx, gtx, g = net_jvp_backward(net, net_caches, gE_t, gEdot[:, atoms].reshape(-1, 1))
+        if vacuum_caches is not None:
+            g = add_grads([g, net_backward(net, vacuum_caches, -gE_t)[1]])
+        grads[("fitting", t)] = g
+        Dbar[:, atoms] = gx[:, :dim].reshape(nf, atoms.size, dim)
+        Ddotbar[:, atoms] = gtx[:, :dim].reshape(nf, atoms.size, dim)
     return Dbar, Ddotbar, grads
 
 
 def weight_gradients(
     model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
-    atom_types: np.ndarray, backend: str = "numba",
+    atom_types: np.ndarray, backend: str = "numba", params: FitParams = NO_PARAMS,
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
     r"""dS/dtheta of S = sum_fi c_fi E_fi - E' (c_fi = c_f for all atoms of a frame), E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
 
     D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
+    params: the batch's fparam/aparam (the fitting nets read them);
     c_E (nf,) = dL/dE of each frame, or (nf, nloc) = dL/dE_i of each atom (a loss on atomic energies,
     or on E = sum_i c_i E_i); drij (nf, nloc, nnei, 3) the pairs' displacement.
     Tangents forward (R', T', D', E'), then one reverse pass through values
@@ -236,7 +278,7 @@ def weight_gradients(
     Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
     # (nf, nloc) each: E_i and its caches with the tangent
-    E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model)
+    E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model, params)
     # (nf, nloc) dS/dE_i = c of its frame (or the atom's own c_i); dS/dE'_i = -1
     gE = np.broadcast_to(c_E[:, None] if c_E.ndim == 1 else c_E, E_atom.shape)
     # (nf, nloc, ng * m2) each

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import boolean, number
-from minidp.model import EnergyModel, model_backward, model_forward, pair_forces_virials
+from minidp.model import EnergyModel, FitParams, energy_forces, model_backward, model_forward, pair_forces_virials
 from minidp.nn import zeros_like_params
 from minidp.se_e2_a import check_descriptor_inputs
 from minidp.training.force_training import weight_gradients
@@ -126,6 +126,8 @@ class Batch(NamedTuple):
     atom_ener: np.ndarray | None = None  # (nf, nloc) atomic energy labels (atom_ener.npy), or None
     atom_pref: np.ndarray | None = None  # (nf, nloc) per-atom force weights (atom_pref.npy), or None
     atom_ener_coeff: np.ndarray | None = None  # (nf, nloc) c_i of E = sum_i c_i E_i (atom_ener_coeff.npy), or None
+    fparam: np.ndarray | None = None  # (nf, nfp) frame parameters (fparam.npy) for a model with numb_fparam
+    aparam: np.ndarray | None = None  # (nf, nloc, nap) atomic parameters (aparam.npy) for a model with numb_aparam
 
 
 class LossValue(NamedTuple):
@@ -140,32 +142,38 @@ class LossValue(NamedTuple):
     rmse_pf: float = math.nan  # sqrt(<w_i (F - F*)^2>), or nan without the term or its labels
 
 
-def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None):
+def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, included=None):
     r"""L (module docstring, with every term of deepmd-kit's ener loss) and its cotangents.
 
     pref: :class:`Prefactors` (a plain (p_e, p_f, p_v) works too). With atomic energies E_i
     (nf, nloc) — needed by the ``ae`` term and ``enable_atom_ener_coeff`` — the terms are, as
-    deepmd-kit's dpmodel EnergyLoss (no excluded atoms, so every mean is over all atoms):
+    deepmd-kit's dpmodel EnergyLoss computes them:
 
     .. math::
 
-        E_f = \sum_i c_i E_i 	ext{ (coeff on; else the model's)},\qquad
-        u_{ia} = rac{F_{ia} - F^*_{ia}}{|F^*_i| + 
-u} 	ext{ (relative\_f } 
-u	ext{; else } F - F^*),
+        E_f = \sum_i c_i E_i \text{ (coeff on; else the model's)},\qquad
+        u_{ia} = \frac{F_{ia} - F^*_{ia}}{|F^*_i| + \nu} \text{ (relative\_f } \nu\text{; else } F - F^*),
 
-        L = rac{p_e}{N}\langle \Delta E^2angle + p_f \langle u^2angle + rac{p_v}{N}\langle \Delta W^2angle
-          + p_{ae}\langle (E_i - E_i^*)^2angle + p_{pf}\langle w_i u^2angle.
+        L = \frac{p_e}{n}\langle \Delta E^2\rangle + p_f \langle u^2\rangle + \frac{p_v}{n}\langle \Delta W^2\rangle
+          + p_{ae}\langle (E_i - E_i^*)^2\rangle + p_{pf}\langle w_i u^2\rangle,
 
-    A term whose labels the batch lacks is left out (deepmd-kit's find_* = 0), its RMSE nan.
-    Returns (LossValue, dL/dE, dL/dF (nf, nloc, 3), dL/dW (nf, 9)); dL/dE is per frame (nf,), or per
-    atom dL/dE_i (nf, nloc) when atom_energy is given.
+    where n counts the ``included`` atoms (nloc,) bool — those whose type is not in the model's
+    atom_exclude_types; all by default — and the per-atom means run over the included atoms only
+    (deepmd-kit's model mask). A term whose labels the batch lacks is left out (deepmd-kit's
+    find_* = 0), its RMSE nan. Returns (LossValue, dL/dE, dL/dF (nf, nloc, 3), dL/dW (nf, 9)); dL/dE
+    is per frame (nf,), or per atom dL/dE_i (nf, nloc) when the loss reads atomic energies.
     """
     p = Prefactors(*pref)
     nf, natoms = force.shape[:2]
     per_atom = p.atom_ener_coeff or (p.ae != 0.0 and batch.atom_ener is not None)
     if per_atom and atom_energy is None:
         raise ValueError("ener_loss: the atom_ener term and enable_atom_ener_coeff need the atomic energies")
+    # (nloc,) 1 for an included atom; n of them per frame; 1/n (0 when no atom counts, as deepmd-kit)
+    m = np.ones(natoms) if included is None else np.asarray(included, dtype=np.float64)
+    n = float(m.sum())
+    inv = 1.0 / n if n > 0 else 0.0
+    # 1 / (included atoms of the batch): the per-atom means
+    inv_rows = inv / nf
     # (nf, nloc) c_i, 1 without the file (deepmd-kit's default)
     coeff = batch.atom_ener_coeff if p.atom_ener_coeff and batch.atom_ener_coeff is not None else None
     if coeff is not None:
@@ -177,25 +185,27 @@ u	ext{; else } F - F^*),
     scale = 1.0 if p.relative_f is None else 1.0 / (np.linalg.norm(batch.force, axis=-1, keepdims=True) + p.relative_f)
     # (nf, nloc, 3)
     u = (force - batch.force) * scale
-    l2_e, l2_f = np.mean(dE**2), np.mean(u**2)
-    loss = p.e / natoms * l2_e + p.f * l2_f
+    # (nf, nloc, 3) u^2 counted on the included atoms
+    u2 = u**2 * m[None, :, None]
+    l2_e, l2_f = np.mean(dE**2), np.sum(u2) * inv_rows / 3.0
+    loss = p.e * inv * l2_e + p.f * l2_f
     # (nf, nloc, 3): dL/du, pulled back through the scale below; the mean's 1/size and the square's 2
-    c_u = 2.0 * p.f * u / u.size
+    c_u = 2.0 * p.f * u * m[None, :, None] * inv_rows / 3.0
     rmse_pf = math.nan
     if p.pf != 0.0 and batch.atom_pref is not None:
         # (nf, nloc, 1) deepmd-kit repeats each atom's weight over its three components
         w = batch.atom_pref[..., None]
-        l2_pf = np.mean(w * u**2)
+        l2_pf = np.sum(w * u2) * inv_rows / 3.0
         loss += p.pf * l2_pf
-        c_u = c_u + 2.0 * p.pf * w * u / u.size
+        c_u = c_u + 2.0 * p.pf * w * u * m[None, :, None] * inv_rows / 3.0
         rmse_pf = math.sqrt(l2_pf)
     rmse_ae, c_Ei = math.nan, None
     if p.ae != 0.0 and batch.atom_ener is not None:
         # (nf, nloc)
-        dEi = atom_energy - batch.atom_ener
-        l2_ae = np.mean(dEi**2)
+        dEi = (atom_energy - batch.atom_ener) * m
+        l2_ae = np.sum(dEi**2) * inv_rows
         loss += p.ae * l2_ae
-        c_Ei = 2.0 * p.ae * dEi / dEi.size
+        c_Ei = 2.0 * p.ae * dEi * inv_rows
         rmse_ae = math.sqrt(l2_ae)
     # (nf, 9)
     c_W = np.zeros_like(virial)
@@ -203,18 +213,31 @@ u	ext{; else } F - F^*),
     if batch.virial is not None:
         dW = virial - batch.virial
         l2_v = np.mean(dW**2)
-        rmse_v = math.sqrt(l2_v) / natoms
+        rmse_v = math.sqrt(l2_v) * inv
         if p.v:
-            loss += p.v / natoms * l2_v
-            c_W = 2.0 * p.v / natoms * dW / dW.size
-    value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) / natoms, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf)
+            loss += p.v * inv * l2_v
+            c_W = 2.0 * p.v * inv * dW / dW.size
+    value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) * inv, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf)
     # (nf,) dL/dE_f
-    c_E = 2.0 * p.e / natoms * dE / dE.size
+    c_E = 2.0 * p.e * inv * dE / dE.size
     if per_atom:
         # (nf, nloc) dL/dE_i = dL/dE_f c_i (+ the atomic term's own)
         c_E = c_E[:, None] * (1.0 if coeff is None else coeff)
         c_E = c_E + (0.0 if c_Ei is None else c_Ei)
     return value, c_E, c_u * scale, c_W
+
+
+def included_atoms(model: EnergyModel, atom_types: np.ndarray) -> np.ndarray | None:
+    """(nloc,) bool: the atoms whose type is not in the model's atom_exclude_types (None: all of them)."""
+    if not model.atom_exclude_types:
+        return None
+    return ~np.isin(atom_types, model.atom_exclude_types)
+
+
+def batch_errors(model: EnergyModel, batch: Batch, pref) -> LossValue:
+    """The loss and RMSEs of a batch without gradients (validation): the model's prediction, then :func:`ener_loss`."""
+    p = energy_forces(batch.rij, batch.nlist, batch.atom_types, model, params=FitParams(batch.fparam, batch.aparam))
+    return ener_loss(p.energy, p.force, p.virial, batch, pref, p.atom_energy, included_atoms(model, batch.atom_types))[0]
 
 
 def shown_terms(config: LossConfig) -> tuple[str, ...]:
@@ -237,6 +260,27 @@ def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarra
     return drij
 
 
+# The model options whose weight gradient is exact (finite-difference tested in tests/test_loss_terms.py);
+# any other option in use is refused by refuse_untrainable, the one place that refuses
+TRAINABLE = {"exclude_types", "pair_exclude_types", "env_protection", "numb_fparam", "numb_aparam",
+             "dim_case_embd", "atom_ener", "atom_exclude_types"}
+
+
+def model_options(model: EnergyModel) -> list[str]:
+    """Every option of the model beyond plain se_e2_a + ener, by deepmd-kit's names (descriptor and fitting)."""
+    cfg = model.descriptor.config
+    used = [("exclude_types", cfg.exclude_types), ("pair_exclude_types", cfg.pair_exclude_types),
+            ("env_protection", cfg.env_protection)]
+    return [name for name, value in used if value] + model.options()
+
+
+def refuse_untrainable(model: EnergyModel) -> None:
+    """ValueError (one line) naming the options of the model minidp cannot train yet."""
+    bad = [name for name in model_options(model) if name not in TRAINABLE]
+    if bad:
+        raise ValueError(f"training a model with {', '.join(bad)} is not supported yet")
+
+
 def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"):
     """The loss of one batch and dL/dtheta in model.params() layout (math in the module docstring).
 
@@ -246,22 +290,22 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
     checked first (:func:`minidp.se_e2_a.check_descriptor_inputs`).
     """
     check_descriptor_inputs(batch.nlist, model.descriptor, backend, keep=True)
-    if model.options():  # the weight gradients (minidp.training.force_training) know the plain fitting only
-        raise ValueError(f"training a model with {', '.join(model.options())} is not supported yet")
+    refuse_untrainable(model)
     types = batch.atom_types
+    params = FitParams(batch.fparam, batch.aparam)
     # forward, keeping what the second-order step needs, and the usual backward (minidp.model)
     # (nf, nloc), then (nf, nloc, nnei, 3): g = dE/d r_ij
-    E_atom, cache = model_forward(batch.rij, batch.nlist, types, model, backend, keep=True)
+    E_atom, cache = model_forward(batch.rij, batch.nlist, types, model, backend, keep=True, params=params)
     g = model_backward(cache, model, backend)
     # (nf, nloc, 3), (nf, nloc, 9)
     force, atom_virial = pair_forces_virials(g, batch.rij, batch.nlist, backend)
     # (nf,), (nf, 9)
     energy, virial = E_atom.sum(axis=1), atom_virial.sum(axis=1)
-    value, c_E, v, V = ener_loss(energy, force, virial, batch, pref, atom_energy=E_atom)
+    value, c_E, v, V = ener_loss(energy, force, virial, batch, pref, E_atom, included_atoms(model, types))
     # the second-order step (minidp.training.force_training): dS/dtheta of S = c E - E', E' along delta r_ij
     # (nf, nloc, nnei, 3)
     drij = pair_tangent(v, V, batch.rij, batch.nlist)
-    grads = weight_gradients(model, cache.D, cache.descriptor_cache, c_E, drij, types, backend)
+    grads = weight_gradients(model, cache.D, cache.descriptor_cache, c_E, drij, types, backend, params)
     # every net's gradient in model.params() order, by name; a net with no atoms in the batch gets zeros
     flat = [layer for name, net in model.named_nets() for layer in grads.get(name) or zeros_like_params(net.params())]
     return value, flat, (energy, force, virial)
