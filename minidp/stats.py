@@ -12,7 +12,9 @@ zero rows), with the raw rows :math:`\tilde R = s(r)(1/r, x/r^2, y/r^2, z/r^2)`:
     \sigma_a^2 = \tfrac13 \textstyle\sum_{a=1}^3 \langle \tilde R_a^2 \rangle - \langle \tilde R_a \rangle^2
 
 (the three vector columns share one pooled mean and spread, so rotations
-cannot change the normalization), the same for every slot. A spread below
+cannot change the normalization), the same for every slot. The rows are the
+model's own: with ``env_protection``, and 0 for the pairs of
+``exclude_types`` and ``pair_exclude_types`` (still counted, as padding is). A spread below
 1e-2 is raised to 1e-2 and a type with no atoms gets 1/rcut, as deepmd-kit does.
 With ``set_davg_zero`` davg stays zero (dstd is measured all the same).
 
@@ -30,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from minidp.neighbor import build_neighbor_list
-from minidp.se_e2_a import SeAConfig, env_matrix
+from minidp.se_e2_a import SeAConfig, drop_excluded_pairs, env_matrix, exclusion_mask
 
 # deepmd-kit's floor for a spread: a column that barely varies is not blown up
 MIN_STD = 1e-2
@@ -42,10 +44,15 @@ def raw_env_sums(coords, cells, atom_types, cfg: SeAConfig) -> np.ndarray:
     The vector columns' sums are pooled and divided by 3, counting each slot once.
     """
     nl = build_neighbor_list(coords, cells, atom_types, cfg.rcut, list(cfg.sel))
+    nlist, rij = nl.nlist, nl.rij
+    if cfg.pair_exclude_types:  # the model's exclusions empty their slots, as the model's forward does
+        nlist, rij = drop_excluded_pairs(nlist, rij, atom_types, cfg)
+    excluded = exclusion_mask(atom_types, cfg.exclude_types, cfg.sel) if cfg.exclude_types else None
     # davg = 0, dstd = 1: the raw rows
     zeros, ones = np.zeros((cfg.ntypes, cfg.nnei, 4)), np.ones((cfg.ntypes, cfg.nnei, 4))
-    # (nf, nloc, nnei, 4)
-    R, _ = env_matrix(nl.rij, nl.nlist, atom_types, zeros, ones, cfg.rcut_smth, cfg.rcut)
+    # (nf, nloc, nnei, 4)  with env_protection, excluded pairs' rows 0 (still counted, as deepmd-kit's stats)
+    R, _ = env_matrix(rij, nlist, atom_types, zeros, ones, cfg.rcut_smth, cfg.rcut,
+                      protection=cfg.env_protection, excluded=excluded)
     # (ntypes, 5)
     sums = np.zeros((cfg.ntypes, 5))
     for t in range(cfg.ntypes):

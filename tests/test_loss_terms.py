@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from minidp.model import energy_forces
 from minidp.neighbor import build_neighbor_list
+from minidp.se_e2_a import SeAConfig
+from minidp.stats import env_stats, raw_env_sums
 from minidp.training.lcurve import lcurve_columns, lcurve_line
 from minidp.training.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors, shown_terms
 from minidp.training.sampling import load_systems, make_batch
@@ -280,3 +282,32 @@ def test_atom_exclude_types_mask_equals_deepmd_kits(case):
         assert abs(ours.loss - float(loss)) <= 1e-10 * max(1.0, abs(float(loss)))
         for name, value in more.items():
             assert abs(getattr(ours, name) - float(value)) <= 1e-10 * max(1.0, abs(float(value))), name
+
+
+# ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("descriptor", sorted(DESCRIPTOR_OPTIONS))
+@pytest.mark.parametrize("periodic", [True, False])
+def test_env_stats_with_options_equal_deepmd_kits(descriptor, periodic):
+    """davg/dstd with exclude_types, pair_exclude_types, env_protection: deepmd-kit's dpmodel
+    DescrptSeA.compute_input_stats on the same frames (two systems), to 1e-12."""
+    se_a = pytest.importorskip("deepmd.dpmodel.descriptor.se_e2_a")  # optional: the cross-check only
+    cfg = dataclasses.replace(SeAConfig(3.5, 1.0, (24, 24), (4, 8), 2, True), **DESCRIPTOR_OPTIONS[descriptor])
+    systems = [frames(seed, 3, 7, periodic) for seed in (1, 2)]
+    sums = sum(raw_env_sums(coords, cells, types, cfg) for coords, cells, types in systems)
+    davg, dstd = env_stats(sums, cfg)
+    dp = se_a.DescrptSeA(cfg.rcut, cfg.rcut_smth, list(cfg.sel), list(cfg.neuron), cfg.axis_neuron,
+                         exclude_types=[list(p) for p in cfg.exclude_types], env_protection=cfg.env_protection)
+    merged = []
+    for coords, cells, types in systems:
+        sample = {"coord": coords.reshape(len(coords), -1), "atype": np.tile(types, (len(coords), 1)),
+                  "box": None if cells is None else cells.reshape(len(coords), 9)}
+        if cfg.pair_exclude_types:
+            sample["pair_exclude_types"] = [list(p) for p in cfg.pair_exclude_types]
+        merged.append(sample)
+    dp.compute_input_stats(merged)
+    np.testing.assert_allclose(davg, dp.davg, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dstd, dp.dstd, rtol=1e-12, atol=1e-14)
