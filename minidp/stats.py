@@ -24,7 +24,16 @@ energy per system, atoms of each type per system), with small singular
 values cut at ``rcond`` (1e-3). Systems of one composition make the problem
 rank one; the minimum-norm solution spreads the energy over the types.
 
-Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei``).
+**Frame and atomic parameters** (``fparam``, ``aparam``). Per column, over
+every sampled frame (fparam) or every sampled atom (aparam) of every system:
+n, the sum and the sum of squares; then :math:`\bar x = \Sigma x / n` and
+:math:`\sigma = \sqrt{\max(\Sigma x^2/n - \bar x^2, 0)}`, raised to the
+protection (``data_stat_protect``, 1e-2) when below it; the model keeps
+:math:`\bar x` and :math:`1/\sigma`. A column with nothing sampled gets 0 and
+0.1, as deepmd-kit's StatItem.
+
+Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei``); ``nfp, nap``
+the numbers of frame and atomic parameters.
 """
 
 from __future__ import annotations
@@ -90,3 +99,23 @@ def energy_bias(mean_energy: np.ndarray, type_counts: np.ndarray, rcond: float =
     """
     bias, *_ = np.linalg.lstsq(np.asarray(type_counts, float), np.asarray(mean_energy, float), rcond=rcond)
     return bias
+
+
+def param_sums(values: np.ndarray, width: int) -> np.ndarray:
+    """(width, 3) = (n, sum x, sum x^2) per column of values reshaped to (-1, width): fparam (nf, nfp)
+    with width nfp, aparam (nf, nloc, nap) with width nap (deepmd-kit's stat file layout)."""
+    # (rows, width)
+    x = np.asarray(values, dtype=np.float64).reshape(-1, width)
+    # (width, 3)
+    return np.stack([np.full(width, float(x.shape[0])), x.sum(axis=0), (x * x).sum(axis=0)], axis=1)
+
+
+def param_stats(sums: np.ndarray, protection: float = MIN_STD) -> tuple[np.ndarray, np.ndarray]:
+    """(avg, inv_std) (width,) each from param_sums added over the systems (module docstring)."""
+    n, total, total2 = sums[:, 0], sums[:, 1], sums[:, 2]
+    # (width,) each; n = 0: avg 0 and std 0.1 (deepmd-kit's defaults), not a division by zero
+    safe = np.where(n > 0, n, 1.0)
+    avg = np.where(n > 0, total / safe, 0.0)
+    std = np.sqrt(np.maximum(total2 / safe - (total / safe) ** 2, 0.0))
+    std = np.where(n > 0, np.where(std < protection, protection, std), 0.1)
+    return avg, 1.0 / std

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from minidp.model import energy_forces
 from minidp.neighbor import build_neighbor_list
 from minidp.se_e2_a import SeAConfig
-from minidp.stats import env_stats, raw_env_sums
+from minidp.stats import env_stats, param_stats, param_sums, raw_env_sums
 from minidp.training.lcurve import lcurve_columns, lcurve_line
 from minidp.training.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors, shown_terms
 from minidp.training.sampling import load_systems, make_batch
@@ -311,3 +311,51 @@ def test_env_stats_with_options_equal_deepmd_kits(descriptor, periodic):
     dp.compute_input_stats(merged)
     np.testing.assert_allclose(davg, dp.davg, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(dstd, dp.dstd, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # 1e-3: a spread below data_stat_protect, floored
+def test_fparam_aparam_stats_equal_deepmd_kits(scale):
+    """fparam/aparam avg and inv_std over two systems' samples: deepmd-kit's dpmodel fitting
+    compute_input_stats, to 1e-12."""
+    ener = pytest.importorskip("deepmd.dpmodel.fitting.ener_fitting")  # optional: the cross-check only
+    rng = np.random.default_rng(9)
+    nfp, nap = 2, 3
+    samples = [(rng.normal(1.0, scale, (nf, nfp)), rng.normal(-0.5, scale, (nf, nloc, nap)))
+               for nf, nloc in ((3, 5), (4, 2))]
+    fparam_avg, fparam_inv_std = param_stats(sum(param_sums(f, nfp) for f, _ in samples), 0.01)
+    aparam_avg, aparam_inv_std = param_stats(sum(param_sums(a, nap) for _, a in samples), 0.01)
+    fit = ener.EnergyFittingNet(2, 8, [4], numb_fparam=nfp, numb_aparam=nap)
+    fit.compute_input_stats([{"fparam": f, "find_fparam": 1.0, "aparam": a, "find_aparam": 1.0} for f, a in samples],
+                            protection=0.01)
+    for ours, theirs in ((fparam_avg, fit.fparam_avg), (fparam_inv_std, fit.fparam_inv_std),
+                         (aparam_avg, fit.aparam_avg), (aparam_inv_std, fit.aparam_inv_std)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-14)
+    assert param_stats(np.zeros((1, 3)))[0].tolist() == [0.0] and param_stats(np.zeros((1, 3)))[1].tolist() == [10.0]
+
+
+def test_fparam_aparam_files_are_read_per_set_and_reach_the_batch(tmp_path):
+    dpdata = pytest.importorskip("dpdata")
+    rng = np.random.default_rng(5)
+    nframes, nmol = 5, 2
+    types = np.array([0] * nmol + [1] * 2 * nmol)
+    coords = _water_frames(rng, nframes, nmol)
+    data = {"atom_names": ["O", "H"], "atom_numbs": [nmol, 2 * nmol], "atom_types": types, "orig": np.zeros(3),
+            "cells": np.tile(np.eye(3) * 6.0, (nframes, 1, 1)), "coords": coords, "energies": rng.normal(size=nframes),
+            "forces": rng.normal(size=coords.shape)}
+    dpdata.LabeledSystem(data=data).to("deepmd/npy", str(tmp_path / "sys"), set_size=3)
+    fparam, aparam = rng.normal(size=(nframes, 2)), rng.normal(size=(nframes, types.size, 1))
+    for set_name, rows in (("set.000", slice(0, 3)), ("set.001", slice(3, 5))):
+        np.save(tmp_path / "sys" / set_name / "fparam.npy", fparam[rows])
+        np.save(tmp_path / "sys" / set_name / "aparam.npy", aparam[rows].reshape(-1, types.size))
+    (system,) = load_systems([tmp_path / "sys"], ["O", "H"], numb_fparam=2, numb_aparam=1)
+    batch = make_batch(system, np.array([3, 0]), SMALL)
+    np.testing.assert_array_equal(batch.fparam, fparam[[3, 0]])
+    np.testing.assert_array_equal(batch.aparam, aparam[[3, 0]])
+    with pytest.raises(ValueError, match=r"sys/set.000/fparam.npy holds 6 numbers; expected 3 frames x 3"):
+        load_systems([tmp_path / "sys"], ["O", "H"], numb_fparam=3)
+    (tmp_path / "sys/set.001/fparam.npy").unlink()
+    (tmp_path / "sys/set.000/fparam.npy").unlink()
+    (system,) = load_systems([tmp_path / "sys"], ["O", "H"], numb_fparam=2, default_fparam=[0.5, 2.0])
+    assert (system.fparam == [0.5, 2.0]).all()
+    with pytest.raises(ValueError, match=r"sys/set.000/fparam.npy is missing; the model's numb_fparam needs it"):
+        load_systems([tmp_path / "sys"], ["O", "H"], numb_fparam=2)

@@ -37,6 +37,8 @@ class System(NamedTuple):
     atom_ener: np.ndarray | None = None  # (nf, nloc) atom_ener.npy
     atom_pref: np.ndarray | None = None  # (nf, nloc) atom_pref.npy
     atom_ener_coeff: np.ndarray | None = None  # (nf, nloc) atom_ener_coeff.npy
+    fparam: np.ndarray | None = None  # (nf, nfp) fparam.npy, for a model with numb_fparam
+    aparam: np.ndarray | None = None  # (nf, nloc, nap) aparam.npy, for a model with numb_aparam
 
     @property
     def nframes(self) -> int:
@@ -46,11 +48,13 @@ class System(NamedTuple):
 # What deepmd-kit trains on; other formats are converted first (dpdata)
 TRAINING_FORMATS = ("deepmd/npy", "deepmd/hdf5")
 # The file each per-frame array of a System is read from
-def load_systems(paths, type_map, labels: tuple[str, ...] = ()) -> list[System]:
+def load_systems(paths, type_map, labels: tuple[str, ...] = (), numb_fparam: int = 0, numb_aparam: int = 0,
+                 default_fparam=None) -> list[System]:
     """Read labelled deepmd/npy (or deepmd/hdf5) systems through dpdata, all their set.* folders;
     types mapped onto type_map. The reader checks every value finite, naming the system and the frame
     (:func:`minidp.io.systems.read_system`): a NaN label would train every weight to NaN.
-    ``labels``: the extra per-atom label files every set must hold (:func:`read_atom_labels`)."""
+    ``labels``: the extra per-atom label files every set must hold (:func:`read_atom_labels`);
+    numb_fparam, numb_aparam (and default_fparam): the model's parameters to read (:func:`read_params`)."""
     systems = []
     for path in paths:
         fmt = guess_format(Path(path))
@@ -69,6 +73,7 @@ def load_systems(paths, type_map, labels: tuple[str, ...] = ()) -> list[System]:
                         model_types(s["atom_names"], s["atom_types"], list(type_map)),
                         s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial, sets)
         extra = {name: read_atom_labels(lazy, name, system) for name in labels}
+        extra.update(read_params(lazy, system, numb_fparam, numb_aparam, default_fparam))
         systems.append(system._replace(**extra))
     return systems
 
@@ -79,24 +84,45 @@ ATOM_LABELS = {"atom_ener": "start_pref_ae/limit_pref_ae", "atom_pref": "start_p
 
 
 def read_atom_labels(lazy, name: str, system: System) -> np.ndarray:
-    """set.*/NAME.npy of every set of a system, one number per atom: (nf, nloc) float64.
+    """set.*/NAME.npy of every set of a system, one number per atom: (nf, nloc) float64 (:func:`read_set_files`)."""
+    values = read_set_files(lazy, name, system, system.atom_types.size, f"the loss's {ATOM_LABELS[name]}")
+    return values.reshape(system.nframes, -1)
 
-    deepmd-kit requires the file of a term that is on; ValueError naming the file when a set lacks
-    it, holds another size than frames x atoms, or a value that is not finite.
+
+def read_params(lazy, system: System, numb_fparam: int, numb_aparam: int, default_fparam=None) -> dict:
+    """The model's fparam (nf, nfp) from set.*/fparam.npy and aparam (nf, nloc, nap) from aparam.npy, as
+    deepmd-kit reads them (an absent fparam.npy is the model's default_fparam, when it has one)."""
+    out = {}
+    if numb_fparam:
+        out["fparam"] = read_set_files(lazy, "fparam", system, numb_fparam, "the model's numb_fparam", default_fparam)
+    if numb_aparam:
+        nloc = system.atom_types.size
+        out["aparam"] = read_set_files(lazy, "aparam", system, nloc * numb_aparam,
+                                       "the model's numb_aparam").reshape(system.nframes, nloc, numb_aparam)
+    return out
+
+
+def read_set_files(lazy, name: str, system: System, width: int, needed_by: str, default=None) -> np.ndarray:
+    """set.*/NAME.npy of every set of a system, ``width`` numbers per frame (any shape of that size):
+    (nf, width) float64, in frame order; a set without the file gets ``default`` (width,) in every frame.
+
+    deepmd-kit requires the file of a term or input that is on: ValueError naming the file when a
+    set lacks it (and there is no default), holds another size, or a value that is not finite.
     """
-    nloc = system.atom_types.size
     if not system.sets or system.sets[0][0] == "":
         raise ValueError(f"system {system.path}: {name}.npy is read from set.* folders; this system has none")
     parts = []
-    for (set_name, count) in system.sets:
+    for set_name, count in system.sets:
         where = f"{system.path}/{set_name}/{name}.npy"
         values = _set_array(lazy, set_name, name)
+        if values is None and default is not None:
+            values = np.tile(np.asarray(default, dtype=np.float64), count)
         if values is None:
-            raise ValueError(f"{where} is missing; the loss's {ATOM_LABELS[name]} needs it in every set")
-        if values.size != count * nloc:
-            raise ValueError(f"{where} holds {values.size} numbers; expected {count} frames x {nloc} atoms")
-        # (count, nloc)
-        values = np.asarray(values, dtype=np.float64).reshape(count, nloc)
+            raise ValueError(f"{where} is missing; {needed_by} needs it in every set")
+        if values.size != count * width:
+            raise ValueError(f"{where} holds {values.size} numbers; expected {count} frames x {width}")
+        # (count, width)
+        values = np.asarray(values, dtype=np.float64).reshape(count, width)
         if not np.isfinite(values).all():
             frame = int(np.argwhere(~np.isfinite(values))[0, 0])
             raise ValueError(f"{where}: frame {frame} holds a value that is not finite")
@@ -227,7 +253,8 @@ def make_batch(system: System, frames: np.ndarray, cfg: SeAConfig) -> Batch:
     except FrameError as err:
         raise in_system(err, system, frames) from None
     virial = None if system.virial is None else system.virial[frames]
-    extra = {k: None if getattr(system, k) is None else getattr(system, k)[frames] for k in ATOM_LABELS}
+    extra = {k: None if getattr(system, k) is None else getattr(system, k)[frames]
+             for k in (*ATOM_LABELS, "fparam", "aparam")}
     return Batch(nl.rij, nl.nlist, system.atom_types, system.energy[frames], system.force[frames], virial, **extra)
 
 
