@@ -92,6 +92,15 @@ def env_stats(sums: np.ndarray, cfg: SeAConfig) -> tuple[np.ndarray, np.ndarray]
     return davg, dstd
 
 
+def type_counts(atom_types: np.ndarray, ntypes: int, atom_exclude_types=()) -> np.ndarray:
+    """(ntypes,) atoms of each type, the row of the energy bias's least squares; the model's
+    atom_exclude_types count 0 (their atoms have no energy), as deepmd-kit's bias statistics."""
+    # (ntypes,)
+    counts = np.bincount(atom_types, minlength=ntypes).astype(np.float64)
+    counts[list(atom_exclude_types)] = 0.0
+    return counts
+
+
 def energy_bias(mean_energy: np.ndarray, type_counts: np.ndarray, rcond: float = 1e-3) -> np.ndarray:
     """b (ntypes,) minimizing sum_s (sum_t n_st b_t - E_s)^2 (module docstring).
 

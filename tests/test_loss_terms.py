@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from minidp.model import energy_forces
 from minidp.neighbor import build_neighbor_list
 from minidp.se_e2_a import SeAConfig
-from minidp.stats import env_stats, param_stats, param_sums, raw_env_sums
+from minidp.stats import energy_bias, env_stats, param_stats, param_sums, raw_env_sums, type_counts
 from minidp.training.lcurve import lcurve_columns, lcurve_line
 from minidp.training.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors, shown_terms
 from minidp.training.sampling import load_systems, make_batch
@@ -359,3 +359,11 @@ def test_fparam_aparam_files_are_read_per_set_and_reach_the_batch(tmp_path):
     assert (system.fparam == [0.5, 2.0]).all()
     with pytest.raises(ValueError, match=r"sys/set.000/fparam.npy is missing; the model's numb_fparam needs it"):
         load_systems([tmp_path / "sys"], ["O", "H"], numb_fparam=2)
+
+
+def test_energy_bias_counts_leave_out_excluded_types():
+    """deepmd-kit zeroes the excluded types' columns before the least squares: they get bias 0."""
+    counts = np.array([type_counts(np.array(t), 2, (1,)) for t in ([0, 1, 1], [0, 0, 1, 1, 1, 1])])
+    assert counts.tolist() == [[1.0, 0.0], [2.0, 0.0]]
+    bias = energy_bias(np.array([-3.0, -6.0]), counts)
+    assert bias == pytest.approx([-3.0, 0.0])
