@@ -31,6 +31,7 @@ CASES = {
     "atom_pref": dict(start_pref_pf=2.0, limit_pref_pf=0.5),
     "atom_ener": dict(start_pref_ae=0.8, limit_pref_ae=0.1),
     "atom_ener_coeff": dict(enable_atom_ener_coeff=True),
+    "intensive": dict(intensive_ener_virial=True),
     "all": dict(relative_f=0.3, start_pref_pf=1.5, limit_pref_pf=0.2, start_pref_ae=0.6, limit_pref_ae=0.3,
                 enable_atom_ener_coeff=True),
 }
@@ -97,6 +98,10 @@ def test_a_term_without_its_labels_is_left_out(spec):
     bare = batch._replace(atom_ener=None, atom_pref=None)
     a, b = loss_and_grad(model, bare, plain)[0], loss_and_grad(model, bare, both)[0]
     assert a.loss == b.loss and math.isnan(b.rmse_ae) and math.isnan(b.rmse_pf)
+    # use_default_pf: every atom weighs 1, the pf term is the force term again
+    default = prefactors(LossConfig(**BASE, start_pref_pf=1.0, limit_pref_pf=1.0, use_default_pf=True), 1e-3, 1e-3)
+    c = loss_and_grad(model, bare, default)[0]
+    assert c.rmse_pf == pytest.approx(c.rmse_f, rel=1e-14) and c.loss == pytest.approx(a.loss + c.rmse_f**2, rel=1e-12)
 
 
 def test_relative_f_must_be_positive():

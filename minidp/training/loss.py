@@ -6,23 +6,34 @@ For a batch of ``nf`` frames of ``N`` atoms with labels :math:`E^*, F^*, W^*`:
 
     L = \frac{p_e}{N} \langle (E - E^*)^2 \rangle
       + p_f \langle (F - F^*)^2 \rangle
-      + \frac{p_v}{N} \langle (W - W^*)^2 \rangle,
+      + \frac{p_v}{N} \langle (W - W^*)^2 \rangle
+      + p_{ae} \langle (E_i - E_i^*)^2 \rangle
+      + p_{pf} \langle w_i (F - F^*)^2 \rangle,
     \qquad p = p_{limit} + (p_{start} - p_{limit}) \frac{\eta_t}{\eta_0},
 
 where :math:`\langle\cdot\rangle` averages over every number of the batch
-(frames; frames x atoms x 3; frames x 9) and the prefactors move with the
-learning rate :math:`\eta_t` (deepmd-kit's TensorFlow backend; the energy
-term is divided by N once, not twice).
+(frames; frames x atoms x 3; frames x 9; frames x atoms) and the prefactors
+move with the learning rate :math:`\eta_t` (deepmd-kit's ener loss; the
+energy term is divided by N once, twice with ``intensive_ener_virial``).
+The optional terms and options, deepmd-kit's names (:func:`ener_loss`):
+``ae`` atomic energies against ``atom_ener.npy``; ``pf`` forces weighted by
+``atom_pref.npy`` (w_i); ``relative_f`` = nu divides each atom's force error
+by :math:`|F^*_i| + \nu` before squaring (force and pf terms);
+``enable_atom_ener_coeff`` trains :math:`E = \sum_i c_i E_i` with c from
+``atom_ener_coeff.npy``. With the model's ``atom_exclude_types`` the
+excluded atoms leave every per-atom mean and N counts the others.
 
-**The gradient.** L depends on the weights :math:`\theta` through E, F and W.
-With the cotangents :math:`c = \partial L/\partial E`,
+**The gradient.** L depends on the weights :math:`\theta` through the atomic
+energies :math:`E_i` (E = sum of them), F and W. With the cotangents
+:math:`c_i = \partial L/\partial E_i` (the frame's :math:`\partial L/\partial E`
+for every atom, times :math:`c_i` of atom_ener_coeff, plus the ``ae`` term's own),
 :math:`\mathbf v_k = \partial L/\partial \mathbf F_k`, :math:`V = \partial L/\partial W`
 (held fixed), and :math:`F = -\partial E/\partial \mathbf r`,
 :math:`W = -\partial E/\partial \varepsilon`,
 
 .. math::
 
-    \frac{dL}{d\theta} = \frac{\partial}{\partial\theta}\Big( c\,E - \dot E \Big),
+    \frac{dL}{d\theta} = \frac{\partial}{\partial\theta}\Big( \textstyle\sum_i c_i E_i - \dot E \Big),
     \qquad \dot E = \sum_{ij} \mathbf g_{ij} \cdot \delta\mathbf r_{ij},
     \qquad \delta\mathbf r_{ij} = \mathbf v_j - \mathbf v_i + V\,\mathbf r_{ij}:
 
@@ -68,6 +79,8 @@ class LossConfig:
     limit_pref_pf: float = 0.0
     relative_f: float | None = None  # nu: each atom's force error divided by (|F*_i| + nu) before squaring
     enable_atom_ener_coeff: bool = False  # E = sum_i c_i E_i with c from atom_ener_coeff.npy
+    use_default_pf: bool = False  # a system without atom_pref.npy weighs every atom 1 (instead of no pf term)
+    intensive_ener_virial: bool = False  # energy and virial terms divided by N^2 instead of N
 
     def __post_init__(self):
         for name in PREF_NAMES:
@@ -75,7 +88,8 @@ class LossConfig:
         if self.relative_f is not None:
             # nu = 0 would divide by the norm of a zero label force
             number("loss relative_f", self.relative_f, positive=True)
-        boolean("loss enable_atom_ener_coeff", self.enable_atom_ener_coeff)
+        for name in ("enable_atom_ener_coeff", "use_default_pf", "intensive_ener_virial"):
+            boolean(f"loss {name}", getattr(self, name))
 
     def has(self, term: str) -> bool:
         """Whether term ("e", "f", "v", "ae", "pf") is in the loss, as deepmd-kit decides it."""
@@ -83,7 +97,7 @@ class LossConfig:
 
     def label_files(self) -> tuple[str, ...]:
         """The extra per-atom label files (set.*/NAME.npy) the loss needs: every system must hold them."""
-        need = [("atom_ener", self.has("ae")), ("atom_pref", self.has("pf")),
+        need = [("atom_ener", self.has("ae")), ("atom_pref", self.has("pf") and not self.use_default_pf),
                 ("atom_ener_coeff", self.enable_atom_ener_coeff)]
         return tuple(name for name, used in need if used)
 
@@ -103,6 +117,8 @@ class Prefactors(NamedTuple):
     pf: float = 0.0
     relative_f: float | None = None
     atom_ener_coeff: bool = False
+    default_pf: bool = False  # use_default_pf: weights 1 where the batch has no atom_pref
+    intensive: bool = False  # intensive_ener_virial: 1/n^2 on the energy and virial terms
 
 
 def prefactors(config: LossConfig, lr: float, start_lr: float) -> Prefactors:
@@ -111,7 +127,8 @@ def prefactors(config: LossConfig, lr: float, start_lr: float) -> Prefactors:
     # (5,)
     p = [getattr(config, f"limit_pref_{t}") + (getattr(config, f"start_pref_{t}") - getattr(config, f"limit_pref_{t}"))
          * frac for t in TERMS]
-    return Prefactors(*p, relative_f=config.relative_f, atom_ener_coeff=config.enable_atom_ener_coeff)
+    return Prefactors(*p, relative_f=config.relative_f, atom_ener_coeff=config.enable_atom_ener_coeff,
+                      default_pf=config.use_default_pf, intensive=config.intensive_ener_virial)
 
 
 class Batch(NamedTuple):
@@ -188,13 +205,15 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
     # (nf, nloc, 3) u^2 counted on the included atoms
     u2 = u**2 * m[None, :, None]
     l2_e, l2_f = np.mean(dE**2), np.sum(u2) * inv_rows / 3.0
-    loss = p.e * inv * l2_e + p.f * l2_f
+    # the energy and virial terms' 1/n (deepmd-kit's legacy) or 1/n^2 (intensive_ener_virial)
+    inv_k = inv * inv if p.intensive else inv
+    loss = p.e * inv_k * l2_e + p.f * l2_f
     # (nf, nloc, 3): dL/du, pulled back through the scale below; the mean's 1/size and the square's 2
     c_u = 2.0 * p.f * u * m[None, :, None] * inv_rows / 3.0
     rmse_pf = math.nan
-    if p.pf != 0.0 and batch.atom_pref is not None:
-        # (nf, nloc, 1) deepmd-kit repeats each atom's weight over its three components
-        w = batch.atom_pref[..., None]
+    if p.pf != 0.0 and (batch.atom_pref is not None or p.default_pf):
+        # (nf, nloc, 1) deepmd-kit repeats each atom's weight over its three components; 1 by default
+        w = batch.atom_pref[..., None] if batch.atom_pref is not None else np.ones((nf, natoms, 1))
         l2_pf = np.sum(w * u2) * inv_rows / 3.0
         loss += p.pf * l2_pf
         c_u = c_u + 2.0 * p.pf * w * u * m[None, :, None] * inv_rows / 3.0
@@ -215,11 +234,11 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
         l2_v = np.mean(dW**2)
         rmse_v = math.sqrt(l2_v) * inv
         if p.v:
-            loss += p.v * inv * l2_v
-            c_W = 2.0 * p.v * inv * dW / dW.size
+            loss += p.v * inv_k * l2_v
+            c_W = 2.0 * p.v * inv_k * dW / dW.size
     value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) * inv, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf)
     # (nf,) dL/dE_f
-    c_E = 2.0 * p.e * inv * dE / dE.size
+    c_E = 2.0 * p.e * inv_k * dE / dE.size
     if per_atom:
         # (nf, nloc) dL/dE_i = dL/dE_f c_i (+ the atomic term's own)
         c_E = c_E[:, None] * (1.0 if coeff is None else coeff)
