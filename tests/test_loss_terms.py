@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,8 @@ from minidp.se_e2_a import SeAConfig
 from minidp.stats import energy_bias, env_stats, param_stats, param_sums, raw_env_sums, type_counts
 from minidp.training.lcurve import lcurve_columns, lcurve_line
 from minidp.training.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors, shown_terms
-from minidp.training.sampling import load_systems, make_batch
+from minidp.training.checkpoint import data_fingerprint
+from minidp.training.sampling import System, load_systems, make_batch
 from tests.test_loss import _batch, _loss_along
 from tests.test_model import specs
 from tests.test_model_options import EVERYTHING, MASKED, Options, frames, minidp_model, options, params
@@ -372,3 +374,10 @@ def test_energy_bias_counts_leave_out_excluded_types():
     assert counts.tolist() == [[1.0, 0.0], [2.0, 0.0]]
     bias = energy_bias(np.array([-3.0, -6.0]), counts)
     assert bias == pytest.approx([-3.0, 0.0])
+
+
+def test_a_restart_sees_other_extra_labels():
+    """The data fingerprint of checkpoints covers the extra labels: other atom_pref, other data."""
+    base = System(Path("s"), np.zeros((1, 2, 3)), None, np.array([0, 1]), np.zeros(1), np.zeros((1, 2, 3)), None)
+    plain, weighted = data_fingerprint([base]), data_fingerprint([base._replace(atom_pref=np.ones((1, 2)))])
+    assert plain != weighted != data_fingerprint([base._replace(atom_pref=np.full((1, 2), 2.0))])
