@@ -34,6 +34,8 @@ CASES = {
     "atom_ener": dict(start_pref_ae=0.8, limit_pref_ae=0.1),
     "atom_ener_coeff": dict(enable_atom_ener_coeff=True),
     "intensive": dict(intensive_ener_virial=True),
+    "huber": dict(use_huber=True, huber_delta=0.3, start_pref_ae=0.6, limit_pref_ae=0.3),
+    "huber_norm": dict(use_huber=True, huber_delta=[0.2, 0.5, 0.1], f_use_norm=True, enable_atom_ener_coeff=True),
     "all": dict(relative_f=0.3, start_pref_pf=1.5, limit_pref_pf=0.2, start_pref_ae=0.6, limit_pref_ae=0.3,
                 enable_atom_ener_coeff=True),
 }
@@ -106,9 +108,16 @@ def test_a_term_without_its_labels_is_left_out(spec):
     assert c.rmse_pf == pytest.approx(c.rmse_f, rel=1e-14) and c.loss == pytest.approx(a.loss + c.rmse_f**2, rel=1e-12)
 
 
-def test_relative_f_must_be_positive():
+def test_relative_f_must_be_positive_and_huber_goes_alone():
     with pytest.raises(ValueError, match="loss relative_f: 0.0 is not positive"):
         LossConfig(relative_f=0.0)
+    with pytest.raises(ValueError, match="loss use_huber: true cannot go with start_pref_pf/limit_pref_pf or relative_f"):
+        LossConfig(use_huber=True, relative_f=1.0)
+    with pytest.raises(ValueError, match="loss f_use_norm: true needs use_huber: true"):
+        LossConfig(f_use_norm=True)
+    with pytest.raises(ValueError, match=r"loss huber_delta \[0.1, 0.2\]: expected one number or three"):
+        LossConfig(use_huber=True, huber_delta=[0.1, 0.2])
+    assert LossConfig(huber_delta=0.5).huber_delta == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match="loss enable_atom_ener_coeff: expected true or false"):
         LossConfig(enable_atom_ener_coeff="yes")
 
@@ -128,6 +137,7 @@ def test_shown_terms_and_label_files():
 def _deepmd_loss(config: LossConfig, start_lr: float):
     ener = pytest.importorskip("deepmd.dpmodel.loss.ener")  # optional: deepmd-kit is only a cross-check
     keys = {k: getattr(config, k) for k in config.__dataclass_fields__}
+    keys["huber_delta"] = list(config.huber_delta)  # deepmd-kit takes a number or a list
     return ener.EnergyLoss(starter_learning_rate=start_lr, **keys)
 
 

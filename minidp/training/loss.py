@@ -56,7 +56,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.checks import boolean, number
+from minidp.checks import InputError, boolean, number
 from minidp.model import EnergyModel, FitParams, energy_forces, model_backward, model_forward, pair_forces_virials
 from minidp.nn import zeros_like_params
 from minidp.se_e2_a import check_descriptor_inputs
@@ -81,6 +81,9 @@ class LossConfig:
     enable_atom_ener_coeff: bool = False  # E = sum_i c_i E_i with c from atom_ener_coeff.npy
     use_default_pf: bool = False  # a system without atom_pref.npy weighs every atom 1 (instead of no pf term)
     intensive_ener_virial: bool = False  # energy and virial terms divided by N^2 instead of N
+    use_huber: bool = False  # Huber's penalty instead of the square (energy, force, virial, atomic energy)
+    huber_delta: float | tuple[float, float, float] = 0.01  # its delta: one, or (energy, force, virial)
+    f_use_norm: bool = False  # with use_huber: one residual per atom, the norm of its force error
 
     def __post_init__(self):
         for name in PREF_NAMES:
@@ -88,8 +91,17 @@ class LossConfig:
         if self.relative_f is not None:
             # nu = 0 would divide by the norm of a zero label force
             number("loss relative_f", self.relative_f, positive=True)
-        for name in ("enable_atom_ener_coeff", "use_default_pf", "intensive_ener_virial"):
+        for name in ("enable_atom_ener_coeff", "use_default_pf", "intensive_ener_virial", "use_huber", "f_use_norm"):
             boolean(f"loss {name}", getattr(self, name))
+        deltas = self.huber_delta if isinstance(self.huber_delta, (list, tuple)) else (self.huber_delta,) * 3
+        if len(deltas) != 3:
+            raise InputError(f"loss huber_delta {list(deltas)}: expected one number or three (energy, force, virial)")
+        object.__setattr__(self, "huber_delta", tuple(number("loss huber_delta", d, positive=True) for d in deltas))
+        if self.f_use_norm and not self.use_huber:
+            raise InputError("loss f_use_norm: true needs use_huber: true (or loss_func mae, which minidp does not have)")
+        if self.use_huber and (self.has("pf") or self.relative_f is not None):
+            raise InputError("loss use_huber: true cannot go with start_pref_pf/limit_pref_pf or relative_f "
+                             "(deepmd-kit refuses them together)")
 
     def has(self, term: str) -> bool:
         """Whether term ("e", "f", "v", "ae", "pf") is in the loss, as deepmd-kit decides it."""
@@ -119,6 +131,8 @@ class Prefactors(NamedTuple):
     atom_ener_coeff: bool = False
     default_pf: bool = False  # use_default_pf: weights 1 where the batch has no atom_pref
     intensive: bool = False  # intensive_ener_virial: 1/n^2 on the energy and virial terms
+    huber: tuple[float, float, float] | None = None  # use_huber: the deltas of energy, force, virial
+    f_use_norm: bool = False  # Huber on each atom's force error norm
 
 
 def prefactors(config: LossConfig, lr: float, start_lr: float) -> Prefactors:
@@ -128,7 +142,8 @@ def prefactors(config: LossConfig, lr: float, start_lr: float) -> Prefactors:
     p = [getattr(config, f"limit_pref_{t}") + (getattr(config, f"start_pref_{t}") - getattr(config, f"limit_pref_{t}"))
          * frac for t in TERMS]
     return Prefactors(*p, relative_f=config.relative_f, atom_ener_coeff=config.enable_atom_ener_coeff,
-                      default_pf=config.use_default_pf, intensive=config.intensive_ener_virial)
+                      default_pf=config.use_default_pf, intensive=config.intensive_ener_virial,
+                      huber=config.huber_delta if config.use_huber else None, f_use_norm=config.f_use_norm)
 
 
 class Batch(NamedTuple):
@@ -191,6 +206,9 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
     inv = 1.0 / n if n > 0 else 0.0
     # 1 / (included atoms of the batch): the per-atom means
     inv_rows = inv / nf
+    # (nf, nloc, 1)
+    m3 = m[None, :, None]
+    de, df, dv = p.huber if p.huber is not None else (None, None, None)
     # (nf, nloc) c_i, 1 without the file (deepmd-kit's default)
     coeff = batch.atom_ener_coeff if p.atom_ener_coeff and batch.atom_ener_coeff is not None else None
     if coeff is not None:
@@ -198,52 +216,82 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
         energy = np.sum(coeff * atom_energy, axis=1)
     # (nf,)
     dE = energy - batch.energy
+    # the energy and virial terms' 1/n (deepmd-kit's legacy) or 1/n^2 (intensive_ener_virial); Huber
+    # takes the residual per atom, r = dE / n, and no further factor
+    inv_k = inv * inv if p.intensive else inv
+    r_scale, weight = (inv, 1.0) if de is not None else (1.0, inv_k)
+    # (nf,), (nf,)
+    rho, drho = penalty(dE * r_scale, de)
+    loss = p.e * weight * np.mean(rho)
+    # (nf,) dL/dE_f: the mean's 1/size, the penalty's derivative, the residual's scale
+    c_E = p.e * weight * drho * r_scale / dE.size
     # (nf, nloc, 1) each atom's 1 / (|F*_i| + nu): the force error relative to the label's size
     scale = 1.0 if p.relative_f is None else 1.0 / (np.linalg.norm(batch.force, axis=-1, keepdims=True) + p.relative_f)
     # (nf, nloc, 3)
     u = (force - batch.force) * scale
     # (nf, nloc, 3) u^2 counted on the included atoms
-    u2 = u**2 * m[None, :, None]
+    u2 = u**2 * m3
     l2_e, l2_f = np.mean(dE**2), np.sum(u2) * inv_rows / 3.0
-    # the energy and virial terms' 1/n (deepmd-kit's legacy) or 1/n^2 (intensive_ener_virial)
-    inv_k = inv * inv if p.intensive else inv
-    loss = p.e * inv_k * l2_e + p.f * l2_f
-    # (nf, nloc, 3): dL/du, pulled back through the scale below; the mean's 1/size and the square's 2
-    c_u = 2.0 * p.f * u * m[None, :, None] * inv_rows / 3.0
+    if p.f_use_norm:
+        # (nf, nloc, 1) |u_i|, one residual per atom; d|u|/du = u/|u| (0 at 0)
+        norm = np.linalg.norm(u, axis=-1, keepdims=True)
+        rho, drho = penalty(norm, df)
+        loss += p.f * np.sum(rho * m3) * inv_rows
+        # (nf, nloc, 3) dL/du, pulled back through the scale below
+        c_u = p.f * (drho * m3 * inv_rows) * np.divide(u, norm, out=np.zeros_like(u), where=norm > 0)
+    else:
+        # (nf, nloc, 3), (nf, nloc, 3)
+        rho, drho = penalty(u, df)
+        loss += p.f * np.sum(rho * m3) * inv_rows / 3.0
+        c_u = p.f * drho * m3 * inv_rows / 3.0
     rmse_pf = math.nan
     if p.pf != 0.0 and (batch.atom_pref is not None or p.default_pf):
         # (nf, nloc, 1) deepmd-kit repeats each atom's weight over its three components; 1 by default
         w = batch.atom_pref[..., None] if batch.atom_pref is not None else np.ones((nf, natoms, 1))
         l2_pf = np.sum(w * u2) * inv_rows / 3.0
         loss += p.pf * l2_pf
-        c_u = c_u + 2.0 * p.pf * w * u * m[None, :, None] * inv_rows / 3.0
+        c_u = c_u + 2.0 * p.pf * w * u * m3 * inv_rows / 3.0
         rmse_pf = math.sqrt(l2_pf)
     rmse_ae, c_Ei = math.nan, None
     if p.ae != 0.0 and batch.atom_ener is not None:
         # (nf, nloc)
-        dEi = (atom_energy - batch.atom_ener) * m
-        l2_ae = np.sum(dEi**2) * inv_rows
-        loss += p.ae * l2_ae
-        c_Ei = 2.0 * p.ae * dEi * inv_rows
-        rmse_ae = math.sqrt(l2_ae)
+        dEi = atom_energy - batch.atom_ener
+        rho, drho = penalty(dEi, de)
+        loss += p.ae * np.sum(rho * m) * inv_rows
+        c_Ei = p.ae * drho * m * inv_rows
+        rmse_ae = math.sqrt(np.sum(dEi**2 * m) * inv_rows)
     # (nf, 9)
     c_W = np.zeros_like(virial)
     rmse_v = math.nan
     if batch.virial is not None:
         dW = virial - batch.virial
-        l2_v = np.mean(dW**2)
-        rmse_v = math.sqrt(l2_v) * inv
+        rmse_v = math.sqrt(np.mean(dW**2)) * inv
         if p.v:
-            loss += p.v * inv_k * l2_v
-            c_W = 2.0 * p.v * inv_k * dW / dW.size
+            r_scale, weight = (inv, 1.0) if dv is not None else (1.0, inv_k)
+            rho, drho = penalty(dW * r_scale, dv)
+            loss += p.v * weight * np.mean(rho)
+            c_W = p.v * weight * drho * r_scale / dW.size
     value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) * inv, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf)
-    # (nf,) dL/dE_f
-    c_E = 2.0 * p.e * inv_k * dE / dE.size
     if per_atom:
         # (nf, nloc) dL/dE_i = dL/dE_f c_i (+ the atomic term's own)
         c_E = c_E[:, None] * (1.0 if coeff is None else coeff)
         c_E = c_E + (0.0 if c_Ei is None else c_Ei)
     return value, c_E, c_u * scale, c_W
+
+
+def penalty(r: np.ndarray, delta: float | None) -> tuple[np.ndarray, np.ndarray]:
+    r"""rho(r) and rho'(r), elementwise: r^2 and 2r (delta None: the mean squared error), or Huber's
+
+    .. math::
+
+        H_\delta(r) = \tfrac12 r^2 \ (|r| \le \delta), \quad \delta(|r| - \tfrac12\delta) \ \text{else};
+        \qquad H'_\delta(r) = r \ (|r| \le \delta), \quad \delta\,\mathrm{sign}(r) \ \text{else}.
+    """
+    if delta is None:
+        return r * r, 2.0 * r
+    small = np.abs(r) <= delta
+    return (np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)),
+            np.where(small, r, delta * np.sign(r)))
 
 
 def included_atoms(model: EnergyModel, atom_types: np.ndarray) -> np.ndarray | None:
