@@ -35,6 +35,9 @@ CASES = {
     "atom_ener_coeff": dict(enable_atom_ener_coeff=True),
     "intensive": dict(intensive_ener_virial=True),
     "huber": dict(use_huber=True, huber_delta=0.3, start_pref_ae=0.6, limit_pref_ae=0.3),
+    "mae": dict(loss_func="mae", relative_f=0.4, start_pref_ae=0.6, limit_pref_ae=0.3, start_pref_pf=1.0,
+                limit_pref_pf=0.2, enable_atom_ener_coeff=True),
+    "mae_norm": dict(loss_func="mae", f_use_norm=True, start_pref_pf=1.0, limit_pref_pf=0.2),
     "huber_norm": dict(use_huber=True, huber_delta=[0.2, 0.5, 0.1], f_use_norm=True, enable_atom_ener_coeff=True),
     "all": dict(relative_f=0.3, start_pref_pf=1.5, limit_pref_pf=0.2, start_pref_ae=0.6, limit_pref_ae=0.3,
                 enable_atom_ener_coeff=True),
@@ -165,10 +168,10 @@ def test_every_term_equals_deepmd_kits_dpmodel_loss(case, mask, spec):
         ours = loss_and_grad(model, batch, prefactors(config, lr, start_lr))[0]
         loss, more = dp_loss.call(lr, natoms, model_dict, label_dict)
         assert abs(ours.loss - float(loss)) <= 1e-10 * max(1.0, abs(float(loss)))
-        for name in ("rmse", "rmse_e", "rmse_f", "rmse_v", "rmse_ae", "rmse_pf"):
-            if name in more:
-                assert abs(getattr(ours, name) - float(more[name])) <= 1e-10 * max(1.0, abs(float(more[name]))), name
-            elif name in ("rmse_ae", "rmse_pf"):
+        for name, theirs in more.items():
+            assert abs(getattr(ours, name) - float(theirs)) <= 1e-10 * max(1.0, abs(float(theirs))), name
+        for name in ("rmse_ae", "rmse_pf") if config.loss_func == "mse" else ():
+            if name not in more:
                 assert math.isnan(getattr(ours, name)) or not config.has(name[5:]), name
 
 
@@ -212,6 +215,10 @@ def test_lcurve_shows_the_extra_terms_as_deepmd_kit_names_them():
                                            "rmse_f_trn", "lr"]
     line = lcurve_line(3, {"trn": LossValue(1.0, 1.0, 0.1, 0.2, 0.3, 0.4, 0.5)}, 1e-3, True, ("ae", "pf"))
     assert [float(x) for x in line.split()[1:-1]] == [1.0, 0.1, 0.4, 0.2, 0.3, 0.5]
+    mae = shown_terms(LossConfig(loss_func="mae"))
+    assert lcurve_columns(False, False, mae) == ["step", "rmse_trn", "mae_e_trn", "mae_f_trn", "lr"]
+    line = lcurve_line(3, {"trn": LossValue(1.0, 1.0, 0.1, 0.2, 0.3, mae_e=0.6, mae_f=0.7)}, 1e-3, False, mae)
+    assert [float(x) for x in line.split()[1:-1]] == [1.0, 0.6, 0.7]
 
 
 # ---------------------------------------------------------------------------

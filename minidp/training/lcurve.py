@@ -18,17 +18,18 @@ from minidp.training.loss import LossValue
 
 
 def lcurve_quantities(virial: bool, terms: tuple[str, ...] = ()) -> list[str]:
-    """The RMSE fields shown, in deepmd-kit's (TensorFlow trainer's) order: rmse, rmse_e, rmse_ae, rmse_f,
-    rmse_v, rmse_pf; terms: the extra loss terms on ("ae", "pf": minidp.training.loss.shown_terms)."""
-    return (["rmse", "rmse_e"] + (["rmse_ae"] if "ae" in terms else []) + ["rmse_f"] + (["rmse_v"] if virial else [])
-            + (["rmse_pf"] if "pf" in terms else []))
+    """The error fields shown, in deepmd-kit's (TensorFlow trainer's) order: rmse, rmse_e, rmse_ae, rmse_f,
+    rmse_v, rmse_pf; terms: the extra loss terms on ("ae", "pf") and "mae" for mean absolute errors
+    (mae_e, ... after rmse) (minidp.training.loss.shown_terms)."""
+    kind = "mae" if "mae" in terms else "rmse"
+    names = ["e"] + (["ae"] if "ae" in terms else []) + ["f"] + (["v"] if virial else []) + (["pf"] if "pf" in terms else [])
+    return ["rmse"] + [f"{kind}_{q}" for q in names]
 
 
 def lcurve_columns(validation: bool, virial: bool, terms: tuple[str, ...] = ()) -> list[str]:
     """deepmd-kit's lcurve.out columns (validation first, then training, per quantity)."""
-    quantities = [q[4:] for q in lcurve_quantities(virial, terms)]
     sets = ["val", "trn"] if validation else ["trn"]
-    return ["step"] + [f"rmse{q}_{s}" for q in quantities for s in sets] + ["lr"]
+    return ["step"] + [f"{q}_{s}" for q in lcurve_quantities(virial, terms) for s in sets] + ["lr"]
 
 
 def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool, terms: tuple[str, ...] = ()) -> str:

@@ -83,7 +83,8 @@ class LossConfig:
     intensive_ener_virial: bool = False  # energy and virial terms divided by N^2 instead of N
     use_huber: bool = False  # Huber's penalty instead of the square (energy, force, virial, atomic energy)
     huber_delta: float | tuple[float, float, float] = 0.01  # its delta: one, or (energy, force, virial)
-    f_use_norm: bool = False  # with use_huber: one residual per atom, the norm of its force error
+    f_use_norm: bool = False  # with use_huber or mae: one residual per atom, the norm of its force error
+    loss_func: str = "mse"  # "mse" (squares) or "mae" (absolute values)
 
     def __post_init__(self):
         for name in PREF_NAMES:
@@ -97,8 +98,10 @@ class LossConfig:
         if len(deltas) != 3:
             raise InputError(f"loss huber_delta {list(deltas)}: expected one number or three (energy, force, virial)")
         object.__setattr__(self, "huber_delta", tuple(number("loss huber_delta", d, positive=True) for d in deltas))
-        if self.f_use_norm and not self.use_huber:
-            raise InputError("loss f_use_norm: true needs use_huber: true (or loss_func mae, which minidp does not have)")
+        if self.loss_func not in ("mse", "mae"):
+            raise InputError(f"loss loss_func {self.loss_func!r}: expected 'mse' or 'mae'")
+        if self.f_use_norm and not (self.use_huber or self.loss_func == "mae"):
+            raise InputError("loss f_use_norm: true needs use_huber: true or loss_func 'mae'")
         if self.use_huber and (self.has("pf") or self.relative_f is not None):
             raise InputError("loss use_huber: true cannot go with start_pref_pf/limit_pref_pf or relative_f "
                              "(deepmd-kit refuses them together)")
@@ -132,7 +135,8 @@ class Prefactors(NamedTuple):
     default_pf: bool = False  # use_default_pf: weights 1 where the batch has no atom_pref
     intensive: bool = False  # intensive_ener_virial: 1/n^2 on the energy and virial terms
     huber: tuple[float, float, float] | None = None  # use_huber: the deltas of energy, force, virial
-    f_use_norm: bool = False  # Huber on each atom's force error norm
+    f_use_norm: bool = False  # Huber or mae on each atom's force error norm
+    mae: bool = False  # loss_func "mae": absolute values instead of squares
 
 
 def prefactors(config: LossConfig, lr: float, start_lr: float) -> Prefactors:
@@ -143,7 +147,8 @@ def prefactors(config: LossConfig, lr: float, start_lr: float) -> Prefactors:
          * frac for t in TERMS]
     return Prefactors(*p, relative_f=config.relative_f, atom_ener_coeff=config.enable_atom_ener_coeff,
                       default_pf=config.use_default_pf, intensive=config.intensive_ener_virial,
-                      huber=config.huber_delta if config.use_huber else None, f_use_norm=config.f_use_norm)
+                      huber=config.huber_delta if config.use_huber else None, f_use_norm=config.f_use_norm,
+                      mae=config.loss_func == "mae")
 
 
 class Batch(NamedTuple):
@@ -172,6 +177,12 @@ class LossValue(NamedTuple):
     rmse_v: float  # sqrt(<(W - W*)^2>) / N, or nan without virial labels
     rmse_ae: float = math.nan  # sqrt(<(E_i - E_i*)^2>), or nan without the term or its labels
     rmse_pf: float = math.nan  # sqrt(<w_i (F - F*)^2>), or nan without the term or its labels
+    # the mean absolute errors deepmd-kit shows with loss_func "mae" (same normalizations)
+    mae_e: float = math.nan
+    mae_f: float = math.nan
+    mae_v: float = math.nan
+    mae_ae: float = math.nan
+    mae_pf: float = math.nan
 
 
 def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, included=None):
@@ -208,6 +219,8 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
     inv_rows = inv / nf
     # (nf, nloc, 1)
     m3 = m[None, :, None]
+    # the penalty of every term: the square, Huber's (use_huber) or the absolute value (loss_func mae)
+    mode = "mae" if p.mae else ("huber" if p.huber is not None else "mse")
     de, df, dv = p.huber if p.huber is not None else (None, None, None)
     # (nf, nloc) c_i, 1 without the file (deepmd-kit's default)
     coeff = batch.atom_ener_coeff if p.atom_ener_coeff and batch.atom_ener_coeff is not None else None
@@ -217,11 +230,12 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
     # (nf,)
     dE = energy - batch.energy
     # the energy and virial terms' 1/n (deepmd-kit's legacy) or 1/n^2 (intensive_ener_virial); Huber
-    # takes the residual per atom, r = dE / n, and no further factor
+    # takes the residual per atom, r = dE / n, and no further factor; mae divides by n once
     inv_k = inv * inv if p.intensive else inv
-    r_scale, weight = (inv, 1.0) if de is not None else (1.0, inv_k)
+    r_scale, weight = {"mse": (1.0, inv_k), "huber": (inv, 1.0), "mae": (1.0, inv)}[mode]
     # (nf,), (nf,)
-    rho, drho = penalty(dE * r_scale, de)
+    rho, drho = penalty(dE * r_scale, mode, de)
+    mae_e = float(np.mean(np.abs(dE))) * inv
     loss = p.e * weight * np.mean(rho)
     # (nf,) dL/dE_f: the mean's 1/size, the penalty's derivative, the residual's scale
     c_E = p.e * weight * drho * r_scale / dE.size
@@ -235,43 +249,53 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
     if p.f_use_norm:
         # (nf, nloc, 1) |u_i|, one residual per atom; d|u|/du = u/|u| (0 at 0)
         norm = np.linalg.norm(u, axis=-1, keepdims=True)
-        rho, drho = penalty(norm, df)
-        loss += p.f * np.sum(rho * m3) * inv_rows
+        rho, drho = penalty(norm, mode, df)
+        l_f = np.sum(rho * m3) * inv_rows
+        loss += p.f * l_f
         # (nf, nloc, 3) dL/du, pulled back through the scale below
         c_u = p.f * (drho * m3 * inv_rows) * np.divide(u, norm, out=np.zeros_like(u), where=norm > 0)
     else:
         # (nf, nloc, 3), (nf, nloc, 3)
-        rho, drho = penalty(u, df)
-        loss += p.f * np.sum(rho * m3) * inv_rows / 3.0
+        rho, drho = penalty(u, mode, df)
+        l_f = np.sum(rho * m3) * inv_rows / 3.0
+        loss += p.f * l_f
         c_u = p.f * drho * m3 * inv_rows / 3.0
-    rmse_pf = math.nan
+    rmse_pf = mae_pf = math.nan
     if p.pf != 0.0 and (batch.atom_pref is not None or p.default_pf):
         # (nf, nloc, 1) deepmd-kit repeats each atom's weight over its three components; 1 by default
         w = batch.atom_pref[..., None] if batch.atom_pref is not None else np.ones((nf, natoms, 1))
-        l2_pf = np.sum(w * u2) * inv_rows / 3.0
-        loss += p.pf * l2_pf
-        c_u = c_u + 2.0 * p.pf * w * u * m3 * inv_rows / 3.0
-        rmse_pf = math.sqrt(l2_pf)
-    rmse_ae, c_Ei = math.nan, None
+        rho, drho = penalty(u, mode)
+        l_pf = np.sum(w * rho * m3) * inv_rows / 3.0
+        loss += p.pf * l_pf
+        c_u = c_u + p.pf * w * drho * m3 * inv_rows / 3.0
+        rmse_pf = math.sqrt(np.sum(w * u2) * inv_rows / 3.0)
+        mae_pf = l_pf
+    rmse_ae = mae_ae = math.nan
+    c_Ei = None
     if p.ae != 0.0 and batch.atom_ener is not None:
         # (nf, nloc)
         dEi = atom_energy - batch.atom_ener
-        rho, drho = penalty(dEi, de)
+        rho, drho = penalty(dEi, mode, de)
         loss += p.ae * np.sum(rho * m) * inv_rows
         c_Ei = p.ae * drho * m * inv_rows
         rmse_ae = math.sqrt(np.sum(dEi**2 * m) * inv_rows)
+        mae_ae = float(np.sum(np.abs(dEi) * m)) * inv_rows
     # (nf, 9)
     c_W = np.zeros_like(virial)
-    rmse_v = math.nan
+    rmse_v = mae_v = math.nan
     if batch.virial is not None:
         dW = virial - batch.virial
         rmse_v = math.sqrt(np.mean(dW**2)) * inv
+        mae_v = float(np.mean(np.abs(dW))) * inv
         if p.v:
-            r_scale, weight = (inv, 1.0) if dv is not None else (1.0, inv_k)
-            rho, drho = penalty(dW * r_scale, dv)
+            r_scale, weight = {"mse": (1.0, inv_k), "huber": (inv, 1.0), "mae": (1.0, inv)}[mode]
+            rho, drho = penalty(dW * r_scale, mode, dv)
             loss += p.v * weight * np.mean(rho)
             c_W = p.v * weight * drho * r_scale / dW.size
-    value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) * inv, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf)
+    # deepmd-kit's mae_f is the force term's own mean (per component, or of the norms with f_use_norm)
+    mae_f = l_f if mode == "mae" else float(np.sum(np.abs(u) * m3)) * inv_rows / 3.0
+    value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) * inv, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf,
+                      mae_e, mae_f, mae_v, mae_ae, mae_pf)
     if per_atom:
         # (nf, nloc) dL/dE_i = dL/dE_f c_i (+ the atomic term's own)
         c_E = c_E[:, None] * (1.0 if coeff is None else coeff)
@@ -279,16 +303,19 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
     return value, c_E, c_u * scale, c_W
 
 
-def penalty(r: np.ndarray, delta: float | None) -> tuple[np.ndarray, np.ndarray]:
-    r"""rho(r) and rho'(r), elementwise: r^2 and 2r (delta None: the mean squared error), or Huber's
+def penalty(r: np.ndarray, mode: str, delta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    r"""rho(r) and rho'(r), elementwise: r^2 and 2r ("mse"), |r| and sign(r) ("mae"), or Huber's ("huber")
 
     .. math::
 
         H_\delta(r) = \tfrac12 r^2 \ (|r| \le \delta), \quad \delta(|r| - \tfrac12\delta) \ \text{else};
         \qquad H'_\delta(r) = r \ (|r| \le \delta), \quad \delta\,\mathrm{sign}(r) \ \text{else}.
     """
-    if delta is None:
+    if mode == "mse":
         return r * r, 2.0 * r
+    if mode == "mae":
+        # the kink at 0 takes the subgradient 0, as autograd does
+        return np.abs(r), np.sign(r)
     small = np.abs(r) <= delta
     return (np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta)),
             np.where(small, r, delta * np.sign(r)))
@@ -308,8 +335,9 @@ def batch_errors(model: EnergyModel, batch: Batch, pref) -> LossValue:
 
 
 def shown_terms(config: LossConfig) -> tuple[str, ...]:
-    """The extra lcurve.out quantities of a loss, in deepmd-kit's order: "ae", "pf" when the term is on."""
-    return tuple(t for t in ("ae", "pf") if config.has(t))
+    """What lcurve.out shows beyond rmse, e, f (and v): "ae", "pf" when the term is on, and "mae" with
+    loss_func "mae" (deepmd-kit then shows mean absolute errors, mae_*, instead of rmse_*)."""
+    return tuple(t for t in ("ae", "pf") if config.has(t)) + (("mae",) if config.loss_func == "mae" else ())
 
 
 def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarray) -> np.ndarray:
