@@ -38,10 +38,13 @@ CASES = {
     "mae": dict(loss_func="mae", relative_f=0.4, start_pref_ae=0.6, limit_pref_ae=0.3, start_pref_pf=1.0,
                 limit_pref_pf=0.2, enable_atom_ener_coeff=True),
     "mae_norm": dict(loss_func="mae", f_use_norm=True, start_pref_pf=1.0, limit_pref_pf=0.2),
+    "gf": dict(start_pref_gf=0.7, limit_pref_gf=0.2, numb_generalized_coord=2, relative_f=0.5),
+    "mae_gf": dict(loss_func="mae", start_pref_gf=0.7, limit_pref_gf=0.2, numb_generalized_coord=2),
     "huber_norm": dict(use_huber=True, huber_delta=[0.2, 0.5, 0.1], f_use_norm=True, enable_atom_ener_coeff=True),
     "all": dict(relative_f=0.3, start_pref_pf=1.5, limit_pref_pf=0.2, start_pref_ae=0.6, limit_pref_ae=0.3,
                 enable_atom_ener_coeff=True),
 }
+NGC = 2  # generalized coordinates of the drdq labels
 BASE = dict(start_pref_e=0.7, limit_pref_e=0.2, start_pref_f=3.0, limit_pref_f=1.0, start_pref_v=0.4, limit_pref_v=0.1)
 
 
@@ -51,7 +54,8 @@ def _labelled(spec, nframes: int):
     rng = np.random.default_rng(spec.seed + 7)
     shape = batch.force.shape[:2]
     return model, batch._replace(atom_ener=rng.normal(0, 1, shape), atom_pref=rng.uniform(0.1, 2.0, shape),
-                                 atom_ener_coeff=rng.choice([-1.0, 1.0, 0.5], shape))
+                                 atom_ener_coeff=rng.choice([-1.0, 1.0, 0.5], shape),
+                                 drdq=rng.normal(0, 1, (shape[0], shape[1] * 3 * NGC)))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -114,7 +118,7 @@ def test_a_term_without_its_labels_is_left_out(spec):
 def test_relative_f_must_be_positive_and_huber_goes_alone():
     with pytest.raises(ValueError, match="loss relative_f: 0.0 is not positive"):
         LossConfig(relative_f=0.0)
-    with pytest.raises(ValueError, match="loss use_huber: true cannot go with start_pref_pf/limit_pref_pf or relative_f"):
+    with pytest.raises(ValueError, match="loss use_huber: true cannot go with start_pref_pf/limit_pref_pf, start_pref_gf or relative_f"):
         LossConfig(use_huber=True, relative_f=1.0)
     with pytest.raises(ValueError, match="loss f_use_norm: true needs use_huber: true"):
         LossConfig(f_use_norm=True)
@@ -128,8 +132,14 @@ def test_relative_f_must_be_positive_and_huber_goes_alone():
 def test_shown_terms_and_label_files():
     cfg = LossConfig(start_pref_ae=1.0, limit_pref_pf=1.0, enable_atom_ener_coeff=True)
     assert shown_terms(cfg) == ("ae", "pf")
-    assert cfg.label_files() == ("atom_ener", "atom_pref", "atom_ener_coeff")
-    assert LossConfig().label_files() == () and shown_terms(LossConfig()) == ()
+    assert cfg.label_files() == {"atom_ener": 1, "atom_pref": 1, "atom_ener_coeff": 1}
+    assert LossConfig().label_files() == {} and shown_terms(LossConfig()) == ()
+    gf = LossConfig(start_pref_gf=1.0, numb_generalized_coord=2, loss_func="mae")
+    assert gf.label_files() == {"drdq": 6} and shown_terms(gf) == ("gf", "mae")
+    assert lcurve_columns(False, False, shown_terms(gf)) == ["step", "rmse_trn", "mae_e_trn", "mae_f_trn", "rmse_gf_trn",
+                                                             "lr"]
+    with pytest.raises(ValueError, match="loss numb_generalized_coord 0: expected an integer >= 1 with start_pref_gf"):
+        LossConfig(limit_pref_gf=1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +173,8 @@ def test_every_term_equals_deepmd_kits_dpmodel_loss(case, mask, spec):
     label_dict = {"energy": batch.energy[:, None], "force": batch.force, "virial": batch.virial,
                   "atom_ener": batch.atom_ener, "atom_pref": np.repeat(batch.atom_pref, 3, axis=1),
                   "atom_ener_coeff": batch.atom_ener_coeff, "find_energy": 1.0, "find_force": 1.0,
-                  "find_virial": 1.0, "find_atom_ener": 1.0, "find_atom_pref": 1.0}
+                  "find_virial": 1.0, "find_atom_ener": 1.0, "find_atom_pref": 1.0, "drdq": batch.drdq,
+                  "find_drdq": 1.0}
     for lr in (start_lr, 3.7e-4, 1e-8):
         ours = loss_and_grad(model, batch, prefactors(config, lr, start_lr))[0]
         loss, more = dp_loss.call(lr, natoms, model_dict, label_dict)
@@ -201,6 +212,12 @@ def test_extra_label_files_are_read_per_set_and_reach_the_batch(tmp_path):
     for name, values in labels.items():
         np.testing.assert_array_equal(getattr(batch, name), values[[4, 1]])
     assert load_systems([tmp_path / "sys"], ["O", "H"])[0].atom_pref is None
+    drdq = rng.normal(size=(nframes, types.size * 3 * 2))  # two generalized coordinates
+    np.save(tmp_path / "sys/set.000/drdq.npy", drdq[:3])
+    np.save(tmp_path / "sys/set.001/drdq.npy", drdq[3:])
+    (system,) = load_systems([tmp_path / "sys"], ["O", "H"], LossConfig(start_pref_gf=1.0, numb_generalized_coord=2)
+                             .label_files())
+    np.testing.assert_array_equal(make_batch(system, np.array([4, 1]), SMALL).drdq, drdq[[4, 1]])
     for set_name in ("set.000", "set.001"):
         (tmp_path / "sys" / set_name / "atom_pref.npy").unlink()
     with pytest.raises(ValueError, match=r"sys/set.000/atom_pref.npy is missing; the loss's start_pref_pf/limit_pref_pf "
@@ -292,13 +309,14 @@ def test_atom_exclude_types_mask_equals_deepmd_kits(case):
                 atom_energy=rng.normal(size=(nf, N)) * included)
     batch = Batch(None, None, np.zeros(N, int), rng.normal(size=nf), rng.normal(size=(nf, N, 3)),
                   rng.normal(size=(nf, 9)), rng.normal(size=(nf, N)), rng.uniform(0.1, 2, (nf, N)),
-                  rng.normal(size=(nf, N)))
+                  rng.normal(size=(nf, N)), drdq=rng.normal(size=(nf, N * 3 * NGC)))
     model_dict = {"energy": pred["energy"][:, None], "force": pred["force"], "virial": pred["virial"],
                   "atom_energy": pred["atom_energy"][..., None], "mask": np.tile(included, (nf, 1)).astype(np.int32)}
     label_dict = {"energy": batch.energy[:, None], "force": batch.force, "virial": batch.virial,
                   "atom_ener": batch.atom_ener, "atom_pref": np.repeat(batch.atom_pref, 3, axis=1),
                   "atom_ener_coeff": batch.atom_ener_coeff, "find_energy": 1.0, "find_force": 1.0,
-                  "find_virial": 1.0, "find_atom_ener": 1.0, "find_atom_pref": 1.0}
+                  "find_virial": 1.0, "find_atom_ener": 1.0, "find_atom_pref": 1.0, "drdq": batch.drdq,
+                  "find_drdq": 1.0}
     for lr in (1e-3, 2e-4):
         ours = ener_loss(pred["energy"], pred["force"], pred["virial"], batch, prefactors(config, lr, 1e-3),
                          pred["atom_energy"], included)[0]

@@ -22,8 +22,10 @@ def lcurve_quantities(virial: bool, terms: tuple[str, ...] = ()) -> list[str]:
     rmse_v, rmse_pf; terms: the extra loss terms on ("ae", "pf") and "mae" for mean absolute errors
     (mae_e, ... after rmse) (minidp.training.loss.shown_terms)."""
     kind = "mae" if "mae" in terms else "rmse"
-    names = ["e"] + (["ae"] if "ae" in terms else []) + ["f"] + (["v"] if virial else []) + (["pf"] if "pf" in terms else [])
-    return ["rmse"] + [f"{kind}_{q}" for q in names]
+    names = (["e"] + (["ae"] if "ae" in terms else []) + ["f"] + (["v"] if virial else [])
+             + [t for t in ("pf", "gf") if t in terms])
+    # deepmd-kit's generalized force term stays a squared error (rmse_gf) whatever loss_func says
+    return ["rmse"] + [f"{'rmse' if q == 'gf' else kind}_{q}" for q in names]
 
 
 def lcurve_columns(validation: bool, virial: bool, terms: tuple[str, ...] = ()) -> list[str]:

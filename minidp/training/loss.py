@@ -85,6 +85,9 @@ class LossConfig:
     huber_delta: float | tuple[float, float, float] = 0.01  # its delta: one, or (energy, force, virial)
     f_use_norm: bool = False  # with use_huber or mae: one residual per atom, the norm of its force error
     loss_func: str = "mse"  # "mse" (squares) or "mae" (absolute values)
+    start_pref_gf: float = 0.0  # generalized force prefactor (projections drdq.npy of the forces)
+    limit_pref_gf: float = 0.0
+    numb_generalized_coord: int = 0  # generalized coordinates q: drdq.npy holds dr/dq, natoms x 3 x ngc per frame
 
     def __post_init__(self):
         for name in PREF_NAMES:
@@ -98,26 +101,32 @@ class LossConfig:
         if len(deltas) != 3:
             raise InputError(f"loss huber_delta {list(deltas)}: expected one number or three (energy, force, virial)")
         object.__setattr__(self, "huber_delta", tuple(number("loss huber_delta", d, positive=True) for d in deltas))
+        if isinstance(self.numb_generalized_coord, bool) or not isinstance(self.numb_generalized_coord, int) \
+                or self.numb_generalized_coord < (1 if self.has("gf") else 0):
+            raise InputError(f"loss numb_generalized_coord {self.numb_generalized_coord!r}: expected an integer "
+                             f">= {1 if self.has('gf') else 0}" + (" with start_pref_gf/limit_pref_gf" if self.has("gf") else ""))
         if self.loss_func not in ("mse", "mae"):
             raise InputError(f"loss loss_func {self.loss_func!r}: expected 'mse' or 'mae'")
         if self.f_use_norm and not (self.use_huber or self.loss_func == "mae"):
             raise InputError("loss f_use_norm: true needs use_huber: true or loss_func 'mae'")
-        if self.use_huber and (self.has("pf") or self.relative_f is not None):
-            raise InputError("loss use_huber: true cannot go with start_pref_pf/limit_pref_pf or relative_f "
+        if self.use_huber and (self.has("pf") or self.has("gf") or self.relative_f is not None):
+            raise InputError("loss use_huber: true cannot go with start_pref_pf/limit_pref_pf, start_pref_gf or relative_f "
                              "(deepmd-kit refuses them together)")
 
     def has(self, term: str) -> bool:
         """Whether term ("e", "f", "v", "ae", "pf") is in the loss, as deepmd-kit decides it."""
         return getattr(self, f"start_pref_{term}") != 0.0 or getattr(self, f"limit_pref_{term}") != 0.0
 
-    def label_files(self) -> tuple[str, ...]:
-        """The extra per-atom label files (set.*/NAME.npy) the loss needs: every system must hold them."""
-        need = [("atom_ener", self.has("ae")), ("atom_pref", self.has("pf") and not self.use_default_pf),
-                ("atom_ener_coeff", self.enable_atom_ener_coeff)]
-        return tuple(name for name, used in need if used)
+    def label_files(self) -> dict[str, int]:
+        """The extra per-atom label files (set.*/NAME.npy) the loss needs, each with its numbers per atom:
+        every system must hold them."""
+        need = [("atom_ener", 1, self.has("ae")), ("atom_pref", 1, self.has("pf") and not self.use_default_pf),
+                ("atom_ener_coeff", 1, self.enable_atom_ener_coeff), ("drdq", 3 * self.numb_generalized_coord,
+                                                                      self.has("gf"))]
+        return {name: width for name, width, used in need if used}
 
 
-TERMS = ("e", "f", "v", "ae", "pf")
+TERMS = ("e", "f", "v", "ae", "pf", "gf")
 PREF_NAMES = tuple(f"{end}_pref_{t}" for t in TERMS for end in ("start", "limit"))
 
 
@@ -130,6 +139,7 @@ class Prefactors(NamedTuple):
     v: float
     ae: float = 0.0
     pf: float = 0.0
+    gf: float = 0.0
     relative_f: float | None = None
     atom_ener_coeff: bool = False
     default_pf: bool = False  # use_default_pf: weights 1 where the batch has no atom_pref
@@ -142,7 +152,7 @@ class Prefactors(NamedTuple):
 def prefactors(config: LossConfig, lr: float, start_lr: float) -> Prefactors:
     """Every term's p = limit + (start - limit) lr / start_lr (deepmd-kit's schedule), with the config's options."""
     frac = lr / start_lr
-    # (5,)
+    # (6,)
     p = [getattr(config, f"limit_pref_{t}") + (getattr(config, f"start_pref_{t}") - getattr(config, f"limit_pref_{t}"))
          * frac for t in TERMS]
     return Prefactors(*p, relative_f=config.relative_f, atom_ener_coeff=config.enable_atom_ener_coeff,
@@ -165,6 +175,7 @@ class Batch(NamedTuple):
     atom_ener_coeff: np.ndarray | None = None  # (nf, nloc) c_i of E = sum_i c_i E_i (atom_ener_coeff.npy), or None
     fparam: np.ndarray | None = None  # (nf, nfp) frame parameters (fparam.npy) for a model with numb_fparam
     aparam: np.ndarray | None = None  # (nf, nloc, nap) atomic parameters (aparam.npy) for a model with numb_aparam
+    drdq: np.ndarray | None = None  # (nf, nloc * 3 * ngc) dr/dq of the generalized coordinates (drdq.npy), or None
 
 
 class LossValue(NamedTuple):
@@ -183,6 +194,7 @@ class LossValue(NamedTuple):
     mae_v: float = math.nan
     mae_ae: float = math.nan
     mae_pf: float = math.nan
+    rmse_gf: float = math.nan  # sqrt(<(drdq . (F - F*))^2>) of the generalized forces, or nan
 
 
 def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, included=None):
@@ -270,6 +282,17 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
         c_u = c_u + p.pf * w * drho * m3 * inv_rows / 3.0
         rmse_pf = math.sqrt(np.sum(w * u2) * inv_rows / 3.0)
         mae_pf = l_pf
+    rmse_gf = math.nan
+    if p.gf != 0.0 and batch.drdq is not None:
+        # (nf, nloc * 3, ngc) dr/dq; (nf, ngc) the projections of the force errors (included atoms only);
+        # plain forces, not relative_f's, and always squared (deepmd-kit)
+        drdq = batch.drdq.reshape(nf, natoms * 3, -1)
+        dq = np.einsum("fkg,fk->fg", drdq, ((force - batch.force) * m3).reshape(nf, -1))
+        l2_gf = np.mean(dq**2)
+        loss += p.gf * l2_gf
+        # (nf, nloc, 3): dL/dF, not through relative_f's scale (added after it below)
+        c_F_gf = (2.0 * p.gf / dq.size * np.einsum("fkg,fg->fk", drdq, dq)).reshape(nf, natoms, 3) * m3
+        rmse_gf = math.sqrt(l2_gf)
     rmse_ae = mae_ae = math.nan
     c_Ei = None
     if p.ae != 0.0 and batch.atom_ener is not None:
@@ -295,12 +318,13 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
     # deepmd-kit's mae_f is the force term's own mean (per component, or of the norms with f_use_norm)
     mae_f = l_f if mode == "mae" else float(np.sum(np.abs(u) * m3)) * inv_rows / 3.0
     value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) * inv, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf,
-                      mae_e, mae_f, mae_v, mae_ae, mae_pf)
+                      mae_e, mae_f, mae_v, mae_ae, mae_pf, rmse_gf)
     if per_atom:
         # (nf, nloc) dL/dE_i = dL/dE_f c_i (+ the atomic term's own)
         c_E = c_E[:, None] * (1.0 if coeff is None else coeff)
         c_E = c_E + (0.0 if c_Ei is None else c_Ei)
-    return value, c_E, c_u * scale, c_W
+    c_F = c_u * scale + (c_F_gf if not math.isnan(rmse_gf) else 0.0)
+    return value, c_E, c_F, c_W
 
 
 def penalty(r: np.ndarray, mode: str, delta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -337,7 +361,7 @@ def batch_errors(model: EnergyModel, batch: Batch, pref) -> LossValue:
 def shown_terms(config: LossConfig) -> tuple[str, ...]:
     """What lcurve.out shows beyond rmse, e, f (and v): "ae", "pf" when the term is on, and "mae" with
     loss_func "mae" (deepmd-kit then shows mean absolute errors, mae_*, instead of rmse_*)."""
-    return tuple(t for t in ("ae", "pf") if config.has(t)) + (("mae",) if config.loss_func == "mae" else ())
+    return tuple(t for t in ("ae", "pf", "gf") if config.has(t)) + (("mae",) if config.loss_func == "mae" else ())
 
 
 def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarray) -> np.ndarray:

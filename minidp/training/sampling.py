@@ -37,6 +37,7 @@ class System(NamedTuple):
     atom_ener: np.ndarray | None = None  # (nf, nloc) atom_ener.npy
     atom_pref: np.ndarray | None = None  # (nf, nloc) atom_pref.npy
     atom_ener_coeff: np.ndarray | None = None  # (nf, nloc) atom_ener_coeff.npy
+    drdq: np.ndarray | None = None  # (nf, nloc * 3 * ngc) drdq.npy
     fparam: np.ndarray | None = None  # (nf, nfp) fparam.npy, for a model with numb_fparam
     aparam: np.ndarray | None = None  # (nf, nloc, nap) aparam.npy, for a model with numb_aparam
 
@@ -48,12 +49,13 @@ class System(NamedTuple):
 # What deepmd-kit trains on; other formats are converted first (dpdata)
 TRAINING_FORMATS = ("deepmd/npy", "deepmd/hdf5")
 # The file each per-frame array of a System is read from
-def load_systems(paths, type_map, labels: tuple[str, ...] = (), numb_fparam: int = 0, numb_aparam: int = 0,
+def load_systems(paths, type_map, labels=(), numb_fparam: int = 0, numb_aparam: int = 0,
                  default_fparam=None) -> list[System]:
     """Read labelled deepmd/npy (or deepmd/hdf5) systems through dpdata, all their set.* folders;
     types mapped onto type_map. The reader checks every value finite, naming the system and the frame
     (:func:`minidp.io.systems.read_system`): a NaN label would train every weight to NaN.
-    ``labels``: the extra per-atom label files every set must hold (:func:`read_atom_labels`);
+    ``labels``: the extra per-atom label files every set must hold, {name: numbers per atom} as
+    LossConfig.label_files gives them (a tuple of names: one number each) (:func:`read_atom_labels`);
     numb_fparam, numb_aparam (and default_fparam): the model's parameters to read (:func:`read_params`)."""
     systems = []
     for path in paths:
@@ -72,7 +74,8 @@ def load_systems(paths, type_map, labels: tuple[str, ...] = (), numb_fparam: int
         system = System(Path(path), s["coords"].astype(np.float64), cells,
                         model_types(s["atom_names"], s["atom_types"], list(type_map)),
                         s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial, sets)
-        extra = {name: read_atom_labels(lazy, name, system) for name in labels}
+        widths = labels if isinstance(labels, dict) else dict.fromkeys(labels, 1)
+        extra = {name: read_atom_labels(lazy, name, system, width) for name, width in widths.items()}
         extra.update(read_params(lazy, system, numb_fparam, numb_aparam, default_fparam))
         systems.append(system._replace(**extra))
     return systems
@@ -80,12 +83,13 @@ def load_systems(paths, type_map, labels: tuple[str, ...] = (), numb_fparam: int
 
 # the extra per-atom label files and the loss keys that ask for them (for the error message)
 ATOM_LABELS = {"atom_ener": "start_pref_ae/limit_pref_ae", "atom_pref": "start_pref_pf/limit_pref_pf",
-               "atom_ener_coeff": "enable_atom_ener_coeff"}
+               "atom_ener_coeff": "enable_atom_ener_coeff", "drdq": "start_pref_gf/limit_pref_gf"}
 
 
-def read_atom_labels(lazy, name: str, system: System) -> np.ndarray:
-    """set.*/NAME.npy of every set of a system, one number per atom: (nf, nloc) float64 (:func:`read_set_files`)."""
-    values = read_set_files(lazy, name, system, system.atom_types.size, f"the loss's {ATOM_LABELS[name]}")
+def read_atom_labels(lazy, name: str, system: System, width: int = 1) -> np.ndarray:
+    """set.*/NAME.npy of every set of a system, ``width`` numbers per atom: (nf, nloc * width) float64
+    (:func:`read_set_files`)."""
+    values = read_set_files(lazy, name, system, system.atom_types.size * width, f"the loss's {ATOM_LABELS[name]}")
     return values.reshape(system.nframes, -1)
 
 
