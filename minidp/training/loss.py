@@ -223,108 +223,127 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
     per_atom = p.atom_ener_coeff or (p.ae != 0.0 and batch.atom_ener is not None)
     if per_atom and atom_energy is None:
         raise ValueError("ener_loss: the atom_ener term and enable_atom_ener_coeff need the atomic energies")
-    # (nloc,) 1 for an included atom; n of them per frame; 1/n (0 when no atom counts, as deepmd-kit)
-    m = np.ones(natoms) if included is None else np.asarray(included, dtype=np.float64)
-    n = float(m.sum())
-    inv = 1.0 / n if n > 0 else 0.0
-    # 1 / (included atoms of the batch): the per-atom means
-    inv_rows = inv / nf
-    # (nf, nloc, 1)
-    m3 = m[None, :, None]
-    # the penalty of every term: the square, Huber's (use_huber) or the absolute value (loss_func mae)
-    mode = "mae" if p.mae else ("huber" if p.huber is not None else "mse")
+    red = reduction(p, nf, natoms, included)
     de, df, dv = p.huber if p.huber is not None else (None, None, None)
     # (nf, nloc) c_i, 1 without the file (deepmd-kit's default)
     coeff = batch.atom_ener_coeff if p.atom_ener_coeff and batch.atom_ener_coeff is not None else None
     if coeff is not None:
         # (nf,)
         energy = np.sum(coeff * atom_energy, axis=1)
-    # (nf,)
-    dE = energy - batch.energy
-    # the energy and virial terms' 1/n (deepmd-kit's legacy) or 1/n^2 (intensive_ener_virial); Huber
-    # takes the residual per atom, r = dE / n, and no further factor; mae divides by n once
-    inv_k = inv * inv if p.intensive else inv
-    r_scale, weight = {"mse": (1.0, inv_k), "huber": (inv, 1.0), "mae": (1.0, inv)}[mode]
     # (nf,), (nf,)
-    rho, drho = penalty(dE * r_scale, mode, de)
-    mae_e = float(np.mean(np.abs(dE))) * inv
-    loss = p.e * weight * np.mean(rho)
-    # (nf,) dL/dE_f: the mean's 1/size, the penalty's derivative, the residual's scale
-    c_E = p.e * weight * drho * r_scale / dE.size
+    dE = energy - batch.energy
+    loss, c_E = frame_term(dE, p.e, red, de)
     # (nf, nloc, 1) each atom's 1 / (|F*_i| + nu): the force error relative to the label's size
     scale = 1.0 if p.relative_f is None else 1.0 / (np.linalg.norm(batch.force, axis=-1, keepdims=True) + p.relative_f)
     # (nf, nloc, 3)
     u = (force - batch.force) * scale
-    # (nf, nloc, 3) u^2 counted on the included atoms
-    u2 = u**2 * m3
-    l2_e, l2_f = np.mean(dE**2), np.sum(u2) * inv_rows / 3.0
     if p.f_use_norm:
         # (nf, nloc, 1) |u_i|, one residual per atom; d|u|/du = u/|u| (0 at 0)
         norm = np.linalg.norm(u, axis=-1, keepdims=True)
-        rho, drho = penalty(norm, mode, df)
-        l_f = np.sum(rho * m3) * inv_rows
-        loss += p.f * l_f
-        # (nf, nloc, 3) dL/du, pulled back through the scale below
-        c_u = p.f * (drho * m3 * inv_rows) * np.divide(u, norm, out=np.zeros_like(u), where=norm > 0)
+        l_f, c_norm = atom_term(norm, p.f, red, df)
+        # (nf, nloc, 3) dL/du, pulled back through the scale at the end
+        c_u = c_norm * np.divide(u, norm, out=np.zeros_like(u), where=norm > 0)
     else:
-        # (nf, nloc, 3), (nf, nloc, 3)
-        rho, drho = penalty(u, mode, df)
-        l_f = np.sum(rho * m3) * inv_rows / 3.0
-        loss += p.f * l_f
-        c_u = p.f * drho * m3 * inv_rows / 3.0
-    rmse_pf = mae_pf = math.nan
+        l_f, c_u = atom_term(u, p.f, red, df)
+    loss += l_f
+    # deepmd-kit's mae_f is the mean the force term takes: of the norms with f_use_norm
+    shown = {"mae_f": atom_mean(norm, red) if p.f_use_norm else atom_mean(np.abs(u), red)}
     if p.pf != 0.0 and (batch.atom_pref is not None or p.default_pf):
         # (nf, nloc, 1) deepmd-kit repeats each atom's weight over its three components; 1 by default
         w = batch.atom_pref[..., None] if batch.atom_pref is not None else np.ones((nf, natoms, 1))
-        rho, drho = penalty(u, mode)
-        l_pf = np.sum(w * rho * m3) * inv_rows / 3.0
-        loss += p.pf * l_pf
-        c_u = c_u + p.pf * w * drho * m3 * inv_rows / 3.0
-        rmse_pf = math.sqrt(np.sum(w * u2) * inv_rows / 3.0)
-        mae_pf = l_pf
-    rmse_gf = math.nan
+        l_pf, c_pf = atom_term(u, p.pf, red, weight=w)
+        loss, c_u = loss + l_pf, c_u + c_pf
+        shown.update(rmse_pf=math.sqrt(atom_mean(w * u**2, red)), mae_pf=atom_mean(w * np.abs(u), red))
+    # (nf, nloc, 3) dL/dF
+    c_F = c_u * scale
     if p.gf != 0.0 and batch.drdq is not None:
-        # (nf, nloc * 3, ngc) dr/dq; (nf, ngc) the projections of the force errors (included atoms only);
-        # plain forces, not relative_f's, and always squared (deepmd-kit)
-        drdq = batch.drdq.reshape(nf, natoms * 3, -1)
-        dq = np.einsum("fkg,fk->fg", drdq, ((force - batch.force) * m3).reshape(nf, -1))
-        l2_gf = np.mean(dq**2)
-        loss += p.gf * l2_gf
-        # (nf, nloc, 3): dL/dF, not through relative_f's scale (added after it below)
-        c_F_gf = (2.0 * p.gf / dq.size * np.einsum("fkg,fg->fk", drdq, dq)).reshape(nf, natoms, 3) * m3
-        rmse_gf = math.sqrt(l2_gf)
-    rmse_ae = mae_ae = math.nan
-    c_Ei = None
+        l_gf, c_gf, shown["rmse_gf"] = generalized_force_term(force - batch.force, batch.drdq, p.gf, red)
+        loss, c_F = loss + l_gf, c_F + c_gf
     if p.ae != 0.0 and batch.atom_ener is not None:
         # (nf, nloc)
         dEi = atom_energy - batch.atom_ener
-        rho, drho = penalty(dEi, mode, de)
-        loss += p.ae * np.sum(rho * m) * inv_rows
-        c_Ei = p.ae * drho * m * inv_rows
-        rmse_ae = math.sqrt(np.sum(dEi**2 * m) * inv_rows)
-        mae_ae = float(np.sum(np.abs(dEi) * m)) * inv_rows
+        l_ae, c_Ei = atom_term(dEi, p.ae, red, de)
+        loss += l_ae
+        # (nf, nloc) dL/dE_i = dL/dE_f c_i + the atomic term's own
+        c_E = c_E[:, None] * (1.0 if coeff is None else coeff) + c_Ei
+        shown.update(rmse_ae=math.sqrt(atom_mean(dEi**2, red)), mae_ae=atom_mean(np.abs(dEi), red))
+    elif per_atom:
+        # (nf, nloc) dL/dE_i = dL/dE_f c_i
+        c_E = c_E[:, None] * (1.0 if coeff is None else coeff)
     # (nf, 9)
     c_W = np.zeros_like(virial)
-    rmse_v = mae_v = math.nan
     if batch.virial is not None:
         dW = virial - batch.virial
-        rmse_v = math.sqrt(np.mean(dW**2)) * inv
-        mae_v = float(np.mean(np.abs(dW))) * inv
+        shown.update(rmse_v=math.sqrt(np.mean(dW**2)) * red.inv, mae_v=float(np.mean(np.abs(dW))) * red.inv)
         if p.v:
-            r_scale, weight = {"mse": (1.0, inv_k), "huber": (inv, 1.0), "mae": (1.0, inv)}[mode]
-            rho, drho = penalty(dW * r_scale, mode, dv)
-            loss += p.v * weight * np.mean(rho)
-            c_W = p.v * weight * drho * r_scale / dW.size
-    # deepmd-kit's mae_f is the force term's own mean (per component, or of the norms with f_use_norm)
-    mae_f = l_f if mode == "mae" else float(np.sum(np.abs(u) * m3)) * inv_rows / 3.0
-    value = LossValue(loss, math.sqrt(loss), math.sqrt(l2_e) * inv, math.sqrt(l2_f), rmse_v, rmse_ae, rmse_pf,
-                      mae_e, mae_f, mae_v, mae_ae, mae_pf, rmse_gf)
-    if per_atom:
-        # (nf, nloc) dL/dE_i = dL/dE_f c_i (+ the atomic term's own)
-        c_E = c_E[:, None] * (1.0 if coeff is None else coeff)
-        c_E = c_E + (0.0 if c_Ei is None else c_Ei)
-    c_F = c_u * scale + (c_F_gf if not math.isnan(rmse_gf) else 0.0)
+            l_v, c_W = frame_term(dW, p.v, red, dv)
+            loss += l_v
+    value = LossValue(loss, math.sqrt(loss), math.sqrt(np.mean(dE**2)) * red.inv, math.sqrt(atom_mean(u**2, red)),
+                      mae_e=float(np.mean(np.abs(dE))) * red.inv, **{"rmse_v": math.nan, **shown})
     return value, c_E, c_F, c_W
+
+
+class Reduction(NamedTuple):
+    """How a batch's terms are averaged: the penalty, the included atoms and deepmd-kit's factors."""
+
+    mode: str  # "mse", "huber" or "mae" (:func:`penalty`)
+    mask: np.ndarray  # (nloc,) 1 for an included atom (not of atom_exclude_types), else 0
+    inv: float  # 1/n, n the included atoms of a frame (0 when there are none, as deepmd-kit)
+    inv_rows: float  # 1/(nf n): the per-atom means
+    inv_k: float  # the mse energy and virial terms' factor: 1/n, or 1/n^2 with intensive_ener_virial
+
+
+def reduction(p: Prefactors, nf: int, natoms: int, included=None) -> Reduction:
+    """The :class:`Reduction` of a batch of nf frames of natoms atoms (``included`` (natoms,) bool or None: all)."""
+    # (nloc,)
+    m = np.ones(natoms) if included is None else np.asarray(included, dtype=np.float64)
+    n = float(m.sum())
+    inv = 1.0 / n if n > 0 else 0.0
+    mode = "mae" if p.mae else ("huber" if p.huber is not None else "mse")
+    return Reduction(mode, m, inv, inv / nf, inv * inv if p.intensive else inv)
+
+
+def _atom_mask(d: np.ndarray, red: Reduction) -> np.ndarray:
+    """The included-atom mask shaped to broadcast over d (nf, nloc, ...)."""
+    return red.mask.reshape((1, -1) + (1,) * (d.ndim - 2))
+
+
+def atom_mean(x: np.ndarray, red: Reduction) -> float:
+    """deepmd-kit's masked atom mean of x (nf, nloc[, ncomp]): sum over included atoms / (nf n ncomp)."""
+    ncomp = x.shape[2] if x.ndim == 3 else 1
+    return float(np.sum(x * _atom_mask(x, red))) * red.inv_rows / ncomp
+
+
+def atom_term(d: np.ndarray, pref: float, red: Reduction, delta: float | None = None, weight=1.0):
+    """A per-atom term pref <w rho(d)> over the included atoms, and its gradient with respect to d (d's shape).
+
+    d: (nf, nloc) or (nf, nloc, ncomp) residuals; weight broadcasts over d (atom_pref's w_i)."""
+    rho, drho = penalty(d, red.mode, delta)
+    ncomp = d.shape[2] if d.ndim == 3 else 1
+    return pref * atom_mean(weight * rho, red), pref * weight * drho * _atom_mask(d, red) * red.inv_rows / ncomp
+
+
+def frame_term(d: np.ndarray, pref: float, red: Reduction, delta: float | None = None):
+    """A frame term (energy (nf,), virial (nf, 9) residuals d): pref/n^k <d^2> (mse, k = 1 or 2 with
+    intensive_ener_virial), pref <H(d/n)> (huber), pref/n <|d|> (mae); and its gradient with respect to d."""
+    # Huber takes the residual per atom, d/n, and no further factor; mae divides by n once
+    r_scale, weight = {"mse": (1.0, red.inv_k), "huber": (red.inv, 1.0), "mae": (1.0, red.inv)}[red.mode]
+    rho, drho = penalty(d * r_scale, red.mode, delta)
+    return pref * weight * float(np.mean(rho)), pref * weight * drho * r_scale / d.size
+
+
+def generalized_force_term(dF: np.ndarray, drdq: np.ndarray, pref: float, red: Reduction):
+    r"""pref <(sum_k dr_k/dq_g dF_k)^2> over frames and generalized coordinates g (deepmd-kit's gf term:
+    plain force errors dF (nf, nloc, 3) of the included atoms, always squared); its gradient dL/dF and
+    its RMSE. drdq (nf, nloc * 3 * ngc)."""
+    nf, natoms, _ = dF.shape
+    # (nf, nloc * 3, ngc), (nf, ngc)
+    drdq = drdq.reshape(nf, natoms * 3, -1)
+    dq = np.einsum("fkg,fk->fg", drdq, (dF * _atom_mask(dF, red)).reshape(nf, -1))
+    l2 = float(np.mean(dq**2))
+    # (nf, nloc, 3)
+    grad = (2.0 * pref / dq.size * np.einsum("fkg,fg->fk", drdq, dq)).reshape(nf, natoms, 3) * _atom_mask(dF, red)
+    return pref * l2, grad, math.sqrt(l2)
 
 
 def penalty(r: np.ndarray, mode: str, delta: float | None = None) -> tuple[np.ndarray, np.ndarray]:
