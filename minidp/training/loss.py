@@ -214,8 +214,12 @@ def ener_loss(energy, force, virial, batch: Batch, pref, atom_energy=None, inclu
 
     where n counts the ``included`` atoms (nloc,) bool — those whose type is not in the model's
     atom_exclude_types; all by default — and the per-atom means run over the included atoms only
-    (deepmd-kit's model mask). A term whose labels the batch lacks is left out (deepmd-kit's
-    find_* = 0), its RMSE nan. Returns (LossValue, dL/dE, dL/dF (nf, nloc, 3), dL/dW (nf, 9)); dL/dE
+    (deepmd-kit's model mask). ``use_huber`` puts Huber's penalty on the energy (per atom, dE/n),
+    force, virial (dW/n) and atomic energy residuals, ``loss_func`` "mae" the absolute value
+    (energy and virial divided by n once), ``f_use_norm`` one residual per atom, |u_i|
+    (:func:`penalty`, :func:`frame_term`, :func:`atom_term`); the generalized force term
+    ``gf`` is :func:`generalized_force_term`. A term whose labels the batch lacks is left out
+    (deepmd-kit's find_* = 0), its RMSE nan. Returns (LossValue, dL/dE, dL/dF (nf, nloc, 3), dL/dW (nf, 9)); dL/dE
     is per frame (nf,), or per atom dL/dE_i (nf, nloc) when the loss reads atomic energies.
     """
     p = Prefactors(*pref)
