@@ -586,14 +586,6 @@ def check_descriptor_inputs(nlist: np.ndarray, se: SeA, backend, keep: bool = Fa
         raise ValueError("a compressed model cannot be trained; train the model it was compressed from")
     if keep and backend == "reference":
         raise ValueError("keep=True (training) needs backend 'numpy' or 'numba', got 'reference'")
-    cfg = se.config
-    options = {"exclude_types": list(map(list, cfg.exclude_types)), "env_protection": cfg.env_protection,
-               "pair_exclude_types": list(map(list, cfg.pair_exclude_types))}
-    used = {name: value for name, value in options.items() if value}
-    if keep and used:  # force training's tangents are written for the plain rows only
-        name, value = next(iter(used.items()))
-        raise ValueError(f"training a model with {name} = {value} is not supported (minidp evaluates it, "
-                         "but trains only models without exclusions and env_protection)")
     check_nlist_layout(nlist, se.config)
     return backend
 

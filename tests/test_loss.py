@@ -173,8 +173,8 @@ def test_loss_value_is_deepmd_kits_formula():
 
 def test_prefactors_move_with_the_learning_rate():
     cfg = LossConfig(0.02, 1.0, 1000.0, 1.0, 0.0, 0.0)
-    assert prefactors(cfg, 1e-3, 1e-3) == pytest.approx((0.02, 1000.0, 0.0), rel=1e-14)
-    pe, pf, pv = prefactors(cfg, 1e-4, 1e-3)
+    assert prefactors(cfg, 1e-3, 1e-3)[:5] == pytest.approx((0.02, 1000.0, 0.0, 0.0, 0.0), rel=1e-14)
+    pe, pf, pv = prefactors(cfg, 1e-4, 1e-3)[:3]
     assert pe == pytest.approx(1.0 + (0.02 - 1.0) * 0.1) and pf == pytest.approx(1.0 + 999.0 * 0.1) and pv == 0.0
 
 

@@ -421,13 +421,15 @@ def test_default_fparam_must_agree_with_its_stored_tensor():
         check_model_dict(data, "m.dp")
 
 
-def test_training_refuses_the_options_by_name():
-    from minidp.training.loss import loss_and_grad
+def test_training_refuses_only_the_options_it_cannot_train(monkeypatch):
+    """Every fitting option trains (gradients: tests/test_loss_terms.py); one not in TRAINABLE is named."""
+    from minidp.training import loss
 
     model = minidp_model(Options(nfp=1, exclude=(1,)), 16)
-    batch = dataclasses.make_dataclass("B", ["nlist"])(np.zeros((1, 1, CFG.nnei), dtype=int) - 1)
+    loss.refuse_untrainable(model)
+    monkeypatch.setattr(loss, "TRAINABLE", loss.TRAINABLE - {"numb_fparam", "atom_exclude_types"})
     with pytest.raises(ValueError, match=r"training a model with numb_fparam, atom_exclude_types is not supported"):
-        loss_and_grad(model, batch, (1.0, 1.0, 0.0), "numpy")
+        loss.refuse_untrainable(model)
 
 
 # ---------------------------------------------------------------------------

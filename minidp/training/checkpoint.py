@@ -93,12 +93,14 @@ def restore_optimizer(opt: Adam, state: dict) -> None:
 
 
 def data_fingerprint(systems: list[System]) -> str:
-    """A digest of the systems' coordinates and labels, in order: a restart on other data is refused."""
+    """A digest of the systems' coordinates and labels, in order: a restart on other data is refused.
+    The extra labels and parameters (atom_ener, atom_pref, atom_ener_coeff, drdq, fparam, aparam) count when read."""
     import hashlib
 
     digest = hashlib.sha256()
     for s in systems:
-        for a in (s.coords, s.energy, s.force):
+        extra = (s.atom_ener, s.atom_pref, s.atom_ener_coeff, s.drdq, s.fparam, s.aparam)
+        for a in (s.coords, s.energy, s.force, *(x for x in extra if x is not None)):
             digest.update(np.ascontiguousarray(a).tobytes())
     return digest.hexdigest()[:16]
 

@@ -22,12 +22,24 @@ Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei, ng, m2, nb, na, n_t`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from minidp import kernels
-from minidp.model import EnergyModel, FitCache, ModelCache, type_groups
-from minidp.nn import dual_net_backward, net_backward, net_jvp, net_jvp_backward, net_tangent, zeros_like_params
-from minidp.se_e2_a import EmbedPiece, EnvCache, contract_backward, sum_rows
+from minidp.model import NO_PARAMS, EnergyModel, FitCache, FitParams, fitting_input, type_groups
+from minidp.nn import (
+    Net,
+    add_grads,
+    dual_net_backward,
+    net_backward,
+    net_forward,
+    net_jvp,
+    net_jvp_backward,
+    net_tangent,
+    zeros_like_params,
+)
+from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backward, sum_rows
 
 
 def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
@@ -187,21 +199,58 @@ def embed_param_backward(
     return grads
 
 
+def _net_grads(net: Net, caches: list, gy: np.ndarray, gty: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """A net's weight gradients only (its input, s, is data)."""
+    return net_jvp_backward(net, caches, gy, gty, input_grads=False)[2]
+
+
+class FitJvpCache(NamedTuple):
+    """One atom type's block of the fitting step with tangents."""
+
+    t: int  # the atom type
+    atoms: np.ndarray  # (na,) atoms of this type
+    net: Net  # its fitting net
+    net_caches: list  # net_jvp's layer caches on x_i
+    vacuum_caches: list | None  # net_forward's caches on x_i^0 (atom_ener), or None
+
+
 def atomic_energy_jvp(
-    D: np.ndarray, Ddot: np.ndarray, atom_types: np.ndarray, model: EnergyModel
-) -> tuple[np.ndarray, np.ndarray, list[FitCache]]:
-    """E_i and its tangent E'_i = (dF_{t_i}/dD_i) D'_i, for training on forces; (nf, nloc) each, and caches."""
+    D: np.ndarray, Ddot: np.ndarray, atom_types: np.ndarray, model: EnergyModel, params: FitParams = NO_PARAMS,
+) -> tuple[np.ndarray, np.ndarray, list[FitJvpCache]]:
+    r"""E_i and its tangent E'_i = (dF_{t_i}/dx_i) x'_i, for training on forces; (nf, nloc) each, and caches.
+
+    x_i = [D_i, f, a_i, c] (:func:`minidp.model.fitting_input`): only D moves with the atoms, so
+    x'_i = [D'_i, 0, 0, 0]. The atom_ener term -F_t(x_i^0) has no D in it: no tangent, but it
+    depends on the weights (its caches are kept). Atoms of atom_exclude_types have E_i = E'_i = 0.
+    """
     nf, nloc, dim = D.shape
+    # (nf, nloc, dim + width), (nf, nloc, dim + width)
+    x = fitting_input(D, model.fitting_input, params)
+    xdot = Ddot if x is D else np.concatenate([Ddot, np.zeros(x.shape[:2] + (x.shape[2] - dim,), D.dtype)], axis=-1)
     # (nf, nloc), (nf, nloc)
     E_atom = np.zeros((nf, nloc), dtype=D.dtype)
     Edot = np.zeros_like(E_atom)
     caches = []
+    vacuum = model.vacuum
     for t, atoms in type_groups(atom_types, model.ntypes):
+        if t in model.atom_exclude_types:
+            continue
+        net = model.fitting[t]
+        # (nb, dim + width) each, in the net's precision (float32 nets: deepmd-kit's precision)
+        x_t, xdot_t = (a[:, atoms].reshape(-1, x.shape[-1]).astype(net.dtype, copy=False) for a in (x, xdot))
         # (nb, 1), (nb, 1)
-        y, ty, net_caches = net_jvp(model.fitting[t], D[:, atoms].reshape(-1, dim), Ddot[:, atoms].reshape(-1, dim))
+        y, ty, net_caches = net_jvp(model.fitting[t], x_t, xdot_t)
+        vacuum_caches = None
+        if vacuum[t]:
+            # (nb, dim + width)  x_i^0: the descriptor part zeroed
+            x0 = x_t.copy()
+            x0[:, :dim] = 0.0
+            # (nb, 1)
+            y0, vacuum_caches = net_forward(model.fitting[t], x0)
+            y = y - y0
         E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
         Edot[:, atoms] = ty.reshape(nf, atoms.size)
-        caches.append(FitCache(t, atoms, model.fitting[t], net_caches))
+        caches.append(FitJvpCache(t, atoms, model.fitting[t], net_caches, vacuum_caches))
     return E_atom, Edot, caches
 
 
@@ -223,48 +272,56 @@ def atomic_energy_tangent(Ddot: np.ndarray, caches: list[FitCache]) -> tuple[np.
 
 
 def atomic_energy_param_backward(
-    gE: np.ndarray, gEdot: np.ndarray, caches: list[FitCache], dim: int
+    gE: np.ndarray, gEdot: np.ndarray, caches: list[FitJvpCache], dim: int
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple, list]]:
     """Reverse through atomic_energy_jvp: from dL/dE_i and dL/dE'_i (nf, nloc) to dL/dD,
-    dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {("fitting", t): per-layer grads}."""
+    dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {("fitting", t): per-layer grads}.
+
+    Only the descriptor's part of dL/dx and dL/dx' is kept (the parameters are data); the atom_ener
+    term adds its own weight gradient, from dL/dE_i through -F_t(x_i^0)."""
     nf, nloc = gE.shape
     # (nf, nloc, ng * m2), (nf, nloc, ng * m2)  in the fitting nets' precision, as D
     dtype = caches[0].net.dtype if caches else gE.dtype
     Dbar = np.zeros((nf, nloc, dim), dtype=dtype)
     Ddotbar = np.zeros_like(Dbar)
     grads = {}
-    for t, atoms, net, net_caches in caches:
+    for t, atoms, net, net_caches, vacuum_caches in caches:
         # (nb, 1) each; the loss's float64 cotangents rounded to the net's precision
-        gy, gty = (g[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False) for g in (gE, gEdot))
-        gx, gtx, grads[("fitting", t)] = net_jvp_backward(net, net_caches, gy, gty)
-        Dbar[:, atoms] = gx.reshape(nf, atoms.size, dim)
-        Ddotbar[:, atoms] = gtx.reshape(nf, atoms.size, dim)
+        gE_t, gEdot_t = (g[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False) for g in (gE, gEdot))
+        # (nb, dim + width), (nb, dim + width)
+        gx, gtx, g = net_jvp_backward(net, net_caches, gE_t, gEdot_t)
+        if vacuum_caches is not None:
+            g = add_grads([g, net_backward(net, vacuum_caches, -gE_t)[1]])
+        grads[("fitting", t)] = g
+        Dbar[:, atoms] = gx[:, :dim].reshape(nf, atoms.size, dim)
+        Ddotbar[:, atoms] = gtx[:, :dim].reshape(nf, atoms.size, dim)
     return Dbar, Ddotbar, grads
 
 
 def weight_gradients(
-    model: EnergyModel, cache: ModelCache, c_E: np.ndarray, drij: np.ndarray, atom_types: np.ndarray,
-    backend: str = "numba",
+    model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
+    atom_types: np.ndarray, backend: str = "numba", params: FitParams = NO_PARAMS,
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
-    r"""dS/dtheta of S = sum_f c_f E_f - E', E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
+    r"""dS/dtheta of S = sum_fi c_fi E_fi - E' (c_fi = c_f for all atoms of a frame), E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
 
-    cache from model.model_forward(..., keep=True): D, the descriptor's cache, the
-    fitting nets' forward caches; c_E (nf,) = dL/dE; drij (nf, nloc, nnei, 3) the
-    pairs' displacement. Tangents forward (R', T', D', E'), then one reverse pass
-    through values and tangents, from the fitting nets down to the embedding nets' weights.
+    D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
+    params: the batch's fparam/aparam (the fitting nets read them);
+    c_E (nf,) = dL/dE of each frame, or (nf, nloc) = dL/dE_i of each atom (a loss on atomic energies,
+    or on E = sum_i c_i E_i); drij (nf, nloc, nnei, 3) the pairs' displacement.
+    Tangents forward (R', T', D', E'), then one reverse pass through values
+    and tangents, from the fitting nets down to the embedding nets' weights.
     """
     m2 = model.descriptor.config.axis_neuron
-    dcache = cache.descriptor_cache
     # (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
     Rdot = env_matrix_jvp(drij, dcache.env)
     Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
-    # (nf, nloc): E'_i, and the fitting nets' caches with the tangent
-    Edot, jcaches = atomic_energy_tangent(Ddot, cache.fitting_caches)
-    # (nf, nloc) dS/dE_i = c of its frame; dS/dE'_i = -1
-    gE = np.broadcast_to(c_E[:, None], Edot.shape)
+    # (nf, nloc) each: E_i and its caches with the tangent
+    E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model, params)
+    # (nf, nloc) dS/dE_i = c of its frame (or the atom's own c_i); dS/dE'_i = -1
+    gE = np.broadcast_to(c_E[:, None] if c_E.ndim == 1 else c_E, E_atom.shape)
     # (nf, nloc, ng * m2) each
-    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(Edot), jcaches, Ddot.shape[-1])
+    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)

@@ -17,16 +17,26 @@ from minidp.training.loss import LossValue
 # ---------------------------------------------------------------------------
 
 
-def lcurve_columns(validation: bool, virial: bool) -> list[str]:
+def lcurve_quantities(virial: bool, terms: tuple[str, ...] = ()) -> list[str]:
+    """The error fields shown, in deepmd-kit's (TensorFlow trainer's) order: rmse, rmse_e, rmse_ae, rmse_f,
+    rmse_v, rmse_pf; terms: the extra loss terms on ("ae", "pf") and "mae" for mean absolute errors
+    (mae_e, ... after rmse) (minidp.training.loss.shown_terms)."""
+    kind = "mae" if "mae" in terms else "rmse"
+    names = (["e"] + (["ae"] if "ae" in terms else []) + ["f"] + (["v"] if virial else [])
+             + [t for t in ("pf", "gf") if t in terms])
+    # deepmd-kit's generalized force term stays a squared error (rmse_gf) whatever loss_func says
+    return ["rmse"] + [f"{'rmse' if q == 'gf' else kind}_{q}" for q in names]
+
+
+def lcurve_columns(validation: bool, virial: bool, terms: tuple[str, ...] = ()) -> list[str]:
     """deepmd-kit's lcurve.out columns (validation first, then training, per quantity)."""
-    quantities = ["", "_e", "_f"] + (["_v"] if virial else [])
     sets = ["val", "trn"] if validation else ["trn"]
-    return ["step"] + [f"rmse{q}_{s}" for q in quantities for s in sets] + ["lr"]
+    return ["step"] + [f"{q}_{s}" for q in lcurve_quantities(virial, terms) for s in sets] + ["lr"]
 
 
-def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool) -> str:
+def lcurve_line(step: int, errors: dict[str, LossValue], lr: float, virial: bool, terms: tuple[str, ...] = ()) -> str:
     """One line of lcurve.out: errors maps "val"/"trn" to that set's LossValue."""
-    fields = ["rmse", "rmse_e", "rmse_f"] + (["rmse_v"] if virial else [])
+    fields = lcurve_quantities(virial, terms)
     values = [getattr(errors[s], f) for f in fields for s in ("val", "trn") if s in errors]
     return f"{step:7d}" + "".join(f" {v:12.4e}" for v in values) + f" {lr:12.4e}\n"
 

@@ -39,7 +39,7 @@ import numpy as np
 from minidp.active.neighbor_stat import stat_blocks
 from minidp.checks import FrameError, InputError, file_path
 from minidp.io.serialization import NATIVE_SUFFIXES, load_model, save_model
-from minidp.model import EnergyModel, energy_forces, new_model
+from minidp.model import EnergyModel, new_model
 from minidp.optim import Adam, exp_decay
 from minidp.runtime import keep_freed_memory
 from minidp.se_e2_a import SeAConfig
@@ -54,7 +54,7 @@ from minidp.training.checkpoint import (
 )
 from minidp.training.config import TrainConfig
 from minidp.training.lcurve import lcurve_line, plot_lcurves, write_lcurve_line
-from minidp.training.loss import Batch, LossValue, ener_loss, loss_and_grad, prefactors
+from minidp.training.loss import Batch, LossValue, batch_errors, loss_and_grad, prefactors
 from minidp.training.sampling import Sampler, System, in_system, load_systems, make_batch, stats_rng
 from minidp.training.workdir import OutputPlan, plan_outputs, workdir_lock
 
@@ -92,8 +92,7 @@ def evaluate(model: EnergyModel, batches: list[Batch], pref) -> LossValue:
     """Errors over some batches, each batch's RMSEs weighted by its atoms (deepmd-kit's average)."""
     values, weights = [], []
     for b in batches:
-        p = energy_forces(b.rij, b.nlist, b.atom_types, model)
-        values.append(ener_loss(p.energy, p.force, p.virial, b, pref)[0])
+        values.append(batch_errors(model, b, pref))
         weights.append(b.atom_types.size)
     return LossValue(*np.average(np.array(values), axis=0, weights=weights))
 

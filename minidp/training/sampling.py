@@ -33,6 +33,13 @@ class System(NamedTuple):
     force: np.ndarray  # (nf, nloc, 3)
     virial: np.ndarray | None  # (nf, 9), or None without virial labels
     sets: tuple[tuple[str, int], ...] = ()  # (set.* name, its frames), in order
+    # per-atom labels of the loss's extra terms (minidp.training.loss.LossConfig.label_files), None unless asked for
+    atom_ener: np.ndarray | None = None  # (nf, nloc) atom_ener.npy
+    atom_pref: np.ndarray | None = None  # (nf, nloc) atom_pref.npy
+    atom_ener_coeff: np.ndarray | None = None  # (nf, nloc) atom_ener_coeff.npy
+    drdq: np.ndarray | None = None  # (nf, nloc * 3 * ngc) drdq.npy
+    fparam: np.ndarray | None = None  # (nf, nfp) fparam.npy, for a model with numb_fparam
+    aparam: np.ndarray | None = None  # (nf, nloc, nap) aparam.npy, for a model with numb_aparam
 
     @property
     def nframes(self) -> int:
@@ -42,10 +49,14 @@ class System(NamedTuple):
 # What deepmd-kit trains on; other formats are converted first (dpdata)
 TRAINING_FORMATS = ("deepmd/npy", "deepmd/hdf5")
 # The file each per-frame array of a System is read from
-def load_systems(paths, type_map) -> list[System]:
+def load_systems(paths, type_map, labels=(), numb_fparam: int = 0, numb_aparam: int = 0,
+                 default_fparam=None) -> list[System]:
     """Read labelled deepmd/npy (or deepmd/hdf5) systems through dpdata, all their set.* folders;
     types mapped onto type_map. The reader checks every value finite, naming the system and the frame
-    (:func:`minidp.io.systems.read_system`): a NaN label would train every weight to NaN."""
+    (:func:`minidp.io.systems.read_system`): a NaN label would train every weight to NaN.
+    ``labels``: the extra per-atom label files every set must hold, {name: numbers per atom} as
+    LossConfig.label_files gives them (a tuple of names: one number each) (:func:`read_atom_labels`);
+    numb_fparam, numb_aparam (and default_fparam): the model's parameters to read (:func:`read_params`)."""
     systems = []
     for path in paths:
         fmt = guess_format(Path(path))
@@ -63,8 +74,77 @@ def load_systems(paths, type_map) -> list[System]:
         system = System(Path(path), s["coords"].astype(np.float64), cells,
                         model_types(s["atom_names"], s["atom_types"], list(type_map)),
                         s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial, sets)
-        systems.append(system)
+        widths = labels if isinstance(labels, dict) else dict.fromkeys(labels, 1)
+        extra = {name: read_atom_labels(lazy, name, system, width) for name, width in widths.items()}
+        extra.update(read_params(lazy, system, numb_fparam, numb_aparam, default_fparam))
+        systems.append(system._replace(**extra))
     return systems
+
+
+# the extra per-atom label files and the loss keys that ask for them (for the error message)
+ATOM_LABELS = {"atom_ener": "start_pref_ae/limit_pref_ae", "atom_pref": "start_pref_pf/limit_pref_pf",
+               "atom_ener_coeff": "enable_atom_ener_coeff", "drdq": "start_pref_gf/limit_pref_gf"}
+
+
+def read_atom_labels(lazy, name: str, system: System, width: int = 1) -> np.ndarray:
+    """set.*/NAME.npy of every set of a system, ``width`` numbers per atom: (nf, nloc * width) float64
+    (:func:`read_set_files`)."""
+    values = read_set_files(lazy, name, system, system.atom_types.size * width, f"the loss's {ATOM_LABELS[name]}")
+    return values.reshape(system.nframes, -1)
+
+
+def read_params(lazy, system: System, numb_fparam: int, numb_aparam: int, default_fparam=None) -> dict:
+    """The model's fparam (nf, nfp) from set.*/fparam.npy and aparam (nf, nloc, nap) from aparam.npy, as
+    deepmd-kit reads them (an absent fparam.npy is the model's default_fparam, when it has one)."""
+    out = {}
+    if numb_fparam:
+        out["fparam"] = read_set_files(lazy, "fparam", system, numb_fparam, "the model's numb_fparam", default_fparam)
+    if numb_aparam:
+        nloc = system.atom_types.size
+        out["aparam"] = read_set_files(lazy, "aparam", system, nloc * numb_aparam,
+                                       "the model's numb_aparam").reshape(system.nframes, nloc, numb_aparam)
+    return out
+
+
+def read_set_files(lazy, name: str, system: System, width: int, needed_by: str, default=None) -> np.ndarray:
+    """set.*/NAME.npy of every set of a system, ``width`` numbers per frame (any shape of that size):
+    (nf, width) float64, in frame order; a set without the file gets ``default`` (width,) in every frame.
+
+    deepmd-kit requires the file of a term or input that is on: ValueError naming the file when a
+    set lacks it (and there is no default), holds another size, or a value that is not finite.
+    """
+    if not system.sets or system.sets[0][0] == "":
+        raise ValueError(f"system {system.path}: {name}.npy is read from set.* folders; this system has none")
+    parts = []
+    for set_name, count in system.sets:
+        where = f"{system.path}/{set_name}/{name}.npy"
+        values = _set_array(lazy, set_name, name)
+        if values is None and default is not None:
+            values = np.tile(np.asarray(default, dtype=np.float64), count)
+        if values is None:
+            raise ValueError(f"{where} is missing; {needed_by} needs it in every set")
+        if values.size != count * width:
+            raise ValueError(f"{where} holds {values.size} numbers; expected {count} frames x {width}")
+        # (count, width)
+        values = np.asarray(values, dtype=np.float64).reshape(count, width)
+        if not np.isfinite(values).all():
+            frame = int(np.argwhere(~np.isfinite(values))[0, 0])
+            raise ValueError(f"{where}: frame {frame} holds a value that is not finite")
+        parts.append(values)
+    return np.concatenate(parts)
+
+
+def _set_array(lazy, set_name: str, name: str) -> np.ndarray | None:
+    """set_name/name.npy of a deepmd/npy folder or a deepmd/hdf5 group, or None when absent."""
+    if lazy.group is None:
+        file = lazy.path / set_name / f"{name}.npy"
+        return np.load(file) if file.exists() else None
+    import h5py  # optional: only deepmd/hdf5 systems need it
+
+    with h5py.File(lazy.path, "r") as f:
+        g = f[lazy.group] if lazy.group else f
+        key = f"{set_name}/{name}.npy"
+        return g[key][()] if key in g else None
 
 
 def batch_size(setting: int | str, natoms: int) -> int:
@@ -177,7 +257,9 @@ def make_batch(system: System, frames: np.ndarray, cfg: SeAConfig) -> Batch:
     except FrameError as err:
         raise in_system(err, system, frames) from None
     virial = None if system.virial is None else system.virial[frames]
-    return Batch(nl.rij, nl.nlist, system.atom_types, system.energy[frames], system.force[frames], virial)
+    extra = {k: None if getattr(system, k) is None else getattr(system, k)[frames]
+             for k in (*ATOM_LABELS, "fparam", "aparam")}
+    return Batch(nl.rij, nl.nlist, system.atom_types, system.energy[frames], system.force[frames], virial, **extra)
 
 
 class Sampler:
