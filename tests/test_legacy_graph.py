@@ -89,11 +89,11 @@ def old_graph(tf, model: EnergyModel, fold_bias: bool = True):
             tf.constant(value, name=name)
         for key, net in se.nets.items():
             scope, tj = ("filter_type_all" if len(key) == 1 else f"filter_type_{key[0]}"), key[-1]
-            x = tf.compat.v1.placeholder(dtype, [None, 1], name=f"{scope}/s_{tj}")
+            x = tf.compat.v1.placeholder(tf.as_dtype(net.dtype), [None, 1], name=f"{scope}/s_{tj}")
             for n, layer in enumerate(net.layers, 1):
                 x = _layer(tf, x, layer, [f"{scope}/{v}_{n}_{tj}" for v in ("matrix", "bias", "idt")], act)
         for t, net in enumerate(model.fitting):
-            x = tf.compat.v1.placeholder(dtype, [None, cfg.dim_out], name=f"descriptor_type_{t}")
+            x = tf.compat.v1.placeholder(tf.as_dtype(net.dtype), [None, cfg.dim_out], name=f"descriptor_type_{t}")
             *hidden, final = net.layers
             for k, layer in enumerate(hidden):
                 x = _layer(tf, x, layer, [f"layer_{k}_type_{t}/{v}" for v in ("matrix", "bias", "idt")], act)
@@ -171,7 +171,8 @@ def test_float32_graph_reads_as_a_float32_model(tf, tmp_path):
     model = _model(dtype=np.float32, seed=3)
     model.bias[:] = model.bias.astype(np.float32)
     read = _model_from_graph(tf, old_graph(tf, model, fold_bias=False), tmp_path)
-    assert read.fitting[0].dtype == np.float32 and read.descriptor.davg.dtype == np.float32
+    # the nets in float32, davg/dstd and the environment matrix in float64, as deepmd-kit's TF float32 graphs
+    assert read.fitting[0].dtype == np.float32 and read.descriptor.davg.dtype == np.float64
     for ours, theirs in zip(_evaluations(read), _evaluations(model)):
         np.testing.assert_array_equal(ours, theirs)
 
