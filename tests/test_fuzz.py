@@ -54,9 +54,9 @@ OTHER_TYPE = {str: [1.5, None, ["x"], {"a": 1}], int: ["3", None, True, [3]], fl
               bool: ["false", 0, 1, None], list: ["x", 3, {"a": 1}, None], dict: ["x", [1], 3, None]}
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, len(INPUT_PATHS) - 1), st.sampled_from(["delete", "type", "nan"]), st.integers(0, 3))
-def test_fuzz_training_input(index, kind, pick):
+def test_fuzz_training_input(data_dir, index, kind, pick):
     d = copy.deepcopy(INPUT)
     path = INPUT_PATHS[index]
     parent = d
@@ -72,7 +72,10 @@ def test_fuzz_training_input(index, kind, pick):
     else:
         return
     try:
-        config = parse_input(d)
+        config = parse_input(d, data_dir)  # the systems are found (and for a missing type_map read) there
+    except FileNotFoundError as err:  # systems made another path: named
+        assert "systems" in path and "does not exist" in str(err), (path, kind, str(err))
+        return
     except (ValueError, TypeError) as err:
         keys = {str(k) for k in path if isinstance(k, str)}
         assert str(err).startswith("input"), str(err)
@@ -82,11 +85,11 @@ def test_fuzz_training_input(index, kind, pick):
     # or the comment keys; never a string read as a number or a bool
     # seed: null is deepmd-kit's; batch_size: a list of one size per system is deepmd-kit's too
     assert (kind == "delete" or path[-2:] == ("systems", 0) or path[-1] == "systems"
-            or (path[-1] == "seed" and parent[path[-1]] is None)
+            or (path[-1] in ("seed", "stop_lr") and parent[path[-1]] is None)  # stop_lr null: deepmd-kit's default
             or (path[-1] == "batch_size" and isinstance(parent[path[-1]], list))), (path, kind)
     assert isinstance(config, TrainConfig)
     for name in ("start_lr", "stop_lr"):
-        assert isinstance(getattr(config, name), float) and np.isfinite(getattr(config, name))
+        assert isinstance(getattr(config.lr, name), float) and np.isfinite(getattr(config.lr, name))
     assert isinstance(config.fitting_resnet_dt, bool) and isinstance(config.descriptor.resnet_dt, bool)
     assert all(isinstance(n, int) for n in config.descriptor.sel + config.fitting_neuron)
 
@@ -158,7 +161,8 @@ def _train_case(data, root: Path) -> Expect:
         a.reshape(n, -1)[frame, entry] = value
         np.save(f, a)
         # a finite but absurd label or coordinate: refused (cell, neighbours), stopped (diverged) or trained
-        expect = (Expect((f"system {root / system}: frame",), False) if not np.isfinite(value)
+        # named by the reader evaluation uses too: the file and its frame
+        expect = (Expect((f"{root / system / set_name / stem}.npy: frame {frame} ",), False) if not np.isfinite(value)
                   else Expect(None, True))
     (root / "input.json").write_text(json.dumps(d, allow_nan=True))
     return expect

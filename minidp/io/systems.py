@@ -467,6 +467,12 @@ def _metadata(path: Path, group: str | None) -> tuple[np.ndarray, list[str] | No
         return types.astype(np.int64), names, "nopbc" in g, sorted(k for k in g.keys() if k.startswith("set."))
 
 
+def stored_type_map(path) -> list[str] | None:
+    """The element names a deepmd/npy folder or deepmd/hdf5 group stores (type_map.raw), or None."""
+    file, group = _split_hdf5(path)
+    return _metadata(file.resolve(), None if guess_format(file) != "deepmd/hdf5" else group)[1]
+
+
 def system_file(path) -> Path:
     """The file or folder of a system's path ('data.h5#group' -> data.h5)."""
     return _split_hdf5(path)[0]
@@ -564,15 +570,19 @@ def _check_set(arrays: dict, where: str, natoms: int, nopbc: bool) -> int:
 # ---------------------------------------------------------------------------
 
 
-def find_systems(path) -> list[str]:
+def find_systems(path, patterns: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """The systems under ``path``, as deepmd-kit's -s expands it: every folder holding a type.raw (the
     root itself last), every group of an HDF5 file holding one (file.h5#/group; the root as the file);
-    any other file as given."""
+    any other file as given. ``patterns`` (training's rglob_patterns): only the folders below the root
+    that match one of these glob patterns (deepmd-kit's rglob_sys_str; not the root itself)."""
     file, group = _split_hdf5(path)
     if not file.exists():
         raise FileNotFoundError(f"system {path} does not exist")
     if file.is_dir():
         root = str(path).rstrip("/")
+        if patterns is not None:
+            found = {p for pattern in patterns for p in file.rglob(pattern) if (p / "type.raw").is_file()}
+            return sorted(f"{root}/{p.relative_to(file).as_posix()}" for p in found)
         below = sorted(f"{root}/{p.parent.relative_to(file).as_posix()}" for p in file.rglob("type.raw")
                        if p.parent != file)
         return below + ([str(path)] if (file / "type.raw").is_file() else [])

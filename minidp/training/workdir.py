@@ -38,14 +38,29 @@ def _checkpoint_steps(stem: Path) -> set[int]:
     return {int(k) for k in steps if k.isdigit()}
 
 
-def _later_checkpoints(stem: Path, step: int) -> list[str]:
-    """Complete checkpoints <stem>-<k> in stem's folder with k > step (a run that went further)."""
-    later = []
+def _complete_checkpoints(stem: Path) -> list[int]:
+    """The steps k of the complete checkpoints <stem>-<k> (both .dp and .npz) in stem's folder, in order."""
+    steps = []
     for npz in stem.parent.glob(f"{stem.name}-*.npz"):
         k = npz.name[len(stem.name) + 1:-len(".npz")]
-        if k.isdigit() and int(k) > step and checkpoint_files(npz.with_suffix(""))[0].exists():
-            later.append((int(k), npz.with_suffix("").name))
-    return [name for _, name in sorted(later)]
+        if k.isdigit() and checkpoint_files(npz.with_suffix(""))[0].exists():
+            steps.append(int(k))
+    return sorted(steps)
+
+
+def _later_checkpoints(stem: Path, step: int) -> list[str]:
+    """Complete checkpoints <stem>-<k> in stem's folder with k > step (a run that went further)."""
+    return [f"{stem.name}-{k}" for k in _complete_checkpoints(stem) if k > step]
+
+
+def prune_checkpoints(stem: Path, keep: int) -> None:
+    """deepmd-kit's max_ckpt_keep: delete all but the newest ``keep`` complete checkpoints <stem>-<k>
+    (0 keeps all). Only checkpoints are touched: plan_outputs checked them minidp's before the run."""
+    if keep <= 0:
+        return
+    for k in _complete_checkpoints(stem)[:-keep]:
+        for f in checkpoint_files(stem.parent / f"{stem.name}-{k}"):
+            f.unlink(missing_ok=True)
 
 
 # The lock file a run holds in its workdir (hidden; removed when the run ends)
