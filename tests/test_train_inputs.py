@@ -203,3 +203,16 @@ def test_mixed_and_multi_system_hdf5_training_data(tmp_path):
             atom = [int(np.flatnonzero((x == r).all(axis=1))[0]) for r in coords]
             assert np.array_equal(types[atom], s.atom_types) and np.array_equal(f[atom], force)
     train(c, None, tmp_path / "w", progress=False)
+
+
+def test_other_activations_train_and_are_saved(data_dir, tmp_path):
+    """gelu embedding nets, a silut fitting net: trained (their second derivatives in the force loss), saved as such."""
+    from minidp.io.serialization import load_model
+
+    d = _input(2)
+    d["model"]["descriptor"]["activation_function"] = "gelu"
+    d["model"]["fitting_net"]["activation_function"] = "silut:2.5"
+    train(_parse(d, data_dir), tmp_path / "m.dp", tmp_path, progress=False)
+    model = load_model(tmp_path / "m.dp")
+    assert model.descriptor.config.activation == "gelu"
+    assert {layer.activation for net in model.fitting for layer in net.layers[:-1]} == {"silut:2.5"}
