@@ -405,6 +405,28 @@ def _model_types(type_map: list[str] | None, desc: dict, data: DataConfig) -> li
     return data_type_map(data.systems, ntypes)
 
 
+def _fitting_keys(fit: dict) -> dict:
+    """TrainConfig's fitting fields from model/fitting_net."""
+    w = "model/fitting_net"
+    _value(fit, w, "seed", _seed, 0)  # checked, though the model's seed is the descriptor's
+    return dict(fitting_neuron=_value(fit, w, "neuron", integers, (120, 120, 120)),
+                fitting_resnet_dt=_value(fit, w, "resnet_dt", boolean, True),
+                fitting_activation=_value(fit, w, "activation_function", _activation, "tanh"))
+
+
+def _run_keys(model: dict, desc: dict, tr: dict) -> dict:
+    """TrainConfig's seeds, statistics and bookkeeping fields."""
+    t = "training"
+    return dict(model_seed=_value(desc, "model/descriptor", "seed", _seed, 0), seed=_value(tr, t, "seed", _seed, 0),
+                disp_file=_value(tr, t, "disp_file", _text, "lcurve.out"),
+                disp_freq=_value(tr, t, "disp_freq", positive_int, 1000),
+                save_freq=_value(tr, t, "save_freq", positive_int, 1000),
+                save_ckpt=_value(tr, t, "save_ckpt", _text, "model.ckpt"),
+                data_stat_nbatch=_value(model, "model", "data_stat_nbatch", positive_int, 10),
+                max_ckpt_keep=_value(tr, t, "max_ckpt_keep", integer, 5, 0),
+                disp_training=_value(tr, t, "disp_training", boolean, True))
+
+
 def _check_ntypes(type_map: list[str], cfg: SeAConfig) -> None:
     if len(type_map) != cfg.ntypes:
         raise ValueError(f"input: type_map {type_map} has {len(type_map)} types but sel has {cfg.ntypes}")
@@ -428,9 +450,7 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
             auto_sel(desc["sel"], [])  # a bad spelling is refused before the data are read
         except ValueError as err:
             raise InputError(f"input: model/descriptor/sel: {err}") from None
-    w = "model/fitting_net"
-    fit_act = _value(fit, w, "activation_function", _activation, "tanh")
-    _value(fit, w, "seed", _seed, 0)  # checked, though the model's seed is the descriptor's
+    fitting = _fitting_keys(fit)
     losses = LossConfig(**{k: _value(loss, "loss", k, number, None, 0.0) for k in loss if k in KEYS["loss"] - {"type"}})
     training = _data_config(tr["training_data"], "training/training_data", base)
     validation = _data_config(tr["validation_data"], "training/validation_data", base) if "validation_data" in tr else None
@@ -440,16 +460,7 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
     cfg = None if isinstance(desc.get("sel"), str) else _descriptor_config(desc)
     if cfg is not None and given_map is not None:
         _check_ntypes(given_map, cfg)
-    model_seed, seed = _value(desc, "model/descriptor", "seed", _seed, 0), _value(tr, "training", "seed", _seed, 0)
-    fitting = dict(fitting_neuron=_value(fit, w, "neuron", integers, (120, 120, 120)),
-                   fitting_resnet_dt=_value(fit, w, "resnet_dt", boolean, True), fitting_activation=fit_act)
-    run = dict(disp_file=_value(tr, "training", "disp_file", _text, "lcurve.out"),
-               disp_freq=_value(tr, "training", "disp_freq", positive_int, 1000),
-               save_freq=_value(tr, "training", "save_freq", positive_int, 1000),
-               save_ckpt=_value(tr, "training", "save_ckpt", _text, "model.ckpt"),
-               data_stat_nbatch=_value(model, "model", "data_stat_nbatch", positive_int, 10),
-               max_ckpt_keep=_value(tr, "training", "max_ckpt_keep", integer, 5, 0),
-               disp_training=_value(tr, "training", "disp_training", boolean, True))
+    run = _run_keys(model, desc, tr)
     # then the data: found as deepmd-kit finds it, read only for numb_epoch, a missing type_map, sel "auto"
     training, validation = _found(training), _found(validation)
     numb_steps = _numb_steps(length, training)
@@ -458,9 +469,9 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
     if cfg is None:
         cfg = _descriptor_config({**desc, "sel": _auto_sel(desc, type_map, training.systems)})
     _check_ntypes(type_map, cfg)
-    return TrainConfig(type_map=tuple(type_map), descriptor=cfg, model_seed=model_seed, lr=lr, optimizer=optimizer,
-                       loss=losses, training=training, validation=validation, numb_steps=numb_steps, seed=seed,
-                       ignored=_ignored(d), **fitting, **run)
+    return TrainConfig(type_map=tuple(type_map), descriptor=cfg, lr=lr, optimizer=optimizer, loss=losses,
+                       training=training, validation=validation, numb_steps=numb_steps, ignored=_ignored(d),
+                       **fitting, **run)
 
 
 def with_numb_steps(config: TrainConfig, numb_steps) -> TrainConfig:
