@@ -139,7 +139,8 @@ def _train_case(data, root: Path) -> Expect:
         # a seed of null is deepmd-kit's; a huge number where a number may be large can train or diverge;
         # a loss prefactor of 0 switches its term off, as in deepmd-kit
         value = parent[path[-1]]
-        fine = (path[-1] == "seed" or value == 1e300 or (path[0] == "loss" and value == 0 and value is not False)
+        # stop_lr null or 0: deepmd-kit's too (null: its default 5e-8; 0: decays to 1e-10, then 0)
+        fine = (path[-1] == "seed" or value == 1e300 or (path[-1] == "stop_lr" and (value is None or value == 0)) or (path[0] == "loss" and value == 0 and value is not False)
                 or (path[-1] == "batch_size" and isinstance(value, list)))  # one per system: deepmd-kit's too
         # a string for systems is a folder to search (deepmd-kit's too): one that is not there is named
         expect = Expect(("input", "training stopped", "does not exist"), fine)

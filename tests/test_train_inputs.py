@@ -216,3 +216,37 @@ def test_other_activations_train_and_are_saved(data_dir, tmp_path):
     model = load_model(tmp_path / "m.dp")
     assert model.descriptor.config.activation == "gelu"
     assert {layer.activation for net in model.fitting for layer in net.layers[:-1]} == {"silut:2.5"}
+
+
+def _write_lmdb(path, system, type_map):
+    """deepmd-kit's LMDB layout: msgpack frames of {type, shape, data} arrays, and __metadata__."""
+    lmdb, msgpack = pytest.importorskip("lmdb"), pytest.importorskip("msgpack")
+
+    def enc(a):
+        a = np.ascontiguousarray(a)
+        return {"type": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+    with lmdb.open(str(path), map_size=1 << 26) as env, env.begin(write=True) as txn:
+        for i in range(system.nframes):
+            frame = {"atom_types": enc(system.atom_types.astype(np.int32)), "coords": enc(system.coords[i]),
+                     "cells": enc(system.cells[i]), "energies": enc(np.float64(system.energy[i])),
+                     "forces": enc(system.force[i]), "virials": enc(system.virial[i].reshape(3, 3))}
+            txn.put(format(i, "012d").encode(), msgpack.packb(frame))
+        meta = {"nframes": system.nframes, "frame_idx_fmt": "012d", "type_map": type_map}
+        txn.put(b"__metadata__", msgpack.packb(meta))
+
+
+def test_an_lmdb_dataset_trains(data_dir, tmp_path):
+    """deepmd-kit's LMDB datasets (examples/lmdb_downsample_data) are read whole and trained on."""
+    ref = load_systems([data_dir / "sys_a"], ["O", "H"])[0]
+    _write_lmdb(tmp_path / "train.lmdb", ref, ["O", "H"])
+    d = _input(2)
+    d["training"]["training_data"] = {"systems": "train.lmdb", "batch_size": "auto"}
+    del d["training"]["validation_data"]
+    del d["model"]["type_map"]  # taken from __metadata__
+    c = _parse(d, tmp_path)
+    assert c.type_map == ("O", "H")
+    (s,) = load_systems(c.training.systems, c.type_map)
+    for name in ("coords", "cells", "atom_types", "energy", "force", "virial"):
+        assert np.array_equal(getattr(s, name), getattr(ref, name)), name
+    train(c, None, tmp_path / "w", progress=False)

@@ -14,6 +14,7 @@ import numpy as np
 from minidp.checks import FrameError, InputError, number, short
 from minidp.io.systems import (
     DEEPMD,
+    LMDB,
     Block,
     LazySystem,
     block_types,
@@ -21,6 +22,7 @@ from minidp.io.systems import (
     frame_kinds,
     guess_format,
     lazy_system,
+    lmdb_systems,
     read_frames,
     require_labels,
     stored_type_map,
@@ -58,7 +60,7 @@ def training_systems(path, patterns=None) -> list[Path]:
     groups); InputError if there is none, or one is not deepmd/npy or deepmd/hdf5."""
     found = find_systems(path, patterns)
     for p in found or [path]:
-        if not found or guess_format(system_file(p)) not in DEEPMD:
+        if not found or guess_format(system_file(p)) not in (*DEEPMD, LMDB):
             raise InputError(f"training system {p} is not a deepmd/npy folder (with type.raw) or a deepmd/hdf5 "
                              "file (.h5, .hdf5), nor holds one; convert it first (dpdata)")
     return [Path(p) for p in found]
@@ -82,8 +84,16 @@ def data_type_map(paths, ntypes: int | None = None) -> list[str]:
     if merged:
         return merged
     if ntypes is None:
-        ntypes = 1 + max(int(lazy_system(p, per_frame_types=True).atom_types.max()) for p in paths)
+        ntypes = 1 + max(int(lazy.atom_types.max()) for p in paths for lazy in system_parts(p))
     return [f"Type_{t}" for t in range(ntypes)]
+
+
+def system_parts(path, type_map=None) -> list[LazySystem]:
+    """The LazySystem of a deepmd/npy(/mixed) folder or HDF5 group; those of an LMDB dataset (one per
+    row of atom types, in memory: :func:`minidp.io.systems.lmdb_systems`)."""
+    if guess_format(system_file(path)) == LMDB:
+        return lmdb_systems(path, type_map)
+    return [lazy_system(path, type_map, per_frame_types=True)]
 
 
 def load_systems(paths, type_map) -> list[System]:
@@ -93,8 +103,7 @@ def load_systems(paths, type_map) -> list[System]:
     without type_map.raw takes type_map's names for its type.raw indices (deepmd-kit's rule). A mixed
     system (per-frame types) becomes one System per kind of frame, its padding atoms left out."""
     systems = []
-    for path in paths:
-        lazy = lazy_system(path, list(type_map), per_frame_types=True)
+    for lazy in (lazy for path in paths for lazy in system_parts(path, list(type_map))):
         require_labels(lazy.name, lazy.labels)
         block = read_frames(lazy, 0, lazy.nframes)
         systems += _systems_of(lazy, block, block_types(lazy, block, list(type_map)))
@@ -119,7 +128,7 @@ def epoch_steps(epochs: float, paths, setting, sys_probs=None, auto_prob: str = 
     """numb_epoch in steps, as deepmd-kit 3.2 converts it: ceil(epochs * ceil(max_k n_k / p_k)) over the
     systems drawn (p_k > 0), n_k = ceil(frames_k / batch_k) the batches of system k in one pass (its
     torch DataLoader's length) and p_k the probabilities :func:`system_probs` gives those n_k."""
-    lazies = [lazy_system(p, per_frame_types=True) for p in paths]
+    lazies = [lazy for p in paths for lazy in system_parts(p)]
     sizes = batch_sizes(setting, [s.natoms for s in lazies])
     # (nsystems,)
     nb = np.array([math.ceil(s.nframes / b) for s, b in zip(lazies, sizes)], dtype=float)
