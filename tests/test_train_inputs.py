@@ -250,3 +250,17 @@ def test_an_lmdb_dataset_trains(data_dir, tmp_path):
     for name in ("coords", "cells", "atom_types", "energy", "force", "virial"):
         assert np.array_equal(getattr(s, name), getattr(ref, name)), name
     train(c, None, tmp_path / "w", progress=False)
+
+
+def test_set_arrays_written_as_one_row_are_read_per_frame(data_dir, tmp_path):
+    """deepmd-kit reshapes each array of a set to (nframes, -1): examples/fparam's aparam.npy is (1, nf * natoms)."""
+    from minidp.io.systems import lazy_system
+
+    shutil.copytree(data_dir / "sys_a", tmp_path / "sys_a")
+    for folder in sorted((tmp_path / "sys_a").glob("set.*")):
+        energy = np.load(folder / "energy.npy")
+        np.save(folder / "energy.npy", energy.reshape(1, -1))
+        np.save(folder / "aparam.npy", np.ones((1, energy.size * 12)))
+    assert lazy_system(tmp_path / "sys_a").params == (("aparam", 1),)
+    ours, ref = (load_systems([p / "sys_a"], ["O", "H"])[0] for p in (tmp_path, data_dir))
+    assert np.array_equal(ours.energy, ref.energy)

@@ -417,7 +417,7 @@ def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
     wanted = (*OUTPUTS, REAL_TYPES, *PARAMS)
     if system.group is None:
         folder = system.path / system.sets[index]
-        yield {p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in wanted}
+        yield _by_frame({p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in wanted})
         return
     import h5py
 
@@ -425,6 +425,18 @@ def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
         g = f[system.group] if system.group else f
         s = g[system.sets[index]]
         yield {k[:-4]: s[k] for k in s.keys() if k.endswith(".npy") and k[:-4] in wanted}
+
+
+def _by_frame(arrays: dict) -> dict:
+    """Each array with one row per frame (coord.npy's rows): deepmd-kit reshapes every array of a set to
+    (nframes, -1), so files written as one long row, such as the fparam example's aparam.npy (1, nf * natoms),
+    are read as it reads them; an array whose size is not a multiple of the frames is left for the checks."""
+    coord = arrays.get("coord")
+    if coord is None or coord.ndim == 0 or coord.shape[0] == 0:
+        return arrays
+    nf = coord.shape[0]
+    return {k: a.reshape(nf, -1) if a.ndim and a.shape[0] != nf and a.size % nf == 0 and a.size else a
+            for k, a in arrays.items()}
 
 
 def _set_name(system: LazySystem, index: int) -> str:
