@@ -428,14 +428,14 @@ def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
 
 
 def _by_frame(arrays: dict) -> dict:
-    """Each array with one row per frame (coord.npy's rows): deepmd-kit reshapes every array of a set to
-    (nframes, -1), so files written as one long row, such as the fparam example's aparam.npy (1, nf * natoms),
-    are read as it reads them; an array whose size is not a multiple of the frames is left for the checks."""
+    """Arrays written as one long row, such as the fparam example's aparam.npy (1, nf * natoms), with one
+    row per frame (coord.npy's rows), as deepmd-kit reads them (it reshapes every array of a set to
+    (nframes, -1)); any other shape is left as the file has it, for the checks to name."""
     coord = arrays.get("coord")
     if coord is None or coord.ndim == 0 or coord.shape[0] == 0:
         return arrays
     nf = coord.shape[0]
-    return {k: a.reshape(nf, -1) if a.ndim and a.shape[0] != nf and a.size % nf == 0 and a.size else a
+    return {k: a.reshape(nf, -1) if a.ndim == 2 and a.shape[0] == 1 and nf > 1 and a.size % nf == 0 else a
             for k, a in arrays.items()}
 
 
