@@ -155,7 +155,7 @@ def test_systems_without_type_map_raw_and_an_input_without_type_map(data_dir, tm
     (tmp_path / "sys_a" / "type_map.raw").unlink()  # type.raw's indices are the input's type_map's
     d = _input(2)
     c = _parse(d, tmp_path)
-    a, b = load_systems(c.training.systems, c.type_map)
+    a, _ = load_systems(c.training.systems, c.type_map)
     ref = load_systems([data_dir / "sys_a"], ["O", "H"])[0]
     assert np.array_equal(a.atom_types, ref.atom_types) and np.array_equal(a.force, ref.force)
     del d["model"]["type_map"]  # then the systems' type_map.raw name the types

@@ -678,8 +678,8 @@ def _lmdb_modules():
 def _lmdb_metadata(path: Path, txn=None) -> dict:
     """The __metadata__ record of a deepmd-kit LMDB dataset (nframes, frame_idx_fmt, type_map, ...)."""
     if txn is None:
-        with _lmdb_env(path) as env, env.begin() as txn:
-            return _lmdb_metadata(path, txn)
+        with _lmdb_env(path) as env, env.begin() as reader:
+            return _lmdb_metadata(path, reader)
     raw = txn.get(b"__metadata__")
     meta = None if raw is None else _lmdb_modules()[1].unpackb(raw, raw=False)
     if not isinstance(meta, dict) or not isinstance(meta.get("nframes"), int):

@@ -30,7 +30,12 @@ from minidp.nn import get_activation
 from minidp.optim import AdamConfig, LRSchedule, adam_config, lr_schedule
 from minidp.se_e2_a import SeAConfig
 from minidp.training.loss import LossConfig
-from minidp.training.sampling import data_type_map, epoch_steps, system_probs, training_systems
+from minidp.training.sampling import (
+    data_type_map,
+    epoch_steps,
+    system_probs,
+    training_systems,
+)
 
 # ---------------------------------------------------------------------------
 # 1. The input
