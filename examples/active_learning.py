@@ -34,7 +34,7 @@ SHIPPED = ROOT / "minidp" / "examples" / "water"
 
 def train_ensemble(out: Path, steps: int, n: int = 4) -> list[Path]:
     """n models from the shipped input, seeds 1..n, each trained ``steps`` steps (cached)."""
-    from minidp.training.config import read_input
+    from minidp.training.config import read_input, with_numb_steps
     from minidp.training.loop import train
 
     base = read_input(SHIPPED / "input.json")
@@ -44,7 +44,7 @@ def train_ensemble(out: Path, steps: int, n: int = 4) -> list[Path]:
         if not path.exists():
             from dataclasses import replace
 
-            config = replace(base, numb_steps=steps, model_seed=k + 1, seed=100 + k, disp_freq=max(1, steps // 4),
+            config = replace(with_numb_steps(base, steps), model_seed=k + 1, seed=100 + k, disp_freq=max(1, steps // 4),
                              save_freq=steps)
             train(config, path, out / f"train.{k:03d}", progress=False)
         paths.append(path)

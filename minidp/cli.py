@@ -280,16 +280,12 @@ def _add_compress(sub) -> None:
 
 def _cmd_train(args) -> int:
     """Train a model from deepmd-kit's input.json and write it in deepmd-kit's serialization."""
-    from minidp.training.config import read_input
+    from minidp.training.config import read_input, with_numb_steps
     from minidp.training.loop import train
 
     config = read_input(args.input)
     if args.numb_steps is not None:
-        from dataclasses import replace
-
-        from minidp.checks import positive_int
-
-        config = replace(config, numb_steps=positive_int("--numb-steps", args.numb_steps))
+        config = with_numb_steps(config, args.numb_steps)
     result = train(config, args.output, args.workdir, args.restart, progress=not args.quiet,
                    overwrite=args.overwrite, init_model=args.init_model)
     rows = [f"{s}: rmse_e {v.rmse_e:.3e} eV/atom  rmse_f {v.rmse_f:.3e} eV/A" for s, v in result.last.items()]

@@ -223,6 +223,7 @@ class EnergyModel:
 def new_model(
     type_map: list[str], config: SeAConfig, fitting_neuron=(240, 240, 240),
     fitting_resnet_dt: bool = True, seed: int = 0, dtype=np.float64, fitting_dtype=None,
+    fitting_activation: str = "tanh",
 ) -> EnergyModel:
     """A freshly initialized model (deepmd-kit's initialization; davg = 0, dstd = 1, bias = 0).
 
@@ -246,7 +247,8 @@ def new_model(
     n_nets = ntypes if config.type_one_side else ntypes * ntypes
     nets = EmbeddingNets.from_list(ntypes, config.type_one_side, [emb() for _ in range(n_nets)])
     se = SeA(config, np.zeros((ntypes, config.nnei, 4)), np.ones((ntypes, config.nnei, 4)), nets)
-    fitting = [fitting_net(config.dim_out, fitting_neuron, 1, "tanh", fitting_resnet_dt, fitting_dtype, next(seeds))
+    fitting = [fitting_net(config.dim_out, fitting_neuron, 1, fitting_activation, fitting_resnet_dt, fitting_dtype,
+                           next(seeds))
                for _ in range(ntypes)]
     return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes))
 

@@ -274,7 +274,11 @@ def exp_decay(step: int, start_lr: float, stop_lr: float, decay_steps: int, numb
         # deepmd-kit floors stop_lr at 1e-10 inside the log only: stop_lr = 0 decays to 1e-10, then holds at 0
         rate = math.exp(math.log(max(stop_lr, 1e-10) / start_lr) / (numb_steps / decay_steps)) if numb_steps else 1.0
     exponent = step // decay_steps if staircase else step / decay_steps
-    return max(start_lr * rate**exponent, stop_lr)
+    try:
+        value = start_lr * rate**exponent
+    except OverflowError:  # a growing schedule (stop_lr > start_lr) past its run: inf, as deepmd-kit's power gives
+        value = math.inf
+    return max(value, stop_lr)
 
 
 def _ramp(step: int, warmup_steps: int, peak: float, start_factor: float) -> float:

@@ -54,9 +54,9 @@ OTHER_TYPE = {str: [1.5, None, ["x"], {"a": 1}], int: ["3", None, True, [3]], fl
               bool: ["false", 0, 1, None], list: ["x", 3, {"a": 1}, None], dict: ["x", [1], 3, None]}
 
 
-@settings(max_examples=EXAMPLES, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, len(INPUT_PATHS) - 1), st.sampled_from(["delete", "type", "nan"]), st.integers(0, 3))
-def test_fuzz_training_input(index, kind, pick):
+def test_fuzz_training_input(data_dir, index, kind, pick):
     d = copy.deepcopy(INPUT)
     path = INPUT_PATHS[index]
     parent = d
@@ -72,7 +72,10 @@ def test_fuzz_training_input(index, kind, pick):
     else:
         return
     try:
-        config = parse_input(d)
+        config = parse_input(d, data_dir)  # the systems are found (and for a missing type_map read) there
+    except FileNotFoundError as err:  # systems made another path: named
+        assert "systems" in path and "does not exist" in str(err), (path, kind, str(err))
+        return
     except (ValueError, TypeError) as err:
         keys = {str(k) for k in path if isinstance(k, str)}
         assert str(err).startswith("input"), str(err)
@@ -82,11 +85,11 @@ def test_fuzz_training_input(index, kind, pick):
     # or the comment keys; never a string read as a number or a bool
     # seed: null is deepmd-kit's; batch_size: a list of one size per system is deepmd-kit's too
     assert (kind == "delete" or path[-2:] == ("systems", 0) or path[-1] == "systems"
-            or (path[-1] == "seed" and parent[path[-1]] is None)
+            or (path[-1] in ("seed", "stop_lr") and parent[path[-1]] is None)  # stop_lr null: deepmd-kit's default
             or (path[-1] == "batch_size" and isinstance(parent[path[-1]], list))), (path, kind)
     assert isinstance(config, TrainConfig)
     for name in ("start_lr", "stop_lr"):
-        assert isinstance(getattr(config, name), float) and np.isfinite(getattr(config, name))
+        assert isinstance(getattr(config.lr, name), float) and np.isfinite(getattr(config.lr, name))
     assert isinstance(config.fitting_resnet_dt, bool) and isinstance(config.descriptor.resnet_dt, bool)
     assert all(isinstance(n, int) for n in config.descriptor.sel + config.fitting_neuron)
 
@@ -136,7 +139,8 @@ def _train_case(data, root: Path) -> Expect:
         # a seed of null is deepmd-kit's; a huge number where a number may be large can train or diverge;
         # a loss prefactor of 0 switches its term off, as in deepmd-kit
         value = parent[path[-1]]
-        fine = (path[-1] == "seed" or value == 1e300 or (path[0] == "loss" and value == 0 and value is not False)
+        # stop_lr null or 0: deepmd-kit's too (null: its default 5e-8; 0: decays to 1e-10, then 0)
+        fine = (path[-1] == "seed" or value == 1e300 or (path[-1] == "stop_lr" and (value is None or value == 0)) or (path[0] == "loss" and value == 0 and value is not False)
                 or (path[-1] == "batch_size" and isinstance(value, list)))  # one per system: deepmd-kit's too
         # a string for systems is a folder to search (deepmd-kit's too): one that is not there is named
         expect = Expect(("input", "training stopped", "does not exist"), fine)
@@ -158,7 +162,8 @@ def _train_case(data, root: Path) -> Expect:
         a.reshape(n, -1)[frame, entry] = value
         np.save(f, a)
         # a finite but absurd label or coordinate: refused (cell, neighbours), stopped (diverged) or trained
-        expect = (Expect((f"system {root / system}: frame",), False) if not np.isfinite(value)
+        # named by the reader evaluation uses too: the file and its frame
+        expect = (Expect((f"{root / system / set_name / stem}.npy: frame {frame} ",), False) if not np.isfinite(value)
                   else Expect(None, True))
     (root / "input.json").write_text(json.dumps(d, allow_nan=True))
     return expect

@@ -60,15 +60,6 @@ def test_a_model_file_with_rcut_smth_at_rcut_is_refused():
         model_from_dict(d)
 
 
-def test_train_config_refuses_an_inverted_learning_rate():
-    from minidp.training.config import parse_input
-
-    d = _input()
-    d["learning_rate"].update(start_lr=1e-5, stop_lr=1e-3)
-    with pytest.raises(ValueError, match=r"0 < stop_lr <= start_lr, got start_lr=1e-05 and stop_lr=0.001"):
-        parse_input(d)
-
-
 def test_fit_config_refuses_an_unknown_activation():
     from minidp.training.tutorial import FitConfig
 

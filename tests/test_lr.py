@@ -88,6 +88,11 @@ def wsd_sections(draw) -> tuple[dict, int]:
     return section, num_steps
 
 
+def test_a_growing_exp_schedule_past_its_run_is_inf_as_deepmd_kits(dp_lr):
+    """stop_lr > start_lr (deepmd-kit allows it): r > 1, and r^t overflowed (OverflowError) past the run."""
+    assert_equals_deepmd_kit(dp_lr, {"start_lr": 0.00390625, "stop_lr": 0.0625, "decay_steps": 1}, 1)
+
+
 @fast
 @given(case=exp_sections())
 def test_exp_equals_deepmd_kit_at_every_step(dp_lr, case):

@@ -40,11 +40,11 @@ def test_shipped_training_input_runs_with_minidp_train(tmp_path):
     """The example's input.json (deepmd-kit's format) trains as is with minidp (30 steps: a smoke test)."""
     from dataclasses import replace
 
-    from minidp.training.config import read_input
+    from minidp.training.config import read_input, with_numb_steps
     from minidp.training.lcurve import read_lcurve
     from minidp.training.loop import train
 
-    config = replace(read_input(EXAMPLE / "input.json"), numb_steps=30, disp_freq=10, save_freq=30)
+    config = replace(with_numb_steps(read_input(EXAMPLE / "input.json"), 30), disp_freq=10, save_freq=30)
     result = train(config, tmp_path / "model.dp", tmp_path, progress=False)
     curve = read_lcurve(tmp_path / "lcurve.out")
     assert curve["step"].tolist() == [0, 10, 20, 30]

@@ -198,8 +198,8 @@ def test_sigkill_at_random_moments_then_restart_equals_an_uninterrupted_run(data
     (lambda d: d["training"]["training_data"].update(batch_size="auto:abc"),
      "input: training/training_data/batch_size: 'auto:abc'; expected a positive integer"),
     (lambda d: d["model"]["fitting_net"].update(resnet_dt=1), "input: model/fitting_net/resnet_dt: expected true or false"),
-    (lambda d: d["learning_rate"].update(start_lr=-1e-3), "input: learning_rate/start_lr: -0.001 is not positive"),
-    (lambda d: d["loss"].update(start_pref_f=float("nan")), "input: loss/start_pref_f: nan is not finite"),
+    (lambda d: d["learning_rate"].update(start_lr=-1e-3), "input: learning_rate (exp): start_lr: -0.001 is not positive"),
+    (lambda d: d["loss"].update(start_pref_f=float("nan")), "input: loss start_pref_f: nan is not finite"),
     (lambda d: d["model"]["descriptor"].update(neuron=[4, 8.5]), "input: model/descriptor/neuron[1]: expected an integer"),
     (lambda d: d["model"].update(type_map=["O", "O"]), "input: model/type_map: 'O' appears 2 times"),
     (lambda d: d["training"].update(numb_steps=True), "input: training/numb_steps must be a positive integer, got True"),
@@ -293,9 +293,9 @@ def test_non_finite_labels_and_coordinates_are_named_by_file_and_frame(stem, ind
     err = capsys.readouterr().err.strip().splitlines()
     shown = {np.nan: "nan", np.inf: "inf", -np.inf: "-inf"}[value]
     name = {"energy": "energy", "force": "force", "virial": "virial", "coord": "coordinate", "box": "cell"}[stem]
-    # the reader numbers frames within the system: set.001 holds frames 3..5 of sys_a
-    assert err == [f"minidp train: error: system {data / 'sys_a'}: frame {3 + frame} has a non-finite {name} "
-                   f"({shown}); expected finite numbers"]
+    # the reader (evaluation's too) names the file, its frame and the system's: set.001 holds frames 3..5
+    assert err == [f"minidp train: error: {data / 'sys_a' / 'set.001' / stem}.npy: frame {frame} (frame {3 + frame} "
+                   f"of the system) holds {shown}; expected finite numbers"]
     assert not w.exists() and _snapshot(data) == before
 
 

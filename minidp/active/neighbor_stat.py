@@ -83,7 +83,8 @@ def estimate_sel(coords, cells, types: np.ndarray, rcut: float, ntypes: int) -> 
     """
     counts = np.bincount(types, minlength=ntypes)
     volume = None if cells is None else abs(float(np.linalg.det(cells[0])))
-    if volume is None or not (np.isfinite(volume) and volume > 0):
+    # an absurd rcut (1e300) overflows rcut**3: no estimate then, as without a volume
+    if volume is None or not (np.isfinite(volume) and volume > 0) or rcut > 1e100:
         return [int(c) for c in counts]
     sphere = 4.0 / 3.0 * math.pi * rcut**3
     return [int(1.5 * c * sphere / volume) + 8 for c in counts]

@@ -48,6 +48,10 @@ TRUE, FALSE = ("T", "TRUE", "1"), ("F", "FALSE", "0")
 KEYS = {"coords": "coordinate", "cells": "cell", "energies": "energy", "forces": "force", "virials": "virial"}
 
 
+# deepmd-kit's LMDB datasets: a folder holding data.mdb (see lmdb_systems)
+LMDB, LMDB_FILE = "deepmd/lmdb", "data.mdb"
+
+
 def guess_format(path: Path) -> str:
     """dpdata's format name for a path.
 
@@ -57,6 +61,8 @@ def guess_format(path: Path) -> str:
     extended-XYZ fields (Properties=, Lattice=), else dpdata's "auto".
     """
     path = Path(path)
+    if path.is_dir() and (path / LMDB_FILE).is_file() and not (path / "type.raw").is_file():
+        return LMDB
     if path.is_dir() and (path / "type.raw").is_file():
         return "deepmd/npy/mixed" if any(path.glob("set.*/real_atom_types.npy")) else "deepmd/npy"
     suffix = path.suffix.lower()
@@ -410,12 +416,24 @@ def _set_arrays(system: LazySystem, index: int) -> Iterator[dict]:
     wanted = (*OUTPUTS, REAL_TYPES, *PARAMS)
     if system.group is None:
         folder = system.path / system.sets[index]
-        yield {p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in wanted}
+        yield _by_frame({p.stem: _load_npy(p) for p in folder.glob("*.npy") if p.stem in wanted})
         return
     with h5py.File(system.path, "r") as f:
         g = f[system.group] if system.group else f
         s = g[system.sets[index]]
         yield {k[:-4]: s[k] for k in s.keys() if k.endswith(".npy") and k[:-4] in wanted}
+
+
+def _by_frame(arrays: dict) -> dict:
+    """Arrays written as one long row, such as the fparam example's aparam.npy (1, nf * natoms), with one
+    row per frame (coord.npy's rows), as deepmd-kit reads them (it reshapes every array of a set to
+    (nframes, -1)); any other shape is left as the file has it, for the checks to name."""
+    coord = arrays.get("coord")
+    if coord is None or coord.ndim == 0 or coord.shape[0] == 0:
+        return arrays
+    nf = coord.shape[0]
+    return {k: a.reshape(nf, -1) if a.ndim == 2 and a.shape[0] == 1 and nf > 1 and a.size % nf == 0 else a
+            for k, a in arrays.items()}
 
 
 def _set_name(system: LazySystem, index: int) -> str:
@@ -466,6 +484,14 @@ def _metadata(path: Path, group: str | None) -> tuple[np.ndarray, list[str] | No
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in g["type_map.raw"][:]] \
             if "type_map.raw" in g else None
         return types.astype(np.int64), names, "nopbc" in g, sorted(k for k in g.keys() if k.startswith("set."))
+
+
+def stored_type_map(path) -> list[str] | None:
+    """The element names a deepmd/npy folder or deepmd/hdf5 group stores (type_map.raw), or None."""
+    file, group = _split_hdf5(path)
+    if guess_format(file) == LMDB:
+        return _lmdb_metadata(file).get("type_map")
+    return _metadata(file.resolve(), None if guess_format(file) != "deepmd/hdf5" else group)[1]
 
 
 def system_file(path) -> Path:
@@ -565,15 +591,21 @@ def _check_set(arrays: dict, where: str, natoms: int, nopbc: bool) -> int:
 # ---------------------------------------------------------------------------
 
 
-def find_systems(path) -> list[str]:
+def find_systems(path, patterns: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """The systems under ``path``, as deepmd-kit's -s expands it: every folder holding a type.raw (the
     root itself last), every group of an HDF5 file holding one (file.h5#/group; the root as the file);
-    any other file as given."""
+    any other file as given. ``patterns`` (training's rglob_patterns): only the folders below the root
+    that match one of these glob patterns (deepmd-kit's rglob_sys_str; not the root itself)."""
     file, group = _split_hdf5(path)
     if not file.exists():
         raise FileNotFoundError(f"system {path} does not exist")
+    if file.is_dir() and guess_format(file) == LMDB:
+        return [str(path)]
     if file.is_dir():
         root = str(path).rstrip("/")
+        if patterns is not None:
+            found = {p for pattern in patterns for p in file.rglob(pattern) if (p / "type.raw").is_file()}
+            return sorted(f"{root}/{p.relative_to(file).as_posix()}" for p in found)
         below = sorted(f"{root}/{p.parent.relative_to(file).as_posix()}" for p in file.rglob("type.raw")
                        if p.parent != file)
         return below + ([str(path)] if (file / "type.raw").is_file() else [])
@@ -610,6 +642,8 @@ def open_systems(path, fmt: str | None = None, type_map: list[str] | None = None
         if not found:
             raise ValueError(f"no system (a folder or HDF5 group with type.raw) in {path}")
         systems = [lazy_system(p, type_map, per_frame_types=True) for p in found]
+    elif fmt == LMDB:
+        systems = lmdb_systems(path, type_map)
     else:
         parts = read_dpdata(path, fmt, type_map, labelled)
         systems = [_memory_system(path, part, len(parts) > 1) for part in parts]
@@ -620,6 +654,93 @@ def open_systems(path, fmt: str | None = None, type_map: list[str] | None = None
         if labelled:
             require_labels(system.name, system.labels)
     return systems
+
+
+def _lmdb_modules():
+    """lmdb and msgpack, imported when an LMDB dataset is read (optional: only those datasets need them)."""
+    try:
+        import lmdb
+        import msgpack
+    except ImportError:
+        raise ImportError("reading an LMDB dataset needs the lmdb and msgpack packages (pip install lmdb msgpack)"
+                          ) from None
+    return lmdb, msgpack
+
+
+def _lmdb_metadata(path: Path, txn=None) -> dict:
+    """The __metadata__ record of a deepmd-kit LMDB dataset (nframes, frame_idx_fmt, type_map, ...)."""
+    if txn is None:
+        with _lmdb_env(path) as env, env.begin() as reader:
+            return _lmdb_metadata(path, reader)
+    raw = txn.get(b"__metadata__")
+    meta = None if raw is None else _lmdb_modules()[1].unpackb(raw, raw=False)
+    if not isinstance(meta, dict) or not isinstance(meta.get("nframes"), int):
+        raise ValueError(f"{path} has no __metadata__ with nframes; expected a deepmd-kit LMDB dataset")
+    return meta
+
+
+def _lmdb_env(path: Path):
+    lmdb = _lmdb_modules()[0]
+    try:
+        return lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+    except lmdb.Error as err:
+        raise ValueError(f"{path} is not a readable LMDB dataset ({err})") from None
+
+
+def _lmdb_array(value, where: str) -> np.ndarray:
+    """One array of a frame, stored by deepmd-kit as {type, shape, data} (raw bytes)."""
+    try:
+        return np.frombuffer(value["data"], dtype=np.dtype(value["type"])).reshape(value["shape"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{where} is not an array record ({type(err).__name__}: {err})") from None
+
+
+def lmdb_systems(path, type_map: list[str] | None = None) -> list[LazySystem]:
+    """The frames of a deepmd-kit LMDB dataset (a folder with data.mdb: msgpack frames under the keys
+    format(i, frame_idx_fmt), each with atom_types, coords, cells, energies, forces, virials; a
+    __metadata__ record with nframes and type_map), in memory, one system per row of atom types.
+    Every number is checked finite, naming the frame."""
+    path, msgpack = Path(path), _lmdb_modules()[1]
+    with _lmdb_env(path) as env, env.begin() as txn:
+        meta = _lmdb_metadata(path, txn)
+        frames = []
+        for i in range(meta["nframes"]):
+            raw = txn.get(format(i, meta.get("frame_idx_fmt", "012d")).encode())
+            if raw is None:
+                raise ValueError(f"{path}: frame {i} is missing; __metadata__ says {meta['nframes']} frames")
+            frame = {k: _lmdb_array(v, f"{path}: frame {i}: {k}") for k, v in
+                     msgpack.unpackb(raw, raw=False).items() if isinstance(v, dict)}
+            for key, value in frame.items():
+                if value.dtype.kind == "f" and not np.isfinite(value).all():
+                    raise ValueError(f"{path}: frame {i}: {key} holds {value[~np.isfinite(value)][0]}; "
+                                     "expected finite numbers")
+            if "atom_types" not in frame or "coords" not in frame:
+                raise ValueError(f"{path}: frame {i} has no atom_types or coords; expected a deepmd-kit LMDB frame")
+            frames.append(frame)
+    rows: dict[bytes, list[int]] = {}
+    for i, f in enumerate(frames):
+        rows.setdefault(np.asarray(f["atom_types"], dtype=np.int64).tobytes(), []).append(i)
+    names = meta.get("type_map") or type_map
+    return [_lmdb_system(path, [frames[i] for i in index], names, len(rows) > 1, k)
+            for k, index in enumerate(rows.values())]
+
+
+def _lmdb_system(path: Path, frames: list[dict], names, several: bool, kind: int) -> LazySystem:
+    """The frames of one row of atom types as an in-memory LazySystem (a Block of float64 arrays)."""
+    types = np.asarray(frames[0]["atom_types"], dtype=np.int64)
+    nf, natoms = len(frames), types.size
+    names = list(names) if names else [f"Type_{t}" for t in range(types.max() + 1)]
+    keys = {"energy": ("energies", (nf,)), "force": ("forces", (nf, natoms, 3)), "virial": ("virials", (nf, 9))}
+    # energy (nf,), force (nf, natoms, 3), virial (nf, 9): those every frame holds
+    labels = {k: np.array([f[d] for f in frames], dtype=np.float64).reshape(shape)
+              for k, (d, shape) in keys.items() if all(d in f for f in frames)}
+    # (nf, natoms, 3), (nf, 3, 3) or None
+    coords = np.array([f["coords"] for f in frames], dtype=np.float64).reshape(nf, natoms, 3)
+    nopbc = not all("cells" in f for f in frames)
+    cells = None if nopbc else np.array([f["cells"] for f in frames], dtype=np.float64).reshape(nf, 3, 3)
+    name = f"{path}[kind {kind}]" if several else str(path)
+    return LazySystem(path.resolve(), None, names, types, nopbc, (), (nf,), tuple(k for k in LABELS if k in labels),
+                      memory=Block(slice(0, nf), coords, cells, labels), name=name)
 
 
 def _memory_system(path, part: DpdataPart, several: bool) -> LazySystem:

@@ -4,8 +4,9 @@ every value checked before any data is read.
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +26,16 @@ from minidp.checks import (
     short,
     validated,
 )
+from minidp.nn import get_activation
+from minidp.optim import AdamConfig, LRSchedule, adam_config, lr_schedule
 from minidp.se_e2_a import SeAConfig
 from minidp.training.loss import LossConfig
-from minidp.training.sampling import system_probs
+from minidp.training.sampling import (
+    data_type_map,
+    epoch_steps,
+    system_probs,
+    training_systems,
+)
 
 # ---------------------------------------------------------------------------
 # 1. The input
@@ -43,6 +51,7 @@ class DataConfig:
     numb_btch: int = 1  # validation: batches evaluated at each display
     sys_probs: tuple[float, ...] | None = None  # probability of each system (negative: shared by the rest)
     auto_prob: str = "prob_sys_size"  # without sys_probs: prob_uniform, prob_sys_size or prob_sys_size;A:B:P;...
+    rglob_patterns: tuple[str, ...] | None = None  # the glob patterns a folder is searched with (None: every folder)
 
     def __post_init__(self):
         if not self.systems:
@@ -50,6 +59,9 @@ class DataConfig:
         sizes = self.batch_size if isinstance(self.batch_size, tuple) else (self.batch_size,)
         if isinstance(self.batch_size, tuple) and len(sizes) != len(self.systems):
             raise ValueError(f"training data: batch_size lists {len(sizes)} sizes for {len(self.systems)} systems")
+        if self.sys_probs is not None and len(self.sys_probs) != len(self.systems):
+            raise ValueError(f"training data: sys_probs lists {len(self.sys_probs)} probabilities for "
+                             f"{len(self.systems)} systems")
         for bs in sizes:
             _batch_size("batch_size", bs)
         positive_int("numb_btch", self.numb_btch)
@@ -64,9 +76,8 @@ class TrainConfig:
     fitting_neuron: tuple[int, ...]  # fitting-net widths
     fitting_resnet_dt: bool  # fitting nets carry a resnet timestep
     model_seed: int  # initial weights
-    start_lr: float  # learning rate at step 0
-    stop_lr: float  # ... reached at numb_steps
-    decay_steps: int  # the rate drops every decay_steps
+    lr: LRSchedule  # learning_rate: the rate of every step (exp, cosine or wsd, with its warm-up)
+    optimizer: AdamConfig  # optimizer: Adam or AdamW and their parameters
     loss: LossConfig  # prefactors of the energy, force and virial terms
     training: DataConfig  # training systems
     validation: DataConfig | None  # validation systems, or None
@@ -77,6 +88,11 @@ class TrainConfig:
     save_freq: int  # steps between checkpoints
     save_ckpt: str  # checkpoint prefix: <save_ckpt>-<step>.dp / .npz
     data_stat_nbatch: int  # batches per system for the statistics
+    fitting_activation: str = "tanh"  # activation of the fitting nets' hidden layers
+    precision: tuple[str, str] = ("float64", "float64")  # the embedding nets' and the fitting nets' (deepmd-kit's)
+    max_ckpt_keep: int = 5  # periodic checkpoints kept (older ones minidp wrote are deleted); 0 keeps all
+    disp_training: bool = True  # print the learning-curve lines while training
+    ignored: tuple[str, ...] = ()  # deepmd-kit keys given that minidp ignores (IGNORED), named once per run
 
     def __post_init__(self):
         if not isinstance(self.descriptor, SeAConfig) or not isinstance(self.loss, LossConfig):
@@ -84,38 +100,132 @@ class TrainConfig:
         if len(self.type_map) != self.descriptor.ntypes or not all(isinstance(t, str) for t in self.type_map):
             raise ValueError(f"type_map must hold one element name per sel entry ({self.descriptor.ntypes}), "
                              f"got {list(self.type_map)!r}")
-        for name in ("decay_steps", "numb_steps", "disp_freq", "save_freq", "data_stat_nbatch"):
+        if not isinstance(self.lr, LRSchedule) or not isinstance(self.optimizer, AdamConfig):
+            raise TypeError("TrainConfig: lr must be an LRSchedule and optimizer an AdamConfig")
+        if self.lr.num_steps != self.numb_steps:
+            raise ValueError(f"TrainConfig: the learning rate runs {self.lr.num_steps} steps, training {self.numb_steps}")
+        for name in ("numb_steps", "disp_freq", "save_freq", "data_stat_nbatch"):
             positive_int(name, getattr(self, name))
         if not self.fitting_neuron or not all(is_positive_int(n) for n in self.fitting_neuron):
             raise ValueError(f"fitting_net neuron must be a non-empty list of positive integers, "
                              f"got {list(self.fitting_neuron)!r}")
-        for name in ("start_lr", "stop_lr"):
-            number(f"learning_rate {name}", getattr(self, name), positive=True)
-        if self.stop_lr > self.start_lr:
-            raise ValueError(f"learning_rate must satisfy 0 < stop_lr <= start_lr, got start_lr={self.start_lr!r} "
-                             f"and stop_lr={self.stop_lr!r}")
 
 
-# What minidp reads of each section; anything else is refused by name.
-# Keys starting with "_" are comments, as in deepmd-kit's examples.
+# What minidp reads of each section (and deepmd-kit's keys it accepts as ignored, IGNORED);
+# anything else is refused by name. Keys starting with "_" are comments, as in deepmd-kit's examples.
+# The loss keys are LossConfig's fields: the loss module says which terms it trains.
 KEYS = {
-    "": {"model", "learning_rate", "loss", "training"},
-    "model": {"type_map", "descriptor", "fitting_net", "data_stat_nbatch"},
+    "": {"model", "learning_rate", "loss", "training", "optimizer"},
+    "model": {"type_map", "descriptor", "fitting_net", "data_stat_nbatch", "data_stat_protect", "type",
+              "pair_exclude_types", "atom_exclude_types", "preset_out_bias", "model_branch_alias", "info",
+              "bridging_method"},
     "model/descriptor": {"type", "sel", "rcut", "rcut_smth", "neuron", "axis_neuron", "resnet_dt",
-                         "type_one_side", "precision", "seed", "activation_function", "set_davg_zero"},
-    "model/fitting_net": {"type", "neuron", "resnet_dt", "precision", "seed", "activation_function"},
-    "learning_rate": {"type", "start_lr", "stop_lr", "decay_steps"},
-    "loss": {"type", "start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"},
-    "training": {"training_data", "validation_data", "numb_steps", "seed", "disp_file", "disp_freq",
-                 "save_freq", "save_ckpt"},
-    "training/training_data": {"systems", "batch_size", "sys_probs", "auto_prob", "auto_prob_style"},
-    "training/validation_data": {"systems", "batch_size", "numb_btch", "sys_probs", "auto_prob", "auto_prob_style"},
+                         "type_one_side", "precision", "seed", "activation_function", "set_davg_zero",
+                         "trainable", "exclude_types", "env_protection"},
+    "model/fitting_net": {"type", "neuron", "resnet_dt", "precision", "seed", "activation_function", "trainable",
+                          "numb_fparam", "numb_aparam", "atom_ener", "rcond", "default_fparam", "dim_case_embd",
+                          "use_aparam_as_mask"},
+    "loss": {"type"} | {f.name for f in fields(LossConfig)},
+    "training": {"training_data", "validation_data", "numb_steps", "numb_epoch", "seed", "disp_file", "disp_freq",
+                 "save_freq", "save_ckpt", "max_ckpt_keep", "disp_training", "change_bias_after_training",
+                 "ckpt_keep_ratio", "enable_ema", "gradient_max_norm"},
+    "training/training_data": {"systems", "batch_size", "sys_probs", "auto_prob", "auto_prob_style", "rglob_patterns",
+                               "min_pair_dist"},
+    "training/validation_data": {"systems", "batch_size", "numb_btch", "sys_probs", "auto_prob", "auto_prob_style",
+                                 "rglob_patterns"},
 }
-# The one value these keys may take.
+# deepmd-kit's keys that steer only its own machinery (logging, profiling, caches, parallel runs):
+# accepted, and named in one line at the start of a run (TrainConfig.ignored)
+IGNORED = {
+    "model": {"data_bias_nsample"},
+    "training": {"tensorboard", "tensorboard_log_dir", "tensorboard_freq", "profiling", "profiling_file",
+                 "enable_profiler", "time_training", "stat_file", "stat_file_mode", "save_dir", "disp_avg",
+                 "acc_freq", "zero_stage", "neighbor_graph_method", "enable_compile", "enable_tf32", "numb_test",
+                 "ema_decay", "ema_ckpt_keep"},
+}
+# deepmd-kit's other spellings of a key (its argcheck aliases)
+ALIASES = {
+    "model/descriptor": {"n_axis_neuron": "axis_neuron"},
+    "model/fitting_net": {"n_neuron": "neuron"},
+    "training": {"stop_batch": "numb_steps", "num_step": "numb_steps", "num_steps": "numb_steps",
+                 "numb_step": "numb_steps", "num_epoch": "numb_epoch", "num_epochs": "numb_epoch",
+                 "numb_epochs": "numb_epoch"},
+    "training/training_data": {"sys_weights": "sys_probs"},
+    "training/validation_data": {"sys_weights": "sys_probs", "numb_batch": "numb_btch"},
+}
+# The values these keys may take (deepmd-kit's default first): minidp has no other
+# the nets' precisions minidp runs (deepmd-kit's "default" is float64)
+PRECISIONS = ("float64", "default", "float32")
 FIXED = {"model/descriptor/type": ("se_e2_a", "se_a"), "model/fitting_net/type": ("ener",),
-         "learning_rate/type": ("exp",), "loss/type": ("ener",), "model/descriptor/precision": ("float64", "default"),
-         "model/fitting_net/precision": ("float64", "default"),
-         "model/descriptor/activation_function": ("tanh",), "model/fitting_net/activation_function": ("tanh",)}
+         "loss/type": ("ener",), "model/descriptor/precision": PRECISIONS,
+         "model/fitting_net/precision": PRECISIONS, "model/type": ("standard",),
+         "model/descriptor/trainable": (True,), "model/fitting_net/trainable": (True,),
+         "model/fitting_net/rcond": (None,), "model/fitting_net/default_fparam": (None,),
+         "model/fitting_net/dim_case_embd": (0,), "model/fitting_net/use_aparam_as_mask": (False,),
+         "model/data_stat_protect": (0.01, 1e-2), "model/preset_out_bias": (None,), "model/model_branch_alias": ([],),
+         "model/info": ({},), "model/bridging_method": ("None",),
+         "training/change_bias_after_training": (False,), "training/ckpt_keep_ratio": (None,),
+         "training/enable_ema": (False,), "training/gradient_max_norm": (None,),
+         "training/training_data/min_pair_dist": (0.0, 0)}
+# Model options the input reads into the model's configuration but training cannot fit yet: refused,
+# with their default, here and only here (the loss module lifts them as it learns them)
+NOT_TRAINED = {"model/fitting_net/numb_fparam": 0, "model/fitting_net/numb_aparam": 0,
+               "model/fitting_net/atom_ener": [], "model/descriptor/exclude_types": [],
+               "model/descriptor/env_protection": 0.0, "model/pair_exclude_types": [],
+               "model/atom_exclude_types": []}
+# deepmd-kit 3.1's optimizer keys in training, moved into the optimizer section (training's win);
+# and its warm-up keys in training, moved into learning_rate (refused when in both)
+LEGACY_OPTIMIZER = ("opt_type", "kf_blocksize", "kf_start_pref_e", "kf_limit_pref_e", "kf_start_pref_f",
+                    "kf_limit_pref_f", "weight_decay", "momentum", "muon_momentum", "adam_beta1", "adam_beta2",
+                    "lr_adjust", "lr_adjust_coeff", "muon_2d_only", "min_2d_dim")
+WARMUP = ("warmup_steps", "warmup_ratio", "warmup_start_factor")
+
+
+def _node(d: dict, where: str):
+    """The value at path ``where`` (None if a part is missing or not a section)."""
+    for part in [p for p in where.split("/") if p]:
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _resolve_aliases(d: dict) -> None:
+    """Rename deepmd-kit's aliases to the keys minidp reads; two spellings of one key are refused."""
+    for where, aliases in ALIASES.items():
+        sec = _node(d, where)
+        if not isinstance(sec, dict):
+            continue
+        for alias, key in aliases.items():
+            if alias in sec:
+                if key in sec:
+                    raise InputError(f"input: {where} gives both {key} and its alias {alias}; expected one")
+                sec[key] = sec.pop(alias)
+
+
+def deepmd_compat(d: dict) -> dict:
+    """A copy of the input as deepmd-kit rewrites it before its check (utils/compat.py): aliases
+    resolved, training's warm-up keys moved into learning_rate and its legacy optimizer keys
+    (opt_type -> type) into the optimizer section; a model with ``spin`` refused."""
+    d = copy.deepcopy(d)
+    if isinstance(d.get("model"), dict) and "spin" in d["model"]:
+        raise InputError("input: model/spin: spin models are out of scope for minidp (se_e2_a energy models only)")
+    _resolve_aliases(d)
+    tr, lr = d.get("training"), d.get("learning_rate")
+    if not isinstance(tr, dict):
+        return d
+    warm = [k for k in WARMUP if k in tr]
+    if warm and isinstance(lr, dict):
+        both = [k for k in warm if k in lr]
+        if both:
+            raise InputError(f"input: {both} given in both training and learning_rate; give the warm-up in "
+                             "learning_rate only")
+        lr.update({k: tr.pop(k) for k in warm})
+    legacy = {k: tr.pop(k) for k in LEGACY_OPTIMIZER if k in tr}
+    if legacy:
+        if "opt_type" in legacy:
+            legacy["type"] = legacy.pop("opt_type")
+        opt = d.get("optimizer", {})
+        d["optimizer"] = {**opt, **legacy} if isinstance(opt, dict) else opt
+    return d
 
 
 def _section(d: dict, where: str) -> dict:
@@ -125,7 +235,8 @@ def _section(d: dict, where: str) -> dict:
         node = node.get(part)
         if not isinstance(node, dict):
             raise ValueError(f"input: {where} must be a section (a JSON object), got {node!r}")
-    unknown = sorted(k for k in node if not k.startswith("_") and k not in KEYS[where])
+    known = KEYS[where] | IGNORED.get(where, set())
+    unknown = sorted(k for k in node if not k.startswith("_") and k not in known)
     if unknown:
         raise ValueError(f"input: unsupported key(s) {unknown} in {where or 'the top level'}; "
                          f"minidp reads {sorted(KEYS[where])}")
@@ -186,8 +297,20 @@ def _data_config(sec: dict, where: str, base: Path) -> DataConfig:
         system_probs(np.ones(len(systems)), probs, auto_prob)  # a bad auto_prob / sys_probs, before any data
     except InputError as err:
         raise InputError(f"input: {where}/{err}") from None
+    patterns = sec.get("rglob_patterns")
+    if patterns is not None and (not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns)):
+        raise InputError(f"input: {where}/rglob_patterns must be a list of glob patterns, got {short(patterns)}")
     return DataConfig(tuple(base / s for s in systems), bs, _value(sec, where, "numb_btch", positive_int, 1),
-                      probs, auto_prob)
+                      probs, auto_prob, None if patterns is None else tuple(patterns))
+
+
+def _found(data: DataConfig | None) -> DataConfig | None:
+    """The data with its systems found as deepmd-kit finds them (:func:`training_systems`): each
+    path a system, or a folder / HDF5 file searched for the systems below it."""
+    if data is None:
+        return None
+    found = [p for path in data.systems for p in training_systems(path, data.rglob_patterns)]
+    return replace(data, systems=tuple(found))
 
 
 def _descriptor_config(d: dict) -> SeAConfig:
@@ -203,71 +326,177 @@ def _descriptor_config(d: dict) -> SeAConfig:
                      axis_neuron=_value(d, w, "axis_neuron", positive_int, 4),
                      type_one_side=_value(d, w, "type_one_side", boolean, False),
                      resnet_dt=_value(d, w, "resnet_dt", boolean, False),
-                     set_davg_zero=_value(d, w, "set_davg_zero", boolean, False))
+                     set_davg_zero=_value(d, w, "set_davg_zero", boolean, False),
+                     activation=_value(d, w, "activation_function", _activation, "tanh"))
 
 
 def _seed(name: str, value) -> int:
     return 0 if value is None else integer(name, value, 0)
 
 
-def _auto_sel(desc: dict, model: dict, tr: dict, base: Path) -> list[int]:
+def _auto_sel(desc: dict, type_map: list[str], systems: tuple[Path, ...]) -> list[int]:
     """sel "auto" / "auto:FACTOR": deepmd-kit's rule on the largest neighbour counts of the training systems."""
-
-    try:
-        auto_sel(desc["sel"], [])  # a bad spelling is refused before the data are read
-    except ValueError as err:
-        raise InputError(f"input: model/descriptor/sel: {err}") from None
-    if "rcut" not in desc or "type_map" not in model:
-        raise ValueError("input: sel 'auto' needs model/descriptor/rcut and model/type_map")
-    systems = tr.get("training_data", {}).get("systems")
-    systems = [systems] if isinstance(systems, str) else list(systems or [])
-    stat = neighbor_stat([base / s for s in systems], float(desc["rcut"]), list(model["type_map"]), progress=False)
+    if "rcut" not in desc:
+        raise ValueError("input: sel 'auto' needs model/descriptor/rcut")
+    stat = neighbor_stat(list(systems), float(desc["rcut"]), type_map, progress=False)
     return auto_sel(desc["sel"], stat.max_nbor_size)
 
 
-def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
-    """A TrainConfig from deepmd-kit's input dict; relative system paths are taken from ``base``.
-
-    Every value is checked against its key's type and range here, before any data is read: an
-    error names the key path and the value; strings are never read as numbers or booleans.
-    """
+def _check_sections(d: dict) -> None:
+    """Every section a JSON object with known keys and allowed fixed values; the model options
+    training cannot fit yet refused by name (NOT_TRAINED)."""
     if not isinstance(d, dict):
         raise InputTypeError(f"input must be a JSON object, got {type(d).__name__}")
     for where in KEYS:
         if where == "training/validation_data" and "validation_data" not in d.get("training", {}):
             continue
         _section(d, where)
-    model, tr = d["model"], d["training"]
-    desc, fit, lr, loss = model["descriptor"], model["fitting_net"], d["learning_rate"], d["loss"]
-    if "type_map" not in model:
-        raise ValueError("input: model/type_map is required (the element of each type)")
-    type_map = names("input: model/type_map", model["type_map"])
-    if isinstance(desc.get("sel"), str):
-        desc = {**desc, "sel": _auto_sel(desc, model, tr, base)}
-    cfg = _descriptor_config(desc)
+    for key, default in NOT_TRAINED.items():
+        value = _node(d, key)
+        if value is not None and value != default:
+            raise InputError(f"input: {key} = {short(value)}: minidp evaluates this option but cannot train it "
+                             f"yet; expected {default!r}")
+
+
+def _ignored(d: dict) -> tuple[str, ...]:
+    """The keys of IGNORED the input gives, as section/key."""
+    return tuple(sorted(f"{w}/{k}" for w, keys in IGNORED.items() for k in keys if k in (_node(d, w) or {})))
+
+
+def _activation(name: str, value) -> str:
+    """An activation name nn knows (the force loss has its second derivative)."""
+    try:
+        get_activation(value)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{name}: {err}") from None
+    return value
+
+
+def _uncommented(sec: dict) -> dict:
+    return {k: v for k, v in sec.items() if not k.startswith("_")}
+
+
+def _schedules(d: dict, numb_steps: int) -> tuple[LRSchedule, AdamConfig]:
+    """The learning_rate and optimizer sections through minidp.optim (their keys checked there)."""
+    lr, opt = d.get("learning_rate"), d.get("optimizer", {})
+    # comments ("_" keys) dropped, as deepmd-kit does
+    lr, opt = (_uncommented(s) if isinstance(s, dict) else s for s in (lr, opt))
+    try:
+        return lr_schedule(lr, numb_steps), adam_config(opt)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"input: {err}") from None
+
+
+def _run_length(tr: dict) -> tuple[int | None, float | None]:
+    """(numb_steps (stop_batch), None) or (None, numb_epoch): exactly one of them, checked."""
+    if ("numb_steps" in tr) == ("numb_epoch" in tr):
+        raise InputError("input: training/numb_steps is required (or numb_epoch instead; not both)")
+    if "numb_steps" in tr:
+        return _value(tr, "training", "numb_steps", positive_int), None
+    return None, _value(tr, "training", "numb_epoch", number, None, None, True)
+
+
+def _numb_steps(length: tuple[int | None, float | None], data: DataConfig) -> int:
+    """numb_steps, or numb_epoch converted to steps as deepmd-kit 3.2 does (:func:`epoch_steps`)."""
+    steps, epochs = length
+    if steps is not None:
+        return steps
+    return epoch_steps(epochs, data.systems, data.batch_size, data.sys_probs, data.auto_prob)
+
+
+def _model_types(type_map: list[str] | None, desc: dict, data: DataConfig) -> list[str]:
+    """model/type_map, or (absent) the systems' type_map.raw as deepmd-kit merges them
+    (:func:`minidp.training.sampling.data_type_map`)."""
+    if type_map is not None:
+        return type_map
+    ntypes = len(desc["sel"]) if isinstance(desc.get("sel"), list) else None
+    return data_type_map(data.systems, ntypes)
+
+
+def _fitting_keys(fit: dict) -> dict:
+    """TrainConfig's fitting fields from model/fitting_net."""
+    w = "model/fitting_net"
+    _value(fit, w, "seed", _seed, 0)  # checked, though the model's seed is the descriptor's
+    return dict(fitting_neuron=_value(fit, w, "neuron", integers, (120, 120, 120)),
+                fitting_resnet_dt=_value(fit, w, "resnet_dt", boolean, True),
+                fitting_activation=_value(fit, w, "activation_function", _activation, "tanh"))
+
+
+def _precisions(desc: dict, fit: dict) -> tuple[str, str]:
+    """The nets' precisions, deepmd-kit's meaning: "float32" runs the embedding or fitting nets in float32
+    (positions, the environment matrix, the sums and the loss stay float64); "default" is float64."""
+    return tuple("float32" if sec.get("precision") == "float32" else "float64" for sec in (desc, fit))
+
+
+def _run_keys(model: dict, desc: dict, tr: dict) -> dict:
+    """TrainConfig's seeds, statistics and bookkeeping fields."""
+    t = "training"
+    return dict(model_seed=_value(desc, "model/descriptor", "seed", _seed, 0), seed=_value(tr, t, "seed", _seed, 0),
+                disp_file=_value(tr, t, "disp_file", _text, "lcurve.out"),
+                disp_freq=_value(tr, t, "disp_freq", positive_int, 1000),
+                save_freq=_value(tr, t, "save_freq", positive_int, 1000),
+                save_ckpt=_value(tr, t, "save_ckpt", _text, "model.ckpt"),
+                data_stat_nbatch=_value(model, "model", "data_stat_nbatch", positive_int, 10),
+                max_ckpt_keep=_value(tr, t, "max_ckpt_keep", integer, 5, 0),
+                disp_training=_value(tr, t, "disp_training", boolean, True))
+
+
+def _check_ntypes(type_map: list[str], cfg: SeAConfig) -> None:
     if len(type_map) != cfg.ntypes:
         raise ValueError(f"input: type_map {type_map} has {len(type_map)} types but sel has {cfg.ntypes}")
-    if "numb_steps" not in tr:
-        raise ValueError("input: training/numb_steps is required")
-    _value(fit, "model/fitting_net", "seed", _seed, 0)  # checked, though the model's seed is the descriptor's
-    return TrainConfig(
-        type_map=tuple(type_map), descriptor=cfg,
-        fitting_neuron=_value(fit, "model/fitting_net", "neuron", integers, (120, 120, 120)),
-        fitting_resnet_dt=_value(fit, "model/fitting_net", "resnet_dt", boolean, True),
-        model_seed=_value(desc, "model/descriptor", "seed", _seed, 0),
-        start_lr=_value(lr, "learning_rate", "start_lr", number, 1e-3, None, True),
-        stop_lr=_value(lr, "learning_rate", "stop_lr", number, 1e-8, None, True),
-        decay_steps=_value(lr, "learning_rate", "decay_steps", positive_int, 5000),
-        loss=LossConfig(**{k: _value(loss, "loss", k, number, None, 0.0) for k in loss if k in KEYS["loss"] - {"type"}}),
-        training=_data_config(tr["training_data"], "training/training_data", base),
-        validation=_data_config(tr["validation_data"], "training/validation_data", base) if "validation_data" in tr else None,
-        numb_steps=_value(tr, "training", "numb_steps", positive_int), seed=_value(tr, "training", "seed", _seed, 0),
-        disp_file=_value(tr, "training", "disp_file", _text, "lcurve.out"),
-        disp_freq=_value(tr, "training", "disp_freq", positive_int, 1000),
-        save_freq=_value(tr, "training", "save_freq", positive_int, 1000),
-        save_ckpt=_value(tr, "training", "save_ckpt", _text, "model.ckpt"),
-        data_stat_nbatch=_value(model, "model", "data_stat_nbatch", positive_int, 10),
-    )
+
+
+def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
+    """A TrainConfig from deepmd-kit's input dict; relative system paths are taken from ``base``.
+
+    The input is first rewritten as deepmd-kit rewrites it (:func:`deepmd_compat`); every value is
+    then checked against its key's type and range, before any data is read: an error names the key
+    path and the value; strings are never read as numbers or booleans. Then the systems are found
+    (folders searched as deepmd-kit searches them), which numb_epoch, sel "auto" and a missing
+    type_map need.
+    """
+    d = deepmd_compat(d) if isinstance(d, dict) else d
+    _check_sections(d)
+    model, tr = d["model"], d["training"]
+    desc, fit, loss = model["descriptor"], model["fitting_net"], d["loss"]
+    if isinstance(desc.get("sel"), str):
+        try:
+            auto_sel(desc["sel"], [])  # a bad spelling is refused before the data are read
+        except ValueError as err:
+            raise InputError(f"input: model/descriptor/sel: {err}") from None
+    fitting = {**_fitting_keys(fit), "precision": _precisions(desc, fit)}
+    # LossConfig checks its own values (numbers, flags, huber_delta, loss_func); the message names the key
+    losses = validated("input", LossConfig, **{k: loss[k] for k in loss if k in KEYS["loss"] - {"type"}})
+    training = _data_config(tr["training_data"], "training/training_data", base)
+    validation = _data_config(tr["validation_data"], "training/validation_data", base) if "validation_data" in tr else None
+    length = _run_length(tr)
+    schedules = _schedules(d, length[0]) if length[0] is not None else None  # numb_epoch: once the data is found
+    given_map = names("input: model/type_map", model["type_map"]) if "type_map" in model else None
+    cfg = None if isinstance(desc.get("sel"), str) else _descriptor_config(desc)
+    if cfg is not None and given_map is not None:
+        _check_ntypes(given_map, cfg)
+    run = _run_keys(model, desc, tr)
+    # then the data: found as deepmd-kit finds it, read only for numb_epoch, a missing type_map, sel "auto"
+    training, validation = _found(training), _found(validation)
+    numb_steps = _numb_steps(length, training)
+    lr, optimizer = schedules or _schedules(d, numb_steps)
+    type_map = _model_types(given_map, desc, training)
+    if cfg is None:
+        cfg = _descriptor_config({**desc, "sel": _auto_sel(desc, type_map, training.systems)})
+    _check_ntypes(type_map, cfg)
+    return TrainConfig(type_map=tuple(type_map), descriptor=cfg, lr=lr, optimizer=optimizer, loss=losses,
+                       training=training, validation=validation, numb_steps=numb_steps, ignored=_ignored(d),
+                       **fitting, **run)
+
+
+def with_numb_steps(config: TrainConfig, numb_steps) -> TrainConfig:
+    """The run made numb_steps long (--numb-steps), its learning-rate schedule with it; checked as the
+    schedule checks its length (a warm-up longer than the run is refused)."""
+    n = positive_int("--numb-steps", numb_steps)
+    try:
+        return replace(config, numb_steps=n, lr=replace(config.lr, num_steps=n))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"--numb-steps {n}: {err}") from None
 
 
 def read_input(path) -> TrainConfig:

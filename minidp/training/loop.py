@@ -10,9 +10,9 @@ The story of one run (:func:`train`):
    and the per-type energy bias, from ``data_stat_nbatch`` batches per system.
 4. **Steps**: a batch of frames from one system (systems drawn in proportion
    to their frames, frames in a shuffled order); the loss and its exact
-   gradient (:func:`minidp.training.loss.loss_and_grad`); one Adam update at the
-   learning rate of deepmd-kit's ``exp`` schedule,
-   :math:`\eta_t = \eta_0 r^{\lfloor t/s \rfloor}` (:func:`minidp.optim.exp_decay`).
+   gradient (:func:`minidp.training.loss.loss_and_grad`); one Adam (or AdamW) update at the
+   learning rate of deepmd-kit's schedule (``exp``, ``cosine`` or ``wsd``, with its warm-up:
+   :func:`minidp.optim.lr_schedule`), e.g. ``exp``'s :math:`\eta_t = \eta_0 r^{\lfloor t/s \rfloor}`.
 5. **Record**: every ``disp_freq`` steps a line of ``lcurve.out`` in
    deepmd-kit's columns; every ``save_freq`` steps a checkpoint
    (model ``.dp`` + optimizer and sampler state ``.npz``) that ``restart``
@@ -40,7 +40,7 @@ from minidp.active.neighbor_stat import stat_blocks
 from minidp.checks import FrameError, InputError, file_path
 from minidp.io.serialization import NATIVE_SUFFIXES, load_model, save_model
 from minidp.model import EnergyModel, new_model
-from minidp.optim import Adam, exp_decay
+from minidp.optim import Adam
 from minidp.runtime import keep_freed_memory
 from minidp.se_e2_a import SeAConfig
 from minidp.stats import energy_bias, env_stats, raw_env_sums
@@ -54,9 +54,9 @@ from minidp.training.checkpoint import (
 )
 from minidp.training.config import TrainConfig
 from minidp.training.lcurve import lcurve_line, plot_lcurves, write_lcurve_line
-from minidp.training.loss import Batch, LossValue, batch_errors, loss_and_grad, prefactors
+from minidp.training.loss import Batch, LossValue, batch_errors, loss_and_grad, prefactors, shown_terms
 from minidp.training.sampling import Sampler, System, in_system, load_systems, make_batch, stats_rng
-from minidp.training.workdir import OutputPlan, plan_outputs, workdir_lock
+from minidp.training.workdir import OutputPlan, plan_outputs, prune_checkpoints, workdir_lock
 
 
 def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) -> EnergyModel:
@@ -65,7 +65,10 @@ def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) 
     The frames are drawn by :func:`stats_rng`; the sampler gives the batch sizes only and is not advanced.
     """
     cfg = config.descriptor
-    model = new_model(list(config.type_map), cfg, config.fitting_neuron, config.fitting_resnet_dt, config.model_seed)
+    # the nets in the input's precisions (float32: deepmd-kit's meaning, see minidp.model.new_model)
+    dtype, fitting_dtype = (np.float32 if p == "float32" else np.float64 for p in config.precision)
+    model = new_model(list(config.type_map), cfg, config.fitting_neuron, config.fitting_resnet_dt, config.model_seed,
+                      dtype=dtype, fitting_dtype=fitting_dtype, fitting_activation=config.fitting_activation)
     sums = np.zeros((cfg.ntypes, 5))
     mean_energy, counts = [], []
     rng = stats_rng(config.seed)
@@ -146,8 +149,10 @@ class Run(NamedTuple):
 
 def _setup(config: TrainConfig, restart, init_model=None) -> Run:
     """Systems, samplers, model and optimizer: fresh (or from init_model), or as a checkpoint left them."""
-    train_sys = load_systems(config.training.systems, config.type_map)
-    val_sys = load_systems(config.validation.systems, config.type_map) if config.validation else []
+    # the loss's extra per-atom labels (atom_ener, atom_pref, ...), read with the frames
+    labels = config.loss.label_files()
+    train_sys = load_systems(config.training.systems, config.type_map, labels)
+    val_sys = load_systems(config.validation.systems, config.type_map, labels) if config.validation else []
     samplers = {"trn": Sampler(train_sys, config.training.batch_size, config.seed, config.training.sys_probs,
                                config.training.auto_prob)}
     if val_sys:
@@ -161,7 +166,7 @@ def _setup(config: TrainConfig, restart, init_model=None) -> Run:
     else:
         model, state = load_checkpoint(restart)
         step = _restore(model, state, config, samplers, data, restart)
-    opt = Adam(model.params())
+    opt = Adam(model.params(), config.optimizer)
     if restart is not None:
         restore_optimizer(opt, state)
     return Run(train_sys, val_sys, samplers, model, opt, step, data)
@@ -199,15 +204,16 @@ def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, resta
         # written once the step's loss is known to be finite, so the last checkpoint is a good one
         due = step > run.step and (step % config.save_freq == 0 or step == n)
         states = {name: sampler.state() for name, sampler in samplers.items()} if due else None
-        lr = exp_decay(step, config.start_lr, config.stop_lr, config.decay_steps, n)
-        pref = prefactors(config.loss, lr, config.start_lr)
+        lr = config.lr.lr(step)
+        # deepmd-kit's prefactors follow lr / start_lr (warm-up included)
+        pref = prefactors(config.loss, lr, config.lr.start_lr)
         t0 = time.perf_counter()
         k, frames = samplers["trn"].next()
         # overflow in a diverging run is reported by check_step, in one line
         with np.errstate(over="ignore", invalid="ignore"):
             value, grads, _ = loss_and_grad(model, make_batch(run.train_sys[k], frames, cfg), pref)
             elapsed = time.perf_counter() - t0
-            shown = step % config.disp_freq == 0 or step == n
+            shown = config.disp_training and (step % config.disp_freq == 0 or step == n)
             # training and validation errors of the same weights, those before this step's update
             errors = {"trn": value}
             if shown and run.val_sys:
@@ -215,9 +221,11 @@ def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, resta
         check_step(step, step == run.step, errors, grads, checkpoint)
         if due:
             checkpoint = save_checkpoint(workdir / config.save_ckpt, step, model, opt, states, run.data, overwrite)
+            prune_checkpoints(workdir / config.save_ckpt, config.max_ckpt_keep)
         if shown:
             last = errors
-            write_lcurve_line(plan.lcurve, lcurve_line(step, last, lr, virial), head, plan.replace_lcurve)
+            line = lcurve_line(step, last, lr, virial, shown_terms(config.loss))
+            write_lcurve_line(plan.lcurve, line, head, plan.replace_lcurve)
             head = None
             bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
         if step < n:
@@ -246,11 +254,14 @@ def train(config: TrainConfig, output=None, workdir=".", restart=None, progress:
     with workdir_lock(workdir):
         # planned again under the lock: a run that held it may have written since
         plan = plan_outputs(config, output, workdir, restart, begin, overwrite)
+        if config.ignored:
+            print(f"minidp train: ignoring {', '.join(config.ignored)} (deepmd-kit's own machinery)")
         keep_freed_memory()
         run = _setup(config, restart, init_model)
         result = _steps(config, run, plan, workdir, restart, progress, overwrite)
         if output is not None:
             save_model(output, result.model, overwrite=overwrite, inputs=plan.inputs,
                        min_nbor_dist=training_min_nbor_dist(run.train_sys, config.descriptor))
-        plot_lcurves({"minidp": plan.lcurve}, workdir / "lcurve.png")
+        if plan.lcurve.exists():  # disp_training false writes no learning curve
+            plot_lcurves({"minidp": plan.lcurve}, workdir / "lcurve.png")
     return result

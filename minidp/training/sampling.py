@@ -9,10 +9,26 @@ import math
 from pathlib import Path
 from typing import NamedTuple
 
+import h5py
 import numpy as np
 
 from minidp.checks import FrameError, InputError, number, short
-from minidp.io.systems import guess_format, lazy_system, model_types, read_system
+from minidp.io.systems import (
+    DEEPMD,
+    LMDB,
+    Block,
+    LazySystem,
+    block_types,
+    find_systems,
+    frame_kinds,
+    guess_format,
+    lazy_system,
+    lmdb_systems,
+    read_frames,
+    require_labels,
+    stored_type_map,
+    system_file,
+)
 from minidp.neighbor import build_neighbor_list
 from minidp.se_e2_a import SeAConfig
 from minidp.training.loss import Batch
@@ -46,39 +62,97 @@ class System(NamedTuple):
         return self.coords.shape[0]
 
 
-# What deepmd-kit trains on; other formats are converted first (dpdata)
-TRAINING_FORMATS = ("deepmd/npy", "deepmd/hdf5")
-# The file each per-frame array of a System is read from
+def training_systems(path, patterns=None) -> list[Path]:
+    """The systems a ``systems`` entry names, found as deepmd-kit finds them
+    (:func:`minidp.io.systems.find_systems`: a folder searched for type.raw, an HDF5 file for its
+    groups); InputError if there is none, or one is not deepmd/npy or deepmd/hdf5."""
+    found = find_systems(path, patterns)
+    for p in found or [path]:
+        if not found or guess_format(system_file(p)) not in (*DEEPMD, LMDB):
+            raise InputError(f"training system {p} is not a deepmd/npy folder (with type.raw) or a deepmd/hdf5 "
+                             "file (.h5, .hdf5), nor holds one; convert it first (dpdata)")
+    return [Path(p) for p in found]
+
+
+def data_type_map(paths, ntypes: int | None = None) -> list[str]:
+    """The type map of an input without model/type_map, as deepmd-kit takes it from the data: the
+    longest type_map.raw of the systems, every other one a prefix of it (InputError naming the system
+    if not); without any, the type.raw indices as they are, named Type_0, Type_1, ... (ntypes of them,
+    or as many as the data use)."""
+    merged: list[str] = []
+    for path in paths:
+        stored = stored_type_map(path)
+        if stored is None:
+            continue
+        n = min(len(stored), len(merged))
+        if stored[:n] != merged[:n]:
+            raise InputError(f"system {path}: type_map.raw {stored} disagrees with {merged} of the other systems; "
+                             "give model/type_map")
+        merged = stored if len(stored) > len(merged) else merged
+    if merged:
+        return merged
+    if ntypes is None:
+        ntypes = 1 + max(int(lazy.atom_types.max()) for p in paths for lazy in system_parts(p))
+    return [f"Type_{t}" for t in range(ntypes)]
+
+
+def system_parts(path, type_map=None) -> list[LazySystem]:
+    """The LazySystem of a deepmd/npy(/mixed) folder or HDF5 group; those of an LMDB dataset (one per
+    row of atom types, in memory: :func:`minidp.io.systems.lmdb_systems`)."""
+    if guess_format(system_file(path)) == LMDB:
+        return lmdb_systems(path, type_map)
+    return [lazy_system(path, type_map, per_frame_types=True)]
+
+
 def load_systems(paths, type_map, labels=(), numb_fparam: int = 0, numb_aparam: int = 0,
                  default_fparam=None) -> list[System]:
-    """Read labelled deepmd/npy (or deepmd/hdf5) systems through dpdata, all their set.* folders;
-    types mapped onto type_map. The reader checks every value finite, naming the system and the frame
-    (:func:`minidp.io.systems.read_system`): a NaN label would train every weight to NaN.
+    """Read labelled deepmd/npy, deepmd/npy/mixed or deepmd/hdf5 systems whole, through the reader
+    evaluation uses (:func:`minidp.io.systems.lazy_system`, :func:`~minidp.io.systems.read_frames`:
+    every number checked finite, naming the file and the frame); types mapped onto type_map. A system
+    without type_map.raw takes type_map's names for its type.raw indices (deepmd-kit's rule). A mixed
+    system (per-frame types) becomes one System per kind of frame, its padding atoms left out.
     ``labels``: the extra per-atom label files every set must hold, {name: numbers per atom} as
-    LossConfig.label_files gives them (a tuple of names: one number each) (:func:`read_atom_labels`);
-    numb_fparam, numb_aparam (and default_fparam): the model's parameters to read (:func:`read_params`)."""
+    LossConfig.label_files gives them (:func:`read_atom_labels`); numb_fparam, numb_aparam (and
+    default_fparam): the model's parameters to read (:func:`read_params`)."""
+    widths = labels if isinstance(labels, dict) else dict.fromkeys(labels, 1)
     systems = []
-    for path in paths:
-        fmt = guess_format(Path(path))
-        if Path(path).exists() and fmt not in TRAINING_FORMATS:
-            raise InputError(f"training system {path} is not a deepmd/npy folder (with type.raw) or a deepmd/hdf5 "
-                             "file (.h5, .hdf5); convert it first (dpdata)")
-        lazy = lazy_system(path)  # the set.* folders and their frames
-        s = read_system(path, fmt)
-        if "energies" not in s.data or "forces" not in s.data:
-            raise ValueError(f"system {path} has no energy and force labels: it cannot be trained on")
-        nf = s.get_nframes()
-        cells = None if s.nopbc else s["cells"].astype(np.float64)
-        virial = s["virials"].reshape(nf, 9).astype(np.float64) if "virials" in s.data else None
-        sets = tuple(zip(lazy.sets, lazy.counts)) if lazy.nframes == nf else (("", nf),)
-        system = System(Path(path), s["coords"].astype(np.float64), cells,
-                        model_types(s["atom_names"], s["atom_types"], list(type_map)),
-                        s["energies"].astype(np.float64).reshape(nf), s["forces"].astype(np.float64), virial, sets)
-        widths = labels if isinstance(labels, dict) else dict.fromkeys(labels, 1)
-        extra = {name: read_atom_labels(lazy, name, system, width) for name, width in widths.items()}
-        extra.update(read_params(lazy, system, numb_fparam, numb_aparam, default_fparam))
-        systems.append(system._replace(**extra))
+    for lazy in (lazy for path in paths for lazy in system_parts(path, list(type_map))):
+        require_labels(lazy.name, lazy.labels)
+        block = read_frames(lazy, 0, lazy.nframes)
+        for system in _systems_of(lazy, block, block_types(lazy, block, list(type_map))):
+            if widths or numb_fparam or numb_aparam:
+                extra = {name: read_atom_labels(lazy, name, system, width) for name, width in widths.items()}
+                extra.update(read_params(lazy, system, numb_fparam, numb_aparam, default_fparam))
+                system = system._replace(**extra)
+            systems.append(system)
     return systems
+
+
+def _systems_of(lazy: LazySystem, block: Block, types: np.ndarray) -> list[System]:
+    """The System of a block of all frames; one per kind of frame for per-frame types (nf, natoms)."""
+    labels = block.labels
+    if types.ndim == 1:
+        return [System(Path(lazy.name), block.coords, block.cells, types, labels["energy"], labels["force"],
+                       labels.get("virial"), tuple(zip(lazy.sets, lazy.counts)))]
+    kinds = frame_kinds(types, lazy.nframes)
+    return [System(Path(f"{lazy.name}[kind {k}]") if len(kinds) > 1 else Path(lazy.name),
+                   block.coords[kind.rows][:, kind.atoms], None if block.cells is None else block.cells[kind.rows],
+                   kind.types, labels["energy"][kind.rows], labels["force"][kind.rows][:, kind.atoms],
+                   None if "virial" not in labels else labels["virial"][kind.rows])
+            for k, kind in enumerate(kinds)]
+
+
+def epoch_steps(epochs: float, paths, setting, sys_probs=None, auto_prob: str = "prob_sys_size") -> int:
+    """numb_epoch in steps, as deepmd-kit 3.2 converts it: ceil(epochs * ceil(max_k n_k / p_k)) over the
+    systems drawn (p_k > 0), n_k = ceil(frames_k / batch_k) the batches of system k in one pass (its
+    torch DataLoader's length) and p_k the probabilities :func:`system_probs` gives those n_k."""
+    lazies = [lazy for p in paths for lazy in system_parts(p)]
+    sizes = batch_sizes(setting, [s.natoms for s in lazies])
+    # (nsystems,)
+    nb = np.array([math.ceil(s.nframes / b) for s, b in zip(lazies, sizes)], dtype=float)
+    p = system_probs(nb, sys_probs, auto_prob)
+    drawn = p > 0
+    return int(np.ceil(epochs * np.ceil(np.max(nb[drawn] / p[drawn]))))
 
 
 # the extra per-atom label files and the loss keys that ask for them (for the error message)
@@ -139,8 +213,6 @@ def _set_array(lazy, set_name: str, name: str) -> np.ndarray | None:
     if lazy.group is None:
         file = lazy.path / set_name / f"{name}.npy"
         return np.load(file) if file.exists() else None
-    import h5py  # optional: only deepmd/hdf5 systems need it
-
     with h5py.File(lazy.path, "r") as f:
         g = f[lazy.group] if lazy.group else f
         key = f"{set_name}/{name}.npy"

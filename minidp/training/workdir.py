@@ -16,6 +16,7 @@ from minidp.io.outputs import check_output
 from minidp.training.checkpoint import _checkpoint_path, checkpoint_files
 from minidp.training.config import TrainConfig
 from minidp.training.lcurve import kept_lcurve, lcurve_columns
+from minidp.training.loss import shown_terms
 
 try:
     import fcntl
@@ -38,14 +39,29 @@ def _checkpoint_steps(stem: Path) -> set[int]:
     return {int(k) for k in steps if k.isdigit()}
 
 
-def _later_checkpoints(stem: Path, step: int) -> list[str]:
-    """Complete checkpoints <stem>-<k> in stem's folder with k > step (a run that went further)."""
-    later = []
+def _complete_checkpoints(stem: Path) -> list[int]:
+    """The steps k of the complete checkpoints <stem>-<k> (both .dp and .npz) in stem's folder, in order."""
+    steps = []
     for npz in stem.parent.glob(f"{stem.name}-*.npz"):
         k = npz.name[len(stem.name) + 1:-len(".npz")]
-        if k.isdigit() and int(k) > step and checkpoint_files(npz.with_suffix(""))[0].exists():
-            later.append((int(k), npz.with_suffix("").name))
-    return [name for _, name in sorted(later)]
+        if k.isdigit() and checkpoint_files(npz.with_suffix(""))[0].exists():
+            steps.append(int(k))
+    return sorted(steps)
+
+
+def _later_checkpoints(stem: Path, step: int) -> list[str]:
+    """Complete checkpoints <stem>-<k> in stem's folder with k > step (a run that went further)."""
+    return [f"{stem.name}-{k}" for k in _complete_checkpoints(stem) if k > step]
+
+
+def prune_checkpoints(stem: Path, keep: int) -> None:
+    """deepmd-kit's max_ckpt_keep: delete all but the newest ``keep`` complete checkpoints <stem>-<k>
+    (0 keeps all). Only checkpoints are touched: plan_outputs checked them minidp's before the run."""
+    if keep <= 0:
+        return
+    for k in _complete_checkpoints(stem)[:-keep]:
+        for f in checkpoint_files(stem.parent / f"{stem.name}-{k}"):
+            f.unlink(missing_ok=True)
 
 
 # The lock file a run holds in its workdir (hidden; removed when the run ends)
@@ -154,5 +170,5 @@ def plan_outputs(config: TrainConfig, output, workdir: Path, restart, start: int
                              "from; restart into a new --workdir, or give --overwrite")
         return OutputPlan(lcurve, kept, True, inputs)
     check_output(lcurve, "lcurve", inputs, overwrite)
-    head = "# " + " ".join(lcurve_columns(config.validation is not None, virial)) + "\n"
+    head = "# " + " ".join(lcurve_columns(config.validation is not None, virial, shown_terms(config.loss))) + "\n"
     return OutputPlan(lcurve, head, overwrite, inputs)
