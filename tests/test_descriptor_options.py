@@ -36,7 +36,7 @@ from minidp.se_e2_a import (SeAConfig, check_descriptor_inputs, compute_descript
 from minidp.io.serialization import _encode_arrays, load_model, model_from_dict, model_to_dict, save_model
 from minidp.stats import env_stats
 from minidp.training.config import parse_input
-from tests.conftest import random_model, rel_err
+from tests.conftest import WATER, need, random_model, rel_err
 from tests.test_model import FLOOR, TOL, H, Spec, energy, make, needed_sel, predict, specs, strained
 
 # every activation deepmd-kit accepts, and silut with its tail reached (its inputs here stay below 3)
@@ -253,7 +253,8 @@ def test_training_takes_the_descriptor_options_and_honours_set_davg_zero():
     assert davg[..., 0].min() > 0 and (zero_avg == 0).all() and (same_std == dstd).all()
     d = {"model": {"type_map": ["O", "H"], "descriptor": {"type": "se_e2_a", "sel": [3, 4], "rcut": 4.0,
                                                          "set_davg_zero": True}, "fitting_net": {}},
-         "learning_rate": {}, "loss": {}, "training": {"training_data": {"systems": ["a"]}, "numb_steps": 1}}
+         "learning_rate": {"start_lr": 1e-3}, "loss": {},
+         "training": {"training_data": {"systems": [str(need(WATER / "data_0"))]}, "numb_steps": 1}}
     assert parse_input(d).descriptor.set_davg_zero
     d["model"]["descriptor"]["set_davg_zero"] = "true"
     with pytest.raises(TypeError, match="set_davg_zero: expected true or false"):
