@@ -316,13 +316,18 @@ def type_groups(atom_types: np.ndarray, ntypes: int) -> list[tuple[int, np.ndarr
     return [(t, atoms) for t, atoms in groups if atoms.size]
 
 
-def vacuum_output(net: Net, x: np.ndarray, dim: int) -> np.ndarray:
-    """F(x^0) (nb, 1): the net on its rows x (nb, n_in) with the descriptor part (the first dim
-    numbers) zeroed, the isolated atom's output that atom_ener subtracts."""
+def vacuum_rows(x: np.ndarray, dim: int) -> np.ndarray:
+    """x^0 (nb, n_in): the fitting rows x with the descriptor part (the first dim numbers) zeroed, the
+    isolated atom whose output atom_ener subtracts (its parameters and case embedding kept)."""
     # (nb, n_in)
     x0 = x.copy()
     x0[:, :dim] = 0.0
-    return net_forward(net, x0)[0]
+    return x0
+
+
+def vacuum_output(net: Net, x: np.ndarray, dim: int) -> np.ndarray:
+    """F(x^0) (nb, 1): the net on the rows x with the descriptor part zeroed (:func:`vacuum_rows`)."""
+    return net_forward(net, vacuum_rows(x, dim))[0]
 
 
 def atomic_energy(

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.model import NO_PARAMS, EnergyModel, FitCache, FitParams, fitting_input, type_groups
+from minidp.model import NO_PARAMS, EnergyModel, FitCache, FitParams, fitting_input, type_groups, vacuum_rows
 from minidp.nn import (
     Net,
     add_grads,
@@ -239,18 +239,15 @@ def atomic_energy_jvp(
         # (nb, dim + width) each, in the net's precision (float32 nets: deepmd-kit's precision)
         x_t, xdot_t = (a[:, atoms].reshape(-1, x.shape[-1]).astype(net.dtype, copy=False) for a in (x, xdot))
         # (nb, 1), (nb, 1)
-        y, ty, net_caches = net_jvp(model.fitting[t], x_t, xdot_t)
+        y, ty, net_caches = net_jvp(net, x_t, xdot_t)
         vacuum_caches = None
         if vacuum[t]:
-            # (nb, dim + width)  x_i^0: the descriptor part zeroed
-            x0 = x_t.copy()
-            x0[:, :dim] = 0.0
-            # (nb, 1)
-            y0, vacuum_caches = net_forward(model.fitting[t], x0)
+            # (nb, 1): the isolated atom's output, its caches kept (the term depends on the weights)
+            y0, vacuum_caches = net_forward(net, vacuum_rows(x_t, dim))
             y = y - y0
         E_atom[:, atoms] = y.reshape(nf, atoms.size) + model.bias[t]
         Edot[:, atoms] = ty.reshape(nf, atoms.size)
-        caches.append(FitJvpCache(t, atoms, model.fitting[t], net_caches, vacuum_caches))
+        caches.append(FitJvpCache(t, atoms, net, net_caches, vacuum_caches))
     return E_atom, Edot, caches
 
 
