@@ -22,7 +22,7 @@ from minidp.training.lcurve import lcurve_columns, lcurve_line
 from minidp.training.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors, shown_terms
 from minidp.training.checkpoint import data_fingerprint
 from minidp.training.sampling import System, load_systems, make_batch
-from tests.test_loss import _batch, _loss_along
+from tests.test_loss import _batch, assert_directional_gradient
 from tests.test_model import specs
 from tests.test_model_options import EVERYTHING, MASKED, Options, frames, minidp_model, options, params
 from tests.test_train import SMALL, _water_frames
@@ -65,17 +65,7 @@ def test_each_term_weight_gradient_matches_finite_differences(case, spec, nframe
     """dL/dtheta . d against a five-point difference of L along a random direction d over every weight."""
     model, batch = _labelled(spec, nframes)
     pref = prefactors(LossConfig(**BASE, **CASES[case]), 3e-4, 1e-3)
-    _, grads, _ = loss_and_grad(model, batch, pref)
-    rng = np.random.default_rng(spec.seed)
-    direction = [{k: rng.normal(size=v.shape) for k, v in p.items()} for p in model.params()]
-    analytic = sum(float(np.sum(g[k] * d[k])) for g, d in zip(grads, direction) for k in g)
-    h = 1e-5
-
-    def central(step):
-        return _loss_along(model, batch, pref, direction, step) - _loss_along(model, batch, pref, direction, -step)
-
-    fd = (8 * central(h) - central(2 * h)) / (12 * h)
-    assert abs(analytic - fd) <= 1e-6 * max(abs(fd), 1e-3)
+    assert_directional_gradient(model, batch, pref, spec.seed)
 
 
 @settings(max_examples=3, deadline=None)
@@ -264,17 +254,7 @@ def _option_batch(opts, descriptor: dict, seed: int, nf: int = 2):
 
 
 def _fd_check(model, batch, pref):
-    _, grads, _ = loss_and_grad(model, batch, pref)
-    rng = np.random.default_rng(5)
-    direction = [{k: rng.normal(size=v.shape) for k, v in p.items()} for p in model.params()]
-    analytic = sum(float(np.sum(g[k] * d[k])) for g, d in zip(grads, direction) for k in g)
-    h = 1e-5
-
-    def central(step):
-        return _loss_along(model, batch, pref, direction, step) - _loss_along(model, batch, pref, direction, -step)
-
-    fd = (8 * central(h) - central(2 * h)) / (12 * h)
-    assert abs(analytic - fd) <= 1e-6 * max(abs(fd), 1e-3)
+    assert_directional_gradient(model, batch, pref, 5)
 
 
 @pytest.mark.parametrize("descriptor", sorted(DESCRIPTOR_OPTIONS))
