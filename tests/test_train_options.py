@@ -3,7 +3,6 @@ the descriptor's exclude_types and env_protection, the model's pair_exclude_type
 Each is read from the input, trained a few steps on tiny systems, frozen, and evaluates as it trained;
 the fparam/aparam statistics are deepmd-kit's; deepmd-kit's examples/fparam inputs run as they stand."""
 
-import copy
 import json
 import shutil
 
@@ -116,7 +115,7 @@ def test_each_option_trains_and_the_frozen_model_evaluates_as_it_trained(name, d
         batch = make_batch(system, np.arange(system.nframes), config.descriptor)
         ours = energy_forces(batch.rij, batch.nlist, batch.atom_types, model, params=FitParams(batch.fparam,
                                                                                                batch.aparam))
-        e, f, v = dp.eval(system.coords, system.cells, system.atom_types, fparam=system.fparam, aparam=system.aparam)
+        e, f, _ = dp.eval(system.coords, system.cells, system.atom_types, fparam=system.fparam, aparam=system.aparam)
         np.testing.assert_allclose(e.ravel(), ours.energy, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(f, ours.force, rtol=1e-10, atol=1e-12)
 
@@ -184,8 +183,8 @@ def test_restart_and_init_model_keep_the_options_and_refuse_others(data, tmp_pat
 @pytest.mark.parametrize("edit, message", [
     (dict(fitting={"dim_case_embd": 2}), "dim_case_embd = 2: deepmd-kit sets a case embedding only in multi-task"),
     (dict(loss={"start_pref_h": 1.0}), "loss/start_pref_h = 1.0: minidp does not train the hessian term"),
-    (dict(fitting={"numb_fparam": 1, "default_fparam": [1.0, 2.0]}), "default_fparam = [1.0, 2.0]: expected a list "
-                                                                      "of 1 numbers"),
+    (dict(fitting={"numb_fparam": 1, "default_fparam": [1.0, 2.0]}),
+     "default_fparam = [1.0, 2.0]: expected a list of 1 numbers"),
     (dict(fitting={"numb_aparam": -1}), "model/fitting_net/numb_aparam: -1 is below 0"),
     (dict(fitting={"atom_ener": [0.0, None, 1.0]}), "atom_ener lists 3 entries for 2 types"),
     (dict(model={"atom_exclude_types": [2]}), "atom_exclude_types [2]: types [2] are not in 0..1"),

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 from minidp.active.neighbor_stat import auto_sel, neighbor_stat
-from minidp.model import FittingInput
 from minidp.checks import (
     InputError,
     InputTypeError,
@@ -27,6 +26,7 @@ from minidp.checks import (
     short,
     validated,
 )
+from minidp.model import FittingInput
 from minidp.nn import get_activation
 from minidp.optim import AdamConfig, LRSchedule, adam_config, lr_schedule
 from minidp.se_e2_a import SeAConfig
@@ -183,8 +183,8 @@ FIXED = {"model/descriptor/type": ("se_e2_a", "se_a"), "model/fitting_net/type":
          "training/training_data/min_pair_dist": (0.0, 0)}
 # deepmd-kit's keys minidp reads but does not train, each with the value that means "off" (accepted) and why
 NOT_TRAINED = {
-    "model/fitting_net/dim_case_embd": (0, "deepmd-kit sets a case embedding only in multi-task training, "
-                                           "which minidp does not do"),
+    "model/fitting_net/dim_case_embd": (0, ("deepmd-kit sets a case embedding only in multi-task training, "
+                                            "which minidp does not do")),
     "loss/start_pref_h": (0, "minidp does not train the hessian term"),
     "loss/limit_pref_h": (0, "minidp does not train the hessian term"),
 }
@@ -345,16 +345,10 @@ def _descriptor_config(d: dict, model: dict) -> SeAConfig:
                      resnet_dt=_value(d, w, "resnet_dt", boolean, False),
                      set_davg_zero=_value(d, w, "set_davg_zero", boolean, False),
                      activation=_value(d, w, "activation_function", _activation, "tanh"),
-                     exclude_types=_value(d, w, "exclude_types", _type_pairs, []),
                      env_protection=_value(d, w, "env_protection", number, 0.0, 0.0),
-                     pair_exclude_types=_value(model, "model", "pair_exclude_types", _type_pairs, []))
-
-
-def _type_pairs(name: str, value) -> list:
-    """A list of pairs of types (their range is SeAConfig's to check, against sel)."""
-    if not isinstance(value, list) or not all(isinstance(p, list) and len(p) == 2 for p in value):
-        raise InputTypeError(f"{name}: expected a list of pairs of types such as [[0, 1]], got {short(value)}")
-    return [[integer(f"{name}[{k}]", t, 0) for t in p] for k, p in enumerate(value)]
+                     # pairs of types: SeAConfig checks them against sel, naming the key
+                     exclude_types=d.get("exclude_types", []),
+                     pair_exclude_types=model.get("pair_exclude_types", []))
 
 
 def _seed(name: str, value) -> int:
