@@ -6,8 +6,9 @@ The story of one run (:func:`train`):
    se_e2_a + ``ener`` subset; any other key is refused by name.
 2. **Data** (:func:`load_systems`): deepmd/npy systems read through dpdata,
    their element names mapped onto the model's ``type_map``.
-3. **Statistics** (:mod:`minidp.stats`): davg/dstd of the environment matrix
-   and the per-type energy bias, from ``data_stat_nbatch`` batches per system.
+3. **Statistics** (:mod:`minidp.stats`): davg/dstd of the environment matrix,
+   the per-type energy bias and (with numb_fparam / numb_aparam) the averages and
+   spreads of fparam / aparam, from ``data_stat_nbatch`` batches per system.
 4. **Steps**: a batch of frames from one system (systems drawn in proportion
    to their frames, frames in a shuffled order); the loss and its exact
    gradient (:func:`minidp.training.loss.loss_and_grad`); one Adam (or AdamW) update at the
