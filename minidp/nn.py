@@ -302,7 +302,7 @@ class Layer:
     activation: str = "tanh"  # name in ACTIVATIONS
     resnet: bool = False  # add the input back when n_out is n_in or 2 n_in
     # mixed precision: the inputs of the layer's products are rounded to this (round_to) as they
-    # enter; None: no rounding. Set with the rounded weights by Net.with_compute, never alone.
+    # enter; None: no rounding. Set together with the rounded weights by with_compute, never alone.
     compute: str | None = None
 
     @property
@@ -590,7 +590,8 @@ def with_compute(net: Net, compute: str | None, last: bool = True) -> Net:
 
         z = \mathrm{r}(x)\, \mathrm{r}(W) + \mathrm{r}(b), \qquad \mathrm{r} = \text{round to compute}
 
-    the product accumulated in the net's float (float32: as a tensor core). The rounding's derivative is
+    the product accumulated in the net's float (float32: as a tensor core); the activation, the timestep's
+    scaling and a resnet layer's sum (which adds the rounded input) stay in it too. The rounding's derivative is
     taken as 1, so the gradients of this copy are those of the master weights (the net itself, which
     the optimizer updates). ``last=False`` leaves the last layer in the net's float (deepmd-kit's
     fitting nets: their output layer stays in the output precision).
