@@ -61,7 +61,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward
+from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward, with_compute
 from minidp.se_e2_a import (
     DescriptorCache,
     EmbeddingNets,
@@ -218,6 +218,18 @@ class EnergyModel:
         # every other field (the fitting's inputs, atom_ener, exclusions, ...) carried over as it is
         return replace(self, descriptor=replace(se, nets=nets), fitting=[n.astype(dtype) for n in self.fitting],
                        bias=self.bias.copy())
+
+    def with_compute(self, compute: str) -> "EnergyModel":
+        """The model as mixed precision trains it (deepmd-kit's ``training/mixed_precision``, compute_prec
+        ``compute``): every embedding net and the fitting nets' hidden layers take their products on
+        operands rounded to ``compute`` (:func:`minidp.nn.with_compute`); the fitting nets' output layer,
+        the descriptor's contractions, davg/dstd and the bias stay as they are. Its gradients are the
+        master weights' (this model's, which stays unchanged)."""
+        se = self.descriptor
+        nets = EmbeddingNets(se.nets.ntypes, se.nets.type_one_side,
+                             {k: with_compute(n, compute) for k, n in se.nets.items()})
+        return replace(self, descriptor=replace(se, nets=nets),
+                       fitting=[with_compute(n, compute, last=False) for n in self.fitting])
 
 
 def new_model(

@@ -27,7 +27,7 @@ from minidp.checks import (
     validated,
 )
 from minidp.model import FittingInput
-from minidp.nn import get_activation
+from minidp.nn import COMPUTE_PRECISIONS, get_activation
 from minidp.optim import AdamConfig, LRSchedule, adam_config, lr_schedule
 from minidp.se_e2_a import SeAConfig
 from minidp.training.loss import LossConfig
@@ -69,6 +69,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class MixedPrecision:
+    """training/mixed_precision, deepmd-kit's meaning: the nets' weights (the master copy the optimizer
+    updates) and their outputs in ``output_prec``; their products on inputs and weights rounded to
+    ``compute_prec`` (docs/training.md "Mixed precision"; minidp.nn.with_compute).
+
+    deepmd-kit 3.2's TF trainer accepts output_prec float32 only; minidp also runs float64 (its
+    water example asks for it), where the products accumulate in float64.
+    """
+
+    compute_prec: str  # float16 or bfloat16
+    output_prec: str = "float32"  # float32 or float64
+
+    def __post_init__(self):
+        if self.compute_prec not in COMPUTE_PRECISIONS:
+            raise InputError(f"input: training/mixed_precision/compute_prec = {short(self.compute_prec)} is not "
+                             f"supported; expected one of {list(COMPUTE_PRECISIONS)}")
+        if self.output_prec not in OUTPUT_PRECISIONS:
+            raise InputError(f"input: training/mixed_precision/output_prec = {short(self.output_prec)} is not "
+                             f"supported; expected one of {list(OUTPUT_PRECISIONS)}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """What a run needs, from deepmd-kit's input.json."""
 
@@ -99,6 +121,7 @@ class TrainConfig:
     fitting_input: FittingInput = field(default_factory=FittingInput)
     atom_ener: tuple[float | None, ...] = ()  # fitting_net/atom_ener: types whose isolated atom's output is subtracted
     atom_exclude_types: tuple[int, ...] = ()  # model/atom_exclude_types: atoms of these types have no energy
+    mixed_precision: MixedPrecision | None = None  # training/mixed_precision (the nets in its output_prec)
 
     def __post_init__(self):
         if not isinstance(self.descriptor, SeAConfig) or not isinstance(self.loss, LossConfig):
@@ -121,6 +144,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: the learning rate runs {self.lr.num_steps} steps, training {self.numb_steps}")
         for name in ("numb_steps", "disp_freq", "save_freq", "data_stat_nbatch"):
             positive_int(name, getattr(self, name))
+        mp = self.mixed_precision
+        if mp is not None and self.precision != (mp.output_prec, mp.output_prec):
+            raise ValueError(f"TrainConfig: with mixed_precision the nets are in its output_prec {mp.output_prec}, "
+                             f"got precision {list(self.precision)}")
         if not self.fitting_neuron or not all(is_positive_int(n) for n in self.fitting_neuron):
             raise ValueError(f"fitting_net neuron must be a non-empty list of positive integers, "
                              f"got {list(self.fitting_neuron)!r}")
@@ -143,12 +170,15 @@ KEYS = {
     "loss": {"type", "start_pref_h", "limit_pref_h"} | {f.name for f in fields(LossConfig)},
     "training": {"training_data", "validation_data", "numb_steps", "numb_epoch", "seed", "disp_file", "disp_freq",
                  "save_freq", "save_ckpt", "max_ckpt_keep", "disp_training", "change_bias_after_training",
-                 "ckpt_keep_ratio", "enable_ema", "gradient_max_norm"},
+                 "ckpt_keep_ratio", "enable_ema", "gradient_max_norm", "mixed_precision"},
+    "training/mixed_precision": {"compute_prec", "output_prec"},
     "training/training_data": {"systems", "batch_size", "sys_probs", "auto_prob", "auto_prob_style", "rglob_patterns",
                                "min_pair_dist"},
     "training/validation_data": {"systems", "batch_size", "numb_btch", "sys_probs", "auto_prob", "auto_prob_style",
                                  "rglob_patterns"},
 }
+# the sections of training that may be absent
+OPTIONAL_SECTIONS = ("training/validation_data", "training/mixed_precision")
 # deepmd-kit's keys that steer only its own machinery (logging, profiling, caches, parallel runs):
 # accepted, and named in one line at the start of a run (TrainConfig.ignored)
 IGNORED = {
@@ -171,6 +201,8 @@ ALIASES = {
 # The values these keys may take (deepmd-kit's default first): minidp has no other
 # the nets' precisions minidp runs (deepmd-kit's "default" is float64)
 PRECISIONS = ("float64", "default", "float32")
+# mixed_precision's output precisions (deepmd-kit's TF trainer: float32 only; see MixedPrecision)
+OUTPUT_PRECISIONS = ("float32", "float64")
 FIXED = {"model/descriptor/type": ("se_e2_a", "se_a"), "model/fitting_net/type": ("ener",),
          "loss/type": ("ener",), "model/descriptor/precision": PRECISIONS,
          "model/fitting_net/precision": PRECISIONS, "model/type": ("standard",),
@@ -369,7 +401,7 @@ def _check_sections(d: dict) -> None:
     if not isinstance(d, dict):
         raise InputTypeError(f"input must be a JSON object, got {type(d).__name__}")
     for where in KEYS:
-        if where == "training/validation_data" and "validation_data" not in d.get("training", {}):
+        if where in OPTIONAL_SECTIONS and where.rpartition("/")[2] not in d.get("training", {}):
             continue
         _section(d, where)
     for key, (off, why) in NOT_TRAINED.items():
@@ -470,10 +502,22 @@ def _fitting_options(model: dict, fit: dict) -> dict:
                                                  for k, t in enumerate(excluded)})))
 
 
-def _precisions(desc: dict, fit: dict) -> tuple[str, str]:
+def _precisions(desc: dict, fit: dict, mixed: MixedPrecision | None) -> tuple[str, str]:
     """The nets' precisions, deepmd-kit's meaning: "float32" runs the embedding or fitting nets in float32
-    (positions, the environment matrix, the sums and the loss stay float64); "default" is float64."""
+    (positions, the environment matrix, the sums and the loss stay float64); "default" is float64.
+    With mixed_precision both are its output_prec, whatever the sections say (deepmd-kit's TF backend)."""
+    if mixed is not None:
+        return (mixed.output_prec, mixed.output_prec)
     return tuple("float32" if sec.get("precision") == "float32" else "float64" for sec in (desc, fit))
+
+
+def _mixed_precision(tr: dict) -> MixedPrecision | None:
+    """training/mixed_precision (absent: None); compute_prec is required, as in deepmd-kit's schema."""
+    sec = tr.get("mixed_precision")
+    if sec is None:
+        return None
+    w = "training/mixed_precision"
+    return MixedPrecision(_value(sec, w, "compute_prec", _text), _value(sec, w, "output_prec", _text, "float32"))
 
 
 def _run_keys(model: dict, desc: dict, tr: dict) -> dict:
@@ -512,7 +556,9 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
             auto_sel(desc["sel"], [])  # a bad spelling is refused before the data are read
         except ValueError as err:
             raise InputError(f"input: model/descriptor/sel: {err}") from None
-    fitting = {**_fitting_keys(fit), **_fitting_options(model, fit), "precision": _precisions(desc, fit)}
+    mixed = _mixed_precision(tr)
+    fitting = {**_fitting_keys(fit), **_fitting_options(model, fit), "precision": _precisions(desc, fit, mixed),
+               "mixed_precision": mixed}
     # LossConfig checks its own values (numbers, flags, huber_delta, loss_func); the message names the key
     losses = validated("input", LossConfig, **{f.name: loss[f.name] for f in fields(LossConfig) if f.name in loss})
     training = _data_config(tr["training_data"], "training/training_data", base)

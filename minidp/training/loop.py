@@ -14,6 +14,9 @@ The story of one run (:func:`train`):
    gradient (:func:`minidp.training.loss.loss_and_grad`); one Adam (or AdamW) update at the
    learning rate of deepmd-kit's schedule (``exp``, ``cosine`` or ``wsd``, with its warm-up:
    :func:`minidp.optim.lr_schedule`), e.g. ``exp``'s :math:`\eta_t = \eta_0 r^{\lfloor t/s \rfloor}`.
+   With ``training/mixed_precision`` the loss and gradient are those of the model's copy whose
+   nets compute on rounded operands (:meth:`minidp.model.EnergyModel.with_compute`); the update
+   goes to the master weights.
 5. **Record**: every ``disp_freq`` steps a line of ``lcurve.out`` in
    deepmd-kit's columns; every ``save_freq`` steps a checkpoint
    (model ``.dp`` + optimizer and sampler state ``.npz``) that ``restart``
@@ -230,15 +233,18 @@ def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, resta
         pref = prefactors(config.loss, lr, config.lr.start_lr)
         t0 = time.perf_counter()
         k, frames = samplers["trn"].next()
+        # mixed precision: this step's copy of the nets with rounded weights; its gradients update model
+        mixed = config.mixed_precision
+        computed = model if mixed is None else model.with_compute(mixed.compute_prec)
         # overflow in a diverging run is reported by check_step, in one line
         with np.errstate(over="ignore", invalid="ignore"):
-            value, grads, _ = loss_and_grad(model, make_batch(run.train_sys[k], frames, cfg), pref)
+            value, grads, _ = loss_and_grad(computed, make_batch(run.train_sys[k], frames, cfg), pref)
             elapsed = time.perf_counter() - t0
             shown = config.disp_training and (step % config.disp_freq == 0 or step == n)
             # training and validation errors of the same weights, those before this step's update
             errors = {"trn": value}
             if shown and run.val_sys:
-                errors["val"] = validation_errors(model, run.val_sys, samplers["val"], config, pref)
+                errors["val"] = validation_errors(computed, run.val_sys, samplers["val"], config, pref)
         check_step(step, step == run.step, errors, grads, checkpoint)
         if due:
             checkpoint = save_checkpoint(workdir / config.save_ckpt, step, model, opt, states, run.data, overwrite)
