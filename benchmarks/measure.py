@@ -6,7 +6,7 @@ A process per measurement makes the peak resident memory (``ru_maxrss``)
 belong to that measurement alone, and keeps TensorFlow's and Numba's thread
 pools from meeting.
 
-A model measurement (``kind`` "minidp" or "tf") goes in five steps:
+A model measurement (``kind`` "minidp", "tf" or "pt": deepmd-kit's TensorFlow or PyTorch) goes in five steps:
 
 1. import the library, load the model and the frames: ``rss_load`` (bytes);
 2. a tiny warm-up, two atoms of each type of the first frame, which compiles
@@ -157,8 +157,9 @@ def time_calls(call: Callable[[], object], repeats: int, min_seconds: float = 0.
 # ---------------------------------------------------------------------------
 
 
-def tf_evaluator(spec: dict) -> tuple[Callable, dict]:
-    """deepmd-kit's TensorFlow DeepPot on the spec's .pb; threads come from the environment (set by run.py)."""
+def deepmd_evaluator(spec: dict) -> tuple[Callable, dict]:
+    """deepmd-kit's DeepPot on the spec's model: TensorFlow for a .pb, PyTorch for a .pth (run.py then puts
+    the copy of deepmd-kit of benchmarks.deepmd_pt first on PYTHONPATH); threads come from the environment."""
     from deepmd.infer import DeepPot
 
     dp = DeepPot(spec["model"])
@@ -197,7 +198,7 @@ def chunk_info(info: dict, nf: int, natoms: int) -> dict:
 
 def measure_model(spec: dict) -> dict:
     """The five steps of the module docstring for one implementation on one input."""
-    make = {"tf": tf_evaluator, "minidp": minidp_evaluator}[spec["kind"]]
+    make = {"tf": deepmd_evaluator, "pt": deepmd_evaluator, "minidp": minidp_evaluator}[spec["kind"]]
     evaluate, info = make(spec)
     coords, cells, types = load_frames(spec)
     nf, natoms, _ = coords.shape

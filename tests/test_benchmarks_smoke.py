@@ -83,7 +83,7 @@ def tiny_settings(tmp_path) -> run.Settings:
     s = run.settings(need(MODEL_PB), need(WATER / "data_3"), tmp_path, threads=1, quick=True, mem_limit_gib=4.0)
     return replace(s, nframes=2, budget_frames=2, repeats=1, chunk_sizes=(192,), budgets=(64 * run.MIB,),
                    replicas=((1, 1, 1),), large_replicas=(1, 1, 2), model_minidp=need(MODEL_DP),
-                   dgemm_shapes=((64, 64, 64),))
+                   dgemm_shapes=((64, 64, 64),), train_steps=None)
 
 
 def test_a_measurement_runs_in_its_own_process(tmp_path):
