@@ -34,6 +34,11 @@ def installed_deepmd() -> Path | None:
     return Path(spec.origin).parent if spec and spec.origin else None
 
 
+def e3nn_installed() -> bool:
+    """Whether ``e3nn``, which ``deepmd.pt`` imports, can be imported here (and so in the measurements)."""
+    return importlib.util.find_spec("e3nn") is not None
+
+
 def newest_mtime(folder: Path) -> float:
     """The latest modification time of any file under folder (the copy is stale when the package is newer)."""
     return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
@@ -49,7 +54,7 @@ def package_copy(out: Path) -> dict:
     src = installed_deepmd()
     if src is None:
         return {"status": "skipped: deepmd-kit is not installed", "pythonpath": None}
-    if importlib.util.find_spec("e3nn") is None:
+    if not e3nn_installed():
         return {"status": "skipped: deepmd.pt imports e3nn, which is not installed (pip install e3nn)",
                 "pythonpath": None}
     root = out / COPY_DIR
