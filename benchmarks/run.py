@@ -15,10 +15,15 @@ says so. Sections (each a function below):
    falls on all of them; then minidp's peak memory against memory budgets;
 4. size scaling: one frame of replicated water boxes, 192 to 24,576 atoms;
 5. a frame of more than 100,000 atoms in a 2 GiB budget;
-6. FLOPs per frame (:mod:`benchmarks.flops`) and the fraction of the dgemm peak.
+6. FLOPs per frame (:mod:`benchmarks.flops`) and the fraction of the dgemm peak, also per minidp row;
+7. float32 rows (``--no-float32`` to skip); deepmd-kit's PyTorch backend from a copy of the package
+   (:mod:`benchmarks.deepmd_pt`, ``--no-pt`` to skip); one frame per call;
+8. training: dp --tf / --pt train against minidp train, s/step (:mod:`benchmarks.training`, ``--train-steps``);
+9. ``--load``: every measurement also with a busy process beside it, every ratio idle and loaded.
 
 Outputs in ``--out`` (each written whole, then renamed): results.json,
-results.md, PNG plots (:mod:`benchmarks.report`). Medians throughout; ratios
+results.md (its summary table: :func:`benchmarks.report.summary_md`), PNG plots (:mod:`benchmarks.report`).
+Medians throughout; ratios
 are of medians of the same run.
 """
 
