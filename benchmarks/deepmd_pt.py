@@ -40,8 +40,10 @@ def e3nn_installed() -> bool:
 
 
 def newest_mtime(folder: Path) -> float:
-    """The latest modification time of any file under folder (the copy is stale when the package is newer)."""
-    return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=0.0)
+    """The latest modification time of the package's files under folder (the copy is stale when the package is
+    newer); compiled ``__pycache__`` files are left out: importing the package rewrites them."""
+    return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts),
+               default=0.0)
 
 
 def package_copy(out: Path) -> dict:

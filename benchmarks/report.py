@@ -304,15 +304,17 @@ def scaling_md(results: dict) -> list[str]:
         m, t = pair.get("minidp", {}), pair.get("tf", {})
         natoms = m.get("natoms") or t.get("natoms")
         speed = t["us_per_atom"] / m["us_per_atom"] if "us_per_atom" in m and "us_per_atom" in t else None
+        ml, tl = m.get("loaded", {}), t.get("loaded", {})  # --load: the loaded twins
+        loaded = tl["us_per_atom"] / ml["us_per_atom"] if "us_per_atom" in ml and "us_per_atom" in tl else None
         rows.append([str(natoms or "-"), reps, fmt(m.get("us_per_atom")), fmt(m.get("us_per_atom_min")),
-                     fmt(t.get("us_per_atom")), fmt(t.get("us_per_atom_min")), fmt(speed, ".2f"),
+                     fmt(t.get("us_per_atom")), fmt(t.get("us_per_atom_min")), fmt(speed, ".2f"), fmt(loaded, ".2f"),
                      fmt(m["us_per_atom"] / base if base and "us_per_atom" in m else None, ".2f"),
                      fmt(m.get("memory", {}).get("peak_mib"), ".0f"), fmt(t.get("memory", {}).get("peak_mib"), ".0f"),
                      fmt(m.get("cores_used"), ".2f"), fmt(t.get("cores_used"), ".2f"),
                      "; ".join(f"{k}: {v['status']}" for k, v in pair.items() if v["status"] != "ok")])
     return (["## Size scaling: one frame of replicated water boxes per eval call", ""]
             + table(["atoms", "replicas", "minidp us/atom", "(fastest)", "TF us/atom", "(fastest)", "x TF",
-                     "minidp / smallest",
+                     "x TF loaded", "minidp / smallest",
                      "minidp peak MiB", "TF peak MiB", "minidp cores used", "TF cores used", "status"], rows) + [""])
 
 
