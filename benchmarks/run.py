@@ -524,8 +524,8 @@ def run_all(s: Settings, run=None) -> dict:
     if pt:
         results["pt"] = pt
         if pt["pythonpath"] is None:  # the one line of why: the run goes on without these rows
-            print(f"deepmd-kit PyTorch rows skipped: {pt['status']}" + (f" ({pt['message']})" * bool(pt.get("message"))),
-                  file=sys.stderr)
+            why = f"{pt['status']} ({pt['message']})" if pt.get("message") else pt["status"]
+            print("deepmd-kit PyTorch rows skipped: " + why.replace("\n", " / "), file=sys.stderr)
     pt_path = pt["pythonpath"] if pt else None
     n_pt = bool(pt_path) * (2 + bool(pt and pt.get("pth_float32")))
     total = (1 + s.rounds * (1 + (compressed is not None) + len(s.chunk_sizes) + 2 + n_pt) + len(s.budgets)
