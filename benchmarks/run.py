@@ -510,6 +510,16 @@ def meta(s: Settings) -> dict:
             "DP_INFER_BATCH_SIZE": os.environ.get("DP_INFER_BATCH_SIZE", "default (1024)")}
 
 
+def planned_runs(s: Settings, compressed: bool, float32: dict | None, pt: dict | None) -> int:
+    """Measurements the run will make (for the progress bar; training runs not included)."""
+    n_pt = bool(pt and pt["pythonpath"]) * (2 + bool(pt and pt.get("pth_float32")))
+    total = (1 + s.rounds * (1 + compressed + len(s.chunk_sizes) + 2 + n_pt) + len(s.budgets)
+             + 2 * len(s.replicas) + (s.large_replicas is not None))
+    total += (1 + 2 * s.rounds) if float32 else 0
+    total = (0 if s.compressed_only else total) + 4 * s.rounds + 2 * len(s.replicas)
+    return total * (1 + s.load)
+
+
 def run_all(s: Settings, run=None) -> dict:
     """Every section in order; ``run`` (spec, label[, timeout]) -> result defaults to a subprocess Runner."""
     from tqdm.auto import tqdm
@@ -531,14 +541,8 @@ def run_all(s: Settings, run=None) -> dict:
             why = f"{pt['status']} ({pt['message']})" if pt.get("message") else pt["status"]
             print("deepmd-kit PyTorch rows skipped: " + why.replace("\n", " / "), file=sys.stderr)
     pt_path = pt["pythonpath"] if pt else None
-    n_pt = bool(pt_path) * (2 + bool(pt and pt.get("pth_float32")))
-    total = (1 + s.rounds * (1 + (compressed is not None) + len(s.chunk_sizes) + 2 + n_pt) + len(s.budgets)
-             + 2 * len(s.replicas) + (s.large_replicas is not None))
-    total += (1 + 2 * s.rounds) if float32 else 0
-    total = (0 if s.compressed_only else total) + 4 * s.rounds + 2 * len(s.replicas)
-    total *= 1 + s.load
     train = bool(s.train_steps) and not s.compressed_only
-    total += training.runs_planned(s, pt_path) if train else 0
+    total = planned_runs(s, compressed is not None, float32, pt) + (training.runs_planned(s, pt_path) if train else 0)
     with tempfile.TemporaryDirectory(dir=s.out, prefix=".work-") as tmp, \
             tqdm(total=total, unit="run", disable=None) as bar:
         work = Path(tmp)
