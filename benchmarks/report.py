@@ -339,8 +339,10 @@ def flops_md(results: dict) -> list[str]:
     f = results["flops"]
     rows = []
     # the float32 rows count their float64 twin's FLOPs; their fraction is of the sgemm peak
-    named = list(f["per_frame"].items()) + [(f"{n}-float32", f["per_frame"][n]) for n in ("minidp", "tf")
-                                            if f"{n}-float32" in f["achieved"]]
+    # deepmd-kit's PyTorch rows count TF's FLOPs (every sel slot through the nets)
+    named = list(f["per_frame"].items()) + [(n, f["per_frame"]["tf"]) for n in ("pt",) if n in f["achieved"]] + [
+        (f"{n}-float32", f["per_frame"]["tf" if n == "pt" else n]) for n in ("minidp", "tf", "pt")
+        if f"{n}-float32" in f["achieved"]]
     for name, parts in named:
         a = f["achieved"].get(name, {})
         rows.append([name] + [fmt(parts[k] / 1e6, ".0f") for k in ("embedding", "contraction", "fitting", "total")]
@@ -364,7 +366,8 @@ def notes_md(results: dict) -> list[str]:
     e = {r["name"]: r["energy_per_atom"] for r in results["throughput"] if r["status"] == "ok"}
     if "tf" in e and "minidp" in e:
         lines.append(f"- energy per atom of the first frame, minidp - TF: {e['minidp'] - e['tf']:.2e} eV"
-                     + (f"; compressed TF - TF: {e['tf-compressed'] - e['tf']:.2e} eV" if "tf-compressed" in e else ""))
+                     + (f"; compressed TF - TF: {e['tf-compressed'] - e['tf']:.2e} eV" if "tf-compressed" in e else "")
+                     + (f"; PyTorch - TF: {e['pt'] - e['tf']:.2e} eV" if "pt" in e else ""))
     f32 = results.get("float32_models")
     if f32:
         lines.append(f"- float32 model (the .dp's nets rounded to float32): {f32['status']}"
@@ -393,7 +396,8 @@ def notes_md(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     """The whole report: machine, targets, then one table per section."""
     m = results["meta"]
-    head = [f"# minidp vs deepmd-kit {m['versions'].get('deepmd-kit')} (TensorFlow)", "",
+    backends = "TensorFlow and PyTorch" if ok_rows(results["throughput"], "pt") else "TensorFlow"
+    head = [f"# minidp vs deepmd-kit {m['versions'].get('deepmd-kit')} ({backends})", "",
             f"`{m['command']}` on {m['date']}: {m['cpu']}, {m['cores']} cores (shared), {m['threads']} threads "
             f"for both; load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end; "
             f"{m['elapsed_s'] / 60:.1f} min{' (--quick)' if m['quick'] else ''}. Medians of "
