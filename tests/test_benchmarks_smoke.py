@@ -66,6 +66,14 @@ def test_parse_args_names_bad_values(tmp_path):
     need(MODEL_PB)
     with pytest.raises(ValueError, match="--threads must be positive, got 0"):
         run.parse_args(["--model", str(MODEL_PB), "--data", str(need(WATER / "data_3")), "--threads", "0"])
+    base = ["--model", str(MODEL_PB), "--data", str(WATER / "data_3")]
+    with pytest.raises(ValueError, match="--train-steps must be 0 .* got -1"):
+        run.parse_args(base + ["--train-steps", "-1"])
+    with pytest.raises(ValueError, match="--shared .*nowhere has no models/input.json"):
+        run.parse_args(base + ["--shared", str(tmp_path / "nowhere")])
+    s = run.parse_args(base + ["--quick", "--load", "--no-pt"])
+    assert s.load and not s.pt and s.train_steps == 20
+    assert run.parse_args(base + ["--train-steps", "0", "--shared", str(tmp_path)]).train_steps is None
 
 
 def test_watchdog_kills_on_time_and_memory(tmp_path):
