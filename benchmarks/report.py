@@ -219,8 +219,8 @@ def summary_md(results: dict) -> list[str]:
                      fmt(mini.get("gflops")), fmt(mini.get("fraction_of_gemm"), ".2f")]
                     + ([fmt(ratio(p, "tf", True), ".2f"), fmt(ratio(p, "pt", True), ".2f")] if loaded else []))
     return (["## Summary", ""] + table(header, rows)
-            + ["", f"Medians; x: deepmd-kit's time over minidp's (same run, interleaved); minidp's best batch_size. "
-                   f"{machine_line(results)}", ""])
+            + ["", (f"Medians; x: deepmd-kit's time over minidp's (same run, interleaved); minidp's best "
+                    f"batch_size. {machine_line(results)}"), ""])
 
 
 def load_md(results: dict) -> list[str]:
@@ -242,8 +242,8 @@ def load_md(results: dict) -> list[str]:
     return (["## Under load: each measurement again with a single-threaded busy process beside it", ""]
             + table(["path", "contender", "idle", "loaded", "loaded / idle", "x TF idle", "x TF loaded", "x PT idle",
                      "x PT loaded"], rows)
-            + ["", "Times in each path's unit (summary table). minidp's speed-ups hold under load when its loaded / "
-                   "idle is no larger than deepmd-kit's.", ""])
+            + ["", ("Times in each path's unit (summary table). minidp's speed-ups hold under load when its "
+                    "loaded / idle is no larger than deepmd-kit's."), ""])
 
 
 def one_frame_md(results: dict) -> list[str]:
@@ -270,9 +270,9 @@ def training_md(results: dict) -> list[str]:
     return ([f"## Training: {tr['steps']} steps on the water input (disp_freq {tr['disp_freq']})", ""]
             + table(["program", "precision", "s/step (median of rounds)", "s/step (min)", "steps/s",
                      "x dp --tf train", "x dp --pt train", "wall s", "status"], rows)
-            + ["", "s/step as each program prints it after its warm-up: deepmd-kit's \"average training time\" "
-                   "(the first display interval left out), minidp train's mean after its first 10 steps. "
-                   "x: deepmd-kit's s/step over minidp's, same precision, same run.", ""]
+            + ["", ("s/step as each program prints it after its warm-up: deepmd-kit's \"average training time\" "
+                    "(the first display interval left out), minidp train's mean after its first 10 steps. "
+                    "x: deepmd-kit's s/step over minidp's, same precision, same run."), ""]
             + notes_of(tr["rows"], "training"))
 
 
