@@ -132,7 +132,8 @@ def throughput_md(results: dict) -> list[str]:
                      fmt(r.get("speedup_best_vs_tf"), ".2f"), fmt(r.get("speedup_vs_tf_compressed"), ".2f"),
                      fmt(r.get("speedup_vs_tf_float32"), ".2f"), fmt(r.get("speedup_vs_pt"), ".2f"),
                      fmt(r.get("speedup_vs_pt_float32"), ".2f"), fmt(r.get("gflops")),
-                     fmt(r.get("fraction_of_gemm"), ".2f"), fmt(m.get("peak_mib"), ".0f"), fmt(m.get("over_load_mib"), ".0f"),
+                     fmt(r.get("fraction_of_gemm"), ".2f"), fmt(m.get("peak_mib"), ".0f"),
+                     fmt(m.get("over_load_mib"), ".0f"),
                      fmt(m.get("over_base_mib"), ".0f"), fmt(in_flight, ".0f"), fmt(r.get("cores_used"), ".2f"),
                      status_cell(r)])
     meta = results["meta"]
@@ -264,7 +265,8 @@ def training_md(results: dict) -> list[str]:
     tr = results.get("training")
     if not tr:
         return []
-    rows = [[r["name"], r["precision"], fmt(r.get("seconds_per_step"), ".4f"), fmt(r.get("seconds_per_step_min"), ".4f"),
+    rows = [[r["name"], r["precision"], fmt(r.get("seconds_per_step"), ".4f"),
+             fmt(r.get("seconds_per_step_min"), ".4f"),
              fmt(r.get("steps_per_s"), ".2f"), fmt(r.get("speedup_vs_dp_tf"), ".2f"),
              fmt(r.get("speedup_vs_dp_pt"), ".2f"), fmt(r.get("wall_s")), status_cell(r)] for r in tr["rows"]]
     return ([f"## Training: {tr['steps']} steps on the water input (disp_freq {tr['disp_freq']})", ""]

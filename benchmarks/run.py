@@ -585,7 +585,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--model", type=Path, default=SHARED / "models" / "water-14000.pb", help="deepmd-kit frozen .pb")
     p.add_argument("--data", type=Path, default=SHARED / "data" / "water" / "data_3", help="system of frames")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
-    p.add_argument("--quick", action="store_true", help="a short version: fewer frames, sizes, rounds and 20 training steps")
+    p.add_argument("--quick", action="store_true",
+                   help="a short version: fewer frames, sizes, rounds and 20 training steps")
     p.add_argument("--threads", type=int, default=2, help="threads of every program (default 2)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per measurement (default 120)")
     p.add_argument("--mem-limit", type=float, default=None,
