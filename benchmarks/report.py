@@ -268,13 +268,16 @@ def training_md(results: dict) -> list[str]:
     rows = [[r["name"], r["precision"], fmt(r.get("seconds_per_step"), ".4f"),
              fmt(r.get("seconds_per_step_min"), ".4f"),
              fmt(r.get("steps_per_s"), ".2f"), fmt(r.get("speedup_vs_dp_tf"), ".2f"),
-             fmt(r.get("speedup_vs_dp_pt"), ".2f"), fmt(r.get("wall_s")), status_cell(r)] for r in tr["rows"]]
+             fmt(r.get("speedup_vs_dp_pt"), ".2f"), fmt(r.get("gflops")), fmt(r.get("fraction_of_gemm"), ".2f"),
+             fmt(r.get("wall_s")), status_cell(r)] for r in tr["rows"]]
     return ([f"## Training: {tr['steps']} steps on the water input (disp_freq {tr['disp_freq']})", ""]
             + table(["program", "precision", "s/step (median of rounds)", "s/step (min)", "steps/s",
-                     "x dp --tf train", "x dp --pt train", "wall s", "status"], rows)
+                     "x dp --tf train", "x dp --pt train", "GFLOP/s", "/ gemm peak", "wall s", "status"], rows)
             + ["", ("s/step as each program prints it after its warm-up: deepmd-kit's \"average training time\" "
                     "(the first display interval left out), minidp train's mean after its first 10 steps. "
-                    "x: deepmd-kit's s/step over minidp's, same precision, same run."), ""]
+                    "x: deepmd-kit's s/step over minidp's, same precision, same run. GFLOP/s: "
+                    "benchmarks.flops.training_flops of one frame of --data (a step of the water input) over "
+                    "minidp's s/step; / gemm peak: of the dgemm (float64) or sgemm (float32) peak."), ""]
             + notes_of(tr["rows"], "training"))
 
 

@@ -448,7 +448,7 @@ def flops_section(model, frames: dict, results: dict) -> dict:
     Achieved GFLOP/s use the best median ms/frame of each implementation in
     the throughput sweep; the fraction is of the square dgemm peak.
     """
-    from benchmarks.flops import flops_per_frame, neighbour_counts
+    from benchmarks.flops import flops_per_frame, neighbour_counts, training_flops
     from minidp.neighbor import build_neighbor_list
 
     cfg = model.descriptor.config
@@ -473,6 +473,12 @@ def flops_section(model, frames: dict, results: dict) -> dict:
     for row in ok_rows(results["throughput"]) + ok_rows(results["one_frame"]):
         if row["name"].startswith("minidp"):
             add_rate(row, per_frame["minidp"]["total"], speak if row["name"].endswith("float32") else peak)
+    # a training step of the water input is one frame of these (batch_size "auto": 32 atoms or more)
+    step = training_flops(model, counts, np.bincount(types, minlength=cfg.ntypes))["total"]
+    for row in ok_rows(results.get("training", {}).get("rows", []), "minidp"):
+        top = speak if row["precision"] == "float32" else peak
+        row["gflops"] = step / row["seconds_per_step"] / 1e9
+        row["fraction_of_gemm"] = row["gflops"] / top if top else None
     return {"natoms": int(types.size), "real_neighbours_per_atom": float(counts.sum()) / types.size,
             "slots_per_atom": cfg.nnei, "per_frame": per_frame, "achieved": achieved, "dgemm_peak_gflops": peak,
             "sgemm_peak_gflops": speak}

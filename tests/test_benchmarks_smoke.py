@@ -122,6 +122,7 @@ def test_all_sections_and_outputs_on_tiny_inputs(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "deepmd-kit PyTorch rows skipped: " in err and ("e3nn" in err or "not installed" in err)
     assert [r["name"] for r in results["one_frame"]] == ["tf", "minidp"]
+    assert results["one_frame"][1]["gflops"] > 0 and results["throughput"][1]["fraction_of_gemm"] > 0
     paths = report.write_outputs(results, tmp_path)
     assert sorted(p.name for p in paths) == ["memory.png", "results.json", "results.md", "throughput.png",
                                              "time_per_atom.png"]
@@ -274,6 +275,7 @@ def test_summary_table_of_paths_and_contenders(tmp_path, capsys):
     assert "| exact float64, 40 frames per call | deepmd-kit TF | 60 | 90 | 1.50 |" in load
     train = "\n".join(report.training_md(results))
     assert "| minidp | float64 | 0.0700 |" in train and "dp --pt float32: failed (exit 1): no e3nn" in train
+    assert "GFLOP/s" in train
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert report.main([str(tmp_path / "results.json")]) == 0
     assert capsys.readouterr().out.startswith("## Summary")
@@ -367,3 +369,21 @@ def test_pytorch_copy_leaves_out_the_op_library(tmp_path, monkeypatch):
     monkeypatch.setattr(deepmd_pt, "e3nn_installed", lambda: False)
     skipped = deepmd_pt.package_copy(tmp_path / "other")
     assert skipped["pythonpath"] is None and "e3nn" in skipped["status"]
+
+
+def test_minidp_training_rows_get_a_flop_rate(water_dp, water_frames):
+    """flops_section: minidp's training rows get benchmarks.flops.training_flops of one frame over their s/step,
+    against the dgemm peak (float64) or the sgemm peak (float32); deepmd-kit's rows get none."""
+    coords, cells, types = water_frames
+    frames = {"coords": coords[:1].reshape(1, -1, 3), "cells": cells[:1].reshape(1, 3, 3), "atom_types": types}
+    rows = [{"name": n, "precision": p, "status": "ok", "seconds_per_step": 0.1}
+            for n, p in (("minidp", "float64"), ("minidp", "float32"), ("dp --tf", "float64"))]
+    results = {"meta": {"nframes": 1}, "dgemm": {"peak_gflops": 50.0}, "sgemm": {"peak_gflops": 100.0},
+               "throughput": [], "one_frame": [], "training": {"rows": rows}}
+    run.flops_section(water_dp.model, frames, results)
+    cfg = water_dp.model.descriptor.config
+    nl = build_neighbor_list(frames["coords"], frames["cells"], types, cfg.rcut, cfg.sel)
+    step = flops.training_flops(water_dp.model, flops.neighbour_counts(nl.nlist, types, cfg.sec), np.bincount(types))
+    assert rows[0]["gflops"] == pytest.approx(step["total"] / 0.1 / 1e9) == rows[1]["gflops"]
+    assert rows[0]["fraction_of_gemm"] == pytest.approx(2 * rows[1]["fraction_of_gemm"])
+    assert "gflops" not in rows[2]
