@@ -6,14 +6,14 @@ A process per measurement makes the peak resident memory (``ru_maxrss``)
 belong to that measurement alone, and keeps TensorFlow's and Numba's thread
 pools from meeting.
 
-A model measurement (``kind`` "minidp" or "tf") goes in five steps:
+A model measurement (``kind`` "minidp", "tf" or "pt": deepmd-kit's TensorFlow or PyTorch) goes in five steps:
 
 1. import the library, load the model and the frames: ``rss_load`` (bytes);
 2. a tiny warm-up, two atoms of each type of the first frame, which compiles
    the Numba kernels (or builds TensorFlow's session) without touching the
    memory a full call needs: ``rss_base``; then the peak is reset
    (Linux's ``/proc/self/clear_refs``), so the peak that follows is the calls';
-3. a full warm-up call (its time is kept, as ``warmup_s``);
+3. a full warm-up call, two for deepmd-kit's TorchScript model (their time is kept, as ``warmup_s``);
 4. timed calls, each one ``eval`` of all the frames (:func:`time_calls`
    decides how many), and the cores they kept busy on average (CPU time
    over wall time: less than the threads asked for when the machine is
@@ -157,8 +157,9 @@ def time_calls(call: Callable[[], object], repeats: int, min_seconds: float = 0.
 # ---------------------------------------------------------------------------
 
 
-def tf_evaluator(spec: dict) -> tuple[Callable, dict]:
-    """deepmd-kit's TensorFlow DeepPot on the spec's .pb; threads come from the environment (set by run.py)."""
+def deepmd_evaluator(spec: dict) -> tuple[Callable, dict]:
+    """deepmd-kit's DeepPot on the spec's model: TensorFlow for a .pb, PyTorch for a .pth (run.py then puts
+    the copy of deepmd-kit of benchmarks.deepmd_pt first on PYTHONPATH); threads come from the environment."""
     from deepmd.infer import DeepPot
 
     dp = DeepPot(spec["model"])
@@ -197,7 +198,7 @@ def chunk_info(info: dict, nf: int, natoms: int) -> dict:
 
 def measure_model(spec: dict) -> dict:
     """The five steps of the module docstring for one implementation on one input."""
-    make = {"tf": tf_evaluator, "minidp": minidp_evaluator}[spec["kind"]]
+    make = {"tf": deepmd_evaluator, "pt": deepmd_evaluator, "minidp": minidp_evaluator}[spec["kind"]]
     evaluate, info = make(spec)
     coords, cells, types = load_frames(spec)
     nf, natoms, _ = coords.shape
@@ -210,7 +211,10 @@ def measure_model(spec: dict) -> dict:
     was_reset = reset_peak()
     t0 = time.perf_counter()
     if spec.get("warmup", True):
-        evaluate(coords, cells, types)
+        # deepmd-kit's PyTorch model is TorchScript: its profiling executor optimises the graph only after
+        # the first two calls, so it gets two warm-up calls
+        for _ in range(2 if spec["kind"] == "pt" else 1):
+            evaluate(coords, cells, types)
     warmup_s = time.perf_counter() - t0
     out = {}
 

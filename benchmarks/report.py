@@ -105,15 +105,18 @@ def status_cell(row: dict) -> str:
 
 
 THROUGHPUT_HEADER = ["implementation", "batch_size (chunk atoms)", "ms/frame (median)", "ms/frame (min)", "frames/s",
-                     "x TF", "x TF (fastest calls)", "x TF compressed", "x TF float32", "peak MiB", "peak - load MiB",
-                     "peak - base MiB", "KiB/atom in flight", "cores used", "status"]
+                     "x TF", "x TF (fastest calls)", "x TF compressed", "x TF float32", "x PT", "x PT float32",
+                     "GFLOP/s", "/ gemm peak", "peak MiB", "peak - load MiB", "peak - base MiB", "KiB/atom in flight",
+                     "cores used", "status"]
 THROUGHPUT_CAPTION = (
     "x TF: TF's median ms/frame over minidp's (same run, same threads); (fastest calls): the same ratio of the "
     "fastest calls, less sensitive to other users of the machine. peak - load: over the memory right after loading "
     "model and frames; peak - base: over the memory after the tiny warm-up that compiles the kernels (the figure a "
     "budget bounds). KiB/atom in flight: peak - base per centre atom of the chunks running at once; "
     "minidp.infer.bytes_per_atom estimates {estimate} KiB. cores used: CPU time over wall time of the timed calls "
-    "(below {threads} when other work shares the machine)."
+    "(below {threads} when other work shares the machine). x PT: the same against deepmd-kit's PyTorch backend. "
+    "GFLOP/s: benchmarks/flops.py's count for minidp over the median time; / gemm peak: of the dgemm peak (sgemm "
+    "for float32)."
 )
 
 
@@ -127,8 +130,10 @@ def throughput_md(results: dict) -> list[str]:
         rows.append([r["name"], chunk, fmt(r.get("ms_per_frame")), fmt(r.get("ms_per_frame_min")),
                      fmt(r.get("frames_per_s")), fmt(r.get("speedup_vs_tf"), ".2f"),
                      fmt(r.get("speedup_best_vs_tf"), ".2f"), fmt(r.get("speedup_vs_tf_compressed"), ".2f"),
-                     fmt(r.get("speedup_vs_tf_float32"), ".2f"),
-                     fmt(m.get("peak_mib"), ".0f"), fmt(m.get("over_load_mib"), ".0f"),
+                     fmt(r.get("speedup_vs_tf_float32"), ".2f"), fmt(r.get("speedup_vs_pt"), ".2f"),
+                     fmt(r.get("speedup_vs_pt_float32"), ".2f"), fmt(r.get("gflops")),
+                     fmt(r.get("fraction_of_gemm"), ".2f"), fmt(m.get("peak_mib"), ".0f"),
+                     fmt(m.get("over_load_mib"), ".0f"),
                      fmt(m.get("over_base_mib"), ".0f"), fmt(in_flight, ".0f"), fmt(r.get("cores_used"), ".2f"),
                      status_cell(r)])
     meta = results["meta"]
@@ -136,6 +141,150 @@ def throughput_md(results: dict) -> list[str]:
     caption = THROUGHPUT_CAPTION.format(estimate=fmt(estimate, ".0f"), threads=meta["threads"])
     return ([f"## Throughput: {meta['nframes']} frames of {results['flops']['natoms']} atoms per eval call", ""]
             + table(THROUGHPUT_HEADER, rows) + ["", caption, ""])
+
+
+# ---------------------------------------------------------------------------
+# The summary: one table of paths x contenders, for README / docs
+# ---------------------------------------------------------------------------
+
+CONTENDERS = ("minidp", "tf", "pt")  # the summary's columns: minidp, deepmd-kit TensorFlow, deepmd-kit PyTorch
+
+
+def fastest(rows: list[dict], name: str, key: str = "ms_per_frame") -> dict | None:
+    """The finished row of ``name`` with the smallest median (minidp's best batch_size), None if none."""
+    ok = ok_rows(rows, name)
+    return min(ok, key=lambda r: r[key]) if ok else None
+
+
+def summary_paths(results: dict) -> list[dict]:
+    """Each path the run measured: {"path", "unit", "key" (the time field), "rows" {contender: row}}."""
+    thr, one, c = results.get("throughput", []), results.get("one_frame", []), results.get("compressed") or {}
+    nf = results["meta"]["nframes"]
+    paths = [
+        (f"exact float64, {nf} frames per call", thr, {"minidp": "minidp", "tf": "tf", "pt": "pt"}),
+        ("exact float64, one frame per call", one, {"minidp": "minidp", "tf": "tf", "pt": "pt"}),
+        (f"exact float32, {nf} frames per call", thr, {k: f"{k}-float32" for k in CONTENDERS}),
+    ]
+    for mode in ("batch", "one frame per call"):
+        rows = [r for r in c.get("throughput", []) if r.get("mode") == mode]
+        paths.append((f"compressed, {mode}", rows, {"minidp": "minidp-compressed", "tf": "tf-compressed"}))
+    out = [{"path": label, "unit": "ms/frame", "key": "ms_per_frame",
+            "rows": {k: fastest(rows, name) for k, name in names.items()}} for label, rows, names in paths]
+    tr = results.get("training") or {}
+    for precision in ("float64", "float32"):
+        rows = [r for r in tr.get("rows", []) if r["precision"] == precision]
+        out.append({"path": f"training {precision} ({tr.get('steps')} steps)", "unit": "s/step",
+                    "key": "seconds_per_step",
+                    "rows": {k: fastest(rows, name, "seconds_per_step")
+                             for k, name in (("minidp", "minidp"), ("tf", "dp --tf"), ("pt", "dp --pt"))}})
+    return [p for p in out if p["rows"].get("minidp") and any(p["rows"].get(k) for k in ("tf", "pt"))]
+
+
+def ratio(path: dict, ref: str, loaded: bool = False) -> float | None:
+    """deepmd-kit's (``ref``) median time over minidp's on a path (of the loaded twins when ``loaded``)."""
+    rows = [path["rows"].get(k) for k in ("minidp", ref)]
+    if loaded:
+        rows = [r.get("loaded") if r else None for r in rows]
+    if not all(r and r["status"] == "ok" for r in rows):
+        return None
+    return rows[1][path["key"]] / rows[0][path["key"]]
+
+
+def machine_line(results: dict) -> str:
+    """Machine, versions, threads, load averages and GEMM peaks: what the numbers were measured on."""
+    m = results["meta"]
+    rates = ", ".join(f"{g} {fmt(results.get(g, {}).get('peak_gflops'))} GFLOP/s" for g in ("dgemm", "sgemm")
+                      if results.get(g))
+    return (f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads for every program; load average "
+            f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end; GEMM peaks: "
+            f"{rates or '-'}; deepmd-kit {m['versions'].get('deepmd-kit')}, numpy {m['versions'].get('numpy')}, "
+            f"{m['date']}{' (--quick)' if m['quick'] else ''}.")
+
+
+def summary_md(results: dict) -> list[str]:
+    """The one table to quote: every path x minidp / deepmd-kit TF / deepmd-kit PT, times, minidp's speed-ups,
+    its GFLOP/s and fraction of the GEMM peak (with ``--load``: the speed-ups with a busy process beside)."""
+    paths = summary_paths(results)
+    if not paths:
+        return []
+    loaded = any(r.get("loaded") for p in paths for r in p["rows"].values() if r)
+    header = ["path", "unit", "minidp", "deepmd-kit TF", "x TF", "deepmd-kit PT", "x PT", "minidp GFLOP/s",
+              "/ gemm peak"] + (["x TF loaded", "x PT loaded"] if loaded else [])
+    rows = []
+    for p in paths:
+        cell = {k: (r or {}).get(p["key"]) for k, r in p["rows"].items()}
+        spec = ".1f" if p["unit"] == "ms/frame" else ".4f"
+        mini = p["rows"]["minidp"]
+        rows.append([p["path"], p["unit"], fmt(cell.get("minidp"), spec), fmt(cell.get("tf"), spec),
+                     fmt(ratio(p, "tf"), ".2f"), fmt(cell.get("pt"), spec), fmt(ratio(p, "pt"), ".2f"),
+                     fmt(mini.get("gflops")), fmt(mini.get("fraction_of_gemm"), ".2f")]
+                    + ([fmt(ratio(p, "tf", True), ".2f"), fmt(ratio(p, "pt", True), ".2f")] if loaded else []))
+    return (["## Summary", ""] + table(header, rows)
+            + ["", (f"Medians; x: deepmd-kit's time over minidp's (same run, interleaved); minidp's best "
+                    f"batch_size. {machine_line(results)}"), ""])
+
+
+def load_md(results: dict) -> list[str]:
+    """--load: every contender's time idle and with a busy process beside it, its slowdown, and minidp's
+    speed-ups idle and loaded (they hold when minidp slows down no more than deepmd-kit)."""
+    rows = []
+    for p in summary_paths(results):
+        for k, r in p["rows"].items():
+            twin = (r or {}).get("loaded")
+            if not twin or r["status"] != "ok" or twin["status"] != "ok":
+                continue
+            speed = [fmt(ratio(p, ref, loaded), ".2f") if k == "minidp" else "" for ref in ("tf", "pt")
+                     for loaded in (False, True)]
+            rows.append([p["path"], {"minidp": "minidp", "tf": "deepmd-kit TF", "pt": "deepmd-kit PT"}[k],
+                         fmt(r[p["key"]], ".4g"), fmt(twin[p["key"]], ".4g"), fmt(twin[p["key"]] / r[p["key"]], ".2f")]
+                        + speed)
+    if not rows:
+        return []
+    return (["## Under load: each measurement again with a single-threaded busy process beside it", ""]
+            + table(["path", "contender", "idle", "loaded", "loaded / idle", "x TF idle", "x TF loaded", "x PT idle",
+                     "x PT loaded"], rows)
+            + ["", ("Times in each path's unit (summary table). minidp's speed-ups hold under load when its "
+                    "loaded / idle is no larger than deepmd-kit's."), ""])
+
+
+def one_frame_md(results: dict) -> list[str]:
+    """One frame per call (MD's case): ms per call of each contender, minidp's speed-ups and FLOP rate."""
+    rows = [[r["name"], fmt(r.get("ms_per_frame")), fmt(r.get("ms_per_frame_min")), fmt(r.get("speedup_vs_tf"), ".2f"),
+             fmt(r.get("speedup_vs_pt"), ".2f"), fmt(r.get("gflops")), fmt(r.get("fraction_of_gemm"), ".2f"),
+             fmt(r.get("cores_used"), ".2f"), status_cell(r)] for r in results.get("one_frame", [])]
+    if not rows:
+        return []
+    return (["## One frame per call (each call waits for the last, as in MD)", ""]
+            + table(["implementation", "ms/call (median)", "ms/call (min)", "x TF", "x PT", "GFLOP/s", "/ gemm peak",
+                     "cores used", "status"], rows) + [""])
+
+
+def training_md(results: dict) -> list[str]:
+    """Seconds per training step of each program and precision, minidp's speed-ups (each program's own
+    figure after its warm-up)."""
+    tr = results.get("training")
+    if not tr:
+        return []
+    rows = [[r["name"], r["precision"], fmt(r.get("seconds_per_step"), ".4f"),
+             fmt(r.get("seconds_per_step_min"), ".4f"),
+             fmt(r.get("steps_per_s"), ".2f"), fmt(r.get("speedup_vs_dp_tf"), ".2f"),
+             fmt(r.get("speedup_vs_dp_pt"), ".2f"), fmt(r.get("gflops")), fmt(r.get("fraction_of_gemm"), ".2f"),
+             fmt(r.get("wall_s")), status_cell(r)] for r in tr["rows"]]
+    return ([f"## Training: {tr['steps']} steps on the water input (disp_freq {tr['disp_freq']})", ""]
+            + table(["program", "precision", "s/step (median of rounds)", "s/step (min)", "steps/s",
+                     "x dp --tf train", "x dp --pt train", "GFLOP/s", "/ gemm peak", "wall s", "status"], rows)
+            + ["", ("s/step as each program prints it after its warm-up: deepmd-kit's \"average training time\" "
+                    "(the first display interval left out), minidp train's mean after its first 10 steps. "
+                    "x: deepmd-kit's s/step over minidp's, same precision, same run. GFLOP/s: "
+                    "benchmarks.flops.training_flops of one frame of --data (a step of the water input) over "
+                    "minidp's s/step; / gemm peak: of the dgemm (float64) or sgemm (float32) peak."), ""]
+            + notes_of(tr["rows"], "training"))
+
+
+def notes_of(rows: list[dict], section: str) -> list[str]:
+    """One line per failed row of a section, with its log's tail."""
+    return [f"- {section} {r['name']} {r.get('precision', r.get('mode', ''))}: {r['status']}: "
+            + r["log"].replace("\n", " / ")[-400:] for r in rows if r["status"] != "ok" and r.get("log")]
 
 
 def budgets_md(results: dict) -> list[str]:
@@ -160,15 +309,17 @@ def scaling_md(results: dict) -> list[str]:
         m, t = pair.get("minidp", {}), pair.get("tf", {})
         natoms = m.get("natoms") or t.get("natoms")
         speed = t["us_per_atom"] / m["us_per_atom"] if "us_per_atom" in m and "us_per_atom" in t else None
+        ml, tl = m.get("loaded", {}), t.get("loaded", {})  # --load: the loaded twins
+        loaded = tl["us_per_atom"] / ml["us_per_atom"] if "us_per_atom" in ml and "us_per_atom" in tl else None
         rows.append([str(natoms or "-"), reps, fmt(m.get("us_per_atom")), fmt(m.get("us_per_atom_min")),
-                     fmt(t.get("us_per_atom")), fmt(t.get("us_per_atom_min")), fmt(speed, ".2f"),
+                     fmt(t.get("us_per_atom")), fmt(t.get("us_per_atom_min")), fmt(speed, ".2f"), fmt(loaded, ".2f"),
                      fmt(m["us_per_atom"] / base if base and "us_per_atom" in m else None, ".2f"),
                      fmt(m.get("memory", {}).get("peak_mib"), ".0f"), fmt(t.get("memory", {}).get("peak_mib"), ".0f"),
                      fmt(m.get("cores_used"), ".2f"), fmt(t.get("cores_used"), ".2f"),
                      "; ".join(f"{k}: {v['status']}" for k, v in pair.items() if v["status"] != "ok")])
     return (["## Size scaling: one frame of replicated water boxes per eval call", ""]
             + table(["atoms", "replicas", "minidp us/atom", "(fastest)", "TF us/atom", "(fastest)", "x TF",
-                     "minidp / smallest",
+                     "x TF loaded", "minidp / smallest",
                      "minidp peak MiB", "TF peak MiB", "minidp cores used", "TF cores used", "status"], rows) + [""])
 
 
@@ -193,8 +344,10 @@ def flops_md(results: dict) -> list[str]:
     f = results["flops"]
     rows = []
     # the float32 rows count their float64 twin's FLOPs; their fraction is of the sgemm peak
-    named = list(f["per_frame"].items()) + [(f"{n}-float32", f["per_frame"][n]) for n in ("minidp", "tf")
-                                            if f"{n}-float32" in f["achieved"]]
+    # deepmd-kit's PyTorch rows count TF's FLOPs (every sel slot through the nets)
+    named = list(f["per_frame"].items()) + [(n, f["per_frame"]["tf"]) for n in ("pt",) if n in f["achieved"]] + [
+        (f"{n}-float32", f["per_frame"]["tf" if n == "pt" else n]) for n in ("minidp", "tf", "pt")
+        if f"{n}-float32" in f["achieved"]]
     for name, parts in named:
         a = f["achieved"].get(name, {})
         rows.append([name] + [fmt(parts[k] / 1e6, ".0f") for k in ("embedding", "contraction", "fitting", "total")]
@@ -218,7 +371,8 @@ def notes_md(results: dict) -> list[str]:
     e = {r["name"]: r["energy_per_atom"] for r in results["throughput"] if r["status"] == "ok"}
     if "tf" in e and "minidp" in e:
         lines.append(f"- energy per atom of the first frame, minidp - TF: {e['minidp'] - e['tf']:.2e} eV"
-                     + (f"; compressed TF - TF: {e['tf-compressed'] - e['tf']:.2e} eV" if "tf-compressed" in e else ""))
+                     + (f"; compressed TF - TF: {e['tf-compressed'] - e['tf']:.2e} eV" if "tf-compressed" in e else "")
+                     + (f"; PyTorch - TF: {e['pt'] - e['tf']:.2e} eV" if "pt" in e else ""))
     f32 = results.get("float32_models")
     if f32:
         lines.append(f"- float32 model (the .dp's nets rounded to float32): {f32['status']}"
@@ -232,8 +386,12 @@ def notes_md(results: dict) -> list[str]:
         e = [r["energy_per_atom"] for r in rows]
         lines.append(f"- energy per atom of the replicated boxes, both implementations, all sizes: spread "
                      f"{max(e) - min(e):.1e} eV (replicas keep every environment, so it should be round-off)")
-    for section in ("throughput", "budgets", "scaling"):
-        for r in results[section]:
+    pt = results.get("pt")
+    if pt:
+        lines.append(f"- deepmd-kit PyTorch backend (a copy of the package without its operator library, "
+                     f"benchmarks/deepmd_pt.py): {pt['status']}" + (f" ({pt['message']})" if pt.get("message") else ""))
+    for section in ("throughput", "one_frame", "budgets", "scaling"):
+        for r in results.get(section, []):
             if r["status"] != "ok" and r.get("log"):
                 lines.append(f"- {section} {r['name']} {r.get('reps', r.get('requested', ''))}: {r['status']}: "
                              + r["log"].replace("\n", " / ")[-400:])
@@ -243,14 +401,16 @@ def notes_md(results: dict) -> list[str]:
 def markdown(results: dict) -> str:
     """The whole report: machine, targets, then one table per section."""
     m = results["meta"]
-    head = [f"# minidp vs deepmd-kit {m['versions'].get('deepmd-kit')} (TensorFlow)", "",
+    backends = "TensorFlow and PyTorch" if ok_rows(results["throughput"], "pt") else "TensorFlow"
+    head = [f"# minidp vs deepmd-kit {m['versions'].get('deepmd-kit')} ({backends})", "",
             f"`{m['command']}` on {m['date']}: {m['cpu']}, {m['cores']} cores (shared), {m['threads']} threads "
             f"for both; load average {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end; "
             f"{m['elapsed_s'] / 60:.1f} min{' (--quick)' if m['quick'] else ''}. Medians of "
             f"{m['rounds']} interleaved round(s) of at least {m['repeats']} timed calls, after a warm-up call.", "",
             "## Targets", ""]
     tg = table(["target", "measured", "met"], [[t["target"], t["measured"], t["met"]] for t in targets(results)])
-    return "\n".join(head + tg + [""] + throughput_md(results) + budgets_md(results) + scaling_md(results)
+    return "\n".join(head + tg + [""] + summary_md(results) + load_md(results) + throughput_md(results)
+                     + one_frame_md(results) + training_md(results) + budgets_md(results) + scaling_md(results)
                      + large_md(results) + compressed_md(results) + flops_md(results) + notes_md(results))
 
 
@@ -357,3 +517,25 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
             tmp.write_text(text)
         written.append(out / name)
     return written + plots(results, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.report OUT/results.json``: print the summary table (and, after ``--load``,
+    the load table) of a finished run, to paste into README.md or docs/."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m benchmarks.report RESULTS.json", file=sys.stderr)
+        return 2
+    try:
+        results = json.loads(Path(args[0]).read_text())
+    except (OSError, ValueError) as err:
+        print(f"error: {args[0]}: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary_md(results) + load_md(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

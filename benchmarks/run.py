@@ -15,10 +15,15 @@ says so. Sections (each a function below):
    falls on all of them; then minidp's peak memory against memory budgets;
 4. size scaling: one frame of replicated water boxes, 192 to 24,576 atoms;
 5. a frame of more than 100,000 atoms in a 2 GiB budget;
-6. FLOPs per frame (:mod:`benchmarks.flops`) and the fraction of the dgemm peak.
+6. FLOPs per frame (:mod:`benchmarks.flops`) and the fraction of the dgemm peak, also per minidp row;
+7. float32 rows (``--no-float32`` to skip); deepmd-kit's PyTorch backend from a copy of the package
+   (:mod:`benchmarks.deepmd_pt`, ``--no-pt`` to skip); one frame per call;
+8. training: dp --tf / --pt train against minidp train, s/step (:mod:`benchmarks.training`, ``--train-steps``);
+9. ``--load``: every measurement also with a busy process beside it, every ratio idle and loaded.
 
 Outputs in ``--out`` (each written whole, then renamed): results.json,
-results.md, PNG plots (:mod:`benchmarks.report`). Medians throughout; ratios
+results.md (its summary table: :func:`benchmarks.report.summary_md`), PNG plots (:mod:`benchmarks.report`).
+Medians throughout; ratios
 are of medians of the same run.
 """
 
@@ -27,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +40,18 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import deepmd_pt, training
+from benchmarks.processes import (
+    ROOT,
+    busy_neighbour,
+    child_env,
+    dp_command,
+    log_tail,
+    run_process,
+)
 from benchmarks.report import ok_rows, write_outputs
 from minidp.io.serialization import save_model
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 MIB = 1 << 20
 GIB = 1 << 30
@@ -54,6 +65,10 @@ REPLICAS = ((1, 1, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2), (4, 2, 2), (4, 4, 2), (4
 # 9 x 8 x 8 boxes: 110,592 atoms, more than the 100,000 the target names
 LARGE_REPLICAS, LARGE_BUDGET = (9, 8, 8), 2 * GIB
 DGEMM_SHAPES = ((2000, 2000, 2000), (17000, 50, 100))
+# deepmd-kit's PyTorch measurements get this many times --timeout
+PT_TIMEOUT_FACTOR = 3
+# steps of each training run (the issue's: 300, disp_freq 100, the first 100 left out as warm-up)
+TRAIN_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -80,68 +95,15 @@ class Settings:
     compressed_only: bool = False  # run the compressed-model section alone (benchmarks.compressed)
     float32: bool = False  # also the float32 model (the same weights rounded): minidp and TF rows, and sgemm (on from
     # the command line)
+    pt: bool = False  # also deepmd-kit's PyTorch backend (benchmarks.deepmd_pt; on from the command line)
+    train_steps: int | None = None  # training steps of each training run (None: no training section)
+    load: bool = False  # every measurement also with a CPU-bound busy process beside it
+    shared: Path = SHARED  # models/input.json and data/water/data_0..3: the training section's input
 
 
 # ---------------------------------------------------------------------------
 # Running one measurement
 # ---------------------------------------------------------------------------
-
-
-def child_env(threads: int) -> dict[str, str]:
-    """The environment of a measurement: every thread pool at ``threads``, TensorFlow quiet.
-
-    TF gets intra-op and inter-op pools of ``threads`` each, which is what
-    deepmd-kit picks by default on a ``threads``-core machine and was the
-    fastest setting we measured for it at 2 threads.
-    """
-    env = dict(os.environ)
-    n = str(threads)
-    env.update(OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n, NUMBA_NUM_THREADS=n,
-               DP_INTRA_OP_PARALLELISM_THREADS=n, DP_INTER_OP_PARALLELISM_THREADS=n, TF_CPP_MIN_LOG_LEVEL="3",
-               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p]))
-    return env
-
-
-def process_rss(pid: int) -> int:
-    """Resident bytes of process pid (0 if unknown)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def run_process(cmd: list[str], env: dict, cwd: Path, log: Path, timeout: float, mem_limit: int) -> str:
-    """Run cmd (output to log), killing it past timeout seconds or mem_limit resident bytes.
-
-    Returns "ok", "timeout (> N s)", "memory (> N GiB)" or "failed (exit N)".
-    """
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    t0 = time.monotonic()
-    status = None
-    while proc.poll() is None:
-        if time.monotonic() - t0 > timeout:
-            status = f"timeout (> {timeout:.0f} s)"
-        elif process_rss(proc.pid) > mem_limit:
-            status = f"memory (> {mem_limit / GIB:.1f} GiB resident)"
-        if status:
-            proc.kill()
-            proc.wait()
-            return status
-        time.sleep(0.1)
-    return "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-
-
-def log_tail(log: Path, lines: int = 6) -> str:
-    """The last lines of a log that say something (TF's and CUDA's start-up chatter left out)."""
-    noise = ("implib-gen", "cudart", "WARNING: All log", "oneDNN", "To enable", "DT_DOUBLE", "W0000", "I0000",
-             "DP_INFER_BATCH_SIZE", "To get the best performance")
-    text = log.read_text(errors="replace").splitlines() if log.exists() else []
-    return "\n".join([t for t in text if t.strip() and not any(n in t for n in noise)][-lines:])
 
 
 class Runner:
@@ -154,13 +116,26 @@ class Runner:
         self.count = 0  # measurements started, for unique file names
 
     def __call__(self, spec: dict, label: str, timeout: float | None = None) -> dict:
-        """The measurement's result dict plus "status" (and "log" when it did not succeed)."""
+        """The measurement's result dict plus "status" (and "log" when it did not succeed).
+
+        With ``--load`` a model measurement is made twice, back to back: idle, then with
+        :func:`busy_neighbour` beside it; the second result is the first's "loaded".
+        """
+        result = self.once(spec, label, timeout, loaded=False)
+        if self.settings.load and spec["kind"] != "dgemm":
+            result["loaded"] = self.once(spec, label + " (loaded)", timeout, loaded=True)
+        return result
+
+    def once(self, spec: dict, label: str, timeout: float | None, loaded: bool) -> dict:
+        """One measurement in a fresh process (with the busy neighbour beside it when ``loaded``)."""
         s, self.count = self.settings, self.count + 1
         paths = [self.work / f"{self.count:03d}.{ext}" for ext in ("spec.json", "result.json", "log")]
         paths[0].write_text(json.dumps(spec))
         self.bar.set_description(label)
         cmd = [sys.executable, "-m", "benchmarks.measure", str(paths[0]), str(paths[1])]
-        status = run_process(cmd, child_env(s.threads), ROOT, paths[2], timeout or s.timeout, s.mem_limit)
+        with busy_neighbour(loaded):
+            status = run_process(cmd, child_env(s.threads, spec.get("pythonpath")), ROOT, paths[2],
+                                 timeout or s.timeout, s.mem_limit)
         self.bar.update()
         if status == "ok" and paths[1].exists():
             return {**json.loads(paths[1].read_text()), "status": "ok"}
@@ -189,6 +164,9 @@ def merge_rounds(results: list[dict]) -> dict:
               "cores_used": float(np.mean([r["cores_used"] for r in ok]))}
     mems = [memory_summary(r) for r in ok]
     merged["memory"] = {k: max(m[k] for m in mems) for k in mems[0]}
+    loaded = [r["loaded"] for r in results if "loaded" in r]
+    if loaded:  # --load: the loaded twins, merged the same way
+        merged["loaded"] = merge_rounds(loaded)
     return merged
 
 
@@ -205,6 +183,8 @@ def timing_row(name: str, r: dict, **extra) -> dict:
                memory=r.get("memory") or memory_summary(r), energy_per_atom=r["energy_per_atom"],
                warmup_s=r["warmup_s"], cores_used=r["cores_used"], times=r["times"], rounds=r.get("rounds", 1))
     row.update({k: r[k] for k in ("batch_size", "workers", "chunk_atoms", "n_chunks", "bytes_per_atom") if k in r})
+    if "loaded" in r:  # --load: the same measurement with a busy process beside it
+        row["loaded"] = timing_row(name, r["loaded"], **extra)
     return row
 
 
@@ -243,36 +223,67 @@ def bench_dgemm(run, s: Settings, dtype: str = "float64") -> dict:
     return {"status": "ok", "rows": r["rows"], "peak_gflops": max(square[s.threads], s.threads * square[1])}
 
 
+ONE_FRAME = "one frame per call"
+
+
 def bench_throughput(run, s: Settings, frames: Path, compressed: Path | None,
-                     float32: dict | None = None) -> list[dict]:
+                     float32: dict | None = None, pt: dict | None = None) -> dict[str, list[dict]]:
     """Sections 2-3: ms/frame on ``nframes`` frames for TF, compressed TF and minidp per chunk size; with
-    ``float32`` (make_float32_models' paths) also TF and minidp (default chunks) on the float32 model.
+    ``float32`` (make_float32_models' paths) also TF and minidp (default chunks) on the float32 model; with
+    ``pt`` (make_pt_models' paths) deepmd-kit's PyTorch backend on both. Then one frame per call (each call
+    waits for the last, as in MD): TF, PyTorch and minidp (default chunks).
 
     The contenders take turns, round after round, so that the machine's busy
     spells fall on all of them; each row pools its rounds' timed calls.
+    Returns {"batch": rows, "one_frame": rows}.
     """
+    pt = pt or {}
+    pt_spec = {"pythonpath": pt.get("pythonpath")}
     contenders = [("tf", model_spec(s, "tf", frames, nframes=s.nframes), {})]
     if compressed is not None:
         contenders.append(("tf-compressed", model_spec(s, "tf", frames, nframes=s.nframes, model=str(compressed)), {}))
+    if pt.get("pth"):
+        contenders.append(("pt", model_spec(s, "pt", frames, nframes=s.nframes, model=pt["pth"], **pt_spec), {}))
     contenders += [("minidp", model_spec(s, "minidp", frames, nframes=s.nframes, batch_size=bs), {"requested": bs})
                    for bs in s.chunk_sizes]
     if float32 and float32.get("pb"):
         contenders.append(("tf-float32", model_spec(s, "tf", frames, nframes=s.nframes, model=float32["pb"]), {}))
+    if pt.get("pth_float32"):
+        contenders.append(("pt-float32", model_spec(s, "pt", frames, nframes=s.nframes, model=pt["pth_float32"],
+                                                    **pt_spec), {}))
     if float32 and float32.get("dp"):
         contenders.append(("minidp-float32", model_spec(s, "minidp", frames, nframes=s.nframes, model=float32["dp"]),
                            {}))
+    # one short call at a time: repeated for at least two seconds (0.3 in --quick)
+    one = {"nframes": 1, "min_seconds": 0.3 if s.quick else 2.0}
+    contenders += [("tf", model_spec(s, "tf", frames, **one), {"mode": ONE_FRAME})]
+    if pt.get("pth"):
+        contenders.append(("pt", model_spec(s, "pt", frames, model=pt["pth"], **one, **pt_spec), {"mode": ONE_FRAME}))
+    contenders.append(("minidp", model_spec(s, "minidp", frames, **one), {"mode": ONE_FRAME}))
     raw: list[list[dict]] = [[] for _ in contenders]
     for k in range(s.rounds):
         for (name, spec, extra), got in zip(contenders, raw):
-            got.append(run(spec, f"{name} {extra.get('requested', '')} round {k + 1}/{s.rounds}".replace("  ", " ")))
+            label = " ".join(str(x) for x in (name, extra.get("requested", ""), extra.get("mode", "")) if x)
+            # deepmd-kit's PyTorch backend is the slowest contender and warms up twice: more time before the kill
+            timeout = PT_TIMEOUT_FACTOR * s.timeout if spec["kind"] == "pt" else None
+            got.append(run(spec, f"{label} round {k + 1}/{s.rounds}", timeout))
     rows = [timing_row(name, merge_rounds(got), **extra) for (name, _, extra), got in zip(contenders, raw)]
+    batch, one_frame = [r for r in rows if "mode" not in r], [r for r in rows if "mode" in r]
+    for group in (batch, one_frame):
+        add_speedups(group)
+        add_speedups([r["loaded"] for r in group if "loaded" in r])
+    return {"batch": batch, "one_frame": one_frame}
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Into every minidp row: deepmd-kit's median (and fastest) ms/frame over minidp's, for every deepmd-kit
+    row of the same measurement mode ("speedup_vs_tf", "speedup_vs_pt_float32", ...)."""
     for ref in ok_rows(rows):
         for row in ok_rows(rows):
-            if ref["name"].startswith("tf") and row["name"].startswith("minidp"):
+            if ref["name"].startswith(("tf", "pt")) and row["name"].startswith("minidp"):
                 tag = ref["name"].replace("-", "_")
                 row[f"speedup_vs_{tag}"] = ref["ms_per_frame"] / row["ms_per_frame"]
                 row[f"speedup_best_vs_{tag}"] = ref["ms_per_frame_min"] / row["ms_per_frame_min"]
-    return rows
 
 
 def bench_budgets(run, s: Settings, frames: Path) -> list[dict]:
@@ -335,7 +346,7 @@ def compress_model(s: Settings) -> dict:
     target = s.out / "model-compressed.pb"
     if target.exists() and target.stat().st_mtime >= s.model_pb.stat().st_mtime:
         return {"status": "ok (cached)", "path": str(target)}
-    dp = shutil.which("dp", path=str(Path(sys.executable).parent)) or shutil.which("dp")
+    dp = dp_command()
     if dp is None:
         return {"status": "failed", "message": "deepmd-kit's dp command was not found", "path": None}
     with tempfile.TemporaryDirectory(dir=s.out, prefix=".compress-") as tmp:
@@ -348,29 +359,68 @@ def compress_model(s: Settings) -> dict:
         return {"status": status, "message": log_tail(work / "compress.log", 10), "path": None}
 
 
+def convert_backend(s: Settings, source: Path, target: Path, first_path: str | None = None) -> dict:
+    """``dp convert-backend source target`` (the target's suffix picks deepmd-kit's backend: .pb TensorFlow,
+    .pth PyTorch), once: kept while newer than source. ``first_path`` goes first on PYTHONPATH (the copy of
+    deepmd-kit of :mod:`benchmarks.deepmd_pt`, for .pth). dp runs in a scratch folder; only a finished model
+    is moved into place.
+
+    Returns {"status", "path" (None when it could not be made), "message" (the log's tail on failure)}.
+    """
+    if target.exists() and target.stat().st_mtime >= source.stat().st_mtime:
+        return {"status": "ok (cached)", "path": str(target)}
+    dp = dp_command()
+    if dp is None:
+        return {"status": "deepmd-kit's dp command was not found", "path": None}
+    with tempfile.TemporaryDirectory(dir=s.out, prefix=".convert-") as tmp:
+        work = Path(tmp)
+        cmd = [dp, "convert-backend", str(source.resolve()), target.name]
+        status = run_process(cmd, child_env(s.threads, first_path), work, work / "convert.log", 10 * s.timeout,
+                             s.mem_limit)
+        if status == "ok" and (work / target.name).exists():
+            os.replace(work / target.name, target)
+            return {"status": "ok", "path": str(target)}
+        return {"status": f"dp convert-backend: {status}", "message": log_tail(work / "convert.log", 10),
+                "path": None}
+
+
 def make_float32_models(s: Settings, model) -> dict:
     """The float32 model of the run (the .dp's nets rounded to float32, deepmd-kit's ``precision: float32``):
     out/model-float32.dp by minidp, and out/model-float32.pb by ``dp convert-backend`` of it (both kept
     while newer than the model). Returns their paths ("dp", "pb"; None for one that could not be made)
     and a status."""
-    dp32, pb32 = s.out / "model-float32.dp", s.out / "model-float32.pb"
+    dp32 = s.out / "model-float32.dp"
     fresh = dp32.exists() and dp32.stat().st_mtime >= s.model_minidp.stat().st_mtime
     if not fresh:
         save_model(dp32, model.astype(np.float32), overwrite=dp32.exists())
-    if pb32.exists() and pb32.stat().st_mtime >= dp32.stat().st_mtime:
-        return {"status": "ok (cached)", "dp": str(dp32), "pb": str(pb32)}
-    dp = shutil.which("dp", path=str(Path(sys.executable).parent)) or shutil.which("dp")
-    if dp is None:
-        return {"status": "no TF float32 model: deepmd-kit's dp command was not found", "dp": str(dp32), "pb": None}
-    with tempfile.TemporaryDirectory(dir=s.out, prefix=".float32-") as tmp:
-        work = Path(tmp)
-        cmd = [dp, "convert-backend", str(dp32.resolve()), "model-float32.pb"]
-        status = run_process(cmd, child_env(s.threads), work, work / "convert.log", 10 * s.timeout, s.mem_limit)
-        if status == "ok" and (work / "model-float32.pb").exists():
-            os.replace(work / "model-float32.pb", pb32)
-            return {"status": "ok", "dp": str(dp32), "pb": str(pb32)}
-        return {"status": f"dp convert-backend: {status}", "message": log_tail(work / "convert.log", 10),
-                "dp": str(dp32), "pb": None}
+    pb32 = convert_backend(s, dp32, s.out / "model-float32.pb")
+    return {"status": pb32["status"], "dp": str(dp32), "pb": pb32["path"],
+            **({"message": pb32["message"]} if pb32.get("message") else {})}
+
+
+def make_pt_models(s: Settings, float32: dict | None) -> dict:
+    """deepmd-kit's PyTorch backend for the run: the copy of the package (:mod:`benchmarks.deepmd_pt`) and the
+    model as .pth by ``dp convert-backend`` of the minidp model (and of the float32 .dp when there is one),
+    each made once into ``--out``.
+
+    Returns {"status", "pythonpath" (the copy's folder, None when the backend cannot run), "pth",
+    "pth_float32" (None for one that could not be made), "message" (why, on failure)}.
+    """
+    copy = deepmd_pt.package_copy(s.out)
+    result = {"status": copy["status"], "pythonpath": copy["pythonpath"], "pth": None, "pth_float32": None}
+    if copy["pythonpath"] is None:
+        return result
+    pth = convert_backend(s, s.model_minidp, s.out / "model.pth", copy["pythonpath"])
+    result.update(status=pth["status"], pth=pth["path"], message=pth.get("message"))
+    if pth["path"] is None:
+        result["pythonpath"] = None
+        return result
+    if float32 and float32.get("dp"):
+        pth32 = convert_backend(s, Path(float32["dp"]), s.out / "model-float32.pth", copy["pythonpath"])
+        result["pth_float32"] = pth32["path"]
+        if pth32["path"] is None:
+            result["message"] = f"float32 .pth: {pth32['status']}: {pth32.get('message')}"
+    return result
 
 
 def prepare_frames(s: Settings, model, target: Path) -> dict:
@@ -398,7 +448,7 @@ def flops_section(model, frames: dict, results: dict) -> dict:
     Achieved GFLOP/s use the best median ms/frame of each implementation in
     the throughput sweep; the fraction is of the square dgemm peak.
     """
-    from benchmarks.flops import flops_per_frame, neighbour_counts
+    from benchmarks.flops import flops_per_frame, neighbour_counts, training_flops
     from minidp.neighbor import build_neighbor_list
 
     cfg = model.descriptor.config
@@ -410,17 +460,36 @@ def flops_section(model, frames: dict, results: dict) -> dict:
     peak = results["dgemm"].get("peak_gflops")
     speak = results.get("sgemm", {}).get("peak_gflops")
     achieved = {}
-    # the float32 rows do the same FLOPs as their float64 twins, against the sgemm peak
-    for name, parts, top in [(n, p, peak) for n, p in per_frame.items()] + [
-            (f"{n}-float32", per_frame[n], speak) for n in ("minidp", "tf")]:
+    # the float32 rows do the same FLOPs as their float64 twins, against the sgemm peak; deepmd-kit's PyTorch
+    # se_e2_a runs every sel slot through the nets, as TF does
+    counted = [(n, p, peak) for n, p in per_frame.items()] + [("pt", per_frame["tf"], peak)] + [
+        (f"{n}-float32", per_frame["tf" if n == "pt" else n], speak) for n in ("minidp", "tf", "pt")]
+    for name, parts, top in counted:
         ms = [r["ms_per_frame"] for r in ok_rows(results["throughput"], name)]
         if ms:
             gflops = parts["total"] / (min(ms) * 1e-3) / 1e9
             achieved[name] = {"ms_per_frame": min(ms), "gflops": gflops,
                               "fraction_of_peak": gflops / top if top else None}
+    for row in ok_rows(results["throughput"]) + ok_rows(results["one_frame"]):
+        if row["name"].startswith("minidp"):
+            add_rate(row, per_frame["minidp"]["total"], speak if row["name"].endswith("float32") else peak)
+    # a training step of the water input is one frame of these (batch_size "auto": 32 atoms or more)
+    step = training_flops(model, counts, np.bincount(types, minlength=cfg.ntypes))["total"]
+    for row in ok_rows(results.get("training", {}).get("rows", []), "minidp"):
+        top = speak if row["precision"] == "float32" else peak
+        row["gflops"] = step / row["seconds_per_step"] / 1e9
+        row["fraction_of_gemm"] = row["gflops"] / top if top else None
     return {"natoms": int(types.size), "real_neighbours_per_atom": float(counts.sum()) / types.size,
             "slots_per_atom": cfg.nnei, "per_frame": per_frame, "achieved": achieved, "dgemm_peak_gflops": peak,
             "sgemm_peak_gflops": speak}
+
+
+def add_rate(row: dict, flops: float, gemm_peak: float | None) -> None:
+    """Into a timing row (and its loaded twin): "gflops" = flops per frame / median time per frame, and
+    "fraction_of_gemm" of the gemm peak (dgemm for float64 rows, sgemm for float32 ones)."""
+    for r in [row] + ([row["loaded"]] if row.get("loaded", {}).get("status") == "ok" else []):
+        r["gflops"] = flops / (r["ms_per_frame"] * 1e-3) / 1e9
+        r["fraction_of_gemm"] = r["gflops"] / gemm_peak if gemm_peak else None
 
 
 def meta(s: Settings) -> dict:
@@ -447,6 +516,16 @@ def meta(s: Settings) -> dict:
             "DP_INFER_BATCH_SIZE": os.environ.get("DP_INFER_BATCH_SIZE", "default (1024)")}
 
 
+def planned_runs(s: Settings, compressed: bool, float32: dict | None, pt: dict | None) -> int:
+    """Measurements the run will make (for the progress bar; training runs not included)."""
+    n_pt = bool(pt and pt["pythonpath"]) * (2 + bool(pt and pt.get("pth_float32")))
+    total = (1 + s.rounds * (1 + compressed + len(s.chunk_sizes) + 2 + n_pt) + len(s.budgets)
+             + 2 * len(s.replicas) + (s.large_replicas is not None))
+    total += (1 + 2 * s.rounds) if float32 else 0
+    total = (0 if s.compressed_only else total) + 4 * s.rounds + 2 * len(s.replicas)
+    return total * (1 + s.load)
+
+
 def run_all(s: Settings, run=None) -> dict:
     """Every section in order; ``run`` (spec, label[, timeout]) -> result defaults to a subprocess Runner."""
     from tqdm.auto import tqdm
@@ -461,10 +540,15 @@ def run_all(s: Settings, run=None) -> dict:
     float32 = make_float32_models(s, model) if s.float32 and not s.compressed_only else None
     if float32:
         results["float32_models"] = float32
-    total = (1 + s.rounds * (1 + (compressed is not None) + len(s.chunk_sizes)) + len(s.budgets)
-             + 2 * len(s.replicas) + (s.large_replicas is not None))
-    total += (1 + 2 * s.rounds) if float32 else 0
-    total = (0 if s.compressed_only else total) + 4 * s.rounds + 2 * len(s.replicas)
+    pt = make_pt_models(s, float32) if s.pt and not s.compressed_only else None
+    if pt:
+        results["pt"] = pt
+        if pt["pythonpath"] is None:  # the one line of why: the run goes on without these rows
+            why = f"{pt['status']} ({pt['message']})" if pt.get("message") else pt["status"]
+            print("deepmd-kit PyTorch rows skipped: " + why.replace("\n", " / "), file=sys.stderr)
+    pt_path = pt["pythonpath"] if pt else None
+    train = bool(s.train_steps) and not s.compressed_only
+    total = planned_runs(s, compressed is not None, float32, pt) + (training.runs_planned(s, pt_path) if train else 0)
     with tempfile.TemporaryDirectory(dir=s.out, prefix=".work-") as tmp, \
             tqdm(total=total, unit="run", disable=None) as bar:
         work = Path(tmp)
@@ -483,11 +567,14 @@ def run_all(s: Settings, run=None) -> dict:
         results["dgemm"] = bench_dgemm(run, s)
         if float32:
             results["sgemm"] = bench_dgemm(run, s, "float32")
-        results["throughput"] = bench_throughput(run, s, work / "frames.npz", compressed, float32)
+        sweep = bench_throughput(run, s, work / "frames.npz", compressed, float32, pt)
+        results["throughput"], results["one_frame"] = sweep["batch"], sweep["one_frame"]
         results["budgets"] = bench_budgets(run, s, work / "frames.npz")
         results["scaling"] = bench_scaling(run, s, work / "frames.npz")
         if s.large_replicas is not None:
             results["large"] = bench_large(run, s, work / "frames.npz")
+        if train:
+            results["training"] = training.bench(s, s.shared, work, pt_path, bar)
     results["flops"] = flops_section(model, frames, results)
     results["meta"].update(elapsed_s=time.time() - t0, loadavg_end=os.getloadavg())
     return results
@@ -504,8 +591,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--model", type=Path, default=SHARED / "models" / "water-14000.pb", help="deepmd-kit frozen .pb")
     p.add_argument("--data", type=Path, default=SHARED / "data" / "water" / "data_3", help="system of frames")
     p.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
-    p.add_argument("--quick", action="store_true", help="a 1-2 minute version")
-    p.add_argument("--threads", type=int, default=2, help="threads of both implementations (default 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="a short version: fewer frames, sizes, rounds and 20 training steps")
+    p.add_argument("--threads", type=int, default=2, help="threads of every program (default 2)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per measurement (default 120)")
     p.add_argument("--mem-limit", type=float, default=None,
                    help="GiB of resident memory at which a measurement is killed (default: 8, or 40%% of free memory)")
@@ -513,6 +601,14 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--compressed-only", action="store_true", help="only the compressed models' section")
     p.add_argument("--float32", action=argparse.BooleanOptionalAction, default=True,
                    help="also the float32 model, minidp and TF, beside float64 (default on)")
+    p.add_argument("--pt", action=argparse.BooleanOptionalAction, default=True,
+                   help="also deepmd-kit's PyTorch backend, from a copy of the package in --out (default on)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="steps of each training run (default 300, quick 20; 0 skips the training section)")
+    p.add_argument("--load", action="store_true",
+                   help="every measurement also with a CPU-bound busy process beside it; ratios idle and loaded")
+    p.add_argument("--shared", type=Path, default=SHARED,
+                   help="folder with models/input.json and data/water/data_0..3 (the training input)")
     a = p.parse_args(argv)
     if a.model.suffix != ".pb" or not a.model.is_file():
         raise ValueError(f"--model {a.model} must be an existing deepmd-kit frozen model (.pb)")
@@ -522,8 +618,15 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         value = getattr(a, name)
         if value is not None and value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    return replace(settings(a.model, a.data, a.out, a.threads, a.quick, a.timeout, a.mem_limit, a.rounds),
-                   compressed_only=a.compressed_only, float32=a.float32)
+    if a.train_steps is not None and a.train_steps < 0:
+        raise ValueError(f"--train-steps must be 0 (no training section) or more, got {a.train_steps}")
+    base = settings(a.model, a.data, a.out, a.threads, a.quick, a.timeout, a.mem_limit, a.rounds)
+    steps = base.train_steps if a.train_steps is None else a.train_steps
+    if steps and not (a.shared / "models" / "input.json").is_file():
+        raise ValueError(f"--shared {a.shared} has no models/input.json for the training section; "
+                         "expected the shared folder (or --train-steps 0)")
+    return replace(base, compressed_only=a.compressed_only, float32=a.float32, pt=a.pt, load=a.load,
+                   train_steps=steps or None, shared=a.shared)
 
 
 def settings(model: Path, data: Path, out: Path, threads: int, quick: bool, timeout: float = 120.0,
@@ -536,11 +639,13 @@ def settings(model: Path, data: Path, out: Path, threads: int, quick: bool, time
     base = Settings(model_pb=model, model_minidp=dp_file if dp_file.is_file() else model, data=data, out=out,
                     threads=threads, quick=quick, timeout=timeout, mem_limit=int(mem_limit_gib * GIB),
                     rounds=rounds or 2, nframes=40, budget_frames=80, repeats=3, chunk_sizes=CHUNK_SIZES,
-                    budgets=BUDGETS, replicas=REPLICAS, large_replicas=LARGE_REPLICAS, dgemm_shapes=DGEMM_SHAPES)
+                    budgets=BUDGETS, replicas=REPLICAS, large_replicas=LARGE_REPLICAS, dgemm_shapes=DGEMM_SHAPES,
+                    train_steps=TRAIN_STEPS)
     if not quick:
         return base
     return replace(base, rounds=rounds or 1, nframes=20, budget_frames=40, repeats=3, chunk_sizes=(192, 960, 7680),
-                   budgets=(256 * MIB,), replicas=((1, 1, 1), (2, 2, 1), (2, 2, 2)), large_replicas=None)
+                   budgets=(256 * MIB,), replicas=((1, 1, 1), (2, 2, 1), (2, 2, 2)), large_replicas=None,
+                   train_steps=20)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,8 +53,16 @@ def run_deepmd(work: Path, env: dict) -> dict:
                        check=True)
     wall = time.perf_counter() - t0
     subprocess.run(["dp", "--tf", "freeze", "-o", "model.pb"], cwd=work, env=env, capture_output=True, check=True)
-    m = re.search(r"average training time: ([0-9.]+) s/batch", (work / "train.log").read_text())
-    return {"seconds_per_step": float(m.group(1)) if m else float("nan"), "wall_seconds": wall}
+    seconds = average_training_time((work / "train.log").read_text())
+    return {"seconds_per_step": float("nan") if seconds is None else seconds, "wall_seconds": wall}
+
+
+def average_training_time(log: str) -> float | None:
+    """Seconds per step of a ``dp train`` run (TensorFlow or PyTorch backend), from its log: deepmd-kit's
+    "average training time: X s/batch", which leaves out the first display interval (the warm-up) when the
+    run had at least two. None when the log has no such line (a run shorter than disp_freq, or a failed one)."""
+    m = re.search(r"average training time: ([0-9.]+) s/batch", log)
+    return float(m.group(1)) if m else None
 
 
 def run_minidp(work: Path, config) -> tuple[dict, object]:
