@@ -287,6 +287,17 @@ def new_model(
     return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes))
 
 
+def model_with_type_embedding(type_map: list[str], config: SeAConfig, davg: np.ndarray, dstd: np.ndarray,
+                              te: TypeEmbedding, bias: np.ndarray, **options) -> EnergyModel:
+    """se_e2_a with a type embedding (minidp.type_embed): the shared nets ``te``, the descriptor's davg, dstd
+    (ntypes, nnei, 4), the bias (ntypes,); ``options`` are EnergyModel's other fields (fitting_input, ...).
+    The per-type nets are folded from ``te`` (EnergyModel does it); ValueError for what it refuses."""
+    folded = fold(te, config.dim_out)
+    se = SeA(config, np.asarray(davg, dtype=np.float64), np.asarray(dstd, dtype=np.float64), folded.embedding)
+    return EnergyModel(list(type_map), se, folded.fitting, np.asarray(bias, dtype=np.float64).reshape(-1),
+                       type_embedding=te, **options)
+
+
 # ---------------------------------------------------------------------------
 # Atomic energies from descriptors
 # ---------------------------------------------------------------------------

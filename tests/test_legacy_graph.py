@@ -267,8 +267,8 @@ REFUSALS = [
     ("polar", _model_type("polar"), r"a 'polar' model"),
     ("dos", _model_type("dos"), r"a 'dos' model"),
     ("spin", _copy("descrpt_attr/ntypes", "spin_attr/ntypes_spin"), r"a spin model \(node spin_attr/ntypes_spin\)"),
-    ("type embedding", _copy("layer_0_type_0/matrix", "type_embed_net/matrix_1"),
-     r"se_e2_a with a type embedding \(node type_embed_net/matrix_1\) is not read"),
+    ("type embedding, no bias", _copy("layer_0_type_0/matrix", "type_embed_net/matrix_1"),
+     r"node type_embed_net/bias_1 \(bias of the type embedding net\) is missing"),
     ("fparam", _copy("descrpt_attr/ntypes", "fitting_attr/dfparam"),
      r"frame or atomic parameters \(fitting_attr/dfparam = 2\)"),
     ("unread weights", _copy("layer_0_type_0/matrix", "layer_0/matrix"), r"node layer_0/matrix is not part"),
@@ -307,7 +307,7 @@ def test_without_tensorflow_one_line_import_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*more neighbours within rcut")  # sea_012's sel [1, 1] is exceeded
-@pytest.mark.parametrize("name", ["deeppot", "deeppot-1", "sea_012"])
+@pytest.mark.parametrize("name", ["deeppot", "deeppot-1", "sea_012", "se_e2_a_tebd"])
 def test_deepmd_kit_fixtures_give_their_reference_values(tf, name):
     folder = Path(os.environ.get("DEEPMD_INFER_DIR", "/nonexistent"))
     if not (folder / f"{name}.pbtxt").is_file():

@@ -25,7 +25,14 @@ fitting nets       ``layer_k_type_t/{matrix,bias,idt}``,                        
 bias_atom_e        ``fitting_attr/t_bias_atom_e``; absent from old graphs,      absent (0)
                    which fold it into ``final_layer_type_t/bias`` (then 0)
 type_map           ``model_attr/tmap``, names separated by spaces               absent
+type embedding     ``type_embed_net/{matrix,bias,idt}_l`` on one-hot types,     absent
+                   one shared ``filter_type_all/..._l`` and one fitting net
+                   ``layer_k``, ``final_layer`` (no type suffix)
 =================  ===========================================================  ============================
+
+se_e2_a with a type embedding (:mod:`minidp.type_embed`) is read here even from graphs that carry a
+training script: deepmd-kit's converter refuses it (it has no serialized form for it). Its type
+embedding net goes to minidp's own key ``model.minidp_type_embedding``, which deepmd-kit does not read.
 
 What the graph does not name is read from its structure: the widths from the weights' shapes,
 ``axis_neuron`` = (fitting input width) / neuron[-1], ``type_one_side`` from the embedding scope, the
@@ -41,9 +48,10 @@ to 1e-8). A graph without a type map (0.12, or ``model_attr/tmap`` empty) gets t
 
 Everything else is refused in one line naming it: other model types (``model_attr/model_type`` dipole,
 polar, dos, ...), other descriptors (by their op: se_e2_r, se_atten, se_a_mask, se_a_ef, loc_frame,
-hybrids), spin, DPLR modifiers, pair tables, compressed graphs, se_e2_a with a type embedding, frame and
-atomic parameters; a node the model needs and the graph lacks; and any weight-like constant (``matrix``,
-``bias``, ``idt``) the reader did not use, so that no part of a model is silently dropped.
+hybrids), spin, DPLR modifiers, pair tables, compressed graphs, a type embedding net without a bias
+(``use_tebd_bias`` false), frame and atomic parameters; a node the model needs and the graph lacks;
+and any weight-like constant (``matrix``, ``bias``, ``idt``) the reader did not use, so that no part of
+a model is silently dropped.
 """
 
 from __future__ import annotations
@@ -211,7 +219,7 @@ def refuse_other_models(g: Graph) -> None:
     if "modifier_attr/type" in g.consts:
         _refuse(g, f"a model with a {_scalar(g.consts['modifier_attr/type'])!r} modifier (DPLR, modifier_attr/type)")
     for prefix, what in OTHER_NODES.items():
-        # a weight names the part best (type_embed_net/matrix_1); any node will do
+        # a weight names the part best (spin_attr/...); any node will do
         found = sorted(name for name in g.consts if name.startswith(prefix) and WEIGHT_NAME.search(name)) or sorted(
             name for name in g.nodes if name.startswith(prefix))
         if found:
@@ -365,8 +373,8 @@ def fitting_nets(g: Graph, suffixes: list[str]) -> list[list[GraphLayer]]:
     for suffix in suffixes:
         depth = next(k for k in itertools.count() if f"layer_{k}{suffix}/matrix" not in g.consts)
         scopes = [f"layer_{k}{suffix}" for k in range(depth)] + [f"final_layer{suffix}"]
-        nets.append([read_layer(g, f"{s}/matrix", f"{s}/bias", f"{s}/idt", f"the fitting net {suffix or 'shared'}")
-                     for s in scopes])
+        what = f"the fitting net of type {suffix.rsplit('_', 1)[-1]}" if suffix else "the shared fitting net"
+        nets.append([read_layer(g, f"{s}/matrix", f"{s}/bias", f"{s}/idt", what) for s in scopes])
     return nets
 
 

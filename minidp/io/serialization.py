@@ -19,6 +19,14 @@ with the fitting's frame and atomic parameters (``numb_fparam``,
 ``numb_aparam``, their statistics, ``default_fparam``,
 ``use_aparam_as_mask``), ``dim_case_embd``, ``atom_ener`` and the model's
 ``atom_exclude_types``; anything else is refused with an error that names it.
+
+se_e2_a with a model-level type embedding (:mod:`minidp.type_embed`) has no
+form in deepmd-kit's dict (its TF ``serialize`` refuses it): minidp reads it
+from the TensorFlow graph's constants (:mod:`minidp.io.legacy_graph`) and
+writes it in its own spelling: one shared embedding net (``in_dim`` 1 + ne or
+1 + 2 ne), one shared fitting net (``mixed_types`` true) and the type
+embedding net under ``model.minidp_type_embedding``. deepmd-kit cannot read
+such a file back.
 """
 
 from __future__ import annotations
@@ -38,10 +46,10 @@ from minidp.compress import Table, compression
 from minidp.io import legacy_graph
 from minidp.io.model_check import TEBD_KEY, check_model_dict, min_nbor_dist
 from minidp.io.outputs import safe_output
-from minidp.model import EnergyModel, FittingInput
+from minidp.model import EnergyModel, FittingInput, model_with_type_embedding
 from minidp.nn import Layer, Net, get_activation
 from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig, exclusion_mask
-from minidp.type_embed import TypeEmbedding, fold
+from minidp.type_embed import TypeEmbedding
 
 NATIVE_SUFFIXES = (".dp", ".yaml", ".yml", ".json")
 CONVERTED_SUFFIXES = (".pb", ".pth")
@@ -355,38 +363,42 @@ def model_from_dict(data: dict) -> EnergyModel:
         _refuse("type_embedding", "present", "model")
     type_map = list(m["type_map"])
     ntypes = len(type_map)
-    te = None
     if m.get(TEBD_KEY) is not None:  # se_e2_a with a type embedding (minidp.type_embed): shared nets
-        se, te = _type_embedding_from_dict(m, ntypes)
-    else:
-        se = _descriptor_from_dict(m["descriptor"], ntypes, m.get("pair_exclude_types") or ())
+        return _tebd_model_from_dict(data, m)
+    se = _descriptor_from_dict(m["descriptor"], ntypes, m.get("pair_exclude_types") or ())
     if se.compress is not None and data is not m:  # the file's smallest neighbour distance, kept on save
         se = replace(se, compress=replace(se.compress, min_nbor_dist=min_nbor_dist(data)))
-    fitting, bias, fitting_input, atom_ener = _fitting_from_dict(m["fitting"], ntypes, te is not None)
+    fitting, bias, fitting_input, atom_ener = _fitting_from_dict(m["fitting"], ntypes)
+    bias, options = _model_options(data, m, bias, fitting_input, atom_ener)
+    return EnergyModel(type_map, se, fitting, bias, **options)
+
+
+def _model_options(data: dict, m: dict, bias: np.ndarray, fitting_input: FittingInput, atom_ener: tuple
+                   ) -> tuple[np.ndarray, dict]:
+    """The bias (bias_atom_e plus the atomic model's out_bias) and EnergyModel's other fields."""
     out_bias = (m.get("@variables") or {}).get("out_bias")  # null is no @variables, as the checker reads it
     if out_bias is not None:
         # the atomic model's output bias, (n_outputs, ntypes, 1): the energy's is row 0
-        bias = bias + np.asarray(out_bias)[0].reshape(ntypes)
+        bias = bias + np.asarray(out_bias)[0].reshape(bias.size)
     # deepmd-kit's dpmodel gives the fitting the model's atom_exclude_types (its own copy is overwritten)
     script = data.get("model_def_script") if data is not m else None
-    if te is not None:
-        te = replace(te, fitting=fitting[0])
-        fitting = fold(te, se.config.dim_out).fitting
-    return EnergyModel(type_map, se, fitting, bias, fitting_input, atom_ener,
-                       tuple(m.get("atom_exclude_types") or ()), dict(script or {}), te)
+    return bias, {"fitting_input": fitting_input, "atom_ener": atom_ener,
+                  "atom_exclude_types": tuple(m.get("atom_exclude_types") or ()),
+                  "model_def_script": dict(script or {})}
 
 
-def _type_embedding_from_dict(m: dict, ntypes: int) -> tuple[SeA, TypeEmbedding]:
-    """The descriptor (its nets folded from the shared one) and the TypeEmbedding of a model with
-    minidp's type embedding key; the shared fitting net is filled in by the caller."""
-    d = m["descriptor"]
+def _tebd_model_from_dict(data: dict, m: dict) -> EnergyModel:
+    """se_e2_a with a type embedding, from minidp's key for it (minidp.type_embed): one shared
+    embedding net, one shared fitting net and the type embedding net."""
+    d, ntypes = m["descriptor"], len(m["type_map"])
     if d.get("exclude_types") or m.get("pair_exclude_types") or d.get("compress"):
-        _refuse("exclude_types or compress with a type embedding", "present", "model.descriptor")
+        _refuse("exclude_types, pair_exclude_types or compress with a type embedding", "present", "model.descriptor")
     cfg = _config_from_dict(d, ntypes)
-    shared = _net_from_dict(d["embeddings"]["networks"][0])
-    fitting = _net_from_dict(m["fitting"]["nets"]["networks"][0])
-    te = TypeEmbedding(_net_from_dict(m[TEBD_KEY]["network"]), shared, fitting, cfg.type_one_side)
-    return SeA(cfg, *_stats_from_dict(d, cfg), fold(te, cfg.dim_out).embedding), te
+    fitting, bias, fitting_input, atom_ener = _fitting_from_dict(m["fitting"], ntypes, shared=True)
+    te = TypeEmbedding(_net_from_dict(m[TEBD_KEY]["network"]), _net_from_dict(d["embeddings"]["networks"][0]),
+                       fitting[0], cfg.type_one_side)
+    bias, options = _model_options(data, m, bias, fitting_input, atom_ener)
+    return model_with_type_embedding(list(m["type_map"]), cfg, *_stats_from_dict(d, cfg), te, bias, **options)
 
 
 def load_model(path) -> EnergyModel:
