@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from minidp import DeepPot
+from minidp.cli import main
 from minidp.io import legacy_graph
 from minidp.io.model_check import TEBD_KEY
 from minidp.io.serialization import load_model, model_from_dict, read_model_dict, save_model
@@ -175,3 +176,12 @@ def test_deepmd_kit_fixture_type_embedding_and_its_pb_through_load_model(tmp_pat
     for got in (DeepPot(pb).eval(coords, cells, types), DeepPot(tmp_path / "tebd.dp").eval(coords, cells, types)):
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
+
+
+def test_compress_and_info_on_the_command_line(tmp_path, capsys):
+    save_model(tmp_path / "m.dp", tebd_model(True, 10))
+    assert main(["compress", "-i", str(tmp_path / "m.dp"), "-o", str(tmp_path / "c.dp")]) == 2
+    assert "se_e2_a with a type embedding cannot be compressed" in capsys.readouterr().err
+    assert not (tmp_path / "c.dp").exists()
+    assert main(["info", str(tmp_path / "m.dp")]) == 0
+    assert "type_embedding" in capsys.readouterr().out
