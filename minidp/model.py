@@ -622,8 +622,8 @@ def tebd_reference_gradients(rij: np.ndarray, nlist: np.ndarray, atom_types: np.
     against this. Trusts its input, as :func:`pair_gradients`.
     """
     te, se, cfg = model.type_embedding, model.descriptor, model.descriptor.config
-    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, "reference",
-                        protection=cfg.env_protection)
+    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.switch_start, cfg.rcut, "reference",
+                        protection=cfg.env_protection, width=cfg.switch_width)
     T, tcache = type_embed.embed_reference(R, atom_types, te, cfg)
     # (nf, nc, ng * m2)
     D = contract(T, cfg.axis_neuron)

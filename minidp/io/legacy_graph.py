@@ -44,7 +44,8 @@ equal; the first and the final fitting layers never do.
 
 The cutoffs are the op's attributes, which TensorFlow stores as float32: a graph trained with
 rcut_smth = 5.8 computes with 5.800000190734863, and so does minidp (to agree with the graph to 1e-10, not
-to 1e-8). A graph without a type map (0.12, or ``model_attr/tmap`` empty) gets the names type_0, type_1, ...
+to 1e-8); the op also takes the switch's width rcut - rcut_smth in float32, which minidp follows with
+``SeAConfig.float32_switch`` (set for every .pb, this reader's and deepmd-kit's converter's). A graph without a type map (0.12, or ``model_attr/tmap`` empty) gets the names type_0, type_1, ...
 
 Everything else is refused in one line naming it: other model types (``model_attr/model_type`` dipole,
 polar, dos, ...), other descriptors (by their op: se_e2_r, se_atten, se_a_mask, se_a_ef, loc_frame,
@@ -64,7 +65,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import InputError
-from minidp.io.model_check import TEBD_KEY
+from minidp.io.model_check import FLOAT32_SWITCH_KEY, TEBD_KEY
 from minidp.nn import residual_kind
 
 # the environment-matrix ops of se_e2_a: 2.x, 1.x, and 0.12 graphs
@@ -448,7 +449,7 @@ def descriptor_dict(g: Graph, env: EnvOp, type_map: list[str], ne: int = 0) -> t
          "embeddings": {"@class": "NetworkCollection", "@version": 1, "ndim": 1 if one_side else 2,
                         "ntypes": ntypes, "network_type": "embedding_network", "networks": emb},
          "env_mat": {"rcut": env.rcut, "rcut_smth": env.rcut_smth, "protection": 0.0, "use_exp_switch": False},
-         "@variables": stats, "type_map": type_map, "spin": None}
+         "@variables": stats, "type_map": type_map, "spin": None, FLOAT32_SWITCH_KEY: True}
     return d, read
 
 

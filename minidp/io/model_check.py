@@ -37,6 +37,8 @@ from minidp.se_e2_a import SeAConfig
 # where minidp's model files keep the type embedding net of se_e2_a with a type embedding (minidp.type_embed):
 # deepmd-kit has no serialized form for that model, so the key is minidp's own
 TEBD_KEY = "minidp_type_embedding"
+# set by minidp's readers of TensorFlow graphs in model.descriptor (SeAConfig.float32_switch): never written to a file
+FLOAT32_SWITCH_KEY = "minidp_float32_switch"
 
 # The largest per-atom energy bias a model may carry (in its energy unit, eV for deepmd-kit). An
 # energy is a sum of per-atom terms in float64 (16 digits): next to a bias of 1e10 the fitted part

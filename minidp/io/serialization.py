@@ -44,7 +44,7 @@ from minidp import __version__
 from minidp.checks import InputError, file_path
 from minidp.compress import Table, compression
 from minidp.io import legacy_graph
-from minidp.io.model_check import TEBD_KEY, check_model_dict, min_nbor_dist
+from minidp.io.model_check import FLOAT32_SWITCH_KEY, TEBD_KEY, check_model_dict, min_nbor_dist
 from minidp.io.outputs import safe_output
 from minidp.model import EnergyModel, FittingInput, model_with_type_embedding
 from minidp.nn import Layer, Net, get_activation
@@ -119,6 +119,8 @@ def _read_converted(path: Path) -> dict:
     data = backend().serialize_hook(str(path))
     if graph is not None:
         _restore_pb_out_bias(graph, data)
+        # the graph computes its switch in float32 (SeAConfig.float32_switch); the converter's dict does not say so
+        data["model"]["descriptor"][FLOAT32_SWITCH_KEY] = True
     return data
 
 
@@ -243,6 +245,7 @@ def _config_from_dict(d: dict, ntypes: int, pair_exclude_types=()) -> SeAConfig:
         exclude_types=tuple(map(tuple, d.get("exclude_types") or ())),
         env_protection=float(d.get("env_protection") or 0.0), set_davg_zero=bool(d.get("set_davg_zero", False)),
         pair_exclude_types=tuple(map(tuple, pair_exclude_types)),
+        float32_switch=bool(d.get(FLOAT32_SWITCH_KEY, False)),
     )
     if cfg.ntypes != ntypes:
         raise ValueError(f"{where}: sel has {cfg.ntypes} types but the type map has {ntypes}")
