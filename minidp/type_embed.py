@@ -51,7 +51,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp.nn import Layer, Net, net_backward, net_forward, residual_kind
+from minidp.nn import Net, net_backward, net_forward, residual_kind
 from minidp.se_e2_a import EmbeddingNets, SeAConfig
 
 

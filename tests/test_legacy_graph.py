@@ -368,7 +368,7 @@ def test_deepmd_kit_fparam_aparam_fixture_gives_its_reference_values(tf, tmp_pat
     assert pot.model.descriptor.config.float32_switch
     for case in yaml.safe_load((folder / "fparam_aparam-testcase.yaml").read_text())["results"]:
         box = None if case["box"] is None else np.reshape(case["box"], (1, 9))
-        e, f, v, ae, av = pot.eval(np.reshape(case["coord"], (1, -1)), box, case["atype"], atomic=True,
+        _, f, _, ae, av = pot.eval(np.reshape(case["coord"], (1, -1)), box, case["atype"], atomic=True,
                                    fparam=case["fparam"], aparam=case["aparam"])
         for name, got in (("atomic_energy", ae), ("force", f), ("atomic_virial", av)):
             np.testing.assert_allclose(got.reshape(-1), np.reshape(case[name], -1), rtol=0, atol=1e-10, err_msg=name)

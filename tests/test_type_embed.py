@@ -16,7 +16,8 @@ from minidp.cli import main
 from minidp.io import legacy_graph
 from minidp.io.model_check import TEBD_KEY
 from minidp.io.serialization import load_model, model_from_dict, read_model_dict, save_model
-from minidp.model import FittingInput, FitParams, model_with_type_embedding, predict_frames, tebd_reference_prediction
+from minidp.model import (FittingInput, FitParams, model_with_type_embedding, new_model, predict_frames,
+                          tebd_reference_prediction)
 from minidp.neighbor import build_neighbor_list
 from minidp.nn import embedding_net, fitting_net
 from minidp.se_e2_a import SeAConfig
@@ -142,6 +143,14 @@ class _FakeTables:
         raise AssertionError
 
 
+def test_eval_typeebd_needs_a_type_embedding():
+    model = tebd_model(True, 11)
+    np.testing.assert_array_equal(DeepPot(model).eval_typeebd(), type_vectors(model.type_embedding.net))
+    plain = new_model(TYPE_MAP, model.descriptor.config, (4,))
+    with pytest.raises(ValueError, match="^this model has no type embedding"):
+        DeepPot(plain).eval_typeebd()
+
+
 def test_float32_casts_the_shared_nets():
     model = tebd_model(True, 8).astype(np.float32)
     assert model.type_embedding.fitting.dtype == np.float32 and model.fitting[0].dtype == np.float32
@@ -167,7 +176,7 @@ def test_deepmd_kit_fixture_type_embedding_and_its_pb_through_load_model(tmp_pat
     if not path.is_file():
         pytest.skip("DEEPMD_INFER_DIR does not name a folder holding deepmd-kit's source/tests/infer fixtures")
     model = model_from_dict(legacy_graph.read_legacy_graph(path))
-    np.testing.assert_allclose(type_vectors(model.type_embedding.net), EXPECTED_TYPEEBD, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(DeepPot(model).eval_typeebd(), EXPECTED_TYPEEBD, rtol=0, atol=1e-10)
     pb = tmp_path / "se_e2_a_tebd.pb"
     pb.write_bytes(legacy_graph.read_graph_def(path).SerializeToString())
     save_model(tmp_path / "tebd.dp", load_model(pb))

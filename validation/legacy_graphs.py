@@ -45,10 +45,10 @@ TYPES = np.array([0, 1, 1, 0, 1, 1])
 CELLS = {"pbc13": np.diag([13.0, 13.0, 13.0]).reshape(1, 9), "nopbc": None,
          "box19": np.diag([19.0, 13.0, 13.0]).reshape(1, 9)}
 
-# deepmd-kit's reference values (15 significant digits where computed here). deeppot: its tests (source/lmp/tests/test_lammps.py expected_ae, expected_f,
+# deepmd-kit's reference values. deeppot: its tests (source/lmp/tests/test_lammps.py expected_ae, expected_f,
 # and the virial summed from its atomic virials; v2.2.9 source/tests/test_deeppot_a.py has the same and the
-# energies). deeppot-1, sea_012 and se_e2_a_tebd: deepmd-kit 3.2's TF DeepPot (research22 section 4.4; deeppot-1's forces are
-# test_lammps.py expected_f2). nopbc and box19 share the energy: no atom sees an image across a 19 Å or
+# energies). deeppot-1, sea_012 and se_e2_a_tebd: deepmd-kit 3.2's TF DeepPot (research22 section 4.4;
+# se_e2_a_tebd's to 15 digits, computed for this table; deeppot-1's forces are test_lammps.py expected_f2). nopbc and box19 share the energy: no atom sees an image across a 19 Å or
 # 13 Å cell. The test files quote 12 to 16 digits, hence differences of ~1e-13 at ~930 eV.
 REFERENCE = {
     ("deeppot", "pbc13"): {
@@ -109,7 +109,8 @@ REFERENCE = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validation.legacy_graphs", description=__doc__.split("\n\n")[0])
-    p.add_argument("folder", type=Path, nargs="?", help="folder holding deeppot.pbtxt, deeppot-1.pbtxt, sea_012.pbtxt, se_e2_a_tebd.pbtxt")
+    p.add_argument("folder", type=Path, nargs="?", help="folder holding deeppot.pbtxt, deeppot-1.pbtxt, sea_012.pbtxt, "
+                   "se_e2_a_tebd.pbtxt")
     p.add_argument("--tol", type=float, default=1e-10, help="largest absolute difference passed (default: %(default)g)")
     p.add_argument("--tf-worker", nargs=2, metavar=("PB", "NPZ"), help=argparse.SUPPRESS)
     return p

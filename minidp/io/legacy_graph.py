@@ -45,7 +45,8 @@ equal; the first and the final fitting layers never do.
 The cutoffs are the op's attributes, which TensorFlow stores as float32: a graph trained with
 rcut_smth = 5.8 computes with 5.800000190734863, and so does minidp (to agree with the graph to 1e-10, not
 to 1e-8); the op also takes the switch's width rcut - rcut_smth in float32, which minidp follows with
-``SeAConfig.float32_switch`` (set for every .pb, this reader's and deepmd-kit's converter's). A graph without a type map (0.12, or ``model_attr/tmap`` empty) gets the names type_0, type_1, ...
+``SeAConfig.float32_switch`` (set for every .pb, this reader's and deepmd-kit's converter's). A graph
+without a type map (0.12, or ``model_attr/tmap`` empty) gets the names type_0, type_1, ...
 
 Everything else is refused in one line naming it: other model types (``model_attr/model_type`` dipole,
 polar, dos, ...), other descriptors (by their op: se_e2_r, se_atten, se_a_mask, se_a_ef, loc_frame,
@@ -398,7 +399,8 @@ def embedding_dict(net: list[GraphLayer], activation: str) -> dict:
     """An EmbeddingNetwork: every layer activated; TensorFlow adds the input back where the width equals or
     doubles it, and scales by idt only on those layers (an idt elsewhere is unused, so left out)."""
     layers = [layer_dict(layer, activation, True, residual_kind(*layer.W.shape, True) != "none") for layer in net]
-    return {"@class": "EmbeddingNetwork", "@version": 2, "in_dim": int(net[0].W.shape[0]), "neuron": [gl.W.shape[1] for gl in net],
+    return {"@class": "EmbeddingNetwork", "@version": 2, "in_dim": int(net[0].W.shape[0]),
+            "neuron": [gl.W.shape[1] for gl in net],
             "activation_function": activation, "resnet_dt": any(d["use_timestep"] for d in layers), "bias": True,
             "precision": net[0].W.dtype.name, "layers": layers}
 

@@ -180,7 +180,8 @@ def check_descriptor(d, ntypes: int, pair_exclude_types=(), ne: int = 0) -> SeAC
     expected = 1 if ne else ntypes if cfg.type_one_side else ntypes * ntypes
     if not isinstance(nets, list) or len(nets) != expected:
         raise InputError(f"{where}.embeddings.networks: {len(nets) if isinstance(nets, list) else short(nets)} nets, "
-                         f"expected {expected} (one per {'model' if ne else 'type' if cfg.type_one_side else 'pair of types'})")
+                         f"expected {expected} (one per "
+                         f"{'model' if ne else 'type' if cfg.type_one_side else 'pair of types'})")
     n_in = 1 + ne * (1 if cfg.type_one_side else 2)
     for k, net in enumerate(nets):
         check_net(net, f"{where}.embeddings.networks[{k}]", n_in, cfg.neuron)
