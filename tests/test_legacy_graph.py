@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from minidp.io.model_check import check_model_dict
 from minidp.nn import Layer, residual_kind
 from minidp.se_e2_a import SeAConfig, env_matrix
 from minidp.io.serialization import model_from_dict
+from minidp.training.loop import init_from_model
 
 # activations as a TF graph spells them
 TF_ACTIVATIONS = {"tanh": lambda tf: tf.tanh, "relu": lambda tf: tf.nn.relu, "softplus": lambda tf: tf.nn.softplus,
@@ -372,3 +374,13 @@ def test_deepmd_kit_fparam_aparam_fixture_gives_its_reference_values(tf, tmp_pat
                                    fparam=case["fparam"], aparam=case["aparam"])
         for name, got in (("atomic_energy", ae), ("force", f), ("atomic_virial", av)):
             np.testing.assert_allclose(got.reshape(-1), np.reshape(case[name], -1), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_init_model_from_a_graph_trains_with_the_float64_switch(tf, tmp_path):
+    """--init-model from a .pb: the float32 switch is TF's evaluation, not the model's shape (the input's
+    descriptor matches), and training goes on in float64 as the saved model computes."""
+    model = _model()
+    path = _write(old_graph(tf, model), tmp_path / "old.pb")
+    assert DeepPot(path).model.descriptor.config.float32_switch
+    config = SimpleNamespace(descriptor=model.descriptor.config, type_map=tuple(model.type_map), fitting_neuron=(6, 6))
+    assert not init_from_model(path, config).descriptor.config.float32_switch
