@@ -172,6 +172,9 @@ def _cmd_info(args) -> int:
     spec = m.fitting_input
     values = {"numb_fparam": spec.numb_fparam, "numb_aparam": spec.numb_aparam, "dim_case_embd": spec.dim_case_embd,
               "atom_ener": list(m.atom_ener), "atom_exclude_types": list(m.atom_exclude_types)}
+    if m.type_embedding is not None:  # one embedding net and one fitting net shared by the types
+        values["type_embedding"] = (f"neuron {[layer.n_out for layer in m.type_embedding.net.layers]} "
+                                    "(one shared embedding net and fitting net)")
     options = [f"{name} {values[name]}" for name in m.options()]
     if spec.default_fparam is not None:
         options.append(f"default_fparam {spec.default_fparam.tolist()}")
@@ -233,6 +236,9 @@ def _cmd_compress(args) -> int:
     data = read_model_dict(args.input)
     check_model_dict(data, args.input)
     model = model_from_dict(data)
+    if model.type_embedding is not None:
+        raise ValueError(f"{args.input}: se_e2_a with a type embedding cannot be compressed (deepmd-kit's "
+                         "dp compress refuses it too)")
     if model.descriptor.compress is not None:
         raise ValueError(f"{args.input} is already compressed")
     rmin, origin = _compress_min_nbor_dist(args, data, model.descriptor.config.rcut)

@@ -72,6 +72,7 @@ from minidp.neighbor import (
 )
 from minidp.runtime import default_workers
 from minidp.se_e2_a import descriptor_forward
+from minidp.type_embed import type_vectors
 
 # ---------------------------------------------------------------------------
 # How much work goes in one chunk
@@ -361,6 +362,13 @@ class DeepPot:
 
     def get_sel(self) -> list[int]:
         return list(self.model.descriptor.config.sel)
+
+    def eval_typeebd(self) -> np.ndarray:
+        """The type vectors e_t (ntypes, ne) of se_e2_a with a type embedding (deepmd-kit's eval_typeebd;
+        se_e2_a never reads a padding row, so there is none); ValueError for a model without one."""
+        if self.model.type_embedding is None:
+            raise ValueError("this model has no type embedding (eval_typeebd is for se_e2_a with a type embedding)")
+        return type_vectors(self.model.type_embedding.net)
 
     def get_dim_fparam(self) -> int:
         """Numbers per frame the model takes as fparam (numb_fparam)."""

@@ -98,16 +98,15 @@ def scatter_pairs(g, rij, nlist, first, F, W):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True)
-def env_matrix(rij, nlist, davg, inv_dstd, rcut_smth, rcut, protection, R, inv_r, sw, dsw, inv_rp):  # pragma: no cover
+def env_matrix(rij, nlist, davg, inv_dstd, rcut_smth, width, protection, R, inv_r, sw, dsw, inv_rp):  # pragma: no cover
     """se_e2_a.env_matrix in one pass: R = (s (1/(r+p), x/(r+p)^2, y/(r+p)^2, z/(r+p)^2) - davg) / dstd.
 
     davg, inv_dstd: (nloc, nnei, 4) for each centre atom; p = protection;
     R (nf, nloc, nnei, 4) and inv_r, sw, dsw, inv_rp (nf, nloc, nnei) are
     written (inv_rp may be inv_r itself when p = 0: 1/(r + 0) is 1/r to the
-    bit); padded slots get zero caches and the row -davg/dstd.
+    bit); padded slots get zero caches and the row -davg/dstd. width: the switch's rcut - rcut_smth.
     """
     nf, nloc, nnei = nlist.shape
-    width = rcut - rcut_smth
     for f in range(nf):
         for i in range(nloc):
             for k in range(nnei):

@@ -60,7 +60,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minidp import kernels
+from minidp import kernels, type_embed
 from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward, with_compute
 from minidp.se_e2_a import (
     DescriptorCache,
@@ -68,9 +68,14 @@ from minidp.se_e2_a import (
     SeA,
     SeAConfig,
     check_descriptor_inputs,
+    contract,
+    contract_backward,
     descriptor_backward,
     descriptor_forward,
+    env_matrix,
+    env_matrix_backward,
 )
+from minidp.type_embed import TypeEmbedding, fitting_rows, fold, type_vectors
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,8 +153,13 @@ class EnergyModel:
     atom_ener: tuple = ()
     atom_exclude_types: tuple[int, ...] = ()  # atoms of these types have E_i = 0 (bias included)
     model_def_script: dict = field(default_factory=dict)  # the training input's model section, as stored
+    # se_e2_a with a type embedding (minidp.type_embed): the shared nets. descriptor.nets and fitting are then
+    # derived from them, folded per type (type_embed.fold), and set here whatever the caller passed
+    type_embedding: TypeEmbedding | None = None
 
     def __post_init__(self):
+        if self.type_embedding is not None:
+            self._fold_type_embedding()
         self.atom_ener = tuple(self.atom_ener)
         self.atom_exclude_types = tuple(sorted({int(t) for t in self.atom_exclude_types}))
         bad = [t for t in self.atom_exclude_types if not 0 <= t < self.ntypes]
@@ -164,6 +174,21 @@ class EnergyModel:
                              f"{self.fitting_input.numb_fparam} + aparam "
                              f"{0 if self.fitting_input.use_aparam_as_mask else self.fitting_input.numb_aparam}"
                              f" + case embedding {self.fitting_input.dim_case_embd})")
+
+    def _fold_type_embedding(self) -> None:
+        """descriptor.nets and fitting from the shared nets (minidp.type_embed); ValueError for what the fold
+        or deepmd-kit does not have: compression, descriptor exclusions, a type count that differs."""
+        te, se, cfg = self.type_embedding, self.descriptor, self.descriptor.config
+        if te.ntypes != self.ntypes or te.type_one_side != cfg.type_one_side:
+            raise ValueError(f"the type embedding net reads {te.ntypes} types (type_one_side {te.type_one_side}); "
+                             f"the model has {self.ntypes} (type_one_side {cfg.type_one_side})")
+        if se.compress is not None:
+            raise ValueError("se_e2_a with a type embedding cannot be compressed (deepmd-kit cannot either)")
+        if cfg.exclude_types or cfg.pair_exclude_types:
+            raise ValueError("se_e2_a with a type embedding and exclude_types is not supported")
+        folded = fold(te, cfg.dim_out)
+        self.descriptor = replace(se, nets=folded.embedding)
+        self.fitting = folded.fitting
 
     @property
     def ntypes(self) -> int:
@@ -188,14 +213,18 @@ class EnergyModel:
         used = [("numb_fparam", spec.numb_fparam), ("numb_aparam", spec.numb_aparam),
                 ("dim_case_embd", spec.dim_case_embd), ("atom_ener", any(self.vacuum)),
                 ("atom_exclude_types", self.atom_exclude_types)]
-        return [name for name, value in used if value]
+        return [name for name, value in used if value] + (["type_embedding"] if self.type_embedding else [])
 
     def named_nets(self) -> list[tuple[tuple, Net]]:
         """Every trainable net once, with its name: ``("embedding",) + key`` for each net of
         ``descriptor.nets`` (key (tj,) with type_one_side, else (ti, tj)), then ``("fitting", t)``.
 
-        Gradients (minidp.training.force_training) are keyed by these names.
+        Gradients (minidp.training.force_training) are keyed by these names. A model with a type
+        embedding has no such nets of its own (they are folded from shared ones): ValueError.
         """
+        if self.type_embedding is not None:
+            raise ValueError("training se_e2_a with a type embedding is not supported (its nets are shared by the "
+                             "types: minidp.type_embed)")
         emb = [(("embedding",) + key, net) for key, net in self.descriptor.nets.items()]
         return emb + [(("fitting", t), net) for t, net in enumerate(self.fitting)]
 
@@ -208,12 +237,17 @@ class EnergyModel:
         return [p for net in self.nets() for p in net.params()]
 
     def n_params(self) -> int:
+        te = self.type_embedding
+        if te is not None:
+            return te.net.n_params() + te.embedding.n_params() + te.fitting.n_params()
         return sum(n.n_params() for n in self.nets())
 
     def astype(self, dtype) -> "EnergyModel":
         """A copy whose nets (embedding and fitting) are cast to dtype: float32 is deepmd-kit's
         ``precision: float32``. davg, dstd and the bias stay float64, as deepmd-kit keeps them."""
         se = self.descriptor
+        if self.type_embedding is not None:  # the folded nets follow the shared ones
+            return replace(self, type_embedding=self.type_embedding.astype(dtype), bias=self.bias.copy())
         nets = EmbeddingNets(se.nets.ntypes, se.nets.type_one_side, {k: n.astype(dtype) for k, n in se.nets.items()})
         # every other field (the fitting's inputs, atom_ener, exclusions, ...) carried over as it is
         return replace(self, descriptor=replace(se, nets=nets), fitting=[n.astype(dtype) for n in self.fitting],
@@ -269,6 +303,17 @@ def new_model(
                            next(seeds))
                for _ in range(ntypes)]
     return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes), fitting_input, atom_ener, atom_exclude_types)
+
+
+def model_with_type_embedding(type_map: list[str], config: SeAConfig, davg: np.ndarray, dstd: np.ndarray,
+                              te: TypeEmbedding, bias: np.ndarray, **options) -> EnergyModel:
+    """se_e2_a with a type embedding (minidp.type_embed): the shared nets ``te``, the descriptor's davg, dstd
+    (ntypes, nnei, 4), the bias (ntypes,); ``options`` are EnergyModel's other fields (fitting_input, ...).
+    The per-type nets are folded from ``te`` (EnergyModel does it); ValueError for what it refuses."""
+    folded = fold(te, config.dim_out)
+    se = SeA(config, np.asarray(davg, dtype=np.float64), np.asarray(dstd, dtype=np.float64), folded.embedding)
+    return EnergyModel(list(type_map), se, folded.fitting, np.asarray(bias, dtype=np.float64).reshape(-1),
+                       type_embedding=te, **options)
 
 
 # ---------------------------------------------------------------------------
@@ -576,3 +621,54 @@ def energy_forces(
     """
     check_descriptor_inputs(nlist, model.descriptor, backend)
     return predict_frames(rij, nlist, atom_types, model, backend, params)
+
+
+# ---------------------------------------------------------------------------
+# se_e2_a with a type embedding: the formula as written (minidp.type_embed)
+# ---------------------------------------------------------------------------
+
+
+def tebd_reference_gradients(rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel,
+                             params: FitParams = NO_PARAMS) -> PairGradients:
+    r"""E_i (nf, nc) and g_ij = dE/d r_ij (nf, nc, nnei, 3) of se_e2_a with a type embedding, the shared nets
+    evaluated as the formula has them (minidp.type_embed), no fold:
+
+    E_i = F([D_i, e_{t_i}, f, a_i]) [- F([0, e_{t_i}, f, a_i])] + b_{t_i}   (0 for atom_exclude_types)
+
+    Backward right below: dE_i = 1 through the shared fitting net to dD, then the contraction, the shared
+    embedding net and the environment matrix. The fast path (any backend on the folded nets) is tested
+    against this. Trusts its input, as :func:`pair_gradients`.
+    """
+    te, se, cfg = model.type_embedding, model.descriptor, model.descriptor.config
+    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.switch_start, cfg.rcut, "reference",
+                        protection=cfg.env_protection, width=cfg.switch_width)
+    T, tcache = type_embed.embed_reference(R, atom_types, te, cfg)
+    # (nf, nc, ng * m2)
+    D = contract(T, cfg.axis_neuron)
+    nf, nc, dim = D.shape
+    # (nf * nc, dim + ne + width)  the rows [D_i, e_{t_i}, f, a_i]
+    x = fitting_rows(fitting_input(D, model.fitting_input, params), type_vectors(te.net)[atom_types],
+                     dim).reshape(nf * nc, -1)
+    # (nf * nc, 1)
+    y, caches = net_forward(te.fitting, x)
+    # (nc,) the vacuum term's atoms (atom_ener) and the atoms that have an energy
+    vacuum = np.asarray(model.vacuum)[atom_types]
+    counted = ~np.isin(atom_types, model.atom_exclude_types)
+    # (nf, nc)
+    y0 = vacuum_output(te.fitting, x, dim).reshape(nf, nc) if vacuum.any() else np.zeros((nf, nc))
+    E_atom = (y.reshape(nf, nc) - np.where(vacuum, y0, 0.0) + model.bias[atom_types]) * counted
+    # (nf * nc, 1)  dE/dE_i
+    dy = np.broadcast_to(counted, (nf, nc)).reshape(-1, 1).astype(y.dtype)
+    # (nf * nc, dim + ne + width)
+    dx, _ = net_backward(te.fitting, caches, dy, param_grads=False)
+    dT = contract_backward(dx[:, :dim].reshape(nf, nc, dim), T, cfg.axis_neuron)
+    dR = type_embed.embed_reference_backward(dT, tcache, te)
+    return PairGradients(E_atom.astype(np.float64), env_matrix_backward(dR, env, "reference"))
+
+
+def tebd_reference_prediction(rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel,
+                              params: FitParams = NO_PARAMS) -> Prediction:
+    """Energy, forces and virials of whole frames by :func:`tebd_reference_gradients` (as :func:`predict_frames`)."""
+    E_atom, g = tebd_reference_gradients(rij, nlist, atom_types, model, params)
+    force, atom_virial = pair_forces_virials(g, rij, nlist, "reference")
+    return Prediction(E_atom.sum(axis=1), force, atom_virial.sum(axis=1), E_atom, atom_virial)

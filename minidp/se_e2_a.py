@@ -66,7 +66,9 @@ model's tables see them alike:
   slot, its TensorFlow graph does: see :func:`env_matrix`);
 - the model's ``pair_exclude_types``: those neighbours leave the neighbour
   list, their slots become padding (:func:`drop_excluded_pairs`);
-- ``set_davg_zero``: training's statistics leave davg at zero (minidp.stats).
+- ``set_davg_zero``: training's statistics leave davg at zero (minidp.stats);
+- ``float32_switch`` (minidp's, set for TensorFlow graphs): the switch's r_s and its width
+  r_c - r_s in float32, as TensorFlow's op computes them (:attr:`SeAConfig.switch_width`).
 
 Backends: ``"reference"`` (this module's first half, plain NumPy),
 ``"numpy"`` (the fast path's tricks in NumPy) and ``"numba"`` (the same
@@ -123,6 +125,9 @@ class SeAConfig:
     # the model's pair_exclude_types (deepmd-kit keeps them at the model level): those neighbours are
     # taken out of the neighbour list before the descriptor reads it, their slots become padding
     pair_exclude_types: tuple[tuple[int, int], ...] = ()
+    # the switch as TensorFlow's environment-matrix op (a .pb model) computes it: rcut_smth and the width
+    # rcut - rcut_smth in float32 (switch_start, switch_width); the neighbour cutoff stays rcut
+    float32_switch: bool = False
 
     def __post_init__(self):
         # Checked (deepmd-kit's rules, _canonical_fields at the end of this module) and stored in
@@ -152,6 +157,21 @@ class SeAConfig:
     @property
     def ng(self) -> int:
         return int(self.neuron[-1])
+
+    @property
+    def switch_start(self) -> float:
+        """r_s of :func:`smooth_switch`: rcut_smth, rounded to float32 with ``float32_switch``."""
+        return float(np.float32(self.rcut_smth)) if self.float32_switch else self.rcut_smth
+
+    @property
+    def switch_width(self) -> float:
+        """rcut - rcut_smth, the width of the switch (:func:`smooth_switch`); with ``float32_switch`` as
+        TensorFlow's op computes it: float32(rcut) - float32(rcut_smth) rounded to float32. For rcut = 6,
+        rcut_smth = 1.8 that is 4.199999809..., not 4.2: the rows of neighbours between rcut_smth and rcut
+        then differ by up to 1e-8 from the float64 difference's."""
+        if self.float32_switch:
+            return float(np.float32(self.rcut) - np.float32(self.rcut_smth))
+        return self.rcut - self.rcut_smth
 
     @property
     def dim_out(self) -> int:
@@ -229,8 +249,10 @@ class SeA:
 # ---------------------------------------------------------------------------
 
 
-def smooth_switch(r: np.ndarray, rcut_smth: float, rcut: float) -> tuple[np.ndarray, np.ndarray]:
-    r"""The switch s(r) and its derivative ds/dr.
+def smooth_switch(r: np.ndarray, rcut_smth: float, rcut: float, width: float | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    r"""The switch s(r) and its derivative ds/dr; ``width`` stands for r_c - r_s when given
+    (:attr:`SeAConfig.switch_width`: TensorFlow's float32 width).
 
     .. math::
 
@@ -242,9 +264,10 @@ def smooth_switch(r: np.ndarray, rcut_smth: float, rcut: float) -> tuple[np.ndar
     s, ds/dr and d^2s/dr^2 are continuous at both ends, so energies and forces
     stay smooth as neighbours enter and leave the cutoff sphere.
     """
-    u = np.clip((r - rcut_smth) / (rcut - rcut_smth), 0.0, 1.0)
+    width = rcut - rcut_smth if width is None else width
+    u = np.clip((r - rcut_smth) / width, 0.0, 1.0)
     sw = u**3 * (-6.0 * u**2 + 15.0 * u - 10.0) + 1.0
-    dsw = -30.0 * u**2 * (u - 1.0) ** 2 / (rcut - rcut_smth)
+    dsw = -30.0 * u**2 * (u - 1.0) ** 2 / width
     return sw, dsw
 
 
@@ -302,7 +325,7 @@ def drop_excluded_pairs(nlist: np.ndarray, rij: np.ndarray, atom_types: np.ndarr
 def env_matrix(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, davg: np.ndarray,
     dstd: np.ndarray, rcut_smth: float, rcut: float, backend: str = "numba", *,
-    protection: float = 0.0, excluded: np.ndarray | None = None,
+    protection: float = 0.0, excluded: np.ndarray | None = None, width: float | None = None,
 ) -> tuple[np.ndarray, EnvCache]:
     r"""The normalized environment matrix R (nf, nloc, nnei, 4) (math in the module docstring).
 
@@ -332,7 +355,7 @@ def env_matrix(
         # (nf, nloc, nnei)  1/r, and 1/(r + p) (the same array when p = 0)
         inv_r = np.where(mask, 1.0 / r, 0.0)
         inv_rp = inv_r if protection == 0 else np.where(mask, 1.0 / (r + protection), 0.0)
-        sw, dsw = smooth_switch(r, rcut_smth, rcut)
+        sw, dsw = smooth_switch(r, rcut_smth, rcut, width)
         sw, dsw = sw * mask, dsw * mask
         # (nf, nloc, nnei, 4)  the raw rows s (1/(r+p), rij/(r+p)^2)
         R_raw = np.concatenate([(sw * inv_rp)[..., None], (sw * inv_rp**2)[..., None] * rij], axis=-1)
@@ -344,8 +367,8 @@ def env_matrix(
         R = np.empty(rij.shape[:3] + (4,))
         inv_r, sw, dsw = (np.empty(rij.shape[:3]) for _ in range(3))
         inv_rp = inv_r if protection == 0 else np.empty(rij.shape[:3])
-        kernels.env_matrix(rij, nlist, davg[atom_types], inv_dstd, rcut_smth, rcut, protection, R, inv_r, sw, dsw,
-                           inv_rp)
+        kernels.env_matrix(rij, nlist, davg[atom_types], inv_dstd, rcut_smth,
+                           rcut - rcut_smth if width is None else width, protection, R, inv_r, sw, dsw, inv_rp)
     if excluded is None:
         return R, EnvCache(rij, inv_r, sw, dsw, inv_dstd[None], inv_rp)
     # (nf, nloc, nnei)  the excluded pairs' real rows; padded slots are never excluded
@@ -531,8 +554,8 @@ def descriptor_forward(
         nlist, rij = drop_excluded_pairs(nlist, rij, atom_types, cfg)
     # (nloc, nnei) the descriptor's own exclusions, or None
     excluded = exclusion_mask(atom_types, cfg.exclude_types, cfg.sel) if cfg.exclude_types else None
-    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.rcut_smth, cfg.rcut, backend,
-                        protection=cfg.env_protection, excluded=excluded)
+    R, env = env_matrix(rij, nlist, atom_types, se.davg, se.dstd, cfg.switch_start, cfg.rcut, backend,
+                        protection=cfg.env_protection, excluded=excluded, width=cfg.switch_width)
     reference = pieces = tables = None
     if se.compress is not None:  # a compressed model: the nets' tables replace the nets
         T, tables = se.compress.embed(R, nlist, atom_types, se, backend)
@@ -887,7 +910,7 @@ def _canonical_fields(cfg: SeAConfig) -> dict:
     m2 = cfg.axis_neuron
     if isinstance(m2, bool) or not isinstance(m2, (int, np.integer)) or not 1 <= m2 <= neuron[-1]:
         raise ValueError(f"se_e2_a axis_neuron must be an integer in 1..neuron[-1] = {neuron[-1]}, got {m2!r}")
-    for flag in ("type_one_side", "resnet_dt", "set_davg_zero"):
+    for flag in ("type_one_side", "resnet_dt", "set_davg_zero", "float32_switch"):
         if not isinstance(getattr(cfg, flag), (bool, np.bool_)):
             raise ValueError(f"se_e2_a {flag} must be true or false, got {getattr(cfg, flag)!r}")
     if not isinstance(cfg.activation, str):
@@ -903,6 +926,7 @@ def _canonical_fields(cfg: SeAConfig) -> dict:
             "resnet_dt": bool(cfg.resnet_dt),
             "exclude_types": _type_pairs("exclude_types", cfg.exclude_types, len(sel)),
             "env_protection": protection, "set_davg_zero": bool(cfg.set_davg_zero),
+            "float32_switch": bool(cfg.float32_switch),
             "pair_exclude_types": _type_pairs("pair_exclude_types", cfg.pair_exclude_types, len(sel))}
 
 

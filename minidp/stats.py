@@ -60,8 +60,8 @@ def raw_env_sums(coords, cells, atom_types, cfg: SeAConfig) -> np.ndarray:
     # davg = 0, dstd = 1: the raw rows
     zeros, ones = np.zeros((cfg.ntypes, cfg.nnei, 4)), np.ones((cfg.ntypes, cfg.nnei, 4))
     # (nf, nloc, nnei, 4)  with env_protection, excluded pairs' rows 0 (still counted, as deepmd-kit's stats)
-    R, _ = env_matrix(rij, nlist, atom_types, zeros, ones, cfg.rcut_smth, cfg.rcut,
-                      protection=cfg.env_protection, excluded=excluded)
+    R, _ = env_matrix(rij, nlist, atom_types, zeros, ones, cfg.switch_start, cfg.rcut,
+                      protection=cfg.env_protection, excluded=excluded, width=cfg.switch_width)
     # (ntypes, 5)
     sums = np.zeros((cfg.ntypes, 5))
     for t in range(cfg.ntypes):

@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minidp"
 LAYERS = {
     "minidp.checks": 0, "minidp.runtime": 0, "minidp.kernels": 0,
     "minidp.nn": 1, "minidp.optim": 1, "minidp.neighbor": 1, "minidp.se_e2_a": 1, "minidp.compress": 1,
-    "minidp.model": 1, "minidp.stats": 1,
+    "minidp.type_embed": 1, "minidp.model": 1, "minidp.stats": 1,
     "minidp.io": 2,
     "minidp.infer": 3,
     "minidp.training": 4, "minidp.md": 4, "minidp.active": 4,

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,8 +24,9 @@ from minidp.io import legacy_graph
 from minidp.model import EnergyModel, new_model
 from minidp.io.model_check import check_model_dict
 from minidp.nn import Layer, residual_kind
-from minidp.se_e2_a import SeAConfig
+from minidp.se_e2_a import SeAConfig, env_matrix
 from minidp.io.serialization import model_from_dict
+from minidp.training.loop import init_from_model
 
 # activations as a TF graph spells them
 TF_ACTIVATIONS = {"tanh": lambda tf: tf.tanh, "relu": lambda tf: tf.nn.relu, "softplus": lambda tf: tf.nn.softplus,
@@ -267,8 +269,8 @@ REFUSALS = [
     ("polar", _model_type("polar"), r"a 'polar' model"),
     ("dos", _model_type("dos"), r"a 'dos' model"),
     ("spin", _copy("descrpt_attr/ntypes", "spin_attr/ntypes_spin"), r"a spin model \(node spin_attr/ntypes_spin\)"),
-    ("type embedding", _copy("layer_0_type_0/matrix", "type_embed_net/matrix_1"),
-     r"se_e2_a with a type embedding \(node type_embed_net/matrix_1\) is not read"),
+    ("type embedding, no bias", _copy("layer_0_type_0/matrix", "type_embed_net/matrix_1"),
+     r"node type_embed_net/bias_1 \(bias of the type embedding net\) is missing"),
     ("fparam", _copy("descrpt_attr/ntypes", "fitting_attr/dfparam"),
      r"frame or atomic parameters \(fitting_attr/dfparam = 2\)"),
     ("unread weights", _copy("layer_0_type_0/matrix", "layer_0/matrix"), r"node layer_0/matrix is not part"),
@@ -307,7 +309,7 @@ def test_without_tensorflow_one_line_import_error(monkeypatch, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:.*more neighbours within rcut")  # sea_012's sel [1, 1] is exceeded
-@pytest.mark.parametrize("name", ["deeppot", "deeppot-1", "sea_012"])
+@pytest.mark.parametrize("name", ["deeppot", "deeppot-1", "sea_012", "se_e2_a_tebd"])
 def test_deepmd_kit_fixtures_give_their_reference_values(tf, name):
     folder = Path(os.environ.get("DEEPMD_INFER_DIR", "/nonexistent"))
     if not (folder / f"{name}.pbtxt").is_file():
@@ -319,3 +321,67 @@ def test_deepmd_kit_fixtures_give_their_reference_values(tf, name):
     for frame in CELLS:
         for q, value in REFERENCE[name, frame].items():
             np.testing.assert_allclose(results[frame][q].reshape(-1), value, rtol=0, atol=1e-10, err_msg=f"{frame} {q}")
+
+
+# ---------------------------------------------------------------------------
+# TensorFlow's switch: rcut_smth and the width rcut - rcut_smth in float32 (SeAConfig.float32_switch)
+# ---------------------------------------------------------------------------
+
+
+def test_the_float32_switch_is_tensorflows_environment_matrix(tf):
+    """deepmd-kit's ProdEnvMatA op on neighbours across the switch of rcut 6, rcut_smth 1.8 (where the float32
+    width 4.199999809 differs from 4.2) gives minidp's rows with float32_switch to round-off, not without."""
+    op_module = pytest.importorskip("deepmd.tf.env").op_module
+    d = np.array([1.9, 2.0, 2.7, 3.0, 4.5, 5.5, 5.9])
+    n = d.size
+    # (1, (n + 1) * 3) atom 0 at the origin, its neighbours along x
+    coord = np.zeros((1, (n + 1) * 3))
+    coord[0, 3::3] = d
+    sel = 10
+    with tf.Graph().as_default(), tf.compat.v1.Session() as sess:
+        out = op_module.prod_env_mat_a(
+            tf.constant(coord), tf.constant(np.zeros((1, n + 1), np.int32)), tf.constant(np.full(3, n + 1, np.int32)),
+            tf.constant(np.diag([30.0] * 3).reshape(1, 9)), tf.constant(np.zeros(0, np.int32)),
+            tf.constant(np.zeros((1, 4 * sel))), tf.constant(np.ones((1, 4 * sel))),
+            rcut_a=-1.0, rcut_r=6.0, rcut_r_smth=1.8, sel_a=[sel], sel_r=[0])
+        # (n,) the first column of atom 0's rows: s(r) / r
+        want = sess.run(out[0]).reshape(n + 1, sel, 4)[0, :n, 0]
+    for flag, tol in ((True, 1e-15), (False, None)):
+        cfg = SeAConfig(6.0, 1.8, (sel,), (4,), 2, True, float32_switch=flag)
+        rij = np.zeros((1, 1, sel, 3))
+        rij[0, 0, :n, 0] = d
+        nlist = np.where(np.arange(sel) < n, 1, -1).reshape(1, 1, sel)
+        R, _ = env_matrix(rij, nlist, np.zeros(1, int), np.zeros((1, sel, 4)), np.ones((1, sel, 4)), cfg.switch_start,
+                          cfg.rcut, "reference", width=cfg.switch_width)
+        err = np.abs(R[0, 0, :n, 0] - want).max()
+        assert err < 1e-15 if flag else err > 1e-9, (flag, err)
+
+
+def test_deepmd_kit_fparam_aparam_fixture_gives_its_reference_values(tf, tmp_path):
+    """fparam_aparam.pbtxt (a graph with a training script, read through deepmd-kit's converter) against its
+    testcase's reference values: to 1e-10 with TensorFlow's float32 switch (1.2e-8 without it)."""
+    yaml = pytest.importorskip("yaml")
+    folder = Path(os.environ.get("DEEPMD_INFER_DIR", "/nonexistent"))
+    if not (folder / "fparam_aparam-testcase.yaml").is_file() or not (folder / "fparam_aparam.pbtxt").is_file():
+        pytest.skip("DEEPMD_INFER_DIR does not name a folder holding deepmd-kit's source/tests/infer fixtures")
+    pb = tmp_path / "fparam_aparam.pb"
+    pb.write_bytes(legacy_graph.read_graph_def(folder / "fparam_aparam.pbtxt").SerializeToString())
+    pot = DeepPot(pb)
+    assert pot.model.descriptor.config.float32_switch
+    for case in yaml.safe_load((folder / "fparam_aparam-testcase.yaml").read_text())["results"]:
+        box = None if case["box"] is None else np.reshape(case["box"], (1, 9))
+        _, f, _, ae, av = pot.eval(np.reshape(case["coord"], (1, -1)), box, case["atype"], atomic=True,
+                                   fparam=case["fparam"], aparam=case["aparam"])
+        for name, got in (("atomic_energy", ae), ("force", f), ("atomic_virial", av)):
+            np.testing.assert_allclose(got.reshape(-1), np.reshape(case[name], -1), rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_init_model_from_a_graph_trains_with_the_float64_switch(tf, tmp_path):
+    """--init-model from a .pb: the float32 switch is TF's evaluation, not the model's shape (the input's
+    descriptor matches), and training goes on in float64 as the saved model computes."""
+    model = _model()
+    path = _write(old_graph(tf, model), tmp_path / "old.pb")
+    assert DeepPot(path).model.descriptor.config.float32_switch
+    config = SimpleNamespace(descriptor=model.descriptor.config, type_map=tuple(model.type_map), fitting_neuron=(6, 6),
+                             fitting_input=model.fitting_input, atom_ener=(), atom_exclude_types=())
+    assert not init_from_model(path, config).descriptor.config.float32_switch

@@ -2,7 +2,9 @@
 
     python -m validation.legacy_graphs FOLDER [--tol 1e-10]
 
-FOLDER holds deepmd-kit's test fixtures ``deeppot.pbtxt``, ``deeppot-1.pbtxt`` and ``sea_012.pbtxt``
+FOLDER holds deepmd-kit's test fixtures ``deeppot.pbtxt``, ``deeppot-1.pbtxt``, ``sea_012.pbtxt`` and
+``se_e2_a_tebd.pbtxt`` (se_e2_a with a type embedding, which has a training script but which deepmd-kit's
+converter refuses: minidp reads it from its constants too)
 (``source/tests/infer`` in its repository; they are not copied here). In a temporary folder each is
 written as a binary ``.pb``, and ``sea_012`` also through ``dp convert-from 0.12`` (deepmd-kit's TF
 ``DeepPot`` runs only the converted graph; minidp reads both). minidp loads the ``.pb`` with
@@ -32,7 +34,7 @@ from minidp.infer import DeepPot
 from minidp.io.legacy_graph import read_graph_def
 from validation.cases import dp_executable
 
-FIXTURES = ("deeppot", "deeppot-1", "sea_012")
+FIXTURES = ("deeppot", "deeppot-1", "sea_012", "se_e2_a_tebd")
 QUANTITIES = ("e", "f", "v", "ae", "av")
 
 # the frame of deepmd-kit's DeepPot tests, (1, 6, 3), types O H H O H H
@@ -45,8 +47,8 @@ CELLS = {"pbc13": np.diag([13.0, 13.0, 13.0]).reshape(1, 9), "nopbc": None,
 
 # deepmd-kit's reference values. deeppot: its tests (source/lmp/tests/test_lammps.py expected_ae, expected_f,
 # and the virial summed from its atomic virials; v2.2.9 source/tests/test_deeppot_a.py has the same and the
-# energies). deeppot-1 and sea_012: deepmd-kit 3.2's TF DeepPot (research22 section 4.4; deeppot-1's forces are
-# test_lammps.py expected_f2). nopbc and box19 share the energy: no atom sees an image across a 19 Å or
+# energies). deeppot-1, sea_012 and se_e2_a_tebd: deepmd-kit 3.2's TF DeepPot (research22 section 4.4;
+# se_e2_a_tebd's to 15 digits, computed for this table; deeppot-1's forces are test_lammps.py expected_f2). nopbc and box19 share the energy: no atom sees an image across a 19 Å or
 # 13 Å cell. The test files quote 12 to 16 digits, hence differences of ~1e-13 at ~930 eV.
 REFERENCE = {
     ("deeppot", "pbc13"): {
@@ -89,12 +91,26 @@ REFERENCE = {
     },
     ("sea_012", "nopbc"): {"e": -935.053623343329},
     ("sea_012", "box19"): {"e": -935.053623343329},
+    ("se_e2_a_tebd", "pbc13"): {
+        "e": -938.8090552161314,
+        "ae": [-94.4945526073895, -187.330527191752, -187.65849670836, -94.4474597176218, -187.511958354867,
+              -187.366060636141],
+        "f": [-0.178793681311056, 0.499483023293555, 0.12548773377497, 0.272770906934679, -0.233309850113633,
+              -0.21024562325965, 0.476757478561427, -0.359459431371978, 0.18929927979092, -0.0477456957492672,
+              0.0827762645962091, -0.108352221576183, -0.483119767905612, -0.0831420195711712, 0.152206190474556,
+              -0.03986924053017, 0.0936520131670179, -0.148395359204613],
+        "v": [-2.12505480997738, 0.423728848372126, -0.246152497361716, 0.423728848372126, -0.243126235286807,
+              -0.0745349146616855, -0.246152497361717, -0.0745349146616857, -0.0163651442315022],
+    },
+    ("se_e2_a_tebd", "nopbc"): {"e": -935.3374994312513},
+    ("se_e2_a_tebd", "box19"): {"e": -935.3374994312513},
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m validation.legacy_graphs", description=__doc__.split("\n\n")[0])
-    p.add_argument("folder", type=Path, nargs="?", help="folder holding deeppot.pbtxt, deeppot-1.pbtxt, sea_012.pbtxt")
+    p.add_argument("folder", type=Path, nargs="?", help="folder holding deeppot.pbtxt, deeppot-1.pbtxt, sea_012.pbtxt, "
+                   "se_e2_a_tebd.pbtxt")
     p.add_argument("--tol", type=float, default=1e-10, help="largest absolute difference passed (default: %(default)g)")
     p.add_argument("--tf-worker", nargs=2, metavar=("PB", "NPZ"), help=argparse.SUPPRESS)
     return p

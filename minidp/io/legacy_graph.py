@@ -25,7 +25,14 @@ fitting nets       ``layer_k_type_t/{matrix,bias,idt}``,                        
 bias_atom_e        ``fitting_attr/t_bias_atom_e``; absent from old graphs,      absent (0)
                    which fold it into ``final_layer_type_t/bias`` (then 0)
 type_map           ``model_attr/tmap``, names separated by spaces               absent
+type embedding     ``type_embed_net/{matrix,bias,idt}_l`` on one-hot types,     absent
+                   one shared ``filter_type_all/..._l`` and one fitting net
+                   ``layer_k``, ``final_layer`` (no type suffix)
 =================  ===========================================================  ============================
+
+se_e2_a with a type embedding (:mod:`minidp.type_embed`) is read here even from graphs that carry a
+training script: deepmd-kit's converter refuses it (it has no serialized form for it). Its type
+embedding net goes to minidp's own key ``model.minidp_type_embedding``, which deepmd-kit does not read.
 
 What the graph does not name is read from its structure: the widths from the weights' shapes,
 ``axis_neuron`` = (fitting input width) / neuron[-1], ``type_one_side`` from the embedding scope, the
@@ -37,13 +44,16 @@ equal; the first and the final fitting layers never do.
 
 The cutoffs are the op's attributes, which TensorFlow stores as float32: a graph trained with
 rcut_smth = 5.8 computes with 5.800000190734863, and so does minidp (to agree with the graph to 1e-10, not
-to 1e-8). A graph without a type map (0.12, or ``model_attr/tmap`` empty) gets the names type_0, type_1, ...
+to 1e-8); the op also takes the switch's width rcut - rcut_smth in float32, which minidp follows with
+``SeAConfig.float32_switch`` (set for every .pb, this reader's and deepmd-kit's converter's). A graph
+without a type map (0.12, or ``model_attr/tmap`` empty) gets the names type_0, type_1, ...
 
 Everything else is refused in one line naming it: other model types (``model_attr/model_type`` dipole,
 polar, dos, ...), other descriptors (by their op: se_e2_r, se_atten, se_a_mask, se_a_ef, loc_frame,
-hybrids), spin, DPLR modifiers, pair tables, compressed graphs, se_e2_a with a type embedding, frame and
-atomic parameters; a node the model needs and the graph lacks; and any weight-like constant (``matrix``,
-``bias``, ``idt``) the reader did not use, so that no part of a model is silently dropped.
+hybrids), spin, DPLR modifiers, pair tables, compressed graphs, a type embedding net without a bias
+(``use_tebd_bias`` false), frame and atomic parameters; a node the model needs and the graph lacks;
+and any weight-like constant (``matrix``, ``bias``, ``idt``) the reader did not use, so that no part of
+a model is silently dropped.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp.checks import InputError
+from minidp.io.model_check import FLOAT32_SWITCH_KEY, TEBD_KEY
 from minidp.nn import residual_kind
 
 # the environment-matrix ops of se_e2_a: 2.x, 1.x, and 0.12 graphs
@@ -79,8 +90,9 @@ OTHER_OPS = {
 OTHER_NODES = {
     "spin_attr/": "a spin model",
     "modifier_attr/": "a model with a modifier (DPLR)",
-    "type_embed_net/": "se_e2_a with a type embedding",
 }
+# the type embedding net's scope (se_e2_a with a type embedding, minidp.type_embed)
+TEBD_SCOPE = "type_embed_net"
 
 # the activation an op applied to x W + b stands for (deepmd-kit's names); GeluCustom is deepmd-kit's own op
 ACTIVATION_OPS = {"Tanh": "tanh", "Relu": "relu", "Relu6": "relu6", "Softplus": "softplus",
@@ -127,6 +139,11 @@ def read_graph_def(path):
     except (message.DecodeError, text_format.ParseError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: not a TensorFlow graph ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     return graph_def
+
+
+def has_type_embedding(graph_def) -> bool:
+    """Whether the graph is se_e2_a with a type embedding, which deepmd-kit's converter refuses."""
+    return any(node.name == f"{TEBD_SCOPE}/matrix_1" for node in graph_def.node)
 
 
 def has_training_script(graph_def) -> bool:
@@ -204,11 +221,9 @@ def refuse_other_models(g: Graph) -> None:
     if "modifier_attr/type" in g.consts:
         _refuse(g, f"a model with a {_scalar(g.consts['modifier_attr/type'])!r} modifier (DPLR, modifier_attr/type)")
     for prefix, what in OTHER_NODES.items():
-        # a weight names the part best (type_embed_net/matrix_1); any node will do
+        # a weight names the part best (spin_attr/...); any node will do
         found = sorted(name for name in g.consts if name.startswith(prefix) and WEIGHT_NAME.search(name)) or sorted(
             name for name in g.nodes if name.startswith(prefix))
-        if found and prefix == "type_embed_net/":
-            raise InputError(f"{g.source}: {what} (node {found[0]}) is not read from TensorFlow graphs yet")
         if found:
             _refuse(g, f"{what} (node {found[0]})")
     for name in ("fitting_attr/dfparam", "fitting_attr/daparam"):
@@ -314,6 +329,13 @@ def one_activation(g: Graph, layers: list[GraphLayer], what: str) -> str:
     return found[0]
 
 
+def numbered_net(g: Graph, prefix: str, suffix: str, what: str) -> list[GraphLayer]:
+    """The layers {prefix}/matrix_n{suffix}, n = 1, 2, ... (with bias_n, idt_n) of an embedding-like net."""
+    depth = next(n for n in itertools.count(1) if f"{prefix}/matrix_{n}{suffix}" not in g.consts) - 1
+    return [read_layer(g, f"{prefix}/matrix_{n}{suffix}", f"{prefix}/bias_{n}{suffix}", f"{prefix}/idt_{n}{suffix}",
+                       what) for n in range(1, depth + 1)]
+
+
 def embedding_nets(g: Graph, ntypes: int) -> tuple[bool, list[list[GraphLayer]]]:
     """(type_one_side, nets): one net per neighbour type tj, or per pair in deepmd-kit's order ti + tj * ntypes."""
     scopes = {"filter_type_all": True, "filter_type_0": False, "DS_layer_type_0": False}
@@ -331,20 +353,30 @@ def embedding_nets(g: Graph, ntypes: int) -> tuple[bool, list[list[GraphLayer]]]
         if f"{prefix}/matrix_1_{tj}" not in g.consts:  # TensorFlow builds no net for an excluded pair
             raise InputError(f"{g.source}: node {prefix}/matrix_1_{tj} ({what}) is missing from the graph "
                              "(an excluded pair, exclude_types, is not read from old graphs)")
-        depth = next(n for n in itertools.count(1) if f"{prefix}/matrix_{n}_{tj}" not in g.consts) - 1
-        nets.append([read_layer(g, f"{prefix}/matrix_{n}_{tj}", f"{prefix}/bias_{n}_{tj}",
-                                f"{prefix}/idt_{n}_{tj}", what) for n in range(1, depth + 1)])
+        nets.append(numbered_net(g, prefix, f"_{tj}", what))
     return one_side, nets
 
 
-def fitting_nets(g: Graph, ntypes: int) -> list[list[GraphLayer]]:
-    """One fitting net per atom type: hidden layers layer_k_type_t, then final_layer_type_t."""
+def shared_embedding_net(g: Graph, ne: int) -> tuple[bool, list[list[GraphLayer]]]:
+    """(type_one_side, [net]) of se_e2_a with a type embedding: one net filter_type_all/matrix_n reading
+    [s, e_j] (1 + ne numbers, type_one_side) or [s, e_j, e_i] (1 + 2 ne)."""
+    net = numbered_net(g, "filter_type_all", "", "the shared embedding net")
+    if not net or net[0].W.shape[0] not in (1 + ne, 1 + 2 * ne):
+        raise InputError(f"{g.source}: the shared embedding net filter_type_all/matrix_1 has shape "
+                         f"{None if not net else net[0].W.shape}; expected ({1 + ne} or {1 + 2 * ne}, n) for a type "
+                         f"embedding of {ne}")
+    return net[0].W.shape[0] == 1 + ne, [net]
+
+
+def fitting_nets(g: Graph, suffixes: list[str]) -> list[list[GraphLayer]]:
+    """One fitting net per suffix ("_type_t" per atom type, or "" for the net all types share):
+    hidden layers layer_k{suffix}, then final_layer{suffix}."""
     nets = []
-    for t in range(ntypes):
-        depth = next(k for k in itertools.count() if f"layer_{k}_type_{t}/matrix" not in g.consts)
-        scopes = [f"layer_{k}_type_{t}" for k in range(depth)] + [f"final_layer_type_{t}"]
-        nets.append([read_layer(g, f"{s}/matrix", f"{s}/bias", f"{s}/idt", f"the fitting net of type {t}")
-                     for s in scopes])
+    for suffix in suffixes:
+        depth = next(k for k in itertools.count() if f"layer_{k}{suffix}/matrix" not in g.consts)
+        scopes = [f"layer_{k}{suffix}" for k in range(depth)] + [f"final_layer{suffix}"]
+        what = f"the fitting net of type {suffix.rsplit('_', 1)[-1]}" if suffix else "the shared fitting net"
+        nets.append([read_layer(g, f"{s}/matrix", f"{s}/bias", f"{s}/idt", what) for s in scopes])
     return nets
 
 
@@ -367,7 +399,8 @@ def embedding_dict(net: list[GraphLayer], activation: str) -> dict:
     """An EmbeddingNetwork: every layer activated; TensorFlow adds the input back where the width equals or
     doubles it, and scales by idt only on those layers (an idt elsewhere is unused, so left out)."""
     layers = [layer_dict(layer, activation, True, residual_kind(*layer.W.shape, True) != "none") for layer in net]
-    return {"@class": "EmbeddingNetwork", "@version": 2, "in_dim": 1, "neuron": [gl.W.shape[1] for gl in net],
+    return {"@class": "EmbeddingNetwork", "@version": 2, "in_dim": int(net[0].W.shape[0]),
+            "neuron": [gl.W.shape[1] for gl in net],
             "activation_function": activation, "resnet_dt": any(d["use_timestep"] for d in layers), "bias": True,
             "precision": net[0].W.dtype.name, "layers": layers}
 
@@ -387,15 +420,16 @@ def fitting_dict_net(g: Graph, net: list[GraphLayer], activation: str) -> dict:
             "bias_out": True, "layers": layers}
 
 
-def descriptor_dict(g: Graph, env: EnvOp, type_map: list[str]) -> tuple[dict, set]:
-    """model.descriptor (se_e2_a) and the names of the constants read for it."""
+def descriptor_dict(g: Graph, env: EnvOp, type_map: list[str], ne: int = 0) -> tuple[dict, set]:
+    """model.descriptor (se_e2_a) and the names of the constants read for it; ne > 0: the width of the
+    model's type embedding (one shared embedding net, minidp.type_embed)."""
     ntypes, nnei = len(env.sel), sum(env.sel)
     declared = _first(g, ("descrpt_attr/ntypes", "t_ntypes"))
     if declared is not None and int(_scalar(g.consts[declared])) != ntypes:
         raise InputError(f"{g.source}: {declared} = {_scalar(g.consts[declared])}, but sel {list(env.sel)} has "
                          f"{ntypes} types")
-    one_side, nets = embedding_nets(g, ntypes)
-    neuron = widths(g, nets, 1, "embedding")
+    one_side, nets = shared_embedding_net(g, ne) if ne else embedding_nets(g, ntypes)
+    neuron = widths(g, nets, None if ne else 1, "embedding")
     activation = one_activation(g, [layer for net in nets for layer in net], "embedding")
     read = {name for net in nets for layer in net for name in layer.names}
     stats = {}
@@ -410,30 +444,31 @@ def descriptor_dict(g: Graph, env: EnvOp, type_map: list[str]) -> tuple[dict, se
         read.add(name)
     emb = [embedding_dict(net, activation) for net in nets]
     d = {"@class": "Descriptor", "type": "se_e2_a", "@version": 2, "rcut": env.rcut, "rcut_smth": env.rcut_smth,
-         "sel": list(env.sel), "neuron": neuron, "axis_neuron": axis_neuron_of(g, neuron[-1]),
+         "sel": list(env.sel), "neuron": neuron, "axis_neuron": axis_neuron_of(g, neuron[-1], ne),
          "resnet_dt": any(e["resnet_dt"] for e in emb), "trainable": True, "type_one_side": one_side,
          "exclude_types": [], "env_protection": 0.0, "set_davg_zero": False, "activation_function": activation,
          "precision": nets[0][0].W.dtype.name,
          "embeddings": {"@class": "NetworkCollection", "@version": 1, "ndim": 1 if one_side else 2,
                         "ntypes": ntypes, "network_type": "embedding_network", "networks": emb},
          "env_mat": {"rcut": env.rcut, "rcut_smth": env.rcut_smth, "protection": 0.0, "use_exp_switch": False},
-         "@variables": stats, "type_map": type_map, "spin": None}
+         "@variables": stats, "type_map": type_map, "spin": None, FLOAT32_SWITCH_KEY: True}
     return d, read
 
 
-def fitting_dict(g: Graph, type_map: list[str], dim_descrpt: int) -> tuple[dict, set]:
+def fitting_dict(g: Graph, type_map: list[str], dim_descrpt: int, ne: int = 0) -> tuple[dict, set]:
     """model.fitting (ener) and the names of the constants read for it. The per-type energy bias is
-    fitting_attr/t_bias_atom_e when the graph has it; old graphs fold it into the final layer's bias."""
+    fitting_attr/t_bias_atom_e when the graph has it; old graphs fold it into the final layer's bias.
+    ne > 0: one net shared by all types, reading [D, e_t] (minidp.type_embed)."""
     ntypes = len(type_map)
-    nets = fitting_nets(g, ntypes)
-    hidden = widths(g, nets, dim_descrpt, "fitting")[:-1]
+    nets = fitting_nets(g, [""] if ne else [f"_type_{t}" for t in range(ntypes)])
+    hidden = widths(g, nets, dim_descrpt + ne, "fitting")[:-1]
     # without hidden layers no activation is used: tanh is deepmd-kit's default
     activation = one_activation(g, [layer for net in nets for layer in net[:-1]], "fitting") if hidden else "tanh"
     bias = g.consts.get("fitting_attr/t_bias_atom_e")
     bias_atom_e = np.zeros((ntypes, 1), nets[0][0].W.dtype) if bias is None else bias.reshape(ntypes, 1)
     networks = [fitting_dict_net(g, net, activation) for net in nets]
     d = {"@class": "Fitting", "type": "ener", "@version": 4, "var_name": "energy", "ntypes": ntypes,
-         "dim_descrpt": dim_descrpt, "mixed_types": False, "dim_out": 1, "neuron": hidden,
+         "dim_descrpt": dim_descrpt, "mixed_types": bool(ne), "dim_out": 1, "neuron": hidden,
          "resnet_dt": any(n["resnet_dt"] for n in networks), "numb_fparam": 0, "numb_aparam": 0,
          "dim_case_embd": 0, "default_fparam": None, "rcond": None, "tot_ener_zero": False,
          "trainable": [True] * (len(hidden) + 1), "atom_ener": [], "activation_function": activation,
@@ -447,14 +482,31 @@ def fitting_dict(g: Graph, type_map: list[str], dim_descrpt: int) -> tuple[dict,
     return d, {name for net in nets for layer in net for name in layer.names}
 
 
-def axis_neuron_of(g: Graph, ng: int) -> int:
-    """axis_neuron m2 = (the fitting nets' input width) / ng: the descriptor has ng * m2 numbers."""
-    matrix = "layer_0_type_0/matrix" if "layer_0_type_0/matrix" in g.consts else "final_layer_type_0/matrix"
-    n_in = _const(g, matrix, "weights of the fitting net of type 0").shape[0]
+def axis_neuron_of(g: Graph, ng: int, ne: int = 0) -> int:
+    """axis_neuron m2 = (the fitting nets' input width, less the type embedding's ne) / ng: the descriptor
+    has ng * m2 numbers."""
+    suffix = "" if ne else "_type_0"
+    matrix = f"layer_0{suffix}/matrix" if f"layer_0{suffix}/matrix" in g.consts else f"final_layer{suffix}/matrix"
+    n_in = _const(g, matrix, "weights of the fitting net of type 0").shape[0] - ne
     if n_in % ng:
         raise InputError(f"{g.source}: {matrix} takes {n_in} inputs, not a multiple of the embedding width "
                          f"{ng} (an se_e2_a descriptor has neuron[-1] * axis_neuron numbers)")
     return n_in // ng
+
+
+def type_embedding_dict(g: Graph, ntypes: int) -> tuple[dict | None, set]:
+    """minidp's entry for the type embedding net (``type_embed_net/matrix_n``, on one-hot types) and the
+    names read; (None, set()) when the graph has none. deepmd-kit has no serialized form for it."""
+    if f"{TEBD_SCOPE}/matrix_1" not in g.consts:
+        return None, set()
+    net = numbered_net(g, TEBD_SCOPE, "", "the type embedding net")
+    if net[0].W.shape[0] != ntypes:
+        raise InputError(f"{g.source}: {TEBD_SCOPE}/matrix_1 has shape {net[0].W.shape}; expected ({ntypes}, n) "
+                         "(one-hot types in; an electronic-configuration type embedding is not read)")
+    activation = one_activation(g, net, "type embedding")
+    d = {"@class": "TypeEmbedNet", "ntypes": ntypes, "neuron": [gl.W.shape[1] for gl in net],
+         "activation_function": activation, "network": embedding_dict(net, activation)}
+    return d, {name for layer in net for name in layer.names}
 
 
 def legacy_model_dict(graph_def, source: str) -> dict:
@@ -465,9 +517,12 @@ def legacy_model_dict(graph_def, source: str) -> dict:
     refuse_other_models(g)
     env = env_op(g)
     type_map = type_map_of(g, len(env.sel))
-    descriptor, read = descriptor_dict(g, env, type_map)
-    fitting, read_fitting = fitting_dict(g, type_map, descriptor["neuron"][-1] * descriptor["axis_neuron"])
-    unread = sorted(name for name in g.consts if WEIGHT_NAME.search(name) and name not in read | read_fitting)
+    tebd, read_tebd = type_embedding_dict(g, len(type_map))
+    ne = tebd["neuron"][-1] if tebd else 0
+    descriptor, read = descriptor_dict(g, env, type_map, ne)
+    fitting, read_fitting = fitting_dict(g, type_map, descriptor["neuron"][-1] * descriptor["axis_neuron"], ne)
+    unread = sorted(name for name in g.consts
+                    if WEIGHT_NAME.search(name) and name not in read | read_fitting | read_tebd)
     if unread:
         _refuse(g, f"node {unread[0]}{f' (and {len(unread) - 1} more)' if len(unread) > 1 else ''} is not part "
                    "of an se_e2_a model as minidp reads it")
@@ -477,6 +532,8 @@ def legacy_model_dict(graph_def, source: str) -> dict:
              "descriptor": descriptor, "fitting": fitting, "atom_exclude_types": [], "pair_exclude_types": [],
              "rcond": None, "preset_out_bias": None,
              "@variables": {"out_bias": None if out_bias is None else out_bias.reshape(-1, ntypes, 1)[:1]}}
+    if tebd:
+        model[TEBD_KEY] = tebd
     variables = {}
     if "train_attr/min_nbor_dist" in g.consts:
         variables["min_nbor_dist"] = np.asarray(g.consts["train_attr/min_nbor_dist"], dtype=np.float64)

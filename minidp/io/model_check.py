@@ -34,6 +34,12 @@ from minidp.compress import Table, grid_counts
 from minidp.nn import get_activation
 from minidp.se_e2_a import SeAConfig
 
+# where minidp's model files keep the type embedding net of se_e2_a with a type embedding (minidp.type_embed):
+# deepmd-kit has no serialized form for that model, so the key is minidp's own
+TEBD_KEY = "minidp_type_embedding"
+# set by minidp's readers of TensorFlow graphs in model.descriptor (SeAConfig.float32_switch): never written to a file
+FLOAT32_SWITCH_KEY = "minidp_float32_switch"
+
 # The largest per-atom energy bias a model may carry (in its energy unit, eV for deepmd-kit). An
 # energy is a sum of per-atom terms in float64 (16 digits): next to a bias of 1e10 the fitted part
 # keeps 1e-6 of resolution, what a force field needs; beyond, it is lost to round-off, and
@@ -145,9 +151,10 @@ def check_net(net, where: str, n_in: int, widths: tuple[int, ...]) -> None:
         n_in = n_out
 
 
-def check_descriptor(d, ntypes: int, pair_exclude_types=()) -> SeAConfig:
+def check_descriptor(d, ntypes: int, pair_exclude_types=(), ne: int = 0) -> SeAConfig:
     """model.descriptor: its hyper-parameters (SeAConfig's own rules), nets and davg/dstd; the model's
-    pair_exclude_types (checked by the caller) go into the configuration with them."""
+    pair_exclude_types (checked by the caller) go into the configuration with them. ne > 0: the model's
+    type embedding width, and one shared net reads [s, e_j] or [s, e_j, e_i] (minidp.type_embed)."""
     where = "model.descriptor"
     _one_of(_key(d, "type", where), f"{where}.type", ("se_e2_a", "se_a"))
     kwargs = {name: _optional(d, key, check, where) for name, key, check in (
@@ -170,12 +177,14 @@ def check_descriptor(d, ntypes: int, pair_exclude_types=()) -> SeAConfig:
         exclude_types=exclude_types, env_protection=env_protection, set_davg_zero=bool(kwargs["set_davg_zero"]),
         pair_exclude_types=pair_exclude_types)
     nets = _key(_key(d, "embeddings", where), "networks", f"{where}.embeddings")
-    expected = ntypes if cfg.type_one_side else ntypes * ntypes
+    expected = 1 if ne else ntypes if cfg.type_one_side else ntypes * ntypes
     if not isinstance(nets, list) or len(nets) != expected:
         raise InputError(f"{where}.embeddings.networks: {len(nets) if isinstance(nets, list) else short(nets)} nets, "
-                         f"expected {expected} (one per {'type' if cfg.type_one_side else 'pair of types'})")
+                         f"expected {expected} (one per "
+                         f"{'model' if ne else 'type' if cfg.type_one_side else 'pair of types'})")
+    n_in = 1 + ne * (1 if cfg.type_one_side else 2)
     for k, net in enumerate(nets):
-        check_net(net, f"{where}.embeddings.networks[{k}]", 1, cfg.neuron)
+        check_net(net, f"{where}.embeddings.networks[{k}]", n_in, cfg.neuron)
     v = _key(d, "@variables", where)
     # (ntypes, nnei, 4) both; dstd divides the environment matrix: zero or negative is never right
     _array(_key(v, "davg", f"{where}.@variables"), f"{where}.@variables.davg", (ntypes, cfg.nnei, 4))
@@ -296,9 +305,10 @@ def check_fitting_inputs(d: dict, where: str) -> int:
     return nfp + (0 if mask else nap) + nce
 
 
-def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
+def check_fitting(d, ntypes: int, dim_descrpt: int, ne: int = 0) -> None:
     """model.fitting: an energy fitting, one net per type from dim_descrpt (ng * m2) plus the frame and
-    atomic parameters and the case embedding (:func:`check_fitting_inputs`) to 1, the bias."""
+    atomic parameters and the case embedding (:func:`check_fitting_inputs`) to 1, the bias. ne > 0: one
+    net for all types, reading the type embedding's ne numbers too."""
     where = "model.fitting"
     _one_of(_key(d, "type", where), f"{where}.type", ("ener",))
     if "var_name" in d:
@@ -307,11 +317,11 @@ def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
     if d.get("dim_descrpt") is not None and integer(f"{where}.dim_descrpt", d["dim_descrpt"]) != dim_descrpt:
         raise InputError(f"{where}.dim_descrpt: {d['dim_descrpt']}, expected {dim_descrpt} "
                          "(the descriptor's neuron[-1] * axis_neuron)")
-    n_in = dim_descrpt + check_fitting_inputs(d, where)
+    n_in = dim_descrpt + ne + check_fitting_inputs(d, where)
     nets = _key(_key(d, "nets", where), "networks", f"{where}.nets")
-    if not isinstance(nets, list) or len(nets) != ntypes:
+    if not isinstance(nets, list) or len(nets) != (1 if ne else ntypes):
         raise InputError(f"{where}.nets.networks: {len(nets) if isinstance(nets, list) else short(nets)} nets, "
-                         f"expected {ntypes} (one per type of model.type_map)")
+                         f"expected {1 if ne else ntypes} (one per {'model' if ne else 'type of model.type_map'})")
     # the hidden widths: deepmd-kit writes them as fitting.neuron (the nets are checked against them)
     hidden = integers(f"{where}.neuron", _key(d, "neuron", where)) if d.get("neuron") != [] else ()
     for k, net in enumerate(nets):
@@ -319,6 +329,19 @@ def check_fitting(d, ntypes: int, dim_descrpt: int) -> None:
         check_net(net, nw, n_in, hidden + (1,))
     v = _key(d, "@variables", where)
     check_bias(f"{where}.@variables.bias_atom_e", _key(v, "bias_atom_e", f"{where}.@variables"), ntypes)
+
+
+def check_type_embedding(d, ntypes: int) -> int:
+    """model.minidp_type_embedding (minidp's own key, minidp.type_embed): a net from ntypes one-hot numbers
+    to ne; returns ne, or 0 when the model has none."""
+    if d is None:
+        return 0
+    where = f"model.{TEBD_KEY}"
+    d = _mapping(d, where)
+    neuron = integers(f"{where}.neuron", _key(d, "neuron", where))
+    _optional(d, "activation_function", _activation, where)
+    check_net(_key(d, "network", where), f"{where}.network", ntypes, neuron)
+    return neuron[-1]
 
 
 def check_model_dict(data, source: str) -> None:
@@ -329,8 +352,9 @@ def check_model_dict(data, source: str) -> None:
         m = _mapping(m, "model")
         type_map = names("model.type_map", _key(m, "type_map", "model"))
         pair_exclude_types = _optional(m, "pair_exclude_types", _type_pairs, "model", len(type_map)) or ()
-        cfg = check_descriptor(_key(m, "descriptor", "model"), len(type_map), pair_exclude_types)
-        check_fitting(_key(m, "fitting", "model"), len(type_map), cfg.dim_out)
+        ne = check_type_embedding(m.get(TEBD_KEY), len(type_map))
+        cfg = check_descriptor(_key(m, "descriptor", "model"), len(type_map), pair_exclude_types, ne)
+        check_fitting(_key(m, "fitting", "model"), len(type_map), cfg.dim_out, ne)
         _optional(m, "atom_exclude_types", _type_list, "model", len(type_map))
         v = m.get("@variables") or {}
         if _mapping(v, "model.@variables").get("out_bias") is not None:

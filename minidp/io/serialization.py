@@ -19,6 +19,14 @@ with the fitting's frame and atomic parameters (``numb_fparam``,
 ``numb_aparam``, their statistics, ``default_fparam``,
 ``use_aparam_as_mask``), ``dim_case_embd``, ``atom_ener`` and the model's
 ``atom_exclude_types``; anything else is refused with an error that names it.
+
+se_e2_a with a model-level type embedding (:mod:`minidp.type_embed`) has no
+form in deepmd-kit's dict (its TF ``serialize`` refuses it): minidp reads it
+from the TensorFlow graph's constants (:mod:`minidp.io.legacy_graph`) and
+writes it in its own spelling: one shared embedding net (``in_dim`` 1 + ne or
+1 + 2 ne), one shared fitting net (``mixed_types`` true) and the type
+embedding net under ``model.minidp_type_embedding``. deepmd-kit cannot read
+such a file back.
 """
 
 from __future__ import annotations
@@ -36,11 +44,12 @@ from minidp import __version__
 from minidp.checks import InputError, file_path
 from minidp.compress import Table, compression
 from minidp.io import legacy_graph
-from minidp.io.model_check import check_model_dict, min_nbor_dist
+from minidp.io.model_check import FLOAT32_SWITCH_KEY, TEBD_KEY, check_model_dict, min_nbor_dist
 from minidp.io.outputs import safe_output
-from minidp.model import EnergyModel, FittingInput
+from minidp.model import EnergyModel, FittingInput, model_with_type_embedding
 from minidp.nn import Layer, Net, get_activation
 from minidp.se_e2_a import EmbeddingNets, SeA, SeAConfig, exclusion_mask
+from minidp.type_embed import TypeEmbedding
 
 NATIVE_SUFFIXES = (".dp", ".yaml", ".yml", ".json")
 CONVERTED_SUFFIXES = (".pb", ".pth")
@@ -102,13 +111,16 @@ def _read_converted(path: Path) -> dict:
 
         graph, graph_def = load_graph_def(str(path))
         _refuse_compressed_pb(path, graph_def)
-        # old graphs (no train_attr/training_script), which deepmd-kit's converter cannot read: minidp.io.legacy_graph
-        if not legacy_graph.has_training_script(graph_def):
+        # old graphs (no train_attr/training_script) and se_e2_a with a type embedding, which deepmd-kit's
+        # converter cannot read: minidp.io.legacy_graph
+        if not legacy_graph.has_training_script(graph_def) or legacy_graph.has_type_embedding(graph_def):
             return legacy_graph.legacy_model_dict(graph_def, str(path))
     backend = Backend.detect_backend_by_model(str(path))
     data = backend().serialize_hook(str(path))
     if graph is not None:
         _restore_pb_out_bias(graph, data)
+        # the graph computes its switch in float32 (SeAConfig.float32_switch); the converter's dict does not say so
+        data["model"]["descriptor"][FLOAT32_SWITCH_KEY] = True
     return data
 
 
@@ -217,8 +229,8 @@ def _net_from_dict(d: dict) -> Net:
     return Net(layers)
 
 
-def _descriptor_from_dict(d: dict, ntypes: int, pair_exclude_types=()) -> SeA:
-    """The se_e2_a descriptor; the model's pair_exclude_types go with it (SeAConfig.pair_exclude_types)."""
+def _config_from_dict(d: dict, ntypes: int, pair_exclude_types=()) -> SeAConfig:
+    """The se_e2_a descriptor's configuration; the model's pair_exclude_types go with it."""
     where = "model.descriptor"
     if d.get("type") not in ("se_e2_a", "se_a"):
         _refuse("descriptor type", d.get("type"), where)
@@ -233,9 +245,26 @@ def _descriptor_from_dict(d: dict, ntypes: int, pair_exclude_types=()) -> SeA:
         exclude_types=tuple(map(tuple, d.get("exclude_types") or ())),
         env_protection=float(d.get("env_protection") or 0.0), set_davg_zero=bool(d.get("set_davg_zero", False)),
         pair_exclude_types=tuple(map(tuple, pair_exclude_types)),
+        float32_switch=bool(d.get(FLOAT32_SWITCH_KEY, False)),
     )
     if cfg.ntypes != ntypes:
         raise ValueError(f"{where}: sel has {cfg.ntypes} types but the type map has {ntypes}")
+    return cfg
+
+
+def _stats_from_dict(d: dict, cfg: SeAConfig) -> tuple[np.ndarray, np.ndarray]:
+    """davg, dstd (ntypes, nnei, 4) of model.descriptor."""
+    v = d["@variables"]
+    davg, dstd = np.asarray(v["davg"]), np.asarray(v["dstd"])
+    if davg.shape != (cfg.ntypes, cfg.nnei, 4):
+        raise ValueError(f"model.descriptor: davg has shape {davg.shape}, expected {(cfg.ntypes, cfg.nnei, 4)}")
+    return davg, dstd
+
+
+def _descriptor_from_dict(d: dict, ntypes: int, pair_exclude_types=()) -> SeA:
+    """The se_e2_a descriptor; the model's pair_exclude_types go with it (SeAConfig.pair_exclude_types)."""
+    where = "model.descriptor"
+    cfg = _config_from_dict(d, ntypes, pair_exclude_types)
     nets = [_net_from_dict(n) for n in d["embeddings"]["networks"]]
     # deepmd-kit numbers the nets of a (centre ti, neighbour tj) pair ti + tj * ntypes
     want = ntypes if cfg.type_one_side else ntypes * ntypes
@@ -246,11 +275,7 @@ def _descriptor_from_dict(d: dict, ntypes: int, pair_exclude_types=()) -> SeA:
     else:
         table = EmbeddingNets(ntypes, False, {(ti, tj): nets[ti + tj * ntypes] for ti in range(ntypes)
                                               for tj in range(ntypes)})
-    v = d["@variables"]
-    davg, dstd = np.asarray(v["davg"]), np.asarray(v["dstd"])
-    if davg.shape != (ntypes, cfg.nnei, 4):
-        raise ValueError(f"{where}: davg has shape {davg.shape}, expected {(ntypes, cfg.nnei, 4)}")
-    se = SeA(cfg, davg, dstd, table)
+    se = SeA(cfg, *_stats_from_dict(d, cfg), table)
     se.compress = _compression_from_dict(d.get("compress"), se, where)
     return se
 
@@ -315,16 +340,18 @@ def _fitting_input_from_dict(d: dict) -> FittingInput:
                         vector("case_embd", nce, 0.0))
 
 
-def _fitting_from_dict(d: dict, ntypes: int) -> tuple[list[Net], np.ndarray, FittingInput, tuple]:
-    """model.fitting: the nets, bias_atom_e (ntypes,), the nets' extra inputs and atom_ener."""
+def _fitting_from_dict(d: dict, ntypes: int, shared: bool = False
+                       ) -> tuple[list[Net], np.ndarray, FittingInput, tuple]:
+    """model.fitting: the nets, bias_atom_e (ntypes,), the nets' extra inputs and atom_ener.
+    ``shared``: one net for all types (se_e2_a with a type embedding)."""
     where = "model.fitting"
     if d.get("type") != "ener":
         _refuse("fitting type", d.get("type"), where)
-    for key, allowed in (("mixed_types", (False, None)), ("spin", (None,)), ("dim_out", (1, None)),
+    for key, allowed in (("mixed_types", (shared, None)), ("spin", (None,)), ("dim_out", (1, None)),
                          ("layer_name", (None,))):
         _require(d, key, allowed, where)
     nets = [_net_from_dict(n) for n in d["nets"]["networks"]]
-    if len(nets) != ntypes:
+    if len(nets) != (1 if shared else ntypes):
         raise ValueError(f"{where}: {len(nets)} fitting nets for {ntypes} types")
     bias = np.asarray(d["@variables"]["bias_atom_e"]).reshape(ntypes)
     return nets, bias, _fitting_input_from_dict(d), tuple(d.get("atom_ener") or ())
@@ -339,18 +366,42 @@ def model_from_dict(data: dict) -> EnergyModel:
         _refuse("type_embedding", "present", "model")
     type_map = list(m["type_map"])
     ntypes = len(type_map)
+    if m.get(TEBD_KEY) is not None:  # se_e2_a with a type embedding (minidp.type_embed): shared nets
+        return _tebd_model_from_dict(data, m)
     se = _descriptor_from_dict(m["descriptor"], ntypes, m.get("pair_exclude_types") or ())
     if se.compress is not None and data is not m:  # the file's smallest neighbour distance, kept on save
         se = replace(se, compress=replace(se.compress, min_nbor_dist=min_nbor_dist(data)))
     fitting, bias, fitting_input, atom_ener = _fitting_from_dict(m["fitting"], ntypes)
+    bias, options = _model_options(data, m, bias, fitting_input, atom_ener)
+    return EnergyModel(type_map, se, fitting, bias, **options)
+
+
+def _model_options(data: dict, m: dict, bias: np.ndarray, fitting_input: FittingInput, atom_ener: tuple
+                   ) -> tuple[np.ndarray, dict]:
+    """The bias (bias_atom_e plus the atomic model's out_bias) and EnergyModel's other fields."""
     out_bias = (m.get("@variables") or {}).get("out_bias")  # null is no @variables, as the checker reads it
     if out_bias is not None:
         # the atomic model's output bias, (n_outputs, ntypes, 1): the energy's is row 0
-        bias = bias + np.asarray(out_bias)[0].reshape(ntypes)
+        bias = bias + np.asarray(out_bias)[0].reshape(bias.size)
     # deepmd-kit's dpmodel gives the fitting the model's atom_exclude_types (its own copy is overwritten)
     script = data.get("model_def_script") if data is not m else None
-    return EnergyModel(type_map, se, fitting, bias, fitting_input, atom_ener,
-                       tuple(m.get("atom_exclude_types") or ()), dict(script or {}))
+    return bias, {"fitting_input": fitting_input, "atom_ener": atom_ener,
+                  "atom_exclude_types": tuple(m.get("atom_exclude_types") or ()),
+                  "model_def_script": dict(script or {})}
+
+
+def _tebd_model_from_dict(data: dict, m: dict) -> EnergyModel:
+    """se_e2_a with a type embedding, from minidp's key for it (minidp.type_embed): one shared
+    embedding net, one shared fitting net and the type embedding net."""
+    d, ntypes = m["descriptor"], len(m["type_map"])
+    if d.get("exclude_types") or m.get("pair_exclude_types") or d.get("compress"):
+        _refuse("exclude_types, pair_exclude_types or compress with a type embedding", "present", "model.descriptor")
+    cfg = _config_from_dict(d, ntypes)
+    fitting, bias, fitting_input, atom_ener = _fitting_from_dict(m["fitting"], ntypes, shared=True)
+    te = TypeEmbedding(_net_from_dict(m[TEBD_KEY]["network"]), _net_from_dict(d["embeddings"]["networks"][0]),
+                       fitting[0], cfg.type_one_side)
+    bias, options = _model_options(data, m, bias, fitting_input, atom_ener)
+    return model_with_type_embedding(list(m["type_map"]), cfg, *_stats_from_dict(d, cfg), te, bias, **options)
 
 
 def load_model(path) -> EnergyModel:
@@ -402,7 +453,10 @@ def model_to_dict(model: EnergyModel) -> dict:
     """
     se, cfg, nt = model.descriptor, model.descriptor.config, model.ntypes
     precision = np.dtype(model.fitting[0].dtype).name
-    if cfg.type_one_side:
+    te = model.type_embedding
+    if te is not None:  # the shared nets, not the folded ones (minidp.type_embed)
+        emb = [te.embedding]
+    elif cfg.type_one_side:
         emb = [se.nets[0, tj] for tj in range(nt)]
     else:  # deepmd-kit's order: index ti + tj * ntypes
         emb = [se.nets[k % nt, k // nt] for k in range(nt * nt)]
@@ -415,7 +469,7 @@ def model_to_dict(model: EnergyModel) -> dict:
         "activation_function": cfg.activation, "precision": precision,
         "embeddings": {"@class": "NetworkCollection", "@version": 1, "ndim": 1 if cfg.type_one_side else 2,
                        "ntypes": nt, "network_type": "embedding_network",
-                       "networks": [_net_to_dict(n, "EmbeddingNetwork", 1, cfg.neuron, cfg.resnet_dt)
+                       "networks": [_net_to_dict(n, "EmbeddingNetwork", n.n_in, cfg.neuron, cfg.resnet_dt)
                                     for n in emb]},
         "env_mat": {"rcut": cfg.rcut, "rcut_smth": cfg.rcut_smth, "protection": cfg.env_protection,
                     "use_exp_switch": False},
@@ -428,14 +482,14 @@ def model_to_dict(model: EnergyModel) -> dict:
     hidden = [layer.n_out for layer in model.fitting[0].layers[:-1]]
     resnet_dt = any(layer.idt is not None for layer in model.fitting[0].layers)
     spec = model.fitting_input
-    n_in = cfg.dim_out + spec.width
+    fit_nets = model.fitting if te is None else [te.fitting]
 
     def stat(value: np.ndarray):  # deepmd-kit writes null for a parameter the model does not have
         return value.astype(precision) if value.size else None
 
     fitting = {
         "@class": "Fitting", "type": "ener", "@version": 4, "var_name": "energy", "ntypes": nt,
-        "dim_descrpt": cfg.dim_out, "mixed_types": False, "dim_out": 1, "neuron": hidden,
+        "dim_descrpt": cfg.dim_out, "mixed_types": te is not None, "dim_out": 1, "neuron": hidden,
         "resnet_dt": resnet_dt, "numb_fparam": spec.numb_fparam, "numb_aparam": spec.numb_aparam,
         "dim_case_embd": spec.dim_case_embd,
         "default_fparam": None if spec.default_fparam is None else spec.default_fparam.tolist(),
@@ -445,8 +499,8 @@ def model_to_dict(model: EnergyModel) -> dict:
         "exclude_types": list(model.atom_exclude_types),
         "nets": {"@class": "NetworkCollection", "@version": 1, "ndim": 1, "ntypes": nt,
                  "network_type": "fitting_network",
-                 "networks": [_net_to_dict(n, "FittingNetwork", n_in, hidden, resnet_dt)
-                              for n in model.fitting]},
+                 "networks": [_net_to_dict(n, "FittingNetwork", n.n_in, hidden, resnet_dt)
+                              for n in fit_nets]},
         "@variables": {"bias_atom_e": model.bias.reshape(nt, 1), "fparam_avg": stat(spec.fparam_avg),
                        "fparam_inv_std": stat(spec.fparam_inv_std), "aparam_avg": stat(spec.aparam_avg),
                        "aparam_inv_std": stat(spec.aparam_inv_std), "case_embd": stat(spec.case_embd)},
@@ -454,7 +508,14 @@ def model_to_dict(model: EnergyModel) -> dict:
     }
     if spec.default_fparam is not None:
         fitting["@variables"]["default_fparam_tensor"] = spec.default_fparam.astype(precision)
-    return {
+    extra = {}
+    if te is not None:  # minidp's own key: deepmd-kit cannot read this model back (module docstring)
+        extra[TEBD_KEY] = {"@class": "TypeEmbedNet", "ntypes": nt, "neuron": [layer.n_out for layer in te.net.layers],
+                           "activation_function": te.net.layers[0].activation,
+                           "network": _net_to_dict(te.net, "EmbeddingNetwork", nt,
+                                                   [layer.n_out for layer in te.net.layers],
+                                                   any(layer.idt is not None for layer in te.net.layers))}
+    return extra | {
         "@class": "Model", "type": "standard", "@version": 2, "type_map": list(model.type_map),
         "descriptor": descriptor, "fitting": fitting, "atom_exclude_types": list(model.atom_exclude_types),
         "pair_exclude_types": [list(p) for p in cfg.pair_exclude_types],

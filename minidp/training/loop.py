@@ -143,6 +143,10 @@ def training_min_nbor_dist(systems: list[System], cfg: SeAConfig, frames_per_blo
 def init_from_model(path, config: TrainConfig) -> EnergyModel:
     """--init-model: a trained model's weights, statistics and bias as the starting point (step 0)."""
     model = load_model(path)
+    se = model.descriptor
+    # a .pb's float32 switch (SeAConfig.float32_switch) is TensorFlow's evaluation, not part of the model's
+    # shape: training goes on in float64, as deepmd-kit's does and as the saved model will compute
+    model = replace(model, descriptor=replace(se, config=replace(se.config, float32_switch=False)))
     if model.descriptor.config != config.descriptor or tuple(model.type_map) != config.type_map:
         raise ValueError(f"--init-model {path} is a model of another shape than the input describes: "
                          f"{model.type_map} {model.descriptor.config} vs {list(config.type_map)} {config.descriptor}")

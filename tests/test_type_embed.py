@@ -1,0 +1,196 @@
+"""se_e2_a with a model-level type embedding (minidp.type_embed): the formula's own path against finite
+differences, the fold (every backend) against it, the model file, the refusals, and deepmd-kit's fixture
+se_e2_a_tebd.pbtxt (when DEEPMD_INFER_DIR names a folder holding deepmd-kit's source/tests/infer)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidp import DeepPot
+from minidp.cli import main
+from minidp.io import legacy_graph
+from minidp.io.model_check import TEBD_KEY
+from minidp.io.serialization import load_model, model_from_dict, read_model_dict, save_model
+from minidp.model import (FittingInput, FitParams, model_with_type_embedding, new_model, predict_frames,
+                          tebd_reference_prediction)
+from minidp.neighbor import build_neighbor_list
+from minidp.nn import embedding_net, fitting_net
+from minidp.se_e2_a import SeAConfig
+from minidp.type_embed import TypeEmbedding, type_vectors
+from tests.test_model_options import fd_forces_virial
+
+TYPE_MAP = ["O", "H"]
+NE = 2  # type embedding width: the shared embedding net reads 3 or 5 numbers, its first layer (4) no residual
+H = 1e-5
+
+
+def tebd_model(one_side: bool, seed: int, nfp: int = 0, nap: int = 0, atom_ener=(), exclude=()):
+    """A small random se_e2_a model with a type embedding, nonzero davg (padded slots matter) and a bias."""
+    cfg = SeAConfig(rcut=3.5, rcut_smth=1.0, sel=(20, 24), neuron=(4, 8), axis_neuron=2, type_one_side=one_side)
+    rng = np.random.default_rng(seed)
+    spec = FittingInput(rng.normal(size=nfp), rng.uniform(0.5, 2.0, nfp), rng.normal(size=nap),
+                        rng.uniform(0.5, 2.0, nap))
+    te = TypeEmbedding(embedding_net((3, NE), 2, seed=seed),
+                       embedding_net(cfg.neuron, 1 + NE * (1 if one_side else 2), seed=seed + 1),
+                       fitting_net(cfg.dim_out + NE + spec.width, (6, 6), seed=seed + 2), one_side)
+    shape = (2, cfg.nnei, 4)
+    davg, dstd = rng.normal(0.0, 0.3, shape), rng.uniform(0.3, 1.0, shape)
+    return model_with_type_embedding(TYPE_MAP, cfg, davg, dstd, te, rng.normal(size=2), fitting_input=spec,
+                                     atom_ener=atom_ener, atom_exclude_types=exclude)
+
+
+def frames(seed: int, nf: int = 2, natoms: int = 7):
+    rng = np.random.default_rng(seed)
+    coords = rng.uniform(0.0, 4.0, (nf, natoms, 3))
+    cells = np.array([np.diag([4.0, 4.2, 4.4]) + rng.normal(0, 0.1, (3, 3)) for _ in range(nf)])
+    types = rng.integers(0, 2, natoms)
+    types[:2] = [0, 1]
+    return coords, cells, types
+
+
+def reference(model, coords, cells, types, params=FitParams()):
+    nl = build_neighbor_list(coords, cells, types, model.descriptor.config.rcut, model.descriptor.config.sel)
+    return tebd_reference_prediction(nl.rij, nl.nlist, types, model, params), nl
+
+
+CASES = {"one side": dict(one_side=True), "two sides": dict(one_side=False),
+         "fparam, aparam, atom_ener, exclusion": dict(one_side=True, nfp=2, nap=1, atom_ener=(None, 0.0),
+                                                     exclude=(0,))}
+
+
+def case_params(kw, nf, natoms, seed):
+    rng = np.random.default_rng(seed + 3)
+    return FitParams(rng.normal(size=(nf, kw.get("nfp", 0))) if kw.get("nfp") else None,
+                     rng.normal(size=(nf, natoms, kw.get("nap", 0))) if kw.get("nap") else None)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_reference_forces_and_virials_are_the_energy_derivatives(case):
+    kw = CASES[case]
+    model = tebd_model(seed=1, **kw)
+    coords, cells, types = frames(2, nf=1)
+    params = case_params(kw, 1, coords.shape[1], 2)
+    n = 2 * (coords.shape[1] * 3 + 9)
+
+    def energy(x, c):
+        p = FitParams(None if params.fparam is None else np.repeat(params.fparam, n, 0),
+                      None if params.aparam is None else np.repeat(params.aparam, n, 0))
+        return reference(model, x, c, types, p)[0].energy
+
+    pred, _ = reference(model, coords, cells, types, params)
+    force, virial = fd_forces_virial(energy, coords, cells)
+    np.testing.assert_allclose(pred.force, force, atol=1e-8)
+    np.testing.assert_allclose(pred.virial, virial, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numpy", "numba"])
+@pytest.mark.parametrize("case", CASES)
+def test_the_folded_nets_give_the_reference_values_on_every_backend(case, backend):
+    kw = CASES[case]
+    model = tebd_model(seed=3, **kw)
+    coords, cells, types = frames(4)
+    params = case_params(kw, 2, coords.shape[1], 4)
+    want, nl = reference(model, coords, cells, types, params)
+    got = predict_frames(nl.rij, nl.nlist, types, model, backend, params)
+    for name in want._fields:
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=0, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("suffix", [".dp", ".yaml"])
+def test_the_model_file_keeps_the_shared_nets_under_minidps_key(tmp_path, suffix):
+    model = tebd_model(False, 5, nfp=1)
+    path = tmp_path / f"tebd{suffix}"
+    save_model(path, model)
+    data = read_model_dict(path)
+    assert TEBD_KEY in data["model"] and len(data["model"]["fitting"]["nets"]["networks"]) == 1
+    coords, cells, types = frames(6)
+    fparam = np.array([[0.3], [-0.2]])
+    want = DeepPot(model).eval(coords, cells, types, fparam=fparam)
+    got = DeepPot(load_model(path)).eval(coords, cells, types, fparam=fparam)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    assert load_model(path).options() == ["numb_fparam", "type_embedding"]
+
+
+def test_a_first_layer_that_adds_its_input_back_is_refused():
+    with pytest.raises(ValueError, match=r"^the shared embedding net's first layer \(3 -> 3\) adds its input back"):
+        TypeEmbedding(embedding_net((NE,), 2), embedding_net((3, 6), 3, resnet_dt=True),
+                      fitting_net(12 + NE, (6,)), True)
+
+
+def test_compression_and_training_are_refused():
+    model = tebd_model(True, 7)
+    with pytest.raises(ValueError, match="cannot be compressed"):
+        replace(model, descriptor=replace(model.descriptor, compress=_FakeTables()))
+    with pytest.raises(ValueError, match="^training se_e2_a with a type embedding is not supported"):
+        model.params()
+    assert model.n_params() == sum(n.n_params() for n in (model.type_embedding.net, model.type_embedding.embedding,
+                                                          model.type_embedding.fitting))
+
+
+class _FakeTables:
+    """Anything SeA accepts as compress tables."""
+
+    def embed(self, *args):
+        raise AssertionError
+
+    def embed_backward(self, *args):
+        raise AssertionError
+
+
+def test_eval_typeebd_needs_a_type_embedding():
+    model = tebd_model(True, 11)
+    np.testing.assert_array_equal(DeepPot(model).eval_typeebd(), type_vectors(model.type_embedding.net))
+    plain = new_model(TYPE_MAP, model.descriptor.config, (4,))
+    with pytest.raises(ValueError, match="^this model has no type embedding"):
+        DeepPot(plain).eval_typeebd()
+
+
+def test_float32_casts_the_shared_nets():
+    model = tebd_model(True, 8).astype(np.float32)
+    assert model.type_embedding.fitting.dtype == np.float32 and model.fitting[0].dtype == np.float32
+    assert model.descriptor.nets[0, 1].dtype == np.float32
+
+
+# ---------------------------------------------------------------------------
+# deepmd-kit's fixture
+# ---------------------------------------------------------------------------
+
+# deepmd-kit's source/tests/tf/test_deeppot_a.py TestTypeEmbed: the type embedding of se_e2_a_tebd.pbtxt
+EXPECTED_TYPEEBD = [[-0.4602908199, -0.9440795817, -0.857044451, -0.3448434537, -0.6310194663, -0.9765837147,
+                     -0.3945653821, 0.8973716518],
+                    [-0.7239568558, -0.9672733137, -0.420987752, -0.4542931277, -0.79586188, -0.9615886543,
+                     -0.6864800369, 0.9477863254]]
+
+
+def test_deepmd_kit_fixture_type_embedding_and_its_pb_through_load_model(tmp_path):
+    """The type vectors equal deepmd-kit's; its .pb (which holds a training script, but deepmd-kit's converter
+    refuses the model) loads through load_model, and a .dp written from it gives the same energies."""
+    pytest.importorskip("tensorflow")
+    path = Path(os.environ.get("DEEPMD_INFER_DIR", "/nonexistent")) / "se_e2_a_tebd.pbtxt"
+    if not path.is_file():
+        pytest.skip("DEEPMD_INFER_DIR does not name a folder holding deepmd-kit's source/tests/infer fixtures")
+    model = model_from_dict(legacy_graph.read_legacy_graph(path))
+    np.testing.assert_allclose(DeepPot(model).eval_typeebd(), EXPECTED_TYPEEBD, rtol=0, atol=1e-10)
+    pb = tmp_path / "se_e2_a_tebd.pb"
+    pb.write_bytes(legacy_graph.read_graph_def(path).SerializeToString())
+    save_model(tmp_path / "tebd.dp", load_model(pb))
+    coords, cells, types = frames(9, natoms=6)
+    want = DeepPot(model).eval(coords, cells, types)
+    for got in (DeepPot(pb).eval(coords, cells, types), DeepPot(tmp_path / "tebd.dp").eval(coords, cells, types)):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_compress_and_info_on_the_command_line(tmp_path, capsys):
+    save_model(tmp_path / "m.dp", tebd_model(True, 10))
+    assert main(["compress", "-i", str(tmp_path / "m.dp"), "-o", str(tmp_path / "c.dp")]) == 2
+    assert "se_e2_a with a type embedding cannot be compressed" in capsys.readouterr().err
+    assert not (tmp_path / "c.dp").exists()
+    assert main(["info", str(tmp_path / "m.dp")]) == 0
+    assert "type_embedding" in capsys.readouterr().out
