@@ -24,7 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.infer import DeepPot
-from minidp.md.lammps import LammpsInputError, MinidpForceField, deck_commands, lammps_cell, lammps_virial, parse_pair_style, rank_communicator, type_index
+from minidp.md.lammps import (LammpsInputError, MinidpForceField, deck_commands, in_reach, lammps_cell, lammps_virial,
+                              parse_pair_style, rank_communicator, type_index)
 from minidp.md.exchange import plan_exchange, reverse_sum
 from tests.conftest import MODEL_DP, MODEL_PB, ROOT, WATER, need
 
@@ -144,6 +145,31 @@ def test_local_centres_with_ghosts_match_the_periodic_frame(example_dp, example_
     np.testing.assert_allclose(W, av[0], rtol=0, atol=1e-12)
     assert abs(E - e[0, 0]) < 1e-12 * abs(e[0, 0])
     np.testing.assert_allclose(V, v[0], rtol=0, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 12), st.floats(0.5, 4.0))
+def test_in_reach_keeps_every_atom_near_a_centre(seed, nc, rcut):
+    """in_reach is a superset of the atoms within rcut of some centre, and drops atoms far from all."""
+    rng = np.random.default_rng(seed)
+    # (nc, 3), (n, 3)
+    centres, x = rng.uniform(0, 5, (nc, 3)), rng.uniform(-8, 13, (300, 3))
+    keep = in_reach(x, centres, rcut)
+    dist = np.linalg.norm(x[:, None] - centres[None], axis=-1).min(axis=1, initial=np.inf)
+    assert keep[dist <= rcut].all()
+    gap = np.linalg.norm(np.maximum(np.maximum(-x, x - 5), 0), axis=1)
+    assert not keep[gap > rcut + 1e-6].any()
+
+
+def test_ghosts_out_of_reach_change_nothing(example_dp, example_frame):
+    """The force field leaves out ghosts beyond rcut of every local atom: the same bits as evaluating all."""
+    x, cell, types = example_frame
+    xs, owner, nloc = images_within(x, cell, np.zeros(3), np.array([0.5, 1, 1]), example_dp.get_rcut() + 2)
+    assert not in_reach(xs[nloc:], xs[:nloc], example_dp.get_rcut()).all()
+    full = example_dp.eval_extended(xs, types[owner], nloc)
+    part = MinidpForceField.evaluate(example_dp, xs, types[owner], nloc, None)
+    for a, b in zip(full, part):
+        assert np.array_equal(a, b)
 
 
 def test_one_rank_exchange_sums_the_images(example_dp, example_frame):

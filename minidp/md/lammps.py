@@ -335,6 +335,20 @@ def real_atoms(types: np.ndarray, nloc: int) -> tuple[np.ndarray, int]:
     return keep, int(np.searchsorted(keep, nloc))
 
 
+def in_reach(x: np.ndarray, centres: np.ndarray, rcut: float) -> np.ndarray:
+    """Which atoms x (n, 3) may lie within rcut of one of the centres (nc, 3): those within rcut of the
+    centres' bounding box, a mask (n,). A superset (an atom within rcut of a centre is within rcut of
+    the box that holds it) and cheap: LAMMPS's ghosts reach out to rcut + skin around the whole
+    subdomain, and those beyond rcut of every local atom are neighbours of none (a third of them on
+    two ranks, 1,536 waters), yet each would cost the neighbour search a cell entry per chunk."""
+    if centres.shape[0] == 0:
+        return np.zeros(x.shape[0], dtype=bool)
+    # (n, 3)  each atom's distance outside the box along each axis (0 inside)
+    gap = np.maximum(np.maximum(centres.min(axis=0) - x, x - centres.max(axis=0)), 0.0)
+    # the search sums |r_ij|^2 in its own order: a relative margin keeps every atom it could find
+    return (gap * gap).sum(axis=1) <= rcut * rcut * (1.0 + 1e-9)
+
+
 # ---------------------------------------------------------------------------
 # Reading a deck as LAMMPS does
 # ---------------------------------------------------------------------------
@@ -526,9 +540,13 @@ class MinidpForceField:
         """One model on a rank's atoms x (n, 3), model types (n,), local atoms first: with ``cell`` (one rank,
         periodic box; n = nloc) the periodic frame, else the nloc local centres among local and ghost atoms
         (DeepPot.eval_extended). A Prediction of one frame: force and atom_virial over the n rows, atom_energy
-        over the nloc local atoms. Atoms of type -1 (pair_coeff NULL) are left out: no energy, no force.
+        over the nloc local atoms. Atoms of type -1 (pair_coeff NULL) are left out: no energy, no force;
+        so are ghosts beyond rcut of every local atom (:func:`in_reach`), which no pair reaches.
         params: fparam (nfp,), aparam (nap,) or (nloc, nap) (:meth:`step_params`)."""
+        # (n,)
         real = types >= 0
+        if cell is None:
+            real[nloc:] &= in_reach(x[nloc:], x[:nloc][real[:nloc]], dp.get_rcut())
         fparam, aparam = params
         if not real.all():
             if aparam is not None and aparam.ndim == 2:  # the local atoms' rows: those of the seen ones
