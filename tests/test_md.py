@@ -55,6 +55,9 @@ def test_pair_style_keywords():
     style = parse_pair_style(["a.dp", "b.dp", "out_file", "devi.out", "out_freq", "10", "relative", "0.5"])
     assert style.models == ("a.dp", "b.dp")
     assert (style.out_file, style.out_freq, style.relative, style.relative_v) == ("devi.out", 10, 0.5, None)
+    style = parse_pair_style(["a.dp", "fparam_from_fix", "f", "3", "atomic"])
+    assert (style.fparam_from_fix, style.fparam_from_fix_index, style.atomic) == ("f", 3, True)
+    assert parse_pair_style(["a.dp", "fparam_from_fix", "f", "out_freq", "5"]).fparam_from_fix_index is None
 
 
 @pytest.mark.parametrize("args, message", [
@@ -67,6 +70,12 @@ def test_pair_style_keywords():
     (["a.dp", "aparam", "x"], "aparam x: the values must be numbers"),
     (["a.dp", "fparam", "1", "fparam_from_compute", "t"], "fparam and fparam_from_compute cannot both be given"),
     (["a.dp", "aparam_from_compute"], "keyword aparam_from_compute needs a compute ID"),
+    (["a.dp", "fparam_from_fix", "out_freq", "1"], "keyword fparam_from_fix needs a fix ID"),
+    (["a.dp", "fparam_from_fix", "f", "0"], "fparam_from_fix f 0: the vector index must be a positive 1-based"),
+    (["a.dp", "fparam_from_fix", "f", "x"], "fparam_from_fix f x: the vector index must be a positive 1-based"),
+    (["a.dp", "fparam", "1", "fparam_from_fix", "f"], "fparam and fparam_from_fix cannot both be given"),
+    (["a.dp", "fparam_from_compute", "c", "fparam_from_fix", "f"],
+     "fparam_from_compute and fparam_from_fix cannot both be given"),
 ])
 def test_pair_style_errors(args, message):
     with pytest.raises(LammpsInputError, match=message):
