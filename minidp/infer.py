@@ -18,9 +18,10 @@ The other getters of deepmd-kit's DeepPot are here too (``get_dim_fparam``,
 How the work is split (:func:`plan_chunks`): frames are taken together up to
 ``batch_size`` atoms (deepmd-kit's ``DP_INFER_BATCH_SIZE``); a frame larger
 than that is split over its centre atoms, whose shares of the energy, forces
-and virials add up. ``batch_size`` follows from a byte budget, so the memory a
-call needs is bounded whatever the number or the size of the frames, and the
-results do not depend on it (to round-off). Chunks run on ``workers`` threads:
+and virials add up. The default size is the fastest one within a byte budget
+(a size to aim at; the budget is the bound), so the memory a call needs is
+bounded whatever the number or the size of the frames, and the results do not
+depend on it (to round-off). Chunks run on ``workers`` threads:
 NumPy, BLAS and the Numba kernels release the GIL, and each task's BLAS is
 kept to one core while it runs, so the threads do not fight over them
 (:mod:`minidp.runtime` holds that setting and the malloc tuning, with its
@@ -331,7 +332,8 @@ class DeepPot:
     ----------
     model_file : path to a .dp / .yaml / .json model (or .pb / .pth with deepmd-kit installed),
         or an :class:`~minidp.model.EnergyModel` already in memory
-    batch_size : centre atoms per chunk; default from ``memory_budget``
+    batch_size : centre atoms per chunk, at most; default: about FASTEST_CHUNK (a frame is cut into the
+        nearest number of near-equal chunks), fewer if ``memory_budget`` needs, never more than it allows
     memory_budget : bytes the chunks in flight may use (default: a quarter of available memory, at most 4 GiB)
     workers : threads evaluating chunks (default: OMP_NUM_THREADS, else the usable cores)
     progress : show a progress bar over chunks (None: only on a terminal)
