@@ -510,6 +510,28 @@ def test_md_benchmark_table(tmp_path):
     assert loop_seconds(log) == 3.5
 
 
+def test_md_phases_table():
+    """benchmarks.md_phases: a timed function counts its calls and times; a rank's table in ms per step, with
+    the callback's rest and LAMMPS's share; the Markdown table has a column per rank."""
+    from benchmarks.md_phases import CALLBACK, LAMMPS, LOOP, PHASES, REST, Timers, markdown, per_step, timed
+
+    timers = Timers()
+    double = timed(lambda v: 2 * v, "double", timers)
+    assert double(3) == 6 and double(4) == 8 and timers.table["double"][2] == 2
+    search = next(iter(PHASES))
+    table = {search: [0.010, 0.02, 20], CALLBACK: [0.050, 0.1, 10], LOOP: [0.060, 0.2, 10]}
+    ms = per_step(table, 10)
+    assert ms[search] == pytest.approx(1.0) and ms[REST] == pytest.approx(4.0) and ms[LAMMPS] == pytest.approx(1.0)
+    results = {"atoms": 1536, "model": "m.dp", "load_before": (1, 1, 1), "load_after": (1, 1, 1),
+               "runs": [{"layout": "1x1", "status": "ok", "ranks": [ms], "loop_ms": 12.5},
+                        {"layout": "2x1", "status": "ok", "ranks": [ms, ms], "loop_ms": 7.0},
+                        {"layout": "1x2", "status": "failed (exit 2)", "tail": "boom"}]}
+    text = markdown(results)
+    assert "| phase | 1x1 rank 0 | 2x1 rank 0 | 2x1 rank 1 |" in text
+    assert f"| {search} | 1.0 | 1.0 | 1.0 |" in text and "| 12.5 | 7.0 | 7.0 |" in text
+    assert "1x2: failed (exit 2): boom" in text
+
+
 def dump_cell(box: np.ndarray) -> np.ndarray:
     """Lattice vectors (rows) from a dump's triclinic BOX BOUNDS lines (xlo_bound xhi_bound xy / ... xz / ... yz)."""
     (xlo_b, xhi_b, xy), (ylo_b, yhi_b, xz), (zlo, zhi, yz) = box
