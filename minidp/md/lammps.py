@@ -369,7 +369,7 @@ def in_reach(x: np.ndarray, centres: np.ndarray, rcut: float) -> np.ndarray:
     centres' bounding box, a mask (n,). A superset (an atom within rcut of a centre is within rcut of
     the box that holds it) and cheap: LAMMPS's ghosts reach out to rcut + skin around the whole
     subdomain, and those beyond rcut of every local atom are neighbours of none (a third of them on
-    two ranks, 1,536 waters), yet each would cost the neighbour search a cell entry per chunk."""
+    two ranks of a 1,536-atom water box), yet each would cost the neighbour search a cell entry per chunk."""
     if centres.shape[0] == 0:
         return np.zeros(x.shape[0], dtype=bool)
     # (n, 3)  each atom's distance outside the box along each axis (0 inside)
