@@ -48,7 +48,8 @@ sum of atomic energies E_i, each a function of the displacements r_ij within rcu
 2. **Several ranks, or a non-periodic direction**: each rank evaluates its own centres only, the
    nloc local atoms, with its ghost atoms (other ranks' atoms and periodic images, out to LAMMPS's
    ghost cutoff rcut + skin of ``pair_style zero RCUT``, the same as deepmd-kit's pair style) as
-   neighbours only (:meth:`minidp.infer.DeepPot.eval_extended`). Each pair (i, j) with i local is
+   neighbours only (:meth:`minidp.infer.DeepPot.eval_extended`; ghosts beyond rcut of every local
+   atom, neighbours of none, are left out before the search: :func:`in_reach`). Each pair (i, j) with i local is
    thus evaluated once, on the rank that owns i, and its gradient g_ij lands on the rows of i and
    j, local or ghost (:func:`minidp.model.scatter_pairs`), with the atomic virial on j's row. A
    ghost row's force and atomic virial belong to the atom it copies: :mod:`minidp.md.exchange`
