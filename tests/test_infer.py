@@ -85,6 +85,32 @@ def test_plan_chunks_covers_every_atom_once():
     assert all(c.atoms == slice(0, 192) for c in plan_chunks(40, 192, 1024, workers=2))
 
 
+def test_plan_chunks_aims_at_the_size_within_the_limit():
+    """With a limit above batch_size, a frame a few atoms over a multiple of it is not cut into one more,
+    smaller chunk (an MD rank's 770 atoms: 2 chunks of 385, not 3 of 257); the limit still bounds them."""
+    assert [c.atoms for c in plan_chunks(1, 770, 384)] == [slice(0, 257), slice(257, 513), slice(513, 770)]
+    assert [c.atoms for c in plan_chunks(1, 770, 384, limit=10**6)] == [slice(0, 385), slice(385, 770)]
+    assert [c.atoms for c in plan_chunks(1, 770, 384, limit=300)] == [slice(0, 257), slice(257, 513), slice(513, 770)]
+    assert plan_chunks(1, 500, 384, limit=10**6) == [Chunk(slice(0, 1), slice(0, 500))]
+    # every worker still gets a chunk; whole-frame grouping is unchanged
+    assert [c.atoms for c in plan_chunks(1, 770, 384, workers=4, limit=10**6)] == [
+        slice(0, 192), slice(192, 385), slice(385, 578), slice(578, 770)]
+    assert plan_chunks(5, 192, 400, limit=10**6) == plan_chunks(5, 192, 400)
+    for natoms in range(1, 2000, 37):
+        chunks = plan_chunks(1, natoms, 384, workers=2, limit=1000)
+        assert len(chunks) >= min(2, natoms) and max(c.atoms.stop - c.atoms.start for c in chunks) <= 1000
+        assert [c.atoms.start for c in chunks[1:]] == [c.atoms.stop for c in chunks[:-1]]
+        assert chunks[0].atoms.start == 0 and chunks[-1].atoms.stop == natoms
+
+
+def test_default_chunks_aim_at_the_fastest_size(water_dp):
+    """A default DeepPot aims at FASTEST_CHUNK atoms per chunk, bounded by its memory budget; a batch_size
+    given is a bound."""
+    assert water_dp.batch_limit >= water_dp.batch_size
+    given = DeepPot(water_dp.model, batch_size=200)
+    assert given.batch_limit == given.batch_size == 200
+
+
 def test_memory_estimate_is_sane(water_dp):
     # a 192-atom water frame needs tens of MB, not kB or GB
     assert 10e6 < 192 * bytes_per_atom(water_dp.model) < 200e6

