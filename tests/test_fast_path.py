@@ -114,7 +114,7 @@ def test_net_tangent_and_atomic_energy_tangent_are_the_jvps():
     types = np.array([0, 1, 1, 0, 1])
     _, fcaches = atomic_energy(D, types, model)
     _, Edot, _ = atomic_energy_jvp(D, Ddot, types, model)
-    np.testing.assert_allclose(atomic_energy_tangent(Ddot, fcaches)[0], Edot, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(atomic_energy_tangent(Ddot, fcaches, model)[0], Edot, rtol=1e-13, atol=1e-13)
 
 
 def test_centre_chunks_cover_the_atoms_once():

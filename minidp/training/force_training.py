@@ -27,7 +27,16 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.model import NO_PARAMS, EnergyModel, FitCache, FitParams, fitting_input, type_groups, vacuum_rows
+from minidp.model import (
+    NO_PARAMS,
+    EnergyModel,
+    FitCache,
+    FitParams,
+    atomic_energy,
+    fitting_input,
+    type_groups,
+    vacuum_rows,
+)
 from minidp.nn import (
     Net,
     add_grads,
@@ -251,20 +260,29 @@ def atomic_energy_jvp(
     return E_atom, Edot, caches
 
 
-def atomic_energy_tangent(Ddot: np.ndarray, caches: list[FitCache]) -> tuple[np.ndarray, list[FitCache]]:
-    """E'_i = (dF_{t_i}/dD_i) D'_i (nf, nloc), as :func:`atomic_energy_jvp`, for fitting nets already run
-    forward (model.atomic_energy's caches, with D): the value pass is not repeated (nn.net_tangent),
-    which saves one of the step's seven passes through the fitting nets. Returns E' and the caches
-    atomic_energy_param_backward takes."""
+def atomic_energy_tangent(Ddot: np.ndarray, caches: list[FitCache], model: EnergyModel
+                          ) -> tuple[np.ndarray, list[FitJvpCache]]:
+    """E'_i = (dF_{t_i}/dx_i) x'_i (nf, nloc), as :func:`atomic_energy_jvp`, for fitting nets already run
+    forward (model.atomic_energy's caches): the value pass is not repeated (nn.net_tangent), which
+    saves one of the step's eight passes through the fitting nets. x'_i = [D'_i, 0]: the tangent of
+    the parameters' columns is zero. The atom_ener term's caches (no tangent) are made here, as
+    atomic_energy_jvp makes them. Returns E' and the caches atomic_energy_param_backward takes."""
     nf, nloc, dim = Ddot.shape
     # (nf, nloc)
     Edot = np.zeros((nf, nloc), dtype=Ddot.dtype)
     jcaches = []
+    vacuum = model.vacuum
     for t, atoms, net, net_caches in caches:
+        # (nb, dim + width)  the first layer's input x_t, as atomic_energy gave it
+        x_t = net_caches[0].x
+        xdot_t = np.zeros_like(x_t)
+        xdot_t[:, :dim] = Ddot[:, atoms].reshape(-1, dim)
         # (nb, 1)
-        ty, jc = net_tangent(net, net_caches, Ddot[:, atoms].reshape(-1, dim).astype(net.dtype, copy=False))
+        ty, jc = net_tangent(net, net_caches, xdot_t)
         Edot[:, atoms] = ty.reshape(nf, atoms.size)
-        jcaches.append(FitCache(t, atoms, net, jc))
+        # the isolated atom's output: its caches kept (the term depends on the weights)
+        vacuum_caches = net_forward(net, vacuum_rows(x_t, dim))[1] if vacuum[t] else None
+        jcaches.append(FitJvpCache(t, atoms, net, jc, vacuum_caches))
     return Edot, jcaches
 
 
@@ -298,13 +316,15 @@ def atomic_energy_param_backward(
 def weight_gradients(
     model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
     atom_types: np.ndarray, backend: str = "numba", params: FitParams = NO_PARAMS,
+    fitting_caches: list[FitCache] | None = None,
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
     r"""dS/dtheta of S = sum_fi c_fi E_fi - E' (c_fi = c_f for all atoms of a frame), E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
 
     D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
     params: the batch's fparam/aparam (the fitting nets read them);
     c_E (nf,) = dL/dE of each frame, or (nf, nloc) = dL/dE_i of each atom (a loss on atomic energies,
-    or on E = sum_i c_i E_i); drij (nf, nloc, nnei, 3) the pairs' displacement.
+    or on E = sum_i c_i E_i); drij (nf, nloc, nnei, 3) the pairs' displacement;
+    fitting_caches: model.atomic_energy's caches of this D (the forward the loss ran), else it runs here.
     Tangents forward (R', T', D', E'), then one reverse pass through values
     and tangents, from the fitting nets down to the embedding nets' weights.
     """
@@ -313,12 +333,14 @@ def weight_gradients(
     Rdot = env_matrix_jvp(drij, dcache.env)
     Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
-    # (nf, nloc) each: E_i and its caches with the tangent
-    E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model, params)
+    if fitting_caches is None:
+        fitting_caches = atomic_energy(D, atom_types, model, params)[1]
+    # (nf, nloc): E'_i, and the caches with the tangent
+    Edot, jcaches = atomic_energy_tangent(Ddot, fitting_caches, model)
     # (nf, nloc) dS/dE_i = c of its frame (or the atom's own c_i); dS/dE'_i = -1
-    gE = np.broadcast_to(c_E[:, None] if c_E.ndim == 1 else c_E, E_atom.shape)
+    gE = np.broadcast_to(c_E[:, None] if c_E.ndim == 1 else c_E, Edot.shape)
     # (nf, nloc, ng * m2) each
-    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
+    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, np.full(Edot.shape, -1.0), jcaches, D.shape[-1])
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)

@@ -488,7 +488,8 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
         c, cache = chunks[k], parts[k][1]
         # c_E: (nf,) per frame, or (nf, nloc) per atom (a loss on atomic energies): the range's own atoms
         return weight_gradients(model, cache.D, cache.descriptor_cache, c_E if c_E.ndim == 1 else c_E[:, c],
-                                drij[:, c], types[c], backend, centre_params(params, c))
+                                drij[:, c], types[c], backend, centre_params(params, c),
+                                fitting_caches=cache.fitting_caches)
 
     shares = parallel_map(share, range(len(chunks)), workers)
     # every net's gradient in model.params() order, by name: the ranges' shares added; a net with no atoms
