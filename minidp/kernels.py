@@ -233,3 +233,39 @@ def tanh_dual_backward(GY, GTY, A, TZ, idt, GZ, GTZ, gb, gidt):  # pragma: no co
             GZ[r, j] = gz
             GTZ[r, j] = gty_a * d1
             gb[j] += gz
+
+
+# ---------------------------------------------------------------------------
+# The optimizer's update, fused (optim.Adam.step)
+# ---------------------------------------------------------------------------
+
+
+# error_model numpy: a division by zero gives inf as NumPy's does; Python's check and raise in the loop would
+# keep it from vectorizing
+@njit(nogil=True, cache=True, error_model="numpy")
+def adam_update(P, G, M, V, one_m_beta1, beta2, one_m_beta2, sqrt_bias2, eps, step, l2, shrink):  # pragma: no cover
+    """optim.adam_plain's lines in one pass over the elements (1-d arrays, updated in place):
+
+    p *= shrink (AdamW, shrink != 1);  d = g + l2 p (Adam's L2, l2 != 0);
+    m += (1 - b1)(d - m);  v = b2 v + (1 - b2) d d;  p -= step m / (sqrt(v) / sqrt_bias2 + eps)
+
+    The scalars are rounded to the arrays' precision first and the operations are NumPy's, in its
+    order, with no fastmath (no reassociation, no fused multiply-add): the result is the plain
+    NumPy update's to the bit, in float32 as in float64.
+    """
+    t = P.dtype.type
+    c1, b2, c2, sb2, ep, st, lam, sh = (t(one_m_beta1), t(beta2), t(one_m_beta2), t(sqrt_bias2), t(eps), t(step),
+                                        t(l2), t(shrink))
+    for i in range(P.size):
+        p = P[i]
+        if shrink != 1.0:
+            p = p * sh
+        d = G[i]
+        if l2 != 0.0:
+            d = d + lam * p
+        m = M[i]
+        m = m + c1 * (d - m)
+        v = V[i] * b2
+        v = v + c2 * d * d
+        M[i], V[i] = m, v
+        P[i] = p - st * (m / (np.sqrt(v) / sb2 + ep))
