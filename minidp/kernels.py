@@ -43,17 +43,26 @@ def segment_contract_backward(G, dG_ds, R, start, dTt, dR):  # pragma: no cover 
     dT transposed; dR (nb, 4) is written.
     """
     ng = G.shape[1]
+    # the sums start in the arrays' precision: a Python 0.0 would make a float32 kernel add in float64
+    # (a conversion per term, and the loop no longer vectorizes); one pass over g reads G[p] and dG_ds[p]
+    # once for the five sums
+    zero = G.dtype.type(0)
     for a in range(start.size - 1):
         for p in range(start[a], start[a + 1]):
-            ds = 0.0
-            for c in range(4):
-                Rpc = R[p, c]
-                dc = 0.0
-                for g in range(ng):
-                    dc += G[p, g] * dTt[a, c, g]
-                    ds += Rpc * dTt[a, c, g] * dG_ds[p, g]
-                dR[p, c] = dc
-            dR[p, 0] += ds
+            r0, r1, r2, r3 = R[p, 0], R[p, 1], R[p, 2], R[p, 3]
+            d0 = d1 = d2 = d3 = ds = zero
+            for g in range(ng):
+                t0, t1, t2, t3 = dTt[a, 0, g], dTt[a, 1, g], dTt[a, 2, g], dTt[a, 3, g]
+                x = G[p, g]
+                d0 += x * t0
+                d1 += x * t1
+                d2 += x * t2
+                d3 += x * t3
+                ds += (r0 * t0 + r1 * t1 + r2 * t2 + r3 * t3) * dG_ds[p, g]
+            dR[p, 0] = d0 + ds
+            dR[p, 1] = d1
+            dR[p, 2] = d2
+            dR[p, 3] = d3
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -68,10 +77,15 @@ def segment_contract_tangent(G, dG_ds, R, Rdot, start, Tt):  # pragma: no cover 
     for a in range(start.size - 1):
         for p in range(start[a], start[a + 1]):
             sdot = Rdot[p, 0]
-            for c in range(4):
-                rd, rs = Rdot[p, c], R[p, c] * sdot
-                for g in range(ng):
-                    Tt[a, c, g] += rd * G[p, g] + rs * dG_ds[p, g]
+            e0, e1, e2, e3 = Rdot[p, 0], Rdot[p, 1], Rdot[p, 2], Rdot[p, 3]
+            f0, f1, f2, f3 = R[p, 0] * sdot, R[p, 1] * sdot, R[p, 2] * sdot, R[p, 3] * sdot
+            # one pass over g for the four components: G[p] and dG_ds[p] are read once
+            for g in range(ng):
+                x, y = G[p, g], dG_ds[p, g]
+                Tt[a, 0, g] += e0 * x + f0 * y
+                Tt[a, 1, g] += e1 * x + f1 * y
+                Tt[a, 2, g] += e2 * x + f2 * y
+                Tt[a, 3, g] += e3 * x + f3 * y
 
 
 @njit(nogil=True, cache=True)
