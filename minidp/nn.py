@@ -694,6 +694,18 @@ def dual_layer_backward(layer: Layer, cache: DualCache | JvpCache, G2: np.ndarra
     return GX2
 
 
+def stacked_cache(layer: Layer, cache: JvpCache) -> DualCache | JvpCache:
+    """layer_jvp's (or layer_tangent's) cache in dual_layer_backward's form: for a tanh layer the stacked
+    DualCache(X2 = [x; tx], AZ2 = [a; tz]) (two copies), whose reverse takes one product for the weight
+    gradient (K = 2 nb) and one for the input's instead of four, and the fused kernel; other layers keep
+    their JvpCache. For nets run forward by net_jvp/net_tangent (the fitting nets: a few hundred rows,
+    the copies cost a few percent of the products they merge)."""
+    if not _fused(layer):
+        return cache
+    # (2, nb, n_in), (2, nb, n_out)
+    return DualCache(np.stack([cache.x, cache.tx]), np.stack([cache.a, cache.tz]))
+
+
 def dual_net(net: Net, X2: np.ndarray, keep: bool = False, out: np.ndarray | None = None
              ) -> tuple[np.ndarray, list]:
     """net_jvp on stacked dual numbers, layer by layer with :func:`dual_layer`: Y2 = [y; ty] (2, nb, n_out)

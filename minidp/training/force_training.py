@@ -46,6 +46,7 @@ from minidp.nn import (
     net_jvp,
     net_jvp_backward,
     net_tangent,
+    stacked_cache,
     zeros_like_params,
 )
 from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backward, sum_rows
@@ -303,8 +304,10 @@ def atomic_energy_param_backward(
     for t, atoms, net, net_caches, vacuum_caches in caches:
         # (nb, 1) each; the loss's float64 cotangents rounded to the net's precision
         gE_t, gEdot_t = (g[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False) for g in (gE, gEdot))
-        # (nb, dim + width), (nb, dim + width)
-        gx, gtx, g = net_jvp_backward(net, net_caches, gE_t, gEdot_t)
+        # (2, nb, dim + width): dL/dx and dL/dx', the layers' reverse on stacked dual numbers (nn.stacked_cache)
+        GX2, g = dual_net_backward(net, [stacked_cache(layer, c) for layer, c in zip(net.layers, net_caches)],
+                                   np.stack([gE_t, gEdot_t]))
+        gx, gtx = GX2[0], GX2[1]
         if vacuum_caches is not None:
             g = add_grads([g, net_backward(net, vacuum_caches, -gE_t)[1]])
         grads[("fitting", t)] = g
