@@ -223,6 +223,17 @@ def tanh_dual(A, TZ, X, TX, idt, kind, Y, TY):  # pragma: no cover - compiled
                 TY[r, h * n_in + j] += TX[r, j]
 
 
+
+@njit(nogil=True, cache=True, fastmath=True)
+def residual_backward(GY, GX, kind):  # pragma: no cover - compiled
+    """nn._residual_backward in one pass: GX[r, j] += GY[r, j] (RES_SAME), or GY[r, j] + GY[r, n_in + j]
+    (RES_DOUBLE); nothing for RES_NONE. GY (nb, n_out), GX (nb, n_in), one half of the stacked arrays."""
+    nb, n_in = GX.shape
+    for r in range(nb):
+        for h in range(kind):
+            for j in range(n_in):
+                GX[r, j] += GY[r, h * n_in + j]
+
 @njit(nogil=True, cache=True, fastmath=True)
 def tanh_dual_backward(GY, GTY, A, TZ, idt, GZ, GTZ, gb, gidt):  # pragma: no cover - compiled
     """nn.layer_jvp_backward's elementwise lines for tanh (phi' = 1 - a^2, phi'' = -2 a phi'):
