@@ -140,7 +140,8 @@ def _cmd_test(args) -> int:
     if args.plots:
         check_output(args.plots, "plots", inputs, args.overwrite)
     dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend, progress=False)
-    systems = open_systems(args.system, args.format, args.type_map, labelled=True)
+    # a system without type_map.raw (deepmd-kit's examples/fparam data) numbers the model's types, as in dp test
+    systems = open_systems(args.system, args.format, args.type_map or dp.get_type_map(), labelled=True)
     predicted, labels, natoms = _test_errors(dp, systems, args.numb_test)
     print(error_table(predicted, labels, natoms))
     if args.plots:

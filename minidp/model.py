@@ -61,7 +61,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward
+from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward, with_compute
 from minidp.se_e2_a import (
     DescriptorCache,
     EmbeddingNets,
@@ -219,13 +219,30 @@ class EnergyModel:
         return replace(self, descriptor=replace(se, nets=nets), fitting=[n.astype(dtype) for n in self.fitting],
                        bias=self.bias.copy())
 
+    def with_compute(self, compute: str) -> "EnergyModel":
+        """The model as mixed precision trains it (deepmd-kit's ``training/mixed_precision``, compute_prec
+        ``compute``): every embedding net and the fitting nets' hidden layers take their products on
+        operands rounded to ``compute`` (:func:`minidp.nn.with_compute`); the fitting nets' output layer,
+        the descriptor's contractions, davg/dstd and the bias stay as they are. Its gradients are the
+        master weights' (this model's, which stays unchanged)."""
+        se = self.descriptor
+        nets = EmbeddingNets(se.nets.ntypes, se.nets.type_one_side,
+                             {k: with_compute(n, compute) for k, n in se.nets.items()})
+        return replace(self, descriptor=replace(se, nets=nets),
+                       fitting=[with_compute(n, compute, last=False) for n in self.fitting])
+
 
 def new_model(
     type_map: list[str], config: SeAConfig, fitting_neuron=(240, 240, 240),
     fitting_resnet_dt: bool = True, seed: int = 0, dtype=np.float64, fitting_dtype=None,
-    fitting_activation: str = "tanh",
+    fitting_activation: str = "tanh", fitting_input: FittingInput | None = None, atom_ener=(),
+    atom_exclude_types=(),
 ) -> EnergyModel:
     """A freshly initialized model (deepmd-kit's initialization; davg = 0, dstd = 1, bias = 0).
+
+    ``fitting_input`` (what the fitting nets read besides D: fparam, aparam, their statistics,
+    default_fparam, use_aparam_as_mask), ``atom_ener`` and ``atom_exclude_types``: the fitting's
+    options (:class:`EnergyModel`); each fitting net reads ng * m2 + fitting_input.width numbers.
 
     Training replaces davg/dstd and the bias by data statistics; tests use it as is.
     ``dtype`` is the embedding nets' precision and ``fitting_dtype`` (default: dtype)
@@ -235,6 +252,7 @@ def new_model(
     float64 in any case.
     """
     fitting_dtype = dtype if fitting_dtype is None else fitting_dtype
+    fitting_input = FittingInput() if fitting_input is None else fitting_input
     if len(type_map) != config.ntypes:
         raise ValueError(f"type_map has {len(type_map)} types but sel has {config.ntypes}")
     ntypes = config.ntypes
@@ -247,10 +265,10 @@ def new_model(
     n_nets = ntypes if config.type_one_side else ntypes * ntypes
     nets = EmbeddingNets.from_list(ntypes, config.type_one_side, [emb() for _ in range(n_nets)])
     se = SeA(config, np.zeros((ntypes, config.nnei, 4)), np.ones((ntypes, config.nnei, 4)), nets)
-    fitting = [fitting_net(config.dim_out, fitting_neuron, 1, fitting_activation, fitting_resnet_dt, fitting_dtype,
+    fitting = [fitting_net(config.dim_out + fitting_input.width, fitting_neuron, 1, fitting_activation, fitting_resnet_dt, fitting_dtype,
                            next(seeds))
                for _ in range(ntypes)]
-    return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes))
+    return EnergyModel(list(type_map), se, fitting, np.zeros(ntypes), fitting_input, atom_ener, atom_exclude_types)
 
 
 # ---------------------------------------------------------------------------

@@ -241,6 +241,53 @@ def get_activation(name: str) -> Activation:
 
 
 # ---------------------------------------------------------------------------
+# Mixed precision: a layer's products on operands rounded to a narrower float
+# ---------------------------------------------------------------------------
+#
+# deepmd-kit's ``training/mixed_precision`` (TF backend) casts a net's inputs and
+# weights to float16 or bfloat16 before each product and casts the net's output
+# back. NumPy has float16 but no bfloat16, and the hardware these formats are for
+# (tensor cores) multiplies the narrow operands and accumulates in float32. minidp
+# emulates exactly that: operands rounded to the compute precision and stored in
+# the weights' float (float32 or float64), so that the product accumulates there.
+
+COMPUTE_PRECISIONS = ("float16", "bfloat16")
+
+
+def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """x rounded to the nearest bfloat16 (ties to even), returned in x's dtype (float32 or float64).
+
+    bfloat16 is float32 with the low 16 bits of the mantissa dropped: the bits are
+    rounded at bit 16 (add 0x7FFF plus the kept part's lowest bit, then clear the low
+    half). float64 goes through float32 first, as PyTorch's cast does. NaN stays
+    NaN (the addition would carry its payload into the sign); overflow gives +-inf.
+    """
+    # (...)  x in float32 (a float64 beyond float32's range becomes inf, as in PyTorch), its bits as integers
+    with np.errstate(over="ignore"):
+        x32 = np.asarray(x, dtype=np.float32)
+    bits = x32.view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+    # (...)
+    y = np.where(np.isnan(x32), x32, rounded.view(np.float32))
+    return y.astype(np.result_type(x, np.float32), copy=False)
+
+
+def round_to(x: np.ndarray, compute: str | None) -> np.ndarray:
+    """x rounded to the compute precision, kept in x's dtype: float16 (NumPy's cast, one rounding to
+    nearest even; beyond 65504 it overflows to inf), bfloat16 (:func:`round_to_bfloat16`), or x itself
+    for None (no mixed precision). The derivative is taken as 1 (a cast's, "straight through")."""
+    if compute is None:
+        return x
+    if compute == "float16":
+        # (...)  the hazard is range, not digits: |x| > 65504 becomes inf (the run stops at a non-finite loss)
+        with np.errstate(over="ignore"):
+            return x.astype(np.float16).astype(x.dtype)
+    if compute == "bfloat16":
+        return round_to_bfloat16(x)
+    raise ValueError(f"compute precision {compute!r} is not supported; expected one of {list(COMPUTE_PRECISIONS)}")
+
+
+# ---------------------------------------------------------------------------
 # The dense layer
 # ---------------------------------------------------------------------------
 
@@ -254,6 +301,9 @@ class Layer:
     idt: np.ndarray | None = None  # (n_out,) resnet timestep, or None
     activation: str = "tanh"  # name in ACTIVATIONS
     resnet: bool = False  # add the input back when n_out is n_in or 2 n_in
+    # mixed precision: the inputs of the layer's products are rounded to this (round_to) as they
+    # enter; None: no rounding. Set together with the rounded weights by with_compute, never alone.
+    compute: str | None = None
 
     @property
     def n_in(self) -> int:
@@ -310,7 +360,11 @@ def _residual_backward(dx: np.ndarray, dy: np.ndarray, kind: str) -> None:
 
 
 def layer_forward(layer: Layer, x: np.ndarray) -> tuple[np.ndarray, LayerCache]:
-    """y = phi(xW + b) * idt (+ x or [x, x] with resnet); returns (y, cache)."""
+    """y = phi(xW + b) * idt (+ x or [x, x] with resnet); returns (y, cache).
+
+    With ``layer.compute`` (mixed precision) x is first rounded to it (:func:`round_to`)."""
+    # (nb, n_in)
+    x = round_to(x, layer.compute)
     # (nb, n_out)
     z = x @ layer.W
     z += layer.b
@@ -381,6 +435,8 @@ def layer_jvp(layer: Layer, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, 
     dropped when only y and ty are wanted.
     """
     act = get_activation(layer.activation)
+    # (nb, n_in) each: the operands rounded to the compute precision (mixed precision; else as they are)
+    x, tx = round_to(x, layer.compute), round_to(tx, layer.compute)
     # (nb, n_out), (nb, n_out)
     z = x @ layer.W
     z += layer.b
@@ -411,6 +467,8 @@ def layer_tangent(layer: Layer, cache: LayerCache, tx: np.ndarray) -> tuple[np.n
     (ty, the JvpCache layer_jvp would have made).
     """
     x, z, a = cache
+    # (nb, n_in)  rounded as layer_forward rounded x (mixed precision)
+    tx = round_to(tx, layer.compute)
     # (nb, n_out) each: tz, phi'(z), ta
     tz = tx @ layer.W
     d1 = get_activation(layer.activation).grad(z, a)
@@ -522,6 +580,29 @@ class Net:
                 for layer in self.layers
             ]
         )
+
+
+def with_compute(net: Net, compute: str | None, last: bool = True) -> Net:
+    r"""The net as mixed precision runs it: a copy whose weights W, b, idt are rounded to ``compute``
+    (:func:`round_to`, in the net's float) and whose layers round their inputs to it.
+
+    .. math::
+
+        z = \mathrm{r}(x)\, \mathrm{r}(W) + \mathrm{r}(b), \qquad \mathrm{r} = \text{round to compute}
+
+    the product accumulated in the net's float (float32: as a tensor core); the activation, the timestep's
+    scaling and a resnet layer's sum (which adds the rounded input) stay in it too. The rounding's derivative is
+    taken as 1, so the gradients of this copy are those of the master weights (the net itself, which
+    the optimizer updates). ``last=False`` leaves the last layer in the net's float (deepmd-kit's
+    fitting nets: their output layer stays in the output precision).
+    """
+    n = len(net.layers) if last else len(net.layers) - 1
+    return Net([
+        replace(layer, W=round_to(layer.W, compute), b=round_to(layer.b, compute),
+                idt=None if layer.idt is None else round_to(layer.idt, compute), compute=compute)
+        if k < n else layer
+        for k, layer in enumerate(net.layers)
+    ])
 
 
 def net_forward(net: Net, x: np.ndarray) -> tuple[np.ndarray, list[LayerCache]]:
@@ -647,6 +728,8 @@ def dual_layer(layer: Layer, X2: np.ndarray, keep: bool = False, out: np.ndarray
         Y2 = np.empty((2,) + y.shape, dtype=y.dtype) if out is None else out
         Y2[0], Y2[1] = y, ty
         return Y2, (cache if keep else None)
+    # (2, nb, n_in)  rounded to the compute precision (mixed precision; else X2 itself)
+    X2 = round_to(X2, layer.compute)
     # (2, nb, n_out)  [xW; txW], then its first half becomes a = tanh(xW + b) in place
     AZ2 = dual_product(X2, layer.W)
     A = AZ2[0]

@@ -89,9 +89,8 @@ def test_the_water_input_is_read_as_deepmd_kit_means_it():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d["model"]["descriptor"].update(exclude_types=[[0, 1]]),
-     r"model/descriptor/exclude_types = \[\[0, 1\]\]: minidp evaluates this option but cannot train it yet"),
-    (lambda d: d["training"].update(mixed_precision={}), r"unsupported key\(s\) \['mixed_precision'\] in training"),
+    (lambda d: d["loss"].update(limit_pref_h=1.0), r"loss/limit_pref_h = 1.0: minidp does not train the hessian term"),
+    (lambda d: d["training"].update(mixed_prec={}), r"unsupported key\(s\) \['mixed_prec'\] in training"),
     (lambda d: d.update(nvnmd={}), r"unsupported key\(s\) \['nvnmd'\] in the top level"),
     (lambda d: d["model"]["descriptor"].update(type="se_e2_r"), r"model/descriptor/type = 'se_e2_r' is not supported"),
     (lambda d: d["learning_rate"].update(type="step"), r"input: learning_rate.type 'step' is not supported"),

@@ -4,6 +4,7 @@ whole, read back and checked against the input and the data before a restart.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,27 @@ def data_fingerprint(systems: list[System]) -> str:
     return digest.hexdigest()[:16]
 
 
+def options_mismatch(model: EnergyModel, config: TrainConfig) -> list[str]:
+    """The fitting's options (numb_fparam, numb_aparam, default_fparam, use_aparam_as_mask, atom_ener)
+    and atom_exclude_types where the input and a stored model disagree, key by key ([] if nowhere)."""
+    saved, wanted = model.fitting_input, config.fitting_input
+    # (EnergyModel.vacuum reads atom_ener against the types)
+    vacuum = replace(model, atom_ener=config.atom_ener).vacuum
+
+    def listed(default):
+        return None if default is None else default.tolist()
+
+    pairs = [("fitting_net/numb_fparam", wanted.numb_fparam, saved.numb_fparam),
+             ("fitting_net/numb_aparam", wanted.numb_aparam, saved.numb_aparam),
+             ("fitting_net/default_fparam", listed(wanted.default_fparam), listed(saved.default_fparam)),
+             ("fitting_net/use_aparam_as_mask", wanted.use_aparam_as_mask, saved.use_aparam_as_mask),
+             # atom_ener acts through the types whose isolated atom is subtracted (EnergyModel.vacuum)
+             ("fitting_net/atom_ener", list(config.atom_ener), list(model.atom_ener), vacuum, model.vacuum),
+             ("atom_exclude_types", list(config.atom_exclude_types), list(model.atom_exclude_types))]
+    return [f"model/{key} {ours!r} (stored model: {theirs!r})" for key, ours, theirs, *acts in pairs
+            if (acts[0] != acts[1] if acts else ours != theirs)]
+
+
 def checkpoint_mismatch(model: EnergyModel, config: TrainConfig) -> list[str]:
     """What the input says that the checkpoint's model disagrees with, key by key ([] if nothing)."""
     from dataclasses import fields
@@ -115,11 +137,13 @@ def checkpoint_mismatch(model: EnergyModel, config: TrainConfig) -> list[str]:
     saved, wanted = model.descriptor.config, config.descriptor
     diffs += [f"model/descriptor/{f.name} {getattr(wanted, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
               for f in fields(saved) if getattr(saved, f.name) != getattr(wanted, f.name)]
+    diffs += options_mismatch(model, config)
     widths = tuple(layer.n_out for layer in model.fitting[0].layers[:-1])
     if widths != tuple(config.fitting_neuron):
         diffs.append(f"model/fitting_net/neuron {list(config.fitting_neuron)} (checkpoint: {list(widths)})")
     elif not diffs:
-        fresh = new_model(list(config.type_map), wanted, config.fitting_neuron, config.fitting_resnet_dt, 0)
+        fresh = new_model(list(config.type_map), wanted, config.fitting_neuron, config.fitting_resnet_dt, 0,
+                          fitting_input=config.fitting_input)
         if [{k: a.shape for k, a in p.items()} for p in fresh.params()] != \
                 [{k: a.shape for k, a in p.items()} for p in model.params()]:
             diffs.append(f"model/fitting_net/resnet_dt {config.fitting_resnet_dt} "

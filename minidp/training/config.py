@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from minidp.checks import (
     short,
     validated,
 )
-from minidp.nn import get_activation
+from minidp.model import FittingInput
+from minidp.nn import COMPUTE_PRECISIONS, get_activation
 from minidp.optim import AdamConfig, LRSchedule, adam_config, lr_schedule
 from minidp.se_e2_a import SeAConfig
 from minidp.training.loss import LossConfig
@@ -68,6 +69,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class MixedPrecision:
+    """training/mixed_precision, deepmd-kit's meaning: the nets' weights (the master copy the optimizer
+    updates) and their outputs in ``output_prec``; their products on inputs and weights rounded to
+    ``compute_prec`` (docs/training.md "Mixed precision"; minidp.nn.with_compute).
+
+    deepmd-kit 3.2's TF trainer accepts output_prec float32 only; minidp also runs float64 (its
+    water example asks for it), where the products accumulate in float64.
+    """
+
+    compute_prec: str  # float16 or bfloat16
+    output_prec: str = "float32"  # float32 or float64
+
+    def __post_init__(self):
+        if self.compute_prec not in COMPUTE_PRECISIONS:
+            raise InputError(f"input: training/mixed_precision/compute_prec = {short(self.compute_prec)} is not "
+                             f"supported; expected one of {list(COMPUTE_PRECISIONS)}")
+        if self.output_prec not in OUTPUT_PRECISIONS:
+            raise InputError(f"input: training/mixed_precision/output_prec = {short(self.output_prec)} is not "
+                             f"supported; expected one of {list(OUTPUT_PRECISIONS)}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """What a run needs, from deepmd-kit's input.json."""
 
@@ -93,10 +116,25 @@ class TrainConfig:
     max_ckpt_keep: int = 5  # periodic checkpoints kept (older ones minidp wrote are deleted); 0 keeps all
     disp_training: bool = True  # print the learning-curve lines while training
     ignored: tuple[str, ...] = ()  # deepmd-kit keys given that minidp ignores (IGNORED), named once per run
+    # the fitting nets' inputs beyond the descriptor: numb_fparam, numb_aparam, default_fparam,
+    # use_aparam_as_mask (fresh statistics: averages 0, inverse spreads 1, until the data's replace them)
+    fitting_input: FittingInput = field(default_factory=FittingInput)
+    atom_ener: tuple[float | None, ...] = ()  # fitting_net/atom_ener: types whose isolated atom's output is subtracted
+    atom_exclude_types: tuple[int, ...] = ()  # model/atom_exclude_types: atoms of these types have no energy
+    mixed_precision: MixedPrecision | None = None  # training/mixed_precision (the nets in its output_prec)
 
     def __post_init__(self):
         if not isinstance(self.descriptor, SeAConfig) or not isinstance(self.loss, LossConfig):
             raise TypeError("TrainConfig: descriptor must be an SeAConfig and loss a LossConfig")
+        if not isinstance(self.fitting_input, FittingInput):
+            raise TypeError("TrainConfig: fitting_input must be a FittingInput")
+        if len(self.atom_ener) > self.descriptor.ntypes:
+            raise ValueError(f"input: model/fitting_net/atom_ener lists {len(self.atom_ener)} entries for "
+                             f"{self.descriptor.ntypes} types; expected at most one per type")
+        bad = [t for t in self.atom_exclude_types if not 0 <= t < self.descriptor.ntypes]
+        if bad:
+            raise ValueError(f"input: model/atom_exclude_types {list(self.atom_exclude_types)}: types {bad} are not "
+                             f"in 0..{self.descriptor.ntypes - 1}")
         if len(self.type_map) != self.descriptor.ntypes or not all(isinstance(t, str) for t in self.type_map):
             raise ValueError(f"type_map must hold one element name per sel entry ({self.descriptor.ntypes}), "
                              f"got {list(self.type_map)!r}")
@@ -106,6 +144,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: the learning rate runs {self.lr.num_steps} steps, training {self.numb_steps}")
         for name in ("numb_steps", "disp_freq", "save_freq", "data_stat_nbatch"):
             positive_int(name, getattr(self, name))
+        mp = self.mixed_precision
+        if mp is not None and self.precision != (mp.output_prec, mp.output_prec):
+            raise ValueError(f"TrainConfig: with mixed_precision the nets are in its output_prec {mp.output_prec}, "
+                             f"got precision {list(self.precision)}")
         if not self.fitting_neuron or not all(is_positive_int(n) for n in self.fitting_neuron):
             raise ValueError(f"fitting_net neuron must be a non-empty list of positive integers, "
                              f"got {list(self.fitting_neuron)!r}")
@@ -125,15 +167,18 @@ KEYS = {
     "model/fitting_net": {"type", "neuron", "resnet_dt", "precision", "seed", "activation_function", "trainable",
                           "numb_fparam", "numb_aparam", "atom_ener", "rcond", "default_fparam", "dim_case_embd",
                           "use_aparam_as_mask"},
-    "loss": {"type"} | {f.name for f in fields(LossConfig)},
+    "loss": {"type", "start_pref_h", "limit_pref_h"} | {f.name for f in fields(LossConfig)},
     "training": {"training_data", "validation_data", "numb_steps", "numb_epoch", "seed", "disp_file", "disp_freq",
                  "save_freq", "save_ckpt", "max_ckpt_keep", "disp_training", "change_bias_after_training",
-                 "ckpt_keep_ratio", "enable_ema", "gradient_max_norm"},
+                 "ckpt_keep_ratio", "enable_ema", "gradient_max_norm", "mixed_precision"},
+    "training/mixed_precision": {"compute_prec", "output_prec"},
     "training/training_data": {"systems", "batch_size", "sys_probs", "auto_prob", "auto_prob_style", "rglob_patterns",
                                "min_pair_dist"},
     "training/validation_data": {"systems", "batch_size", "numb_btch", "sys_probs", "auto_prob", "auto_prob_style",
                                  "rglob_patterns"},
 }
+# the sections of training that may be absent
+OPTIONAL_SECTIONS = ("training/validation_data", "training/mixed_precision")
 # deepmd-kit's keys that steer only its own machinery (logging, profiling, caches, parallel runs):
 # accepted, and named in one line at the start of a run (TrainConfig.ignored)
 IGNORED = {
@@ -156,23 +201,25 @@ ALIASES = {
 # The values these keys may take (deepmd-kit's default first): minidp has no other
 # the nets' precisions minidp runs (deepmd-kit's "default" is float64)
 PRECISIONS = ("float64", "default", "float32")
+# mixed_precision's output precisions (deepmd-kit's TF trainer: float32 only; see MixedPrecision)
+OUTPUT_PRECISIONS = ("float32", "float64")
 FIXED = {"model/descriptor/type": ("se_e2_a", "se_a"), "model/fitting_net/type": ("ener",),
          "loss/type": ("ener",), "model/descriptor/precision": PRECISIONS,
          "model/fitting_net/precision": PRECISIONS, "model/type": ("standard",),
          "model/descriptor/trainable": (True,), "model/fitting_net/trainable": (True,),
-         "model/fitting_net/rcond": (None,), "model/fitting_net/default_fparam": (None,),
-         "model/fitting_net/dim_case_embd": (0,), "model/fitting_net/use_aparam_as_mask": (False,),
+         "model/fitting_net/rcond": (None,),
          "model/data_stat_protect": (0.01, 1e-2), "model/preset_out_bias": (None,), "model/model_branch_alias": ([],),
          "model/info": ({},), "model/bridging_method": ("None",),
          "training/change_bias_after_training": (False,), "training/ckpt_keep_ratio": (None,),
          "training/enable_ema": (False,), "training/gradient_max_norm": (None,),
          "training/training_data/min_pair_dist": (0.0, 0)}
-# Model options the input reads into the model's configuration but training cannot fit yet: refused,
-# with their default, here and only here (the loss module lifts them as it learns them)
-NOT_TRAINED = {"model/fitting_net/numb_fparam": 0, "model/fitting_net/numb_aparam": 0,
-               "model/fitting_net/atom_ener": [], "model/descriptor/exclude_types": [],
-               "model/descriptor/env_protection": 0.0, "model/pair_exclude_types": [],
-               "model/atom_exclude_types": []}
+# deepmd-kit's keys minidp reads but does not train, each with the value that means "off" (accepted) and why
+NOT_TRAINED = {
+    "model/fitting_net/dim_case_embd": (0, ("deepmd-kit sets a case embedding only in multi-task training, "
+                                            "which minidp does not do")),
+    "loss/start_pref_h": (0, "minidp does not train the hessian term"),
+    "loss/limit_pref_h": (0, "minidp does not train the hessian term"),
+}
 # deepmd-kit 3.1's optimizer keys in training, moved into the optimizer section (training's win);
 # and its warm-up keys in training, moved into learning_rate (refused when in both)
 LEGACY_OPTIMIZER = ("opt_type", "kf_blocksize", "kf_start_pref_e", "kf_limit_pref_e", "kf_start_pref_f",
@@ -313,7 +360,9 @@ def _found(data: DataConfig | None) -> DataConfig | None:
     return replace(data, systems=tuple(found))
 
 
-def _descriptor_config(d: dict) -> SeAConfig:
+def _descriptor_config(d: dict, model: dict) -> SeAConfig:
+    """The descriptor's configuration from model/descriptor, with the model's pair_exclude_types
+    (SeAConfig holds them: they act on the neighbour list the descriptor reads)."""
     w = "model/descriptor"
     sel = d.get("sel")
     if isinstance(sel, str):
@@ -327,7 +376,11 @@ def _descriptor_config(d: dict) -> SeAConfig:
                      type_one_side=_value(d, w, "type_one_side", boolean, False),
                      resnet_dt=_value(d, w, "resnet_dt", boolean, False),
                      set_davg_zero=_value(d, w, "set_davg_zero", boolean, False),
-                     activation=_value(d, w, "activation_function", _activation, "tanh"))
+                     activation=_value(d, w, "activation_function", _activation, "tanh"),
+                     env_protection=_value(d, w, "env_protection", number, 0.0, 0.0),
+                     # pairs of types: SeAConfig checks them against sel, naming the key
+                     exclude_types=d.get("exclude_types", []),
+                     pair_exclude_types=model.get("pair_exclude_types", []))
 
 
 def _seed(name: str, value) -> int:
@@ -343,19 +396,18 @@ def _auto_sel(desc: dict, type_map: list[str], systems: tuple[Path, ...]) -> lis
 
 
 def _check_sections(d: dict) -> None:
-    """Every section a JSON object with known keys and allowed fixed values; the model options
-    training cannot fit yet refused by name (NOT_TRAINED)."""
+    """Every section a JSON object with known keys and allowed fixed values; the options minidp does
+    not train refused by name, with the reason (NOT_TRAINED)."""
     if not isinstance(d, dict):
         raise InputTypeError(f"input must be a JSON object, got {type(d).__name__}")
     for where in KEYS:
-        if where == "training/validation_data" and "validation_data" not in d.get("training", {}):
+        if where in OPTIONAL_SECTIONS and where.rpartition("/")[2] not in d.get("training", {}):
             continue
         _section(d, where)
-    for key, default in NOT_TRAINED.items():
+    for key, (off, why) in NOT_TRAINED.items():
         value = _node(d, key)
-        if value is not None and value != default:
-            raise InputError(f"input: {key} = {short(value)}: minidp evaluates this option but cannot train it "
-                             f"yet; expected {default!r}")
+        if value is not None and value != off:
+            raise InputError(f"input: {key} = {short(value)}: {why}; expected {off!r}")
 
 
 def _ignored(d: dict) -> tuple[str, ...]:
@@ -422,10 +474,50 @@ def _fitting_keys(fit: dict) -> dict:
                 fitting_activation=_value(fit, w, "activation_function", _activation, "tanh"))
 
 
-def _precisions(desc: dict, fit: dict) -> tuple[str, str]:
+def _fitting_options(model: dict, fit: dict) -> dict:
+    """TrainConfig's fitting_input (numb_fparam, numb_aparam, default_fparam, use_aparam_as_mask),
+    atom_ener and atom_exclude_types, each checked by name."""
+    w = "model/fitting_net"
+    nfp, nap = (_value(fit, w, key, integer, 0, 0) for key in ("numb_fparam", "numb_aparam"))
+    default = fit.get("default_fparam")
+    if default is not None and (not isinstance(default, list) or len(default) != nfp):
+        raise InputError(f"input: {w}/default_fparam = {short(default)}: expected a list of {nfp} numbers "
+                         "(numb_fparam)")
+    spec = validated(f"input: {w}", FittingInput, fparam_avg=np.zeros(nfp), fparam_inv_std=np.ones(nfp),
+                     aparam_avg=np.zeros(nap), aparam_inv_std=np.ones(nap),
+                     default_fparam=None if default is None else [number(f"input: {w}/default_fparam[{k}]", v)
+                                                                  for k, v in enumerate(default)],
+                     use_aparam_as_mask=_value(fit, w, "use_aparam_as_mask", boolean, False))
+    atom_ener = fit.get("atom_ener", [])
+    if not isinstance(atom_ener, list):
+        raise InputTypeError(f"input: {w}/atom_ener: expected a list of numbers or null (one per type), "
+                             f"got {short(atom_ener)}")
+    excluded = model.get("atom_exclude_types", [])
+    if not isinstance(excluded, list):
+        raise InputTypeError(f"input: model/atom_exclude_types: expected a list of types, got {short(excluded)}")
+    return dict(fitting_input=spec,
+                atom_ener=tuple(None if e is None else number(f"input: {w}/atom_ener[{k}]", e)
+                                for k, e in enumerate(atom_ener)),
+                atom_exclude_types=tuple(sorted({integer(f"input: model/atom_exclude_types[{k}]", t, 0)
+                                                 for k, t in enumerate(excluded)})))
+
+
+def _precisions(desc: dict, fit: dict, mixed: MixedPrecision | None) -> tuple[str, str]:
     """The nets' precisions, deepmd-kit's meaning: "float32" runs the embedding or fitting nets in float32
-    (positions, the environment matrix, the sums and the loss stay float64); "default" is float64."""
+    (positions, the environment matrix, the sums and the loss stay float64); "default" is float64.
+    With mixed_precision both are its output_prec, whatever the sections say (deepmd-kit's TF backend)."""
+    if mixed is not None:
+        return (mixed.output_prec, mixed.output_prec)
     return tuple("float32" if sec.get("precision") == "float32" else "float64" for sec in (desc, fit))
+
+
+def _mixed_precision(tr: dict) -> MixedPrecision | None:
+    """training/mixed_precision (absent: None); compute_prec is required, as in deepmd-kit's schema."""
+    sec = tr.get("mixed_precision")
+    if sec is None:
+        return None
+    w = "training/mixed_precision"
+    return MixedPrecision(_value(sec, w, "compute_prec", _text), _value(sec, w, "output_prec", _text, "float32"))
 
 
 def _run_keys(model: dict, desc: dict, tr: dict) -> dict:
@@ -464,15 +556,17 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
             auto_sel(desc["sel"], [])  # a bad spelling is refused before the data are read
         except ValueError as err:
             raise InputError(f"input: model/descriptor/sel: {err}") from None
-    fitting = {**_fitting_keys(fit), "precision": _precisions(desc, fit)}
+    mixed = _mixed_precision(tr)
+    fitting = {**_fitting_keys(fit), **_fitting_options(model, fit), "precision": _precisions(desc, fit, mixed),
+               "mixed_precision": mixed}
     # LossConfig checks its own values (numbers, flags, huber_delta, loss_func); the message names the key
-    losses = validated("input", LossConfig, **{k: loss[k] for k in loss if k in KEYS["loss"] - {"type"}})
+    losses = validated("input", LossConfig, **{f.name: loss[f.name] for f in fields(LossConfig) if f.name in loss})
     training = _data_config(tr["training_data"], "training/training_data", base)
     validation = _data_config(tr["validation_data"], "training/validation_data", base) if "validation_data" in tr else None
     length = _run_length(tr)
     schedules = _schedules(d, length[0]) if length[0] is not None else None  # numb_epoch: once the data is found
     given_map = names("input: model/type_map", model["type_map"]) if "type_map" in model else None
-    cfg = None if isinstance(desc.get("sel"), str) else _descriptor_config(desc)
+    cfg = None if isinstance(desc.get("sel"), str) else _descriptor_config(desc, model)
     if cfg is not None and given_map is not None:
         _check_ntypes(given_map, cfg)
     run = _run_keys(model, desc, tr)
@@ -482,7 +576,7 @@ def parse_input(d: dict, base: Path = Path(".")) -> TrainConfig:
     lr, optimizer = schedules or _schedules(d, numb_steps)
     type_map = _model_types(given_map, desc, training)
     if cfg is None:
-        cfg = _descriptor_config({**desc, "sel": _auto_sel(desc, type_map, training.systems)})
+        cfg = _descriptor_config({**desc, "sel": _auto_sel(desc, type_map, training.systems)}, model)
     _check_ntypes(type_map, cfg)
     return TrainConfig(type_map=tuple(type_map), descriptor=cfg, lr=lr, optimizer=optimizer, loss=losses,
                        training=training, validation=validation, numb_steps=numb_steps, ignored=_ignored(d),

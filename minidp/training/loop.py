@@ -6,13 +6,17 @@ The story of one run (:func:`train`):
    se_e2_a + ``ener`` subset; any other key is refused by name.
 2. **Data** (:func:`load_systems`): deepmd/npy systems read through dpdata,
    their element names mapped onto the model's ``type_map``.
-3. **Statistics** (:mod:`minidp.stats`): davg/dstd of the environment matrix
-   and the per-type energy bias, from ``data_stat_nbatch`` batches per system.
+3. **Statistics** (:mod:`minidp.stats`): davg/dstd of the environment matrix,
+   the per-type energy bias and (with numb_fparam / numb_aparam) the averages and
+   spreads of fparam / aparam, from ``data_stat_nbatch`` batches per system.
 4. **Steps**: a batch of frames from one system (systems drawn in proportion
    to their frames, frames in a shuffled order); the loss and its exact
    gradient (:func:`minidp.training.loss.loss_and_grad`); one Adam (or AdamW) update at the
    learning rate of deepmd-kit's schedule (``exp``, ``cosine`` or ``wsd``, with its warm-up:
    :func:`minidp.optim.lr_schedule`), e.g. ``exp``'s :math:`\eta_t = \eta_0 r^{\lfloor t/s \rfloor}`.
+   With ``training/mixed_precision`` the loss and gradient are those of the model's copy whose
+   nets compute on rounded operands (:meth:`minidp.model.EnergyModel.with_compute`); the update
+   goes to the master weights.
 5. **Record**: every ``disp_freq`` steps a line of ``lcurve.out`` in
    deepmd-kit's columns; every ``save_freq`` steps a checkpoint
    (model ``.dp`` + optimizer and sampler state ``.npz``) that ``restart``
@@ -31,6 +35,7 @@ Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,12 +48,13 @@ from minidp.model import EnergyModel, new_model
 from minidp.optim import Adam
 from minidp.runtime import keep_freed_memory
 from minidp.se_e2_a import SeAConfig
-from minidp.stats import energy_bias, env_stats, raw_env_sums
+from minidp.stats import energy_bias, env_stats, param_stats, param_sums, raw_env_sums, type_counts
 from minidp.training.checkpoint import (
     _restore,
     data_fingerprint,
     load_checkpoint,
     load_checkpoint_state,
+    options_mismatch,
     restore_optimizer,
     save_checkpoint,
 )
@@ -60,16 +66,20 @@ from minidp.training.workdir import OutputPlan, plan_outputs, prune_checkpoints,
 
 
 def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) -> EnergyModel:
-    """new_model, then davg/dstd and the energy bias from data_stat_nbatch batches per system.
+    """new_model, then davg/dstd, the energy bias and the fparam/aparam statistics (minidp.stats) from
+    data_stat_nbatch batches per system.
 
     The frames are drawn by :func:`stats_rng`; the sampler gives the batch sizes only and is not advanced.
     """
-    cfg = config.descriptor
+    cfg, spec = config.descriptor, config.fitting_input
     # the nets in the input's precisions (float32: deepmd-kit's meaning, see minidp.model.new_model)
     dtype, fitting_dtype = (np.float32 if p == "float32" else np.float64 for p in config.precision)
     model = new_model(list(config.type_map), cfg, config.fitting_neuron, config.fitting_resnet_dt, config.model_seed,
-                      dtype=dtype, fitting_dtype=fitting_dtype, fitting_activation=config.fitting_activation)
+                      dtype=dtype, fitting_dtype=fitting_dtype, fitting_activation=config.fitting_activation,
+                      fitting_input=spec, atom_ener=config.atom_ener, atom_exclude_types=config.atom_exclude_types)
     sums = np.zeros((cfg.ntypes, 5))
+    # (nfp, 3), (nap, 3): (n, sum x, sum x^2) per parameter
+    fparam_sums, aparam_sums = np.zeros((spec.numb_fparam, 3)), np.zeros((spec.numb_aparam, 3))
     mean_energy, counts = [], []
     rng = stats_rng(config.seed)
     for k, s in enumerate(systems):
@@ -79,10 +89,18 @@ def initial_model(config: TrainConfig, systems: list[System], sampler: Sampler) 
             sums += raw_env_sums(s.coords[frames], None if s.cells is None else s.cells[frames], s.atom_types, cfg)
         except FrameError as err:
             raise in_system(err, s, frames) from None
+        if spec.numb_fparam:  # frames given default_fparam are not data (deepmd-kit leaves them out too)
+            fparam_sums += param_sums(s.fparam[frames[s.fparam_found[frames]]], spec.numb_fparam)
+        if spec.numb_aparam:
+            aparam_sums += param_sums(s.aparam[frames], spec.numb_aparam)
         mean_energy.append(s.energy[frames].mean())
-        counts.append(np.bincount(s.atom_types, minlength=cfg.ntypes))
+        counts.append(type_counts(s.atom_types, cfg.ntypes, config.atom_exclude_types))
     model.descriptor.davg, model.descriptor.dstd = env_stats(sums, cfg)
     model.bias = energy_bias(np.array(mean_energy), np.array(counts))
+    fparam_avg, fparam_inv_std = param_stats(fparam_sums)
+    aparam_avg, aparam_inv_std = param_stats(aparam_sums)
+    model.fitting_input = replace(spec, fparam_avg=fparam_avg, fparam_inv_std=fparam_inv_std, aparam_avg=aparam_avg,
+                                  aparam_inv_std=aparam_inv_std)
     return model
 
 
@@ -132,6 +150,9 @@ def init_from_model(path, config: TrainConfig) -> EnergyModel:
     if hidden != config.fitting_neuron:
         raise ValueError(f"--init-model {path} has fitting widths {list(hidden)}; the input asks for "
                          f"{list(config.fitting_neuron)}")
+    diffs = options_mismatch(model, config)
+    if diffs:
+        raise ValueError(f"--init-model {path} does not match the input: " + "; ".join(diffs))
     return model
 
 
@@ -151,8 +172,11 @@ def _setup(config: TrainConfig, restart, init_model=None) -> Run:
     """Systems, samplers, model and optimizer: fresh (or from init_model), or as a checkpoint left them."""
     # the loss's extra per-atom labels (atom_ener, atom_pref, ...), read with the frames
     labels = config.loss.label_files()
-    train_sys = load_systems(config.training.systems, config.type_map, labels)
-    val_sys = load_systems(config.validation.systems, config.type_map, labels) if config.validation else []
+    # and the model's frame and atomic parameters (fparam.npy, aparam.npy) when it reads them
+    spec = config.fitting_input
+    params = (spec.numb_fparam, spec.numb_aparam, spec.default_fparam)
+    train_sys = load_systems(config.training.systems, config.type_map, labels, *params)
+    val_sys = load_systems(config.validation.systems, config.type_map, labels, *params) if config.validation else []
     samplers = {"trn": Sampler(train_sys, config.training.batch_size, config.seed, config.training.sys_probs,
                                config.training.auto_prob)}
     if val_sys:
@@ -209,15 +233,18 @@ def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, resta
         pref = prefactors(config.loss, lr, config.lr.start_lr)
         t0 = time.perf_counter()
         k, frames = samplers["trn"].next()
+        # mixed precision: this step's copy of the nets with rounded weights; its gradients update model
+        mixed = config.mixed_precision
+        computed = model if mixed is None else model.with_compute(mixed.compute_prec)
         # overflow in a diverging run is reported by check_step, in one line
         with np.errstate(over="ignore", invalid="ignore"):
-            value, grads, _ = loss_and_grad(model, make_batch(run.train_sys[k], frames, cfg), pref)
+            value, grads, _ = loss_and_grad(computed, make_batch(run.train_sys[k], frames, cfg), pref)
             elapsed = time.perf_counter() - t0
             shown = config.disp_training and (step % config.disp_freq == 0 or step == n)
             # training and validation errors of the same weights, those before this step's update
             errors = {"trn": value}
             if shown and run.val_sys:
-                errors["val"] = validation_errors(model, run.val_sys, samplers["val"], config, pref)
+                errors["val"] = validation_errors(computed, run.val_sys, samplers["val"], config, pref)
         check_step(step, step == run.step, errors, grads, checkpoint)
         if due:
             checkpoint = save_checkpoint(workdir / config.save_ckpt, step, model, opt, states, run.data, overwrite)

@@ -56,6 +56,9 @@ class System(NamedTuple):
     drdq: np.ndarray | None = None  # (nf, nloc * 3 * ngc) drdq.npy
     fparam: np.ndarray | None = None  # (nf, nfp) fparam.npy, for a model with numb_fparam
     aparam: np.ndarray | None = None  # (nf, nloc, nap) aparam.npy, for a model with numb_aparam
+    # (nf,) True where fparam came from fparam.npy, False where default_fparam stood in (not data: the
+    # fparam statistics leave those frames out, as deepmd-kit's do)
+    fparam_found: np.ndarray | None = None
 
     @property
     def nframes(self) -> int:
@@ -169,10 +172,13 @@ def read_atom_labels(lazy, name: str, system: System, width: int = 1) -> np.ndar
 
 def read_params(lazy, system: System, numb_fparam: int, numb_aparam: int, default_fparam=None) -> dict:
     """The model's fparam (nf, nfp) from set.*/fparam.npy and aparam (nf, nloc, nap) from aparam.npy, as
-    deepmd-kit reads them (an absent fparam.npy is the model's default_fparam, when it has one)."""
+    deepmd-kit reads them (an absent fparam.npy is the model's default_fparam, when it has one; fparam_found
+    says which frames had the file)."""
     out = {}
     if numb_fparam:
         out["fparam"] = read_set_files(lazy, "fparam", system, numb_fparam, "the model's numb_fparam", default_fparam)
+        out["fparam_found"] = np.repeat([_set_array(lazy, set_name, "fparam") is not None
+                                         for set_name, _ in system.sets], [n for _, n in system.sets])
     if numb_aparam:
         nloc = system.atom_types.size
         out["aparam"] = read_set_files(lazy, "aparam", system, nloc * numb_aparam,
