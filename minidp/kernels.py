@@ -294,3 +294,20 @@ def adam_update(P, G, M, V, one_m_beta1, beta2, one_m_beta2, sqrt_bias2, eps, st
         v = v + c2 * d * d
         M[i], V[i] = m, v
         P[i] = p - st * (m / (np.sqrt(v) / sb2 + ep))
+
+
+@njit(nogil=True, cache=True)
+def pair_tangent(v, V, rij, nlist, drij):  # pragma: no cover - compiled
+    """loss.pair_tangent in one pass: drij[f, i, k] = v[f, j] - v[f, i] + V[f] rij[f, i, k] for
+    j = nlist[f, i, k] >= 0, else 0. v (nf, nloc, 3), V (nf, 3, 3), rij (nf, nloc, nnei, 3); drij is written."""
+    nf, nloc, nnei = nlist.shape
+    for f in range(nf):
+        for i in range(nloc):
+            for k in range(nnei):
+                j = nlist[f, i, k]
+                for a in range(3):
+                    if j < 0:
+                        drij[f, i, k, a] = 0.0
+                    else:
+                        drij[f, i, k, a] = (v[f, j, a] - v[f, i, a] + V[f, a, 0] * rij[f, i, k, 0]
+                                            + V[f, a, 1] * rij[f, i, k, 1] + V[f, a, 2] * rij[f, i, k, 2])
