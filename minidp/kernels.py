@@ -311,3 +311,24 @@ def pair_tangent(v, V, rij, nlist, drij):  # pragma: no cover - compiled
                     else:
                         drij[f, i, k, a] = (v[f, j, a] - v[f, i, a] + V[f, a, 0] * rij[f, i, k, 0]
                                             + V[f, a, 1] * rij[f, i, k, 1] + V[f, a, 2] * rij[f, i, k, 2])
+
+
+@njit(nogil=True, cache=True)
+def env_matrix_jvp(drij, rij, inv_r, sw, dsw, row_scale, inv_rp, Rdot):  # pragma: no cover - compiled
+    """force_training.env_matrix_jvp in one pass (the transpose of env_matrix_backward's Jacobian):
+    R'_0 = d u v (s' - s v),  R'_a = x_a d u v^2 (s' - 2 s v) + s v^2 dx_a, each times row_scale,
+    d = x . dx. row_scale (nloc, nnei, 4); Rdot (nf, nloc, nnei, 4) is written."""
+    nf, nloc, nnei, _ = rij.shape
+    for f in range(nf):
+        for i in range(nloc):
+            for k in range(nnei):
+                u, v, s, ds = inv_r[f, i, k], inv_rp[f, i, k], sw[f, i, k], dsw[f, i, k]
+                x, y, z = rij[f, i, k, 0], rij[f, i, k, 1], rij[f, i, k, 2]
+                dx, dy, dz = drij[f, i, k, 0], drij[f, i, k, 1], drij[f, i, k, 2]
+                d = x * dx + y * dy + z * dz
+                c = d * u * v * v * (ds - 2.0 * s * v)
+                sv2 = s * v * v
+                Rdot[f, i, k, 0] = d * u * v * (ds - s * v) * row_scale[i, k, 0]
+                Rdot[f, i, k, 1] = (c * x + sv2 * dx) * row_scale[i, k, 1]
+                Rdot[f, i, k, 2] = (c * y + sv2 * dy) * row_scale[i, k, 2]
+                Rdot[f, i, k, 3] = (c * z + sv2 * dz) * row_scale[i, k, 3]

@@ -52,7 +52,7 @@ from minidp.nn import (
 from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backward, sum_rows
 
 
-def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
+def env_matrix_jvp(drij: np.ndarray, cache: EnvCache, backend: str = "numba") -> np.ndarray:
     r"""R' = (dR/d rij) drij, the environment matrix moved along drij.
 
     The transpose of :func:`~minidp.se_e2_a.env_matrix_backward`'s Jacobian
@@ -65,8 +65,14 @@ def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
         R' = \tilde R' \cdot \mathrm{row\_scale}
 
     Padded slots have u = v = s = s' = 0: their rows do not move. Returns (nf, nloc, nnei, 4).
+    Backend "numba": the same in one pass (kernels.env_matrix_jvp), without the NumPy lines' temporaries.
     """
     rij, u, sw, dsw, v = cache.rij, cache.inv_r, cache.sw, cache.dsw, cache.inv_rp
+    if backend == "numba":
+        # (nf, nloc, nnei, 4)
+        Rdot = np.empty(rij.shape[:3] + (4,), dtype=rij.dtype)
+        kernels.env_matrix_jvp(drij, rij, u, sw, dsw, cache.row_scale[0], v, Rdot)
+        return Rdot
     # (nf, nloc, nnei)
     d = np.sum(rij * drij, axis=-1)
     # (nf, nloc, nnei, 4)
@@ -337,7 +343,7 @@ def weight_gradients(
     """
     m2 = model.descriptor.config.axis_neuron
     # (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
-    Rdot = env_matrix_jvp(drij, dcache.env)
+    Rdot = env_matrix_jvp(drij, dcache.env, backend)
     Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
     if fitting_caches is None:
