@@ -46,6 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 
@@ -210,22 +211,35 @@ class Adam:
         number("lr", lr, lo=0.0)
         _check_grads(self.layout, grads)
         self.t += 1
+        scalars = adam_scalars(self.config, lr, self.t)
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             for name, value in p.items():
                 arrays = (value, g[name], m[name], v[name])
                 if all(a.flags.c_contiguous and a.dtype == value.dtype for a in arrays):
-                    kernels.adam_update(*(a.reshape(-1) for a in arrays), *adam_scalars(self.config, lr, self.t))
+                    kernels.adam_update(*(a.reshape(-1) for a in arrays), *scalars)
                 else:
                     adam_plain(*arrays, self.config, lr, self.t)
 
 
-def adam_scalars(c: AdamConfig, lr: float, t: int) -> tuple[float, ...]:
-    """kernels.adam_update's scalars for step t (1-based) at rate lr: 1 - b1, b2, 1 - b2, sqrt(1 - b2^t),
-    eps, lr / (1 - b1^t), the L2 factor (Adam's weight decay, else 0) and the shrink (AdamW's, else 1)."""
+class AdamScalars(NamedTuple):
+    """The numbers of one Adam step that are the same for every array, in kernels.adam_update's order."""
+
+    one_m_beta1: float  # 1 - beta1
+    beta2: float
+    one_m_beta2: float  # 1 - beta2
+    sqrt_bias2: float  # sqrt(1 - beta2^t)
+    eps: float
+    step: float  # lr / (1 - beta1^t)
+    l2: float  # Adam's weight decay (added to the gradient), else 0
+    shrink: float  # AdamW's 1 - lr weight_decay, else 1
+
+
+def adam_scalars(c: AdamConfig, lr: float, t: int) -> AdamScalars:
+    """kernels.adam_update's scalars for step t (1-based) at rate lr (math in the module docstring)."""
     coupled = c.weight_decay if c.weight_decay and not c.decoupled_weight_decay else 0.0
     shrink = 1.0 - lr * c.weight_decay if c.weight_decay and c.decoupled_weight_decay else 1.0
-    return (1.0 - c.beta1, c.beta2, 1.0 - c.beta2, math.sqrt(1.0 - c.beta2**t), c.eps, lr / (1.0 - c.beta1**t),
-            coupled, shrink)
+    return AdamScalars(1.0 - c.beta1, c.beta2, 1.0 - c.beta2, math.sqrt(1.0 - c.beta2**t), c.eps,
+                       lr / (1.0 - c.beta1**t), coupled, shrink)
 
 
 def adam_plain(value: np.ndarray, d: np.ndarray, m: np.ndarray, v: np.ndarray, c: AdamConfig, lr: float,
