@@ -94,6 +94,9 @@ STAGES = [
     # with several workers the stages above run inside these regions, on the workers' threads
     ("parallel regions (all workers)", ["minidp.runtime:parallel_map"]),
 ]
+# A function shared by two stages: called inside the stage named here, its time stays in that stage (the
+# fitting nets' tanh layers reverse through nn.dual_net_backward too, see force_training.atomic_energy_param_backward)
+STAYS_IN = {"embedding nets: reverse to weights": "fitting nets: reverse to weights"}
 
 
 # ---------------------------------------------------------------------------
@@ -127,14 +130,16 @@ class StageTimer:
         self.times = StageTimes()
         self._patches: list[tuple[object, str, object]] = []
         self._stack: list[list[float]] = []  # per active stage: [wall, cpu] spent in nested stages
+        self._labels: list[str] = []  # the active stages, innermost last
         self._thread = None
         self.missing: list[str] = []  # targets this version of minidp does not have (an older one, for A/B)
 
     def _wrap(self, label: str, fn):
         @functools.wraps(fn)
         def timed(*args, **kwargs):
-            if threading.get_ident() != self._thread:
+            if threading.get_ident() != self._thread or (self._labels and self._labels[-1] == STAYS_IN.get(label)):
                 return fn(*args, **kwargs)
+            self._labels.append(label)
             self._stack.append([0.0, 0.0])
             w0, c0 = time.perf_counter(), time.process_time()
             try:
@@ -142,6 +147,7 @@ class StageTimer:
             finally:
                 wall, cpu = time.perf_counter() - w0, time.process_time() - c0
                 inner = self._stack.pop()
+                self._labels.pop()
                 self.times.add(label, wall - inner[0], cpu - inner[1])
                 if self._stack:
                     self._stack[-1][0] += wall

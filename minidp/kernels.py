@@ -43,17 +43,26 @@ def segment_contract_backward(G, dG_ds, R, start, dTt, dR):  # pragma: no cover 
     dT transposed; dR (nb, 4) is written.
     """
     ng = G.shape[1]
+    # the sums start in the arrays' precision: a Python 0.0 would make a float32 kernel add in float64
+    # (a conversion per term, and the loop no longer vectorizes); one pass over g reads G[p] and dG_ds[p]
+    # once for the five sums
+    zero = G.dtype.type(0)
     for a in range(start.size - 1):
         for p in range(start[a], start[a + 1]):
-            ds = 0.0
-            for c in range(4):
-                Rpc = R[p, c]
-                dc = 0.0
-                for g in range(ng):
-                    dc += G[p, g] * dTt[a, c, g]
-                    ds += Rpc * dTt[a, c, g] * dG_ds[p, g]
-                dR[p, c] = dc
-            dR[p, 0] += ds
+            r0, r1, r2, r3 = R[p, 0], R[p, 1], R[p, 2], R[p, 3]
+            d0 = d1 = d2 = d3 = ds = zero
+            for g in range(ng):
+                t0, t1, t2, t3 = dTt[a, 0, g], dTt[a, 1, g], dTt[a, 2, g], dTt[a, 3, g]
+                x = G[p, g]
+                d0 += x * t0
+                d1 += x * t1
+                d2 += x * t2
+                d3 += x * t3
+                ds += (r0 * t0 + r1 * t1 + r2 * t2 + r3 * t3) * dG_ds[p, g]
+            dR[p, 0] = d0 + ds
+            dR[p, 1] = d1
+            dR[p, 2] = d2
+            dR[p, 3] = d3
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -68,10 +77,15 @@ def segment_contract_tangent(G, dG_ds, R, Rdot, start, Tt):  # pragma: no cover 
     for a in range(start.size - 1):
         for p in range(start[a], start[a + 1]):
             sdot = Rdot[p, 0]
-            for c in range(4):
-                rd, rs = Rdot[p, c], R[p, c] * sdot
-                for g in range(ng):
-                    Tt[a, c, g] += rd * G[p, g] + rs * dG_ds[p, g]
+            e0, e1, e2, e3 = Rdot[p, 0], Rdot[p, 1], Rdot[p, 2], Rdot[p, 3]
+            f0, f1, f2, f3 = R[p, 0] * sdot, R[p, 1] * sdot, R[p, 2] * sdot, R[p, 3] * sdot
+            # one pass over g for the four components: G[p] and dG_ds[p] are read once
+            for g in range(ng):
+                x, y = G[p, g], dG_ds[p, g]
+                Tt[a, 0, g] += e0 * x + f0 * y
+                Tt[a, 1, g] += e1 * x + f1 * y
+                Tt[a, 2, g] += e2 * x + f2 * y
+                Tt[a, 3, g] += e3 * x + f3 * y
 
 
 @njit(nogil=True, cache=True)
@@ -208,6 +222,17 @@ def tanh_dual(A, TZ, X, TX, idt, kind, Y, TY):  # pragma: no cover - compiled
                 TY[r, h * n_in + j] += TX[r, j]
 
 
+
+@njit(nogil=True, cache=True, fastmath=True)
+def residual_backward(GY, GX, kind):  # pragma: no cover - compiled
+    """nn._residual_backward in one pass: GX[r, j] += GY[r, j] (RES_SAME), or GY[r, j] + GY[r, n_in + j]
+    (RES_DOUBLE); nothing for RES_NONE. GY (nb, n_out), GX (nb, n_in), one half of the stacked arrays."""
+    nb, n_in = GX.shape
+    for r in range(nb):
+        for h in range(kind):
+            for j in range(n_in):
+                GX[r, j] += GY[r, h * n_in + j]
+
 @njit(nogil=True, cache=True, fastmath=True)
 def tanh_dual_backward(GY, GTY, A, TZ, idt, GZ, GTZ, gb, gidt):  # pragma: no cover - compiled
     """nn.layer_jvp_backward's elementwise lines for tanh (phi' = 1 - a^2, phi'' = -2 a phi'):
@@ -232,3 +257,77 @@ def tanh_dual_backward(GY, GTY, A, TZ, idt, GZ, GTZ, gb, gidt):  # pragma: no co
             GZ[r, j] = gz
             GTZ[r, j] = gty_a * d1
             gb[j] += gz
+
+
+# ---------------------------------------------------------------------------
+# The optimizer's update, fused (optim.Adam.step)
+# ---------------------------------------------------------------------------
+
+
+# error_model numpy: a division by zero gives inf as NumPy's does; Python's check and raise in the loop would
+# keep it from vectorizing
+@njit(nogil=True, cache=True, error_model="numpy")
+def adam_update(P, G, M, V, one_m_beta1, beta2, one_m_beta2, sqrt_bias2, eps, step, l2, shrink):  # pragma: no cover
+    """optim.adam_plain's lines in one pass over the elements (1-d arrays, updated in place):
+
+    p *= shrink (AdamW, shrink != 1);  d = g + l2 p (Adam's L2, l2 != 0);
+    m += (1 - b1)(d - m);  v = b2 v + (1 - b2) d d;  p -= step m / (sqrt(v) / sqrt_bias2 + eps)
+
+    The scalars are rounded to the arrays' precision first and the operations are NumPy's, in its
+    order, with no fastmath (no reassociation, no fused multiply-add): the result is the plain
+    NumPy update's to the bit, in float32 as in float64.
+    """
+    t = P.dtype.type
+    c1, b2, c2, sb2, ep, st, lam, sh = (t(one_m_beta1), t(beta2), t(one_m_beta2), t(sqrt_bias2), t(eps), t(step),
+                                        t(l2), t(shrink))
+    for i in range(P.size):
+        p = P[i]
+        if shrink != 1.0:
+            p = p * sh
+        d = G[i]
+        if l2 != 0.0:
+            d = d + lam * p
+        m = M[i]
+        m = m + c1 * (d - m)
+        v = V[i] * b2
+        v = v + c2 * d * d
+        M[i], V[i] = m, v
+        P[i] = p - st * (m / (np.sqrt(v) / sb2 + ep))
+
+
+@njit(nogil=True, cache=True)
+def pair_tangent(v, V, rij, nlist, drij):  # pragma: no cover - compiled
+    """loss.pair_tangent in one pass: drij[f, i, k] = v[f, j] - v[f, i] + V[f] rij[f, i, k] for
+    j = nlist[f, i, k] >= 0, else 0. v (nf, nloc, 3), V (nf, 3, 3), rij (nf, nloc, nnei, 3); drij is written."""
+    nf, nloc, nnei = nlist.shape
+    for f in range(nf):
+        for i in range(nloc):
+            for k in range(nnei):
+                j = nlist[f, i, k]
+                for a in range(3):
+                    if j < 0:
+                        drij[f, i, k, a] = 0.0
+                    else:
+                        drij[f, i, k, a] = (v[f, j, a] - v[f, i, a] + V[f, a, 0] * rij[f, i, k, 0]
+                                            + V[f, a, 1] * rij[f, i, k, 1] + V[f, a, 2] * rij[f, i, k, 2])
+
+
+@njit(nogil=True, cache=True)
+def env_matrix_jvp(drij, rij, inv_r, sw, dsw, row_scale, inv_rp, Rdot):  # pragma: no cover - compiled
+    """force_training.env_matrix_jvp in one pass (the transpose of env_matrix_backward's Jacobian):
+    R'_0 = d u v (s' - s v),  R'_a = x_a d u v^2 (s' - 2 s v) + s v^2 dx_a, each times row_scale,
+    d = x . dx. row_scale (nloc, nnei, 4); Rdot (nf, nloc, nnei, 4) is written."""
+    nf, nloc, nnei, _ = rij.shape
+    for f in range(nf):
+        for i in range(nloc):
+            for k in range(nnei):
+                u, v, s, ds = inv_r[f, i, k], inv_rp[f, i, k], sw[f, i, k], dsw[f, i, k]
+                x, y, z = rij[f, i, k, 0], rij[f, i, k, 1], rij[f, i, k, 2]
+                dx, dy, dz = drij[f, i, k, 0], drij[f, i, k, 1], drij[f, i, k, 2]
+                d = x * dx + y * dy + z * dz
+                c = d * u * v * v * (ds - 2.0 * s * v)
+                sv2 = s * v * v
+                Rdot[f, i, k, 0] = d * u * v * (ds - s * v) * row_scale[i, k, 0]
+                Rdot[f, i, k, 1] = (c * x + sv2 * dx) * row_scale[i, k, 1]
+                Rdot[f, i, k, 2] = (c * y + sv2 * dy) * row_scale[i, k, 2]
+                Rdot[f, i, k, 3] = (c * z + sv2 * dz) * row_scale[i, k, 3]

@@ -768,13 +768,24 @@ def dual_layer_backward(layer: Layer, cache: DualCache | JvpCache, G2: np.ndarra
         return None
     # (2, nb, n_in)
     GX2 = (GZ2.reshape(2 * nb, n_out) @ layer.W.T).reshape(2, nb, n_in)
-    # _residual_backward on the stacked halves (G2 may be a strided view: no reshaped copy of it)
-    kind = residual_kind(layer.n_in, layer.n_out, layer.resnet)
-    if kind != "none":
-        GX2 += G2[..., :n_in]
-    if kind == "double":
-        GX2 += G2[..., n_in:]
+    # _residual_backward on each half, in one pass (G2 may be a strided view: no reshaped copy of it)
+    code = _RESIDUAL_CODE[residual_kind(layer.n_in, layer.n_out, layer.resnet)]
+    if code != kernels.RES_NONE:
+        kernels.residual_backward(G2[0], GX2[0], code)
+        kernels.residual_backward(G2[1], GX2[1], code)
     return GX2
+
+
+def stacked_cache(layer: Layer, cache: JvpCache) -> DualCache | JvpCache:
+    """layer_jvp's (or layer_tangent's) cache in dual_layer_backward's form: for a tanh layer the stacked
+    DualCache(X2 = [x; tx], AZ2 = [a; tz]) (two copies), whose reverse takes one product for the weight
+    gradient (K = 2 nb) and one for the input's instead of four, and the fused kernel; other layers keep
+    their JvpCache. For nets run forward by net_jvp/net_tangent (the fitting nets: a few hundred rows,
+    the copies cost a few percent of the products they merge)."""
+    if not _fused(layer):
+        return cache
+    # (2, nb, n_in), (2, nb, n_out)
+    return DualCache(np.stack([cache.x, cache.tx]), np.stack([cache.a, cache.tz]))
 
 
 def dual_net(net: Net, X2: np.ndarray, keep: bool = False, out: np.ndarray | None = None
@@ -893,8 +904,9 @@ def mlp(
 
 
 def add_grads(grads: list[list[dict[str, np.ndarray]]]) -> list[dict[str, np.ndarray]]:
-    """The sum of several gradients of one net (each a list of per-layer dicts, same layout)."""
-    total = [{k: v.copy() for k, v in layer.items()} for layer in grads[0]]
+    """The sum of several gradients of one net (each a list of per-layer dicts, same layout), added into
+    the first one's arrays, which it returns (the callers own fresh gradients: no copy of ~1 M numbers)."""
+    total = grads[0]
     for g in grads[1:]:
         for t_layer, g_layer in zip(total, g):
             for k, v in g_layer.items():

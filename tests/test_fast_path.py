@@ -3,6 +3,7 @@
 - nn.dual_layer / dual_layer_backward (value and tangent stacked, one product per layer, a broadcast for
   one input, tanh's lines fused) against nn.layer_jvp / layer_jvp_backward;
 - nn.layer_tangent / net_tangent (the tangent of a layer already run forward) against nn.layer_jvp;
+- nn.stacked_cache (layer_jvp's cache restacked for dual_layer_backward) against layer_jvp_backward;
 - force_training.atomic_energy_tangent against atomic_energy_jvp;
 - loss_and_grad split over ranges of centre atoms on several threads against one range.
 """
@@ -20,7 +21,7 @@ from minidp.training.loss import centre_chunks, loss_and_grad
 from minidp.model import atomic_energy
 from minidp.nn import (Layer, dual_layer, dual_layer_backward, dual_net, dual_net_backward, embedding_net,
                        fitting_net, layer_forward, layer_jvp, layer_jvp_backward, layer_tangent, net_forward,
-                       net_jvp, net_jvp_backward, net_tangent)
+                       net_jvp, net_jvp_backward, net_tangent, stacked_cache)
 from minidp.se_e2_a import SeAConfig
 from tests.conftest import random_model
 from tests.test_loss import _batch
@@ -59,6 +60,12 @@ def test_dual_layer_is_layer_jvp(n_in, factor, act, idt, nb, seed):
     for k in grads:
         np.testing.assert_allclose(acc[k] - start[k], grads[k], rtol=1e-11, atol=1e-11)
     assert dual_layer_backward(layer, dcache, G2, acc, input_grads=False) is None
+    # layer_jvp's own cache restacked (nn.stacked_cache, the fitting nets' reverse): the same reverse
+    acc = {k: v.copy() for k, v in start.items()}
+    GX2 = dual_layer_backward(layer, stacked_cache(layer, cache), G2, acc)
+    np.testing.assert_allclose(GX2, np.stack([gx, gtx]), rtol=1e-12, atol=1e-12)
+    for k in grads:
+        np.testing.assert_allclose(acc[k] - start[k], grads[k], rtol=1e-11, atol=1e-11)
 
 
 @pytest.mark.parametrize("act", ACTS)
@@ -114,7 +121,7 @@ def test_net_tangent_and_atomic_energy_tangent_are_the_jvps():
     types = np.array([0, 1, 1, 0, 1])
     _, fcaches = atomic_energy(D, types, model)
     _, Edot, _ = atomic_energy_jvp(D, Ddot, types, model)
-    np.testing.assert_allclose(atomic_energy_tangent(Ddot, fcaches)[0], Edot, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(atomic_energy_tangent(Ddot, fcaches, model)[0], Edot, rtol=1e-13, atol=1e-13)
 
 
 def test_centre_chunks_cover_the_atoms_once():

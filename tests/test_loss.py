@@ -114,6 +114,10 @@ def test_the_tangent_pass_is_minus_force_and_virial_along_the_displacement(spec)
     _, Edot, _ = atomic_energy_jvp(D, Ddot, types, model)
     expected = -(np.sum(v * p.force) + np.sum(V * p.virial))
     assert abs(Edot.sum() - expected) <= 1e-9 * max(1.0, abs(expected))
+    # the kernels (backend numba, the default) against the NumPy lines
+    drij = pair_tangent(v, V, nl.rij, nl.nlist, "numpy")
+    np.testing.assert_allclose(pair_tangent(v, V, nl.rij, nl.nlist, "numba"), drij, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(Rdot, env_matrix_jvp(drij, cache.env, "numpy"), rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=20, deadline=None)

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidp.optim import (SGD, Adam, AdamConfig, SGDConfig, adam_config, cosine_annealing, cosine_warm_restarts,
-                          exp_decay, gradient_descent_1d, lr_schedule, step_decay, warmup)
+from minidp.optim import (SGD, Adam, AdamConfig, SGDConfig, adam_config, adam_plain, cosine_annealing,
+                          cosine_warm_restarts, exp_decay, gradient_descent_1d, lr_schedule, step_decay, warmup)
 
 steps = st.integers(0, 100_000)
 # timings on a shared machine are too noisy for hypothesis' deadline: every test sets deadline=None
@@ -182,6 +182,33 @@ def test_adam_first_step_is_lr_times_the_sign(lr, eps, seed):
     p = [{"b": np.zeros(5)}]
     Adam(p, AdamConfig(eps=eps)).step([{"b": g}], lr)
     np.testing.assert_allclose(p[0]["b"], -lr * g / (np.abs(g) + eps), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("config", [AdamConfig(), AdamConfig(weight_decay=0.1, beta1=0.8, beta2=0.99),
+                                    AdamConfig(weight_decay=0.1, eps=1e-6, decoupled_weight_decay=True)])
+def test_adam_fused_update_is_the_plain_one_to_the_bit(dtype, config):
+    """Adam.step's kernel (contiguous arrays) against adam_plain's NumPy lines, step after step; a
+    non-contiguous parameter takes the plain lines themselves."""
+    rng = np.random.default_rng(1)
+    params = [{"W": rng.normal(size=(7, 5)).astype(dtype), "b": rng.normal(size=5).astype(dtype)},
+              {"W": np.asfortranarray(rng.normal(size=(5, 3))).astype(dtype, order="F")}]
+    ref = [{k: v.copy() for k, v in p.items()} for p in params]
+    m_ref, v_ref = ([{k: np.zeros_like(v) for k, v in p.items()} for p in ref] for _ in range(2))
+    opt = Adam(params, config)
+    for t in range(1, 5):
+        # a zero gradient where v is still 0: m / (0 + eps) in both
+        grads = [{k: (rng.normal(size=v.shape) * (t > 1)).astype(dtype) for k, v in p.items()} for p in params]
+        lr = 10.0 ** -t
+        opt.step(grads, lr)
+        for p, g, m, v in zip(ref, grads, m_ref, v_ref):
+            for k in p:
+                adam_plain(p[k], g[k], m[k], v[k], config, lr, t)
+        for got, want in [(params, ref), (opt.m, m_ref), (opt.v, v_ref)]:
+            for a, b in zip(got, want):
+                for k in a:
+                    assert a[k].dtype == dtype
+                    np.testing.assert_array_equal(a[k], b[k])
 
 
 @st.composite

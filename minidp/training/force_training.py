@@ -27,7 +27,16 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels
-from minidp.model import NO_PARAMS, EnergyModel, FitCache, FitParams, fitting_input, type_groups, vacuum_rows
+from minidp.model import (
+    NO_PARAMS,
+    EnergyModel,
+    FitCache,
+    FitParams,
+    atomic_energy,
+    fitting_input,
+    type_groups,
+    vacuum_rows,
+)
 from minidp.nn import (
     Net,
     add_grads,
@@ -37,12 +46,13 @@ from minidp.nn import (
     net_jvp,
     net_jvp_backward,
     net_tangent,
+    stacked_cache,
     zeros_like_params,
 )
 from minidp.se_e2_a import DescriptorCache, EmbedPiece, EnvCache, contract_backward, sum_rows
 
 
-def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
+def env_matrix_jvp(drij: np.ndarray, cache: EnvCache, backend: str = "numba") -> np.ndarray:
     r"""R' = (dR/d rij) drij, the environment matrix moved along drij.
 
     The transpose of :func:`~minidp.se_e2_a.env_matrix_backward`'s Jacobian
@@ -55,8 +65,14 @@ def env_matrix_jvp(drij: np.ndarray, cache: EnvCache) -> np.ndarray:
         R' = \tilde R' \cdot \mathrm{row\_scale}
 
     Padded slots have u = v = s = s' = 0: their rows do not move. Returns (nf, nloc, nnei, 4).
+    Backend "numba": the same in one pass (kernels.env_matrix_jvp), without the NumPy lines' temporaries.
     """
     rij, u, sw, dsw, v = cache.rij, cache.inv_r, cache.sw, cache.dsw, cache.inv_rp
+    if backend == "numba":
+        # (nf, nloc, nnei, 4)
+        Rdot = np.empty(rij.shape[:3] + (4,), dtype=rij.dtype)
+        kernels.env_matrix_jvp(drij, rij, u, sw, dsw, cache.row_scale[0], v, Rdot)
+        return Rdot
     # (nf, nloc, nnei)
     d = np.sum(rij * drij, axis=-1)
     # (nf, nloc, nnei, 4)
@@ -152,7 +168,11 @@ def padded_tail_backward(Tbar: np.ndarray, pc: EmbedPiece, atom_types: np.ndarra
     # (ntypes * (n_t + 1), ng * 4)  dL/dT summed per bin
     flat = Tbar.reshape(nf * na, -1)
     S = np.zeros(((n_t + 1) * ntypes, flat.shape[1]), dtype=Tbar.dtype)
-    np.add.at(S, key, flat)
+    # np.add.at(S, key, flat), as sums of runs of the rows sorted by bin (add.at takes ~1 ms a frame here)
+    # (nf * na,)
+    order = np.argsort(key, kind="stable")
+    bins, first = np.unique(key[order], return_index=True)
+    S[bins] = np.add.reduceat(flat[order], first, axis=0)
     # (ntypes, n_t, ng, 4)  Q[t, k] = sum over counts c <= k
     Q = np.cumsum(S.reshape(ntypes, n_t + 1, -1, 4), axis=1)[:, :n_t]
     # (ntypes * n_t, ng)
@@ -251,20 +271,29 @@ def atomic_energy_jvp(
     return E_atom, Edot, caches
 
 
-def atomic_energy_tangent(Ddot: np.ndarray, caches: list[FitCache]) -> tuple[np.ndarray, list[FitCache]]:
-    """E'_i = (dF_{t_i}/dD_i) D'_i (nf, nloc), as :func:`atomic_energy_jvp`, for fitting nets already run
-    forward (model.atomic_energy's caches, with D): the value pass is not repeated (nn.net_tangent),
-    which saves one of the step's seven passes through the fitting nets. Returns E' and the caches
-    atomic_energy_param_backward takes."""
+def atomic_energy_tangent(Ddot: np.ndarray, caches: list[FitCache], model: EnergyModel
+                          ) -> tuple[np.ndarray, list[FitJvpCache]]:
+    """E'_i = (dF_{t_i}/dx_i) x'_i (nf, nloc), as :func:`atomic_energy_jvp`, for fitting nets already run
+    forward (model.atomic_energy's caches): the value pass is not repeated (nn.net_tangent), which
+    saves one of the step's eight passes through the fitting nets. x'_i = [D'_i, 0]: the tangent of
+    the parameters' columns is zero. The atom_ener term's caches (no tangent) are made here, as
+    atomic_energy_jvp makes them. Returns E' and the caches atomic_energy_param_backward takes."""
     nf, nloc, dim = Ddot.shape
     # (nf, nloc)
     Edot = np.zeros((nf, nloc), dtype=Ddot.dtype)
     jcaches = []
+    vacuum = model.vacuum
     for t, atoms, net, net_caches in caches:
+        # (nb, dim + width)  the first layer's input x_t, as atomic_energy gave it
+        x_t = net_caches[0].x
+        xdot_t = np.zeros_like(x_t)
+        xdot_t[:, :dim] = Ddot[:, atoms].reshape(-1, dim)
         # (nb, 1)
-        ty, jc = net_tangent(net, net_caches, Ddot[:, atoms].reshape(-1, dim).astype(net.dtype, copy=False))
+        ty, jc = net_tangent(net, net_caches, xdot_t)
         Edot[:, atoms] = ty.reshape(nf, atoms.size)
-        jcaches.append(FitCache(t, atoms, net, jc))
+        # the isolated atom's output: its caches kept (the term depends on the weights)
+        vacuum_caches = net_forward(net, vacuum_rows(x_t, dim))[1] if vacuum[t] else None
+        jcaches.append(FitJvpCache(t, atoms, net, jc, vacuum_caches))
     return Edot, jcaches
 
 
@@ -285,8 +314,10 @@ def atomic_energy_param_backward(
     for t, atoms, net, net_caches, vacuum_caches in caches:
         # (nb, 1) each; the loss's float64 cotangents rounded to the net's precision
         gE_t, gEdot_t = (g[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False) for g in (gE, gEdot))
-        # (nb, dim + width), (nb, dim + width)
-        gx, gtx, g = net_jvp_backward(net, net_caches, gE_t, gEdot_t)
+        # (2, nb, dim + width): dL/dx and dL/dx', the layers' reverse on stacked dual numbers (nn.stacked_cache)
+        GX2, g = dual_net_backward(net, [stacked_cache(layer, c) for layer, c in zip(net.layers, net_caches)],
+                                   np.stack([gE_t, gEdot_t]))
+        gx, gtx = GX2[0], GX2[1]
         if vacuum_caches is not None:
             g = add_grads([g, net_backward(net, vacuum_caches, -gE_t)[1]])
         grads[("fitting", t)] = g
@@ -298,27 +329,31 @@ def atomic_energy_param_backward(
 def weight_gradients(
     model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
     atom_types: np.ndarray, backend: str = "numba", params: FitParams = NO_PARAMS,
+    fitting_caches: list[FitCache] | None = None,
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
     r"""dS/dtheta of S = sum_fi c_fi E_fi - E' (c_fi = c_f for all atoms of a frame), E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
 
     D (nf, nloc, ng * m2) and dcache from se_e2_a.descriptor_forward(..., keep=True);
     params: the batch's fparam/aparam (the fitting nets read them);
     c_E (nf,) = dL/dE of each frame, or (nf, nloc) = dL/dE_i of each atom (a loss on atomic energies,
-    or on E = sum_i c_i E_i); drij (nf, nloc, nnei, 3) the pairs' displacement.
+    or on E = sum_i c_i E_i); drij (nf, nloc, nnei, 3) the pairs' displacement;
+    fitting_caches: model.atomic_energy's caches of this D (the forward the loss ran), else it runs here.
     Tangents forward (R', T', D', E'), then one reverse pass through values
     and tangents, from the fitting nets down to the embedding nets' weights.
     """
     m2 = model.descriptor.config.axis_neuron
     # (nf, nloc, nnei, 4), (nf, nloc, ng, 4), (nf, nloc, ng * m2)
-    Rdot = env_matrix_jvp(drij, dcache.env)
+    Rdot = env_matrix_jvp(drij, dcache.env, backend)
     Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
-    # (nf, nloc) each: E_i and its caches with the tangent
-    E_atom, _, jcaches = atomic_energy_jvp(D, Ddot, atom_types, model, params)
+    if fitting_caches is None:
+        fitting_caches = atomic_energy(D, atom_types, model, params)[1]
+    # (nf, nloc): E'_i, and the caches with the tangent
+    Edot, jcaches = atomic_energy_tangent(Ddot, fitting_caches, model)
     # (nf, nloc) dS/dE_i = c of its frame (or the atom's own c_i); dS/dE'_i = -1
-    gE = np.broadcast_to(c_E[:, None] if c_E.ndim == 1 else c_E, E_atom.shape)
+    gE = np.broadcast_to(c_E[:, None] if c_E.ndim == 1 else c_E, Edot.shape)
     # (nf, nloc, ng * m2) each
-    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, -np.ones_like(E_atom), jcaches, D.shape[-1])
+    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, np.full(Edot.shape, -1.0), jcaches, D.shape[-1])
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)
