@@ -14,7 +14,7 @@ import pytest
 from minidp import DeepPot
 from minidp.cli import main
 from minidp.io import legacy_graph
-from minidp.io.model_check import TEBD_KEY, min_nbor_dist
+from minidp.io.model_check import TEBD_KEY, check_model_dict, min_nbor_dist
 from minidp.io.serialization import load_model, model_from_dict, read_model_dict, save_model
 from minidp.model import (FittingInput, FitParams, model_with_type_embedding, new_model, predict_frames,
                           tebd_reference_prediction)
@@ -227,6 +227,17 @@ def test_compressed_model_file_round_trips(tmp_path, suffix):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-12)
 
 
+def test_a_compressed_file_with_a_table_short_is_refused_at_load(tmp_path):
+    """One table per folded net (per pair of types here), though the file holds one shared embedding net."""
+    _, cm, _, _ = compressed_case("two sides", 16)
+    save_model(tmp_path / "c.dp", cm)
+    data = read_model_dict(tmp_path / "c.dp")
+    data["model"]["descriptor"]["compress"]["@variables"]["compress_info"].pop()
+    with pytest.raises(ValueError, match=r"^c.dp: model.descriptor.compress.@variables.compress_info: 3 tables, "
+                                         r"expected 4 \(one per pair of types\)$"):
+        check_model_dict(data, "c.dp")
+
+
 def test_compress_and_info_on_the_command_line(tmp_path, capsys):
     """`minidp compress` of a type-embedding model: the tables compress_descriptor builds, DeepPot reads the file."""
     model, cm, (coords, cells, types), _ = compressed_case("one side", 15)
@@ -241,8 +252,10 @@ def test_compress_and_info_on_the_command_line(tmp_path, capsys):
     back = load_model(tmp_path / "c.dp")
     for a, b in zip(back.descriptor.compress.tables, cm.descriptor.compress.tables, strict=True):
         assert np.array_equal(a.coef, b.coef) and np.array_equal(a.info, b.info)
-    for x, y in zip(DeepPot(tmp_path / "c.dp").eval(coords, cells, types), DeepPot(cm).eval(coords, cells, types)):
-        np.testing.assert_allclose(x, y, rtol=0, atol=1e-12)
+    want = DeepPot(cm).eval(coords, cells, types, atomic=True)
+    for dp in (DeepPot(tmp_path / "c.dp"), DeepPot(tmp_path / "c.dp", backend="numpy", batch_size=3, workers=2)):
+        for x, y in zip(dp.eval(coords, cells, types, atomic=True), want, strict=True):
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-12)
     assert main(["compress", "-i", str(tmp_path / "c.dp"), "-o", str(tmp_path / "d.dp")]) == 2
     assert "already compressed" in capsys.readouterr().err and not (tmp_path / "d.dp").exists()
 
