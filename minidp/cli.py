@@ -236,9 +236,6 @@ def _cmd_compress(args) -> int:
     data = read_model_dict(args.input)
     check_model_dict(data, args.input)
     model = model_from_dict(data)
-    if model.type_embedding is not None:
-        raise ValueError(f"{args.input}: se_e2_a with a type embedding cannot be compressed (deepmd-kit's "
-                         "dp compress refuses it too)")
     if model.descriptor.compress is not None:
         raise ValueError(f"{args.input} is already compressed")
     rmin, origin = _compress_min_nbor_dist(args, data, model.descriptor.config.rcut)

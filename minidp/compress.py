@@ -45,6 +45,10 @@ A :class:`Compression` is the embedding step of a compressed descriptor
 :func:`minidp.se_e2_a.descriptor_forward` calls them in place of the nets.
 This module imports minidp.se_e2_a, never the other way round.
 
+se_e2_a with a type embedding (:mod:`minidp.type_embed`) is compressed the same way: its descriptor
+carries the shared net folded per neighbour type (per pair of types without type_one_side), each an
+ordinary net of s, and those are what the tables hold (deepmd-kit refuses to compress this model).
+
 Outside the table deepmd-kit 3.2 extends each end linearly (C1): below
 ``lower`` G(s) = G(lower) + G'(lower)(s - lower), at and beyond ``table_max``
 G(s) = G(table_max) + G'(table_max)(s - table_max); the derivative is the

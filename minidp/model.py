@@ -177,13 +177,12 @@ class EnergyModel:
 
     def _fold_type_embedding(self) -> None:
         """descriptor.nets and fitting from the shared nets (minidp.type_embed); ValueError for what the fold
-        or deepmd-kit does not have: compression, descriptor exclusions, a type count that differs."""
+        or deepmd-kit does not have: descriptor exclusions, a type count that differs. A compressed
+        descriptor keeps its tables: they tabulate these folded nets (minidp.compress)."""
         te, se, cfg = self.type_embedding, self.descriptor, self.descriptor.config
         if te.ntypes != self.ntypes or te.type_one_side != cfg.type_one_side:
             raise ValueError(f"the type embedding net reads {te.ntypes} types (type_one_side {te.type_one_side}); "
                              f"the model has {self.ntypes} (type_one_side {cfg.type_one_side})")
-        if se.compress is not None:
-            raise ValueError("se_e2_a with a type embedding cannot be compressed (deepmd-kit cannot either)")
         if cfg.exclude_types or cfg.pair_exclude_types:
             raise ValueError("se_e2_a with a type embedding and exclude_types is not supported")
         folded = fold(te, cfg.dim_out)

@@ -38,8 +38,11 @@ a first layer that adds its input back (width 1 + n_e or twice that, deepmd-kit'
 :class:`TypeEmbedding` refuses such nets, and the fitting's first layer never does in deepmd-kit.
 
 deepmd-kit cannot compress this model (``dp compress`` refuses a concatenated type embedding), nor
-serialize it (its ``serialize`` raises for se_e2_a with a type embedding): minidp refuses compression
-too, and saves it in its own key of the .dp file (:mod:`minidp.io.serialization`).
+serialize it (its ``serialize`` raises for se_e2_a with a type embedding). minidp compresses it all the
+same: each folded embedding net is a function of s alone, tabulated as any se_e2_a net is
+(:func:`minidp.compress.compress_descriptor` on the folded descriptor: one table per neighbour type, or
+per pair of types). It saves the model, compressed or not, in its own key of the .dp file
+(:mod:`minidp.io.serialization`), which deepmd-kit does not read.
 
 Shape symbols: :mod:`minidp.se_e2_a`, and ``ne``: width of the type embedding.
 """

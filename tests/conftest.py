@@ -72,16 +72,20 @@ def random_model(cfg: SeAConfig, seed: int, per_slot: bool = False, fitting_neur
     """
     model = new_model([f"T{t}" for t in range(cfg.ntypes)], cfg, fitting_neuron, seed=seed)
     rng = np.random.default_rng(seed)
-    shape = (cfg.ntypes, cfg.nnei, 4)
-    if per_slot:
-        davg, dstd = rng.normal(0.0, 0.5, shape), rng.uniform(0.2, 1.0, shape)
-    else:
-        davg = np.zeros(shape)
-        davg[..., 0] = rng.uniform(0.05, 0.5, (cfg.ntypes, 1))
-        dstd = rng.uniform(0.1, 0.5, (cfg.ntypes, 1, 2))[..., [0, 1, 1, 1]] * np.ones(shape)
-    model.descriptor.davg, model.descriptor.dstd = davg, dstd
+    model.descriptor.davg, model.descriptor.dstd = random_stats(cfg, rng, per_slot)
     model.bias = rng.normal(0.0, 1.0, cfg.ntypes)
     return model
+
+
+def random_stats(cfg: SeAConfig, rng: np.random.Generator, per_slot: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """davg, dstd (ntypes, nnei, 4) as :func:`random_model` draws them (per_slot: see there)."""
+    shape = (cfg.ntypes, cfg.nnei, 4)
+    if per_slot:
+        return rng.normal(0.0, 0.5, shape), rng.uniform(0.2, 1.0, shape)
+    davg = np.zeros(shape)
+    davg[..., 0] = rng.uniform(0.05, 0.5, (cfg.ntypes, 1))
+    dstd = rng.uniform(0.1, 0.5, (cfg.ntypes, 1, 2))[..., [0, 1, 1, 1]] * np.ones(shape)
+    return davg, dstd
 
 
 def rel_err(a: np.ndarray, b: np.ndarray, floor: float = 1e-12) -> float:

@@ -31,6 +31,21 @@ from tests.conftest import MODEL_DP, MODEL_PB, need, random_model, rel_err, se_c
 from tests.test_model import FLOOR, TOL, H, energy, make, predict, specs, strained
 
 
+# compressed against exact (rel_err, forces with FLOOR): the bound the tables keep on these small models
+TABLE_TOL = 1e-6
+# minidp's compressed water model (its own tables, TF's range) against deepmd-kit TF, per atom
+# (per_atom_error): TF's round-off of its tables
+TF_TOL = 5e-12
+
+
+def per_atom_error(ours, ref, natoms: int) -> dict[str, float]:
+    """max |ours - ref| of DeepPot.eval(..., atomic=True)'s e, f, v, ae, av; e and v divided by natoms,
+    as validation.compare reports them."""
+    per_atom = (natoms, 1, natoms, 1, 1)
+    return {name: float(np.abs(x - y).max() / n) for name, x, y, n in zip(("e", "f", "v", "ae", "av"), ours, ref,
+                                                                            per_atom, strict=True)}
+
+
 def compressed(model, coords, cells, types, step=0.01):
     """The model with its nets tabulated on the grid of the frame's smallest neighbour distance."""
     cfg = model.descriptor.config
@@ -149,7 +164,7 @@ def test_fused_kernels_equal_the_readable_path_and_the_exact_model(spec):
         assert rel_err(mine, theirs, FLOOR) <= 1e-12
     exact, De = predict(model, coords, cells, types)
     assert rel_err(D, De) <= 1e-7
-    assert rel_err(p.force, exact.force, FLOOR) <= 1e-6
+    assert rel_err(p.force, exact.force, FLOOR) <= TABLE_TOL
 
 
 @settings(max_examples=5, deadline=None)
@@ -469,14 +484,12 @@ def test_equals_deepmd_tf_compressed(tf_compressed_pb, water_frames):
         for k in range(3):  # value, slope, curvature at the nodes: TF's round-off apart
             assert np.abs(a.coef[..., k] - b.coef[..., k]).max() <= 1e-14 * np.abs(b.coef[..., k]).max()
     dp = DeepmdPot(str(tf_compressed_pb))
-    # energies and virials per atom, as validation.compare reports them
-    per_atom = (types.size, 1, types.size, 1, 1)
     for c, b in ((coords[:1].astype(float), cells[:1].astype(float)), _closer_than_rmin(coords, cells, types, rmin)):
         ref = dp.eval(c, b, types, atomic=True)
-        for descriptor, tol in ((dataclasses.replace(se, compress=tf), 1e-12), (own, 5e-12)):
+        for descriptor, tol in ((dataclasses.replace(se, compress=tf), 1e-12), (own, TF_TOL)):
             ours = DeepPot(dataclasses.replace(model, descriptor=descriptor)).eval(c, b, types, atomic=True)
-            for name, x, y, n in zip(("e", "f", "v", "ae", "av"), ours, ref, per_atom):
-                assert np.abs(x - y).max() / n <= tol, name
+            for name, err in per_atom_error(ours, ref, types.size).items():
+                assert err <= tol, name
     neutral = DeepPot(dataclasses.replace(model, descriptor=compress_descriptor(se, rmin)))
     f_neutral = neutral.eval(c, b, types)[1]
     assert np.abs(f_neutral - ref[1]).max() > 1e-10  # the range rule matters there

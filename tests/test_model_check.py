@@ -203,7 +203,7 @@ KEY = "model.descriptor.compress.@variables"
                                                           "numbers, the last an integer"),
     (lambda v: v["compress_info"].__setitem__(0, v["compress_info"][0][:5]),
      f"{KEY}.compress_info[0]: shape (5,), expected (6,)"),
-    (lambda v: v["compress_data"].pop(), f"{KEY}.compress_data: 3 tables, expected 4 (one per embedding net)"),
+    (lambda v: v["compress_data"].pop(), f"{KEY}.compress_data: 3 tables, expected 4 (one per pair of types)"),
     (lambda v: v.update(compress_info="x"), f"{KEY}.compress_info: 'x' tables, expected 4"),
     (lambda v: v.pop("compress_data"), f"{KEY}.compress_data: missing"),
     (lambda v: v["compress_data"].__setitem__(1, [["a"] * 24] * 104),

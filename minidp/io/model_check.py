@@ -195,7 +195,8 @@ def check_descriptor(d, ntypes: int, pair_exclude_types=(), ne: int = 0) -> SeAC
 
 
 def check_compress(c, cfg: SeAConfig, ntypes: int) -> None:
-    """model.descriptor.compress: one table per embedding net, in deepmd-kit's layout.
+    """model.descriptor.compress: one table per embedding net (per neighbour type with type_one_side, else per
+    pair of types; with a type embedding, per folded net), in deepmd-kit's layout.
 
     compress_info[k] (6,): lower < upper < table_max, strides > 0, whole grids
     (:func:`minidp.compress.grid_counts`), an integer check frequency; compress_data[k]
@@ -209,7 +210,8 @@ def check_compress(c, cfg: SeAConfig, ntypes: int) -> None:
     for name, value in zip(("compress_data", "compress_info"), lists):
         if not isinstance(value, list) or len(value) != expected:
             n = len(value) if isinstance(value, list) else short(value)
-            raise InputError(f"{where}.{name}: {n} tables, expected {expected} (one per embedding net)")
+            raise InputError(f"{where}.{name}: {n} tables, expected {expected} (one per "
+                             f"{'neighbour type' if cfg.type_one_side else 'pair of types'})")
     for k, (data, info) in enumerate(zip(*lists)):
         iw, dw = f"{where}.compress_info[{k}]", f"{where}.compress_data[{k}]"
         if np.size(data) == 0:  # deepmd-kit skips an excluded pair's net; compress.Compression checks the pair

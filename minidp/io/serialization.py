@@ -25,8 +25,10 @@ form in deepmd-kit's dict (its TF ``serialize`` refuses it): minidp reads it
 from the TensorFlow graph's constants (:mod:`minidp.io.legacy_graph`) and
 writes it in its own spelling: one shared embedding net (``in_dim`` 1 + ne or
 1 + 2 ne), one shared fitting net (``mixed_types`` true) and the type
-embedding net under ``model.minidp_type_embedding``. deepmd-kit cannot read
-such a file back.
+embedding net under ``model.minidp_type_embedding``. Compressed, the descriptor's
+``compress`` entry holds the tables of the folded nets (one per neighbour type,
+or per pair of types), in deepmd-kit's layout. deepmd-kit cannot read such a
+file back, compressed or not.
 """
 
 from __future__ import annotations
@@ -369,11 +371,17 @@ def model_from_dict(data: dict) -> EnergyModel:
     if m.get(TEBD_KEY) is not None:  # se_e2_a with a type embedding (minidp.type_embed): shared nets
         return _tebd_model_from_dict(data, m)
     se = _descriptor_from_dict(m["descriptor"], ntypes, m.get("pair_exclude_types") or ())
-    if se.compress is not None and data is not m:  # the file's smallest neighbour distance, kept on save
-        se = replace(se, compress=replace(se.compress, min_nbor_dist=min_nbor_dist(data)))
+    se = replace(se, compress=_with_file_min_nbor_dist(se.compress, data, m))
     fitting, bias, fitting_input, atom_ener = _fitting_from_dict(m["fitting"], ntypes)
     bias, options = _model_options(data, m, bias, fitting_input, atom_ener)
     return EnergyModel(type_map, se, fitting, bias, **options)
+
+
+def _with_file_min_nbor_dist(compress, data: dict, m: dict):
+    """The tables with the file's smallest neighbour distance (kept on save), or None without tables."""
+    if compress is None or data is m:
+        return compress
+    return replace(compress, min_nbor_dist=min_nbor_dist(data))
 
 
 def _model_options(data: dict, m: dict, bias: np.ndarray, fitting_input: FittingInput, atom_ener: tuple
@@ -392,16 +400,21 @@ def _model_options(data: dict, m: dict, bias: np.ndarray, fitting_input: Fitting
 
 def _tebd_model_from_dict(data: dict, m: dict) -> EnergyModel:
     """se_e2_a with a type embedding, from minidp's key for it (minidp.type_embed): one shared
-    embedding net, one shared fitting net and the type embedding net."""
+    embedding net, one shared fitting net and the type embedding net; compressed, the tables of the
+    folded nets in deepmd-kit's layout (one per neighbour type, or per pair of types)."""
     d, ntypes = m["descriptor"], len(m["type_map"])
-    if d.get("exclude_types") or m.get("pair_exclude_types") or d.get("compress"):
-        _refuse("exclude_types, pair_exclude_types or compress with a type embedding", "present", "model.descriptor")
+    if d.get("exclude_types") or m.get("pair_exclude_types"):
+        _refuse("exclude_types or pair_exclude_types with a type embedding", "present", "model.descriptor")
     cfg = _config_from_dict(d, ntypes)
     fitting, bias, fitting_input, atom_ener = _fitting_from_dict(m["fitting"], ntypes, shared=True)
     te = TypeEmbedding(_net_from_dict(m[TEBD_KEY]["network"]), _net_from_dict(d["embeddings"]["networks"][0]),
                        fitting[0], cfg.type_one_side)
     bias, options = _model_options(data, m, bias, fitting_input, atom_ener)
-    return model_with_type_embedding(list(m["type_map"]), cfg, *_stats_from_dict(d, cfg), te, bias, **options)
+    model = model_with_type_embedding(list(m["type_map"]), cfg, *_stats_from_dict(d, cfg), te, bias, **options)
+    compress = _compression_from_dict(d.get("compress"), model.descriptor, "model.descriptor")
+    if compress is None:
+        return model
+    return replace(model, descriptor=replace(model.descriptor, compress=_with_file_min_nbor_dist(compress, data, m)))
 
 
 def load_model(path) -> EnergyModel:
