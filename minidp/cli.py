@@ -45,7 +45,7 @@ def _cmd_eval(args) -> int:
     inputs = (system_file(args.system), args.model)
     check_output(args.output, "deepmd/npy", inputs, args.overwrite)  # refused before any work
     dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend, progress=False)
-    systems = open_systems(args.system, args.format, args.type_map)
+    systems = open_systems(args.system, args.format, args.type_map, model_type_map=dp.get_type_map())
     names = output_names(args.system, systems)
     with safe_output(args.output, "deepmd/npy", inputs, args.overwrite) as tmp:
         for system, name in zip(systems, names):
@@ -82,7 +82,7 @@ def _cmd_eval_desc(args) -> int:
     dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend, progress=False)
     systems, names = [], []
     for root in args.system:
-        found = open_systems(root, args.format, args.type_map)
+        found = open_systems(root, args.format, args.type_map, model_type_map=dp.get_type_map())
         below = output_names(root, found)
         systems += [select_params(s, dp) for s in found]
         names += [f"{n}.npy" if len(found) == 1 else f"{Path(root).resolve().name}_{n}.npy" for n in below]
@@ -141,7 +141,7 @@ def _cmd_test(args) -> int:
         check_output(args.plots, "plots", inputs, args.overwrite)
     dp = DeepPot(args.model, batch_size=args.batch_size, backend=args.backend, progress=False)
     # a system without type_map.raw (deepmd-kit's examples/fparam data) numbers the model's types, as in dp test
-    systems = open_systems(args.system, args.format, args.type_map or dp.get_type_map(), labelled=True)
+    systems = open_systems(args.system, args.format, args.type_map, labelled=True, model_type_map=dp.get_type_map())
     predicted, labels, natoms = _test_errors(dp, systems, args.numb_test)
     print(error_table(predicted, labels, natoms))
     if args.plots:

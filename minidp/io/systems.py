@@ -621,7 +621,7 @@ def find_systems(path, patterns: list[str] | tuple[str, ...] | None = None) -> l
 
 
 def open_systems(path, fmt: str | None = None, type_map: list[str] | None = None,
-                 labelled: bool = False) -> list[LazySystem]:
+                 labelled: bool = False, model_type_map: list[str] | None = None) -> list[LazySystem]:
     """Every system a -s argument names, ready to be read block by block (:func:`iter_blocks`).
 
     deepmd/npy (and its per-frame-typed deepmd/npy/mixed) folders and
@@ -630,8 +630,11 @@ def open_systems(path, fmt: str | None = None, type_map: list[str] | None = None
     disk block by block; any other file is read through dpdata
     (:func:`minidp.io.systems.read_dpdata`, checked against the file) into memory,
     one system per kind of frame. ``labelled=True``: every system must hold
-    energy and force labels. All systems are opened (and checked) here, before
-    any frame is evaluated.
+    energy and force labels. ``model_type_map`` names the types of a deepmd/npy
+    or LMDB system without type_map.raw when no ``type_map`` is given (dp test
+    numbers them by the model's types); dpdata's readers never see it (they
+    would refuse an element the model lacks before reading the file). All
+    systems are opened (and checked) here, before any frame is evaluated.
     """
     file, _ = _split_hdf5(path)
     if not file.exists():
@@ -641,9 +644,9 @@ def open_systems(path, fmt: str | None = None, type_map: list[str] | None = None
         found = find_systems(path)
         if not found:
             raise ValueError(f"no system (a folder or HDF5 group with type.raw) in {path}")
-        systems = [lazy_system(p, type_map, per_frame_types=True) for p in found]
+        systems = [lazy_system(p, type_map or model_type_map, per_frame_types=True) for p in found]
     elif fmt == LMDB:
-        systems = lmdb_systems(path, type_map)
+        systems = lmdb_systems(path, type_map or model_type_map)
     else:
         parts = read_dpdata(path, fmt, type_map, labelled)
         systems = [_memory_system(path, part, len(parts) > 1) for part in parts]
