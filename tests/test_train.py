@@ -92,6 +92,8 @@ def test_the_water_input_is_read_as_deepmd_kit_means_it():
     (lambda d: d["loss"].update(limit_pref_h=1.0), r"loss/limit_pref_h = 1.0: minidp does not train the hessian term"),
     (lambda d: d["training"].update(mixed_prec={}), r"unsupported key\(s\) \['mixed_prec'\] in training"),
     (lambda d: d.update(nvnmd={}), r"unsupported key\(s\) \['nvnmd'\] in the top level"),
+    (lambda d: d["model"].update(type_embedding={"neuron": [2, 4, 8]}),
+     r"model/type_embedding: minidp evaluates and compresses se_e2_a with a type embedding but does not train it"),
     (lambda d: d["model"]["descriptor"].update(type="se_e2_r"), r"model/descriptor/type = 'se_e2_r' is not supported"),
     (lambda d: d["learning_rate"].update(type="step"), r"input: learning_rate.type 'step' is not supported"),
     (lambda d: d["model"]["fitting_net"].update(precision="float16"), r"precision = 'float16' is not supported"),

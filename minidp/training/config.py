@@ -251,10 +251,14 @@ def _resolve_aliases(d: dict) -> None:
 def deepmd_compat(d: dict) -> dict:
     """A copy of the input as deepmd-kit rewrites it before its check (utils/compat.py): aliases
     resolved, training's warm-up keys moved into learning_rate and its legacy optimizer keys
-    (opt_type -> type) into the optimizer section; a model with ``spin`` refused."""
+    (opt_type -> type) into the optimizer section; a model with ``spin`` or a ``type_embedding`` refused."""
     d = copy.deepcopy(d)
     if isinstance(d.get("model"), dict) and "spin" in d["model"]:
         raise InputError("input: model/spin: spin models are out of scope for minidp (se_e2_a energy models only)")
+    if isinstance(d.get("model"), dict) and "type_embedding" in d["model"]:
+        # (minidp reads and evaluates such a model, TF's se_a_ebd_v2, by folding its shared nets per type)
+        raise InputError("input: model/type_embedding: minidp evaluates and compresses se_e2_a with a type "
+                         "embedding but does not train it; expected no type_embedding section")
     _resolve_aliases(d)
     tr, lr = d.get("training"), d.get("learning_rate")
     if not isinstance(tr, dict):
