@@ -109,12 +109,13 @@ def test_fparam_from_a_fix_is_the_same_numbers(tmp_path, models, model, fix, key
 
 @need_lammps
 @pytest.mark.parametrize("fix, keywords, message", [
+    ("", "fparam_from_compute nope aparam 1 2", "compute nope (for the pair style's parameters) does not exist"),
     ("", "fparam_from_fix nope aparam 1 2", "fix nope (for the pair style's fparam) does not exist"),
     ("fix fv all ave/time 1 1 1 v_a v_a\n", "fparam_from_fix fv aparam 1 2", "fix fv has no global scalar"),
     ("fix fv all ave/time 1 1 1 v_a v_a\n", "fparam_from_fix fv 2 aparam 1 2",
      "fix fv's global vector has 2 values; fparam_from_fix fv 2 takes 2 from element 2 on"),
 ])
-def test_a_fix_that_gives_no_fparam_is_named(tmp_path, models, fix, keywords, message):
+def test_a_compute_or_fix_that_gives_no_fparam_is_named(tmp_path, models, fix, keywords, message):
     coords, cells, types = frames(3, nf=1, natoms=12)
     write_data(tmp_path / "frame.lmp", coords[0], types, cells[0])
     (tmp_path / "in.lammps").write_text(f"units metal\natom_style atomic\nread_data frame.lmp\nvariable a equal 1\n"
@@ -152,14 +153,3 @@ def test_refused_before_any_step_in_one_line(tmp_path, models):
     (tmp_path / "in.lammps").write_text(f"units metal\nregion b block 0 5 0 5 0 5\ncreate_box 2 b\nmass * 1\n"
                                         f"pair_style deepmd {models['params']}\npair_coeff * * O H\nrun 1\n")
     assert "needs fparam (2 numbers, numb_fparam)" in error_line(minidp_lammps(tmp_path, "in.lammps"))
-
-
-@need_lammps
-def test_a_missing_compute_is_named(tmp_path, models):
-    coords, cells, types = frames(3, nf=1, natoms=12)
-    write_data(tmp_path / "frame.lmp", coords[0], types, cells[0])
-    (tmp_path / "in.lammps").write_text(f"units metal\natom_style atomic\nread_data frame.lmp\npair_style deepmd "
-                                        f"{models['params']} fparam_from_compute nope aparam 1 2\n"
-                                        "pair_coeff * * O H\nrun 0\n")
-    done = minidp_lammps(tmp_path, "in.lammps")
-    assert done.returncode == 2 and "compute nope (for the pair style's parameters) does not exist" in done.stderr
