@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -61,7 +62,7 @@ from minidp.checks import InputError, boolean, number
 from minidp.model import EnergyModel, FitParams, energy_forces, model_backward, model_forward, pair_forces_virials
 from minidp.nn import add_grads, zeros_like_params
 from minidp.runtime import default_workers, parallel_map
-from minidp.se_e2_a import check_descriptor_inputs
+from minidp.se_e2_a import block_padded_tail, check_descriptor_inputs, tail_blocks
 from minidp.training.force_training import weight_gradients
 
 
@@ -484,11 +485,15 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
     workers = default_workers() if workers is None else workers
     chunks = centre_chunks(types, min(workers, max(1, rij.shape[0] * types.size // MIN_PIECE_ATOMS)))
 
+    # the embedding's padded tails depend on the weights only: made once (a block per thread), not per piece
+    blocks = tail_blocks(model.descriptor)
+    tails = dict(zip(blocks, parallel_map(partial(block_padded_tail, model.descriptor), blocks, workers)))
+
     def forward(c: np.ndarray):
         # forward, keeping what the second-order step needs, and the usual backward (minidp.model):
         # (nf, nc), cache, (nf, nc, nnei, 3) g = dE/d r_ij
         E_c, cache = model_forward(rij[:, c], nlist[:, c], types[c], model, backend, keep=True,
-                                   params=centre_params(params, c))
+                                   params=centre_params(params, c), tails=tails)
         return E_c, cache, model_backward(cache, model, backend)
 
     parts = parallel_map(forward, chunks, workers)
