@@ -45,7 +45,6 @@ import numpy as np
 
 from minidp import kernels
 from minidp.checks import is_positive_int, positive_int
-from minidp.runtime import elementwise_parts, parallel_map, part
 
 # ---------------------------------------------------------------------------
 # Activations: each is phi(z), phi'(z) and phi''(z), written by hand side by
@@ -904,36 +903,15 @@ def mlp(
     return Net(layers)
 
 
-def add_grads(grads: list[list[dict[str, np.ndarray]]], workers: int = 1) -> list[dict[str, np.ndarray]]:
+def add_grads(grads: list[list[dict[str, np.ndarray]]]) -> list[dict[str, np.ndarray]]:
     """The sum of several gradients of one net (each a list of per-layer dicts, same layout), added into
-    the first one's arrays, which it returns (the callers own fresh gradients: no copy of ~1 M numbers);
-    on ``workers`` threads (:func:`add_arrays`)."""
-    add_arrays(grad_pairs(grads), workers)
-    return grads[0]
-
-
-def grad_pairs(grads: list[list[dict[str, np.ndarray]]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(array of the first gradient, the same array of a later one) for every array of every later gradient:
-    what :func:`add_grads` adds, in its order."""
-    return [(t_layer[k], v) for g in grads[1:] for t_layer, g_layer in zip(grads[0], g) for k, v in g_layer.items()]
-
-
-def add_arrays(pairs: list[tuple[np.ndarray, np.ndarray]], workers: int = 1) -> None:
-    """a += b for every pair (a, b), in the pairs' order. With ``workers`` > 1 (and enough elements,
-    minidp.runtime.elementwise_parts) each thread adds a contiguous range of every pair's elements: the
-    same sums to the bit, and a training step's serial sum of its pieces' gradients (~1 M numbers)
-    shared by the cores. A pair that is not C-contiguous in both arrays is added whole by thread 0."""
-    n = elementwise_parts(sum(a.size for a, _ in pairs), workers)
-
-    def add(k: int) -> None:
-        for a, b in pairs:
-            if a.flags.c_contiguous and b.flags.c_contiguous:
-                r = part(a.size, k, n)
-                a.reshape(-1)[r] += b.reshape(-1)[r]
-            elif k == 0:
-                a += b
-
-    parallel_map(add, range(n), n)
+    the first one's arrays, which it returns (the callers own fresh gradients: no copy of ~1 M numbers)."""
+    total = grads[0]
+    for g in grads[1:]:
+        for t_layer, g_layer in zip(total, g):
+            for k, v in g_layer.items():
+                t_layer[k] += v
+    return total
 
 
 def zeros_like_params(params: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:

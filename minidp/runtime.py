@@ -126,18 +126,3 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list
         # (n lists)  thread k's results, items k, k + n, ...
         done = [mine] + [f.result() for f in futures]
     return [done[i % n][i // n] for i in range(len(items))]
-
-
-# Fewest array elements a thread of an elementwise pass (Adam's update, the sum of gradients) takes: a
-# thread's start and wake-up (~0.1 ms) cost about as much as passing over ~0.1 M numbers
-MIN_PART_ELEMENTS = 100_000
-
-
-def elementwise_parts(total: int, workers: int) -> int:
-    """Threads for an elementwise pass over ``total`` elements: at most ``workers``, each >= MIN_PART_ELEMENTS."""
-    return max(1, min(workers, total // MIN_PART_ELEMENTS))
-
-
-def part(size: int, k: int, n: int) -> slice:
-    """The k-th of n near-equal contiguous ranges of 0..size-1 (thread k's share of a flat array)."""
-    return slice(k * size // n, (k + 1) * size // n)

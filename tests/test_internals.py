@@ -13,7 +13,6 @@ import pytest
 
 from minidp import runtime
 from minidp.model import new_model
-from minidp.nn import add_arrays
 from minidp.se_e2_a import EmbeddingNets, SeAConfig, compute_descriptor
 from tests.conftest import random_model
 from tests.test_train import _input, data_dir  # noqa: F401  (data_dir: a fixture)
@@ -341,20 +340,3 @@ def test_parallel_map_in_order_the_caller_one_of_the_threads(workers):
         runtime.parallel_map(piece, [0, 1, 2], workers)
     # item 1 runs on a thread of its own (workers > 1), sleeping beyond the caller's exception
     assert ended == ([1] if workers == 2 else [1, 2] if workers == 3 else [])
-
-
-@pytest.mark.parametrize("workers", [2, 3])
-def test_add_arrays_on_threads_is_the_serial_sum(workers, monkeypatch):
-    """nn.add_arrays on threads (each a range of every array, the threshold lowered so that small arrays are
-    cut) gives the serial sums to the bit, in the pairs' order; a non-contiguous pair is added whole."""
-    monkeypatch.setattr(runtime, "MIN_PART_ELEMENTS", 1)
-    rng = np.random.default_rng(3)
-    a = [rng.normal(size=s) for s in [(7, 5), (5,), (1,), (6, 4)]]
-    a[3] = a[3][:, ::2]  # not contiguous
-    b = [rng.normal(size=x.shape) for x in a] * 2  # each array receives two terms, in order
-    want = [x.copy() for x in a]
-    for x, y in zip(want * 2, b):
-        x += y
-    add_arrays(list(zip(a * 2, b)), workers)
-    for x, y in zip(a, want):
-        np.testing.assert_array_equal(x, y)

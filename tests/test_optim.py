@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidp import runtime
+from minidp import optim
 from minidp.optim import (SGD, Adam, AdamConfig, SGDConfig, adam_config, adam_plain, cosine_annealing,
                           cosine_warm_restarts, exp_decay, gradient_descent_1d, lr_schedule, step_decay, warmup)
 
@@ -216,7 +216,7 @@ def test_adam_fused_update_is_the_plain_one_to_the_bit(dtype, config):
 def test_adam_on_workers_is_the_one_thread_update_to_the_bit(dtype, monkeypatch):
     """Adam.step with workers = 2 or 3 (each thread a range of every array's elements; the part's
     threshold lowered so that these small arrays are cut, unevenly) equals workers = 1 to the bit."""
-    monkeypatch.setattr(runtime, "MIN_PART_ELEMENTS", 1)
+    monkeypatch.setattr(optim, "ADAM_MIN_PART", 1)
     shapes = [(7, 5), (5,), (1,), (3, 1)]
     runs = []
     for workers in (1, 2, 3):

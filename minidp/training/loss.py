@@ -60,7 +60,7 @@ import numpy as np
 from minidp import kernels
 from minidp.checks import InputError, boolean, number
 from minidp.model import EnergyModel, FitParams, energy_forces, model_backward, model_forward, pair_forces_virials
-from minidp.nn import add_arrays, grad_pairs, zeros_like_params
+from minidp.nn import add_grads, zeros_like_params
 from minidp.runtime import default_workers, parallel_map
 from minidp.se_e2_a import block_padded_tail, check_descriptor_inputs, tail_blocks
 from minidp.training.force_training import weight_gradients
@@ -522,9 +522,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
     # every net's gradient in model.params() order, by name: the pieces' shares added; a net with no atoms
     # in the batch gets zeros
     flat = []
-    found = [(net, [s[name] for s in shares if name in s]) for name, net in model.named_nets()]
-    # all nets' sums in one parallel region (each thread a range of every array)
-    add_arrays([pair for _, f in found for pair in grad_pairs(f)], workers)
-    for net, f in found:
-        flat += f[0] if f else zeros_like_params(net.params())
+    for name, net in model.named_nets():
+        found = [s[name] for s in shares if name in s]
+        flat += add_grads(found) if found else zeros_like_params(net.params())
     return value, flat, (energy, force, virial)
