@@ -53,7 +53,6 @@ import numpy as np
 from minidp import kernels
 from minidp.checks import integer, number
 from minidp.nn import zeros_like_params
-from minidp.runtime import parallel_map
 
 Params = list  # list[dict[str, np.ndarray]], as Net.params() returns
 
@@ -196,51 +195,30 @@ class SGD:
 
 class Adam:
     """Adam, or AdamW, over a list of parameter dicts (as its config says); keeps its moment estimates
-    and step count. ``workers`` threads share each update (:meth:`step`); the numbers do not depend on it."""
+    and step count."""
 
-    def __init__(self, params: Params, config: AdamConfig = AdamConfig(), workers: int = 1):
+    def __init__(self, params: Params, config: AdamConfig = AdamConfig()):
         self.params, self.config = params, config
         self.layout = _layout(params)  # the parameters are updated in place: shapes never change
         self.m, self.v = zeros_like_params(params), zeros_like_params(params)
         self.t = 0  # steps taken, for the bias corrections
-        self.workers = integer("workers", workers, lo=1)
 
     def step(self, grads: Params, lr: float) -> None:
         r"""One update with learning rate lr = :math:`\eta` (math in the module docstring): :func:`adam_plain`
         on every array, or its fused kernel (kernels.adam_update, the same numbers to the bit) where the
         four arrays are contiguous: one pass over memory instead of about ten NumPy passes and their
-        temporaries (1.5 M parameters, one core: 4x less time in float64, 5x in float32).
-
-        With ``workers`` > 1 the fused arrays are cut into that many contiguous ranges of elements, one per
-        thread (:func:`minidp.runtime.parallel_map`): the update is elementwise, so the numbers are the same
-        to the bit, and the step's one serial stretch after the gradient (~1.5 ms float32, ~3 ms float64
-        on one core, memory-bound) is shared by the cores."""
+        temporaries (1.5 M parameters, one core: 4x less time in float64, 5x in float32)."""
         number("lr", lr, lo=0.0)
         _check_grads(self.layout, grads)
         self.t += 1
         scalars = adam_scalars(self.config, lr, self.t)
-        # (value, g, m, v) of every array, each flattened, for the fused kernel
-        fused = []
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             for name, value in p.items():
                 arrays = (value, g[name], m[name], v[name])
                 if all(a.flags.c_contiguous and a.dtype == value.dtype for a in arrays):
-                    fused.append(tuple(a.reshape(-1) for a in arrays))
+                    kernels.adam_update(*(a.reshape(-1) for a in arrays), *scalars)
                 else:
                     adam_plain(*arrays, self.config, lr, self.t)
-        parts = min(self.workers, max(1, sum(f[0].size for f in fused) // ADAM_MIN_PART))
-
-        def update(k: int) -> None:
-            for arrays in fused:
-                # the k-th of ``parts`` near-equal ranges of this array's elements
-                a, b = k * arrays[0].size // parts, (k + 1) * arrays[0].size // parts
-                kernels.adam_update(*(x[a:b] for x in arrays), *scalars)
-
-        parallel_map(update, range(parts), parts)
-
-
-# Fewest parameters a thread of Adam.step updates: a thread's start (~0.1 ms) costs the update of ~0.1 M numbers
-ADAM_MIN_PART = 100_000
 
 
 class AdamScalars(NamedTuple):

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minidp import optim
 from minidp.optim import (SGD, Adam, AdamConfig, SGDConfig, adam_config, adam_plain, cosine_annealing,
                           cosine_warm_restarts, exp_decay, gradient_descent_1d, lr_schedule, step_decay, warmup)
 
@@ -210,32 +209,6 @@ def test_adam_fused_update_is_the_plain_one_to_the_bit(dtype, config):
                 for k in a:
                     assert a[k].dtype == dtype
                     np.testing.assert_array_equal(a[k], b[k])
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_adam_on_workers_is_the_one_thread_update_to_the_bit(dtype, monkeypatch):
-    """Adam.step with workers = 2 or 3 (each thread a range of every array's elements; the part's
-    threshold lowered so that these small arrays are cut, unevenly) equals workers = 1 to the bit."""
-    monkeypatch.setattr(optim, "ADAM_MIN_PART", 1)
-    shapes = [(7, 5), (5,), (1,), (3, 1)]
-    runs = []
-    for workers in (1, 2, 3):
-        params = [{f"a{i}": np.random.default_rng(i).normal(size=s).astype(dtype) for i, s in enumerate(shapes)}]
-        opt = Adam(params, AdamConfig(weight_decay=0.1), workers=workers)
-        for t in range(1, 4):
-            grads = [{k: np.random.default_rng(10 * t + i).normal(size=v.shape).astype(dtype)
-                      for i, (k, v) in enumerate(params[0].items())}]
-            opt.step(grads, 10.0 ** -t)
-        runs.append((params, opt.m, opt.v))
-    for other in runs[1:]:
-        for got, want in zip(other, runs[0]):
-            for k in want[0]:
-                np.testing.assert_array_equal(got[0][k], want[0][k])
-
-
-def test_adam_workers_refused_below_one():
-    with pytest.raises(ValueError, match="workers"):
-        Adam([{"b": np.zeros(2)}], AdamConfig(), workers=0)
 
 
 @st.composite

@@ -46,7 +46,7 @@ from minidp.checks import FrameError, InputError, file_path
 from minidp.io.serialization import NATIVE_SUFFIXES, load_model, save_model
 from minidp.model import EnergyModel, new_model
 from minidp.optim import Adam
-from minidp.runtime import default_workers, keep_freed_memory
+from minidp.runtime import keep_freed_memory
 from minidp.se_e2_a import SeAConfig
 from minidp.stats import energy_bias, env_stats, param_stats, param_sums, raw_env_sums, type_counts
 from minidp.training.checkpoint import (
@@ -194,7 +194,7 @@ def _setup(config: TrainConfig, restart, init_model=None) -> Run:
     else:
         model, state = load_checkpoint(restart)
         step = _restore(model, state, config, samplers, data, restart)
-    opt = Adam(model.params(), config.optimizer, workers=default_workers())
+    opt = Adam(model.params(), config.optimizer)
     if restart is not None:
         restore_optimizer(opt, state)
     return Run(train_sys, val_sys, samplers, model, opt, step, data)
