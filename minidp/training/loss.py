@@ -419,21 +419,10 @@ def pair_tangent(v: np.ndarray, V: np.ndarray, rij: np.ndarray, nlist: np.ndarra
 MIN_PIECE_ATOMS = 48
 
 
-def centre_chunks(atom_types: np.ndarray, pieces: int) -> list[np.ndarray]:
-    """The centre atoms cut into at most ``pieces`` sets of near-equal size (none empty), each type's
-    atoms shared out near-equally too: the atoms sorted by type (stably), then dealt in turn; each set
-    in increasing order. Returns the sets' atom indices (na_k,).
-
-    Why by type: the pieces run at once, so a step waits for the slowest one, and a piece's cost is not
-    its atom count alone. Water's atoms come O first: contiguous halves gave one piece 64 O + 32 H (two
-    fitting nets on 64 and 32 rows) and the other 96 H (one net on 96 rows), the first ~8% slower
-    (thread CPU per step, 2 workers, float32: 16.4 + 24.2 ms against 15.4 + 22.1 ms), the second idle
-    meanwhile. Dealt by type, every piece holds the same mix and runs the same products.
-    """
-    nloc = atom_types.size
-    # (nloc,)  the atoms, type by type, each type's in their order
-    order = np.argsort(atom_types, kind="stable")
-    return [np.sort(order[k::pieces]) for k in range(min(pieces, nloc))]
+def centre_chunks(nloc: int, pieces: int) -> list[slice]:
+    """The centre atoms 0..nloc-1 cut into at most ``pieces`` near-equal contiguous ranges (none empty)."""
+    cuts = np.linspace(0, nloc, min(pieces, nloc) + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 # The model options whose weight gradient is exact (finite-difference tested in tests/test_loss_terms.py);
@@ -457,8 +446,8 @@ def refuse_untrainable(model: EnergyModel) -> None:
         raise ValueError(f"training a model with {', '.join(bad)} is not supported yet")
 
 
-def centre_params(params: FitParams, c: np.ndarray) -> FitParams:
-    """The parameters of a set of centre atoms: fparam is per frame, aparam per atom (nf, nloc, nap)."""
+def centre_params(params: FitParams, c: slice) -> FitParams:
+    """The parameters of a range of centre atoms: fparam is per frame, aparam per atom (nf, nloc, nap)."""
     return params if params.aparam is None else params._replace(aparam=params.aparam[:, c])
 
 
@@ -472,24 +461,24 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
 
     The energy is a sum over centre atoms, and so are the pair gradients g and the
     second-order S = c E - E' (sum over pairs ij of centre i): both passes split
-    over sets of centre atoms (:func:`centre_chunks`, of at least MIN_PIECE_ATOMS atoms x frames) that
+    over ranges of centre atoms (of at least MIN_PIECE_ATOMS atoms x frames) that
     ``workers`` threads (default minidp.runtime.default_workers) compute at once, each with one BLAS thread
     (minidp.runtime.parallel_map); only the forces' scatter and the loss, which
     need every centre's g, run between them. The results do not depend on
-    ``workers`` beyond round-off (the weight gradients add the pieces' shares).
+    ``workers`` beyond round-off (the weight gradients add the ranges' shares).
     """
     check_descriptor_inputs(batch.nlist, model.descriptor, backend, keep=True)
     refuse_untrainable(model)
     types, rij, nlist = batch.atom_types, batch.rij, batch.nlist
     params = FitParams(batch.fparam, batch.aparam)
     workers = default_workers() if workers is None else workers
-    chunks = centre_chunks(types, min(workers, max(1, rij.shape[0] * types.size // MIN_PIECE_ATOMS)))
+    chunks = centre_chunks(types.size, min(workers, max(1, rij.shape[0] * types.size // MIN_PIECE_ATOMS)))
 
     # the embedding's padded tails depend on the weights only: made once (a block per thread), not per piece
     blocks = tail_blocks(model.descriptor)
     tails = dict(zip(blocks, parallel_map(partial(block_padded_tail, model.descriptor), blocks, workers)))
 
-    def forward(c: np.ndarray):
+    def forward(c: slice):
         # forward, keeping what the second-order step needs, and the usual backward (minidp.model):
         # (nf, nc), cache, (nf, nc, nnei, 3) g = dE/d r_ij
         E_c, cache = model_forward(rij[:, c], nlist[:, c], types[c], model, backend, keep=True,
@@ -497,11 +486,9 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
         return E_c, cache, model_backward(cache, model, backend)
 
     parts = parallel_map(forward, chunks, workers)
-    # (nf, nloc), (nf, nloc, nnei, 3)  each piece's atoms back in their places
-    E_atom = np.empty(nlist.shape[:2], dtype=parts[0][0].dtype)
-    g = np.empty(rij.shape, dtype=parts[0][2].dtype)
-    for c, (E_c, _, g_c) in zip(chunks, parts):
-        E_atom[:, c], g[:, c] = E_c, g_c
+    # (nf, nloc), (nf, nloc, nnei, 3)
+    E_atom = np.concatenate([p[0] for p in parts], axis=1)
+    g = np.concatenate([p[2] for p in parts], axis=1)
     # (nf, nloc, 3), (nf, nloc, 9)
     force, atom_virial = pair_forces_virials(g, rij, nlist, backend)
     # (nf,), (nf, 9)
@@ -513,13 +500,13 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
 
     def share(k: int) -> dict:
         c, cache = chunks[k], parts[k][1]
-        # c_E: (nf,) per frame, or (nf, nloc) per atom (a loss on atomic energies): the piece's own atoms
+        # c_E: (nf,) per frame, or (nf, nloc) per atom (a loss on atomic energies): the range's own atoms
         return weight_gradients(model, cache.D, cache.descriptor_cache, c_E if c_E.ndim == 1 else c_E[:, c],
                                 drij[:, c], types[c], backend, centre_params(params, c),
                                 fitting_caches=cache.fitting_caches)
 
     shares = parallel_map(share, range(len(chunks)), workers)
-    # every net's gradient in model.params() order, by name: the pieces' shares added; a net with no atoms
+    # every net's gradient in model.params() order, by name: the ranges' shares added; a net with no atoms
     # in the batch gets zeros
     flat = []
     for name, net in model.named_nets():
