@@ -144,10 +144,24 @@ def test_embed_with_padded_tails_made_beforehand_is_embed(spec):
 
 
 def test_centre_chunks_cover_the_atoms_once():
-    for nloc, pieces in [(1, 2), (5, 2), (192, 2), (7, 3), (3, 8)]:
-        chunks = centre_chunks(nloc, pieces)
-        assert len(chunks) == min(nloc, pieces) and all(c.stop > c.start for c in chunks)
-        assert np.array_equal(np.concatenate([np.arange(nloc)[c] for c in chunks]), np.arange(nloc))
+    rng = np.random.default_rng(0)
+    for types in [np.zeros(1, int), np.array([1, 0]), np.zeros(5, int), np.zeros(192, int), rng.integers(0, 3, 7),
+                  np.repeat([0, 1], [64, 128])]:
+        for pieces in (1, 2, 3, 8):
+            chunks = centre_chunks(types, pieces)
+            assert len(chunks) == min(types.size, pieces) and all(c.stop > c.start for c in chunks)
+            assert np.array_equal(np.concatenate([np.arange(types.size)[c] for c in chunks]), np.arange(types.size))
+
+
+def test_centre_chunks_near_equal_cost():
+    """One type: near-equal halves; water's 64 O then 128 H: the piece with both types (two fitting nets) gets
+    TYPE_COST_ATOMS / 2 atoms fewer, unless many frames make the atoms' work dominate."""
+    assert centre_chunks(np.zeros(192, int), 2) == [slice(0, 96), slice(96, 192)]
+    water = np.repeat([0, 1], [64, 128])
+    cut = 96 - minidp.training.loss.TYPE_COST_ATOMS // 2
+    assert centre_chunks(water, 2) == [slice(0, cut), slice(cut, 192)]
+    assert centre_chunks(water, 3) == [slice(0, 64), slice(64, 128), slice(128, 192)]
+    assert centre_chunks(water, 2, nf=40)[0].stop == 96
 
 
 @settings(max_examples=10, deadline=None)
