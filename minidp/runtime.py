@@ -105,7 +105,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list
     worker or one item, fn runs in the calling thread and nothing changes.
     Thread k of the n takes items k, k + n, ...; the calling thread is thread 0 (it would only wait
     otherwise): n - 1 threads are started, not n, and the caller does not wake up to collect the last
-    piece (a training step has four regions: each thread start and wake-up is ~0.1 ms on the critical path).
+    piece (a training step has three regions: each thread start and wake-up is ~0.1 ms on the critical path).
     An exception in a piece is raised here once all pieces have ended.
     """
     items = list(items)

@@ -436,7 +436,7 @@ def centre_chunks(atom_types: np.ndarray, pieces: int, nf: int = 1) -> list[slic
     nloc = atom_types.size
     n = min(pieces, nloc)
     # (ntypes, nloc + 1)  atoms of each type before each position
-    before = np.zeros((int(atom_types.max()) + 1, nloc + 1), dtype=np.int64)
+    before = np.zeros((int(atom_types.max(initial=0)) + 1, nloc + 1), dtype=np.int64)
     before[:, 1:] = np.cumsum(atom_types[None, :] == np.arange(before.shape[0])[:, None], axis=1)
     cuts = [0]
     for k in range(n - 1):
