@@ -536,16 +536,17 @@ class ModelCache(NamedTuple):
 
 def model_forward(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, model: EnergyModel, backend: str = "numba",
-    keep: bool = False, params: FitParams = NO_PARAMS,
+    keep: bool = False, params: FitParams = NO_PARAMS, tails: dict | None = None,
 ) -> tuple[np.ndarray, ModelCache]:
     r"""Atomic energies E_i (nf, nc) (:func:`atomic_energy`), D from the pair displacements, and the cache.
 
     rij, nlist (nf, nc, nnei, ...) and atom_types (nc,) are any nc centre atoms
     (all of a frame, or a chunk of one), params their frames' and their own
     parameters. ``keep`` keeps what training needs (minidp.training.loss). Trusts its
-    input (see the module docstring).
+    input (see the module docstring). ``tails``: the embedding's padded tails already made
+    (minidp.se_e2_a.embed), else made here.
     """
-    D, dcache = descriptor_forward(rij, nlist, atom_types, model.descriptor, backend, keep)
+    D, dcache = descriptor_forward(rij, nlist, atom_types, model.descriptor, backend, keep, tails)
     E_atom, fcaches = atomic_energy(D, atom_types, model, params)
     return E_atom, ModelCache(D, dcache, fcaches)
 

@@ -535,14 +535,15 @@ class DescriptorCache(NamedTuple):
 
 def descriptor_forward(
     rij: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
-    keep: bool = False,
+    keep: bool = False, tails: dict[tuple[int, int], PaddedTail] | None = None,
 ) -> tuple[np.ndarray, DescriptorCache]:
     """D (nf, nloc, ng * m2) from the neighbour displacements: env matrix, embed, contract.
 
     ``backend``: "reference" (:func:`embed_reference`), "numpy" or "numba"
     (the fast path, :func:`embed`; same results to round-off); a compressed
     model's tables bring their own step (``se.compress.embed``). ``keep``
-    keeps the fast path's net caches for training (minidp.training.force_training).
+    keeps the fast path's net caches for training (minidp.training.force_training);
+    ``tails``: the padded tails already made (see :func:`embed`; the nets' fast path only).
     The configuration's options enter before the embedding: the model's
     pair_exclude_types rewrite the neighbour list (:func:`drop_excluded_pairs`),
     exclude_types and env_protection shape the rows (:func:`env_matrix`); the
@@ -562,7 +563,7 @@ def descriptor_forward(
     elif backend == "reference":
         T, reference = embed_reference(R, atom_types, se)
     else:
-        T, pieces = embed(R, nlist, atom_types, se, backend, keep)
+        T, pieces = embed(R, nlist, atom_types, se, backend, keep, tails)
     D = contract(T, cfg.axis_neuron)
     return D, DescriptorCache(env, R, T, reference, pieces, tables)
 
@@ -754,6 +755,27 @@ def net_padded_tails(net: Net, davg: np.ndarray, dstd: np.ndarray, slots: slice
     return padded_tail_sums(G_pad.reshape(R_pad.shape[:2] + (-1,)), R_pad), R_pad, caches
 
 
+class PaddedTail(NamedTuple):
+    """One (centre group, neighbour type) block's padded tails (:func:`net_padded_tails`)."""
+
+    P: np.ndarray  # (ntypes, n_t + 1, ng, 4) what the padded slots add to T
+    R_pad: np.ndarray  # (ntypes, n_t, 4) the padded rows
+    caches: list  # the nn.net_forward caches of those rows
+
+
+def tail_blocks(se: SeA) -> list[tuple[int, int]]:
+    """The blocks (ti, tj) :func:`embed` asks padded tails for, whatever the atoms: one centre group (ti = 0)
+    with ``type_one_side``, else every centre type; every neighbour type (SeA.center_groups)."""
+    groups = (0,) if se.config.type_one_side else range(se.config.ntypes)
+    return [(ti, tj) for ti in groups for tj in range(se.config.ntypes)]
+
+
+def block_padded_tail(se: SeA, block: tuple[int, int]) -> PaddedTail:
+    """:func:`net_padded_tails` of block (ti, tj): its net, its neighbour type's slots."""
+    ti, tj = block
+    return PaddedTail(*net_padded_tails(se.nets[ti, tj], se.davg, se.dstd, se.config.slots(tj)))
+
+
 def sum_rows(G, R_real, owner, n_owner, backend) -> np.ndarray:
     """T[o] = sum over the rows p owned by o of G[p]^T R[p]; returns (n_owner, ng, 4)."""
     if backend != "numba":
@@ -852,20 +874,22 @@ def embed_blocks(
 
 def embed(
     R: np.ndarray, nlist: np.ndarray, atom_types: np.ndarray, se: SeA, backend: str = "numba",
-    keep: bool = False,
+    keep: bool = False, tails: dict[tuple[int, int], PaddedTail] | None = None,
 ) -> tuple[np.ndarray, list[EmbedPiece]]:
     r"""T_i = (1/nnei) sum_j G(s_ij)^T R_ij, as :func:`embed_reference`, by the fast path's tricks.
 
     Only real neighbours go through the net (forward mode gives dG/ds too,
     trick 3); what the padded slots add comes from :func:`net_padded_tails`.
     Returns T (nf, nloc, ng, 4) and the pieces the backward needs (with the
-    nets' caches when ``keep``: training).
+    nets' caches when ``keep``: training). ``tails``: the blocks' padded tails already made
+    ({(ti, tj): :func:`block_padded_tail`}; they depend on the weights only, so a training step split
+    over pieces of atoms makes them once for all pieces), else made here.
     """
 
     def block(ti: int, tj: int, slots: slice, s: np.ndarray) -> BlockFeatures:
         net = se.nets[ti, tj]
         G, dG_ds, row_caches = embedding_features(net, s, keep)
-        P, R_pad, pad_caches = net_padded_tails(net, se.davg, se.dstd, slots)
+        P, R_pad, pad_caches = block_padded_tail(se, (ti, tj)) if tails is None else tails[ti, tj]
         trace = NetTrace(se.nets.key(ti, tj), net, row_caches, R_pad, pad_caches) if keep else None
         return BlockFeatures(G, dG_ds, P, trace)
 

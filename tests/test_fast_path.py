@@ -5,7 +5,8 @@
 - nn.layer_tangent / net_tangent (the tangent of a layer already run forward) against nn.layer_jvp;
 - nn.stacked_cache (layer_jvp's cache restacked for dual_layer_backward) against layer_jvp_backward;
 - force_training.atomic_energy_tangent against atomic_energy_jvp;
-- loss_and_grad split over ranges of centre atoms on several threads against one range.
+- se_e2_a.embed given the padded tails made beforehand (block_padded_tail) against embed making them;
+- loss_and_grad split over pieces of centre atoms on several threads against one piece.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from minidp.model import atomic_energy
 from minidp.nn import (Layer, dual_layer, dual_layer_backward, dual_net, dual_net_backward, embedding_net,
                        fitting_net, layer_forward, layer_jvp, layer_jvp_backward, layer_tangent, net_forward,
                        net_jvp, net_jvp_backward, net_tangent, stacked_cache)
-from minidp.se_e2_a import SeAConfig
+from minidp.se_e2_a import SeAConfig, block_padded_tail, embed, env_matrix, tail_blocks
 from tests.conftest import random_model
 from tests.test_loss import _batch
-from tests.test_model import specs
+from tests.test_model import make, neighbors, specs
 
 # tanh has the fused kernels; gelu takes layer_jvp itself inside dual_layer
 ACTS = ["tanh", "gelu"]
@@ -124,11 +125,43 @@ def test_net_tangent_and_atomic_energy_tangent_are_the_jvps():
     np.testing.assert_allclose(atomic_energy_tangent(Ddot, fcaches, model)[0], Edot, rtol=1e-13, atol=1e-13)
 
 
+@settings(max_examples=10, deadline=None)
+@given(specs(max_atoms=8))
+def test_embed_with_padded_tails_made_beforehand_is_embed(spec):
+    """embed given every block's padded tails (tail_blocks, block_padded_tail: what loss_and_grad makes once
+    for its pieces) returns what embed making them returns, to the bit, on a piece of the atoms too."""
+    model, coords, cells, types = make(spec)
+    se = model.descriptor
+    nl = neighbors(model, coords, cells, types)
+    R, _ = env_matrix(nl.rij, nl.nlist, types, se.davg, se.dstd, se.config.switch_start, se.config.rcut)
+    tails = {b: block_padded_tail(se, b) for b in tail_blocks(se)}
+    for c in (np.arange(types.size), np.arange(types.size)[::2]):
+        T, pieces = embed(R[:, c], nl.nlist[:, c], types[c], se, keep=True)
+        T2, pieces2 = embed(R[:, c], nl.nlist[:, c], types[c], se, keep=True, tails=tails)
+        np.testing.assert_array_equal(T2, T)
+        for a, b in zip(pieces, pieces2):
+            np.testing.assert_array_equal(a.trace.R_pad, b.trace.R_pad)
+
+
 def test_centre_chunks_cover_the_atoms_once():
-    for nloc, pieces in [(1, 2), (5, 2), (192, 2), (7, 3), (3, 8)]:
-        chunks = centre_chunks(nloc, pieces)
-        assert len(chunks) == min(nloc, pieces) and all(c.stop > c.start for c in chunks)
-        assert np.array_equal(np.concatenate([np.arange(nloc)[c] for c in chunks]), np.arange(nloc))
+    rng = np.random.default_rng(0)
+    for types in [np.zeros(1, int), np.array([1, 0]), np.zeros(5, int), np.zeros(192, int), rng.integers(0, 3, 7),
+                  np.repeat([0, 1], [64, 128])]:
+        for pieces in (1, 2, 3, 8):
+            chunks = centre_chunks(types, pieces)
+            assert len(chunks) == min(types.size, pieces) and all(c.stop > c.start for c in chunks)
+            assert np.array_equal(np.concatenate([np.arange(types.size)[c] for c in chunks]), np.arange(types.size))
+
+
+def test_centre_chunks_near_equal_cost():
+    """One type: near-equal halves; water's 64 O then 128 H: the piece with both types (two fitting nets) gets
+    TYPE_COST_ATOMS / 2 atoms fewer, unless many frames make the atoms' work dominate."""
+    assert centre_chunks(np.zeros(192, int), 2) == [slice(0, 96), slice(96, 192)]
+    water = np.repeat([0, 1], [64, 128])
+    cut = 96 - minidp.training.loss.TYPE_COST_ATOMS // 2
+    assert centre_chunks(water, 2) == [slice(0, cut), slice(cut, 192)]
+    assert centre_chunks(water, 3) == [slice(0, 64), slice(64, 128), slice(128, 192)]
+    assert centre_chunks(water, 2, nf=40)[0].stop == 96
 
 
 @settings(max_examples=10, deadline=None)

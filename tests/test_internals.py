@@ -5,11 +5,13 @@ checks that survive ``python -O``, statistics that leave the batch sampler alone
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from minidp import runtime
 from minidp.model import new_model
 from minidp.se_e2_a import EmbeddingNets, SeAConfig, compute_descriptor
 from tests.conftest import random_model
@@ -312,3 +314,29 @@ def test_deeppot_checks_its_inputs_once_not_per_chunk(monkeypatch, batch_size):
     p = energy_forces(nl.rij, nl.nlist, types, model)
     np.testing.assert_allclose(e[:, 0], p.energy, rtol=1e-12)
     np.testing.assert_allclose(f, p.force, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_map_in_order_the_caller_one_of_the_threads(workers):
+    """runtime.parallel_map: the results in the items' order for any count of items; the calling thread runs
+    items 0, n, 2n, ... (n threads: n - 1 started); a piece's exception is raised once the other threads'
+    pieces have ended."""
+    for n_items in range(6):
+        assert runtime.parallel_map(lambda x: x * x, range(n_items), workers) == [x * x for x in range(n_items)]
+    caller = threading.get_ident()
+    ran_here = runtime.parallel_map(lambda x: threading.get_ident() == caller, range(5), workers)
+    n = min(workers, 5)
+    assert ran_here == [i % n == 0 for i in range(5)]
+    ended = []
+
+    def piece(x):
+        if x == 0:
+            raise ValueError("piece 0")
+        time.sleep(0.05)
+        ended.append(x)
+        return x
+
+    with pytest.raises(ValueError, match="piece 0"):
+        runtime.parallel_map(piece, [0, 1, 2], workers)
+    # item 1 runs on a thread of its own (workers > 1), sleeping beyond the caller's exception
+    assert sorted(ended) == ([1] if workers == 2 else [1, 2] if workers == 3 else [])
