@@ -169,7 +169,9 @@ def machine(threads: int) -> dict:
 
 
 def _cell(s: dict, scale: float) -> str:
-    """mean [min-max] of one error, scaled (to meV)."""
+    """mean [min-max] of one error, scaled (to meV); the value alone for one seed."""
+    if s["min"] == s["max"]:
+        return f"{s['mean'] * scale:.4g}"
     return f"{s['mean'] * scale:.4g} [{s['min'] * scale:.4g}-{s['max'] * scale:.4g}]"
 
 
