@@ -48,10 +48,7 @@ def display_frequency(steps: int) -> int:
 
 def training_input(shared: Path, steps: int, precision: str) -> dict:
     """The water input with ``steps`` steps, absolute systems, and ``precision`` in both nets."""
-    d = make_input(shared.resolve(), steps, display_frequency(steps))
-    for part in ("descriptor", "fitting_net"):
-        d["model"][part]["precision"] = precision
-    return d
+    return make_input((shared / "models" / "input.json").resolve(), steps, display_frequency(steps), None, precision)
 
 
 def contenders(pt_path: str | None) -> list[tuple[str, list[str], str | None]]:
