@@ -22,7 +22,7 @@ from minidp.training.lcurve import lcurve_columns, lcurve_line
 from minidp.training.loss import Batch, LossConfig, LossValue, ener_loss, loss_and_grad, prefactors, shown_terms
 from minidp.training.checkpoint import data_fingerprint
 from minidp.training.sampling import System, load_systems, make_batch
-from tests.test_loss import _batch, assert_directional_gradient
+from tests.test_loss import _batch, assert_directional_gradient, assert_entrywise_gradient
 from tests.test_model import specs
 from tests.test_model_options import EVERYTHING, MASKED, Options, frames, minidp_model, options, params
 from tests.test_train import SMALL, _water_frames
@@ -74,19 +74,7 @@ def test_each_term_weight_gradient_entry_by_entry(spec):
     """A few entries of every weight array, each against its own central difference (all terms on)."""
     model, batch = _labelled(spec, 2)
     pref = prefactors(LossConfig(**BASE, **CASES["all"]), 5e-4, 1e-3)
-    _, grads, _ = loss_and_grad(model, batch, pref)
-    h = 1e-6
-    for p, g in zip(model.params(), grads):
-        for k, value in p.items():
-            for idx in list(np.ndindex(value.shape))[:3]:
-                old = value[idx]
-                value[idx] = old + h
-                up = loss_and_grad(model, batch, pref)[0].loss
-                value[idx] = old - h
-                down = loss_and_grad(model, batch, pref)[0].loss
-                value[idx] = old
-                fd = (up - down) / (2 * h)
-                assert abs(g[k][idx] - fd) <= 1e-6 * max(abs(fd), 1e-2), (k, idx)
+    assert_entrywise_gradient(model, batch, pref, entries=3)
 
 
 @settings(max_examples=3, deadline=None)
