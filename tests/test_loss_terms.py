@@ -169,18 +169,26 @@ def test_every_term_equals_deepmd_kits_dpmodel_loss(case, mask, spec):
 # ---------------------------------------------------------------------------
 
 
-def test_extra_label_files_are_read_per_set_and_reach_the_batch(tmp_path):
-    """set.*/atom_ener.npy, atom_pref.npy, atom_ener_coeff.npy in frame order; a missing one is named."""
+def _two_set_system(path, rng, virial: bool):
+    """A labelled deepmd/npy water system at path: 5 frames of 2 molecules in sets of 3 and 2 (random labels,
+    virials if asked); returns (nframes, atom types)."""
     dpdata = pytest.importorskip("dpdata")
-    rng = np.random.default_rng(3)
     nframes, nmol = 5, 2
     types = np.array([0] * nmol + [1] * 2 * nmol)
     coords = _water_frames(rng, nframes, nmol)
-    cells = np.tile(np.eye(3) * 6.0, (nframes, 1, 1))
     data = {"atom_names": ["O", "H"], "atom_numbs": [nmol, 2 * nmol], "atom_types": types, "orig": np.zeros(3),
-            "cells": cells, "coords": coords, "energies": rng.normal(size=nframes),
-            "forces": rng.normal(size=coords.shape), "virials": rng.normal(size=(nframes, 3, 3))}
-    dpdata.LabeledSystem(data=data).to("deepmd/npy", str(tmp_path / "sys"), set_size=3)
+            "cells": np.tile(np.eye(3) * 6.0, (nframes, 1, 1)), "coords": coords, "energies": rng.normal(size=nframes),
+            "forces": rng.normal(size=coords.shape)}
+    if virial:
+        data["virials"] = rng.normal(size=(nframes, 3, 3))
+    dpdata.LabeledSystem(data=data).to("deepmd/npy", str(path), set_size=3)
+    return nframes, types
+
+
+def test_extra_label_files_are_read_per_set_and_reach_the_batch(tmp_path):
+    """set.*/atom_ener.npy, atom_pref.npy, atom_ener_coeff.npy in frame order; a missing one is named."""
+    rng = np.random.default_rng(3)
+    nframes, types = _two_set_system(tmp_path / "sys", rng, virial=True)
     labels = {name: rng.normal(size=(nframes, types.size)) for name in ("atom_ener", "atom_pref", "atom_ener_coeff")}
     for name, values in labels.items():
         np.save(tmp_path / "sys/set.000" / f"{name}.npy", values[:3])
@@ -344,15 +352,8 @@ def test_fparam_aparam_stats_equal_deepmd_kits(scale):
 
 
 def test_fparam_aparam_files_are_read_per_set_and_reach_the_batch(tmp_path):
-    dpdata = pytest.importorskip("dpdata")
     rng = np.random.default_rng(5)
-    nframes, nmol = 5, 2
-    types = np.array([0] * nmol + [1] * 2 * nmol)
-    coords = _water_frames(rng, nframes, nmol)
-    data = {"atom_names": ["O", "H"], "atom_numbs": [nmol, 2 * nmol], "atom_types": types, "orig": np.zeros(3),
-            "cells": np.tile(np.eye(3) * 6.0, (nframes, 1, 1)), "coords": coords, "energies": rng.normal(size=nframes),
-            "forces": rng.normal(size=coords.shape)}
-    dpdata.LabeledSystem(data=data).to("deepmd/npy", str(tmp_path / "sys"), set_size=3)
+    nframes, types = _two_set_system(tmp_path / "sys", rng, virial=False)
     fparam, aparam = rng.normal(size=(nframes, 2)), rng.normal(size=(nframes, types.size, 1))
     for set_name, rows in (("set.000", slice(0, 3)), ("set.001", slice(3, 5))):
         np.save(tmp_path / "sys" / set_name / "fparam.npy", fparam[rows])
