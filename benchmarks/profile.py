@@ -61,6 +61,11 @@ from minidp.io.systems import model_types, read_system
 from minidp.model import predict_frames
 from minidp.neighbor import build_neighbor_list
 from minidp.runtime import keep_freed_memory, one_blas_thread
+
+try:  # an older minidp (an A/B against its checkout) starts its threads in every region
+    from minidp.runtime import Workers
+except ImportError:
+    Workers = None
 from minidp.training.loss import Batch, loss_and_grad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,7 +316,7 @@ def profile(model_path: Path, data: Path, steps: int, threads: int, batch: int, 
     # an older minidp (profiled for an A/B: PYTHONPATH=<its checkout>) has no workers: one core anyway
     threaded = "workers" in inspect.signature(loss_and_grad).parameters
 
-    def train_step(workers: int):
+    def train_step(workers):
         # through the module, so that the stage timer sees the call
         b = neighbor.build_neighbor_list(coords, cells, types, cfg.rcut, list(cfg.sel))
         loss_and_grad(model, Batch(b.rij, b.nlist, types, energy, force, None), (0.02, 1000.0, 0.0),
@@ -328,13 +333,16 @@ def profile(model_path: Path, data: Path, steps: int, threads: int, batch: int, 
     # count as CPU time), then the whole step as minidp runs it on ``threads`` workers
     workloads = [("training step (1 frame), the stages on one core", lambda: train_step(1), True, rate1),
                  ("exact evaluation (1 frame, one chunk), the stages on one core", eval_step, False, rate1)]
-    if threads > 1 and threaded:
-        workloads.append((f"training step (1 frame) on {threads} workers: parallel regions and serial stretches",
-                          lambda: train_step(threads), True, rate))
-    for name, step, training, peak in workloads:
-        with (one_blas_thread() if peak is rate1 else contextlib.nullcontext()):
-            w = run_profile(name, step, steps, stage_flops(model, nl.nlist, types, training))
-        out += table(w, peak) + [""]
+    with contextlib.ExitStack() as run:
+        if threads > 1 and threaded:
+            # the threads kept for the run, as minidp train keeps them (runtime.Workers, where it exists)
+            kept = run.enter_context(Workers(threads)) if Workers is not None else threads
+            label = f"training step (1 frame) on {threads} workers: parallel regions and serial stretches"
+            workloads.append((label, lambda: train_step(kept), True, rate))
+        for name, step, training, peak in workloads:
+            with (one_blas_thread() if peak is rate1 else contextlib.nullcontext()):
+                w = run_profile(name, step, steps, stage_flops(model, nl.nlist, types, training))
+            out += table(w, peak) + [""]
     dp = DeepPot(model, workers=threads, progress=False)
     frames = np.repeat(coords, batch, axis=0), np.repeat(cells, batch, axis=0)
     out += ["### DeepPot.eval, whole calls", "", "| call | ms wall per frame | ms CPU per frame | cores busy |",

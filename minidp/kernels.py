@@ -89,6 +89,24 @@ def segment_contract_tangent(G, dG_ds, R, Rdot, start, Tt):  # pragma: no cover 
 
 
 @njit(nogil=True, cache=True)
+def suffix_outer_sums(G, R, P):  # pragma: no cover - compiled
+    """se_e2_a.padded_tail_sums in one pass: P[t, k] = P[t, k + 1] + G[t, k]^T R[t, k] from k = n - 1 down,
+    P[t, n] = 0: the sums over slots >= k. G (ntypes, n, ng), R (ntypes, n, 4); P (ntypes, n + 1, ng, 4)
+    is written. The products and sums in NumPy's order (no fastmath): the same numbers to the bit."""
+    nt, n, ng = G.shape
+    zero = P.dtype.type(0)
+    for t in range(nt):
+        for g in range(ng):
+            for c in range(4):
+                P[t, n, g, c] = zero
+        for k in range(n - 1, -1, -1):
+            for g in range(ng):
+                x = G[t, k, g]
+                for c in range(4):
+                    P[t, k, g, c] = P[t, k + 1, g, c] + x * R[t, k, c]
+
+
+@njit(nogil=True, cache=True)
 def scatter_pairs(g, rij, nlist, first, F, W):  # pragma: no cover - compiled
     """Forces and atomic virials from pair gradients (see model.pair_forces_virials).
 

@@ -8,8 +8,12 @@ changes them only where it must, and says so:
   glibc hands blocks over 32 MB (or, at first, 128 kB) back to the kernel at
   once, and each new array then pays a page fault per 4 kB touched, which
   made NumPy's temporaries 3-4x slower here. minidp raises glibc's mmap and
-  trim thresholds so freed blocks stay in the process. ``DeepPot`` and
-  ``minidp train`` call it. Opt out with the environment variable
+  trim thresholds so freed blocks stay in the process, and keeps every
+  thread's blocks in the one (main) arena: glibc gives a thread an arena of
+  its own, whose heaps (64 MB at most) are unmapped as they empty whatever the
+  thresholds say, and a training run's kept worker thread (:class:`Workers`)
+  then paid ~500,000 page faults, 10% of its time, in about half the runs.
+  ``DeepPot`` and ``minidp train`` call it. Opt out with the environment variable
   ``MINIDP_KEEP_FREED_MEMORY=0`` (or ``DeepPot(..., keep_freed_memory=False)``):
   memory then goes back to the system sooner, at the price of speed.
   No effect outside glibc.
@@ -24,7 +28,9 @@ Threads: :func:`default_workers` is how many minidp uses unless told (OMP_NUM_TH
 else the usable cores); :func:`parallel_map` runs independent pieces of work on
 them, each piece's BLAS on one core, so that both cores work through a
 training step instead of only inside BLAS calls (whose idle threads spin, which
-costs most when another process wants the cores).
+costs most when another process wants the cores). A run of many parallel
+regions (``minidp train``: three a step) keeps its threads in a :class:`Workers`
+for the run, which it owns and closes: nothing outlives it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import contextlib
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -43,7 +49,7 @@ OPT_OUT = "MINIDP_KEEP_FREED_MEMORY"
 
 
 def keep_freed_memory(enabled: bool = True) -> bool:
-    """Raise glibc's mmap and trim thresholds to 1 GiB (see the module docstring).
+    """Raise glibc's mmap and trim thresholds to 1 GiB and keep to one arena (see the module docstring).
 
     Does nothing when ``enabled`` is False or MINIDP_KEEP_FREED_MEMORY is "0";
     returns whether the setting was applied.
@@ -52,9 +58,11 @@ def keep_freed_memory(enabled: bool = True) -> bool:
         return False
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 1 << 30)
         libc.mallopt(m_trim_threshold, 1 << 30)
+        # threads that already have an arena keep it; new ones share the main one
+        libc.mallopt(m_arena_max, 1)
         return True
     return False
 
@@ -96,7 +104,39 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+class Workers:
+    """``n`` threads kept for a run's parallel regions: the calling thread and n - 1 started here.
+
+    Starting and joining a thread pool costs ~0.2 ms here, and a training step has three parallel
+    regions; with the threads kept, a region costs a wake-up. :func:`parallel_map` takes a Workers
+    wherever it takes a count, and :meth:`submit` runs one task on a kept thread (minidp train's
+    next batch, drawn while the optimizer updates). A context manager: the threads end on exit.
+    """
+
+    def __init__(self, n: int):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"workers must be a positive integer, got {n!r}")
+        self.n = n
+        # at least one kept thread, for submit() (with n = 1 parallel_map runs in the caller alone)
+        self.pool = ThreadPoolExecutor(max(1, n - 1))
+
+    def submit(self, fn: Callable[..., R], *args) -> Future:
+        """fn(*args) on a kept thread; its Future."""
+        return self.pool.submit(fn, *args)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def worker_count(workers: int | Workers) -> int:
+    """The number of threads a count or a :class:`Workers` stands for."""
+    return workers.n if isinstance(workers, Workers) else workers
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | Workers) -> list[R]:
     """[fn(x) for x in items], on n = min(workers, len(items)) threads, in order.
 
     NumPy, BLAS and minidp's Numba kernels release the GIL, so the pieces run
@@ -104,19 +144,22 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list
     held by the caller for the whole region: no per-piece switching). With one
     worker or one item, fn runs in the calling thread and nothing changes.
     Thread k of the n takes items k, k + n, ...; the calling thread is thread 0 (it would only wait
-    otherwise): n - 1 threads are started, not n, and the caller does not wake up to collect the last
-    piece (a training step has three regions: each thread start and wake-up is ~0.1 ms on the critical path).
+    otherwise): n - 1 threads are started (or taken from ``workers``, a :class:`Workers`), not n, and the
+    caller does not wake up to collect the last piece (a training step has three regions: each thread start
+    and wake-up is ~0.1 ms on the critical path).
     An exception in a piece is raised here once all pieces have ended.
     """
     items = list(items)
-    if workers <= 1 or len(items) <= 1:
+    if worker_count(workers) <= 1 or len(items) <= 1:
         return [fn(x) for x in items]
-    n = min(workers, len(items))
+    n = min(worker_count(workers), len(items))
 
     def run(k: int) -> list[R]:
         return [fn(x) for x in items[k::n]]
 
-    with one_blas_thread(), ThreadPoolExecutor(n - 1) as pool:
+    # kept threads (Workers), else a pool for this region alone
+    threads = contextlib.nullcontext(workers.pool) if isinstance(workers, Workers) else ThreadPoolExecutor(n - 1)
+    with one_blas_thread(), threads as pool:
         futures = [pool.submit(run, k) for k in range(1, n)]
         try:
             mine = run(0)

@@ -6,7 +6,9 @@
 - nn.stacked_cache (layer_jvp's cache restacked for dual_layer_backward) against layer_jvp_backward;
 - force_training.atomic_energy_tangent against atomic_energy_jvp;
 - se_e2_a.embed given the padded tails made beforehand (block_padded_tail) against embed making them;
-- loss_and_grad split over pieces of centre atoms on several threads against one piece.
+- se_e2_a.padded_tail_sums' kernel (kernels.suffix_outer_sums) against its NumPy lines;
+- loss_and_grad split over pieces of centre atoms on several threads (started per region, or kept in a
+  runtime.Workers) against one piece.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from minidp.model import atomic_energy
 from minidp.nn import (Layer, dual_layer, dual_layer_backward, dual_net, dual_net_backward, embedding_net,
                        fitting_net, layer_forward, layer_jvp, layer_jvp_backward, layer_tangent, net_forward,
                        net_jvp, net_jvp_backward, net_tangent, stacked_cache)
-from minidp.se_e2_a import SeAConfig, block_padded_tail, embed, env_matrix, tail_blocks
+from minidp.runtime import Workers
+from minidp.se_e2_a import SeAConfig, block_padded_tail, embed, env_matrix, padded_tail_sums, tail_blocks
 from tests.conftest import random_model
 from tests.test_loss import _batch
 from tests.test_model import make, neighbors, specs
@@ -164,6 +167,20 @@ def test_centre_chunks_near_equal_cost():
     assert centre_chunks(water, 2, nf=40)[0].stop == 96
 
 
+@settings(max_examples=30, deadline=None)
+@given(ntypes=st.integers(1, 3), n_t=st.integers(1, 12), ng=st.integers(1, 9), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_padded_tail_sums_kernel_is_the_numpy_lines(ntypes, n_t, ng, seed, dtype):
+    """P[t, k] = sum over slots >= k of G^T R: the kernel gives NumPy's numbers to the bit, P[:, n_t] = 0."""
+    rng = np.random.default_rng(seed)
+    G, R = rng.normal(size=(ntypes, n_t, ng)).astype(dtype), rng.normal(size=(ntypes, n_t, 4)).astype(dtype)
+    plain = padded_tail_sums(G, R, backend="numpy")
+    fast = padded_tail_sums(G, R)
+    assert fast.dtype == plain.dtype == dtype and fast.shape == (ntypes, n_t + 1, ng, 4)
+    np.testing.assert_array_equal(fast, plain)
+    assert not fast[:, n_t].any()
+
+
 @settings(max_examples=10, deadline=None)
 @given(specs(max_atoms=8), st.integers(2, 3))
 def test_loss_and_grad_on_several_threads_is_the_one_thread_result(spec, workers):
@@ -174,10 +191,13 @@ def test_loss_and_grad_on_several_threads_is_the_one_thread_result(spec, workers
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(minidp.training.loss, "MIN_PIECE_ATOMS", 1)
         many = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=workers)
-    assert many[0].loss == pytest.approx(one[0].loss, rel=1e-12)
-    for a, b in zip(many[2], one[2]):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    assert len(many[1]) == len(one[1]) == len(model.params())
-    for ga, gb in zip(many[1], one[1]):
-        for k in gb:
-            np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12)
+        with Workers(workers) as kept:
+            twice = [loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=kept) for _ in range(2)]
+    for result in [many, *twice]:
+        assert result[0].loss == pytest.approx(one[0].loss, rel=1e-12)
+        for a, b in zip(result[2], one[2]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert len(result[1]) == len(one[1]) == len(model.params())
+        for ga, gb in zip(result[1], one[1]):
+            for k in gb:
+                np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12)

@@ -340,3 +340,23 @@ def test_parallel_map_in_order_the_caller_one_of_the_threads(workers):
         runtime.parallel_map(piece, [0, 1, 2], workers)
     # item 1 runs on a thread of its own (workers > 1), sleeping beyond the caller's exception
     assert sorted(ended) == ([1] if workers == 2 else [1, 2] if workers == 3 else [])
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_workers_kept_for_many_regions(workers):
+    """runtime.Workers: parallel_map on the kept threads gives what a count gives, the caller one of the
+    threads; submit runs a task on a kept thread; the threads end with the context; a bad count is refused."""
+    caller = threading.get_ident()
+    with runtime.Workers(workers) as kept:
+        for n_items in range(6):
+            assert runtime.parallel_map(lambda x: x + 1, range(n_items), kept) == list(range(1, n_items + 1))
+        n = min(workers, 5)
+        assert runtime.parallel_map(lambda x: threading.get_ident() == caller, range(5), kept) == \
+            [i % n == 0 for i in range(5)]
+        assert kept.submit(threading.get_ident).result() != caller
+    assert runtime.worker_count(kept) == workers and runtime.worker_count(4) == 4
+    with pytest.raises(RuntimeError):
+        kept.submit(int)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            runtime.Workers(bad)

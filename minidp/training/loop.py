@@ -35,6 +35,7 @@ Shape symbols: see :mod:`minidp.se_e2_a` (``nf, nloc, nnei``).
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -46,7 +47,7 @@ from minidp.checks import FrameError, InputError, file_path
 from minidp.io.serialization import NATIVE_SUFFIXES, load_model, save_model
 from minidp.model import EnergyModel, new_model
 from minidp.optim import Adam
-from minidp.runtime import keep_freed_memory
+from minidp.runtime import Workers, default_workers, keep_freed_memory
 from minidp.se_e2_a import SeAConfig
 from minidp.stats import energy_bias, env_stats, param_stats, param_sums, raw_env_sums, type_counts
 from minidp.training.checkpoint import (
@@ -216,6 +217,27 @@ def check_step(step: int, first: bool, errors: dict[str, LossValue], grads, last
                      f"{cause}); no model written, {kept}")
 
 
+class Drawn(NamedTuple):
+    """A step's training batch, drawn ahead (:func:`draw`)."""
+
+    states: dict | None  # the samplers' states before the draw (the step's checkpoint holds them), when due
+    batch: Future  # its Batch: the neighbour list is built on a worker thread
+
+
+def draw(config: TrainConfig, run: Run, step: int, workers: Workers) -> Drawn:
+    """Step ``step``'s batch: drawn now, its neighbour list built on one of ``workers``' threads.
+
+    The loop draws a step's batch while the step before it updates the weights (the two are
+    independent): the neighbour list (~1.5 ms for 192 atoms) and the Adam update (~1.4 ms in float32)
+    then run at once instead of one after the other.
+    """
+    # a checkpoint holds the state at the top of a step (resuming from it repeats nothing)
+    due = step > run.step and (step % config.save_freq == 0 or step == config.numb_steps)
+    states = {name: sampler.state() for name, sampler in run.samplers.items()} if due else None
+    k, frames = run.samplers["trn"].next()
+    return Drawn(states, workers.submit(make_batch, run.train_sys[k], frames, config.descriptor))
+
+
 def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, restart, progress: bool,
            overwrite: bool) -> TrainResult:
     """The loop (module docstring): steps run.step..numb_steps, lcurve lines and checkpoints on the way."""
@@ -223,47 +245,48 @@ def _steps(config: TrainConfig, run: Run, plan: OutputPlan, workdir: Path, resta
 
     from tqdm import tqdm
 
-    cfg, n, model, opt, samplers = config.descriptor, config.numb_steps, run.model, run.opt, run.samplers
+    n, model, opt, samplers = config.numb_steps, run.model, run.opt, run.samplers
     virial = config.loss.start_pref_v > 0 or config.loss.limit_pref_v > 0
     head, times, last, checkpoint = plan.head, [], {}, restart
     bar = tqdm(total=n, initial=run.step, disable=not progress, unit="step", desc="training")
-    for step in range(run.step, n + 1):
-        # a checkpoint holds the state at the top of a step (resuming from it repeats nothing); it is
-        # written once the step's loss is known to be finite, so the last checkpoint is a good one
-        due = step > run.step and (step % config.save_freq == 0 or step == n)
-        states = {name: sampler.state() for name, sampler in samplers.items()} if due else None
-        lr = config.lr.lr(step)
-        # deepmd-kit's prefactors follow lr / start_lr (warm-up included)
-        pref = prefactors(config.loss, lr, config.lr.start_lr)
-        t0 = time.perf_counter()
-        k, frames = samplers["trn"].next()
-        # mixed precision: this step's copy of the nets with rounded weights; its gradients update model
-        mixed = config.mixed_precision
-        computed = model if mixed is None else model.with_compute(mixed.compute_prec)
-        # overflow in a diverging run is reported by check_step, in one line
-        with np.errstate(over="ignore", invalid="ignore"):
-            value, grads, _ = loss_and_grad(computed, make_batch(run.train_sys[k], frames, cfg), pref)
-            elapsed = time.perf_counter() - t0
-            shown = config.disp_training and (step % config.disp_freq == 0 or step == n)
-            # training and validation errors of the same weights, those before this step's update
-            errors = {"trn": value}
-            if shown and run.val_sys:
-                errors["val"] = validation_errors(computed, run.val_sys, samplers["val"], config, pref)
-        check_step(step, step == run.step, errors, grads, checkpoint)
-        if due:
-            checkpoint = save_checkpoint(workdir / config.save_ckpt, step, model, opt, states, run.data, overwrite)
-            prune_checkpoints(workdir / config.save_ckpt, config.max_ckpt_keep)
-        if shown:
-            last = errors
-            line = lcurve_line(step, last, lr, virial, shown_terms(config.loss))
-            write_lcurve_line(plan.lcurve, line, head, plan.replace_lcurve)
-            head = None
-            bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
-        if step < n:
+    # the run's threads: every step's parallel regions (loss_and_grad) and the batches drawn ahead (draw)
+    with Workers(default_workers()) as workers:
+        drawn = draw(config, run, run.step, workers)
+        for step in range(run.step, n + 1):
             t0 = time.perf_counter()
-            opt.step(grads, lr)
-            times.append(elapsed + time.perf_counter() - t0)
-            bar.update(1)
+            lr = config.lr.lr(step)
+            # deepmd-kit's prefactors follow lr / start_lr (warm-up included)
+            pref = prefactors(config.loss, lr, config.lr.start_lr)
+            # mixed precision: this step's copy of the nets with rounded weights; its gradients update model
+            mixed = config.mixed_precision
+            computed = model if mixed is None else model.with_compute(mixed.compute_prec)
+            # overflow in a diverging run is reported by check_step, in one line
+            with np.errstate(over="ignore", invalid="ignore"):
+                value, grads, _ = loss_and_grad(computed, drawn.batch.result(), pref, workers=workers)
+                elapsed = time.perf_counter() - t0
+                shown = config.disp_training and (step % config.disp_freq == 0 or step == n)
+                # training and validation errors of the same weights, those before this step's update
+                errors = {"trn": value}
+                if shown and run.val_sys:
+                    errors["val"] = validation_errors(computed, run.val_sys, samplers["val"], config, pref)
+            # written once the step's loss is known to be finite, so the last checkpoint is a good one
+            check_step(step, step == run.step, errors, grads, checkpoint)
+            if drawn.states is not None:
+                checkpoint = save_checkpoint(workdir / config.save_ckpt, step, model, opt, drawn.states, run.data,
+                                             overwrite)
+                prune_checkpoints(workdir / config.save_ckpt, config.max_ckpt_keep)
+            if shown:
+                last = errors
+                line = lcurve_line(step, last, lr, virial, shown_terms(config.loss))
+                write_lcurve_line(plan.lcurve, line, head, plan.replace_lcurve)
+                head = None
+                bar.set_postfix(rmse_e=f"{value.rmse_e:.2e}", rmse_f=f"{value.rmse_f:.2e}", lr=f"{lr:.1e}")
+            if step < n:
+                t1 = time.perf_counter()
+                drawn = draw(config, run, step + 1, workers)
+                opt.step(grads, lr)
+                times.append(elapsed + time.perf_counter() - t1)
+                bar.update(1)
     bar.close()
     return TrainResult(model, float(np.mean(times[10:] or times or [math.nan])), np.array(times), last)
 

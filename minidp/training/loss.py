@@ -61,7 +61,7 @@ from minidp import kernels
 from minidp.checks import InputError, boolean, number
 from minidp.model import EnergyModel, FitParams, energy_forces, model_backward, model_forward, pair_forces_virials
 from minidp.nn import add_grads, zeros_like_params
-from minidp.runtime import default_workers, parallel_map
+from minidp.runtime import Workers, default_workers, parallel_map, worker_count
 from minidp.se_e2_a import block_padded_tail, check_descriptor_inputs, tail_blocks
 from minidp.training.force_training import weight_gradients
 
@@ -477,7 +477,8 @@ def centre_params(params: FitParams, c: slice) -> FitParams:
     return params if params.aparam is None else params._replace(aparam=params.aparam[:, c])
 
 
-def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba", workers: int | None = None):
+def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba",
+                  workers: int | Workers | None = None):
     """The loss of one batch and dL/dtheta in model.params() layout (math in the module docstring).
 
     Returns (LossValue, grads, (energy, force, virial) predicted). ``backend``:
@@ -489,7 +490,8 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
     second-order S = c E - E' (sum over pairs ij of centre i): both passes split
     over ranges of centre atoms (:func:`centre_chunks`, of near-equal cost and at least MIN_PIECE_ATOMS
     atoms x frames) that
-    ``workers`` threads (default minidp.runtime.default_workers) compute at once, each with one BLAS thread
+    ``workers`` threads (a count, default minidp.runtime.default_workers, or the threads a run keeps, a
+    minidp.runtime.Workers) compute at once, each with one BLAS thread
     (minidp.runtime.parallel_map); only the forces' scatter and the loss, which
     need every centre's g, run between them. The results do not depend on
     ``workers`` beyond round-off (the weight gradients add the ranges' shares).
@@ -499,11 +501,12 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
     types, rij, nlist = batch.atom_types, batch.rij, batch.nlist
     params = FitParams(batch.fparam, batch.aparam)
     workers = default_workers() if workers is None else workers
-    chunks = centre_chunks(types, min(workers, max(1, rij.shape[0] * types.size // MIN_PIECE_ATOMS)), rij.shape[0])
+    pieces = min(worker_count(workers), max(1, rij.shape[0] * types.size // MIN_PIECE_ATOMS))
+    chunks = centre_chunks(types, pieces, rij.shape[0])
 
     # the embedding's padded tails depend on the weights only: made once (a block per thread), not per piece
     blocks = tail_blocks(model.descriptor)
-    tails = dict(zip(blocks, parallel_map(partial(block_padded_tail, model.descriptor), blocks, workers)))
+    tails = dict(zip(blocks, parallel_map(partial(block_padded_tail, model.descriptor, backend=backend), blocks, workers)))
 
     def forward(c: slice):
         # forward, keeping what the second-order step needs, and the usual backward (minidp.model):
