@@ -21,7 +21,7 @@ than that is split over its centre atoms, whose shares of the energy, forces
 and virials add up. The default size is the fastest one within a byte budget
 (a size to aim at; the budget is the bound), so the memory a call needs is
 bounded whatever the number or the size of the frames, and the results do not
-depend on it (to round-off). Chunks run on ``workers`` threads:
+depend on it (to round-off). Chunks run on ``workers`` threads, kept from call to call:
 NumPy, BLAS and the Numba kernels release the GIL, and each task's BLAS is
 kept to one core while it runs, so the threads do not fight over them
 (:mod:`minidp.runtime` holds that setting and the malloc tuning, with its
@@ -44,7 +44,7 @@ import contextlib
 import copy
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import weakref
 from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -365,6 +365,10 @@ class DeepPot:
         self.progress = progress
         self.neighbor_list = None if neighbor_list is None else ase_primitive_list(neighbor_list)
         runtime.keep_freed_memory(keep_freed_memory)
+        # the chunks' threads, kept from call to call (an MD run calls once a step: fresh threads cost
+        # 1-2 ms a call, see runtime.Workers); they end when this DeepPot is collected
+        self._threads = runtime.Workers(self.workers)
+        weakref.finalize(self, self._threads.close, False)
 
     # --- deepmd-kit's getters ---
     def get_type_map(self) -> list[str]:
@@ -453,10 +457,10 @@ class DeepPot:
         # disable=None: tqdm shows the bar only when stderr is a terminal
         bar = tqdm(total=len(chunks), desc="minidp", unit="chunk", leave=False,
                    disable=None if self.progress is None else not self.progress)
-        with bar, ThreadPoolExecutor(self.workers) as pool:
+        with bar:
             pending: collections.deque = collections.deque()
             for chunk in chunks:
-                pending.append((chunk, pool.submit(task, chunk)))
+                pending.append((chunk, self._threads.submit(task, chunk)))
                 while len(pending) > self.workers or (chunk is chunks[-1] and pending):
                     done, future = pending.popleft()
                     bar.update()

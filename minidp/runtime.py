@@ -105,30 +105,35 @@ def default_workers() -> int:
 
 
 class Workers:
-    """``n`` threads kept for a run's parallel regions: the calling thread and n - 1 started here.
+    """``n`` threads kept for many parallel regions, started as they are first needed.
 
-    Starting and joining a thread pool costs ~0.2 ms here, and a training step has three parallel
-    regions; with the threads kept, a region costs a wake-up. :func:`parallel_map` takes a Workers
-    wherever it takes a count, and :meth:`submit` runs one task on a kept thread (minidp train's
-    next batch, drawn while the optimizer updates). A context manager: the threads end on exit.
+    Starting and joining a thread pool costs ~0.2 ms here, and more in what follows: fresh threads
+    made a training step 2.5 ms slower (of 50) and a one-frame DeepPot call 1-2 ms (of 10 compressed)
+    than threads kept for the run. A training step has three parallel regions, an MD run a call per
+    step. :func:`parallel_map` takes a Workers wherever it takes a count (its caller is one of the n
+    threads); :meth:`submit` runs one task on a kept thread (a DeepPot chunk; minidp train's next
+    batch, drawn while the optimizer updates). A context manager, or :meth:`close`: the threads end.
     """
 
     def __init__(self, n: int):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"workers must be a positive integer, got {n!r}")
         self.n = n
-        # at least one kept thread, for submit() (with n = 1 parallel_map runs in the caller alone)
-        self.pool = ThreadPoolExecutor(max(1, n - 1))
+        self.pool = ThreadPoolExecutor(n)
 
     def submit(self, fn: Callable[..., R], *args) -> Future:
         """fn(*args) on a kept thread; its Future."""
         return self.pool.submit(fn, *args)
 
+    def close(self, wait: bool = True) -> None:
+        """End the threads once their tasks are done (``wait``: return then, else at once)."""
+        self.pool.shutdown(wait=wait)
+
     def __enter__(self) -> Workers:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.pool.shutdown(wait=True)
+        self.close()
 
 
 def worker_count(workers: int | Workers) -> int:

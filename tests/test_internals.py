@@ -360,3 +360,28 @@ def test_workers_kept_for_many_regions(workers):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="workers must be a positive integer"):
             runtime.Workers(bad)
+
+
+def test_deeppot_keeps_its_threads_from_call_to_call_and_ends_them_when_collected():
+    """DeepPot's chunks run on threads kept for its lifetime (runtime.Workers), not on new ones per call,
+    and those threads end once the DeepPot is garbage-collected."""
+    import gc
+
+    from minidp import DeepPot
+
+    model = random_model(SeAConfig(**{**BASE, "sel": (20, 20)}), 0)
+    rng = np.random.default_rng(0)
+    coords, cells, types = rng.uniform(0.0, 6.0, (2, 10, 3)), np.tile(6.0 * np.eye(3), (2, 1, 1)), np.arange(10) % 2
+    pot = DeepPot(model, batch_size=1, workers=2, progress=False)
+    first = pot.eval(coords, cells, types)
+    threads = set(pot._threads.pool._threads)
+    assert 1 <= len(threads) <= 2
+    again = pot.eval(coords, cells, types)
+    assert set(pot._threads.pool._threads) == threads
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    del pot
+    gc.collect()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
