@@ -135,7 +135,7 @@ def plan_chunks(nf: int, natoms: int, batch_size: int, workers: int = 1, limit: 
 
 
 # Chunks beyond a few hundred atoms gain nothing in speed (the embedding works
-# in fixed row blocks anyway) and lose some to caches: the benchmark measured
+# in row blocks of a size of its own, se_e2_a.row_block) and lose some to caches: the benchmark measured
 # 192-384-atom chunks ~12% faster than 960-atom ones. A budget only lowers it.
 FASTEST_CHUNK = 384
 

@@ -42,6 +42,7 @@ import ctypes
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -96,6 +97,19 @@ def one_blas_thread():
             if _state["users"] == 0:
                 _state["limiter"].restore_original_limits()
                 _state["limiter"] = None
+
+
+def l2_cache_bytes(default: int = 1 << 20) -> int:
+    """One core's L2 cache in bytes, as Linux describes cpu0's caches (sysfs); ``default`` (1 MiB)
+    where it does not. Read, never set: the blocks of the embedding nets are sized by it
+    (minidp.se_e2_a.row_block)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    with contextlib.suppress(OSError, ValueError):
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip()
+                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+    return default
 
 
 def default_workers() -> int:

@@ -7,6 +7,7 @@
 - force_training.atomic_energy_tangent against atomic_energy_jvp;
 - se_e2_a.embed given the padded tails made beforehand (block_padded_tail) against embed making them;
 - se_e2_a.padded_tail_sums' kernel (kernels.suffix_outer_sums) against its NumPy lines;
+- the embedding in many row blocks (se_e2_a.row_block) against one block, training's gradients included;
 - loss_and_grad split over pieces of centre atoms on several threads (started per region, or kept in a
   runtime.Workers) against one piece.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import minidp.training.loss
@@ -201,3 +202,26 @@ def test_loss_and_grad_on_several_threads_is_the_one_thread_result(spec, workers
         for ga, gb in zip(result[1], one[1]):
             for k in gb:
                 np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=5, deadline=None)
+@given(specs(max_atoms=8))
+def test_many_row_blocks_are_one_block(spec):
+    """embedding_features' row blocks (64 rows, the smallest row_block) give the one-block loss, predictions
+    and weight gradients: the blocks' caches and gradient shares add up."""
+    import minidp.se_e2_a as sea
+
+    model, batch = _batch(spec, 12, True)
+    # rows enough for several blocks of 64 in some net
+    assume((batch.nlist >= 0).sum() > 4 * 64)
+    one = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sea, "L2_BYTES", 1)
+        assert sea.row_block(model.descriptor.config.ng, model.descriptor.dtype) == 64
+        many = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=1)
+    assert many[0].loss == pytest.approx(one[0].loss, rel=1e-12)
+    for a, b in zip(many[2], one[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    for ga, gb in zip(many[1], one[1]):
+        for k in gb:
+            np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12)

@@ -385,3 +385,16 @@ def test_deeppot_keeps_its_threads_from_call_to_call_and_ends_them_when_collecte
     for t in threads:
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads)
+
+
+def test_row_block_fills_the_l2_cache_in_powers_of_two(monkeypatch):
+    """se_e2_a.row_block: the largest power of two of rows whose stacked widest layer fits the L2 cache
+    (float32 twice float64's), never below 64; runtime.l2_cache_bytes reads a positive size or the default."""
+    import minidp.se_e2_a as sea
+
+    monkeypatch.setattr(sea, "L2_BYTES", 2 << 20)
+    assert sea.row_block(100, np.float64) == 1024 and sea.row_block(100, np.float32) == 2048
+    monkeypatch.setattr(sea, "L2_BYTES", 1 << 20)
+    assert sea.row_block(100, np.float64) == 512 and sea.row_block(240, np.float64) == 256
+    assert sea.row_block(10**6, np.float64) == 64
+    assert runtime.l2_cache_bytes() > 0
