@@ -366,6 +366,7 @@ def test_deeppot_keeps_its_threads_from_call_to_call_and_ends_them_when_collecte
     """DeepPot's chunks run on threads kept for its lifetime (runtime.Workers), not on new ones per call,
     and those threads end once the DeepPot is garbage-collected."""
     import gc
+    import pickle
 
     from minidp import DeepPot
 
@@ -380,7 +381,12 @@ def test_deeppot_keeps_its_threads_from_call_to_call_and_ends_them_when_collecte
     assert set(pot._threads.pool._threads) == threads
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
-    del pot
+    # a copy by pickle (OpenMM's XmlSerializer stores a DeepPot so) evaluates the same on threads of its own
+    copy_ = pickle.loads(pickle.dumps(pot))
+    for a, b in zip(copy_.eval(coords, cells, types), first):
+        np.testing.assert_array_equal(a, b)
+    assert copy_._threads is not pot._threads
+    del pot, copy_
     gc.collect()
     for t in threads:
         t.join(timeout=10)
@@ -398,3 +404,33 @@ def test_row_block_fills_the_l2_cache_in_powers_of_two(monkeypatch):
     assert sea.row_block(100, np.float64) == 512 and sea.row_block(240, np.float64) == 256
     assert sea.row_block(10**6, np.float64) == 64
     assert runtime.l2_cache_bytes() > 0
+
+
+
+def test_deeppot_in_a_forked_process_starts_threads_of_its_own():
+    """A DeepPot made before a fork (multiprocessing's default on Linux) evaluates in the child, which has
+    none of the parent's threads, and gives the parent's numbers."""
+    import multiprocessing
+
+    from minidp import DeepPot
+
+    model = random_model(SeAConfig(**{**BASE, "sel": (20, 20)}), 0)
+    rng = np.random.default_rng(0)
+    coords, cells, types = rng.uniform(0.0, 6.0, (2, 10, 3)), np.tile(6.0 * np.eye(3), (2, 1, 1)), np.arange(10) % 2
+    pot = DeepPot(model, batch_size=1, workers=2, progress=False)
+    here = pot.eval(coords, cells, types)[0]
+    # the child inherits the DeepPot, threads' bookkeeping and all, by the fork (not by pickle)
+    _INHERITED["pot"] = pot
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            there = pool.apply_async(_inherited_energy, (coords, cells, types)).get(timeout=120)
+    finally:
+        _INHERITED.clear()
+    np.testing.assert_array_equal(there, here)
+
+
+_INHERITED: dict = {}
+
+
+def _inherited_energy(coords, cells, types):
+    return _INHERITED["pot"].eval(coords, cells, types)[0]
