@@ -30,9 +30,11 @@ Threads: :func:`default_workers` is how many minidp uses unless told (OMP_NUM_TH
 else the usable cores); :func:`parallel_map` runs independent pieces of work on
 them, each piece's BLAS on one core, so that both cores work through a
 training step instead of only inside BLAS calls (whose idle threads spin, which
-costs most when another process wants the cores). A run of many parallel
-regions (``minidp train``: three a step) keeps its threads in a :class:`Workers`
-for the run, which it owns and closes: nothing outlives it.
+costs most when another process wants the cores). What calls on threads
+again and again keeps them in a :class:`Workers` that it owns: ``minidp train``
+for the run (three parallel regions a step), closed when the run ends, and
+each ``DeepPot`` for its lifetime (a call per MD step), closed when it is
+collected.
 """
 
 from __future__ import annotations
