@@ -365,26 +365,11 @@ class DeepPot:
         self.progress = progress
         self.neighbor_list = None if neighbor_list is None else ase_primitive_list(neighbor_list)
         runtime.keep_freed_memory(keep_freed_memory)
-        self._start_threads()
-
-    def _start_threads(self) -> None:
-        """The chunks' threads, kept from call to call (an MD run calls once a step: fresh threads cost
-        1-2 ms a call, see runtime.Workers); they end when this DeepPot is collected. A process forked
-        from this one (multiprocessing's default on Linux) has none of them: it starts its own (_run)."""
+        # the chunks' threads, kept from call to call (an MD run calls once a step: fresh threads cost
+        # 1-2 ms a call); they end when this DeepPot is collected, and a pickled or forked copy starts its
+        # own (runtime.Workers)
         self._threads = runtime.Workers(self.workers)
-        self._threads_pid = os.getpid()
         weakref.finalize(self, self._threads.close, False)
-
-    # A DeepPot travels by pickle (OpenMM's XmlSerializer stores the force's computation; a process pool
-    # sends it to its workers): threads do not, so a copy starts its own
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        del state["_threads"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._start_threads()
 
     # --- deepmd-kit's getters ---
     def get_type_map(self) -> list[str]:
@@ -463,8 +448,6 @@ class DeepPot:
         chunks = plan_chunks(nf, natoms if centres is None else centres, self.batch_size, self.workers,
                              self.batch_limit)
         limit = runtime.one_blas_thread if self.workers > 1 else contextlib.nullcontext
-        if self._threads_pid != os.getpid():  # forked: the parent's threads did not come along
-            self._start_threads()
 
         def task(chunk: Chunk):
             with limit():

@@ -131,17 +131,34 @@ class Workers:
     step. :func:`parallel_map` takes a Workers wherever it takes a count (its caller is one of the n
     threads); :meth:`submit` runs one task on a kept thread (a DeepPot chunk; minidp train's next
     batch, drawn while the optimizer updates). A context manager, or :meth:`close`: the threads end.
+
+    Threads travel neither by pickle (OpenMM's XmlSerializer stores a DeepPot, a process pool sends one)
+    nor by fork (multiprocessing's default on Linux): a copy, or a forked process, starts its own.
     """
 
     def __init__(self, n: int):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"workers must be a positive integer, got {n!r}")
         self.n = n
-        self.pool = ThreadPoolExecutor(n)
+        self._start()
+
+    def _start(self) -> None:
+        self.pool = ThreadPoolExecutor(self.n)
+        # the process whose threads these are
+        self._pid = os.getpid()
 
     def submit(self, fn: Callable[..., R], *args) -> Future:
         """fn(*args) on a kept thread; its Future."""
+        if self._pid != os.getpid():  # forked: the pool's threads stayed in the parent, tasks would wait forever
+            self._start()
         return self.pool.submit(fn, *args)
+
+    def __getstate__(self) -> dict:
+        return {"n": self.n}
+
+    def __setstate__(self, state: dict) -> None:
+        self.n = state["n"]
+        self._start()
 
     def close(self, wait: bool = True) -> None:
         """End the threads once their tasks are done (``wait``: return then, else at once)."""
@@ -181,7 +198,7 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | Worker
         return [fn(x) for x in items[k::n]]
 
     # kept threads (Workers), else a pool for this region alone
-    threads = contextlib.nullcontext(workers.pool) if isinstance(workers, Workers) else ThreadPoolExecutor(n - 1)
+    threads = contextlib.nullcontext(workers) if isinstance(workers, Workers) else ThreadPoolExecutor(n - 1)
     with one_blas_thread(), threads as pool:
         futures = [pool.submit(run, k) for k in range(1, n)]
         try:

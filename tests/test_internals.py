@@ -434,3 +434,15 @@ _INHERITED: dict = {}
 
 def _inherited_energy(coords, cells, types):
     return _INHERITED["pot"].eval(coords, cells, types)[0]
+
+
+def test_workers_travel_by_pickle_without_their_threads():
+    """runtime.Workers pickles to its count: the copy runs tasks on threads of its own."""
+    import pickle
+
+    with runtime.Workers(2) as kept:
+        kept.submit(int).result()
+        copy_ = pickle.loads(pickle.dumps(kept))
+        assert copy_.n == 2 and copy_.pool is not kept.pool
+        assert copy_.submit(threading.get_ident).result() != threading.get_ident()
+        copy_.close()
