@@ -698,9 +698,10 @@ def row_block(n_out: int, dtype) -> int:
     and tangent stacked, 2 x rows x n_out numbers) fills at most the core's L2 cache (L2_BYTES), at least 64.
 
     Small enough that a layer's arrays stay in cache, large enough that NumPy's per-call overhead does not
-    matter. Measured on water (ng = 100, training step and one-frame calls): with a 1 MiB L2 (AMD Zen 4)
-    512 rows in float64 was the fastest; with 2 MiB (Intel Xeon, AVX-512) 1024 in float64 and 2048 in
-    float32, 5-12% faster than 512 (float32 blocks of 512 rows filled a quarter of the cache).
+    matter. With a 1 MiB L2 (AMD Zen 4, where earlier sessions set 512) the rule gives float64 those 512
+    rows. Measured on water (ng = 100) with 2 MiB (Intel Xeon, AVX-512), against 512 rows: 1024 in float64
+    made the training step 5% faster and DeepPot calls 0-9%; 2048 in float32 11% and 12-22% (float32 blocks
+    of 512 rows filled a quarter of the cache).
     """
     rows = L2_BYTES // (2 * n_out * np.dtype(dtype).itemsize)
     return max(64, 1 << (max(1, rows).bit_length() - 1))
@@ -757,8 +758,8 @@ def padded_tail_sums(G_pad: np.ndarray, R_pad: np.ndarray, backend: str = "numba
         # sums from slot k to the end
         P[:, :-1] = np.cumsum(GR[:, ::-1], axis=1)[:, ::-1]
         return P
-    # Numba: one pass, no temporaries (a reversed cumsum over strided rows took ~0.3 ms a block here, a
-    # training step or a compressed one-frame call pays it for every block)
+    # Numba: one pass, no temporaries (the NumPy lines took 0.17-0.63 ms a block here, the kernel
+    # 0.015-0.033; a training step pays it for every block)
     kernels.suffix_outer_sums(G_pad, R_pad.astype(P.dtype, copy=False), P)
     return P
 
