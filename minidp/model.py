@@ -61,7 +61,7 @@ from typing import NamedTuple
 import numpy as np
 
 from minidp import kernels, type_embed
-from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward, with_compute
+from minidp.nn import Net, embedding_net, fitting_net, net_backward, net_forward, net_input_cotangents, with_compute
 from minidp.se_e2_a import (
     DescriptorCache,
     EmbeddingNets,
@@ -423,21 +423,33 @@ def atomic_energy(
     return E_atom, caches
 
 
-def atomic_energy_backward(dE_atom: np.ndarray, caches: list[FitCache], dim: int) -> np.ndarray:
+class FitBackward(NamedTuple):
+    """The fitting nets' backward (:func:`atomic_energy_backward`)."""
+
+    dD: np.ndarray  # (nf, nloc, ng * m2) dL/dD
+    cotangents: list  # per FitCache: each layer's dL/dx_l (nn.net_input_cotangents), for training to reuse
+
+
+def atomic_energy_backward(dE_atom: np.ndarray, caches: list[FitCache], dim: int) -> FitBackward:
     """dL/dD (nf, nloc, ng * m2) from dL/dE_atom (nf, nloc): each type's net backward.
 
-    Only the descriptor's part of dL/dx is kept: the parameters and the case
-    embedding are constants, and the vacuum term does not depend on D.
+    Only the descriptor's part of dL/dx goes into dL/dD: the parameters and the case
+    embedding are constants, and the vacuum term does not depend on D. Every layer's
+    dL/dx_l is kept beside it (arrays the backward makes anyway): training's second-order
+    step reuses them (minidp.training.force_training.atomic_energy_param_backward).
     """
     nf, nloc = dE_atom.shape
     # (nf, nloc, ng * m2)
     dD = np.zeros((nf, nloc, dim), dtype=dE_atom.dtype)
+    cotangents = []
     for _, atoms, net, net_caches in caches:
-        # (nb, dim + width)
+        # (nb, 1)
         dy = dE_atom[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False)
-        dx, _ = net_backward(net, net_caches, dy, param_grads=False)
-        dD[:, atoms] = dx[:, :dim].reshape(nf, atoms.size, dim)
-    return dD
+        # per layer (nb, n_in); the first is dL/dx (nb, dim + width)
+        gx = net_input_cotangents(net, net_caches, dy)
+        dD[:, atoms] = gx[0][:, :dim].reshape(nf, atoms.size, dim)
+        cotangents.append(gx)
+    return FitBackward(dD, cotangents)
 
 
 def fitting_last_layer(D: np.ndarray, atom_types: np.ndarray, model: EnergyModel,
@@ -551,17 +563,24 @@ def model_forward(
     return E_atom, ModelCache(D, dcache, fcaches)
 
 
-def model_backward(cache: ModelCache, model: EnergyModel, backend: str = "numba") -> np.ndarray:
+class ModelBackward(NamedTuple):
+    """What :func:`model_backward` returns."""
+
+    g: np.ndarray  # (nf, nc, nnei, 3) the pair gradients g_ij = dE/d r_ij
+    fitting: FitBackward  # the fitting nets' part (dE/dD and each layer's cotangents, which training reuses)
+
+
+def model_backward(cache: ModelCache, model: EnergyModel, backend: str = "numba") -> ModelBackward:
     r"""The pair gradients g_ij = dE/d r_ij (nf, nc, nnei, 3), E = sum_i E_i.
 
     Backward from dE/dE_i = 1 (the energy is the atomic energies' plain sum)
     through the fitting nets and the descriptor.
     """
     D = cache.D
-    # (nf, nc, ng * m2)
-    dD = atomic_energy_backward(np.ones(D.shape[:2], dtype=D.dtype), cache.fitting_caches, D.shape[-1])
+    # dE/dD (nf, nc, ng * m2) and the layers' cotangents
+    fit = atomic_energy_backward(np.ones(D.shape[:2], dtype=D.dtype), cache.fitting_caches, D.shape[-1])
     # (nf, nc, nnei, 3)
-    return descriptor_backward(dD, cache.descriptor_cache, model.descriptor, backend)
+    return ModelBackward(descriptor_backward(fit.dD, cache.descriptor_cache, model.descriptor, backend), fit)
 
 
 class PairGradients(NamedTuple):
@@ -583,7 +602,7 @@ def pair_gradients(
     the module docstring).
     """
     E_atom, cache = model_forward(rij, nlist, atom_types, model, backend, params=params)
-    return PairGradients(E_atom, model_backward(cache, model, backend))
+    return PairGradients(E_atom, model_backward(cache, model, backend).g)
 
 
 def predict_frames(

@@ -629,6 +629,17 @@ def net_backward(
     return dy, grads
 
 
+def net_input_cotangents(net: Net, caches: list[LayerCache], dy: np.ndarray) -> list[np.ndarray]:
+    """dL/dx_l of every layer's input x_l, the first layer's (the net's dL/dx) first: net_backward's chain
+    without parameter gradients, each step kept. Training on forces reuses them all: they are the tangent
+    half of the fitting nets' second-order reverse (:func:`dual_net_backward`'s ``gtx``)."""
+    gx: list[np.ndarray] = [dy] * len(net.layers)
+    for i in reversed(range(len(net.layers))):
+        dy, _ = layer_backward(net.layers[i], caches[i], dy, param_grads=False)
+        gx[i] = dy
+    return gx
+
+
 def net_jvp(net: Net, x: np.ndarray, tx: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[JvpCache]]:
     """y = net(x) and its forward-mode derivative ty = (dy/dx) tx, layer by layer (and the caches)."""
     caches = []
@@ -743,12 +754,14 @@ def dual_layer(layer: Layer, X2: np.ndarray, keep: bool = False, out: np.ndarray
 
 
 def dual_layer_backward(layer: Layer, cache: DualCache | JvpCache, G2: np.ndarray, grads: dict[str, np.ndarray],
-                        input_grads: bool = True) -> np.ndarray | None:
+                        input_grads: bool = True, gtx: np.ndarray | None = None) -> np.ndarray | None:
     """layer_jvp_backward on stacked numbers: GX2 = [dL/dx; dL/d(tx)] (2, nb, n_in) from G2 = [dL/dy; dL/d(ty)].
 
     The parameter gradients are *added* to ``grads`` (a dict in layer.params()
     layout that the caller owns: row blocks of one net accumulate into it).
-    Returns None with ``input_grads=False``.
+    Returns None with ``input_grads=False``. ``gtx`` (nb, n_in): dL/d(tx) when the caller already
+    knows it (training's fitting nets, see :func:`dual_net_backward`); a tanh layer then makes the
+    product of the value half only (non-tanh layers compute both halves).
     """
     if isinstance(cache, JvpCache):
         gx, gtx, g = layer_jvp_backward(layer, cache, G2[0], G2[1], input_grads)
@@ -766,13 +779,20 @@ def dual_layer_backward(layer: Layer, cache: DualCache | JvpCache, G2: np.ndarra
     grads["W"] += X2.reshape(2 * nb, n_in).T @ GZ2.reshape(2 * nb, n_out)
     if not input_grads:
         return None
-    # (2, nb, n_in)
-    GX2 = (GZ2.reshape(2 * nb, n_out) @ layer.W.T).reshape(2, nb, n_in)
-    # _residual_backward on each half, in one pass (G2 may be a strided view: no reshaped copy of it)
     code = _RESIDUAL_CODE[residual_kind(layer.n_in, layer.n_out, layer.resnet)]
+    if gtx is None:
+        # (2, nb, n_in)
+        GX2 = (GZ2.reshape(2 * nb, n_out) @ layer.W.T).reshape(2, nb, n_in)
+    else:
+        # (2, nb, n_in)  the value half's product; the tangent half, residual included, is the caller's
+        GX2 = np.empty((2, nb, n_in), dtype=GZ2.dtype)
+        np.matmul(GZ2[0], layer.W.T, out=GX2[0])
+        GX2[1] = gtx
+    # _residual_backward on each computed half, in one pass (G2 may be a strided view: no reshaped copy of it)
     if code != kernels.RES_NONE:
         kernels.residual_backward(G2[0], GX2[0], code)
-        kernels.residual_backward(G2[1], GX2[1], code)
+        if gtx is None:
+            kernels.residual_backward(G2[1], GX2[1], code)
     return GX2
 
 
@@ -801,12 +821,21 @@ def dual_net(net: Net, X2: np.ndarray, keep: bool = False, out: np.ndarray | Non
 
 
 def dual_net_backward(net: Net, caches: list, G2: np.ndarray, grads: list[dict[str, np.ndarray]] | None = None,
-                      input_grads: bool = True) -> tuple[np.ndarray | None, list[dict[str, np.ndarray]]]:
+                      input_grads: bool = True, gtx: list[np.ndarray] | None = None
+                      ) -> tuple[np.ndarray | None, list[dict[str, np.ndarray]]]:
     """net_jvp_backward on stacked numbers: GX2 (None with ``input_grads=False``) and the parameter
-    gradients, added to ``grads`` when given (net.params() layout), else to fresh zeros."""
+    gradients, added to ``grads`` when given (net.params() layout), else to fresh zeros.
+
+    ``gtx``: each layer's dL/d(tx_l), when the tangent half of the reverse is known beforehand. It is
+    when dL/d(ty) = k dy_0 for the seed dy_0 of a first-order backward through the same caches: the
+    tangent half's chain, dL/d(tz) = dL/d(ty) idt phi'(z) and dL/d(tx) = dL/d(tz) W^T + res^T(dL/d(ty)),
+    has no term from the value half, so it is k times that backward's (:func:`net_input_cotangents`).
+    Training on forces has k = -1: one of its seven products per fitting layer is saved.
+    """
     grads = zeros_like_params(net.params()) if grads is None else grads
     for i in reversed(range(len(net.layers))):
-        G2 = dual_layer_backward(net.layers[i], caches[i], G2, grads[i], input_grads or i > 0)
+        known = None if gtx is None else gtx[i]
+        G2 = dual_layer_backward(net.layers[i], caches[i], G2, grads[i], input_grads or i > 0, known)
     return G2, grads
 
 

@@ -4,6 +4,7 @@
   one input, tanh's lines fused) against nn.layer_jvp / layer_jvp_backward;
 - nn.layer_tangent / net_tangent (the tangent of a layer already run forward) against nn.layer_jvp;
 - nn.stacked_cache (layer_jvp's cache restacked for dual_layer_backward) against layer_jvp_backward;
+- nn.dual_net_backward given its tangent half (the forces' backward, nn.net_input_cotangents) against computing it;
 - force_training.atomic_energy_tangent against atomic_energy_jvp;
 - se_e2_a.embed given the padded tails made beforehand (block_padded_tail) against embed making them;
 - se_e2_a.padded_tail_sums' kernel (kernels.suffix_outer_sums) against its NumPy lines;
@@ -25,7 +26,7 @@ from minidp.training.loss import centre_chunks, loss_and_grad
 from minidp.model import atomic_energy
 from minidp.nn import (Layer, dual_layer, dual_layer_backward, dual_net, dual_net_backward, embedding_net,
                        fitting_net, layer_forward, layer_jvp, layer_jvp_backward, layer_tangent, net_forward,
-                       net_jvp, net_jvp_backward, net_tangent, stacked_cache)
+                       net_input_cotangents, net_jvp, net_jvp_backward, net_tangent, stacked_cache)
 from minidp.runtime import Workers
 from minidp.se_e2_a import SeAConfig, block_padded_tail, embed, env_matrix, padded_tail_sums, tail_blocks
 from tests.conftest import random_model
@@ -95,6 +96,30 @@ def test_dual_net_writes_into_out_and_matches_net_jvp(act):
         assert w.keys() == g.keys()
         for k in w:
             np.testing.assert_allclose(g[k], w[k], rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=3), act=st.sampled_from(["tanh", "gelu"]),
+       k=st.sampled_from([-1.0, 0.5]), seed=st.integers(0, 2**16))
+def test_known_tangent_half_is_the_computed_one(widths, act, k, seed):
+    """dual_net_backward given gtx = k x the first-order backward's layer cotangents (nn.net_input_cotangents,
+    seed dy_0) when dL/d(ty) = k dy_0, as training's fitting nets take it: the same GX2 and weight gradients
+    as computing both halves."""
+    rng = np.random.default_rng(seed)
+    net = fitting_net(4, widths, 2, act, seed=seed % 97)
+    x, tx = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    caches = net_forward(net, x)[1]
+    dcaches = [stacked_cache(layer, c) for layer, c in zip(net.layers, net_tangent(net, caches, tx)[1])]
+    # (5, 2) each: the forces' seed and the value half's cotangent
+    dy0, gy = rng.normal(size=(5, 2)), rng.normal(size=(5, 2))
+    G2 = np.stack([gy, k * dy0])
+    want_GX2, want = dual_net_backward(net, dcaches, G2)
+    known = [k * h for h in net_input_cotangents(net, caches, dy0)]
+    GX2, got = dual_net_backward(net, dcaches, G2, gtx=known)
+    np.testing.assert_allclose(GX2, want_GX2, rtol=1e-12, atol=1e-12)
+    for w, g in zip(want, got):
+        for name in w:
+            np.testing.assert_allclose(g[name], w[name], rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)

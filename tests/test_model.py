@@ -378,7 +378,7 @@ def test_shapes_are_those_the_comments_claim(spec):
     assert p.atom_energy.shape == (nf, nloc) and D.shape == (nf, nloc, cfg.dim_out)
     E_atom, caches = atomic_energy(D, types, model)
     assert E_atom.shape == (nf, nloc) and len(caches) == len(set(types.tolist()))
-    assert atomic_energy_backward(np.ones_like(E_atom), caches, cfg.dim_out).shape == (nf, nloc, cfg.dim_out)
+    assert atomic_energy_backward(np.ones_like(E_atom), caches, cfg.dim_out).dD.shape == (nf, nloc, cfg.dim_out)
 
 
 @settings(max_examples=25, deadline=None)

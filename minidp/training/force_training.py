@@ -33,6 +33,7 @@ from minidp.model import (
     FitCache,
     FitParams,
     atomic_energy,
+    atomic_energy_backward,
     fitting_input,
     type_groups,
     vacuum_rows,
@@ -298,25 +299,31 @@ def atomic_energy_tangent(Ddot: np.ndarray, caches: list[FitCache], model: Energ
 
 
 def atomic_energy_param_backward(
-    gE: np.ndarray, gEdot: np.ndarray, caches: list[FitJvpCache], dim: int
+    gE: np.ndarray, caches: list[FitJvpCache], cotangents: list, dim: int
 ) -> tuple[np.ndarray, np.ndarray, dict[tuple, list]]:
-    """Reverse through atomic_energy_jvp: from dL/dE_i and dL/dE'_i (nf, nloc) to dL/dD,
-    dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients {("fitting", t): per-layer grads}.
+    """Reverse through atomic_energy_jvp for S = sum_i gE_i E_i - E': from dL/dE_i = gE (nf, nloc) and
+    dL/dE'_i = -1 to dL/dD, dL/dD' (nf, nloc, ng * m2) and the fitting nets' weight gradients
+    {("fitting", t): per-layer grads}.
 
-    Only the descriptor's part of dL/dx and dL/dx' is kept (the parameters are data); the atom_ener
-    term adds its own weight gradient, from dL/dE_i through -F_t(x_i^0)."""
+    dL/dE'_i = -1 is minus the seed of the forces' backward (dE/dE_i = 1), so the tangent half of this
+    reverse is minus that backward's chain: ``cotangents``, model.atomic_energy_backward's per-layer
+    dE/dx_l for each cache, gives it (nn.dual_net_backward's ``gtx``) and dL/dD' = -dE/dD; only the
+    value half's products are made. Only the descriptor's part of dL/dx and dL/dx' is kept (the
+    parameters are data); the atom_ener term adds its own weight gradient, from dL/dE_i through -F_t(x_i^0)."""
     nf, nloc = gE.shape
     # (nf, nloc, ng * m2), (nf, nloc, ng * m2)  in the fitting nets' precision, as D
     dtype = caches[0].net.dtype if caches else gE.dtype
     Dbar = np.zeros((nf, nloc, dim), dtype=dtype)
     Ddotbar = np.zeros_like(Dbar)
     grads = {}
-    for t, atoms, net, net_caches, vacuum_caches in caches:
+    for (t, atoms, net, net_caches, vacuum_caches), H in zip(caches, cotangents):
         # (nb, 1) each; the loss's float64 cotangents rounded to the net's precision
-        gE_t, gEdot_t = (g[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False) for g in (gE, gEdot))
+        gE_t = gE[:, atoms].reshape(-1, 1).astype(net.dtype, copy=False)
+        # (2, nb, 1)  dL/dy, dL/d(ty) = -1
+        G2 = np.stack([gE_t, np.full_like(gE_t, -1.0)])
         # (2, nb, dim + width): dL/dx and dL/dx', the layers' reverse on stacked dual numbers (nn.stacked_cache)
         GX2, g = dual_net_backward(net, [stacked_cache(layer, c) for layer, c in zip(net.layers, net_caches)],
-                                   np.stack([gE_t, gEdot_t]))
+                                   G2, gtx=[-h for h in H])
         gx, gtx = GX2[0], GX2[1]
         if vacuum_caches is not None:
             g = add_grads([g, net_backward(net, vacuum_caches, -gE_t)[1]])
@@ -329,7 +336,7 @@ def atomic_energy_param_backward(
 def weight_gradients(
     model: EnergyModel, D: np.ndarray, dcache: DescriptorCache, c_E: np.ndarray, drij: np.ndarray,
     atom_types: np.ndarray, backend: str = "numba", params: FitParams = NO_PARAMS,
-    fitting_caches: list[FitCache] | None = None,
+    fitting_caches: list[FitCache] | None = None, fitting_cotangents: list | None = None,
 ) -> dict[tuple, list[dict[str, np.ndarray]]]:
     r"""dS/dtheta of S = sum_fi c_fi E_fi - E' (c_fi = c_f for all atoms of a frame), E' = sum_ij g_ij . drij (see :mod:`minidp.training.loss`), by net name.
 
@@ -337,7 +344,9 @@ def weight_gradients(
     params: the batch's fparam/aparam (the fitting nets read them);
     c_E (nf,) = dL/dE of each frame, or (nf, nloc) = dL/dE_i of each atom (a loss on atomic energies,
     or on E = sum_i c_i E_i); drij (nf, nloc, nnei, 3) the pairs' displacement;
-    fitting_caches: model.atomic_energy's caches of this D (the forward the loss ran), else it runs here.
+    fitting_caches: model.atomic_energy's caches of this D (the forward the loss ran), else it runs here;
+    fitting_cotangents: model.atomic_energy_backward's per-layer cotangents on those caches (the forces'
+    backward the loss ran; its ``cotangents``), else that backward runs here.
     Tangents forward (R', T', D', E'), then one reverse pass through values
     and tangents, from the fitting nets down to the embedding nets' weights.
     """
@@ -347,13 +356,15 @@ def weight_gradients(
     Tdot = embed_jvp(Rdot, dcache.pieces, backend)
     Ddot = contract_jvp(dcache.T, Tdot, m2)
     if fitting_caches is None:
-        fitting_caches = atomic_energy(D, atom_types, model, params)[1]
+        fitting_caches, fitting_cotangents = atomic_energy(D, atom_types, model, params)[1], None
+    if fitting_cotangents is None:
+        fitting_cotangents = atomic_energy_backward(np.ones(D.shape[:2], D.dtype), fitting_caches, D.shape[-1]).cotangents
     # (nf, nloc): E'_i, and the caches with the tangent
     Edot, jcaches = atomic_energy_tangent(Ddot, fitting_caches, model)
     # (nf, nloc) dS/dE_i = c of its frame (or the atom's own c_i); dS/dE'_i = -1
     gE = np.broadcast_to(c_E[:, None] if c_E.ndim == 1 else c_E, Edot.shape)
     # (nf, nloc, ng * m2) each
-    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, np.full(Edot.shape, -1.0), jcaches, D.shape[-1])
+    Dbar, Ddotbar, grads = atomic_energy_param_backward(gE, jcaches, fitting_cotangents, D.shape[-1])
     # (nf, nloc, ng, 4) each: D' is bilinear in (T, T'), so T receives from both D and D'
     Tbar = contract_backward(Dbar, dcache.T, m2) + contract_backward(Ddotbar, Tdot, m2)
     Tdotbar = contract_backward(Ddotbar, dcache.T, m2)

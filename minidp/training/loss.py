@@ -518,7 +518,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
     parts = parallel_map(forward, chunks, workers)
     # (nf, nloc), (nf, nloc, nnei, 3)
     E_atom = np.concatenate([p[0] for p in parts], axis=1)
-    g = np.concatenate([p[2] for p in parts], axis=1)
+    g = np.concatenate([p[2].g for p in parts], axis=1)
     # (nf, nloc, 3), (nf, nloc, 9)
     force, atom_virial = pair_forces_virials(g, rij, nlist, backend)
     # (nf,), (nf, 9)
@@ -533,7 +533,7 @@ def loss_and_grad(model: EnergyModel, batch: Batch, pref, backend: str = "numba"
         # c_E: (nf,) per frame, or (nf, nloc) per atom (a loss on atomic energies): the range's own atoms
         return weight_gradients(model, cache.D, cache.descriptor_cache, c_E if c_E.ndim == 1 else c_E[:, c],
                                 drij[:, c], types[c], backend, centre_params(params, c),
-                                fitting_caches=cache.fitting_caches)
+                                fitting_caches=cache.fitting_caches, fitting_cotangents=parts[k][2].fitting.cotangents)
 
     shares = parallel_map(share, range(len(chunks)), workers)
     # every net's gradient in model.params() order, by name: the ranges' shares added; a net with no atoms
