@@ -229,21 +229,23 @@ def test_loss_and_grad_on_several_threads_is_the_one_thread_result(spec, workers
                 np.testing.assert_allclose(ga[k], gb[k], rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
 @settings(max_examples=5, deadline=None)
-@given(specs(max_atoms=8))
-def test_many_row_blocks_are_one_block(spec):
+@given(spec=specs(max_atoms=8))
+def test_many_row_blocks_are_one_block(backend, spec):
     """embedding_features' row blocks (64 rows, the smallest row_block) give the one-block loss, predictions
-    and weight gradients: the blocks' caches and gradient shares add up."""
+    and weight gradients: the blocks' caches, rows' cotangents (made block by block, on either backend) and
+    gradient shares add up."""
     import minidp.se_e2_a as sea
 
     model, batch = _batch(spec, 12, True)
     # rows enough for several blocks of 64 in some net
     assume((batch.nlist >= 0).sum() > 4 * 64)
-    one = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=1)
+    one = loss_and_grad(model, batch, (0.5, 2.0, 0.3), backend=backend, workers=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sea, "L2_BYTES", 1)
         assert sea.row_block(model.descriptor.config.ng, model.descriptor.dtype) == 64
-        many = loss_and_grad(model, batch, (0.5, 2.0, 0.3), workers=1)
+        many = loss_and_grad(model, batch, (0.5, 2.0, 0.3), backend=backend, workers=1)
     assert many[0].loss == pytest.approx(one[0].loss, rel=1e-12)
     for a, b in zip(many[2], one[2]):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
