@@ -621,18 +621,21 @@ def net_backward(
 
     Returns dL/dx and a list (in layer order) of per-layer parameter gradients;
     with ``param_grads=False`` only dL/dx is computed (the lists are empty dicts),
-    which is all that forces need.
+    which is all that forces need: :func:`net_input_cotangents`' chain, its first entry.
     """
+    if not param_grads:
+        return net_input_cotangents(net, caches, dy)[0], [{} for _ in net.layers]
     grads: list[dict[str, np.ndarray]] = [{} for _ in net.layers]
     for i in reversed(range(len(net.layers))):
-        dy, grads[i] = layer_backward(net.layers[i], caches[i], dy, param_grads)
+        dy, grads[i] = layer_backward(net.layers[i], caches[i], dy)
     return dy, grads
 
 
 def net_input_cotangents(net: Net, caches: list[LayerCache], dy: np.ndarray) -> list[np.ndarray]:
-    """dL/dx_l of every layer's input x_l, the first layer's (the net's dL/dx) first: net_backward's chain
-    without parameter gradients, each step kept. Training on forces reuses them all: they are the tangent
-    half of the fitting nets' second-order reverse (:func:`dual_net_backward`'s ``gtx``)."""
+    """dL/dx_l of every layer's input x_l, the first layer's (the net's dL/dx) first: the chain rule
+    through the layers in reverse, without parameter gradients, each step kept. Forces need the first
+    (:func:`net_backward` with ``param_grads=False``); training on forces reuses them all: they are the
+    tangent half of the fitting nets' second-order reverse (:func:`dual_net_backward`'s ``gtx``)."""
     gx: list[np.ndarray] = [dy] * len(net.layers)
     for i in reversed(range(len(net.layers))):
         dy, _ = layer_backward(net.layers[i], caches[i], dy, param_grads=False)
