@@ -16,7 +16,7 @@ import pytest
 from tqdm.auto import tqdm
 
 import minidp.training.force_training
-from benchmarks import flops, measure, profile, report, run
+from benchmarks import ceilings, flops, measure, profile, report, run
 from minidp.neighbor import build_neighbor_list
 from minidp.io.serialization import load_model
 from tests.conftest import MODEL_DP, MODEL_PB, WATER, need
@@ -216,6 +216,35 @@ def test_profile_prints_every_workload(capsys):
         assert heading in out
     assert "| embedding nets: value + tangent |" in out and "unattributed" in out
     assert minidp.training.force_training.embed_jvp is original
+
+
+def test_ceilings_print_every_measurement(capsys):
+    """benchmarks.ceilings on tiny blocks: its five sections (the energies when ../shared has the water model),
+    np.tanh put back after the energies' patch; bad arguments named."""
+    assert ceilings.main(["--rows", "8", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("1. Products", "2. Elementwise passes", "3. X2 W: BLAS against a Numba loop", "4. float32 tanh",
+                    "5. An empty parallel_map"):
+        assert heading in out
+    assert out.count("| float32 | 50 -> 100 |") == 6 + 1  # three products, three passes; one Numba row
+    if MODEL_DP.is_file() and (WATER / "data_3").is_dir():
+        assert "with the rational tanh in the embedding nets" in out
+    assert np.tanh is ceilings._NUMPY_TANH
+    for argv in (["--rows", "6"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            ceilings.main(argv)
+
+
+def test_rational_tanh_stays_within_a_few_ulp():
+    """The vectorizable float32 tanh the ceilings measure: odd, within [-1, 1] and 6 ulp of float64's tanh,
+    beyond the clip too (its bias, not its largest error, is what the ceilings report)."""
+    z = np.linspace(-12.0, 12.0, 100_001).astype(np.float32)
+    got = np.empty_like(z)
+    ceilings.rational_tanh(z, got)
+    exact = np.tanh(z.astype(np.float64))
+    assert np.max(np.abs(got - exact) / np.spacing(exact.astype(np.float32))) <= 6
+    np.testing.assert_array_equal(got, -got[::-1])
+    assert np.all(np.abs(got) <= 1)
 
 
 # ---------------------------------------------------------------------------
