@@ -39,7 +39,8 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
-from benchmarks.profile import SHARED, cpu_name, gemm_rate
+from benchmarks.measure import cpu_name
+from benchmarks.profile import SHARED, gemm_rate
 from minidp import DeepPot, kernels
 from minidp.io.serialization import load_model
 from minidp.runtime import Workers, parallel_map

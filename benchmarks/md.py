@@ -26,13 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.measure import cpu_name
 from benchmarks.run import child_env, log_tail, run_process
 from minidp.io.outputs import atomic_path
 from validation import md_engines as md
@@ -181,17 +181,6 @@ def plot(results: dict, path: Path) -> Path:
     ax.set_title(f"LAMMPS NVE water, {results['steps']} steps, ranks x threads")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
-
-
-def cpu_name() -> str:
-    """The processor's model name (/proc/cpuinfo), else the platform's."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import sys
 import time
@@ -150,6 +151,17 @@ def time_calls(call: Callable[[], object], repeats: int, min_seconds: float = 0.
             return times
         if len(times) >= repeats and total >= min_seconds:
             return times
+
+
+def cpu_name() -> str:
+    """The processor's model name (/proc/cpuinfo), else the platform's."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # ---------------------------------------------------------------------------

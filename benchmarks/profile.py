@@ -55,6 +55,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from benchmarks.flops import matmul_flops, neighbour_counts
+from benchmarks.measure import cpu_name
 from minidp import DeepPot, neighbor
 from minidp.io.serialization import load_model
 from minidp.io.systems import model_types, read_system
@@ -359,15 +360,6 @@ def profile(model_path: Path, data: Path, steps: int, threads: int, batch: int, 
         out.append(f"| {nf} frame(s), {threads} workers | {1e3 * best[0] / nf:.1f} | {1e3 * best[1] / nf:.1f} | "
                    f"{best[1] / best[0]:.2f} |")
     return "\n".join(out)
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo), or the platform's processor string."""
-    import platform
-
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                platform.processor())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,15 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from benchmarks import deepmd_pt, training
+from benchmarks.measure import cpu_name
 from benchmarks.processes import (
     ROOT,
     busy_neighbour,
@@ -494,10 +497,6 @@ def add_rate(row: dict, flops: float, gemm_peak: float | None) -> None:
 
 def meta(s: Settings) -> dict:
     """Machine, versions and settings: what the numbers were measured on."""
-    import platform
-
-    import numba
-
     versions = {"python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__}
     try:
         import deepmd
@@ -505,10 +504,8 @@ def meta(s: Settings) -> dict:
         versions["deepmd-kit"] = deepmd.__version__
     except ImportError:
         versions["deepmd-kit"] = None
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
     return {"command": " ".join([Path(sys.executable).name, "-m", "benchmarks.run"] + sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu, "cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_name(), "cores": os.cpu_count(),
             "loadavg_start": os.getloadavg(), "versions": versions, "threads": s.threads, "quick": s.quick,
             "model_pb": str(s.model_pb), "model_minidp": str(s.model_minidp), "data": str(s.data),
             "nframes": s.nframes, "budget_frames": s.budget_frames, "rounds": s.rounds, "repeats": s.repeats,
