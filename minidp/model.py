@@ -378,6 +378,13 @@ def type_groups(atom_types: np.ndarray, ntypes: int) -> list[tuple[int, np.ndarr
     return [(t, atoms) for t, atoms in groups if atoms.size]
 
 
+def fitted_groups(atom_types: np.ndarray, model: EnergyModel) -> list[tuple[int, np.ndarray, Net]]:
+    """(t, atoms of type t, its fitting net) for the types present whose atoms the nets compute: the atoms of
+    atom_exclude_types keep E_i = 0 and are left out."""
+    return [(t, atoms, model.fitting[t]) for t, atoms in type_groups(atom_types, model.ntypes)
+            if t not in model.atom_exclude_types]
+
+
 def vacuum_rows(x: np.ndarray, dim: int) -> np.ndarray:
     """x^0 (nb, n_in): the fitting rows x with the descriptor part (the first dim numbers) zeroed, the
     isolated atom whose output atom_ener subtracts (its parameters and case embedding kept)."""
@@ -408,10 +415,7 @@ def atomic_energy(
     E_atom = np.zeros((nf, nloc))
     caches = []
     vacuum = model.vacuum
-    for t, atoms in type_groups(atom_types, model.ntypes):
-        if t in model.atom_exclude_types:
-            continue
-        net = model.fitting[t]
+    for t, atoms, net in fitted_groups(atom_types, model):
         # (nb, dim + width) with nb = nf * na: every atom of type t is one row, in the net's precision
         x_t = x[:, atoms].reshape(-1, x.shape[-1]).astype(net.dtype, copy=False)
         # (nb, 1)

@@ -34,8 +34,8 @@ from minidp.model import (
     FitParams,
     atomic_energy,
     atomic_energy_backward,
+    fitted_groups,
     fitting_input,
-    type_groups,
     vacuum_rows,
 )
 from minidp.nn import (
@@ -45,7 +45,6 @@ from minidp.nn import (
     net_backward,
     net_forward,
     net_jvp,
-    net_jvp_backward,
     net_tangent,
     stacked_cache,
     zeros_like_params,
@@ -227,11 +226,6 @@ def embed_param_backward(
     return grads
 
 
-def _net_grads(net: Net, caches: list, gy: np.ndarray, gty: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """A net's weight gradients only (its input, s, is data)."""
-    return net_jvp_backward(net, caches, gy, gty, input_grads=False)[2]
-
-
 class FitJvpCache(NamedTuple):
     """One atom type's block of the fitting step with tangents."""
 
@@ -260,10 +254,7 @@ def atomic_energy_jvp(
     Edot = np.zeros_like(E_atom)
     caches = []
     vacuum = model.vacuum
-    for t, atoms in type_groups(atom_types, model.ntypes):
-        if t in model.atom_exclude_types:
-            continue
-        net = model.fitting[t]
+    for t, atoms, net in fitted_groups(atom_types, model):
         # (nb, dim + width) each, in the net's precision (float32 nets: deepmd-kit's precision)
         x_t, xdot_t = (a[:, atoms].reshape(-1, x.shape[-1]).astype(net.dtype, copy=False) for a in (x, xdot))
         # (nb, 1), (nb, 1)
